@@ -1,0 +1,25 @@
+// The one place where prg_fast's operator signatures are declared. Kernels for each device
+// register against these names with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); Python adds the
+// fake (meta) kernels and the autograd formula in prg_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// An importable, empty Python module: importing prg_fast._C loads this shared library, and with it
+// the TORCH_LIBRARY registration below. No Python bindings are needed: everything goes through
+// torch.ops.prg_fast.*.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(prg_fast, m) {
+  // out = alpha * base + sum_j coeffs[j] * terms[j], accumulated in float32 (float64 when any
+  // input is float64) and written in out_dtype (default: base's dtype).
+  // Every Runge-Kutta combination is one call: a stage input x + h*sum_j a_ij k_j, the step's
+  // final combination x + h*sum_i b_i k_i, and the adjoint's cotangents
+  // g_i = h*b_i*lambda + h*sum_m a_mi mu_m and lambda' = lambda + sum_i mu_i.
+  m.def("stage_combine(Tensor base, Tensor[] terms, float[] coeffs, float alpha=1.0, "
+        "ScalarType? out_dtype=None) -> Tensor");
+}

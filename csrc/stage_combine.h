@@ -1,0 +1,54 @@
+// Input validation and dtype rules shared by every device's stage_combine kernel, so the CPU and
+// CUDA builds reject the same inputs with the same messages.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+
+namespace prg_fast {
+
+// Kernels accept at most this many terms per call (Runge-Kutta methods here have <= 4 stages; the
+// Python layer splits longer sums).
+constexpr int64_t kMaxTerms = 8;
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_stage_combine_inputs(const at::Tensor& base, at::TensorList terms,
+                                       at::ArrayRef<double> coeffs,
+                                       std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(is_supported_float(base.scalar_type()),
+              "stage_combine: base must be float32, float64, float16 or bfloat16, got ",
+              base.scalar_type());
+  TORCH_CHECK(static_cast<int64_t>(terms.size()) == static_cast<int64_t>(coeffs.size()),
+              "stage_combine: coeffs must have one entry per term, got ", coeffs.size(),
+              " coeffs for ", terms.size(), " terms");
+  TORCH_CHECK(static_cast<int64_t>(terms.size()) <= kMaxTerms, "stage_combine: at most ",
+              kMaxTerms, " terms per call, got ", terms.size());
+  for (size_t j = 0; j < terms.size(); ++j) {
+    const auto& t = terms[j];
+    TORCH_CHECK(t.device() == base.device(), "stage_combine: terms[", j, "] is on ", t.device(),
+                " but base is on ", base.device());
+    TORCH_CHECK(t.sizes() == base.sizes(), "stage_combine: terms[", j, "] has shape ", t.sizes(),
+                " but base has shape ", base.sizes());
+    TORCH_CHECK(is_supported_float(t.scalar_type()), "stage_combine: terms[", j,
+                "] must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == terms[0].scalar_type(),
+                "stage_combine: all terms must share one dtype, terms[0] is ",
+                terms[0].scalar_type(), " and terms[", j, "] is ", t.scalar_type());
+  }
+  if (out_dtype.has_value()) {
+    TORCH_CHECK(is_supported_float(*out_dtype),
+                "stage_combine: out_dtype must be float32, float64, float16 or bfloat16, got ",
+                *out_dtype);
+  }
+}
+
+// Accumulate in float64 when anything involved is float64, else in float32.
+inline bool accumulate_in_double(const at::Tensor& base, at::TensorList terms,
+                                 at::ScalarType out_dtype) {
+  if (base.scalar_type() == at::kDouble || out_dtype == at::kDouble) return true;
+  return !terms.empty() && terms[0].scalar_type() == at::kDouble;
+}
+
+}  // namespace prg_fast

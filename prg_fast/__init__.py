@@ -1,0 +1,15 @@
+"""prg_fast: run pretrained flow / diffusion-ODE models in reverse (data -> noise) with fused
+kernels and an exact, memory-flat discrete adjoint; PRG (arXiv 2412.01787) on top.
+
+    z = prg_fast.reverse(model, x, t=1.0, steps=20, method="rk4")     # data -> noise
+    x = prg_fast.generate(model, z, steps=20)                          # noise -> data
+    ys = prg_fast.odeint(func, y0, t_grid)                             # torchdiffeq-style
+
+The package imports without its compiled part; `prg_fast.info()` says what is built and why not.
+"""
+from .api import generate, odeint, reverse, time_reversed
+from .info import info
+from .solvers import SOLVERS, ButcherTableau
+
+__all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau"]
+__version__ = "0.1.0"

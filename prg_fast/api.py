@@ -1,0 +1,308 @@
+"""Public entry points: reverse (data -> noise), generate (noise -> data), odeint (any grid).
+
+Time convention (DESIGN.md section 2): t = 0 is data, t = 1 is noise; the velocity network is called
+model(t, x) with t of shape (B,) and returns a tensor shaped like x.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import backends
+from .adjoint import AdjointSolve
+from .integrate import Problem, solve
+from .solvers import get_tableau
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def time_reversed(model: Callable) -> "TimeReversed":
+    """Adapt a model trained with the opposite convention (torchcfm: t = 0 is noise):
+    v'(t, x) = -v(1 - t, x)."""
+    return TimeReversed(model)
+
+
+class TimeReversed(torch.nn.Module):
+    def __init__(self, model: Callable):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(t, x), got {type(model).__name__}")
+        self.model = model  # registered as a submodule when it is one, so .parameters() sees it
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return -self.model(1 - t, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: every message names the argument and what was expected
+
+
+def _check_x(x, name: str = "x", batched: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+    if batched and x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension (shape (B, ...)), got a 0-dim tensor")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+def _as_time(value, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number (or a one-element tensor), got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _dtypes(model, x: torch.Tensor, model_dtype: Optional[torch.dtype]) -> Tuple[torch.dtype, torch.dtype]:
+    """(state dtype, network dtype). The state and every accumulation are float32 (float64 for a
+    float64 x); the network reads its own dtype: its parameters' for an nn.Module, else x's."""
+    state = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if model_dtype is None:
+        model_dtype = x.dtype
+        if isinstance(model, torch.nn.Module):
+            for p in model.parameters():
+                if p.is_floating_point():
+                    model_dtype = p.dtype
+                    break
+    if model_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"model_dtype must be a floating dtype, got {model_dtype}")
+    return state, model_dtype
+
+
+def _collect_params(model, adjoint_params) -> List[torch.Tensor]:
+    params: List[torch.Tensor] = []
+    if isinstance(model, torch.nn.Module):
+        params += [p for p in model.parameters() if p.requires_grad]
+    if adjoint_params is not None:
+        for i, p in enumerate(adjoint_params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"adjoint_params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+            if p.requires_grad and not any(p is q for q in params):
+                params.append(p)
+    return params
+
+
+def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[float]]) -> Tuple[List[float], List[int]]:
+    """A uniform grid of `steps` steps from t0 to t1, with the save_at times inserted as extra grid
+    points (so every saved state is an exact solver state, never an interpolation)."""
+    grid = [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
+    grid[-1] = t1
+    if save_at is None:
+        return grid, [steps]
+    if isinstance(save_at, torch.Tensor):
+        save_at = save_at.detach().flatten().tolist()
+    if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__iter__"):
+        raise TypeError(f"save_at must be a sequence of times, got {type(save_at).__name__}")
+    times = [_as_time(s, "save_at entries") for s in save_at]
+    if not times:
+        raise ValueError("save_at must hold at least one time (or be None)")
+    lo, hi = min(t0, t1), max(t0, t1)
+    tol = 1e-9 * abs(t1 - t0)
+    for s in times:
+        if s < lo - tol or s > hi + tol:
+            raise ValueError(f"save_at times must lie in [t0, t] = [{t0:g}, {t1:g}], got {s:g}")
+    sign = 1.0 if t1 > t0 else -1.0
+    # snap to an existing grid point when within rounding, else insert
+    tol = max(tol, 1e-12)
+    for s in times:
+        if all(abs(s - g) > tol for g in grid):
+            grid.append(s)
+    grid.sort(key=lambda g: sign * g)
+    index = [min(range(len(grid)), key=lambda k: abs(grid[k] - s)) for s in times]
+    return grid, index
+
+
+def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def _check_no_hidden_grad(func, problem: Problem, x: torch.Tensor) -> None:
+    """A plain function that closes over tensors requiring grad would silently get no gradient for
+    them from the adjoint; detect it on the first evaluation and say what to do."""
+    with torch.enable_grad():
+        probe = x.detach().to(problem.net_dtype)
+        k = problem.evaluate(problem.grid[0], probe)
+    if k.requires_grad:
+        raise ValueError(
+            "model depends on tensors that require grad but are not nn.Module parameters; "
+            "pass them as adjoint_params=[...] (or use adjoint=False)"
+        )
+
+
+def _solve(
+    func,
+    x: torch.Tensor,
+    grid: List[float],
+    out_index: List[int],
+    *,
+    method,
+    adjoint: bool,
+    backend: str,
+    adjoint_params,
+    batch_time: bool,
+    check_finite: bool,
+    model_dtype: Optional[torch.dtype],
+    preserve_rng_state: bool,
+) -> torch.Tensor:
+    if not callable(func):
+        raise TypeError(f"model must be callable as model(t, x), got {type(func).__name__}")
+    tableau = get_tableau(method)
+    if not isinstance(adjoint, bool):
+        raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
+    _, combine = backends.resolve(backend, x.device)
+    state_dtype, net_dtype = _dtypes(func, x, model_dtype)
+    params = _collect_params(func, adjoint_params)
+    problem = Problem(
+        func=func,
+        tableau=tableau,
+        grid=grid,
+        out_index=out_index,
+        combine=combine,
+        state_dtype=state_dtype,
+        net_dtype=net_dtype,
+        batch_time=batch_time,
+        check_finite=check_finite,
+        params=params,
+    )
+    if adjoint and _needs_grad(x, params):
+        if not params and not isinstance(func, torch.nn.Module):
+            _check_no_hidden_grad(func, problem, x)
+        out = AdjointSolve.apply(problem, preserve_rng_state, x, *params)
+    else:
+        out = solve(problem, x)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def reverse(
+    model: Callable,
+    x: torch.Tensor,
+    t: float = 1.0,
+    *,
+    steps: int = 20,
+    method: str = "rk4",
+    t0: float = 0.0,
+    adjoint: bool = True,
+    backend: str = "auto",
+    save_at: Optional[Sequence[float]] = None,
+    adjoint_params: Optional[Sequence[torch.Tensor]] = None,
+    check_finite: bool = False,
+    model_dtype: Optional[torch.dtype] = None,
+    preserve_rng_state: bool = True,
+    cuda_graph: bool = False,
+) -> torch.Tensor:
+    """Integrate dx/dt = model(t, x) from t0 (data end) up to t (noise end) in `steps` fixed steps.
+
+    Returns the state at t, shaped like x; with `save_at` (times in [t0, t]) the states at those
+    times stacked on dim 0 -- they are inserted into the grid, so each is an exact solver state.
+    With `adjoint=True` (default) gradients are the exact discrete adjoint of the solve at the
+    memory of one network evaluation plus steps*stages stored states; `adjoint=False` uses plain
+    autograd through the same solver. `backend` picks the fused kernels ("auto", "cuda", "triton",
+    "cpu", "reference"). `model_dtype` overrides the dtype the network reads (default: its
+    parameters'); the solver state stays float32 (float64 for float64 x). `preserve_rng_state`
+    replays the random state of each evaluation in the backward (exact gradients with dropout).
+    `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it.
+    """
+    _check_x(x)
+    steps = _check_steps(steps)
+    t1, t0 = _as_time(t, "t"), _as_time(t0, "t0")
+    if not t1 > t0:
+        raise ValueError(f"reverse integrates from t0 up to t, so t must be > t0; got t0={t0:g}, t={t1:g}")
+    grid, index = _merge_grid(t0, t1, steps, save_at)
+    kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
+                  batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
+                  preserve_rng_state=preserve_rng_state)
+    if cuda_graph:
+        from .graphs import graphed_solve
+
+        out = graphed_solve(model, x, grid, index, **kwargs)
+    else:
+        out = _solve(model, x, grid, index, **kwargs)
+    return out[0] if save_at is None else out
+
+
+def generate(
+    model: Callable,
+    z: torch.Tensor,
+    *,
+    steps: int = 20,
+    method: str = "rk4",
+    backend: str = "auto",
+    t: float = 1.0,
+    t_end: float = 0.0,
+    adjoint: bool = True,
+    check_finite: bool = False,
+    model_dtype: Optional[torch.dtype] = None,
+    cuda_graph: bool = False,
+    **kwargs,
+) -> torch.Tensor:
+    """Integrate from the noise end t (default 1) down to t_end (default 0, data): samples.
+    Differentiable like `reverse` (same keyword arguments)."""
+    _check_x(z, "z")
+    steps = _check_steps(steps)
+    t1, t_end = _as_time(t, "t"), _as_time(t_end, "t_end")
+    if not t1 > t_end:
+        raise ValueError(f"generate integrates from t down to t_end, so t must be > t_end; got t={t1:g}, t_end={t_end:g}")
+    grid, index = _merge_grid(t1, t_end, steps, None)
+    opts = dict(method=method, adjoint=adjoint, backend=backend,
+                adjoint_params=kwargs.pop("adjoint_params", None), batch_time=True,
+                check_finite=check_finite, model_dtype=model_dtype,
+                preserve_rng_state=kwargs.pop("preserve_rng_state", True))
+    if kwargs:
+        raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
+    if cuda_graph:
+        from .graphs import graphed_solve
+
+        return graphed_solve(model, z, grid, index, **opts)[0]
+    return _solve(model, z, grid, index, **opts)[0]
+
+
+def odeint(
+    func: Callable,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    method: str = "rk4",
+    adjoint: bool = True,
+    backend: str = "auto",
+    adjoint_params: Optional[Sequence[torch.Tensor]] = None,
+    check_finite: bool = False,
+    model_dtype: Optional[torch.dtype] = None,
+    preserve_rng_state: bool = True,
+) -> torch.Tensor:
+    """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
+    (increasing or decreasing); returns the state at every grid point stacked on dim 0.
+    As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
+    classic rule; torchdiffeq's "rk4" is our "rk4_38"."""
+    _check_x(y0, "y0", batched=False)
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, (list, tuple)):
+            t = torch.tensor(t, dtype=torch.float64)
+        else:
+            raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"t must be a 1-D tensor with at least one time, got shape {tuple(t.shape)}")
+    if t.requires_grad:
+        raise ValueError("t must not require grad: gradients with respect to the time grid are not computed")
+    grid = [float(v) for v in t.detach().cpu().double().tolist()]
+    if not all(math.isfinite(v) for v in grid):
+        raise ValueError("t must hold finite times")
+    diffs = [b - a for a, b in zip(grid[:-1], grid[1:])]
+    if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        raise ValueError("t must be strictly increasing or strictly decreasing")
+    return _solve(func, y0, grid, list(range(len(grid))), method=method, adjoint=adjoint, backend=backend,
+                  adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
+                  model_dtype=model_dtype, preserve_rng_state=preserve_rng_state)

@@ -1,0 +1,60 @@
+"""Pure-PyTorch oracle. Every kernel and backend is tested against these functions.
+
+Written for clarity, not speed: no fusion, no custom ops, ordinary autograd.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .solvers import get_tableau
+
+
+def accumulate_dtype(base: torch.Tensor, terms: Sequence[torch.Tensor], out_dtype: torch.dtype) -> torch.dtype:
+    """float64 when anything involved is float64, else float32 (also for bf16/fp16 inputs)."""
+    dtypes = [base.dtype, out_dtype] + [t.dtype for t in terms]
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def stage_combine(
+    base: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    alpha: float = 1.0,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """alpha * base + sum_j coeffs[j] * terms[j], accumulated in float32/float64, cast to out_dtype."""
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    acc = accumulate_dtype(base, terms, out_dtype)
+    out = base.to(acc) * alpha
+    for c, t in zip(coeffs, terms):
+        out = out + c * t.to(acc)
+    return out.to(out_dtype)
+
+
+def rk_solve(
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    grid: Sequence[float],
+    method: str = "rk4",
+) -> torch.Tensor:
+    """States at every point of `grid` (stacked on dim 0) by the explicit RK method `method`,
+    differentiated by ordinary autograd. The textbook loop, one line per formula."""
+    tab = get_tableau(method)
+    states = [x]
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        h = t1 - t0
+        ks = []
+        for i in range(tab.stages):
+            xi = x
+            for j in range(i):
+                if tab.a[i][j] != 0.0:
+                    xi = xi + h * tab.a[i][j] * ks[j]
+            tt = torch.full((x.shape[0],), t0 + tab.c[i] * h, dtype=x.dtype, device=x.device)
+            ks.append(func(tt, xi))
+        for i in range(tab.stages):
+            if tab.b[i] != 0.0:
+                x = x + h * tab.b[i] * ks[i]
+        states.append(x)
+    return torch.stack(states)
