@@ -18,8 +18,10 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CXX_FLAGS = ["-O3", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+# No -std flag: torch.utils.cpp_extension adds the standard its own headers need (C++17 for older
+# torch, C++20 from about 2.10 on; torch 2.14's headers do not compile as C++17).
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def cuda_build_decision():

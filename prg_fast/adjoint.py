@@ -27,7 +27,10 @@ class AdjointSolve(torch.autograd.Function):
         stage_inputs: list = []
         rng: Optional[list] = [] if preserve_rng else None
         outs = problem.run(x.to(problem.state_dtype), stage_inputs=stage_inputs, rng=rng)
-        ctx.problem, ctx.stage_inputs, ctx.rng = problem, stage_inputs, rng
+        # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
+        # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
+        ctx.save_for_backward(*stage_inputs)
+        ctx.problem, ctx.rng = problem, rng
         ctx.x_dtype, ctx.device = x.dtype, x.device
         return torch.stack(outs)
 
@@ -36,7 +39,8 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         p: Problem = ctx.problem
         tab, combine = p.tableau, p.combine
-        stage_inputs, rng = ctx.stage_inputs, ctx.rng
+        stage_inputs = list(ctx.saved_tensors)
+        rng = list(ctx.rng) if ctx.rng is not None else None
         params = list(p.params)
         # Cotangent arriving at each grid index from the outputs (an index may be output twice).
         arriving = {}
@@ -83,6 +87,5 @@ class AdjointSolve(torch.autograd.Function):
                 lam = combine(lam, live, [1.0] * len(live), 1.0, p.state_dtype)
         if 0 in arriving:
             lam = combine(lam, [arriving.pop(0)], [1.0], 1.0, p.state_dtype)
-        ctx.stage_inputs = ctx.rng = None
         grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(param_grads, params)]
         return (None, None, lam.to(ctx.x_dtype), *grad_params)

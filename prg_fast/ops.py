@@ -69,22 +69,20 @@ def register_combine_op(qualname: str) -> None:
         return torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype, device=base.device)
 
     def _setup_context(ctx, inputs, output):
-        base, terms, coeffs, alpha = inputs[:4]
-        ctx.alpha = alpha
+        base, terms, coeffs = inputs[:3]
+        ctx.alpha = inputs[3] if len(inputs) > 3 else 1.0
         ctx.coeffs = list(coeffs)
         ctx.base_dtype = base.dtype
         ctx.term_dtypes = [t.dtype for t in terms]
 
-    op = torch.ops.prg_fast
-    for part in qualname.split("::")[1].split("."):
-        op = getattr(op, part)
-
     def _backward(ctx, grad):
-        # d out / d base = alpha, d out / d terms[j] = coeffs[j]: each gradient is one scaled copy,
-        # done by the same operator so it is differentiable again.
-        grad_base = op(grad, [], [], ctx.alpha, ctx.base_dtype)
-        grad_terms: List[torch.Tensor] = [op(grad, [], [], c, dt) for c, dt in zip(ctx.coeffs, ctx.term_dtypes)]
-        return grad_base, grad_terms, None, None, None
+        # d out / d base = alpha, d out / d terms[j] = coeffs[j]: each gradient is one scaled copy
+        # (plain torch ops, so double backward works too).
+        grad_base = (grad * ctx.alpha).to(ctx.base_dtype)
+        grad_terms: List[torch.Tensor] = [(grad * c).to(dt) for c, dt in zip(ctx.coeffs, ctx.term_dtypes)]
+        # The dispatcher drops trailing arguments left at their defaults, and the gradient tuple
+        # must match the arguments it actually passed: needs_input_grad has exactly that length.
+        return (grad_base, grad_terms) + (None,) * (len(ctx.needs_input_grad) - 2)
 
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 

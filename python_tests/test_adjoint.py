@@ -1,0 +1,211 @@
+"""The exact discrete adjoint equals plain backprop through the same solver, for x and for every
+parameter, on every method and backend; float64 gradcheck; memory kept for backward is flat in K."""
+import pytest
+import torch
+
+import prg_fast
+from prg_fast import ops, reference
+from prg_fast.solvers import SOLVERS
+
+BACKENDS = ["reference"] + (["cpu"] if ops.HAS_OPS else [])
+METHODS = sorted(SOLVERS)
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, inputs, g)
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_adjoint_equals_backprop(mlp, method, backend, dtype, tol):
+    model = mlp(dim=5).to(dtype)
+    x = torch.randn(4, 5, dtype=dtype, requires_grad=True)
+    inputs = [x] + list(model.parameters())
+    kw = dict(t=1.0, steps=6, method=method, backend=backend)
+    out_adj = prg_fast.reverse(model, x, adjoint=True, **kw)
+    out_bp = prg_fast.reverse(model, x, adjoint=False, **kw)
+    torch.testing.assert_close(out_adj, out_bp, rtol=0, atol=0)
+    for a, b in zip(_grads(out_adj, inputs), _grads(out_bp, inputs)):
+        assert _rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adjoint_equals_textbook_backprop(mlp, method):
+    """Also against prg_fast.reference.rk_solve, an independent plain-autograd loop."""
+    model = mlp(dim=3).double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(model, x, steps=5, method=method)
+    ref = reference.rk_solve(model, x, [k / 5 for k in range(6)], method)[-1]
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    inputs = [x] + list(model.parameters())
+    for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
+        assert _rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_save_at_gradients_from_every_output(mlp, method, backend):
+    model = mlp(dim=4).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    save_at = [0.25, 1.0, 0.0, 0.6, 0.25]  # off-grid, repeated, and both ends
+    kw = dict(t=1.0, steps=4, method=method, backend=backend, save_at=save_at)
+    out_adj = prg_fast.reverse(model, x, **kw)
+    out_bp = prg_fast.reverse(model, x, adjoint=False, **kw)
+    assert out_adj.shape == (5, 3, 4)
+    torch.testing.assert_close(out_adj, out_bp, rtol=0, atol=0)
+    torch.testing.assert_close(out_adj[2], x.detach())  # t0 itself is the input
+    torch.testing.assert_close(out_adj[0], out_adj[4])
+    inputs = [x] + list(model.parameters())
+    for a, b in zip(_grads(out_adj, inputs), _grads(out_bp, inputs)):
+        assert _rel_err(a, b) < 1e-10
+
+
+def test_save_at_states_are_exact_solver_states(mlp):
+    """A saved time off the uniform grid is a grid point of the solve, not an interpolation."""
+    model = mlp(dim=2).double()
+    x = torch.randn(2, 2, dtype=torch.float64)
+    out = prg_fast.reverse(model, x, steps=2, method="euler", save_at=[0.3, 1.0])
+    grid = [0.0, 0.3, 0.5, 1.0]
+    ref = reference.rk_solve(model, x, grid, "euler")
+    torch.testing.assert_close(out[0], ref[1])
+    torch.testing.assert_close(out[1], ref[3])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck_float64(method):
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(x, w):
+        f = lambda t, y: torch.tanh(y @ w) * (1 + t[:, None])  # noqa: E731
+        return prg_fast.reverse(f, x, steps=3, method=method, adjoint_params=[w])
+
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (x, w))
+
+
+def test_generate_and_odeint_adjoint(mlp):
+    model = mlp(dim=3).double()
+    z = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    inputs = [z] + list(model.parameters())
+    a = prg_fast.generate(model, z, steps=4)
+    b = prg_fast.generate(model, z, steps=4, adjoint=False)
+    for ga, gb in zip(_grads(a, inputs), _grads(b, inputs)):
+        assert _rel_err(ga, gb) < 1e-10
+    grid = torch.tensor([0.0, 0.1, 0.5, 0.55, 1.2], dtype=torch.float64)
+    f = lambda t, y: model(t.expand(y.shape[0]), y)  # noqa: E731  (odeint passes a 0-dim t)
+    a = prg_fast.odeint(f, z, grid, adjoint_params=list(model.parameters()))
+    b = prg_fast.odeint(f, z, grid, adjoint=False)
+    assert a.shape == (5, 2, 3)
+    for ga, gb in zip(_grads(a, inputs), _grads(b, inputs)):
+        assert _rel_err(ga, gb) < 1e-10
+
+
+def test_dropout_is_replayed_exactly(mlp):
+    """In train mode the backward recomputes each evaluation with the random state it had."""
+    model = mlp(dim=4, hidden=64, dropout=0.5).double().train()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    inputs = [x] + list(model.parameters())
+    torch.manual_seed(5)
+    a = prg_fast.reverse(model, x, steps=3)
+    ga = _grads(a, inputs)
+    after_a = torch.rand(1)
+    torch.manual_seed(5)
+    b = prg_fast.reverse(model, x, steps=3, adjoint=False)
+    gb = _grads(b, inputs)
+    after_b = torch.rand(1)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(after_a, after_b)  # the backward does not disturb the caller's RNG
+    for u, v in zip(ga, gb):
+        assert _rel_err(u, v) < 1e-12
+
+
+def test_hidden_grad_tensors_are_reported():
+    w = torch.randn(3, 3, requires_grad=True)
+    f = lambda t, y: y @ w  # noqa: E731
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="adjoint_params"):
+        prg_fast.reverse(f, x, steps=2)
+    out = prg_fast.reverse(f, x, steps=2, adjoint_params=[w])
+    (gw,) = torch.autograd.grad(out.sum(), [w])
+    (gw_ref,) = torch.autograd.grad(prg_fast.reverse(f, x, steps=2, adjoint=False).sum(), [w])
+    torch.testing.assert_close(gw, gw_ref)
+
+
+def test_no_grad_and_frozen_inputs(mlp):
+    model = mlp(dim=3)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        out = prg_fast.reverse(model, x, steps=2)
+    assert not out.requires_grad
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert not prg_fast.reverse(model, x, steps=2).requires_grad
+
+
+def _adjoint_node(out):
+    node = out.grad_fn
+    while node is not None and "AdjointSolve" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    return node
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bytes_kept_for_backward_are_k_times_s_states(mlp, method):
+    model = mlp(dim=6)
+    x = torch.randn(8, 6, requires_grad=True)
+    stages = SOLVERS[method].stages
+    for steps in (1, 4, 16):
+        out = prg_fast.reverse(model, x, steps=steps, method=method)
+        kept = _adjoint_node(out).saved_tensors
+        assert len(kept) == steps * stages
+        assert sum(t.numel() * t.element_size() for t in kept) == steps * stages * x.numel() * 4
+        assert all(t.grad_fn is None for t in kept)  # no graph is kept alive through them
+        out.sum().backward()
+        with pytest.raises(RuntimeError, match="freed"):
+            _adjoint_node(out).saved_tensors  # freed by the backward
+
+
+def test_peak_memory_flat_in_steps_subprocess():
+    """Peak RSS of a forward+backward in a fresh process: the adjoint grows only by its K*s
+    stored states, plain backprop by K*s network activations. glibc is told to return freed
+    memory at once (mmap for large blocks, no trim threshold, one arena), so RSS follows live
+    memory; K starts at 8 because the first few evaluations allocate one-off library scratch."""
+    import os
+    import json
+    import subprocess
+    import sys
+
+    code = r"""
+import json, resource, sys, torch, prg_fast
+torch.set_num_threads(1)
+adjoint, steps = sys.argv[1] == "1", int(sys.argv[2])
+class Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(256, 8192); self.b = torch.nn.Linear(8192, 256)
+    def forward(self, t, x):
+        return self.b(torch.tanh(self.a(x)))
+m = Wide(); x = torch.randn(128, 256, requires_grad=True)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prg_fast.reverse(m, x, steps=steps, method="euler", adjoint=adjoint).sum().backward()
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024))
+"""
+
+    def peak(adjoint, steps):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
+        res = subprocess.run([sys.executable, "-c", code, str(int(adjoint)), str(steps)],
+                             capture_output=True, text=True, check=True, env=env)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    state = 128 * 256 * 4
+    act = 128 * 8192 * 4
+    adj_growth = peak(True, 48) - peak(True, 8)
+    bp_growth = peak(False, 48) - peak(False, 8)
+    assert bp_growth > 30 * act  # the measurement sees plain backprop's activations
+    assert adj_growth < 1.5 * 40 * state + act  # the adjoint keeps only the stage inputs
