@@ -1,0 +1,187 @@
+"""The public surface: reverse / generate / odeint / time_reversed, torchdiffeq compatibility,
+mixed precision, backends, and clear errors for bad input."""
+import math
+
+import pytest
+import torch
+
+import prg_fast
+from prg_fast import backends, ops, reference
+
+
+def test_reverse_matches_reference_on_every_backend(conv):
+    model = conv(channels=3)
+    x = torch.randn(2, 3, 5, 7)  # odd spatial sizes
+    ref = reference.rk_solve(model, x, [k / 4 for k in range(5)], "rk4")[-1]
+    for backend in ["reference"] + (["cpu"] if ops.HAS_OPS else []):
+        out = prg_fast.reverse(model, x, steps=4, backend=backend)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input(mlp):
+    model = mlp(dim=4).double()
+    x = torch.randn(4, 6, dtype=torch.float64)[:, 1:5]  # a strided view
+    assert not x.is_contiguous()
+    out = prg_fast.reverse(model, x, steps=3)
+    ref = prg_fast.reverse(model, x.contiguous(), steps=3, backend="reference")
+    torch.testing.assert_close(out, ref)
+
+
+def test_t0_and_segment(mlp):
+    model = mlp(dim=3).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    seg = prg_fast.reverse(model, x, t=0.75, t0=0.25, steps=5, method="heun")
+    ref = reference.rk_solve(model, x, [0.25 + 0.1 * k for k in range(6)], "heun")[-1]
+    torch.testing.assert_close(seg, ref)
+
+
+def test_generate_inverts_reverse():
+    """On a linear ODE the fine-step RK4 round trip returns to the start."""
+    a = torch.tensor([[0.0, 1.0], [-1.0, -0.2]], dtype=torch.float64)
+    f = lambda t, x: x @ a.T  # noqa: E731
+    x = torch.randn(3, 2, dtype=torch.float64)
+    z = prg_fast.reverse(f, x, steps=50)
+    back = prg_fast.generate(f, z, steps=50)
+    torch.testing.assert_close(back, x, rtol=1e-8, atol=1e-8)
+
+
+def test_time_reversed():
+    v = lambda t, x: x * t[:, None]  # noqa: E731
+    w = prg_fast.time_reversed(v)
+    t = torch.tensor([0.2, 0.9])
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(w(t, x), -v(1 - t, x))
+    lin = torch.nn.Linear(3, 3)
+    assert list(prg_fast.time_reversed(lambda t, x: lin(x)).parameters()) == []
+    mod = prg_fast.time_reversed(torch.nn.Sequential(lin))
+    assert len(list(mod.parameters())) == 2  # a Module's parameters stay visible to the adjoint
+    with pytest.raises(TypeError, match="model must be callable"):
+        prg_fast.time_reversed(3)
+
+
+@pytest.mark.parametrize("ours,theirs", [("euler", "euler"), ("midpoint", "midpoint"), ("rk4_38", "rk4")])
+def test_odeint_matches_torchdiffeq_fixed_grid(ours, theirs):
+    torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq not installed (pip install torchdiffeq)")
+    a = torch.randn(3, 3, dtype=torch.float64)
+    f = lambda t, y: torch.tanh(y @ a) + torch.sin(t)  # noqa: E731
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    grid = torch.tensor([0.0, 0.3, 0.4, 1.0, 1.7], dtype=torch.float64)
+    ys = prg_fast.odeint(f, y0, grid, method=ours)
+    ref = torchdiffeq.odeint(f, y0, grid, method=theirs)
+    assert ys.shape == ref.shape == (5, 4, 3)
+    torch.testing.assert_close(ys, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_odeint_decreasing_grid_and_unbatched_state():
+    f = lambda t, y: -y  # noqa: E731
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)  # no batch dimension: odeint allows it
+    ys = prg_fast.odeint(f, y0, torch.linspace(1.0, 0.0, 101, dtype=torch.float64))
+    torch.testing.assert_close(ys[-1], y0 * math.e, rtol=1e-8, atol=1e-8)
+
+
+def test_mixed_precision_bf16_network_keeps_float32_state(mlp):
+    """bf16 network, float32 state: error against the float32 solve within twice the error of
+    the same solve done by PyTorch entirely in bf16 (flash-attention rule)."""
+    model32 = mlp(dim=8, hidden=64)
+    model16 = mlp(dim=8, hidden=64).to(torch.bfloat16)
+    model16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model32.state_dict().items()})
+    x = torch.randn(16, 8)
+    truth = prg_fast.reverse(model32.double(), x.double(), steps=8)
+    ours = prg_fast.reverse(model16, x, steps=8)  # float32 state, bf16 network
+    assert ours.dtype == torch.float32
+    naive = reference.rk_solve(model16, x.to(torch.bfloat16), [k / 8 for k in range(9)], "rk4")[-1]
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_naive = (naive.double() - truth).abs().max().item()
+    assert err_ours <= 2 * err_naive, (err_ours, err_naive)
+
+    xg = x.clone().requires_grad_(True)
+    out = prg_fast.reverse(model16, xg, steps=4)
+    out.square().sum().backward()
+    assert xg.grad.dtype == torch.float32 and torch.isfinite(xg.grad).all()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model16.parameters())
+    # the adjoint's float32 accumulation tracks the float64 gradient
+    xd = x.double().requires_grad_(True)
+    prg_fast.reverse(model32, xd, steps=4).square().sum().backward()
+    rel = ((xg.grad.double() - xd.grad).norm() / xd.grad.norm()).item()
+    assert rel < 5e-2
+
+
+def test_bf16_input_returns_bf16(mlp):
+    model = mlp(dim=4)
+    x = torch.randn(3, 4).to(torch.bfloat16)
+    out = prg_fast.reverse(lambda t, y: model(t, y.float()).to(y.dtype), x, steps=2)
+    assert out.dtype == torch.bfloat16
+
+
+def test_backend_auto_and_reasons():
+    name, _ = backends.resolve("auto", torch.device("cpu"))
+    assert name == ("cpu" if ops.HAS_OPS else "reference")
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable: .*(CUDA|cuda)"):
+        backends.resolve("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve("fast", torch.device("cpu"))
+    text = prg_fast.info(print_out=False)
+    assert "cpu ops" in text and "cuda ops" in text and "triton" in text
+
+
+def test_check_finite_names_step_and_time():
+    f = lambda t, x: torch.where(t[:, None] > 0.45, torch.full_like(x, float("nan")), x)  # noqa: E731
+    x = torch.randn(2, 3)
+    out = prg_fast.reverse(f, x, steps=10, method="euler")  # off by default: NaN propagates
+    assert torch.isnan(out).all()
+    with pytest.raises(FloatingPointError, match=r"step 6 of 10, from t=0\.5 to t=0\.6"):
+        prg_fast.reverse(f, x, steps=10, method="euler", check_finite=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(steps=0), ValueError, "steps must be an integer >= 1"),
+        (dict(steps=2.5), ValueError, "steps must be an integer >= 1"),
+        (dict(method="dopri5"), ValueError, "method must be one of"),
+        (dict(t=0.0), ValueError, "t must be > t0"),
+        (dict(t=float("nan")), ValueError, "t must be a finite number"),
+        (dict(save_at=[1.5]), ValueError, r"save_at times must lie in \[t0, t\]"),
+        (dict(save_at=[]), ValueError, "save_at must hold at least one time"),
+        (dict(save_at=0.5), TypeError, "save_at must be a sequence"),
+        (dict(backend="tpu"), ValueError, "backend must be one of"),
+        (dict(adjoint="yes"), TypeError, "adjoint must be True or False"),
+    ],
+)
+def test_bad_arguments(mlp, kwargs, exc, match):
+    model = mlp(dim=3)
+    with pytest.raises(exc, match=match):
+        prg_fast.reverse(model, torch.randn(2, 3), **kwargs)
+
+
+def test_bad_x_and_model():
+    f = lambda t, x: x  # noqa: E731
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        prg_fast.reverse(f, [[1.0, 2.0]])
+    with pytest.raises(ValueError, match="x must be non-empty"):
+        prg_fast.reverse(f, torch.empty(0, 3))
+    with pytest.raises(TypeError, match="x must be float32"):
+        prg_fast.reverse(f, torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="model must be callable"):
+        prg_fast.reverse("model", torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"model output must be a tensor shaped and typed like its input x \(\(2, 3\)"):
+        prg_fast.reverse(lambda t, x: x[:, :2], torch.randn(2, 3))
+    with pytest.raises(ValueError, match="model output must be a tensor shaped and typed"):
+        prg_fast.reverse(lambda t, x: x.double(), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="z must be a torch.Tensor"):
+        prg_fast.generate(f, None)
+
+
+def test_bad_odeint_grid():
+    f = lambda t, y: y  # noqa: E731
+    y0 = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="t must be a 1-D tensor"):
+        prg_fast.odeint(f, y0, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
+        prg_fast.odeint(f, y0, torch.tensor([0.0, 0.5, 0.2]))
+    with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
+        prg_fast.odeint(f, y0, torch.tensor([0.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="must not require grad"):
+        prg_fast.odeint(f, y0, torch.tensor([0.0, 1.0], requires_grad=True))
+    with pytest.raises(TypeError, match="t must be a 1-D tensor of times"):
+        prg_fast.odeint(f, y0, 1.0)
