@@ -99,21 +99,45 @@ if [ -z "$SO" ]; then
 fi
 log "built $(basename "$SO") ($(du -h "$SO" | cut -f1))"
 
-if ! nm -D --defined-only "$SO" | grep -q " PyInit__C_cuda$"; then
+# (grep without -q: reading all of nm's output avoids a SIGPIPE that pipefail would report)
+if ! nm -D --defined-only "$SO" | grep " PyInit__C_cuda$" >/dev/null; then
   echo "[build_cuda] error: $SO does not export PyInit__C_cuda" >&2
   exit 1
 fi
 log "exports PyInit__C_cuda"
 
 # Which GPU architectures the library carries machine code (cubins) for: cuobjdump when there is
-# one, else the fatbinary headers read directly (.ci/fatbin_archs.py).
+# one, else the fatbinary's entry headers read directly (magic 0xBA55ED50; each entry: kind 1 = PTX,
+# 2 = ELF cubin, with the SM version as a 32-bit field at byte 28 of the entry header).
 CUOBJDUMP=$(command -v cuobjdump || true)
 [ -z "$CUOBJDUMP" ] && [ -x "$CUDA_HOME/bin/cuobjdump" ] && CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
 if [ -n "$CUOBJDUMP" ]; then
   ARCHS=$("$CUOBJDUMP" --list-elf "$SO" | grep -o 'sm_[0-9]*[a-z]*' | sort -u | tr '\n' ' ')
   log "cuobjdump --list-elf: $ARCHS"
 else
-  ARCHS=$("$PY" "$REPO/.ci/fatbin_archs.py" "$SO")
+  ARCHS=$("$PY" - "$SO" <<'EOF'
+import struct
+import sys
+
+data = open(sys.argv[1], "rb").read()
+magic = struct.pack("<I", 0xBA55ED50)
+archs = set()
+pos = data.find(magic)
+while pos >= 0:
+    _, version, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+    off, end = pos + header_size, pos + header_size + fat_size
+    while version == 1 and off + 32 <= min(end, len(data)):
+        kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, off)
+        (sm,) = struct.unpack_from("<I", data, off + 28)
+        if kind == 2:
+            archs.add(f"sm_{sm}")
+        if entry_header == 0:
+            break
+        off += entry_header + payload
+    pos = data.find(magic, pos + 4)
+print(" ".join(sorted(archs)))
+EOF
+)
   log "cubins in the fatbinary (no cuobjdump here): $ARCHS"
 fi
 for arch in $(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' ' ' | tr -d '.' | sed 's/+PTX//g'); do

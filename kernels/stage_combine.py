@@ -87,8 +87,9 @@ def split_coefficient(c: float) -> Tuple[float, float, float]:
 
     Triton passes Python floats to kernels as float32 (the JIT, and Inductor for user kernels),
     which would round float64 coefficients. The kernel rebuilds c in float64 as (hi + mid) + lo,
-    which is exact (53 <= 3 * 24 bits); in float32 it uses hi = float32(c), the rounding PyTorch
-    applies to a Python scalar times a float32 tensor.
+    which is exact (53 <= 3 * 24 bits) for 2**-77 <= |c| < 2**128 (smaller ones lose their last
+    bits to float32 underflow); in float32 it uses hi = float32(c), the rounding PyTorch applies
+    to a Python scalar times a float32 tensor.
     """
     c = float(c)
     if not math.isfinite(c):
@@ -96,7 +97,9 @@ def split_coefficient(c: float) -> Tuple[float, float, float]:
     try:
         hi = struct.unpack("f", struct.pack("f", c))[0]
     except OverflowError:
-        raise RuntimeError(f"stage_combine: coefficient {c!r} is outside the float32 range the Triton kernel takes") from None
+        hi = math.inf
+    if math.isinf(hi):
+        _fail(f"coefficient {c!r} is outside the float32 range that the Triton kernel takes")
     r = c - hi  # exact
     mid = struct.unpack("f", struct.pack("f", r))[0]
     lo = struct.unpack("f", struct.pack("f", r - mid))[0]

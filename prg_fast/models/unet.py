@@ -34,6 +34,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (statistics of bf16/fp16 activations are too coarse)."""
 
     def forward(self, x):
+        if x.dtype == torch.float64:  # already precise enough; float32 would mismatch the weights
+            return super().forward(x)
         return super().forward(x.float()).type(x.dtype)
 
 

@@ -1,0 +1,597 @@
+"""Flow-matching pretraining (`prg-fast pretrain`): a velocity network learns the path's target
+velocity on an image data set; one process, or many under torchrun (DistributedDataParallel).
+
+Run directory (--out DIR):
+    DIR/checkpoint.pt   written atomically every --ckpt-every steps and at the end; a later run with
+                        the same DIR resumes from it (same arguments required, --steps may grow)
+    DIR/metrics.json    one flat JSON object: loss (mean over the last log interval), loss_start
+                        (first interval), step, wall_time_s, images_per_s, ... plus every argument
+    DIR/log.csv         step, loss, lr at every log interval
+    DIR/samples.png     a grid drawn with prg_fast.generate from the EMA weights at the end
+
+Checkpoint format (DIR/checkpoint.pt: a dict saved by torch.save; loads with weights_only=True;
+read it with `load_checkpoint` and rebuild the network with `build_model`):
+    format          "prg_fast.pretrain"
+    version         1 (CHECKPOINT_VERSION)
+    step            optimizer steps completed
+    model           state_dict of the velocity network (unwrapped: no DDP "module." prefix)
+    ema             state_dict of the EMA of the weights (same keys): what sampling and finetuning use
+    optimizer       torch.optim state_dict (Adam or AdamW, per args["optimizer"])
+    model_config    dict: prg_fast.models.UNet(**model_config) rebuilds the architecture
+    preset          UNet preset name ("tiny", "cifar", "prg32")
+    in_channels     image channels the network reads
+    image_size      image height (= width)
+    path            dict: {"name": "gvp" | "icfm" | "otcfm", "sigma": float}; prg_fast.paths.get_path(**path)
+    data            the DATA spec trained on ("digits", "cifar10:PATH", "folder:PATH")
+    num_classes     classes in that data set (for a classifier head)
+    args            dict: every PretrainConfig field of the run that wrote the checkpoint
+    world_size      processes that trained
+    rng             list, one entry per rank: {"torch": ByteTensor, "cuda": ByteTensor or None,
+                    "numpy": dict, "python": tuple} -- the random state after `step` steps
+    history         list of [step, mean loss, lr] at every log interval
+    running         {"sum": float, "count": int}: the loss interval in progress (exact log on resume)
+    elapsed_s       training wall time summed over all runs so far
+    torch_version   torch.__version__ of the writer
+
+Randomness: the data order is a function of (seed, epoch) through DistributedSampler; t, noise,
+augmentation and dropout come from the global RNGs, seeded per rank and saved in the checkpoint, so
+a resumed run reproduces an uninterrupted one exactly (same arguments, same world size, same device).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import Augment, ImageData, default_augment, load_data
+from .losses import flow_matching_loss
+from .models import UNet
+from .models.unet import PRESETS
+from .paths import PATHS, get_path
+
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
+           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "save_image_grid"]
+
+CHECKPOINT_FORMAT = "prg_fast.pretrain"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+REQUIRED_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "model_config", "preset", "in_channels",
+                 "image_size", "path", "data", "num_classes", "args", "world_size", "rng", "history")
+# arguments that define what a checkpoint is; resuming with different values is refused
+RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", "optimizer")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, is not a prg_fast pretraining checkpoint, or does not fit
+    the run that tries to use it."""
+
+
+@dataclass
+class PretrainConfig:
+    """Arguments of `prg-fast pretrain` (the command line maps one flag to each field)."""
+
+    data: str = "digits"
+    path: str = "otcfm"
+    model: str = "tiny"
+    steps: int = 2000
+    batch_size: int = 128  # global: split evenly over the processes
+    out: str = "runs/pretrain"
+    sigma: float = 0.0
+    lr: float = 2e-4
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    warmup: int = 500  # linear learning-rate warm-up steps (torchcfm's CIFAR recipe uses 5000)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    ema_decay: float = 0.9999  # effective decay min(ema_decay, (1 + n) / (10 + n)) at step n
+    seed: int = 0
+    hflip: Optional[bool] = None  # None: the data set's default (flips for natural images)
+    crop_padding: int = 0
+    dropout: Optional[float] = None  # None: the preset's
+    eps: float = 1e-5  # t ~ U(eps, 1)
+    ckpt_every: int = 1000
+    log_every: int = 50
+    bf16: bool = False  # bf16 autocast (CUDA only)
+    device: str = "auto"
+    num_samples: int = 64
+    sample_steps: int = 20
+    sample_method: str = "rk4"
+    progress: bool = True
+
+    def validate(self) -> "PretrainConfig":
+        def positive_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
+
+        def number(name, lo, hi, lo_open=False):
+            v = getattr(self, name)
+            ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                  and (v > lo if lo_open else v >= lo) and v <= hi)
+            if not ok:
+                raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "num_samples", "sample_steps"):
+            positive_int(name)
+        for name in ("warmup", "crop_padding", "seed"):
+            positive_int(name, allow_zero=True)
+        number("lr", 0.0, 1.0, lo_open=True)
+        number("weight_decay", 0.0, 10.0)
+        number("grad_clip", 0.0, float("inf"))
+        number("ema_decay", 0.0, 1.0)
+        number("sigma", 0.0, float("inf"))
+        number("eps", 0.0, 0.5)
+        if self.dropout is not None:
+            number("dropout", 0.0, 0.99)
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
+        if self.path == "gvp" and self.sigma:
+            raise ValueError(f"sigma is not used by the GVP path; got sigma={self.sigma!r}")
+        if self.model not in PRESETS:
+            raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, got {self.model!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        from .solvers import get_tableau
+
+        get_tableau(self.sample_method)  # raises with the list of methods
+        return self
+
+
+@dataclass
+class PretrainResult:
+    model: torch.nn.Module  # the trained network (unwrapped)
+    ema: torch.nn.Module  # its EMA weights
+    metrics: Dict[str, Any]
+    out: str
+    step: int
+    history: List[List[float]] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Read and validate a pretraining checkpoint (a file, or a run directory holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no pretraining checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated / foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupted, truncated, or not written by "
+                              f"prg_fast): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a prg_fast pretraining checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
+    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')!r}; this prg_fast reads versions "
+                              f"<= {CHECKPOINT_VERSION} (upgrade prg_fast)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks the entries {missing}; it is incomplete or from another tool")
+    return ckpt
+
+
+def build_model(ckpt: Dict[str, Any], ema: bool = True) -> UNet:
+    """The velocity network of a checkpoint, with its EMA weights (ema=True) or the raw ones."""
+    try:
+        model = UNet(**ckpt["model_config"])
+        model.load_state_dict(ckpt["ema" if ema else "model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_config: {e}") from e
+    return model
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(file) into a temporary file in the same directory, then os.replace: a crash at any
+    moment leaves either the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(state["python"])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    # a distinct stream per rank (different noise on every replica), distinct from the init seed
+    return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
+
+
+# -------------------------------------------------------------------------------------------------
+# distributed set-up
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but no CUDA device is visible")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
+
+
+def _init_distributed(device_name: str) -> _Dist:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them this
+    is a single process. NCCL for CUDA devices, gloo for CPU."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return _Dist(rank, world, local, _resolve_device(device_name, local), owns_group=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(0, 1, 0, _resolve_device(device_name, 0), owns_group=False)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    device = _resolve_device(device_name, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return _Dist(rank, world, local, device, owns_group=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# training
+
+
+def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> PretrainResult:
+    """Train (or resume training of) a velocity network by flow matching; see the module doc.
+    Call with a PretrainConfig or with its fields as keyword arguments. Every process of a
+    torchrun job calls it; only rank 0 writes files."""
+    if config is None:
+        config = PretrainConfig(**kwargs)
+    elif kwargs:
+        config = PretrainConfig(**{**asdict(config), **kwargs})
+    cfg = copy.deepcopy(config).validate()
+    ctx = _init_distributed(cfg.device)
+    try:
+        return _Trainer(cfg, ctx).run()
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+class _Trainer:
+    def __init__(self, cfg: PretrainConfig, ctx: _Dist):
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        if cfg.bf16 and self.device.type != "cuda":
+            raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
+        if self.device.type == "cpu":
+            # Adam's moments of near-zero gradients (zero-initialised output layers) become
+            # denormal floats, which the CPU handles ~20x slower; flushing them to zero changes
+            # nothing measurable in training and keeps a CPU step at its normal speed.
+            torch.set_flush_denormal(True)
+        if cfg.batch_size % ctx.world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
+        self.local_batch = cfg.batch_size // ctx.world
+        augment = default_augment(cfg.data, "train")
+        augment = Augment(hflip=augment.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
+        self.data: ImageData = load_data(cfg.data, "train", augment=augment)
+        c, h, w = self.data.shape
+        if h != w:
+            raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
+        self.sampler = torch.utils.data.DistributedSampler(self.data, num_replicas=ctx.world, rank=ctx.rank,
+                                                           shuffle=True, seed=cfg.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.local_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the data set ({len(self.data)} images)")
+        self._epoch, self._order = -1, None
+        self.path = get_path(cfg.path, cfg.sigma)
+
+        overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+        _seed_everything(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
+        self.model = UNet.preset(cfg.model, in_channels=c, image_size=h, **overrides).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step, self.history, self.running, self.elapsed_prev = 0, [], [0.0, 0], 0.0
+        self.ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+        self.resumed_from = 0
+        if os.path.isfile(self.ckpt_path):
+            # on the CPU: RNG states must be CPU tensors; load_state_dict moves weights to the device
+            self._resume(load_checkpoint(self.ckpt_path, map_location="cpu"))
+        else:
+            _seed_everything(_rank_seed(cfg.seed, ctx.rank))
+        self.net = self.model
+        if ctx.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _resume(self, ckpt: Dict[str, Any]) -> None:
+        cfg, where = self.cfg, self.ckpt_path
+        old = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+        for key in RESUME_MUST_MATCH:
+            if key in old and old[key] != getattr(cfg, key):
+                raise CheckpointError(f"{where} was written by a run with {key}={old[key]!r}, but this run has "
+                                      f"{key}={getattr(cfg, key)!r}; resume with the same arguments or use a new --out")
+        if ckpt["model_config"] != self.model.config:
+            raise CheckpointError(f"{where} holds a network of another shape ({ckpt['model_config']}) than this run "
+                                  f"builds ({self.model.config}); did the data change? Use a new --out")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt["ema"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{where}: the saved weights or optimizer state do not fit the network: {e}") from e
+        self.step = self.resumed_from = int(ckpt["step"])
+        self.history = [list(h) for h in ckpt["history"]]
+        running = ckpt.get("running") or {"sum": 0.0, "count": 0}
+        self.running = [float(running["sum"]), int(running["count"])]
+        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        rng = ckpt["rng"]
+        if int(ckpt["world_size"]) == self.ctx.world and len(rng) == self.ctx.world:
+            _set_rng_state(rng[self.ctx.rank], self.device)
+        else:
+            # the random streams of another world size cannot be continued; start fresh ones
+            # (the run continues correctly, it is just not bitwise the uninterrupted one)
+            _seed_everything(_rank_seed(cfg.seed + self.step, self.ctx.rank))
+            self._say(f"note: checkpoint written by {ckpt['world_size']} process(es), resuming with {self.ctx.world}: "
+                      "random streams restart")
+        self._say(f"resuming from {where} at step {self.step}")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        if self.ctx.main:
+            print(f"prg-fast pretrain: {msg}", file=sys.stderr, flush=True)
+
+    def _indices(self, step: int) -> List[int]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._epoch = list(self.sampler), epoch
+        return self._order[i * self.local_batch:(i + 1) * self.local_batch]
+
+    def _lr(self, step: int) -> float:
+        if self.cfg.warmup <= 0:
+            return self.cfg.lr
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup)
+
+    @torch.no_grad()
+    def _update_ema(self, step: int) -> None:
+        # the (1 + n) / (10 + n) ramp lets the average follow the fast early changes; without it a
+        # 0.9999 average of a short run would still be mostly the random initial weights
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        ema_p = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> PretrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.main:
+            os.makedirs(cfg.out, exist_ok=True)
+        start_step, t_start = self.step, time.perf_counter()
+        if self.step >= cfg.steps:
+            self._say(f"{self.ckpt_path} is already at step {self.step} >= --steps {cfg.steps}; nothing to train")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress), dynamic_ncols=True,
+                   mininterval=1.0, desc=f"pretrain {cfg.model}/{cfg.path}", unit="step")
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no sync per step
+        t_window, n_window = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            step = self.step
+            lr = self._lr(step)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            x, _ = self.data.batch(self._indices(step), device=self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = flow_matching_loss(self.net, x, self.path, eps=cfg.eps)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self._update_ema(step)
+            loss_sum += loss.detach()
+            n_window += 1
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step % cfg.ckpt_every == 0:
+                self._flush_loss(loss_sum, lr, bar, t_window, n_window)
+                loss_sum.zero_()
+                t_window, n_window = time.perf_counter(), 0
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self._save(self.elapsed_prev + time.perf_counter() - t_start)
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        metrics = self._finish(start_step, elapsed)
+        if ctx.world > 1:
+            dist.barrier()  # every rank returns only once rank 0 has written its files
+        return PretrainResult(self.model, self.ema, metrics, cfg.out, self.step, self.history)
+
+    def _flush_loss(self, loss_sum, lr, bar, t_window, n_window) -> None:
+        # the loss of every rank, averaged: the number logged is that of the global batch
+        stats = torch.stack([loss_sum.float(), torch.tensor(float(n_window), device=self.device)])
+        if self.ctx.world > 1:
+            dist.all_reduce(stats)
+            stats /= self.ctx.world
+        total, count = float(stats[0]), int(round(float(stats[1])))
+        if not math.isfinite(total):
+            raise FloatingPointError(f"the loss became non-finite between steps {self.step - n_window} and {self.step}; "
+                                     f"lower --lr (now {self.cfg.lr:g}) or keep --grad-clip on")
+        self.running[0] += total
+        self.running[1] += count
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+            mean = self.running[0] / max(self.running[1], 1)
+            self.history.append([self.step, mean, lr])
+            self.running = [0.0, 0]
+            rate = n_window * self.cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
+            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", refresh=False)
+
+    def _save(self, elapsed: float) -> None:
+        ctx = self.ctx
+        rng = _rng_state(self.device)
+        if ctx.world > 1:
+            gathered: List[Any] = [None] * ctx.world
+            dist.all_gather_object(gathered, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in rng.items()})
+            rngs = gathered
+        else:
+            rngs = [rng]
+        if not ctx.main:
+            return
+        cfg = self.cfg
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "model_config": dict(self.model.config),
+            "preset": cfg.model,
+            "in_channels": self.data.shape[0],
+            "image_size": self.data.shape[1],
+            "path": {"name": cfg.path, "sigma": float(cfg.sigma)},
+            "data": cfg.data,
+            "num_classes": self.data.num_classes,
+            "args": asdict(cfg),
+            "world_size": ctx.world,
+            "rng": [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in rngs],
+            "history": self.history,
+            "running": {"sum": self.running[0], "count": self.running[1]},
+            "elapsed_s": elapsed,
+            "torch_version": torch.__version__,
+        }
+        _atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+        self._write_log()
+
+    def _write_log(self) -> None:
+        def write(f):
+            text = io.StringIO()
+            w = csv.writer(text)
+            w.writerow(["step", "loss", "lr"])
+            w.writerows(self.history)
+            f.write(text.getvalue().encode())
+
+        _atomic_write(os.path.join(self.cfg.out, "log.csv"), write)
+
+    def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        trained = self.step - start_step
+        metrics: Dict[str, Any] = {
+            "loss": self.history[-1][1] if self.history else float("nan"),
+            "loss_start": self.history[0][1] if self.history else float("nan"),
+            "step": self.step,
+            "resumed_from_step": self.resumed_from,
+            "wall_time_s": round(elapsed, 3),
+            "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
+            "images_per_s": round(trained * cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "world_size": ctx.world,
+            "device_used": str(self.device),
+            "torch_version": torch.__version__,
+        }
+        for key, value in asdict(cfg).items():
+            metrics.setdefault(key, value)
+        if not ctx.main:
+            return metrics
+        samples = self.sample(cfg.num_samples)
+        _atomic_write(os.path.join(cfg.out, "samples.png"), lambda f: save_image_grid(samples, f))
+        _atomic_write(os.path.join(cfg.out, "metrics.json"),
+                      lambda f: f.write((json.dumps(metrics, indent=1, allow_nan=True) + "\n").encode()))
+        self._say(f"step {self.step}: loss {metrics['loss']:.4f} (first interval {metrics['loss_start']:.4f}); "
+                  f"wrote {cfg.out}/checkpoint.pt, metrics.json, samples.png")
+        return metrics
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """n samples from the EMA network: noise from a generator seeded by the run's seed (the
+        same grid for the same weights), integrated t = 1 -> 0 with prg_fast.generate."""
+        from .api import generate
+
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        z = torch.randn((n, *self.data.shape), generator=gen).to(self.device)
+        return generate(self.ema, z, steps=self.cfg.sample_steps, method=self.cfg.sample_method).clamp(-1, 1).cpu()
+
+
+def save_image_grid(images: torch.Tensor, file, *, nrow: Optional[int] = None, min_size: int = 32) -> None:
+    """Write images (N, C, H, W) in [-1, 1] as one PNG grid (a path or a binary file object).
+    Images smaller than `min_size` pixels are enlarged (nearest neighbour) so 8x8 digits stay visible."""
+    from einops import rearrange
+    from PIL import Image
+
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    n = images.shape[0]
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pad = torch.full((rows * nrow - n, *x.shape[1:]), 255, dtype=torch.uint8)
+    x = torch.nn.functional.pad(torch.cat([x, pad]), (1, 1, 1, 1), value=255)  # white 1-pixel border
+    grid = rearrange(x, "(r c) ch h w -> (r h) (c w) ch", c=nrow).numpy()
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    scale = max(1, math.ceil(min_size / images.shape[-1]))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(file, format="PNG")
