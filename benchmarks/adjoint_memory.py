@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -112,18 +111,24 @@ def measure_cpu_subprocess(args, impl, steps):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def worker(args, impl, steps):
     """Runs in a fresh process: the peak RSS of forward+backward above the RSS after warm-up."""
     device = torch.device("cpu")
     model, x = build(args, device, torch.float32)
     run_once(impl, model, x, min(steps, 2), args.method)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # after the warm-up the process's high-water mark already covers the warm-up's own peak, so
-    # measure the growth of the high-water mark over a fresh baseline of live memory
+    # reset the high-water mark to the live memory now (after warm-up), then read its growth
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = proc_status_kib("VmRSS")
     t0 = time.perf_counter()
     run_once(impl, model, x, steps, args.method)
     secs = time.perf_counter() - t0
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    peak = (proc_status_kib("VmHWM") - base) * 1024
     print(json.dumps([peak, secs]))
 
 
@@ -159,7 +164,7 @@ def main():
     cuda = device.type == "cuda"
     args.model = args.model or ("cifar" if cuda else "tiny")
     args.batch = args.batch or (64 if cuda else (4 if args.quick else 16))
-    args.size = args.size or (16 if args.quick else 32)
+    args.size = args.size or (8 if args.quick else 32)
     args.reps = args.reps or (3 if cuda else 1)
     args.passthrough = ["--model", args.model, "--batch", str(args.batch), "--size", str(args.size),
                         "--method", args.method, "--device", "cpu"]

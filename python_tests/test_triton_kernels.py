@@ -310,6 +310,27 @@ print("ok")
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
+def test_imports_without_triton_in_a_subprocess():
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton -> ImportError
+import torch
+from prg_fast import backends
+from prg_fast.kernels import stage_combine as tk
+assert tk.IMPORT_ERROR == "triton not installed (pip install triton)", tk.IMPORT_ERROR
+assert not hasattr(tk, "_stage_combine_kernel")
+assert backends.status()["triton"] == tk.IMPORT_ERROR
+try:
+    backends.resolve("triton", torch.device("cpu"))
+    raise SystemExit("resolve did not raise")
+except RuntimeError as e:
+    assert "triton not installed" in str(e), e
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
 # -- the backend, end to end ----------------------------------------------------------------------
 
 
