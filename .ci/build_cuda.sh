@@ -74,9 +74,14 @@ if [ "${PRG_FAST_KEEP_BUILD:-0}" = "1" ]; then
 else
   trap 'rm -rf "$TMP"' EXIT
 fi
-(cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
-  while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
-  xargs -0 cp --parents -t "$TMP")
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  (cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+    xargs -0 cp --parents -t "$TMP")
+else  # not a git checkout: copy everything but build outputs
+  (cd "$REPO" && tar --exclude=./build --exclude='*.so' --exclude='*.egg-info' --exclude=.git \
+    --exclude=__pycache__ -cf - .) | (cd "$TMP" && tar -xf -)
+fi
 log "copied sources to $TMP"
 
 # --- build -------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def register_combine_op(qualname: str) -> None:
         grad_terms: List[torch.Tensor] = [(grad * c).to(dt) for c, dt in zip(ctx.coeffs, ctx.term_dtypes)]
         # The dispatcher drops trailing arguments left at their defaults, and the gradient tuple
         # must match the arguments it actually passed: needs_input_grad has exactly that length.
-        return (grad_base, grad_terms) + (None,) * (len(ctx.needs_input_grad) - 2)
+        # An empty coeffs list is a (childless) list node in autograd's structure check, not a leaf.
+        grad_coeffs = [] if not ctx.coeffs else None
+        return (grad_base, grad_terms, grad_coeffs) + (None,) * (len(ctx.needs_input_grad) - 3)
 
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 

@@ -4,7 +4,6 @@ terms, the all-float64 kernel and the runtime-typed float64 kernel. Meant to run
 sanitizer, where any out-of-bounds or misaligned access is reported:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python python_tests/sanitize_cuda.py
-    compute-sanitizer --tool racecheck python python_tests/sanitize_cuda.py
 
 Sizes are small so the run stays fast under instrumentation. Exits non-zero when a result is wrong;
 prints "skipped" and exits 0 when there is no GPU or no CUDA build.

@@ -185,3 +185,12 @@ def test_bad_odeint_grid():
         prg_fast.odeint(f, y0, torch.tensor([0.0, 1.0], requires_grad=True))
     with pytest.raises(TypeError, match="t must be a 1-D tensor of times"):
         prg_fast.odeint(f, y0, 1.0)
+
+
+def test_plain_backprop_through_bf16_network(mlp):
+    model = mlp(dim=4).to(torch.bfloat16)
+    x = torch.randn(3, 4, requires_grad=True)
+    for adjoint in (False, True):
+        out = prg_fast.reverse(model, x, steps=3, adjoint=adjoint)
+        (g,) = torch.autograd.grad(out.sum(), [x])
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()

@@ -144,3 +144,11 @@ def test_torch_compile_traces_the_op():
 def test_bad_inputs(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+def test_autograd_without_terms_and_with_cast():
+    """A pure cast/scale (no terms) is differentiable too: the solver uses it for the first stage
+    input of a bf16 network from a float32 state."""
+    x = torch.randn(5, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.stage_combine(x, [], [], 2.0, torch.bfloat16).float().sum(), [x])
+    torch.testing.assert_close(g, torch.full((5,), 2.0))

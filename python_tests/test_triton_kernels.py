@@ -2,11 +2,16 @@
 against prg_fast.reference, on the CPU under the Triton interpreter.
 
 TRITON_INTERPRET=1 must be set before triton (and with it prg_fast.kernels) is first imported, so
-it is set at the top of this module. The interpreter is slow: sizes are small.
+it is set at the top of this module -- only where no GPU is visible: on a GPU machine the
+compiled kernels are tested on CUDA tensors by test_triton_cuda.py (pytest -m cuda) and this
+module skips. The interpreter is slow: sizes are small.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any import of triton or prg_fast.kernels
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any import of triton or prg_fast.kernels
 
 import importlib.util  # noqa: E402
 import math  # noqa: E402
@@ -38,6 +43,8 @@ def _kernels():
 
     if module.IMPORT_ERROR:
         pytest.skip(f"Triton kernels unavailable: {module.IMPORT_ERROR}")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the compiled Triton kernels are tested by test_triton_cuda.py")
     if not module.INTERPRETED:
         pytest.skip(
             "prg_fast.kernels was imported before TRITON_INTERPRET=1 was set (by another test "
