@@ -194,3 +194,31 @@ def test_plain_backprop_through_bf16_network(mlp):
         out = prg_fast.reverse(model, x, steps=3, adjoint=adjoint)
         (g,) = torch.autograd.grad(out.sum(), [x])
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+def test_imports_and_works_without_the_compiled_part():
+    """xformers-style: with prg_fast._C unimportable the package still imports, says why, and
+    falls back to the reference backend."""
+    import subprocess
+    import sys
+
+    code = r"""
+import sys, torch
+sys.modules["prg_fast._C"] = None  # makes `from . import _C` raise ImportError
+import prg_fast
+from prg_fast import backends
+text = prg_fast.info(print_out=False)
+assert "cpu ops    no: compiled extension prg_fast._C not importable" in text, text
+assert backends.resolve("auto", torch.device("cpu"))[0] == "reference"
+try:
+    prg_fast.reverse(lambda t, x: -x, torch.ones(2, 3), steps=2, backend="cpu")
+except RuntimeError as e:
+    assert "backend='cpu' is unavailable: compiled extension" in str(e), e
+else:
+    raise AssertionError("backend='cpu' should be refused")
+out = prg_fast.reverse(lambda t, x: -x, torch.ones(2, 3), steps=50)
+assert abs(out[0, 0].item() - 0.36787944) < 1e-6
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
