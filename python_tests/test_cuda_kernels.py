@@ -9,6 +9,7 @@ import torch
 import prg_fast
 from prg_fast import ops, reference
 from prg_fast.solvers import SOLVERS
+from combine_checks import pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
 
 
 def _skip_reason():
@@ -37,20 +38,8 @@ def _inputs(shape, n_terms, base_dtype, term_dtype):
     return base, terms, _coeffs(n_terms)
 
 
-def _truth(base, terms, coeffs, alpha):
-    """The exact value (to float64 rounding) from the already rounded inputs."""
-    out = alpha * base.double()
-    for c, t in zip(coeffs, terms):
-        out = out + c * t.double()
-    return out
 
 
-def _pytorch_at_dtype(base, terms, coeffs, alpha, dtype):
-    """The same arithmetic done with PyTorch ops in `dtype` (the rounding a user would get)."""
-    out = alpha * base.to(dtype)
-    for c, t in zip(coeffs, terms):
-        out = out + c * t.to(dtype)
-    return out
 
 
 def _max_err(x, truth):

@@ -3,26 +3,15 @@ import pytest
 import torch
 
 from prg_fast import ops, reference
+from combine_checks import pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason=f"compiled ops not built: {ops.CPU_ERROR}")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def _truth(base, terms, coeffs, alpha):
-    """The exact value, computed in float64 from the (already rounded) inputs."""
-    out = alpha * base.double()
-    for c, t in zip(coeffs, terms):
-        out = out + c * t.double()
-    return out
 
 
-def _pytorch_at_dtype(base, terms, coeffs, alpha, dtype):
-    """The same arithmetic done with PyTorch ops in `dtype` (the rounding a user would get)."""
-    out = alpha * base.to(dtype)
-    for c, t in zip(coeffs, terms):
-        out = out + c * t.to(dtype)
-    return out
 
 
 def _inputs(n, n_terms, base_dtype, term_dtype, shape=None):

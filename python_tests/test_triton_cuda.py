@@ -7,6 +7,7 @@ import torch
 
 import prg_fast
 from prg_fast import reference
+from combine_checks import truth as _truth
 
 pytestmark = [
     pytest.mark.cuda,
@@ -26,11 +27,6 @@ def combine():
     return module.stage_combine
 
 
-def _truth(base, terms, coeffs, alpha):
-    out = alpha * base.double()
-    for c, t in zip(coeffs, terms):
-        out = out + c * t.double()
-    return out
 
 
 @pytest.mark.parametrize("n", [1, 7, 1023, 4097, (1 << 20) + 3])
