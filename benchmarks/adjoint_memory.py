@@ -47,7 +47,14 @@ def device_name(device: torch.device) -> str:
 
 def build(args, device, dtype):
     torch.manual_seed(0)
-    model = UNet.preset(args.model, in_channels=3, image_size=args.size, dropout=0.0).to(device, dtype)
+    model = UNet.preset(args.model, in_channels=3, image_size=args.size, dropout=0.0)
+    # A fresh UNet zero-initialises its output layers (v = 0: a trivial ODE whose every adjoint is
+    # exact); give those weights values so the flow is non-trivial, like a trained network's.
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    model = model.to(device, dtype)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype, requires_grad=True)
     return model, x
 
