@@ -7,9 +7,16 @@ kernels and an exact, memory-flat discrete adjoint; PRG (arXiv 2412.01787) on to
 
 The package imports without its compiled part; `prg_fast.info()` says what is built and why not.
 """
+from . import data, models, paths, train
 from .api import generate, odeint, reverse, time_reversed
 from .info import info
+from .losses import flow_matching_loss
 from .solvers import SOLVERS, ButcherTableau
+from .train import PretrainConfig, load_checkpoint, pretrain
 
-__all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau"]
+__all__ = [
+    "reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau",
+    "paths", "models", "data", "train", "flow_matching_loss", "pretrain", "PretrainConfig",
+    "load_checkpoint",
+]
 __version__ = "0.1.0"

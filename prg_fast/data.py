@@ -237,8 +237,8 @@ def _unpickle(file):
     try:
         with open(file, "rb") as f:
             return pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise ValueError(f"cifar10: {file} is not a readable CIFAR-10 pickle ({e})") from e
+    except Exception as e:  # a foreign or truncated file can fail in many ways inside pickle
+        raise ValueError(f"cifar10: {file} is not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from e
 
 
 def _class_dirs(split_dir):

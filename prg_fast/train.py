@@ -49,7 +49,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -172,10 +172,16 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no pretraining checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # TorchVersion (a str subclass) is allowed because checkpoints of the first release stored
+        # torch.__version__ itself; nothing else beyond weights_only's tensors and containers
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated / foreign file
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        # torch's weights_only refusal is a long text; its one informative line names the culprit
+        why = next((s for s in lines if s.startswith("WeightsUnpickler error")), lines[0] if lines else "")
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupted, truncated, or not written by "
-                              f"prg_fast): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"prg_fast): {type(e).__name__}: {why}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a prg_fast pretraining checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
@@ -323,11 +329,6 @@ class _Trainer:
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         if cfg.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
-        if self.device.type == "cpu":
-            # Adam's moments of near-zero gradients (zero-initialised output layers) become
-            # denormal floats, which the CPU handles ~20x slower; flushing them to zero changes
-            # nothing measurable in training and keeps a CPU step at its normal speed.
-            torch.set_flush_denormal(True)
         if cfg.batch_size % ctx.world:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
         self.local_batch = cfg.batch_size // ctx.world
@@ -521,7 +522,7 @@ class _Trainer:
             "history": self.history,
             "running": {"sum": self.running[0], "count": self.running[1]},
             "elapsed_s": elapsed,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
         _atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
         self._write_log()
@@ -550,7 +551,7 @@ class _Trainer:
             "num_params": sum(p.numel() for p in self.model.parameters()),
             "world_size": ctx.world,
             "device_used": str(self.device),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
         for key, value in asdict(cfg).items():
             metrics.setdefault(key, value)

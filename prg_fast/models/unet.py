@@ -10,7 +10,7 @@ through F.scaled_dot_product_attention. t in [0, 1] goes straight into a sinusoi
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -1,0 +1,182 @@
+"""prg_fast.data: digits (fixed split), cifar10 pickles and image folders (built here in tmp_path),
+augmentations, and the errors for bad DATA specs / paths / folders."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from prg_fast.data import Augment, load_data, parse_spec
+
+
+@pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch):
+    monkeypatch.setenv("PRG_FAST_CACHE", "0")  # tests must not write into ~/.cache
+
+
+def test_digits_split_and_range():
+    train, test = load_data("digits", "train"), load_data("digits", "test")
+    assert len(train) == 1437 and len(test) == 360
+    assert train.shape == (1, 8, 8) and train.num_classes == 10
+    x, y = train.batch(range(len(train)))
+    assert x.dtype == torch.float32 and x.min() == -1.0 and x.max() == 1.0
+    assert torch.equal(torch.bincount(y, minlength=10) + torch.bincount(test.labels, minlength=10),
+                       torch.bincount(torch.from_numpy(load_digits().target)))
+    # every class in the test split, the split fixed (independent of any global seed)
+    assert set(test.labels.tolist()) == set(range(10))
+    torch.manual_seed(123)
+    again = load_data("digits", "test", cache=False)
+    assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
+    assert not train.augment.active  # mirrored digits are not digits
+
+
+def test_digits_item_and_values():
+    ds = load_data("digits", "train")
+    x, y = ds[0]
+    assert x.shape == (1, 8, 8) and isinstance(y, int)
+    raw = torch.from_numpy(load_digits().images).float()
+    # the stored uint8 grey levels 0..16 map exactly onto [-1, 1]
+    match = ((raw / 8 - 1) - x[0]).abs().flatten(1).max(1).values
+    assert match.min() == 0.0
+
+
+def _write_cifar(root, n_per_batch=4):
+    os.makedirs(root)
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        arr = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = list(rng.integers(0, 10, size=n_per_batch))
+        with open(os.path.join(root, name), "wb") as f:
+            pickle.dump({b"data": arr, b"labels": labels}, f)
+        batches[name] = (arr, labels)
+    with open(os.path.join(root, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return batches
+
+
+def test_cifar10_pickles(tmp_path):
+    batches = _write_cifar(str(tmp_path / "cifar-10-batches-py"))
+    for spec in [f"cifar10:{tmp_path}", f"cifar10:{tmp_path}/cifar-10-batches-py"]:
+        train = load_data(spec, "train", cache=False)
+        test = load_data(spec, "test", cache=False)
+        assert len(train) == 20 and len(test) == 4 and train.shape == (3, 32, 32)
+        assert train.classes == [f"c{i}" for i in range(10)]
+        arr, labels = batches["test_batch"]
+        assert torch.equal(test.images, torch.from_numpy(arr.reshape(-1, 3, 32, 32)))
+        assert test.labels.tolist() == labels
+        assert train.augment.hflip and not test.augment.active  # flips for natural-image training
+
+
+def _write_folder(root, size=(6, 6), mode="RGB", ext="png", per_class=3, classes=("cat", "dog")):
+    rng = np.random.default_rng(1)
+    written = {}
+    for split in ("train", "test"):
+        for cls in classes:
+            d = os.path.join(root, split, cls)
+            os.makedirs(d, exist_ok=True)
+            for i in range(per_class):
+                shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+                arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+                path = os.path.join(d, f"{i:03d}.{ext}")
+                Image.fromarray(arr, mode).save(path)
+                written[path] = arr
+    return written
+
+
+def test_folder_png_exact(tmp_path):
+    written = _write_folder(str(tmp_path))
+    ds = load_data(f"folder:{tmp_path}", "train", cache=False)
+    assert len(ds) == 6 and ds.shape == (3, 6, 6) and ds.classes == ["cat", "dog"]
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    first = written[os.path.join(str(tmp_path), "train", "cat", "000.png")]
+    assert torch.equal(ds.images[0], torch.from_numpy(first).permute(2, 0, 1))
+    x, _ = ds.batch([0], augment=False)
+    torch.testing.assert_close(x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_folder_grayscale_jpg(tmp_path):
+    _write_folder(str(tmp_path), mode="L", ext="jpg")
+    ds = load_data(f"folder:{tmp_path}", "test", cache=False)
+    assert ds.shape == (1, 6, 6) and len(ds) == 6
+
+
+def test_folder_disk_cache_roundtrip(tmp_path, monkeypatch):
+    _write_folder(str(tmp_path / "data"))
+    monkeypatch.setenv("PRG_FAST_CACHE", str(tmp_path / "cache"))
+    a = load_data(f"folder:{tmp_path}/data", "train", cache=False)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    b = load_data(f"folder:{tmp_path}/data", "train", cache=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # a new file changes the key: the cache is not served stale
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "data" / "train" / "dog" / "999.png")
+    c = load_data(f"folder:{tmp_path}/data", "train", cache=False)
+    assert len(c) == 7
+
+
+def test_augment_flip_and_crop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5).repeat(32, 1, 1, 1)
+    flipped = Augment(hflip=True)(x, g)
+    same = [(flipped[i] == x[i]).all().item() for i in range(len(x))]
+    mirrored = [(flipped[i] == x[i].flip(-1)).all().item() for i in range(len(x))]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+    cropped = Augment(crop_padding=2)(x, g)
+    assert cropped.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(len(x)):  # each output is some 5x5 window of its padded input
+        assert any(torch.equal(cropped[i], padded[i, :, a:a + 5, b:b + 5]) for a in range(5) for b in range(5))
+    assert not torch.equal(cropped, x)
+    with pytest.raises(ValueError, match="crop_padding"):
+        Augment(crop_padding=-1)
+
+
+def test_parse_spec():
+    assert parse_spec("digits") == ("digits", None)
+    kind, path = parse_spec("folder:~/x")
+    assert kind == "folder" and path == os.path.expanduser("~/x")
+
+
+def test_bad_specs_and_paths(tmp_path):
+    with pytest.raises(ValueError, match="unknown DATA spec 'mnist'"):
+        load_data("mnist")
+    with pytest.raises(ValueError, match="cifar10 needs a path"):
+        load_data("cifar10")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_data("digits", "val")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_data(f"folder:{tmp_path}/missing")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_data(f"cifar10:{tmp_path}/missing")
+    with pytest.raises(FileNotFoundError, match="missing data_batch_1"):
+        load_data(f"cifar10:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="train.*does not exist"):
+        load_data(f"folder:{tmp_path}")
+
+
+def test_empty_folder(tmp_path):
+    os.makedirs(tmp_path / "train" / "cat")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no images"):
+        load_data(f"folder:{tmp_path}", cache=False)
+
+
+def test_mixed_sizes(tmp_path):
+    _write_folder(str(tmp_path))
+    Image.fromarray(np.zeros((7, 9, 3), np.uint8)).save(tmp_path / "train" / "dog" / "odd.png")
+    with pytest.raises(ValueError, match="mixed sizes: 6x6 .*7x9"):
+        load_data(f"folder:{tmp_path}", cache=False)
+
+
+def test_unreadable_image_and_pickle(tmp_path):
+    _write_folder(str(tmp_path / "f"))
+    (tmp_path / "f" / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        load_data(f"folder:{tmp_path}/f", cache=False)
+    _write_cifar(str(tmp_path / "c"))
+    (tmp_path / "c" / "test_batch").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable CIFAR-10 pickle"):
+        load_data(f"cifar10:{tmp_path}/c", "test", cache=False)
