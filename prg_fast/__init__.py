@@ -7,8 +7,9 @@ kernels and an exact, memory-flat discrete adjoint; PRG (arXiv 2412.01787) on to
 
 The package imports without its compiled part; `prg_fast.info()` says what is built and why not.
 """
-from . import data, models, paths, train
+from . import data, eval, models, paths, train
 from .api import generate, odeint, reverse, time_reversed
+from .classifier import PRGClassifier
 from .info import info
 from .losses import flow_matching_loss
 from .solvers import SOLVERS, ButcherTableau
@@ -17,6 +18,6 @@ from .train import PretrainConfig, load_checkpoint, pretrain
 __all__ = [
     "reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau",
     "paths", "models", "data", "train", "flow_matching_loss", "pretrain", "PretrainConfig",
-    "load_checkpoint",
+    "load_checkpoint", "PRGClassifier", "eval",
 ]
 __version__ = "0.1.0"

@@ -138,8 +138,26 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_related(subparsers) -> None:
+    """`repfusion` and `genrep`: the related systems (prg_fast.related)."""
+    from .related.genrep import add_genrep
+    from .related.repfusion import add_repfusion
+
+    add_repfusion(subparsers)
+    add_genrep(subparsers)
+
+
+def add_prg(subparsers) -> None:
+    """`finetune`, `evaluate` and `extract`: PRG classifiers and features (prg_fast.finetune)."""
+    from .finetune import add_evaluate, add_extract, add_finetune
+
+    add_finetune(subparsers)
+    add_evaluate(subparsers)
+    add_extract(subparsers)
+
+
 # the commands, in the order `prg-fast --help` lists them
-COMMANDS: List[Callable] = [add_pretrain, add_info]
+COMMANDS: List[Callable] = [add_pretrain, add_prg, add_related, add_info]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,404 @@
+"""PRG finetuning, RepFusion and GenRep side by side, on the same pretrained flow model and with a
+matched training budget (the same number of optimizer steps of the same batch size per system).
+
+    python benchmarks/related.py                      # digits, CPU: pretrains a tiny flow first
+    python benchmarks/related.py --data folder:../shared/data/cifar10 --checkpoint RUNS/cifar_pretrain \
+        --student resnet18 --encoder resnet18 --budget 20000 --batch-size 128 --device cuda   # GPU
+
+Rows (each a `prg-fast` command run as a subprocess; its wall time is measured around it):
+    PRG finetune             flow + ClassifierHead trained jointly through the reversed ODE, BUDGET steps
+    RepFusion, fixed t       BUDGET/2 distillation steps + BUDGET/2 cross-entropy steps
+    RepFusion, policy        the same with the REINFORCE timestep policy
+    student, CE only         control: the same student, no distillation, BUDGET/2 cross-entropy steps
+    GenRep                   BUDGET NT-Xent steps on generated views, then a linear probe on real data
+    random encoder + probe   control: GenRep's encoder untrained (0 steps), same probe
+    raw pixels + probe       control: the same probe on the pixels
+Protocols differ as in the papers: PRG and RepFusion are finetuned with labels; GenRep learns without
+labels and is read out by a linear probe (logistic regression, C by CV on the training split).
+
+Results: OUT/related.json and a markdown table, written into RESULTS.md as the section
+"Related systems on <data>" (only that section is replaced). Finished rows are cached in
+OUT/<row>/row.json; --fresh reruns everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FINETUNE_SHIM = """
+import argparse, sys
+from prg_fast.finetune import add_finetune
+p = argparse.ArgumentParser(prog="prg-fast"); sp = p.add_subparsers(dest="command"); add_finetune(sp)
+args = p.parse_args(sys.argv[1:]); sys.exit(args.func(args))
+"""
+
+
+def finetune_command() -> Optional[List[str]]:
+    """argv prefix running `prg-fast finetune`: the registered command, else prg_fast.finetune's own
+    parser (same flags); None when neither exists."""
+    from prg_fast.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # argparse keeps the subcommands here
+        if "finetune" in getattr(action, "choices", {}):
+            return [sys.executable, "-m", "prg_fast", "finetune"]
+    try:
+        import prg_fast.finetune as ft  # noqa: F401
+
+        if hasattr(ft, "add_finetune"):
+            return [sys.executable, "-c", FINETUNE_SHIM, "finetune"]
+    except ImportError:
+        pass
+    return None
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def load_average() -> Optional[str]:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return None
+
+
+def run_row(name: str, argv: List[str], out: str, env: Dict[str, str], fresh: bool) -> Dict[str, Any]:
+    """Run one system (a command writing OUT/metrics.json) unless OUT/row.json caches it."""
+    row_file = os.path.join(out, "row.json")
+    if fresh and os.path.isdir(out):
+        shutil.rmtree(out)
+    if os.path.isfile(row_file):
+        with open(row_file) as f:
+            row = json.load(f)
+        if row.get("argv") == argv[1:]:
+            print(f"[related] {name}: cached ({row_file})", file=sys.stderr)
+            return row
+        shutil.rmtree(out)  # other arguments: rerun from scratch
+    print(f"[related] {name}: {' '.join(shlex.quote(a) for a in argv)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"name": name, "error": f"exit status {proc.returncode}", "argv": argv[1:]}
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    row = {"name": name, "top1": metrics["top1"], "wall_s": round(wall, 1), "metrics": metrics, "argv": argv[1:],
+           "load_average_after": load_average()}
+    with open(row_file, "w") as f:
+        json.dump(row, f, indent=1)
+    return row
+
+
+def pixel_probe(data: str) -> Dict[str, Any]:
+    from prg_fast.data import load_data
+    from prg_fast.related.common import linear_probe
+
+    t0 = time.perf_counter()
+    tr, te = load_data(data, "train", augment=None), load_data(data, "test", augment=None)
+    res = linear_probe(tr.images.flatten(1).float(), tr.labels, te.images.flatten(1).float(), te.labels)
+    return {"name": "raw pixels + linear probe", "top1": res["top1"], "wall_s": round(time.perf_counter() - t0, 1),
+            "metrics": res}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--checkpoint", default=None, help="pretraining run directory (default: pretrain one into OUT)")
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--pretrain-model", default="tiny")
+    p.add_argument("--pretrain-path", default="otcfm")
+    p.add_argument("--budget", type=int, default=200, help="optimizer steps per system (RepFusion: half + half)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ode-steps", type=int, default=20, help="PRG finetune: reversed-ODE steps (euler)")
+    p.add_argument("--teacher-t", type=float, default=0.1, help="RepFusion fixed-t row")
+    p.add_argument("--student", default="resnet-small")
+    p.add_argument("--encoder", default="resnet-small")
+    p.add_argument("--sigma", type=float, default=0.2)
+    p.add_argument("--gen-pool", type=int, default=512)
+    p.add_argument("--gen-neighbors", type=int, default=4)
+    p.add_argument("--gen-ode-steps", type=int, default=10)
+    p.add_argument("--gen-method", default="rk4")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every row is run once per seed")
+    p.add_argument("--prg-seeds", default=None, help="seeds of the PRG row (default: --seeds; it is the slow one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per run (OMP_NUM_THREADS; 1 is fastest on a shared 2-core machine)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "related"))
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"),
+                   help="markdown file whose 'Related systems on DATA' section is (re)written; '' to skip")
+    p.add_argument("--rows", default="prg,repfusion,repfusion-policy,student,genrep,random,pixels",
+                   help="comma-separated subset of prg,repfusion,repfusion-policy,student,genrep,random,pixels")
+    p.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.budget < 2:
+        p.error("--budget must be >= 2")
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    os.makedirs(args.out, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    py = [sys.executable, "-m", "prg_fast"]
+    load_start = load_average()
+
+    # the shared pretrained flow
+    ckpt = args.checkpoint
+    pretrain_row = None
+    if ckpt is None:
+        ckpt = os.path.join(args.out, "pretrain")
+        argv_pre = py + ["pretrain", "--data", args.data, "--path", args.pretrain_path, "--model", args.pretrain_model,
+                         "--steps", str(args.pretrain_steps), "--batch-size", "128", "--out", ckpt, "--seed",
+                         "0", "--device", args.device, "--ckpt-every", "250", "--num-samples", "64"]
+        if args.no_progress:
+            argv_pre.append("--no-progress")
+        if not os.path.isfile(os.path.join(ckpt, "metrics.json")):
+            t0 = time.perf_counter()
+            subprocess.run(argv_pre, env=env, cwd=ROOT, check=True)
+            print(f"[related] pretraining took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        with open(os.path.join(ckpt, "metrics.json")) as f:
+            pm = json.load(f)
+        pretrain_row = {"argv": argv_pre[1:], "loss": pm["loss"], "step": pm["step"],
+                        "train_time_total_s": pm.get("train_time_total_s")}
+    ckpt = os.path.abspath(ckpt)
+
+    half = args.budget // 2
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    prg_seeds = [int(x) for x in args.prg_seeds.split(",") if x.strip()] if args.prg_seeds else seeds
+    rows: List[Dict[str, Any]] = []
+    protocol: Dict[str, str] = {}
+
+    def common(seed):
+        c = ["--data", args.data, "--seed", str(seed), "--device", args.device]
+        return c + (["--no-progress"] if args.no_progress else [])
+
+    def run_seeds(key, name, build, seed_list):
+        """One table row: the command build(seed, out) for every seed (seed s > first in OUT/key_seed<s>)."""
+        runs = []
+        for seed in seed_list:
+            out = os.path.join(args.out, key if seed == 0 else f"{key}_seed{seed}")
+            run = run_row(name, build(seed, out), out, env, args.fresh)
+            if "error" in run:
+                return run
+            runs.append(run)
+        top = [r["top1"] for r in runs]
+        mean = sum(top) / len(top)
+        std = math.sqrt(sum((t - mean) ** 2 for t in top) / (len(top) - 1)) if len(top) > 1 else None
+        return {"name": name, "top1": mean, "top1_std": std, "top1_runs": top, "seeds": seed_list,
+                "wall_s": round(sum(r["wall_s"] for r in runs) / len(runs), 1), "metrics": runs[0]["metrics"],
+                "runs": runs}
+
+    if "prg" in rows_wanted:
+        cmd = finetune_command()
+        name = "PRG finetune (flow + head, reversed ODE)"
+        protocol[name] = f"{args.budget} CE steps through {args.ode_steps} euler steps, t 0 -> 1"
+        if cmd is None:
+            rows.append({"name": name, "error": "not available: prg_fast.finetune / `prg-fast finetune` is missing"})
+        else:
+            if "-c" in cmd:
+                protocol[name] += " (run through prg_fast.finetune's own parser: `finetune` was not registered in " \
+                                  "prg_fast.cli yet)"
+            rows.append(run_seeds("prg", name, lambda seed, out: cmd + common(seed) + [
+                "--checkpoint", ckpt, "--steps", str(args.budget), "--batch-size", str(args.batch_size),
+                "--ode-steps", str(args.ode_steps), "--method", "euler", "--out", out], prg_seeds))
+    if "repfusion" in rows_wanted:
+        name = f"RepFusion, fixed t = {args.teacher_t:g}"
+        protocol[name] = f"{half} distillation + {args.budget - half} CE steps"
+        rows.append(run_seeds("repfusion", name, lambda seed, out: py + ["repfusion"] + common(seed) + [
+            "--checkpoint", ckpt, "--steps", str(half), "--finetune-steps", str(args.budget - half), "--t",
+            str(args.teacher_t), "--batch-size", str(args.batch_size), "--student", args.student, "--out", out], seeds))
+    if "repfusion-policy" in rows_wanted:
+        name = "RepFusion, REINFORCE policy over t"
+        protocol[name] = f"{half} distillation + {args.budget - half} CE steps"
+        rows.append(run_seeds("repfusion_policy", name, lambda seed, out: py + ["repfusion"] + common(seed) + [
+            "--checkpoint", ckpt, "--steps", str(half), "--finetune-steps", str(args.budget - half), "--policy",
+            "--batch-size", str(args.batch_size), "--student", args.student, "--out", out], seeds))
+    if "student" in rows_wanted:
+        name = "control: same student, CE only"
+        protocol[name] = f"0 distillation + {args.budget - half} CE steps"
+        rows.append(run_seeds("student", name, lambda seed, out: py + ["repfusion"] + common(seed) + [
+            "--checkpoint", ckpt, "--steps", "0", "--finetune-steps", str(args.budget - half),
+            "--batch-size", str(args.batch_size), "--student", args.student, "--out", out], seeds))
+    gen_common = ["--checkpoint", ckpt, "--batch-size", str(args.batch_size), "--encoder", args.encoder,
+                  "--sigma", str(args.sigma), "--pool", str(args.gen_pool), "--neighbors", str(args.gen_neighbors),
+                  "--ode-steps", str(args.gen_ode_steps), "--method", args.gen_method]
+    if "genrep" in rows_wanted:
+        name = f"GenRep, sigma = {args.sigma:g}"
+        protocol[name] = (f"{args.budget} NT-Xent steps on {args.gen_pool} x (1 + {args.gen_neighbors}) generated "
+                          f"images ({args.gen_ode_steps} {args.gen_method} steps), then linear probe")
+        rows.append(run_seeds("genrep", name, lambda seed, out: py + ["genrep"] + common(seed) + gen_common + [
+            "--steps", str(args.budget), "--out", out], seeds))
+    if "random" in rows_wanted:
+        name = "control: GenRep encoder untrained"
+        protocol[name] = "0 steps, linear probe"
+        rows.append(run_seeds("random_encoder", name, lambda seed, out: py + ["genrep"] + common(seed) + gen_common + [
+            "--steps", "0", "--out", out], seeds))
+    if "pixels" in rows_wanted:
+        row = pixel_probe(args.data)
+        row["seeds"] = [0]
+        protocol[row["name"]] = "linear probe on the raw pixels (deterministic)"
+        rows.append(row)
+
+    from prg_fast.data import load_data
+
+    n_test = len(load_data(args.data, "test", augment=None))
+    # the runs' own wall times (cached rows keep the time they took when they ran)
+    total = sum(sum(run["wall_s"] for run in row.get("runs", [row])) for row in rows if "error" not in row)
+    report = {"data": args.data, "checkpoint": ckpt, "pretrain": pretrain_row, "budget": args.budget,
+              "batch_size": args.batch_size, "rows": rows, "protocol": protocol, "n_test": n_test,
+              "machine": machine(), "threads": args.threads, "load_average_start": load_start,
+              "load_average_end": load_average(), "total_wall_s": round(total, 1),
+              "command": "python benchmarks/related.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
+    with open(os.path.join(args.out, "related.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown(report)
+    print(table)
+    if args.results:
+        write_section(args.results, section_title(args.data), table)
+    return 0
+
+
+def section_title(data: str) -> str:
+    name = data.split(":", 1)[0] if data == "digits" or ":" not in data else os.path.basename(data.rstrip("/"))
+    return f"Related systems on {name}"
+
+
+def _rel(text: str) -> str:
+    """Paths under the repository shown relative to it."""
+    return text.replace(ROOT + os.sep, "")
+
+
+def markdown(r: Dict[str, Any]) -> str:
+    n = r["n_test"]
+    loads = [run.get("load_average_after") for row in r["rows"] for run in row.get("runs", [])]
+    if loads and all(loads):
+        first = [float(x.split()[0]) for x in loads]
+        load_text = f"; 1-minute load average after each run {min(first):.1f}-{max(first):.1f}"
+    else:
+        load_text = ""
+    lines = [f"Command: `{r['command']}`", "",
+             f"Machine: {r['machine']}; {r['threads']} intra-op thread(s) per run{load_text}"
+             + (" (a 2-core machine shared with other jobs: wall times are indicative only)."
+                if os.cpu_count() and os.cpu_count() <= 4 else "."),
+             f"Wall time of all runs together {r['total_wall_s']:.0f} s. Same pretrained "
+             f"flow for every row: `{_rel(r['checkpoint'])}`"]
+    if r["pretrain"]:
+        pre = r["pretrain"]
+        lines[-1] += (f" (`prg-fast {_rel(' '.join(pre['argv'][2:]))}`: {pre['step']} steps, final flow-matching loss "
+                      f"{pre['loss']:.4f}, {pre['train_time_total_s']:.0f} s, not counted below)")
+    lines[-1] += "."
+    lines += [f"Matched budget: {r['budget']} optimizer steps of batch {r['batch_size']} per system (RepFusion splits "
+              f"them between distillation and finetuning). Top-1 on the {n} test images (mean ± standard deviation "
+              f"over seeds where there are several); at 95% accuracy one run's binomial standard error is about "
+              f"{100 * math.sqrt(0.95 * 0.05 / n):.1f} points, so differences of 1-2 points are not resolved.", ""]
+    lines += ["| system | protocol | test top-1 | seeds (runs) | wall time per run (s) |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        proto = r["protocol"].get(row["name"], "")
+        if "error" in row:
+            lines.append(f"| {row['name']} | {proto} | {row['error']} | - | - |")
+            continue
+        top = f"{100 * row['top1']:.1f}%"
+        if row.get("top1_std") is not None:
+            top += f" ± {100 * row['top1_std']:.1f}"
+        runs = ", ".join(f"{100 * t:.1f}" for t in row.get("top1_runs", [row["top1"]]))
+        lines.append(f"| {row['name']} | {proto} | {top} | {len(row.get('seeds', [0]))} ({runs}) | {row['wall_s']:.0f} |")
+    extra = []
+    for row in r["rows"]:
+        m = row.get("metrics") or {}
+        if "policy_t_mean" in m:
+            extra.append(f"RepFusion policy (seed {row.get('seeds', [0])[0]}): expected t under the learned policy {m['policy_t_mean']:.2f} on the test "
+                         f"images (candidates {', '.join(m['policy_probs'])}).")
+        if "generation_time_s" in m and m.get("step"):
+            extra.append(f"GenRep (seed {row.get('seeds', [0])[0]}): {m['generated_images']} images generated in {m['generation_time_s']:.0f} s, NT-Xent "
+                         f"{m['nt_xent_first']:.3f} -> {m['nt_xent']:.3f}; k-NN (k=20) top-1 "
+                         f"{100 * m['knn_top1']:.1f}%.")
+        if "distill_loss_first" in m and m.get("distill_loss") is not None:
+            extra.append(f"{row['name']} (seed {row.get('seeds', [0])[0]}): distillation MSE (standardised teacher features) "
+                         f"{m['distill_loss_first']:.3f} -> {m['distill_loss']:.3f}.")
+    extra += comparisons(r)
+    if extra:
+        lines += [""] + [f"- {e}" for e in extra]
+    if r["data"] == "digits":
+        lines += ["", "Not run here (no GPU): the same comparison on CIFAR-10, e.g. `python benchmarks/related.py --data "
+                  "folder:../shared/data/cifar10 --checkpoint CIFAR_PRETRAIN_DIR --student resnet18 --encoder resnet18 "
+                  "--batch-size 128 --budget 20000 --gen-pool 10000 --device cuda --threads 8 --out "
+                  "benchmarks/out/related_cifar10`, which writes its own section \"Related systems on cifar10\"."]
+    return "\n".join(lines) + "\n"
+
+
+def comparisons(r: Dict[str, Any]) -> List[str]:
+    """Differences between each system and its control, and whether they exceed twice their
+    standard error (seed spread / sqrt(runs), or the binomial error of a single run)."""
+    n = r["n_test"]
+    by_key = {row["name"]: row for row in r["rows"] if "error" not in row}
+
+    def se(row):
+        k = len(row.get("top1_runs", [row["top1"]]))
+        if k > 1 and row.get("top1_std") is not None:
+            return row["top1_std"] / math.sqrt(k)
+        p = row["top1"]
+        return math.sqrt(max(p * (1 - p), 1.0 / n) / n)
+
+    def find(prefix):
+        return next((row for name, row in by_key.items() if name.startswith(prefix)), None)
+
+    pairs = [("RepFusion, fixed", "control: same student"), ("RepFusion, REINFORCE", "control: same student"),
+             ("GenRep", "control: GenRep encoder"), ("GenRep", "raw pixels"), ("PRG finetune", "RepFusion, fixed")]
+    out = []
+    for a_name, b_name in pairs:
+        a, b = find(a_name), find(b_name)
+        if a is None or b is None:
+            continue
+        d = a["top1"] - b["top1"]
+        err = 2 * math.sqrt(se(a) ** 2 + se(b) ** 2)
+        verdict = "resolved" if abs(d) > err else "not resolved"
+        out.append(f"{a['name']} vs {b['name']}: {100 * d:+.1f} points (2 standard errors {100 * err:.1f}: {verdict}).")
+    return out
+
+
+def write_section(path: str, title: str, body: str) -> None:
+    """Replace (or append) the section `## title` of a markdown file, leaving the rest untouched."""
+    text = open(path).read() if os.path.isfile(path) else "# Measured results\n"
+    header = f"## {title}"
+    lines = text.split("\n")
+    start = next((i for i, l in enumerate(lines) if l.strip() == header), None)
+    block = [header, ""] + body.rstrip("\n").split("\n") + [""]
+    if start is None:
+        if lines and lines[-1] != "":
+            lines.append("")
+        lines += block
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines = lines[:start] + block + lines[end:]
+    new = "\n".join(lines)
+    if not new.endswith("\n"):
+        new += "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

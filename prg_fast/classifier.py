@@ -1,0 +1,132 @@
+"""PRGClassifier: a pretrained flow run backwards (data -> noise) as the feature extractor, and a
+classifier head on its end state (PRG, arXiv 2412.01787).
+
+    clf = PRGClassifier(flow, ClassifierHead((1, 8, 8), 10), t=1.0, steps=20, method="euler")
+    logits = clf(x)                      # reverse(flow, x, t, t0=t0, ...) -> head
+    loss = F.cross_entropy(logits, y)    # backward goes through prg_fast's exact adjoint
+
+With `save_at=(t_1, ..., t_S)` the states at those times are concatenated on the channel dimension
+(a feature hierarchy), so the head reads S x C channels; `PRGClassifier.build` sizes the head.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .api import reverse
+from .solvers import get_tableau
+
+__all__ = ["PRGClassifier", "feature_shape"]
+
+
+def _time(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_segment(t0: float, t: float, save_at) -> Optional[Tuple[float, ...]]:
+    if not t > t0:
+        raise ValueError(f"the trajectory segment must run forward in time: need t0 < t, got t0={t0:g}, t={t:g}")
+    if save_at is None:
+        return None
+    if isinstance(save_at, torch.Tensor):
+        save_at = save_at.detach().flatten().tolist()
+    if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__iter__"):
+        raise TypeError(f"save_at must be None or a sequence of times, got {type(save_at).__name__}")
+    times = tuple(_time(s, "save_at entries") for s in save_at)
+    if not times:
+        raise ValueError("save_at must hold at least one time (or be None)")
+    for s in times:
+        if not t0 <= s <= t:
+            raise ValueError(f"save_at times must lie in [t0, t] = [{t0:g}, {t:g}], got {s:g}")
+    return times
+
+
+def feature_shape(image_shape: Sequence[int], save_at: Optional[Sequence[float]] = None) -> Tuple[int, int, int]:
+    """(C, H, W) of the features PRGClassifier hands its head for images of `image_shape`."""
+    c, h, w = (int(s) for s in image_shape)
+    return (c * (len(save_at) if save_at is not None else 1), h, w)
+
+
+class PRGClassifier(nn.Module):
+    """head(reverse(flow_model, x, t, t0=t0, steps=steps, method=method)).
+
+    flow_model: a velocity network called model(t, x) (any nn.Module, for example a UNet preset).
+    head:       maps the features (B, C', H, W) to logits (B, classes), e.g. ClassifierHead.
+    t0, t:      the trajectory segment, t0 < t (0 = data, 1 = noise); the input is the state at t0.
+    steps, method: the fixed-step solver (prg_fast.SOLVERS); re-evaluate with another count by
+                setting `.steps` (the paper trains with one count and evaluates with others).
+    save_at:    optional times in [t0, t]; the states there are concatenated on the channel dim.
+    adjoint:    True (default) trains through the exact discrete adjoint, memory flat in steps;
+                False backpropagates through the solver (same gradients, memory grows with steps).
+    Extra keyword arguments (backend, model_dtype, ...) go to prg_fast.reverse.
+    """
+
+    def __init__(self, flow_model: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], t: float = 1.0,
+                 t0: float = 0.0, *, steps: int = 20, method: str = "euler",
+                 save_at: Optional[Sequence[float]] = None, adjoint: bool = True, **reverse_kwargs):
+        super().__init__()
+        if not callable(flow_model):
+            raise TypeError(f"flow_model must be callable as model(t, x), got {type(flow_model).__name__}")
+        if not callable(head):
+            raise TypeError(f"head must be callable on the features, got {type(head).__name__}")
+        self.flow = flow_model
+        self.head = head
+        self.t, self.t0 = _time(t, "t"), _time(t0, "t0")
+        self.save_at = _check_segment(self.t0, self.t, save_at)
+        self.steps = steps
+        self.method = method
+        self.adjoint = adjoint
+        self.reverse_kwargs = dict(reverse_kwargs)
+
+    # properties validate on assignment, so a bad evaluation step count fails where it is set
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {value!r}")
+        self._steps = int(value)
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        get_tableau(value)  # raises with the list of methods
+        self._method = value
+
+    @classmethod
+    def build(cls, flow_model: nn.Module, image_shape: Sequence[int], num_classes: int, t: float = 1.0,
+              t0: float = 0.0, *, save_at: Optional[Sequence[float]] = None, hidden: Optional[int] = None,
+              **kwargs) -> "PRGClassifier":
+        """A PRGClassifier with a fresh ClassifierHead sized for images of `image_shape` (C, H, W)."""
+        from .models.heads import ClassifierHead
+
+        head = ClassifierHead(feature_shape(image_shape, save_at), num_classes, hidden=hidden)
+        return cls(flow_model, head, t=t, t0=t0, save_at=save_at, **kwargs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The reversed state at t (B, C, H, W), or the save_at states concatenated (B, S*C, H, W)."""
+        z = reverse(self.flow, x, self.t, t0=self.t0, steps=self.steps, method=self.method, adjoint=self.adjoint,
+                    save_at=self.save_at, **self.reverse_kwargs)
+        if self.save_at is not None:  # (S, B, C, ...) -> (B, S*C, ...)
+            z = z.transpose(0, 1).reshape(z.shape[1], z.shape[0] * z.shape[2], *z.shape[3:])
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def extra_repr(self) -> str:
+        seg = f"t0={self.t0:g}, t={self.t:g}, steps={self.steps}, method={self.method!r}"
+        return seg + (f", save_at={list(self.save_at)}" if self.save_at is not None else "") + f", adjoint={self.adjoint}"

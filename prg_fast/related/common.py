@@ -1,0 +1,321 @@
+"""Pieces shared by the RepFusion and GenRep commands: the student / encoder ResNets, batch view
+augmentations, loading the frozen velocity network of a pretraining checkpoint, and the run
+directory (atomic checkpoint, resume, metrics.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..train import (CHECKPOINT_NAME, CheckpointError, _atomic_write,
+                     _resolve_device, _rng_state, _seed_everything, _set_rng_state, build_model, load_checkpoint)
+
+__all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "RunFiles", "cosine_factor",
+           "linear_probe", "encode", "check_number", "check_int", "resolve_device", "seed_everything",
+           "rng_state", "set_rng_state", "CheckpointError"]
+
+resolve_device = _resolve_device
+seed_everything = _seed_everything
+rng_state = _rng_state
+set_rng_state = _set_rng_state
+
+
+# -------------------------------------------------------------------------------------------------
+# argument checks (every message names the argument and what was expected)
+
+
+def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+# -------------------------------------------------------------------------------------------------
+# students / encoders: CIFAR-style ResNets (3x3 stem, no max-pool), global average pooling
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + self.shortcut(x))
+
+
+# "resnet18" is the CIFAR variant used by RepFusion's students; the smaller ones are for CPU runs
+ENCODERS: Dict[str, Dict[str, Tuple[int, ...]]] = {
+    "resnet18": dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
+    "resnet-small": dict(widths=(32, 64, 128), blocks=(1, 1, 1)),
+    "resnet-tiny": dict(widths=(16, 32, 64), blocks=(1, 1, 1)),
+}
+
+
+class ResNet(nn.Module):
+    """x (B, C, H, W) -> globally pooled features (B, widths[-1]). Stage i has blocks[i] basic
+    blocks of width widths[i]; every stage after the first halves the resolution. `config` rebuilds
+    it: ResNet(**net.config)."""
+
+    def __init__(self, in_channels: int = 3, widths: Sequence[int] = (64, 128, 256, 512),
+                 blocks: Sequence[int] = (2, 2, 2, 2), arch: Optional[str] = None):
+        super().__init__()
+        widths, blocks = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
+        check_int("in_channels", in_channels, 1)
+        if not widths or len(widths) != len(blocks) or min(widths) < 1 or min(blocks) < 1:
+            raise ValueError(f"widths and blocks must be equally long sequences of positive integers, got "
+                             f"widths={widths}, blocks={blocks}")
+        self.config = dict(in_channels=int(in_channels), widths=list(widths), blocks=list(blocks), arch=arch)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
+        layers, c = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                layers.append(BasicBlock(c, w, 2 if (i > 0 and j == 0) else 1))
+                c = w
+        self.layers = nn.Sequential(*layers)
+        self.feature_dim = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.config["in_channels"]:
+            raise ValueError(f"expected images (B, {self.config['in_channels']}, H, W), got {tuple(x.shape)}")
+        return self.layers(self.stem(x)).mean(dim=(2, 3))
+
+
+def build_encoder(name: str, in_channels: int) -> ResNet:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown student/encoder {name!r}; choose one of {sorted(ENCODERS)}")
+    return ResNet(in_channels, arch=name, **ENCODERS[name])
+
+
+# -------------------------------------------------------------------------------------------------
+# augmentations on float batches in [-1, 1] (vectorised; one affine resample per batch)
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """SimCLR-style views: random resized crop (area fraction in `crop_scale`, aspect ratio in
+    `ratio`), horizontal flip with probability 1/2 (`hflip`), colour jitter with probability
+    `jitter_p` (brightness and contrast by factors in [1 - jitter, 1 + jitter]; saturation too for
+    RGB) and, for RGB, grayscale with probability `grayscale_p`."""
+
+    crop_scale: Tuple[float, float] = (0.2, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    jitter: float = 0.4
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+
+    def __post_init__(self):
+        lo, hi = self.crop_scale
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale!r}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio!r}")
+        check_number("jitter", self.jitter, 0.0, 1.0)
+        check_number("jitter_p", self.jitter_p, 0.0, 1.0)
+        check_number("grayscale_p", self.grayscale_p, 0.0, 1.0)
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        b, c = x.shape[:2]
+        dev = x.device
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=generator).to(dev)
+
+        # random resized crop (and flip) as one affine map of the output grid into the input
+        area = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * rand(b)
+        log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * rand(b)
+        r = torch.exp(log_r)
+        sw = torch.sqrt(area * r).clamp(max=1.0)  # crop width / image width
+        sh = torch.sqrt(area / r).clamp(max=1.0)
+        cx = (1 - sw) * (2 * rand(b) - 1)  # crop centre in [-1, 1] coordinates, inside the image
+        cy = (1 - sh) * (2 * rand(b) - 1)
+        flip = torch.where(rand(b) < 0.5, -1.0, 1.0) if self.hflip else torch.ones(b, device=dev)
+        theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 0, 2] = sw * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = sh, cy
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # colour: work in [0, 1]
+        y = (x + 1) / 2
+        if self.jitter > 0 and self.jitter_p > 0:
+            on = (rand(b) < self.jitter_p).to(x.dtype)[:, None, None, None]
+
+            def factor():
+                return (1 + self.jitter * (2 * rand(b) - 1)).to(x.dtype)[:, None, None, None]
+
+            j = y * factor()  # brightness
+            mean = j.mean(dim=(1, 2, 3), keepdim=True)
+            j = (j - mean) * factor() + mean  # contrast
+            if c == 3:
+                gray = (0.299 * j[:, 0:1] + 0.587 * j[:, 1:2] + 0.114 * j[:, 2:3])
+                j = (j - gray) * factor() + gray  # saturation
+            y = on * j.clamp(0, 1) + (1 - on) * y
+        if c == 3 and self.grayscale_p > 0:
+            on = (rand(b) < self.grayscale_p).to(x.dtype)[:, None, None, None]
+            gray = (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]).expand_as(y)
+            y = on * gray + (1 - on) * y
+        return y * 2 - 1
+
+
+# -------------------------------------------------------------------------------------------------
+# the frozen velocity network
+
+
+def load_flow(checkpoint: str, data, *, raw_weights: bool = False) -> Tuple[Dict[str, Any], nn.Module]:
+    """(checkpoint dict, velocity network) of a pretraining checkpoint (file or run directory), with
+    its EMA weights (raw_weights=False), frozen and in eval mode; checks it reads `data`'s images."""
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise ValueError(f"checkpoint must be the path of a pretraining run directory, got {checkpoint!r}")
+    ckpt = load_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError with a clear message
+    flow = build_model(ckpt, ema=not raw_weights).requires_grad_(False).eval()
+    c, h, w = data.shape
+    if (c, h, w) != (ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"]):
+        raise CheckpointError(f"{checkpoint} was pretrained on {ckpt['in_channels']}x{ckpt['image_size']}x"
+                              f"{ckpt['image_size']} images ({ckpt['data']}), but {data.spec} has {c}x{h}x{w} images")
+    return ckpt, flow
+
+
+# -------------------------------------------------------------------------------------------------
+# run directory
+
+
+class RunFiles:
+    """DIR/checkpoint.pt (atomic), DIR/metrics.json (atomic) and DIR/log.csv of one run kind."""
+
+    def __init__(self, out: str, fmt: str, version: int, command: str):
+        if not isinstance(out, str) or not out:
+            raise ValueError(f"out must be a directory path, got {out!r}")
+        self.out, self.fmt, self.version, self.command = out, fmt, version, command
+        self.ckpt_path = os.path.join(out, CHECKPOINT_NAME)
+
+    def say(self, msg: str) -> None:
+        print(f"prg-fast {self.command}: {msg}", file=sys.stderr, flush=True)
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        """The run's checkpoint when DIR holds one (validated), else None. A checkpoint of another
+        kind in DIR (a pretraining run, another command's run) is refused, never overwritten."""
+        if not os.path.isfile(self.ckpt_path):
+            return None
+        try:
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{self.ckpt_path} is not a readable checkpoint ({type(e).__name__}); "
+                                  f"remove it or use another --out") from e
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        if fmt != self.fmt:
+            raise CheckpointError(f"--out {self.out} already holds a {fmt!r} checkpoint, not a {self.fmt!r} run; "
+                                  f"use a new --out (it is not overwritten)")
+        if not isinstance(ckpt.get("version"), int) or ckpt["version"] > self.version:
+            raise CheckpointError(f"{self.ckpt_path} has version {ckpt.get('version')!r}; this prg_fast reads versions "
+                                  f"<= {self.version}")
+        return ckpt
+
+    def check_resume(self, ckpt: Dict[str, Any], args: Dict[str, Any], keys: Iterable[str]) -> None:
+        old = ckpt.get("args") or {}
+        for key in keys:
+            if key in old and old[key] != args.get(key):
+                raise CheckpointError(f"{self.ckpt_path} was written by a run with {key}={old[key]!r}, but this run has "
+                                      f"{key}={args.get(key)!r}; resume with the same arguments or use a new --out")
+
+    def save(self, payload: Dict[str, Any]) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        ckpt = {"format": self.fmt, "version": self.version, "torch_version": str(torch.__version__), **payload}
+        _atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+
+    def write_json(self, name: str, obj: Dict[str, Any]) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        text = json.dumps(obj, indent=1, allow_nan=True) + "\n"
+        _atomic_write(os.path.join(self.out, name), lambda f: f.write(text.encode()))
+
+    def write_log(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(list(header))
+        w.writerows(rows)
+        os.makedirs(self.out, exist_ok=True)
+        _atomic_write(os.path.join(self.out, "log.csv"), lambda f: f.write(buf.getvalue().encode()))
+
+
+def cosine_factor(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier at 0-based `step` of `total`: linear warm-up, then cosine to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(max(step - warmup, 0) / span, 1.0)))
+
+
+# -------------------------------------------------------------------------------------------------
+# evaluation helpers
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, data, *, batch_size: int = 256, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (N, D) of every image of `data` (no augmentation, eval mode) and labels."""
+    device = device or next(encoder.parameters()).device
+    was = encoder.training
+    encoder.eval()
+    feats = []
+    try:
+        for start in range(0, len(data), batch_size):
+            x, _ = data.batch(list(range(start, min(start + batch_size, len(data)))), augment=False, device=device)
+            feats.append(encoder(x).float().cpu())
+    finally:
+        encoder.train(was)
+    return torch.cat(feats), data.labels.clone()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0, C: Optional[float] = None) -> Dict[str, Any]:
+    """prg_fast.eval.linear_probe (logistic regression, C by cross-validation on the training split
+    only) when available, else the same with scikit-learn directly."""
+    try:
+        from ..eval import linear_probe as probe
+    except ImportError:  # pragma: no cover - eval.py is part of the package; this is a fallback
+        probe = None
+    if probe is not None:
+        return probe(train_x, train_y, test_x, test_y, seed=seed, C=C)
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0] if C is None else [C],
+                                                               max_iter=2000, random_state=seed))
+    clf.fit(train_x.numpy(), train_y.numpy())
+    return {"top1": float((clf.predict(test_x.numpy()) == test_y.numpy()).mean()),
+            "train_top1": float((clf.predict(train_x.numpy()) == train_y.numpy()).mean()),
+            "C": float(clf[-1].C_[0])}
+
+
+def pretrain_info(checkpoint: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    return {"checkpoint": os.path.abspath(checkpoint), "step": int(ckpt["step"]), "path": ckpt["path"],
+            "preset": ckpt.get("preset"), "data": ckpt["data"]}
+

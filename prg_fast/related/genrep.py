@@ -1,0 +1,541 @@
+"""GenRep-style contrastive learning from generated views (Jahanian et al., "Generative Models as a
+Data Source for Multiview Representation Learning", ICLR 2022) with prg_fast's pretrained flows
+(`prg-fast genrep`).
+
+The encoder never sees a real training image while it learns:
+
+    anchor latent z ~ N(0, I) (the flow's noise end, shaped like an image),
+    neighbour latents z' = z + sigma * eps, eps ~ N(0, I) truncated at +-2 per coordinate
+    (so |z' - z| <= 2 sigma per coordinate; sigma default 0.2, as GenRep's BigBiGAN setting),
+    both integrated noise -> data (t = 1 -> 0) with prg_fast.generate, without gradients.
+
+As in GenRep, the views are generated offline (--pool anchors x --neighbors neighbours each, kept in
+DIR/views.pt, quantised to 8 bits like real images) and each training step pairs an anchor with one
+of its neighbours; --pool 0 generates fresh pairs at every step instead. Both views get the usual
+SimCLR pixel augmentations (random resized crop, flip where the data set allows it, colour jitter,
+grayscale for RGB), then an encoder (a CIFAR-style ResNet) with a 2-layer projection MLP is trained
+with the SimCLR NT-Xent loss (temperature 0.1). Evaluation: a linear probe (logistic regression,
+regularisation chosen by cross-validation on the real training split) on the encoder's pooled
+features of the real training split, top-1 on the real test split -> DIR/metrics.json.
+
+Run directory (--out DIR): DIR/views.pt (the generated pool, atomic, reused on resume),
+DIR/checkpoint.pt (atomic, every --ckpt-every steps and at the end; resumed from DIR with the same
+arguments, --steps may grow), DIR/metrics.json, DIR/log.csv, DIR/views.png (some anchor/neighbour
+pairs).
+
+Checkpoint format (torch.save of a dict, weights_only=True): format "prg_fast.genrep", version 1,
+step, encoder, encoder_config (ResNet(**encoder_config)), projector, optimizer, pretrain
+({checkpoint, step, path, preset, data}), data, args (GenRepConfig), rng, history, elapsed_s, top1.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import load_data, parse_spec
+from .common import (ENCODERS, CheckpointError, RunFiles, ViewAugment, build_encoder, check_int, check_number,
+                     cosine_factor, encode, linear_probe, load_flow, pretrain_info, resolve_device, rng_state,
+                     seed_everything, set_rng_state)
+from ..train import _atomic_write
+
+__all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
+           "GENREP_FORMAT", "add_genrep", "run_genrep"]
+
+GENREP_FORMAT = "prg_fast.genrep"
+GENREP_VERSION = 1
+VIEWS_FORMAT = "prg_fast.genrep.views"
+RESUME_MUST_MATCH = ("data", "checkpoint", "batch_size", "sigma", "truncation", "temperature", "pool", "neighbors",
+                     "ode_steps", "method", "encoder", "proj_dim", "lr", "weight_decay", "crop_scale", "hflip", "seed",
+                     "raw_weights")
+
+
+# -------------------------------------------------------------------------------------------------
+# the loss and the views
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's NT-Xent loss for B positive pairs (z1[i], z2[i]), each (B, D):
+
+        l(i, j) = -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) ),  s = cosine similarity,
+
+    over the 2B views (the other 2B - 2 views are the negatives), averaged over both directions of
+    every pair."""
+    if not isinstance(z1, torch.Tensor) or not isinstance(z2, torch.Tensor):
+        raise TypeError("z1 and z2 must be tensors")
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both have shape (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError(f"NT-Xent needs at least 2 pairs (the other pairs are the negatives), got {z1.shape[0]}")
+    check_number("temperature", temperature, 0.0, float("inf"), lo_open=True)
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = z @ z.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def neighbour_latents(z: torch.Tensor, sigma: float, n: int = 1, *, truncation: float = 2.0,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """n neighbours of each anchor latent: z + sigma * eps with eps ~ N(0, I) truncated to
+    [-truncation, truncation] per coordinate (GenRep: 2 sigma). z (B, ...) -> (B, n, ...)."""
+    check_number("sigma", sigma, 0.0, float("inf"))
+    check_number("truncation", truncation, 0.0, float("inf"), lo_open=True)
+    check_int("n", n, 1)
+    eps = torch.empty((z.shape[0], n, *z.shape[1:]), dtype=torch.float32)
+    eps = _trunc_normal(eps, truncation, generator)
+    return z[:, None] + sigma * eps.to(z.device, z.dtype)
+
+
+def _trunc_normal(out: torch.Tensor, bound: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    # inverse-CDF sampling of N(0, 1) restricted to [-bound, bound]
+    lo = 0.5 * (1 + math.erf(-bound / math.sqrt(2)))
+    u = torch.rand(out.shape, generator=generator, dtype=torch.float64)
+    p = lo + (1 - 2 * lo) * u
+    return (math.sqrt(2) * torch.erfinv(2 * p - 1)).clamp(-bound, bound).to(out.dtype)
+
+
+@torch.no_grad()
+def generate_views(flow: nn.Module, z: torch.Tensor, *, steps: int, method: str) -> torch.Tensor:
+    """Images for latents z: prg_fast.generate (t = 1 -> 0), clamped to [-1, 1]."""
+    from ..api import generate
+
+    return generate(flow, z, steps=steps, method=method).clamp(-1, 1)
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def _dequantise(q: torch.Tensor, device) -> torch.Tensor:
+    return q.to(device).float() / 127.5 - 1
+
+
+# -------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class GenRepConfig:
+    """Arguments of `prg-fast genrep` (one flag per field)."""
+
+    data: str = "digits"  # real data: image shape, and the linear probe's train / test splits
+    checkpoint: Optional[str] = None  # pretraining run directory (the generator)
+    out: str = "runs/genrep"
+    steps: int = 500  # contrastive steps (0: no training -- the random-encoder baseline)
+    batch_size: int = 128  # positive pairs per step (2B views)
+    sigma: float = 0.2
+    truncation: float = 2.0  # eps truncated at +- truncation (GenRep: 2)
+    temperature: float = 0.1
+    pool: int = 1024  # anchors generated offline (0: fresh pairs every step)
+    neighbors: int = 4  # neighbours per anchor in the pool (GenRep: 20)
+    ode_steps: int = 10  # prg_fast.generate steps
+    method: str = "rk4"
+    encoder: str = "resnet-small"
+    proj_dim: int = 128
+    lr: float = 1e-3  # AdamW, cosine
+    weight_decay: float = 1e-4
+    crop_scale: Optional[float] = None  # smallest crop area fraction (None: 0.2 for >= 32 px images, 0.5 below)
+    hflip: Optional[bool] = None  # None: the data set's default (off for digits)
+    raw_weights: bool = False
+    gen_batch_size: int = 256
+    probe_C: Optional[float] = None  # linear-probe inverse regularisation; None: chosen by 5-fold CV on the train split
+    seed: int = 0
+    ckpt_every: int = 200
+    log_every: int = 25
+    eval_batch_size: int = 256
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> "GenRepConfig":
+        check_int("steps", self.steps, 0)
+        for name in ("batch_size", "neighbors", "ode_steps", "proj_dim", "gen_batch_size", "ckpt_every", "log_every",
+                     "eval_batch_size"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("pool", "seed"):
+            check_int(name, getattr(self, name), 0)
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (the other pairs are the negatives), got {self.batch_size}")
+        # sigma = 0 is allowed on purpose: the positive is then the anchor itself (SimCLR on generated images)
+        check_number("sigma", self.sigma, 0.0, 10.0)
+        check_number("truncation", self.truncation, 0.0, 100.0, lo_open=True)
+        check_number("temperature", self.temperature, 0.0, 100.0, lo_open=True)
+        check_number("lr", self.lr, 0.0, 10.0, lo_open=True)
+        check_number("weight_decay", self.weight_decay, 0.0, 10.0)
+        if self.crop_scale is not None:
+            check_number("crop_scale", self.crop_scale, 0.0, 1.0, lo_open=True)
+        if self.probe_C is not None:
+            check_number("probe_C", self.probe_C, 0.0, 1e6, lo_open=True)
+        if 0 < self.pool < self.batch_size:
+            raise ValueError(f"pool ({self.pool}) must be 0 (online generation) or >= batch_size ({self.batch_size})")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
+        from ..solvers import get_tableau
+
+        get_tableau(self.method)
+        if self.checkpoint is None or not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ValueError("genrep needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
+        self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        return self
+
+
+@dataclass
+class GenRepResult:
+    encoder: nn.Module
+    metrics: Dict[str, Any]
+    out: str
+    history: List[List[Any]] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------------
+# training
+
+
+def genrep(config: Optional[GenRepConfig] = None, **kwargs) -> GenRepResult:
+    """Contrastive learning on generated anchor / neighbour views, then a linear probe on real data
+    (see the module doc). Call with a GenRepConfig or its fields; resumes from `out`."""
+    if config is None:
+        config = GenRepConfig(**kwargs)
+    elif kwargs:
+        config = GenRepConfig(**{**asdict(config), **kwargs})
+    cfg = copy.deepcopy(config).validate()
+    return _GenRep(cfg).run()
+
+
+class _GenRep:
+    def __init__(self, cfg: GenRepConfig):
+        self.cfg = cfg
+        self.files = RunFiles(cfg.out, GENREP_FORMAT, GENREP_VERSION, "genrep")
+        self.device = resolve_device(cfg.device, 0)
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)
+        self.train_data = load_data(cfg.data, "train", augment=None)
+        self.test_data = load_data(cfg.data, "test", augment=None)
+        existing = self.files.load()
+        self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
+        self.flow = flow.to(self.device)
+        c, h, w = self.train_data.shape
+        kind, _ = parse_spec(cfg.data)
+        hflip = (kind != "digits") if cfg.hflip is None else bool(cfg.hflip)
+        lo = cfg.crop_scale if cfg.crop_scale is not None else (0.2 if min(h, w) >= 32 else 0.5)
+        self.augment = ViewAugment(crop_scale=(lo, 1.0), hflip=hflip)
+        seed_everything(cfg.seed)
+        self.encoder = build_encoder(cfg.encoder, c).to(self.device)
+        d = self.encoder.feature_dim
+        self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.proj_dim)).to(self.device)
+        self.opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.projector.parameters()), lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
+        self.step, self.history, self.elapsed_prev, self.resumed_from = 0, [], 0.0, 0
+        self.gen_time = 0.0
+        self.pool: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if existing is not None:
+            self._resume(existing)
+        else:
+            seed_everything(cfg.seed + 1)
+
+    def _resume(self, ckpt: Dict[str, Any]) -> None:
+        self.files.check_resume(ckpt, asdict(self.cfg), RESUME_MUST_MATCH)
+        try:
+            self.encoder.load_state_dict(ckpt["encoder"])
+            self.projector.load_state_dict(ckpt["projector"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
+        self.step = self.resumed_from = int(ckpt["step"])
+        self.history = [list(h) for h in ckpt.get("history", [])]
+        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        set_rng_state(ckpt["rng"], self.device)
+        self.files.say(f"resuming from {self.files.ckpt_path} at step {self.step}")
+
+    # -- the generated pool ----------------------------------------------------------------------
+    def _views_path(self) -> str:
+        return os.path.join(self.cfg.out, "views.pt")
+
+    def _views_meta(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        return {"checkpoint": cfg.checkpoint, "pretrain_step": int(self.pre_ckpt["step"]), "sigma": cfg.sigma,
+                "truncation": cfg.truncation, "pool": cfg.pool, "neighbors": cfg.neighbors, "ode_steps": cfg.ode_steps,
+                "method": cfg.method, "seed": cfg.seed, "raw_weights": cfg.raw_weights}
+
+    def _load_or_generate_pool(self) -> None:
+        """The offline pool: anchors (P, C, H, W) and neighbours (P, K, C, H, W), uint8. Written to
+        DIR/views.pt in chunks (atomically), so an interrupted generation continues where it was."""
+        from tqdm.auto import tqdm
+
+        cfg, path, meta = self.cfg, self._views_path(), self._views_meta()
+        state = None
+        if os.path.isfile(path):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path} is not readable ({type(e).__name__}); remove it to regenerate") from e
+            if not isinstance(state, dict) or state.get("format") != VIEWS_FORMAT:
+                raise CheckpointError(f"{path} is not a genrep view pool; remove it or use a new --out")
+            if state["meta"] != meta:
+                raise CheckpointError(f"{path} was generated with {state['meta']}, this run asks for {meta}; "
+                                      f"use a new --out")
+        shape = self.train_data.shape
+        if state is None:
+            state = {"format": VIEWS_FORMAT, "meta": meta, "done": 0,
+                     "anchors": torch.zeros((cfg.pool, *shape), dtype=torch.uint8),
+                     "neighbors": torch.zeros((cfg.pool, cfg.neighbors, *shape), dtype=torch.uint8),
+                     "gen_time_s": 0.0}
+        chunk = max(1, cfg.gen_batch_size // (1 + cfg.neighbors))
+        done = int(state["done"])
+        if done < cfg.pool:
+            bar = tqdm(total=cfg.pool, initial=done, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0,
+                       desc="genrep: generating views", unit="anchor")
+            last_save = time.perf_counter()
+            while done < cfg.pool:
+                n = min(chunk, cfg.pool - done)
+                t0 = time.perf_counter()
+                # latents of anchors [done, done + n) depend only on (seed, index): resumable and reproducible
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
+                z = torch.randn((n, *shape), generator=gen)
+                zn = neighbour_latents(z, cfg.sigma, cfg.neighbors, truncation=cfg.truncation, generator=gen)
+                lat = torch.cat([z[:, None], zn], dim=1).flatten(0, 1).to(self.device)
+                imgs = generate_views(self.flow, lat, steps=cfg.ode_steps, method=cfg.method)
+                imgs = _quantise(imgs).reshape(n, 1 + cfg.neighbors, *shape)
+                state["anchors"][done:done + n] = imgs[:, 0]
+                state["neighbors"][done:done + n] = imgs[:, 1:]
+                done += n
+                state["done"] = done
+                state["gen_time_s"] = float(state["gen_time_s"]) + time.perf_counter() - t0
+                bar.update(n)
+                if done == cfg.pool or time.perf_counter() - last_save > 60:
+                    os.makedirs(cfg.out, exist_ok=True)
+                    _atomic_write(path, lambda f: torch.save(state, f))
+                    last_save = time.perf_counter()
+            bar.close()
+        self.gen_time = float(state["gen_time_s"])
+        self.pool = (state["anchors"], state["neighbors"])
+
+    def _pairs(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """B (anchor, neighbour) image pairs for `step`."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        if self.pool is not None:
+            anchors, neighbors = self.pool
+            idx = torch.randperm(cfg.pool, generator=gen)[:cfg.batch_size]
+            j = torch.randint(0, cfg.neighbors, (cfg.batch_size,), generator=gen)
+            return _dequantise(anchors[idx], self.device), _dequantise(neighbors[idx, j], self.device)
+        t0 = time.perf_counter()
+        z = torch.randn((cfg.batch_size, *self.train_data.shape), generator=gen)
+        zn = neighbour_latents(z, cfg.sigma, 1, truncation=cfg.truncation, generator=gen)[:, 0]
+        imgs = generate_views(self.flow, torch.cat([z, zn]).to(self.device), steps=cfg.ode_steps, method=cfg.method)
+        self.gen_time += time.perf_counter() - t0
+        return imgs[:cfg.batch_size], imgs[cfg.batch_size:]
+
+    def _save_examples(self) -> None:
+        if self.pool is None:
+            return
+        from ..train import save_image_grid
+
+        anchors, neighbors = self.pool
+        n = min(8, anchors.shape[0])
+        k = min(7, neighbors.shape[1])
+        rows = torch.cat([anchors[:n, None], neighbors[:n, :k]], dim=1).flatten(0, 1)
+        _atomic_write(os.path.join(self.cfg.out, "views.png"),
+                      lambda f: save_image_grid(_dequantise(rows, "cpu"), f, nrow=1 + k))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> GenRepResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        os.makedirs(cfg.out, exist_ok=True)
+        self.t_run = time.perf_counter()
+        if cfg.pool > 0 and cfg.steps > 0:
+            self._load_or_generate_pool()
+            self._save_examples()
+        start_step, t_start = self.step, time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0,
+                   desc="genrep", unit="step")
+        self.encoder.train()
+        window: List[float] = []
+        warmup = int(0.05 * cfg.steps)
+        while self.step < cfg.steps:
+            step = self.step
+            lr = cfg.lr * cosine_factor(step, cfg.steps, warmup)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            a, p = self._pairs(step)
+            v = torch.cat([self.augment(a), self.augment(p)])
+            z = self.projector(self.encoder(v))
+            loss = nt_xent_loss(z[:cfg.batch_size], z[cfg.batch_size:], cfg.temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite NT-Xent loss at step {step}; lower --lr (now {cfg.lr:g})")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            window.append(float(loss.detach()))
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.history.append([self.step, lr, sum(window) / len(window)])
+                bar.set_postfix(loss=f"{self.history[-1][2]:.4f}", refresh=False)
+                window = []
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self._save(self.elapsed_prev + time.perf_counter() - t_start, None)
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        metrics = self._finish(start_step, elapsed)
+        return GenRepResult(self.encoder, metrics, cfg.out, self.history)
+
+    def _save(self, elapsed: float, top1: Optional[float]) -> None:
+        cfg = self.cfg
+        self.files.save({
+            "step": self.step,
+            "encoder": self.encoder.state_dict(),
+            "encoder_config": dict(self.encoder.config),
+            "projector": self.projector.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "pretrain": pretrain_info(cfg.checkpoint, self.pre_ckpt),
+            "data": cfg.data,
+            "args": asdict(cfg),
+            "rng": rng_state(self.device),
+            "history": self.history,
+            "elapsed_s": elapsed,
+            "top1": top1,
+        })
+        self.files.write_log(["step", "lr", "nt_xent"], self.history)
+
+    def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        tr_x, tr_y = encode(self.encoder, self.train_data, batch_size=cfg.eval_batch_size, device=self.device)
+        te_x, te_y = encode(self.encoder, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)
+        probe = linear_probe(tr_x, tr_y, te_x, te_y, seed=cfg.seed, C=cfg.probe_C)
+        try:
+            from ..eval import knn_accuracy
+
+            knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=min(20, len(tr_y)))["top1"]
+        except ImportError:  # pragma: no cover
+            knn = None
+        probe_time = time.perf_counter() - t0
+        metrics: Dict[str, Any] = {
+            "top1": probe["top1"],
+            "chance": 1.0 / self.test_data.num_classes,
+            "probe_train_top1": probe.get("train_top1"),
+            "probe_C": probe.get("C"),
+            "knn_top1": knn,
+            "nt_xent_first": self.history[0][2] if self.history else None,
+            "nt_xent": self.history[-1][2] if self.history else None,
+            "step": self.step,
+            "resumed_from_step": self.resumed_from,
+            "wall_time_s": round(time.perf_counter() - self.t_run, 3),  # this invocation: generation + training + probe
+            "train_loop_time_s": round(elapsed, 3),
+            "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
+            "generation_time_s": round(self.gen_time, 3),
+            "probe_time_s": round(probe_time, 3),
+            "feature_dim": int(tr_x.shape[1]),
+            "encoder_params": sum(p.numel() for p in self.encoder.parameters()),
+            "generated_images": (cfg.pool * (1 + cfg.neighbors) if cfg.pool else 2 * cfg.batch_size * self.step)
+            if cfg.steps else 0,
+            "pretrain_step": int(self.pre_ckpt["step"]),
+            "pretrain_path": self.pre_ckpt["path"]["name"],
+            "device_used": str(self.device),
+            "torch_version": str(torch.__version__),
+        }
+        for k, v in asdict(cfg).items():
+            metrics.setdefault(k, v)
+        self._save(self.elapsed_prev + elapsed, probe["top1"])
+        self.files.write_json("metrics.json", metrics)
+        self.files.say(f"linear-probe test top-1 {probe['top1']:.4f} after {self.step} contrastive steps on generated "
+                       f"views; wrote {cfg.out}/metrics.json")
+        return metrics
+
+
+# -------------------------------------------------------------------------------------------------
+# command line
+
+
+def _sigma_arg(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v <= 10.0):
+        raise argparse.ArgumentTypeError(f"expected a latent perturbation scale in [0, 10], got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def add_genrep(subparsers) -> None:
+    from ..cli import add_run_arguments, nonnegative_float, nonnegative_int, positive_int
+    from ..solvers import SOLVERS
+
+    d = GenRepConfig()
+    p = subparsers.add_parser(
+        "genrep", help="GenRep: contrastive learning on views generated by the pretrained flow, linear probe on real data",
+        description="GenRep-style multiview learning (ICLR 2022): anchors z ~ N(0, I) and neighbours z + sigma*eps "
+                    "(eps truncated at 2) are integrated noise -> data with prg_fast.generate; an encoder learns from "
+                    "these generated pairs alone with the SimCLR NT-Xent loss (temperature 0.1) and the usual "
+                    "augmentations; a linear probe on the real training split gives the test top-1 in DIR/metrics.json.")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="digits | cifar10:PATH | folder:PATH (real data: image shape and the linear probe)")
+    p.add_argument("--checkpoint", required=True, metavar="PRETRAIN_DIR", help="pretraining run directory (generator)")
+    p.add_argument("--steps", type=nonnegative_int, default=d.steps,
+                   help=f"contrastive steps (default {d.steps}; 0: untrained encoder, the random-feature baseline)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="positive pairs per step")
+    p.add_argument("--sigma", type=_sigma_arg, default=d.sigma, help=f"latent perturbation scale (default {d.sigma:g})")
+    p.add_argument("--truncation", type=_positive_float, default=d.truncation,
+                   help="perturbation truncated at +- truncation*sigma (default 2)")
+    p.add_argument("--temperature", type=_positive_float, default=d.temperature)
+    p.add_argument("--pool", type=nonnegative_int, default=d.pool,
+                   help=f"anchors generated offline (default {d.pool}; 0: fresh pairs every step)")
+    p.add_argument("--neighbors", type=positive_int, default=d.neighbors,
+                   help=f"neighbours per anchor in the pool (default {d.neighbors})")
+    p.add_argument("--ode-steps", type=positive_int, default=d.ode_steps, help="prg_fast.generate steps")
+    p.add_argument("--method", choices=sorted(SOLVERS), default=d.method)
+    p.add_argument("--encoder", choices=sorted(ENCODERS), default=d.encoder)
+    p.add_argument("--proj-dim", type=positive_int, default=d.proj_dim)
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="AdamW peak learning rate (cosine)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay)
+    p.add_argument("--crop-scale", type=_positive_float, default=None,
+                   help="smallest random-resized-crop area fraction (default 0.2, or 0.5 for images under 32 px)")
+    p.add_argument("--hflip", action=__import__("argparse").BooleanOptionalAction, default=None,
+                   help="random horizontal flips of the views (default: off for digits, on otherwise)")
+    p.add_argument("--raw-weights", action="store_true", help="generator with raw instead of EMA weights")
+    p.add_argument("--gen-batch-size", type=positive_int, default=d.gen_batch_size)
+    p.add_argument("--probe-C", dest="probe_C", type=_positive_float, default=None,
+                   help="linear-probe inverse regularisation (default: chosen by 5-fold CV on the real train split)")
+    add_run_arguments(p)
+    p.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=positive_int, default=d.log_every)
+    p.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size)
+    p.set_defaults(func=run_genrep)
+
+
+def run_genrep(args) -> int:
+    import json
+    import sys
+    from dataclasses import fields
+
+    cfg = GenRepConfig(**{f.name: getattr(args, f.name) for f in fields(GenRepConfig) if hasattr(args, f.name)})
+    result = genrep(cfg)
+    print(json.dumps({k: result.metrics[k] for k in ("top1", "step", "wall_time_s")}), file=sys.stdout)
+    return 0

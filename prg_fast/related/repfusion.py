@@ -1,0 +1,720 @@
+"""RepFusion-style distillation (Yang & Wang, "Diffusion Model as Representation Learner", ICCV 2023,
+arXiv 2308.10916) on prg_fast's pretrained velocity networks (`prg-fast repfusion`).
+
+Phase 1, distillation (--steps N): the frozen velocity network v(t, x) of a pretraining checkpoint
+(EMA weights) is evaluated on the clean (augmented) training image at a time t; a forward hook on
+one of its layers (default: the UNet's middle block) captures that layer's output, globally average
+pooled. A separate student network (a CIFAR-style ResNet, --student) learns these features: its own
+pooled last-stage features go through a linear projection to the teacher's width and are regressed
+onto the teacher's with MSE. No labels reach the student in this phase.
+
+    One addition to the paper (--teacher-norm standardize, the default): the pooled teacher
+    features are standardised per channel with their mean and std over the training split at each
+    teacher time before the MSE. A flow UNet's pooled middle-block features are dominated by a
+    sample-independent, time-dependent offset (tiny preset on digits: across-image variance summed
+    over channels 0.06 against a mean vector of norm 2.0), which a raw MSE mostly spends itself on;
+    --teacher-norm none gives the paper's raw-feature MSE.
+
+    t fixed (--t T), or, with --policy, chosen per image by a small CNN policy that outputs a softmax
+    over K candidate times (--policy-times K in [0, --policy-t-max]). The policy is trained with
+    REINFORCE: reward = -cross-entropy of an auxiliary MLP head (trained jointly, on the detached
+    pooled teacher features) at the sampled time, baseline = the batch mean reward, plus an entropy
+    bonus whose weight decays linearly from --entropy-coef (0.1) to 0 at mid-distillation.
+
+Phase 2, finetuning (--finetune-steps M, default N): a fresh linear classifier on the student's
+pooled features; student and classifier trained with cross-entropy (SGD, momentum 0.9, cosine).
+Test top-1 of the finetuned student goes to DIR/metrics.json.
+
+Run directory (--out DIR): DIR/checkpoint.pt (atomic, every --ckpt-every steps and at the end; a
+later run with the same DIR resumes it, same arguments, --finetune-steps may grow), DIR/metrics.json
+(top1, ... plus every argument), DIR/log.csv.
+
+Checkpoint format: a dict saved by torch.save, loads with weights_only=True:
+    format "prg_fast.repfusion", version 1, step (optimizer steps done over both phases), student,
+    student_config (ResNet(**student_config)), projection, classifier, policy, aux_head (None
+    without --policy), distill_optimizer, finetune_optimizer, policy_optimizer, teacher_dim,
+    times (candidate policy times), pretrain ({checkpoint, step, path, preset, data}), data,
+    num_classes, args (RepFusionConfig), rng, history, elapsed_s, top1 (None until finished).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import Augment, default_augment, load_data
+from .common import (ENCODERS, RunFiles, build_encoder, check_int, check_number, cosine_factor, load_flow,
+                     pretrain_info, resolve_device, rng_state, seed_everything, set_rng_state)
+
+__all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
+           "reinforce_loss", "distill_loss", "entropy_weight", "REPFUSION_FORMAT", "add_repfusion", "run_repfusion"]
+
+REPFUSION_FORMAT = "prg_fast.repfusion"
+REPFUSION_VERSION = 1
+DEFAULT_T = 0.1
+RESUME_MUST_MATCH = ("data", "checkpoint", "steps", "batch_size", "t", "policy", "policy_times", "policy_t_max",
+                     "layer", "teacher_norm", "student", "lr", "finetune_lr", "weight_decay", "policy_lr", "entropy_coef",
+                     "aux_hidden", "label_smoothing", "hflip", "crop_padding", "seed", "raw_weights")
+
+
+# -------------------------------------------------------------------------------------------------
+# the teacher's features
+
+
+class _Stop(Exception):
+    """Raised by the hook to skip the rest of the teacher's forward (its output is not needed)."""
+
+
+def _global_pool(h) -> torch.Tensor:
+    if isinstance(h, (tuple, list)):
+        h = h[0]
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"the hooked layer returned {type(h).__name__}, not a tensor")
+    if h.dim() == 2:
+        return h
+    return h.flatten(2).mean(dim=2)  # (B, C, H, W) or (B, C, L) -> (B, C)
+
+
+def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if not isinstance(layer, str) or not layer or layer not in modules:
+        top = [n for n in modules if n and "." not in n]
+        raise ValueError(f"layer {layer!r} is not a submodule of {type(model).__name__}; top-level ones are {top} "
+                         f"(dotted names such as 'input_blocks.2' reach deeper)")
+    return modules[layer]
+
+
+class FeatureHook:
+    """A forward hook on `model.<layer>` that keeps the layer's output globally pooled to (B, C).
+
+        with FeatureHook(flow, "middle_block") as hook:
+            flow(t, x)
+            f = hook.features            # (B, C)
+
+    With stop_forward=True the hook ends the model's forward right after the layer (the rest of
+    the network is not computed); call the model through `hook.run(t, x)` then."""
+
+    def __init__(self, model: nn.Module, layer: str = "middle_block", *, stop_forward: bool = False):
+        self.model, self.layer = model, layer
+        self.module = resolve_layer(model, layer)
+        self.stop_forward = stop_forward
+        self.features: Optional[torch.Tensor] = None
+        self._handle = None
+
+    def _hook(self, module, inputs, output):
+        self.features = _global_pool(output)
+        if self.stop_forward:
+            raise _Stop
+
+    def __enter__(self) -> "FeatureHook":
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def run(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.features = None
+        try:
+            self.model(t, x)
+        except _Stop:
+            pass
+        if self.features is None:
+            raise RuntimeError(f"layer {self.layer!r} was not called during the forward of {type(self.model).__name__}")
+        return self.features
+
+
+class TeacherFeatures(nn.Module):
+    """Frozen velocity network -> pooled features of one layer at times t: forward(x, t) with t a
+    float or a (B,) tensor; no gradients, the network's forward stops after the layer."""
+
+    def __init__(self, flow: nn.Module, layer: str = "middle_block"):
+        super().__init__()
+        self.flow = flow.requires_grad_(False).eval()
+        self.hook = FeatureHook(self.flow, layer, stop_forward=True)
+        self.hook.attach()
+        self.train(False)
+
+    def train(self, mode: bool = True):  # the teacher always runs in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((x.shape[0],), float(t), device=x.device)
+        return self.hook.run(t.to(x.device, torch.float32), x).float()
+
+    @torch.no_grad()
+    def dim(self, x: torch.Tensor) -> int:
+        return int(self.forward(x[:1], 0.0).shape[1])
+
+
+# -------------------------------------------------------------------------------------------------
+# losses and the timestep policy
+
+
+def distill_loss(student_proj: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the projected student features and the (detached) teacher's."""
+    if student_proj.shape != teacher.shape:
+        raise ValueError(f"projected student features {tuple(student_proj.shape)} and teacher features "
+                         f"{tuple(teacher.shape)} must have the same shape")
+    return F.mse_loss(student_proj.float(), teacher.detach().float())
+
+
+def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, *, baseline=None,
+                   entropy_coef: float = 0.0) -> torch.Tensor:
+    """REINFORCE with a baseline and an entropy bonus, as a loss to minimise:
+
+        -mean_i[(r_i - b) * log pi(a_i | x_i)] - entropy_coef * mean_i[H(pi(. | x_i))]
+
+    logits (B, K) of the policy, actions (B,) the sampled indices, rewards (B,) (treated as
+    constants), baseline b a number or (B,) tensor (default: the batch mean reward). Its gradient
+    is minus the policy-gradient estimate: a descent step raises the probability of actions whose
+    reward beat the baseline and lowers it for the others."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (B, K), got {tuple(logits.shape)}")
+    b = logits.shape[0]
+    if actions.shape != (b,) or rewards.shape != (b,):
+        raise ValueError(f"actions and rewards must have shape ({b},), got {tuple(actions.shape)} and "
+                         f"{tuple(rewards.shape)}")
+    if actions.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"actions must be integer indices, got {actions.dtype}")
+    if int(actions.min()) < 0 or int(actions.max()) >= logits.shape[1]:
+        raise ValueError(f"actions must lie in [0, {logits.shape[1]}), got values {int(actions.min())}..{int(actions.max())}")
+    check_number("entropy_coef", entropy_coef, 0.0, float("inf"))
+    rewards = rewards.detach().float()
+    if baseline is None:
+        baseline = rewards.mean()
+    elif isinstance(baseline, torch.Tensor):
+        baseline = baseline.detach().float()
+    logp = F.log_softmax(logits.float(), dim=1)
+    chosen = logp.gather(1, actions.long()[:, None])[:, 0]
+    loss = -((rewards - baseline) * chosen).mean()
+    if entropy_coef > 0:
+        entropy = -(logp.exp() * logp).sum(dim=1).mean()
+        loss = loss - entropy_coef * entropy
+    return loss
+
+
+def entropy_weight(step: int, steps: int, coef: float, decay_frac: float = 0.5) -> float:
+    """The entropy-bonus weight at distillation step `step`: coef, decaying linearly to 0 at
+    decay_frac * steps (mid-training) and 0 after."""
+    end = decay_frac * steps
+    if end <= 0:
+        return 0.0
+    return coef * max(0.0, 1.0 - step / end)
+
+
+class TimestepPolicy(nn.Module):
+    """A small CNN: image -> logits over K candidate times (`times`). The last layer starts at
+    zero, so the initial policy is uniform."""
+
+    def __init__(self, in_channels: int, times: torch.Tensor, width: int = 16):
+        super().__init__()
+        times = torch.as_tensor(times, dtype=torch.float32).flatten()
+        if times.numel() < 2:
+            raise ValueError(f"a policy needs at least two candidate times, got {times.tolist()}")
+        self.register_buffer("times", times)
+        self.net = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1), nn.ReLU(),
+                                 nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out = nn.Linear(2 * width, times.numel())
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net(x))
+
+
+def _aux_head(dim: int, hidden: int, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+# -------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class RepFusionConfig:
+    """Arguments of `prg-fast repfusion` (one flag per field)."""
+
+    data: str = "digits"
+    checkpoint: Optional[str] = None  # pretraining run directory (or its checkpoint.pt)
+    out: str = "runs/repfusion"
+    steps: int = 500  # distillation steps (0: no distillation -- the plain supervised student)
+    finetune_steps: Optional[int] = None  # cross-entropy steps; None: = steps
+    batch_size: int = 128
+    t: Optional[float] = None  # fixed teacher time (None without policy: DEFAULT_T)
+    policy: bool = False  # choose t per image with the REINFORCE policy
+    policy_times: int = 11  # K candidate times, evenly spaced in [0, policy_t_max]
+    policy_t_max: float = 1.0
+    layer: str = "middle_block"
+    teacher_norm: str = "standardize"  # standardize | none: per-channel standardisation of the pooled teacher features
+    student: str = "resnet-small"
+    lr: float = 0.05  # distillation (SGD, momentum 0.9, cosine)
+    finetune_lr: float = 0.05  # finetuning (SGD, momentum 0.9, cosine)
+    weight_decay: float = 5e-4
+    policy_lr: float = 1e-3  # policy and auxiliary head (Adam)
+    entropy_coef: float = 0.1  # decays linearly to 0 at mid-distillation
+    aux_hidden: int = 256
+    label_smoothing: float = 0.0
+    warmup_frac: float = 0.05  # of each phase
+    hflip: Optional[bool] = None  # None: the data set's default
+    crop_padding: int = 0
+    raw_weights: bool = False  # teacher: raw instead of EMA weights
+    seed: int = 0
+    ckpt_every: int = 200
+    log_every: int = 25
+    eval_batch_size: int = 256
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> "RepFusionConfig":
+        check_int("steps", self.steps, 0)
+        if self.finetune_steps is None:
+            if self.steps == 0:
+                raise ValueError("steps=0 (no distillation) needs finetune_steps >= 1")
+            self.finetune_steps = self.steps
+        check_int("finetune_steps", self.finetune_steps, 1)
+        for name in ("batch_size", "policy_times", "aux_hidden", "ckpt_every", "log_every", "eval_batch_size"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("crop_padding", "seed"):
+            check_int(name, getattr(self, name), 0)
+        if self.policy and self.t is not None:
+            raise ValueError("give either a fixed time t or policy=True (--t or --policy), not both")
+        if self.t is not None:
+            check_number("t", self.t, 0.0, 1.0)
+            self.t = float(self.t)
+        if self.policy:
+            if self.policy_times < 2:
+                raise ValueError(f"policy_times must be >= 2 (the policy chooses among them), got {self.policy_times}")
+            check_number("policy_t_max", self.policy_t_max, 0.0, 1.0, lo_open=True)
+        for name in ("lr", "finetune_lr", "policy_lr"):
+            check_number(name, getattr(self, name), 0.0, 10.0, lo_open=True)
+        check_number("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_number("entropy_coef", self.entropy_coef, 0.0, 100.0)
+        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        check_number("warmup_frac", self.warmup_frac, 0.0, 1.0, hi_open=True)
+        if self.student not in ENCODERS:
+            raise ValueError(f"student must be one of {sorted(ENCODERS)}, got {self.student!r}")
+        if self.checkpoint is None or not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ValueError("repfusion needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
+        self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        if self.teacher_norm not in ("standardize", "none"):
+            raise ValueError(f"teacher_norm must be 'standardize' or 'none', got {self.teacher_norm!r}")
+        if not isinstance(self.layer, str) or not self.layer:
+            raise ValueError(f"layer must be a module name such as 'middle_block', got {self.layer!r}")
+        return self
+
+    @property
+    def fixed_t(self) -> float:
+        return DEFAULT_T if self.t is None else self.t
+
+    def candidate_times(self) -> torch.Tensor:
+        return torch.linspace(0.0, float(self.policy_t_max), int(self.policy_times))
+
+
+@dataclass
+class RepFusionResult:
+    student: nn.Module
+    classifier: nn.Module
+    metrics: Dict[str, Any]
+    out: str
+    history: List[List[Any]] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------------
+# training
+
+
+def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> RepFusionResult:
+    """Distil the pretrained flow's features into a student, then finetune it (see the module doc).
+    Call with a RepFusionConfig or with its fields as keyword arguments; resumes from `out`."""
+    if config is None:
+        config = RepFusionConfig(**kwargs)
+    elif kwargs:
+        config = RepFusionConfig(**{**asdict(config), **kwargs})
+    cfg = copy.deepcopy(config).validate()
+    return _RepFusion(cfg).run()
+
+
+class _RepFusion:
+    def __init__(self, cfg: RepFusionConfig):
+        self.cfg = cfg
+        self.files = RunFiles(cfg.out, REPFUSION_FORMAT, REPFUSION_VERSION, "repfusion")
+        self.device = resolve_device(cfg.device, 0)
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)
+        aug = default_augment(cfg.data, "train")
+        aug = Augment(hflip=aug.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
+        self.train_data = load_data(cfg.data, "train", augment=aug)
+        self.test_data = load_data(cfg.data, "test", augment=None)
+        if cfg.batch_size > len(self.train_data):
+            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training split ({len(self.train_data)})")
+        existing = self.files.load()  # refuses a foreign checkpoint in --out before any work
+        self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
+        self.teacher = TeacherFeatures(flow.to(self.device), cfg.layer)
+        c = self.train_data.shape[0]
+        x0, _ = self.train_data.batch([0], augment=False, device=self.device)
+        self.teacher_dim = self.teacher.dim(x0)
+        classes = self.train_data.num_classes
+
+        seed_everything(cfg.seed)
+        self.student = build_encoder(cfg.student, c).to(self.device)
+        self.projection = nn.Linear(self.student.feature_dim, self.teacher_dim).to(self.device)
+        self.classifier = nn.Linear(self.student.feature_dim, classes).to(self.device)
+        self.times = cfg.candidate_times().to(self.device)
+        # the times the teacher is evaluated at: the policy's candidates, or the fixed t
+        self.teacher_times = self.times if cfg.policy else torch.tensor([cfg.fixed_t], device=self.device)
+        self.feat_mean, self.feat_std = self._teacher_stats()
+        self.policy = TimestepPolicy(c, self.times).to(self.device) if cfg.policy else None
+        self.aux = _aux_head(self.teacher_dim, cfg.aux_hidden, classes).to(self.device) if cfg.policy else None
+        self.opt_distill = torch.optim.SGD(list(self.student.parameters()) + list(self.projection.parameters()),
+                                           lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        self.opt_finetune = torch.optim.SGD(list(self.student.parameters()) + list(self.classifier.parameters()),
+                                            lr=cfg.finetune_lr, momentum=0.9, nesterov=True,
+                                            weight_decay=cfg.weight_decay)
+        self.opt_policy = (torch.optim.Adam(list(self.policy.parameters()) + list(self.aux.parameters()),
+                                            lr=cfg.policy_lr) if cfg.policy else None)
+        self.step, self.history, self.elapsed_prev, self.resumed_from = 0, [], 0.0, 0
+        self.distill_first: Optional[float] = None
+        if existing is not None:
+            self._resume(existing)
+        else:
+            seed_everything(cfg.seed + 1)
+
+    @torch.no_grad()
+    def _teacher_stats(self, max_images: int = 512):
+        """Per-channel mean and std of the pooled teacher features over (up to `max_images` of) the
+        training split, at each teacher time: (T, C) each. With teacher_norm="none": 0 and 1."""
+        n_t = len(self.teacher_times)
+        if self.cfg.teacher_norm == "none":
+            return (torch.zeros(n_t, self.teacher_dim, device=self.device),
+                    torch.ones(n_t, self.teacher_dim, device=self.device))
+        n = min(max_images, len(self.train_data))
+        means, stds = [], []
+        for t in self.teacher_times.tolist():
+            feats = []
+            for start in range(0, n, self.cfg.eval_batch_size):
+                x, _ = self.train_data.batch(list(range(start, min(start + self.cfg.eval_batch_size, n))),
+                                             augment=False, device=self.device)
+                feats.append(self.teacher(x, t))
+            f = torch.cat(feats).double()
+            sd = f.std(dim=0)
+            means.append(f.mean(dim=0).float())
+            stds.append((sd + 1e-4 * sd.mean() + 1e-12).float())  # a constant channel does not blow up
+        return torch.stack(means), torch.stack(stds)
+
+    def teacher_target(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The distillation target: pooled teacher features of x at teacher_times[idx] (per
+        sample), standardised with the statistics of that time."""
+        raw = self.teacher(x, self.teacher_times[idx])
+        return (raw - self.feat_mean[idx]) / self.feat_std[idx]
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps + self.cfg.finetune_steps
+
+    def _resume(self, ckpt: Dict[str, Any]) -> None:
+        cfg = self.cfg
+        self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
+        try:
+            self.student.load_state_dict(ckpt["student"])
+            self.projection.load_state_dict(ckpt["projection"])
+            self.classifier.load_state_dict(ckpt["classifier"])
+            self.opt_distill.load_state_dict(ckpt["distill_optimizer"])
+            self.opt_finetune.load_state_dict(ckpt["finetune_optimizer"])
+            if self.policy is not None:
+                self.policy.load_state_dict(ckpt["policy"])
+                self.aux.load_state_dict(ckpt["aux_head"])
+                self.opt_policy.load_state_dict(ckpt["policy_optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            from .common import CheckpointError
+
+            raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
+        self.step = self.resumed_from = int(ckpt["step"])
+        self.history = [list(h) for h in ckpt.get("history", [])]
+        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        self.distill_first = ckpt.get("distill_first")
+        set_rng_state(ckpt["rng"], self.device)
+        self.files.say(f"resuming from {self.files.ckpt_path} at step {self.step}")
+
+    def _indices(self, step: int) -> List[int]:
+        n, b = len(self.train_data), self.cfg.batch_size
+        per_epoch = n // b
+        epoch, i = divmod(step, per_epoch)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        return order[i * b:(i + 1) * b].tolist()
+
+    # -- one step of each phase ------------------------------------------------------------------
+    def _distill_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        cfg = self.cfg
+        stats: Dict[str, float] = {}
+        if self.policy is not None:
+            logits = self.policy(x)
+            actions = torch.distributions.Categorical(logits=logits.float()).sample()
+        else:
+            actions = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        t = self.teacher_times[actions]
+        target = self.teacher_target(x, actions)
+        pred = self.projection(self.student(x))
+        loss = distill_loss(pred, target)
+        stats["distill"] = float(loss.detach())
+        if self.policy is not None:
+            ce = F.cross_entropy(self.aux(target), y, reduction="none")
+            w = entropy_weight(step, cfg.steps, cfg.entropy_coef)
+            pol = reinforce_loss(logits, actions, -ce.detach(), entropy_coef=w)
+            loss = loss + ce.mean() + pol
+            stats.update(aux_ce=float(ce.mean().detach()), mean_t=float(t.mean()), entropy_w=w)
+            self.opt_policy.zero_grad(set_to_none=True)
+        else:
+            stats["mean_t"] = cfg.fixed_t
+        self.opt_distill.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_distill.step()
+        if self.policy is not None:
+            self.opt_policy.step()
+        return stats
+
+    def _finetune_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        logits = self.classifier(self.student(x))
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        self.opt_finetune.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_finetune.step()
+        return {"ce": float(loss.detach()), "correct": float((logits.argmax(1) == y).float().mean())}
+
+    def _set_lr(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.steps:
+            f = cosine_factor(step, cfg.steps, int(cfg.warmup_frac * cfg.steps))
+            lr = cfg.lr * f
+            for g in self.opt_distill.param_groups:
+                g["lr"] = lr
+        else:
+            s = step - cfg.steps
+            f = cosine_factor(s, cfg.finetune_steps, int(cfg.warmup_frac * cfg.finetune_steps))
+            lr = cfg.finetune_lr * f
+            for g in self.opt_finetune.param_groups:
+                g["lr"] = lr
+        return lr
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> RepFusionResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        os.makedirs(cfg.out, exist_ok=True)
+        start_step, t_start = self.step, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+                   mininterval=1.0, desc="repfusion", unit="step")
+        window: Dict[str, List[float]] = {}
+        self.student.train()
+        while self.step < self.total_steps:
+            step = self.step
+            lr = self._set_lr(step)
+            x, y = self.train_data.batch(self._indices(step), device=self.device)
+            if step < cfg.steps:
+                phase = "distill"
+                stats = self._distill_step(step, x, y)
+                if self.distill_first is None:
+                    self.distill_first = stats["distill"]
+            else:
+                phase = "finetune"
+                stats = self._finetune_step(x, y)
+            if not all(math.isfinite(v) for v in stats.values()):
+                raise FloatingPointError(f"non-finite loss at step {step} ({phase}): {stats}; lower the learning rate")
+            for k, v in stats.items():
+                window.setdefault(k, []).append(v)
+            self.step += 1
+            bar.update(1)
+            boundary = self.step == cfg.steps or self.step == self.total_steps
+            if self.step % cfg.log_every == 0 or boundary:
+                mean = {k: sum(v) / len(v) for k, v in window.items()}
+                self.history.append([self.step, phase, lr] + [mean.get(k) for k in _LOG_KEYS])
+                bar.set_postfix({k: f"{v:.4f}" for k, v in mean.items() if k in ("distill", "ce", "aux_ce", "mean_t")},
+                                refresh=False)
+                window = {}
+            if self.step % cfg.ckpt_every == 0 or boundary:
+                self._save(self.elapsed_prev + time.perf_counter() - t_start, None)
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        metrics = self._finish(start_step, elapsed)
+        return RepFusionResult(self.student, self.classifier, metrics, cfg.out, self.history)
+
+    def _save(self, elapsed: float, top1: Optional[float]) -> None:
+        cfg = self.cfg
+        self.files.save({
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "student_config": dict(self.student.config),
+            "projection": self.projection.state_dict(),
+            "classifier": self.classifier.state_dict(),
+            "policy": self.policy.state_dict() if self.policy is not None else None,
+            "aux_head": self.aux.state_dict() if self.aux is not None else None,
+            "distill_optimizer": self.opt_distill.state_dict(),
+            "finetune_optimizer": self.opt_finetune.state_dict(),
+            "policy_optimizer": self.opt_policy.state_dict() if self.opt_policy is not None else None,
+            "teacher_dim": self.teacher_dim,
+            "times": self.times.cpu(),
+            "teacher_times": self.teacher_times.cpu(),
+            "teacher_mean": self.feat_mean.cpu(),
+            "teacher_std": self.feat_std.cpu(),
+            "pretrain": pretrain_info(cfg.checkpoint, self.pre_ckpt),
+            "data": cfg.data,
+            "num_classes": self.train_data.num_classes,
+            "args": asdict(cfg),
+            "rng": rng_state(self.device),
+            "history": self.history,
+            "distill_first": self.distill_first,
+            "elapsed_s": elapsed,
+            "top1": top1,
+        })
+        self.files.write_log(["step", "phase", "lr"] + list(_LOG_KEYS), self.history)
+
+    @torch.no_grad()
+    def _policy_stats(self) -> Dict[str, Any]:
+        """What the trained policy chooses on the test images: the mean probability of each
+        candidate time and the expected time under it."""
+        self.policy.eval()
+        probs = []
+        for start in range(0, len(self.test_data), self.cfg.eval_batch_size):
+            idx = list(range(start, min(start + self.cfg.eval_batch_size, len(self.test_data))))
+            x, _ = self.test_data.batch(idx, augment=False, device=self.device)
+            probs.append(F.softmax(self.policy(x).float(), dim=1).cpu())
+        self.policy.train()
+        mean = torch.cat(probs).mean(dim=0)
+        times = self.times.cpu()
+        return {"policy_t_mean": round(float((mean * times).sum()), 4),
+                "policy_probs": {f"{float(t):.3g}": round(float(p), 4) for t, p in zip(times, mean)}}
+
+    def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
+        from ..eval import top1_accuracy
+
+        cfg = self.cfg
+        t_eval = time.perf_counter()
+        net = nn.Sequential(self.student, self.classifier)
+        top1 = top1_accuracy(net, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)
+        distill_rows = [h for h in self.history if h[1] == "distill"]
+        ft_rows = [h for h in self.history if h[1] == "finetune"]
+        metrics: Dict[str, Any] = {
+            "top1": top1,
+            "chance": 1.0 / self.test_data.num_classes,
+            "distill_loss_first": self.distill_first,
+            "distill_loss": distill_rows[-1][3 + _LOG_KEYS.index("distill")] if distill_rows else None,
+            "finetune_ce": ft_rows[-1][3 + _LOG_KEYS.index("ce")] if ft_rows else None,
+            "train_top1_last": ft_rows[-1][3 + _LOG_KEYS.index("correct")] if ft_rows else None,
+            "step": self.step,
+            "resumed_from_step": self.resumed_from,
+            "wall_time_s": round(elapsed + time.perf_counter() - t_eval, 3),  # this invocation, with the evaluation
+            "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
+            "teacher_dim": self.teacher_dim,
+            "teacher_t": None if cfg.policy else cfg.fixed_t,
+            "student_params": sum(p.numel() for p in self.student.parameters()),
+            "pretrain_step": int(self.pre_ckpt["step"]),
+            "pretrain_path": self.pre_ckpt["path"]["name"],
+            "device_used": str(self.device),
+            "torch_version": str(torch.__version__),
+        }
+        if self.policy is not None:
+            metrics.update(self._policy_stats())
+        for k, v in asdict(cfg).items():
+            metrics.setdefault(k, v)
+        self._save(self.elapsed_prev + elapsed, top1)
+        self.files.write_json("metrics.json", metrics)
+        self.files.say(f"test top-1 {top1:.4f} after {cfg.steps} distillation + {cfg.finetune_steps} finetuning "
+                       f"steps; wrote {cfg.out}/metrics.json")
+        return metrics
+
+
+_LOG_KEYS = ("distill", "aux_ce", "mean_t", "entropy_w", "ce", "correct")
+
+
+# -------------------------------------------------------------------------------------------------
+# command line
+
+
+def _time_arg(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a time in [0, 1], got {text!r}") from None
+    if not (0.0 <= v <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a time in [0, 1] (0 = data, 1 = noise), got {text}")
+    return v
+
+
+def add_repfusion(subparsers) -> None:
+    from ..cli import add_data_arguments, add_run_arguments, nonnegative_float, nonnegative_int, positive_int
+
+    d = RepFusionConfig()
+    p = subparsers.add_parser(
+        "repfusion", help="RepFusion: distil the pretrained flow's features into a ResNet student, then finetune it",
+        description="RepFusion-style distillation (arXiv 2308.10916): a forward hook on a layer of the frozen velocity "
+                    "network (default the UNet's middle block) gives pooled features of each clean training image at a "
+                    "time t (fixed with --t, or chosen per image by a REINFORCE policy with --policy); a ResNet student "
+                    "learns them through a linear projection with MSE for --steps, then is finetuned with "
+                    "cross-entropy for --finetune-steps. Writes DIR/metrics.json with the test top-1.")
+    add_data_arguments(p)
+    p.add_argument("--checkpoint", required=True, metavar="PRETRAIN_DIR", help="pretraining run directory (teacher)")
+    p.add_argument("--steps", type=nonnegative_int, default=d.steps,
+                   help=f"distillation steps (default {d.steps}; 0: no distillation, the supervised-student baseline)")
+    p.add_argument("--finetune-steps", type=positive_int, default=None, help="cross-entropy steps (default: --steps)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--t", type=_time_arg, default=None, help=f"fixed teacher time (default {DEFAULT_T:g})")
+    g.add_argument("--policy", action="store_true", help="choose t per image with a REINFORCE policy")
+    p.add_argument("--policy-times", type=positive_int, default=d.policy_times,
+                   help=f"candidate times for --policy, evenly spaced in [0, --policy-t-max] (default {d.policy_times})")
+    p.add_argument("--policy-t-max", type=_time_arg, default=d.policy_t_max)
+    p.add_argument("--layer", default=d.layer, help=f"teacher module to hook (default {d.layer})")
+    p.add_argument("--teacher-norm", choices=("standardize", "none"), default=d.teacher_norm,
+                   help="per-channel standardisation of the pooled teacher features before the MSE, with statistics "
+                        "of the training split at each teacher time (default standardize; none: raw features)")
+    p.add_argument("--student", choices=sorted(ENCODERS), default=d.student, help=f"(default {d.student})")
+    add_run_arguments(p)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"distillation SGD learning rate (default {d.lr:g})")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help=f"(default {d.finetune_lr:g})")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay)
+    p.add_argument("--policy-lr", type=float, default=d.policy_lr, help="Adam, policy and auxiliary head")
+    p.add_argument("--entropy-coef", type=nonnegative_float, default=d.entropy_coef,
+                   help=f"entropy bonus, decayed linearly to 0 at mid-distillation (default {d.entropy_coef:g})")
+    p.add_argument("--aux-hidden", type=positive_int, default=d.aux_hidden)
+    p.add_argument("--label-smoothing", type=nonnegative_float, default=d.label_smoothing)
+    p.add_argument("--raw-weights", action="store_true", help="teacher with raw instead of EMA weights")
+    p.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=positive_int, default=d.log_every)
+    p.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size)
+    p.set_defaults(func=run_repfusion)
+
+
+def run_repfusion(args) -> int:
+    import json
+    import sys
+    from dataclasses import fields
+
+    cfg = RepFusionConfig(**{f.name: getattr(args, f.name) for f in fields(RepFusionConfig) if hasattr(args, f.name)})
+    result = repfusion(cfg)
+    print(json.dumps({k: result.metrics[k] for k in ("top1", "step", "wall_time_s")}), file=sys.stdout)
+    return 0

@@ -1,0 +1,144 @@
+"""PRGClassifier: reverse -> head, trained through the exact adjoint."""
+import pytest
+import torch
+
+import prg_fast
+from prg_fast.classifier import PRGClassifier, feature_shape
+from prg_fast.models import ClassifierHead, UNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_unet(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = UNet.preset("tiny", in_channels=1, image_size=8).to(dtype)
+    # the UNet starts as v = 0 (zero-initialised output): perturb every weight so that the
+    # trajectory, and hence every gradient, is non-trivial
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def _grads(clf, x, y):
+    clf.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(clf(x), y)
+    loss.backward()
+    named = {n: p.grad.clone() for n, p in clf.named_parameters()}
+    return loss.detach(), x.grad.clone(), named
+
+
+@pytest.mark.parametrize("method, steps, save_at, t0", [
+    ("euler", 3, None, 0.0),
+    ("rk4", 2, None, 0.25),
+    ("midpoint", 3, (0.5, 1.0), 0.0),
+    ("heun", 2, (0.3, 0.6, 1.0), 0.0),  # 0.3 and 0.6 are not grid points: inserted into the grid
+])
+def test_adjoint_gradients_equal_backprop(method, steps, save_at, t0):
+    flow = _tiny_unet()
+    clf = PRGClassifier.build(flow, (1, 8, 8), 10, t=1.0, t0=t0, steps=steps, method=method,
+                              save_at=save_at).double()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.arange(6) % 10
+    assert clf.adjoint is True
+    loss_a, gx_a, g_a = _grads(clf, x, y)
+    clf.adjoint = False
+    loss_b, gx_b, g_b = _grads(clf, x, y)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-8, atol=1e-12)
+    assert g_a.keys() == g_b.keys()
+    flow_names = [n for n in g_a if n.startswith("flow.")]
+    assert len(flow_names) == len(list(flow.parameters()))
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-8, atol=1e-12, msg=name)
+    # the flow is really trained: its gradients are not all zero
+    assert sum(float(g_a[n].abs().sum()) for n in flow_names) > 0
+
+
+def test_adjoint_gradients_float32_match_backprop():
+    flow = _tiny_unet(torch.float32)
+    clf = PRGClassifier.build(flow, (1, 8, 8), 10, steps=4, method="euler")
+    x = torch.randn(8, 1, 8, 8)
+    y = torch.arange(8) % 10
+    _, gx_a, g_a = _grads(clf, x, y)
+    clf.adjoint = False
+    _, gx_b, g_b = _grads(clf, x, y)
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-4, atol=1e-6)
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_features_are_reverse_and_save_at_concatenates_channels(conv):
+    torch.manual_seed(0)
+    flow = conv(channels=3)
+    x = torch.randn(4, 3, 8, 8)
+    clf = PRGClassifier(flow, ClassifierHead((6, 8, 8), 5), t=0.8, t0=0.2, steps=6, method="rk4", save_at=(0.5, 0.8))
+    f = clf.features(x)
+    assert f.shape == (4, 6, 8, 8)
+    states = prg_fast.reverse(flow, x, 0.8, t0=0.2, steps=6, method="rk4", save_at=[0.5, 0.8])
+    torch.testing.assert_close(f[:, :3], states[0])
+    torch.testing.assert_close(f[:, 3:], states[1])
+    single = PRGClassifier(flow, ClassifierHead((3, 8, 8), 5), t=0.8, t0=0.2, steps=6, method="rk4")
+    torch.testing.assert_close(single.features(x), prg_fast.reverse(flow, x, 0.8, t0=0.2, steps=6, method="rk4"))
+    assert clf(x).shape == (4, 5)
+
+
+def test_build_sizes_the_head():
+    clf = PRGClassifier.build(_tiny_unet(torch.float32), (1, 8, 8), 3, save_at=[0.5, 1.0], steps=2)
+    assert clf.head.in_shape == (2, 8, 8) == feature_shape((1, 8, 8), [0.5, 1.0])
+    assert clf(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_frozen_flow_gets_no_gradient_and_head_does():
+    flow = _tiny_unet(torch.float32).requires_grad_(False)
+    clf = PRGClassifier.build(flow, (1, 8, 8), 10, steps=3)
+    clf(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert all(p.grad is None for p in flow.parameters())
+    assert all(p.grad is not None for p in clf.head.parameters())
+
+
+def test_step_count_can_change_after_training():
+    flow = _tiny_unet(torch.float32)
+    clf = PRGClassifier.build(flow, (1, 8, 8), 10, steps=2, method="euler")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        a = clf(x)
+        clf.method = "rk4"
+        clf.steps = 10
+        b = clf(x)
+        clf.steps = 20
+        c = clf(x)
+    assert not torch.allclose(a, b, rtol=1e-3, atol=1e-3)  # 2 Euler steps are far from the flow
+    torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-4)  # both RK4 solutions are close to it
+
+
+@pytest.mark.parametrize("t0, t", [(0.5, 0.5), (0.75, 0.25), (1.0, 0.0)])
+def test_t0_must_be_below_t(t0, t):
+    with pytest.raises(ValueError, match="t0 < t"):
+        PRGClassifier(_tiny_unet(torch.float32), ClassifierHead((1, 8, 8), 10), t=t, t0=t0)
+
+
+def test_bad_arguments():
+    flow = _tiny_unet(torch.float32)
+    head = ClassifierHead((1, 8, 8), 10)
+    with pytest.raises(ValueError, match="save_at"):
+        PRGClassifier(flow, head, t=0.5, save_at=[0.25, 0.75])
+    with pytest.raises(ValueError, match="steps"):
+        PRGClassifier(flow, head, steps=0)
+    with pytest.raises(ValueError, match="method|solver|unknown"):
+        PRGClassifier(flow, head, method="dopri5")
+    with pytest.raises(TypeError, match="flow_model"):
+        PRGClassifier("not a model", head)
+    clf = PRGClassifier(flow, head)
+    with pytest.raises(ValueError, match="steps"):
+        clf.steps = -3
+    with pytest.raises(ValueError, match="ClassifierHead expects"):
+        PRGClassifier(flow, ClassifierHead((2, 8, 8), 10))(torch.randn(2, 1, 8, 8))

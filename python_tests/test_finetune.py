@@ -1,0 +1,266 @@
+"""`prg-fast finetune` / `evaluate`: learning, exact re-evaluation, resume, and bad inputs.
+
+A tiny pretraining checkpoint is made once per session (prg_fast.train.pretrain, a few steps); the
+finetuning runs are short CPU runs (tiny UNet on 8x8 digits, 2 Euler steps)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from prg_fast import cli
+from prg_fast.finetune import (FINETUNE_FORMAT, FinetuneConfig, build_classifier, evaluate, finetune,
+                               load_finetune_checkpoint)
+from prg_fast.train import CheckpointError, build_model, load_checkpoint, pretrain
+
+FAST = dict(data="digits", batch_size=64, ode_steps=2, method="euler", progress=False, log_every=5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pretrained_checkpoint(tmp_path_factory) -> str:
+    """A tiny OTCFM pretraining run, made once per session (every test module asks for the same
+    folder under the session's base temp dir)."""
+    out = tmp_path_factory.getbasetemp() / "prg_tiny_pretrain"
+    if not (out / "checkpoint.pt").exists():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            pretrain(data="digits", path="otcfm", model="tiny", steps=60, batch_size=64, warmup=10, lr=1e-3,
+                     out=str(out), progress=False, num_samples=4, sample_steps=2, log_every=20, ckpt_every=60)
+        finally:
+            torch.set_num_threads(n)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    return pretrained_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
+    """One real (short) finetuning run shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("ft") / "run"
+    torch.set_num_threads(1)
+    result = finetune(checkpoint=pretrained, out=str(out), steps=40, lr=2e-3, beta=0.1, warmup=4, **FAST)
+    return str(out), result
+
+
+def test_finetune_beats_chance_by_a_wide_margin(finetuned):
+    out, result = finetuned
+    chance = 0.1
+    assert result.metrics["top1"] >= chance + 0.5, result.metrics
+    assert result.step == 40
+    # the loss went down, and the flow really was trained (not only the head)
+    assert result.metrics["loss"] < result.metrics["loss_start"]
+
+
+def test_flow_and_head_are_both_trained(finetuned, pretrained):
+    out, result = finetuned
+    ema = build_model(load_checkpoint(pretrained), ema=True)
+    changed = [not torch.equal(a, b) for a, b in zip(ema.state_dict().values(),
+                                                    result.classifier.flow.state_dict().values())]
+    assert sum(changed) > 0.9 * len(changed)
+
+
+def test_outputs_metrics_and_checkpoint(finetuned, pretrained):
+    out, result = finetuned
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("top1", "loss", "ce", "fm", "train_top1", "step", "wall_time_s"):
+        assert key in metrics
+    # the arguments used are in the same flat object
+    assert metrics["ode_steps"] == 2 and metrics["method"] == "euler" and metrics["beta"] == 0.1
+    assert metrics["t0"] == 0.0 and metrics["t"] == 1.0 and metrics["checkpoint"] == os.path.abspath(pretrained)
+    assert metrics["top1"] == result.metrics["top1"]
+    assert metrics["fm"] > 0  # the beta term was computed
+    ckpt = load_finetune_checkpoint(out)
+    assert ckpt["format"] == FINETUNE_FORMAT and ckpt["step"] == 40
+    assert ckpt["pretrain"]["weights"] == "ema" and ckpt["top1"] == metrics["top1"]
+    assert ckpt["classifier"] == {"t0": 0.0, "t": 1.0, "save_at": None, "steps": 2, "method": "euler"}
+    assert open(os.path.join(out, "log.csv")).readline().startswith("step,loss,ce,fm,train_top1")
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]  # atomic writes leave nothing behind
+
+
+def test_evaluate_reproduces_the_final_number(finetuned):
+    out, result = finetuned
+    m = evaluate(out, "digits")
+    assert m["ode_steps"] == 2 and m["method"] == "euler"
+    assert m["top1"] == result.metrics["top1"]
+    assert m["correct"] == round(result.metrics["top1"] * 360)
+    # other batch sizes give the same number (per-sample computation)
+    assert evaluate(out, "digits", batch_size=37)["top1"] == result.metrics["top1"]
+
+
+def test_evaluate_cli_other_step_count(finetuned, capsys):
+    out, result = finetuned
+    assert cli.main(["evaluate", "--data", "digits", "--checkpoint", out, "--ode-steps", "6", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.load(open(os.path.join(out, "evaluate-euler-6", "metrics.json")))
+    assert printed == written
+    assert written["ode_steps"] == 6 and written["trained_ode_steps"] == 2
+    # the same weights, integrated with other steps: the top-1 is computed anew
+    clf = build_classifier(load_finetune_checkpoint(out), steps=6)
+    from prg_fast.data import load_data
+    from prg_fast.eval import top1_accuracy
+
+    assert written["top1"] == top1_accuracy(clf, load_data("digits", "test"))
+
+
+def _states(result):
+    return {**{"flow." + k: v for k, v in result.classifier.flow.state_dict().items()},
+            **{"head." + k: v for k, v in result.classifier.head.state_dict().items()}}
+
+
+def test_resume_reproduces_an_uninterrupted_run(pretrained, tmp_path):
+    # beta > 0 uses random t and noise, so this also checks that the random state is restored
+    common = dict(checkpoint=pretrained, lr=1e-3, beta=0.5, warmup=0, schedule="constant", ckpt_every=100, **FAST)
+    straight = finetune(out=str(tmp_path / "a"), steps=6, **common)
+    first = finetune(out=str(tmp_path / "b"), steps=3, **common)
+    assert first.step == 3
+    resumed = finetune(out=str(tmp_path / "b"), steps=6, **common)
+    assert resumed.metrics["resumed_from_step"] == 3 and resumed.step == 6
+    a, b = _states(straight), _states(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.metrics["top1"] == straight.metrics["top1"]
+    assert resumed.history[0][0] == 3 and resumed.history[-1][0] == 6  # the first run's log is kept
+    # a finished run asked again trains nothing and reports the same number
+    again = finetune(out=str(tmp_path / "b"), steps=6, **common)
+    assert again.step == 6 and again.metrics["top1"] == straight.metrics["top1"]
+
+
+def test_resume_refuses_other_arguments(pretrained, tmp_path):
+    common = dict(checkpoint=pretrained, out=str(tmp_path / "r"), **FAST)
+    finetune(steps=2, **common)
+    with pytest.raises(CheckpointError, match="t0"):
+        finetune(steps=4, t0=0.25, **common)
+    with pytest.raises(CheckpointError, match="freeze_flow"):
+        finetune(steps=4, freeze_flow=True, **common)
+
+
+def test_freeze_flow_trains_the_head_only(pretrained, tmp_path):
+    r = finetune(checkpoint=pretrained, out=str(tmp_path / "h"), steps=4, freeze_flow=True, beta=1.0, **FAST)
+    ema = build_model(load_checkpoint(pretrained), ema=True)
+    for a, b in zip(ema.state_dict().values(), r.classifier.flow.state_dict().values()):
+        assert torch.equal(a, b)
+    assert r.metrics["beta_used"] == 0.0 and r.metrics["fm"] == 0.0
+    groups = load_finetune_checkpoint(str(tmp_path / "h"))["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["head"]  # only the head is optimised
+    assert all(p.requires_grad for p in r.classifier.head.parameters())
+
+
+def test_from_scratch_ignores_the_pretrained_weights(pretrained, tmp_path):
+    r = finetune(checkpoint=pretrained, out=str(tmp_path / "s"), steps=2, from_scratch=True, **FAST)
+    ckpt = load_finetune_checkpoint(str(tmp_path / "s"))
+    assert ckpt["pretrain"] is None
+    assert ckpt["model_config"] == load_checkpoint(pretrained)["model_config"]  # same architecture
+    ema = build_model(load_checkpoint(pretrained), ema=True)
+    same = [torch.equal(a, b) for a, b in zip(ema.state_dict().values(), r.classifier.flow.state_dict().values())]
+    assert sum(same) < len(same) / 2
+    # and without a checkpoint, from a preset
+    r2 = finetune(out=str(tmp_path / "s2"), steps=1, from_scratch=True, model="tiny", **FAST)
+    assert r2.metrics["fm_path"] == "otcfm" and 0.0 <= r2.metrics["top1"] <= 1.0
+
+
+def test_segment_and_save_at(pretrained, tmp_path):
+    r = finetune(checkpoint=pretrained, out=str(tmp_path / "seg"), steps=2, t0=0.5, save_at=[0.75, 1.0], **FAST)
+    ckpt = load_finetune_checkpoint(str(tmp_path / "seg"))
+    assert ckpt["classifier"]["t0"] == 0.5 and ckpt["classifier"]["save_at"] == [0.75, 1.0]
+    assert ckpt["head_config"]["in_shape"] == [2, 8, 8]
+    assert evaluate(str(tmp_path / "seg"))["top1"] == r.metrics["top1"]
+
+
+# -- bad inputs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t0, t", [(0.5, 0.5), (0.75, 0.25), (1.0, 1.0)])
+def test_t0_not_below_t(pretrained, tmp_path, t0, t):
+    with pytest.raises(ValueError, match="t0 < t"):
+        finetune(checkpoint=pretrained, out=str(tmp_path / "x"), steps=1, t0=t0, t=t, **FAST)
+    assert not (tmp_path / "x").exists()
+
+
+def test_t0_not_below_t_cli(pretrained, tmp_path, capsys):
+    code = cli.main(["finetune", "--data", "digits", "--checkpoint", pretrained, "--out", str(tmp_path / "x"),
+                     "--steps", "1", "--t0", "0.5", "--t", "0.5", "--no-progress"])
+    assert code == 2
+    assert "t0 < t" in capsys.readouterr().err
+
+
+def test_finetune_from_a_finetuned_checkpoint_is_refused(finetuned, tmp_path):
+    out, _ = finetuned
+    with pytest.raises(CheckpointError, match="pretraining checkpoint"):
+        finetune(checkpoint=out, out=str(tmp_path / "y"), steps=1, **FAST)
+
+
+def test_evaluate_a_pretraining_checkpoint_is_refused(pretrained, capsys):
+    with pytest.raises(CheckpointError, match="no classifier head"):
+        evaluate(pretrained, "digits")
+    assert cli.main(["evaluate", "--data", "digits", "--checkpoint", pretrained]) == 2
+    assert "no classifier head" in capsys.readouterr().err
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        evaluate(str(tmp_path), "digits")
+    torch.save({"format": "something.else"}, str(bad))
+    with pytest.raises(CheckpointError, match="not a prg_fast finetuning checkpoint"):
+        evaluate(str(tmp_path), "digits")
+    with pytest.raises(FileNotFoundError):
+        evaluate(str(tmp_path / "missing"), "digits")
+
+
+def _folder_data(root, classes, size=8, per_class=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(d / f"{i}.png")
+    return f"folder:{root}"
+
+
+def test_evaluate_with_the_wrong_number_of_classes(finetuned, tmp_path):
+    out, _ = finetuned
+    spec = _folder_data(tmp_path / "three", classes=3)
+    with pytest.raises(CheckpointError, match="classifies 10 classes.*has 3"):
+        evaluate(out, spec)
+
+
+def test_data_of_another_shape_is_refused(pretrained, tmp_path):
+    spec = _folder_data(tmp_path / "big", classes=2, size=16)
+    with pytest.raises(CheckpointError, match="1x8x8.*1x16x16"):
+        finetune(checkpoint=pretrained, data=spec, out=str(tmp_path / "z"), steps=1, batch_size=2,
+                 progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps"),
+    (dict(ode_steps=0), "ode_steps"),
+    (dict(method="dopri5"), "method"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(beta=-1.0), "beta"),
+    (dict(save_at=[0.5, 1.5]), "save_at"),
+    (dict(freeze_flow=True, from_scratch=True), "freeze_flow"),
+    (dict(checkpoint=None), "checkpoint"),
+    (dict(checkpoint=None, from_scratch=True), "--model"),
+])
+def test_bad_config(kwargs, match):
+    base = dict(checkpoint="unused", out="unused")
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(**{**base, **kwargs}).validate()
