@@ -124,7 +124,8 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
     def add(name, kind, spec, after=()):
         plan.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
 
-    add("probe-pixels", "probe_pixels", dict(data=a.data))
+    if a.probes:
+        add("probe-pixels", "probe_pixels", dict(data=a.data))
     # from scratch needs no pretraining: it starts at once (from the preset's architecture)
     for seed in a.seeds:
         name = "scratch" if seed == a.seed else f"scratch-seed{seed}"
@@ -141,9 +142,10 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
         add(f"head-{path}", "finetune", dict(common_ft, checkpoint=pre, out=os.path.join(out, f"head-{path}"),
                                              freeze_flow=True, beta=0.0, lr=a.head_lr),
             after=[f"pretrain-{path}"])
-        add(f"probe-{path}", "probe", dict(checkpoint=pre, data=a.data, out=os.path.join(out, f"features-{path}.npz"),
-                                           ode_steps=a.ode_steps, method=a.method, device=a.device),
-            after=[f"pretrain-{path}"])
+        if a.probes:
+            add(f"probe-{path}", "probe", dict(checkpoint=pre, data=a.data, out=os.path.join(out, f"features-{path}.npz"),
+                                               ode_steps=a.ode_steps, method=a.method, device=a.device),
+                after=[f"pretrain-{path}"])
         add(f"eval-{path}", "evaluate", dict(checkpoint=ft, data=a.data, eval_steps=a.eval_steps, method=a.method,
                                              device=a.device), after=[f"ft-{path}"])
         if path == a.segment_path:
@@ -158,7 +160,6 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
                 add(f"ft-{path}-t0={t0:g}", "finetune",
                     dict(common_ft, checkpoint=pre, out=os.path.join(out, f"ft-{path}-t0_{t0:g}"), beta=a.beta, t0=t0),
                     after=[f"pretrain-{path}"])
-    # longest first among the ready ones: finetunes, then the cheap jobs
     return plan
 
 
@@ -212,12 +213,13 @@ def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> 
     L.append("| pretraining | PRG finetuned (head + flow) | head only (flow frozen) | linear probe, frozen x_1 | "
              "20-NN, frozen x_1 | pretrain loss |")
     L.append("|---|---|---|---|---|---|")
+    none = {"linear_probe_top1": None, "knn_top1": None}
     for p in a.paths:
+        pr = r.get(f"probe-{p}", none)
         L.append(f"| {names[p]} | {_pct(r[f'ft-{p}']['top1'])} | {_pct(r[f'head-{p}']['top1'])} | "
-                 f"{_pct(r[f'probe-{p}']['linear_probe_top1'])} | {_pct(r[f'probe-{p}']['knn_top1'])} | "
-                 f"{r[f'pretrain-{p}']['loss']:.4f} |")
+                 f"{_pct(pr['linear_probe_top1'])} | {_pct(pr['knn_top1'])} | {r[f'pretrain-{p}']['loss']:.4f} |")
     L.append(f"| none (from scratch, same architecture) | {_pct(r['scratch']['top1'])} | - | - | - | - |")
-    px = r["probe-pixels"]
+    px = r.get("probe-pixels", none)
     L.append(f"| none (raw pixels, t = 0: no flow) | - | - | {_pct(px['linear_probe_top1'])} | "
              f"{_pct(px['knn_top1'])} | - |")
     L.append("")
@@ -300,6 +302,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2", help="finetuning seeds of the PRG vs. from-scratch comparison "
                    "(the --segment-path run and the scratch run; the first is --seed's run)")
+    p.add_argument("--no-probes", dest="probes", action="store_false",
+                   help="skip the sklearn linear-probe / k-NN columns (slow on 50,000 CIFAR-size feature vectors)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: 1 on the CPU, "
                    "unchanged on a GPU)")

@@ -58,7 +58,7 @@ def finetuned(pretrained, tmp_path_factory):
 def test_finetune_beats_chance_by_a_wide_margin(finetuned):
     out, result = finetuned
     chance = 0.1
-    assert result.metrics["top1"] >= chance + 0.5, result.metrics
+    assert result.metrics["top1"] >= chance + 0.7, result.metrics
     assert result.step == 40
     # the loss went down, and the flow really was trained (not only the head)
     assert result.metrics["loss"] < result.metrics["loss_start"]
