@@ -10,6 +10,7 @@ The package imports without its compiled part; `prg_fast.info()` says what is bu
 from . import data, eval, models, paths, train
 from .api import generate, odeint, reverse, time_reversed
 from .classifier import PRGClassifier
+from .finetune import FinetuneConfig, finetune
 from .info import info
 from .losses import flow_matching_loss
 from .solvers import SOLVERS, ButcherTableau
@@ -18,6 +19,6 @@ from .train import PretrainConfig, load_checkpoint, pretrain
 __all__ = [
     "reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau",
     "paths", "models", "data", "train", "flow_matching_loss", "pretrain", "PretrainConfig",
-    "load_checkpoint", "PRGClassifier", "eval",
+    "load_checkpoint", "PRGClassifier", "eval", "finetune", "FinetuneConfig",
 ]
 __version__ = "0.1.0"
