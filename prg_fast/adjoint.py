@@ -32,6 +32,10 @@ class AdjointSolve(torch.autograd.Function):
         ctx.save_for_backward(*stage_inputs)
         ctx.problem, ctx.rng = problem, rng
         ctx.x_dtype, ctx.device = x.dtype, x.device
+        # The backward recomputes each evaluation under the autocast state of the forward (as
+        # torch.utils.checkpoint does), so a network run in bf16 autocast is differentiated as run.
+        dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ("cpu", "cuda") else (False, None)
         return torch.stack(outs)
 
     @staticmethod
@@ -68,7 +72,8 @@ class AdjointSolve(torch.autograd.Function):
                     continue  # k_i does not influence anything downstream
                 g = combine(lam, [mus[m] for m in later], [h * tab.a[m][i] for m in later], alpha, p.net_dtype)
                 xi = xi.detach().requires_grad_(True)
-                with torch.enable_grad():
+                autocast_on, autocast_dtype = ctx.autocast
+                with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
                     if state is not None:
                         with restore_rng(state, ctx.device):
                             k = p.evaluate(t + tab.c[i] * h, xi)

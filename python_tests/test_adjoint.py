@@ -215,3 +215,26 @@ print(json.dumps((status("VmHWM") - base) * 1024))
     bp_growth = peak(False, 32) - peak(False, 8)
     assert bp_growth > 20 * act  # the measurement sees plain backprop's activations
     assert adj_growth < 1.5 * 24 * state + act  # the adjoint keeps only the stage inputs
+
+
+def test_backward_recomputes_under_the_forwards_autocast(mlp):
+    """Like torch.utils.checkpoint: an evaluation recomputed in the backward sees the autocast
+    state it had in the forward, so a bf16-autocast network is differentiated as it ran."""
+    seen = []
+    inner = mlp(dim=4)
+
+    def f(t, x):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return inner(t, x).to(x.dtype)
+
+    x = torch.randn(3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prg_fast.reverse(f, x, steps=2, method="heun", adjoint_params=list(inner.parameters()))
+    n_forward = len(seen)
+    out.sum().backward()  # outside the autocast block, as in a usual training loop
+    assert n_forward >= 4 and len(seen) > n_forward
+    assert all(seen), seen
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = prg_fast.reverse(f, x, steps=2, method="heun", adjoint=False)
+    (g_ref,) = torch.autograd.grad(ref.sum(), [x])
+    assert _rel_err(x.grad, g_ref) < 2e-2  # same bf16 evaluations, float32 vs bf16 cotangent sums
