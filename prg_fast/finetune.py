@@ -54,8 +54,8 @@ from .models import UNet
 from .models.heads import ClassifierHead
 from .paths import PATHS, get_path
 from .train import (CHECKPOINT_FORMAT as PRETRAIN_FORMAT, CHECKPOINT_NAME, CheckpointError, _atomic_write, _Dist,
-                    _init_distributed, _rank_seed, _rng_state, _seed_everything, _set_rng_state, build_model,
-                    load_checkpoint)
+                    _init_distributed, _rank_seed, _restore_rng_on_resume, _rng_state, _seed_everything,
+                    _StepBatches, build_model, load_checkpoint)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION", "add_finetune", "add_evaluate", "add_extract"]
@@ -341,12 +341,7 @@ class _Finetuner:
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
                              f"{self.data.num_classes}")
         c, h, w = self.data.shape
-        self.sampler = torch.utils.data.DistributedSampler(self.data, num_replicas=ctx.world, rank=ctx.rank,
-                                                           shuffle=True, seed=cfg.seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // self.local_batch
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the data set ({len(self.data)} images)")
-        self._epoch, self._order = -1, None
+        self._indices = _StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
 
         # the flow: pretrained weights (EMA by default), or the same architecture freshly initialised
         self.pretrain_info = None
@@ -427,26 +422,13 @@ class _Finetuner:
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
         if ckpt.get("pretrain") is not None:
             self.pretrain_info = ckpt["pretrain"]
-        rng = ckpt["rng"]
-        if int(ckpt["world_size"]) == self.ctx.world and len(rng) == self.ctx.world:
-            _set_rng_state(rng[self.ctx.rank], self.device)
-        else:
-            _seed_everything(_rank_seed(cfg.seed + self.step, self.ctx.rank))
-            self._say(f"note: checkpoint written by {ckpt['world_size']} process(es), resuming with {self.ctx.world}: "
-                      "random streams restart")
+        _restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
         self._say(f"resuming from {where} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if self.ctx.main:
             print(f"prg-fast finetune: {msg}", file=sys.stderr, flush=True)
-
-    def _indices(self, step: int) -> List[int]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._order, self._epoch = list(self.sampler), epoch
-        return self._order[i * self.local_batch:(i + 1) * self.local_batch]
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""

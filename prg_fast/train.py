@@ -251,6 +251,41 @@ def _rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
 
 
+def _restore_rng_on_resume(ckpt: Dict[str, Any], ctx: "_Dist", device: torch.device, seed: int, step: int, say) -> None:
+    """Continue this rank's random streams from a checkpoint; a checkpoint of another world size
+    cannot be continued, so fresh streams start (the run continues correctly, it is just not
+    bitwise the uninterrupted one)."""
+    rng = ckpt["rng"]
+    if int(ckpt["world_size"]) == ctx.world and len(rng) == ctx.world:
+        _set_rng_state(rng[ctx.rank], device)
+    else:
+        _seed_everything(_rank_seed(seed + step, ctx.rank))
+        say(f"note: checkpoint written by {ckpt['world_size']} process(es), resuming with {ctx.world}: "
+            "random streams restart")
+
+
+class _StepBatches:
+    """This rank's sample indices for optimizer step `step`: epoch e is a DistributedSampler's
+    shuffled order for epoch e (seeded, drop_last), cut into local batches; so the data order is a
+    function of (seed, step) alone and resuming at any step reproduces it."""
+
+    def __init__(self, data, ctx: "_Dist", seed: int, local_batch: int, global_batch: int):
+        self.sampler = torch.utils.data.DistributedSampler(data, num_replicas=ctx.world, rank=ctx.rank,
+                                                           shuffle=True, seed=seed, drop_last=True)
+        self.local_batch = local_batch
+        self.steps_per_epoch = len(self.sampler) // local_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size ({global_batch}) is larger than the data set ({len(data)} images)")
+        self._epoch, self._order = -1, None
+
+    def __call__(self, step: int) -> List[int]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._epoch = list(self.sampler), epoch
+        return self._order[i * self.local_batch:(i + 1) * self.local_batch]
+
+
 # -------------------------------------------------------------------------------------------------
 # distributed set-up
 
@@ -338,12 +373,7 @@ class _Trainer:
         c, h, w = self.data.shape
         if h != w:
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
-        self.sampler = torch.utils.data.DistributedSampler(self.data, num_replicas=ctx.world, rank=ctx.rank,
-                                                           shuffle=True, seed=cfg.seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // self.local_batch
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the data set ({len(self.data)} images)")
-        self._epoch, self._order = -1, None
+        self._indices = _StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
         self.path = get_path(cfg.path, cfg.sigma)
 
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
@@ -387,28 +417,13 @@ class _Trainer:
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
-        rng = ckpt["rng"]
-        if int(ckpt["world_size"]) == self.ctx.world and len(rng) == self.ctx.world:
-            _set_rng_state(rng[self.ctx.rank], self.device)
-        else:
-            # the random streams of another world size cannot be continued; start fresh ones
-            # (the run continues correctly, it is just not bitwise the uninterrupted one)
-            _seed_everything(_rank_seed(cfg.seed + self.step, self.ctx.rank))
-            self._say(f"note: checkpoint written by {ckpt['world_size']} process(es), resuming with {self.ctx.world}: "
-                      "random streams restart")
+        _restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
         self._say(f"resuming from {where} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if self.ctx.main:
             print(f"prg-fast pretrain: {msg}", file=sys.stderr, flush=True)
-
-    def _indices(self, step: int) -> List[int]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._order, self._epoch = list(self.sampler), epoch
-        return self._order[i * self.local_batch:(i + 1) * self.local_batch]
 
     def _lr(self, step: int) -> float:
         if self.cfg.warmup <= 0:
