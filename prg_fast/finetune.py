@@ -31,7 +31,6 @@ Checkpoint format (DIR/checkpoint.pt, torch.save of a dict; loads with weights_o
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -54,8 +53,8 @@ from .models import UNet
 from .models.heads import ClassifierHead
 from .paths import PATHS, get_path
 from .train import (CHECKPOINT_FORMAT as PRETRAIN_FORMAT, CHECKPOINT_NAME, CheckpointError, _atomic_write, _Dist,
-                    _init_distributed, _rank_seed, _restore_rng_on_resume, _rng_state, _seed_everything,
-                    _StepBatches, build_model, load_checkpoint)
+                    _config, _init_distributed, _rank_seed, _restore_rng_on_resume, _rng_state, _seed_everything,
+                    _StepBatches, build_model, cosine_factor, load_checkpoint)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION", "add_finetune", "add_evaluate", "add_extract"]
@@ -312,11 +311,7 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> FinetuneResul
     """Finetune (or resume finetuning) a PRG classifier; see the module doc. Call with a
     FinetuneConfig or with its fields as keyword arguments. Every process of a torchrun job calls
     it; only rank 0 writes files."""
-    if config is None:
-        config = FinetuneConfig(**kwargs)
-    elif kwargs:
-        config = FinetuneConfig(**{**asdict(config), **kwargs})
-    cfg = copy.deepcopy(config).validate()
+    cfg = _config(FinetuneConfig, config, kwargs)
     ctx = _init_distributed(cfg.device)
     try:
         return _Finetuner(cfg, ctx).run()
@@ -433,13 +428,9 @@ class _Finetuner:
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
         cfg, warm = self.cfg, self.cfg.warmup_steps
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
         if cfg.schedule == "constant":
-            return 1.0
-        span = max(cfg.steps - warm, 1)
-        progress = min(max(step - warm, 0) / span, 1.0)
-        return cfg.min_lr + (1.0 - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return (step + 1) / warm if warm > 0 and step < warm else 1.0
+        return cosine_factor(step, cfg.steps, warm, cfg.min_lr)
 
     def test_top1(self) -> float:
         return top1(self.classifier, self.test, batch_size=self.cfg.eval_batch_size, device=self.device)

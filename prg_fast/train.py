@@ -251,6 +251,26 @@ def _rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
 
 
+def _config(cls, config, kwargs):
+    """A validated private copy of `config` (an instance of the dataclass `cls`, or None), with
+    keyword arguments overriding its fields: the shared `f(config=None, **fields)` convention."""
+    if config is None:
+        config = cls(**kwargs)
+    elif kwargs:
+        config = cls(**{**asdict(config), **kwargs})
+    return copy.deepcopy(config).validate()
+
+
+def cosine_factor(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
+    """Learning-rate multiplier at 0-based `step` of `total`: linear warm-up over `warmup` steps,
+    then a cosine from 1 down to `floor`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def _restore_rng_on_resume(ckpt: Dict[str, Any], ctx: "_Dist", device: torch.device, seed: int, step: int, say) -> None:
     """Continue this rank's random streams from a checkpoint; a checkpoint of another world size
     cannot be continued, so fresh streams start (the run continues correctly, it is just not
@@ -346,11 +366,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> PretrainResul
     """Train (or resume training of) a velocity network by flow matching; see the module doc.
     Call with a PretrainConfig or with its fields as keyword arguments. Every process of a
     torchrun job calls it; only rank 0 writes files."""
-    if config is None:
-        config = PretrainConfig(**kwargs)
-    elif kwargs:
-        config = PretrainConfig(**{**asdict(config), **kwargs})
-    cfg = copy.deepcopy(config).validate()
+    cfg = _config(PretrainConfig, config, kwargs)
     ctx = _init_distributed(cfg.device)
     try:
         return _Trainer(cfg, ctx).run()

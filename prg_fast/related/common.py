@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..train import (CHECKPOINT_NAME, CheckpointError, _atomic_write,
-                     _resolve_device, _rng_state, _seed_everything, _set_rng_state, build_model, load_checkpoint)
+from ..eval import linear_probe
+from ..train import (CHECKPOINT_NAME, CheckpointError, _atomic_write, _resolve_device, _rng_state,
+                     _seed_everything, _set_rng_state, build_model, cosine_factor, load_checkpoint)
 
 __all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "RunFiles", "cosine_factor",
            "linear_probe", "encode", "check_number", "check_int", "resolve_device", "seed_everything",
@@ -266,14 +267,6 @@ class RunFiles:
         _atomic_write(os.path.join(self.out, "log.csv"), lambda f: f.write(buf.getvalue().encode()))
 
 
-def cosine_factor(step: int, total: int, warmup: int) -> float:
-    """Learning-rate multiplier at 0-based `step` of `total`: linear warm-up, then cosine to 0."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(max(step - warmup, 0) / span, 1.0)))
-
-
 # -------------------------------------------------------------------------------------------------
 # evaluation helpers
 
@@ -292,27 +285,6 @@ def encode(encoder: nn.Module, data, *, batch_size: int = 256, device=None) -> T
     finally:
         encoder.train(was)
     return torch.cat(feats), data.labels.clone()
-
-
-def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0, C: Optional[float] = None) -> Dict[str, Any]:
-    """prg_fast.eval.linear_probe (logistic regression, C by cross-validation on the training split
-    only) when available, else the same with scikit-learn directly."""
-    try:
-        from ..eval import linear_probe as probe
-    except ImportError:  # pragma: no cover - eval.py is part of the package; this is a fallback
-        probe = None
-    if probe is not None:
-        return probe(train_x, train_y, test_x, test_y, seed=seed, C=C)
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0] if C is None else [C],
-                                                               max_iter=2000, random_state=seed))
-    clf.fit(train_x.numpy(), train_y.numpy())
-    return {"top1": float((clf.predict(test_x.numpy()) == test_y.numpy()).mean()),
-            "train_top1": float((clf.predict(train_x.numpy()) == train_y.numpy()).mean()),
-            "C": float(clf[-1].C_[0])}
 
 
 def pretrain_info(checkpoint: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:

@@ -29,7 +29,6 @@ step, encoder, encoder_config (ResNet(**encoder_config)), projector, optimizer, 
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -44,7 +43,7 @@ from ..data import load_data, parse_spec
 from .common import (ENCODERS, CheckpointError, RunFiles, ViewAugment, build_encoder, check_int, check_number,
                      cosine_factor, encode, linear_probe, load_flow, pretrain_info, resolve_device, rng_state,
                      seed_everything, set_rng_state)
-from ..train import _atomic_write
+from ..train import _atomic_write, _config
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
            "GENREP_FORMAT", "add_genrep", "run_genrep"]
@@ -204,11 +203,7 @@ class GenRepResult:
 def genrep(config: Optional[GenRepConfig] = None, **kwargs) -> GenRepResult:
     """Contrastive learning on generated anchor / neighbour views, then a linear probe on real data
     (see the module doc). Call with a GenRepConfig or its fields; resumes from `out`."""
-    if config is None:
-        config = GenRepConfig(**kwargs)
-    elif kwargs:
-        config = GenRepConfig(**{**asdict(config), **kwargs})
-    cfg = copy.deepcopy(config).validate()
+    cfg = _config(GenRepConfig, config, kwargs)
     return _GenRep(cfg).run()
 
 

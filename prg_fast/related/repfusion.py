@@ -38,7 +38,6 @@ Checkpoint format: a dict saved by torch.save, loads with weights_only=True:
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -50,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Augment, default_augment, load_data
+from ..train import _config
 from .common import (ENCODERS, RunFiles, build_encoder, check_int, check_number, cosine_factor, load_flow,
                      pretrain_info, resolve_device, rng_state, seed_everything, set_rng_state)
 
@@ -348,11 +348,7 @@ class RepFusionResult:
 def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> RepFusionResult:
     """Distil the pretrained flow's features into a student, then finetune it (see the module doc).
     Call with a RepFusionConfig or with its fields as keyword arguments; resumes from `out`."""
-    if config is None:
-        config = RepFusionConfig(**kwargs)
-    elif kwargs:
-        config = RepFusionConfig(**{**asdict(config), **kwargs})
-    cfg = copy.deepcopy(config).validate()
+    cfg = _config(RepFusionConfig, config, kwargs)
     return _RepFusion(cfg).run()
 
 
