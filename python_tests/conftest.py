@@ -48,3 +48,21 @@ def mlp():
 @pytest.fixture
 def conv():
     return ConvVelocity
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_checkpoint(tmp_path_factory):
+    """A tiny OT-CFM pretraining run on digits (40 steps, one thread), made once per session for
+    the tests of the related systems."""
+    from prg_fast.train import PretrainConfig, pretrain
+
+    out = str(tmp_path_factory.getbasetemp() / "related_pretrain")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(PretrainConfig(data="digits", path="otcfm", model="tiny", steps=40, batch_size=32, lr=1e-3, warmup=0,
+                                log_every=10, ckpt_every=40, num_samples=4, sample_steps=2, progress=False,
+                                device="cpu", out=out))
+    finally:
+        torch.set_num_threads(n)
+    return out

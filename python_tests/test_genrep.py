@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import prg_fast.related.genrep as gr
 from prg_fast.related.common import CheckpointError, ViewAugment
-from prg_fast.train import PretrainConfig, pretrain
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,19 +21,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def pretrained(tmp_path_factory):
-    """The tiny pretraining checkpoint of test_repfusion.py (same directory and arguments: when that
-    module ran first, this finds the finished run and returns at once)."""
-    out = str(tmp_path_factory.getbasetemp() / "related_pretrain")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pretrain(PretrainConfig(data="digits", path="otcfm", model="tiny", steps=40, batch_size=32, lr=1e-3, warmup=0,
-                                log_every=10, ckpt_every=40, num_samples=4, sample_steps=2, progress=False,
-                                device="cpu", out=out))
-    finally:
-        torch.set_num_threads(n)
-    return out
+def pretrained(tiny_flow_checkpoint):
+    return tiny_flow_checkpoint
 
 
 QUICK = dict(data="digits", batch_size=32, encoder="resnet-tiny", pool=64, neighbors=2, ode_steps=2, method="euler",
