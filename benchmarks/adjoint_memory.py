@@ -183,7 +183,7 @@ def main():
 
     torch.set_num_threads(torch.get_num_threads())
     print(f"device: {device_name(device)}; torch {torch.__version__}; prg_fast backend: "
-          f"{prg_fast.backends.resolve('auto', device)[0]}")
+          f"{prg_fast.ode.backends.resolve('auto', device)[0]}")
     print(f"model: UNet '{args.model}' ({sum(p.numel() for p in build(args, device, torch.float32)[0].parameters()) / 1e6:.2f}M params), "
           f"x: ({args.batch}, 3, {args.size}, {args.size}), method: {args.method}, "
           f"memory: {'max_memory_allocated' if cuda else 'peak RSS of a subprocess'}")

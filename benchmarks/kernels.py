@@ -36,7 +36,7 @@ try:
     import prg_fast  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prg_fast import backends, ops, reference  # noqa: E402
+from prg_fast.ode import backends, ops, reference  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 DTYPE_NAMES = {"float32": torch.float32, "bf16": torch.bfloat16}

@@ -115,7 +115,7 @@ def main():
     args.size = args.size or (32 if cuda or not args.quick else 16)
     args.reps = args.reps or (5 if cuda else (1 if args.quick else 3))
     print(f"device: {device_name(device)}; torch {torch.__version__}; backend "
-          f"{prg_fast.backends.resolve('auto', device)[0]}; K={args.steps} rk4_38; image {args.size}x{args.size}")
+          f"{prg_fast.ode.backends.resolve('auto', device)[0]}; K={args.steps} rk4_38; image {args.size}x{args.size}")
     rows = []
     for preset in args.presets:
         for batch in args.batches:

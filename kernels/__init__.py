@@ -4,5 +4,5 @@
                                      (operator prg_fast::stage_combine_triton)
 
 Importing this package never needs Triton; each kernel module sets `IMPORT_ERROR` (a sentence
-saying why) when it cannot provide its kernels, and `prg_fast.backends` reports it.
+saying why) when it cannot provide its kernels, and `prg_fast.ode.backends` reports it.
 """

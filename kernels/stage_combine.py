@@ -8,12 +8,12 @@ accumulated in float32 (float64 when base, the terms or out_dtype is float64), w
 out_dtype (default: base's dtype), at most 8 terms of one dtype, every shape equal to base's.
 
 It is a `torch.library.triton_op`, so torch.compile sees the Triton kernel itself; its autograd
-formula is the shared one of `prg_fast.ops.register_combine_op`. The kernel runs on CUDA tensors,
+formula is the shared one of `prg_fast.ode.ops.register_combine_op`. The kernel runs on CUDA tensors,
 and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
 imported; slow, for tests).
 
 `stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None)` has the signature of
-`prg_fast.reference.stage_combine` and is what `prg_fast.backends` calls; it splits sums of more
+`prg_fast.ode.reference.stage_combine` and is what `prg_fast.ode.backends` calls; it splits sums of more
 than 8 terms into chained calls (the partial sum is kept in the accumulation dtype, so the result
 is the same as one long sum).
 
@@ -257,7 +257,7 @@ if IMPORT_ERROR is None:
         # The fake kernel and autograd formula shared with the C++ operator. The fake kernel
         # replaces the one triton_op makes from the function above: that one launches the kernel
         # on fake tensors, which only works for compiled (not interpreted) Triton.
-        from prg_fast.ops import register_combine_op
+        from prg_fast.ode.ops import register_combine_op
 
         register_combine_op(QUALNAME)
 
@@ -280,7 +280,7 @@ if IMPORT_ERROR is None:
         out_dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
         """alpha * base + sum_j coeffs[j] * terms[j] by the Triton kernel (the signature of
-        prg_fast.reference.stage_combine). More than 8 terms are chained through a partial sum
+        prg_fast.ode.reference.stage_combine). More than 8 terms are chained through a partial sum
         in the accumulation dtype."""
         terms = list(terms)
         coeffs = [float(c) for c in coeffs]

@@ -6,19 +6,42 @@ kernels and an exact, memory-flat discrete adjoint; PRG (arXiv 2412.01787) on to
     ys = prg_fast.odeint(func, y0, t_grid)                             # torchdiffeq-style
 
 The package imports without its compiled part; `prg_fast.info()` says what is built and why not.
+Only the engine (`prg_fast.ode`) is imported eagerly; the PRG layer (paths, models, training, ...)
+is imported on first use, so `import prg_fast` costs an engine-only user nothing more.
 """
-from . import data, eval, models, paths, train
-from .api import generate, odeint, reverse, time_reversed
-from .classifier import PRGClassifier
-from .finetune import FinetuneConfig, finetune
-from .info import info
-from .losses import flow_matching_loss
-from .solvers import SOLVERS, ButcherTableau
-from .train import PretrainConfig, load_checkpoint, pretrain
+import importlib
 
-__all__ = [
-    "reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau",
-    "paths", "models", "data", "train", "flow_matching_loss", "pretrain", "PretrainConfig",
-    "load_checkpoint", "PRGClassifier", "eval", "finetune", "FinetuneConfig",
-]
-__version__ = "0.1.0"
+from .ode import SOLVERS, ButcherTableau, __version__, generate, info, odeint, reverse, time_reversed
+
+# public name -> (module, attribute or None for the module itself), imported on first access
+_LAZY = {
+    "data": ("prg_fast.data", None),
+    "eval": ("prg_fast.eval", None),
+    "models": ("prg_fast.models", None),
+    "paths": ("prg_fast.paths", None),
+    "train": ("prg_fast.train", None),
+    "PRGClassifier": ("prg_fast.classifier", "PRGClassifier"),
+    "FinetuneConfig": ("prg_fast.finetune", "FinetuneConfig"),
+    "finetune": ("prg_fast.finetune", "finetune"),
+    "flow_matching_loss": ("prg_fast.losses", "flow_matching_loss"),
+    "PretrainConfig": ("prg_fast.train", "PretrainConfig"),
+    "load_checkpoint": ("prg_fast.train", "load_checkpoint"),
+    "pretrain": ("prg_fast.train", "pretrain"),
+}
+
+__all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau", *_LAZY]
+
+
+def __getattr__(name):
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'prg_fast' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

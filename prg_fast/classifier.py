@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .api import reverse
-from .solvers import get_tableau
+from .ode import reverse
+from .ode.solvers import get_tableau
 
 __all__ = ["PRGClassifier", "feature_shape"]
 

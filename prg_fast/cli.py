@@ -81,7 +81,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def add_pretrain(subparsers) -> None:
     from .models.unet import PRESETS
     from .paths import PATHS
-    from .solvers import SOLVERS
+    from .ode import SOLVERS
     from .train import PretrainConfig
 
     d = PretrainConfig()
@@ -132,7 +132,7 @@ def add_info(subparsers) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .info import info
+    from .ode import info
 
     info()
     return 0

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .api import reverse
+from .ode import reverse
 
 __all__ = ["top1_accuracy", "extract_features", "linear_probe", "knn_accuracy", "save_features", "load_features",
            "probe_features"]

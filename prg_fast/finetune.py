@@ -162,7 +162,7 @@ class FinetuneConfig:
                 raise ValueError(f"save_at times must lie in [t0, t] = [{self.t0:g}, {self.t:g}], got {bad}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        from .solvers import get_tableau
+        from .ode.solvers import get_tableau
 
         get_tableau(self.method)
         if self.freeze_flow and self.from_scratch:
@@ -769,7 +769,7 @@ def _times_arg(text: str) -> List[float]:
 
 def _solver_arguments(p, steps_default, method_default, what: str) -> None:
     from .cli import positive_int
-    from .solvers import SOLVERS
+    from .ode import SOLVERS
 
     p.add_argument("--ode-steps", type=positive_int, default=steps_default, metavar="K",
                    help=f"fixed solver steps from t0 to t ({what})")

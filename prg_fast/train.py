@@ -145,7 +145,7 @@ class PretrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out must be a directory path, got {self.out!r}")
-        from .solvers import get_tableau
+        from .ode.solvers import get_tableau
 
         get_tableau(self.sample_method)  # raises with the list of methods
         return self
@@ -600,7 +600,7 @@ class _Trainer:
     def sample(self, n: int) -> torch.Tensor:
         """n samples from the EMA network: noise from a generator seeded by the run's seed (the
         same grid for the same weights), integrated t = 1 -> 0 with prg_fast.generate."""
-        from .api import generate
+        from .ode import generate
 
         gen = torch.Generator().manual_seed(self.cfg.seed)
         z = torch.randn((n, *self.data.shape), generator=gen).to(self.device)

@@ -17,7 +17,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("sanitize_cuda: skipped: needs a CUDA GPU")
         return 0
-    from prg_fast import ops, reference
+    from prg_fast.ode import ops, reference
 
     if ops.CUDA_ERROR:
         print(f"sanitize_cuda: skipped: needs prg_fast's CUDA ops: {ops.CUDA_ERROR}")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import prg_fast
-from prg_fast import ops, reference
-from prg_fast.solvers import SOLVERS
+from prg_fast.ode import ops, reference
+from prg_fast.ode.solvers import SOLVERS
 
 BACKENDS = ["reference"] + (["cpu"] if ops.HAS_OPS else [])
 METHODS = sorted(SOLVERS)
@@ -37,7 +37,7 @@ def test_adjoint_equals_backprop(mlp, method, backend, dtype, tol):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_adjoint_equals_textbook_backprop(mlp, method):
-    """Also against prg_fast.reference.rk_solve, an independent plain-autograd loop."""
+    """Also against prg_fast.ode.reference.rk_solve, an independent plain-autograd loop."""
     model = mlp(dim=3).double()
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     out = prg_fast.reverse(model, x, steps=5, method=method)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prg_fast
-from prg_fast import backends, ops, reference
+from prg_fast.ode import backends, ops, reference
 
 
 def test_reverse_matches_reference_on_every_backend(conv):
@@ -206,7 +206,7 @@ def test_imports_and_works_without_the_compiled_part():
 import sys, torch
 sys.modules["prg_fast._C"] = None  # makes `from . import _C` raise ImportError
 import prg_fast
-from prg_fast import backends
+from prg_fast.ode import backends
 text = prg_fast.info(print_out=False)
 assert "cpu ops    no: compiled extension prg_fast._C not importable" in text, text
 assert backends.resolve("auto", torch.device("cpu"))[0] == "reference"

@@ -1,4 +1,4 @@
-"""The CUDA kernel of prg_fast::stage_combine against prg_fast.reference, and reverse() with
+"""The CUDA kernel of prg_fast::stage_combine against prg_fast.ode.reference, and reverse() with
 backend="cuda" against backend="reference". Runs on a machine with a CUDA GPU and the CUDA ops built
 (`pytest -m cuda`); everywhere else every test here is skipped with the reason."""
 import itertools
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import prg_fast
-from prg_fast import ops, reference
-from prg_fast.solvers import SOLVERS
+from prg_fast.ode import ops, reference
+from prg_fast.ode.solvers import SOLVERS
 from combine_checks import pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
 
 
@@ -379,7 +379,7 @@ def test_reverse_cuda_bf16_network(mlp):
 
 
 def test_auto_backend_picks_cuda():
-    from prg_fast import backends
+    from prg_fast.ode import backends
 
     name, _ = backends.resolve("auto", torch.device(DEV))
     assert name == "cuda"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import prg_fast
-from prg_fast import graphs
+from prg_fast.ode import graphs
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

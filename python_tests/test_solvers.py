@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prg_fast
-from prg_fast.solvers import SOLVERS, ButcherTableau, get_tableau
+from prg_fast.ode.solvers import SOLVERS, ButcherTableau, get_tableau
 
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rk4_38": 4}
 

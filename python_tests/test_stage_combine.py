@@ -1,8 +1,8 @@
-"""The compiled CPU kernel of prg_fast::stage_combine against prg_fast.reference."""
+"""The compiled CPU kernel of prg_fast::stage_combine against prg_fast.ode.reference."""
 import pytest
 import torch
 
-from prg_fast import ops, reference
+from prg_fast.ode import ops, reference
 from combine_checks import pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason=f"compiled ops not built: {ops.CPU_ERROR}")

@@ -1,4 +1,4 @@
-"""The compiled Triton kernels on a GPU against prg_fast.reference (pytest -m cuda).
+"""The compiled Triton kernels on a GPU against prg_fast.ode.reference (pytest -m cuda).
 On CPU-only machines the same kernels are tested under the interpreter by test_triton_kernels.py."""
 import importlib.util
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prg_fast
-from prg_fast import reference
+from prg_fast.ode import reference
 from combine_checks import truth as _truth
 
 pytestmark = [

@@ -1,5 +1,5 @@
 """The Triton backend (prg_fast.kernels.stage_combine, operator prg_fast::stage_combine_triton)
-against prg_fast.reference, on the CPU under the Triton interpreter.
+against prg_fast.ode.reference, on the CPU under the Triton interpreter.
 
 TRITON_INTERPRET=1 must be set before triton (and with it prg_fast.kernels) is first imported, so
 it is set at the top of this module -- only where no GPU is visible: on a GPU machine the
@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import prg_fast  # noqa: E402
-from prg_fast import backends, reference  # noqa: E402
+from prg_fast.ode import backends, reference  # noqa: E402
 from combine_checks import pytorch_at_dtype as _pytorch_at_dtype, truth as _truth  # noqa: E402
 
 if importlib.util.find_spec("triton") is None:
@@ -288,7 +288,7 @@ def test_without_the_interpreter_in_a_subprocess():
     code = """
 import torch
 from torch._library.triton import get_triton_kernels_for_op
-from prg_fast import backends
+from prg_fast.ode import backends
 from prg_fast.kernels import stage_combine as tk
 assert tk.IMPORT_ERROR is None and not tk.INTERPRETED
 assert get_triton_kernels_for_op(tk.QUALNAME), "triton_op did not find the wrapped kernel"
@@ -311,7 +311,7 @@ def test_imports_without_triton_in_a_subprocess():
 import sys
 sys.modules["triton"] = None  # import triton -> ImportError
 import torch
-from prg_fast import backends
+from prg_fast.ode import backends
 from prg_fast.kernels import stage_combine as tk
 assert tk.IMPORT_ERROR == "triton not installed (pip install triton)", tk.IMPORT_ERROR
 assert not hasattr(tk, "_stage_combine_kernel")

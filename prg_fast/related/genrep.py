@@ -105,7 +105,7 @@ def _trunc_normal(out: torch.Tensor, bound: float, generator: Optional[torch.Gen
 @torch.no_grad()
 def generate_views(flow: nn.Module, z: torch.Tensor, *, steps: int, method: str) -> torch.Tensor:
     """Images for latents z: prg_fast.generate (t = 1 -> 0), clamped to [-1, 1]."""
-    from ..api import generate
+    from ..ode import generate
 
     return generate(flow, z, steps=steps, method=method).clamp(-1, 1)
 
@@ -177,7 +177,7 @@ class GenRepConfig:
             raise ValueError(f"pool ({self.pool}) must be 0 (online generation) or >= batch_size ({self.batch_size})")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
-        from ..solvers import get_tableau
+        from ..ode.solvers import get_tableau
 
         get_tableau(self.method)
         if self.checkpoint is None or not isinstance(self.checkpoint, str) or not self.checkpoint:
@@ -481,7 +481,7 @@ def _positive_float(text: str) -> float:
 
 def add_genrep(subparsers) -> None:
     from ..cli import add_run_arguments, nonnegative_float, nonnegative_int, positive_int
-    from ..solvers import SOLVERS
+    from ..ode import SOLVERS
 
     d = GenRepConfig()
     p = subparsers.add_parser(

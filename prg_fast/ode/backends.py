@@ -1,6 +1,6 @@
 """Which implementation of the fused stage arithmetic runs, and why the others cannot.
 
-A backend is a function with the signature of `prg_fast.reference.stage_combine`.
+A backend is a function with the signature of `prg_fast.ode.reference.stage_combine`.
 "auto" picks cuda > triton > cpu > reference among those that are built and fit the tensor's
 device (interpreted Triton on the CPU is for tests only and is never picked by "auto").
 """
@@ -24,7 +24,7 @@ def _load_triton():
     if _triton_combine is not None or _TRITON_ERROR is not None:
         return
     try:
-        from .kernels import stage_combine as triton_module  # installed from kernels/
+        from prg_fast.kernels import stage_combine as triton_module  # installed from kernels/ (below the engine)
     except ImportError as e:
         _TRITON_ERROR = f"Triton kernels not importable ({e}); install triton"
         return

@@ -18,13 +18,13 @@ CPU_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.prg_fast.*)
+    from .. import _C  # noqa: F401  (the compiled bottom layer; loading it registers torch.ops.prg_fast.*)
 except ImportError as e:  # pragma: no cover - depends on the build
     CPU_ERROR = f"compiled extension prg_fast._C not importable ({e}); build with `pip install --no-build-isolation -e .`"
 
 
 def build_info() -> dict:
-    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_build_info.json")
     try:
         with open(path) as f:
             return json.load(f)
@@ -34,7 +34,7 @@ def build_info() -> dict:
 
 if CPU_ERROR is None:
     try:
-        from . import _C_cuda  # noqa: F401
+        from .. import _C_cuda  # noqa: F401
     except ImportError as e:
         info = build_info()
         if info and not info.get("cuda_built", False):

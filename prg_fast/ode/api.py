@@ -13,6 +13,7 @@ import torch
 
 from . import backends
 from .adjoint import AdjointSolve
+from .graphs import graphed_solve
 from .integrate import Problem, solve
 from .solvers import get_tableau
 
@@ -226,9 +227,7 @@ def reverse(
                   batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
                   preserve_rng_state=preserve_rng_state)
     if cuda_graph:
-        from .graphs import graphed_solve
-
-        out = graphed_solve(model, x, grid, index, **kwargs)
+        out = graphed_solve(_solve, model, x, grid, index, **kwargs)
     else:
         out = _solve(model, x, grid, index, **kwargs)
     return out[0] if save_at is None else out
@@ -264,9 +263,7 @@ def generate(
     if kwargs:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
     if cuda_graph:
-        from .graphs import graphed_solve
-
-        return graphed_solve(model, z, grid, index, **opts)[0]
+        return graphed_solve(_solve, model, z, grid, index, **opts)[0]
     return _solve(model, z, grid, index, **opts)[0]
 
 

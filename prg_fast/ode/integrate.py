@@ -1,7 +1,7 @@
 """The one integration loop behind reverse, generate and odeint, for every tableau and backend.
 
 A `Problem` holds everything fixed for a solve; `solve` runs it with plain autograd (or under
-no_grad), `prg_fast.adjoint.AdjointSolve` runs it without a graph and differentiates it exactly.
+no_grad), `prg_fast.ode.adjoint.AdjointSolve` runs it without a graph and differentiates it exactly.
 All stage arithmetic goes through `problem.combine` (a fused kernel, or the reference).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Exact discrete adjoint: the gradient of the fixed-step solve itself, not of the ODE.
 
-Forward: the loop of prg_fast.integrate without a graph, keeping only each network input
+Forward: the loop of prg_fast.ode.integrate without a graph, keeping only each network input
 (K steps x s stages state-sized buffers). Backward, for step n with output cotangent lam:
 
     for i = s-1 .. 0:   g_i  = h b_i lam + h sum_{m>i} a_mi mu_m     (cotangent of k_i; fused)

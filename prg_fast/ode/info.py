@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 
 from . import backends, ops
+from .version import __version__
 
 
 def info(print_out: bool = True) -> str:
     build = ops.build_info()
     status = backends.status()
-    lines = [f"prg_fast {__import__('prg_fast').__version__} on torch {torch.__version__}"]
+    lines = [f"prg_fast {__version__} on torch {torch.__version__}"]
     if build:
         lines.append(f"  built against torch {build.get('torch')}")
 

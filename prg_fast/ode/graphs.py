@@ -16,9 +16,8 @@ import torch
 _CACHE: "weakref.WeakKeyDictionary[object, Dict[Tuple, Tuple]]" = weakref.WeakKeyDictionary()
 
 
-def graphed_solve(model, x: torch.Tensor, grid: List[float], index: List[int], **kwargs) -> torch.Tensor:
-    from .api import _solve
-
+def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[int], **kwargs) -> torch.Tensor:
+    """Run `solve(model, x, grid, index, **kwargs)` (api's solve) through a captured graph."""
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         where = x.device if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"cuda_graph=True needs x on a CUDA device, got {where}")
@@ -37,11 +36,11 @@ def graphed_solve(model, x: torch.Tensor, grid: List[float], index: List[int], *
         stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):  # warm-up outside the graph (lazy init, cuDNN/cuBLAS autotuning)
-                _solve(model, static_x, grid, index, **kwargs)
+                solve(model, static_x, grid, index, **kwargs)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):
-            static_out = _solve(model, static_x, grid, index, **kwargs)
+            static_out = solve(model, static_x, grid, index, **kwargs)
         entry = per_model[key] = (graph, static_x, static_out)
     graph, static_x, static_out = entry
     static_x.copy_(x)

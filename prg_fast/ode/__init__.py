@@ -1,0 +1,21 @@
+"""The ODE engine: fixed-step Runge-Kutta solves with fused stage kernels and exact discrete adjoints.
+
+It imports nothing above itself (no paths, models or training), so an engine-only user pays for the
+engine alone. The modules, bottom to top:
+
+    solvers     Butcher tableaus (solvers are data)
+    reference   the pure-PyTorch oracle every kernel and strategy is tested against
+    ops         the torch.library layer over the compiled kernels (prg_fast._C, prg_fast._C_cuda)
+    backends    which implementation of the stage arithmetic runs, and why the others cannot
+    integrate   the one integration loop
+    adjoint     exact discrete adjoint strategies
+    graphs      CUDA-graph replay of no-grad solves
+    api         reverse / generate / odeint / time_reversed
+    info        what was built, and why not
+"""
+from .api import generate, odeint, reverse, time_reversed
+from .info import info
+from .solvers import SOLVERS, ButcherTableau
+from .version import __version__
+
+__all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau", "__version__"]
