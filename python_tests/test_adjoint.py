@@ -1,5 +1,7 @@
 """The exact discrete adjoint equals plain backprop through the same solver, for x and for every
 parameter, on every method and backend; float64 gradcheck; memory kept for backward is flat in K."""
+import copy
+
 import pytest
 import torch
 
@@ -238,3 +240,84 @@ def test_backward_recomputes_under_the_forwards_autocast(mlp):
         ref = prg_fast.reverse(f, x, steps=2, method="heun", adjoint=False)
     (g_ref,) = torch.autograd.grad(ref.sum(), [x])
     assert _rel_err(x.grad, g_ref) < 2e-2  # same bf16 evaluations, float32 vs bf16 cotangent sums
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 9: models that used to break the adjoint (aliased gradients, outputs without a graph,
+# autocast). Each is compared with plain backprop through the same solver in float64.
+
+
+class _AliasingVelocity(torch.nn.Module):
+    """Velocities whose parameters receive the very tensor autograd returns for x (an x-shaped
+    additive parameter) or for each other (two summed output offsets), or that have no graph."""
+
+    def __init__(self, kind: str, dim: int = 5, batch: int = 3):
+        super().__init__()
+        self.kind = kind
+        self.lin = torch.nn.Linear(dim, dim).double()
+        self.pos = torch.nn.Parameter(torch.randn(batch, dim, dtype=torch.float64))
+        self.w1 = torch.nn.Parameter(torch.randn(batch, dim, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(torch.randn(batch, dim, dtype=torch.float64))
+
+    def forward(self, t, x):
+        if self.kind == "positional":
+            return torch.tanh(self.lin(x + self.pos))
+        if self.kind == "offsets":
+            return torch.tanh(x) + self.w1 + self.w2
+        if self.kind == "zero":
+            return torch.zeros_like(x)
+        return torch.sin(t)[:, None].expand_as(x).clone()  # a function of t only
+
+
+def _grads_through(model, x, adjoint, method, **kw):
+    z = prg_fast.reverse(model, x, steps=3, method=method, adjoint=adjoint, **kw)
+    weights = torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z)
+    inputs = [x] + list(model.parameters())
+    grads = torch.autograd.grad((z * weights).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, inputs)]
+
+
+@pytest.mark.parametrize("kind", ["positional", "offsets", "zero", "t_only"])
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_adjoint_exact_for_aliasing_and_graphless_velocities(kind, method):
+    model = _AliasingVelocity(kind)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    adj = _grads_through(model, x, True, method)
+    ref = _grads_through(model, x, False, method)
+    for a, r in zip(adj, ref):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-12), (kind, method, (a - r).abs().max().item())
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_autocast_around_reverse(adjoint):
+    """Users write torch.autocast, not model_dtype=: the network runs in bf16, the state stays
+    float32, the output has x's dtype, and the adjoint's gradients are within twice PyTorch's own
+    bf16 error of plain backprop (the flash-attention rule)."""
+    torch.manual_seed(1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(7, 32), torch.nn.Tanh(), torch.nn.Linear(32, 6))
+
+        def forward(self, t, x):
+            return self.body(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+
+    net = Net()
+    x = torch.randn(4, 6)
+
+    def grads(model, xx, adj, autocast):
+        xx = xx.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = prg_fast.reverse(model, xx, steps=4, method="rk4", adjoint=adj)
+        assert z.dtype == xx.dtype
+        inputs = [xx] + list(model.parameters())
+        return torch.autograd.grad(z.square().sum(), inputs)
+
+    ref = grads(copy.deepcopy(net).double(), x.double(), False, False)
+    plain_bf16 = grads(net, x, False, True)
+    ours = grads(net, x, adjoint, True)
+    for o, p, r in zip(ours, plain_bf16, ref):
+        torch_err = (p.double() - r).abs().max().item()
+        our_err = (o.double() - r).abs().max().item()
+        assert our_err <= 2 * torch_err + 1e-6, (our_err, torch_err)

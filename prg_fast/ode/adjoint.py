@@ -79,14 +79,23 @@ class AdjointSolve(torch.autograd.Function):
                             k = p.evaluate(t + tab.c[i] * h, xi)
                     else:
                         k = p.evaluate(t + tab.c[i] * h, xi)
-                    grads = torch.autograd.grad(k, [xi] + params, g, allow_unused=True)
+                    # An evaluation whose output reads neither the state nor a parameter (a zero
+                    # velocity, a function of t only) has no graph: it contributes nothing.
+                    if k.requires_grad:
+                        grads = torch.autograd.grad(k, [xi] + params, g, allow_unused=True)
+                    else:
+                        grads = [None] * (1 + len(params))
                 del k
                 mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
                 for q, gq in enumerate(grads[1:]):
                     if gq is None:
                         continue
-                    gq = gq.to(acc_dtype[q])
-                    param_grads[q] = gq if param_grads[q] is None else param_grads[q].add_(gq)
+                    # Autograd may hand back one tensor for several inputs (x and a parameter, two
+                    # parameters): the accumulator is a buffer of our own, never a returned tensor.
+                    if param_grads[q] is None:
+                        param_grads[q] = gq.to(acc_dtype[q], copy=True)
+                    else:
+                        param_grads[q].add_(gq)
             live = [mu for mu in mus if mu is not None]
             if live:
                 lam = combine(lam, live, [1.0] * len(live), 1.0, p.state_dtype)

@@ -38,7 +38,13 @@ class Problem:
 
     def evaluate(self, t: float, x_net: torch.Tensor) -> torch.Tensor:
         k = self.func(self.time(t, x_net), x_net)
-        if not isinstance(k, torch.Tensor) or k.shape != x_net.shape or k.dtype != self.net_dtype:
+        # Under torch.autocast the network returns the autocast dtype; the kernels accumulate in
+        # float32 whatever the terms' dtype, so any floating output is fine there.
+        dtype_ok = k.dtype == self.net_dtype if isinstance(k, torch.Tensor) else False
+        if not dtype_ok and isinstance(k, torch.Tensor) and k.is_floating_point():
+            dev = x_net.device.type
+            dtype_ok = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+        if not isinstance(k, torch.Tensor) or k.shape != x_net.shape or not dtype_ok:
             got = f"{tuple(k.shape)} {k.dtype}" if isinstance(k, torch.Tensor) else type(k).__name__
             raise ValueError(
                 f"model output must be a tensor shaped and typed like its input x "
