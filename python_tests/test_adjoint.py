@@ -127,16 +127,15 @@ def test_dropout_is_replayed_exactly(mlp):
         assert _rel_err(u, v) < 1e-12
 
 
-def test_hidden_grad_tensors_are_reported():
+def test_closed_over_leaves_get_their_gradient():
+    # Issue 9 changed this from an error to automatic discovery: with or without adjoint_params.
     w = torch.randn(3, 3, requires_grad=True)
     f = lambda t, y: y @ w  # noqa: E731
     x = torch.randn(2, 3, requires_grad=True)
-    with pytest.raises(ValueError, match="adjoint_params"):
-        prg_fast.reverse(f, x, steps=2)
-    out = prg_fast.reverse(f, x, steps=2, adjoint_params=[w])
-    (gw,) = torch.autograd.grad(out.sum(), [w])
     (gw_ref,) = torch.autograd.grad(prg_fast.reverse(f, x, steps=2, adjoint=False).sum(), [w])
-    torch.testing.assert_close(gw, gw_ref)
+    for kw in ({}, {"adjoint_params": [w]}):
+        (gw,) = torch.autograd.grad(prg_fast.reverse(f, x, steps=2, **kw).sum(), [w])
+        torch.testing.assert_close(gw, gw_ref)
 
 
 def test_no_grad_and_frozen_inputs(mlp):
@@ -321,3 +320,60 @@ def test_autocast_around_reverse(adjoint):
         torch_err = (p.double() - r).abs().max().item()
         our_err = (o.double() - r).abs().max().item()
         assert our_err <= 2 * torch_err + 1e-6, (our_err, torch_err)
+
+
+def _closure_cases():
+    """(name, velocity, leaves it reads) for velocities whose differentiable tensors are not all
+    parameters of the callable handed to the solver."""
+    torch.manual_seed(2)
+    A = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    return [
+        ("plain closure", lambda t, x: torch.tanh(x @ A + b), [A, b], None),
+        ("partial adjoint_params", lambda t, x: torch.tanh(x @ A + b), [A, b], [A]),
+        ("time_reversed(lambda)", prg_fast.time_reversed(lambda t, x: net(x) * t[:, None]), list(net.parameters()), None),
+        ("closure over a module", lambda t, x: net(x), list(net.parameters()), None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_adjoint_discovers_what_the_velocity_reads(case, method):
+    name, func, leaves, adjoint_params = _closure_cases()[case]
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def grads(adjoint):
+        z = prg_fast.reverse(func, x, steps=3, method=method, adjoint=adjoint, adjoint_params=adjoint_params)
+        return torch.autograd.grad(z.sin().sum(), [x] + leaves)
+
+    for a, r in zip(grads(True), grads(False)):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-12), name
+
+
+def test_odeint_closure_over_module_with_default_adjoint():
+    net = torch.nn.Linear(3, 3).double()
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t)
+    g_adj = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, adjoint=False)
+    g_ref = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
+    for a, r in zip(g_adj, g_ref):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-12)
+
+
+def test_non_leaf_closure_is_a_clear_error():
+    A = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    W = A * 2  # made outside the velocity: its graph cannot be re-entered once per evaluation
+    with pytest.raises(ValueError, match="adjoint_params"):
+        prg_fast.reverse(lambda t, x: torch.tanh(x @ W), x, steps=2)
+
+    def grad_wrt_A(adjoint):  # passing W as adjoint_params makes the adjoint exact
+        W = A * 2
+        z = prg_fast.reverse(lambda t, x: torch.tanh(x @ W), x, steps=2, adjoint=adjoint,
+                             adjoint_params=[W] if adjoint else None)
+        return torch.autograd.grad(z.sum(), A)[0]
+
+    assert torch.allclose(grad_wrt_A(True), grad_wrt_A(False), rtol=1e-9)

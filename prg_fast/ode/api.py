@@ -14,7 +14,7 @@ import torch
 from . import backends
 from .adjoint import AdjointSolve
 from .graphs import graphed_solve
-from .integrate import Problem, solve
+from .integrate import Problem, capture_rng, restore_rng, solve
 from .solvers import get_tableau
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -131,17 +131,45 @@ def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
-def _check_no_hidden_grad(func, problem: Problem, x: torch.Tensor) -> None:
-    """A plain function that closes over tensors requiring grad would silently get no gradient for
-    them from the adjoint; detect it on the first evaluation and say what to do."""
+def _discover_params(problem: Problem, x: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
+    module parameters, tensors closed over by a plain function, modules inside wrappers such as
+    time_reversed(lambda ...), the rest of a partial adjoint_params list.
+
+    One evaluation at the first grid point is run with a graph (under the caller's random state,
+    restored afterwards, so dropout draws are unchanged) and its graph is walked: every leaf that
+    requires grad is added. A non-leaf tensor requiring grad that was made outside the velocity
+    (say W = A @ B closed over) cannot be added as a leaf, and differentiating through its graph
+    once per evaluation would be wrong, so it is an error that says to pass it as adjoint_params.
+    Cost: one extra network evaluation per differentiated call."""
+    known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
     with torch.enable_grad():
-        probe = x.detach().to(problem.net_dtype)
-        k = problem.evaluate(problem.grid[0], probe)
-    if k.requires_grad:
-        raise ValueError(
-            "model depends on tensors that require grad but are not nn.Module parameters; "
-            "pass them as adjoint_params=[...] (or use adjoint=False)"
-        )
+        before = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+        probe = x.detach().to(problem.net_dtype).requires_grad_(True)
+        with restore_rng(capture_rng(x.device), x.device):
+            k = problem.evaluate(problem.grid[0], probe)
+    found = list(params)
+    if not k.requires_grad:
+        return found
+    seen, stack = set(), [k.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in known_nodes:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:  # AccumulateGrad: a leaf that requires grad
+            if leaf is not probe and not any(leaf is p for p in found):
+                found.append(leaf)
+            continue
+        if node._sequence_nr() < before:
+            raise ValueError(
+                f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
+                "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
+                "(or compute it inside the model, or use adjoint=False)"
+            )
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
 
 
 def _solve(
@@ -179,9 +207,9 @@ def _solve(
         check_finite=check_finite,
         params=params,
     )
+    if adjoint and torch.is_grad_enabled():
+        problem.params = params = _discover_params(problem, x, params)
     if adjoint and _needs_grad(x, params):
-        if not params and not isinstance(func, torch.nn.Module):
-            _check_no_hidden_grad(func, problem, x)
         out = AdjointSolve.apply(problem, preserve_rng_state, x, *params)
     else:
         out = solve(problem, x)
