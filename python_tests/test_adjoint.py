@@ -377,3 +377,19 @@ def test_non_leaf_closure_is_a_clear_error():
         return torch.autograd.grad(z.sum(), A)[0]
 
     assert torch.allclose(grad_wrt_A(True), grad_wrt_A(False), rtol=1e-9)
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_in_place_input_modification_is_an_error(adjoint):
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, t, x):
+            x.mul_(0.5)
+            return self.lin(x)
+
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="in place"):
+        prg_fast.reverse(InPlace(), x * 1, steps=2, adjoint=adjoint).sum().backward()

@@ -147,7 +147,8 @@ def _discover_params(problem: Problem, x: torch.Tensor, params: List[torch.Tenso
         before = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
         probe = x.detach().to(problem.net_dtype).requires_grad_(True)
         with restore_rng(capture_rng(x.device), x.device):
-            k = problem.evaluate(problem.grid[0], probe)
+            # a non-leaf copy, so a model writing into its input meets the solver's own check
+            k = problem.evaluate(problem.grid[0], probe.clone())
     found = list(params)
     if not k.requires_grad:
         return found

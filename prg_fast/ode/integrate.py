@@ -37,7 +37,15 @@ class Problem:
         return torch.tensor(t, dtype=self.state_dtype, device=x.device)
 
     def evaluate(self, t: float, x_net: torch.Tensor) -> torch.Tensor:
+        version = x_net._version
         k = self.func(self.time(t, x_net), x_net)
+        if x_net._version != version:
+            # The adjoint stores this very tensor as the stage input it recomputes from.
+            raise RuntimeError(
+                f"model modified its input x in place at t={t:g}; the solver keeps that tensor "
+                "(stage input) for the gradient, so the model must not write into it (use an "
+                "out-of-place op, e.g. x = x + y instead of x += y)"
+            )
         # Under torch.autocast the network returns the autocast dtype; the kernels accumulate in
         # float32 whatever the terms' dtype, so any floating output is fine there.
         dtype_ok = k.dtype == self.net_dtype if isinstance(k, torch.Tensor) else False
