@@ -30,7 +30,8 @@ so dropout is replayed exactly.
 
 Gradients are exact for this scheme's arithmetic up to the rounding of the reconstruction: they
 equal plain backprop through the same reversible scheme (`reversible=True, adjoint=False`, which
-runs `solve_reversible` below under ordinary autograd) to ~1e-12 relative in float64.
+runs `solve_reversible` below under ordinary autograd) to ~1e-12 relative in float64 (measured
+~1e-15 on small MLPs); in float32 the reconstruction's rounding shows, ~5e-7 relative measured.
 """
 from __future__ import annotations
 
