@@ -15,6 +15,7 @@ from . import backends
 from .adjoint import AdjointSolve
 from .graphs import graphed_solve
 from .integrate import Problem, capture_rng, restore_rng, solve
+from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
 from .solvers import get_tableau
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -131,6 +132,10 @@ def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _discover_params(problem: Problem, x: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
     module parameters, tensors closed over by a plain function, modules inside wrappers such as
@@ -146,7 +151,9 @@ def _discover_params(problem: Problem, x: torch.Tensor, params: List[torch.Tenso
     with torch.enable_grad():
         before = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
         probe = x.detach().to(problem.net_dtype).requires_grad_(True)
-        with restore_rng(capture_rng(x.device), x.device):
+        # The probe's graph is thrown away: the caller's saved-tensor hooks (save_on_cpu, ...)
+        # are for the solve's saved tensors, not for it (innermost hooks win).
+        with restore_rng(capture_rng(x.device), x.device), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             # a non-leaf copy, so a model writing into its input meets the solver's own check
             k = problem.evaluate(problem.grid[0], probe.clone())
     found = list(params)
@@ -187,6 +194,8 @@ def _solve(
     check_finite: bool,
     model_dtype: Optional[torch.dtype],
     preserve_rng_state: bool,
+    reversible: bool = False,
+    reversible_coupling: float = DEFAULT_COUPLING,
 ) -> torch.Tensor:
     if not callable(func):
         raise TypeError(f"model must be callable as model(t, x), got {type(func).__name__}")
@@ -208,9 +217,17 @@ def _solve(
         check_finite=check_finite,
         params=params,
     )
+    if not isinstance(reversible, bool):
+        raise TypeError(f"reversible must be True or False, got {reversible!r}")
     if adjoint and torch.is_grad_enabled():
         problem.params = params = _discover_params(problem, x, params)
-    if adjoint and _needs_grad(x, params):
+    if reversible:
+        coupling = check_coupling(reversible_coupling)
+        if adjoint and _needs_grad(x, params):
+            out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, x, *params)
+        else:
+            out = solve_reversible(problem, x, coupling)
+    elif adjoint and _needs_grad(x, params):
         out = AdjointSolve.apply(problem, preserve_rng_state, x, *params)
     else:
         out = solve(problem, x)
@@ -233,6 +250,8 @@ def reverse(
     model_dtype: Optional[torch.dtype] = None,
     preserve_rng_state: bool = True,
     cuda_graph: bool = False,
+    reversible: bool = False,
+    reversible_coupling: float = DEFAULT_COUPLING,
 ) -> torch.Tensor:
     """Integrate dx/dt = model(t, x) from t0 (data end) up to t (noise end) in `steps` fixed steps.
 
@@ -245,6 +264,12 @@ def reverse(
     parameters'); the solver state stays float32 (float64 for float64 x). `preserve_rng_state`
     replays the random state of each evaluation in the backward (exact gradients with dropout).
     `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it.
+    `reversible=True` solves with the algebraically reversible scheme built on `method`
+    (McCallum & Foster 2024; prg_fast.ode.reversible): same order as the base tableau, 2*stages
+    evaluations per step forward and 2*stages recomputed evaluations + VJPs per step backward,
+    and the adjoint stores only the final state pair (memory flat in `steps`); exact gradients of
+    that scheme. `reversible_coupling` is its lam in (0, 1], default 0.999 as the paper recommends
+    (lam < 1 gives a nonzero stability region; lam near 1 keeps the inverse exact to rounding).
     """
     _check_x(x)
     steps = _check_steps(steps)
@@ -254,7 +279,8 @@ def reverse(
     grid, index = _merge_grid(t0, t1, steps, save_at)
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                   batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
-                  preserve_rng_state=preserve_rng_state)
+                  preserve_rng_state=preserve_rng_state, reversible=reversible,
+                  reversible_coupling=reversible_coupling)
     if cuda_graph:
         out = graphed_solve(_solve, model, x, grid, index, **kwargs)
     else:
@@ -288,7 +314,9 @@ def generate(
     opts = dict(method=method, adjoint=adjoint, backend=backend,
                 adjoint_params=kwargs.pop("adjoint_params", None), batch_time=True,
                 check_finite=check_finite, model_dtype=model_dtype,
-                preserve_rng_state=kwargs.pop("preserve_rng_state", True))
+                preserve_rng_state=kwargs.pop("preserve_rng_state", True),
+                reversible=kwargs.pop("reversible", False),
+                reversible_coupling=kwargs.pop("reversible_coupling", DEFAULT_COUPLING))
     if kwargs:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
     if cuda_graph:
@@ -308,6 +336,8 @@ def odeint(
     check_finite: bool = False,
     model_dtype: Optional[torch.dtype] = None,
     preserve_rng_state: bool = True,
+    reversible: bool = False,
+    reversible_coupling: float = DEFAULT_COUPLING,
 ) -> torch.Tensor:
     """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
@@ -331,4 +361,5 @@ def odeint(
         raise ValueError("t must be strictly increasing or strictly decreasing")
     return _solve(func, y0, grid, list(range(len(grid))), method=method, adjoint=adjoint, backend=backend,
                   adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
-                  model_dtype=model_dtype, preserve_rng_state=preserve_rng_state)
+                  model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
+                  reversible=reversible, reversible_coupling=reversible_coupling)

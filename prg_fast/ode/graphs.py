@@ -27,7 +27,8 @@ def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         raise ValueError("cuda_graph=True is for inference: call it under torch.no_grad() (or torch.inference_mode())")
     key = (tuple(x.shape), x.dtype, x.device, x.stride(), tuple(grid), tuple(index),
-           str(kwargs.get("method")), kwargs.get("backend"), kwargs.get("model_dtype"))
+           str(kwargs.get("method")), kwargs.get("backend"), kwargs.get("model_dtype"),
+           kwargs.get("reversible"), kwargs.get("reversible_coupling"))
     per_model = _CACHE.setdefault(model, {})
     entry = per_model.get(key)
     if entry is None:

@@ -1,0 +1,197 @@
+"""Algebraically reversible Runge-Kutta (McCallum & Foster 2024, arXiv 2410.11648): exact gradients
+at memory O(1) in the number of steps K.
+
+Any explicit tableau gives a base step x -> x + Psi_h(t, x) (Psi_h = h sum_i b_i k_i). The reversible
+scheme carries two states (y, z), both starting at x0, and steps
+
+    y_{n+1} = lam y_n + (1 - lam) z_n + Psi_h(t_n, z_n)
+    z_{n+1} = z_n - Psi_{-h}(t_{n+1}, y_{n+1})
+
+whose exact algebraic inverse is
+
+    z_n = z_{n+1} + Psi_{-h}(t_{n+1}, y_{n+1})
+    y_n = (y_{n+1} - (1 - lam) z_n - Psi_h(t_n, z_n)) / lam.
+
+The returned solution is y. The scheme has the order of its base tableau (tested).
+
+Coupling `lam` (`reversible_coupling=`, in (0, 1]): the paper recommends lam = 0.999. lam = 1 makes
+the inverse free of division but the scheme then has an empty region of linear stability (y and z
+decouple into a leapfrog-like oscillation that never decays); lam < 1 damps y towards z and gives a
+nonzero stability region. The inverse divides by lam, so a small lam amplifies the rounding error of
+the reconstruction by 1/lam per step; lam close to 1 keeps the reconstruction exact to rounding
+(in float64 the initial state is recovered to ~1e-12 after tens of steps).
+
+Cost, with s the number of stages: forward 2s evaluations per step (Psi_h and Psi_{-h}), twice the
+base solver; backward 2s evaluations recomputed with graph plus their 2s vector-Jacobian products
+per step (the recomputation of the inverse step doubles as the recomputation for the VJPs). Stored
+for the backward: only the final pair (y_K, z_K) -- two state-sized tensors whatever K and whatever
+outputs are requested -- plus, with preserve_rng_state, two small random-generator states per step
+so dropout is replayed exactly.
+
+Gradients are exact for this scheme's arithmetic up to the rounding of the reconstruction: they
+equal plain backprop through the same reversible scheme (`reversible=True, adjoint=False`, which
+runs `solve_reversible` below under ordinary autograd) to ~1e-12 relative in float64 (measured
+~1e-15 on small MLPs); in float32 the reconstruction's rounding shows, ~5e-7 relative measured.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .integrate import Problem, capture_rng, restore_rng
+
+DEFAULT_COUPLING = 0.999
+
+
+def check_coupling(coupling) -> float:
+    if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not 0.0 < float(coupling) <= 1.0:
+        raise ValueError(f"reversible_coupling must be a number in (0, 1], got {coupling!r}")
+    return float(coupling)
+
+
+def _base_step(p: Problem, t: float, h: float, x: torch.Tensor) -> torch.Tensor:
+    """x + Psi_h(t, x): one step of the base tableau (state dtype)."""
+    ks: List[torch.Tensor] = []
+    tab = p.tableau
+    for i in range(tab.stages):
+        ks.append(p.evaluate(t + tab.c[i] * h, p.stage_input(x, ks, i, h)))
+    return p.step_output(x, ks, h)
+
+
+def _forward_step(p, lam, n, y, z, rng: Optional[list]):
+    t0, t1 = p.grid[n], p.grid[n + 1]
+    h = t1 - t0
+    if rng is not None:
+        rng.append(capture_rng(y.device))
+    fz = _base_step(p, t0, h, z)  # z + Psi_h(t0, z)
+    # lam y + (1 - lam) z + (fz - z) = lam y - lam z + fz
+    y = p.combine(fz, [y, z], [lam, -lam], 1.0, p.state_dtype)
+    if rng is not None:
+        rng.append(capture_rng(y.device))
+    gy = _base_step(p, t1, -h, y)  # y + Psi_{-h}(t1, y)
+    z = p.combine(z, [y, gy], [1.0, -1.0], 1.0, p.state_dtype)
+    return y, z
+
+
+def _run(p: Problem, x: torch.Tensor, lam: float, rng: Optional[list]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    want = set(p.out_index)
+    y = z = x
+    saved = {0: x} if 0 in want else {}
+    for n in range(p.steps):
+        y, z = _forward_step(p, lam, n, y, z, rng)
+        p.check(y, n)
+        if n + 1 in want:
+            saved[n + 1] = y
+    return [saved[i] for i in p.out_index], y, z
+
+
+def solve_reversible(problem: Problem, x: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> torch.Tensor:
+    """The reversible scheme under ordinary autograd (or no_grad): the oracle for ReversibleSolve.
+    Returns the y states at problem.out_index stacked on dim 0."""
+    outs, _, _ = _run(problem, x.to(problem.state_dtype), check_coupling(coupling), None)
+    return torch.stack(outs)
+
+
+def final_pair(problem: Problem, x: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y_K, z_K) of the reversible scheme from x, no graph (what ReversibleSolve keeps)."""
+    with torch.no_grad():
+        _, y, z = _run(problem, x.to(problem.state_dtype), check_coupling(coupling), None)
+    return y, z
+
+
+def invert(problem: Problem, y: torch.Tensor, z: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Walk the exact inverse step from the final pair (y_K, z_K) back to (y_0, z_0), no graph."""
+    lam = check_coupling(coupling)
+    with torch.no_grad():
+        for n in reversed(range(problem.steps)):
+            y, z = _inverse_step(problem, lam, n, y, z)
+    return y, z
+
+
+def _inverse_step(p, lam, n, y, z):
+    t0, t1 = p.grid[n], p.grid[n + 1]
+    h = t1 - t0
+    gy = _base_step(p, t1, -h, y)
+    z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
+    fz = _base_step(p, t0, h, z)
+    # y_n = (y_{n+1} + lam z_n - F(z_n)) / lam
+    y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
+    return y, z
+
+
+class ReversibleSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, x: torch.Tensor, *params: torch.Tensor):
+        lam = check_coupling(coupling)
+        rng: Optional[list] = [] if preserve_rng else None
+        outs, y, z = _run(problem, x.to(problem.state_dtype), lam, rng)
+        # The final pair is all the backward needs: every earlier state is reconstructed by the
+        # exact inverse step. Saved through autograd so saved-tensor hooks apply and it is freed.
+        ctx.save_for_backward(y, z)
+        ctx.problem, ctx.lam, ctx.rng = problem, lam, rng
+        ctx.x_dtype, ctx.device = x.dtype, x.device
+        dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ("cpu", "cuda") else (False, None)
+        return torch.stack(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        p: Problem = ctx.problem
+        lam = ctx.lam
+        y, z = ctx.saved_tensors
+        y, z = y.detach(), z.detach()
+        rng = list(ctx.rng) if ctx.rng is not None else None
+        params = list(p.params)
+        arriving = {}
+        for pos, idx in enumerate(p.out_index):
+            g = grad_out[pos].to(p.state_dtype)
+            arriving[idx] = g if idx not in arriving else arriving[idx] + g
+        ybar = torch.zeros_like(y)
+        zbar = torch.zeros_like(z)
+        # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
+        # accumulate into what it returns.
+        acc = [torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+               for q in params]
+        autocast_on, autocast_dtype = ctx.autocast
+
+        def vjp(t, h, x, cot, state):
+            """(x + Psi_h(t, x)) recomputed with graph; returns its value and cot^T d/d(x, params)."""
+            xg = x.detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
+                if state is not None:
+                    with restore_rng(state, ctx.device):
+                        out = _base_step(p, t, h, xg)
+                else:
+                    out = _base_step(p, t, h, xg)
+                grads = torch.autograd.grad(out, [xg] + params, cot, allow_unused=True)
+            for q, gq in enumerate(grads[1:]):
+                if gq is not None:
+                    acc[q].add_(gq.to(acc[q].dtype))
+            gx = grads[0] if grads[0] is not None else torch.zeros_like(xg)
+            return out.detach(), gx
+
+        for n in reversed(range(p.steps)):
+            if n + 1 in arriving:
+                ybar = ybar + arriving.pop(n + 1)
+            t0, t1 = p.grid[n], p.grid[n + 1]
+            h = t1 - t0
+            state_f = state_g = None
+            if rng is not None:
+                state_g = rng.pop()
+                state_f = rng.pop()
+            # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
+            gy, gbar = vjp(t1, -h, y, -zbar, state_g)
+            ybar = ybar + zbar + gbar
+            z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
+            # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
+            fz, fbar = vjp(t0, h, z, ybar, state_f)
+            zbar = zbar - lam * ybar + fbar
+            y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
+            ybar = lam * ybar
+        if 0 in arriving:
+            ybar = ybar + arriving.pop(0)
+        gx = (ybar + zbar).to(ctx.x_dtype)
+        grad_params = [g.to(q.dtype) for g, q in zip(acc, params)]
+        return (None, None, None, gx, *grad_params)
