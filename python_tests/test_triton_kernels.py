@@ -337,7 +337,9 @@ def test_backend_resolves_under_the_interpreter():
     assert backends.status()["triton"] is None
     assert backends.unavailable_reason("triton", torch.device("cpu")) is None
     name, fn = backends.resolve("triton", torch.device("cpu"))
-    assert name == "triton" and fn is tk.stage_combine
+    assert name == "triton" and fn.__wrapped__ is tk.stage_combine  # wrapped by the term chaining
+    name, rows_fn = backends.resolve_rows("triton", torch.device("cpu"))
+    assert name == "triton" and rows_fn.__wrapped__ is tk.stage_combine_rows
     x = torch.randn(5)
     torch.testing.assert_close(fn(x, [x], [2.0], 1.0, None), 3 * x)
     # "auto" never picks interpreted Triton on the CPU

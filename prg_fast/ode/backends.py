@@ -114,6 +114,7 @@ def chained(fn: Callable) -> Callable:
             terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
         return fn(base, terms, coeffs, alpha, final)
 
+    combine.__wrapped__ = fn  # the backend's own function (one kernel call)
     return combine
 
 
@@ -135,6 +136,7 @@ def chained_rows(fn: Callable) -> Callable:
             terms, coeffs = terms[MAX_TERMS:], coeffs[:, MAX_TERMS:]
         return fn(base, terms, torch.cat([ones, coeffs], 1), final)
 
+    combine.__wrapped__ = fn
     return combine
 
 
