@@ -6,8 +6,8 @@
 
 namespace prg_fast {
 
-// Kernels accept at most this many terms per call (Runge-Kutta methods here have <= 4 stages; the
-// Python layer splits longer sums).
+// Kernels accept at most this many terms per call (a fixed parameter block); prg_fast.ode.backends
+// chains longer sums, for every backend, through a partial sum in the accumulation dtype.
 constexpr int64_t kMaxTerms = 8;
 
 inline bool is_supported_float(at::ScalarType t) {
