@@ -159,7 +159,9 @@ import prg_fast._C  # noqa: F401  (the schemas)
 import prg_fast._C_cuda  # noqa: F401  (the CUDA kernels)
 ok = torch._C._dispatch_has_kernel_for_dispatch_key("prg_fast::stage_combine", "CUDA")
 assert ok, "prg_fast::stage_combine has no CUDA kernel after importing prg_fast._C_cuda"
-print("[build_cuda] prg_fast._C_cuda imports and registers prg_fast::stage_combine for CUDA")
+ok = torch._C._dispatch_has_kernel_for_dispatch_key("prg_fast::stage_combine_rows", "CUDA")
+assert ok, "prg_fast::stage_combine_rows has no CUDA kernel after importing prg_fast._C_cuda"
+print("[build_cuda] prg_fast._C_cuda imports and registers prg_fast::stage_combine(_rows) for CUDA")
 EOF
 
 log "OK: CUDA extension built and checked in $(elapsed) s"

@@ -22,4 +22,11 @@ TORCH_LIBRARY(prg_fast, m) {
   // g_i = h*b_i*lambda + h*sum_m a_mi mu_m and lambda' = lambda + sum_i mu_i.
   m.def("stage_combine(Tensor base, Tensor[] terms, float[] coeffs, float alpha=1.0, "
         "ScalarType? out_dtype=None) -> Tensor");
+  // Per-row (per-sample) coefficients: coeffs has shape (R, 1 + len(terms)) with R == B (row b
+  // uses coeffs[b]) or R == 1 (one row for all), B = base.size(0):
+  //   out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j + 1] * terms[j][b].
+  // Accumulated in float64 when base, the terms, out_dtype or coeffs is float64, else float32.
+  // Per-sample step sizes (one time interval per sample) make every stage combination this call.
+  m.def("stage_combine_rows(Tensor base, Tensor[] terms, Tensor coeffs, "
+        "ScalarType? out_dtype=None) -> Tensor");
 }

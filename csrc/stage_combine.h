@@ -6,8 +6,8 @@
 
 namespace prg_fast {
 
-// Kernels accept at most this many terms per call (Runge-Kutta methods here have <= 4 stages; the
-// Python layer splits longer sums).
+// Kernels accept at most this many terms per call (a fixed parameter block); prg_fast.ode.backends
+// chains longer sums, for every backend, through a partial sum in the accumulation dtype.
 constexpr int64_t kMaxTerms = 8;
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -49,6 +49,44 @@ inline bool accumulate_in_double(const at::Tensor& base, at::TensorList terms,
                                  at::ScalarType out_dtype) {
   if (base.scalar_type() == at::kDouble || out_dtype == at::kDouble) return true;
   return !terms.empty() && terms[0].scalar_type() == at::kDouble;
+}
+
+inline void check_stage_combine_rows_inputs(const at::Tensor& base, at::TensorList terms,
+                                            const at::Tensor& coeffs,
+                                            std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(is_supported_float(base.scalar_type()),
+              "stage_combine_rows: base must be float32, float64, float16 or bfloat16, got ",
+              base.scalar_type());
+  TORCH_CHECK(base.dim() >= 1, "stage_combine_rows: base must have a batch (row) dimension, got a ",
+              "0-dimensional tensor");
+  TORCH_CHECK(coeffs.scalar_type() == at::kFloat || coeffs.scalar_type() == at::kDouble,
+              "stage_combine_rows: coeffs must be float32 or float64, got ", coeffs.scalar_type());
+  TORCH_CHECK(coeffs.device() == base.device(), "stage_combine_rows: coeffs is on ",
+              coeffs.device(), " but base is on ", base.device());
+  const int64_t n = static_cast<int64_t>(terms.size());
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) == 1 + n &&
+                  (coeffs.size(0) == base.size(0) || coeffs.size(0) == 1),
+              "stage_combine_rows: coeffs must have shape (B, 1 + len(terms)) or (1, 1 + len(terms)) ",
+              "with B = base.size(0) = ", base.size(0), " and len(terms) = ", n, ", got ",
+              coeffs.sizes());
+  TORCH_CHECK(n <= kMaxTerms, "stage_combine_rows: at most ", kMaxTerms, " terms per call, got ", n);
+  for (size_t j = 0; j < terms.size(); ++j) {
+    const auto& t = terms[j];
+    TORCH_CHECK(t.device() == base.device(), "stage_combine_rows: terms[", j, "] is on ",
+                t.device(), " but base is on ", base.device());
+    TORCH_CHECK(t.sizes() == base.sizes(), "stage_combine_rows: terms[", j, "] has shape ",
+                t.sizes(), " but base has shape ", base.sizes());
+    TORCH_CHECK(is_supported_float(t.scalar_type()), "stage_combine_rows: terms[", j,
+                "] must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == terms[0].scalar_type(),
+                "stage_combine_rows: all terms must share one dtype, terms[0] is ",
+                terms[0].scalar_type(), " and terms[", j, "] is ", t.scalar_type());
+  }
+  if (out_dtype.has_value()) {
+    TORCH_CHECK(is_supported_float(*out_dtype),
+                "stage_combine_rows: out_dtype must be float32, float64, float16 or bfloat16, got ",
+                *out_dtype);
+  }
 }
 
 }  // namespace prg_fast

@@ -13,9 +13,9 @@ and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before t
 imported; slow, for tests).
 
 `stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None)` has the signature of
-`prg_fast.ode.reference.stage_combine` and is what `prg_fast.ode.backends` calls; it splits sums of more
-than 8 terms into chained calls (the partial sum is kept in the accumulation dtype, so the result
-is the same as one long sum).
+`prg_fast.ode.reference.stage_combine` and is what `prg_fast.ode.backends` calls (which chains sums of
+more than 8 terms). `stage_combine_rows(base, terms, coeffs, out_dtype=None)` is the per-row
+operator prg_fast::stage_combine_rows_triton (the semantics of the C++ prg_fast::stage_combine_rows).
 
 Without Triton this module still imports: `IMPORT_ERROR` then says why, and nothing that needs
 Triton is defined.
@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 QUALNAME = "prg_fast::stage_combine_triton"
+ROWS_QUALNAME = "prg_fast::stage_combine_rows_triton"
 MAX_TERMS = 8  # kernel slots; the same limit as the C++ kernels (csrc/stage_combine.h)
 BLOCK = 1024
 NUM_WARPS = 4
@@ -213,6 +214,9 @@ if IMPORT_ERROR is None:
         # float64); float16 it does right (numpy).
         return 2 if (out_dtype == torch.bfloat16 and INTERPRETED) else 1
 
+    def _opaque(mode, op, types, args, kwargs):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+
     def _existing_op():
         try:
             return torch.ops.prg_fast.stage_combine_triton.default
@@ -265,9 +269,6 @@ if IMPORT_ERROR is None:
             # triton_op decomposes the operator into its kernel when it is functionalized
             # (torch.compile, AOTAutograd). An interpreted kernel cannot be traced, so keep the
             # operator opaque there, as torch.export does: it then runs eagerly inside the graph.
-            def _opaque(mode, op, types, args, kwargs):
-                return mode.__torch_dispatch__(op, types, args, kwargs)
-
             _stage_combine_triton.register_torch_dispatch(FunctionalTensorMode, _opaque)
 
     _op = _existing_op()
@@ -280,22 +281,154 @@ if IMPORT_ERROR is None:
         out_dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
         """alpha * base + sum_j coeffs[j] * terms[j] by the Triton kernel (the signature of
-        prg_fast.ode.reference.stage_combine). More than 8 terms are chained through a partial sum
-        in the accumulation dtype."""
-        terms = list(terms)
-        coeffs = [float(c) for c in coeffs]
-        alpha = float(alpha)
-        if len(terms) > MAX_TERMS and len(terms) == len(coeffs):
-            final = base.dtype if out_dtype is None else out_dtype
-            check_inputs(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], final)
-            acc = torch.float64 if accumulate_in_double(base, terms, final) else torch.float32
-            while len(terms) > MAX_TERMS:
-                base = _op(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
-                terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
-            out_dtype = final
-        return _op(base, terms, coeffs, alpha, out_dtype)
+        prg_fast.ode.reference.stage_combine), at most 8 terms (prg_fast.ode.backends chains
+        longer sums)."""
+        return _op(base, list(terms), [float(c) for c in coeffs], float(alpha), out_dtype)
+
+    @triton.jit
+    def _rows_term(acc, ptr, c_ptr, crow, offs, mask, J: tl.constexpr, ACC_F64: tl.constexpr):
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+        c = tl.load(c_ptr + crow + J, mask=mask, other=0.0)
+        if ACC_F64:
+            x = x.to(tl.float64)
+        else:
+            x = x.to(tl.float32)
+        return acc + c * x
+
+    @triton.jit
+    def _stage_combine_rows_kernel(
+        base_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, t4_ptr, t5_ptr, t6_ptr, t7_ptr, out_ptr, c_ptr,
+        n, inner, row_step,
+        NUM_TERMS: tl.constexpr, ACC_F64: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # coeffs (acc dtype, contiguous (R, 1 + NUM_TERMS)) are read per element from its row;
+        # row_step is 0 when one row serves every sample. The rounding order is the C++ kernels':
+        # acc = c0 * base, then acc += c_j * term_j in order.
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        crow = (offs // inner) * row_step * (NUM_TERMS + 1)
+        x = tl.load(base_ptr + offs, mask=mask, other=0.0)
+        if ACC_F64:
+            x = x.to(tl.float64)
+        else:
+            x = x.to(tl.float32)
+        acc = tl.load(c_ptr + crow, mask=mask, other=0.0) * x
+        if NUM_TERMS > 0:
+            acc = _rows_term(acc, t0_ptr, c_ptr, crow, offs, mask, 1, ACC_F64)
+        if NUM_TERMS > 1:
+            acc = _rows_term(acc, t1_ptr, c_ptr, crow, offs, mask, 2, ACC_F64)
+        if NUM_TERMS > 2:
+            acc = _rows_term(acc, t2_ptr, c_ptr, crow, offs, mask, 3, ACC_F64)
+        if NUM_TERMS > 3:
+            acc = _rows_term(acc, t3_ptr, c_ptr, crow, offs, mask, 4, ACC_F64)
+        if NUM_TERMS > 4:
+            acc = _rows_term(acc, t4_ptr, c_ptr, crow, offs, mask, 5, ACC_F64)
+        if NUM_TERMS > 5:
+            acc = _rows_term(acc, t5_ptr, c_ptr, crow, offs, mask, 6, ACC_F64)
+        if NUM_TERMS > 6:
+            acc = _rows_term(acc, t6_ptr, c_ptr, crow, offs, mask, 7, ACC_F64)
+        if NUM_TERMS > 7:
+            acc = _rows_term(acc, t7_ptr, c_ptr, crow, offs, mask, 8, ACC_F64)
+        if OUT_KIND == 0:
+            y = acc.to(out_ptr.dtype.element_ty)
+        elif OUT_KIND == 1:
+            y = acc.to(tl.float32).to(out_ptr.dtype.element_ty)
+        else:
+            y = _bfloat16_rtne(acc.to(tl.float32))
+        tl.store(out_ptr + offs, y, mask=mask)
+
+    def check_rows_inputs(base, terms, coeffs, out_dtype) -> None:
+        """The checks of check_stage_combine_rows_inputs (csrc/stage_combine.h), same messages."""
+        def fail(msg):
+            raise RuntimeError(f"stage_combine_rows: {msg}")
+
+        if base.dtype not in _FLOATS:
+            fail(f"base must be float32, float64, float16 or bfloat16, got {_name(base.dtype)}")
+        if base.dim() < 1:
+            fail("base must have a batch (row) dimension, got a 0-dimensional tensor")
+        if coeffs.dtype not in (torch.float32, torch.float64):
+            fail(f"coeffs must be float32 or float64, got {_name(coeffs.dtype)}")
+        if coeffs.device != base.device:
+            fail(f"coeffs is on {coeffs.device} but base is on {base.device}")
+        n = len(terms)
+        if not (coeffs.dim() == 2 and coeffs.shape[1] == 1 + n and coeffs.shape[0] in (base.shape[0], 1)):
+            fail(
+                f"coeffs must have shape (B, 1 + len(terms)) or (1, 1 + len(terms)) with B = base.size(0) = "
+                f"{base.shape[0]} and len(terms) = {n}, got {list(coeffs.shape)}"
+            )
+        if n > MAX_TERMS:
+            fail(f"at most {MAX_TERMS} terms per call, got {n}")
+        for j, t in enumerate(terms):
+            if t.device != base.device:
+                fail(f"terms[{j}] is on {t.device} but base is on {base.device}")
+            if t.shape != base.shape:
+                fail(f"terms[{j}] has shape {list(t.shape)} but base has shape {list(base.shape)}")
+            if t.dtype not in _FLOATS:
+                fail(f"terms[{j}] must be float32, float64, float16 or bfloat16, got {_name(t.dtype)}")
+            if t.dtype != terms[0].dtype:
+                fail(f"all terms must share one dtype, terms[0] is {_name(terms[0].dtype)} and terms[{j}] is {_name(t.dtype)}")
+        if out_dtype is not None and out_dtype not in _FLOATS:
+            fail(f"out_dtype must be float32, float64, float16 or bfloat16, got {_name(out_dtype)}")
+
+    def _existing_rows_op():
+        try:
+            return torch.ops.prg_fast.stage_combine_rows_triton.default
+        except (AttributeError, RuntimeError):
+            return None
+
+    if _existing_rows_op() is None:
+
+        @triton_op(ROWS_QUALNAME, mutates_args=())
+        def _stage_combine_rows_triton(
+            base: torch.Tensor,
+            terms: List[torch.Tensor],
+            coeffs: torch.Tensor,
+            out_dtype: Optional[torch.dtype] = None,
+        ) -> torch.Tensor:
+            check_rows_inputs(base, terms, coeffs, out_dtype)
+            _check_device(base)
+            out_dtype = base.dtype if out_dtype is None else out_dtype
+            acc_f64 = accumulate_in_double(base, terms, out_dtype) or coeffs.dtype == torch.float64
+            base = base.contiguous()
+            terms = [t.contiguous() for t in terms]
+            c = coeffs.to(torch.float64 if acc_f64 else torch.float32).contiguous()
+            out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+            n = base.numel()
+            if n == 0:
+                return out
+            ptrs = terms + [base] * (MAX_TERMS - len(terms))
+            with _device_guard(base):
+                wrap_triton(_stage_combine_rows_kernel)[(triton.cdiv(n, BLOCK),)](
+                    base, *ptrs, out, c, n, n // base.shape[0], 0 if c.shape[0] == 1 else 1,
+                    NUM_TERMS=len(terms), ACC_F64=acc_f64, OUT_KIND=_out_kind(out_dtype),
+                    BLOCK=BLOCK, num_warps=NUM_WARPS,
+                )  # fmt: skip
+            return out
+
+        from prg_fast.ode.ops import register_rows_op
+
+        register_rows_op(ROWS_QUALNAME)
+
+        if INTERPRETED:
+            _stage_combine_rows_triton.register_torch_dispatch(FunctionalTensorMode, _opaque)
+
+    _rows_op = _existing_rows_op()
+
+    def stage_combine_rows(
+        base: torch.Tensor,
+        terms: Sequence[torch.Tensor],
+        coeffs: torch.Tensor,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """Per-row coefficients by the Triton kernel (the signature of
+        prg_fast.ode.reference.stage_combine_rows), at most 8 terms."""
+        return _rows_op(base, list(terms), coeffs, out_dtype)
 
 else:
 
     def stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None):  # noqa: D103 - stub
+        raise RuntimeError(f"the Triton backend is unavailable: {IMPORT_ERROR}")
+
+    def stage_combine_rows(base, terms, coeffs, out_dtype=None):  # noqa: D103 - stub
         raise RuntimeError(f"the Triton backend is unavailable: {IMPORT_ERROR}")

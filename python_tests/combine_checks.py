@@ -28,3 +28,48 @@ def pytorch_at_dtype(base, terms, coeffs, alpha, dtype):
     for c, t in zip(coeffs, terms):
         out = out + c * t.to(dtype)
     return out
+
+
+def make_rows_inputs(shape, n_terms, base_dtype, term_dtype, rows, coeff_dtype=torch.float64, device="cpu"):
+    """base, terms and a (rows, 1 + n_terms) coefficient tensor with distinct rows."""
+    base, terms, _ = make_inputs(shape, n_terms, base_dtype, term_dtype, device)
+    coeffs = torch.randn(rows, 1 + n_terms, dtype=torch.float64, device=device).to(coeff_dtype)
+    return base, terms, coeffs
+
+
+def rows_truth(base, terms, coeffs):
+    """The exact per-row combination (to float64 rounding) of the already rounded inputs."""
+    c = coeffs.double()
+    view = (c.shape[0],) + (1,) * (base.dim() - 1)
+    out = c[:, 0].reshape(view) * base.double()
+    for j, t in enumerate(terms):
+        out = out + c[:, j + 1].reshape(view) * t.double()
+    return out
+
+
+def rows_pytorch_at_dtype(base, terms, coeffs, dtype):
+    c = coeffs.to(dtype)
+    view = (c.shape[0],) + (1,) * (base.dim() - 1)
+    out = c[:, 0].reshape(view) * base.to(dtype)
+    for j, t in enumerate(terms):
+        out = out + c[:, j + 1].reshape(view) * t.to(dtype)
+    return out
+
+
+def assert_rows_flash_rule(out, base, terms, coeffs, ref, dtype):
+    """The backend's error against the float64 truth is at most twice that of the reference or of
+    PyTorch's own arithmetic at `dtype` (the flash-attention rule), plus one rounding of the
+    result's scale per term (Higham's bound for a sum of n products)."""
+    truth = rows_truth(base, terms, coeffs)
+    ours = (out.double() - truth).abs().max().item() if out.numel() else 0.0
+    if out.numel() == 0:
+        return
+    theirs = (ref.double() - truth).abs().max().item()
+    at_dtype = (rows_pytorch_at_dtype(base, terms, coeffs, dtype).double() - truth).abs().max().item()
+    c = coeffs.double().abs()
+    view = (c.shape[0],) + (1,) * (base.dim() - 1)
+    scale = c[:, 0].reshape(view) * base.double().abs()
+    for j, t in enumerate(terms):
+        scale = scale + c[:, j + 1].reshape(view) * t.double().abs()
+    ulp = (len(terms) + 1) * torch.finfo(dtype).eps * scale.max().item()
+    assert ours <= 2 * max(theirs, at_dtype) + ulp, (ours, theirs, at_dtype)

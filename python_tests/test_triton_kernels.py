@@ -204,11 +204,13 @@ def test_special_values_and_bfloat16_rounding():
 
 
 def test_more_than_eight_terms_are_chained():
+    # The chaining lives in prg_fast.ode.backends (one place for every backend).
+    _, combine = backends.resolve("triton", torch.device("cpu"))
     base, terms, coeffs = _inputs(50, 13, torch.float32, torch.bfloat16)
-    out = tk.stage_combine(base, terms, coeffs, 0.5, torch.bfloat16)
+    out = combine(base, terms, coeffs, 0.5, torch.bfloat16)
     _assert_one_rounding(out, reference.stage_combine(base, terms, coeffs, 0.5, torch.bfloat16))
     base, terms, coeffs = _inputs(50, 17, torch.float64, torch.float64)
-    torch.testing.assert_close(tk.stage_combine(base, terms, coeffs, 0.5), reference.stage_combine(base, terms, coeffs, 0.5))
+    torch.testing.assert_close(combine(base, terms, coeffs, 0.5), reference.stage_combine(base, terms, coeffs, 0.5))
     with pytest.raises(RuntimeError, match="at most 8 terms"):
         OP(base, terms[:9], coeffs[:9], 1.0, None)
 
@@ -335,7 +337,9 @@ def test_backend_resolves_under_the_interpreter():
     assert backends.status()["triton"] is None
     assert backends.unavailable_reason("triton", torch.device("cpu")) is None
     name, fn = backends.resolve("triton", torch.device("cpu"))
-    assert name == "triton" and fn is tk.stage_combine
+    assert name == "triton" and fn.__wrapped__ is tk.stage_combine  # wrapped by the term chaining
+    name, rows_fn = backends.resolve_rows("triton", torch.device("cpu"))
+    assert name == "triton" and rows_fn.__wrapped__ is tk.stage_combine_rows
     x = torch.randn(5)
     torch.testing.assert_close(fn(x, [x], [2.0], 1.0, None), 3 * x)
     # "auto" never picks interpreted Triton on the CPU

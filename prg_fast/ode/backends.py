@@ -1,6 +1,9 @@
 """Which implementation of the fused stage arithmetic runs, and why the others cannot.
 
-A backend is a function with the signature of `prg_fast.ode.reference.stage_combine`.
+A backend is a function with the signature of `prg_fast.ode.reference.stage_combine` (`resolve`),
+or of `prg_fast.ode.reference.stage_combine_rows` (`resolve_rows`, per-row coefficients).
+Kernels take at most `MAX_TERMS` terms per call; longer sums are chained here, for every backend,
+through a partial sum kept in the accumulation dtype (so the result is the one long sum's).
 "auto" picks cuda > triton > cpu > reference among those that are built and fit the tensor's
 device (interpreted Triton on the CPU is for tests only and is never picked by "auto").
 """
@@ -15,12 +18,15 @@ from . import ops, reference
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
+MAX_TERMS = 8  # the kernels' limit (csrc/stage_combine.h, kernels/stage_combine.py)
+
 _TRITON_ERROR: Optional[str] = None
 _triton_combine = None
+_triton_combine_rows = None
 
 
 def _load_triton():
-    global _TRITON_ERROR, _triton_combine
+    global _TRITON_ERROR, _triton_combine, _triton_combine_rows
     if _triton_combine is not None or _TRITON_ERROR is not None:
         return
     try:
@@ -32,6 +38,7 @@ def _load_triton():
         _TRITON_ERROR = triton_module.IMPORT_ERROR
         return
     _triton_combine = triton_module.stage_combine
+    _triton_combine_rows = triton_module.stage_combine_rows
 
 
 def triton_interpreted() -> bool:
@@ -77,20 +84,90 @@ def _implementation(name: str) -> Callable:
     raise AssertionError(name)
 
 
-def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """(name, combine function) for the requested backend on `device`; raises if unavailable."""
+def _rows_implementation(name: str) -> Callable:
+    if name == "reference":
+        return reference.stage_combine_rows
+    if name in ("cpu", "cuda"):
+        return ops.stage_combine_rows
+    if name == "triton":
+        _load_triton()
+        return _triton_combine_rows
+    raise AssertionError(name)
+
+
+def _accumulate_dtype(dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def chained(fn: Callable) -> Callable:
+    """`fn` (stage_combine's signature) extended to any number of terms: the first MAX_TERMS go
+    into a partial sum written in the accumulation dtype, which is the next call's base."""
+
+    def combine(base, terms, coeffs, alpha=1.0, out_dtype=None):
+        terms, coeffs = list(terms), list(coeffs)
+        if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
+            return fn(base, terms, coeffs, alpha, out_dtype)
+        final = base.dtype if out_dtype is None else out_dtype
+        acc = _accumulate_dtype([base.dtype, final] + [t.dtype for t in terms])
+        while len(terms) > MAX_TERMS:
+            base = fn(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
+            terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
+        return fn(base, terms, coeffs, alpha, final)
+
+    combine.__wrapped__ = fn  # the backend's own function (one kernel call)
+    return combine
+
+
+def chained_rows(fn: Callable) -> Callable:
+    """`fn` (stage_combine_rows's signature) extended to any number of terms, as `chained`; the
+    partial sum enters the next call with coefficient 1 in every row."""
+
+    def combine(base, terms, coeffs, out_dtype=None):
+        terms = list(terms)
+        if len(terms) <= MAX_TERMS or not isinstance(coeffs, torch.Tensor) or coeffs.dim() != 2 or coeffs.shape[1] != 1 + len(terms):
+            return fn(base, terms, coeffs, out_dtype)  # the kernel reports bad input
+        final = base.dtype if out_dtype is None else out_dtype
+        acc = _accumulate_dtype([base.dtype, final, coeffs.dtype] + [t.dtype for t in terms])
+        ones = torch.ones(coeffs.shape[0], 1, dtype=coeffs.dtype, device=coeffs.device)
+        base = fn(base, terms[:MAX_TERMS], coeffs[:, : 1 + MAX_TERMS], acc)
+        terms, coeffs = terms[MAX_TERMS:], coeffs[:, 1 + MAX_TERMS :]
+        while len(terms) > MAX_TERMS:
+            base = fn(base, terms[:MAX_TERMS], torch.cat([ones, coeffs[:, :MAX_TERMS]], 1), acc)
+            terms, coeffs = terms[MAX_TERMS:], coeffs[:, MAX_TERMS:]
+        return fn(base, terms, torch.cat([ones, coeffs], 1), final)
+
+    combine.__wrapped__ = fn
+    return combine
+
+
+def _pick(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
         for name in order:
             if unavailable_reason(name, device) is None:
-                return name, _implementation(name)
+                return name
         raise AssertionError("the reference backend is always available")
     why = unavailable_reason(backend, device)
     if why is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable: {why}")
-    return backend, _implementation(backend)
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """(name, combine function) for the requested backend on `device`; raises if unavailable.
+    The function takes any number of terms (see `chained`)."""
+    name = _pick(backend, device)
+    return name, chained(_implementation(name))
+
+
+def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """(name, fn) with fn(base, terms, coeffs, out_dtype=None) the per-row combination
+    (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend on `device`; the same
+    selection and reasons as `resolve`, any number of terms."""
+    name = _pick(backend, device)
+    return name, chained_rows(_rows_implementation(name))
 
 
 def status() -> Dict[str, Optional[str]]:

@@ -4,6 +4,9 @@ autograd formula, so they work under torch.compile and inside plain backprop.
     torch.ops.prg_fast.stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None)
         = alpha * base + sum_j coeffs[j] * terms[j]   (float32/float64 accumulation)
 
+    torch.ops.prg_fast.stage_combine_rows(base, terms, coeffs, out_dtype=None)
+        out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j+1] * terms[j][b]   (r = b, or 0 if R == 1)
+
 The package imports without the compiled part; `CPU_ERROR` / `CUDA_ERROR` say why it is missing.
 """
 from __future__ import annotations
@@ -89,5 +92,64 @@ def register_combine_op(qualname: str) -> None:
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
 
+def stage_combine_rows(
+    base: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """The compiled per-row operator (CPU or CUDA kernel, chosen by the device of `base`)."""
+    return torch.ops.prg_fast.stage_combine_rows.default(base, list(terms), coeffs, out_dtype)
+
+
+def rows_accumulate_dtype(base, terms, coeffs, out_dtype) -> torch.dtype:
+    dtypes = [base.dtype, coeffs.dtype, base.dtype if out_dtype is None else out_dtype] + [t.dtype for t in terms]
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def register_rows_op(qualname: str) -> None:
+    """Fake kernel and autograd formula for an operator with stage_combine_rows's schema (the C++
+    operator and the Triton one). Gradients reach base, the terms and coeffs, so time values the
+    coefficients are computed from get exact gradients by plain backprop."""
+
+    @torch.library.register_fake(qualname)
+    def _fake(base, terms, coeffs, out_dtype=None):
+        return torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype, device=base.device)
+
+    def _setup_context(ctx, inputs, output):
+        base, terms, coeffs = inputs[:3]
+        out_dtype = inputs[3] if len(inputs) > 3 else None
+        ctx.acc = rows_accumulate_dtype(base, terms, coeffs, out_dtype)
+        ctx.base_dtype = base.dtype
+        ctx.term_dtypes = [t.dtype for t in terms]
+        ctx.n_terms = len(terms)
+        # base and terms are only needed for coeffs' gradient.
+        ctx.save_for_backward(coeffs, base, *terms)
+
+    def _backward(ctx, grad):
+        coeffs, base, *terms = ctx.saved_tensors
+        acc = ctx.acc
+        rows = coeffs.shape[0]
+        view = (rows,) + (1,) * (grad.dim() - 1)
+        c = coeffs.to(acc)
+        g = grad.to(acc)
+        grad_base = (g * c[:, 0].reshape(view)).to(ctx.base_dtype)
+        grad_terms: List[torch.Tensor] = [
+            (g * c[:, j + 1].reshape(view)).to(dt) for j, dt in enumerate(ctx.term_dtypes)
+        ]
+        grad_coeffs = None
+        if ctx.needs_input_grad[2]:
+
+            def row_dot(x):
+                s = (g * x.to(acc)).reshape(g.shape[0], -1).sum(1)
+                return s.sum(0, keepdim=True) if rows == 1 else s
+
+            grad_coeffs = torch.stack([row_dot(base)] + [row_dot(t) for t in terms], 1).to(coeffs.dtype)
+        return (grad_base, grad_terms, grad_coeffs) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
 if HAS_OPS:
     register_combine_op("prg_fast::stage_combine")
+    register_rows_op("prg_fast::stage_combine_rows")

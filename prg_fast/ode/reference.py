@@ -33,6 +33,27 @@ def stage_combine(
     return out.to(out_dtype)
 
 
+def stage_combine_rows(
+    base: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Per-row coefficients: out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j + 1] * terms[j][b]
+    with r = b, or r = 0 when coeffs has one row. Accumulated in float64 when base, the terms,
+    out_dtype or coeffs is float64, else float32; cast to out_dtype (default base.dtype)."""
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    acc = accumulate_dtype(base, terms, out_dtype)
+    if coeffs.dtype == torch.float64:
+        acc = torch.float64
+    c = coeffs.to(acc)
+    view = (c.shape[0],) + (1,) * (base.dim() - 1)
+    out = c[:, 0].reshape(view) * base.to(acc)
+    for j, t in enumerate(terms):
+        out = out + c[:, j + 1].reshape(view) * t.to(acc)
+    return out.to(out_dtype)
+
+
 def rk_solve(
     func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
