@@ -159,7 +159,7 @@ def part_finetune_step(smoke):
     from adjoint_memory import TorchdiffeqFunc
     from reverse_speed import timer
     dev = _device(smoke)
-    preset, size, batch, steps = ("tiny", 8, 4, 3) if smoke else ("cifar", 32, 128, 31)
+    preset, size, batch, steps = ("tiny", 8, 2, 2) if smoke else ("cifar", 32, 128, 31)
     torch.manual_seed(0)
     unet = UNet.preset(preset, in_channels=3, image_size=size, dropout=0.0).to(dev)
     head = ClassifierHead((3, size, size), 10).to(dev)
@@ -206,7 +206,7 @@ def part_finetune_step(smoke):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
-    reps = 2 if smoke else 3
+    reps = 1 if smoke else 3
     t_prg, t_rel = timer(prg_step, dev, reps), timer(released_step, dev, reps)
     m_pre, m_prg = peak(pretrain), peak(prg_step)
     return {"device": str(dev), "goal": "memory prg/pretrain <= 1.2; images/s prg/released >= 3",
