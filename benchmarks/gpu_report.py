@@ -137,7 +137,7 @@ def part_adjoint(smoke):
     dev = _device(smoke)
     if dev.type != "cuda":
         raise Skip("max_memory_allocated needs CUDA (benchmarks/adjoint_memory.py measures RSS on the CPU)")
-    args = argparse.Namespace(model="cifar", size=32, batch=32, method="euler", reps=2)
+    args = argparse.Namespace(model="cifar", size=32, batch=32, method="euler", reps=2, grad_batch=4)
     rows = []
     for impl in ("prg_fast", "backprop"):
         for k in (1, 31):
@@ -147,7 +147,7 @@ def part_adjoint(smoke):
     ratios = {"adjoint K31/K1 memory": by["prg_fast", 31]["peak_MiB"] / max(by["prg_fast", 1]["peak_MiB"], 1e-9),
               "adjoint/backprop memory K31": by["prg_fast", 31]["peak_MiB"] / max(by["backprop", 31]["peak_MiB"], 1e-9),
               "adjoint/backprop time K31": by["prg_fast", 31]["s"] / by["backprop", 31]["s"]}
-    errs = adjoint_memory.grad_errors(args, dev, 31) if hasattr(adjoint_memory, "grad_errors") else None
+    errs = adjoint_memory.grad_errors(args, dev, 31)
     return {"device": str(dev), "rows": rows, "ratios": ratios, "grad_errors": errs}
 
 
