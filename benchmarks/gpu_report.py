@@ -57,7 +57,10 @@ def part_info(smoke):
 
 
 def _cmd(cmd, limit):
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=limit)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return {"cmd": " ".join(cmd), "rc": "timeout", "tail": f"over its {limit} s limit"}
     return {"cmd": " ".join(cmd), "rc": res.returncode, "tail": (res.stdout + res.stderr)[-3000:]}
 
 
@@ -77,7 +80,7 @@ def part_sanitizer(smoke):
         # CUDA kernels: every code path; Triton kernels: their cuda-marked tests
         for target in (["python_tests/sanitize_cuda.py"],
                        ["-m", "pytest", "-q", "-x", "-m", "cuda", "python_tests/test_triton_kernels.py"]):
-            rows.append(_cmd([tool, "--tool", check, "--error-exitcode", "1", sys.executable] + target, 40))
+            rows.append(_cmd([tool, "--tool", check, "--error-exitcode", "1", sys.executable] + target, 20))
     return {"rows": rows, "ok": all(r["rc"] == 0 for r in rows)}
 
 
