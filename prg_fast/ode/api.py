@@ -282,7 +282,7 @@ def reverse(
                   preserve_rng_state=preserve_rng_state, reversible=reversible,
                   reversible_coupling=reversible_coupling)
     if cuda_graph:
-        out = graphed_solve(_solve, model, x, grid, index, **kwargs)
+        out = graphed_solve(_solve, model, x, grid, index, mode=cuda_graph, **kwargs)
     else:
         out = _solve(model, x, grid, index, **kwargs)
     return out[0] if save_at is None else out
@@ -320,7 +320,7 @@ def generate(
     if kwargs:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
     if cuda_graph:
-        return graphed_solve(_solve, model, z, grid, index, **opts)[0]
+        return graphed_solve(_solve, model, z, grid, index, mode=cuda_graph, **opts)[0]
     return _solve(model, z, grid, index, **opts)[0]
 
 

@@ -1,37 +1,184 @@
-"""CUDA-graph replay of a whole no-grad fixed-step solve (reverse/generate with cuda_graph=True).
+"""CUDA-graph replay of a whole no-grad fixed-step solve (reverse/generate with cuda_graph=...).
 
 A fixed-step solve launches s network evaluations and s+1 small fused kernels per step; for small
 batches the GPU waits on the CPU launching them. Capturing the loop once and replaying it removes
-that overhead. One graph is captured per (model, shape, dtype, device, grid, method, backend) and
-kept while the model lives. The graph reads the model's parameters in place, so optimizer steps
-between calls are seen; anything else the model reads must keep its storage too.
+that overhead. The graph reads the model's parameters in place, so optimizer steps between calls
+are seen; anything that changes *which* memory or kernels the solve uses is in the cache key
+(`cache_key`): shapes, grid, method, backend, the training mode of every submodule, the autocast
+state and every parameter's and buffer's storage pointer and dtype (so `model.eval()`, `.half()`
+or a re-assigned parameter after a capture re-captures instead of replaying a stale graph or
+reading freed memory).
+
+All captures share one memory pool per device and the cache is an LRU of `max_size()` entries
+(default 16, env PRG_FAST_CUDA_GRAPH_CACHE or `set_max_size`).
+
+`cuda_graph=True` always captures (and refuses CPU tensors, grad mode, check_finite).
+`cuda_graph="auto"` captures only where it pays: CUDA, no grad, no check_finite, and at most
+`auto_max_numel()` state elements (default 2**18, env PRG_FAST_CUDA_GRAPH_MAX_NUMEL); otherwise it
+runs the solve eagerly. Launch overhead is a fixed cost per kernel, so graphs pay for small states
+and stop paying once each kernel's work dwarfs its launch. Measure the crossover on a given GPU
+with `python benchmarks/gpu_report.py --out DIR` (part "graph_crossover": eager vs graphed reverse
+over growing batch; the first batch where graphed/eager >= 0.95 is printed) and set the env var.
 """
 from __future__ import annotations
 
+import os
 import weakref
-from typing import Dict, List, Tuple
+from collections import OrderedDict
+from itertools import chain
+from typing import Callable, Dict, Hashable, List, Tuple
 
 import torch
 
-_CACHE: "weakref.WeakKeyDictionary[object, Dict[Tuple, Tuple]]" = weakref.WeakKeyDictionary()
+_DEFAULT_MAX_SIZE = int(os.environ.get("PRG_FAST_CUDA_GRAPH_CACHE", "16"))
+_DEFAULT_MAX_NUMEL = int(os.environ.get("PRG_FAST_CUDA_GRAPH_MAX_NUMEL", str(2 ** 18)))
 
 
-def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[int], **kwargs) -> torch.Tensor:
-    """Run `solve(model, x, grid, index, **kwargs)` (api's solve) through a captured graph."""
+def autocast_state(device_type: str = "cuda") -> Tuple:
+    """(enabled, dtype) of autocast on `device_type`: a capture under bf16 autocast is a different graph."""
+    enabled = torch.is_autocast_enabled(device_type)
+    return (enabled, torch.get_autocast_dtype(device_type) if enabled else None)
+
+
+def _model_token(model) -> Hashable:
+    try:
+        ref = weakref.ref(model)
+    except TypeError:  # objects without weakref support are keyed by identity for their lifetime
+        return ("id", id(model))
+    hash(ref)  # a weakref hashes its referent only while alive: fix the hash now so dead keys stay usable
+    return ref
+
+
+def cache_key(model, x: torch.Tensor, grid: List[float], index: List[int], kwargs: Dict) -> Tuple:
+    """Everything a captured solve depends on besides the values it reads in place."""
+    if isinstance(model, torch.nn.Module):
+        modes = tuple(m.training for m in model.modules())
+        storage = tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+                        for t in chain(model.parameters(), model.buffers()))
+    else:
+        modes, storage = (), ()
+    return (_model_token(model), tuple(x.shape), x.dtype, x.device, x.stride(), tuple(grid), tuple(index),
+            str(kwargs.get("method")), kwargs.get("backend"), kwargs.get("model_dtype"),
+            kwargs.get("reversible"), kwargs.get("reversible_coupling"),
+            autocast_state(x.device.type), modes, storage)
+
+
+class GraphCache:
+    """Bounded LRU of captured solves. `get(key, capture)` takes the capture function, so the
+    bookkeeping is testable without a GPU."""
+
+    def __init__(self, max_size: int = _DEFAULT_MAX_SIZE):
+        self.set_max_size(max_size)
+        self._entries: "OrderedDict[Tuple, object]" = OrderedDict()
+        self.captures = 0
+
+    def set_max_size(self, max_size: int) -> None:
+        if not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
+        self.max_size = max_size
+        if hasattr(self, "_entries"):
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+
+    def _drop_dead(self) -> None:
+        for key in [k for k in self._entries if isinstance(k[0], weakref.ref) and k[0]() is None]:
+            del self._entries[key]
+
+    def get(self, key: Tuple, capture: Callable[[], object]):
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        self._drop_dead()
+        entry = capture()
+        self.captures += 1
+        self._entries[key] = entry
+        self._trim()
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_CACHE = GraphCache()
+_POOLS: Dict[torch.device, object] = {}
+_MAX_NUMEL = [_DEFAULT_MAX_NUMEL]
+
+
+def set_max_size(max_size: int) -> None:
+    """Bound the number of captured graphs kept (least recently used are dropped)."""
+    _CACHE.set_max_size(max_size)
+
+
+def max_size() -> int:
+    return _CACHE.max_size
+
+
+def set_auto_max_numel(numel: int) -> None:
+    """Largest state (x.numel()) for which cuda_graph="auto" captures; measure it with gpu_report."""
+    if not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")
+    _MAX_NUMEL[0] = numel
+
+
+def auto_max_numel() -> int:
+    return _MAX_NUMEL[0]
+
+
+def auto_pays(numel: int) -> bool:
+    """The size rule of cuda_graph="auto": graphs pay while launch overhead dominates."""
+    return numel <= auto_max_numel()
+
+
+def capture_count() -> int:
+    """How many captures the process-wide cache has made (a re-capture shows as +1)."""
+    return _CACHE.captures
+
+
+def _grad_needed(model, x) -> bool:
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def should_graph(model, x, mode, check_finite: bool = False) -> bool:
+    """Whether cuda_graph=`mode` captures this call. True: always (misuse raises in graphed_solve);
+    "auto": only where it pays (CUDA, no grad, no check_finite, x.numel() <= auto_max_numel())."""
+    if mode is True:
+        return True
+    if mode is False or mode is None:
+        return False
+    if mode != "auto":
+        raise ValueError(f"cuda_graph must be True, False or 'auto', got {mode!r}")
+    return (isinstance(x, torch.Tensor) and x.device.type == "cuda" and not check_finite
+            and not _grad_needed(model, x) and auto_pays(x.numel()))
+
+
+def _pool(device: torch.device):
+    if device not in _POOLS:
+        _POOLS[device] = torch.cuda.graph_pool_handle()
+    return _POOLS[device]
+
+
+def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[int], mode=True, **kwargs) -> torch.Tensor:
+    """Run `solve(model, x, grid, index, **kwargs)` (api's solve) through a captured graph, or eagerly
+    when `mode="auto"` judges a graph does not pay (see `should_graph`)."""
+    if not should_graph(model, x, mode, bool(kwargs.get("check_finite"))):
+        return solve(model, x, grid, index, **kwargs)
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         where = x.device if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"cuda_graph=True needs x on a CUDA device, got {where}")
     if kwargs.get("check_finite"):
         raise ValueError("cuda_graph=True cannot be combined with check_finite=True (it needs a host sync every step)")
-    params = [p for p in model.parameters()] if isinstance(model, torch.nn.Module) else []
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+    if _grad_needed(model, x):
         raise ValueError("cuda_graph=True is for inference: call it under torch.no_grad() (or torch.inference_mode())")
-    key = (tuple(x.shape), x.dtype, x.device, x.stride(), tuple(grid), tuple(index),
-           str(kwargs.get("method")), kwargs.get("backend"), kwargs.get("model_dtype"),
-           kwargs.get("reversible"), kwargs.get("reversible_coupling"))
-    per_model = _CACHE.setdefault(model, {})
-    entry = per_model.get(key)
-    if entry is None:
+
+    def capture():
         static_x = x.detach().clone()
         stream = torch.cuda.Stream(device=x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -40,15 +187,17 @@ def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[
                 solve(model, static_x, grid, index, **kwargs)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
+        with torch.no_grad(), torch.cuda.graph(graph, pool=_pool(x.device)):
             static_out = solve(model, static_x, grid, index, **kwargs)
-        entry = per_model[key] = (graph, static_x, static_out)
-    graph, static_x, static_out = entry
+        return graph, static_x, static_out
+
+    graph, static_x, static_out = _CACHE.get(cache_key(model, x, grid, index, kwargs), capture)
     static_x.copy_(x)
     graph.replay()
+    # the pool is shared, so the next replay of any graph may overwrite static_out: hand out a copy
     return static_out.clone()
 
 
 def clear_cache() -> None:
-    """Drop every captured graph (frees their memory pools)."""
+    """Drop every captured graph (their memory returns to the shared pool)."""
     _CACHE.clear()
