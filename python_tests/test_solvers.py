@@ -22,25 +22,58 @@ def test_rk4_is_classic_and_rk4_38_is_the_three_eighths_rule():
     assert SOLVERS["rk4_38"].b == (1 / 8, 3 / 8, 3 / 8, 1 / 8)
 
 
+def _rooted_trees(max_order):
+    """All rooted trees up to max_order, by order. A tree is the sorted tuple of its subtrees, so
+    equal trees compare equal; trees of order n+1 are those of order n with one leaf grafted on."""
+    def graft(tree):
+        yield tuple(sorted(tree + ((),)))
+        for i, child in enumerate(tree):
+            for grown in graft(child):
+                yield tuple(sorted(tree[:i] + (grown,) + tree[i + 1:]))
+
+    trees = {1: {()}}
+    for n in range(2, max_order + 1):
+        trees[n] = {grown for tree in trees[n - 1] for grown in graft(tree)}
+    return trees
+
+
+def _density(tree):
+    """gamma(t) = |t| * prod gamma(children); the order condition is Phi(t) = 1 / gamma(t)."""
+    size = lambda t: 1 + sum(size(c) for c in t)
+    return size(tree) * math.prod(_density(c) for c in tree)
+
+
+def _elementary_weight(tab, tree):
+    """Phi(t) = sum_i b_i g_i(t), with g_i(t) = prod over children u of sum_j a_ij g_j(u)."""
+    s = tab.stages
+    a = [[tab.a[i][j] if j < i else 0.0 for j in range(s)] for i in range(s)]
+
+    def g(t):
+        out = [1.0] * s
+        for child in t:
+            gc = g(child)
+            out = [out[i] * sum(a[i][j] * gc[j] for j in range(s)) for i in range(s)]
+        return out
+
+    return sum(bi * gi for bi, gi in zip(tab.b, g(tree)))
+
+
+def test_rooted_tree_counts():
+    # 1, 1, 2, 4, 9 rooted trees of orders 1..5 (OEIS A000081): the generator misses none
+    assert [len(v) for _, v in sorted(_rooted_trees(5).items())] == [1, 1, 2, 4, 9]
+
+
 @pytest.mark.parametrize("name", sorted(ORDERS))
 def test_order_conditions(name):
-    """Check the Butcher order conditions up to the tableau's claimed order."""
+    """Every order condition (one per rooted tree) holds up to the claimed order p, and not all
+    of those of order p+1 do, so the claimed order is neither an overstatement nor an understatement."""
     tab = SOLVERS[name]
-    b, c, s = tab.b, tab.c, tab.stages
-    a = [[tab.a[i][j] if j < i else 0.0 for j in range(s)] for i in range(s)]
-    conds = [(1, sum(b), 1.0)]
-    conds.append((2, sum(b[i] * c[i] for i in range(s)), 1 / 2))
-    conds.append((3, sum(b[i] * c[i] ** 2 for i in range(s)), 1 / 3))
-    conds.append((3, sum(b[i] * a[i][j] * c[j] for i in range(s) for j in range(s)), 1 / 6))
-    conds.append((4, sum(b[i] * c[i] ** 3 for i in range(s)), 1 / 4))
-    conds.append((4, sum(b[i] * c[i] * a[i][j] * c[j] for i in range(s) for j in range(s)), 1 / 8))
-    conds.append((4, sum(b[i] * a[i][j] * c[j] ** 2 for i in range(s) for j in range(s)), 1 / 12))
-    conds.append((4, sum(b[i] * a[i][j] * a[j][k] * c[k] for i in range(s) for j in range(s) for k in range(s)), 1 / 24))
-    for order, value, expected in conds:
-        if order <= tab.order:
-            assert value == pytest.approx(expected, abs=1e-14)
-    # and the next order fails, so the claimed order is not an understatement
-    assert any(abs(v - e) > 1e-6 for o, v, e in conds if o == tab.order + 1) or tab.order == 4
+    trees = _rooted_trees(tab.order + 1)
+    for order in range(1, tab.order + 1):
+        for tree in trees[order]:
+            assert _elementary_weight(tab, tree) == pytest.approx(1 / _density(tree), abs=1e-14), (order, tree)
+    misses = [abs(_elementary_weight(tab, t) - 1 / _density(t)) for t in trees[tab.order + 1]]
+    assert max(misses) > 1e-6, f"{name} satisfies every order-{tab.order + 1} condition"
 
 
 def test_bad_tableau_is_rejected():
