@@ -139,6 +139,7 @@ def test_exp_ode_gradient_is_analytic():
     torch.testing.assert_close(g, torch.full((2,), 1 - math.exp(-2.0), dtype=D), rtol=1e-6, atol=0)
 
 
+@pytest.mark.xfail(strict=True, reason="not implemented yet: gradients w.r.t. the time grid (issue 11 item 1, open); odeint refuses t.requires_grad")
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
 def test_gradient_wrt_time_grid(method):
     p = SineODE()
@@ -161,6 +162,7 @@ def _tuple_func(t, state):
     return (-b * torch.cos(t), a * 0.5 + torch.tanh(b))
 
 
+@pytest.mark.xfail(strict=True, reason="not implemented yet: tuple states in odeint (issue 9 item 6, open)")
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 def test_tuple_state(method):
     a = torch.randn(3, dtype=D)
@@ -181,6 +183,7 @@ def test_tuple_state(method):
         torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.xfail(strict=True, reason="not implemented yet: tuple states in odeint (issue 9 item 6, open)")
 def test_nested_tuple_state():
     def f(t, state):
         a, (b, c) = state

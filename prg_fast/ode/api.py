@@ -170,7 +170,9 @@ def _discover_params(problem: Problem, x: torch.Tensor, params: List[torch.Tenso
             if leaf is not probe and not any(leaf is p for p in found):
                 found.append(leaf)
             continue
-        if node._sequence_nr() < before:
+        # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
+        # region; it saves no tensors, so walking through it once per evaluation is exact.
+        if node._sequence_nr() < before and node.name() != "ToCopyBackward0":
             raise ValueError(
                 f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
