@@ -59,3 +59,16 @@ def test_step_batches_are_a_function_of_seed_and_step():
     assert [a(s) for s in (0, 5, 11, 3)] == [b(s) for s in (0, 5, 11, 3)]
     assert a(0) != StepBatches(data, ctx, 1, 10, 10)(0)
     assert sorted(sum((a(s) for s in range(10)), [])) == data
+
+
+def test_atomic_write_respects_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = str(tmp_path / "g.bin")
+        atomic_write(p, lambda f: f.write(b"x"))
+        assert os.stat(p).st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write(p, lambda f: f.write(b"y"))
+        assert os.stat(p).st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

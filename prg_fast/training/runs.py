@@ -23,6 +23,10 @@ def atomic_write(path: str, write) -> None:
     moment leaves either the old file or the new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        # mkstemp makes the file 0600; a run file should get the mode any other new file gets
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
