@@ -528,7 +528,7 @@ class _Finetuner:
             self.history.append(row)
             self.running = [0.0, 0.0, 0.0, 0.0, 0]
             rate = n_window * self.cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
-            bar.set_postfix(loss=f"{row[1]:.4f}", acc=f"{row[4]:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.set_postfix({"loss": f"{row[1]:.4f}", "train acc": f"{row[4]:.3f}", "img/s": f"{rate:.0f}"}, refresh=False)
 
     def _save(self, elapsed: float, top1_value: Optional[float]) -> None:
         ctx = self.ctx
