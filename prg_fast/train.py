@@ -311,6 +311,11 @@ class _Trainer:
         start_step, t_start = self.step, time.perf_counter()
         if self.step >= cfg.steps:
             self._say(f"{self.ckpt_path} is already at step {self.step} >= --steps {cfg.steps}; nothing to train")
+        elif cfg.warmup > cfg.steps:
+            # the warm-up is a fixed step count, not a fraction of the run: say so rather than let a
+            # short run train quietly below the learning rate it was given
+            self._say(f"note: warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} steps); the learning "
+                      f"rate peaks at {self._lr(cfg.steps - 1):.3g}, not --lr {cfg.lr:g} (use --warmup to shorten it)")
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress), dynamic_ncols=True,
                    mininterval=1.0, desc=f"pretrain {cfg.model}/{cfg.path}", unit="step")
         self.model.train()

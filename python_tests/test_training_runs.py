@@ -72,3 +72,10 @@ def test_atomic_write_respects_the_umask(tmp_path):
         assert os.stat(p).st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_pretrain_says_when_warmup_outlasts_the_run(tmp_path, capsys):
+    torch.set_num_threads(1)
+    pretrain(PretrainConfig(**{**QUICK, "warmup": 10}, steps=1, out=str(tmp_path / "w")))
+    err = capsys.readouterr().err
+    assert "warm-up (10 steps) is longer than the run (1 steps)" in err and "peaks at 0.0001" in err
