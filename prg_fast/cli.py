@@ -92,7 +92,8 @@ def add_pretrain(subparsers) -> None:
     add_data_arguments(p)
     p.add_argument("--path", choices=sorted(PATHS), default=d.path, help=f"probability path (default {d.path})")
     p.add_argument("--sigma", type=nonnegative_float, default=d.sigma, help="ICFM/OTCFM path noise (default 0)")
-    p.add_argument("--model", choices=sorted(PRESETS), default=d.model, help=f"UNet preset (default {d.model})")
+    p.add_argument("--model", choices=sorted(PRESETS), default=d.model, help=f"UNet preset: tiny for 8x8 images (digits; 2 levels, CPU-sized), cifar or prg32 for 32x32 "
+                        f"(4 levels, attention at 16x16, and prg32 also at 8x8; GPU-sized) (default {d.model})")
     p.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimizer steps in total (default {d.steps})")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"global batch, split over processes (default {d.batch_size})")

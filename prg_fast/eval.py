@@ -187,7 +187,7 @@ def probe_features(features: Dict[str, Any], *, k: int = 20) -> Dict[str, Any]:
 def save_features(path: str, *, train_features, train_labels, test_features, test_labels, feature_shape,
                   classes: Sequence[str], meta: Dict[str, Any]) -> None:
     """Write a feature file atomically (temporary file in the same folder, then rename)."""
-    from .train import _atomic_write
+    from .training.runs import atomic_write
 
     if not path.endswith(".npz"):
         raise ValueError(f"the feature file must end in .npz, got {path!r}")
@@ -200,7 +200,7 @@ def save_features(path: str, *, train_features, train_labels, test_features, tes
                   feature_shape=np.asarray(feature_shape, dtype=np.int64),
                   classes=np.asarray([str(c) for c in classes]),
                   meta=np.asarray(json.dumps(meta)))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_features(path: str) -> Dict[str, Any]:

@@ -52,9 +52,9 @@ from .losses import flow_matching_loss
 from .models import UNet
 from .models.heads import ClassifierHead
 from .paths import PATHS, get_path
-from .train import (CHECKPOINT_FORMAT as PRETRAIN_FORMAT, CHECKPOINT_NAME, CheckpointError, _atomic_write, _Dist,
-                    _config, _init_distributed, _rank_seed, _restore_rng_on_resume, _rng_state, _seed_everything,
-                    _StepBatches, build_model, cosine_factor, load_checkpoint)
+from .train import CHECKPOINT_FORMAT as PRETRAIN_FORMAT, CHECKPOINT_NAME, CheckpointError, build_model, load_checkpoint
+from .training.runs import (Dist, StepBatches, atomic_write, cosine_factor, init_distributed, merge_config, rank_seed,
+                            resolve_device, restore_rng_on_resume, rng_state, seed_everything)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION", "add_finetune", "add_evaluate", "add_extract"]
@@ -311,8 +311,8 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> FinetuneResul
     """Finetune (or resume finetuning) a PRG classifier; see the module doc. Call with a
     FinetuneConfig or with its fields as keyword arguments. Every process of a torchrun job calls
     it; only rank 0 writes files."""
-    cfg = _config(FinetuneConfig, config, kwargs)
-    ctx = _init_distributed(cfg.device)
+    cfg = merge_config(FinetuneConfig, config, kwargs)
+    ctx = init_distributed(cfg.device)
     try:
         return _Finetuner(cfg, ctx).run()
     finally:
@@ -321,7 +321,7 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> FinetuneResul
 
 
 class _Finetuner:
-    def __init__(self, cfg: FinetuneConfig, ctx: _Dist):
+    def __init__(self, cfg: FinetuneConfig, ctx: Dist):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # see prg_fast.train: denormal Adam moments are slow on CPUs
@@ -336,12 +336,12 @@ class _Finetuner:
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
                              f"{self.data.num_classes}")
         c, h, w = self.data.shape
-        self._indices = _StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
+        self._indices = StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
 
         # the flow: pretrained weights (EMA by default), or the same architecture freshly initialised
         self.pretrain_info = None
         path_name, sigma = cfg.path, 0.0
-        _seed_everything(cfg.seed)  # identical initial head (and scratch flow) on every rank
+        seed_everything(cfg.seed)  # identical initial head (and scratch flow) on every rank
         if cfg.checkpoint is not None:
             pre = _load_pretrain(cfg.checkpoint)
             _check_data_fits(self.data, pre, _checkpoint_file(cfg.checkpoint), "was pretrained on")
@@ -382,7 +382,7 @@ class _Finetuner:
         if os.path.isfile(self.ckpt_path):
             self._resume(self.ckpt_path)
         else:
-            _seed_everything(_rank_seed(cfg.seed, ctx.rank))
+            seed_everything(rank_seed(cfg.seed, ctx.rank))
         self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
         self.net = self.module
         if ctx.world > 1:
@@ -417,7 +417,7 @@ class _Finetuner:
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
         if ckpt.get("pretrain") is not None:
             self.pretrain_info = ckpt["pretrain"]
-        _restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
+        restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
         self._say(f"resuming from {where} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -528,11 +528,11 @@ class _Finetuner:
             self.history.append(row)
             self.running = [0.0, 0.0, 0.0, 0.0, 0]
             rate = n_window * self.cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
-            bar.set_postfix(loss=f"{row[1]:.4f}", acc=f"{row[4]:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.set_postfix({"loss": f"{row[1]:.4f}", "train acc": f"{row[4]:.3f}", "img/s": f"{rate:.0f}"}, refresh=False)
 
     def _save(self, elapsed: float, top1_value: Optional[float]) -> None:
         ctx = self.ctx
-        rng = _rng_state(self.device)
+        rng = rng_state(self.device)
         if ctx.world > 1:
             gathered: List[Any] = [None] * ctx.world
             dist.all_gather_object(gathered, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in rng.items()})
@@ -570,7 +570,7 @@ class _Finetuner:
             "top1": top1_value,
             "torch_version": str(torch.__version__),
         }
-        _atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+        atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
         self._write_log()
 
     def _write_log(self) -> None:
@@ -581,7 +581,7 @@ class _Finetuner:
             w.writerows(self.history)
             f.write(text.getvalue().encode())
 
-        _atomic_write(os.path.join(self.cfg.out, "log.csv"), write)
+        atomic_write(os.path.join(self.cfg.out, "log.csv"), write)
 
     def _finish(self, start_step: int, elapsed: float, acc: float) -> Dict[str, Any]:
         cfg, clf = self.cfg, self.classifier
@@ -618,7 +618,7 @@ class _Finetuner:
 
 def _write_json(path: str, obj: Dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, allow_nan=True) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, allow_nan=True) + "\n").encode()))
 
 
 def top1(classifier, data, *, batch_size: int = 256, device=None, progress: bool = False) -> float:
@@ -632,9 +632,7 @@ def top1(classifier, data, *, batch_size: int = 256, device=None, progress: bool
 
 
 def _device(name: str) -> torch.device:
-    from .train import _resolve_device
-
-    return _resolve_device(name, 0)
+    return resolve_device(name, 0)
 
 
 def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional[int] = None,

@@ -45,14 +45,11 @@ import io
 import json
 import math
 import os
-import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -61,6 +58,8 @@ from .losses import flow_matching_loss
 from .models import UNet
 from .models.unet import PRESETS
 from .paths import PATHS, get_path
+from .training.runs import (Dist, StepBatches, atomic_write, init_distributed, merge_config, rank_seed,
+                             restore_rng_on_resume, rng_state, seed_everything)
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
            "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "save_image_grid"]
@@ -204,160 +203,6 @@ def build_model(ckpt: Dict[str, Any], ema: bool = True) -> UNet:
     return model
 
 
-def _atomic_write(path: str, write) -> None:
-    """write(file) into a temporary file in the same directory, then os.replace: a crash at any
-    moment leaves either the old file or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _rng_state(device: torch.device) -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(state["python"])
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    # a distinct stream per rank (different noise on every replica), distinct from the init seed
-    return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
-
-
-def _config(cls, config, kwargs):
-    """A validated private copy of `config` (an instance of the dataclass `cls`, or None), with
-    keyword arguments overriding its fields: the shared `f(config=None, **fields)` convention."""
-    if config is None:
-        config = cls(**kwargs)
-    elif kwargs:
-        config = cls(**{**asdict(config), **kwargs})
-    return copy.deepcopy(config).validate()
-
-
-def cosine_factor(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
-    """Learning-rate multiplier at 0-based `step` of `total`: linear warm-up over `warmup` steps,
-    then a cosine from 1 down to `floor`."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _restore_rng_on_resume(ckpt: Dict[str, Any], ctx: "_Dist", device: torch.device, seed: int, step: int, say) -> None:
-    """Continue this rank's random streams from a checkpoint; a checkpoint of another world size
-    cannot be continued, so fresh streams start (the run continues correctly, it is just not
-    bitwise the uninterrupted one)."""
-    rng = ckpt["rng"]
-    if int(ckpt["world_size"]) == ctx.world and len(rng) == ctx.world:
-        _set_rng_state(rng[ctx.rank], device)
-    else:
-        _seed_everything(_rank_seed(seed + step, ctx.rank))
-        say(f"note: checkpoint written by {ckpt['world_size']} process(es), resuming with {ctx.world}: "
-            "random streams restart")
-
-
-class _StepBatches:
-    """This rank's sample indices for optimizer step `step`: epoch e is a DistributedSampler's
-    shuffled order for epoch e (seeded, drop_last), cut into local batches; so the data order is a
-    function of (seed, step) alone and resuming at any step reproduces it."""
-
-    def __init__(self, data, ctx: "_Dist", seed: int, local_batch: int, global_batch: int):
-        self.sampler = torch.utils.data.DistributedSampler(data, num_replicas=ctx.world, rank=ctx.rank,
-                                                           shuffle=True, seed=seed, drop_last=True)
-        self.local_batch = local_batch
-        self.steps_per_epoch = len(self.sampler) // local_batch
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size ({global_batch}) is larger than the data set ({len(data)} images)")
-        self._epoch, self._order = -1, None
-
-    def __call__(self, step: int) -> List[int]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._order, self._epoch = list(self.sampler), epoch
-        return self._order[i * self.local_batch:(i + 1) * self.local_batch]
-
-
-# -------------------------------------------------------------------------------------------------
-# distributed set-up
-
-
-@dataclass
-class _Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    owns_group: bool
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but no CUDA device is visible")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
-    return device
-
-
-def _init_distributed(device_name: str) -> _Dist:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them this
-    is a single process. NCCL for CUDA devices, gloo for CPU."""
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        return _Dist(rank, world, local, _resolve_device(device_name, local), owns_group=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(0, 1, 0, _resolve_device(device_name, 0), owns_group=False)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    device = _resolve_device(device_name, local)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return _Dist(rank, world, local, device, owns_group=True)
-
-
 # -------------------------------------------------------------------------------------------------
 # training
 
@@ -366,8 +211,8 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> PretrainResul
     """Train (or resume training of) a velocity network by flow matching; see the module doc.
     Call with a PretrainConfig or with its fields as keyword arguments. Every process of a
     torchrun job calls it; only rank 0 writes files."""
-    cfg = _config(PretrainConfig, config, kwargs)
-    ctx = _init_distributed(cfg.device)
+    cfg = merge_config(PretrainConfig, config, kwargs)
+    ctx = init_distributed(cfg.device)
     try:
         return _Trainer(cfg, ctx).run()
     finally:
@@ -376,7 +221,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> PretrainResul
 
 
 class _Trainer:
-    def __init__(self, cfg: PretrainConfig, ctx: _Dist):
+    def __init__(self, cfg: PretrainConfig, ctx: Dist):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         if cfg.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
@@ -389,11 +234,11 @@ class _Trainer:
         c, h, w = self.data.shape
         if h != w:
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
-        self._indices = _StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
+        self._indices = StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
         self.path = get_path(cfg.path, cfg.sigma)
 
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
-        _seed_everything(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
+        seed_everything(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
         self.model = UNet.preset(cfg.model, in_channels=c, image_size=h, **overrides).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -405,7 +250,7 @@ class _Trainer:
             # on the CPU: RNG states must be CPU tensors; load_state_dict moves weights to the device
             self._resume(load_checkpoint(self.ckpt_path, map_location="cpu"))
         else:
-            _seed_everything(_rank_seed(cfg.seed, ctx.rank))
+            seed_everything(rank_seed(cfg.seed, ctx.rank))
         self.net = self.model
         if ctx.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -433,7 +278,7 @@ class _Trainer:
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
-        _restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
+        restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
         self._say(f"resuming from {where} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -466,6 +311,11 @@ class _Trainer:
         start_step, t_start = self.step, time.perf_counter()
         if self.step >= cfg.steps:
             self._say(f"{self.ckpt_path} is already at step {self.step} >= --steps {cfg.steps}; nothing to train")
+        elif cfg.warmup > cfg.steps:
+            # the warm-up is a fixed step count, not a fraction of the run: say so rather than let a
+            # short run train quietly below the learning rate it was given
+            self._say(f"note: warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} steps); the learning "
+                      f"rate peaks at {self._lr(cfg.steps - 1):.3g}, not --lr {cfg.lr:g} (use --warmup to shorten it)")
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress), dynamic_ncols=True,
                    mininterval=1.0, desc=f"pretrain {cfg.model}/{cfg.path}", unit="step")
         self.model.train()
@@ -523,7 +373,7 @@ class _Trainer:
 
     def _save(self, elapsed: float) -> None:
         ctx = self.ctx
-        rng = _rng_state(self.device)
+        rng = rng_state(self.device)
         if ctx.world > 1:
             gathered: List[Any] = [None] * ctx.world
             dist.all_gather_object(gathered, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in rng.items()})
@@ -555,7 +405,7 @@ class _Trainer:
             "elapsed_s": elapsed,
             "torch_version": str(torch.__version__),
         }
-        _atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+        atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
         self._write_log()
 
     def _write_log(self) -> None:
@@ -566,7 +416,7 @@ class _Trainer:
             w.writerows(self.history)
             f.write(text.getvalue().encode())
 
-        _atomic_write(os.path.join(self.cfg.out, "log.csv"), write)
+        atomic_write(os.path.join(self.cfg.out, "log.csv"), write)
 
     def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
@@ -589,8 +439,8 @@ class _Trainer:
         if not ctx.main:
             return metrics
         samples = self.sample(cfg.num_samples)
-        _atomic_write(os.path.join(cfg.out, "samples.png"), lambda f: save_image_grid(samples, f))
-        _atomic_write(os.path.join(cfg.out, "metrics.json"),
+        atomic_write(os.path.join(cfg.out, "samples.png"), lambda f: save_image_grid(samples, f))
+        atomic_write(os.path.join(cfg.out, "metrics.json"),
                       lambda f: f.write((json.dumps(metrics, indent=1, allow_nan=True) + "\n").encode()))
         self._say(f"step {self.step}: loss {metrics['loss']:.4f} (first interval {metrics['loss_start']:.4f}); "
                   f"wrote {cfg.out}/checkpoint.pt, metrics.json, samples.png")

@@ -17,17 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..eval import linear_probe
-from ..train import (CHECKPOINT_NAME, CheckpointError, _atomic_write, _resolve_device, _rng_state,
-                     _seed_everything, _set_rng_state, build_model, cosine_factor, load_checkpoint)
+from ..train import CHECKPOINT_NAME, CheckpointError, build_model, load_checkpoint
+from ..training.runs import atomic_write, cosine_factor, resolve_device, rng_state, seed_everything, set_rng_state
 
 __all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "RunFiles", "cosine_factor",
            "linear_probe", "encode", "check_number", "check_int", "resolve_device", "seed_everything",
            "rng_state", "set_rng_state", "CheckpointError"]
 
-resolve_device = _resolve_device
-seed_everything = _seed_everything
-rng_state = _rng_state
-set_rng_state = _set_rng_state
 
 
 # -------------------------------------------------------------------------------------------------
@@ -248,12 +244,12 @@ class RunFiles:
     def save(self, payload: Dict[str, Any]) -> None:
         os.makedirs(self.out, exist_ok=True)
         ckpt = {"format": self.fmt, "version": self.version, "torch_version": str(torch.__version__), **payload}
-        _atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+        atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
 
     def write_json(self, name: str, obj: Dict[str, Any]) -> None:
         os.makedirs(self.out, exist_ok=True)
         text = json.dumps(obj, indent=1, allow_nan=True) + "\n"
-        _atomic_write(os.path.join(self.out, name), lambda f: f.write(text.encode()))
+        atomic_write(os.path.join(self.out, name), lambda f: f.write(text.encode()))
 
     def write_log(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         import csv
@@ -264,7 +260,7 @@ class RunFiles:
         w.writerow(list(header))
         w.writerows(rows)
         os.makedirs(self.out, exist_ok=True)
-        _atomic_write(os.path.join(self.out, "log.csv"), lambda f: f.write(buf.getvalue().encode()))
+        atomic_write(os.path.join(self.out, "log.csv"), lambda f: f.write(buf.getvalue().encode()))
 
 
 # -------------------------------------------------------------------------------------------------

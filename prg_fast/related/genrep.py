@@ -43,7 +43,7 @@ from ..data import load_data, parse_spec
 from .common import (ENCODERS, CheckpointError, RunFiles, ViewAugment, build_encoder, check_int, check_number,
                      cosine_factor, encode, linear_probe, load_flow, pretrain_info, resolve_device, rng_state,
                      seed_everything, set_rng_state)
-from ..train import _atomic_write, _config
+from ..training.runs import atomic_write, merge_config
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
            "GENREP_FORMAT", "add_genrep", "run_genrep"]
@@ -203,7 +203,7 @@ class GenRepResult:
 def genrep(config: Optional[GenRepConfig] = None, **kwargs) -> GenRepResult:
     """Contrastive learning on generated anchor / neighbour views, then a linear probe on real data
     (see the module doc). Call with a GenRepConfig or its fields; resumes from `out`."""
-    cfg = _config(GenRepConfig, config, kwargs)
+    cfg = merge_config(GenRepConfig, config, kwargs)
     return _GenRep(cfg).run()
 
 
@@ -309,7 +309,7 @@ class _GenRep:
                 bar.update(n)
                 if done == cfg.pool or time.perf_counter() - last_save > 60:
                     os.makedirs(cfg.out, exist_ok=True)
-                    _atomic_write(path, lambda f: torch.save(state, f))
+                    atomic_write(path, lambda f: torch.save(state, f))
                     last_save = time.perf_counter()
             bar.close()
         self.gen_time = float(state["gen_time_s"])
@@ -340,7 +340,7 @@ class _GenRep:
         n = min(8, anchors.shape[0])
         k = min(7, neighbors.shape[1])
         rows = torch.cat([anchors[:n, None], neighbors[:n, :k]], dim=1).flatten(0, 1)
-        _atomic_write(os.path.join(self.cfg.out, "views.png"),
+        atomic_write(os.path.join(self.cfg.out, "views.png"),
                       lambda f: save_image_grid(_dequantise(rows, "cpu"), f, nrow=1 + k))
 
     # -- the loop ---------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Augment, default_augment, load_data
-from ..train import _config
+from ..training.runs import merge_config
 from .common import (ENCODERS, RunFiles, build_encoder, check_int, check_number, cosine_factor, load_flow,
                      pretrain_info, resolve_device, rng_state, seed_everything, set_rng_state)
 
@@ -348,7 +348,7 @@ class RepFusionResult:
 def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> RepFusionResult:
     """Distil the pretrained flow's features into a student, then finetune it (see the module doc).
     Call with a RepFusionConfig or with its fields as keyword arguments; resumes from `out`."""
-    cfg = _config(RepFusionConfig, config, kwargs)
+    cfg = merge_config(RepFusionConfig, config, kwargs)
     return _RepFusion(cfg).run()
 
 

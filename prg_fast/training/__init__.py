@@ -1,0 +1,1 @@
+"""Training: the shared run-time (`runs`) under pretraining, finetuning and the related systems."""
