@@ -162,7 +162,6 @@ def _tuple_func(t, state):
     return (-b * torch.cos(t), a * 0.5 + torch.tanh(b))
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented yet: tuple states in odeint (issue 9 item 6, open)")
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 def test_tuple_state(method):
     a = torch.randn(3, dtype=D)
@@ -183,7 +182,6 @@ def test_tuple_state(method):
         torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented yet: tuple states in odeint (issue 9 item 6, open)")
 def test_nested_tuple_state():
     def f(t, state):
         a, (b, c) = state

@@ -344,7 +344,17 @@ def odeint(
     """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
     As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
-    classic rule; torchdiffeq's "rk4" is our "rk4_38"."""
+    classic rule; torchdiffeq's "rk4" is our "rk4_38".
+
+    `y0` may be a (nested) tuple of tensors, as in torchdiffeq: func then takes and returns that
+    structure, and the result is the same structure of stacked states. The components are solved
+    as one flat state (so every stage is still one fused kernel call), with exact gradients for
+    each of them."""
+    if isinstance(y0, tuple):
+        return _odeint_tuple(func, y0, t, method=method, adjoint=adjoint, backend=backend,
+                             adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
+                             preserve_rng_state=preserve_rng_state, reversible=reversible,
+                             reversible_coupling=reversible_coupling)
     _check_x(y0, "y0", batched=False)
     if not isinstance(t, torch.Tensor):
         if isinstance(t, (list, tuple)):
@@ -365,3 +375,48 @@ def odeint(
                   adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
                   model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
                   reversible=reversible, reversible_coupling=reversible_coupling)
+
+
+def _tuple_leaves(y, name: str) -> List[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, tuple):
+        return [leaf for i, part in enumerate(y) for leaf in _tuple_leaves(part, f"{name}[{i}]")]
+    raise TypeError(f"{name} must be a tensor or a (nested) tuple of tensors, got {type(y).__name__}")
+
+
+def _tuple_rebuild(structure, leaves):
+    """`structure`'s nesting filled with the tensors of the iterator `leaves`, in order."""
+    if isinstance(structure, torch.Tensor):
+        return next(leaves)
+    return tuple(_tuple_rebuild(part, leaves) for part in structure)
+
+
+def _odeint_tuple(func, y0: tuple, t, **kwargs):
+    leaves = _tuple_leaves(y0, "y0")
+    for i, leaf in enumerate(leaves):
+        _check_x(leaf, f"y0 component {i}", batched=False)
+        if leaf.dtype != leaves[0].dtype or leaf.device != leaves[0].device:
+            raise TypeError(
+                f"y0's components must share one dtype and device: component 0 is {leaves[0].dtype} on "
+                f"{leaves[0].device}, component {i} is {leaf.dtype} on {leaf.device}"
+            )
+    shapes = [leaf.shape for leaf in leaves]
+    sizes = [leaf.numel() for leaf in leaves]
+
+    def unflatten(flat: torch.Tensor, dim: int = 0):
+        parts = flat.split(sizes, dim=dim)
+        return _tuple_rebuild(y0, iter(p.reshape(*flat.shape[:dim], *shape) for p, shape in zip(parts, shapes)))
+
+    def flat_func(tt, y_flat):
+        out = func(tt, unflatten(y_flat))
+        out_leaves = _tuple_leaves(out, "func's output")
+        if len(out_leaves) != len(leaves) or any(o.shape != s for o, s in zip(out_leaves, shapes)):
+            raise ValueError(
+                "func must return the structure of y0 (a tuple of tensors shaped like its components), got "
+                f"{[tuple(o.shape) for o in out_leaves]} for {[tuple(s) for s in shapes]}"
+            )
+        return torch.cat([o.reshape(-1) for o in out_leaves])
+
+    ys = odeint(flat_func, torch.cat([leaf.reshape(-1) for leaf in leaves]), t, **kwargs)
+    return unflatten(ys, dim=1)
