@@ -55,7 +55,7 @@ def assert_grads_close(got: dict, want: dict, rtol: float = RTOL, what: str = ""
     assert err < rtol, f"{what}: worst gradient {name!r} has relative error {err:.3g} (limit {rtol:g})"
 
 
-def _gradients(fn, x, tensors: dict, *, adjoint: bool, method: str, steps: int, seed: int = 0, **kw):
+def adjoint_and_backprop_gradients(fn, x, tensors: dict, *, adjoint: bool, method: str, steps: int, seed: int = 0, **kw):
     """Output and gradients of a fixed random projection of reverse(fn, x) w.r.t. x and `tensors`."""
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
@@ -296,8 +296,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_adjoint_equals_backprop(case, method):
     fn, x, tensors, kw, steps = CASES[case]()
-    out_ref, ref = _gradients(fn, x, tensors, adjoint=False, method=method, steps=steps, **kw)
-    out_adj, adj = _gradients(fn, x, tensors, adjoint=True, method=method, steps=steps, **kw)
+    out_ref, ref = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=False, method=method, steps=steps, **kw)
+    out_adj, adj = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=True, method=method, steps=steps, **kw)
     # same forward (dropout masks replayed from the same seed)
     torch.testing.assert_close(out_adj, out_ref, rtol=1e-12, atol=1e-12)
     assert all(g is not None for g in ref.values()), "oracle lost a gradient: the test case is wrong"
@@ -308,8 +308,8 @@ def test_unet_tiny_16x16_rk4():
     torch.manual_seed(0)
     net = _randomize(UNet.preset("tiny", in_channels=3, image_size=16).double())
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    _, ref = _gradients(net, x, _named(net), adjoint=False, method="rk4", steps=1)
-    _, adj = _gradients(net, x, _named(net), adjoint=True, method="rk4", steps=1)
+    _, ref = adjoint_and_backprop_gradients(net, x, _named(net), adjoint=False, method="rk4", steps=1)
+    _, adj = adjoint_and_backprop_gradients(net, x, _named(net), adjoint=True, method="rk4", steps=1)
     assert_grads_close(adj, ref, what="unet tiny 16x16")
 
 
@@ -321,8 +321,8 @@ def test_unet_cifar_preset_once():
     net = UNet.preset("cifar", in_channels=3, image_size=8, attention_resolutions=(4,))
     net = _randomize(net.double().train(), scale=0.02)
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    _, ref = _gradients(net, x, _named(net), adjoint=False, method="euler", steps=1)
-    _, adj = _gradients(net, x, _named(net), adjoint=True, method="euler", steps=1)
+    _, ref = adjoint_and_backprop_gradients(net, x, _named(net), adjoint=False, method="euler", steps=1)
+    _, adj = adjoint_and_backprop_gradients(net, x, _named(net), adjoint=True, method="euler", steps=1)
     assert_grads_close(adj, ref, what="unet cifar")
 
 
@@ -378,10 +378,10 @@ def test_autocast_adjoint_within_twice_pytorch_bf16_error():
     x = torch.randn(4, 8)
     net64 = _MLP().double()
     net64.load_state_dict(net.state_dict())
-    _, ref64 = _gradients(net64, x.double(), _named(net64), adjoint=False, method="rk4", steps=4)
+    _, ref64 = adjoint_and_backprop_gradients(net64, x.double(), _named(net64), adjoint=False, method="rk4", steps=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, plain = _gradients(net, x, _named(net), adjoint=False, method="rk4", steps=4)
-        _, adj = _gradients(net, x, _named(net), adjoint=True, method="rk4", steps=4)
+        _, plain = adjoint_and_backprop_gradients(net, x, _named(net), adjoint=False, method="rk4", steps=4)
+        _, adj = adjoint_and_backprop_gradients(net, x, _named(net), adjoint=True, method="rk4", steps=4)
     for name, r in ref64.items():
         assert adj[name] is not None, name
         err_adj = (adj[name].double() - r).abs().max().item()
