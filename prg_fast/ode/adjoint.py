@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import torch
 
-from .integrate import Problem, capture_rng, restore_rng  # noqa: F401
+from .integrate import Problem, autocast_state, capture_rng, restore_rng  # noqa: F401
 
 
 class AdjointSolve(torch.autograd.Function):
@@ -34,8 +34,7 @@ class AdjointSolve(torch.autograd.Function):
         ctx.x_dtype, ctx.device = x.dtype, x.device
         # The backward recomputes each evaluation under the autocast state of the forward (as
         # torch.utils.checkpoint does), so a network run in bf16 autocast is differentiated as run.
-        dev = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ("cpu", "cuda") else (False, None)
+        ctx.autocast = autocast_state(x.device.type)
         return torch.stack(outs)
 
     @staticmethod

@@ -30,14 +30,10 @@ from typing import Callable, Dict, Hashable, List, Tuple
 
 import torch
 
+from .integrate import autocast_state
+
 _DEFAULT_MAX_SIZE = int(os.environ.get("PRG_FAST_CUDA_GRAPH_CACHE", "16"))
 _DEFAULT_MAX_NUMEL = int(os.environ.get("PRG_FAST_CUDA_GRAPH_MAX_NUMEL", str(2 ** 18)))
-
-
-def autocast_state(device_type: str = "cuda") -> Tuple:
-    """(enabled, dtype) of autocast on `device_type`: a capture under bf16 autocast is a different graph."""
-    enabled = torch.is_autocast_enabled(device_type)
-    return (enabled, torch.get_autocast_dtype(device_type) if enabled else None)
 
 
 def _model_token(model) -> Hashable:

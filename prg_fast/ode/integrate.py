@@ -7,7 +7,7 @@ All stage arithmetic goes through `problem.combine` (a fused kernel, or the refe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,8 +50,7 @@ class Problem:
         # float32 whatever the terms' dtype, so any floating output is fine there.
         dtype_ok = k.dtype == self.net_dtype if isinstance(k, torch.Tensor) else False
         if not dtype_ok and isinstance(k, torch.Tensor) and k.is_floating_point():
-            dev = x_net.device.type
-            dtype_ok = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+            dtype_ok = autocast_state(x_net.device.type)[0]
         if not isinstance(k, torch.Tensor) or k.shape != x_net.shape or not dtype_ok:
             got = f"{tuple(k.shape)} {k.dtype}" if isinstance(k, torch.Tensor) else type(k).__name__
             raise ValueError(
@@ -105,6 +104,14 @@ class Problem:
             if n + 1 in want:
                 saved[n + 1] = x
         return [saved[i] for i in self.out_index]
+
+
+def autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    """(enabled, dtype) of torch.autocast on `device_type`; (False, None) where autocast does not
+    apply. The adjoints recompute under the forward's state, and a CUDA graph is keyed by it."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return False, None
+    return True, torch.get_autocast_dtype(device_type)
 
 
 def capture_rng(device: torch.device):

@@ -39,7 +39,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .integrate import Problem, capture_rng, restore_rng
+from .integrate import Problem, autocast_state, capture_rng, restore_rng
 
 DEFAULT_COUPLING = 0.999
 
@@ -131,8 +131,7 @@ class ReversibleSolve(torch.autograd.Function):
         ctx.save_for_backward(y, z)
         ctx.problem, ctx.lam, ctx.rng = problem, lam, rng
         ctx.x_dtype, ctx.device = x.dtype, x.device
-        dev = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ("cpu", "cuda") else (False, None)
+        ctx.autocast = autocast_state(x.device.type)
         return torch.stack(outs)
 
     @staticmethod
