@@ -95,10 +95,6 @@ def _rows_implementation(name: str) -> Callable:
     raise AssertionError(name)
 
 
-def _accumulate_dtype(dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def chained(fn: Callable) -> Callable:
     """`fn` (stage_combine's signature) extended to any number of terms: the first MAX_TERMS go
     into a partial sum written in the accumulation dtype, which is the next call's base."""
@@ -108,7 +104,7 @@ def chained(fn: Callable) -> Callable:
         if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
             return fn(base, terms, coeffs, alpha, out_dtype)
         final = base.dtype if out_dtype is None else out_dtype
-        acc = _accumulate_dtype([base.dtype, final] + [t.dtype for t in terms])
+        acc = reference.accumulate_dtype(base, terms, final)
         while len(terms) > MAX_TERMS:
             base = fn(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
             terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
@@ -127,7 +123,7 @@ def chained_rows(fn: Callable) -> Callable:
         if len(terms) <= MAX_TERMS or not isinstance(coeffs, torch.Tensor) or coeffs.dim() != 2 or coeffs.shape[1] != 1 + len(terms):
             return fn(base, terms, coeffs, out_dtype)  # the kernel reports bad input
         final = base.dtype if out_dtype is None else out_dtype
-        acc = _accumulate_dtype([base.dtype, final, coeffs.dtype] + [t.dtype for t in terms])
+        acc = reference.accumulate_dtype(base, terms, final, coeffs)
         ones = torch.ones(coeffs.shape[0], 1, dtype=coeffs.dtype, device=coeffs.device)
         base = fn(base, terms[:MAX_TERMS], coeffs[:, : 1 + MAX_TERMS], acc)
         terms, coeffs = terms[MAX_TERMS:], coeffs[:, 1 + MAX_TERMS :]

@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .reference import accumulate_dtype
+
 CPU_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
 
@@ -102,11 +104,6 @@ def stage_combine_rows(
     return torch.ops.prg_fast.stage_combine_rows.default(base, list(terms), coeffs, out_dtype)
 
 
-def rows_accumulate_dtype(base, terms, coeffs, out_dtype) -> torch.dtype:
-    dtypes = [base.dtype, coeffs.dtype, base.dtype if out_dtype is None else out_dtype] + [t.dtype for t in terms]
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def register_rows_op(qualname: str) -> None:
     """Fake kernel and autograd formula for an operator with stage_combine_rows's schema (the C++
     operator and the Triton one). Gradients reach base, the terms and coeffs, so time values the
@@ -119,7 +116,7 @@ def register_rows_op(qualname: str) -> None:
     def _setup_context(ctx, inputs, output):
         base, terms, coeffs = inputs[:3]
         out_dtype = inputs[3] if len(inputs) > 3 else None
-        ctx.acc = rows_accumulate_dtype(base, terms, coeffs, out_dtype)
+        ctx.acc = accumulate_dtype(base, terms, out_dtype, coeffs)
         ctx.base_dtype = base.dtype
         ctx.term_dtypes = [t.dtype for t in terms]
         ctx.n_terms = len(terms)

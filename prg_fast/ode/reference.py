@@ -11,9 +11,17 @@ import torch
 from .solvers import get_tableau
 
 
-def accumulate_dtype(base: torch.Tensor, terms: Sequence[torch.Tensor], out_dtype: torch.dtype) -> torch.dtype:
-    """float64 when anything involved is float64, else float32 (also for bf16/fp16 inputs)."""
-    dtypes = [base.dtype, out_dtype] + [t.dtype for t in terms]
+def accumulate_dtype(
+    base: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    out_dtype: Optional[torch.dtype],
+    coeffs: Optional[torch.Tensor] = None,
+) -> torch.dtype:
+    """float64 when anything involved (base, terms, out_dtype, per-row coeffs) is float64, else
+    float32 (also for bf16/fp16 inputs). The one statement of the rule every backend follows."""
+    dtypes = [base.dtype, base.dtype if out_dtype is None else out_dtype] + [t.dtype for t in terms]
+    if coeffs is not None:
+        dtypes.append(coeffs.dtype)
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
@@ -43,9 +51,7 @@ def stage_combine_rows(
     with r = b, or r = 0 when coeffs has one row. Accumulated in float64 when base, the terms,
     out_dtype or coeffs is float64, else float32; cast to out_dtype (default base.dtype)."""
     out_dtype = base.dtype if out_dtype is None else out_dtype
-    acc = accumulate_dtype(base, terms, out_dtype)
-    if coeffs.dtype == torch.float64:
-        acc = torch.float64
+    acc = accumulate_dtype(base, terms, out_dtype, coeffs)
     c = coeffs.to(acc)
     view = (c.shape[0],) + (1,) * (base.dim() - 1)
     out = c[:, 0].reshape(view) * base.to(acc)
