@@ -98,13 +98,7 @@ def _collect_params(model, adjoint_params) -> List[torch.Tensor]:
     return params
 
 
-def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[float]]) -> Tuple[List[float], List[int]]:
-    """A uniform grid of `steps` steps from t0 to t1, with the save_at times inserted as extra grid
-    points (so every saved state is an exact solver state, never an interpolation)."""
-    grid = [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
-    grid[-1] = t1
-    if save_at is None:
-        return grid, [steps]
+def _save_times(save_at) -> List[float]:
     if isinstance(save_at, torch.Tensor):
         save_at = save_at.detach().flatten().tolist()
     if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__iter__"):
@@ -112,6 +106,18 @@ def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[flo
     times = [_as_time(s, "save_at entries") for s in save_at]
     if not times:
         raise ValueError("save_at must hold at least one time (or be None)")
+    return times
+
+
+def _merge_plan(t0: float, t1: float, steps: int, times: Optional[List[float]]) -> Tuple[List[float], List[int], List[int]]:
+    """(grid, out index, sources): a uniform grid of `steps` steps from t0 to t1, with the save_at
+    `times` inserted as extra grid points (so every saved state is an exact solver state, never an
+    interpolation). sources[i] says where grid point i comes from: k < steps+1 is the uniform
+    point k, steps+1+j the save time j (a tensor grid is assembled from the same plan)."""
+    grid = [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
+    grid[-1] = t1
+    if times is None:
+        return grid, [steps], list(range(steps + 1))
     lo, hi = min(t0, t1), max(t0, t1)
     tol = 1e-9 * abs(t1 - t0)
     for s in times:
@@ -120,12 +126,96 @@ def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[flo
     sign = 1.0 if t1 > t0 else -1.0
     # snap to an existing grid point when within rounding, else insert
     tol = max(tol, 1e-12)
-    for s in times:
-        if all(abs(s - g) > tol for g in grid):
-            grid.append(s)
-    grid.sort(key=lambda g: sign * g)
+    entries = [(g, k) for k, g in enumerate(grid)]
+    for j, s in enumerate(times):
+        if all(abs(s - g) > tol for g, _ in entries):
+            entries.append((s, steps + 1 + j))
+    entries.sort(key=lambda e: sign * e[0])
+    grid = [g for g, _ in entries]
     index = [min(range(len(grid)), key=lambda k: abs(grid[k] - s)) for s in times]
+    return grid, index, [src for _, src in entries]
+
+
+def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[float]]) -> Tuple[List[float], List[int]]:
+    grid, index, _ = _merge_plan(t0, t1, steps, None if save_at is None else _save_times(save_at))
     return grid, index
+
+
+def _time_arg(value, name: str, x: torch.Tensor):
+    """A time argument of reverse/generate: a float (the float path), or a float64 tensor on x's
+    device, 0-dim (one time that requires grad) or (B,) (one time per sample)."""
+    if not isinstance(value, torch.Tensor):
+        return _as_time(value, name)
+    B = x.shape[0]
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a number or a floating-point tensor, got a {value.dtype} tensor")
+    per_sample = value.dim() == 1 and value.shape[0] == B and B > 1
+    if not per_sample and value.numel() != 1:
+        raise ValueError(
+            f"{name} must be a number, a one-element tensor or a tensor of shape (B,) = ({B},) (one time "
+            f"per sample of x), got shape {tuple(value.shape)}"
+        )
+    if value.device != x.device and (per_sample or value.device.type != "cpu"):
+        raise ValueError(
+            f"{name} is on {value.device} but x is on {x.device}: a time tensor must be on x's device "
+            "(a one-element time may also be a CPU tensor)"
+        )
+    finite = torch.isfinite(value.detach().reshape(-1))
+    if not bool(finite.all()):
+        if per_sample:
+            i = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"{name} must be finite for every sample; sample {i} has {name}={value[i].item()}")
+        raise ValueError(f"{name} must be a finite number, got {value.item()}")
+    if per_sample or (value.requires_grad and torch.is_grad_enabled()):
+        return value.reshape(B if per_sample else ()).to(device=x.device, dtype=torch.float64)
+    return float(value.item())
+
+
+def _check_order(lo, hi, message: str, lo_name: str, hi_name: str) -> None:
+    """`hi` > `lo` (floats or time tensors), else `message`, naming the first offending sample."""
+    a = lo.detach().cpu() if isinstance(lo, torch.Tensor) else torch.tensor(lo, dtype=torch.float64)
+    b = hi.detach().cpu() if isinstance(hi, torch.Tensor) else torch.tensor(hi, dtype=torch.float64)
+    a, b = torch.broadcast_tensors(a.double(), b.double())
+    bad = ~(b > a)
+    if not bool(bad.any()):
+        return
+    if a.dim() == 0:
+        raise ValueError(f"{message}; got {lo_name}={a.item():g}, {hi_name}={b.item():g}")
+    i = int(bad.nonzero()[0, 0])
+    raise ValueError(f"{message} for every sample; sample {i} has {lo_name}={a[i].item():g}, {hi_name}={b[i].item():g}")
+
+
+def _time_grid(start, end, steps: int, save_at, x: torch.Tensor):
+    """(times, grid, index): the grid from `start` to `end`, as floats (times None: the float
+    path) or, when a time is a tensor, as a float64 tensor built with differentiable ops: (P,) for
+    shared times, (P, B) per sample. `grid` holds its values (sample 0's on a per-sample grid)."""
+    save_tensor = isinstance(save_at, torch.Tensor) and save_at.requires_grad and torch.is_grad_enabled()
+    if not (isinstance(start, torch.Tensor) or isinstance(end, torch.Tensor) or save_tensor):
+        grid, index = _merge_grid(start, end, steps, save_at)
+        return None, grid, index
+    dev = x.device
+    a = start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.float64, device=dev)
+    b = end if isinstance(end, torch.Tensor) else torch.tensor(end, dtype=torch.float64, device=dev)
+    per_sample = a.dim() == 1 or b.dim() == 1
+    if per_sample:
+        if save_at is not None:
+            raise ValueError("save_at cannot be combined with per-sample times (t, t0 or t_end of shape (B,)) yet")
+        a, b = a.expand(x.shape[0]), b.expand(x.shape[0])
+    k = torch.arange(steps, dtype=torch.float64, device=dev).reshape((steps,) + (1,) * a.dim())
+    # the same arithmetic as the float grid (t0 + (t1 - t0) * k / steps), last point exactly t1
+    uniform = torch.cat([a + (b - a) * k / steps, b.unsqueeze(0)])
+    if per_sample:
+        return uniform, uniform[:, 0].tolist(), [steps]
+    save = None if save_at is None else _save_times(save_at)
+    grid, index, sources = _merge_plan(a.item(), b.item(), steps, save)
+    if save is not None:
+        if isinstance(save_at, torch.Tensor):
+            points = save_at.reshape(-1).to(device=dev, dtype=torch.float64)
+        else:
+            points = torch.tensor(save, dtype=torch.float64, device=dev)
+        uniform = torch.cat([uniform, points])
+    times = uniform if sources == list(range(steps + 1)) else uniform[torch.tensor(sources, device=dev)]
+    return times, grid, index
 
 
 def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
@@ -198,6 +288,7 @@ def _solve(
     preserve_rng_state: bool,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    times: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if not callable(func):
         raise TypeError(f"model must be callable as model(t, x), got {type(func).__name__}")
@@ -219,21 +310,42 @@ def _solve(
         check_finite=check_finite,
         params=params,
     )
+    times_grad = False
+    if times is not None:
+        problem.times = times  # with its graph: plain backprop differentiates through it
+        problem.combine_rows = backends.resolve_rows(backend, x.device)[1]
+        times_grad = times.requires_grad and torch.is_grad_enabled()
     if not isinstance(reversible, bool):
         raise TypeError(f"reversible must be True or False, got {reversible!r}")
     if adjoint and torch.is_grad_enabled():
         problem.params = params = _discover_params(problem, x, params)
+    differentiate = _needs_grad(x, params) or times_grad
+    if adjoint and differentiate and times is not None:
+        # the adjoint's Functions take the grid as an input and return its gradient
+        problem.times = times.detach()
     if reversible:
         coupling = check_coupling(reversible_coupling)
-        if adjoint and _needs_grad(x, params):
-            out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, x, *params)
+        if adjoint and differentiate:
+            out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, times, x, *params)
         else:
             out = solve_reversible(problem, x, coupling)
-    elif adjoint and _needs_grad(x, params):
-        out = AdjointSolve.apply(problem, preserve_rng_state, x, *params)
+    elif adjoint and differentiate:
+        out = AdjointSolve.apply(problem, preserve_rng_state, times, x, *params)
     else:
         out = solve(problem, x)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _check_graph_times(cuda_graph, names: str) -> None:
+    """A captured graph replays fixed float times: time tensors (per sample, or requiring grad
+    under grad mode) run eagerly with cuda_graph="auto" and are refused with cuda_graph=True."""
+    if cuda_graph is True:
+        raise ValueError(
+            f"cuda_graph=True replays a solve on plain float times, but {names} include a tensor that is per "
+            "sample or requires grad: pass numbers (under torch.no_grad()), or cuda_graph=False / 'auto'"
+        )
+    if cuda_graph not in (False, None, "auto"):
+        raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
 
 
 def reverse(
@@ -275,15 +387,17 @@ def reverse(
     """
     _check_x(x)
     steps = _check_steps(steps)
-    t1, t0 = _as_time(t, "t"), _as_time(t0, "t0")
-    if not t1 > t0:
-        raise ValueError(f"reverse integrates from t0 up to t, so t must be > t0; got t0={t0:g}, t={t1:g}")
-    grid, index = _merge_grid(t0, t1, steps, save_at)
+    t1, t0 = _time_arg(t, "t", x), _time_arg(t0, "t0", x)
+    _check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
+    times, grid, index = _time_grid(t0, t1, steps, save_at, x)
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                   batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
                   preserve_rng_state=preserve_rng_state, reversible=reversible,
                   reversible_coupling=reversible_coupling)
-    if cuda_graph:
+    if times is not None:
+        _check_graph_times(cuda_graph, "t, t0")
+        out = _solve(model, x, grid, index, times=times, **kwargs)
+    elif cuda_graph:
         out = graphed_solve(_solve, model, x, grid, index, mode=cuda_graph, **kwargs)
     else:
         out = _solve(model, x, grid, index, **kwargs)
@@ -309,10 +423,9 @@ def generate(
     Differentiable like `reverse` (same keyword arguments)."""
     _check_x(z, "z")
     steps = _check_steps(steps)
-    t1, t_end = _as_time(t, "t"), _as_time(t_end, "t_end")
-    if not t1 > t_end:
-        raise ValueError(f"generate integrates from t down to t_end, so t must be > t_end; got t={t1:g}, t_end={t_end:g}")
-    grid, index = _merge_grid(t1, t_end, steps, None)
+    t1, t_end = _time_arg(t, "t", z), _time_arg(t_end, "t_end", z)
+    _check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
+    times, grid, index = _time_grid(t1, t_end, steps, None, z)
     opts = dict(method=method, adjoint=adjoint, backend=backend,
                 adjoint_params=kwargs.pop("adjoint_params", None), batch_time=True,
                 check_finite=check_finite, model_dtype=model_dtype,
@@ -321,6 +434,9 @@ def generate(
                 reversible_coupling=kwargs.pop("reversible_coupling", DEFAULT_COUPLING))
     if kwargs:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
+    if times is not None:
+        _check_graph_times(cuda_graph, "t, t_end")
+        return _solve(model, z, grid, index, times=times, **opts)[0]
     if cuda_graph:
         return graphed_solve(_solve, model, z, grid, index, mode=cuda_graph, **opts)[0]
     return _solve(model, z, grid, index, **opts)[0]
@@ -363,18 +479,20 @@ def odeint(
             raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
     if t.dim() != 1 or t.numel() < 1:
         raise ValueError(f"t must be a 1-D tensor with at least one time, got shape {tuple(t.shape)}")
-    if t.requires_grad:
-        raise ValueError("t must not require grad: gradients with respect to the time grid are not computed")
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
     grid = [float(v) for v in t.detach().cpu().double().tolist()]
     if not all(math.isfinite(v) for v in grid):
         raise ValueError("t must hold finite times")
     diffs = [b - a for a, b in zip(grid[:-1], grid[1:])]
     if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         raise ValueError("t must be strictly increasing or strictly decreasing")
+    # a grid that requires grad is the solve's tensor grid (its gradient is returned); else floats
+    times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
     return _solve(func, y0, grid, list(range(len(grid))), method=method, adjoint=adjoint, backend=backend,
                   adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
                   model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                  reversible=reversible, reversible_coupling=reversible_coupling)
+                  reversible=reversible, reversible_coupling=reversible_coupling, times=times)
 
 
 def _tuple_leaves(y, name: str) -> List[torch.Tensor]:
