@@ -89,10 +89,7 @@ class AdjointSolve(torch.autograd.Function):
         rng = list(ctx.rng) if ctx.rng is not None else None
         params = list(p.params)
         # Cotangent arriving at each grid index from the outputs (an index may be output twice).
-        arriving = {}
-        for pos, idx in enumerate(p.out_index):
-            g = grad_out[pos]
-            arriving[idx] = g if idx not in arriving else arriving[idx] + g
+        arriving = p.output_cotangents(grad_out)
         shape = grad_out.shape[1:]
         lam = torch.zeros(shape, dtype=p.state_dtype, device=grad_out.device)
         # Parameter gradients accumulate in float32 (float64 for float64 parameters).

@@ -186,26 +186,28 @@ def _check_order(lo, hi, message: str, lo_name: str, hi_name: str) -> None:
 
 
 def _time_grid(start, end, steps: int, save_at, x: torch.Tensor):
-    """(times, grid, index): the grid from `start` to `end`, as floats (times None: the float
-    path) or, when a time is a tensor, as a float64 tensor built with differentiable ops: (P,) for
-    shared times, (P, B) per sample. `grid` holds its values (sample 0's on a per-sample grid)."""
+    """(times, grid, index, out_rows): the grid from `start` to `end`, as floats (times None: the
+    float path) or, when a time is a tensor, as a float64 tensor built with differentiable ops:
+    (P,) for shared times, (P, B) per sample. `grid` holds its values (sample 0's on a per-sample
+    grid); out_rows (per-sample save_at only) each output's grid index per sample."""
+    save_2d = isinstance(save_at, torch.Tensor) and save_at.dim() == 2
     save_tensor = isinstance(save_at, torch.Tensor) and save_at.requires_grad and torch.is_grad_enabled()
-    if not (isinstance(start, torch.Tensor) or isinstance(end, torch.Tensor) or save_tensor):
+    if not (isinstance(start, torch.Tensor) or isinstance(end, torch.Tensor) or save_tensor or save_2d):
         grid, index = _merge_grid(start, end, steps, save_at)
-        return None, grid, index
+        return None, grid, index, None
     dev = x.device
     a = start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.float64, device=dev)
     b = end if isinstance(end, torch.Tensor) else torch.tensor(end, dtype=torch.float64, device=dev)
-    per_sample = a.dim() == 1 or b.dim() == 1
+    per_sample = a.dim() == 1 or b.dim() == 1 or save_2d
     if per_sample:
-        if save_at is not None:
-            raise ValueError("save_at cannot be combined with per-sample times (t, t0 or t_end of shape (B,)) yet")
         a, b = a.expand(x.shape[0]), b.expand(x.shape[0])
     k = torch.arange(steps, dtype=torch.float64, device=dev).reshape((steps,) + (1,) * a.dim())
     # the same arithmetic as the float grid (t0 + (t1 - t0) * k / steps), last point exactly t1
     uniform = torch.cat([a + (b - a) * k / steps, b.unsqueeze(0)])
     if per_sample:
-        return uniform, uniform[:, 0].tolist(), [steps]
+        if save_at is None:
+            return uniform, uniform[:, 0].tolist(), [steps], None
+        return _per_sample_save_grid(uniform, save_at, x)
     save = None if save_at is None else _save_times(save_at)
     grid, index, sources = _merge_plan(a.item(), b.item(), steps, save)
     if save is not None:
@@ -215,7 +217,54 @@ def _time_grid(start, end, steps: int, save_at, x: torch.Tensor):
             points = torch.tensor(save, dtype=torch.float64, device=dev)
         uniform = torch.cat([uniform, points])
     times = uniform if sources == list(range(steps + 1)) else uniform[torch.tensor(sources, device=dev)]
-    return times, grid, index
+    return times, grid, index, None
+
+
+def _per_sample_save_grid(uniform: torch.Tensor, save_at, x: torch.Tensor):
+    """save_at on a per-sample grid: shape (S,) (the same absolute times for every sample) or
+    (S, B) (per sample). Every save time must lie in its sample's interval and is inserted into
+    that sample's grid, so every sample takes steps + S steps; a save time equal to a uniform grid
+    point gives a zero-length step, an exact no-op (h = 0). No snapping, unlike a shared grid."""
+    B, dev = x.shape[0], x.device
+    if isinstance(save_at, torch.Tensor):
+        if not save_at.is_floating_point():
+            raise TypeError(f"save_at must hold floating-point times, got a {save_at.dtype} tensor")
+        if save_at.dim() == 2 and save_at.shape[1] != B or save_at.dim() > 2:
+            raise ValueError(
+                f"save_at must have shape (S,) or (S, B) = (S, {B}) (per-sample times), got {tuple(save_at.shape)}"
+            )
+        if save_at.device != dev:
+            raise ValueError(f"save_at is on {save_at.device} but x is on {dev}: a time tensor must be on x's device")
+        if not bool(torch.isfinite(save_at).all()):
+            raise ValueError("save_at must hold finite times")
+        points = save_at.to(torch.float64)
+        if points.dim() < 2:
+            points = points.reshape(-1, 1)
+        if points.numel() == 0:
+            raise ValueError("save_at must hold at least one time (or be None)")
+        points = points.expand(points.shape[0], B)
+    else:
+        points = torch.tensor(_save_times(save_at), dtype=torch.float64, device=dev)[:, None].expand(-1, B)
+    lo = torch.minimum(uniform[0], uniform[-1]).detach()
+    hi = torch.maximum(uniform[0], uniform[-1]).detach()
+    tol = 1e-9 * (hi - lo)
+    outside = (points.detach() < lo - tol) | (points.detach() > hi + tol)
+    if bool(outside.any()):
+        j, i = (int(v) for v in outside.nonzero()[0])
+        raise ValueError(
+            f"save_at times must lie in [t0, t] of every sample; save_at[{j}] = {points[j, i].item():g} is outside "
+            f"sample {i}'s [t0, t] = [{uniform[0, i].item():g}, {uniform[-1, i].item():g}]"
+        )
+    # clamp rounding-level excursions into the interval, so no step runs backwards
+    points = torch.where(points > hi, hi, torch.where(points < lo, lo, points))
+    merged = torch.cat([uniform, points])
+    sign = 1.0 if bool((uniform[-1] >= uniform[0]).all()) else -1.0
+    # stable: a save time equal to a uniform point comes after it (a zero-length step, then saved)
+    order = torch.sort(sign * merged.detach(), dim=0, stable=True).indices
+    times = merged.gather(0, order)
+    position = torch.argsort(order, dim=0)[uniform.shape[0]:]  # (S, B): each save time's grid index
+    out_rows = position.tolist()
+    return times, times[:, 0].tolist(), [row[0] for row in out_rows], out_rows
 
 
 def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
@@ -289,6 +338,7 @@ def _solve(
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
     times: Optional[torch.Tensor] = None,
+    out_rows: Optional[List[List[int]]] = None,
 ) -> torch.Tensor:
     if not callable(func):
         raise TypeError(f"model must be callable as model(t, x), got {type(func).__name__}")
@@ -314,9 +364,17 @@ def _solve(
     if times is not None:
         problem.times = times  # with its graph: plain backprop differentiates through it
         problem.combine_rows = backends.resolve_rows(backend, x.device)[1]
+        problem.out_rows = out_rows
         times_grad = times.requires_grad and torch.is_grad_enabled()
     if not isinstance(reversible, bool):
         raise TypeError(f"reversible must be True or False, got {reversible!r}")
+    if reversible and out_rows is not None:
+        # the per-sample save_at grid may hold zero-length steps, which only the RK step maps to the identity
+        raise ValueError(
+            "reversible=True cannot be combined with save_at on per-sample times (t, t0 or save_at per sample): "
+            "a zero-length step of the reversible scheme is not the identity (its coupling mixes the two states); "
+            "use reversible=False, or shared times"
+        )
     if adjoint and torch.is_grad_enabled():
         problem.params = params = _discover_params(problem, x, params)
     differentiate = _needs_grad(x, params) or times_grad
@@ -389,14 +447,14 @@ def reverse(
     steps = _check_steps(steps)
     t1, t0 = _time_arg(t, "t", x), _time_arg(t0, "t0", x)
     _check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
-    times, grid, index = _time_grid(t0, t1, steps, save_at, x)
+    times, grid, index, out_rows = _time_grid(t0, t1, steps, save_at, x)
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                   batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
                   preserve_rng_state=preserve_rng_state, reversible=reversible,
                   reversible_coupling=reversible_coupling)
     if times is not None:
         _check_graph_times(cuda_graph, "t, t0")
-        out = _solve(model, x, grid, index, times=times, **kwargs)
+        out = _solve(model, x, grid, index, times=times, out_rows=out_rows, **kwargs)
     elif cuda_graph:
         out = graphed_solve(_solve, model, x, grid, index, mode=cuda_graph, **kwargs)
     else:
@@ -425,7 +483,7 @@ def generate(
     steps = _check_steps(steps)
     t1, t_end = _time_arg(t, "t", z), _time_arg(t_end, "t_end", z)
     _check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
-    times, grid, index = _time_grid(t1, t_end, steps, None, z)
+    times, grid, index, _ = _time_grid(t1, t_end, steps, None, z)
     opts = dict(method=method, adjoint=adjoint, backend=backend,
                 adjoint_params=kwargs.pop("adjoint_params", None), batch_time=True,
                 check_finite=check_finite, model_dtype=model_dtype,

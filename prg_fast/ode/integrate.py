@@ -35,6 +35,9 @@ class Problem:
     # a per-sample grid, for messages) and the per-row combination of the same backend.
     times: Optional[torch.Tensor] = None
     combine_rows: Optional[Callable] = None
+    # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b (the
+    # save times sit at different grid positions per sample); out_index is then sample 0's.
+    out_rows: Optional[List[List[int]]] = None
 
     @property
     def steps(self) -> int:
@@ -73,6 +76,45 @@ class Problem:
         if self.per_sample:
             return prod.reshape(prod.shape[0], -1).sum(1, dtype=torch.float64)
         return prod.sum(dtype=torch.float64)
+
+    def output_points(self) -> set:
+        """Grid indices whose state goes into some output."""
+        if self.out_rows is None:
+            return set(self.out_index)
+        return {m for row in self.out_rows for m in row}
+
+    def _rows_at(self, j: int, m: int, like: torch.Tensor) -> torch.Tensor:
+        hit = torch.tensor([r == m for r in self.out_rows[j]], device=like.device)
+        return hit.reshape((-1,) + (1,) * (like.dim() - 1))
+
+    def gather_outputs(self, saved: dict) -> List[torch.Tensor]:
+        """The outputs from the states at output_points(): per sample, each row from its own
+        grid index."""
+        if self.out_rows is None:
+            return [saved[i] for i in self.out_index]
+        outs = []
+        for j, row in enumerate(self.out_rows):
+            points = sorted(set(row))
+            out = saved[points[0]]
+            for m in points[1:]:
+                out = torch.where(self._rows_at(j, m, out), saved[m], out)
+            outs.append(out)
+        return outs
+
+    def output_cotangents(self, grad_out: torch.Tensor) -> dict:
+        """grid index -> the cotangent arriving there from the outputs (an index may be output
+        twice; on a per-sample grid each output's rows arrive at their own indices)."""
+        arriving = {}
+        for pos in range(grad_out.shape[0]):
+            g = grad_out[pos]
+            if self.out_rows is None:
+                parts = [(self.out_index[pos], g)]
+            else:
+                parts = [(m, torch.where(self._rows_at(pos, m, g), g, torch.zeros_like(g)))
+                         for m in sorted(set(self.out_rows[pos]))]
+            for idx, part in parts:
+                arriving[idx] = part if idx not in arriving else arriving[idx] + part
+        return arriving
 
     def evaluate(self, t, x_net: torch.Tensor) -> torch.Tensor:
         version = x_net._version
@@ -136,7 +178,7 @@ class Problem:
         """States at out_index. With `stage_inputs` (a list) every network input is appended to
         it, step-major; with `rng` the random state before every evaluation is appended too, so the
         adjoint can replay dropout exactly."""
-        want = set(self.out_index)
+        want = self.output_points()
         saved = {0: x} if 0 in want else {}
         tab = self.tableau
         for n in range(self.steps):
@@ -154,7 +196,7 @@ class Problem:
             self.check(x, n)
             if n + 1 in want:
                 saved[n + 1] = x
-        return [saved[i] for i in self.out_index]
+        return self.gather_outputs(saved)
 
 
 def format_time(t) -> str:

@@ -75,7 +75,7 @@ def _forward_step(p, lam, n, y, z, rng: Optional[list]):
 
 
 def _run(p: Problem, x: torch.Tensor, lam: float, rng: Optional[list]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
-    want = set(p.out_index)
+    want = p.output_points()
     y = z = x
     saved = {0: x} if 0 in want else {}
     for n in range(p.steps):
@@ -83,7 +83,7 @@ def _run(p: Problem, x: torch.Tensor, lam: float, rng: Optional[list]) -> Tuple[
         p.check(y, n)
         if n + 1 in want:
             saved[n + 1] = y
-    return [saved[i] for i in p.out_index], y, z
+    return p.gather_outputs(saved), y, z
 
 
 def solve_reversible(problem: Problem, x: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> torch.Tensor:
@@ -144,10 +144,7 @@ class ReversibleSolve(torch.autograd.Function):
         y, z = y.detach(), z.detach()
         rng = list(ctx.rng) if ctx.rng is not None else None
         params = list(p.params)
-        arriving = {}
-        for pos, idx in enumerate(p.out_index):
-            g = grad_out[pos].to(p.state_dtype)
-            arriving[idx] = g if idx not in arriving else arriving[idx] + g
+        arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
         ybar = torch.zeros_like(y)
         zbar = torch.zeros_like(z)
         # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
