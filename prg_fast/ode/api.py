@@ -2,12 +2,17 @@
 
 Time convention (DESIGN.md section 2): t = 0 is data, t = 1 is noise; the velocity network is called
 model(t, x) with t of shape (B,) and returns a tensor shaped like x.
+
+Times are floats on the fast path. A time argument that is a tensor requiring grad (under grad
+mode) or holding one time per sample turns the grid into a float64 tensor built with
+differentiable ops ((P,) shared, (P, B) per sample), passed to the solve as an input; see
+prg_fast.ode.integrate.Problem.times.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,6 +23,7 @@ from .integrate import Problem, capture_rng, restore_rng, solve
 from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
 from .solvers import get_tableau
 
+Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -409,14 +415,14 @@ def _check_graph_times(cuda_graph, names: str) -> None:
 def reverse(
     model: Callable,
     x: torch.Tensor,
-    t: float = 1.0,
+    t: Time = 1.0,
     *,
     steps: int = 20,
     method: str = "rk4",
-    t0: float = 0.0,
+    t0: Time = 0.0,
     adjoint: bool = True,
     backend: str = "auto",
-    save_at: Optional[Sequence[float]] = None,
+    save_at: Optional[Union[Sequence[float], torch.Tensor]] = None,
     adjoint_params: Optional[Sequence[torch.Tensor]] = None,
     check_finite: bool = False,
     model_dtype: Optional[torch.dtype] = None,
@@ -429,6 +435,15 @@ def reverse(
 
     Returns the state at t, shaped like x; with `save_at` (times in [t0, t]) the states at those
     times stacked on dim 0 -- they are inserted into the grid, so each is an exact solver state.
+
+    Times may be tensors. `t`, `t0` (and `save_at`) that require grad get the exact derivative of
+    the discrete solve (adjoint and plain backprop alike). `t` and `t0` may have shape (B,): each
+    sample integrates its own interval [t0[b], t[b]] in the same `steps` steps, and the model reads
+    each sample's own time. With per-sample times `save_at` has shape (S,) (absolute times inside
+    every sample's interval) or (S, B) (per sample); each is inserted into its sample's grid (a
+    time on a uniform grid point gives a zero-length step, an exact no-op), and the result is
+    (S, B, ...). Bad time tensors (shape, non-finite, t <= t0, device, dtype) raise an error naming
+    the argument and the offending sample.
     With `adjoint=True` (default) gradients are the exact discrete adjoint of the solve at the
     memory of one network evaluation plus steps*stages stored states; `adjoint=False` uses plain
     autograd through the same solver. `backend` picks the fused kernels ("auto", "cuda", "triton",
@@ -469,8 +484,8 @@ def generate(
     steps: int = 20,
     method: str = "rk4",
     backend: str = "auto",
-    t: float = 1.0,
-    t_end: float = 0.0,
+    t: Time = 1.0,
+    t_end: Time = 0.0,
     adjoint: bool = True,
     check_finite: bool = False,
     model_dtype: Optional[torch.dtype] = None,
@@ -478,7 +493,8 @@ def generate(
     **kwargs,
 ) -> torch.Tensor:
     """Integrate from the noise end t (default 1) down to t_end (default 0, data): samples.
-    Differentiable like `reverse` (same keyword arguments)."""
+    Differentiable like `reverse` (same keyword arguments). `t` and `t_end` may be tensors that
+    require grad and/or have shape (B,) (per-sample intervals), as `reverse`'s t0 and t."""
     _check_x(z, "z")
     steps = _check_steps(steps)
     t1, t_end = _time_arg(t, "t", z), _time_arg(t_end, "t_end", z)
@@ -518,7 +534,9 @@ def odeint(
     """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
     As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
-    classic rule; torchdiffeq's "rk4" is our "rk4_38".
+    classic rule; torchdiffeq's "rk4" is our "rk4_38". A grid that requires grad gets the exact
+    derivative of the discrete solve (torchdiffeq's test suite checks this), through the adjoint
+    and plain backprop alike.
 
     `y0` may be a (nested) tuple of tensors, as in torchdiffeq: func then takes and returns that
     structure, and the result is the same structure of stacked states. The components are solved
