@@ -538,6 +538,9 @@ def odeint(
     derivative of the discrete solve (torchdiffeq's test suite checks this), through the adjoint
     and plain backprop alike.
 
+    `t` may also have shape (T, B), one grid per sample (torchode-style): y0 is then (B, ...),
+    func receives t of shape (B,) and the result is (T, B, ...); it may require grad too.
+
     `y0` may be a (nested) tuple of tensors, as in torchdiffeq: func then takes and returns that
     structure, and the result is the same structure of stacked states. The components are solved
     as one flat state (so every stage is still one fused kernel call), with exact gradients for
@@ -553,8 +556,13 @@ def odeint(
             t = torch.tensor(t, dtype=torch.float64)
         else:
             raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+    if t.dim() == 2:
+        return _odeint_per_sample(func, y0, t, method=method, adjoint=adjoint, backend=backend,
+                                  adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
+                                  preserve_rng_state=preserve_rng_state, reversible=reversible,
+                                  reversible_coupling=reversible_coupling)
     if t.dim() != 1 or t.numel() < 1:
-        raise ValueError(f"t must be a 1-D tensor with at least one time, got shape {tuple(t.shape)}")
+        raise ValueError(f"t must be a 1-D tensor with at least one time (or (T, B) per sample), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
     grid = [float(v) for v in t.detach().cpu().double().tolist()]
@@ -569,6 +577,36 @@ def odeint(
                   adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
                   model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
                   reversible=reversible, reversible_coupling=reversible_coupling, times=times)
+
+
+def _odeint_per_sample(func, y0: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+    """odeint on a per-sample grid t of shape (T, B): sample b of y0 (B, ...) is stepped along
+    t[:, b]; func receives t of shape (B,) (each sample's time) and the result is (T, B, ...)."""
+    if y0.dim() < 1 or y0.shape[0] != t.shape[1]:
+        raise ValueError(
+            f"a per-sample grid t of shape (T, B) = {tuple(t.shape)} needs y0 of shape (B, ...) with "
+            f"B = {t.shape[1]}, got {tuple(y0.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
+    if t.shape[0] < 1:
+        raise ValueError(f"t must hold at least one time per sample, got shape {tuple(t.shape)}")
+    if t.device != y0.device:
+        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}: a per-sample grid must be on y0's device")
+    values = t.detach().cpu().double()
+    finite = torch.isfinite(values).all(0)
+    if not bool(finite.all()):
+        b = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"t must hold finite times for every sample; sample {b} has {values[:, b].tolist()}")
+    d = values[1:] - values[:-1]
+    monotone = (d > 0).all(0) | (d < 0).all(0)
+    if not bool(monotone.all()):
+        b = int((~monotone).nonzero()[0, 0])
+        raise ValueError(
+            f"t must be strictly increasing or strictly decreasing for every sample; sample {b} has {values[:, b].tolist()}"
+        )
+    times = t.to(torch.float64)
+    return _solve(func, y0, values[:, 0].tolist(), list(range(t.shape[0])), batch_time=False, times=times, **kwargs)
 
 
 def _tuple_leaves(y, name: str) -> List[torch.Tensor]:
@@ -587,6 +625,8 @@ def _tuple_rebuild(structure, leaves):
 
 
 def _odeint_tuple(func, y0: tuple, t, **kwargs):
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        raise ValueError("a per-sample grid t of shape (T, B) needs a tensor y0 (B, ...), not a tuple state")
     leaves = _tuple_leaves(y0, "y0")
     for i, leaf in enumerate(leaves):
         _check_x(leaf, f"y0 component {i}", batched=False)

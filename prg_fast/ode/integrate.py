@@ -58,7 +58,7 @@ class Problem:
             if self.batch_time and t.dim() == 0:
                 t = t.expand(x.shape[0])
             return t.clone(memory_format=torch.contiguous_format)
-        if self.batch_time:
+        if self.batch_time or self.per_sample:  # (a float t on a per-sample grid: the adjoint's probe)
             return torch.full((x.shape[0],), t, dtype=self.state_dtype, device=x.device)
         return torch.tensor(t, dtype=self.state_dtype, device=x.device)
 
