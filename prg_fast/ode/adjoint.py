@@ -9,7 +9,8 @@ Forward: the loop of prg_fast.ode.integrate without a graph, keeping only each n
     lam <- lam + sum_i mu_i                                           (fused)
 
 which is reverse-mode differentiation of exactly the forward's arithmetic, so gradients equal plain
-backprop through the same solver to rounding.
+backprop through the same solver to rounding. Only one evaluation's activations are alive at a time:
+peak memory = one network evaluation + K*s state-sized buffers, flat in K beyond those buffers.
 
 Time gradients (the grid is a tensor input `times` that requires grad): with e_i = b_i lam +
 sum_{m>i} a_mi mu_m (so g_i = h e_i) and tau_i = t_n + c_i h the time the network reads,
@@ -20,8 +21,7 @@ sum_{m>i} a_mi mu_m (so g_i = h e_i) and tau_i = t_n + c_i h the time the networ
 
 and dL/dG[n] += dL/dt_n - dL/dh, dL/dG[n+1] += dL/dh. Nothing divides by h, so zero-length steps
 (save_at points on a per-sample grid) are differentiated exactly too. On a per-sample grid every
-quantity here is per sample ((B,)), on a shared grid summed over the batch. Only one evaluation's activations are alive at a time:
-peak memory = one network evaluation + K*s state-sized buffers, flat in K beyond those buffers.
+quantity here is per sample ((B,)), on a shared grid summed over the batch.
 """
 from __future__ import annotations
 
