@@ -7,6 +7,18 @@ classifier head on its end state (PRG, arXiv 2412.01787).
 
 With `save_at=(t_1, ..., t_S)` the states at those times are concatenated on the channel dimension
 (a feature hierarchy), so the head reads S x C channels; `PRGClassifier.build` sizes the head.
+
+Learning where to read (`learn_t=True`, optionally `learn_t0=True`): the segment's ends become
+parameters trained with the flow and the head, through the exact time gradient of the solve. They
+are kept in 0 <= t0 < t <= 1 by construction, with s(r) = sigmoid(r) and raw parameters r:
+
+    learn_t only:    t  = t0 + (1 - t0) s(t_raw)              (t0 fixed)
+    learn_t0 only:   t0 = t s(t0_raw)                         (t fixed)
+    both:            t0 = s(t0_raw),  t = t0 + (1 - t0) s(t_raw)
+
+A sigmoid never reaches its ends, so a starting fraction of 0 or 1 (t = 1, t0 = 0, the defaults)
+starts at EDGE = 1e-3 inside the range instead (t = 0.999 for t0 = 0). `clf.t`, `clf.t0` read the
+current values as floats; `clf.segment()` gives them as tensors (with their graph).
 """
 from __future__ import annotations
 
@@ -21,6 +33,13 @@ from .ode import reverse
 from .ode.solvers import get_tableau
 
 __all__ = ["PRGClassifier", "feature_shape"]
+
+EDGE = 1e-3  # how far inside (0, 1) a learned segment's starting fraction is put (sigmoid's range is open)
+
+
+def _logit(fraction: float) -> float:
+    u = min(max(fraction, EDGE), 1.0 - EDGE)
+    return math.log(u / (1.0 - u))
 
 
 def _time(value, name: str) -> float:
@@ -66,12 +85,15 @@ class PRGClassifier(nn.Module):
     save_at:    optional times in [t0, t]; the states there are concatenated on the channel dim.
     adjoint:    True (default) trains through the exact discrete adjoint, memory flat in steps;
                 False backpropagates through the solver (same gradients, memory grows with steps).
+    learn_t, learn_t0: learn the end time t (and the start t0) with the rest (module docstring:
+                the parametrisation keeping 0 <= t0 < t <= 1); not with save_at.
     Extra keyword arguments (backend, model_dtype, ...) go to prg_fast.reverse.
     """
 
     def __init__(self, flow_model: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], t: float = 1.0,
                  t0: float = 0.0, *, steps: int = 20, method: str = "euler",
-                 save_at: Optional[Sequence[float]] = None, adjoint: bool = True, **reverse_kwargs):
+                 save_at: Optional[Sequence[float]] = None, adjoint: bool = True, learn_t: bool = False,
+                 learn_t0: bool = False, **reverse_kwargs):
         super().__init__()
         if not callable(flow_model):
             raise TypeError(f"flow_model must be callable as model(t, x), got {type(flow_model).__name__}")
@@ -79,12 +101,68 @@ class PRGClassifier(nn.Module):
             raise TypeError(f"head must be callable on the features, got {type(head).__name__}")
         self.flow = flow_model
         self.head = head
-        self.t, self.t0 = _time(t, "t"), _time(t0, "t0")
-        self.save_at = _check_segment(self.t0, self.t, save_at)
+        for name, flag in (("learn_t", learn_t), ("learn_t0", learn_t0)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        t, t0 = _time(t, "t"), _time(t0, "t0")
+        save_at = _check_segment(t0, t, save_at)
+        if (learn_t or learn_t0) and not 0.0 <= t0 < t <= 1.0:
+            raise ValueError(f"a learned segment lives in 0 <= t0 < t <= 1; got t0={t0:g}, t={t:g}")
+        if (learn_t or learn_t0) and save_at is not None:
+            raise ValueError("learn_t/learn_t0 cannot be combined with save_at (fixed times in a moving segment)")
+        self.learn_t, self.learn_t0 = learn_t, learn_t0
+        # fixed ends stay floats; learned ones are raw parameters (see the module docstring)
+        self._t, self._t0 = t, t0
+        if learn_t0:
+            self.t0_raw = nn.Parameter(torch.tensor(_logit(t0 if learn_t else t0 / t)))
+        if learn_t:
+            self.t_raw = nn.Parameter(torch.tensor(_logit((t - t0) / (1.0 - t0))))
+        self.save_at = save_at
         self.steps = steps
         self.method = method
         self.adjoint = adjoint
         self.reverse_kwargs = dict(reverse_kwargs)
+
+    def segment(self):
+        """(t0, t): floats where fixed, tensors (with their graph) where learned."""
+        t0 = self._t0
+        if self.learn_t0:
+            s0 = torch.sigmoid(self.t0_raw)
+            t0 = s0 if self.learn_t else self._t * s0
+        t = self._t
+        if self.learn_t:
+            t = t0 + (1 - t0) * torch.sigmoid(self.t_raw)
+        return t0, t
+
+    @property
+    def t(self) -> float:
+        """The end time (the current value when learned)."""
+        return float(self.segment()[1].detach()) if self.learn_t else self._t
+
+    @property
+    def t0(self) -> float:
+        """The start time (the current value when learned)."""
+        return float(self.segment()[0].detach()) if self.learn_t0 else self._t0
+
+    @t.setter
+    def t(self, value: float) -> None:
+        self._set_segment(self.t0, _time(value, "t"))
+
+    @t0.setter
+    def t0(self, value: float) -> None:
+        self._set_segment(_time(value, "t0"), self.t)
+
+    def _set_segment(self, t0: float, t: float) -> None:
+        """Move the segment (learned ends restart from the new values)."""
+        _check_segment(t0, t, self.save_at)
+        if (self.learn_t or self.learn_t0) and not 0.0 <= t0 < t <= 1.0:
+            raise ValueError(f"a learned segment lives in 0 <= t0 < t <= 1; got t0={t0:g}, t={t:g}")
+        self._t, self._t0 = t, t0
+        with torch.no_grad():
+            if self.learn_t0:
+                self.t0_raw.fill_(_logit(t0 if self.learn_t else t0 / t))
+            if self.learn_t:
+                self.t_raw.fill_(_logit((t - t0) / (1.0 - t0)))
 
     # properties validate on assignment, so a bad evaluation step count fails where it is set
     @property
@@ -118,7 +196,8 @@ class PRGClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The reversed state at t (B, C, H, W), or the save_at states concatenated (B, S*C, H, W)."""
-        z = reverse(self.flow, x, self.t, t0=self.t0, steps=self.steps, method=self.method, adjoint=self.adjoint,
+        t0, t = self.segment()
+        z = reverse(self.flow, x, t, t0=t0, steps=self.steps, method=self.method, adjoint=self.adjoint,
                     save_at=self.save_at, **self.reverse_kwargs)
         if self.save_at is not None:  # (S, B, C, ...) -> (B, S*C, ...)
             z = z.transpose(0, 1).reshape(z.shape[1], z.shape[0] * z.shape[2], *z.shape[3:])
@@ -129,4 +208,6 @@ class PRGClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         seg = f"t0={self.t0:g}, t={self.t:g}, steps={self.steps}, method={self.method!r}"
+        if self.learn_t or self.learn_t0:
+            seg += f", learn_t={self.learn_t}, learn_t0={self.learn_t0}"
         return seg + (f", save_at={list(self.save_at)}" if self.save_at is not None else "") + f", adjoint={self.adjoint}"

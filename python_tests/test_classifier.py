@@ -142,3 +142,70 @@ def test_bad_arguments():
         clf.steps = -3
     with pytest.raises(ValueError, match="ClassifierHead expects"):
         PRGClassifier(flow, ClassifierHead((2, 8, 8), 10))(torch.randn(2, 1, 8, 8))
+
+
+# -- learning where to read (issue 11 item 3) ----------------------------------------------------
+
+
+def _learned(learn_t, learn_t0, t=0.6, t0=0.2, adjoint=True):
+    flow = _tiny_unet()
+    return PRGClassifier.build(flow, (1, 8, 8), 10, t=t, t0=t0, steps=2, method="heun", learn_t=learn_t,
+                               learn_t0=learn_t0, adjoint=adjoint).double()
+
+
+@pytest.mark.parametrize("learn_t, learn_t0", [(True, False), (False, True), (True, True)])
+def test_learned_segment_starts_where_asked_and_gets_exact_gradients(learn_t, learn_t0):
+    clf = _learned(learn_t, learn_t0)
+    assert abs(clf.t - 0.6) < 1e-6 and abs(clf.t0 - 0.2) < 1e-6
+    raw = [n for n, _ in clf.named_parameters() if n in ("t_raw", "t0_raw")]
+    assert raw == [n for n, on in (("t0_raw", learn_t0), ("t_raw", learn_t)) if on]
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    y = torch.arange(4)
+    _, _, g_a = _grads(clf, x, y)
+    clf.adjoint = False
+    _, _, g_b = _grads(clf, x, y)
+    for name in raw:
+        assert g_a[name].abs() > 0
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-8, atol=1e-12)
+    # and it is the derivative of the loss: a central difference in the raw parameter (a wide step:
+    # the UNet computes its time embedding in float32, so small steps drown in its rounding)
+    p = dict(clf.named_parameters())[raw[-1]]
+    with torch.no_grad():
+        losses = []
+        for step in (1e-3, -1e-3):
+            p.add_(step)
+            losses.append(torch.nn.functional.cross_entropy(clf(x), y))
+            p.sub_(step)
+    torch.testing.assert_close(g_b[raw[-1]], (losses[0] - losses[1]) / 2e-3, rtol=1e-4, atol=1e-9)
+
+
+def test_learned_t_moves_and_stays_in_range():
+    clf = _learned(True, True, t=0.6, t0=0.2)
+    opt = torch.optim.SGD([clf.t_raw, clf.t0_raw], lr=1.0)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    y = torch.arange(4)
+    start = (clf.t0, clf.t)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(clf(x), y).backward()
+        opt.step()
+    assert (clf.t0, clf.t) != start
+    with torch.no_grad():  # any raw value keeps the segment valid
+        for a, b in ((50.0, 50.0), (-50.0, -50.0), (50.0, -50.0), (-50.0, 50.0)):
+            clf.t0_raw.fill_(a)
+            clf.t_raw.fill_(b)
+            t0, t = clf.segment()
+            assert 0.0 <= float(t0) <= float(t) <= 1.0
+
+
+def test_learned_t_defaults_start_inside_the_range_and_bad_combinations():
+    clf = _learned(True, False, t=1.0, t0=0.0)
+    assert abs(clf.t - (1 - 1e-3)) < 1e-6
+    with pytest.raises(ValueError, match="learn_t/learn_t0 cannot be combined with save_at"):
+        PRGClassifier(_tiny_unet(), ClassifierHead((2, 8, 8), 10), t=1.0, save_at=(0.5, 1.0), learn_t=True)
+    with pytest.raises(ValueError, match="a learned segment lives in 0 <= t0 < t <= 1"):
+        PRGClassifier(_tiny_unet(), ClassifierHead((1, 8, 8), 10), t=1.5, learn_t=True)
+    fixed = PRGClassifier(_tiny_unet(), ClassifierHead((1, 8, 8), 10), t=0.7)
+    assert not any(n.endswith("_raw") for n, _ in fixed.named_parameters())
+    fixed.t = 0.8
+    assert fixed.t == 0.8

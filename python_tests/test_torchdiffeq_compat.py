@@ -139,7 +139,6 @@ def test_exp_ode_gradient_is_analytic():
     torch.testing.assert_close(g, torch.full((2,), 1 - math.exp(-2.0), dtype=D), rtol=1e-6, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented yet: gradients w.r.t. the time grid (issue 11 item 1, open); odeint refuses t.requires_grad")
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
 def test_gradient_wrt_time_grid(method):
     p = SineODE()

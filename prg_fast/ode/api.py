@@ -2,12 +2,17 @@
 
 Time convention (DESIGN.md section 2): t = 0 is data, t = 1 is noise; the velocity network is called
 model(t, x) with t of shape (B,) and returns a tensor shaped like x.
+
+Times are floats on the fast path. A time argument that is a tensor requiring grad (under grad
+mode) or holding one time per sample turns the grid into a float64 tensor built with
+differentiable ops ((P,) shared, (P, B) per sample), passed to the solve as an input; see
+prg_fast.ode.integrate.Problem.times.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,6 +23,7 @@ from .integrate import Problem, capture_rng, restore_rng, solve
 from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
 from .solvers import get_tableau
 
+Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -98,13 +104,7 @@ def _collect_params(model, adjoint_params) -> List[torch.Tensor]:
     return params
 
 
-def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[float]]) -> Tuple[List[float], List[int]]:
-    """A uniform grid of `steps` steps from t0 to t1, with the save_at times inserted as extra grid
-    points (so every saved state is an exact solver state, never an interpolation)."""
-    grid = [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
-    grid[-1] = t1
-    if save_at is None:
-        return grid, [steps]
+def _save_times(save_at) -> List[float]:
     if isinstance(save_at, torch.Tensor):
         save_at = save_at.detach().flatten().tolist()
     if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__iter__"):
@@ -112,6 +112,18 @@ def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[flo
     times = [_as_time(s, "save_at entries") for s in save_at]
     if not times:
         raise ValueError("save_at must hold at least one time (or be None)")
+    return times
+
+
+def _merge_plan(t0: float, t1: float, steps: int, times: Optional[List[float]]) -> Tuple[List[float], List[int], List[int]]:
+    """(grid, out index, sources): a uniform grid of `steps` steps from t0 to t1, with the save_at
+    `times` inserted as extra grid points (so every saved state is an exact solver state, never an
+    interpolation). sources[i] says where grid point i comes from: k < steps+1 is the uniform
+    point k, steps+1+j the save time j (a tensor grid is assembled from the same plan)."""
+    grid = [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
+    grid[-1] = t1
+    if times is None:
+        return grid, [steps], list(range(steps + 1))
     lo, hi = min(t0, t1), max(t0, t1)
     tol = 1e-9 * abs(t1 - t0)
     for s in times:
@@ -120,12 +132,145 @@ def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[flo
     sign = 1.0 if t1 > t0 else -1.0
     # snap to an existing grid point when within rounding, else insert
     tol = max(tol, 1e-12)
-    for s in times:
-        if all(abs(s - g) > tol for g in grid):
-            grid.append(s)
-    grid.sort(key=lambda g: sign * g)
+    entries = [(g, k) for k, g in enumerate(grid)]
+    for j, s in enumerate(times):
+        if all(abs(s - g) > tol for g, _ in entries):
+            entries.append((s, steps + 1 + j))
+    entries.sort(key=lambda e: sign * e[0])
+    grid = [g for g, _ in entries]
     index = [min(range(len(grid)), key=lambda k: abs(grid[k] - s)) for s in times]
+    return grid, index, [src for _, src in entries]
+
+
+def _merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[float]]) -> Tuple[List[float], List[int]]:
+    grid, index, _ = _merge_plan(t0, t1, steps, None if save_at is None else _save_times(save_at))
     return grid, index
+
+
+def _time_arg(value, name: str, x: torch.Tensor):
+    """A time argument of reverse/generate: a float (the float path), or a float64 tensor on x's
+    device, 0-dim (one time that requires grad) or (B,) (one time per sample)."""
+    if not isinstance(value, torch.Tensor):
+        return _as_time(value, name)
+    B = x.shape[0]
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a number or a floating-point tensor, got a {value.dtype} tensor")
+    per_sample = value.dim() == 1 and value.shape[0] == B and B > 1
+    if not per_sample and value.numel() != 1:
+        raise ValueError(
+            f"{name} must be a number, a one-element tensor or a tensor of shape (B,) = ({B},) (one time "
+            f"per sample of x), got shape {tuple(value.shape)}"
+        )
+    if value.device != x.device and (per_sample or value.device.type != "cpu"):
+        raise ValueError(
+            f"{name} is on {value.device} but x is on {x.device}: a time tensor must be on x's device "
+            "(a one-element time may also be a CPU tensor)"
+        )
+    finite = torch.isfinite(value.detach().reshape(-1))
+    if not bool(finite.all()):
+        if per_sample:
+            i = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"{name} must be finite for every sample; sample {i} has {name}={value[i].item()}")
+        raise ValueError(f"{name} must be a finite number, got {value.item()}")
+    if per_sample or (value.requires_grad and torch.is_grad_enabled()):
+        return value.reshape(B if per_sample else ()).to(device=x.device, dtype=torch.float64)
+    return float(value.item())
+
+
+def _check_order(lo, hi, message: str, lo_name: str, hi_name: str) -> None:
+    """`hi` > `lo` (floats or time tensors), else `message`, naming the first offending sample."""
+    a = lo.detach().cpu() if isinstance(lo, torch.Tensor) else torch.tensor(lo, dtype=torch.float64)
+    b = hi.detach().cpu() if isinstance(hi, torch.Tensor) else torch.tensor(hi, dtype=torch.float64)
+    a, b = torch.broadcast_tensors(a.double(), b.double())
+    bad = ~(b > a)
+    if not bool(bad.any()):
+        return
+    if a.dim() == 0:
+        raise ValueError(f"{message}; got {lo_name}={a.item():g}, {hi_name}={b.item():g}")
+    i = int(bad.nonzero()[0, 0])
+    raise ValueError(f"{message} for every sample; sample {i} has {lo_name}={a[i].item():g}, {hi_name}={b[i].item():g}")
+
+
+def _time_grid(start, end, steps: int, save_at, x: torch.Tensor):
+    """(times, grid, index, out_rows): the grid from `start` to `end`, as floats (times None: the
+    float path) or, when a time is a tensor, as a float64 tensor built with differentiable ops:
+    (P,) for shared times, (P, B) per sample. `grid` holds its values (sample 0's on a per-sample
+    grid); out_rows (per-sample save_at only) each output's grid index per sample."""
+    save_2d = isinstance(save_at, torch.Tensor) and save_at.dim() == 2
+    save_tensor = isinstance(save_at, torch.Tensor) and save_at.requires_grad and torch.is_grad_enabled()
+    if not (isinstance(start, torch.Tensor) or isinstance(end, torch.Tensor) or save_tensor or save_2d):
+        grid, index = _merge_grid(start, end, steps, save_at)
+        return None, grid, index, None
+    dev = x.device
+    a = start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.float64, device=dev)
+    b = end if isinstance(end, torch.Tensor) else torch.tensor(end, dtype=torch.float64, device=dev)
+    per_sample = a.dim() == 1 or b.dim() == 1 or save_2d
+    if per_sample:
+        a, b = a.expand(x.shape[0]), b.expand(x.shape[0])
+    k = torch.arange(steps, dtype=torch.float64, device=dev).reshape((steps,) + (1,) * a.dim())
+    # the same arithmetic as the float grid (t0 + (t1 - t0) * k / steps), last point exactly t1
+    uniform = torch.cat([a + (b - a) * k / steps, b.unsqueeze(0)])
+    if per_sample:
+        if save_at is None:
+            return uniform, uniform[:, 0].tolist(), [steps], None
+        return _per_sample_save_grid(uniform, save_at, x)
+    save = None if save_at is None else _save_times(save_at)
+    grid, index, sources = _merge_plan(a.item(), b.item(), steps, save)
+    if save is not None:
+        if isinstance(save_at, torch.Tensor):
+            points = save_at.reshape(-1).to(device=dev, dtype=torch.float64)
+        else:
+            points = torch.tensor(save, dtype=torch.float64, device=dev)
+        uniform = torch.cat([uniform, points])
+    times = uniform if sources == list(range(steps + 1)) else uniform[torch.tensor(sources, device=dev)]
+    return times, grid, index, None
+
+
+def _per_sample_save_grid(uniform: torch.Tensor, save_at, x: torch.Tensor):
+    """save_at on a per-sample grid: shape (S,) (the same absolute times for every sample) or
+    (S, B) (per sample). Every save time must lie in its sample's interval and is inserted into
+    that sample's grid, so every sample takes steps + S steps; a save time equal to a uniform grid
+    point gives a zero-length step, an exact no-op (h = 0). No snapping, unlike a shared grid."""
+    B, dev = x.shape[0], x.device
+    if isinstance(save_at, torch.Tensor):
+        if not save_at.is_floating_point():
+            raise TypeError(f"save_at must hold floating-point times, got a {save_at.dtype} tensor")
+        if save_at.dim() == 2 and save_at.shape[1] != B or save_at.dim() > 2:
+            raise ValueError(
+                f"save_at must have shape (S,) or (S, B) = (S, {B}) (per-sample times), got {tuple(save_at.shape)}"
+            )
+        if save_at.device != dev:
+            raise ValueError(f"save_at is on {save_at.device} but x is on {dev}: a time tensor must be on x's device")
+        if not bool(torch.isfinite(save_at).all()):
+            raise ValueError("save_at must hold finite times")
+        points = save_at.to(torch.float64)
+        if points.dim() < 2:
+            points = points.reshape(-1, 1)
+        if points.numel() == 0:
+            raise ValueError("save_at must hold at least one time (or be None)")
+        points = points.expand(points.shape[0], B)
+    else:
+        points = torch.tensor(_save_times(save_at), dtype=torch.float64, device=dev)[:, None].expand(-1, B)
+    lo = torch.minimum(uniform[0], uniform[-1]).detach()
+    hi = torch.maximum(uniform[0], uniform[-1]).detach()
+    tol = 1e-9 * (hi - lo)
+    outside = (points.detach() < lo - tol) | (points.detach() > hi + tol)
+    if bool(outside.any()):
+        j, i = (int(v) for v in outside.nonzero()[0])
+        raise ValueError(
+            f"save_at times must lie in [t0, t] of every sample; save_at[{j}] = {points[j, i].item():g} is outside "
+            f"sample {i}'s [t0, t] = [{uniform[0, i].item():g}, {uniform[-1, i].item():g}]"
+        )
+    # clamp rounding-level excursions into the interval, so no step runs backwards
+    points = torch.where(points > hi, hi, torch.where(points < lo, lo, points))
+    merged = torch.cat([uniform, points])
+    sign = 1.0 if bool((uniform[-1] >= uniform[0]).all()) else -1.0
+    # stable: a save time equal to a uniform point comes after it (a zero-length step, then saved)
+    order = torch.sort(sign * merged.detach(), dim=0, stable=True).indices
+    times = merged.gather(0, order)
+    position = torch.argsort(order, dim=0)[uniform.shape[0]:]  # (S, B): each save time's grid index
+    out_rows = position.tolist()
+    return times, times[:, 0].tolist(), [row[0] for row in out_rows], out_rows
 
 
 def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
@@ -198,6 +343,8 @@ def _solve(
     preserve_rng_state: bool,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    times: Optional[torch.Tensor] = None,
+    out_rows: Optional[List[List[int]]] = None,
 ) -> torch.Tensor:
     if not callable(func):
         raise TypeError(f"model must be callable as model(t, x), got {type(func).__name__}")
@@ -219,34 +366,63 @@ def _solve(
         check_finite=check_finite,
         params=params,
     )
+    times_grad = False
+    if times is not None:
+        problem.times = times  # with its graph: plain backprop differentiates through it
+        problem.combine_rows = backends.resolve_rows(backend, x.device)[1]
+        problem.out_rows = out_rows
+        times_grad = times.requires_grad and torch.is_grad_enabled()
     if not isinstance(reversible, bool):
         raise TypeError(f"reversible must be True or False, got {reversible!r}")
+    if reversible and out_rows is not None:
+        # the per-sample save_at grid may hold zero-length steps, which only the RK step maps to the identity
+        raise ValueError(
+            "reversible=True cannot be combined with save_at on per-sample times (t, t0 or save_at per sample): "
+            "a zero-length step of the reversible scheme is not the identity (its coupling mixes the two states); "
+            "use reversible=False, or shared times"
+        )
     if adjoint and torch.is_grad_enabled():
         problem.params = params = _discover_params(problem, x, params)
+    differentiate = _needs_grad(x, params) or times_grad
+    if adjoint and differentiate and times is not None:
+        # the adjoint's Functions take the grid as an input and return its gradient
+        problem.times = times.detach()
     if reversible:
         coupling = check_coupling(reversible_coupling)
-        if adjoint and _needs_grad(x, params):
-            out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, x, *params)
+        if adjoint and differentiate:
+            out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, times, x, *params)
         else:
             out = solve_reversible(problem, x, coupling)
-    elif adjoint and _needs_grad(x, params):
-        out = AdjointSolve.apply(problem, preserve_rng_state, x, *params)
+    elif adjoint and differentiate:
+        out = AdjointSolve.apply(problem, preserve_rng_state, times, x, *params)
     else:
         out = solve(problem, x)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def _check_graph_times(cuda_graph, names: str) -> None:
+    """A captured graph replays fixed float times: time tensors (per sample, or requiring grad
+    under grad mode) run eagerly with cuda_graph="auto" and are refused with cuda_graph=True."""
+    if cuda_graph is True:
+        raise ValueError(
+            f"cuda_graph=True replays a solve on plain float times, but {names} include a tensor that is per "
+            "sample or requires grad: pass numbers (under torch.no_grad()), or cuda_graph=False / 'auto'"
+        )
+    if cuda_graph not in (False, None, "auto"):
+        raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+
+
 def reverse(
     model: Callable,
     x: torch.Tensor,
-    t: float = 1.0,
+    t: Time = 1.0,
     *,
     steps: int = 20,
     method: str = "rk4",
-    t0: float = 0.0,
+    t0: Time = 0.0,
     adjoint: bool = True,
     backend: str = "auto",
-    save_at: Optional[Sequence[float]] = None,
+    save_at: Optional[Union[Sequence[float], torch.Tensor]] = None,
     adjoint_params: Optional[Sequence[torch.Tensor]] = None,
     check_finite: bool = False,
     model_dtype: Optional[torch.dtype] = None,
@@ -259,6 +435,15 @@ def reverse(
 
     Returns the state at t, shaped like x; with `save_at` (times in [t0, t]) the states at those
     times stacked on dim 0 -- they are inserted into the grid, so each is an exact solver state.
+
+    Times may be tensors. `t`, `t0` (and `save_at`) that require grad get the exact derivative of
+    the discrete solve (adjoint and plain backprop alike). `t` and `t0` may have shape (B,): each
+    sample integrates its own interval [t0[b], t[b]] in the same `steps` steps, and the model reads
+    each sample's own time. With per-sample times `save_at` has shape (S,) (absolute times inside
+    every sample's interval) or (S, B) (per sample); each is inserted into its sample's grid (a
+    time on a uniform grid point gives a zero-length step, an exact no-op), and the result is
+    (S, B, ...). Bad time tensors (shape, non-finite, t <= t0, device, dtype) raise an error naming
+    the argument and the offending sample.
     With `adjoint=True` (default) gradients are the exact discrete adjoint of the solve at the
     memory of one network evaluation plus steps*stages stored states; `adjoint=False` uses plain
     autograd through the same solver. `backend` picks the fused kernels ("auto", "cuda", "triton",
@@ -275,15 +460,17 @@ def reverse(
     """
     _check_x(x)
     steps = _check_steps(steps)
-    t1, t0 = _as_time(t, "t"), _as_time(t0, "t0")
-    if not t1 > t0:
-        raise ValueError(f"reverse integrates from t0 up to t, so t must be > t0; got t0={t0:g}, t={t1:g}")
-    grid, index = _merge_grid(t0, t1, steps, save_at)
+    t1, t0 = _time_arg(t, "t", x), _time_arg(t0, "t0", x)
+    _check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
+    times, grid, index, out_rows = _time_grid(t0, t1, steps, save_at, x)
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                   batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
                   preserve_rng_state=preserve_rng_state, reversible=reversible,
                   reversible_coupling=reversible_coupling)
-    if cuda_graph:
+    if times is not None:
+        _check_graph_times(cuda_graph, "t, t0")
+        out = _solve(model, x, grid, index, times=times, out_rows=out_rows, **kwargs)
+    elif cuda_graph:
         out = graphed_solve(_solve, model, x, grid, index, mode=cuda_graph, **kwargs)
     else:
         out = _solve(model, x, grid, index, **kwargs)
@@ -297,8 +484,8 @@ def generate(
     steps: int = 20,
     method: str = "rk4",
     backend: str = "auto",
-    t: float = 1.0,
-    t_end: float = 0.0,
+    t: Time = 1.0,
+    t_end: Time = 0.0,
     adjoint: bool = True,
     check_finite: bool = False,
     model_dtype: Optional[torch.dtype] = None,
@@ -306,13 +493,13 @@ def generate(
     **kwargs,
 ) -> torch.Tensor:
     """Integrate from the noise end t (default 1) down to t_end (default 0, data): samples.
-    Differentiable like `reverse` (same keyword arguments)."""
+    Differentiable like `reverse` (same keyword arguments). `t` and `t_end` may be tensors that
+    require grad and/or have shape (B,) (per-sample intervals), as `reverse`'s t0 and t."""
     _check_x(z, "z")
     steps = _check_steps(steps)
-    t1, t_end = _as_time(t, "t"), _as_time(t_end, "t_end")
-    if not t1 > t_end:
-        raise ValueError(f"generate integrates from t down to t_end, so t must be > t_end; got t={t1:g}, t_end={t_end:g}")
-    grid, index = _merge_grid(t1, t_end, steps, None)
+    t1, t_end = _time_arg(t, "t", z), _time_arg(t_end, "t_end", z)
+    _check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
+    times, grid, index, _ = _time_grid(t1, t_end, steps, None, z)
     opts = dict(method=method, adjoint=adjoint, backend=backend,
                 adjoint_params=kwargs.pop("adjoint_params", None), batch_time=True,
                 check_finite=check_finite, model_dtype=model_dtype,
@@ -321,6 +508,9 @@ def generate(
                 reversible_coupling=kwargs.pop("reversible_coupling", DEFAULT_COUPLING))
     if kwargs:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
+    if times is not None:
+        _check_graph_times(cuda_graph, "t, t_end")
+        return _solve(model, z, grid, index, times=times, **opts)[0]
     if cuda_graph:
         return graphed_solve(_solve, model, z, grid, index, mode=cuda_graph, **opts)[0]
     return _solve(model, z, grid, index, **opts)[0]
@@ -344,7 +534,12 @@ def odeint(
     """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
     As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
-    classic rule; torchdiffeq's "rk4" is our "rk4_38".
+    classic rule; torchdiffeq's "rk4" is our "rk4_38". A grid that requires grad gets the exact
+    derivative of the discrete solve (torchdiffeq's test suite checks this), through the adjoint
+    and plain backprop alike.
+
+    `t` may also have shape (T, B), one grid per sample (torchode-style): y0 is then (B, ...),
+    func receives t of shape (B,) and the result is (T, B, ...); it may require grad too.
 
     `y0` may be a (nested) tuple of tensors, as in torchdiffeq: func then takes and returns that
     structure, and the result is the same structure of stacked states. The components are solved
@@ -361,20 +556,57 @@ def odeint(
             t = torch.tensor(t, dtype=torch.float64)
         else:
             raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+    if t.dim() == 2:
+        return _odeint_per_sample(func, y0, t, method=method, adjoint=adjoint, backend=backend,
+                                  adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
+                                  preserve_rng_state=preserve_rng_state, reversible=reversible,
+                                  reversible_coupling=reversible_coupling)
     if t.dim() != 1 or t.numel() < 1:
-        raise ValueError(f"t must be a 1-D tensor with at least one time, got shape {tuple(t.shape)}")
-    if t.requires_grad:
-        raise ValueError("t must not require grad: gradients with respect to the time grid are not computed")
+        raise ValueError(f"t must be a 1-D tensor with at least one time (or (T, B) per sample), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
     grid = [float(v) for v in t.detach().cpu().double().tolist()]
     if not all(math.isfinite(v) for v in grid):
         raise ValueError("t must hold finite times")
     diffs = [b - a for a, b in zip(grid[:-1], grid[1:])]
     if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         raise ValueError("t must be strictly increasing or strictly decreasing")
+    # a grid that requires grad is the solve's tensor grid (its gradient is returned); else floats
+    times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
     return _solve(func, y0, grid, list(range(len(grid))), method=method, adjoint=adjoint, backend=backend,
                   adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
                   model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                  reversible=reversible, reversible_coupling=reversible_coupling)
+                  reversible=reversible, reversible_coupling=reversible_coupling, times=times)
+
+
+def _odeint_per_sample(func, y0: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+    """odeint on a per-sample grid t of shape (T, B): sample b of y0 (B, ...) is stepped along
+    t[:, b]; func receives t of shape (B,) (each sample's time) and the result is (T, B, ...)."""
+    if y0.dim() < 1 or y0.shape[0] != t.shape[1]:
+        raise ValueError(
+            f"a per-sample grid t of shape (T, B) = {tuple(t.shape)} needs y0 of shape (B, ...) with "
+            f"B = {t.shape[1]}, got {tuple(y0.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
+    if t.shape[0] < 1:
+        raise ValueError(f"t must hold at least one time per sample, got shape {tuple(t.shape)}")
+    if t.device != y0.device:
+        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}: a per-sample grid must be on y0's device")
+    values = t.detach().cpu().double()
+    finite = torch.isfinite(values).all(0)
+    if not bool(finite.all()):
+        b = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"t must hold finite times for every sample; sample {b} has {values[:, b].tolist()}")
+    d = values[1:] - values[:-1]
+    monotone = (d > 0).all(0) | (d < 0).all(0)
+    if not bool(monotone.all()):
+        b = int((~monotone).nonzero()[0, 0])
+        raise ValueError(
+            f"t must be strictly increasing or strictly decreasing for every sample; sample {b} has {values[:, b].tolist()}"
+        )
+    times = t.to(torch.float64)
+    return _solve(func, y0, values[:, 0].tolist(), list(range(t.shape[0])), batch_time=False, times=times, **kwargs)
 
 
 def _tuple_leaves(y, name: str) -> List[torch.Tensor]:
@@ -393,6 +625,8 @@ def _tuple_rebuild(structure, leaves):
 
 
 def _odeint_tuple(func, y0: tuple, t, **kwargs):
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        raise ValueError("a per-sample grid t of shape (T, B) needs a tensor y0 (B, ...), not a tuple state")
     leaves = _tuple_leaves(y0, "y0")
     for i, leaf in enumerate(leaves):
         _check_x(leaf, f"y0 component {i}", batched=False)

@@ -3,6 +3,11 @@
 A `Problem` holds everything fixed for a solve; `solve` runs it with plain autograd (or under
 no_grad), `prg_fast.ode.adjoint.AdjointSolve` runs it without a graph and differentiates it exactly.
 All stage arithmetic goes through `problem.combine` (a fused kernel, or the reference).
+
+Times are plain floats (`grid`) unless a time argument is a tensor that requires grad or holds one
+time per sample; then `times` holds the grid as a float64 tensor, (P,) shared or (P, B) per sample,
+the step size h is a tensor and the stage arithmetic goes through `problem.combine_rows` (per-row
+coefficients [1, h a_ij ...], differentiable w.r.t. h). The float path is unchanged by this.
 """
 from __future__ import annotations
 
@@ -26,23 +31,98 @@ class Problem:
     batch_time: bool = True  # t passed as shape (B,) (reverse/generate) or 0-dim (odeint)
     check_finite: bool = False
     params: Sequence[torch.Tensor] = field(default_factory=list)
+    # Time as a tensor: float64 grid (P,) or (P, B) (then `grid` holds its values, sample 0's for
+    # a per-sample grid, for messages) and the per-row combination of the same backend.
+    times: Optional[torch.Tensor] = None
+    combine_rows: Optional[Callable] = None
+    # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b (the
+    # save times sit at different grid positions per sample); out_index is then sample 0's.
+    out_rows: Optional[List[List[int]]] = None
 
     @property
     def steps(self) -> int:
         return len(self.grid) - 1
 
-    def time(self, t: float, x: torch.Tensor) -> torch.Tensor:
-        if self.batch_time:
+    @property
+    def per_sample(self) -> bool:
+        return self.times is not None and self.times.dim() == 2
+
+    def point(self, n: int):
+        """Grid point n: a float, or a tensor (0-dim shared, (B,) per sample) in tensor mode."""
+        return self.grid[n] if self.times is None else self.times[n]
+
+    def time(self, t, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            # a fresh tensor every call (as torch.full below), so the network may do with it what it likes
+            t = t.to(self.state_dtype)
+            if self.batch_time and t.dim() == 0:
+                t = t.expand(x.shape[0])
+            return t.clone(memory_format=torch.contiguous_format)
+        if self.batch_time or self.per_sample:  # (a float t on a per-sample grid: the adjoint's probe)
             return torch.full((x.shape[0],), t, dtype=self.state_dtype, device=x.device)
         return torch.tensor(t, dtype=self.state_dtype, device=x.device)
 
-    def evaluate(self, t: float, x_net: torch.Tensor) -> torch.Tensor:
+    def coeff_rows(self, h: torch.Tensor, weights: Sequence[float], alpha: float = 1.0) -> torch.Tensor:
+        """Per-row coefficients [alpha, h w_0, h w_1, ...] for combine_rows: (1, 1+n) for a shared
+        step, (B, 1+n) per sample. Computed in float64 from the float64 times and rounded once to
+        the state dtype, as the float path rounds h * w once."""
+        h = h.reshape(-1)
+        cols = [torch.full_like(h, alpha)] + [h * w for w in weights]
+        return torch.stack(cols, 1).to(self.state_dtype)
+
+    def row_dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """<a, b> per sample ((B,), float64) on a per-sample grid, else over everything (0-dim)."""
+        prod = a * b.to(a.dtype)
+        if self.per_sample:
+            return prod.reshape(prod.shape[0], -1).sum(1, dtype=torch.float64)
+        return prod.sum(dtype=torch.float64)
+
+    def output_points(self) -> set:
+        """Grid indices whose state goes into some output."""
+        if self.out_rows is None:
+            return set(self.out_index)
+        return {m for row in self.out_rows for m in row}
+
+    def _rows_at(self, j: int, m: int, like: torch.Tensor) -> torch.Tensor:
+        hit = torch.tensor([r == m for r in self.out_rows[j]], device=like.device)
+        return hit.reshape((-1,) + (1,) * (like.dim() - 1))
+
+    def gather_outputs(self, saved: dict) -> List[torch.Tensor]:
+        """The outputs from the states at output_points(): per sample, each row from its own
+        grid index."""
+        if self.out_rows is None:
+            return [saved[i] for i in self.out_index]
+        outs = []
+        for j, row in enumerate(self.out_rows):
+            points = sorted(set(row))
+            out = saved[points[0]]
+            for m in points[1:]:
+                out = torch.where(self._rows_at(j, m, out), saved[m], out)
+            outs.append(out)
+        return outs
+
+    def output_cotangents(self, grad_out: torch.Tensor) -> dict:
+        """grid index -> the cotangent arriving there from the outputs (an index may be output
+        twice; on a per-sample grid each output's rows arrive at their own indices)."""
+        arriving = {}
+        for pos in range(grad_out.shape[0]):
+            g = grad_out[pos]
+            if self.out_rows is None:
+                parts = [(self.out_index[pos], g)]
+            else:
+                parts = [(m, torch.where(self._rows_at(pos, m, g), g, torch.zeros_like(g)))
+                         for m in sorted(set(self.out_rows[pos]))]
+            for idx, part in parts:
+                arriving[idx] = part if idx not in arriving else arriving[idx] + part
+        return arriving
+
+    def evaluate(self, t, x_net: torch.Tensor) -> torch.Tensor:
         version = x_net._version
         k = self.func(self.time(t, x_net), x_net)
         if x_net._version != version:
             # The adjoint stores this very tensor as the stage input it recomputes from.
             raise RuntimeError(
-                f"model modified its input x in place at t={t:g}; the solver keeps that tensor "
+                f"model modified its input x in place at t={format_time(t)}; the solver keeps that tensor "
                 "(stage input) for the gradient, so the model must not write into it (use an "
                 "out-of-place op, e.g. x = x + y instead of x += y)"
             )
@@ -55,42 +135,55 @@ class Problem:
             got = f"{tuple(k.shape)} {k.dtype}" if isinstance(k, torch.Tensor) else type(k).__name__
             raise ValueError(
                 f"model output must be a tensor shaped and typed like its input x "
-                f"({tuple(x_net.shape)} {self.net_dtype}), got {got} at t={t:g}"
+                f"({tuple(x_net.shape)} {self.net_dtype}), got {got} at t={format_time(t)}"
             )
         return k
 
-    def stage_input(self, x: torch.Tensor, ks: List[torch.Tensor], i: int, h: float) -> torch.Tensor:
-        """X_i = x + h * sum_{j<i} a_ij k_j, written in the network's dtype."""
+    def stage_input(self, x: torch.Tensor, ks: List[torch.Tensor], i: int, h) -> torch.Tensor:
+        """X_i = x + h * sum_{j<i} a_ij k_j, written in the network's dtype (h a float, or a tensor)."""
         row = self.tableau.a[i]
         terms = [ks[j] for j in range(i) if row[j] != 0.0]
+        if isinstance(h, torch.Tensor):
+            if not terms and x.dtype == self.net_dtype:
+                return x
+            rows = self.coeff_rows(h, [row[j] for j in range(i) if row[j] != 0.0])
+            return self.combine_rows(x, terms, rows, self.net_dtype)
         coeffs = [h * row[j] for j in range(i) if row[j] != 0.0]
         if not terms and x.dtype == self.net_dtype:
             return x
         return self.combine(x, terms, coeffs, 1.0, self.net_dtype)
 
-    def step_output(self, x: torch.Tensor, ks: List[torch.Tensor], h: float) -> torch.Tensor:
-        """x + h * sum_i b_i k_i, in the state dtype."""
+    def step_output(self, x: torch.Tensor, ks: List[torch.Tensor], h) -> torch.Tensor:
+        """x + h * sum_i b_i k_i, in the state dtype (h a float, or a tensor)."""
         b = self.tableau.b
         terms = [k for k, bi in zip(ks, b) if bi != 0.0]
+        if isinstance(h, torch.Tensor):
+            return self.combine_rows(x, terms, self.coeff_rows(h, [bi for bi in b if bi != 0.0]), self.state_dtype)
         coeffs = [h * bi for bi in b if bi != 0.0]
         return self.combine(x, terms, coeffs, 1.0, self.state_dtype)
 
     def check(self, x: torch.Tensor, n: int) -> None:
         if self.check_finite and not bool(torch.isfinite(x).all()):
+            where = f"from t={self.grid[n]:g} to t={self.grid[n + 1]:g}"
+            if self.per_sample:
+                bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero()[0, 0].item()
+                where = (f"sample {bad} from t={self.times[n, bad].item():g} "
+                         f"to t={self.times[n + 1, bad].item():g}")
             raise FloatingPointError(
                 f"non-finite state (NaN or Inf) produced by step {n + 1} of {self.steps}, "
-                f"from t={self.grid[n]:g} to t={self.grid[n + 1]:g} (check_finite=True)"
+                f"{where} (check_finite=True)"
             )
 
     def run(self, x: torch.Tensor, stage_inputs: Optional[list] = None, rng: Optional[list] = None) -> List[torch.Tensor]:
         """States at out_index. With `stage_inputs` (a list) every network input is appended to
         it, step-major; with `rng` the random state before every evaluation is appended too, so the
         adjoint can replay dropout exactly."""
-        want = set(self.out_index)
+        want = self.output_points()
         saved = {0: x} if 0 in want else {}
         tab = self.tableau
         for n in range(self.steps):
-            t, h = self.grid[n], self.grid[n + 1] - self.grid[n]
+            t = self.point(n)
+            h = self.point(n + 1) - t
             ks: List[torch.Tensor] = []
             for i in range(tab.stages):
                 xi = self.stage_input(x, ks, i, h)
@@ -103,7 +196,17 @@ class Problem:
             self.check(x, n)
             if n + 1 in want:
                 saved[n + 1] = x
-        return [saved[i] for i in self.out_index]
+        return self.gather_outputs(saved)
+
+
+def format_time(t) -> str:
+    """A time for a message: a float, a 0-dim tensor, or per-sample times (their range)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.numel() == 1:
+            return f"{t.item():g}"
+        return f"[{t.min().item():g} .. {t.max().item():g}] (per sample)"
+    return f"{t:g}"
 
 
 def autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:

@@ -60,7 +60,7 @@ def _base_step(p: Problem, t: float, h: float, x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_step(p, lam, n, y, z, rng: Optional[list]):
-    t0, t1 = p.grid[n], p.grid[n + 1]
+    t0, t1 = p.point(n), p.point(n + 1)
     h = t1 - t0
     if rng is not None:
         rng.append(capture_rng(y.device))
@@ -75,7 +75,7 @@ def _forward_step(p, lam, n, y, z, rng: Optional[list]):
 
 
 def _run(p: Problem, x: torch.Tensor, lam: float, rng: Optional[list]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
-    want = set(p.out_index)
+    want = p.output_points()
     y = z = x
     saved = {0: x} if 0 in want else {}
     for n in range(p.steps):
@@ -83,7 +83,7 @@ def _run(p: Problem, x: torch.Tensor, lam: float, rng: Optional[list]) -> Tuple[
         p.check(y, n)
         if n + 1 in want:
             saved[n + 1] = y
-    return [saved[i] for i in p.out_index], y, z
+    return p.gather_outputs(saved), y, z
 
 
 def solve_reversible(problem: Problem, x: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> torch.Tensor:
@@ -110,7 +110,7 @@ def invert(problem: Problem, y: torch.Tensor, z: torch.Tensor, coupling: float =
 
 
 def _inverse_step(p, lam, n, y, z):
-    t0, t1 = p.grid[n], p.grid[n + 1]
+    t0, t1 = p.point(n), p.point(n + 1)
     h = t1 - t0
     gy = _base_step(p, t1, -h, y)
     z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
@@ -122,7 +122,8 @@ def _inverse_step(p, lam, n, y, z):
 
 class ReversibleSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, times: Optional[torch.Tensor],
+                x: torch.Tensor, *params: torch.Tensor):
         lam = check_coupling(coupling)
         rng: Optional[list] = [] if preserve_rng else None
         outs, y, z = _run(problem, x.to(problem.state_dtype), lam, rng)
@@ -143,10 +144,7 @@ class ReversibleSolve(torch.autograd.Function):
         y, z = y.detach(), z.detach()
         rng = list(ctx.rng) if ctx.rng is not None else None
         params = list(p.params)
-        arriving = {}
-        for pos, idx in enumerate(p.out_index):
-            g = grad_out[pos].to(p.state_dtype)
-            arriving[idx] = g if idx not in arriving else arriving[idx] + g
+        arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
         ybar = torch.zeros_like(y)
         zbar = torch.zeros_like(z)
         # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
@@ -154,38 +152,54 @@ class ReversibleSolve(torch.autograd.Function):
         acc = [torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
                for q in params]
         autocast_on, autocast_dtype = ctx.autocast
+        # A tensor grid that requires grad: the base step's time and step size are leaves of each
+        # recomputed step, so their gradients come out of the same VJP.
+        want_tgrad = p.times is not None and ctx.needs_input_grad[3]
+        gtimes = torch.zeros_like(p.times) if want_tgrad else None
 
         def vjp(t, h, x, cot, state):
-            """(x + Psi_h(t, x)) recomputed with graph; returns its value and cot^T d/d(x, params)."""
+            """(x + Psi_h(t, x)) recomputed with graph; returns its value, cot^T d/dx, and cot^T
+            d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams."""
             xg = x.detach().requires_grad_(True)
+            if want_tgrad:
+                t, h = t.detach().requires_grad_(True), h.detach().requires_grad_(True)
+            inputs = [xg] + ([t, h] if want_tgrad else []) + params
             with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
                 if state is not None:
                     with restore_rng(state, ctx.device):
                         out = _base_step(p, t, h, xg)
                 else:
                     out = _base_step(p, t, h, xg)
-                grads = torch.autograd.grad(out, [xg] + params, cot, allow_unused=True)
+                grads = list(torch.autograd.grad(out, inputs, cot, allow_unused=True))
+            tgrads = [None, None]
+            if want_tgrad:
+                tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]
+                del grads[1:3]
             for q, gq in enumerate(grads[1:]):
                 if gq is not None:
                     acc[q].add_(gq.to(acc[q].dtype))
             gx = grads[0] if grads[0] is not None else torch.zeros_like(xg)
-            return out.detach(), gx
+            return out.detach(), gx, tgrads
 
         for n in reversed(range(p.steps)):
             if n + 1 in arriving:
                 ybar = ybar + arriving.pop(n + 1)
-            t0, t1 = p.grid[n], p.grid[n + 1]
+            t0, t1 = p.point(n), p.point(n + 1)
             h = t1 - t0
             state_f = state_g = None
             if rng is not None:
                 state_g = rng.pop()
                 state_f = rng.pop()
             # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
-            gy, gbar = vjp(t1, -h, y, -zbar, state_g)
+            gy, gbar, (dt1, dmh) = vjp(t1, -h, y, -zbar, state_g)
             ybar = ybar + zbar + gbar
             z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
             # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
-            fz, fbar = vjp(t0, h, z, ybar, state_f)
+            fz, fbar, (dt0, dh) = vjp(t0, h, z, ybar, state_f)
+            if want_tgrad:
+                dh = dh - dmh
+                gtimes[n] += dt0 - dh
+                gtimes[n + 1] += dt1 + dh
             zbar = zbar - lam * ybar + fbar
             y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
             ybar = lam * ybar
@@ -193,4 +207,4 @@ class ReversibleSolve(torch.autograd.Function):
             ybar = ybar + arriving.pop(0)
         gx = (ybar + zbar).to(ctx.x_dtype)
         grad_params = [g.to(q.dtype) for g, q in zip(acc, params)]
-        return (None, None, None, gx, *grad_params)
+        return (None, None, None, gtimes, gx, *grad_params)
