@@ -12,7 +12,10 @@ whose exact algebraic inverse is
     z_n = z_{n+1} + Psi_{-h}(t_{n+1}, y_{n+1})
     y_n = (y_{n+1} - (1 - lam) z_n - Psi_h(t_n, z_n)) / lam.
 
-The returned solution is y. The scheme has the order of its base tableau (tested).
+The returned solution is y. The scheme has the order of its base tableau (tested). This is the
+step of the paper's reference implementation (github.com/sammccallum/reversible-solvers, the
+`Reversible` wrapper: y1 = l y0 + (1 - l) z0 + step(h, t0, z0), z1 = z0 - step(-h, t1, y1), with
+`step` the increment Psi), read and checked against this module on 2026-11-24.
 
 Coupling `lam` (`reversible_coupling=`, in (0, 1]): the paper recommends lam = 0.999. lam = 1 makes
 the inverse free of division but the scheme then has an empty region of linear stability (y and z
