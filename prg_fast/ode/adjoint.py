@@ -18,23 +18,27 @@ from typing import List, Optional
 
 import torch
 
-from .integrate import Problem, autocast_state, capture_rng, restore_rng  # noqa: F401
+from .integrate import Problem
+from .strategies import EvaluationGraphs, Strategy
 
 
 class AdjointSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, preserve_rng: bool, x: torch.Tensor, *params: torch.Tensor):
-        stage_inputs: list = []
-        rng: Optional[list] = [] if preserve_rng else None
-        outs = problem.run(x.to(problem.state_dtype), stage_inputs=stage_inputs, rng=rng)
+    def forward(ctx, problem: Problem, strategy: Strategy, x: torch.Tensor, *params: torch.Tensor):
+        # Which evaluations keep their graphs, the random states, the first evaluation's reuse:
+        # prg_fast.ode.strategies.
+        evals = EvaluationGraphs(problem, strategy, x.device)
+        stored: list = []
+        if strategy.store == "steps":
+            outs = problem.run(x.to(problem.state_dtype), states=stored, evaluator=evals.forward_evaluate)
+        else:
+            outs = problem.run(x.to(problem.state_dtype), stage_inputs=stored, evaluator=evals.forward_evaluate)
+        evals.finish_forward()
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
-        ctx.save_for_backward(*stage_inputs)
-        ctx.problem, ctx.rng = problem, rng
-        ctx.x_dtype, ctx.device = x.dtype, x.device
-        # The backward recomputes each evaluation under the autocast state of the forward (as
-        # torch.utils.checkpoint does), so a network run in bf16 autocast is differentiated as run.
-        ctx.autocast = autocast_state(x.device.type)
+        ctx.save_for_backward(*stored)
+        ctx.problem, ctx.rng, ctx.evals = problem, evals.rng, evals
+        ctx.x_dtype = x.dtype
         return torch.stack(outs)
 
     @staticmethod
@@ -43,6 +47,9 @@ class AdjointSolve(torch.autograd.Function):
         p: Problem = ctx.problem
         tab, combine = p.tableau, p.combine
         stage_inputs = list(ctx.saved_tensors)
+        # store="steps": the saved tensors are step start states; each step's stage inputs are
+        # recomputed when the backward reaches it.
+        step_states = stage_inputs if ctx.evals.store == "steps" else None
         rng = list(ctx.rng) if ctx.rng is not None else None
         params = list(p.params)
         # Cotangent arriving at each grid index from the outputs (an index may be output twice).
@@ -61,6 +68,8 @@ class AdjointSolve(torch.autograd.Function):
             if n + 1 in arriving:
                 lam = combine(lam, [arriving.pop(n + 1)], [1.0], 1.0, p.state_dtype)
             t, h = p.grid[n], p.grid[n + 1] - p.grid[n]
+            if step_states is not None:
+                stage_inputs = ctx.evals.step_stage_inputs(n, step_states.pop(), rng[-s:] if rng else None)
             mus: List[Optional[torch.Tensor]] = [None] * s
             for i in reversed(range(s)):
                 later = [m for m in range(i + 1, s) if tab.a[m][i] != 0.0 and mus[m] is not None]
@@ -70,14 +79,10 @@ class AdjointSolve(torch.autograd.Function):
                 if alpha == 0.0 and not later:
                     continue  # k_i does not influence anything downstream
                 g = combine(lam, [mus[m] for m in later], [h * tab.a[m][i] for m in later], alpha, p.net_dtype)
-                xi = xi.detach().requires_grad_(True)
-                autocast_on, autocast_dtype = ctx.autocast
-                with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
-                    if state is not None:
-                        with restore_rng(state, ctx.device):
-                            k = p.evaluate(t + tab.c[i] * h, xi)
-                    else:
-                        k = p.evaluate(t + tab.c[i] * h, xi)
+                # ---- the evaluation k of stage (n, i) with its graph from the leaf xi: the graph
+                # ---- the forward kept (memory_budget), else recomputed from the stored input
+                k, xi = ctx.evals.with_graph(n, i, t + tab.c[i] * h, xi, state)
+                with torch.enable_grad():
                     # An evaluation whose output reads neither the state nor a parameter (a zero
                     # velocity, a function of t only) has no graph: it contributes nothing.
                     if k.requires_grad:

@@ -26,15 +26,26 @@ class Problem:
     batch_time: bool = True  # t passed as shape (B,) (reverse/generate) or 0-dim (odeint)
     check_finite: bool = False
     params: Sequence[torch.Tensor] = field(default_factory=list)
+    # One time tensor per (time, batch, device), built once per solve rather than per evaluation.
+    time_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
         return len(self.grid) - 1
 
     def time(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        key = (t, x.shape[0] if self.batch_time and x.dim() else None, x.device)
+        cached = self.time_cache.get(key)
+        # a model that wrote into its t (version moved) gets a fresh one, never a corrupted one
+        if cached is not None and cached._version == 0:
+            return cached
         if self.batch_time:
-            return torch.full((x.shape[0],), t, dtype=self.state_dtype, device=x.device)
-        return torch.tensor(t, dtype=self.state_dtype, device=x.device)
+            value = torch.full((x.shape[0],), t, dtype=self.state_dtype, device=x.device)
+        else:
+            # torch.full, not torch.tensor: no host-to-device copy (and no synchronisation) on CUDA
+            value = torch.full((), t, dtype=self.state_dtype, device=x.device)
+        self.time_cache[key] = value
+        return value
 
     def evaluate(self, t: float, x_net: torch.Tensor) -> torch.Tensor:
         version = x_net._version
@@ -82,15 +93,20 @@ class Problem:
                 f"from t={self.grid[n]:g} to t={self.grid[n + 1]:g} (check_finite=True)"
             )
 
-    def run(self, x: torch.Tensor, stage_inputs: Optional[list] = None, rng: Optional[list] = None) -> List[torch.Tensor]:
+    def run(self, x: torch.Tensor, stage_inputs: Optional[list] = None, rng: Optional[list] = None,
+            states: Optional[list] = None, evaluator: Optional[Callable] = None) -> List[torch.Tensor]:
         """States at out_index. With `stage_inputs` (a list) every network input is appended to
         it, step-major; with `rng` the random state before every evaluation is appended too, so the
-        adjoint can replay dropout exactly."""
+        adjoint can replay dropout exactly; with `states` the state at the start of every step.
+        `evaluator(problem, n, i, t, xi)`, when given, runs evaluation (n, i) instead of
+        self.evaluate (the adjoint's strategies keep some graphs, reuse a first evaluation)."""
         want = set(self.out_index)
         saved = {0: x} if 0 in want else {}
         tab = self.tableau
         for n in range(self.steps):
             t, h = self.grid[n], self.grid[n + 1] - self.grid[n]
+            if states is not None:
+                states.append(x)
             ks: List[torch.Tensor] = []
             for i in range(tab.stages):
                 xi = self.stage_input(x, ks, i, h)
@@ -98,7 +114,10 @@ class Problem:
                     stage_inputs.append(xi)
                 if rng is not None:
                     rng.append(capture_rng(x.device))
-                ks.append(self.evaluate(t + tab.c[i] * h, xi))
+                if evaluator is None:
+                    ks.append(self.evaluate(t + tab.c[i] * h, xi))
+                else:
+                    ks.append(evaluator(self, n, i, t + tab.c[i] * h, xi))
             x = self.step_output(x, ks, h)
             self.check(x, n)
             if n + 1 in want:
@@ -138,7 +157,7 @@ class restore_rng:
         return self._fork.__exit__(*exc)
 
 
-def solve(problem: Problem, x: torch.Tensor) -> torch.Tensor:
+def solve(problem: Problem, x: torch.Tensor, evaluator: Optional[Callable] = None) -> torch.Tensor:
     """Plain solve: ordinary autograd through the loop (or none, under no_grad). Returns the
     states at problem.out_index stacked on dim 0."""
-    return torch.stack(problem.run(x.to(problem.state_dtype)))
+    return torch.stack(problem.run(x.to(problem.state_dtype), evaluator=evaluator))
