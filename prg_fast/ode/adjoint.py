@@ -22,6 +22,26 @@ from .integrate import Problem
 from .strategies import EvaluationGraphs, Strategy
 
 
+def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
+    """acc[q] += grads[q] for every parameter gradient present, in one fused foreach call where
+    the accumulators exist (a per-parameter Python loop costs ~1 ms per evaluation for a UNet)."""
+    into, add = [], []
+    for q, gq in enumerate(grads):
+        if gq is None:
+            continue
+        # Autograd may hand back one tensor for several inputs (x and a parameter, two
+        # parameters): the accumulator is a buffer of our own, never a returned tensor.
+        if acc[q] is None:
+            acc[q] = gq.to(acc_dtype[q], copy=True)
+        elif acc[q].dtype == gq.dtype:
+            into.append(acc[q])
+            add.append(gq)
+        else:
+            acc[q].add_(gq)
+    if into:
+        torch._foreach_add_(into, add)
+
+
 class AdjointSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, strategy: Strategy, x: torch.Tensor, *params: torch.Tensor):
@@ -91,15 +111,7 @@ class AdjointSolve(torch.autograd.Function):
                         grads = [None] * (1 + len(params))
                 del k
                 mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
-                for q, gq in enumerate(grads[1:]):
-                    if gq is None:
-                        continue
-                    # Autograd may hand back one tensor for several inputs (x and a parameter, two
-                    # parameters): the accumulator is a buffer of our own, never a returned tensor.
-                    if param_grads[q] is None:
-                        param_grads[q] = gq.to(acc_dtype[q], copy=True)
-                    else:
-                        param_grads[q].add_(gq)
+                accumulate(param_grads, grads[1:], acc_dtype)
             live = [mu for mu in mus if mu is not None]
             if live:
                 lam = combine(lam, live, [1.0] * len(live), 1.0, p.state_dtype)

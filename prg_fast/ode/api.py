@@ -145,6 +145,7 @@ def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor
     a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
     error that says to pass it as adjoint_params."""
     found = list(params)
+    found_ids = {id(p) for p in found}
     if first is None or first.k is None or not first.k.requires_grad:
         return found
     known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
@@ -156,8 +157,9 @@ def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor
         seen.add(node)
         leaf = getattr(node, "variable", None)
         if leaf is not None:  # AccumulateGrad: a leaf that requires grad
-            if leaf is not first.leaf and not any(leaf is p for p in found):
+            if leaf is not first.leaf and id(leaf) not in found_ids:
                 found.append(leaf)
+                found_ids.add(id(leaf))
             continue
         # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
         # region; it saves no tensors, so walking through it once per evaluation is exact.
