@@ -11,6 +11,12 @@ Forward: the loop of prg_fast.ode.integrate without a graph, keeping only each n
 which is reverse-mode differentiation of exactly the forward's arithmetic, so gradients equal plain
 backprop through the same solver to rounding. Only one evaluation's activations are alive at a time:
 peak memory = one network evaluation + K*s state-sized buffers, flat in K beyond those buffers.
+
+Strategies (prg_fast.ode.strategies): with `memory_budget` the forward keeps the graphs of its last
+evaluations and the backward takes their VJPs without recomputing; with store="steps" the forward
+keeps one state per step and the backward recomputes that step's stage inputs first. The one place
+in the loop below that differs between strategies is where the evaluation with its graph is
+obtained (EvaluationGraphs.with_graph).
 """
 from __future__ import annotations
 
