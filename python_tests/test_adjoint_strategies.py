@@ -273,3 +273,46 @@ def test_strategies_need_the_stored_adjoint(mlp, kw):
     x = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(ValueError, match="memory_budget.*store"):
         prg_fast.reverse(mlp(dim=3), x, steps=2, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(memory_budget=INF), dict(memory_budget="half"), dict(store="steps"),
+                                dict(store="steps", memory_budget="half")])
+def test_gradcheck_float64_strategies(kw):
+    torch.manual_seed(4)
+    A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda t, y: torch.tanh(y @ A) * (1 + t[:, None])  # noqa: E731
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    if kw.get("memory_budget") == "half":
+        kw = dict(kw, memory_budget=4 * _graph_bytes(f, x, steps=2, method="rk4"))
+    assert torch.autograd.gradcheck(lambda x, A: prg_fast.reverse(f, x, steps=2, method="rk4", **kw), (x, A))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter (no GPU here)")
+@pytest.mark.parametrize("kw", [dict(), dict(memory_budget=INF), dict(store="steps")])
+def test_no_host_synchronisation_on_cuda(mlp, kw):
+    model = mlp(dim=8).cuda()
+    x = torch.randn(16, 8, device="cuda", requires_grad=True)
+    run = lambda: prg_fast.reverse(model, x, steps=4, method="rk4", **kw).sum().backward()  # noqa: E731
+    run()  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("kw", [dict(memory_budget=INF), dict(memory_budget="half"), dict(store="steps")])
+def test_mixed_dtypes_strategies_match_the_default_adjoint(mlp, kw):
+    """A float32 network on a float64 state (stage inputs cast to the network's dtype): the
+    strategies run the same arithmetic as the recomputing adjoint, so the gradients are equal."""
+    model = mlp(dim=5)  # float32 parameters
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    inputs = [x] + list(model.parameters())
+    base = dict(steps=3, method="rk4")
+    if kw.get("memory_budget") == "half":
+        kw = dict(memory_budget=6 * _graph_bytes(model, x, **base))
+    ref = _grads(prg_fast.reverse(model, x, **base), inputs)
+    got = _grads(prg_fast.reverse(model, x, **base, **kw), inputs)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
