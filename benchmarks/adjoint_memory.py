@@ -1,22 +1,37 @@
 """The headline: memory, time and gradient error of differentiating through a fixed-step reverse
-solve, for K steps, four ways on the same grid:
+solve, for K steps, one row per strategy on the same grid:
 
     backprop      prg_fast.reverse(adjoint=False): plain autograd through the solver
-    prg_fast      prg_fast.reverse(adjoint=True): exact discrete adjoint
+    budget_0      prg_fast.reverse(adjoint=True): exact adjoint, every evaluation recomputed
+                  (memory_budget=None / 0, the default; "prg_fast" is accepted as its old name)
+    budget_half   memory_budget = half of the K*s evaluation graphs' bytes: the last half kept
+    budget_inf    memory_budget=float("inf"): every evaluation's graph kept, nothing recomputed
+    steps         store="steps": one state per step stored, stage inputs recomputed
+    reversible    reversible=True: McCallum-Foster reversible scheme, nothing stored
     tdq           torchdiffeq.odeint: plain autograd through torchdiffeq's solver
     tdq_adjoint   torchdiffeq.odeint_adjoint: continuous adjoint re-integrated backwards
 
-Memory is the peak above the baseline during forward+backward: torch.cuda.max_memory_allocated on
-CUDA; on the CPU the peak RSS of a fresh subprocess per measurement (glibc told to return freed
-memory at once, so RSS follows live memory). Gradient error is the relative L2 error of the
-gradients (input and all parameters) against float64 plain backprop through the same solver.
+Memory: the peak above the baseline during forward+backward. CUDA: torch.cuda.max_memory_allocated
+(reset before each run). CPU: the peak RSS of one fresh worker process that runs every cell in
+turn, its high-water mark reset (/proc/self/clear_refs) before each cell, glibc told to return
+freed memory at once (so RSS follows live memory) -- this counts every allocation, torch's and
+Python's, not only saved tensors.
 
-    python benchmarks/adjoint_memory.py            # UNet "tiny" 32x32 on the CPU, "cifar" on a GPU
+Time: forward+backward, relative to plain backprop *measured in the same run*: every repeat runs
+all strategies back to back (order rotated per repeat), the ratio to that repeat's backprop is
+taken, and the median over repeats is reported, so load changes on a shared machine hit both.
+
+Gradient error: relative L2 error of the gradients (input and all parameters) against float64
+plain backprop through the same solver; for `reversible` against float64 plain backprop through
+the same reversible scheme (it is a different discretisation of the ODE).
+
+    python benchmarks/adjoint_memory.py            # UNet "tiny" 16x16 on the CPU, "cifar" on a GPU
     python benchmarks/adjoint_memory.py --quick    # < 1 minute on a 2-core CPU
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -29,9 +44,11 @@ import torch
 
 import prg_fast
 from prg_fast.models import UNet
+from prg_fast.ode.solvers import SOLVERS
 
-IMPLS = ("backprop", "prg_fast", "tdq", "tdq_adjoint")
+IMPLS = ("backprop", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq", "tdq_adjoint")
 TDQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "rk4_38": "rk4"}  # torchdiffeq's names
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def device_name(device: torch.device) -> str:
@@ -59,12 +76,45 @@ def build(args, device, dtype):
     return model, x
 
 
-def run_once(impl, model, x, steps, method):
-    """Forward + backward; returns the output (detached) and the gradients."""
+_GRAPH_BYTES: dict = {}
+
+
+def graph_bytes(model, x, steps, method) -> int:
+    """Bytes of one evaluation's graph as the adjoint measures it (its first evaluation,
+    saved-tensor hooks), read from the backward node of an unlimited-budget solve."""
+    key = (id(model), tuple(x.shape), x.dtype, x.device, method)
+    if key not in _GRAPH_BYTES:
+        out = prg_fast.reverse(model, x, steps=1, method=method, memory_budget=float("inf"))
+        node = out.grad_fn
+        while node is not None and not hasattr(node, "evals"):
+            node = node.next_functions[0][0]
+        _GRAPH_BYTES[key] = node.evals.graph_bytes
+        del out, node
+    return _GRAPH_BYTES[key]
+
+
+def strategy_kwargs(impl, model, x, steps, method) -> dict:
+    if impl == "backprop":
+        return dict(adjoint=False)
+    if impl in ("prg_fast", "budget_0"):
+        return dict(adjoint=True)
+    if impl == "budget_half":
+        evals = steps * SOLVERS[method].stages
+        return dict(memory_budget=(evals // 2) * graph_bytes(model, x, steps, method))
+    if impl == "budget_inf":
+        return dict(memory_budget=float("inf"))
+    if impl == "steps":
+        return dict(store="steps")
+    if impl == "reversible":
+        return dict(reversible=True)
+    raise ValueError(f"unknown strategy {impl!r}")
+
+
+def run_once(impl, model, x, steps, method, reference=False):
+    """Forward + backward; returns the output (detached) and the gradients. `reference`: plain
+    backprop through the scheme `impl` discretises (the reversible scheme for "reversible")."""
     params = list(model.parameters())
-    if impl in ("backprop", "prg_fast"):
-        out = prg_fast.reverse(model, x, steps=steps, method=method, adjoint=impl == "prg_fast")
-    else:
+    if impl.startswith("tdq"):
         import torchdiffeq
 
         grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).to(x.dtype).to(x.device)
@@ -73,6 +123,11 @@ def run_once(impl, model, x, steps, method):
             out = torchdiffeq.odeint(func, x, grid, method=TDQ_METHOD[method])[-1]
         else:
             out = torchdiffeq.odeint_adjoint(func, x, grid, method=TDQ_METHOD[method], adjoint_params=params)[-1]
+    else:
+        kw = strategy_kwargs(impl, model, x, steps, method)
+        if reference:
+            kw = dict(adjoint=False, reversible=kw.get("reversible", False))
+        out = prg_fast.reverse(model, x, steps=steps, method=method, **kw)
     # a fixed random cotangent, the same for every implementation
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, [x] + params, g)
@@ -90,32 +145,71 @@ class TorchdiffeqFunc(torch.nn.Module):
         return self.model(t.expand(y.shape[0]), y)
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(args, impl, steps, device):
-    """(peak bytes above baseline, median seconds) of forward+backward, measured here."""
+    """(peak bytes above baseline, median seconds) of forward+backward on CUDA (kept for
+    benchmarks/gpu_report.py)."""
     model, x = build(args, device, torch.float32)
     run_once(impl, model, x, min(steps, 2), args.method)  # warm-up (library init, autotuning)
     times, peak = [], 0
     for _ in range(args.reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         run_once(impl, model, x, steps, args.method)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        _sync(device)
+        peak = max(peak, torch.cuda.max_memory_allocated() - base)
         times.append(time.perf_counter() - t0)
     return peak, statistics.median(times)
 
 
-def measure_cpu_subprocess(args, impl, steps):
+def time_ratios(args, impls, steps, device):
+    """Median over interleaved repeats of (strategy time / backprop time of the same repeat), and
+    the median seconds of each strategy."""
+    model, x = build(args, device, torch.float32)
+    for impl in impls:
+        run_once(impl, model, x, min(steps, 2), args.method)  # warm-up
+    secs = {impl: [] for impl in impls}
+    for rep in range(args.reps):
+        order = impls[rep % len(impls):] + impls[: rep % len(impls)]
+        for impl in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            run_once(impl, model, x, steps, args.method)
+            _sync(device)
+            secs[impl].append(time.perf_counter() - t0)
+    ratios = {i: statistics.median(a / b for a, b in zip(secs[i], secs["backprop"])) for i in impls}
+    return ratios, {i: statistics.median(v) for i, v in secs.items()}
+
+
+def cuda_peaks(args, impls, steps, device):
+    model, x = build(args, device, torch.float32)
+    peaks = {}
+    for impl in impls:
+        run_once(impl, model, x, min(steps, 2), args.method)
+        gc.collect()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_once(impl, model, x, steps, args.method)
+        _sync(device)
+        peaks[impl] = torch.cuda.max_memory_allocated() - base
+    return peaks
+
+
+def cpu_peaks_subprocess(args, impls):
+    """{(impl, K): peak bytes} from one fresh worker process (see the module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
-    cmd = [sys.executable, __file__, "--worker", impl, str(steps)] + args.passthrough
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(impls)] + args.passthrough
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        raise RuntimeError(f"worker {impl} K={steps} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"memory worker failed:\n{res.stderr[-3000:]}")
+    return {(i, k): v for i, k, v in json.loads(res.stdout.strip().splitlines()[-1])}
 
 
 def proc_status_kib(field: str) -> int:
@@ -123,34 +217,75 @@ def proc_status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def worker(args, impl, steps):
-    """Runs in a fresh process: the peak RSS of forward+backward above the RSS after warm-up."""
+def worker(args, impls):
+    """Runs in a fresh process: the peak RSS of forward+backward above the RSS before it, per cell."""
     device = torch.device("cpu")
     model, x = build(args, device, torch.float32)
-    run_once(impl, model, x, min(steps, 2), args.method)
-    # reset the high-water mark to the live memory now (after warm-up), then read its growth
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = proc_status_kib("VmRSS")
-    t0 = time.perf_counter()
-    run_once(impl, model, x, steps, args.method)
-    secs = time.perf_counter() - t0
-    peak = (proc_status_kib("VmHWM") - base) * 1024
-    print(json.dumps([peak, secs]))
+    for impl in impls:
+        run_once(impl, model, x, min(args.steps[0], 2), args.method)  # warm-up
+    cells = []
+    for steps in args.steps:
+        for impl in impls:
+            if impl == "budget_half":
+                graph_bytes(model, x, steps, args.method)  # its measuring solve is not part of the cell
+            gc.collect()
+            # reset the high-water mark to the live memory now, then read its growth
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = proc_status_kib("VmRSS")
+            run_once(impl, model, x, steps, args.method)
+            cells.append((impl, steps, (proc_status_kib("VmHWM") - base) * 1024))
+    print(json.dumps(cells))
 
 
-def grad_errors(args, device, steps):
-    """Relative gradient error of each implementation against float64 plain backprop."""
+def grad_errors(args, device, steps, impls=IMPLS):
+    """Relative gradient error of each implementation against float64 plain backprop through the
+    scheme it discretises."""
     model, x = build(args, device, torch.float64)
     x.data = x.data[: args.grad_batch]
-    _, truth = run_once("backprop", model, x, steps, args.method)
+    truth = {}
     errs = {}
-    for impl in IMPLS:
+    for impl in impls:
+        ref_key = "reversible" if impl == "reversible" else "base"
+        if ref_key not in truth:
+            truth[ref_key] = run_once(impl if impl == "reversible" else "backprop", model, x, steps, args.method,
+                                      reference=True)[1]
         _, grads = run_once(impl, model, x, steps, args.method)
-        num = sum(((a - b) ** 2).sum() for a, b in zip(grads, truth)).sqrt()
-        den = sum((b**2).sum() for b in truth).sqrt()
+        num = sum(((a - b) ** 2).sum() for a, b in zip(grads, truth[ref_key])).sqrt()
+        den = sum((b**2).sum() for b in truth[ref_key]).sqrt()
         errs[impl] = (num / den).item()
     return errs
+
+
+def plot(rows, impls, steps_list, title, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    by = {(r["impl"], r["steps"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = "os^vDPX*"
+    for j, impl in enumerate(impls):
+        pts = [by[(impl, k)] for k in steps_list]
+        ax.plot([p["time_ratio"] for p in pts], [p["peak_mib"] for p in pts], marker=markers[j % len(markers)],
+                linestyle=":", label=impl)
+        for p in pts:
+            ax.annotate(f"K={p['steps']}", (p["time_ratio"], p["peak_mib"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+    ax.set(yscale="log", xlabel="forward+backward time / plain backprop (same run, median)",
+           ylabel="peak memory above baseline (MiB, log)", title="adjoint strategies: memory against time")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main():
@@ -160,84 +295,72 @@ def main():
     p.add_argument("--model", default=None, help="UNet preset (default: cifar on CUDA, tiny on CPU)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--size", type=int, default=None, help="image size")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--steps", type=int, nargs="+", default=None)
     p.add_argument("--method", default="euler", choices=sorted(TDQ_METHOD))
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--reps", type=int, default=None, help="interleaved timing repeats")
     p.add_argument("--grad-batch", type=int, default=2, help="batch for the float64 gradient check")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    p.add_argument("--worker", nargs=2, metavar=("IMPL", "K"), help=argparse.SUPPRESS)
+    p.add_argument("--out", default=os.path.join(HERE, "out"), help="folder for the JSON")
+    p.add_argument("--figures", default=os.path.join(HERE, "figures"), help="folder for the PNG")
+    p.add_argument("--worker", metavar="IMPLS", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.model = args.model or ("cifar" if cuda else "tiny")
-    args.batch = args.batch or (64 if cuda else (4 if args.quick else 16))
-    args.size = args.size or (8 if args.quick else 32)
-    args.reps = args.reps or (3 if cuda else 1)
+    args.batch = args.batch or (64 if cuda else (2 if args.quick else 8))
+    args.size = args.size or (32 if cuda else (8 if args.quick else 16))
+    args.steps = args.steps or ([2, 4] if args.quick else [4, 16, 64])
+    args.reps = args.reps or (3 if args.quick else 5)
     args.passthrough = ["--model", args.model, "--batch", str(args.batch), "--size", str(args.size),
-                        "--method", args.method, "--device", "cpu"]
+                        "--method", args.method, "--device", "cpu", "--steps", *map(str, args.steps)]
     if args.worker:
-        worker(args, args.worker[0], int(args.worker[1]))
+        worker(args, args.worker.split(","))
         return
+    impls = list(args.impls)
+    if "backprop" not in impls:
+        impls.insert(0, "backprop")  # the time reference
+    try:
+        import torchdiffeq  # noqa: F401
+    except ImportError:
+        print("torchdiffeq not importable: its rows are left out")
+        impls = [i for i in impls if not i.startswith("tdq")]
 
-    import torchdiffeq  # noqa: F401  (fail early with a clear ImportError)
-
-    torch.set_num_threads(torch.get_num_threads())
     print(f"device: {device_name(device)}; torch {torch.__version__}; prg_fast backend: "
           f"{prg_fast.ode.backends.resolve('auto', device)[0]}")
-    print(f"model: UNet '{args.model}' ({sum(p.numel() for p in build(args, device, torch.float32)[0].parameters()) / 1e6:.2f}M params), "
+    print(f"model: UNet '{args.model}' ({sum(q.numel() for q in build(args, device, torch.float32)[0].parameters()) / 1e6:.2f}M params), "
           f"x: ({args.batch}, 3, {args.size}, {args.size}), method: {args.method}, "
-          f"memory: {'max_memory_allocated' if cuda else 'peak RSS of a subprocess'}")
+          f"memory: {'max_memory_allocated' if cuda else 'peak RSS of a worker process, reset per cell'}, "
+          f"time: median of {args.reps} interleaved repeats")
+    peaks = cpu_peaks_subprocess(args, impls) if not cuda else {}
     rows = []
     for steps in args.steps:
-        errs = grad_errors(args, device, steps)
-        for impl in IMPLS:
-            if cuda:
-                peak, secs = measure(args, impl, steps, device)
-            else:
-                peak, secs = measure_cpu_subprocess(args, impl, steps)
-            rows.append(dict(impl=impl, steps=steps, peak_mib=peak / 2**20, seconds=secs, grad_rel_err=errs[impl]))
-            print(f"  K={steps:<3d} {impl:<12s} peak {peak / 2**20:9.1f} MiB  {secs * 1e3:9.1f} ms  "
-                  f"grad rel err {errs[impl]:.2e}", flush=True)
+        errs = grad_errors(args, device, steps, impls)
+        ratios, secs = time_ratios(args, impls, steps, device)
+        if cuda:
+            peaks.update({(i, steps): v for i, v in cuda_peaks(args, impls, steps, device).items()})
+        for impl in impls:
+            peak = peaks[(impl, steps)]
+            rows.append(dict(impl=impl, steps=steps, peak_mib=peak / 2**20, seconds=secs[impl],
+                             time_ratio=ratios[impl], grad_rel_err=errs[impl]))
+            print(f"  K={steps:<3d} {impl:<12s} peak {peak / 2**20:9.1f} MiB  {secs[impl] * 1e3:9.1f} ms  "
+                  f"x{ratios[impl]:.3f} of backprop  grad rel err {errs[impl]:.2e}", flush=True)
 
-    by = {(r["impl"], r["steps"]): r for r in rows}
-    print("\n| K | " + " | ".join(f"{i} MiB" for i in IMPLS) + " | " + " | ".join(f"{i} ms" for i in IMPLS)
-          + " | prg_fast/backprop time | " + " | ".join(f"{i} grad err" for i in IMPLS) + " |")
-    print("|" + "---|" * (2 + 3 * len(IMPLS)))
-    for steps in args.steps:
-        r = [by[(i, steps)] for i in IMPLS]
-        print(f"| {steps} | " + " | ".join(f"{x['peak_mib']:.1f}" for x in r) + " | "
-              + " | ".join(f"{x['seconds'] * 1e3:.0f}" for x in r)
-              + f" | {by[('prg_fast', steps)]['seconds'] / by[('backprop', steps)]['seconds']:.2f} | "
-              + " | ".join(f"{x['grad_rel_err']:.1e}" for x in r) + " |")
+    print("\n| K | strategy | peak MiB | ms (median) | time / backprop | grad rel err |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['steps']} | {r['impl']} | {r['peak_mib']:.1f} | {r['seconds'] * 1e3:.0f} | "
+              f"{r['time_ratio']:.2f} | {r['grad_rel_err']:.1e} |")
 
     os.makedirs(args.out, exist_ok=True)
-    tag = f"{device.type}_{args.model}_{args.method}"
+    tag = f"{device.type}_{args.model}_{args.method}" + ("_quick" if args.quick else "")
     with open(os.path.join(args.out, f"adjoint_memory_{tag}.json"), "w") as f:
         json.dump(dict(device=device_name(device), args={k: v for k, v in vars(args).items() if k != "passthrough"},
                        rows=rows), f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for impl in IMPLS:
-        a1.plot(args.steps, [by[(impl, k)]["peak_mib"] for k in args.steps], "o-", label=impl)
-        a2.plot(args.steps, [max(by[(impl, k)]["grad_rel_err"], 1e-17) for k in args.steps], "o-", label=impl)
-    a1.set(xscale="log", xlabel="steps K", ylabel="peak memory above baseline (MiB)", title="memory vs K")
-    a2.set(xscale="log", yscale="log", xlabel="steps K", ylabel="relative gradient error (float64)",
-           title="gradient error vs exact backprop")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend()
-    fig.suptitle(f"{device_name(device)} | UNet {args.model}, batch {args.batch}, {args.size}x{args.size}, {args.method}", fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(args.out, f"adjoint_memory_{tag}.png")
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    title = (f"{device_name(device)} | UNet {args.model}, batch {args.batch}, {args.size}x{args.size}, "
+             f"{args.method}, K in {args.steps}")
+    path = plot(rows, impls, args.steps, title, os.path.join(args.figures, f"adjoint_memory_{tag}.png"))
+    if path:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

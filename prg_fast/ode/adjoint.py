@@ -15,13 +15,19 @@ peak memory = one network evaluation + K*s state-sized buffers, flat in K beyond
 Time gradients (the grid is a tensor input `times` that requires grad): with e_i = b_i lam +
 sum_{m>i} a_mi mu_m (so g_i = h e_i) and tau_i = t_n + c_i h the time the network reads,
 
-    dL/dtau_i = g_i^T df/dtau (t_i, X_i)        (the same recomputed VJP, one more input)
-    dL/dh    += c_i dL/dtau_i + <e_i, k_i>       (k_i: the recomputed evaluation itself)
+    dL/dtau_i = g_i^T df/dtau (t_i, X_i)        (the same VJP, one more input)
+    dL/dh    += c_i dL/dtau_i + <e_i, k_i>       (k_i: the (recomputed or kept) evaluation itself)
     dL/dt_n  += dL/dtau_i
 
 and dL/dG[n] += dL/dt_n - dL/dh, dL/dG[n+1] += dL/dh. Nothing divides by h, so zero-length steps
 (save_at points on a per-sample grid) are differentiated exactly too. On a per-sample grid every
 quantity here is per sample ((B,)), on a shared grid summed over the batch.
+
+Strategies (prg_fast.ode.strategies): with `memory_budget` the forward keeps the graphs of its last
+evaluations and the backward takes their VJPs without recomputing; with store="steps" the forward
+keeps one state per step and the backward recomputes that step's stage inputs first. The one place
+in the loop below that differs between strategies is where the evaluation with its graph is
+obtained (EvaluationGraphs.with_graph).
 """
 from __future__ import annotations
 
@@ -29,52 +35,49 @@ from typing import List, Optional
 
 import torch
 
-from .integrate import Problem, autocast_state, capture_rng, restore_rng  # noqa: F401
+from .integrate import Problem
+from .strategies import EvaluationGraphs, Strategy
 
 
-def stage_vjp(ctx, p: Problem, tau, xi: torch.Tensor, state, g: torch.Tensor, params: List[torch.Tensor]):
-    """The per-stage work of the backward: recompute k = f(tau, X_i) with its graph (under the
-    forward's random and autocast state) and take its VJP with cotangent g.
-
-    `tau` is a float, or a tensor leaf (requiring grad when the time gradient is wanted).
-    Returns (k without graph, [dL/dX_i, dL/dtau, *dL/dparams]) with None where nothing flows."""
-    xi = xi.detach().requires_grad_(True)
-    timed = isinstance(tau, torch.Tensor) and tau.requires_grad
-    inputs = [xi] + ([tau] if timed else []) + params
-    autocast_on, autocast_dtype = ctx.autocast
-    with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
-        if state is not None:
-            with restore_rng(state, ctx.device):
-                k = p.evaluate(tau, xi)
+def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
+    """acc[q] += grads[q] for every parameter gradient present, in one fused foreach call where
+    the accumulators exist (a per-parameter Python loop costs ~1 ms per evaluation for a UNet)."""
+    into, add = [], []
+    for q, gq in enumerate(grads):
+        if gq is None:
+            continue
+        # Autograd may hand back one tensor for several inputs (x and a parameter, two
+        # parameters): the accumulator is a buffer of our own, never a returned tensor.
+        if acc[q] is None:
+            acc[q] = gq.to(acc_dtype[q], copy=True)
+        elif acc[q].dtype == gq.dtype:
+            into.append(acc[q])
+            add.append(gq)
         else:
-            k = p.evaluate(tau, xi)
-        # An evaluation whose output reads neither the state nor a parameter (a zero
-        # velocity, a function of t only) has no graph: it contributes nothing.
-        if k.requires_grad:
-            grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True))
-        else:
-            grads = [None] * len(inputs)
-    if not timed:
-        grads.insert(1, None)
-    return k.detach(), grads
+            acc[q].add_(gq)
+    if into:
+        torch._foreach_add_(into, add)
 
 
 class AdjointSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, preserve_rng: bool, times: Optional[torch.Tensor], x: torch.Tensor,
+    def forward(ctx, problem: Problem, strategy: Strategy, times: Optional[torch.Tensor], x: torch.Tensor,
                 *params: torch.Tensor):
         # `times`: problem.times as an input (so its gradient is returned), or None on a float grid.
-        stage_inputs: list = []
-        rng: Optional[list] = [] if preserve_rng else None
-        outs = problem.run(x.to(problem.state_dtype), stage_inputs=stage_inputs, rng=rng)
+        # Which evaluations keep their graphs, the random states, the first evaluation's reuse:
+        # prg_fast.ode.strategies.
+        evals = EvaluationGraphs(problem, strategy, x.device, time_grad=times is not None and times.requires_grad)
+        stored: list = []
+        if strategy.store == "steps":
+            outs = problem.run(x.to(problem.state_dtype), states=stored, evaluator=evals.forward_evaluate)
+        else:
+            outs = problem.run(x.to(problem.state_dtype), stage_inputs=stored, evaluator=evals.forward_evaluate)
+        evals.finish_forward()
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
-        ctx.save_for_backward(*stage_inputs)
-        ctx.problem, ctx.rng = problem, rng
-        ctx.x_dtype, ctx.device = x.dtype, x.device
-        # The backward recomputes each evaluation under the autocast state of the forward (as
-        # torch.utils.checkpoint does), so a network run in bf16 autocast is differentiated as run.
-        ctx.autocast = autocast_state(x.device.type)
+        ctx.save_for_backward(*stored)
+        ctx.problem, ctx.rng, ctx.evals = problem, evals.rng, evals
+        ctx.x_dtype = x.dtype
         return torch.stack(outs)
 
     @staticmethod
@@ -86,6 +89,9 @@ class AdjointSolve(torch.autograd.Function):
         want_tgrad = timed and ctx.needs_input_grad[2]
         gtimes = torch.zeros_like(p.times) if want_tgrad else None
         stage_inputs = list(ctx.saved_tensors)
+        # store="steps": the saved tensors are step start states; each step's stage inputs are
+        # recomputed when the backward reaches it.
+        step_states = stage_inputs if ctx.evals.store == "steps" else None
         rng = list(ctx.rng) if ctx.rng is not None else None
         params = list(p.params)
         # Cotangent arriving at each grid index from the outputs (an index may be output twice).
@@ -102,6 +108,8 @@ class AdjointSolve(torch.autograd.Function):
                 lam = combine(lam, [arriving.pop(n + 1)], [1.0], 1.0, p.state_dtype)
             t = p.point(n)
             h = p.point(n + 1) - t
+            if step_states is not None:
+                stage_inputs = ctx.evals.step_stage_inputs(n, step_states.pop(), rng[-s:] if rng else None)
             mus: List[Optional[torch.Tensor]] = [None] * s
             if want_tgrad:
                 gt = torch.zeros_like(t)
@@ -123,24 +131,30 @@ class AdjointSolve(torch.autograd.Function):
                         continue  # k_i does not influence anything downstream
                     g = combine(lam, [mus[m] for m in later], [h * tab.a[m][i] for m in later], alpha, p.net_dtype)
                     tau = t + tab.c[i] * h
-                k, grads = stage_vjp(ctx, p, tau, xi, state, g, params)
+                # ---- the evaluation k of stage (n, i) with its graph from the leaves xi (and tau,
+                # ---- a leaf requiring grad when time gradients are wanted): the graph the forward
+                # ---- kept (memory_budget), else recomputed from the stored input
+                k, xi, tau = ctx.evals.with_graph(n, i, tau, xi, state)
+                timed_leaf = want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
+                inputs = [xi] + ([tau] if timed_leaf else []) + params
+                with torch.enable_grad():
+                    # An evaluation whose output reads neither the state nor a parameter (a zero
+                    # velocity, a function of t only) has no graph: it contributes nothing.
+                    if k.requires_grad:
+                        grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True))
+                    else:
+                        grads = [None] * len(inputs)
+                if not timed_leaf:
+                    grads.insert(1, None)
                 if want_tgrad:
                     # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
-                    gh += p.row_dot(e, k)
+                    gh += p.row_dot(e, k.detach())
                     if grads[1] is not None:
                         gt += grads[1]
                         gh += tab.c[i] * grads[1]
                 del k
                 mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
-                for q, gq in enumerate(grads[2:]):
-                    if gq is None:
-                        continue
-                    # Autograd may hand back one tensor for several inputs (x and a parameter, two
-                    # parameters): the accumulator is a buffer of our own, never a returned tensor.
-                    if param_grads[q] is None:
-                        param_grads[q] = gq.to(acc_dtype[q], copy=True)
-                    else:
-                        param_grads[q].add_(gq)
+                accumulate(param_grads, grads[2:], acc_dtype)
             if want_tgrad:
                 gtimes[n] += gt - gh
                 gtimes[n + 1] += gh

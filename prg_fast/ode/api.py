@@ -19,9 +19,10 @@ import torch
 from . import backends
 from .adjoint import AdjointSolve
 from .graphs import graphed_solve
-from .integrate import Problem, capture_rng, restore_rng, solve
+from .integrate import Problem, solve
 from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
 from .solvers import get_tableau
+from .strategies import FirstEvaluation, Strategy, check_memory_budget, check_store, first_evaluation
 
 Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -277,34 +278,23 @@ def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
-def _keep(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _discover_params(problem: Problem, x: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor]) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
     module parameters, tensors closed over by a plain function, modules inside wrappers such as
     time_reversed(lambda ...), the rest of a partial adjoint_params list.
 
-    One evaluation at the first grid point is run with a graph (under the caller's random state,
-    restored afterwards, so dropout draws are unchanged) and its graph is walked: every leaf that
-    requires grad is added. A non-leaf tensor requiring grad that was made outside the velocity
-    (say W = A @ B closed over) cannot be added as a leaf, and differentiating through its graph
-    once per evaluation would be wrong, so it is an error that says to pass it as adjoint_params.
-    Cost: one extra network evaluation per differentiated call."""
-    known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
-    with torch.enable_grad():
-        before = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
-        probe = x.detach().to(problem.net_dtype).requires_grad_(True)
-        # The probe's graph is thrown away: the caller's saved-tensor hooks (save_on_cpu, ...)
-        # are for the solve's saved tensors, not for it (innermost hooks win).
-        with restore_rng(capture_rng(x.device), x.device), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-            # a non-leaf copy, so a model writing into its input meets the solver's own check
-            k = problem.evaluate(problem.grid[0], probe.clone())
+    The solve's first evaluation is run with a graph (strategies.first_evaluation, under the
+    caller's random state; the solve then reuses its output, so discovery costs no extra network
+    evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
+    requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
+    a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
+    error that says to pass it as adjoint_params."""
     found = list(params)
-    if not k.requires_grad:
+    found_ids = {id(p) for p in found}
+    if first is None or first.k is None or not first.k.requires_grad:
         return found
-    seen, stack = set(), [k.grad_fn]
+    known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
+    seen, stack = set(), [first.k.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen or node in known_nodes:
@@ -312,12 +302,13 @@ def _discover_params(problem: Problem, x: torch.Tensor, params: List[torch.Tenso
         seen.add(node)
         leaf = getattr(node, "variable", None)
         if leaf is not None:  # AccumulateGrad: a leaf that requires grad
-            if leaf is not probe and not any(leaf is p for p in found):
+            if leaf is not first.leaf and id(leaf) not in found_ids:
                 found.append(leaf)
+                found_ids.add(id(leaf))
             continue
         # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
         # region; it saves no tensors, so walking through it once per evaluation is exact.
-        if node._sequence_nr() < before and node.name() != "ToCopyBackward0":
+        if node._sequence_nr() < first.sequence_nr and node.name() != "ToCopyBackward0":
             raise ValueError(
                 f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
@@ -345,6 +336,8 @@ def _solve(
     reversible_coupling: float = DEFAULT_COUPLING,
     times: Optional[torch.Tensor] = None,
     out_rows: Optional[List[List[int]]] = None,
+    memory_budget: Optional[float] = None,
+    store: str = "stages",
 ) -> torch.Tensor:
     if not callable(func):
         raise TypeError(f"model must be callable as model(t, x), got {type(func).__name__}")
@@ -381,22 +374,38 @@ def _solve(
             "a zero-length step of the reversible scheme is not the identity (its coupling mixes the two states); "
             "use reversible=False, or shared times"
         )
+    memory_budget, store = check_memory_budget(memory_budget), check_store(store)
+    if (memory_budget is not None or store != "stages") and (reversible or not adjoint):
+        raise ValueError(
+            f"memory_budget={memory_budget!r} and store={store!r} choose what the stored adjoint keeps "
+            "(adjoint=True, reversible=False); "
+            + ("reversible=True stores nothing" if reversible else "adjoint=False keeps every graph")
+            + ": leave memory_budget=None and store='stages'"
+        )
+    if adjoint and torch.is_grad_enabled() and times is not None:
+        # the adjoint's Functions take the grid as an input and return its gradient; the first
+        # evaluation and the forward read it without its graph
+        problem.times = times.detach().requires_grad_(times_grad)
+    first = None
     if adjoint and torch.is_grad_enabled():
-        problem.params = params = _discover_params(problem, x, params)
-    differentiate = _needs_grad(x, params) or times_grad
-    if adjoint and differentiate and times is not None:
-        # the adjoint's Functions take the grid as an input and return its gradient
+        first = first_evaluation(problem, x, params)
+        problem.params = params = _discover_params(first, params)
+    if times is not None and adjoint and torch.is_grad_enabled():
         problem.times = times.detach()
+    differentiate = _needs_grad(x, params) or times_grad
     if reversible:
         coupling = check_coupling(reversible_coupling)
+        if first is not None:
+            first.discard()  # the reversible scheme runs its own evaluations: discovery costs one
         if adjoint and differentiate:
             out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, times, x, *params)
         else:
             out = solve_reversible(problem, x, coupling)
     elif adjoint and differentiate:
-        out = AdjointSolve.apply(problem, preserve_rng_state, times, x, *params)
+        strategy = Strategy(preserve_rng=preserve_rng_state, memory_budget=memory_budget, store=store, first=first)
+        out = AdjointSolve.apply(problem, strategy, times, x, *params)
     else:
-        out = solve(problem, x)
+        out = solve(problem, x, first.evaluator() if first is not None else None)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -430,6 +439,8 @@ def reverse(
     cuda_graph: bool = False,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    memory_budget: Optional[float] = None,
+    store: str = "stages",
 ) -> torch.Tensor:
     """Integrate dx/dt = model(t, x) from t0 (data end) up to t (noise end) in `steps` fixed steps.
 
@@ -457,6 +468,23 @@ def reverse(
     and the adjoint stores only the final state pair (memory flat in `steps`); exact gradients of
     that scheme. `reversible_coupling` is its lam in (0, 1], default 0.999 as the paper recommends
     (lam < 1 gives a nonzero stability region; lam near 1 keeps the inverse exact to rounding).
+
+    Adjoint strategies (adjoint=True; every one gives the same exact gradients, to rounding), with
+    K steps, s stages, E = one network evaluation's time, G = one evaluation's graph (activations
+    autograd saves), S = one state:
+
+    - `memory_budget=None` (default), `store="stages"`: the forward stores every stage input
+      (K*s*S) and the backward recomputes every evaluation with its graph before its VJP. Time:
+      forward + backward ~ backprop + K*s*E; memory: K*s*S + one G.
+    - `memory_budget=B` (bytes; `float("inf")` = all): the forward keeps the graphs of the last
+      floor(B / G) evaluations (the first ones the backward needs; each is freed by its VJP), and
+      the backward skips their recomputation. G is measured on the solve's first evaluation by
+      saved-tensor hooks (prg_fast.ode.strategies). With an unlimited budget the cost is that of
+      plain backprop (memory K*s*G, as adjoint=False); with B = 0 as the default.
+    - `store="steps"`: the forward stores one state per step (K*S instead of K*s*S) and the
+      backward recomputes each step's stage inputs with s-1 extra evaluations without graph
+      (time ~ backprop + (2s-1)*K*E). Combines with memory_budget (kept outputs are reused).
+    - `reversible=True` (above): no stored states at all; 2x the evaluations.
     """
     _check_x(x)
     steps = _check_steps(steps)
@@ -466,7 +494,7 @@ def reverse(
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                   batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
                   preserve_rng_state=preserve_rng_state, reversible=reversible,
-                  reversible_coupling=reversible_coupling)
+                  reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store)
     if times is not None:
         _check_graph_times(cuda_graph, "t, t0")
         out = _solve(model, x, grid, index, times=times, out_rows=out_rows, **kwargs)
@@ -505,7 +533,8 @@ def generate(
                 check_finite=check_finite, model_dtype=model_dtype,
                 preserve_rng_state=kwargs.pop("preserve_rng_state", True),
                 reversible=kwargs.pop("reversible", False),
-                reversible_coupling=kwargs.pop("reversible_coupling", DEFAULT_COUPLING))
+                reversible_coupling=kwargs.pop("reversible_coupling", DEFAULT_COUPLING),
+                memory_budget=kwargs.pop("memory_budget", None), store=kwargs.pop("store", "stages"))
     if kwargs:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
     if times is not None:
@@ -530,6 +559,8 @@ def odeint(
     preserve_rng_state: bool = True,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    memory_budget: Optional[float] = None,
+    store: str = "stages",
 ) -> torch.Tensor:
     """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
@@ -544,12 +575,12 @@ def odeint(
     `y0` may be a (nested) tuple of tensors, as in torchdiffeq: func then takes and returns that
     structure, and the result is the same structure of stacked states. The components are solved
     as one flat state (so every stage is still one fused kernel call), with exact gradients for
-    each of them."""
+    each of them. `memory_budget` and `store` choose the adjoint strategy as in `reverse`."""
     if isinstance(y0, tuple):
         return _odeint_tuple(func, y0, t, method=method, adjoint=adjoint, backend=backend,
                              adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
                              preserve_rng_state=preserve_rng_state, reversible=reversible,
-                             reversible_coupling=reversible_coupling)
+                             reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store)
     _check_x(y0, "y0", batched=False)
     if not isinstance(t, torch.Tensor):
         if isinstance(t, (list, tuple)):
@@ -576,7 +607,8 @@ def odeint(
     return _solve(func, y0, grid, list(range(len(grid))), method=method, adjoint=adjoint, backend=backend,
                   adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
                   model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                  reversible=reversible, reversible_coupling=reversible_coupling, times=times)
+                  reversible=reversible, reversible_coupling=reversible_coupling, times=times,
+                  memory_budget=memory_budget, store=store)
 
 
 def _odeint_per_sample(func, y0: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:

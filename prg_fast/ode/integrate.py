@@ -38,6 +38,8 @@ class Problem:
     # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b (the
     # save times sit at different grid positions per sample); out_index is then sample 0's.
     out_rows: Optional[List[List[int]]] = None
+    # One time tensor per (float time, batch, device), built once per solve rather than per evaluation.
+    time_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
@@ -53,14 +55,25 @@ class Problem:
 
     def time(self, t, x: torch.Tensor) -> torch.Tensor:
         if isinstance(t, torch.Tensor):
-            # a fresh tensor every call (as torch.full below), so the network may do with it what it likes
+            # a fresh tensor every call, so the network may do with it what it likes (and a leaf
+            # requiring grad stays the leaf the adjoint differentiates through)
             t = t.to(self.state_dtype)
             if self.batch_time and t.dim() == 0:
                 t = t.expand(x.shape[0])
             return t.clone(memory_format=torch.contiguous_format)
-        if self.batch_time or self.per_sample:  # (a float t on a per-sample grid: the adjoint's probe)
-            return torch.full((x.shape[0],), t, dtype=self.state_dtype, device=x.device)
-        return torch.tensor(t, dtype=self.state_dtype, device=x.device)
+        batched = self.batch_time or self.per_sample
+        key = (t, x.shape[0] if batched and x.dim() else None, x.device)
+        cached = self.time_cache.get(key)
+        # a model that wrote into its t (version moved) gets a fresh one, never a corrupted one
+        if cached is not None and cached._version == 0:
+            return cached
+        if batched:
+            value = torch.full((x.shape[0],), t, dtype=self.state_dtype, device=x.device)
+        else:
+            # torch.full, not torch.tensor: no host-to-device copy (and no synchronisation) on CUDA
+            value = torch.full((), t, dtype=self.state_dtype, device=x.device)
+        self.time_cache[key] = value
+        return value
 
     def coeff_rows(self, h: torch.Tensor, weights: Sequence[float], alpha: float = 1.0) -> torch.Tensor:
         """Per-row coefficients [alpha, h w_0, h w_1, ...] for combine_rows: (1, 1+n) for a shared
@@ -174,16 +187,21 @@ class Problem:
                 f"{where} (check_finite=True)"
             )
 
-    def run(self, x: torch.Tensor, stage_inputs: Optional[list] = None, rng: Optional[list] = None) -> List[torch.Tensor]:
+    def run(self, x: torch.Tensor, stage_inputs: Optional[list] = None, rng: Optional[list] = None,
+            states: Optional[list] = None, evaluator: Optional[Callable] = None) -> List[torch.Tensor]:
         """States at out_index. With `stage_inputs` (a list) every network input is appended to
         it, step-major; with `rng` the random state before every evaluation is appended too, so the
-        adjoint can replay dropout exactly."""
+        adjoint can replay dropout exactly; with `states` the state at the start of every step.
+        `evaluator(problem, n, i, t, xi)`, when given, runs evaluation (n, i) instead of
+        self.evaluate (the adjoint's strategies keep some graphs, reuse a first evaluation)."""
         want = self.output_points()
         saved = {0: x} if 0 in want else {}
         tab = self.tableau
         for n in range(self.steps):
             t = self.point(n)
             h = self.point(n + 1) - t
+            if states is not None:
+                states.append(x)
             ks: List[torch.Tensor] = []
             for i in range(tab.stages):
                 xi = self.stage_input(x, ks, i, h)
@@ -191,7 +209,10 @@ class Problem:
                     stage_inputs.append(xi)
                 if rng is not None:
                     rng.append(capture_rng(x.device))
-                ks.append(self.evaluate(t + tab.c[i] * h, xi))
+                if evaluator is None:
+                    ks.append(self.evaluate(t + tab.c[i] * h, xi))
+                else:
+                    ks.append(evaluator(self, n, i, t + tab.c[i] * h, xi))
             x = self.step_output(x, ks, h)
             self.check(x, n)
             if n + 1 in want:
@@ -241,7 +262,7 @@ class restore_rng:
         return self._fork.__exit__(*exc)
 
 
-def solve(problem: Problem, x: torch.Tensor) -> torch.Tensor:
+def solve(problem: Problem, x: torch.Tensor, evaluator: Optional[Callable] = None) -> torch.Tensor:
     """Plain solve: ordinary autograd through the loop (or none, under no_grad). Returns the
     states at problem.out_index stacked on dim 0."""
-    return torch.stack(problem.run(x.to(problem.state_dtype)))
+    return torch.stack(problem.run(x.to(problem.state_dtype), evaluator=evaluator))
