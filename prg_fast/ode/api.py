@@ -436,7 +436,7 @@ def reverse(
     check_finite: bool = False,
     model_dtype: Optional[torch.dtype] = None,
     preserve_rng_state: bool = True,
-    cuda_graph: bool = False,
+    cuda_graph: Union[bool, str] = False,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
     memory_budget: Optional[float] = None,
@@ -461,7 +461,9 @@ def reverse(
     "cpu", "reference"). `model_dtype` overrides the dtype the network reads (default: its
     parameters'); the solver state stays float32 (float64 for float64 x). `preserve_rng_state`
     replays the random state of each evaluation in the backward (exact gradients with dropout).
-    `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it.
+    `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it;
+    `cuda_graph="auto"` captures only where a graph pays (CUDA, no grad, states up to
+    `prg_fast.ode.graphs.auto_max_numel()` elements) and runs eagerly otherwise.
     `reversible=True` solves with the algebraically reversible scheme built on `method`
     (McCallum & Foster 2024; prg_fast.ode.reversible): same order as the base tableau, 2*stages
     evaluations per step forward and 2*stages recomputed evaluations + VJPs per step backward,
@@ -517,7 +519,7 @@ def generate(
     adjoint: bool = True,
     check_finite: bool = False,
     model_dtype: Optional[torch.dtype] = None,
-    cuda_graph: bool = False,
+    cuda_graph: Union[bool, str] = False,
     **kwargs,
 ) -> torch.Tensor:
     """Integrate from the noise end t (default 1) down to t_end (default 0, data): samples.
