@@ -82,7 +82,7 @@ def add_pretrain(subparsers) -> None:
     from .models.unet import PRESETS
     from .paths import PATHS
     from .ode import SOLVERS
-    from .train import PretrainConfig
+    from .training.pretrain import PretrainConfig
 
     d = PretrainConfig()
     p = subparsers.add_parser(
@@ -120,7 +120,7 @@ def add_pretrain(subparsers) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .train import PretrainConfig, pretrain
+    from .training.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     pretrain(config)
@@ -149,8 +149,8 @@ def add_related(subparsers) -> None:
 
 
 def add_prg(subparsers) -> None:
-    """`finetune`, `evaluate` and `extract`: PRG classifiers and features (prg_fast.finetune)."""
-    from .finetune import add_evaluate, add_extract, add_finetune
+    """`finetune`, `evaluate` and `extract`: PRG classifiers and features (prg_fast.training.finetune)."""
+    from .training.finetune import add_evaluate, add_extract, add_finetune
 
     add_finetune(subparsers)
     add_evaluate(subparsers)
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors():
-    from .train import CheckpointError
+    from .training.pretrain import CheckpointError
 
     return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CheckpointError, FloatingPointError)
 

@@ -54,7 +54,7 @@ def conv():
 def tiny_flow_checkpoint(tmp_path_factory):
     """A tiny OT-CFM pretraining run on digits (40 steps, one thread), made once per session for
     the tests of the related systems."""
-    from prg_fast.train import PretrainConfig, pretrain
+    from prg_fast.training.pretrain import PretrainConfig, pretrain
 
     out = str(tmp_path_factory.getbasetemp() / "related_pretrain")
     n = torch.get_num_threads()

@@ -10,9 +10,9 @@ import prg_fast
 from prg_fast import cli
 from prg_fast.classifier import PRGClassifier
 from prg_fast.data import load_data
-from prg_fast.eval import extract_features, knn_accuracy, linear_probe, load_features, top1_accuracy
-from prg_fast.finetune import extract, finetune
-from prg_fast.train import build_model, load_checkpoint
+from prg_fast.training.evaluate import extract_features, knn_accuracy, linear_probe, load_features, top1_accuracy
+from prg_fast.training.finetune import extract, finetune
+from prg_fast.training.pretrain import build_model, load_checkpoint
 
 from test_finetune import pretrained_checkpoint
 

@@ -1,6 +1,6 @@
 """`prg-fast finetune` / `evaluate`: learning, exact re-evaluation, resume, and bad inputs.
 
-A tiny pretraining checkpoint is made once per session (prg_fast.train.pretrain, a few steps); the
+A tiny pretraining checkpoint is made once per session (prg_fast.training.pretrain.pretrain, a few steps); the
 finetuning runs are short CPU runs (tiny UNet on 8x8 digits, 2 Euler steps)."""
 import json
 import os
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from prg_fast import cli
-from prg_fast.finetune import (FINETUNE_FORMAT, FinetuneConfig, build_classifier, evaluate, finetune,
+from prg_fast.training.finetune import (FINETUNE_FORMAT, FinetuneConfig, build_classifier, evaluate, finetune,
                                load_finetune_checkpoint)
-from prg_fast.train import CheckpointError, build_model, load_checkpoint, pretrain
+from prg_fast.training.pretrain import CheckpointError, build_model, load_checkpoint, pretrain
 
 FAST = dict(data="digits", batch_size=64, ode_steps=2, method="euler", progress=False, log_every=5)
 
@@ -110,7 +110,7 @@ def test_evaluate_cli_other_step_count(finetuned, capsys):
     # the same weights, integrated with other steps: the top-1 is computed anew
     clf = build_classifier(load_finetune_checkpoint(out), steps=6)
     from prg_fast.data import load_data
-    from prg_fast.eval import top1_accuracy
+    from prg_fast.training.evaluate import top1_accuracy
 
     assert written["top1"] == top1_accuracy(clf, load_data("digits", "test"))
 

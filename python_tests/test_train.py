@@ -1,4 +1,4 @@
-"""prg_fast.train / `prg-fast pretrain`: the loss falls on digits, files are written as documented,
+"""prg_fast.training.pretrain / `prg-fast pretrain`: the loss falls on digits, files are written as documented,
 resume reproduces an uninterrupted run bitwise, bad checkpoints give clear errors, and two gloo
 processes (DistributedDataParallel) keep identical replicas."""
 import json
@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import prg_fast.train as T
+import prg_fast.training.pretrain as T
 from prg_fast.cli import main
-from prg_fast.train import CheckpointError, PretrainConfig, build_model, load_checkpoint, pretrain
+from prg_fast.training.pretrain import CheckpointError, PretrainConfig, build_model, load_checkpoint, pretrain
 
 
 @pytest.fixture(autouse=True, scope="module")

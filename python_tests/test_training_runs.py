@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from prg_fast.train import PretrainConfig, load_checkpoint, pretrain
+from prg_fast.training.pretrain import PretrainConfig, load_checkpoint, pretrain
 from prg_fast.training.runs import StepBatches, atomic_write, init_distributed
 
 HERE = os.path.dirname(__file__)

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..eval import linear_probe
-from ..train import CHECKPOINT_NAME, CheckpointError, build_model, load_checkpoint
+from ..training.evaluate import linear_probe
+from ..training.pretrain import CHECKPOINT_NAME, CheckpointError, build_model, load_checkpoint
 from ..training.runs import atomic_write, cosine_factor, resolve_device, rng_state, seed_everything, set_rng_state
 
 __all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "RunFiles", "cosine_factor",

@@ -334,7 +334,7 @@ class _GenRep:
     def _save_examples(self) -> None:
         if self.pool is None:
             return
-        from ..train import save_image_grid
+        from ..training.pretrain import save_image_grid
 
         anchors, neighbors = self.pool
         n = min(8, anchors.shape[0])
@@ -412,7 +412,7 @@ class _GenRep:
         te_x, te_y = encode(self.encoder, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)
         probe = linear_probe(tr_x, tr_y, te_x, te_y, seed=cfg.seed, C=cfg.probe_C)
         try:
-            from ..eval import knn_accuracy
+            from ..training.evaluate import knn_accuracy
 
             knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=min(20, len(tr_y)))["top1"]
         except ImportError:  # pragma: no cover

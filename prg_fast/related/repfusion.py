@@ -604,7 +604,7 @@ class _RepFusion:
                 "policy_probs": {f"{float(t):.3g}": round(float(p), 4) for t, p in zip(times, mean)}}
 
     def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
-        from ..eval import top1_accuracy
+        from ..training.evaluate import top1_accuracy
 
         cfg = self.cfg
         t_eval = time.perf_counter()

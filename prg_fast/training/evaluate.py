@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .ode import reverse
+from ..ode import reverse
 
 __all__ = ["top1_accuracy", "extract_features", "linear_probe", "knn_accuracy", "save_features", "load_features",
            "probe_features"]
@@ -79,7 +79,7 @@ def extract_features(flow: torch.nn.Module, data, t: float = 1.0, *, t0: float =
     """Reverse every image of `data` (no augmentation) with `flow` from t0 to t; returns
     (features, labels) as numpy arrays: features (N, D) float32 when flatten (else (N, C', H, W)),
     with several save_at states concatenated on the channel dim, labels (N,) int64."""
-    from .classifier import PRGClassifier
+    from ..classifier import PRGClassifier
 
     batch_size = _check_batch_size(batch_size)
     device = torch.device(device) if device is not None else _device_of(flow)
@@ -187,7 +187,7 @@ def probe_features(features: Dict[str, Any], *, k: int = 20) -> Dict[str, Any]:
 def save_features(path: str, *, train_features, train_labels, test_features, test_labels, feature_shape,
                   classes: Sequence[str], meta: Dict[str, Any]) -> None:
     """Write a feature file atomically (temporary file in the same folder, then rename)."""
-    from .training.runs import atomic_write
+    from .runs import atomic_write
 
     if not path.endswith(".npz"):
         raise ValueError(f"the feature file must end in .npz, got {path!r}")

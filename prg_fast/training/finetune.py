@@ -10,7 +10,7 @@ head and flow jointly through prg_fast's exact adjoint with
 on the same batch (the paper's objective; beta = 0 is the released code's cross-entropy only).
 AdamW, linear warm-up then cosine decay (or constant); --freeze-flow trains the head only (the flow
 runs without a graph), --from-scratch trains the same architecture without pretraining. One process,
-or many under torchrun (DistributedDataParallel), with the helpers of prg_fast.train.
+or many under torchrun (DistributedDataParallel), with the helpers of prg_fast.training.runs.
 
 Run directory (--out DIR):
     DIR/checkpoint.pt   atomically written every --ckpt-every steps and at the end; a later run with
@@ -46,14 +46,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .classifier import PRGClassifier, feature_shape
-from .data import Augment, ImageData, default_augment, load_data
-from .losses import flow_matching_loss
-from .models import UNet
-from .models.heads import ClassifierHead
-from .paths import PATHS, get_path
-from .train import CHECKPOINT_FORMAT as PRETRAIN_FORMAT, CHECKPOINT_NAME, CheckpointError, build_model, load_checkpoint
-from .training.runs import (Dist, StepBatches, atomic_write, cosine_factor, init_distributed, merge_config, rank_seed,
+from ..classifier import PRGClassifier, feature_shape
+from ..data import Augment, ImageData, default_augment, load_data
+from ..losses import flow_matching_loss
+from ..models import UNet
+from ..models.heads import ClassifierHead
+from ..paths import PATHS, get_path
+from .pretrain import CHECKPOINT_FORMAT as PRETRAIN_FORMAT, CHECKPOINT_NAME, CheckpointError, build_model, load_checkpoint
+from .runs import (Dist, StepBatches, atomic_write, cosine_factor, init_distributed, merge_config, rank_seed,
                             resolve_device, restore_rng_on_resume, rng_state, seed_everything)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
@@ -162,7 +162,7 @@ class FinetuneConfig:
                 raise ValueError(f"save_at times must lie in [t0, t] = [{self.t0:g}, {self.t:g}], got {bad}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        from .ode.solvers import get_tableau
+        from ..ode.solvers import get_tableau
 
         get_tableau(self.method)
         if self.freeze_flow and self.from_scratch:
@@ -176,7 +176,7 @@ class FinetuneConfig:
                 raise ValueError(f"checkpoint must be a path, got {self.checkpoint!r}")
             self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
         if self.model is not None:
-            from .models.unet import PRESETS
+            from ..models.unet import PRESETS
 
             if self.checkpoint is not None:
                 raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint; with a "
@@ -622,7 +622,7 @@ def _write_json(path: str, obj: Dict[str, Any]) -> None:
 
 
 def top1(classifier, data, *, batch_size: int = 256, device=None, progress: bool = False) -> float:
-    from .eval import top1_accuracy
+    from .evaluate import top1_accuracy
 
     return top1_accuracy(classifier, data, batch_size=batch_size, device=device, progress=progress)
 
@@ -683,11 +683,11 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
             raw_weights: bool = False, batch_size: int = 256, device: str = "auto", progress: bool = False,
             probe: bool = False, knn_k: int = 20) -> Dict[str, Any]:
     """Features of both splits of `data` along the reversed trajectory of a checkpoint's flow,
-    written to `out` (.npz; format in prg_fast.eval). A pretraining checkpoint gives its EMA
+    written to `out` (.npz; format in prg_fast.training.evaluate). A pretraining checkpoint gives its EMA
     network (raw_weights=True: the raw one); a finetuning checkpoint its finetuned flow, with its
     trained segment and solver as defaults. probe=True adds linear-probe and k-NN top-1 (written
     next to the file as <out without .npz>.probe.json). Returns the metadata (and probe numbers)."""
-    from .eval import extract_features, probe_features, save_features
+    from .evaluate import extract_features, probe_features, save_features
 
     if not isinstance(out, str) or not out.endswith(".npz"):
         raise ValueError(f"--out must name a .npz file, got {out!r}")
@@ -766,8 +766,8 @@ def _times_arg(text: str) -> List[float]:
 
 
 def _solver_arguments(p, steps_default, method_default, what: str) -> None:
-    from .cli import positive_int
-    from .ode import SOLVERS
+    from ..cli import positive_int
+    from ..ode import SOLVERS
 
     p.add_argument("--ode-steps", type=positive_int, default=steps_default, metavar="K",
                    help=f"fixed solver steps from t0 to t ({what})")
@@ -775,8 +775,8 @@ def _solver_arguments(p, steps_default, method_default, what: str) -> None:
 
 
 def add_finetune(subparsers) -> None:
-    from .cli import add_data_arguments, add_run_arguments, nonnegative_float, nonnegative_int, positive_int
-    from .models.unet import PRESETS
+    from ..cli import add_data_arguments, add_run_arguments, nonnegative_float, nonnegative_int, positive_int
+    from ..models.unet import PRESETS
 
     d = FinetuneConfig()
     p = subparsers.add_parser(
@@ -837,7 +837,7 @@ def run_finetune(args) -> int:
 
 
 def add_evaluate(subparsers) -> None:
-    from .cli import positive_int
+    from ..cli import positive_int
 
     p = subparsers.add_parser(
         "evaluate", help="test top-1 of a finetuned checkpoint, with any ODE step count",
@@ -870,7 +870,7 @@ def run_evaluate(args) -> int:
 
 
 def add_extract(subparsers) -> None:
-    from .cli import positive_int
+    from ..cli import positive_int
 
     p = subparsers.add_parser(
         "extract", help="features along the reversed trajectory (train and test splits) into an .npz file",

@@ -53,12 +53,12 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .data import Augment, ImageData, default_augment, load_data
-from .losses import flow_matching_loss
-from .models import UNet
-from .models.unet import PRESETS
-from .paths import PATHS, get_path
-from .training.runs import (Dist, StepBatches, atomic_write, init_distributed, merge_config, rank_seed,
+from ..data import Augment, ImageData, default_augment, load_data
+from ..losses import flow_matching_loss
+from ..models import UNet
+from ..models.unet import PRESETS
+from ..paths import PATHS, get_path
+from .runs import (Dist, StepBatches, atomic_write, init_distributed, merge_config, rank_seed,
                              restore_rng_on_resume, rng_state, seed_everything)
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
@@ -144,7 +144,7 @@ class PretrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out must be a directory path, got {self.out!r}")
-        from .ode.solvers import get_tableau
+        from ..ode.solvers import get_tableau
 
         get_tableau(self.sample_method)  # raises with the list of methods
         return self
@@ -450,7 +450,7 @@ class _Trainer:
     def sample(self, n: int) -> torch.Tensor:
         """n samples from the EMA network: noise from a generator seeded by the run's seed (the
         same grid for the same weights), integrated t = 1 -> 0 with prg_fast.generate."""
-        from .ode import generate
+        from ..ode import generate
 
         gen = torch.Generator().manual_seed(self.cfg.seed)
         z = torch.randn((n, *self.data.shape), generator=gen).to(self.device)
