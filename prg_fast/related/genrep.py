@@ -212,8 +212,6 @@ class _GenRep:
         self.cfg = cfg
         self.files = RunFiles(cfg.out, GENREP_FORMAT, GENREP_VERSION, "genrep")
         self.device = resolve_device(cfg.device, 0)
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)
         self.train_data = load_data(cfg.data, "train", augment=None)
         self.test_data = load_data(cfg.data, "test", augment=None)
         existing = self.files.load()

@@ -357,8 +357,6 @@ class _RepFusion:
         self.cfg = cfg
         self.files = RunFiles(cfg.out, REPFUSION_FORMAT, REPFUSION_VERSION, "repfusion")
         self.device = resolve_device(cfg.device, 0)
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)
         aug = default_augment(cfg.data, "train")
         aug = Augment(hflip=aug.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
         self.train_data = load_data(cfg.data, "train", augment=aug)

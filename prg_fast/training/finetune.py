@@ -323,8 +323,6 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> FinetuneResul
 class _Finetuner:
     def __init__(self, cfg: FinetuneConfig, ctx: Dist):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # see prg_fast.train: denormal Adam moments are slow on CPUs
         if cfg.batch_size % ctx.world:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
         self.local_batch = cfg.batch_size // ctx.world
