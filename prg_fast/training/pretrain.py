@@ -39,43 +39,34 @@ a resumed run reproduces an uninterrupted one exactly (same arguments, same worl
 """
 from __future__ import annotations
 
-import copy
-import csv
-import io
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..data import Augment, ImageData, default_augment, load_data
+from ..data import ImageData
 from ..losses import flow_matching_loss
 from ..models import UNet
 from ..models.unet import PRESETS
 from ..paths import PATHS, get_path
-from .runs import (Dist, StepBatches, atomic_write, init_distributed, merge_config, rank_seed,
-                             restore_rng_on_resume, rng_state, seed_everything)
+from .runs import (CHECKPOINT_NAME, CheckpointError, Dist, RunDir, StepBatches, atomic_write, check_checkpoint,
+                   checkpoint_file, gather_rng_states, load_train_data, lr_schedule, merge_config, rank_seed,
+                   read_checkpoint, restore_rng_on_resume, run_on_ranks, seed_everything, wrap_ddp)
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
            "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "save_image_grid"]
 
 CHECKPOINT_FORMAT = "prg_fast.pretrain"
 CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
 REQUIRED_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "model_config", "preset", "in_channels",
                  "image_size", "path", "data", "num_classes", "args", "world_size", "rng", "history")
 # arguments that define what a checkpoint is; resuming with different values is refused
 RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", "optimizer")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, is not a prg_fast pretraining checkpoint, or does not fit
-    the run that tries to use it."""
 
 
 @dataclass
@@ -166,31 +157,9 @@ class PretrainResult:
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     """Read and validate a pretraining checkpoint (a file, or a run directory holding one)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no pretraining checkpoint at {path}")
-    try:
-        # TorchVersion (a str subclass) is allowed because checkpoints of the first release stored
-        # torch.__version__ itself; nothing else beyond weights_only's tensors and containers
-        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated / foreign file
-        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-        # torch's weights_only refusal is a long text; its one informative line names the culprit
-        why = next((s for s in lines if s.startswith("WeightsUnpickler error")), lines[0] if lines else "")
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupted, truncated, or not written by "
-                              f"prg_fast): {type(e).__name__}: {why}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a prg_fast pretraining checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
-    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')!r}; this prg_fast reads versions "
-                              f"<= {CHECKPOINT_VERSION} (upgrade prg_fast)")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} lacks the entries {missing}; it is incomplete or from another tool")
-    return ckpt
+    ckpt = read_checkpoint(path, what="pretraining checkpoint", map_location=map_location)
+    return check_checkpoint(ckpt, checkpoint_file(path), CHECKPOINT_FORMAT, CHECKPOINT_VERSION, REQUIRED_KEYS,
+                            "pretraining")
 
 
 def build_model(ckpt: Dict[str, Any], ema: bool = True) -> UNet:
@@ -212,12 +181,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> PretrainResul
     Call with a PretrainConfig or with its fields as keyword arguments. Every process of a
     torchrun job calls it; only rank 0 writes files."""
     cfg = merge_config(PretrainConfig, config, kwargs)
-    ctx = init_distributed(cfg.device)
-    try:
-        return _Trainer(cfg, ctx).run()
-    finally:
-        if ctx.owns_group:
-            dist.destroy_process_group()
+    return run_on_ranks(lambda ctx: _Trainer(cfg, ctx).run(), cfg.device)
 
 
 class _Trainer:
@@ -228,9 +192,7 @@ class _Trainer:
         if cfg.batch_size % ctx.world:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
         self.local_batch = cfg.batch_size // ctx.world
-        augment = default_augment(cfg.data, "train")
-        augment = Augment(hflip=augment.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
-        self.data: ImageData = load_data(cfg.data, "train", augment=augment)
+        self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         c, h, w = self.data.shape
         if h != w:
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
@@ -240,30 +202,33 @@ class _Trainer:
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
         seed_everything(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
         self.model = UNet.preset(cfg.model, in_channels=c, image_size=h, **overrides).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # the copy of the initial weights counts as one average (n_averaged = 1), so the first update
+        # already averages (decay 0.1 at step 0) instead of AveragedModel's plain copy
+        self.averaged = AveragedModel(self.model, multi_avg_fn=self._ema_step)
+        self.averaged.n_averaged.fill_(1)
+        self.ema = self.averaged.module.requires_grad_(False).eval()
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.history, self.running, self.elapsed_prev = 0, [], [0.0, 0], 0.0
-        self.ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+        self.files = RunDir(cfg.out, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretrain", kind="pretraining",
+                            required=REQUIRED_KEYS, main=ctx.main)
+        self.ckpt_path = self.files.ckpt_path
         self.resumed_from = 0
-        if os.path.isfile(self.ckpt_path):
-            # on the CPU: RNG states must be CPU tensors; load_state_dict moves weights to the device
-            self._resume(load_checkpoint(self.ckpt_path, map_location="cpu"))
+        existing = self.files.load()  # on the CPU: RNG states must stay CPU tensors
+        if existing is not None:
+            self._resume(existing)
         else:
             seed_everything(rank_seed(cfg.seed, ctx.rank))
-        self.net = self.model
-        if ctx.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        for group in self.opt.param_groups:
+            group["initial_lr"] = cfg.lr  # this run's peak, also over a resumed optimizer's saved groups
+        # a warm-up, then the peak (pretraining has no decay)
+        self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup, schedule="constant", step=self.step)
+        self.net = wrap_ddp(self.model, ctx)
 
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self, ckpt: Dict[str, Any]) -> None:
         cfg, where = self.cfg, self.ckpt_path
-        old = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-        for key in RESUME_MUST_MATCH:
-            if key in old and old[key] != getattr(cfg, key):
-                raise CheckpointError(f"{where} was written by a run with {key}={old[key]!r}, but this run has "
-                                      f"{key}={getattr(cfg, key)!r}; resume with the same arguments or use a new --out")
+        self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
         if ckpt["model_config"] != self.model.config:
             raise CheckpointError(f"{where} holds a network of another shape ({ckpt['model_config']}) than this run "
                                   f"builds ({self.model.config}); did the data change? Use a new --out")
@@ -278,26 +243,27 @@ class _Trainer:
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        self.averaged.n_averaged.fill_(self.step + 1)
         restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
         self._say(f"resuming from {where} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
-        if self.ctx.main:
-            print(f"prg-fast pretrain: {msg}", file=sys.stderr, flush=True)
+        self.files.say(msg)
 
     def _lr(self, step: int) -> float:
-        if self.cfg.warmup <= 0:
-            return self.cfg.lr
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup)
+        return self.cfg.lr * self.sched.lr_lambdas[0](step)
+
+    def _ema_step(self, ema_params, params, n_averaged) -> None:
+        # the (1 + n) / (10 + n) ramp at 0-based step n = n_averaged - 1 lets the average follow the
+        # fast early changes; without it a 0.9999 average of a short run would still be mostly the
+        # random initial weights
+        n = int(n_averaged) - 1
+        get_ema_multi_avg_fn(min(self.cfg.ema_decay, (1 + n) / (10 + n)))(ema_params, params, n_averaged)
 
     @torch.no_grad()
-    def _update_ema(self, step: int) -> None:
-        # the (1 + n) / (10 + n) ramp lets the average follow the fast early changes; without it a
-        # 0.9999 average of a short run would still be mostly the random initial weights
-        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
-        ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+    def _update_ema(self) -> None:
+        self.averaged.update_parameters(self.model)
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 
@@ -323,9 +289,7 @@ class _Trainer:
         t_window, n_window = time.perf_counter(), 0
         while self.step < cfg.steps:
             step = self.step
-            lr = self._lr(step)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+            lr = self.opt.param_groups[0]["lr"]
             x, _ = self.data.batch(self._indices(step), device=self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = flow_matching_loss(self.net, x, self.path, eps=cfg.eps)
@@ -334,7 +298,8 @@ class _Trainer:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
-            self._update_ema(step)
+            self.sched.step()
+            self._update_ema()
             loss_sum += loss.detach()
             n_window += 1
             self.step += 1
@@ -372,20 +337,9 @@ class _Trainer:
             bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", refresh=False)
 
     def _save(self, elapsed: float) -> None:
-        ctx = self.ctx
-        rng = rng_state(self.device)
-        if ctx.world > 1:
-            gathered: List[Any] = [None] * ctx.world
-            dist.all_gather_object(gathered, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in rng.items()})
-            rngs = gathered
-        else:
-            rngs = [rng]
-        if not ctx.main:
-            return
+        rngs = gather_rng_states(self.ctx, self.device)  # a collective: every rank takes part
         cfg = self.cfg
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
+        self.files.save({
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -398,25 +352,13 @@ class _Trainer:
             "data": cfg.data,
             "num_classes": self.data.num_classes,
             "args": asdict(cfg),
-            "world_size": ctx.world,
-            "rng": [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in rngs],
+            "world_size": self.ctx.world,
+            "rng": rngs,
             "history": self.history,
             "running": {"sum": self.running[0], "count": self.running[1]},
             "elapsed_s": elapsed,
-            "torch_version": str(torch.__version__),
-        }
-        atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
-        self._write_log()
-
-    def _write_log(self) -> None:
-        def write(f):
-            text = io.StringIO()
-            w = csv.writer(text)
-            w.writerow(["step", "loss", "lr"])
-            w.writerows(self.history)
-            f.write(text.getvalue().encode())
-
-        atomic_write(os.path.join(self.cfg.out, "log.csv"), write)
+        })
+        self.files.write_log(["step", "loss", "lr"], self.history)
 
     def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
@@ -439,9 +381,8 @@ class _Trainer:
         if not ctx.main:
             return metrics
         samples = self.sample(cfg.num_samples)
-        atomic_write(os.path.join(cfg.out, "samples.png"), lambda f: save_image_grid(samples, f))
-        atomic_write(os.path.join(cfg.out, "metrics.json"),
-                      lambda f: f.write((json.dumps(metrics, indent=1, allow_nan=True) + "\n").encode()))
+        atomic_write(self.files.path("samples.png"), lambda f: save_image_grid(samples, f))
+        self.files.write_json("metrics.json", metrics)
         self._say(f"step {self.step}: loss {metrics['loss']:.4f} (first interval {metrics['loss_start']:.4f}); "
                   f"wrote {cfg.out}/checkpoint.pt, metrics.json, samples.png")
         return metrics

@@ -3,9 +3,12 @@ the last one before the training layer was restructured:
 
     mkdir /tmp/old && git archive 783dfbf prg_fast | tar x -C /tmp/old
     OMP_NUM_THREADS=1 PYTHONPATH=/tmp/old python python_tests/data/make_v1_run_dirs.py python_tests/data
+    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/old python python_tests/data/make_v1_run_dirs.py --expected python_tests/data
 
 The "tiny" preset is shrunk to 4 channels while writing (the test shrinks it the same way while
-reading) so that the checkpoints stay small enough to commit."""
+reading) so that the checkpoints stay small enough to commit. With `--expected`, the same old code
+resumes copies of the two run directories for one more step and writes the weights it reaches to
+v1_step3_expected.pt: what today's code must reproduce exactly when it resumes them."""
 import os
 import shutil
 import sys
@@ -39,5 +42,35 @@ def main(dest: str) -> None:
                 os.remove(os.path.join(d, name))
 
 
+def expected(dest: str) -> None:
+    import tempfile
+
+    torch.set_num_threads(1)
+    unet.PRESETS["tiny"] = SMALL
+    from prg_fast.finetune import finetune
+    from prg_fast.train import pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre, ft = os.path.join(tmp, "pre"), os.path.join(tmp, "ft")
+        shutil.copytree(os.path.join(dest, "v1_pretrain"), pre)
+        shutil.copytree(os.path.join(dest, "v1_finetune"), ft)
+        # the finetuning run names its pretraining directory by absolute path: point it at the copy
+        ck = torch.load(os.path.join(ft, "checkpoint.pt"), weights_only=True)
+        ck["args"]["checkpoint"] = pre
+        torch.save(ck, os.path.join(ft, "checkpoint.pt"))
+        p = pretrain(data="digits", path="otcfm", model="tiny", steps=3, batch_size=16, lr=1e-3, warmup=0,
+                     log_every=1, num_samples=1, sample_steps=1, progress=False, device="cpu", out=pre)
+        f = finetune(data="digits", checkpoint=pre, steps=3, batch_size=16, ode_steps=2, log_every=1,
+                     eval_batch_size=512, progress=False, device="cpu", out=ft)
+        torch.save({"pretrain_model": p.model.state_dict(), "pretrain_ema": p.ema.state_dict(),
+                    "pretrain_loss": p.metrics["loss"], "finetune_flow": f.classifier.flow.state_dict(),
+                    "finetune_head": f.classifier.head.state_dict(), "finetune_top1": f.metrics["top1"],
+                    "finetune_lr": f.history[-1][5]},
+                   os.path.join(dest, "v1_step3_expected.pt"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1:2] == ["--expected"]:
+        expected(sys.argv[2])
+    else:
+        main(sys.argv[1])
