@@ -1,6 +1,5 @@
 """Frozen-feature evaluation: linear probe, k-NN, feature extraction (`prg-fast extract`), top-1."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,20 +13,9 @@ from prg_fast.training.evaluate import extract_features, knn_accuracy, linear_pr
 from prg_fast.training.finetune import extract, finetune
 from prg_fast.training.pretrain import build_model, load_checkpoint
 
-from test_finetune import pretrained_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def pretrained(tmp_path_factory):
-    return pretrained_checkpoint(tmp_path_factory)
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n_per_class=40, classes=4, dim=10, spread=0.5, seed=0):
