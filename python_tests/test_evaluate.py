@@ -1,5 +1,6 @@
 """Frozen-feature evaluation: linear probe, k-NN, feature extraction (`prg-fast extract`), top-1."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -88,6 +89,17 @@ def test_extract_cli_writes_features_equal_to_reverse(pretrained, tmp_path, caps
     assert 0.0 <= probe["linear_probe_top1"] <= 1.0 and 0.0 <= probe["knn_top1"] <= 1.0
     assert probe["linear_probe_top1"] > 0.5  # reversed digits keep most of the class information at t = 0.5
     assert "linear probe top-1" in capsys.readouterr().err
+
+
+def test_extract_into_a_run_directory_writes_and_prints_its_metrics(pretrained, tmp_path, capsys):
+    out = tmp_path / "feats"
+    assert cli.main(["extract", "--data", "digits", "--checkpoint", pretrained, "--ode-steps", "2", "--out", str(out),
+                     "--no-progress", "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == ["features.npz", "metrics.json"]
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.load(open(out / "metrics.json"))
+    assert printed == written and written["features"] == str(out / "features.npz")
+    assert written["n_train"] == 1437 and load_features(str(out / "features.npz"))["meta"]["ode_steps"] == 2
 
 
 def test_extract_save_at_and_finetuned_checkpoint(pretrained, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["bounded", "positive_int", "nonnegative_int", "nonnegative_float", "positive_float", "unit_time",
            "time_list", "add_data_arguments", "add_run_arguments", "add_solver_arguments", "config_from_args",
-           "print_metrics", "HelpFormatter"]
+           "print_metrics", "HelpFormatter", "add_model_arguments", "user_model", "add_interval_arguments"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -101,6 +101,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, seed: bool = True, out_re
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def add_interval_arguments(parser: argparse.ArgumentParser, defaults, eval_batch: bool = True) -> None:
+    """--ckpt-every, --log-every (and --eval-batch-size), with the defaults of the config `defaults`."""
+    parser.add_argument("--ckpt-every", type=positive_int, default=defaults.ckpt_every, help="steps between checkpoints")
+    parser.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="steps between log.csv rows")
+    if eval_batch:
+        parser.add_argument("--eval-batch-size", type=positive_int, default=defaults.eval_batch_size,
+                            help="images per batch when evaluating")
+
+
 def add_solver_arguments(parser: argparse.ArgumentParser, steps_default, method_default, what: str = "") -> None:
     """--ode-steps and --method: how the reversed trajectory is integrated."""
     from ..ode import SOLVERS
@@ -108,6 +117,56 @@ def add_solver_arguments(parser: argparse.ArgumentParser, steps_default, method_
     parser.add_argument("--ode-steps", type=positive_int, default=steps_default, metavar="K",
                         help=f"fixed solver steps from t0 to t{what}")
     parser.add_argument("--method", choices=sorted(SOLVERS), default=method_default, help=f"ODE solver{what}")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, presets: bool, weights: bool, preset_help: str = "",
+                        default=None) -> None:
+    """--model (a UNet preset and/or package.module:factory: bring your own flow), --weights and
+    --time-convention."""
+    if presets:
+        from ..models.unet import PRESETS
+
+        def model_spec(text: str) -> str:
+            if text in PRESETS or (text.count(":") == 1 and all(text.split(":"))):
+                return text
+            raise argparse.ArgumentTypeError(f"expected a UNet preset ({', '.join(sorted(PRESETS))}) or "
+                                             f"package.module:factory, got {text!r}")
+
+        parser.add_argument("--model", type=model_spec, default=default, metavar="PRESET|MODULE:FACTORY",
+                            help=f"{preset_help}; or package.module:factory, a callable returning any nn.Module "
+                                 f"called as model(t, x)")
+    else:
+        parser.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                            help="for a checkpoint of a network prg_fast did not build: package.module:factory, "
+                                 "the callable that builds it")
+    if weights:
+        parser.add_argument("--weights", default=None, metavar="FILE",
+                            help="with --model MODULE:FACTORY: a state_dict (torch.save) loaded into the network")
+        parser.add_argument("--time-convention", choices=("prg", "torchcfm"), default="prg",
+                            help="of a --model MODULE:FACTORY network: prg (t = 0 is data) or torchcfm (t = 0 is "
+                                 "noise; run through prg_fast.time_reversed)")
+
+
+def user_model(args: argparse.Namespace):
+    """The network a --model MODULE:FACTORY names, with --weights loaded; None for a preset."""
+    spec = getattr(args, "model", None)
+    if not (isinstance(spec, str) and ":" in spec):
+        if getattr(args, "weights", None):
+            raise ValueError("--weights goes with --model package.module:factory")
+        return None
+    import torch
+
+    from ..training.runs import import_factory
+
+    model = import_factory(spec)()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+    if getattr(args, "weights", None):
+        try:
+            model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, KeyError) as e:
+            raise ValueError(f"--weights {args.weights}: not a state_dict of the --model network: {e}") from e
+    return model
 
 
 def config_from_args(cls, args: argparse.Namespace):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .args import (HelpFormatter, add_data_arguments, add_run_arguments, add_solver_arguments, positive_int,
-                   print_metrics, time_list, unit_time)
+from .args import (HelpFormatter, add_data_arguments, add_model_arguments, add_run_arguments, add_solver_arguments,
+                   positive_int, print_metrics, time_list, unit_time, user_model)
 
 
 def add_evaluate(subparsers) -> None:
@@ -17,6 +17,7 @@ def add_evaluate(subparsers) -> None:
     add_data_arguments(p, augment=False)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="finetuning run directory (or its checkpoint.pt)")
     add_solver_arguments(p, None, None, " (None: those it was trained with)")
+    add_model_arguments(p, presets=False, weights=False)
     p.add_argument("--batch-size", type=positive_int, default=256)
     add_run_arguments(p, seed=False, out_required=False,
                       out_help="run directory for metrics.json (None: CHECKPOINT_DIR/evaluate-METHOD-K)")
@@ -34,7 +35,8 @@ def run_evaluate(args) -> int:
         folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
         out = os.path.join(folder, f"evaluate-{args.method or c['method']}-{args.ode_steps or c['steps']}")
     metrics = evaluate(args.checkpoint, args.data, ode_steps=args.ode_steps, method=args.method,
-                       batch_size=args.batch_size, device=args.device, progress=args.progress, out=out)
+                       batch_size=args.batch_size, device=args.device, progress=args.progress, out=out,
+                       model=user_model(args))
     print(f"prg-fast evaluate: top-1 {metrics['top1']:.4f} ({metrics['correct']}/{metrics['test_size']}) with "
           f"{metrics['ode_steps']} {metrics['method']} steps; wrote {out}/metrics.json", file=sys.stderr)
     print_metrics(metrics)
@@ -58,6 +60,7 @@ def add_extract(subparsers) -> None:
                    help="several feature times, concatenated on the channel dim")
     add_solver_arguments(p, None, None, " (None: 20 euler, or those a finetuned checkpoint was trained with)")
     p.add_argument("--raw-weights", action="store_true", help="pretraining checkpoint: raw weights instead of EMA")
+    add_model_arguments(p, presets=False, weights=False)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--probe", action="store_true", help="also run a linear probe and k-NN on the features")
     p.add_argument("--knn-k", type=positive_int, default=20)
@@ -71,7 +74,7 @@ def run_extract(args) -> int:
     meta = extract(args.checkpoint, args.data, args.out, t=args.t, t0=args.t0, save_at=args.save_at,
                    ode_steps=args.ode_steps, method=args.method, raw_weights=args.raw_weights,
                    batch_size=args.batch_size, device=args.device, progress=args.progress, probe=args.probe,
-                   knn_k=args.knn_k)
+                   knn_k=args.knn_k, model=user_model(args))
     msg = f"wrote {args.out}: {meta['n_train']} train / {meta['n_test']} test features of shape {meta['feature_shape']}"
     if args.probe:
         msg += f"; linear probe top-1 {meta['linear_probe_top1']:.4f}, {meta['knn_k']}-NN top-1 {meta['knn_top1']:.4f}"

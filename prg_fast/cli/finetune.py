@@ -1,14 +1,13 @@
 """`prg-fast finetune`: flags -> FinetuneConfig -> prg_fast.training.finetune.finetune."""
 from __future__ import annotations
 
-from .args import (HelpFormatter, add_data_arguments, add_run_arguments, add_solver_arguments, config_from_args,
-                   nonnegative_float, nonnegative_int, positive_float, positive_int, print_metrics, time_list,
-                   unit_time)
+from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_model_arguments, add_run_arguments,
+                   add_solver_arguments, config_from_args, nonnegative_float, nonnegative_int, positive_float,
+                   positive_int, print_metrics, time_list, unit_time, user_model)
 from .pretrain import PRESET_HELP
 
 
 def add_finetune(subparsers) -> None:
-    from ..models.unet import PRESETS
     from ..paths import PATHS
     from ..training.finetune import FinetuneConfig
 
@@ -39,8 +38,8 @@ def add_finetune(subparsers) -> None:
     p.add_argument("--freeze-flow", action="store_true", help="train the head only (the flow is a fixed feature map)")
     p.add_argument("--from-scratch", action="store_true",
                    help="same architecture with random initial weights (no pretraining)")
-    p.add_argument("--model", choices=sorted(PRESETS), default=None,
-                   help=f"for --from-scratch without --checkpoint: {PRESET_HELP}")
+    add_model_arguments(p, presets=True, weights=True,
+                        preset_help=f"for --from-scratch without --checkpoint: {PRESET_HELP}")
     p.add_argument("--path", choices=sorted(PATHS), default=None,
                    help="flow-matching path of the beta term (None: the checkpoint's, else otcfm)")
     p.add_argument("--raw-weights", action="store_true", help="start from the raw weights instead of the EMA")
@@ -54,17 +53,18 @@ def add_finetune(subparsers) -> None:
     p.add_argument("--min-lr", type=nonnegative_float, default=d.min_lr, help="cosine floor, fraction of the peak")
     p.add_argument("--grad-clip", type=nonnegative_float, default=d.grad_clip, help="max gradient norm, 0 disables")
     p.add_argument("--fm-eps", type=nonnegative_float, default=d.fm_eps, help="t ~ U(eps, 1) in the beta term")
-    p.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every, help="steps between checkpoints")
-    p.add_argument("--log-every", type=positive_int, default=d.log_every, help="steps between log.csv rows")
     p.add_argument("--eval-every", type=nonnegative_int, default=d.eval_every,
                    help="test top-1 every N steps into log.csv (0: only at the end)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size)
+    add_interval_arguments(p, d)
     p.set_defaults(func=run_finetune)
 
 
 def run_finetune(args) -> int:
     from ..training.finetune import FinetuneConfig, finetune
 
-    result = finetune(config_from_args(FinetuneConfig, args))
+    model = user_model(args)
+    if model is not None:
+        args.model = None  # FinetuneConfig.model is a preset; the network itself goes as model=
+    result = finetune(config_from_args(FinetuneConfig, args), model=model, time_convention=args.time_convention)
     print_metrics(result.metrics)
     return 0

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from .args import (HelpFormatter, add_data_arguments, add_run_arguments, config_from_args, nonnegative_float,
-                   nonnegative_int, positive_float, positive_int, print_metrics)
+from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_model_arguments, add_run_arguments,
+                   config_from_args, nonnegative_float, nonnegative_int, positive_float, positive_int, print_metrics,
+                   user_model)
 
 PRESET_HELP = ("UNet preset: tiny for 8x8 images (digits; 2 levels, CPU-sized), cifar or prg32 for 32x32 (4 levels, "
                "attention at 16x16, and prg32 also at 8x8; GPU-sized)")
 
 
 def add_pretrain(subparsers) -> None:
-    from ..models.unet import PRESETS
     from ..ode import SOLVERS
     from ..paths import PATHS
     from ..training.pretrain import PretrainConfig
@@ -24,7 +24,7 @@ def add_pretrain(subparsers) -> None:
     add_data_arguments(p)
     p.add_argument("--path", choices=sorted(PATHS), default=d.path, help="probability path")
     p.add_argument("--sigma", type=nonnegative_float, default=d.sigma, help="ICFM/OTCFM path noise")
-    p.add_argument("--model", choices=sorted(PRESETS), default=d.model, help=PRESET_HELP)
+    add_model_arguments(p, presets=True, weights=True, preset_help=PRESET_HELP, default=d.model)
     p.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps in total")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch, split over processes")
     add_run_arguments(p)
@@ -38,8 +38,7 @@ def add_pretrain(subparsers) -> None:
                    help="EMA decay, ramped as min(decay, (1+n)/(10+n))")
     p.add_argument("--dropout", type=nonnegative_float, default=None, help="override the preset's dropout (None: keep)")
     p.add_argument("--eps", type=nonnegative_float, default=d.eps, help="t ~ U(eps, 1)")
-    p.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every, help="steps between checkpoints")
-    p.add_argument("--log-every", type=positive_int, default=d.log_every, help="steps between log.csv rows")
+    add_interval_arguments(p, d, eval_batch=False)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--num-samples", type=positive_int, default=d.num_samples, help="images in DIR/samples.png")
     p.add_argument("--sample-steps", type=positive_int, default=d.sample_steps, help="ODE steps for samples.png")
@@ -50,6 +49,7 @@ def add_pretrain(subparsers) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     from ..training.pretrain import PretrainConfig, pretrain
 
-    result = pretrain(config_from_args(PretrainConfig, args))
+    result = pretrain(config_from_args(PretrainConfig, args), model=user_model(args),
+                      time_convention=args.time_convention)
     print_metrics(result.metrics)
     return 0

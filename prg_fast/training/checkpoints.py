@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch
+
 from ..classifier import PRGClassifier
 from ..models import UNet
 from ..models.heads import ClassifierHead
 from .pretrain import CHECKPOINT_FORMAT as PRETRAIN_FORMAT, load_checkpoint
-from .runs import CheckpointError, check_checkpoint, checkpoint_file, read_checkpoint
+from .runs import CheckpointError, check_checkpoint, checkpoint_file, prg_velocity, read_checkpoint
 
 __all__ = ["FINETUNE_FORMAT", "FINETUNE_VERSION", "REQUIRED_KEYS", "load_finetune_checkpoint",
            "load_pretrain_checkpoint", "build_classifier", "check_data_fits"]
@@ -42,18 +44,23 @@ def load_pretrain_checkpoint(path: str) -> Dict[str, Any]:
     return load_checkpoint(path)  # validates format, version and entries
 
 
-def build_classifier(ckpt: Dict[str, Any], *, steps: Optional[int] = None, method: Optional[str] = None) -> PRGClassifier:
-    """The PRGClassifier of a finetuning checkpoint, with its trained solver settings or others."""
+def build_classifier(ckpt: Dict[str, Any], *, steps: Optional[int] = None, method: Optional[str] = None,
+                     model: Optional[torch.nn.Module] = None) -> PRGClassifier:
+    """The PRGClassifier of a finetuning checkpoint, with its trained solver settings or others. A
+    network prg_fast did not build (model_config None) is the `model` given, its weights loaded."""
     c = ckpt["classifier"]
+    if model is None and ckpt["model_config"] is None:
+        raise CheckpointError(f"this checkpoint holds a network prg_fast did not build ({ckpt.get('model_class')}): "
+                              f"pass model=")
     try:
-        flow = UNet(**ckpt["model_config"])
+        flow = model if model is not None else UNet(**ckpt["model_config"])
         flow.load_state_dict(ckpt["flow"])
         head_cfg = dict(ckpt["head_config"])
         head = ClassifierHead(head_cfg.pop("in_shape"), head_cfg.pop("num_classes"), **head_cfg)
         head.load_state_dict(ckpt["head"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"the checkpoint's weights do not fit its model_config / head_config: {e}") from e
-    return PRGClassifier(flow, head, t=c["t"], t0=c["t0"], save_at=c.get("save_at"),
+    return PRGClassifier(prg_velocity(flow, ckpt.get("time_convention", "prg")), head, t=c["t"], t0=c["t0"], save_at=c.get("save_at"),
                          steps=int(steps if steps is not None else c["steps"]),
                          method=method if method is not None else c["method"])
 

@@ -29,8 +29,8 @@ from ..classifier import feature_shape
 from ..data import load_data
 from .checkpoints import (FINETUNE_FORMAT, build_classifier, check_data_fits, load_finetune_checkpoint)
 from .pretrain import build_model, load_checkpoint
-from .runs import (CheckpointError, atomic_write, checkpoint_file, parse_times, read_checkpoint, resolve_device,
-                   run_on_ranks, write_json)
+from .runs import (CheckpointError, atomic_write, checkpoint_file, parse_times, prg_velocity, read_checkpoint,
+                   resolve_device, run_on_ranks, write_json)
 
 __all__ = ["top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
            "load_features", "probe_features", "evaluate", "extract"]
@@ -250,7 +250,7 @@ def load_features(path: str) -> Dict[str, Any]:
 
 def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional[int] = None,
              method: Optional[str] = None, batch_size: int = 256, device: str = "auto", progress: bool = False,
-             out: Optional[str] = None) -> Dict[str, Any]:
+             out: Optional[str] = None, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Top-1 of a finetuned checkpoint on the test split of `data` (default: the data it was
     finetuned on), with its training step count or `ode_steps` / `method`. Writes out/metrics.json
     when `out` is given; returns the metrics dict."""
@@ -265,13 +265,13 @@ def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional
     if ckpt.get("classes") and list(ckpt["classes"]) != list(test.classes):
         print(f"prg-fast evaluate: warning: class names differ from those finetuned on ({ckpt['classes'][:5]}... vs "
               f"{test.classes[:5]}...); labels are matched by sorted position", file=sys.stderr)
-    return run_on_ranks(lambda ctx: _evaluate(ctx, ckpt, where, spec, test, ode_steps, method, batch_size, progress,
-                                              out), device)
+    clf = build_classifier(ckpt, steps=ode_steps, method=method, model=model)
+    return run_on_ranks(lambda ctx: _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out), device)
 
 
-def _evaluate(ctx, ckpt, where, spec, test, ode_steps, method, batch_size, progress, out) -> Dict[str, Any]:
+def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out) -> Dict[str, Any]:
     dev = ctx.device
-    clf = build_classifier(ckpt, steps=ode_steps, method=method).to(dev)
+    clf = clf.to(dev)
     t_start = time.perf_counter()
     correct = sharded_correct(clf, test, ctx, batch_size=batch_size, progress=progress)
     metrics = {
@@ -300,7 +300,7 @@ def _evaluate(ctx, ckpt, where, spec, test, ode_steps, method, batch_size, progr
 def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, t0: Optional[float] = None,
             save_at: Optional[Sequence[float]] = None, ode_steps: Optional[int] = None, method: Optional[str] = None,
             raw_weights: bool = False, batch_size: int = 256, device: str = "auto", progress: bool = False,
-            probe: bool = False, knn_k: int = 20) -> Dict[str, Any]:
+            probe: bool = False, knn_k: int = 20, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Features of both splits of `data` along the reversed trajectory of a checkpoint's flow,
     written to `out`: a run directory (DIR/features.npz, DIR/metrics.json) or, as before, a file
     FILE.npz (the probe numbers then go to FILE.probe.json). Feature file format: the module doc. A
@@ -315,13 +315,13 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
     where = checkpoint_file(checkpoint)
     if raw.get("format") == FINETUNE_FORMAT:
         ckpt = load_finetune_checkpoint(checkpoint)
-        flow = build_classifier(ckpt).flow
+        flow = build_classifier(ckpt, model=model).flow
         c = ckpt["classifier"]
         defaults = dict(t=c["t"], t0=c["t0"], steps=c["steps"], method=c["method"])
         kind, weights = "finetune", "finetuned"
     else:
         ckpt = load_checkpoint(checkpoint)
-        flow = build_model(ckpt, ema=not raw_weights)
+        flow = prg_velocity(build_model(ckpt, ema=not raw_weights, model=model), ckpt.get("time_convention", "prg"))
         defaults = dict(t=1.0, t0=0.0, steps=20, method="euler")
         kind, weights = "pretrain", "raw" if raw_weights else "ema"
     t = defaults["t"] if t is None else float(t)

@@ -1,5 +1,6 @@
-"""PRG finetuning (`prg-fast finetune`), re-evaluation (`prg-fast evaluate`) and feature extraction
-(`prg-fast extract`); DESIGN.md section 4.
+"""PRG finetuning (`prg-fast finetune`); DESIGN.md section 4. Re-evaluation and feature extraction
+(`prg-fast evaluate` / `extract`) are in prg_fast.training.evaluate, the checkpoint's reading and
+rebuilding in prg_fast.training.checkpoints (both still importable from here).
 
 Finetuning loads a pretraining checkpoint (EMA weights by default), puts a ClassifierHead on the end
 state of the reversed trajectory (PRGClassifier: reverse from t0 to t, then the head) and trains
@@ -8,9 +9,12 @@ head and flow jointly through prg_fast's exact adjoint with
     loss = cross_entropy(logits, y; label_smoothing) + beta * flow_matching_loss(flow, x, path)
 
 on the same batch (the paper's objective; beta = 0 is the released code's cross-entropy only).
-AdamW, linear warm-up then cosine decay (or constant); --freeze-flow trains the head only (the flow
-runs without a graph), --from-scratch trains the same architecture without pretraining. One process,
-or many under torchrun (DistributedDataParallel), with the helpers of prg_fast.training.runs.
+AdamW, linear warm-up then cosine decay or constant (torch's LambdaLR); --freeze-flow trains the
+head only (the flow runs without a graph), --from-scratch trains the same architecture without
+pretraining. One process,
+or many under torchrun (DistributedDataParallel; the test split is classified in shards, one per
+process), with the helpers of prg_fast.training.runs. Any nn.Module called as model(t, x) can be
+the flow (finetune(model=...), see `finetune`).
 
 Run directory (--out DIR):
     DIR/checkpoint.pt   atomically written every --ckpt-every steps and at the end; a later run with
@@ -52,9 +56,9 @@ from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, buil
                           load_finetune_checkpoint, load_pretrain_checkpoint)
 from .evaluate import evaluate, extract, sharded_correct
 from .pretrain import build_model
-from .runs import (CheckpointError, Dist, RunDir, StepBatches, check_int, check_number, checkpoint_file,
-                   gather_rng_states, load_train_data, lr_schedule, merge_config, parse_times, rank_seed,
-                   restore_rng_on_resume, run_on_ranks, seed_everything, wrap_ddp)
+from .runs import (CheckpointError, Dist, RunDir, StepBatches, check_flow, check_int, check_number, checkpoint_file,
+                   gather_rng_states, load_train_data, lr_schedule, merge_config, parse_times, prg_velocity,
+                   rank_seed, restore_rng_on_resume, run_on_ranks, run_timing, seed_everything, step_bar, wrap_ddp)
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
@@ -106,7 +110,9 @@ class FinetuneConfig:
     device: str = "auto"
     progress: bool = True
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self, external_model: bool = False) -> "FinetuneConfig":
+        """Check and normalise the fields; `external_model`: the caller brings the flow network
+        (finetune(model=...)), so neither a checkpoint nor a preset is needed."""
         def int_at_least(name, lo):
             check_int(name, getattr(self, name), lo)
 
@@ -145,7 +151,7 @@ class FinetuneConfig:
         if self.freeze_flow and self.from_scratch:
             raise ValueError("freeze_flow with from_scratch would train a head on an untrained, frozen flow; "
                              "choose one of them")
-        if self.checkpoint is None and not self.from_scratch:
+        if self.checkpoint is None and not self.from_scratch and not external_model:
             raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt); "
                              "only --from-scratch runs without one")
         if self.checkpoint is not None:
@@ -155,12 +161,14 @@ class FinetuneConfig:
         if self.model is not None:
             from ..models.unet import PRESETS
 
+            if external_model:
+                raise ValueError("model (a UNet preset) and a network passed as model= exclude each other")
             if self.checkpoint is not None:
                 raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint; with a "
                                  "checkpoint the architecture is the checkpoint's")
             if self.model not in PRESETS:
                 raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, got {self.model!r}")
-        elif self.checkpoint is None:
+        elif self.checkpoint is None and not external_model:
             raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
         if self.path is not None and self.path not in PATHS:
             raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
@@ -208,16 +216,26 @@ class _FinetuneNet(nn.Module):
         return loss, torch.stack([loss.detach().float(), ce.detach().float(), fm.detach().float(), correct.float()])
 
 
-def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> FinetuneResult:
+def finetune(config: Optional[FinetuneConfig] = None, *, model: Optional[nn.Module] = None,
+             time_convention: str = "prg", **kwargs) -> FinetuneResult:
     """Finetune (or resume finetuning) a PRG classifier; see the module doc. Call with a
     FinetuneConfig or with its fields as keyword arguments. Every process of a torchrun job calls
-    it; only rank 0 writes files."""
-    cfg = merge_config(FinetuneConfig, config, kwargs)
-    return run_on_ranks(lambda ctx: _Finetuner(cfg, ctx).run(), cfg.device)
+    it; only rank 0 writes files.
+
+    Bring your own flow: `model` is any nn.Module called as model(t, x), with its own weights (or,
+    with config.checkpoint, those of a pretraining run of that network); time_convention="torchcfm"
+    (t = 0 is noise) puts it behind prg_fast.time_reversed. Its checkpoint has model_config None:
+    rebuild with build_classifier(ckpt, model=...)."""
+    if isinstance(model, str):  # the config's own field `model` (a UNet preset name), not a network
+        kwargs["model"], model = model, None
+    check_flow(model, time_convention)
+    cfg = merge_config(FinetuneConfig, config, kwargs, external_model=model is not None)
+    return run_on_ranks(lambda ctx: _Finetuner(cfg, ctx, model, time_convention).run(), cfg.device)
 
 
 class _Finetuner:
-    def __init__(self, cfg: FinetuneConfig, ctx: Dist):
+    def __init__(self, cfg: FinetuneConfig, ctx: Dist, user_model: Optional[nn.Module] = None,
+                 time_convention: str = "prg"):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         if cfg.batch_size % ctx.world:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
@@ -237,22 +255,30 @@ class _Finetuner:
         if cfg.checkpoint is not None:
             pre = load_pretrain_checkpoint(cfg.checkpoint)
             check_data_fits(self.data, pre, checkpoint_file(cfg.checkpoint), "was pretrained on")
+            if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
+                raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
+                                 f"{pre['time_convention']!r}, not {time_convention!r}")
             if cfg.from_scratch:
                 try:
-                    flow = UNet(**pre["model_config"])
+                    flow = user_model if user_model is not None else UNet(**pre["model_config"])
                 except (TypeError, ValueError) as e:
                     raise CheckpointError(f"{cfg.checkpoint}: its model_config does not build a UNet: {e}") from e
             else:
-                flow = build_model(pre, ema=not cfg.raw_weights)
+                flow = build_model(pre, ema=not cfg.raw_weights, model=user_model)
                 self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
                                       "weights": "raw" if cfg.raw_weights else "ema"}
             self.preset = pre.get("preset")
             if path_name is None:
                 path_name, sigma = pre["path"]["name"], float(pre["path"].get("sigma", 0.0))
+        elif user_model is not None:
+            flow, self.preset = user_model, None
         else:
             flow = UNet.preset(cfg.model, in_channels=c, image_size=h)
             self.preset = cfg.model
-        if h != w:
+        # the network as trained and saved; the classifier sees it in prg_fast's time convention
+        self.flow_module, self.user_model, self.time_convention = flow, user_model is not None, time_convention
+        flow = prg_velocity(flow, time_convention)
+        if h != w and not self.user_model:
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
         self.path_cfg = {"name": path_name or "otcfm", "sigma": sigma}
         self.path = get_path(self.path_cfg["name"], self.path_cfg["sigma"])
@@ -289,7 +315,7 @@ class _Finetuner:
         cfg, where = self.cfg, self.ckpt_path
         self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
         try:
-            self.classifier.flow.load_state_dict(ckpt["flow"])
+            self.flow_module.load_state_dict(ckpt["flow"])
             self.classifier.head.load_state_dict(ckpt["head"])
             self.opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
@@ -321,17 +347,10 @@ class _Finetuner:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> FinetuneResult:
-        from tqdm.auto import tqdm
-
         cfg, ctx = self.cfg, self.ctx
-        if ctx.main:
-            os.makedirs(cfg.out, exist_ok=True)
         start_step, t_start = self.step, time.perf_counter()
-        if self.step >= cfg.steps:
-            self._say(f"{self.ckpt_path} is already at step {self.step} >= --steps {cfg.steps}; nothing to train")
         mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress), dynamic_ncols=True,
-                   mininterval=1.0, desc=f"finetune ({mode})", unit="step")
+        bar = step_bar(self.files, self.step, cfg.steps, cfg.progress, f"finetune ({mode})")
         self.classifier.train()
         if cfg.freeze_flow:
             self.classifier.flow.eval()
@@ -411,12 +430,16 @@ class _Finetuner:
     def _save(self, elapsed: float, top1_value: Optional[float]) -> None:
         rngs = gather_rng_states(self.ctx, self.device)  # a collective: every rank takes part
         cfg, clf = self.cfg, self.classifier
+        # a network prg_fast did not build also records its class and time convention
+        own = {} if not self.user_model else {"model_class": f"{type(self.flow_module).__module__}."
+                                                            f"{type(self.flow_module).__qualname__}",
+                                              "time_convention": self.time_convention}
         self.files.save({
             "step": self.step,
-            "flow": clf.flow.state_dict(),
+            "flow": self.flow_module.state_dict(),
             "head": clf.head.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "model_config": dict(clf.flow.config),
+            "model_config": None if self.user_model else dict(self.flow_module.config),
             "head_config": dict(clf.head.config),
             "preset": self.preset,
             "in_channels": self.data.shape[0],
@@ -435,6 +458,7 @@ class _Finetuner:
             "running": list(self.running),
             "elapsed_s": elapsed,
             "top1": top1_value,
+            **own,
         })
         self.files.write_log(["step", "loss", "ce", "fm", "train_top1", "lr", "test_top1"], self.history)
 
@@ -447,11 +471,7 @@ class _Finetuner:
             "test_size": len(self.test),
             "loss": last[1], "ce": last[2], "fm": last[3], "train_top1": last[4],
             "loss_start": self.history[0][1] if self.history else float("nan"),
-            "step": self.step,
-            "resumed_from_step": self.resumed_from,
-            "wall_time_s": round(elapsed, 3),
-            "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
-            "images_per_s": round(trained * cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None,
+            **run_timing(self.step, self.resumed_from, elapsed, self.elapsed_prev, trained, cfg.batch_size),
             "num_params_flow": sum(p.numel() for p in clf.flow.parameters()),
             "num_params_head": sum(p.numel() for p in clf.head.parameters()),
             "beta_used": self.beta,

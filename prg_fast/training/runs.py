@@ -24,7 +24,8 @@ __all__ = ["atomic_write", "rng_state", "set_rng_state", "seed_everything", "ran
            "cosine_factor", "lr_schedule", "restore_rng_on_resume", "StepBatches", "Dist", "resolve_device",
            "init_distributed", "CheckpointError", "CHECKPOINT_NAME", "checkpoint_file", "read_checkpoint",
            "check_checkpoint", "RunDir", "write_json", "gather_rng_states", "run_on_ranks", "wrap_ddp",
-           "load_train_data", "check_number", "check_int", "parse_times"]
+           "load_train_data", "check_number", "check_int", "parse_times", "TIME_CONVENTIONS", "is_factory_spec",
+           "import_factory", "check_flow", "prg_velocity", "step_bar", "run_timing"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -168,6 +169,27 @@ class RunDir:
         atomic_write(self.path("log.csv"), lambda f: f.write(buf.getvalue().encode()))
 
 
+def run_timing(step: int, resumed_from: int, elapsed: float, elapsed_prev: float, trained: int,
+               batch_size: int) -> Dict[str, Any]:
+    """The metrics.json entries every trainer reports about how far and how fast it went."""
+    return {"step": step, "resumed_from_step": resumed_from, "wall_time_s": round(elapsed, 3),
+            "train_time_total_s": round(elapsed_prev + elapsed, 3),
+            "images_per_s": round(trained * batch_size / elapsed, 2) if trained and elapsed > 0 else None}
+
+
+def step_bar(files: RunDir, step: int, total: int, enabled: bool, desc: str):
+    """Start of a training loop: the run directory made, a note when `step` already reaches
+    `total`, and the progress bar over optimizer steps (main process only)."""
+    from tqdm.auto import tqdm
+
+    if files.main:
+        os.makedirs(files.out, exist_ok=True)
+    if step >= total:
+        files.say(f"{files.ckpt_path} is already at step {step} >= --steps {total}; nothing to train")
+    return tqdm(total=total, initial=step, disable=not (files.main and enabled), dynamic_ncols=True,
+                mininterval=1.0, desc=desc, unit="step")
+
+
 def rng_state(device: torch.device) -> Dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -209,14 +231,67 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
 
 
-def merge_config(cls, config, kwargs):
+def merge_config(cls, config, kwargs, **validate_kwargs):
     """A validated private copy of `config` (an instance of the dataclass `cls`, or None), with
     keyword arguments overriding its fields: the shared `f(config=None, **fields)` convention."""
     if config is None:
         config = cls(**kwargs)
     elif kwargs:
         config = cls(**{**asdict(config), **kwargs})
-    return copy.deepcopy(config).validate()
+    return copy.deepcopy(config).validate(**validate_kwargs)
+
+
+# -------------------------------------------------------------------------------------------------
+# bring your own flow: any nn.Module called as model(t, x)
+
+TIME_CONVENTIONS = ("prg", "torchcfm")
+
+
+def is_factory_spec(spec) -> bool:
+    """"package.module:factory" names a callable that returns a velocity network."""
+    return isinstance(spec, str) and spec.count(":") == 1 and all(spec.split(":"))
+
+
+def import_factory(spec: str):
+    """The callable named by "package.module:factory" (imported)."""
+    import importlib
+
+    if not is_factory_spec(spec):
+        raise ValueError(f"model factory must be written package.module:factory, got {spec!r}")
+    module_name, attr = spec.split(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model factory {spec!r}: cannot import {module_name!r} ({e})") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model factory {spec!r} is not callable")
+    return obj
+
+
+def check_flow(model, time_convention: str):
+    """A user's velocity network (None: prg_fast builds one): an nn.Module, whose parameters are
+    trained and saved; and a known time convention ("prg": t = 0 is data; "torchcfm": t = 0 is noise)."""
+    if time_convention not in TIME_CONVENTIONS:
+        raise ValueError(f"time_convention must be one of {TIME_CONVENTIONS} ('prg': t = 0 is data, "
+                         f"'torchcfm': t = 0 is noise), got {time_convention!r}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module called as model(t, x), got {type(model).__name__}")
+    return model
+
+
+def prg_velocity(model: torch.nn.Module, time_convention: str) -> torch.nn.Module:
+    """The network seen in prg_fast's convention (t = 0 data): time_reversed for torchcfm's."""
+    if time_convention == "torchcfm":
+        from ..ode import time_reversed
+
+        return time_reversed(model)
+    return model
+
+
 
 
 def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
