@@ -355,6 +355,7 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
         meta.update(result)
         if not run_dir:
             write_json(out[:-len(".npz")] + ".probe.json", meta)
-    if run_dir:
-        write_json(os.path.join(out, "metrics.json"), {**meta, "features": os.path.abspath(npz)})
+    if run_dir:  # what is returned (and printed) is what metrics.json holds
+        meta["features"] = os.path.abspath(npz)
+        write_json(os.path.join(out, "metrics.json"), meta)
     return meta
