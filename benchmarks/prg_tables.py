@@ -46,7 +46,7 @@ def _setup_worker(threads: int) -> None:
 
 
 def job_pretrain(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.train import pretrain
+    from prg_fast.training.pretrain import pretrain
 
     t = time.perf_counter()
     r = pretrain(**spec)
@@ -55,7 +55,7 @@ def job_pretrain(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def job_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.finetune import finetune
+    from prg_fast.training.finetune import finetune
 
     t = time.perf_counter()
     r = finetune(**spec)
@@ -65,7 +65,7 @@ def job_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def job_evaluate(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.finetune import evaluate
+    from prg_fast.training.finetune import evaluate
 
     out = {}
     t = time.perf_counter()
@@ -77,7 +77,7 @@ def job_evaluate(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def job_probe(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.finetune import extract
+    from prg_fast.training.finetune import extract
 
     t = time.perf_counter()
     meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
@@ -90,7 +90,7 @@ def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
     """The same probes on the raw images (the state at t = 0, no flow at all): the baseline that
     frozen trajectory features are compared with."""
     from prg_fast.data import load_data
-    from prg_fast.eval import knn_accuracy, linear_probe
+    from prg_fast.training.evaluate import knn_accuracy, linear_probe
 
     t = time.perf_counter()
     train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)

@@ -36,31 +36,9 @@ from typing import Any, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FINETUNE_SHIM = """
-import argparse, sys
-from prg_fast.finetune import add_finetune
-p = argparse.ArgumentParser(prog="prg-fast"); sp = p.add_subparsers(dest="command"); add_finetune(sp)
-args = p.parse_args(sys.argv[1:]); sys.exit(args.func(args))
-"""
-
-
 def finetune_command() -> Optional[List[str]]:
-    """argv prefix running `prg-fast finetune`: the registered command, else prg_fast.finetune's own
-    parser (same flags); None when neither exists."""
-    from prg_fast.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # argparse keeps the subcommands here
-        if "finetune" in getattr(action, "choices", {}):
-            return [sys.executable, "-m", "prg_fast", "finetune"]
-    try:
-        import prg_fast.finetune as ft  # noqa: F401
-
-        if hasattr(ft, "add_finetune"):
-            return [sys.executable, "-c", FINETUNE_SHIM, "finetune"]
-    except ImportError:
-        pass
-    return None
+    """argv prefix running `prg-fast finetune`."""
+    return [sys.executable, "-m", "prg_fast", "finetune"]
 
 
 def machine() -> str:
@@ -115,7 +93,7 @@ def run_row(name: str, argv: List[str], out: str, env: Dict[str, str], fresh: bo
 
 def pixel_probe(data: str) -> Dict[str, Any]:
     from prg_fast.data import load_data
-    from prg_fast.related.common import linear_probe
+    from prg_fast.training.evaluate import linear_probe
 
     t0 = time.perf_counter()
     tr, te = load_data(data, "train", augment=None), load_data(data, "test", augment=None)
@@ -214,11 +192,8 @@ def main(argv=None) -> int:
         name = "PRG finetune (flow + head, reversed ODE)"
         protocol[name] = f"{args.budget} CE steps through {args.ode_steps} euler steps, t 0 -> 1"
         if cmd is None:
-            rows.append({"name": name, "error": "not available: prg_fast.finetune / `prg-fast finetune` is missing"})
+            rows.append({"name": name, "error": "not available: prg_fast.training.finetune / `prg-fast finetune` is missing"})
         else:
-            if "-c" in cmd:
-                protocol[name] += " (run through prg_fast.finetune's own parser: `finetune` was not registered in " \
-                                  "prg_fast.cli yet)"
             rows.append(run_seeds("prg", name, lambda seed, out: cmd + common(seed) + [
                 "--checkpoint", ckpt, "--steps", str(args.budget), "--batch-size", str(args.batch_size),
                 "--ode-steps", str(args.ode_steps), "--method", "euler", "--out", out], prg_seeds))

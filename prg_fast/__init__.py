@@ -10,26 +10,52 @@ Only the engine (`prg_fast.ode`) is imported eagerly; the PRG layer (paths, mode
 is imported on first use, so `import prg_fast` costs an engine-only user nothing more.
 """
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 from .ode import SOLVERS, ButcherTableau, __version__, generate, info, odeint, reverse, time_reversed
 
 # public name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {
     "data": ("prg_fast.data", None),
-    "eval": ("prg_fast.eval", None),
+    "eval": ("prg_fast.training.evaluate", None),
     "models": ("prg_fast.models", None),
     "paths": ("prg_fast.paths", None),
-    "train": ("prg_fast.train", None),
+    "train": ("prg_fast.training.pretrain", None),
+    "training": ("prg_fast.training", None),
     "PRGClassifier": ("prg_fast.classifier", "PRGClassifier"),
-    "FinetuneConfig": ("prg_fast.finetune", "FinetuneConfig"),
-    "finetune": ("prg_fast.finetune", "finetune"),
+    "FinetuneConfig": ("prg_fast.training.finetune", "FinetuneConfig"),
+    "finetune": ("prg_fast.training.finetune", "finetune"),
     "flow_matching_loss": ("prg_fast.losses", "flow_matching_loss"),
-    "PretrainConfig": ("prg_fast.train", "PretrainConfig"),
-    "load_checkpoint": ("prg_fast.train", "load_checkpoint"),
-    "pretrain": ("prg_fast.train", "pretrain"),
+    "PretrainConfig": ("prg_fast.training.pretrain", "PretrainConfig"),
+    "load_checkpoint": ("prg_fast.training.pretrain", "load_checkpoint"),
+    "pretrain": ("prg_fast.training.pretrain", "pretrain"),
 }
 
 __all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau", *_LAZY]
+
+
+# modules that moved into prg_fast.training: the old names stay importable (users' scripts say
+# `from prg_fast.finetune import ...`); importing one binds the old name to the new module itself
+MOVED = {"prg_fast.train": "prg_fast.training.pretrain", "prg_fast.finetune": "prg_fast.training.finetune",
+         "prg_fast.eval": "prg_fast.training.evaluate"}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        # the import system returns whatever sys.modules holds under the name after exec_module
+        sys.modules[module.__name__] = importlib.import_module(MOVED[module.__name__])
+
+
+if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())
 
 
 def __getattr__(name):

@@ -6,14 +6,8 @@ import prg_fast
 from prg_fast.classifier import PRGClassifier, feature_shape
 from prg_fast.models import ClassifierHead, UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_unet(dtype=torch.float64):

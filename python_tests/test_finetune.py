@@ -1,7 +1,7 @@
 """`prg-fast finetune` / `evaluate`: learning, exact re-evaluation, resume, and bad inputs.
 
-A tiny pretraining checkpoint is made once per session (prg_fast.train.pretrain, a few steps); the
-finetuning runs are short CPU runs (tiny UNet on 8x8 digits, 2 Euler steps)."""
+A tiny pretraining checkpoint is made once per session (conftest's `pretrained`); the finetuning
+runs are short CPU runs (tiny UNet on 8x8 digits, 2 Euler steps)."""
 import json
 import os
 
@@ -10,40 +10,14 @@ import pytest
 import torch
 
 from prg_fast import cli
-from prg_fast.finetune import (FINETUNE_FORMAT, FinetuneConfig, build_classifier, evaluate, finetune,
+from prg_fast.training.finetune import (FINETUNE_FORMAT, FinetuneConfig, build_classifier, evaluate, finetune,
                                load_finetune_checkpoint)
-from prg_fast.train import CheckpointError, build_model, load_checkpoint, pretrain
+from prg_fast.training.pretrain import CheckpointError, build_model, load_checkpoint
+
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = dict(data="digits", batch_size=64, ode_steps=2, method="euler", progress=False, log_every=5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def pretrained_checkpoint(tmp_path_factory) -> str:
-    """A tiny OTCFM pretraining run, made once per session (every test module asks for the same
-    folder under the session's base temp dir)."""
-    out = tmp_path_factory.getbasetemp() / "prg_tiny_pretrain"
-    if not (out / "checkpoint.pt").exists():
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            pretrain(data="digits", path="otcfm", model="tiny", steps=60, batch_size=64, warmup=10, lr=1e-3,
-                     out=str(out), progress=False, num_samples=4, sample_steps=2, log_every=20, ckpt_every=60)
-        finally:
-            torch.set_num_threads(n)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def pretrained(tmp_path_factory):
-    return pretrained_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +84,7 @@ def test_evaluate_cli_other_step_count(finetuned, capsys):
     # the same weights, integrated with other steps: the top-1 is computed anew
     clf = build_classifier(load_finetune_checkpoint(out), steps=6)
     from prg_fast.data import load_data
-    from prg_fast.eval import top1_accuracy
+    from prg_fast.training.evaluate import top1_accuracy
 
     assert written["top1"] == top1_accuracy(clf, load_data("digits", "test"))
 
@@ -264,3 +238,34 @@ def test_bad_config(kwargs, match):
     base = dict(checkpoint="unused", out="unused")
     with pytest.raises(ValueError, match=match):
         FinetuneConfig(**{**base, **kwargs}).validate()
+
+
+# -------------------------------------------------------------------------------------------------
+# distributed: two CPU processes, gloo on localhost
+
+
+def _ddp_worker(rank, world, port, pretrained, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on two cores
+    res = finetune(checkpoint=pretrained, out=out, steps=4, ckpt_every=3, beta=0.1, device="cpu", **FAST)
+    torch.save({"state": _states(res), "metrics": res.metrics}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_finetune_identical_replicas_and_evaluate_in_shards(pretrained, tmp_path, free_port):
+    out, results = str(tmp_path / "ddp"), str(tmp_path / "results")
+    os.makedirs(results)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port, pretrained, out, results), nprocs=2, join=True)
+    r0, r1 = (torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    # every rank got the whole split's top-1 from the shards' all-reduced counts; it is the number
+    # one process computes over the whole split with the written weights
+    assert r0["metrics"]["top1"] == r1["metrics"]["top1"] == evaluate(out, "digits")["top1"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.csv", "metrics.json"]
+    ckpt = load_finetune_checkpoint(out)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 4
+    for k, v in r0["state"].items():
+        part, name = k.split(".", 1)
+        assert torch.equal(ckpt[part][name], v), k
+    assert json.load(open(os.path.join(out, "metrics.json")))["world_size"] == 2

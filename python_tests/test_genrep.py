@@ -11,13 +11,8 @@ import torch.nn.functional as F
 import prg_fast.related.genrep as gr
 from prg_fast.related.common import CheckpointError, ViewAugment
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

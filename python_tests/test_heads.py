@@ -5,14 +5,8 @@ import torch
 import prg_fast.models
 from prg_fast.models import ClassifierHead
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_exported_from_models():

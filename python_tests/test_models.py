@@ -9,15 +9,8 @@ import prg_fast
 from prg_fast.models import UNet, timestep_embedding
 from prg_fast.models.unet import AttentionBlock
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: with two intra-op threads, a busy neighbour process makes every small op wait
-    # for a descheduled thread (seconds per step); one thread keeps the timings predictable
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count(name, **kw):

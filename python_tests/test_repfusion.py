@@ -11,14 +11,8 @@ import torch.nn.functional as F
 from prg_fast.related import repfusion as rf
 from prg_fast.related.common import CheckpointError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: one intra-op thread keeps small CPU ops from waiting on descheduled threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -1,48 +1,24 @@
 """Pieces shared by the RepFusion and GenRep commands: the student / encoder ResNets, batch view
-augmentations, loading the frozen velocity network of a pretraining checkpoint, and the run
-directory (atomic checkpoint, resume, metrics.json).
+augmentations and loading the frozen velocity network of a pretraining checkpoint. Their run
+directory is prg_fast.training.runs.RunDir, as for every other command.
 """
 from __future__ import annotations
 
-import json
 import math
-import numbers
 import os
-import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..eval import linear_probe
-from ..train import CHECKPOINT_NAME, CheckpointError, build_model, load_checkpoint
-from ..training.runs import atomic_write, cosine_factor, resolve_device, rng_state, seed_everything, set_rng_state
+from ..training.pretrain import build_model, load_checkpoint
+from ..training.runs import CheckpointError, check_int, check_number
 
-__all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "RunFiles", "cosine_factor",
-           "linear_probe", "encode", "check_number", "check_int", "resolve_device", "seed_everything",
-           "rng_state", "set_rng_state", "CheckpointError"]
-
-
-
-# -------------------------------------------------------------------------------------------------
-# argument checks (every message names the argument and what was expected)
-
-
-def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
-    if not ok:
-        raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, "
-                         f"got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+# CheckpointError is the one of training.runs, named here too for the related systems' users
+__all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "encode", "pretrain_info",
+           "CheckpointError"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -197,70 +173,6 @@ def load_flow(checkpoint: str, data, *, raw_weights: bool = False) -> Tuple[Dict
         raise CheckpointError(f"{checkpoint} was pretrained on {ckpt['in_channels']}x{ckpt['image_size']}x"
                               f"{ckpt['image_size']} images ({ckpt['data']}), but {data.spec} has {c}x{h}x{w} images")
     return ckpt, flow
-
-
-# -------------------------------------------------------------------------------------------------
-# run directory
-
-
-class RunFiles:
-    """DIR/checkpoint.pt (atomic), DIR/metrics.json (atomic) and DIR/log.csv of one run kind."""
-
-    def __init__(self, out: str, fmt: str, version: int, command: str):
-        if not isinstance(out, str) or not out:
-            raise ValueError(f"out must be a directory path, got {out!r}")
-        self.out, self.fmt, self.version, self.command = out, fmt, version, command
-        self.ckpt_path = os.path.join(out, CHECKPOINT_NAME)
-
-    def say(self, msg: str) -> None:
-        print(f"prg-fast {self.command}: {msg}", file=sys.stderr, flush=True)
-
-    def load(self) -> Optional[Dict[str, Any]]:
-        """The run's checkpoint when DIR holds one (validated), else None. A checkpoint of another
-        kind in DIR (a pretraining run, another command's run) is refused, never overwritten."""
-        if not os.path.isfile(self.ckpt_path):
-            return None
-        try:
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{self.ckpt_path} is not a readable checkpoint ({type(e).__name__}); "
-                                  f"remove it or use another --out") from e
-        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        if fmt != self.fmt:
-            raise CheckpointError(f"--out {self.out} already holds a {fmt!r} checkpoint, not a {self.fmt!r} run; "
-                                  f"use a new --out (it is not overwritten)")
-        if not isinstance(ckpt.get("version"), int) or ckpt["version"] > self.version:
-            raise CheckpointError(f"{self.ckpt_path} has version {ckpt.get('version')!r}; this prg_fast reads versions "
-                                  f"<= {self.version}")
-        return ckpt
-
-    def check_resume(self, ckpt: Dict[str, Any], args: Dict[str, Any], keys: Iterable[str]) -> None:
-        old = ckpt.get("args") or {}
-        for key in keys:
-            if key in old and old[key] != args.get(key):
-                raise CheckpointError(f"{self.ckpt_path} was written by a run with {key}={old[key]!r}, but this run has "
-                                      f"{key}={args.get(key)!r}; resume with the same arguments or use a new --out")
-
-    def save(self, payload: Dict[str, Any]) -> None:
-        os.makedirs(self.out, exist_ok=True)
-        ckpt = {"format": self.fmt, "version": self.version, "torch_version": str(torch.__version__), **payload}
-        atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
-
-    def write_json(self, name: str, obj: Dict[str, Any]) -> None:
-        os.makedirs(self.out, exist_ok=True)
-        text = json.dumps(obj, indent=1, allow_nan=True) + "\n"
-        atomic_write(os.path.join(self.out, name), lambda f: f.write(text.encode()))
-
-    def write_log(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(list(header))
-        w.writerows(rows)
-        os.makedirs(self.out, exist_ok=True)
-        atomic_write(os.path.join(self.out, "log.csv"), lambda f: f.write(buf.getvalue().encode()))
 
 
 # -------------------------------------------------------------------------------------------------

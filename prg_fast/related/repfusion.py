@@ -49,12 +49,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Augment, default_augment, load_data
-from ..training.runs import merge_config
-from .common import (ENCODERS, RunFiles, build_encoder, check_int, check_number, cosine_factor, load_flow,
-                     pretrain_info, resolve_device, rng_state, seed_everything, set_rng_state)
+from ..training.runs import (CheckpointError, RunDir, check_int, check_number, cosine_factor, merge_config,
+                             resolve_device, rng_state, seed_everything, set_rng_state)
+from .common import ENCODERS, build_encoder, load_flow, pretrain_info
 
 __all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
-           "reinforce_loss", "distill_loss", "entropy_weight", "REPFUSION_FORMAT", "add_repfusion", "run_repfusion"]
+           "reinforce_loss", "distill_loss", "entropy_weight", "REPFUSION_FORMAT"]
 
 REPFUSION_FORMAT = "prg_fast.repfusion"
 REPFUSION_VERSION = 1
@@ -355,10 +355,8 @@ def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> RepFusionRe
 class _RepFusion:
     def __init__(self, cfg: RepFusionConfig):
         self.cfg = cfg
-        self.files = RunFiles(cfg.out, REPFUSION_FORMAT, REPFUSION_VERSION, "repfusion")
+        self.files = RunDir(cfg.out, REPFUSION_FORMAT, REPFUSION_VERSION, "repfusion")
         self.device = resolve_device(cfg.device, 0)
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)
         aug = default_augment(cfg.data, "train")
         aug = Augment(hflip=aug.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
         self.train_data = load_data(cfg.data, "train", augment=aug)
@@ -443,8 +441,6 @@ class _RepFusion:
                 self.aux.load_state_dict(ckpt["aux_head"])
                 self.opt_policy.load_state_dict(ckpt["policy_optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            from .common import CheckpointError
-
             raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
         self.step = self.resumed_from = int(ckpt["step"])
         self.history = [list(h) for h in ckpt.get("history", [])]
@@ -604,7 +600,7 @@ class _RepFusion:
                 "policy_probs": {f"{float(t):.3g}": round(float(p), 4) for t, p in zip(times, mean)}}
 
     def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
-        from ..eval import top1_accuracy
+        from ..training.evaluate import top1_accuracy
 
         cfg = self.cfg
         t_eval = time.perf_counter()
@@ -643,74 +639,3 @@ class _RepFusion:
 
 
 _LOG_KEYS = ("distill", "aux_ce", "mean_t", "entropy_w", "ce", "correct")
-
-
-# -------------------------------------------------------------------------------------------------
-# command line
-
-
-def _time_arg(text: str) -> float:
-    import argparse
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a time in [0, 1], got {text!r}") from None
-    if not (0.0 <= v <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a time in [0, 1] (0 = data, 1 = noise), got {text}")
-    return v
-
-
-def add_repfusion(subparsers) -> None:
-    from ..cli import add_data_arguments, add_run_arguments, nonnegative_float, nonnegative_int, positive_int
-
-    d = RepFusionConfig()
-    p = subparsers.add_parser(
-        "repfusion", help="RepFusion: distil the pretrained flow's features into a ResNet student, then finetune it",
-        description="RepFusion-style distillation (arXiv 2308.10916): a forward hook on a layer of the frozen velocity "
-                    "network (default the UNet's middle block) gives pooled features of each clean training image at a "
-                    "time t (fixed with --t, or chosen per image by a REINFORCE policy with --policy); a ResNet student "
-                    "learns them through a linear projection with MSE for --steps, then is finetuned with "
-                    "cross-entropy for --finetune-steps. Writes DIR/metrics.json with the test top-1.")
-    add_data_arguments(p)
-    p.add_argument("--checkpoint", required=True, metavar="PRETRAIN_DIR", help="pretraining run directory (teacher)")
-    p.add_argument("--steps", type=nonnegative_int, default=d.steps,
-                   help=f"distillation steps (default {d.steps}; 0: no distillation, the supervised-student baseline)")
-    p.add_argument("--finetune-steps", type=positive_int, default=None, help="cross-entropy steps (default: --steps)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--t", type=_time_arg, default=None, help=f"fixed teacher time (default {DEFAULT_T:g})")
-    g.add_argument("--policy", action="store_true", help="choose t per image with a REINFORCE policy")
-    p.add_argument("--policy-times", type=positive_int, default=d.policy_times,
-                   help=f"candidate times for --policy, evenly spaced in [0, --policy-t-max] (default {d.policy_times})")
-    p.add_argument("--policy-t-max", type=_time_arg, default=d.policy_t_max)
-    p.add_argument("--layer", default=d.layer, help=f"teacher module to hook (default {d.layer})")
-    p.add_argument("--teacher-norm", choices=("standardize", "none"), default=d.teacher_norm,
-                   help="per-channel standardisation of the pooled teacher features before the MSE, with statistics "
-                        "of the training split at each teacher time (default standardize; none: raw features)")
-    p.add_argument("--student", choices=sorted(ENCODERS), default=d.student, help=f"(default {d.student})")
-    add_run_arguments(p)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"distillation SGD learning rate (default {d.lr:g})")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help=f"(default {d.finetune_lr:g})")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay)
-    p.add_argument("--policy-lr", type=float, default=d.policy_lr, help="Adam, policy and auxiliary head")
-    p.add_argument("--entropy-coef", type=nonnegative_float, default=d.entropy_coef,
-                   help=f"entropy bonus, decayed linearly to 0 at mid-distillation (default {d.entropy_coef:g})")
-    p.add_argument("--aux-hidden", type=positive_int, default=d.aux_hidden)
-    p.add_argument("--label-smoothing", type=nonnegative_float, default=d.label_smoothing)
-    p.add_argument("--raw-weights", action="store_true", help="teacher with raw instead of EMA weights")
-    p.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every)
-    p.add_argument("--log-every", type=positive_int, default=d.log_every)
-    p.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size)
-    p.set_defaults(func=run_repfusion)
-
-
-def run_repfusion(args) -> int:
-    import json
-    import sys
-    from dataclasses import fields
-
-    cfg = RepFusionConfig(**{f.name: getattr(args, f.name) for f in fields(RepFusionConfig) if hasattr(args, f.name)})
-    result = repfusion(cfg)
-    print(json.dumps({k: result.metrics[k] for k in ("top1", "step", "wall_time_s")}), file=sys.stdout)
-    return 0

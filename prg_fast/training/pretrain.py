@@ -1,5 +1,9 @@
 """Flow-matching pretraining (`prg-fast pretrain`): a velocity network learns the path's target
-velocity on an image data set; one process, or many under torchrun (DistributedDataParallel).
+velocity on an image data set; one process, or many under torchrun (DistributedDataParallel). The
+network is a UNet preset or any nn.Module called as model(t, x) (pretrain(model=...)). The EMA is
+torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn at the ramped decay; the warm-up is
+torch's LambdaLR; both give bitwise the numbers of the hand-written versions of the first release
+(python_tests/test_runs.py resumes run directories that release wrote).
 
 Run directory (--out DIR):
     DIR/checkpoint.pt   written atomically every --ckpt-every steps and at the end; a later run with
@@ -17,8 +21,9 @@ read it with `load_checkpoint` and rebuild the network with `build_model`):
     model           state_dict of the velocity network (unwrapped: no DDP "module." prefix)
     ema             state_dict of the EMA of the weights (same keys): what sampling and finetuning use
     optimizer       torch.optim state_dict (Adam or AdamW, per args["optimizer"])
-    model_config    dict: prg_fast.models.UNet(**model_config) rebuilds the architecture
-    preset          UNet preset name ("tiny", "cifar", "prg32")
+    model_config    dict: prg_fast.models.UNet(**model_config) rebuilds the architecture (None for a
+                    network prg_fast did not build; it then also holds model_class and time_convention)
+    preset          UNet preset name ("tiny", "cifar", "prg32"), or the package.module:factory used
     in_channels     image channels the network reads
     image_size      image height (= width)
     path            dict: {"name": "gvp" | "icfm" | "otcfm", "sigma": float}; prg_fast.paths.get_path(**path)
@@ -39,43 +44,34 @@ a resumed run reproduces an uninterrupted one exactly (same arguments, same worl
 """
 from __future__ import annotations
 
-import copy
-import csv
-import io
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .data import Augment, ImageData, default_augment, load_data
-from .losses import flow_matching_loss
-from .models import UNet
-from .models.unet import PRESETS
-from .paths import PATHS, get_path
-from .training.runs import (Dist, StepBatches, atomic_write, init_distributed, merge_config, rank_seed,
-                             restore_rng_on_resume, rng_state, seed_everything)
+from ..data import ImageData
+from ..losses import flow_matching_loss
+from ..models import UNet
+from ..models.unet import PRESETS
+from ..paths import PATHS, get_path
+from .runs import (CHECKPOINT_NAME, CheckpointError, Dist, RunDir, StepBatches, atomic_write, check_checkpoint,
+                   check_flow, check_int, check_number, checkpoint_file, gather_rng_states, import_factory,
+                   is_factory_spec, load_train_data, lr_schedule, merge_config, prg_velocity, rank_seed,
+                   read_checkpoint, restore_rng_on_resume, run_on_ranks, run_timing, seed_everything, step_bar, wrap_ddp)
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
            "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "save_image_grid"]
 
 CHECKPOINT_FORMAT = "prg_fast.pretrain"
 CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
 REQUIRED_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "model_config", "preset", "in_channels",
                  "image_size", "path", "data", "num_classes", "args", "world_size", "rng", "history")
 # arguments that define what a checkpoint is; resuming with different values is refused
 RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", "optimizer")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, is not a prg_fast pretraining checkpoint, or does not fit
-    the run that tries to use it."""
 
 
 @dataclass
@@ -84,7 +80,7 @@ class PretrainConfig:
 
     data: str = "digits"
     path: str = "otcfm"
-    model: str = "tiny"
+    model: str = "tiny"  # a UNet preset, or "package.module:factory" (bring your own flow)
     steps: int = 2000
     batch_size: int = 128  # global: split evenly over the processes
     out: str = "runs/pretrain"
@@ -110,22 +106,13 @@ class PretrainConfig:
     progress: bool = True
 
     def validate(self) -> "PretrainConfig":
-        def positive_int(name, allow_zero=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
-
         def number(name, lo, hi, lo_open=False):
-            v = getattr(self, name)
-            ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-                  and (v > lo if lo_open else v >= lo) and v <= hi)
-            if not ok:
-                raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+            check_number(name, getattr(self, name), lo, hi, lo_open=lo_open)
 
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "num_samples", "sample_steps"):
-            positive_int(name)
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup", "crop_padding", "seed"):
-            positive_int(name, allow_zero=True)
+            check_int(name, getattr(self, name), 0)
         number("lr", 0.0, 1.0, lo_open=True)
         number("weight_decay", 0.0, 10.0)
         number("grad_clip", 0.0, float("inf"))
@@ -138,13 +125,14 @@ class PretrainConfig:
             raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
         if self.path == "gvp" and self.sigma:
             raise ValueError(f"sigma is not used by the GVP path; got sigma={self.sigma!r}")
-        if self.model not in PRESETS:
-            raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, got {self.model!r}")
+        if self.model not in PRESETS and not is_factory_spec(self.model):
+            raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, or package.module:factory (a "
+                             f"callable returning a velocity network), got {self.model!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out must be a directory path, got {self.out!r}")
-        from .ode.solvers import get_tableau
+        from ..ode.solvers import get_tableau
 
         get_tableau(self.sample_method)  # raises with the list of methods
         return self
@@ -166,37 +154,21 @@ class PretrainResult:
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     """Read and validate a pretraining checkpoint (a file, or a run directory holding one)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no pretraining checkpoint at {path}")
-    try:
-        # TorchVersion (a str subclass) is allowed because checkpoints of the first release stored
-        # torch.__version__ itself; nothing else beyond weights_only's tensors and containers
-        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated / foreign file
-        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-        # torch's weights_only refusal is a long text; its one informative line names the culprit
-        why = next((s for s in lines if s.startswith("WeightsUnpickler error")), lines[0] if lines else "")
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupted, truncated, or not written by "
-                              f"prg_fast): {type(e).__name__}: {why}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a prg_fast pretraining checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
-    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')!r}; this prg_fast reads versions "
-                              f"<= {CHECKPOINT_VERSION} (upgrade prg_fast)")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} lacks the entries {missing}; it is incomplete or from another tool")
-    return ckpt
+    ckpt = read_checkpoint(path, what="pretraining checkpoint", map_location=map_location)
+    return check_checkpoint(ckpt, checkpoint_file(path), CHECKPOINT_FORMAT, CHECKPOINT_VERSION, REQUIRED_KEYS,
+                            "pretraining")
 
 
-def build_model(ckpt: Dict[str, Any], ema: bool = True) -> UNet:
-    """The velocity network of a checkpoint, with its EMA weights (ema=True) or the raw ones."""
+def build_model(ckpt: Dict[str, Any], ema: bool = True, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """The velocity network of a checkpoint, with its EMA weights (ema=True) or the raw ones. A
+    network prg_fast did not build (model_config None) is the `model` given, its weights loaded; the
+    network is returned as trained, in its own time convention (ckpt.get("time_convention"))."""
+    if model is None and ckpt["model_config"] is None:
+        raise CheckpointError(f"this checkpoint holds a network prg_fast did not build ({ckpt.get('model_class')}, "
+                              f"factory {ckpt.get('preset')!r}): pass model= (or --model package.module:factory)")
     try:
-        model = UNet(**ckpt["model_config"])
+        if model is None:
+            model = UNet(**ckpt["model_config"])
         model.load_state_dict(ckpt["ema" if ema else "model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"the checkpoint's weights do not fit its model_config: {e}") from e
@@ -207,30 +179,35 @@ def build_model(ckpt: Dict[str, Any], ema: bool = True) -> UNet:
 # training
 
 
-def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> PretrainResult:
+def pretrain(config: Optional[PretrainConfig] = None, *, model: Optional[torch.nn.Module] = None,
+             time_convention: str = "prg", **kwargs) -> PretrainResult:
     """Train (or resume training of) a velocity network by flow matching; see the module doc.
     Call with a PretrainConfig or with its fields as keyword arguments. Every process of a
-    torchrun job calls it; only rank 0 writes files."""
+    torchrun job calls it; only rank 0 writes files.
+
+    Bring your own flow: `model` is any nn.Module called as model(t, x) (else config.model names a
+    UNet preset or a "package.module:factory" that returns one); with time_convention="torchcfm"
+    (t = 0 is noise) it is trained through prg_fast.time_reversed, so it stays in its own convention.
+    Its checkpoint then has model_config None: rebuild it with build_model(ckpt, model=...)."""
+    if isinstance(model, str):  # the config's own field `model` (a UNet preset name), not a network
+        kwargs["model"], model = model, None
     cfg = merge_config(PretrainConfig, config, kwargs)
-    ctx = init_distributed(cfg.device)
-    try:
-        return _Trainer(cfg, ctx).run()
-    finally:
-        if ctx.owns_group:
-            dist.destroy_process_group()
+    if model is None and is_factory_spec(cfg.model):
+        model = import_factory(cfg.model)()
+    check_flow(model, time_convention)
+    return run_on_ranks(lambda ctx: _Trainer(cfg, ctx, model, time_convention).run(), cfg.device)
 
 
 class _Trainer:
-    def __init__(self, cfg: PretrainConfig, ctx: Dist):
+    def __init__(self, cfg: PretrainConfig, ctx: Dist, user_model: Optional[torch.nn.Module] = None,
+                 time_convention: str = "prg"):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         if cfg.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
         if cfg.batch_size % ctx.world:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
         self.local_batch = cfg.batch_size // ctx.world
-        augment = default_augment(cfg.data, "train")
-        augment = Augment(hflip=augment.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
-        self.data: ImageData = load_data(cfg.data, "train", augment=augment)
+        self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         c, h, w = self.data.shape
         if h != w:
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
@@ -239,34 +216,42 @@ class _Trainer:
 
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
         seed_everything(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
-        self.model = UNet.preset(cfg.model, in_channels=c, image_size=h, **overrides).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.user_model, self.time_convention = user_model is not None, time_convention
+        if user_model is None:
+            self.model = UNet.preset(cfg.model, in_channels=c, image_size=h, **overrides).to(self.device)
+        else:
+            self.model = user_model.to(self.device)
+        # the copy of the initial weights counts as one average (n_averaged = 1), so the first update
+        # already averages (decay 0.1 at step 0) instead of AveragedModel's plain copy
+        self.averaged = AveragedModel(self.model, multi_avg_fn=self._ema_step)
+        self.averaged.n_averaged.fill_(1)
+        self.ema = self.averaged.module.requires_grad_(False).eval()
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.history, self.running, self.elapsed_prev = 0, [], [0.0, 0], 0.0
-        self.ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+        self.files = RunDir(cfg.out, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretrain", kind="pretraining",
+                            required=REQUIRED_KEYS, main=ctx.main)
+        self.ckpt_path = self.files.ckpt_path
         self.resumed_from = 0
-        if os.path.isfile(self.ckpt_path):
-            # on the CPU: RNG states must be CPU tensors; load_state_dict moves weights to the device
-            self._resume(load_checkpoint(self.ckpt_path, map_location="cpu"))
+        existing = self.files.load()  # on the CPU: RNG states must stay CPU tensors
+        if existing is not None:
+            self._resume(existing)
         else:
             seed_everything(rank_seed(cfg.seed, ctx.rank))
-        self.net = self.model
-        if ctx.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        for group in self.opt.param_groups:
+            group["initial_lr"] = cfg.lr  # this run's peak, also over a resumed optimizer's saved groups
+        # a warm-up, then the peak (pretraining has no decay)
+        self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup, schedule="constant", step=self.step)
+        self.net = wrap_ddp(self.model, ctx)
+        self.velocity = prg_velocity(self.net, time_convention)  # what the loss trains, in prg_fast's time
 
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self, ckpt: Dict[str, Any]) -> None:
         cfg, where = self.cfg, self.ckpt_path
-        old = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-        for key in RESUME_MUST_MATCH:
-            if key in old and old[key] != getattr(cfg, key):
-                raise CheckpointError(f"{where} was written by a run with {key}={old[key]!r}, but this run has "
-                                      f"{key}={getattr(cfg, key)!r}; resume with the same arguments or use a new --out")
-        if ckpt["model_config"] != self.model.config:
+        self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
+        if ckpt["model_config"] != self._model_config():
             raise CheckpointError(f"{where} holds a network of another shape ({ckpt['model_config']}) than this run "
-                                  f"builds ({self.model.config}); did the data change? Use a new --out")
+                                  f"builds ({self._model_config()}); did the data change? Use a new --out")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.ema.load_state_dict(ckpt["ema"])
@@ -278,63 +263,59 @@ class _Trainer:
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        self.averaged.n_averaged.fill_(self.step + 1)
         restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
         self._say(f"resuming from {where} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
-        if self.ctx.main:
-            print(f"prg-fast pretrain: {msg}", file=sys.stderr, flush=True)
+        self.files.say(msg)
+
+    def _model_config(self) -> Optional[Dict[str, Any]]:
+        return None if self.user_model else dict(self.model.config)
 
     def _lr(self, step: int) -> float:
-        if self.cfg.warmup <= 0:
-            return self.cfg.lr
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup)
+        return self.cfg.lr * self.sched.lr_lambdas[0](step)
+
+    def _ema_step(self, ema_params, params, n_averaged) -> None:
+        # the (1 + n) / (10 + n) ramp at 0-based step n = n_averaged - 1 lets the average follow the
+        # fast early changes; without it a 0.9999 average of a short run would still be mostly the
+        # random initial weights
+        n = int(n_averaged) - 1
+        get_ema_multi_avg_fn(min(self.cfg.ema_decay, (1 + n) / (10 + n)))(ema_params, params, n_averaged)
 
     @torch.no_grad()
-    def _update_ema(self, step: int) -> None:
-        # the (1 + n) / (10 + n) ramp lets the average follow the fast early changes; without it a
-        # 0.9999 average of a short run would still be mostly the random initial weights
-        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
-        ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+    def _update_ema(self) -> None:
+        self.averaged.update_parameters(self.model)
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> PretrainResult:
-        from tqdm.auto import tqdm
-
         cfg, ctx = self.cfg, self.ctx
-        if ctx.main:
-            os.makedirs(cfg.out, exist_ok=True)
         start_step, t_start = self.step, time.perf_counter()
-        if self.step >= cfg.steps:
-            self._say(f"{self.ckpt_path} is already at step {self.step} >= --steps {cfg.steps}; nothing to train")
-        elif cfg.warmup > cfg.steps:
+        if self.step < cfg.steps and cfg.warmup > cfg.steps:
             # the warm-up is a fixed step count, not a fraction of the run: say so rather than let a
             # short run train quietly below the learning rate it was given
             self._say(f"note: warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} steps); the learning "
                       f"rate peaks at {self._lr(cfg.steps - 1):.3g}, not --lr {cfg.lr:g} (use --warmup to shorten it)")
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress), dynamic_ncols=True,
-                   mininterval=1.0, desc=f"pretrain {cfg.model}/{cfg.path}", unit="step")
+        bar = step_bar(self.files, self.step, cfg.steps, cfg.progress, f"pretrain {cfg.model}/{cfg.path}")
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no sync per step
         t_window, n_window = time.perf_counter(), 0
         while self.step < cfg.steps:
             step = self.step
-            lr = self._lr(step)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+            lr = self.opt.param_groups[0]["lr"]
             x, _ = self.data.batch(self._indices(step), device=self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = flow_matching_loss(self.net, x, self.path, eps=cfg.eps)
+                loss = flow_matching_loss(self.velocity, x, self.path, eps=cfg.eps)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
-            self._update_ema(step)
+            self.sched.step()
+            self._update_ema()
             loss_sum += loss.detach()
             n_window += 1
             self.step += 1
@@ -372,51 +353,33 @@ class _Trainer:
             bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", refresh=False)
 
     def _save(self, elapsed: float) -> None:
-        ctx = self.ctx
-        rng = rng_state(self.device)
-        if ctx.world > 1:
-            gathered: List[Any] = [None] * ctx.world
-            dist.all_gather_object(gathered, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in rng.items()})
-            rngs = gathered
-        else:
-            rngs = [rng]
-        if not ctx.main:
-            return
+        rngs = gather_rng_states(self.ctx, self.device)  # a collective: every rank takes part
         cfg = self.cfg
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
+        # a network prg_fast did not build also records its class and time convention
+        own = {} if not self.user_model else {"model_class": f"{type(self.model).__module__}."
+                                                            f"{type(self.model).__qualname__}",
+                                              "time_convention": self.time_convention}
+        self.files.save({
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "model_config": dict(self.model.config),
-            "preset": cfg.model,
+            "model_config": self._model_config(),
+            "preset": cfg.model if not self.user_model or is_factory_spec(cfg.model) else None,
             "in_channels": self.data.shape[0],
             "image_size": self.data.shape[1],
             "path": {"name": cfg.path, "sigma": float(cfg.sigma)},
             "data": cfg.data,
             "num_classes": self.data.num_classes,
             "args": asdict(cfg),
-            "world_size": ctx.world,
-            "rng": [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in rngs],
+            "world_size": self.ctx.world,
+            "rng": rngs,
             "history": self.history,
             "running": {"sum": self.running[0], "count": self.running[1]},
             "elapsed_s": elapsed,
-            "torch_version": str(torch.__version__),
-        }
-        atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
-        self._write_log()
-
-    def _write_log(self) -> None:
-        def write(f):
-            text = io.StringIO()
-            w = csv.writer(text)
-            w.writerow(["step", "loss", "lr"])
-            w.writerows(self.history)
-            f.write(text.getvalue().encode())
-
-        atomic_write(os.path.join(self.cfg.out, "log.csv"), write)
+            **own,
+        })
+        self.files.write_log(["step", "loss", "lr"], self.history)
 
     def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
@@ -424,11 +387,7 @@ class _Trainer:
         metrics: Dict[str, Any] = {
             "loss": self.history[-1][1] if self.history else float("nan"),
             "loss_start": self.history[0][1] if self.history else float("nan"),
-            "step": self.step,
-            "resumed_from_step": self.resumed_from,
-            "wall_time_s": round(elapsed, 3),
-            "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
-            "images_per_s": round(trained * cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None,
+            **run_timing(self.step, self.resumed_from, elapsed, self.elapsed_prev, trained, cfg.batch_size),
             "num_params": sum(p.numel() for p in self.model.parameters()),
             "world_size": ctx.world,
             "device_used": str(self.device),
@@ -439,9 +398,8 @@ class _Trainer:
         if not ctx.main:
             return metrics
         samples = self.sample(cfg.num_samples)
-        atomic_write(os.path.join(cfg.out, "samples.png"), lambda f: save_image_grid(samples, f))
-        atomic_write(os.path.join(cfg.out, "metrics.json"),
-                      lambda f: f.write((json.dumps(metrics, indent=1, allow_nan=True) + "\n").encode()))
+        atomic_write(self.files.path("samples.png"), lambda f: save_image_grid(samples, f))
+        self.files.write_json("metrics.json", metrics)
         self._say(f"step {self.step}: loss {metrics['loss']:.4f} (first interval {metrics['loss_start']:.4f}); "
                   f"wrote {cfg.out}/checkpoint.pt, metrics.json, samples.png")
         return metrics
@@ -450,11 +408,11 @@ class _Trainer:
     def sample(self, n: int) -> torch.Tensor:
         """n samples from the EMA network: noise from a generator seeded by the run's seed (the
         same grid for the same weights), integrated t = 1 -> 0 with prg_fast.generate."""
-        from .ode import generate
+        from ..ode import generate
 
         gen = torch.Generator().manual_seed(self.cfg.seed)
         z = torch.randn((n, *self.data.shape), generator=gen).to(self.device)
-        return generate(self.ema, z, steps=self.cfg.sample_steps, method=self.cfg.sample_method).clamp(-1, 1).cpu()
+        return generate(prg_velocity(self.ema, self.time_convention), z, steps=self.cfg.sample_steps, method=self.cfg.sample_method).clamp(-1, 1).cpu()
 
 
 def save_image_grid(images: torch.Tensor, file, *, nrow: Optional[int] = None, min_size: int = 32) -> None:

@@ -1,5 +1,6 @@
-"""Evaluation: top-1 of a classifier on a data split, feature extraction along the reversed
-trajectory, and the two standard probes of frozen features (linear probe, k-NN).
+"""Evaluation: top-1 of a classifier on a data split (sharded over torchrun's ranks), feature
+extraction along the reversed trajectory, the two standard probes of frozen features (linear probe,
+k-NN), and the `prg-fast evaluate` / `prg-fast extract` commands' work (evaluate, extract).
 
     feats = extract_features(flow, load_data("digits", "train", augment=None), t=1.0, steps=20)
     linear_probe(train_x, train_y, test_x, test_y)   # {"top1": ..., "C": ..., ...}
@@ -16,15 +17,23 @@ import json
 import math
 import numbers
 import os
+import sys
+import time
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from .ode import reverse
+from ..classifier import feature_shape
+from ..data import load_data
+from .checkpoints import (FINETUNE_FORMAT, build_classifier, check_data_fits, load_finetune_checkpoint)
+from .pretrain import build_model, load_checkpoint
+from .runs import (CheckpointError, atomic_write, checkpoint_file, parse_times, prg_velocity, read_checkpoint,
+                   resolve_device, run_on_ranks, write_json)
 
-__all__ = ["top1_accuracy", "extract_features", "linear_probe", "knn_accuracy", "save_features", "load_features",
-           "probe_features"]
+__all__ = ["top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
+           "load_features", "probe_features", "evaluate", "extract"]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -47,6 +56,35 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def _predict(classifier: torch.nn.Module, data, indices, batch_size: int, device, progress: bool) -> torch.Tensor:
+    was_training = classifier.training
+    classifier.eval()
+    preds = []
+    try:
+        with _progress(len(indices), "evaluate", progress) as bar:
+            for start in range(0, len(indices), batch_size):
+                idx = list(indices[start:start + batch_size])
+                x, _ = data.batch(idx, augment=False, device=device)
+                preds.append(classifier(x).argmax(dim=1).cpu())
+                bar.update(len(idx))
+    finally:
+        classifier.train(was_training)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def sharded_correct(classifier: torch.nn.Module, data, ctx, *, batch_size: int = 256, progress: bool = False) -> int:
+    """Correctly labelled images of `data`, each rank of `ctx` (a training.runs.Dist) classifying
+    every world-th image and the counts all-reduced: every rank returns the whole split's count."""
+    batch_size = _check_batch_size(batch_size)
+    indices = range(ctx.rank, len(data), ctx.world)
+    pred = _predict(classifier, data, indices, batch_size, ctx.device, progress and ctx.main)
+    correct = torch.tensor([int((pred == data.labels[list(indices)]).sum())], dtype=torch.float64, device=ctx.device)
+    if ctx.world > 1:
+        dist.all_reduce(correct)
+    return int(round(float(correct.item())))
+
+
+@torch.no_grad()
 def top1_accuracy(classifier: torch.nn.Module, data, *, batch_size: int = 256, device=None,
                   progress: bool = False, return_predictions: bool = False):
     """Fraction of `data` (an ImageData split; augmentation is not applied) that `classifier`
@@ -54,19 +92,7 @@ def top1_accuracy(classifier: torch.nn.Module, data, *, batch_size: int = 256, d
     depend on batch_size. Returns a float (and the predictions, with return_predictions=True)."""
     batch_size = _check_batch_size(batch_size)
     device = torch.device(device) if device is not None else _device_of(classifier)
-    was_training = classifier.training
-    classifier.eval()
-    preds = []
-    try:
-        with _progress(len(data), "evaluate", progress) as bar:
-            for start in range(0, len(data), batch_size):
-                idx = list(range(start, min(start + batch_size, len(data))))
-                x, _ = data.batch(idx, augment=False, device=device)
-                preds.append(classifier(x).argmax(dim=1).cpu())
-                bar.update(len(idx))
-    finally:
-        classifier.train(was_training)
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    pred = _predict(classifier, data, range(len(data)), batch_size, device, progress)
     correct = int((pred == data.labels).sum())
     acc = correct / max(len(data), 1)
     return (acc, pred) if return_predictions else acc
@@ -79,7 +105,7 @@ def extract_features(flow: torch.nn.Module, data, t: float = 1.0, *, t0: float =
     """Reverse every image of `data` (no augmentation) with `flow` from t0 to t; returns
     (features, labels) as numpy arrays: features (N, D) float32 when flatten (else (N, C', H, W)),
     with several save_at states concatenated on the channel dim, labels (N,) int64."""
-    from .classifier import PRGClassifier
+    from ..classifier import PRGClassifier
 
     batch_size = _check_batch_size(batch_size)
     device = torch.device(device) if device is not None else _device_of(flow)
@@ -187,8 +213,6 @@ def probe_features(features: Dict[str, Any], *, k: int = 20) -> Dict[str, Any]:
 def save_features(path: str, *, train_features, train_labels, test_features, test_labels, feature_shape,
                   classes: Sequence[str], meta: Dict[str, Any]) -> None:
     """Write a feature file atomically (temporary file in the same folder, then rename)."""
-    from .training.runs import atomic_write
-
     if not path.endswith(".npz"):
         raise ValueError(f"the feature file must end in .npz, got {path!r}")
     folder = os.path.dirname(os.path.abspath(path))
@@ -218,3 +242,120 @@ def load_features(path: str) -> Dict[str, Any]:
     out["classes"] = [str(c) for c in out.get("classes", [])]
     out["meta"] = json.loads(str(out["meta"])) if "meta" in out else {}
     return out
+
+
+# -------------------------------------------------------------------------------------------------
+# the evaluate and extract commands' work
+
+
+def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional[int] = None,
+             method: Optional[str] = None, batch_size: int = 256, device: str = "auto", progress: bool = False,
+             out: Optional[str] = None, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Top-1 of a finetuned checkpoint on the test split of `data` (default: the data it was
+    finetuned on), with its training step count or `ode_steps` / `method`. Writes out/metrics.json
+    when `out` is given; returns the metrics dict."""
+    ckpt = load_finetune_checkpoint(checkpoint)
+    where = checkpoint_file(checkpoint)
+    spec = data or ckpt["data"]
+    test = load_data(spec, "test", augment=None)
+    if test.num_classes != int(ckpt["num_classes"]):
+        raise CheckpointError(f"{where} classifies {ckpt['num_classes']} classes, but {spec} has {test.num_classes}; "
+                              f"evaluate on the data set it was finetuned on ({ckpt['data']})")
+    check_data_fits(test, ckpt, where, "was finetuned on")
+    if ckpt.get("classes") and list(ckpt["classes"]) != list(test.classes):
+        print(f"prg-fast evaluate: warning: class names differ from those finetuned on ({ckpt['classes'][:5]}... vs "
+              f"{test.classes[:5]}...); labels are matched by sorted position", file=sys.stderr)
+    clf = build_classifier(ckpt, steps=ode_steps, method=method, model=model)
+    return run_on_ranks(lambda ctx: _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out), device)
+
+
+def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out) -> Dict[str, Any]:
+    dev = ctx.device
+    clf = clf.to(dev)
+    t_start = time.perf_counter()
+    correct = sharded_correct(clf, test, ctx, batch_size=batch_size, progress=progress)
+    metrics = {
+        "top1": correct / max(len(test), 1),
+        "correct": correct,
+        "test_size": len(test),
+        "ode_steps": clf.steps,
+        "method": clf.method,
+        "trained_ode_steps": ckpt["classifier"]["steps"],
+        "trained_method": ckpt["classifier"]["method"],
+        "t0": clf.t0, "t": clf.t,
+        "finetune_top1": ckpt.get("top1"),
+        "finetune_step": int(ckpt["step"]),
+        "checkpoint": os.path.abspath(where),
+        "data": spec,
+        "wall_time_s": round(time.perf_counter() - t_start, 3),
+        "device_used": str(dev),
+        "batch_size": batch_size,
+        "world_size": ctx.world,
+    }
+    if out and ctx.main:
+        write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, t0: Optional[float] = None,
+            save_at: Optional[Sequence[float]] = None, ode_steps: Optional[int] = None, method: Optional[str] = None,
+            raw_weights: bool = False, batch_size: int = 256, device: str = "auto", progress: bool = False,
+            probe: bool = False, knn_k: int = 20, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Features of both splits of `data` along the reversed trajectory of a checkpoint's flow,
+    written to `out`: a run directory (DIR/features.npz, DIR/metrics.json) or, as before, a file
+    FILE.npz (the probe numbers then go to FILE.probe.json). Feature file format: the module doc. A
+    pretraining checkpoint gives its EMA network (raw_weights=True: the raw one); a finetuning
+    checkpoint its finetuned flow, with its trained segment and solver as defaults. probe=True adds
+    linear-probe and k-NN top-1. Returns the metadata (and probe numbers)."""
+    if not isinstance(out, str) or not out or (os.path.splitext(out)[1] not in ("", ".npz")):
+        raise ValueError(f"--out must be a run directory (no file extension) or name a .npz file, got {out!r}")
+    run_dir = not out.endswith(".npz")
+    npz = os.path.join(out, "features.npz") if run_dir else out
+    raw = read_checkpoint(checkpoint)
+    where = checkpoint_file(checkpoint)
+    if raw.get("format") == FINETUNE_FORMAT:
+        ckpt = load_finetune_checkpoint(checkpoint)
+        flow = build_classifier(ckpt, model=model).flow
+        c = ckpt["classifier"]
+        defaults = dict(t=c["t"], t0=c["t0"], steps=c["steps"], method=c["method"])
+        kind, weights = "finetune", "finetuned"
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        flow = prg_velocity(build_model(ckpt, ema=not raw_weights, model=model), ckpt.get("time_convention", "prg"))
+        defaults = dict(t=1.0, t0=0.0, steps=20, method="euler")
+        kind, weights = "pretrain", "raw" if raw_weights else "ema"
+    t = defaults["t"] if t is None else float(t)
+    t0 = defaults["t0"] if t0 is None else float(t0)
+    steps = defaults["steps"] if ode_steps is None else ode_steps
+    method = defaults["method"] if method is None else method
+    if not t0 < t:
+        raise ValueError(f"the trajectory segment needs t0 < t, got t0={t0:g}, t={t:g}")
+    save_at = parse_times(save_at)
+    dev = resolve_device(device, 0)
+    flow = flow.to(dev)
+    splits = {}
+    t_start = time.perf_counter()
+    for split in ("train", "test"):
+        d = load_data(data, split, augment=None)
+        if split == "train":
+            check_data_fits(d, ckpt, where, "was trained on")
+        splits[split] = (d, *extract_features(flow, d, t, t0=t0, steps=steps, method=method, save_at=save_at,
+                                              batch_size=batch_size, device=dev, progress=progress))
+    meta = {"checkpoint": os.path.abspath(where), "checkpoint_kind": kind, "weights": weights, "data": data,
+            "t": t, "t0": t0, "save_at": save_at, "ode_steps": steps, "method": method,
+            "feature_shape": list(feature_shape(splits["train"][0].shape, save_at)),
+            "n_train": len(splits["train"][0]), "n_test": len(splits["test"][0]),
+            "wall_time_s": round(time.perf_counter() - t_start, 3)}
+    save_features(npz, train_features=splits["train"][1], train_labels=splits["train"][2],
+                  test_features=splits["test"][1], test_labels=splits["test"][2],
+                  feature_shape=meta["feature_shape"], classes=splits["train"][0].classes, meta=meta)
+    if probe:
+        result = probe_features({"train_features": splits["train"][1], "train_labels": splits["train"][2],
+                                 "test_features": splits["test"][1], "test_labels": splits["test"][2]}, k=knn_k)
+        meta.update(result)
+        if not run_dir:
+            write_json(out[:-len(".npz")] + ".probe.json", meta)
+    if run_dir:  # what is returned (and printed) is what metrics.json holds
+        meta["features"] = os.path.abspath(npz)
+        write_json(os.path.join(out, "metrics.json"), meta)
+    return meta

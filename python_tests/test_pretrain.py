@@ -1,11 +1,10 @@
-"""prg_fast.train / `prg-fast pretrain`: the loss falls on digits, files are written as documented,
+"""prg_fast.training.pretrain / `prg-fast pretrain`: the loss falls on digits, files are written as documented,
 resume reproduces an uninterrupted run bitwise, bad checkpoints give clear errors, and two gloo
 processes (DistributedDataParallel) keep identical replicas."""
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -13,19 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-import prg_fast.train as T
+import prg_fast.training.pretrain as T
 from prg_fast.cli import main
-from prg_fast.train import CheckpointError, PretrainConfig, build_model, load_checkpoint, pretrain
+from prg_fast.training.pretrain import CheckpointError, PretrainConfig, build_model, load_checkpoint, pretrain
 
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: with two intra-op threads, a busy neighbour process makes every small op wait
-    # for a descheduled thread (seconds per step); one thread keeps the timings predictable
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 QUICK = dict(data="digits", path="otcfm", model="tiny", batch_size=32, lr=1e-3, warmup=0, log_every=4,
              num_samples=4, sample_steps=2, progress=False, device="cpu")
@@ -177,12 +170,6 @@ def test_python_dash_m_entry_point():
 # distributed: two CPU processes, gloo on localhost
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -192,10 +179,10 @@ def _ddp_worker(rank, world, port, out, result_dir):
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_ddp_two_processes_keep_identical_replicas(tmp_path):
+def test_ddp_two_processes_keep_identical_replicas(tmp_path, free_port):
     out, results = str(tmp_path / "ddp"), str(tmp_path / "results")
     os.makedirs(results)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out, results), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port, out, results), nprocs=2, join=True)
     r0, r1 = (torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
     for part in ("model", "ema"):
         for k in r0[part]:

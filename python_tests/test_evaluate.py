@@ -10,24 +10,13 @@ import prg_fast
 from prg_fast import cli
 from prg_fast.classifier import PRGClassifier
 from prg_fast.data import load_data
-from prg_fast.eval import extract_features, knn_accuracy, linear_probe, load_features, top1_accuracy
-from prg_fast.finetune import extract, finetune
-from prg_fast.train import build_model, load_checkpoint
-
-from test_finetune import pretrained_checkpoint
+from prg_fast.training.evaluate import extract_features, knn_accuracy, linear_probe, load_features, top1_accuracy
+from prg_fast.training.finetune import extract, finetune
+from prg_fast.training.pretrain import build_model, load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def pretrained(tmp_path_factory):
-    return pretrained_checkpoint(tmp_path_factory)
+# tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n_per_class=40, classes=4, dim=10, spread=0.5, seed=0):
@@ -100,6 +89,17 @@ def test_extract_cli_writes_features_equal_to_reverse(pretrained, tmp_path, caps
     assert 0.0 <= probe["linear_probe_top1"] <= 1.0 and 0.0 <= probe["knn_top1"] <= 1.0
     assert probe["linear_probe_top1"] > 0.5  # reversed digits keep most of the class information at t = 0.5
     assert "linear probe top-1" in capsys.readouterr().err
+
+
+def test_extract_into_a_run_directory_writes_and_prints_its_metrics(pretrained, tmp_path, capsys):
+    out = tmp_path / "feats"
+    assert cli.main(["extract", "--data", "digits", "--checkpoint", pretrained, "--ode-steps", "2", "--out", str(out),
+                     "--no-progress", "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == ["features.npz", "metrics.json"]
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.load(open(out / "metrics.json"))
+    assert printed == written and written["features"] == str(out / "features.npz")
+    assert written["n_train"] == 1437 and load_features(str(out / "features.npz"))["meta"]["ode_steps"] == 2
 
 
 def test_extract_save_at_and_finetuned_checkpoint(pretrained, tmp_path):

@@ -1,0 +1,79 @@
+"""Command line: `prg-fast <command> ...` (also `python -m prg_fast ...`); DESIGN.md section 4. All
+argument parsing lives in this package (one module per command); the training code below takes
+config dataclasses and knows no argparse.
+
+    prg-fast pretrain | finetune | evaluate | extract | repfusion | genrep | info
+
+Adding a command: write `add_<name>(subparsers)` in its own module here, creating its parser with
+`subparsers.add_parser(name, help=..., formatter_class=HelpFormatter)`, adding its options (reuse
+prg_fast.cli.args' types and flag groups so the flags read the same everywhere) and setting
+`func=<callable(args) -> exit code>` with `parser.set_defaults(...)`; then append it to COMMANDS.
+Every command writes DIR/metrics.json and prints that object as one line on stdout.
+Errors a user can fix (bad values, missing files, unusable checkpoints) are printed as one line
+and exit with status 2; set PRG_FAST_TRACEBACK=1 to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, List, Optional
+
+from .args import (HelpFormatter, add_data_arguments, add_run_arguments, bounded, nonnegative_float, nonnegative_int,
+                   positive_float, positive_int)
+from .evaluate import add_evaluate, add_extract
+from .finetune import add_finetune
+from .pretrain import add_pretrain
+from .related import add_genrep, add_repfusion
+
+__all__ = ["main", "build_parser", "COMMANDS", "add_data_arguments", "add_run_arguments", "bounded",
+           "positive_int", "nonnegative_int", "nonnegative_float", "positive_float", "HelpFormatter"]
+
+
+def add_info(subparsers) -> None:
+    p = subparsers.add_parser("info", formatter_class=HelpFormatter, help="what prg_fast was built with (CPU/CUDA ops, Triton) and why not")
+    p.set_defaults(func=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..ode import info
+
+    info()
+    return 0
+
+
+# the commands, in the order `prg-fast --help` lists them
+COMMANDS: List[Callable] = [add_pretrain, add_finetune, add_evaluate, add_extract, add_repfusion, add_genrep,
+                           add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prg-fast", formatter_class=HelpFormatter,
+        description="prg_fast: reverse pretrained flow models (data -> noise) with an exact adjoint; PRG on top.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _user_errors():
+    from ..training.runs import CheckpointError
+
+    return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CheckpointError, FloatingPointError)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage or input error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        if os.environ.get("PRG_FAST_TRACEBACK"):
+            raise
+        print(f"prg-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,70 @@
+"""`prg-fast finetune`: flags -> FinetuneConfig -> prg_fast.training.finetune.finetune."""
+from __future__ import annotations
+
+from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_model_arguments, add_run_arguments,
+                   add_solver_arguments, config_from_args, nonnegative_float, nonnegative_int, positive_float,
+                   positive_int, print_metrics, time_list, unit_time, user_model)
+from .pretrain import PRESET_HELP
+
+
+def add_finetune(subparsers) -> None:
+    from ..paths import PATHS
+    from ..training.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = subparsers.add_parser(
+        "finetune", help="PRG finetuning: classifier head on the reversed trajectory, trained jointly with the flow",
+        formatter_class=HelpFormatter,
+        description="Load a pretraining checkpoint (EMA weights by default), reverse images from t0 to t with the "
+                    "flow, classify the end state with a ClassifierHead, and train head and flow jointly with "
+                    "cross-entropy + BETA x flow-matching loss through the exact adjoint. Runs on one process, or "
+                    "under `torchrun --nproc_per_node N` with DistributedDataParallel (the test split is then "
+                    "evaluated in shards, one per process).")
+    add_data_arguments(p)
+    p.add_argument("--checkpoint", metavar="DIR", default=None,
+                   help="pretraining run directory (or its checkpoint.pt); optional with --from-scratch --model")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch, split over processes")
+    add_solver_arguments(p, d.ode_steps, d.method)
+    p.add_argument("--t0", type=unit_time, default=d.t0,
+                   help="start of the trajectory segment; the image is the state at t0 (0 = data)")
+    p.add_argument("--t", type=unit_time, default=d.t, help="end of the segment, whose state is classified")
+    p.add_argument("--save-at", type=time_list, default=None, metavar="T1,T2,...",
+                   help="classify the states at these times, concatenated on the channel dim (None: only t)")
+    p.add_argument("--beta", type=nonnegative_float, default=d.beta,
+                   help="weight of the flow-matching loss on the same batch (0: cross-entropy only, as the released "
+                        "PRG code; the paper's objective uses beta > 0)")
+    p.add_argument("--label-smoothing", type=nonnegative_float, default=d.label_smoothing)
+    p.add_argument("--freeze-flow", action="store_true", help="train the head only (the flow is a fixed feature map)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="same architecture with random initial weights (no pretraining)")
+    add_model_arguments(p, presets=True, weights=True,
+                        preset_help=f"for --from-scratch without --checkpoint: {PRESET_HELP}")
+    p.add_argument("--path", choices=sorted(PATHS), default=None,
+                   help="flow-matching path of the beta term (None: the checkpoint's, else otcfm)")
+    p.add_argument("--raw-weights", action="store_true", help="start from the raw weights instead of the EMA")
+    p.add_argument("--hidden", type=positive_int, default=None, help="head width (None: the pooled feature size)")
+    add_run_arguments(p)
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
+    p.add_argument("--head-lr", type=positive_float, default=None, help="peak learning rate of the head (None: --lr)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help="AdamW")
+    p.add_argument("--warmup", type=nonnegative_int, default=None, help="linear warm-up steps (None: 5%% of --steps)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule, help="after the warm-up")
+    p.add_argument("--min-lr", type=nonnegative_float, default=d.min_lr, help="cosine floor, fraction of the peak")
+    p.add_argument("--grad-clip", type=nonnegative_float, default=d.grad_clip, help="max gradient norm, 0 disables")
+    p.add_argument("--fm-eps", type=nonnegative_float, default=d.fm_eps, help="t ~ U(eps, 1) in the beta term")
+    p.add_argument("--eval-every", type=nonnegative_int, default=d.eval_every,
+                   help="test top-1 every N steps into log.csv (0: only at the end)")
+    add_interval_arguments(p, d)
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args) -> int:
+    from ..training.finetune import FinetuneConfig, finetune
+
+    model = user_model(args)
+    if model is not None:
+        args.model = None  # FinetuneConfig.model is a preset; the network itself goes as model=
+    result = finetune(config_from_args(FinetuneConfig, args), model=model, time_convention=args.time_convention)
+    print_metrics(result.metrics)
+    return 0

@@ -1,0 +1,491 @@
+"""PRG finetuning (`prg-fast finetune`); DESIGN.md section 4. Re-evaluation and feature extraction
+(`prg-fast evaluate` / `extract`) are in prg_fast.training.evaluate, the checkpoint's reading and
+rebuilding in prg_fast.training.checkpoints (both still importable from here).
+
+Finetuning loads a pretraining checkpoint (EMA weights by default), puts a ClassifierHead on the end
+state of the reversed trajectory (PRGClassifier: reverse from t0 to t, then the head) and trains
+head and flow jointly through prg_fast's exact adjoint with
+
+    loss = cross_entropy(logits, y; label_smoothing) + beta * flow_matching_loss(flow, x, path)
+
+on the same batch (the paper's objective; beta = 0 is the released code's cross-entropy only).
+AdamW, linear warm-up then cosine decay or constant (torch's LambdaLR); --freeze-flow trains the
+head only (the flow runs without a graph), --from-scratch trains the same architecture without
+pretraining. One process,
+or many under torchrun (DistributedDataParallel; the test split is classified in shards, one per
+process), with the helpers of prg_fast.training.runs. Any nn.Module called as model(t, x) can be
+the flow (finetune(model=...), see `finetune`).
+
+Run directory (--out DIR):
+    DIR/checkpoint.pt   atomically written every --ckpt-every steps and at the end; a later run with
+                        the same DIR resumes from it (same arguments; --steps may grow)
+    DIR/metrics.json    one flat JSON object: top1 (test split, at the training step count), loss,
+                        ce, fm, train_top1, step, wall_time_s, ... plus every argument
+    DIR/log.csv         step, loss, ce, fm, train_top1, lr (and test top1 where evaluated)
+
+Checkpoint format (DIR/checkpoint.pt, torch.save of a dict; loads with weights_only=True; read it with
+`load_finetune_checkpoint`, rebuild the classifier with `build_classifier`):
+    format "prg_fast.finetune", version 1, step, flow (velocity network state_dict), head
+    (ClassifierHead state_dict), optimizer, model_config (UNet(**model_config)), head_config
+    (ClassifierHead(**head_config)), preset, in_channels, image_size, path ({"name", "sigma"} or None),
+    data, num_classes, classes, classifier ({"t0", "t", "save_at", "steps", "method"}), pretrain
+    ({"checkpoint", "step", "weights"} or None for --from-scratch without one), args (FinetuneConfig),
+    world_size, rng (per rank), history, running, elapsed_s, top1 (None until the run finished),
+    torch_version.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..classifier import PRGClassifier, feature_shape
+from ..data import ImageData, load_data
+from ..losses import flow_matching_loss
+from ..models import UNet
+from ..models.heads import ClassifierHead
+from ..paths import PATHS, get_path
+from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, build_classifier, check_data_fits,
+                          load_finetune_checkpoint, load_pretrain_checkpoint)
+from .evaluate import evaluate, extract, sharded_correct
+from .pretrain import build_model
+from .runs import (CheckpointError, Dist, RunDir, StepBatches, check_flow, check_int, check_number, checkpoint_file,
+                   gather_rng_states, load_train_data, lr_schedule, merge_config, parse_times, prg_velocity,
+                   rank_seed, restore_rng_on_resume, run_on_ranks, run_timing, seed_everything, step_bar, wrap_ddp)
+
+# evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
+# evaluate.py / checkpoints.py; they stay importable from here, where they were first
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
+           "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION"]
+
+# arguments that define what a finetuning run is; resuming with other values is refused
+RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "save_at", "ode_steps", "method", "batch_size", "beta",
+                     "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden", "raw_weights")
+
+
+@dataclass
+class FinetuneConfig:
+    """Arguments of `prg-fast finetune` (the command line maps one flag to each field)."""
+
+    data: str = "digits"
+    checkpoint: Optional[str] = None  # pretraining checkpoint (file or run directory)
+    out: str = "runs/finetune"
+    steps: int = 1000
+    batch_size: int = 128  # global: split evenly over the processes
+    ode_steps: int = 20
+    method: str = "euler"  # the released code's solver
+    t0: float = 0.0
+    t: float = 1.0
+    save_at: Optional[List[float]] = None  # several feature times, concatenated on the channel dim
+    beta: float = 0.0  # weight of the flow-matching term (paper: > 0; released code: 0)
+    label_smoothing: float = 0.1
+    lr: float = 1e-3
+    head_lr: Optional[float] = None  # None: lr
+    weight_decay: float = 0.05
+    warmup: Optional[int] = None  # linear warm-up steps; None: 5% of --steps
+    schedule: str = "cosine"  # cosine | constant (after the warm-up)
+    min_lr: float = 0.0  # cosine floor, as a fraction of the peak
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    freeze_flow: bool = False  # train the head only
+    from_scratch: bool = False  # same architecture, random initial weights
+    model: Optional[str] = None  # UNet preset for --from-scratch without --checkpoint
+    path: Optional[str] = None  # flow-matching path for beta > 0 (default: the checkpoint's)
+    raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
+    hidden: Optional[int] = None  # head width (None: the pooled feature size, as in PRG)
+    seed: int = 0
+    hflip: Optional[bool] = None
+    crop_padding: int = 0
+    fm_eps: float = 1e-5
+    ckpt_every: int = 500
+    log_every: int = 25
+    eval_every: int = 0  # test top-1 every N steps (0: only at the end)
+    eval_batch_size: int = 256
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self, external_model: bool = False) -> "FinetuneConfig":
+        """Check and normalise the fields; `external_model`: the caller brings the flow network
+        (finetune(model=...)), so neither a checkpoint nor a preset is needed."""
+        def int_at_least(name, lo):
+            check_int(name, getattr(self, name), lo)
+
+        for name in ("steps", "batch_size", "ode_steps", "ckpt_every", "log_every", "eval_batch_size"):
+            int_at_least(name, 1)
+        for name in ("seed", "crop_padding", "eval_every"):
+            int_at_least(name, 0)
+        if self.warmup is not None:
+            int_at_least("warmup", 0)
+        if self.hidden is not None:
+            int_at_least("hidden", 1)
+        for name, lo, hi, lo_open in (("lr", 0.0, 1.0, True), ("weight_decay", 0.0, 10.0, False),
+                                      ("beta", 0.0, 1e6, False), ("min_lr", 0.0, 1.0, False),
+                                      ("grad_clip", 0.0, 1e12, False), ("fm_eps", 0.0, 0.5, False)):
+            check_number(name, getattr(self, name), lo, hi, lo_open=lo_open)
+        if self.head_lr is not None:
+            check_number("head_lr", self.head_lr, 0.0, 1.0, lo_open=True)
+        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        for name in ("t0", "t"):
+            check_number(f"{name} (0 = data, 1 = noise)", getattr(self, name), 0.0, 1.0)
+        if not self.t0 < self.t:
+            raise ValueError(f"the trajectory segment needs t0 < t (it is integrated from t0 up to t), "
+                             f"got t0={self.t0:g}, t={self.t:g}")
+        self.save_at = parse_times(self.save_at)
+        if self.save_at is not None:
+            if not self.save_at:
+                raise ValueError("save_at must hold at least one time")
+            bad = [s for s in self.save_at if not self.t0 <= s <= self.t]
+            if bad:
+                raise ValueError(f"save_at times must lie in [t0, t] = [{self.t0:g}, {self.t:g}], got {bad}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        from ..ode.solvers import get_tableau
+
+        get_tableau(self.method)
+        if self.freeze_flow and self.from_scratch:
+            raise ValueError("freeze_flow with from_scratch would train a head on an untrained, frozen flow; "
+                             "choose one of them")
+        if self.checkpoint is None and not self.from_scratch and not external_model:
+            raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt); "
+                             "only --from-scratch runs without one")
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, str) or not self.checkpoint:
+                raise ValueError(f"checkpoint must be a path, got {self.checkpoint!r}")
+            self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
+        if self.model is not None:
+            from ..models.unet import PRESETS
+
+            if external_model:
+                raise ValueError("model (a UNet preset) and a network passed as model= exclude each other")
+            if self.checkpoint is not None:
+                raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint; with a "
+                                 "checkpoint the architecture is the checkpoint's")
+            if self.model not in PRESETS:
+                raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, got {self.model!r}")
+        elif self.checkpoint is None and not external_model:
+            raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
+        if self.path is not None and self.path not in PATHS:
+            raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        return self
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else int(round(0.05 * self.steps))
+
+
+@dataclass
+class FinetuneResult:
+    classifier: PRGClassifier  # the finetuned classifier (unwrapped)
+    metrics: Dict[str, Any]
+    out: str
+    step: int
+    history: List[List[float]] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------------
+# training
+
+
+class _FinetuneNet(nn.Module):
+    """The classifier and the loss in one forward, so that DistributedDataParallel sees a single
+    forward per step covering both the cross-entropy and the flow-matching term."""
+
+    def __init__(self, classifier: PRGClassifier, path, beta: float, label_smoothing: float, eps: float):
+        super().__init__()
+        self.classifier = classifier
+        self.path, self.beta, self.label_smoothing, self.eps = path, beta, label_smoothing, eps
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        logits = self.classifier(x)
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        if self.beta > 0:
+            fm = flow_matching_loss(self.classifier.flow, x, self.path, eps=self.eps)
+            loss = ce + self.beta * fm
+        else:
+            fm = torch.zeros((), device=x.device)
+            loss = ce
+        correct = (logits.detach().argmax(dim=1) == y).sum()
+        return loss, torch.stack([loss.detach().float(), ce.detach().float(), fm.detach().float(), correct.float()])
+
+
+def finetune(config: Optional[FinetuneConfig] = None, *, model: Optional[nn.Module] = None,
+             time_convention: str = "prg", **kwargs) -> FinetuneResult:
+    """Finetune (or resume finetuning) a PRG classifier; see the module doc. Call with a
+    FinetuneConfig or with its fields as keyword arguments. Every process of a torchrun job calls
+    it; only rank 0 writes files.
+
+    Bring your own flow: `model` is any nn.Module called as model(t, x), with its own weights (or,
+    with config.checkpoint, those of a pretraining run of that network); time_convention="torchcfm"
+    (t = 0 is noise) puts it behind prg_fast.time_reversed. Its checkpoint has model_config None:
+    rebuild with build_classifier(ckpt, model=...)."""
+    if isinstance(model, str):  # the config's own field `model` (a UNet preset name), not a network
+        kwargs["model"], model = model, None
+    check_flow(model, time_convention)
+    cfg = merge_config(FinetuneConfig, config, kwargs, external_model=model is not None)
+    return run_on_ranks(lambda ctx: _Finetuner(cfg, ctx, model, time_convention).run(), cfg.device)
+
+
+class _Finetuner:
+    def __init__(self, cfg: FinetuneConfig, ctx: Dist, user_model: Optional[nn.Module] = None,
+                 time_convention: str = "prg"):
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        if cfg.batch_size % ctx.world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
+        self.local_batch = cfg.batch_size // ctx.world
+        self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
+        self.test: ImageData = load_data(cfg.data, "test", augment=None)
+        if self.test.num_classes != self.data.num_classes:
+            raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
+                             f"{self.data.num_classes}")
+        c, h, w = self.data.shape
+        self._indices = StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
+
+        # the flow: pretrained weights (EMA by default), or the same architecture freshly initialised
+        self.pretrain_info = None
+        path_name, sigma = cfg.path, 0.0
+        seed_everything(cfg.seed)  # identical initial head (and scratch flow) on every rank
+        if cfg.checkpoint is not None:
+            pre = load_pretrain_checkpoint(cfg.checkpoint)
+            check_data_fits(self.data, pre, checkpoint_file(cfg.checkpoint), "was pretrained on")
+            if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
+                raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
+                                 f"{pre['time_convention']!r}, not {time_convention!r}")
+            if cfg.from_scratch:
+                try:
+                    flow = user_model if user_model is not None else UNet(**pre["model_config"])
+                except (TypeError, ValueError) as e:
+                    raise CheckpointError(f"{cfg.checkpoint}: its model_config does not build a UNet: {e}") from e
+            else:
+                flow = build_model(pre, ema=not cfg.raw_weights, model=user_model)
+                self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
+                                      "weights": "raw" if cfg.raw_weights else "ema"}
+            self.preset = pre.get("preset")
+            if path_name is None:
+                path_name, sigma = pre["path"]["name"], float(pre["path"].get("sigma", 0.0))
+        elif user_model is not None:
+            flow, self.preset = user_model, None
+        else:
+            flow = UNet.preset(cfg.model, in_channels=c, image_size=h)
+            self.preset = cfg.model
+        # the network as trained and saved; the classifier sees it in prg_fast's time convention
+        self.flow_module, self.user_model, self.time_convention = flow, user_model is not None, time_convention
+        flow = prg_velocity(flow, time_convention)
+        if h != w and not self.user_model:
+            raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
+        self.path_cfg = {"name": path_name or "otcfm", "sigma": sigma}
+        self.path = get_path(self.path_cfg["name"], self.path_cfg["sigma"])
+        self.beta = 0.0 if cfg.freeze_flow else cfg.beta  # a frozen flow gets nothing from the FM term
+        head = ClassifierHead(feature_shape(self.data.shape, cfg.save_at), self.data.num_classes, hidden=cfg.hidden)
+        self.classifier = PRGClassifier(flow, head, t=cfg.t, t0=cfg.t0, steps=cfg.ode_steps, method=cfg.method,
+                                        save_at=cfg.save_at).to(self.device)
+        if cfg.freeze_flow:
+            self.classifier.flow.requires_grad_(False)
+        groups = [{"params": list(self.classifier.head.parameters()), "lr": cfg.head_lr or cfg.lr, "name": "head"}]
+        if not cfg.freeze_flow:
+            groups.append({"params": list(self.classifier.flow.parameters()), "lr": cfg.lr, "name": "flow"})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step, self.history, self.running, self.elapsed_prev = 0, [], [0.0, 0.0, 0.0, 0.0, 0], 0.0
+        self.files = RunDir(cfg.out, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", kind="finetuning",
+                            required=REQUIRED_KEYS, main=ctx.main)
+        self.ckpt_path = self.files.ckpt_path
+        self.resumed_from = 0
+        existing = self.files.load()
+        if existing is not None:
+            self._resume(existing)
+        else:
+            seed_everything(rank_seed(cfg.seed, ctx.rank))
+        for group in self.opt.param_groups:  # this run's peaks, also over a resumed optimizer's saved groups
+            group["initial_lr"] = (cfg.head_lr or cfg.lr) if group.get("name") == "head" else cfg.lr
+            group.pop("peak_lr", None)  # what checkpoints of the first release called initial_lr
+        self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup_steps, schedule=cfg.schedule, floor=cfg.min_lr,
+                                 step=self.step)
+        self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
+        self.net = wrap_ddp(self.module, ctx)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _resume(self, ckpt: Dict[str, Any]) -> None:
+        cfg, where = self.cfg, self.ckpt_path
+        self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
+        try:
+            self.flow_module.load_state_dict(ckpt["flow"])
+            self.classifier.head.load_state_dict(ckpt["head"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{where}: the saved weights or optimizer state do not fit the classifier: {e}") from e
+        for group in self.opt.param_groups:  # the saved groups carry the old run's settings: use this run's
+            group["weight_decay"] = cfg.weight_decay
+        self.step = self.resumed_from = int(ckpt["step"])
+        self.history = [list(h) for h in ckpt["history"]]
+        running = ckpt.get("running") or [0.0, 0.0, 0.0, 0.0, 0]
+        self.running = [float(v) for v in running[:4]] + [int(running[4])]
+        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        if ckpt.get("pretrain") is not None:
+            self.pretrain_info = ckpt["pretrain"]
+        restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
+        self._say(f"resuming from {where} at step {self.step}")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        self.files.say(msg)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+        return self.sched.lr_lambdas[0](step)
+
+    def test_top1(self) -> float:
+        """Test top-1, each rank classifying its share of the split (counts all-reduced)."""
+        correct = sharded_correct(self.classifier, self.test, self.ctx, batch_size=self.cfg.eval_batch_size)
+        return correct / max(len(self.test), 1)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> FinetuneResult:
+        cfg, ctx = self.cfg, self.ctx
+        start_step, t_start = self.step, time.perf_counter()
+        mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
+        bar = step_bar(self.files, self.step, cfg.steps, cfg.progress, f"finetune ({mode})")
+        self.classifier.train()
+        if cfg.freeze_flow:
+            self.classifier.flow.eval()
+        stats_sum = torch.zeros(4, device=self.device)
+        n_window, t_window = 0, time.perf_counter()
+        params = [p for p in self.classifier.parameters() if p.requires_grad]
+        while self.step < cfg.steps:
+            step = self.step
+            factor = self.lr_factor(step)
+            x, y = self.data.batch(self._indices(step), device=self.device)
+            loss, stats = self.net(x, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            stats_sum += stats
+            n_window += 1
+            self.step += 1
+            bar.update(1)
+            boundary = (self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step % cfg.ckpt_every == 0
+                        or (cfg.eval_every and self.step % cfg.eval_every == 0))
+            if boundary:
+                self._flush(stats_sum, n_window, factor * cfg.lr, bar, t_window)
+                stats_sum.zero_()
+                n_window, t_window = 0, time.perf_counter()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                acc = self._eval_all()
+                if ctx.main:
+                    self.history[-1] = self.history[-1][:6] + [acc]
+                    bar.set_postfix(top1=f"{acc:.4f}", refresh=False)
+            if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                self._save(self.elapsed_prev + time.perf_counter() - t_start, None)
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        acc = self._eval_all()
+        if self.step > start_step or not os.path.isfile(self.ckpt_path):
+            self._save(self.elapsed_prev + elapsed, acc)
+        metrics = self._finish(start_step, elapsed, acc)
+        if ctx.world > 1:
+            dist.barrier()
+        return FinetuneResult(self.classifier, metrics, cfg.out, self.step, self.history)
+
+    def _eval_all(self) -> float:
+        acc = self.test_top1()  # identical weights on every rank: each classifies its shard
+        self.classifier.train()
+        if self.cfg.freeze_flow:
+            self.classifier.flow.eval()
+        return acc
+
+    def _flush(self, stats_sum, n_window, lr, bar, t_window) -> None:
+        stats = torch.cat([stats_sum.double(), torch.tensor([float(n_window)], device=self.device, dtype=torch.float64)])
+        if self.ctx.world > 1:
+            dist.all_reduce(stats)
+        loss_sum, ce_sum, fm_sum, correct, n = (float(v) for v in stats)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"the loss became non-finite before step {self.step}; lower --lr (now "
+                                     f"{self.cfg.lr:g}) or keep --grad-clip on")
+        world = self.ctx.world
+        # per-rank sums of per-batch means -> divide by world; correct counts -> divide by images
+        self.running[0] += loss_sum / world
+        self.running[1] += ce_sum / world
+        self.running[2] += fm_sum / world
+        self.running[3] += correct
+        self.running[4] += int(round(n / world))
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps or (
+                self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
+            count = max(self.running[4], 1)
+            row = [self.step, self.running[0] / count, self.running[1] / count, self.running[2] / count,
+                   self.running[3] / (count * self.cfg.batch_size), lr]
+            self.history.append(row)
+            self.running = [0.0, 0.0, 0.0, 0.0, 0]
+            rate = n_window * self.cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
+            bar.set_postfix({"loss": f"{row[1]:.4f}", "train acc": f"{row[4]:.3f}", "img/s": f"{rate:.0f}"}, refresh=False)
+
+    def _save(self, elapsed: float, top1_value: Optional[float]) -> None:
+        rngs = gather_rng_states(self.ctx, self.device)  # a collective: every rank takes part
+        cfg, clf = self.cfg, self.classifier
+        # a network prg_fast did not build also records its class and time convention
+        own = {} if not self.user_model else {"model_class": f"{type(self.flow_module).__module__}."
+                                                            f"{type(self.flow_module).__qualname__}",
+                                              "time_convention": self.time_convention}
+        self.files.save({
+            "step": self.step,
+            "flow": self.flow_module.state_dict(),
+            "head": clf.head.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "model_config": None if self.user_model else dict(self.flow_module.config),
+            "head_config": dict(clf.head.config),
+            "preset": self.preset,
+            "in_channels": self.data.shape[0],
+            "image_size": self.data.shape[1],
+            "path": dict(self.path_cfg),
+            "data": cfg.data,
+            "num_classes": self.data.num_classes,
+            "classes": list(self.data.classes),
+            "classifier": {"t0": clf.t0, "t": clf.t, "save_at": list(clf.save_at) if clf.save_at else None,
+                           "steps": clf.steps, "method": clf.method},
+            "pretrain": self.pretrain_info,
+            "args": asdict(cfg),
+            "world_size": self.ctx.world,
+            "rng": rngs,
+            "history": self.history,
+            "running": list(self.running),
+            "elapsed_s": elapsed,
+            "top1": top1_value,
+            **own,
+        })
+        self.files.write_log(["step", "loss", "ce", "fm", "train_top1", "lr", "test_top1"], self.history)
+
+    def _finish(self, start_step: int, elapsed: float, acc: float) -> Dict[str, Any]:
+        cfg, clf = self.cfg, self.classifier
+        last = self.history[-1] if self.history else [self.step] + [float("nan")] * 5
+        trained = self.step - start_step
+        metrics: Dict[str, Any] = {
+            "top1": acc,
+            "test_size": len(self.test),
+            "loss": last[1], "ce": last[2], "fm": last[3], "train_top1": last[4],
+            "loss_start": self.history[0][1] if self.history else float("nan"),
+            **run_timing(self.step, self.resumed_from, elapsed, self.elapsed_prev, trained, cfg.batch_size),
+            "num_params_flow": sum(p.numel() for p in clf.flow.parameters()),
+            "num_params_head": sum(p.numel() for p in clf.head.parameters()),
+            "beta_used": self.beta,
+            "fm_path": self.path_cfg["name"],
+            "pretrain_step": self.pretrain_info["step"] if self.pretrain_info else None,
+            "warmup_steps": cfg.warmup_steps,
+            "world_size": self.ctx.world,
+            "device_used": str(self.device),
+            "torch_version": str(torch.__version__),
+        }
+        for key, value in asdict(cfg).items():
+            metrics.setdefault(key, value)
+        if self.ctx.main:
+            self.files.write_json("metrics.json", metrics)
+            self._say(f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} steps); "
+                      f"wrote {cfg.out}/checkpoint.pt, metrics.json")
+        return metrics

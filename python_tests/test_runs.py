@@ -1,0 +1,193 @@
+"""prg_fast.training.runs: the shared run-time (RunDir, atomic writes, schedule, batch order); and old
+(v1) run directories still resume.
+
+data/pretrain_checkpoint_v1_schema.json was recorded from a checkpoint written by the code at commit
+6114c69 (before training/ existed): every key and value type. data/v1_pretrain and data/v1_finetune
+are run directories written by the code of commit 783dfbf (the last before the trainers used
+LambdaLR and AveragedModel), with the "tiny" preset shrunk to 4 channels to keep them small;
+data/v1_step3_expected.pt holds the weights that same old code reached when it resumed them for one
+more step (data/make_v1_run_dirs.py wrote all three)."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from prg_fast.models import unet
+from prg_fast.training.finetune import finetune
+from prg_fast.training.pretrain import PretrainConfig, load_checkpoint, pretrain
+from prg_fast.training.runs import (CheckpointError, RunDir, StepBatches, atomic_write, cosine_factor,
+                                    init_distributed, lr_schedule)
+
+HERE = os.path.dirname(__file__)
+QUICK = dict(data="digits", path="otcfm", model="tiny", batch_size=32, lr=1e-3, warmup=0, log_every=4,
+             num_samples=4, sample_steps=2, progress=False, device="cpu")
+
+
+def _schema(ckpt):
+    def rec(o):
+        if isinstance(o, dict) and all(isinstance(k, str) for k in o):
+            return {k: rec(v) for k, v in o.items()}
+        return type(o).__name__
+    s = {k: type(v).__name__ for k, v in ckpt.items()}
+    for k in ("args", "model_config"):
+        s[k] = rec(ckpt[k])
+    s["rng"] = [rec(r) for r in ckpt["rng"]]
+    return s
+
+
+def test_v1_run_directory_has_the_old_structure_and_resumes(tmp_path):
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    pretrain(PretrainConfig(**QUICK, steps=2, out=out))
+    raw = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    with open(os.path.join(HERE, "data", "pretrain_checkpoint_v1_schema.json")) as f:
+        old = json.load(f)
+    assert _schema(raw) == old
+    resumed = pretrain(PretrainConfig(**QUICK, steps=3, out=out))
+    assert resumed.metrics["resumed_from_step"] == 2 and resumed.step == 3
+    assert load_checkpoint(out)["step"] == 3
+
+
+def test_atomic_write_replaces_or_keeps(tmp_path):
+    p = str(tmp_path / "f.bin")
+    atomic_write(p, lambda f: f.write(b"one"))
+    try:
+        atomic_write(p, lambda f: (f.write(b"torn"), 1 / 0))
+    except ZeroDivisionError:
+        pass
+    assert open(p, "rb").read() == b"one" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_step_batches_are_a_function_of_seed_and_step():
+    ctx = init_distributed("cpu")
+    data = list(range(100))
+    a, b = StepBatches(data, ctx, 0, 10, 10), StepBatches(data, ctx, 0, 10, 10)
+    assert [a(s) for s in (0, 5, 11, 3)] == [b(s) for s in (0, 5, 11, 3)]
+    assert a(0) != StepBatches(data, ctx, 1, 10, 10)(0)
+    assert sorted(sum((a(s) for s in range(10)), [])) == data
+
+
+def test_atomic_write_respects_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = str(tmp_path / "g.bin")
+        atomic_write(p, lambda f: f.write(b"x"))
+        assert os.stat(p).st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write(p, lambda f: f.write(b"y"))
+        assert os.stat(p).st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_pretrain_says_when_warmup_outlasts_the_run(tmp_path, capsys):
+    torch.set_num_threads(1)
+    pretrain(PretrainConfig(**{**QUICK, "warmup": 10}, steps=1, out=str(tmp_path / "w")))
+    err = capsys.readouterr().err
+    assert "warm-up (10 steps) is longer than the run (1 steps)" in err and "peaks at 0.0001" in err
+
+
+# -------------------------------------------------------------------------------------------------
+# v1 run directories written by the old code resume, and reach exactly the old code's next step
+
+SMALL = dict(model_channels=4, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=1,
+             dropout=0.0, use_scale_shift_norm=True, norm_groups=2)
+
+
+@pytest.fixture
+def v1_dirs(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setitem(unet.PRESETS, "tiny", SMALL)
+    pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
+    shutil.copytree(os.path.join(HERE, "data", "v1_pretrain"), pre)
+    shutil.copytree(os.path.join(HERE, "data", "v1_finetune"), ft)
+    # the finetuning run names its pretraining directory by absolute path (where it was written):
+    # point it at the copy, the one change made to the old file
+    ck = torch.load(os.path.join(ft, "checkpoint.pt"), weights_only=True)
+    ck["args"]["checkpoint"] = pre
+    torch.save(ck, os.path.join(ft, "checkpoint.pt"))
+    expected = torch.load(os.path.join(HERE, "data", "v1_step3_expected.pt"), weights_only=True)
+    return pre, ft, expected
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_v1_pretraining_run_resumes_to_the_old_codes_next_step(v1_dirs):
+    pre, _, expected = v1_dirs
+    r = pretrain(data="digits", path="otcfm", model="tiny", steps=3, batch_size=16, lr=1e-3, warmup=0, log_every=1,
+                 num_samples=1, sample_steps=1, progress=False, device="cpu", out=pre)
+    assert r.metrics["resumed_from_step"] == 2 and r.step == 3
+    _assert_same(r.model.state_dict(), expected["pretrain_model"])
+    _assert_same(r.ema.state_dict(), expected["pretrain_ema"])
+    assert r.metrics["loss"] == expected["pretrain_loss"]
+    assert load_checkpoint(pre)["step"] == 3  # and the new file reads with weights_only=True
+
+
+def test_v1_finetuning_run_resumes_to_the_old_codes_next_step(v1_dirs):
+    pre, ft, expected = v1_dirs
+    r = finetune(data="digits", checkpoint=pre, steps=3, batch_size=16, ode_steps=2, log_every=1, eval_batch_size=512,
+                 progress=False, device="cpu", out=ft)
+    assert r.metrics["resumed_from_step"] == 2 and r.step == 3
+    _assert_same(r.classifier.flow.state_dict(), expected["finetune_flow"])
+    _assert_same(r.classifier.head.state_dict(), expected["finetune_head"])
+    assert r.metrics["top1"] == expected["finetune_top1"] and r.history[-1][5] == expected["finetune_lr"]
+    torch.load(os.path.join(ft, "checkpoint.pt"), weights_only=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# RunDir and the schedule
+
+
+def test_run_dir_refuses_a_foreign_checkpoint_and_other_arguments(tmp_path):
+    a = RunDir(str(tmp_path), "kind.a", 1, "acmd")
+    assert a.load() is None
+    a.save({"step": 1, "args": {"lr": 0.1}})
+    ck = a.load()
+    assert ck["format"] == "kind.a" and ck["version"] == 1 and ck["step"] == 1 and "torch_version" in ck
+    with pytest.raises(CheckpointError, match="already holds a 'kind.a' checkpoint"):
+        RunDir(str(tmp_path), "kind.b", 1, "bcmd").load()
+    with pytest.raises(CheckpointError, match="version 1"):
+        RunDir(str(tmp_path), "kind.a", 0, "acmd").load()
+    with pytest.raises(CheckpointError, match="lacks the entries"):
+        RunDir(str(tmp_path), "kind.a", 1, "acmd", required=("step", "weights")).load()
+    with pytest.raises(CheckpointError, match="lr=0.1.*lr=0.2"):
+        a.check_resume(ck, {"lr": 0.2}, ["lr"])
+    a.check_resume(ck, {"lr": 0.1, "other": 3}, ["lr"])
+
+
+def test_run_dir_files_and_the_non_main_rank(tmp_path):
+    a = RunDir(str(tmp_path / "r"), "k", 1, "cmd")
+    a.write_json("metrics.json", {"top1": 0.5})
+    a.write_log(["step", "loss"], [[1, 0.5], [2, 0.25]])
+    assert json.load(open(tmp_path / "r" / "metrics.json")) == {"top1": 0.5}
+    assert open(tmp_path / "r" / "log.csv").read().split() == ["step,loss", "1,0.5", "2,0.25"]
+    quiet = RunDir(str(tmp_path / "q"), "k", 1, "cmd", main=False)
+    quiet.save({"step": 1})
+    quiet.write_json("metrics.json", {})
+    assert not os.path.exists(tmp_path / "q")
+
+
+@pytest.mark.parametrize("schedule, warmup, floor", [("cosine", 3, 0.0), ("cosine", 0, 0.1), ("constant", 4, 0.0)])
+@pytest.mark.parametrize("start", [0, 5])
+def test_lr_schedule_is_the_warmup_cosine_rule_and_resumes(schedule, warmup, floor, start):
+    def rule(s):
+        if schedule == "cosine":
+            return cosine_factor(s, 10, warmup, floor)
+        return (s + 1) / warmup if warmup and s < warmup else 1.0
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.5}], lr=0.5)
+    opt.param_groups[0]["initial_lr"] = 0.5
+    sched = lr_schedule(opt, 10, warmup, schedule=schedule, floor=floor, step=start)
+    seen = []
+    for _ in range(start, 10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [0.5 * rule(s) for s in range(start, 10)]
