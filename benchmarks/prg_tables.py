@@ -163,12 +163,250 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
     return plan
 
 
+# -------------------------------------------------------------------------------------------------
+# the label-scarce table (--table scarce): N labelled images per class, the rest unlabelled
+
+
+def level_name(n: Optional[int]) -> str:
+    return "all" if n is None else str(n)
+
+
+def parse_levels(text: str) -> List[Optional[int]]:
+    """'1,2,5,10,all' -> [1, 2, 5, 10, None] (None: every labelled training image)."""
+    out: List[Optional[int]] = []
+    for s in (s.strip().lower() for s in text.split(",")):
+        if not s:
+            continue
+        if s == "all":
+            out.append(None)
+            continue
+        try:
+            n = int(s)
+        except ValueError:
+            raise ValueError(f"--levels must be comma-separated integers >= 1 or 'all', got {s!r}") from None
+        if n < 1:
+            raise ValueError(f"--levels must be integers >= 1 or 'all', got {n}")
+        out.append(n)
+    if not out:
+        raise ValueError("--levels is empty")
+    return out
+
+
+def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Linear probes (scikit-learn LogisticRegression, prg_fast.eval.linear_probe) on N labelled
+    training images per class, for every level and seed, on raw pixels (spec["features"] None)
+    or on a feature file written by `extract`. The test split is always whole."""
+    import numpy as np
+    import torch
+
+    from prg_fast.data import class_balanced_subset, load_data
+    from prg_fast.eval import linear_probe, load_features
+
+    t = time.perf_counter()
+    if spec["features"] is None:
+        train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
+        tx, ty = train.to_float(train.images).flatten(1).numpy(), train.labels.numpy()
+        vx, vy = test.to_float(test.images).flatten(1).numpy(), test.labels.numpy()
+    else:
+        f = load_features(spec["features"])
+        tx, ty = np.asarray(f["train_features"]).reshape(len(f["train_labels"]), -1), np.asarray(f["train_labels"])
+        vx, vy = np.asarray(f["test_features"]).reshape(len(f["test_labels"]), -1), np.asarray(f["test_labels"])
+    out: Dict[str, Any] = {}
+    for n in spec["levels"]:
+        for seed in spec["seeds"]:
+            if n is None:
+                idx = np.arange(len(ty))
+            else:
+                idx = class_balanced_subset(torch.as_tensor(ty), n, seed).numpy()
+            r = linear_probe(tx[idx], ty[idx], vx, vy, seed=seed)
+            out[f"{level_name(n)}/{seed}"] = r["top1"]
+    return {"top1": out, "wall_time_s": time.perf_counter() - t}
+
+
+JOBS["probe_scarce"] = job_probe_scarce
+
+
+def scarce_batch(batch_size: int, n: Optional[int], num_classes: int) -> int:
+    """The finetuning batch at a level: the usual batch, or the whole labelled subset when smaller
+    (N = 1 on 10 classes: full-batch training on 10 images)."""
+    return batch_size if n is None else min(batch_size, n * num_classes)
+
+
+def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str, Any]]:
+    """The label-scarce jobs: pretraining on every training image (no labels) per path, then per
+    level N and seed s (the seed picks the labelled subset and the finetuning randomness, so every
+    row at (N, s) sees the same labelled images): PRG finetuned per path, from scratch, head only
+    per path, linear probes on raw pixels and on frozen reversed features (t = 1) per path."""
+    out = a.out
+    plan: List[Dict[str, Any]] = []
+
+    def add(name, kind, spec, after=()):
+        plan.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
+
+    def ft(n, seed, **kw):
+        return dict(data=a.data, batch_size=scarce_batch(a.batch_size, n, num_classes), ode_steps=a.ode_steps,
+                    method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1, steps=a.finetune_steps,
+                    device=a.device, seed=seed, labels_per_class=n, labels_seed=None if n is None else seed,
+                    progress=a.progress, log_every=max(1, a.finetune_steps // 10),
+                    ckpt_every=max(1, a.finetune_steps // 2), **kw)
+
+    if a.probes:
+        add("probe-pixels", "probe_scarce", dict(data=a.data, features=None, levels=a.levels, seeds=a.seeds))
+    for path in a.paths:
+        pre = os.path.join(out, f"pretrain-{path}")
+        add(f"pretrain-{path}", "pretrain", dict(
+            data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
+            lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=a.progress,
+            num_samples=16, log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)))
+        if a.probes:
+            feats = os.path.join(out, f"features-{path}.npz")
+            add(f"features-{path}", "features", dict(checkpoint=pre, data=a.data, out=feats, ode_steps=a.ode_steps,
+                                                      method=a.method, device=a.device), after=[f"pretrain-{path}"])
+            add(f"probe-{path}", "probe_scarce", dict(data=a.data, features=feats, levels=a.levels, seeds=a.seeds),
+                after=[f"features-{path}"])
+    for n in a.levels:
+        for seed in a.seeds:
+            tag = f"n{level_name(n)}-s{seed}"
+            for path in a.paths:
+                pre = os.path.join(out, f"pretrain-{path}")
+                add(f"ft-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, out=os.path.join(out, f"ft-{path}-{tag}"),
+                                                       beta=a.beta), after=[f"pretrain-{path}"])
+                if a.head_only:
+                    add(f"head-{path}-{tag}", "finetune",
+                        ft(n, seed, checkpoint=pre, out=os.path.join(out, f"head-{path}-{tag}"), freeze_flow=True,
+                           beta=0.0, lr_override=a.head_lr), after=[f"pretrain-{path}"])
+            add(f"scratch-{tag}", "finetune", ft(n, seed, out=os.path.join(out, f"scratch-{tag}"), from_scratch=True,
+                                                 model=a.preset, beta=a.beta, path=a.paths[0]))
+    for j in plan:  # head-only runs may have their own learning rate
+        if "lr_override" in j["spec"]:
+            j["spec"]["lr"] = j["spec"].pop("lr_override")
+    return plan
+
+
+def job_features(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from prg_fast.finetune import extract
+
+    t = time.perf_counter()
+    meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
+                   method=spec["method"], device=spec["device"], probe=False)
+    return {"feature_shape": meta["feature_shape"], "wall_time_s": time.perf_counter() - t}
+
+
+JOBS["features"] = job_features
+
+
+def mean_sd(values: List[float]):
+    import statistics
+
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def paired_difference(a_vals: List[float], b_vals: List[float]):
+    """Mean of the paired differences a - b (same seed = same labelled subset), its standard error
+    (sd of the differences / sqrt(n)), and whether |mean| > 2 standard errors."""
+    import math
+
+    d = [x - y for x, y in zip(a_vals, b_vals)]
+    m, sd = mean_sd(d)
+    se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    resolved = bool(len(d) > 1 and abs(m) > 2 * se) if se == se else False
+    return m, se, resolved
+
+
+def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One entry per table row: label, per level the top-1 of every seed (in --seeds order)."""
+    names = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
+    rows = []
+
+    def runs(prefix):
+        return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in a.levels}
+
+    for p in a.paths:
+        rows.append({"key": f"ft-{p}", "label": f"PRG finetuned ({names.get(p, p)} pretraining)", "values": runs(f"ft-{p}")})
+    rows.append({"key": "scratch", "label": "from scratch (same network)", "values": runs("scratch")})
+    if a.head_only:
+        for p in a.paths:
+            rows.append({"key": f"head-{p}", "label": f"head only ({names.get(p, p)}, flow frozen)",
+                         "values": runs(f"head-{p}")})
+    if a.probes:
+        for key, label in [("probe-pixels", "linear probe, raw pixels")] + [
+                (f"probe-{p}", f"linear probe, frozen x_1 ({names.get(p, p)})") for p in a.paths]:
+            got = r[key]["top1"]
+            rows.append({"key": key, "label": label,
+                         "values": {level_name(n): [got[f"{level_name(n)}/{s}"] for s in a.seeds] for n in a.levels}})
+    return rows
+
+
+def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float, n_train: int,
+                  n_test: int) -> str:
+    rows = scarce_rows(a, r)
+    scratch = next(row for row in rows if row["key"] == "scratch")
+    L: List[str] = []
+    L.append(f"Data `{a.data}` ({n_train} training images, all used unlabelled for pretraining; test split "
+             f"{n_test} images, always whole), UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
+             f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch min({a.batch_size}, labelled "
+             f"images)), {a.ode_steps} `{a.method}` steps, beta = {a.beta:g}; seeds {a.seeds} (seed s picks the "
+             "labelled subset and the finetuning randomness; every row at (N, s) sees the same labelled images).")
+    L.append("")
+    L.append("**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
+             "`*` = resolved at two standard errors of the paired difference)")
+    L.append("")
+    L.append("| labels per class | " + " | ".join(level_name(n) for n in a.levels) + " |")
+    L.append("|---|" + "---|" * len(a.levels))
+    for row in rows:
+        cells = []
+        for n in a.levels:
+            k = level_name(n)
+            m, sd = mean_sd(row["values"][k])
+            cell = f"{100 * m:.1f} +- {100 * sd:.1f}"
+            if row is not scratch:
+                d, se, ok = paired_difference(row["values"][k], scratch["values"][k])
+                cell += f" ({100 * d:+.1f}{'*' if ok else ''})"
+            cells.append(cell)
+        L.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    L.append("")
+    times = [v.get("train_time_total_s", v["wall_time_s"]) for v in r.values()]
+    L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s) "
+             f"({len(r)} jobs, {sum(times) / 60:.1f} worker-min).")
+    return "\n".join(L) + "\n"
+
+
+def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: int, num_classes: int, file: str) -> None:
+    """Top-1 against labels per class (log axis; 'all' at the mean class size), mean +- sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [n if n is not None else n_train / num_classes for n in a.levels]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row in scarce_rows(a, r):
+        stats = [mean_sd(row["values"][level_name(n)]) for n in a.levels]
+        ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * (sd if sd == sd else 0) for _, sd in stats],
+                    marker="o", capsize=3, label=row["label"], linestyle="--" if "probe" in row["key"] or
+                    "head" in row["key"] else "-")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([level_name(n) for n in a.levels])
+    ax.set_xlabel("labelled training images per class")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{a.data}: label-scarce finetuning ({len(a.seeds)} seeds, mean +- sd)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
 def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, Dict[str, Any]]:
     import multiprocessing as mp
 
     results: Dict[str, Dict[str, Any]] = {}
     pending = {j["name"]: j for j in plan}
-    priority = {"pretrain": 0, "finetune": 1, "evaluate": 2, "probe": 3, "probe_pixels": 3}
+    priority = {"pretrain": 0, "features": 1, "finetune": 2, "evaluate": 3, "probe": 4, "probe_pixels": 4,
+                "probe_scarce": 4}
     running = {}
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -284,7 +522,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--out", default=os.path.join(HERE, "out", "prg_tables"))
     p.add_argument("--quick", action="store_true", help="reduced smoke version (few steps; numbers not meaningful)")
-    p.add_argument("--paths", default="gvp,icfm,otcfm")
+    p.add_argument("--table", choices=("main", "scarce"), default="main",
+                   help="main: the paper's tables (paths, head only, probes, segments, step invariance); scarce: "
+                        "the label-scarce table (N labelled images per class, --levels; default paths gvp,otcfm, "
+                        "finetuning 100 steps of batch 32)")
+    p.add_argument("--levels", default="1,2,5,10,all", help="--table scarce: labelled images per class")
+    p.add_argument("--no-head-only", dest="head_only", action="store_false", help="--table scarce: skip head only")
+    p.add_argument("--figure", default=os.path.join(HERE, "figures", "prg_label_scarce.png"),
+                   help="--table scarce: where the PNG of top-1 against labels per class goes")
+    p.add_argument("--paths", default=None, help="pretraining paths (default gvp,icfm,otcfm; --table scarce: otcfm,gvp)")
     p.add_argument("--segment-path", default="otcfm", help="the path of the trajectory-segment table")
     p.add_argument("--t0s", default="0,0.25,0.5")
     p.add_argument("--eval-steps", default="4,20,100")
@@ -292,8 +538,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-batch-size", type=int, default=64)
     p.add_argument("--pretrain-lr", type=float, default=5e-4)
     p.add_argument("--pretrain-warmup", type=int, default=100)
-    p.add_argument("--finetune-steps", type=int, default=250)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--finetune-steps", type=int, default=None, help="(default 250; --table scarce: 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="finetuning batch (default 64; --table scarce: 32)")
     p.add_argument("--ode-steps", type=int, default=4)
     p.add_argument("--method", default="euler")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -309,7 +555,18 @@ def parse(argv=None) -> argparse.Namespace:
                    "unchanged on a GPU)")
     p.add_argument("--progress", action="store_true", help="progress bars of every run (interleaved)")
     a = p.parse_args(argv)
+    scarce = a.table == "scarce"
+    if a.paths is None:
+        a.paths = "otcfm,gvp" if scarce else "gvp,icfm,otcfm"
+    if a.finetune_steps is None:
+        a.finetune_steps = 100 if scarce else 250
+    if a.batch_size is None:
+        a.batch_size = 32 if scarce else 64
     a.paths = [s for s in a.paths.split(",") if s]
+    try:
+        a.levels = parse_levels(a.levels)
+    except ValueError as e:
+        p.error(str(e))
     a.t0s = [float(s) for s in a.t0s.split(",") if s]
     a.eval_steps = [int(s) for s in a.eval_steps.split(",") if s]
     a.seeds = [int(s) for s in a.seeds.split(",") if s]
@@ -319,12 +576,19 @@ def parse(argv=None) -> argparse.Namespace:
         a.pretrain_steps, a.finetune_steps, a.pretrain_warmup, a.ode_steps = 40, 8, 5, 2
         a.eval_steps = sorted({max(1, k // 10) for k in a.eval_steps})
         a.seeds = a.seeds[:2]
+        if scarce:
+            a.levels = [n for n in a.levels if n in (1, None)] or a.levels[:1]
+            a.finetune_steps, a.paths = 6, a.paths[:1]
+            if a.figure == os.path.join(HERE, "figures", "prg_label_scarce.png"):
+                a.figure = None  # a smoke run does not overwrite the recorded figure
         a.out = a.out.rstrip("/") + "_quick" if a.out == os.path.join(HERE, "out", "prg_tables") else a.out
+    if scarce and a.out == os.path.join(HERE, "out", "prg_tables"):
+        a.out = os.path.join(HERE, "out", "prg_scarce")
     if a.threads is None:
         a.threads = 1 if a.device == "cpu" else 0
     if a.head_lr is None:
         a.head_lr = a.lr
-    if a.segment_path not in a.paths:
+    if not scarce and a.segment_path not in a.paths:
         p.error(f"--segment-path {a.segment_path} must be one of --paths {a.paths}")
     return a
 
@@ -333,9 +597,20 @@ def main(argv=None) -> int:
     a = parse(argv)
     os.makedirs(a.out, exist_ok=True)
     t = time.perf_counter()
-    results = run_plan(build_plan(a), a.jobs, a.threads)
-    wall = time.perf_counter() - t
-    md = tables(a, results, wall)
+    if a.table == "scarce":
+        from prg_fast.data import load_data
+
+        train, test = load_data(a.data, "train", augment=None), load_data(a.data, "test", augment=None)
+        results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads)
+        wall = time.perf_counter() - t
+        md = scarce_tables(a, results, wall, len(train), len(test))
+        if a.figure:
+            scarce_figure(a, results, len(train), train.num_classes, a.figure)
+            md += f"\nFigure: {os.path.relpath(a.figure, os.path.dirname(HERE))}\n"
+    else:
+        results = run_plan(build_plan(a), a.jobs, a.threads)
+        wall = time.perf_counter() - t
+        md = tables(a, results, wall)
     info = {"args": vars(a), "results": results, "wall_time_s": wall, "machine": machine(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     with open(os.path.join(a.out, "results.json"), "w") as f:

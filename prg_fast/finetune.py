@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .classifier import PRGClassifier, feature_shape
-from .data import Augment, ImageData, default_augment, load_data
+from .data import Augment, ImageData, class_balanced_subset, default_augment, load_data
 from .losses import flow_matching_loss
 from .models import UNet
 from .models.heads import ClassifierHead
@@ -65,7 +65,8 @@ REQUIRED_KEYS = ("format", "version", "step", "flow", "head", "optimizer", "mode
                  "in_channels", "image_size", "data", "num_classes", "classifier", "args", "world_size", "rng", "history")
 # arguments that define what a finetuning run is; resuming with other values is refused
 RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "save_at", "ode_steps", "method", "batch_size", "beta",
-                     "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden", "raw_weights")
+                     "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden", "raw_weights",
+                     "labels_per_class", "labels_seed")
 
 
 def _number_ok(v, lo, hi, lo_open=False, hi_open=False) -> bool:
@@ -114,6 +115,8 @@ class FinetuneConfig:
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
     hidden: Optional[int] = None  # head width (None: the pooled feature size, as in PRG)
     seed: int = 0
+    labels_per_class: Optional[int] = None  # finetune on N labelled images per class (None: all of them)
+    labels_seed: Optional[int] = None  # seed of that class-balanced subset (None: seed)
     hflip: Optional[bool] = None
     crop_padding: int = 0
     fm_eps: float = 1e-5
@@ -138,6 +141,10 @@ class FinetuneConfig:
             int_at_least("warmup", 0)
         if self.hidden is not None:
             int_at_least("hidden", 1)
+        if self.labels_per_class is not None:
+            int_at_least("labels_per_class", 1)
+        if self.labels_seed is not None:
+            int_at_least("labels_seed", 0)
         for name, lo, hi, lo_open in (("lr", 0.0, 1.0, True), ("weight_decay", 0.0, 10.0, False),
                                       ("beta", 0.0, 1e6, False), ("min_lr", 0.0, 1.0, False),
                                       ("grad_clip", 0.0, 1e12, False), ("fm_eps", 0.0, 0.5, False)):
@@ -331,6 +338,15 @@ class _Finetuner:
         augment = default_augment(cfg.data, "train")
         augment = Augment(hflip=augment.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
         self.data: ImageData = load_data(cfg.data, "train", augment=augment)
+        self.labels_seed = None
+        if cfg.labels_per_class is not None:  # label-scarce: a seeded class-balanced subset; test stays whole
+            self.labels_seed = cfg.seed if cfg.labels_seed is None else cfg.labels_seed
+            self.data = self.data.subset(class_balanced_subset(self.data.labels, cfg.labels_per_class, self.labels_seed,
+                                                               self.data.num_classes))
+            if cfg.batch_size > len(self.data):
+                raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the labelled subset (labels_per_class="
+                                 f"{cfg.labels_per_class} x {self.data.num_classes} classes = {len(self.data)} images); "
+                                 f"use batch_size <= {len(self.data)}")
         self.test: ImageData = load_data(cfg.data, "test", augment=None)
         if self.test.num_classes != self.data.num_classes:
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
@@ -603,6 +619,8 @@ class _Finetuner:
             "fm_path": self.path_cfg["name"],
             "pretrain_step": self.pretrain_info["step"] if self.pretrain_info else None,
             "warmup_steps": cfg.warmup_steps,
+            "train_size": len(self.data),
+            "labels_seed_used": self.labels_seed,
             "world_size": self.ctx.world,
             "device_used": str(self.device),
             "torch_version": str(torch.__version__),
@@ -811,6 +829,11 @@ def add_finetune(subparsers) -> None:
                    help="flow-matching path of the beta term (default: the checkpoint's, else otcfm)")
     p.add_argument("--raw-weights", action="store_true", help="start from the raw weights instead of the EMA")
     p.add_argument("--hidden", type=positive_int, default=None, help="head width (default: pooled feature size)")
+    p.add_argument("--labels-per-class", type=positive_int, default=None, metavar="N",
+                   help="finetune on a seeded, class-balanced subset of N labelled training images per class "
+                        "(default: every one); evaluation still uses the whole test split")
+    p.add_argument("--labels-seed", type=nonnegative_int, default=None,
+                   help="seed of that subset (default: --seed); written to metrics.json")
     add_run_arguments(p)
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--head-lr", type=float, default=None, help="peak learning rate of the head (default: --lr)")
