@@ -12,6 +12,24 @@
     python benchmarks/prg_tables.py --data folder:../shared/data/cifar10 --preset cifar --device cuda \\
         --pretrain-steps 100000 --finetune-steps 20000 --batch-size 128 --ode-steps 20 --jobs 1
 
+The label-scarce table (issue 13): N labelled training images per class (N in 1,2,5,10,all; the
+same seeded class-balanced subset for every row at a seed), pretraining on every training image
+without labels; rows PRG finetuned (OTCFM, GVP), from scratch, head only, linear probes on raw
+pixels and on frozen reversed features; mean +- sd over 3 seeds, paired differences to from
+scratch, a PNG (benchmarks/figures/prg_label_scarce.png):
+
+    python benchmarks/prg_tables.py --table scarce        # digits, CPU (~45 min on a busy 2-core VM)
+    python benchmarks/prg_tables.py --table scarce --quick
+
+The same table in a time budget on one GPU (CIFAR-10 as an image folder): a short calibration
+measures steps/s, plan_budget picks step counts and the levels that fit (all first, then 10, 100),
+OUT/budget.json keeps the plan; run the same command again after a cut-off (each command stops
+itself after --session-minutes, exit code 3) until it prints the table:
+
+    python benchmarks/prg_tables.py --data folder:../shared/data/cifar10 --budget-minutes 20 \
+        --session-minutes 9 --preset cifar --device cuda --batch-size 128 --pretrain-batch-size 128 \
+        --pretrain-lr 2e-4 --lr 2.5e-4 --ode-steps 4 --out benchmarks/out/prg_budget_cifar10
+
 Every run is a prg_fast run directory under --out (pretrain-*, ft-*, ...), so an interrupted
 invocation resumes where it stopped and a finished run is reused (delete --out to start over). The
 runs are spread over --jobs worker processes (one torch thread each on the CPU: on a small shared

@@ -8,6 +8,10 @@
 Every split is decoded once into a uint8 tensor (N, C, H, W) and kept in memory (also cached per
 process), so a training step only indexes, converts to float in [-1, 1] and augments a batch,
 vectorised; nothing is decoded per sample and no loader workers are needed on a 2-core machine.
+On a GPU the uint8 batch goes over in one asynchronous copy from pinned memory and is converted and
+augmented there, random numbers included (drawn from the device's generator, which the trainers
+seed per rank and save in their checkpoints, so a resumed run continues the same augmentations).
+`class_balanced_subset` picks the seeded labelled subset of a label-scarce finetuning run.
 """
 from __future__ import annotations
 

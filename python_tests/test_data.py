@@ -336,6 +336,7 @@ def test_batch_augments_on_the_cpu_as_before():
     assert torch.equal(y, data.labels[idx])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device-side augmentation)")
 def test_augment_on_cuda_draws_on_the_device():
     dev = torch.device("cuda")

@@ -73,6 +73,11 @@ def test_scarce_quick_plan(tables, tmp_path):
     # the full digits defaults: 5 levels x 3 seeds, two paths
     full = tables.parse(["--table", "scarce", "--out", str(tmp_path)])
     assert full.levels == [1, 2, 5, 10, None] and full.seeds == [0, 1, 2] and full.paths == ["otcfm", "gvp"]
+    assert (full.pretrain_steps, full.finetune_steps, full.batch_size, full.ode_steps) == (750, 80, 32, 2)
+    # the paper tables keep their recorded settings
+    main = tables.parse(["--out", str(tmp_path)])
+    assert (main.pretrain_steps, main.finetune_steps, main.batch_size, main.ode_steps) == (1500, 250, 64, 4)
+    assert main.paths == ["gvp", "icfm", "otcfm"] and main.table == "main"
 
 
 def test_paired_difference(tables):
