@@ -357,3 +357,13 @@ def test_augment_on_cuda_draws_on_the_device():
                    for w in (plain[i, :, a:a + 8, b:b + 8] for a in range(3) for b in range(3)))
     with pytest.raises(ValueError, match="generator must live on the batch's device"):
         data.batch(idx, device=dev, generator=torch.Generator().manual_seed(0))
+    # no step of the batch path waits for the device: torch raises on any synchronising call
+    # (a copy from pageable memory, a .item(), ...) in sync debug mode "error"
+    data.batch(idx, device=dev)  # warm-up: first pinned allocation, kernels loaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        data.batch(list(range(64, 128)), device=dev)
+        data.batch(list(range(64, 128)), device=dev, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
