@@ -173,10 +173,13 @@ def class_balanced_subset(labels, n_per_class: int, seed: int, num_classes: Opti
 
     labels: 1-D integer labels 0..num_classes-1 (num_classes defaults to max + 1; a class with no
     example at all is an error, as is N larger than the smallest class)."""
-    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+    import numbers
+
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, numbers.Integral) or n_per_class < 1:
         raise ValueError(f"labels_per_class must be an integer >= 1, got {n_per_class!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    n_per_class, seed = int(n_per_class), int(seed)
     y = torch.as_tensor(labels)
     if y.dim() != 1 or y.numel() == 0 or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {y.dtype} {tuple(y.shape)}")

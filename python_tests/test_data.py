@@ -207,7 +207,7 @@ def test_class_balanced_subset_counts_and_determinism():
 def test_class_balanced_subset_is_independent_of_the_label_dtype():
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
     a = class_balanced_subset(labels, 2, seed=5)
-    b = class_balanced_subset(labels.numpy().astype(np.int32), 2, seed=5)
+    b = class_balanced_subset(labels.numpy().astype(np.int32), np.int64(2), seed=np.int64(5))
     assert torch.equal(a, b)
 
 
