@@ -121,6 +121,29 @@ def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
 JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate, "probe": job_probe}
 
 
+def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The result of a pretraining or finetuning job whose run directory already holds a finished
+    run with these very arguments (its metrics.json), without starting a process; else None."""
+    if kind not in ("pretrain", "finetune"):
+        return None
+    file = os.path.join(spec["out"], "metrics.json")
+    try:
+        with open(file) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ignore = {"progress", "device", "out"}  # how a run was shown or where it ran does not change what it is
+    same = all(m.get(k) == (os.path.abspath(v) if k == "checkpoint" and v else v)
+               for k, v in spec.items() if k not in ignore)
+    if not same or m.get("step") != spec["steps"]:
+        return None
+    if kind == "pretrain":
+        return {"loss": m["loss"], "loss_start": m["loss_start"], "step": m["step"], "wall_time_s": 0.0,
+                "train_time_total_s": m["train_time_total_s"], "reused": True}
+    return {"top1": m["top1"], "train_top1": m["train_top1"], "loss": m["loss"], "ce": m["ce"], "fm": m["fm"],
+            "step": m["step"], "wall_time_s": 0.0, "train_time_total_s": m["train_time_total_s"], "reused": True}
+
+
 def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
     _setup_worker(threads)
     return JOBS[kind](spec)
@@ -333,13 +356,18 @@ def paired_difference(a_vals: List[float], b_vals: List[float]):
     return m, se, resolved
 
 
+def display_levels(a: argparse.Namespace) -> List[Optional[int]]:
+    """The levels in increasing order, 'all' last (the run order is --levels')."""
+    return sorted(a.levels, key=lambda n: float("inf") if n is None else n)
+
+
 def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One entry per table row: label, per level the top-1 of every seed (in --seeds order)."""
     names = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
     rows = []
 
     def runs(prefix):
-        return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in a.levels}
+        return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in display_levels(a)}
 
     for p in a.paths:
         rows.append({"key": f"ft-{p}", "label": f"PRG finetuned ({names.get(p, p)} pretraining)", "values": runs(f"ft-{p}")})
@@ -353,7 +381,7 @@ def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dic
                 (f"probe-{p}", f"linear probe, frozen x_1 ({names.get(p, p)})") for p in a.paths]:
             got = r[key]["top1"]
             rows.append({"key": key, "label": label,
-                         "values": {level_name(n): [got[f"{level_name(n)}/{s}"] for s in a.seeds] for n in a.levels}})
+                         "values": {level_name(n): [got[f"{level_name(n)}/{s}"] for s in a.seeds] for n in display_levels(a)}})
     return rows
 
 
@@ -371,11 +399,11 @@ def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
     L.append("**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
              "`*` = resolved at two standard errors of the paired difference)")
     L.append("")
-    L.append("| labels per class | " + " | ".join(level_name(n) for n in a.levels) + " |")
-    L.append("|---|" + "---|" * len(a.levels))
+    L.append("| labels per class | " + " | ".join(level_name(n) for n in display_levels(a)) + " |")
+    L.append("|---|" + "---|" * len(display_levels(a)))
     for row in rows:
         cells = []
-        for n in a.levels:
+        for n in display_levels(a):
             k = level_name(n)
             m, sd = mean_sd(row["values"][k])
             cell = f"{100 * m:.1f}" + (f" +- {100 * sd:.1f}" if sd == sd else "")
@@ -398,16 +426,16 @@ def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [n if n is not None else n_train / num_classes for n in a.levels]
+    xs = [n if n is not None else n_train / num_classes for n in display_levels(a)]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for row in scarce_rows(a, r):
-        stats = [mean_sd(row["values"][level_name(n)]) for n in a.levels]
+        stats = [mean_sd(row["values"][level_name(n)]) for n in display_levels(a)]
         ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * (sd if sd == sd else 0) for _, sd in stats],
                     marker="o", capsize=3, label=row["label"], linestyle="--" if "probe" in row["key"] or
                     "head" in row["key"] else "-")
     ax.set_xscale("log")
     ax.set_xticks(xs)
-    ax.set_xticklabels([level_name(n) for n in a.levels])
+    ax.set_xticklabels([level_name(n) for n in display_levels(a)])
     ax.set_xlabel("labelled training images per class")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"{a.data}: label-scarce finetuning ({len(a.seeds)} seeds, mean +- sd)")
@@ -658,10 +686,18 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, D
                 "probe_scarce": 4}
     running = {}
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    # a fresh process per job: whatever a run leaves allocated (the adjoint currently keeps about one
+    # network evaluation's activations per finetuning step alive, see RESULTS.md) goes with it
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
         while pending or running:
             ready = [j for j in pending.values() if all(d in results for d in j["after"])]
             ready.sort(key=lambda j: (priority[j["kind"]], plan.index(j)))
+            reused = [j for j in ready if finished_result(j["kind"], j["spec"]) is not None]
+            for j in reused:  # finished earlier with the same arguments: read back, not re-run
+                del pending[j["name"]]
+                results[j["name"]] = finished_result(j["kind"], j["spec"])
+            if reused:
+                continue
             for j in ready[:max(0, jobs - len(running))]:
                 del pending[j["name"]]
                 print(f"[prg_tables] start {j['name']}", flush=True)
