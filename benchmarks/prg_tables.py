@@ -12,6 +12,24 @@
     python benchmarks/prg_tables.py --data folder:../shared/data/cifar10 --preset cifar --device cuda \\
         --pretrain-steps 100000 --finetune-steps 20000 --batch-size 128 --ode-steps 20 --jobs 1
 
+The label-scarce table (issue 13): N labelled training images per class (N in 1,2,5,10,all; the
+same seeded class-balanced subset for every row at a seed), pretraining on every training image
+without labels; rows PRG finetuned (OTCFM, GVP), from scratch, head only, linear probes on raw
+pixels and on frozen reversed features; mean +- sd over 3 seeds, paired differences to from
+scratch, a PNG (benchmarks/figures/prg_label_scarce.png):
+
+    python benchmarks/prg_tables.py --table scarce        # digits, CPU (~45 min on a busy 2-core VM)
+    python benchmarks/prg_tables.py --table scarce --quick
+
+The same table in a time budget on one GPU (CIFAR-10 as an image folder): a short calibration
+measures steps/s, plan_budget picks step counts and the levels that fit (all first, then 10, 100),
+OUT/budget.json keeps the plan; run the same command again after a cut-off (each command stops
+itself after --session-minutes, exit code 3) until it prints the table:
+
+    python benchmarks/prg_tables.py --data folder:../shared/data/cifar10 --budget-minutes 20 \
+        --session-minutes 9 --preset cifar --device cuda --batch-size 128 --pretrain-batch-size 128 \
+        --pretrain-lr 2e-4 --lr 2.5e-4 --ode-steps 4 --out benchmarks/out/prg_budget_cifar10
+
 Every run is a prg_fast run directory under --out (pretrain-*, ft-*, ...), so an interrupted
 invocation resumes where it stopped and a finished run is reused (delete --out to start over). The
 runs are spread over --jobs worker processes (one torch thread each on the CPU: on a small shared
@@ -103,6 +121,29 @@ def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
 JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate, "probe": job_probe}
 
 
+def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The result of a pretraining or finetuning job whose run directory already holds a finished
+    run with these very arguments (its metrics.json), without starting a process; else None."""
+    if kind not in ("pretrain", "finetune"):
+        return None
+    file = os.path.join(spec["out"], "metrics.json")
+    try:
+        with open(file) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ignore = {"progress", "device", "out"}  # how a run was shown or where it ran does not change what it is
+    same = all(m.get(k) == (os.path.abspath(v) if k == "checkpoint" and v else v)
+               for k, v in spec.items() if k not in ignore)
+    if not same or m.get("step") != spec["steps"]:
+        return None
+    if kind == "pretrain":
+        return {"loss": m["loss"], "loss_start": m["loss_start"], "step": m["step"], "wall_time_s": 0.0,
+                "train_time_total_s": m["train_time_total_s"], "reused": True}
+    return {"top1": m["top1"], "train_top1": m["train_top1"], "loss": m["loss"], "ce": m["ce"], "fm": m["fm"],
+            "step": m["step"], "wall_time_s": 0.0, "train_time_total_s": m["train_time_total_s"], "reused": True}
+
+
 def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
     _setup_worker(threads)
     return JOBS[kind](spec)
@@ -163,18 +204,500 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
     return plan
 
 
+# -------------------------------------------------------------------------------------------------
+# the label-scarce table (--table scarce): N labelled images per class, the rest unlabelled
+
+
+def level_name(n: Optional[int]) -> str:
+    return "all" if n is None else str(n)
+
+
+def parse_levels(text: str) -> List[Optional[int]]:
+    """'1,2,5,10,all' -> [1, 2, 5, 10, None] (None: every labelled training image)."""
+    out: List[Optional[int]] = []
+    for s in (s.strip().lower() for s in text.split(",")):
+        if not s:
+            continue
+        if s == "all":
+            out.append(None)
+            continue
+        try:
+            n = int(s)
+        except ValueError:
+            raise ValueError(f"--levels must be comma-separated integers >= 1 or 'all', got {s!r}") from None
+        if n < 1:
+            raise ValueError(f"--levels must be integers >= 1 or 'all', got {n}")
+        out.append(n)
+    if not out:
+        raise ValueError("--levels is empty")
+    return out
+
+
+def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Linear probes (scikit-learn LogisticRegression, prg_fast.eval.linear_probe) on N labelled
+    training images per class, for every level and seed, on raw pixels (spec["features"] None)
+    or on a feature file written by `extract`. The test split is always whole."""
+    import numpy as np
+    import torch
+
+    from prg_fast.data import class_balanced_subset, load_data
+    from prg_fast.eval import linear_probe, load_features
+
+    t = time.perf_counter()
+    if spec["features"] is None:
+        train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
+        tx, ty = train.to_float(train.images).flatten(1).numpy(), train.labels.numpy()
+        vx, vy = test.to_float(test.images).flatten(1).numpy(), test.labels.numpy()
+    else:
+        f = load_features(spec["features"])
+        tx, ty = np.asarray(f["train_features"]).reshape(len(f["train_labels"]), -1), np.asarray(f["train_labels"])
+        vx, vy = np.asarray(f["test_features"]).reshape(len(f["test_labels"]), -1), np.asarray(f["test_labels"])
+    out: Dict[str, Any] = {}
+    for n in spec["levels"]:
+        for seed in spec["seeds"]:
+            if n is None:
+                idx = np.arange(len(ty))
+            else:
+                idx = class_balanced_subset(torch.as_tensor(ty), n, seed).numpy()
+            r = linear_probe(tx[idx], ty[idx], vx, vy, seed=seed)
+            out[f"{level_name(n)}/{seed}"] = r["top1"]
+    return {"top1": out, "wall_time_s": time.perf_counter() - t}
+
+
+JOBS["probe_scarce"] = job_probe_scarce
+
+
+def scarce_batch(batch_size: int, n: Optional[int], num_classes: int) -> int:
+    """The finetuning batch at a level: the usual batch, or the whole labelled subset when smaller
+    (N = 1 on 10 classes: full-batch training on 10 images)."""
+    return batch_size if n is None else min(batch_size, n * num_classes)
+
+
+def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str, Any]]:
+    """The label-scarce jobs: pretraining on every training image (no labels) per path, then per
+    level N and seed s (the seed picks the labelled subset and the finetuning randomness, so every
+    row at (N, s) sees the same labelled images): PRG finetuned per path, from scratch, head only
+    per path, linear probes on raw pixels and on frozen reversed features (t = 1) per path."""
+    out = a.out
+    plan: List[Dict[str, Any]] = []
+
+    def add(name, kind, spec, after=()):
+        plan.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
+
+    def ft(n, seed, **kw):
+        return dict(data=a.data, batch_size=scarce_batch(a.batch_size, n, num_classes), ode_steps=a.ode_steps,
+                    method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1, steps=a.finetune_steps,
+                    device=a.device, seed=seed, labels_per_class=n, labels_seed=None if n is None else seed,
+                    progress=a.progress, log_every=max(1, a.finetune_steps // 10),
+                    ckpt_every=getattr(a, "finetune_ckpt_every", None) or max(1, a.finetune_steps // 2), **kw)
+
+    if a.probes:
+        add("probe-pixels", "probe_scarce", dict(data=a.data, features=None, levels=a.levels, seeds=a.seeds))
+    for path in a.paths:
+        pre = os.path.join(out, f"pretrain-{path}")
+        add(f"pretrain-{path}", "pretrain", dict(
+            data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
+            lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=a.progress,
+            num_samples=16, log_every=max(1, a.pretrain_steps // 20),
+            ckpt_every=getattr(a, "pretrain_ckpt_every", None) or max(1, a.pretrain_steps // 4)))
+        if a.probes:
+            feats = os.path.join(out, f"features-{path}.npz")
+            add(f"features-{path}", "features", dict(checkpoint=pre, data=a.data, out=feats, ode_steps=a.ode_steps,
+                                                      method=a.method, device=a.device), after=[f"pretrain-{path}"])
+            add(f"probe-{path}", "probe_scarce", dict(data=a.data, features=feats, levels=a.levels, seeds=a.seeds),
+                after=[f"features-{path}"])
+    for n in a.levels:
+        for seed in a.seeds:
+            tag = f"n{level_name(n)}-s{seed}"
+            for path in a.paths:
+                pre = os.path.join(out, f"pretrain-{path}")
+                add(f"ft-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, out=os.path.join(out, f"ft-{path}-{tag}"),
+                                                       beta=a.beta), after=[f"pretrain-{path}"])
+                if a.head_only:
+                    add(f"head-{path}-{tag}", "finetune",
+                        ft(n, seed, checkpoint=pre, out=os.path.join(out, f"head-{path}-{tag}"), freeze_flow=True,
+                           beta=0.0, lr_override=a.head_lr), after=[f"pretrain-{path}"])
+            add(f"scratch-{tag}", "finetune", ft(n, seed, out=os.path.join(out, f"scratch-{tag}"), from_scratch=True,
+                                                 model=a.preset, beta=a.beta, path=a.paths[0]))
+    for j in plan:  # head-only runs may have their own learning rate
+        if "lr_override" in j["spec"]:
+            j["spec"]["lr"] = j["spec"].pop("lr_override")
+    return plan
+
+
+def job_features(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from prg_fast.finetune import extract
+
+    t = time.perf_counter()
+    meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
+                   method=spec["method"], device=spec["device"], probe=False)
+    return {"feature_shape": meta["feature_shape"], "wall_time_s": time.perf_counter() - t}
+
+
+JOBS["features"] = job_features
+
+
+def mean_sd(values: List[float]):
+    import statistics
+
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def paired_difference(a_vals: List[float], b_vals: List[float]):
+    """Mean of the paired differences a - b (same seed = same labelled subset), its standard error
+    (sd of the differences / sqrt(n)), and whether |mean| > 2 standard errors."""
+    import math
+
+    d = [x - y for x, y in zip(a_vals, b_vals)]
+    m, sd = mean_sd(d)
+    se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    resolved = bool(len(d) > 1 and abs(m) > 2 * se) if se == se else False
+    return m, se, resolved
+
+
+def display_levels(a: argparse.Namespace) -> List[Optional[int]]:
+    """The levels in increasing order, 'all' last (the run order is --levels')."""
+    return sorted(a.levels, key=lambda n: float("inf") if n is None else n)
+
+
+def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One entry per table row: label, per level the top-1 of every seed (in --seeds order)."""
+    names = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
+    rows = []
+
+    def runs(prefix):
+        return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in display_levels(a)}
+
+    for p in a.paths:
+        rows.append({"key": f"ft-{p}", "label": f"PRG finetuned ({names.get(p, p)} pretraining)", "values": runs(f"ft-{p}")})
+    rows.append({"key": "scratch", "label": "from scratch (same network)", "values": runs("scratch")})
+    if a.head_only:
+        for p in a.paths:
+            rows.append({"key": f"head-{p}", "label": f"head only ({names.get(p, p)}, flow frozen)",
+                         "values": runs(f"head-{p}")})
+    if a.probes:
+        for key, label in [("probe-pixels", "linear probe, raw pixels")] + [
+                (f"probe-{p}", f"linear probe, frozen x_1 ({names.get(p, p)})") for p in a.paths]:
+            got = r[key]["top1"]
+            rows.append({"key": key, "label": label,
+                         "values": {level_name(n): [got[f"{level_name(n)}/{s}"] for s in a.seeds] for n in display_levels(a)}})
+    return rows
+
+
+def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float, n_train: int,
+                  n_test: int) -> str:
+    rows = scarce_rows(a, r)
+    scratch = next(row for row in rows if row["key"] == "scratch")
+    L: List[str] = []
+    L.append(f"Data `{a.data}` ({n_train} training images, all used unlabelled for pretraining; test split "
+             f"{n_test} images, always whole), UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
+             f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch min({a.batch_size}, labelled "
+             f"images)), {a.ode_steps} `{a.method}` steps, beta = {a.beta:g}; seeds {a.seeds} (seed s picks the "
+             "labelled subset and the finetuning randomness; every row at (N, s) sees the same labelled images).")
+    L.append("")
+    L.append("**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
+             "`*` = resolved at two standard errors of the paired difference)")
+    L.append("")
+    L.append("| labels per class | " + " | ".join(level_name(n) for n in display_levels(a)) + " |")
+    L.append("|---|" + "---|" * len(display_levels(a)))
+    for row in rows:
+        cells = []
+        for n in display_levels(a):
+            k = level_name(n)
+            m, sd = mean_sd(row["values"][k])
+            cell = f"{100 * m:.1f}" + (f" +- {100 * sd:.1f}" if sd == sd else "")
+            if row is not scratch:
+                d, se, ok = paired_difference(row["values"][k], scratch["values"][k])
+                cell += f" ({100 * d:+.1f}{'*' if ok else ''})" if len(a.seeds) > 1 else f" ({100 * d:+.1f})"
+            cells.append(cell)
+        L.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    L.append("")
+    times = [v.get("train_time_total_s", v["wall_time_s"]) for v in r.values()]
+    L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s) "
+             f"({len(r)} jobs, {sum(times) / 60:.1f} worker-min).")
+    return "\n".join(L) + "\n"
+
+
+def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: int, num_classes: int, file: str) -> None:
+    """Top-1 against labels per class (log axis; 'all' at the mean class size), mean +- sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [n if n is not None else n_train / num_classes for n in display_levels(a)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row in scarce_rows(a, r):
+        stats = [mean_sd(row["values"][level_name(n)]) for n in display_levels(a)]
+        ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * (sd if sd == sd else 0) for _, sd in stats],
+                    marker="o", capsize=3, label=row["label"], linestyle="--" if "probe" in row["key"] or
+                    "head" in row["key"] else "-")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([level_name(n) for n in display_levels(a)])
+    ax.set_xlabel("labelled training images per class")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{a.data}: label-scarce finetuning ({len(a.seeds)} seeds, mean +- sd)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------
+# a time budget (--budget-minutes): calibrate, plan step counts, run resumably across commands
+
+# the paper's CIFAR-10 numbers (arXiv 2412.01787, Table 1): PRG finetuned vs. the same network trained
+# from scratch, with every label
+PAPER_CIFAR10 = {"prg": 97.4, "scratch": 73.5}
+
+
+def plan_budget(budget_s: float, *, pretrain_rate: float, finetune_rate: float, eval_s: float, overhead_s: float,
+                levels: List[Optional[int]], seeds: List[int], rows: List[str], pretrain_fraction: float = 0.5,
+                min_pretrain_steps: int = 50, min_finetune_steps: int = 20) -> Dict[str, Any]:
+    """Step counts that fit `budget_s` seconds of one device, from measured rates (optimizer steps
+    per second of pretraining and of PRG finetuning at the full batch; a smaller label-scarce batch
+    is charged as a full one, which errs on the safe side), the time to evaluate the test split
+    once (`eval_s`) and the fixed cost of starting one run (`overhead_s`: process, data, model).
+
+    A share `pretrain_fraction` of what is left after the fixed costs pretrains (every path in
+    `rows` starting with "ft-" needs one pretraining); the rest is split evenly over the finetuning
+    runs (rows x levels x seeds). Levels are admitted in the order given (put 'all' first to make
+    sure of the full-label rows) while every finetuning run still gets `min_finetune_steps`.
+    Returns {"pretrain_steps", "finetune_steps", "levels", "seeds", "rows", "predicted_s", ...};
+    raises ValueError when not even one level fits."""
+    for name, v in (("budget_s", budget_s), ("pretrain_rate", pretrain_rate), ("finetune_rate", finetune_rate)):
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    if eval_s < 0 or overhead_s < 0:
+        raise ValueError(f"eval_s and overhead_s must be >= 0, got {eval_s!r}, {overhead_s!r}")
+    if not 0 < pretrain_fraction < 1:
+        raise ValueError(f"pretrain_fraction must lie in (0, 1), got {pretrain_fraction!r}")
+    if not levels or not seeds or not rows:
+        raise ValueError("levels, seeds and rows must be non-empty")
+    n_pre = len({r.split("-", 1)[1] for r in rows if r.startswith("ft-")})
+    chosen: Optional[Dict[str, Any]] = None
+    for k in range(1, len(levels) + 1):
+        n_ft = len(rows) * k * len(seeds)
+        fixed = (n_pre + n_ft) * overhead_s + n_ft * eval_s
+        left = budget_s - fixed
+        if left <= 0:
+            break
+        pre_s = pretrain_fraction * left if n_pre else 0.0
+        pre_steps = int(pre_s / n_pre * pretrain_rate) if n_pre else 0  # per pretraining run (path)
+        ft_steps = int((left - pre_s) * finetune_rate / n_ft)
+        if (n_pre and pre_steps < min_pretrain_steps) or ft_steps < min_finetune_steps:
+            break
+        predicted = fixed + n_pre * pre_steps / pretrain_rate + n_ft * ft_steps / finetune_rate
+        chosen = {"pretrain_steps": pre_steps, "finetune_steps": ft_steps, "levels": list(levels[:k]),
+                  "seeds": list(seeds), "rows": list(rows), "pretrain_runs": n_pre, "finetune_runs": n_ft,
+                  "predicted_s": predicted, "budget_s": float(budget_s), "dropped_levels": list(levels[k:])}
+    if chosen is None:
+        raise ValueError(f"a budget of {budget_s / 60:.1f} min does not fit even one level: each of the "
+                         f"{len(rows) * len(seeds)} finetuning runs needs {min_finetune_steps} steps at "
+                         f"{finetune_rate:.3g} steps/s plus {eval_s + overhead_s:.0f} s to start and evaluate, and "
+                         f"pretraining {min_pretrain_steps} steps at {pretrain_rate:.3g} steps/s; raise "
+                         f"--budget-minutes or lower --batch-size / --ode-steps")
+    return chosen
+
+
+def calibrate(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
+    """Measure pretraining and PRG finetuning steps/s, one test-split evaluation and the start-up
+    cost of a run, on this device with this data and network, in short runs under OUT/calibrate.
+    The rates come from resumed segments (the first segment pays for warm-up, autotuning and
+    allocation), so they are the steady-state speeds the real runs will see."""
+    from prg_fast.finetune import evaluate, finetune
+    from prg_fast.train import pretrain
+
+    k = a.calibration_steps
+    root = os.path.join(a.out, "calibrate")
+    pre = os.path.join(root, "pretrain")
+    common = dict(data=a.data, path=a.paths[0], model=a.preset, batch_size=a.pretrain_batch_size, lr=a.pretrain_lr,
+                  warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=False, num_samples=4,
+                  sample_steps=2, ckpt_every=10 ** 9, log_every=k)
+    t = time.perf_counter()
+    pretrain(steps=k, **common)
+    first_pre = time.perf_counter() - t
+    r = pretrain(steps=2 * k, **common)
+    pretrain_rate = k / r.metrics["wall_time_s"]
+    ft = os.path.join(root, "finetune")
+    fcommon = dict(data=a.data, checkpoint=pre, out=ft, batch_size=a.batch_size, ode_steps=a.ode_steps,
+                   method=a.method, lr=a.lr, beta=a.beta, device=a.device, seed=a.seed, progress=False,
+                   ckpt_every=10 ** 9, log_every=k)
+    t = time.perf_counter()
+    finetune(steps=k, **fcommon)
+    first_ft = time.perf_counter() - t
+    t = time.perf_counter()
+    r = finetune(steps=2 * k, **fcommon)
+    second_ft = time.perf_counter() - t
+    finetune_rate = k / r.metrics["wall_time_s"]
+    t = time.perf_counter()
+    evaluate(ft, a.data, device=a.device)
+    eval_s = time.perf_counter() - t
+    # start-up: what a resumed run costs beyond its steps and its evaluation, plus starting the
+    # fresh process every job runs in (interpreter, torch, prg_fast)
+    import multiprocessing as mp
+
+    t = time.perf_counter()
+    proc = mp.get_context("spawn").Process(target=_import_only)
+    proc.start()
+    proc.join()
+    spawn_s = time.perf_counter() - t
+    overhead_s = max(0.0, second_ft - r.metrics["wall_time_s"] - eval_s) + spawn_s
+    return {"pretrain_steps_per_s": pretrain_rate, "finetune_steps_per_s": finetune_rate, "eval_s": eval_s,
+            "overhead_s": overhead_s, "calibration_steps": k, "first_segment_s": {"pretrain": first_pre,
+                                                                                   "finetune": first_ft}}
+
+
+def _import_only() -> None:
+    import prg_fast.finetune  # noqa: F401  (what every job imports)
+
+
+def budget_rows(a: argparse.Namespace) -> List[str]:
+    return [f"ft-{p}" for p in a.paths] + ["scratch"] + ([f"head-{p}" for p in a.paths] if a.head_only else [])
+
+
+def load_or_make_budget(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
+    """OUT/budget.json: made once (calibration + plan) and reused by every later command, so the
+    runs of one protocol keep the same arguments and resume from their checkpoints."""
+    file = os.path.join(a.out, "budget.json")
+    if os.path.isfile(file):
+        with open(file) as f:
+            plan = json.load(f)
+        same = {k: plan["args"].get(k) for k in ("data", "preset", "budget_minutes", "batch_size", "ode_steps")}
+        now = {k: getattr(a, k) for k in same}
+        if same != now:
+            raise SystemExit(f"{file} was planned for {same}, but this command asks for {now}; use the same arguments "
+                             f"or another --out")
+        print(f"[prg_tables] budget: reusing the plan in {file}", flush=True)
+        return plan
+    t = time.perf_counter()
+    cal = calibrate(a, num_classes)
+    cal_s = time.perf_counter() - t
+    budget_s = a.budget_minutes * 60 - cal_s
+    plan = plan_budget(budget_s, pretrain_rate=cal["pretrain_steps_per_s"], finetune_rate=cal["finetune_steps_per_s"],
+                       eval_s=cal["eval_s"], overhead_s=cal["overhead_s"], levels=a.levels, seeds=a.seeds,
+                       rows=budget_rows(a), pretrain_fraction=a.pretrain_fraction)
+    plan.update(calibration=cal, calibration_s=cal_s, device=machine(),
+                args={k: getattr(a, k) for k in ("data", "preset", "budget_minutes", "batch_size", "ode_steps")})
+    # checkpoints about once a minute: a command cut off at its time limit loses at most that much
+    plan["pretrain_ckpt_every"] = max(1, int(60 * cal["pretrain_steps_per_s"]))
+    plan["finetune_ckpt_every"] = max(1, int(60 * cal["finetune_steps_per_s"]))
+    os.makedirs(a.out, exist_ok=True)
+    with open(file, "w") as f:
+        json.dump(plan, f, indent=1)
+    return plan
+
+
+def apply_budget(a: argparse.Namespace, plan: Dict[str, Any]) -> None:
+    a.pretrain_steps, a.finetune_steps = plan["pretrain_steps"], plan["finetune_steps"]
+    a.levels, a.seeds = [None if n is None else int(n) for n in plan["levels"]], list(plan["seeds"])
+    a.pretrain_warmup = min(a.pretrain_warmup, max(1, a.pretrain_steps // 10))
+    a.pretrain_ckpt_every, a.finetune_ckpt_every = plan["pretrain_ckpt_every"], plan["finetune_ckpt_every"]
+
+
+def budget_report(a: argparse.Namespace, plan: Dict[str, Any], r: Dict[str, Dict[str, Any]], n_train: int) -> str:
+    """What the budget bought, and which paper numbers it does not reach and why."""
+    L = [f"Budget {a.budget_minutes:g} min on {plan.get('device', a.device)}: calibration "
+         f"{plan['calibration_s']:.0f} s (pretraining {plan['calibration']['pretrain_steps_per_s']:.2f} steps/s, "
+         f"PRG finetuning {plan['calibration']['finetune_steps_per_s']:.2f} steps/s at batch {a.batch_size}, "
+         f"test evaluation {plan['calibration']['eval_s']:.1f} s); planned {plan['pretrain_runs']} pretraining "
+         f"run(s) of {plan['pretrain_steps']} steps and {plan['finetune_runs']} finetuning runs of "
+         f"{plan['finetune_steps']} steps, predicted {plan['predicted_s'] / 60:.1f} min."]
+    if plan["dropped_levels"]:
+        L.append(f"Levels not affordable in this budget: {', '.join(level_name(n) for n in plan['dropped_levels'])}.")
+    spent = sum(v.get("train_time_total_s", v["wall_time_s"]) for v in r.values())
+    L.append(f"Training time actually spent (sum over runs, all commands): {spent / 60:.1f} min.")
+    if "all" in [level_name(n) for n in a.levels] and a.paths:
+        import statistics
+
+        prg = statistics.fmean(r[f"ft-{a.paths[0]}-nall-s{s}"]["top1"] for s in a.seeds) * 100
+        scr = statistics.fmean(r[f"scratch-nall-s{s}"]["top1"] for s in a.seeds) * 100
+        L.append(f"Full labels: PRG finetuned {prg:.1f}% vs. from scratch {scr:.1f}%; the paper reports "
+                 f"{PAPER_CIFAR10['prg']}% vs. {PAPER_CIFAR10['scratch']}% on CIFAR-10.")
+    L.append(f"Not reached, and why: the paper's 97.4% rests on a flow pretrained for hundreds of thousands of "
+             f"steps (torchcfm's CIFAR-10 recipe, which PRG starts from, trains 400,001 steps of batch 128) and "
+             f"finetuned for many epochs; this budget affords {plan['pretrain_steps']} pretraining steps "
+             f"({100 * plan['pretrain_steps'] / 400001:.2f}% of that) and {plan['finetune_steps']} finetuning steps "
+             f"of batch {a.batch_size} ({plan['finetune_steps'] * a.batch_size / n_train:.2f} epochs of the {n_train} "
+             "training images), so "
+             "neither the pretrained flow nor the finetuned classifier is near convergence; the numbers say how "
+             "much of the gap this much compute closes, not what PRG reaches.")
+    return "\n".join(L) + "\n"
+
+
+def _job_to_file(kind: str, spec: Dict[str, Any], threads: int, file: str) -> None:
+    result = _run_job(kind, spec, threads)
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, file)
+
+
+class OutOfTime(Exception):
+    """The command's --session-minutes ran out; the same command continues the protocol."""
+
+
+def run_plan_sessions(plan: List[Dict[str, Any]], threads: int, out: str,
+                      deadline: Optional[float]) -> Dict[str, Dict[str, Any]]:
+    """The jobs one after another, each in its own process, with its result kept in
+    OUT/results/NAME.json: a later command skips what is done and resumes the run in progress
+    from its checkpoint. At `deadline` (time.monotonic()) the running job is stopped (it loses
+    at most its last checkpoint interval) and OutOfTime is raised."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    folder = os.path.join(out, "results")
+    os.makedirs(folder, exist_ok=True)
+    results: Dict[str, Dict[str, Any]] = {}
+    for j in plan:  # the plan lists every job after the jobs it needs
+        file = os.path.join(folder, j["name"] + ".json")
+        if os.path.isfile(file):
+            with open(file) as f:
+                results[j["name"]] = json.load(f)
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            raise OutOfTime(j["name"])
+        print(f"[prg_tables] start {j['name']}", flush=True)
+        proc = ctx.Process(target=_job_to_file, args=(j["kind"], j["spec"], threads, file))
+        proc.start()
+        proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+            raise OutOfTime(j["name"])
+        if proc.exitcode != 0 or not os.path.isfile(file):
+            raise RuntimeError(f"job {j['name']} failed (exit code {proc.exitcode}); its output is above")
+        with open(file) as f:
+            results[j["name"]] = json.load(f)
+        print(f"[prg_tables] done  {j['name']}: {results[j['name']]}", flush=True)
+    return results
+
+
 def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, Dict[str, Any]]:
     import multiprocessing as mp
 
     results: Dict[str, Dict[str, Any]] = {}
     pending = {j["name"]: j for j in plan}
-    priority = {"pretrain": 0, "finetune": 1, "evaluate": 2, "probe": 3, "probe_pixels": 3}
+    priority = {"pretrain": 0, "features": 1, "finetune": 2, "evaluate": 3, "probe": 4, "probe_pixels": 4,
+                "probe_scarce": 4}
     running = {}
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    # a fresh process per job: whatever a run leaves allocated (the adjoint currently keeps about one
+    # network evaluation's activations per finetuning step alive, see RESULTS.md) goes with it
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
         while pending or running:
             ready = [j for j in pending.values() if all(d in results for d in j["after"])]
             ready.sort(key=lambda j: (priority[j["kind"]], plan.index(j)))
+            reused = [j for j in ready if finished_result(j["kind"], j["spec"]) is not None]
+            for j in reused:  # finished earlier with the same arguments: read back, not re-run
+                del pending[j["name"]]
+                results[j["name"]] = finished_result(j["kind"], j["spec"])
+            if reused:
+                continue
             for j in ready[:max(0, jobs - len(running))]:
                 del pending[j["name"]]
                 print(f"[prg_tables] start {j['name']}", flush=True)
@@ -284,17 +807,35 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--out", default=os.path.join(HERE, "out", "prg_tables"))
     p.add_argument("--quick", action="store_true", help="reduced smoke version (few steps; numbers not meaningful)")
-    p.add_argument("--paths", default="gvp,icfm,otcfm")
+    p.add_argument("--table", choices=("main", "scarce"), default="main",
+                   help="main: the paper's tables (paths, head only, probes, segments, step invariance); scarce: "
+                        "the label-scarce table (N labelled images per class, --levels; default paths gvp,otcfm, "
+                        "pretraining 750 steps, finetuning 80 steps of batch 32 with 2 Euler steps)")
+    p.add_argument("--levels", default=None, help="--table scarce: labelled images per class (default 1,2,5,10,all; "
+                   "with --budget-minutes all,10,100: the levels are admitted in this order while they fit)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="label-scarce protocol in a time budget (implies --table scarce, one run at a time): "
+                        "calibrate steps/s, choose pretraining and finetuning step counts that fit, write the plan to "
+                        "OUT/budget.json and run it; repeat the same command until it prints the table")
+    p.add_argument("--session-minutes", type=float, default=None,
+                   help="stop this command after this long (the next one resumes); e.g. 9 under a 10-minute limit")
+    p.add_argument("--pretrain-fraction", type=float, default=0.5, help="--budget-minutes: share of pretraining")
+    p.add_argument("--calibration-steps", type=int, default=10, help="--budget-minutes: steps per calibration segment")
+    p.add_argument("--plan-only", action="store_true", help="--budget-minutes: calibrate, print the plan, run nothing")
+    p.add_argument("--no-head-only", dest="head_only", action="store_false", help="--table scarce: skip head only")
+    p.add_argument("--figure", default=os.path.join(HERE, "figures", "prg_label_scarce.png"),
+                   help="--table scarce: where the PNG of top-1 against labels per class goes")
+    p.add_argument("--paths", default=None, help="pretraining paths (default gvp,icfm,otcfm; --table scarce: otcfm,gvp)")
     p.add_argument("--segment-path", default="otcfm", help="the path of the trajectory-segment table")
     p.add_argument("--t0s", default="0,0.25,0.5")
     p.add_argument("--eval-steps", default="4,20,100")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; --table scarce: 750)")
     p.add_argument("--pretrain-batch-size", type=int, default=64)
     p.add_argument("--pretrain-lr", type=float, default=5e-4)
     p.add_argument("--pretrain-warmup", type=int, default=100)
-    p.add_argument("--finetune-steps", type=int, default=250)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--ode-steps", type=int, default=4)
+    p.add_argument("--finetune-steps", type=int, default=None, help="(default 250; --table scarce: 80)")
+    p.add_argument("--batch-size", type=int, default=None, help="finetuning batch (default 64; --table scarce: 32)")
+    p.add_argument("--ode-steps", type=int, default=None, help="finetuning solver steps (default 4; --table scarce: 2)")
     p.add_argument("--method", default="euler")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--head-lr", type=float, default=None, help="head-only runs (default: --lr)")
@@ -309,7 +850,39 @@ def parse(argv=None) -> argparse.Namespace:
                    "unchanged on a GPU)")
     p.add_argument("--progress", action="store_true", help="progress bars of every run (interleaved)")
     a = p.parse_args(argv)
+    budget = a.budget_minutes is not None
+    if budget:
+        if a.budget_minutes <= 0:
+            p.error(f"--budget-minutes must be > 0, got {a.budget_minutes:g}")
+        if a.quick:
+            p.error("--quick and --budget-minutes do not mix: a small budget is the quick version")
+        a.table = "scarce"
+        if a.paths is None:
+            a.paths = "otcfm"
+        if a.levels is None:
+            a.levels = "all,10,100"
+        if a.seeds == "0,1,2":
+            a.seeds = "0"
+        # one run at a time on one device; head only and the sklearn probes are left to the digits table
+        a.head_only, a.probes, a.jobs = False, False, 1
+    if a.levels is None:
+        a.levels = "1,2,5,10,all"
+    scarce = a.table == "scarce"
+    if a.paths is None:
+        a.paths = "otcfm,gvp" if scarce else "gvp,icfm,otcfm"
+    if a.finetune_steps is None:
+        a.finetune_steps = 80 if scarce else 250
+    if a.pretrain_steps is None:
+        a.pretrain_steps = 750 if scarce else 1500
+    if a.ode_steps is None:
+        a.ode_steps = 2 if scarce else 4
+    if a.batch_size is None:
+        a.batch_size = 32 if scarce else 64
     a.paths = [s for s in a.paths.split(",") if s]
+    try:
+        a.levels = parse_levels(a.levels)
+    except ValueError as e:
+        p.error(str(e))
     a.t0s = [float(s) for s in a.t0s.split(",") if s]
     a.eval_steps = [int(s) for s in a.eval_steps.split(",") if s]
     a.seeds = [int(s) for s in a.seeds.split(",") if s]
@@ -319,12 +892,21 @@ def parse(argv=None) -> argparse.Namespace:
         a.pretrain_steps, a.finetune_steps, a.pretrain_warmup, a.ode_steps = 40, 8, 5, 2
         a.eval_steps = sorted({max(1, k // 10) for k in a.eval_steps})
         a.seeds = a.seeds[:2]
+        if scarce:
+            a.levels = [n for n in a.levels if n in (1, None)] or a.levels[:1]
+            a.finetune_steps, a.paths = 6, a.paths[:1]
+            if a.figure == os.path.join(HERE, "figures", "prg_label_scarce.png"):
+                a.figure = None  # a smoke run does not overwrite the recorded figure
         a.out = a.out.rstrip("/") + "_quick" if a.out == os.path.join(HERE, "out", "prg_tables") else a.out
+    if scarce and a.out == os.path.join(HERE, "out", "prg_tables"):
+        a.out = os.path.join(HERE, "out", "prg_budget" if budget else "prg_scarce")
+    if budget and a.figure == os.path.join(HERE, "figures", "prg_label_scarce.png"):
+        a.figure = os.path.join(a.out, "label_scarce.png")
     if a.threads is None:
         a.threads = 1 if a.device == "cpu" else 0
     if a.head_lr is None:
         a.head_lr = a.lr
-    if a.segment_path not in a.paths:
+    if not scarce and a.segment_path not in a.paths:
         p.error(f"--segment-path {a.segment_path} must be one of --paths {a.paths}")
     return a
 
@@ -333,9 +915,38 @@ def main(argv=None) -> int:
     a = parse(argv)
     os.makedirs(a.out, exist_ok=True)
     t = time.perf_counter()
-    results = run_plan(build_plan(a), a.jobs, a.threads)
-    wall = time.perf_counter() - t
-    md = tables(a, results, wall)
+    if a.table == "scarce":
+        from prg_fast.data import load_data
+
+        train, test = load_data(a.data, "train", augment=None), load_data(a.data, "test", augment=None)
+        plan = None
+        if a.budget_minutes is not None:
+            deadline = None if a.session_minutes is None else time.monotonic() + 60 * a.session_minutes
+            _setup_worker(a.threads)
+            plan = load_or_make_budget(a, train.num_classes)
+            apply_budget(a, plan)
+            print(f"[prg_tables] budget plan: {json.dumps({k: plan[k] for k in ('pretrain_steps', 'finetune_steps', 'levels', 'seeds', 'rows', 'predicted_s', 'dropped_levels')})}", flush=True)
+            if a.plan_only:
+                return 0
+            try:
+                results = run_plan_sessions(build_scarce_plan(a, train.num_classes), a.threads, a.out, deadline)
+            except OutOfTime as e:
+                print(f"[prg_tables] --session-minutes {a.session_minutes:g} is up during {e}; run the same command "
+                      "again to continue from the checkpoints", flush=True)
+                return 3
+        else:
+            results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads)
+        wall = time.perf_counter() - t
+        md = scarce_tables(a, results, wall, len(train), len(test))
+        if plan is not None:
+            md += "\n" + budget_report(a, plan, results, len(train))
+        if a.figure:
+            scarce_figure(a, results, len(train), train.num_classes, a.figure)
+            md += f"\nFigure: {os.path.relpath(a.figure, os.path.dirname(HERE))}\n"
+    else:
+        results = run_plan(build_plan(a), a.jobs, a.threads)
+        wall = time.perf_counter() - t
+        md = tables(a, results, wall)
     info = {"args": vars(a), "results": results, "wall_time_s": wall, "machine": machine(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     with open(os.path.join(a.out, "results.json"), "w") as f:

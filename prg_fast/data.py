@@ -8,6 +8,10 @@
 Every split is decoded once into a uint8 tensor (N, C, H, W) and kept in memory (also cached per
 process), so a training step only indexes, converts to float in [-1, 1] and augments a batch,
 vectorised; nothing is decoded per sample and no loader workers are needed on a 2-core machine.
+On a GPU the uint8 batch goes over in one asynchronous copy from pinned memory and is converted and
+augmented there, random numbers included (drawn from the device's generator, which the trainers
+seed per rank and save in their checkpoints, so a resumed run continues the same augmentations).
+`class_balanced_subset` picks the seeded labelled subset of a label-scarce finetuning run.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["Augment", "ImageData", "load_data", "parse_spec", "default_augment", "cache_dir", "SPLITS", "DIGITS_SPLIT_SEED"]
+__all__ = ["Augment", "ImageData", "load_data", "parse_spec", "default_augment", "cache_dir", "class_balanced_subset",
+           "SPLITS", "DIGITS_SPLIT_SEED"]
 
 SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0  # the fixed digits split: part of the data definition, never a run's seed
@@ -47,25 +52,43 @@ class Augment:
         return self.hflip or self.crop_padding > 0
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Augment a batch on its own device: every random number is drawn there (from `generator`,
+        which must live on x's device, or else from that device's default generator, which the
+        trainers seed and save with the run), so a CUDA batch costs no host round trip. The draws
+        come in the same order as ever (crop rows, crop columns, flips), so CPU runs are unchanged."""
         if not self.active:
             return x
-        b, _, h, w = x.shape
+        if generator is not None and not _same_device(generator.device, x.device):
+            raise ValueError(f"generator must live on the batch's device ({x.device}), got a generator on "
+                             f"{generator.device}; create it with torch.Generator(device=x.device)")
+        b, c, h, w = x.shape
+        dev = x.device
         if self.crop_padding:
             p = self.crop_padding
             if p >= h or p >= w:
                 raise ValueError(f"crop_padding ({p}) must be smaller than the image size ({h}x{w})")
             padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
-            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-            rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
-            cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
-            batch = torch.arange(b)[:, None, None, None]
-            chans = torch.arange(x.shape[1])[None, :, None, None]
-            x = padded[batch, chans, rows.to(x.device), cols.to(x.device)]
+            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+            rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+            cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+            batch = torch.arange(b, device=dev)[:, None, None, None]
+            chans = torch.arange(c, device=dev)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
         if self.hflip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+            flip = torch.rand(b, generator=generator, device=dev) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # torch.Generator(device="cuda") reports "cuda" without an index: that is the current device
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    cur = torch.cuda.current_device()
+    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
 
 
 class ImageData(torch.utils.data.Dataset):
@@ -106,21 +129,78 @@ class ImageData(torch.utils.data.Dataset):
 
     def batch(self, indices, *, augment: bool = True, device=None,
               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) float32 in [-1, 1] and labels (B,) for the given indices; the uint8
-        batch is moved to `device` before conversion (4x less to copy)."""
+        """Images (B, C, H, W) float32 in [-1, 1] and labels (B,) for the given indices. The uint8
+        batch (4x less than float) is gathered on the host and sent in one asynchronous copy from
+        pinned memory to a CUDA `device`; conversion and augmentation (random numbers included,
+        see Augment) then run on the device, so a step never waits for the host."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx]
         y = self.labels[idx]
         if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda":
+                # a copy from pageable memory is synchronous whatever non_blocking says; the pinned
+                # buffers come from torch's caching host allocator, which keeps them alive until
+                # the copy has finished
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x = self.to_float(x)
         if augment:
             x = self.augment(x, generator)
         return x, y
 
+    def subset(self, indices) -> "ImageData":
+        """The images at `indices` (in that order), as an ImageData with the same classes, levels,
+        spec, split and augmentation."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.dim() != 1:
+            raise ValueError(f"indices must be one-dimensional, got shape {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"indices must lie in [0, {len(self)}), got values in [{int(idx.min())}, {int(idx.max())}]")
+        return ImageData(self.images[idx], self.labels[idx], self.classes, levels=self.levels, spec=self.spec,
+                         split=self.split, augment=self.augment)
+
     def __repr__(self) -> str:
         return (f"ImageData({self.spec!r}, split={self.split!r}, n={len(self)}, shape={self.shape}, "
                 f"classes={self.num_classes}, augment={self.augment})")
+
+
+def class_balanced_subset(labels, n_per_class: int, seed: int, num_classes: Optional[int] = None) -> torch.Tensor:
+    """Indices (sorted, int64) of `n_per_class` examples of every class, drawn without replacement
+    by a CPU generator seeded with `seed`: the labelled subset of a label-scarce run. The same
+    (labels, N, seed) gives the same subset on every machine; subsets for different N are drawn
+    independently (the N = 1 subset need not be inside the N = 2 one).
+
+    labels: 1-D integer labels 0..num_classes-1 (num_classes defaults to max + 1; a class with no
+    example at all is an error, as is N larger than the smallest class)."""
+    import numbers
+
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, numbers.Integral) or n_per_class < 1:
+        raise ValueError(f"labels_per_class must be an integer >= 1, got {n_per_class!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    n_per_class, seed = int(n_per_class), int(seed)
+    y = torch.as_tensor(labels)
+    if y.dim() != 1 or y.numel() == 0 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {y.dtype} {tuple(y.shape)}")
+    y = y.long()
+    if int(y.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got {int(y.min())}")
+    k = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    if int(y.max()) >= k:
+        raise ValueError(f"labels hold class {int(y.max())}, but num_classes is {k}")
+    counts = torch.bincount(y, minlength=k)
+    smallest = int(counts.min())
+    if n_per_class > smallest:
+        cls = int(counts.argmin())
+        raise ValueError(f"labels_per_class={n_per_class} is larger than the smallest class (class {cls} has "
+                         f"{smallest} labelled training images); choose labels_per_class <= {smallest}")
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(k):
+        members = torch.nonzero(y == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=gen)[:n_per_class]])
+    return torch.sort(torch.cat(picked)).values
 
 
 # -------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from prg_fast.data import Augment, load_data, parse_spec
+from prg_fast.data import Augment, ImageData, class_balanced_subset, load_data, parse_spec
+from prg_fast.training.runs import rng_state, set_rng_state
 
 
 @pytest.fixture(autouse=True)
@@ -180,3 +181,189 @@ def test_unreadable_image_and_pickle(tmp_path):
     (tmp_path / "c" / "test_batch").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable CIFAR-10 pickle"):
         load_data(f"cifar10:{tmp_path}/c", "test", cache=False)
+
+
+# -------------------------------------------------------------------------------------------------
+# class-balanced labelled subsets (finetune --labels-per-class)
+
+
+def test_class_balanced_subset_counts_and_determinism():
+    labels = load_data("digits", "train").labels
+    for n in (1, 2, 5, 10):
+        idx = class_balanced_subset(labels, n, seed=3)
+        assert idx.dtype == torch.int64 and idx.shape == (10 * n,)
+        assert torch.equal(torch.bincount(labels[idx], minlength=10), torch.full((10,), n))
+        assert len(set(idx.tolist())) == 10 * n  # without replacement
+        assert torch.equal(idx, torch.sort(idx).values)
+        assert torch.equal(idx, class_balanced_subset(labels, n, seed=3))  # same seed, same subset
+    assert not torch.equal(class_balanced_subset(labels, 5, seed=0), class_balanced_subset(labels, 5, seed=1))
+    # the whole of the smallest class is allowed, and then every one of its images is taken
+    smallest = int(torch.bincount(labels).min())
+    idx = class_balanced_subset(labels, smallest, seed=0)
+    cls = int(torch.bincount(labels).argmin())
+    assert torch.equal(idx[labels[idx] == cls], torch.nonzero(labels == cls).flatten())
+
+
+def test_class_balanced_subset_is_independent_of_the_label_dtype():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    a = class_balanced_subset(labels, 2, seed=5)
+    b = class_balanced_subset(labels.numpy().astype(np.int32), np.int64(2), seed=np.int64(5))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n, match", [(0, "labels_per_class must be an integer >= 1"),
+                                      (-2, "labels_per_class must be an integer >= 1"),
+                                      (True, "labels_per_class must be an integer >= 1"),
+                                      (1.0, "labels_per_class must be an integer >= 1"),
+                                      (4, r"larger than the smallest class \(class 1 has 3")])
+def test_class_balanced_subset_errors(n, match):
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    with pytest.raises(ValueError, match=match):
+        class_balanced_subset(labels, n, seed=0)
+
+
+def test_class_balanced_subset_bad_labels():
+    with pytest.raises(ValueError, match="seed"):
+        class_balanced_subset(torch.tensor([0, 1]), 1, seed=-1)
+    with pytest.raises(ValueError, match="1-D integer"):
+        class_balanced_subset(torch.tensor([0.0, 1.0]), 1, seed=0)
+    with pytest.raises(ValueError, match="smallest class \\(class 2 has 0"):
+        class_balanced_subset(torch.tensor([0, 1]), 1, seed=0, num_classes=3)  # a class with no example
+    with pytest.raises(ValueError, match="num_classes"):
+        class_balanced_subset(torch.tensor([0, 3]), 1, seed=0, num_classes=2)
+
+
+def test_image_data_subset():
+    train = load_data("digits", "train", augment=Augment(hflip=True))
+    idx = class_balanced_subset(train.labels, 2, seed=0)
+    sub = train.subset(idx)
+    assert len(sub) == 20 and sub.classes == train.classes and sub.levels == train.levels
+    assert sub.augment == train.augment and sub.spec == train.spec and sub.split == "train"
+    assert torch.equal(sub.images, train.images[idx]) and torch.equal(sub.labels, train.labels[idx])
+    with pytest.raises(IndexError, match="indices must lie in"):
+        train.subset([0, len(train)])
+
+
+# -------------------------------------------------------------------------------------------------
+# augmentation on the batch's device
+
+
+def _old_augment(aug: Augment, x: torch.Tensor, generator) -> torch.Tensor:
+    """The augmentation as it was before it moved to the device (random numbers drawn on the CPU,
+    index tensors copied over): the oracle for the draw order and the result on the CPU."""
+    b, _, h, w = x.shape
+    if aug.crop_padding:
+        p = aug.crop_padding
+        padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    if aug.hflip:
+        flip = torch.rand(b, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+@pytest.mark.parametrize("aug", [Augment(hflip=True), Augment(crop_padding=2), Augment(hflip=True, crop_padding=1)])
+def test_augment_matches_the_previous_semantics_on_the_cpu(aug):
+    x = torch.randn(17, 3, 6, 6)
+    for seed in range(3):
+        new = aug(x, torch.Generator().manual_seed(seed))
+        old = _old_augment(aug, x, torch.Generator().manual_seed(seed))
+        assert torch.equal(new, old)
+    # and with the global generator (what the trainers use: no generator passed)
+    torch.manual_seed(11)
+    new = aug(x)
+    torch.manual_seed(11)
+    assert torch.equal(new, _old_augment(aug, x, None))
+
+
+def test_augment_flip_probability_and_crop_offsets():
+    n, p = 4000, 2
+    x = torch.arange(n * 5 * 5, dtype=torch.float32).reshape(n, 1, 5, 5)
+    flipped = Augment(hflip=True)(x, torch.Generator().manual_seed(0))
+    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
+    same = (flipped == x).flatten(1).all(1)
+    assert bool((mirrored ^ same).all())  # every image is either mirrored or untouched (none symmetric here)
+    # Binomial(4000, 1/2): sd 31.6; six sd is a bound a correct coin passes essentially always
+    assert abs(int(mirrored.sum()) - n // 2) < 6 * 31.7
+    cropped = Augment(crop_padding=p)(x, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    # the window's top-left corner in the padded image, recovered from its first pixel
+    seen = set()
+    for i in range(0, n, 7):
+        where = [(a, b) for a in range(2 * p + 1) for b in range(2 * p + 1)
+                 if torch.equal(cropped[i], padded[i, :, a:a + 5, b:b + 5])]
+        assert len(where) >= 1
+        seen.update(where)
+    assert seen == {(a, b) for a in range(2 * p + 1) for b in range(2 * p + 1)}  # every offset occurs
+
+
+def test_augment_is_deterministic_under_a_seed_and_resumes_exactly():
+    aug = Augment(hflip=True, crop_padding=2)
+    x = torch.randn(32, 3, 8, 8)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(aug(x, g1), aug(x, g2))
+    assert not torch.equal(aug(x, torch.Generator().manual_seed(5)), aug(x, torch.Generator().manual_seed(6)))
+    # a generator's state saved mid-run and restored continues the same stream
+    g = torch.Generator().manual_seed(9)
+    aug(x, g)
+    state = g.get_state()
+    straight = [aug(x, g) for _ in range(3)]
+    g2 = torch.Generator()
+    g2.set_state(state)
+    assert all(torch.equal(a, aug(x, g2)) for a in straight)
+    # the trainers draw from the device's default generator, saved and restored by rng_state /
+    # set_rng_state with the checkpoint: the same continuation after a restore
+    dev = torch.device("cpu")
+    torch.manual_seed(123)
+    aug(x)
+    saved = rng_state(dev)
+    straight = [aug(x) for _ in range(3)]
+    torch.manual_seed(999)  # a different stream in between, as a new process would have
+    set_rng_state(saved, dev)
+    assert all(torch.equal(a, aug(x)) for a in straight)
+
+
+def test_batch_augments_on_the_cpu_as_before():
+    data = load_data("digits", "train", augment=Augment(hflip=True, crop_padding=1))
+    idx = list(range(0, 64))
+    x, y = data.batch(idx, device="cpu", generator=torch.Generator().manual_seed(0))
+    plain = data.to_float(data.images[idx])
+    assert torch.equal(x, _old_augment(data.augment, plain, torch.Generator().manual_seed(0)))
+    assert torch.equal(y, data.labels[idx])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device-side augmentation)")
+def test_augment_on_cuda_draws_on_the_device():
+    dev = torch.device("cuda")
+    data = load_data("digits", "train", augment=Augment(hflip=True, crop_padding=1))
+    idx = list(range(64))
+    g = torch.Generator(device=dev).manual_seed(0)
+    x, y = data.batch(idx, device=dev, generator=g)
+    assert x.device.type == "cuda" and y.device.type == "cuda"
+    # the same draws on the device's generator, applied to the same batch on the device
+    ref = data.augment(data.to_float(data.images[idx].to(dev)), torch.Generator(device=dev).manual_seed(0))
+    assert torch.equal(x, ref)
+    assert torch.equal(y.cpu(), data.labels[idx])
+    # every image is a window of its padded original, flipped or not (the CPU semantics)
+    plain = torch.nn.functional.pad(data.to_float(data.images[idx]), (1, 1, 1, 1), mode="reflect")
+    xc = x.cpu()
+    for i in range(64):
+        assert any(torch.equal(xc[i], w) or torch.equal(xc[i], w.flip(-1))
+                   for w in (plain[i, :, a:a + 8, b:b + 8] for a in range(3) for b in range(3)))
+    with pytest.raises(ValueError, match="generator must live on the batch's device"):
+        data.batch(idx, device=dev, generator=torch.Generator().manual_seed(0))
+    # no step of the batch path waits for the device: torch raises on any synchronising call
+    # (a copy from pageable memory, a .item(), ...) in sync debug mode "error"
+    data.batch(idx, device=dev)  # warm-up: first pinned allocation, kernels loaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        data.batch(list(range(64, 128)), device=dev)
+        data.batch(list(range(64, 128)), device=dev, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -269,3 +269,82 @@ def test_ddp_two_processes_finetune_identical_replicas_and_evaluate_in_shards(pr
         part, name = k.split(".", 1)
         assert torch.equal(ckpt[part][name], v), k
     assert json.load(open(os.path.join(out, "metrics.json")))["world_size"] == 2
+
+
+# -------------------------------------------------------------------------------------------------
+# label-scarce finetuning (--labels-per-class)
+
+
+def test_labels_per_class_trains_on_a_seeded_balanced_subset(pretrained, tmp_path):
+    r = finetune(checkpoint=pretrained, out=str(tmp_path / "n2"), steps=3, labels_per_class=2, labels_seed=7,
+                 **{**FAST, "batch_size": 20})
+    m = json.load(open(tmp_path / "n2" / "metrics.json"))
+    assert m["labels_per_class"] == 2 and m["labels_seed"] == 7 and m["labels_seed_used"] == 7
+    assert m["train_size"] == 20
+    assert m["test_size"] == 360  # evaluation always on the whole test split
+    assert m["top1"] == r.metrics["top1"]
+    # the seed defaults to the run's seed, and is written out resolved
+    finetune(checkpoint=pretrained, out=str(tmp_path / "n1"), steps=1, labels_per_class=1, seed=4,
+             **{**FAST, "batch_size": 10})
+    m1 = json.load(open(tmp_path / "n1" / "metrics.json"))
+    assert m1["labels_seed"] is None and m1["labels_seed_used"] == 4 and m1["train_size"] == 10
+
+
+def test_labels_per_class_uses_exactly_the_subset(pretrained, tmp_path, monkeypatch):
+    # the images the finetuner sees are the class_balanced_subset of the training split, no others
+    from prg_fast.data import ImageData, class_balanced_subset, load_data
+
+    seen = []
+    real_batch = ImageData.batch
+
+    def spy(self, indices, **kw):
+        x, y = real_batch(self, indices, **kw)
+        if self.split == "train":
+            seen.append(self.images[torch.as_tensor(indices)].clone())
+        return x, y
+
+    monkeypatch.setattr(ImageData, "batch", spy)
+    finetune(checkpoint=pretrained, out=str(tmp_path / "s"), steps=4, labels_per_class=1, labels_seed=3,
+             **{**FAST, "batch_size": 10})
+    train = load_data("digits", "train", augment=None)
+    expected = train.images[class_balanced_subset(train.labels, 1, 3)]
+    got = torch.cat(seen)
+    assert len(got) == 40
+    exp_set = {bytes(im.flatten().tolist()) for im in expected}
+    assert {bytes(im.flatten().tolist()) for im in got} == exp_set  # 4 full-batch epochs of the 10 images
+
+
+def test_labels_per_class_resume_is_exact(pretrained, tmp_path):
+    common = dict(checkpoint=pretrained, lr=1e-3, beta=0.5, warmup=0, schedule="constant", ckpt_every=100,
+                  labels_per_class=3, hflip=True, crop_padding=1, **{**FAST, "batch_size": 15})
+    straight = finetune(out=str(tmp_path / "a"), steps=6, **common)
+    finetune(out=str(tmp_path / "b"), steps=3, **common)
+    resumed = finetune(out=str(tmp_path / "b"), steps=6, **common)
+    a, b = _states(straight), _states(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(CheckpointError, match="labels_per_class"):
+        finetune(out=str(tmp_path / "b"), steps=8, **{**common, "labels_per_class": 2})
+
+
+def test_labels_per_class_errors(pretrained, tmp_path):
+    with pytest.raises(ValueError, match="labels_per_class must be an integer >= 1"):
+        FinetuneConfig(checkpoint="unused", labels_per_class=0).validate()
+    with pytest.raises(ValueError, match="labels_seed must be an integer >= 0"):
+        FinetuneConfig(checkpoint="unused", labels_per_class=1, labels_seed=-1).validate()
+    with pytest.raises(ValueError, match=r"labels_per_class=500 is larger than the smallest class \(class 8 has 139 .*<= 139"):
+        finetune(checkpoint=pretrained, out=str(tmp_path / "x"), steps=1, labels_per_class=500, **FAST)
+    with pytest.raises(ValueError, match=r"batch_size \(64\) is larger than the labelled subset"):
+        finetune(checkpoint=pretrained, out=str(tmp_path / "y"), steps=1, labels_per_class=2, **FAST)
+
+
+def test_labels_per_class_cli(pretrained, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    assert cli.main(["finetune", "--data", "digits", "--checkpoint", pretrained, "--out", out, "--steps", "1",
+                     "--batch-size", "10", "--ode-steps", "1", "--labels-per-class", "1", "--labels-seed", "2",
+                     "--no-progress"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["labels_per_class"] == 1 and m["labels_seed_used"] == 2 and m["train_size"] == 10
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--data", "digits", "--checkpoint", pretrained, "--out", out, "--labels-per-class", "0"])
+    assert "--labels-per-class" in capsys.readouterr().err

@@ -44,6 +44,11 @@ def add_finetune(subparsers) -> None:
                    help="flow-matching path of the beta term (None: the checkpoint's, else otcfm)")
     p.add_argument("--raw-weights", action="store_true", help="start from the raw weights instead of the EMA")
     p.add_argument("--hidden", type=positive_int, default=None, help="head width (None: the pooled feature size)")
+    p.add_argument("--labels-per-class", type=positive_int, default=None, metavar="N",
+                   help="finetune on a seeded, class-balanced subset of N labelled training images per class "
+                        "(None: every one); evaluation still uses the whole test split")
+    p.add_argument("--labels-seed", type=nonnegative_int, default=None,
+                   help="seed of that subset (None: --seed); written to metrics.json")
     add_run_arguments(p)
     p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
     p.add_argument("--head-lr", type=positive_float, default=None, help="peak learning rate of the head (None: --lr)")

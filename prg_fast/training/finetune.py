@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..classifier import PRGClassifier, feature_shape
-from ..data import ImageData, load_data
+from ..data import ImageData, class_balanced_subset, load_data
 from ..losses import flow_matching_loss
 from ..models import UNet
 from ..models.heads import ClassifierHead
@@ -67,7 +67,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract"
 
 # arguments that define what a finetuning run is; resuming with other values is refused
 RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "save_at", "ode_steps", "method", "batch_size", "beta",
-                     "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden", "raw_weights")
+                     "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden", "raw_weights",
+                     "labels_per_class", "labels_seed")
 
 
 @dataclass
@@ -100,6 +101,8 @@ class FinetuneConfig:
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
     hidden: Optional[int] = None  # head width (None: the pooled feature size, as in PRG)
     seed: int = 0
+    labels_per_class: Optional[int] = None  # finetune on N labelled images per class (None: all of them)
+    labels_seed: Optional[int] = None  # seed of that class-balanced subset (None: seed)
     hflip: Optional[bool] = None
     crop_padding: int = 0
     fm_eps: float = 1e-5
@@ -124,6 +127,10 @@ class FinetuneConfig:
             int_at_least("warmup", 0)
         if self.hidden is not None:
             int_at_least("hidden", 1)
+        if self.labels_per_class is not None:
+            int_at_least("labels_per_class", 1)
+        if self.labels_seed is not None:
+            int_at_least("labels_seed", 0)
         for name, lo, hi, lo_open in (("lr", 0.0, 1.0, True), ("weight_decay", 0.0, 10.0, False),
                                       ("beta", 0.0, 1e6, False), ("min_lr", 0.0, 1.0, False),
                                       ("grad_clip", 0.0, 1e12, False), ("fm_eps", 0.0, 0.5, False)):
@@ -241,6 +248,15 @@ class _Finetuner:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
         self.local_batch = cfg.batch_size // ctx.world
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
+        self.labels_seed = None
+        if cfg.labels_per_class is not None:  # label-scarce: a seeded class-balanced subset; test stays whole
+            self.labels_seed = cfg.seed if cfg.labels_seed is None else cfg.labels_seed
+            self.data = self.data.subset(class_balanced_subset(self.data.labels, cfg.labels_per_class, self.labels_seed,
+                                                               self.data.num_classes))
+            if cfg.batch_size > len(self.data):
+                raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the labelled subset (labels_per_class="
+                                 f"{cfg.labels_per_class} x {self.data.num_classes} classes = {len(self.data)} images); "
+                                 f"use batch_size <= {len(self.data)}")
         self.test: ImageData = load_data(cfg.data, "test", augment=None)
         if self.test.num_classes != self.data.num_classes:
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
@@ -478,6 +494,8 @@ class _Finetuner:
             "fm_path": self.path_cfg["name"],
             "pretrain_step": self.pretrain_info["step"] if self.pretrain_info else None,
             "warmup_steps": cfg.warmup_steps,
+            "train_size": len(self.data),
+            "labels_seed_used": self.labels_seed,
             "world_size": self.ctx.world,
             "device_used": str(self.device),
             "torch_version": str(torch.__version__),
