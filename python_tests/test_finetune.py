@@ -3,6 +3,7 @@
 A tiny pretraining checkpoint is made once per session (conftest's `pretrained`); the finetuning
 runs are short CPU runs (tiny UNet on 8x8 digits, 2 Euler steps)."""
 import json
+import math
 import os
 
 import numpy as np
@@ -348,3 +349,63 @@ def test_labels_per_class_cli(pretrained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--data", "digits", "--checkpoint", pretrained, "--out", out, "--labels-per-class", "0"])
     assert "--labels-per-class" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+# learning where to read (--learn-t, issue 11 item 3)
+
+
+def test_learn_t_moves_the_segment_end_and_records_it(pretrained, tmp_path):
+    out = str(tmp_path / "lt")
+    r = finetune(checkpoint=pretrained, out=out, steps=6, learn_t=True, learn_t0=True, t_lr=0.5, warmup=0,
+                 schedule="constant", **FAST)
+    clf = r.classifier
+    assert clf.learn_t and clf.learn_t0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["t_final"] == pytest.approx(clf.t) and m["t0_final"] == pytest.approx(clf.t0)
+    assert m["learn_t"] is True and m["t"] == 1.0  # the argument stays what was asked
+    assert 0.0 <= clf.t0 < clf.t <= 1.0
+    # both ends moved from their start (t = 0.999, t0 = 0.001: logits +-6.9); the logits are what Adam steps
+    # (~t_lr per step), the times themselves move little near the saturated ends
+    start = math.log(0.999 / 0.001)
+    assert abs(clf.t_raw.item() - start) > 1.0 and abs(clf.t0_raw.item() + start) > 1.0
+    # the checkpoint carries the learned values; evaluate reads features at them
+    ckpt = load_finetune_checkpoint(out)
+    assert ckpt["classifier"]["t"] == pytest.approx(clf.t) and set(ckpt["segment"]) == {"t_raw", "t0_raw"}
+    ev = evaluate(out, "digits")
+    assert ev["t"] == pytest.approx(clf.t) and ev["top1"] == pytest.approx(m["top1"])
+
+
+def test_learn_t_fixed_runs_have_no_time_parameters(pretrained, tmp_path):
+    r = finetune(checkpoint=pretrained, out=str(tmp_path / "fixed"), steps=2, **FAST)
+    assert not hasattr(r.classifier, "t_raw")
+    assert "segment" not in load_finetune_checkpoint(str(tmp_path / "fixed"))
+    assert r.metrics["t_final"] == 1.0 and r.metrics["t0_final"] == 0.0
+
+
+def test_learn_t_resume_is_exact(pretrained, tmp_path):
+    common = dict(checkpoint=pretrained, learn_t=True, t_lr=0.3, lr=1e-3, warmup=0, schedule="constant",
+                  ckpt_every=100, **FAST)
+    straight = finetune(out=str(tmp_path / "a"), steps=6, **common)
+    finetune(out=str(tmp_path / "b"), steps=3, **common)
+    resumed = finetune(out=str(tmp_path / "b"), steps=6, **common)
+    assert resumed.metrics["resumed_from_step"] == 3
+    assert torch.equal(straight.classifier.t_raw, resumed.classifier.t_raw)
+    a, b = _states(straight), _states(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # a run that learned t cannot be resumed as a fixed-t run, nor the other way round
+    with pytest.raises(CheckpointError, match="learn_t"):
+        finetune(out=str(tmp_path / "b"), steps=8, **{**common, "learn_t": False})
+
+
+def test_learn_t_errors_and_cli(pretrained, tmp_path):
+    with pytest.raises(ValueError, match="save_at"):
+        finetune(checkpoint=pretrained, out=str(tmp_path / "e"), steps=1, learn_t=True, save_at=[0.5, 1.0], **FAST)
+    with pytest.raises(ValueError, match="t_lr"):
+        finetune(checkpoint=pretrained, out=str(tmp_path / "e2"), steps=1, learn_t=True, t_lr=0.0, **FAST)
+    out = str(tmp_path / "cli")
+    assert cli.main(["finetune", "--data", "digits", "--checkpoint", pretrained, "--out", out, "--steps", "2",
+                     "--batch-size", "64", "--ode-steps", "2", "--learn-t", "--t-lr", "0.2", "--no-progress"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["learn_t"] is True and m["t_lr"] == 0.2 and 0.0 < m["t_final"] <= 1.0

@@ -31,6 +31,12 @@ def add_finetune(subparsers) -> None:
     p.add_argument("--t", type=unit_time, default=d.t, help="end of the segment, whose state is classified")
     p.add_argument("--save-at", type=time_list, default=None, metavar="T1,T2,...",
                    help="classify the states at these times, concatenated on the channel dim (None: only t)")
+    p.add_argument("--learn-t", action="store_true",
+                   help="learn the end time t jointly with the flow and head (starts at --t, kept in (t0, 1]); "
+                        "the learned value is t_final in metrics.json")
+    p.add_argument("--learn-t0", action="store_true", help="learn the start time t0 too (kept in [0, t))")
+    p.add_argument("--t-lr", type=positive_float, default=d.t_lr,
+                   help="peak learning rate of the learned times' logits (no weight decay)")
     p.add_argument("--beta", type=nonnegative_float, default=d.beta,
                    help="weight of the flow-matching loss on the same batch (0: cross-entropy only, as the released "
                         "PRG code; the paper's objective uses beta > 0)")

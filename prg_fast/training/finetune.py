@@ -28,7 +28,9 @@ Checkpoint format (DIR/checkpoint.pt, torch.save of a dict; loads with weights_o
     format "prg_fast.finetune", version 1, step, flow (velocity network state_dict), head
     (ClassifierHead state_dict), optimizer, model_config (UNet(**model_config)), head_config
     (ClassifierHead(**head_config)), preset, in_channels, image_size, path ({"name", "sigma"} or None),
-    data, num_classes, classes, classifier ({"t0", "t", "save_at", "steps", "method"}), pretrain
+    data, num_classes, classes, classifier ({"t0", "t", "save_at", "steps", "method"}: with --learn-t
+    the learned values at that step), segment (the raw time parameters of a learned segment, else
+    absent), pretrain
     ({"checkpoint", "step", "weights"} or None for --from-scratch without one), args (FinetuneConfig),
     world_size, rng (per rank), history, running, elapsed_s, top1 (None until the run finished),
     torch_version.
@@ -66,7 +68,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract"
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION"]
 
 # arguments that define what a finetuning run is; resuming with other values is refused
-RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "save_at", "ode_steps", "method", "batch_size", "beta",
+RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "learn_t", "learn_t0", "save_at", "ode_steps", "method",
+                     "batch_size", "beta",
                      "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden", "raw_weights",
                      "labels_per_class", "labels_seed")
 
@@ -101,6 +104,9 @@ class FinetuneConfig:
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
     hidden: Optional[int] = None  # head width (None: the pooled feature size, as in PRG)
     seed: int = 0
+    learn_t: bool = False  # learn the end time t with the flow and head (PRGClassifier(learn_t=True))
+    learn_t0: bool = False  # learn the start time t0 too
+    t_lr: float = 0.05  # peak learning rate of the raw (logit) time parameters; no weight decay
     labels_per_class: Optional[int] = None  # finetune on N labelled images per class (None: all of them)
     labels_seed: Optional[int] = None  # seed of that class-balanced subset (None: seed)
     hflip: Optional[bool] = None
@@ -144,6 +150,12 @@ class FinetuneConfig:
             raise ValueError(f"the trajectory segment needs t0 < t (it is integrated from t0 up to t), "
                              f"got t0={self.t0:g}, t={self.t:g}")
         self.save_at = parse_times(self.save_at)
+        for name in ("learn_t", "learn_t0"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_number("t_lr", self.t_lr, 0.0, 10.0, lo_open=True)
+        if (self.learn_t or self.learn_t0) and self.save_at is not None:
+            raise ValueError("learn_t/learn_t0 cannot be combined with save_at (fixed times in a moving segment)")
         if self.save_at is not None:
             if not self.save_at:
                 raise ValueError("save_at must hold at least one time")
@@ -301,12 +313,17 @@ class _Finetuner:
         self.beta = 0.0 if cfg.freeze_flow else cfg.beta  # a frozen flow gets nothing from the FM term
         head = ClassifierHead(feature_shape(self.data.shape, cfg.save_at), self.data.num_classes, hidden=cfg.hidden)
         self.classifier = PRGClassifier(flow, head, t=cfg.t, t0=cfg.t0, steps=cfg.ode_steps, method=cfg.method,
-                                        save_at=cfg.save_at).to(self.device)
+                                        save_at=cfg.save_at, learn_t=cfg.learn_t,
+                                        learn_t0=cfg.learn_t0).to(self.device)
         if cfg.freeze_flow:
             self.classifier.flow.requires_grad_(False)
         groups = [{"params": list(self.classifier.head.parameters()), "lr": cfg.head_lr or cfg.lr, "name": "head"}]
         if not cfg.freeze_flow:
             groups.append({"params": list(self.classifier.flow.parameters()), "lr": cfg.lr, "name": "flow"})
+        segment = self.segment_params()
+        if segment:
+            # logits of the segment's ends: their own step size, and no decay (it would pull t to 1/2)
+            groups.append({"params": list(segment.values()), "lr": cfg.t_lr, "weight_decay": 0.0, "name": "time"})
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.history, self.running, self.elapsed_prev = 0, [], [0.0, 0.0, 0.0, 0.0, 0], 0.0
         self.files = RunDir(cfg.out, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", kind="finetuning",
@@ -318,26 +335,40 @@ class _Finetuner:
             self._resume(existing)
         else:
             seed_everything(rank_seed(cfg.seed, ctx.rank))
+        peaks = {"head": cfg.head_lr or cfg.lr, "time": cfg.t_lr}
         for group in self.opt.param_groups:  # this run's peaks, also over a resumed optimizer's saved groups
-            group["initial_lr"] = (cfg.head_lr or cfg.lr) if group.get("name") == "head" else cfg.lr
+            group["initial_lr"] = peaks.get(group.get("name"), cfg.lr)
             group.pop("peak_lr", None)  # what checkpoints of the first release called initial_lr
         self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup_steps, schedule=cfg.schedule, floor=cfg.min_lr,
                                  step=self.step)
         self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
         self.net = wrap_ddp(self.module, ctx)
 
+    def segment_params(self) -> Dict[str, torch.nn.Parameter]:
+        """The learned segment's raw time parameters (t_raw, t0_raw), by name; empty when fixed."""
+        return {name: getattr(self.classifier, name) for name in ("t_raw", "t0_raw") if hasattr(self.classifier, name)}
+
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self, ckpt: Dict[str, Any]) -> None:
         cfg, where = self.cfg, self.ckpt_path
         self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
+        segment = self.segment_params()
+        saved_segment = ckpt.get("segment") or {}
+        if sorted(segment) != sorted(saved_segment):
+            raise CheckpointError(f"{where} was written with learned time parameters {sorted(saved_segment) or 'none'}, "
+                                  f"but this run learns {sorted(segment) or 'none'} (learn_t={cfg.learn_t}, "
+                                  f"learn_t0={cfg.learn_t0}); resume with the same arguments or use a new --out")
         try:
             self.flow_module.load_state_dict(ckpt["flow"])
             self.classifier.head.load_state_dict(ckpt["head"])
+            with torch.no_grad():
+                for name, param in segment.items():
+                    param.copy_(saved_segment[name])
             self.opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{where}: the saved weights or optimizer state do not fit the classifier: {e}") from e
         for group in self.opt.param_groups:  # the saved groups carry the old run's settings: use this run's
-            group["weight_decay"] = cfg.weight_decay
+            group["weight_decay"] = 0.0 if group.get("name") == "time" else cfg.weight_decay
         self.step = self.resumed_from = int(ckpt["step"])
         self.history = [list(h) for h in ckpt["history"]]
         running = ckpt.get("running") or [0.0, 0.0, 0.0, 0.0, 0]
@@ -466,6 +497,8 @@ class _Finetuner:
             "classes": list(self.data.classes),
             "classifier": {"t0": clf.t0, "t": clf.t, "save_at": list(clf.save_at) if clf.save_at else None,
                            "steps": clf.steps, "method": clf.method},
+            **({"segment": {k: v.detach().clone() for k, v in self.segment_params().items()}}
+               if self.segment_params() else {}),
             "pretrain": self.pretrain_info,
             "args": asdict(cfg),
             "world_size": self.ctx.world,
@@ -494,6 +527,7 @@ class _Finetuner:
             "fm_path": self.path_cfg["name"],
             "pretrain_step": self.pretrain_info["step"] if self.pretrain_info else None,
             "warmup_steps": cfg.warmup_steps,
+            "t_final": clf.t, "t0_final": clf.t0,  # where features were read at the end (learned or fixed)
             "train_size": len(self.data),
             "labels_seed_used": self.labels_seed,
             "world_size": self.ctx.world,
