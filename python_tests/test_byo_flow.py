@@ -5,6 +5,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from prg_fast.data import load_data
 from prg_fast.losses import flow_matching_loss
 from prg_fast.paths import get_path
 from prg_fast.training.checkpoints import build_classifier, load_finetune_checkpoint
-from prg_fast.training.evaluate import evaluate
+from prg_fast.training.evaluate import evaluate, extract
 from prg_fast.training.finetune import finetune
 from prg_fast.training.pretrain import CheckpointError, build_model, load_checkpoint, pretrain
 from prg_fast.training.runs import StepBatches, init_distributed, rank_seed, seed_everything
@@ -91,6 +92,11 @@ def test_finetune_classifies_through_the_reversed_network(tmp_path):
         assert torch.equal(clf.features(x), z)
         assert not torch.allclose(prg_fast.reverse(net, x, 1.0, steps=2, method="euler", adjoint=False), z)
     assert evaluate(str(tmp_path / "ft"), "digits", model=CFMNet())["top1"] == r.metrics["top1"]
+    # extract from Python with the network given: the features are those same reversed states
+    meta = extract(str(tmp_path / "ft"), "digits", str(tmp_path / "feat"), model=CFMNet(), device="cpu")
+    assert meta["t"] == 1.0 and meta["ode_steps"] == 2
+    with np.load(tmp_path / "feat" / "features.npz") as f:
+        torch.testing.assert_close(torch.from_numpy(f["test_features"][:6]), z.flatten(1).float())
 
 
 def test_command_line_model_factory_and_weights(tmp_path, capsys):
