@@ -409,3 +409,25 @@ def test_learn_t_errors_and_cli(pretrained, tmp_path):
                      "--batch-size", "64", "--ode-steps", "2", "--learn-t", "--t-lr", "0.2", "--no-progress"]) == 0
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["learn_t"] is True and m["t_lr"] == 0.2 and 0.0 < m["t_final"] <= 1.0
+
+
+def _evaluate_worker(rank, world, port, checkpoint, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    m = evaluate(checkpoint, "digits", device="cpu")
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(m, f)
+
+
+def test_evaluate_under_two_processes_counts_the_whole_split_once(finetuned, tmp_path, free_port):
+    """evaluate() under torchrun: each rank classifies its shard, the counts are all-reduced, every
+    rank reports the one-process number (no image counted twice or missed)."""
+    out, _ = finetuned
+    results = str(tmp_path / "results")
+    os.makedirs(results)
+    torch.multiprocessing.spawn(_evaluate_worker, args=(2, free_port, out, results), nprocs=2, join=True)
+    r0, r1 = (json.load(open(os.path.join(results, f"rank{r}.json"))) for r in (0, 1))
+    single = evaluate(out, "digits", device="cpu")
+    assert r0["top1"] == r1["top1"] == single["top1"]
+    assert r0["correct"] == single["correct"] and r0["test_size"] == single["test_size"] == 360
