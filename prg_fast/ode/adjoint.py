@@ -83,85 +83,91 @@ class AdjointSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        p: Problem = ctx.problem
-        tab, combine = p.tableau, p.combine
-        timed = p.times is not None  # tensor grid: per-row step sizes
-        want_tgrad = timed and ctx.needs_input_grad[2]
-        gtimes = torch.zeros_like(p.times) if want_tgrad else None
-        stage_inputs = list(ctx.saved_tensors)
-        # store="steps": the saved tensors are step start states; each step's stage inputs are
-        # recomputed when the backward reaches it.
-        step_states = stage_inputs if ctx.evals.store == "steps" else None
-        rng = list(ctx.rng) if ctx.rng is not None else None
-        params = list(p.params)
-        # Cotangent arriving at each grid index from the outputs (an index may be output twice).
-        arriving = p.output_cotangents(grad_out)
-        shape = grad_out.shape[1:]
-        lam = torch.zeros(shape, dtype=p.state_dtype, device=grad_out.device)
-        # Parameter gradients accumulate in float32 (float64 for float64 parameters).
-        acc_dtype = [torch.float64 if q.dtype == torch.float64 else torch.float32 for q in params]
-        param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
-        s = tab.stages
+        # reruns load each evaluation's buffers; the backward itself leaves them as it found them
+        with ctx.evals.backward_state():
+            return _backward(ctx, grad_out)
 
-        for n in reversed(range(p.steps)):
-            if n + 1 in arriving:
-                lam = combine(lam, [arriving.pop(n + 1)], [1.0], 1.0, p.state_dtype)
-            t = p.point(n)
-            h = p.point(n + 1) - t
-            if step_states is not None:
-                stage_inputs = ctx.evals.step_stage_inputs(n, step_states.pop(), rng[-s:] if rng else None)
-            mus: List[Optional[torch.Tensor]] = [None] * s
-            if want_tgrad:
-                gt = torch.zeros_like(t)
-                gh = torch.zeros_like(t)
-            for i in reversed(range(s)):
-                later = [m for m in range(i + 1, s) if tab.a[m][i] != 0.0 and mus[m] is not None]
-                xi = stage_inputs.pop()
-                state = rng.pop() if rng is not None else None
-                if timed:
-                    if tab.b[i] == 0.0 and not later:
-                        continue
-                    # e_i = b_i lam + sum a_mi mu_m; g_i = h e_i per row (h may be 0 on a per-sample grid)
-                    e = combine(lam, [mus[m] for m in later], [tab.a[m][i] for m in later], tab.b[i], p.state_dtype)
-                    g = p.combine_rows(e, [], h.reshape(-1, 1).to(p.state_dtype), p.net_dtype)
-                    tau = (t + tab.c[i] * h).requires_grad_(want_tgrad)
+
+def _backward(ctx, grad_out: torch.Tensor):
+    p: Problem = ctx.problem
+    tab, combine = p.tableau, p.combine
+    timed = p.times is not None  # tensor grid: per-row step sizes
+    want_tgrad = timed and ctx.needs_input_grad[2]
+    gtimes = torch.zeros_like(p.times) if want_tgrad else None
+    stage_inputs = list(ctx.saved_tensors)
+    # store="steps": the saved tensors are step start states; each step's stage inputs are
+    # recomputed when the backward reaches it.
+    step_states = stage_inputs if ctx.evals.store == "steps" else None
+    rng = list(ctx.rng) if ctx.rng is not None else None
+    params = list(p.params)
+    # Cotangent arriving at each grid index from the outputs (an index may be output twice).
+    arriving = p.output_cotangents(grad_out)
+    shape = grad_out.shape[1:]
+    lam = torch.zeros(shape, dtype=p.state_dtype, device=grad_out.device)
+    # Parameter gradients accumulate in float32 (float64 for float64 parameters).
+    acc_dtype = [torch.float64 if q.dtype == torch.float64 else torch.float32 for q in params]
+    param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
+    s = tab.stages
+
+    for n in reversed(range(p.steps)):
+        if n + 1 in arriving:
+            lam = combine(lam, [arriving.pop(n + 1)], [1.0], 1.0, p.state_dtype)
+        t = p.point(n)
+        h = p.point(n + 1) - t
+        if step_states is not None:
+            stage_inputs = ctx.evals.step_stage_inputs(n, step_states.pop(), rng[-s:] if rng else None)
+        mus: List[Optional[torch.Tensor]] = [None] * s
+        if want_tgrad:
+            gt = torch.zeros_like(t)
+            gh = torch.zeros_like(t)
+        for i in reversed(range(s)):
+            later = [m for m in range(i + 1, s) if tab.a[m][i] != 0.0 and mus[m] is not None]
+            xi = stage_inputs.pop()
+            state = rng.pop() if rng is not None else None
+            if timed:
+                if tab.b[i] == 0.0 and not later:
+                    continue
+                # e_i = b_i lam + sum a_mi mu_m; g_i = h e_i per row (h may be 0 on a per-sample grid)
+                e = combine(lam, [mus[m] for m in later], [tab.a[m][i] for m in later], tab.b[i], p.state_dtype)
+                g = p.combine_rows(e, [], h.reshape(-1, 1).to(p.state_dtype), p.net_dtype)
+                tau = (t + tab.c[i] * h).requires_grad_(want_tgrad)
+            else:
+                alpha = h * tab.b[i]
+                if alpha == 0.0 and not later:
+                    continue  # k_i does not influence anything downstream
+                g = combine(lam, [mus[m] for m in later], [h * tab.a[m][i] for m in later], alpha, p.net_dtype)
+                tau = t + tab.c[i] * h
+            # ---- the evaluation k of stage (n, i) with its graph from the leaves xi (and tau,
+            # ---- a leaf requiring grad when time gradients are wanted): the graph the forward
+            # ---- kept (memory_budget), else recomputed from the stored input
+            k, xi, tau = ctx.evals.with_graph(n, i, tau, xi, state)
+            timed_leaf = want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
+            inputs = [xi] + ([tau] if timed_leaf else []) + params
+            with torch.enable_grad():
+                # An evaluation whose output reads neither the state nor a parameter (a zero
+                # velocity, a function of t only) has no graph: it contributes nothing.
+                if k.requires_grad:
+                    grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True))
                 else:
-                    alpha = h * tab.b[i]
-                    if alpha == 0.0 and not later:
-                        continue  # k_i does not influence anything downstream
-                    g = combine(lam, [mus[m] for m in later], [h * tab.a[m][i] for m in later], alpha, p.net_dtype)
-                    tau = t + tab.c[i] * h
-                # ---- the evaluation k of stage (n, i) with its graph from the leaves xi (and tau,
-                # ---- a leaf requiring grad when time gradients are wanted): the graph the forward
-                # ---- kept (memory_budget), else recomputed from the stored input
-                k, xi, tau = ctx.evals.with_graph(n, i, tau, xi, state)
-                timed_leaf = want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
-                inputs = [xi] + ([tau] if timed_leaf else []) + params
-                with torch.enable_grad():
-                    # An evaluation whose output reads neither the state nor a parameter (a zero
-                    # velocity, a function of t only) has no graph: it contributes nothing.
-                    if k.requires_grad:
-                        grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True))
-                    else:
-                        grads = [None] * len(inputs)
-                if not timed_leaf:
-                    grads.insert(1, None)
-                if want_tgrad:
-                    # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
-                    gh += p.row_dot(e, k.detach())
-                    if grads[1] is not None:
-                        gt += grads[1]
-                        gh += tab.c[i] * grads[1]
-                del k
-                mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
-                accumulate(param_grads, grads[2:], acc_dtype)
+                    grads = [None] * len(inputs)
+            if not timed_leaf:
+                grads.insert(1, None)
             if want_tgrad:
-                gtimes[n] += gt - gh
-                gtimes[n + 1] += gh
-            live = [mu for mu in mus if mu is not None]
-            if live:
-                lam = combine(lam, live, [1.0] * len(live), 1.0, p.state_dtype)
-        if 0 in arriving:
-            lam = combine(lam, [arriving.pop(0)], [1.0], 1.0, p.state_dtype)
-        grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(param_grads, params)]
-        return (None, None, gtimes, lam.to(ctx.x_dtype), *grad_params)
+                # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
+                gh += p.row_dot(e, k.detach())
+                if grads[1] is not None:
+                    gt += grads[1]
+                    gh += tab.c[i] * grads[1]
+            del k
+            mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
+            accumulate(param_grads, grads[2:], acc_dtype)
+        if want_tgrad:
+            gtimes[n] += gt - gh
+            gtimes[n + 1] += gh
+        live = [mu for mu in mus if mu is not None]
+        if live:
+            lam = combine(lam, live, [1.0] * len(live), 1.0, p.state_dtype)
+    if 0 in arriving:
+        lam = combine(lam, [arriving.pop(0)], [1.0], 1.0, p.state_dtype)
+    grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(param_grads, params)]
+    return (None, None, gtimes, lam.to(ctx.x_dtype), *grad_params)

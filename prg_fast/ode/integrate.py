@@ -40,6 +40,9 @@ class Problem:
     out_rows: Optional[List[List[int]]] = None
     # One time tensor per (float time, batch, device), built once per solve rather than per evaluation.
     time_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Buffers the velocity writes while it runs (prg_fast.ode.module_state.ModuleState), found by
+    # the adjoints' first evaluation; None when it writes none (or no adjoint runs).
+    module_state: Optional[object] = field(default=None, repr=False, compare=False)
 
     @property
     def steps(self) -> int:

@@ -62,27 +62,32 @@ def _base_step(p: Problem, t: float, h: float, x: torch.Tensor) -> torch.Tensor:
     return p.step_output(x, ks, h)
 
 
-def _forward_step(p, lam, n, y, z, rng: Optional[list]):
+def _forward_step(p, lam, n, y, z, rng: Optional[list], states: Optional[list] = None):
     t0, t1 = p.point(n), p.point(n + 1)
     h = t1 - t0
     if rng is not None:
         rng.append(capture_rng(y.device))
+    if states is not None:  # the written buffers before the base step (prg_fast.ode.module_state)
+        states.append(p.module_state.snapshot())
     fz = _base_step(p, t0, h, z)  # z + Psi_h(t0, z)
     # lam y + (1 - lam) z + (fz - z) = lam y - lam z + fz
     y = p.combine(fz, [y, z], [lam, -lam], 1.0, p.state_dtype)
     if rng is not None:
         rng.append(capture_rng(y.device))
+    if states is not None:
+        states.append(p.module_state.snapshot())
     gy = _base_step(p, t1, -h, y)  # y + Psi_{-h}(t1, y)
     z = p.combine(z, [y, gy], [1.0, -1.0], 1.0, p.state_dtype)
     return y, z
 
 
-def _run(p: Problem, x: torch.Tensor, lam: float, rng: Optional[list]) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+def _run(p: Problem, x: torch.Tensor, lam: float, rng: Optional[list],
+         states: Optional[list] = None) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
     want = p.output_points()
     y = z = x
     saved = {0: x} if 0 in want else {}
     for n in range(p.steps):
-        y, z = _forward_step(p, lam, n, y, z, rng)
+        y, z = _forward_step(p, lam, n, y, z, rng, states)
         p.check(y, n)
         if n + 1 in want:
             saved[n + 1] = y
@@ -129,11 +134,17 @@ class ReversibleSolve(torch.autograd.Function):
                 x: torch.Tensor, *params: torch.Tensor):
         lam = check_coupling(coupling)
         rng: Optional[list] = [] if preserve_rng else None
-        outs, y, z = _run(problem, x.to(problem.state_dtype), lam, rng)
+        # buffers the velocity writes (BatchNorm in train mode, ...): kept per base step and loaded
+        # back before each rerun, as the random states are
+        watch = problem.module_state
+        states: Optional[list] = [] if watch is not None and watch.written else None
+        outs, y, z = _run(problem, x.to(problem.state_dtype), lam, rng, states)
+        if watch is not None:
+            watch.check_untracked()
         # The final pair is all the backward needs: every earlier state is reconstructed by the
         # exact inverse step. Saved through autograd so saved-tensor hooks apply and it is freed.
         ctx.save_for_backward(y, z)
-        ctx.problem, ctx.lam, ctx.rng = problem, lam, rng
+        ctx.problem, ctx.lam, ctx.rng, ctx.states = problem, lam, rng, states
         ctx.x_dtype, ctx.device = x.dtype, x.device
         ctx.autocast = autocast_state(x.device.type)
         return torch.stack(outs)
@@ -141,73 +152,90 @@ class ReversibleSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        p: Problem = ctx.problem
-        lam = ctx.lam
-        y, z = ctx.saved_tensors
-        y, z = y.detach(), z.detach()
-        rng = list(ctx.rng) if ctx.rng is not None else None
-        params = list(p.params)
-        arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
-        ybar = torch.zeros_like(y)
-        zbar = torch.zeros_like(z)
-        # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
-        # accumulate into what it returns.
-        acc = [torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
-               for q in params]
-        autocast_on, autocast_dtype = ctx.autocast
-        # A tensor grid that requires grad: the base step's time and step size are leaves of each
-        # recomputed step, so their gradients come out of the same VJP.
-        want_tgrad = p.times is not None and ctx.needs_input_grad[3]
-        gtimes = torch.zeros_like(p.times) if want_tgrad else None
+        state = ctx.problem.module_state if ctx.states is not None else None
+        end = state.snapshot() if state is not None else None
+        try:
+            return _backward(ctx, grad_out)
+        finally:  # the backward leaves the written buffers as it found them
+            if state is not None:
+                state.load(end)
 
-        def vjp(t, h, x, cot, state):
-            """(x + Psi_h(t, x)) recomputed with graph; returns its value, cot^T d/dx, and cot^T
-            d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams."""
-            xg = x.detach().requires_grad_(True)
-            if want_tgrad:
-                t, h = t.detach().requires_grad_(True), h.detach().requires_grad_(True)
-            inputs = [xg] + ([t, h] if want_tgrad else []) + params
-            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
-                if state is not None:
-                    with restore_rng(state, ctx.device):
-                        out = _base_step(p, t, h, xg)
-                else:
+
+def _backward(ctx, grad_out: torch.Tensor):
+    p: Problem = ctx.problem
+    lam = ctx.lam
+    y, z = ctx.saved_tensors
+    y, z = y.detach(), z.detach()
+    rng = list(ctx.rng) if ctx.rng is not None else None
+    states = list(ctx.states) if ctx.states is not None else None
+    params = list(p.params)
+    arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
+    ybar = torch.zeros_like(y)
+    zbar = torch.zeros_like(z)
+    # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
+    # accumulate into what it returns.
+    acc = [torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+           for q in params]
+    autocast_on, autocast_dtype = ctx.autocast
+    # A tensor grid that requires grad: the base step's time and step size are leaves of each
+    # recomputed step, so their gradients come out of the same VJP.
+    want_tgrad = p.times is not None and ctx.needs_input_grad[3]
+    gtimes = torch.zeros_like(p.times) if want_tgrad else None
+
+    def vjp(t, h, x, cot, state, buffers):
+        """(x + Psi_h(t, x)) recomputed with graph; returns its value, cot^T d/dx, and cot^T
+        d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams."""
+        if buffers is not None:
+            p.module_state.load(buffers)
+        xg = x.detach().requires_grad_(True)
+        if want_tgrad:
+            t, h = t.detach().requires_grad_(True), h.detach().requires_grad_(True)
+        inputs = [xg] + ([t, h] if want_tgrad else []) + params
+        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
+            if state is not None:
+                with restore_rng(state, ctx.device):
                     out = _base_step(p, t, h, xg)
-                grads = list(torch.autograd.grad(out, inputs, cot, allow_unused=True))
-            tgrads = [None, None]
-            if want_tgrad:
-                tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]
-                del grads[1:3]
-            for q, gq in enumerate(grads[1:]):
-                if gq is not None:
-                    acc[q].add_(gq.to(acc[q].dtype))
-            gx = grads[0] if grads[0] is not None else torch.zeros_like(xg)
-            return out.detach(), gx, tgrads
+            else:
+                out = _base_step(p, t, h, xg)
+            grads = list(torch.autograd.grad(out, inputs, cot, allow_unused=True))
+        tgrads = [None, None]
+        if want_tgrad:
+            tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]
+            del grads[1:3]
+        for q, gq in enumerate(grads[1:]):
+            if gq is not None:
+                acc[q].add_(gq.to(acc[q].dtype))
+        gx = grads[0] if grads[0] is not None else torch.zeros_like(xg)
+        return out.detach(), gx, tgrads
 
-        for n in reversed(range(p.steps)):
-            if n + 1 in arriving:
-                ybar = ybar + arriving.pop(n + 1)
-            t0, t1 = p.point(n), p.point(n + 1)
-            h = t1 - t0
-            state_f = state_g = None
-            if rng is not None:
-                state_g = rng.pop()
-                state_f = rng.pop()
-            # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
-            gy, gbar, (dt1, dmh) = vjp(t1, -h, y, -zbar, state_g)
-            ybar = ybar + zbar + gbar
-            z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
-            # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
-            fz, fbar, (dt0, dh) = vjp(t0, h, z, ybar, state_f)
-            if want_tgrad:
-                dh = dh - dmh
-                gtimes[n] += dt0 - dh
-                gtimes[n + 1] += dt1 + dh
-            zbar = zbar - lam * ybar + fbar
-            y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
-            ybar = lam * ybar
-        if 0 in arriving:
-            ybar = ybar + arriving.pop(0)
-        gx = (ybar + zbar).to(ctx.x_dtype)
-        grad_params = [g.to(q.dtype) for g, q in zip(acc, params)]
-        return (None, None, None, gtimes, gx, *grad_params)
+    for n in reversed(range(p.steps)):
+        if n + 1 in arriving:
+            ybar = ybar + arriving.pop(n + 1)
+        t0, t1 = p.point(n), p.point(n + 1)
+        h = t1 - t0
+        state_f = state_g = None
+        if rng is not None:
+            state_g = rng.pop()
+            state_f = rng.pop()
+        buffers_f = buffers_g = None
+        if states is not None:
+            buffers_g = states.pop()
+            buffers_f = states.pop()
+        # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
+        gy, gbar, (dt1, dmh) = vjp(t1, -h, y, -zbar, state_g, buffers_g)
+        ybar = ybar + zbar + gbar
+        z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
+        # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
+        fz, fbar, (dt0, dh) = vjp(t0, h, z, ybar, state_f, buffers_f)
+        if want_tgrad:
+            dh = dh - dmh
+            gtimes[n] += dt0 - dh
+            gtimes[n + 1] += dt1 + dh
+        zbar = zbar - lam * ybar + fbar
+        y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
+        ybar = lam * ybar
+    if 0 in arriving:
+        ybar = ybar + arriving.pop(0)
+    gx = (ybar + zbar).to(ctx.x_dtype)
+    grad_params = [g.to(q.dtype) for g, q in zip(acc, params)]
+    return (None, None, None, gtimes, gx, *grad_params)

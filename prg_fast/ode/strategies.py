@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .integrate import Problem, autocast_state, capture_rng, restore_rng
+from .module_state import ModuleState
 
 STORES = ("stages", "steps")
 
@@ -120,6 +121,7 @@ class FirstEvaluation:
     rng: tuple  # generator state before the evaluation
     nbytes: int  # bytes its graph keeps alive (SavedBytes + the output)
     sequence_nr: int  # autograd nodes made by the evaluation have sequence numbers >= this
+    state: Optional[ModuleState] = None  # the buffers the velocity reaches (problem.module_state)
 
     def take(self) -> Optional[torch.Tensor]:
         k, self.k = self.k, None
@@ -133,6 +135,8 @@ class FirstEvaluation:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, self.leaf.device)
+        if self.state is not None:
+            self.state.load(self.state.first)
 
     def evaluator(self):
         """An evaluator for Problem.run that reuses the output at (0, 0), without its graph."""
@@ -161,6 +165,10 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         # the times' graph is not this evaluation's business; a leaf when time gradients are wanted
         tau = t0.detach().requires_grad_(bool(problem.times.requires_grad))
     rng = capture_rng(x.device)
+    # buffers the velocity writes (BatchNorm in train mode, spectral_norm): see module_state
+    state = ModuleState.of(problem.func)
+    if state is not None:
+        state.before_first_evaluation()
     with torch.enable_grad():
         sequence_nr = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
         # a non-leaf copy, so a model writing into its input meets the solver's own check
@@ -169,7 +177,12 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         with counter.hooks():
             k = problem.evaluate(tau, inp)
     nbytes = counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0)
-    return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr)
+    if state is not None:
+        # kept even when the first evaluation wrote nothing: the end of the forward checks that no
+        # later evaluation wrote a buffer either
+        state.after_first_evaluation()
+    problem.module_state = state
+    return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr, state=state)
 
 
 @dataclass
@@ -211,6 +224,11 @@ class EvaluationGraphs:
         self.first = first
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.rng: Optional[list] = [] if strategy.preserve_rng else None
+        # written buffers: their values before each evaluation the backward reruns (None for kept ones)
+        state = problem.module_state
+        self.state: Optional[ModuleState] = state if state is not None and state.written else None
+        self.watch: Optional[ModuleState] = state
+        self.snapshots: list = []
         # The backward recomputes each evaluation under the autocast state of the forward (as
         # torch.utils.checkpoint does), so a network run in bf16 autocast is differentiated as run.
         self.autocast = autocast_state(device.type)
@@ -227,6 +245,8 @@ class EvaluationGraphs:
         reuse = e == 0 and self.first is not None and self.first.k is not None
         if self.rng is not None:
             self.rng.append(self.first.rng if reuse else capture_rng(self.device))
+        if self.state is not None:
+            self.snapshots.append(None if e >= self.keep_from else (self.state.first if reuse else self.state.snapshot()))
         if reuse:
             k = self.first.take()
             if e >= self.keep_from:
@@ -246,10 +266,18 @@ class EvaluationGraphs:
         # Generators that did not move over the whole forward: nothing random ran, nothing to replay.
         if self.rng and _same_rng(self.rng[0], capture_rng(self.device)):
             self.rng = None
+        if self.watch is not None and self.keep_from > 0:  # something will be rerun
+            self.watch.check_untracked()
+
+    def backward_state(self):
+        """A context for the whole backward: the written buffers end as they were when it began."""
+        return _KeepState(self.state)
 
     # -- backward -----------------------------------------------------------------------------
 
-    def _recompute(self, t: float, xi: torch.Tensor, rng_state) -> torch.Tensor:
+    def _recompute(self, e: int, t: float, xi: torch.Tensor, rng_state) -> torch.Tensor:
+        if self.state is not None:
+            self.state.load(self.snapshots[e])
         on, dtype = self.autocast
         with torch.autocast(self.device.type, dtype=dtype, enabled=on):
             if rng_state is not None:
@@ -268,7 +296,7 @@ class EvaluationGraphs:
             return k, leaf, tau
         leaf = xi.detach().requires_grad_(True)
         with torch.enable_grad():
-            return self._recompute(t, leaf, rng_state), leaf, t
+            return self._recompute(n * self.problem.tableau.stages + i, t, leaf, rng_state), leaf, t
 
     def step_stage_inputs(self, n: int, x: torch.Tensor, rng_states: Optional[list]) -> List[torch.Tensor]:
         """store="steps": the stage inputs of step n from its start state x, recomputed exactly as
@@ -289,5 +317,24 @@ class EvaluationGraphs:
                 if kept is not None:
                     ks.append(kept[2].detach())
                 else:
-                    ks.append(self._recompute(t + tab.c[i] * h, xi, rng_states[i] if rng_states else None))
+                    ks.append(self._recompute(n * tab.stages + i, t + tab.c[i] * h, xi,
+                                              rng_states[i] if rng_states else None))
         return inputs
+
+
+class _KeepState:
+    """Restores the written buffers on exit to what they held on entry (nothing without state)."""
+
+    def __init__(self, state: Optional[ModuleState]):
+        self.state = state
+        self.saved = None
+
+    def __enter__(self):
+        if self.state is not None:
+            self.saved = self.state.snapshot()
+        return self
+
+    def __exit__(self, *exc):
+        if self.state is not None:
+            self.state.load(self.saved)
+        return False

@@ -1,0 +1,203 @@
+"""Module state a velocity writes while it runs, kept as plain backprop would leave it.
+
+Some networks update buffers in their forward: BatchNorm's running statistics in train mode,
+spectral_norm's power-iteration vectors, a user's own EMA or counters. Plain backprop runs every
+evaluation once, so the state moves K*s times and each evaluation reads the state the previous one
+left. An adjoint runs evaluations *again* in the backward; left alone, every rerun would move the
+state once more (BatchNorm's momentum applied twice, its statistics weighted towards early times)
+and would read a state the forward had already moved on (spectral_norm's recomputed weight is not
+the one the forward used, so the gradient is not the forward's). torch.utils.checkpoint documents
+the same caveat and leaves it to the user; here the adjoints handle it:
+
+- Which tensors: the buffers of every module the velocity reaches -- the model itself, modules
+  inside wrappers, closures, functools.partial, bound methods, callable objects, and the globals a
+  function names (`reachable_modules`). A state held elsewhere is not seen.
+- Which of them are written: the solve's first evaluation tells (identity, version counter and
+  values before and after: BatchNorm's kernel does not bump the version of its running statistics). If it writes nothing -- GroupNorm/LayerNorm networks, eval mode -- nothing more
+  is done and nothing is copied. A buffer written by a later evaluation but not by the first is an
+  error at the end of the forward (its states were not kept), never a silent difference.
+- What is kept: before every evaluation (every base step for the reversible scheme) a copy of the
+  written buffers. The backward loads the copy before rerunning that evaluation, and when it is done
+  it puts every written buffer back to what it held when the backward began. The forward's updates
+  therefore happen exactly as in plain backprop, and the backward changes no state, as in plain
+  backprop. Cost: one copy of the written buffers per evaluation (BatchNorm: 2 floats per channel and
+  a counter per layer), none for a network that writes none.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+_MAX_DEPTH = 6
+
+
+def reachable_modules(obj) -> List[torch.nn.Module]:
+    """The nn.Modules a callable can reach: itself, what wrappers, closures, partials, bound methods
+    and callable objects hold, and the globals its functions name. Submodules are included (each
+    module once, in a stable order)."""
+    found: dict = {}
+    seen: set = set()
+
+    def visit(o, depth: int) -> None:
+        if depth > _MAX_DEPTH or id(o) in seen or o is None:
+            return
+        seen.add(id(o))
+        if isinstance(o, torch.nn.Module):
+            for m in o.modules():
+                found.setdefault(id(m), m)
+            return
+        if isinstance(o, (torch.Tensor, types.ModuleType, type, str, bytes, int, float, bool, complex)):
+            return
+        if isinstance(o, functools.partial):
+            visit(o.func, depth + 1)
+            for a in o.args:
+                visit(a, depth + 1)
+            for a in o.keywords.values():
+                visit(a, depth + 1)
+            return
+        if inspect.ismethod(o):
+            visit(o.__self__, depth + 1)
+            visit(o.__func__, depth + 1)
+            return
+        if isinstance(o, types.FunctionType):
+            for cell in o.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # an empty cell
+                    pass
+            for name in _global_names(o.__code__):
+                if name in o.__globals__:
+                    visit(o.__globals__[name], depth + 1)
+            for d in o.__defaults__ or ():
+                visit(d, depth + 1)
+            visit(getattr(o, "__wrapped__", None), depth + 1)
+            return
+        if isinstance(o, (list, tuple, set, frozenset)):
+            for a in o:
+                visit(a, depth + 1)
+            return
+        if isinstance(o, dict):
+            for a in o.values():
+                visit(a, depth + 1)
+            return
+        # a callable object (or a container object) that is not a module: what it holds
+        attrs = getattr(o, "__dict__", None)
+        if isinstance(attrs, dict):
+            for a in attrs.values():
+                visit(a, depth + 1)
+
+    visit(obj, 0)
+    return list(found.values())
+
+
+def _global_names(code: types.CodeType) -> List[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:  # nested functions and lambdas
+        if isinstance(const, types.CodeType):
+            names += _global_names(const)
+    return names
+
+
+Stamp = Tuple[int, int]  # (id, version) of the tensor a slot holds
+
+
+class ModuleState:
+    """The written buffers of one solve: found by the first evaluation, copied before each
+    evaluation by the forward, loaded back by the backward."""
+
+    def __init__(self, slots: Sequence[Tuple[torch.nn.Module, str]]):
+        self.slots = list(slots)  # (module, buffer name), every buffer the velocity reaches
+        self.written: List[int] = []  # indices into slots: written by the first evaluation
+        self.before_first: Optional[list] = None  # every buffer's value before the first evaluation
+        self.first: Optional[list] = None  # the written buffers' values before the first evaluation
+        self._stamps: List[Optional[Stamp]] = []
+
+    @classmethod
+    def of(cls, func) -> Optional["ModuleState"]:
+        """None when the velocity reaches no buffer (then there is nothing to keep)."""
+        slots = [(m, name) for m in reachable_modules(func) for name, b in m.named_buffers(recurse=False)
+                 if b is not None]
+        return cls(slots) if slots else None
+
+    def _value(self, j: int) -> Optional[torch.Tensor]:
+        module, name = self.slots[j]
+        return getattr(module, name, None)
+
+    def _stamp(self, j: int) -> Optional[Stamp]:
+        b = self._value(j)
+        return None if b is None else (id(b), b._version)
+
+    def _name(self, j: int) -> str:
+        module, name = self.slots[j]
+        return f"{type(module).__name__}.{name}"
+
+    # -- the first evaluation -----------------------------------------------------------------
+
+    def before_first_evaluation(self) -> None:
+        self._stamps = [self._stamp(j) for j in range(len(self.slots))]
+        with torch.no_grad():
+            self.before_first = [None if b is None else b.clone() for b in map(self._value, range(len(self.slots)))]
+
+    def _moved(self, indices: Sequence[int]) -> List[int]:
+        """Those of `indices` whose buffer is not what it was before the first evaluation: another
+        tensor, a new version, or other values (BatchNorm's kernel writes its running statistics
+        without bumping their version counter, so values are compared too; one sync for all)."""
+        moved, compare = [], []
+        for j in indices:
+            b, old = self._value(j), self.before_first[j]
+            if self._stamp(j) != self._stamps[j]:
+                moved.append(j)
+            elif b is not None and old is not None:
+                compare.append((j, b, old))
+        if compare:
+            device = compare[0][1].device
+            with torch.no_grad():
+                differs = torch.stack([torch.ne(b, old).any().to(device) for _, b, old in compare]).tolist()
+            moved += [j for (j, _, _), d in zip(compare, differs) if d]
+        return sorted(moved)
+
+    def after_first_evaluation(self) -> bool:
+        """True when the first evaluation wrote some buffer (then the solve must keep state)."""
+        self.written = self._moved(range(len(self.slots)))
+        self.first = [self.before_first[j] for j in self.written]
+        return bool(self.written)
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self) -> list:
+        """A copy of the written buffers as they are now."""
+        with torch.no_grad():
+            return [None if b is None else b.clone() for b in (self._value(j) for j in self.written)]
+
+    def load(self, snap: list) -> None:
+        """Put the written buffers back to `snap` (in place when the module still holds a tensor
+        of the same kind, so other references see it; else by assignment)."""
+        with torch.no_grad():
+            for j, value in zip(self.written, snap):
+                module, name = self.slots[j]
+                cur = getattr(module, name, None)
+                if value is None:
+                    setattr(module, name, None)
+                elif cur is not None and cur.shape == value.shape and cur.dtype == value.dtype and cur.device == value.device:
+                    cur.copy_(value)
+                else:
+                    setattr(module, name, value.clone())
+
+    def check_untracked(self, what: str = "the forward") -> None:
+        """After the forward: a buffer the first evaluation left alone must not have moved since."""
+        if self.before_first is None:
+            return
+        written = set(self.written)
+        moved = self._moved([j for j in range(len(self.slots)) if j not in written])
+        self.before_first = None
+        if moved:
+            raise RuntimeError(
+                f"model wrote its buffer {self._name(moved[0])!r} during {what} but not in its first evaluation; "
+                "the adjoint reruns evaluations in the backward and keeps the state only of buffers the first "
+                "evaluation writes, so it cannot reproduce this one: use adjoint=False, or "
+                "memory_budget=float('inf') (nothing is rerun), or update that buffer on every call"
+            )

@@ -1,0 +1,244 @@
+"""Buffers a velocity writes while it runs (prg_fast/ode/module_state.py).
+
+The oracle is plain backprop through the same solver (adjoint=False): after forward + backward the
+buffers (BatchNorm running statistics and counter, spectral_norm's vectors) must hold exactly what
+plain backprop leaves, and the gradients must equal its gradients -- for every method and every
+adjoint strategy. Without the state handling the adjoint's reruns moved BatchNorm's statistics a
+second time and spectral_norm's recomputed weight differed from the forward's (gradient error ~1e-6).
+"""
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import prg_fast
+from prg_fast.models import UNet
+from prg_fast.ode.module_state import ModuleState, reachable_modules
+
+METHODS = sorted(prg_fast.SOLVERS)
+STRATEGIES = {
+    "recompute": dict(adjoint=True),
+    "keep_all": dict(adjoint=True, memory_budget=float("inf")),
+    "keep_some": dict(adjoint=True, memory_budget=1),  # sized below: about half the graphs
+    "store_steps": dict(adjoint=True, store="steps"),
+    "reversible": dict(adjoint=True, reversible=True),
+}
+
+
+class BNNet(nn.Module):
+    """BatchNorm between two layers whose parameters all matter (so no gradient is ~0 by symmetry)."""
+
+    def __init__(self, d=6, width=16):
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(d + 1, width), nn.BatchNorm1d(width), nn.Linear(width, d)
+
+    def forward(self, t, x):
+        h = torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1)))
+        return self.l2(self.bn(h))
+
+
+class SpectralNet(nn.Module):
+    def __init__(self, d=6, width=16):
+        super().__init__()
+        self.l1 = nn.utils.parametrizations.spectral_norm(nn.Linear(d + 1, width))
+        self.l2 = nn.Linear(width, d)
+
+    def forward(self, t, x):
+        return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1))))
+
+
+def _make(kind):
+    torch.manual_seed(3)
+    net = {"batchnorm": BNNet, "spectral_norm": SpectralNet}[kind]().double().train()
+    return net
+
+
+def _run(net, fn, kw, method, steps=3):
+    """(gradients of x and every parameter, buffers after forward + backward)."""
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    kw = dict(kw)
+    if kw.get("memory_budget") == 1:
+        kw["memory_budget"] = _half_budget(fn, x, method, steps)
+    out = prg_fast.reverse(fn, x, steps=steps, method=method, **kw)
+    w = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
+    params = list(net.parameters())
+    grads = torch.autograd.grad((out * w).sum(), [x] + params)
+    return grads, {n: b.clone() for n, b in net.named_buffers()}
+
+
+def _half_budget(fn, x, method, steps):
+    from prg_fast.ode.strategies import SavedBytes
+
+    fn = copy.deepcopy(fn)  # measuring must not move the network's buffers
+    counter = SavedBytes(exclude=[x])
+    t = torch.zeros(x.shape[0], dtype=x.dtype)
+    with counter.hooks(), torch.enable_grad():
+        k = fn(t, x.detach().clone().requires_grad_(True))
+    one = counter.nbytes + k.numel() * k.element_size()
+    return one * steps * prg_fast.SOLVERS[method].stages // 2
+
+
+def _assert_same(got, want, what):
+    (g_adj, b_adj), (g_ref, b_ref) = got, want
+    flat_adj = torch.cat([g.flatten() for g in g_adj])
+    flat_ref = torch.cat([g.flatten() for g in g_ref])
+    err = ((flat_adj - flat_ref).norm() / flat_ref.norm()).item()
+    assert err < 1e-9, f"{what}: gradient relative error {err:.3g}"
+    for (i, a), b in zip(enumerate(g_adj), g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * flat_ref.abs().max().item(), msg=f"{what}: gradient {i}")
+    assert b_adj.keys() == b_ref.keys()
+    for name in b_ref:
+        torch.testing.assert_close(b_adj[name], b_ref[name], rtol=1e-12, atol=1e-14, msg=f"{what}: buffer {name}")
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["batchnorm", "spectral_norm"])
+def test_adjoint_leaves_state_and_gradients_as_plain_backprop(kind, method, strategy):
+    kw = STRATEGIES[strategy]
+    oracle_kw = {"adjoint": False, "reversible": kw.get("reversible", False)}
+    net = _make(kind)
+    want = _run(net, net, oracle_kw, method)
+    net = _make(kind)
+    got = _run(net, net, kw, method)
+    _assert_same(got, want, f"{kind}/{method}/{strategy}")
+
+
+def test_reruns_happened_and_state_was_restored():
+    """The test above is not vacuous: the adjoint does rerun evaluations (which move a BatchNorm's
+    statistics and counter), and the forward alone moves them as many times as plain backprop."""
+    net = _make("batchnorm")
+    calls = []
+    net.register_forward_pre_hook(lambda *a: calls.append(1))
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=2, method="rk4", adjoint=True)
+    forward_calls = len(calls)
+    after_forward = {n: b.clone() for n, b in net.named_buffers()}
+    assert after_forward["bn.num_batches_tracked"].item() == forward_calls == 8
+    out.sum().backward()
+    assert len(calls) > forward_calls  # reruns
+    for n, b in net.named_buffers():
+        torch.testing.assert_close(b, after_forward[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wrap", ["lambda", "global", "partial", "bound_method", "callable_object", "time_reversed"])
+def test_state_is_found_through_wrappers(wrap):
+    net = _make("batchnorm")
+    fn = _wrap(wrap, net)
+    assert any(m is net.bn for m in reachable_modules(fn))
+    want = _run(net, _wrap(wrap, net) if wrap != "time_reversed" else fn, {"adjoint": False}, "heun")
+    net2 = _make("batchnorm")
+    got = _run(net2, _wrap(wrap, net2), {"adjoint": True}, "heun")
+    _assert_same(got, want, wrap)
+
+
+_GLOBAL_NET = None
+
+
+def _call_global(t, x):
+    return _GLOBAL_NET(t, x)
+
+
+class _Caller:
+    def __init__(self, net):
+        self.inner = {"net": net}
+
+    def __call__(self, t, x):
+        return self.inner["net"](t, x)
+
+
+class _Holder:
+    def __init__(self, net):
+        self.net = net
+
+    def velocity(self, t, x):
+        return self.net(t, x)
+
+
+def _wrap(kind, net):
+    global _GLOBAL_NET
+    if kind == "lambda":
+        return lambda t, x: net(t, x)
+    if kind == "global":
+        _GLOBAL_NET = net
+        return _call_global
+    if kind == "partial":
+        return functools.partial(lambda m, t, x: m(t, x), net)
+    if kind == "bound_method":
+        return _Holder(net).velocity
+    if kind == "callable_object":
+        return _Caller(net)
+    if kind == "time_reversed":
+        return prg_fast.time_reversed(prg_fast.time_reversed(net))
+    raise AssertionError(kind)
+
+
+def test_networks_without_written_buffers_keep_nothing():
+    assert ModuleState.of(UNet.preset("tiny", image_size=8)) is None  # no buffers at all
+    net = _make("batchnorm").eval()  # buffers, but eval mode writes none
+    state = ModuleState.of(net)
+    assert state is not None
+    state.before_first_evaluation()
+    net(torch.zeros(5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64))
+    assert not state.after_first_evaluation()
+
+
+class _Sometimes(nn.Module):
+    """Writes its buffer only late in the solve: the first evaluation cannot tell."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("late", torch.zeros(()))
+
+    def forward(self, t, x):
+        if float(t[0]) > 0.5:
+            self.late += 1
+        return torch.tanh(self.lin(x)) + self.late
+
+
+def test_a_buffer_written_only_later_is_an_error_not_a_silent_difference():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    net = _Sometimes().double()
+    with pytest.raises(RuntimeError, match=r"buffer '_Sometimes\.late'.*not in its first evaluation"):
+        prg_fast.reverse(net, x, steps=4, method="euler", adjoint=True)
+    # nothing is rerun when every graph is kept: then it is exact
+    torch.manual_seed(0)
+    net = _Sometimes().double()
+    out = prg_fast.reverse(net, x, steps=4, method="euler", adjoint=True, memory_budget=float("inf"))
+    torch.manual_seed(0)
+    ref_net = _Sometimes().double()
+    ref = prg_fast.reverse(ref_net, x, steps=4, method="euler", adjoint=False)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+    assert net.late.item() == ref_net.late.item() == 1  # only t = 0.75 of 0, 0.25, 0.5, 0.75
+
+
+def test_second_backward_with_retained_graph_is_the_same():
+    net = _make("spectral_norm")
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=3, method="rk4", adjoint=True)
+    g1 = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    g2 = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    for n, b in net.named_buffers():
+        torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
+
+
+def test_a_backward_that_fails_still_restores_the_state():
+    net = _make("batchnorm")
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=2, method="midpoint", adjoint=True)
+    after_forward = {n: b.clone() for n, b in net.named_buffers()}
+
+    def boom(*_):
+        raise KeyError("stop")
+
+    net.register_forward_pre_hook(boom)
+    with pytest.raises(KeyError):
+        out.sum().backward()
+    for n, b in net.named_buffers():
+        torch.testing.assert_close(b, after_forward[n], rtol=0, atol=0)
