@@ -8,8 +8,12 @@ engine alone. The modules, bottom to top:
     ops         the torch.library layer over the compiled kernels (prg_fast._C, prg_fast._C_cuda)
     backends    which implementation of the stage arithmetic runs, and why the others cannot
     integrate   the one integration loop
-    adjoint     exact discrete adjoint strategies
+    module_state  buffers the network writes while it runs, kept as plain backprop leaves them
+    strategies  which evaluation graphs the adjoint keeps, what it stores
+    adjoint     the exact discrete adjoint
+    reversible  the algebraically reversible scheme and its adjoint
     graphs      CUDA-graph replay of no-grad solves
+    fixed_grid  odeint's torchdiffeq options: a finer solver grid, linear interpolation
     api         reverse / generate / odeint / time_reversed
     info        what was built, and why not
 """

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import backends
+from . import backends, fixed_grid
 from .adjoint import AdjointSolve
 from .graphs import graphed_solve
 from .integrate import Problem, solve
@@ -563,6 +564,9 @@ def odeint(
     reversible_coupling: float = DEFAULT_COUPLING,
     memory_budget: Optional[float] = None,
     store: str = "stages",
+    options: Optional[dict] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
 ) -> torch.Tensor:
     """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
@@ -577,12 +581,24 @@ def odeint(
     `y0` may be a (nested) tuple of tensors, as in torchdiffeq: func then takes and returns that
     structure, and the result is the same structure of stacked states. The components are solved
     as one flat state (so every stage is still one fused kernel call), with exact gradients for
-    each of them. `memory_budget` and `store` choose the adjoint strategy as in `reverse`."""
+    each of them. `memory_budget` and `store` choose the adjoint strategy as in `reverse`.
+
+    torchdiffeq's fixed-grid options: `options=dict(step_size=h)` or `dict(grid_constructor=fn)` steps
+    along a finer grid and linearly interpolates the states at t (prg_fast.ode.fixed_grid; the same
+    grid and interpolation as torchdiffeq). `rtol`/`atol` are accepted for drop-in use and ignored
+    with a warning: every method here is fixed-step (torchdiffeq's fixed-grid solvers drop them too)."""
+    if rtol is not None or atol is not None:
+        warnings.warn(
+            "odeint: rtol/atol are ignored; every method here is fixed-step (choose the grid t, or "
+            "options=dict(step_size=...))", UserWarning, stacklevel=2,
+        )
+    options = fixed_grid.check_options(options)
     if isinstance(y0, tuple):
         return _odeint_tuple(func, y0, t, method=method, adjoint=adjoint, backend=backend,
                              adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
                              preserve_rng_state=preserve_rng_state, reversible=reversible,
-                             reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store)
+                             reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store,
+                             options=options)
     _check_x(y0, "y0", batched=False)
     if not isinstance(t, torch.Tensor):
         if isinstance(t, (list, tuple)):
@@ -590,6 +606,8 @@ def odeint(
         else:
             raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
     if t.dim() == 2:
+        if options:
+            raise ValueError("options (step_size, grid_constructor) need a 1-D grid t, not a per-sample (T, B) grid")
         return _odeint_per_sample(func, y0, t, method=method, adjoint=adjoint, backend=backend,
                                   adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
                                   preserve_rng_state=preserve_rng_state, reversible=reversible,
@@ -604,13 +622,22 @@ def odeint(
     diffs = [b - a for a, b in zip(grid[:-1], grid[1:])]
     if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         raise ValueError("t must be strictly increasing or strictly decreasing")
+    kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params, batch_time=False,
+                  check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
+                  reversible=reversible, reversible_coupling=reversible_coupling, memory_budget=memory_budget,
+                  store=store)
+    fine = fixed_grid.solver_grid(options, func, y0, t, grid) if options else None
+    if fine is not None:
+        # step along the finer grid, return only the states the interpolation reads
+        fine_values = fine.detach().cpu().tolist()
+        needed, plan = fixed_grid.interpolation_plan(fine_values, grid)
+        differentiable = fine.requires_grad and torch.is_grad_enabled()
+        times = fine.to(y0.device) if differentiable else None
+        states = _solve(func, y0, fine_values, needed, times=times, **kwargs)
+        return fixed_grid.interpolate(states, needed, plan, fine if differentiable else fine.detach(), t)
     # a grid that requires grad is the solve's tensor grid (its gradient is returned); else floats
     times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
-    return _solve(func, y0, grid, list(range(len(grid))), method=method, adjoint=adjoint, backend=backend,
-                  adjoint_params=adjoint_params, batch_time=False, check_finite=check_finite,
-                  model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                  reversible=reversible, reversible_coupling=reversible_coupling, times=times,
-                  memory_budget=memory_budget, store=store)
+    return _solve(func, y0, grid, list(range(len(grid))), times=times, **kwargs)
 
 
 def _odeint_per_sample(func, y0: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""torchdiffeq's fixed-grid options for `odeint`: a solver grid finer than the output times.
+
+torchdiffeq lets a fixed-step solve take `options=dict(step_size=h)` or
+`options=dict(grid_constructor=fn)`: the solver steps along that grid and the state at each
+requested time t[j] is linearly interpolated between the two grid points around it (exactly the
+grid state where t[j] is a grid point). This module builds that grid and the interpolation, so code
+written for torchdiffeq's fixed-grid solvers gives the same numbers here:
+
+- step_size h: the points t[0] + k h (k = 0, 1, ...) while before t[-1], then t[-1] itself, as
+  torchdiffeq counts them (a last step shorter than h where h does not divide the span), except that
+  a last step of rounding size (h dividing the span up to 1e-9 relative) is not taken; a
+  decreasing t steps downwards.
+- grid_constructor(func, y0, t) -> 1-D grid from t[0] to t[-1], strictly monotone like t.
+- interp="linear" (the default, the only one here; torchdiffeq's "cubic" needs an extra evaluation
+  per output and is refused with a clear error, as are perturb and unknown keys).
+
+Everything is differentiable: the grid's ends are t[0] and t[-1] themselves (so a t that requires
+grad differentiates through the grid and through the interpolation weights), and the solve returns
+only the grid states the interpolation needs (memory: those states, not the whole grid's).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import numbers
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+SUPPORTED = ("step_size", "grid_constructor", "interp")
+
+
+def check_options(options) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict (torchdiffeq-style, e.g. dict(step_size=0.1)), got {type(options).__name__}")
+    unknown = sorted(set(options) - set(SUPPORTED))
+    if unknown:
+        raise ValueError(
+            f"options: unsupported key(s) {unknown}; supported: step_size, grid_constructor, interp='linear' "
+            "(torchdiffeq's perturb, cubic interpolation and adaptive-solver options do not apply to these "
+            "fixed-step solvers)"
+        )
+    interp = options.get("interp", "linear")
+    if interp != "linear":
+        raise ValueError(f"options['interp'] must be 'linear' (the only interpolation implemented), got {interp!r}")
+    step, ctor = options.get("step_size"), options.get("grid_constructor")
+    if step is not None and ctor is not None:
+        raise ValueError("options: step_size and grid_constructor are mutually exclusive")
+    if step is not None:
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or not (math.isfinite(step) and step > 0):
+            raise ValueError(f"options['step_size'] must be a finite number > 0, got {step!r}")
+    if ctor is not None and not callable(ctor):
+        raise TypeError(f"options['grid_constructor'] must be callable as fn(func, y0, t), got {type(ctor).__name__}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def solver_grid(options: dict, func: Callable, y0, t: torch.Tensor, values: List[float]) -> Optional[torch.Tensor]:
+    """The grid the solver steps along (float64, on t's device, differentiable w.r.t. t's ends), or
+    None when the options ask for no grid of their own (then the solver steps along t)."""
+    step, ctor = options.get("step_size"), options.get("grid_constructor")
+    if (step is None and ctor is None) or len(values) < 2:
+        return None
+    t64 = t.to(torch.float64)
+    start, end = values[0], values[-1]
+    sign = 1.0 if end > start else -1.0
+    if step is not None:
+        # torchdiffeq's count of points is ceil(span / h + 1); where h divides the span up to rounding
+        # (0.8 / 0.2 = 4.000000000000001) that adds a step of length ~1e-16, backwards or forwards,
+        # which the reversible scheme would not treat as the identity: such a sliver is dropped
+        inner_count = max(math.ceil(abs(end - start) / float(step) - 1e-9) - 1, 0)
+        inner = t64[:1] + sign * float(step) * torch.arange(1, inner_count + 1, dtype=torch.float64, device=t.device)
+        return torch.cat([t64[:1], inner, t64[-1:]])
+    grid = ctor(func, y0, t)
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2:
+        got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+        raise ValueError(f"options['grid_constructor'] must return a 1-D tensor of at least 2 times, got {got}")
+    g = grid.detach().to(torch.float64).cpu().tolist()
+    if g[0] != start or g[-1] != end:
+        raise ValueError(
+            f"options['grid_constructor'] must return a grid from t[0] = {start:g} to t[-1] = {end:g}, "
+            f"got one from {g[0]:g} to {g[-1]:g}"
+        )
+    if not all(math.isfinite(v) for v in g) or not all(sign * (b - a) > 0 for a, b in zip(g[:-1], g[1:])):
+        raise ValueError("options['grid_constructor'] must return finite times, strictly monotone in t's direction")
+    inner = grid[1:-1].to(device=t.device, dtype=torch.float64)
+    return torch.cat([t64[:1], inner, t64[-1:]])
+
+
+Plan = List[Tuple[int, Optional[int]]]  # per output: grid index, or the two grid indices around it
+
+
+def interpolation_plan(grid: List[float], values: List[float]) -> Tuple[List[int], Plan]:
+    """(grid indices the solve must return, and per output time which of them it reads)."""
+    sign = 1.0 if grid[-1] > grid[0] else -1.0
+    keys = [sign * g for g in grid]
+    plan: Plan = []
+    for v in values:
+        i = bisect.bisect_left(keys, sign * v)
+        i = min(i, len(grid) - 1)
+        if keys[i] == sign * v:
+            plan.append((i, None))
+        else:  # strictly between grid points i - 1 and i
+            plan.append((i - 1, i))
+    needed = sorted({i for pair in plan for i in pair if i is not None})
+    return needed, plan
+
+
+def interpolate(states: torch.Tensor, needed: List[int], plan: Plan, grid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The outputs at t from the returned grid states (stacked in the order of `needed`):
+    y_i + (t_j - g_i) / (g_{i+1} - g_i) (y_{i+1} - y_i), torchdiffeq's linear interpolation."""
+    row = {idx: r for r, idx in enumerate(needed)}
+    t64 = t.to(device=grid.device, dtype=torch.float64)
+    outs = []
+    for j, (i0, i1) in enumerate(plan):
+        y0 = states[row[i0]]
+        if i1 is None:
+            outs.append(y0)
+            continue
+        y1 = states[row[i1]]
+        w = ((t64[j] - grid[i0]) / (grid[i1] - grid[i0])).to(device=y0.device, dtype=y0.dtype)
+        outs.append(y0 + w * (y1 - y0))
+    return torch.stack(outs)
