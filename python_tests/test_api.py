@@ -222,3 +222,27 @@ print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_inference_mode(mlp, backend):
+    """Feature extraction under torch.inference_mode (whose tensors have no version counter)
+    gives what no_grad gives: reverse, generate, odeint, save_at, per-sample times."""
+    if backend == "cpu" and not ops.HAS_OPS:
+        pytest.skip("the compiled CPU backend is not built here")
+    model = mlp(dim=8)
+    x = torch.randn(4, 8)
+    calls = [
+        lambda: prg_fast.reverse(model, x, steps=3, backend=backend),
+        lambda: prg_fast.reverse(model, x, steps=3, backend=backend, save_at=[0.5, 1.0]),
+        lambda: prg_fast.reverse(model, x, t=torch.linspace(0.5, 1.0, 4), steps=3, backend=backend),
+        lambda: prg_fast.generate(model, x, steps=3, backend=backend),
+        lambda: prg_fast.odeint(lambda t, y: -y, x, torch.linspace(0, 1, 4), backend=backend),
+    ]
+    for call in calls:
+        with torch.no_grad():
+            want = call()
+        with torch.inference_mode():
+            got = call()
+        assert got.is_inference()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

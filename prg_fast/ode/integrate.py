@@ -68,7 +68,7 @@ class Problem:
         key = (t, x.shape[0] if batched and x.dim() else None, x.device)
         cached = self.time_cache.get(key)
         # a model that wrote into its t (version moved) gets a fresh one, never a corrupted one
-        if cached is not None and cached._version == 0:
+        if cached is not None and _version(cached) == 0:
             return cached
         if batched:
             value = torch.full((x.shape[0],), t, dtype=self.state_dtype, device=x.device)
@@ -133,9 +133,9 @@ class Problem:
         return arriving
 
     def evaluate(self, t, x_net: torch.Tensor) -> torch.Tensor:
-        version = x_net._version
+        version = _version(x_net)
         k = self.func(self.time(t, x_net), x_net)
-        if x_net._version != version:
+        if version is not None and _version(x_net) != version:
             # The adjoint stores this very tensor as the stage input it recomputes from.
             raise RuntimeError(
                 f"model modified its input x in place at t={format_time(t)}; the solver keeps that tensor "
@@ -221,6 +221,12 @@ class Problem:
             if n + 1 in want:
                 saved[n + 1] = x
         return self.gather_outputs(saved)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The version counter, or None for a tensor made under torch.inference_mode (which has none:
+    nothing is stored for a gradient there, and a cached time tensor is then never reused)."""
+    return None if t.is_inference() else t._version
 
 
 def format_time(t) -> str:
