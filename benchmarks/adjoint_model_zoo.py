@@ -39,6 +39,7 @@ def main():
         for method in methods:
             fn, x, tensors, kw, steps = zoo.CASES[case]()
             _, ref = zoo.adjoint_and_backprop_gradients(fn, x, tensors, adjoint=False, method=method, steps=steps, **kw)
+            fn, x, tensors, kw, steps = zoo.CASES[case]()  # afresh: stateful velocities start alike
             _, adj = zoo.adjoint_and_backprop_gradients(fn, x, tensors, adjoint=True, method=method, steps=steps, **kw)
             name, err = zoo.worst_relative_error(adj, ref)
             worst = max(worst, err)

@@ -1,7 +1,7 @@
 """The adjoint is exact for real model shapes, not just for the UNet it was written against.
 
 Every case is a velocity a user could bring (UNet presets, a DiT-style transformer, GroupNorm,
-dropout, channels_last, closures, wrappers, functions of t only, aliased additive parameters), and
+BatchNorm and spectral_norm in train mode (they write buffers as they run), dropout, channels_last, closures, wrappers, functions of t only, aliased additive parameters), and
 each is run through every solver twice in float64: plain autograd through the solver
 (adjoint=False) is the oracle, and the adjoint's gradients for x and for every tensor the velocity
 reads that requires grad must equal it to 1e-9 relative error. Nothing passes adjoint_params unless
@@ -244,6 +244,7 @@ def _t_only():
 
 
 def _t_only_param():
+    torch.manual_seed(0)
     w = torch.randn(4, dtype=torch.float64).requires_grad_()
     return (lambda t, x: torch.sin(2 * t)[:, None] * w), torch.randn(3, 4, dtype=torch.float64), {"w": w}, {}, 3
 
@@ -262,6 +263,34 @@ def _summed_offsets():
     torch.manual_seed(0)
     net = SummedOffsets().double()
     return net, torch.randn(2, 5, dtype=torch.float64), _named(net), {}, 3
+
+
+class BatchNormNet(nn.Module):
+    """BatchNorm in train mode (batch statistics; running statistics written every call) between
+    layers whose parameters all matter."""
+
+    def __init__(self, d=6, width=16):
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(d + 1, width), nn.BatchNorm1d(width), nn.Linear(width, d)
+
+    def forward(self, t, x):
+        return self.l2(self.bn(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1)))))
+
+
+def _batchnorm_train():
+    torch.manual_seed(0)
+    net = _randomize(BatchNormNet().double()).train()
+    return net, torch.randn(5, 6, dtype=torch.float64), _named(net), {}, 3
+
+
+def _spectral_norm_train():
+    """spectral_norm in train mode: a power iteration writes its vectors on every call, and the
+    weight each evaluation uses depends on them (prg_fast/ode/module_state.py)."""
+    torch.manual_seed(0)
+    net = _randomize(BatchNormNet().double())
+    net.bn = nn.Identity()
+    net.l1 = nn.utils.parametrizations.spectral_norm(net.l1)
+    return net.train(), torch.randn(5, 6, dtype=torch.float64), _named(net), {}, 3
 
 
 def _partial_adjoint_params():
@@ -289,14 +318,19 @@ CASES = {
     "x_shaped_additive_param": _positional_offset,
     "summed_output_offsets": _summed_offsets,
     "partial_adjoint_params": _partial_adjoint_params,
+    "batchnorm_train": _batchnorm_train,
+    "spectral_norm_train": _spectral_norm_train,
 }
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_adjoint_equals_backprop(case, method):
+    # built afresh for each run: a velocity that writes buffers (batchnorm, spectral_norm) must start
+    # both from the same state (the builders are seeded)
     fn, x, tensors, kw, steps = CASES[case]()
     out_ref, ref = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=False, method=method, steps=steps, **kw)
+    fn, x, tensors, kw, steps = CASES[case]()
     out_adj, adj = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=True, method=method, steps=steps, **kw)
     # same forward (dropout masks replayed from the same seed)
     torch.testing.assert_close(out_adj, out_ref, rtol=1e-12, atol=1e-12)
