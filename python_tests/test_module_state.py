@@ -15,7 +15,8 @@ import torch.nn as nn
 
 import prg_fast
 from prg_fast.models import UNet
-from prg_fast.ode.module_state import ModuleState, reachable_modules
+from prg_fast.ode.module_state import ModuleState
+from prg_fast.ode.reach import reachable
 
 METHODS = sorted(prg_fast.SOLVERS)
 STRATEGIES = {
@@ -127,7 +128,7 @@ def test_reruns_happened_and_state_was_restored():
 def test_state_is_found_through_wrappers(wrap):
     net = _make("batchnorm")
     fn = _wrap(wrap, net)
-    assert any(m is net.bn for m in reachable_modules(fn))
+    assert any(m is net.bn for m in reachable(fn).modules)
     want = _run(net, _wrap(wrap, net) if wrap != "time_reversed" else fn, {"adjoint": False}, "heun")
     net2 = _make("batchnorm")
     got = _run(net2, _wrap(wrap, net2), {"adjoint": True}, "heun")
@@ -176,9 +177,9 @@ def _wrap(kind, net):
 
 
 def test_networks_without_written_buffers_keep_nothing():
-    assert ModuleState.of(UNet.preset("tiny", image_size=8)) is None  # no buffers at all
+    assert ModuleState.of(list(UNet.preset("tiny", image_size=8).modules())) is None  # no buffers at all
     net = _make("batchnorm").eval()  # buffers, but eval mode writes none
-    state = ModuleState.of(net)
+    state = ModuleState.of(list(net.modules()))
     assert state is not None
     state.before_first_evaluation()
     net(torch.zeros(5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64))

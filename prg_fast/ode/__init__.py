@@ -8,6 +8,7 @@ engine alone. The modules, bottom to top:
     ops         the torch.library layer over the compiled kernels (prg_fast._C, prg_fast._C_cuda)
     backends    which implementation of the stage arithmetic runs, and why the others cannot
     integrate   the one integration loop
+    reach       the modules and tensors requiring grad a velocity can reach (beyond its first evaluation)
     module_state  buffers the network writes while it runs, kept as plain backprop leaves them
     strategies  which evaluation graphs the adjoint keeps, what it stores
     adjoint     the exact discrete adjoint

@@ -21,6 +21,7 @@ from . import backends, fixed_grid
 from .adjoint import AdjointSolve
 from .graphs import graphed_solve
 from .integrate import Problem, solve
+from .reach import Reach, reachable
 from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
 from .solvers import get_tableau
 from .strategies import FirstEvaluation, Strategy, check_memory_budget, check_store, first_evaluation
@@ -93,16 +94,32 @@ def _dtypes(model, x: torch.Tensor, model_dtype: Optional[torch.dtype]) -> Tuple
     return state, model_dtype
 
 
-def _collect_params(model, adjoint_params) -> List[torch.Tensor]:
+def _collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List[torch.Tensor]:
+    """The model's parameters, then those of every module and every leaf tensor requiring grad the
+    model reaches (prg_fast.ode.reach: what it may read after its first evaluation, which graph
+    discovery cannot see), then adjoint_params."""
     params: List[torch.Tensor] = []
+    seen: set = set()
+
+    def add(p: torch.Tensor) -> None:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+
     if isinstance(model, torch.nn.Module):
-        params += [p for p in model.parameters() if p.requires_grad]
+        for p in model.parameters():
+            add(p)
+    if reach is not None:
+        for m in reach.modules:
+            for p in m.parameters(recurse=False):
+                add(p)
+        for p in reach.tensors:
+            add(p)
     if adjoint_params is not None:
         for i, p in enumerate(adjoint_params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"adjoint_params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-            if p.requires_grad and not any(p is q for q in params):
-                params.append(p)
+            add(p)
     return params
 
 
@@ -282,7 +299,8 @@ def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
 def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor]) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
     module parameters, tensors closed over by a plain function, modules inside wrappers such as
-    time_reversed(lambda ...), the rest of a partial adjoint_params list.
+    time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
+    but reads only later is in `params` already: _collect_params adds what prg_fast.ode.reach finds.)
 
     The solve's first evaluation is run with a graph (strategies.first_evaluation, under the
     caller's random state; the solve then reuses its output, so discovery costs no extra network
@@ -347,7 +365,9 @@ def _solve(
         raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
     _, combine = backends.resolve(backend, x.device)
     state_dtype, net_dtype = _dtypes(func, x, model_dtype)
-    params = _collect_params(func, adjoint_params)
+    # what the velocity reaches (modules, tensors): its parameters and buffers beyond the first evaluation
+    reach = reachable(func) if adjoint and torch.is_grad_enabled() else None
+    params = _collect_params(func, adjoint_params, reach)
     problem = Problem(
         func=func,
         tableau=tableau,
@@ -389,7 +409,7 @@ def _solve(
         problem.times = times.detach().requires_grad_(times_grad)
     first = None
     if adjoint and torch.is_grad_enabled():
-        first = first_evaluation(problem, x, params)
+        first = first_evaluation(problem, x, params, reach.modules)
         problem.params = params = _discover_params(first, params)
     if times is not None and adjoint and torch.is_grad_enabled():
         problem.times = times.detach()

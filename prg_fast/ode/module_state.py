@@ -9,9 +9,9 @@ and would read a state the forward had already moved on (spectral_norm's recompu
 the one the forward used, so the gradient is not the forward's). torch.utils.checkpoint documents
 the same caveat and leaves it to the user; here the adjoints handle it:
 
-- Which tensors: the buffers of every module the velocity reaches -- the model itself, modules
-  inside wrappers, closures, functools.partial, bound methods, callable objects, and the globals a
-  function names (`reachable_modules`). A state held elsewhere is not seen.
+- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach: the model
+  itself, modules inside wrappers, closures, functools.partial, bound methods, callable objects, and
+  the globals a function or a module's forward names). A state held elsewhere is not seen.
 - Which of them are written: the solve's first evaluation tells (identity, version counter and
   values before and after: BatchNorm's kernel does not bump the version of its running statistics). If it writes nothing -- GroupNorm/LayerNorm networks, eval mode -- nothing more
   is done and nothing is copied. A buffer written by a later evaluation but not by the first is an
@@ -25,82 +25,9 @@ the same caveat and leaves it to the user; here the adjoints handle it:
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import types
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-
-_MAX_DEPTH = 6
-
-
-def reachable_modules(obj) -> List[torch.nn.Module]:
-    """The nn.Modules a callable can reach: itself, what wrappers, closures, partials, bound methods
-    and callable objects hold, and the globals its functions name. Submodules are included (each
-    module once, in a stable order)."""
-    found: dict = {}
-    seen: set = set()
-
-    def visit(o, depth: int) -> None:
-        if depth > _MAX_DEPTH or id(o) in seen or o is None:
-            return
-        seen.add(id(o))
-        if isinstance(o, torch.nn.Module):
-            for m in o.modules():
-                found.setdefault(id(m), m)
-            return
-        if isinstance(o, (torch.Tensor, types.ModuleType, type, str, bytes, int, float, bool, complex)):
-            return
-        if isinstance(o, functools.partial):
-            visit(o.func, depth + 1)
-            for a in o.args:
-                visit(a, depth + 1)
-            for a in o.keywords.values():
-                visit(a, depth + 1)
-            return
-        if inspect.ismethod(o):
-            visit(o.__self__, depth + 1)
-            visit(o.__func__, depth + 1)
-            return
-        if isinstance(o, types.FunctionType):
-            for cell in o.__closure__ or ():
-                try:
-                    visit(cell.cell_contents, depth + 1)
-                except ValueError:  # an empty cell
-                    pass
-            for name in _global_names(o.__code__):
-                if name in o.__globals__:
-                    visit(o.__globals__[name], depth + 1)
-            for d in o.__defaults__ or ():
-                visit(d, depth + 1)
-            visit(getattr(o, "__wrapped__", None), depth + 1)
-            return
-        if isinstance(o, (list, tuple, set, frozenset)):
-            for a in o:
-                visit(a, depth + 1)
-            return
-        if isinstance(o, dict):
-            for a in o.values():
-                visit(a, depth + 1)
-            return
-        # a callable object (or a container object) that is not a module: what it holds
-        attrs = getattr(o, "__dict__", None)
-        if isinstance(attrs, dict):
-            for a in attrs.values():
-                visit(a, depth + 1)
-
-    visit(obj, 0)
-    return list(found.values())
-
-
-def _global_names(code: types.CodeType) -> List[str]:
-    names = list(code.co_names)
-    for const in code.co_consts:  # nested functions and lambdas
-        if isinstance(const, types.CodeType):
-            names += _global_names(const)
-    return names
-
 
 Stamp = Tuple[int, int]  # (id, version) of the tensor a slot holds
 
@@ -117,10 +44,9 @@ class ModuleState:
         self._stamps: List[Optional[Stamp]] = []
 
     @classmethod
-    def of(cls, func) -> Optional["ModuleState"]:
-        """None when the velocity reaches no buffer (then there is nothing to keep)."""
-        slots = [(m, name) for m in reachable_modules(func) for name, b in m.named_buffers(recurse=False)
-                 if b is not None]
+    def of(cls, modules: Sequence[torch.nn.Module]) -> Optional["ModuleState"]:
+        """For the modules a velocity reaches; None when they hold no buffer (nothing to keep)."""
+        slots = [(m, name) for m in modules for name, b in m.named_buffers(recurse=False) if b is not None]
         return cls(slots) if slots else None
 
     def _value(self, j: int) -> Optional[torch.Tensor]:

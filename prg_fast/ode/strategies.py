@@ -149,7 +149,8 @@ class FirstEvaluation:
         return evaluate
 
 
-def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor]) -> Optional[FirstEvaluation]:
+def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor],
+                     modules: Sequence[torch.nn.Module] = ()) -> Optional[FirstEvaluation]:
     """Evaluation (0, 0) of `problem` from x, with a graph back to a stage-input leaf and to
     whatever the velocity reads. None for a solve without steps."""
     if problem.steps == 0:
@@ -166,7 +167,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         tau = t0.detach().requires_grad_(bool(problem.times.requires_grad))
     rng = capture_rng(x.device)
     # buffers the velocity writes (BatchNorm in train mode, spectral_norm): see module_state
-    state = ModuleState.of(problem.func)
+    state = ModuleState.of(modules)
     if state is not None:
         state.before_first_evaluation()
     with torch.enable_grad():
