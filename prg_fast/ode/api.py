@@ -305,9 +305,10 @@ def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor
     The solve's first evaluation is run with a graph (strategies.first_evaluation, under the
     caller's random state; the solve then reuses its output, so discovery costs no extra network
     evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
-    requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
-    a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
-    error that says to pass it as adjoint_params."""
+    requiring grad that was made outside the velocity (say W = A @ B) is an input of the solve when
+    the search found it (the walk stops at its node); met in the graph without the tensor itself, it
+    cannot be added (differentiating through its graph once per evaluation would be wrong), so it is
+    an error that says to pass it as adjoint_params."""
     found = list(params)
     found_ids = {id(p) for p in found}
     if first is None or first.k is None or not first.k.requires_grad:
