@@ -400,3 +400,18 @@ def test_in_place_input_modification_is_an_error(adjoint):
     x = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(RuntimeError, match="in place"):
         prg_fast.reverse(InPlace(), x * 1, steps=2, adjoint=adjoint).sum().backward()
+
+
+@pytest.mark.parametrize("kw", [dict(adjoint=False), dict(), dict(memory_budget=float("inf")), dict(store="steps"),
+                                dict(reversible=True)], ids=["backprop", "recompute", "keep_all", "steps", "reversible"])
+def test_parameters_changed_between_forward_and_backward_are_an_error(kw):
+    """optimizer.step() before backward: plain backprop raises (its saved tensors' versions moved);
+    the adjoints, which rerun the network from its current parameters, would otherwise return the
+    gradient of a different network without a word."""
+    net = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    out = prg_fast.reverse(lambda t, x: torch.tanh(net(x)), x, steps=2, **kw)
+    with torch.no_grad():
+        net.weight.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

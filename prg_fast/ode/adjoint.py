@@ -35,7 +35,7 @@ from typing import List, Optional
 
 import torch
 
-from .integrate import Problem
+from .integrate import Problem, check_param_versions, param_versions
 from .strategies import EvaluationGraphs, Strategy
 
 
@@ -78,11 +78,13 @@ class AdjointSolve(torch.autograd.Function):
         ctx.save_for_backward(*stored)
         ctx.problem, ctx.rng, ctx.evals = problem, evals.rng, evals
         ctx.x_dtype = x.dtype
+        ctx.versions = param_versions(params)
         return torch.stack(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        check_param_versions(ctx.problem.params, ctx.versions)
         # reruns load each evaluation's buffers; the backward itself leaves them as it found them
         with ctx.evals.backward_state():
             return _backward(ctx, grad_out)

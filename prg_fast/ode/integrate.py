@@ -223,6 +223,26 @@ class Problem:
         return self.gather_outputs(saved)
 
 
+def param_versions(params: Sequence[torch.Tensor]) -> List[int]:
+    return [q._version for q in params]
+
+
+def check_param_versions(params: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
+    """The adjoints rerun the network from its tensors as they are at the backward; one modified in
+    place since the forward (optimizer.step() before backward, an in-place update) would give the
+    gradient of another network. Plain backprop raises for this (its saved tensors' versions); so
+    do the adjoints."""
+    for i, (q, v) in enumerate(zip(params, versions)):
+        if q._version != v:
+            raise RuntimeError(
+                f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
+                f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
+                f"(version {v} -> {q._version}): the adjoint recomputes the network from its current tensors, so "
+                "its gradient would not be the forward's. Call backward before changing the parameters (e.g. "
+                "before optimizer.step()), or use adjoint=False"
+            )
+
+
 def _version(t: torch.Tensor) -> Optional[int]:
     """The version counter, or None for a tensor made under torch.inference_mode (which has none:
     nothing is stored for a gradient there, and a cached time tensor is then never reused)."""

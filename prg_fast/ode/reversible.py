@@ -42,7 +42,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .integrate import Problem, autocast_state, capture_rng, restore_rng
+from .integrate import Problem, autocast_state, capture_rng, check_param_versions, param_versions, restore_rng
 
 DEFAULT_COUPLING = 0.999
 
@@ -145,6 +145,7 @@ class ReversibleSolve(torch.autograd.Function):
         # exact inverse step. Saved through autograd so saved-tensor hooks apply and it is freed.
         ctx.save_for_backward(y, z)
         ctx.problem, ctx.lam, ctx.rng, ctx.states = problem, lam, rng, states
+        ctx.versions = param_versions(params)
         ctx.x_dtype, ctx.device = x.dtype, x.device
         ctx.autocast = autocast_state(x.device.type)
         return torch.stack(outs)
@@ -152,6 +153,7 @@ class ReversibleSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        check_param_versions(ctx.problem.params, ctx.versions)
         state = ctx.problem.module_state if ctx.states is not None else None
         end = state.snapshot() if state is not None else None
         try:
