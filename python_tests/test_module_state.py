@@ -243,3 +243,28 @@ def test_a_backward_that_fails_still_restores_the_state():
         out.sum().backward()
     for n, b in net.named_buffers():
         torch.testing.assert_close(b, after_forward[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_eval_between_forward_and_backward_changes_nothing(strategy):
+    """model.eval() after the forward (a validation pass before loss.backward(), say): plain
+    backprop's graph is fixed at the forward; the adjoints rerun under the forward's train/eval
+    flags (dropout and BatchNorm as in the forward) and leave the user's flags set afterwards."""
+    kw = STRATEGIES[strategy]  # (keep_some's budget of 1 byte keeps nothing here: no harm)
+
+    def run(adjoint_kw):
+        torch.manual_seed(3)
+        net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 6))
+        net = net.double().train()
+        x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        torch.manual_seed(4)
+        out = prg_fast.reverse(lambda t, y: net(y), x, steps=3, method="midpoint", **adjoint_kw)
+        net.eval()
+        out.sum().backward()
+        assert not any(m.training for m in net.modules())
+        return [x.grad] + [p.grad for p in net.parameters()]
+
+    want = run({"adjoint": False, "reversible": kw.get("reversible", False)})
+    got = run(kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

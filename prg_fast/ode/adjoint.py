@@ -36,6 +36,7 @@ from typing import List, Optional
 import torch
 
 from .integrate import Problem, check_param_versions, param_versions
+from .module_state import TrainingModes
 from .strategies import EvaluationGraphs, Strategy
 
 
@@ -79,14 +80,16 @@ class AdjointSolve(torch.autograd.Function):
         ctx.problem, ctx.rng, ctx.evals = problem, evals.rng, evals
         ctx.x_dtype = x.dtype
         ctx.versions = param_versions(params)
+        ctx.modes = TrainingModes(problem.modules)
         return torch.stack(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         check_param_versions(ctx.problem.params, ctx.versions)
-        # reruns load each evaluation's buffers; the backward itself leaves them as it found them
-        with ctx.evals.backward_state():
+        # reruns load each evaluation's buffers and run under the forward's train/eval flags; the
+        # backward itself leaves both as it found them
+        with ctx.evals.backward_state(), ctx.modes:
             return _backward(ctx, grad_out)
 
 

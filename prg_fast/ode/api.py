@@ -410,6 +410,7 @@ def _solve(
         problem.times = times.detach().requires_grad_(times_grad)
     first = None
     if adjoint and torch.is_grad_enabled():
+        problem.modules = reach.modules
         first = first_evaluation(problem, x, params, reach.modules)
         problem.params = params = _discover_params(first, params)
     if times is not None and adjoint and torch.is_grad_enabled():

@@ -43,6 +43,8 @@ class Problem:
     # Buffers the velocity writes while it runs (prg_fast.ode.module_state.ModuleState), found by
     # the adjoints' first evaluation; None when it writes none (or no adjoint runs).
     module_state: Optional[object] = field(default=None, repr=False, compare=False)
+    # The modules the velocity reaches (prg_fast.ode.reach), for their train/eval flags.
+    modules: Sequence[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def steps(self) -> int:

@@ -127,3 +127,28 @@ class ModuleState:
                 "evaluation writes, so it cannot reproduce this one: use adjoint=False, or "
                 "memory_budget=float('inf') (nothing is rerun), or update that buffer on every call"
             )
+
+
+class TrainingModes:
+    """The train/eval flags of the modules a velocity reaches, as the forward ran them. A backward
+    that reruns the network after `model.eval()` (an evaluation between forward and backward, say)
+    would otherwise differentiate another function (no dropout, BatchNorm's running statistics);
+    plain backprop's graph is fixed at the forward, so the adjoints rerun under the forward's flags
+    and put the current ones back afterwards."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        self.modules = list(modules)
+        self.flags = [m.training for m in self.modules]
+
+    def __enter__(self):
+        self.now = [m.training for m in self.modules]
+        if self.now != self.flags:
+            for m, flag in zip(self.modules, self.flags):
+                m.training = flag
+        return self
+
+    def __exit__(self, *exc):
+        if self.now != self.flags:
+            for m, flag in zip(self.modules, self.now):
+                m.training = flag
+        return False

@@ -43,6 +43,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .integrate import Problem, autocast_state, capture_rng, check_param_versions, param_versions, restore_rng
+from .module_state import TrainingModes
 
 DEFAULT_COUPLING = 0.999
 
@@ -146,6 +147,7 @@ class ReversibleSolve(torch.autograd.Function):
         ctx.save_for_backward(y, z)
         ctx.problem, ctx.lam, ctx.rng, ctx.states = problem, lam, rng, states
         ctx.versions = param_versions(params)
+        ctx.modes = TrainingModes(problem.modules)
         ctx.x_dtype, ctx.device = x.dtype, x.device
         ctx.autocast = autocast_state(x.device.type)
         return torch.stack(outs)
@@ -157,7 +159,8 @@ class ReversibleSolve(torch.autograd.Function):
         state = ctx.problem.module_state if ctx.states is not None else None
         end = state.snapshot() if state is not None else None
         try:
-            return _backward(ctx, grad_out)
+            with ctx.modes:  # rerun under the forward's train/eval flags
+                return _backward(ctx, grad_out)
         finally:  # the backward leaves the written buffers as it found them
             if state is not None:
                 state.load(end)
