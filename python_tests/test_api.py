@@ -1,5 +1,6 @@
 """The public surface: reverse / generate / odeint / time_reversed, torchdiffeq compatibility,
 mixed precision, backends, and clear errors for bad input."""
+import copy
 import math
 
 import pytest
@@ -246,3 +247,30 @@ def test_inference_mode(mlp, backend):
             got = call()
         assert got.is_inference()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_vmap_over_a_solve_and_over_an_ensemble():
+    """torch.func.vmap over reverse without the adjoint (inputs, per-sample times) and over a
+    stacked ensemble of velocities (torch.func.stack_module_state + functional_call) equals a loop."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double() for _ in range(3)]
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    t = torch.linspace(0.5, 1.0, 5, dtype=torch.float64)
+
+    def solve(net, xx, **kw):
+        return prg_fast.reverse(lambda s, y: net(y) * s[:, None], xx, steps=3, adjoint=False, **kw)
+
+    with torch.no_grad():
+        for kw in ({}, {"t": t}):
+            got = torch.func.vmap(lambda xx: solve(nets[0], xx, **kw))(x)
+            want = torch.stack([solve(nets[0], xx, **kw) for xx in x])
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        params, buffers = torch.func.stack_module_state(nets)
+        base = copy.deepcopy(nets[0]).to("meta")
+
+        def member(p, b, xx):
+            return solve(lambda y: torch.func.functional_call(base, (p, b), (y,)), xx)
+
+        got = torch.func.vmap(member, in_dims=(0, 0, None))(params, buffers, x[0])
+        want = torch.stack([solve(net, x[0]) for net in nets])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -141,3 +141,33 @@ def test_autograd_without_terms_and_with_cast():
     x = torch.randn(5, requires_grad=True)
     (g,) = torch.autograd.grad(ops.stage_combine(x, [], [], 2.0, torch.bfloat16).float().sum(), [x])
     torch.testing.assert_close(g, torch.full((5,), 2.0))
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (1, None, 0), (None, 0, None), (0, 1, 2)])
+def test_vmap_matches_a_loop(in_dims):
+    """torch.func.vmap over the operator (an ensemble of velocities via stack_module_state, or a
+    vmapped solve): the batching rule stacks the vmapped dimension in front, expanding unbatched
+    inputs, and equals one call per slice."""
+    V, shape = 3, (4, 5)
+    torch.manual_seed(0)
+
+    def make(d):
+        if d is None:
+            return torch.randn(shape, dtype=torch.float64)
+        full = list(shape)
+        full.insert(d, V)
+        return torch.randn(full, dtype=torch.float64)
+
+    base, t1, t2 = (make(d) for d in in_dims)
+
+    def fn(b, a, c):
+        return ops.stage_combine(b, [a, c], [0.5, -1.25], 0.75, torch.float32)
+
+    got = torch.func.vmap(fn, in_dims=in_dims)(base, t1, t2)
+
+    def pick(t, d, v):
+        return t if d is None else t.select(d, v)
+
+    want = torch.stack([fn(*(pick(t, d, v) for t, d in zip((base, t1, t2), in_dims))) for v in range(V)])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -308,3 +308,31 @@ def test_coeffs_on_another_device(backend):
     x = torch.randn(3, 2, device="cuda")
     with pytest.raises(RuntimeError, match="coeffs is on cpu but base is on cuda"):
         fn(x, [x], torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("coeff_dim", [None, 0, 1])
+@pytest.mark.parametrize("one_row", [False, True])
+@pytest.mark.parametrize("base_dim", [0, 1, None])
+def test_vmap_matches_a_loop(backend, device, coeff_dim, one_row, base_dim):
+    """torch.func.vmap over the per-row operator: rows stay each slice's own dim 0, coefficients
+    per slice and row (batched or shared, one row or B rows), equal to one call per slice."""
+    fn = _rows_fn(backend, device)
+    V, B, R = 3, 4, 1 if one_row else 4
+    torch.manual_seed(0)
+    base = torch.randn((V, B, 6) if base_dim == 0 else (B, V, 6) if base_dim == 1 else (B, 6), device=device)
+    term = torch.randn(V, B, 6, device=device)
+    coeffs = torch.randn((R, 2) if coeff_dim is None else (V, R, 2) if coeff_dim == 0 else (R, V, 2),
+                         dtype=torch.float64, device=device)
+    in_dims = (base_dim, 0, coeff_dim)
+
+    def call(b, t, c):
+        return fn(b, [t], c, torch.float32)
+
+    got = torch.func.vmap(call, in_dims=in_dims)(base, term, coeffs)
+
+    def pick(t, d, v):
+        return t if d is None else t.select(d, v)
+
+    want = torch.stack([call(pick(base, base_dim, v), term[v], pick(coeffs, coeff_dim, v)) for v in range(V)])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -93,6 +93,30 @@ def register_combine_op(qualname: str) -> None:
 
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
+    op = _op(qualname)
+
+    def _vmap(info, in_dims, base, terms, coeffs, alpha=1.0, out_dtype=None):
+        # elementwise in every dimension: the vmapped dimension is one more (unbatched tensors expanded)
+        base_dim, term_dims = in_dims[0], in_dims[1]
+        tensors = _batched_first([base, *terms], [base_dim, *(term_dims or [None] * len(terms))], info.batch_size)
+        return op(tensors[0], tensors[1:], coeffs, alpha, out_dtype), 0
+
+    torch.library.register_vmap(qualname, _vmap)
+
+
+def _op(qualname: str):
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def _batched_first(tensors: Sequence[torch.Tensor], dims: Sequence[Optional[int]], size: int) -> List[torch.Tensor]:
+    """Each tensor with its vmapped dimension first (an unbatched one expanded to `size`), contiguous
+    where it had to move (the kernels read any strides, but a moved dimension is cheaper copied once)."""
+    out = []
+    for t, d in zip(tensors, dims):
+        out.append(t.unsqueeze(0).expand(size, *t.shape) if d is None else t.movedim(d, 0))
+    return out
+
 
 def stage_combine_rows(
     base: torch.Tensor,
@@ -145,6 +169,23 @@ def register_rows_op(qualname: str) -> None:
         return (grad_base, grad_terms, grad_coeffs) + (None,) * (len(ctx.needs_input_grad) - 3)
 
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+    op = _op(qualname)
+
+    def _vmap(info, in_dims, base, terms, coeffs, out_dtype=None):
+        # rows are base's dim 0 (the solve's batch B); under vmap (size V) the rows become the V*B
+        # rows of the flattened (V, B, ...) tensors, with coefficients per (v, b)
+        base_dim, term_dims, coeff_dim = in_dims[:3]
+        V = info.batch_size
+        tensors = _batched_first([base, *terms], [base_dim, *(term_dims or [None] * len(terms))], V)
+        B = tensors[0].shape[1]
+        c = coeffs.unsqueeze(0).expand(V, *coeffs.shape) if coeff_dim is None else coeffs.movedim(coeff_dim, 0)
+        c = c.expand(V, B, c.shape[-1]).reshape(V * B, c.shape[-1])
+        flat = [t.reshape(V * B, *t.shape[2:]) for t in tensors]
+        out = op(flat[0], flat[1:], c, out_dtype)
+        return out.reshape(V, B, *out.shape[1:]), 0
+
+    torch.library.register_vmap(qualname, _vmap)
 
 
 if HAS_OPS:
