@@ -1,7 +1,8 @@
 """The adjoint is exact for real model shapes, not just for the UNet it was written against.
 
 Every case is a velocity a user could bring (UNet presets, a DiT-style transformer, GroupNorm,
-BatchNorm and spectral_norm in train mode (they write buffers as they run), dropout, channels_last, closures, wrappers, functions of t only, aliased additive parameters), and
+BatchNorm and spectral_norm in train mode (they write buffers as they run), a Fourier layer with
+complex weights, dropout, channels_last, closures, wrappers, functions of t only, aliased additive parameters), and
 each is run through every solver twice in float64: plain autograd through the solver
 (adjoint=False) is the oracle, and the adjoint's gradients for x and for every tensor the velocity
 reads that requires grad must equal it to 1e-9 relative error. Nothing passes adjoint_params unless
@@ -293,6 +294,28 @@ def _spectral_norm_train():
     return net.train(), torch.randn(5, 6, dtype=torch.float64), _named(net), {}, 3
 
 
+class SpectralConv(nn.Module):
+    """A Fourier-neural-operator layer: real state, complex weights on the lowest modes (torch.fft)."""
+
+    def __init__(self, channels=2, modes=3):
+        super().__init__()
+        self.modes = modes
+        self.weight = nn.Parameter(0.3 * torch.randn(channels, channels, modes, dtype=torch.complex128))
+        self.skip = nn.Conv1d(channels, channels, 1).double()
+
+    def forward(self, t, x):
+        spec = torch.fft.rfft(x, dim=-1)
+        out = torch.zeros_like(spec)
+        out[..., : self.modes] = torch.einsum("bim,iom->bom", spec[..., : self.modes], self.weight)
+        return torch.tanh(torch.fft.irfft(out, n=x.shape[-1], dim=-1) + self.skip(x)) * (1 + t[:, None, None])
+
+
+def _spectral_conv():
+    torch.manual_seed(0)
+    net = SpectralConv()
+    return net, torch.randn(2, 2, 8, dtype=torch.float64), _named(net), {}, 3
+
+
 def _partial_adjoint_params():
     torch.manual_seed(0)
     A = torch.randn(4, 4, dtype=torch.float64).mul_(0.5).requires_grad_()
@@ -319,6 +342,7 @@ CASES = {
     "summed_output_offsets": _summed_offsets,
     "partial_adjoint_params": _partial_adjoint_params,
     "batchnorm_train": _batchnorm_train,
+    "fno_complex_weights": _spectral_conv,
     "spectral_norm_train": _spectral_norm_train,
 }
 

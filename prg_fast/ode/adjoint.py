@@ -35,7 +35,7 @@ from typing import List, Optional
 
 import torch
 
-from .integrate import Problem, check_param_versions, param_versions
+from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
 from .module_state import TrainingModes
 from .strategies import EvaluationGraphs, Strategy
 
@@ -109,8 +109,8 @@ def _backward(ctx, grad_out: torch.Tensor):
     arriving = p.output_cotangents(grad_out)
     shape = grad_out.shape[1:]
     lam = torch.zeros(shape, dtype=p.state_dtype, device=grad_out.device)
-    # Parameter gradients accumulate in float32 (float64 for float64 parameters).
-    acc_dtype = [torch.float64 if q.dtype == torch.float64 else torch.float32 for q in params]
+    # Parameter gradients accumulate in float32 (float64 / complex for such parameters).
+    acc_dtype = [accumulator_dtype(q) for q in params]
     param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
     s = tab.stages
 

@@ -615,6 +615,12 @@ def odeint(
             "options=dict(step_size=...))", UserWarning, stacklevel=2,
         )
     options = fixed_grid.check_options(options)
+    if isinstance(y0, torch.Tensor) and y0.is_complex():
+        return _odeint_complex(func, y0, t, method=method, adjoint=adjoint, backend=backend,
+                               adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
+                               preserve_rng_state=preserve_rng_state, reversible=reversible,
+                               reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store,
+                               options=options)
     if isinstance(y0, tuple):
         return _odeint_tuple(func, y0, t, method=method, adjoint=adjoint, backend=backend,
                              adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
@@ -660,6 +666,38 @@ def odeint(
     # a grid that requires grad is the solve's tensor grid (its gradient is returned); else floats
     times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
     return _solve(func, y0, grid, list(range(len(grid))), times=times, **kwargs)
+
+
+class ComplexAsReal(torch.nn.Module):
+    """A velocity of a complex state seen as one of its real view (..., 2): the solver's stage
+    arithmetic is real-linear, so stepping the real view is stepping the complex state, and
+    view_as_real/view_as_complex carry PyTorch's complex gradients through unchanged."""
+
+    def __init__(self, func: Callable, dtype: torch.dtype):
+        super().__init__()
+        self.func = func  # a submodule when it is one, so .parameters() and the searches see it
+        self.dtype = dtype
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.func(t, torch.view_as_complex(y))
+        if not isinstance(out, torch.Tensor) or not out.is_complex() or out.shape != y.shape[:-1]:
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"func must return a complex tensor shaped like y0 ({tuple(y.shape[:-1])} {self.dtype}), got {got}")
+        return torch.view_as_real(out.to(self.dtype))
+
+
+def _odeint_complex(func, y0: torch.Tensor, t, **kwargs) -> torch.Tensor:
+    """odeint of a complex64/complex128 state (as torchdiffeq allows): solved as its real view."""
+    if y0.dtype not in (torch.complex64, torch.complex128):
+        raise TypeError(f"y0 must be float32, float64, float16, bfloat16, complex64 or complex128, got {y0.dtype}")
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    model_dtype = kwargs.pop("model_dtype", None)
+    if model_dtype is not None and model_dtype.is_complex:
+        model_dtype = model_dtype.to_real()
+    real = torch.view_as_real(y0.resolve_conj())
+    ys = odeint(ComplexAsReal(func, y0.dtype), real, t, model_dtype=model_dtype, **kwargs)
+    return torch.view_as_complex(ys.contiguous())
 
 
 def _odeint_per_sample(func, y0: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -712,6 +750,8 @@ def _odeint_tuple(func, y0: tuple, t, **kwargs):
         raise ValueError("a per-sample grid t of shape (T, B) needs a tensor y0 (B, ...), not a tuple state")
     leaves = _tuple_leaves(y0, "y0")
     for i, leaf in enumerate(leaves):
+        if leaf.is_complex():
+            raise TypeError(f"y0 component {i} is complex: complex states are solved as a single tensor y0, not in a tuple")
         _check_x(leaf, f"y0 component {i}", batched=False)
         if leaf.dtype != leaves[0].dtype or leaf.device != leaves[0].device:
             raise TypeError(

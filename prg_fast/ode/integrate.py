@@ -225,6 +225,14 @@ class Problem:
         return self.gather_outputs(saved)
 
 
+def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
+    """Parameter gradients accumulate over evaluations in float32 (float64 for float64 parameters;
+    complex64/complex128 for complex ones), whatever the network's own dtype."""
+    if q.dtype in (torch.float64, torch.complex64, torch.complex128):
+        return q.dtype
+    return torch.float32
+
+
 def param_versions(params: Sequence[torch.Tensor]) -> List[int]:
     return [q._version for q in params]
 

@@ -42,7 +42,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .integrate import Problem, autocast_state, capture_rng, check_param_versions, param_versions, restore_rng
+from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, check_param_versions, param_versions,
+                        restore_rng)
 from .module_state import TrainingModes
 
 DEFAULT_COUPLING = 0.999
@@ -179,7 +180,7 @@ def _backward(ctx, grad_out: torch.Tensor):
     zbar = torch.zeros_like(z)
     # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
     # accumulate into what it returns.
-    acc = [torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    acc = [torch.zeros(q.shape, dtype=accumulator_dtype(q), device=q.device)
            for q in params]
     autocast_on, autocast_dtype = ctx.autocast
     # A tensor grid that requires grad: the base step's time and step size are leaves of each
