@@ -79,8 +79,12 @@ def test_order_conditions(name):
 def test_bad_tableau_is_rejected():
     with pytest.raises(ValueError, match="explicit"):
         ButcherTableau("bad", 1, a=((0.0,),), b=(1.0,), c=(0.0,))
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="method must be one of.*adaptive solvers are not provided"):
         get_tableau("dopri5")
+    with pytest.raises(ValueError, match="torchdiffeq's heun2 is 'heun' here"):
+        get_tableau("heun2")
+    with pytest.raises(ValueError, match=r"method must be one of .* got None$"):
+        get_tableau(None)
 
 
 def _rotation(t, x):

@@ -70,9 +70,25 @@ RK4_38 = ButcherTableau(
 SOLVERS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, RK4_38)}
 
 
+# torchdiffeq's names that mean something else here, or nothing: said in the error, not guessed
+_TORCHDIFFEQ_NAMES = {
+    "heun2": "torchdiffeq's heun2 is 'heun' here",
+    "heun3": "Heun's third-order method is not provided (pass a ButcherTableau)",
+    "explicit_adams": "multistep methods are not provided",
+    "implicit_adams": "multistep methods are not provided",
+}
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5", "scipy_solver")
+
+
 def get_tableau(method) -> ButcherTableau:
     if isinstance(method, ButcherTableau):
         return method
     if not isinstance(method, str) or method not in SOLVERS:
-        raise ValueError(f"method must be one of {sorted(SOLVERS)} (or a ButcherTableau), got {method!r}")
+        hint = ""
+        if method in _TORCHDIFFEQ_NAMES:
+            hint = f"; {_TORCHDIFFEQ_NAMES[method]}"
+        elif method in _ADAPTIVE:
+            hint = ("; adaptive solvers are not provided (every solve here is fixed-step and exactly "
+                    "differentiable): pick a grid, or odeint(..., options=dict(step_size=h))")
+        raise ValueError(f"method must be one of {sorted(SOLVERS)} (or a ButcherTableau), got {method!r}{hint}")
     return SOLVERS[method]
