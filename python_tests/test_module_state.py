@@ -24,6 +24,7 @@ STRATEGIES = {
     "keep_all": dict(adjoint=True, memory_budget=float("inf")),
     "keep_some": dict(adjoint=True, memory_budget=1),  # sized below: about half the graphs
     "store_steps": dict(adjoint=True, store="steps"),
+    "steps_keep_some": dict(adjoint=True, store="steps", memory_budget=1),  # kept graphs saved the stats
     "reversible": dict(adjoint=True, reversible=True),
 }
 
@@ -268,3 +269,133 @@ def test_eval_between_forward_and_backward_changes_nothing(strategy):
     got = run(kw)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["keep_all", "keep_some", "steps_keep_some"])
+def test_second_backward_reruns_kept_evaluations_with_their_state(strategy):
+    """retain_graph: the second backward reruns the evaluations whose kept graphs the first one
+    consumed, so their buffer copies must exist too."""
+    kw = dict(STRATEGIES[strategy])
+    net = _make("batchnorm")
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    if kw.get("memory_budget") == 1:
+        kw["memory_budget"] = _half_budget(net, x, "rk4", 3)
+    out = prg_fast.reverse(net, x, steps=3, method="rk4", **kw)
+    g1 = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    g2 = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
+    for n, b in net.named_buffers():
+        torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
+
+
+class _BNFirst(nn.Module):
+    """BatchNorm applied to the state itself: from x = 0 the first evaluation's batch mean is 0,
+    so running_mean keeps its value 0 while running_var and the counter move."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.lin = nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+    def forward(self, t, x):
+        return self.lin(torch.tanh(self.bn(x))) + 1.0
+
+
+def test_batchnorm_whose_running_mean_stays_put_is_still_state():
+    """A module's buffers are one state: all kept when one is written (was: a spurious 'written
+    later but not in its first evaluation' error)."""
+    results = []
+    for adjoint in (False, True):
+        torch.manual_seed(0)
+        net = _BNFirst().double()
+        x = torch.zeros(8, 4, dtype=torch.float64, requires_grad=True)
+        prg_fast.reverse(net, x, steps=3, method="rk4", adjoint=adjoint).pow(2).sum().backward()
+        results.append((x.grad, dict(net.named_buffers())))
+    (g_adj, b_adj), (g_ref, b_ref) = results[1], results[0]
+    torch.testing.assert_close(g_adj, g_ref, rtol=1e-12, atol=1e-14)
+    for n in b_ref:
+        torch.testing.assert_close(b_adj[n], b_ref[n], rtol=0, atol=0, msg=n)
+
+
+class _BigTable(nn.Module):
+    """A large read-only buffer (a positional table, say) and optionally a large written one."""
+
+    def __init__(self, write):
+        super().__init__()
+        from prg_fast.ode.module_state import COPY_LIMIT
+
+        self.register_buffer("table", torch.randn(COPY_LIMIT + 1, dtype=torch.float64))
+        self.lin = nn.Linear(4, 4).double()
+        self.write = write
+
+    def forward(self, t, x):
+        if self.write:
+            self.table.mul_(1.0)
+        return torch.tanh(self.lin(x)) * self.table[:4]
+
+
+def test_large_read_only_buffers_are_not_copied_and_large_written_ones_are_refused():
+    net = _BigTable(write=False)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    state = ModuleState.of(list(net.modules()))
+    state.before_first_evaluation()
+    assert state.before_first == [None]  # nothing copied
+    out = prg_fast.reverse(net, x, steps=2, method="rk4")
+    ref = prg_fast.reverse(net, x, steps=2, method="rk4", adjoint=False)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+    with pytest.raises(RuntimeError, match=r"writes its buffer '_BigTable\.table'"):
+        prg_fast.reverse(_BigTable(write=True), x, steps=2, method="rk4")
+
+
+def test_an_unrelated_module_stepped_between_forward_and_backward_is_fine():
+    """A GAN: the velocity is a bound method of an object holding G (read) and D (not read), and D
+    is stepped between the solve and the generator's backward -- as plain backprop allows. D's
+    parameters, reached through the object, get no gradient (None, not zeros) on every strategy."""
+    for kw in ({}, {"store": "steps"}, {"reversible": True}):
+        torch.manual_seed(0)
+
+        class GAN(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.G = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
+                self.D = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+            def velocity(self, t, x):
+                return self.G(x)
+
+        gan = GAN()
+        fake = prg_fast.generate(gan.velocity, torch.randn(8, 4), steps=3, **kw)
+        with torch.no_grad():
+            for p in gan.D.parameters():
+                p.add_(0.1)
+        (-gan.D(fake).mean()).backward()
+        assert all(p.grad is not None for p in gan.G.parameters())
+        assert all(p.grad is not None for p in gan.D.parameters())  # from D(fake) itself
+        gan.zero_grad(set_to_none=True)
+        fake = prg_fast.generate(gan.velocity, torch.randn(8, 4), steps=3, **kw)
+        fake.sum().backward()
+        assert all(p.grad is None for p in gan.D.parameters()), kw
+
+
+def test_a_kept_loss_on_the_module_does_not_tie_solves_together():
+    """Tensors requiring grad that the module keeps (losses appended to a history) are not
+    inputs of later solves: each backward reruns only its own solve's evaluations."""
+    calls = []
+
+    class H(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 4)
+            self.hist = []
+
+        def forward(self, t, x):
+            calls.append(1)
+            return torch.tanh(self.net(x))
+
+    m = H()
+    for _ in range(3):
+        y = prg_fast.reverse(m, torch.randn(8, 4), steps=2, method="euler")
+        m.hist.append(y.sum())
+    calls.clear()
+    y.pow(2).sum().backward()
+    assert len(calls) == 2  # this solve's two reruns, none of the earlier solves'

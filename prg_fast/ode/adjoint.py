@@ -86,11 +86,12 @@ class AdjointSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        check_param_versions(ctx.problem.params, ctx.versions)
         # reruns load each evaluation's buffers and run under the forward's train/eval flags; the
         # backward itself leaves both as it found them
         with ctx.evals.backward_state(), ctx.modes:
-            return _backward(ctx, grad_out)
+            grads = _backward(ctx, grad_out)
+        check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
+        return grads
 
 
 def _backward(ctx, grad_out: torch.Tensor):

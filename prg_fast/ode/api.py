@@ -305,10 +305,10 @@ def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor
     The solve's first evaluation is run with a graph (strategies.first_evaluation, under the
     caller's random state; the solve then reuses its output, so discovery costs no extra network
     evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
-    requiring grad that was made outside the velocity (say W = A @ B) is an input of the solve when
-    the search found it (the walk stops at its node); met in the graph without the tensor itself, it
-    cannot be added (differentiating through its graph once per evaluation would be wrong), so it is
-    an error that says to pass it as adjoint_params."""
+    requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
+    a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
+    error that says to pass it as adjoint_params (then the walk stops at its node, and
+    _check_computed_inputs refuses it if its graph reaches another input)."""
     found = list(params)
     found_ids = {id(p) for p in found}
     if first is None or first.k is None or not first.k.requires_grad:
@@ -336,6 +336,36 @@ def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor
             )
         stack.extend(fn for fn, _ in node.next_functions)
     return found
+
+
+def _check_computed_inputs(params: List[torch.Tensor]) -> None:
+    """A tensor computed from others (adjoint_params=[W], W = A @ B) is differentiated by the solve
+    and then, through its own graph, by autograd: if that graph reaches another input of the solve
+    (W = self.A.t() with A a parameter of the model), the solve's VJP for A already went through W
+    and A would be counted twice. Refused, rather than silently doubled."""
+    computed = [(i, p) for i, p in enumerate(params) if p.grad_fn is not None]
+    if not computed:
+        return
+    leaves = {id(p): i for i, p in enumerate(params) if p.grad_fn is None}
+    nodes = {p.grad_fn: i for i, p in computed}
+    for i, p in computed:
+        seen, stack = set(), [fn for fn, _ in p.grad_fn.next_functions]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            j = leaves.get(id(var)) if var is not None else nodes.get(node)
+            if j is not None:
+                raise ValueError(
+                    f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed from "
+                    f"its input {j} (shape {tuple(params[j].shape)}), which the solve also differentiates (a parameter "
+                    "of the model, say): its gradient would be counted twice. Compute the tensor inside the model "
+                    "from what it is made of, or use adjoint=False"
+                )
+            if var is None:
+                stack.extend(fn for fn, _ in node.next_functions)
 
 
 def _solve(
@@ -413,6 +443,7 @@ def _solve(
         problem.modules = reach.modules
         first = first_evaluation(problem, x, params, reach.modules)
         problem.params = params = _discover_params(first, params)
+        _check_computed_inputs(params)
     if times is not None and adjoint and torch.is_grad_enabled():
         problem.times = times.detach()
     differentiate = _needs_grad(x, params) or times_grad

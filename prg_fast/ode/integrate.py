@@ -237,13 +237,14 @@ def param_versions(params: Sequence[torch.Tensor]) -> List[int]:
     return [q._version for q in params]
 
 
-def check_param_versions(params: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
+def check_param_versions(params: Sequence[torch.Tensor], versions: Sequence[int], grads: Sequence) -> None:
     """The adjoints rerun the network from its tensors as they are at the backward; one modified in
-    place since the forward (optimizer.step() before backward, an in-place update) would give the
+    place since the forward (optimizer.step() before backward, an in-place update) gives the
     gradient of another network. Plain backprop raises for this (its saved tensors' versions); so
-    do the adjoints."""
-    for i, (q, v) in enumerate(zip(params, versions)):
-        if q._version != v:
+    do the adjoints -- for the tensors the reruns actually read (a gradient came back), so an
+    unrelated model that the velocity's object also holds may be stepped meanwhile."""
+    for i, (q, v, g) in enumerate(zip(params, versions, grads)):
+        if q._version != v and g is not None:
             raise RuntimeError(
                 f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
                 f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "

@@ -12,16 +12,22 @@ the same caveat and leaves it to the user; here the adjoints handle it:
 - Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach: the model
   itself, modules inside wrappers, closures, functools.partial, bound methods, callable objects, and
   the globals a function or a module's forward names). A state held elsewhere is not seen.
-- Which of them are written: the solve's first evaluation tells (identity, version counter and
-  values before and after: BatchNorm's kernel does not bump the version of its running statistics). If it writes nothing -- GroupNorm/LayerNorm networks, eval mode -- nothing more
-  is done and nothing is copied. A buffer written by a later evaluation but not by the first is an
-  error at the end of the forward (its states were not kept), never a silent difference.
+- Which of them are written: the solve's first evaluation tells, by identity and version counter,
+  and by value for running statistics (BatchNorm's kernel writes `running_mean`/`running_var`
+  without bumping their version). A module with one written buffer has all its buffers treated as
+  written (a running mean that stays 0 on a zero-mean batch is still BatchNorm's state). Buffers of
+  up to 2^20 elements are copied before the first evaluation (its state is needed for its rerun);
+  a larger buffer is only watched, and one that the first evaluation writes is an error, as is a
+  buffer written by a later evaluation but not by the first: never a silent difference. With no
+  running statistics to compare nothing waits on the device.
 - What is kept: before every evaluation (every base step for the reversible scheme) a copy of the
   written buffers. The backward loads the copy before rerunning that evaluation, and when it is done
-  it puts every written buffer back to what it held when the backward began. The forward's updates
-  therefore happen exactly as in plain backprop, and the backward changes no state, as in plain
-  backprop. Cost: one copy of the written buffers per evaluation (BatchNorm: 2 floats per channel and
-  a counter per layer), none for a network that writes none.
+  it puts every written buffer back to what it held when the backward began. Loads do not bump the
+  buffers' version counters (as BatchNorm's own writes do not), so graphs kept by memory_budget that
+  saved a buffer stay usable. The forward's updates therefore happen exactly as in plain backprop,
+  and the backward changes no state, as in plain backprop. Cost: one copy of the written buffers per
+  evaluation (BatchNorm: 2 floats per channel and a counter per layer), none for a network that
+  writes none.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 Stamp = Tuple[int, int]  # (id, version) of the tensor a slot holds
+COPY_LIMIT = 1 << 20  # elements: buffers up to this size are copied before the first evaluation
+VALUE_CHECKED = ("running_mean", "running_var")  # written by kernels that do not bump the version
 
 
 class ModuleState:
@@ -39,7 +47,7 @@ class ModuleState:
     def __init__(self, slots: Sequence[Tuple[torch.nn.Module, str]]):
         self.slots = list(slots)  # (module, buffer name), every buffer the velocity reaches
         self.written: List[int] = []  # indices into slots: written by the first evaluation
-        self.before_first: Optional[list] = None  # every buffer's value before the first evaluation
+        self.before_first: Optional[list] = None  # small buffers' values before the first evaluation
         self.first: Optional[list] = None  # the written buffers' values before the first evaluation
         self._stamps: List[Optional[Stamp]] = []
 
@@ -66,18 +74,18 @@ class ModuleState:
     def before_first_evaluation(self) -> None:
         self._stamps = [self._stamp(j) for j in range(len(self.slots))]
         with torch.no_grad():
-            self.before_first = [None if b is None else b.clone() for b in map(self._value, range(len(self.slots)))]
+            self.before_first = [None if b is None or b.numel() > COPY_LIMIT else b.clone()
+                                 for b in map(self._value, range(len(self.slots)))]
 
     def _moved(self, indices: Sequence[int]) -> List[int]:
         """Those of `indices` whose buffer is not what it was before the first evaluation: another
-        tensor, a new version, or other values (BatchNorm's kernel writes its running statistics
-        without bumping their version counter, so values are compared too; one sync for all)."""
+        tensor, a new version, or -- for running statistics only -- other values (one sync for all)."""
         moved, compare = [], []
         for j in indices:
             b, old = self._value(j), self.before_first[j]
             if self._stamp(j) != self._stamps[j]:
                 moved.append(j)
-            elif b is not None and old is not None:
+            elif b is not None and old is not None and self.slots[j][1] in VALUE_CHECKED:
                 compare.append((j, b, old))
         if compare:
             device = compare[0][1].device
@@ -88,7 +96,18 @@ class ModuleState:
 
     def after_first_evaluation(self) -> bool:
         """True when the first evaluation wrote some buffer (then the solve must keep state)."""
-        self.written = self._moved(range(len(self.slots)))
+        moved = self._moved(range(len(self.slots)))
+        # a module's buffers are one state: one written means all are
+        owners = {id(self.slots[j][0]) for j in moved}
+        self.written = [j for j in range(len(self.slots)) if id(self.slots[j][0]) in owners]
+        missing = [j for j in self.written if self.before_first[j] is None and self._stamps[j] is not None]
+        if missing:
+            j = missing[0]
+            raise RuntimeError(
+                f"model writes its buffer {self._name(j)!r} ({self._value(j).numel()} elements) while it runs; the "
+                f"adjoint keeps copies of written buffers of up to {COPY_LIMIT} elements to rerun evaluations "
+                "exactly: use adjoint=False, or memory_budget=float('inf') (nothing is rerun)"
+            )
         self.first = [self.before_first[j] for j in self.written]
         return bool(self.written)
 
@@ -100,8 +119,9 @@ class ModuleState:
             return [None if b is None else b.clone() for b in (self._value(j) for j in self.written)]
 
     def load(self, snap: list) -> None:
-        """Put the written buffers back to `snap` (in place when the module still holds a tensor
-        of the same kind, so other references see it; else by assignment)."""
+        """Put the written buffers back to `snap`: in place when the module still holds a tensor of
+        the same kind (so other references see it), through .data so the version counter does not
+        move (a kept graph that saved the buffer stays valid); else by assignment."""
         with torch.no_grad():
             for j, value in zip(self.written, snap):
                 module, name = self.slots[j]
@@ -109,7 +129,7 @@ class ModuleState:
                 if value is None:
                     setattr(module, name, None)
                 elif cur is not None and cur.shape == value.shape and cur.dtype == value.dtype and cur.device == value.device:
-                    cur.copy_(value)
+                    cur.data.copy_(value)
                 else:
                     setattr(module, name, value.clone())
 

@@ -1,4 +1,4 @@
-"""What a velocity can reach: the modules and the tensors requiring grad it holds.
+"""What a velocity can reach: the modules and the leaf tensors requiring grad it holds.
 
 The adjoints must know everything a velocity reads that requires grad (to return its gradient) and
 every buffer it may write (prg_fast.ode.module_state). Graph discovery (api._discover_params) sees
@@ -27,7 +27,7 @@ MAX_ITEMS = 256  # larger containers (datasets, caches) are not searched
 @dataclass
 class Reach:
     modules: List[torch.nn.Module] = field(default_factory=list)  # each once, submodules included
-    tensors: List[torch.Tensor] = field(default_factory=list)  # tensors requiring grad held outside modules
+    tensors: List[torch.Tensor] = field(default_factory=list)  # leaves requiring grad held outside modules
 
 
 def _global_names(code: types.CodeType) -> List[str]:
@@ -68,9 +68,10 @@ def reachable(obj) -> Reach:
                         visit_function_globals(forward, depth + 1)
             return
         if isinstance(o, torch.Tensor):
-            # a non-leaf too (W = A @ B closed over): as an input of the adjoint it gets dL/dW once,
-            # and autograd carries that into its graph once, as plain backprop would
-            if o.requires_grad:
+            # leaves only: a non-leaf (W = A @ B, a loss kept from an earlier step) made an input
+            # would be differentiated through its own graph as well as by the solve, and may belong
+            # to a graph long freed; graph discovery makes one that the velocity reads an error
+            if o.requires_grad and o.is_leaf:
                 out.tensors.append(o)
             return
         if isinstance(o, (types.ModuleType, type, str, bytes, int, float, bool, complex)):

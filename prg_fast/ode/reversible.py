@@ -156,12 +156,13 @@ class ReversibleSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        check_param_versions(ctx.problem.params, ctx.versions)
         state = ctx.problem.module_state if ctx.states is not None else None
         end = state.snapshot() if state is not None else None
         try:
             with ctx.modes:  # rerun under the forward's train/eval flags
-                return _backward(ctx, grad_out)
+                grads = _backward(ctx, grad_out)
+            check_param_versions(ctx.problem.params, ctx.versions, grads[5:])
+            return grads
         finally:  # the backward leaves the written buffers as it found them
             if state is not None:
                 state.load(end)
@@ -180,8 +181,8 @@ def _backward(ctx, grad_out: torch.Tensor):
     zbar = torch.zeros_like(z)
     # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
     # accumulate into what it returns.
-    acc = [torch.zeros(q.shape, dtype=accumulator_dtype(q), device=q.device)
-           for q in params]
+    # (None until an evaluation reads the parameter: an unread one gets None, as in plain backprop)
+    acc: List[Optional[torch.Tensor]] = [None] * len(params)
     autocast_on, autocast_dtype = ctx.autocast
     # A tensor grid that requires grad: the base step's time and step size are leaves of each
     # recomputed step, so their gradients come out of the same VJP.
@@ -210,7 +211,10 @@ def _backward(ctx, grad_out: torch.Tensor):
             del grads[1:3]
         for q, gq in enumerate(grads[1:]):
             if gq is not None:
-                acc[q].add_(gq.to(acc[q].dtype))
+                if acc[q] is None:
+                    acc[q] = gq.to(accumulator_dtype(params[q]), copy=True)
+                else:
+                    acc[q].add_(gq.to(acc[q].dtype))
         gx = grads[0] if grads[0] is not None else torch.zeros_like(xg)
         return out.detach(), gx, tgrads
 
@@ -243,5 +247,5 @@ def _backward(ctx, grad_out: torch.Tensor):
     if 0 in arriving:
         ybar = ybar + arriving.pop(0)
     gx = (ybar + zbar).to(ctx.x_dtype)
-    grad_params = [g.to(q.dtype) for g, q in zip(acc, params)]
+    grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(acc, params)]
     return (None, None, None, gtimes, gx, *grad_params)

@@ -225,7 +225,7 @@ class EvaluationGraphs:
         self.first = first
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.rng: Optional[list] = [] if strategy.preserve_rng else None
-        # written buffers: their values before each evaluation the backward reruns (None for kept ones)
+        # written buffers: their values before each evaluation (for the backward's reruns)
         state = problem.module_state
         self.state: Optional[ModuleState] = state if state is not None and state.written else None
         self.watch: Optional[ModuleState] = state
@@ -247,7 +247,8 @@ class EvaluationGraphs:
         if self.rng is not None:
             self.rng.append(self.first.rng if reuse else capture_rng(self.device))
         if self.state is not None:
-            self.snapshots.append(None if e >= self.keep_from else (self.state.first if reuse else self.state.snapshot()))
+            # kept evaluations too: a second backward (retain_graph) reruns what the first consumed
+            self.snapshots.append(self.state.first if reuse else self.state.snapshot())
         if reuse:
             k = self.first.take()
             if e >= self.keep_from:
