@@ -727,6 +727,10 @@ def _odeint_complex(func, y0: torch.Tensor, t, **kwargs) -> torch.Tensor:
     if model_dtype is not None and model_dtype.is_complex:
         model_dtype = model_dtype.to_real()
     real = torch.view_as_real(y0.resolve_conj())
+    options = kwargs.get("options")
+    if options and options.get("grid_constructor") is not None:
+        ctor = options["grid_constructor"]  # called with the user's function and complex y0
+        kwargs["options"] = {**options, "grid_constructor": lambda f, y, tt: ctor(func, y0, tt)}
     ys = odeint(ComplexAsReal(func, y0.dtype), real, t, model_dtype=model_dtype, **kwargs)
     return torch.view_as_complex(ys.contiguous())
 
