@@ -379,27 +379,68 @@ def test_non_leaf_closure_is_a_clear_error():
     assert torch.allclose(grad_wrt_A(True), grad_wrt_A(False), rtol=1e-9)
 
 
+class _ComputedWeights(torch.nn.Module):
+    """Reads W, a tensor computed outside the velocity from the module's own parameters (A.t(), or
+    a context from its own encoder), and optionally A itself."""
+
+    def __init__(self, make, direct):
+        super().__init__()
+        torch.manual_seed(0)
+        self.A = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+        self.enc = torch.nn.Linear(4, 4).double()
+        self.make, self.direct = make, direct
+
+    def refresh(self):
+        self.W = self.A.t() if self.make == "transpose" else self.enc(self.A)
+
+    def forward(self, t, x):
+        out = torch.tanh(x @ self.W)
+        return out + 0.1 * torch.tanh(x @ self.A) if self.direct else out
+
+
 @pytest.mark.parametrize("make", ["transpose", "linear_context"])
-def test_computed_input_depending_on_another_input_is_refused_not_doubled(make):
-    """W = A.t() with A a parameter of the model, or a context from the model's own encoder, passed
-    as adjoint_params: the solve's VJP for A already runs through W, and autograd would carry
-    dL/dW into A once more (gradient doubled, or a second backward through W's graph)."""
-    torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.A = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
-            self.enc = torch.nn.Linear(4, 4).double()
-
-        def forward(self, t, x):
-            return torch.tanh(x @ self.W)
-
-    net = Net()
-    net.W = net.A.t() if make == "transpose" else net.enc(net.A)
+def test_computed_input_from_the_models_own_parameters(make):
+    """adjoint_params=[W] with W computed from the model's parameters: the parameters W is made of
+    get their gradient through W's graph once (as in plain backprop), not also through the solve's
+    VJP (which would double it); if the velocity also reads them directly, it is refused."""
     x = torch.randn(3, 4, dtype=torch.float64)
+    grads = []
+    for adjoint in (False, True):
+        net = _ComputedWeights(make, direct=False)
+        net.refresh()
+        z = prg_fast.reverse(net, x, steps=2, adjoint=adjoint, adjoint_params=[net.W] if adjoint else None)
+        grads.append(torch.autograd.grad(z.sum(), list(net.parameters()), allow_unused=True))
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    net = _ComputedWeights(make, direct=True)
+    net.refresh()
     with pytest.raises(ValueError, match="counted twice"):
         prg_fast.reverse(net, x, steps=2, adjoint_params=[net.W])
+    net = _ComputedWeights(make, direct=False)
+    net.refresh()
+    with pytest.raises(ValueError, match="counted twice"):  # both passed explicitly
+        prg_fast.reverse(lambda t, y: net(t, y), x, steps=2, adjoint_params=[net.W, net.A])
+
+
+def test_maml_fast_weights_through_functional_call():
+    """fast = p - lr * grad (create_graph) read through torch.func.functional_call: the model's own
+    parameters are reached by the search but read only through the fast weights."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    grads = []
+    for adjoint in (False, True):
+        params = dict(net.named_parameters())
+        inner = sum((p ** 2).sum() for p in params.values())
+        g = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        fast = {k: p - 0.1 * gi for (k, p), gi in zip(params.items(), g)}
+        z = prg_fast.reverse(lambda t, y: torch.func.functional_call(net, fast, (y,)), x, steps=3, adjoint=adjoint,
+                             adjoint_params=list(fast.values()) if adjoint else None)
+        grads.append(torch.autograd.grad(z.sum(), list(net.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("adjoint", [True, False])

@@ -399,3 +399,44 @@ def test_a_kept_loss_on_the_module_does_not_tie_solves_together():
     calls.clear()
     y.pow(2).sum().backward()
     assert len(calls) == 2  # this solve's two reruns, none of the earlier solves'
+
+
+class _DataEMA(nn.Module):
+    """An EMA buffer written through .data (no version bump) that the output reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("ema", torch.ones(4))
+
+    def forward(self, t, x):
+        y = self.lin(x)
+        self.ema.data.mul_(0.9).add_(0.1 * y.detach().pow(2).mean(0))
+        return y / self.ema.sqrt()
+
+
+def test_a_buffer_written_through_data_is_kept():
+    results = []
+    for adjoint in (False, True):
+        torch.manual_seed(0)
+        net = _DataEMA().double()
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        prg_fast.reverse(net, x, steps=3, method="rk4", adjoint=adjoint).sum().backward()
+        results.append((x.grad, [p.grad for p in net.parameters()], net.ema.clone()))
+    (gx, gp, ema), (gx0, gp0, ema0) = results[1], results[0]
+    torch.testing.assert_close(gx, gx0, rtol=1e-12, atol=1e-14)
+    for a, b in zip(gp, gp0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ema, ema0, rtol=0, atol=0)
+
+
+def test_keep_all_then_a_second_backward_refuses_what_it_cannot_rerun():
+    """memory_budget=inf reruns nothing in the first backward, so a buffer written only by a later
+    evaluation is allowed; a second backward (retain_graph) would rerun: a clear error."""
+    torch.manual_seed(0)
+    net = _Sometimes().double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=4, method="euler", memory_budget=float("inf"))
+    torch.autograd.grad(out.sum(), x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="not in its first evaluation"):
+        torch.autograd.grad(out.sum(), x)

@@ -296,7 +296,8 @@ def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
-def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor]) -> List[torch.Tensor]:
+def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor],
+                     direct: Optional[set] = None) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
     module parameters, tensors closed over by a plain function, modules inside wrappers such as
     time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
@@ -322,6 +323,8 @@ def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor
         seen.add(node)
         leaf = getattr(node, "variable", None)
         if leaf is not None:  # AccumulateGrad: a leaf that requires grad
+            if direct is not None:
+                direct.add(id(leaf))  # read by the first evaluation itself, not through a computed input
             if leaf is not first.leaf and id(leaf) not in found_ids:
                 found.append(leaf)
                 found_ids.add(id(leaf))
@@ -338,16 +341,21 @@ def _discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor
     return found
 
 
-def _check_computed_inputs(params: List[torch.Tensor]) -> None:
+def _check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set) -> List[torch.Tensor]:
     """A tensor computed from others (adjoint_params=[W], W = A @ B) is differentiated by the solve
-    and then, through its own graph, by autograd: if that graph reaches another input of the solve
-    (W = self.A.t() with A a parameter of the model), the solve's VJP for A already went through W
-    and A would be counted twice. Refused, rather than silently doubled."""
+    and then, through its own graph, by autograd. If that graph reaches another input A of the
+    solve, the solve's VJP for A would run through W too and A would be counted twice. When A was
+    only found implicitly (a parameter of the model, reached by the search) and the first
+    evaluation does not read it directly -- MAML-style fast weights `p - lr * g` through
+    functional_call, a hypernetwork's output -- A is dropped from the solve's inputs: its gradient
+    arrives through W's graph, as in plain backprop. Otherwise (A passed explicitly, or read
+    directly as well) it is refused, rather than silently doubled. Returns the inputs to keep."""
     computed = [(i, p) for i, p in enumerate(params) if p.grad_fn is not None]
     if not computed:
-        return
+        return params
     leaves = {id(p): i for i, p in enumerate(params) if p.grad_fn is None}
     nodes = {p.grad_fn: i for i, p in computed}
+    drop: set = set()
     for i, p in computed:
         seen, stack = set(), [fn for fn, _ in p.grad_fn.next_functions]
         while stack:
@@ -358,14 +366,19 @@ def _check_computed_inputs(params: List[torch.Tensor]) -> None:
             var = getattr(node, "variable", None)
             j = leaves.get(id(var)) if var is not None else nodes.get(node)
             if j is not None:
-                raise ValueError(
-                    f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed from "
-                    f"its input {j} (shape {tuple(params[j].shape)}), which the solve also differentiates (a parameter "
-                    "of the model, say): its gradient would be counted twice. Compute the tensor inside the model "
-                    "from what it is made of, or use adjoint=False"
-                )
+                a = params[j]
+                if id(a) in explicit or id(a) in direct or a.grad_fn is not None:
+                    raise ValueError(
+                        f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed "
+                        f"from its input {j} (shape {tuple(a.shape)}), which the solve also differentiates directly: "
+                        "its gradient would be counted twice. Compute the tensor inside the model from what it is "
+                        "made of, or use adjoint=False"
+                    )
+                drop.add(j)
+                continue
             if var is None:
                 stack.extend(fn for fn, _ in node.next_functions)
+    return [p for j, p in enumerate(params) if j not in drop]
 
 
 def _solve(
@@ -442,8 +455,10 @@ def _solve(
     if adjoint and torch.is_grad_enabled():
         problem.modules = reach.modules
         first = first_evaluation(problem, x, params, reach.modules)
-        problem.params = params = _discover_params(first, params)
-        _check_computed_inputs(params)
+        direct: set = set()
+        params = _discover_params(first, params, direct)
+        explicit = {id(p) for p in adjoint_params} if adjoint_params is not None else set()
+        problem.params = params = _check_computed_inputs(params, explicit, direct)
     if times is not None and adjoint and torch.is_grad_enabled():
         problem.times = times.detach()
     differentiate = _needs_grad(x, params) or times_grad

@@ -12,14 +12,14 @@ the same caveat and leaves it to the user; here the adjoints handle it:
 - Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach: the model
   itself, modules inside wrappers, closures, functools.partial, bound methods, callable objects, and
   the globals a function or a module's forward names). A state held elsewhere is not seen.
-- Which of them are written: the solve's first evaluation tells, by identity and version counter,
-  and by value for running statistics (BatchNorm's kernel writes `running_mean`/`running_var`
-  without bumping their version). A module with one written buffer has all its buffers treated as
+- Which of them are written: the solve's first evaluation tells, by identity, version counter and
+  value (BatchNorm's kernel writes `running_mean`/`running_var` without bumping their version, and
+  so does a write through `.data`). A module with one written buffer has all its buffers treated as
   written (a running mean that stays 0 on a zero-mean batch is still BatchNorm's state). Buffers of
-  up to 2^20 elements are copied before the first evaluation (its state is needed for its rerun);
-  a larger buffer is only watched, and one that the first evaluation writes is an error, as is a
-  buffer written by a later evaluation but not by the first: never a silent difference. With no
-  running statistics to compare nothing waits on the device.
+  up to 2^20 elements are copied before the first evaluation (its state is needed for its rerun)
+  and compared after it (one device sync); a larger buffer is only watched by identity and version,
+  and one that the first evaluation writes is an error, as is a buffer written by a later evaluation
+  but not by the first (if anything is rerun): never a silent difference.
 - What is kept: before every evaluation (every base step for the reversible scheme) a copy of the
   written buffers. The backward loads the copy before rerunning that evaluation, and when it is done
   it puts every written buffer back to what it held when the backward began. Loads do not bump the
@@ -37,7 +37,6 @@ import torch
 
 Stamp = Tuple[int, int]  # (id, version) of the tensor a slot holds
 COPY_LIMIT = 1 << 20  # elements: buffers up to this size are copied before the first evaluation
-VALUE_CHECKED = ("running_mean", "running_var")  # written by kernels that do not bump the version
 
 
 class ModuleState:
@@ -79,13 +78,14 @@ class ModuleState:
 
     def _moved(self, indices: Sequence[int]) -> List[int]:
         """Those of `indices` whose buffer is not what it was before the first evaluation: another
-        tensor, a new version, or -- for running statistics only -- other values (one sync for all)."""
+        tensor, a new version, or other values (written through .data or by a kernel that does not
+        bump the version, as BatchNorm's; one sync for all)."""
         moved, compare = [], []
         for j in indices:
             b, old = self._value(j), self.before_first[j]
             if self._stamp(j) != self._stamps[j]:
                 moved.append(j)
-            elif b is not None and old is not None and self.slots[j][1] in VALUE_CHECKED:
+            elif b is not None and old is not None:
                 compare.append((j, b, old))
         if compare:
             device = compare[0][1].device
@@ -133,20 +133,27 @@ class ModuleState:
                 else:
                     setattr(module, name, value.clone())
 
-    def check_untracked(self, what: str = "the forward") -> None:
-        """After the forward: a buffer the first evaluation left alone must not have moved since."""
+    def untracked(self) -> Optional[str]:
+        """After the forward: why reruns cannot be exact, if a buffer the first evaluation left
+        alone has moved since (None if not)."""
         if self.before_first is None:
-            return
+            return None
         written = set(self.written)
         moved = self._moved([j for j in range(len(self.slots)) if j not in written])
         self.before_first = None
-        if moved:
-            raise RuntimeError(
-                f"model wrote its buffer {self._name(moved[0])!r} during {what} but not in its first evaluation; "
-                "the adjoint reruns evaluations in the backward and keeps the state only of buffers the first "
-                "evaluation writes, so it cannot reproduce this one: use adjoint=False, or "
-                "memory_budget=float('inf') (nothing is rerun), or update that buffer on every call"
-            )
+        if not moved:
+            return None
+        return (
+            f"model wrote its buffer {self._name(moved[0])!r} during the forward but not in its first evaluation; "
+            "the adjoint reruns evaluations in the backward and keeps the state only of buffers the first "
+            "evaluation writes, so it cannot reproduce this one: use adjoint=False, or memory_budget=float('inf') "
+            "with a single backward (nothing is rerun), or update that buffer on every call"
+        )
+
+    def check_untracked(self) -> None:
+        why = self.untracked()
+        if why is not None:
+            raise RuntimeError(why)
 
 
 class TrainingModes:

@@ -229,6 +229,7 @@ class EvaluationGraphs:
         state = problem.module_state
         self.state: Optional[ModuleState] = state if state is not None and state.written else None
         self.watch: Optional[ModuleState] = state
+        self.cannot_rerun: Optional[str] = None  # why a rerun would not be exact (see finish_forward)
         self.snapshots: list = []
         # The backward recomputes each evaluation under the autocast state of the forward (as
         # torch.utils.checkpoint does), so a network run in bf16 autocast is differentiated as run.
@@ -268,8 +269,12 @@ class EvaluationGraphs:
         # Generators that did not move over the whole forward: nothing random ran, nothing to replay.
         if self.rng and _same_rng(self.rng[0], capture_rng(self.device)):
             self.rng = None
-        if self.watch is not None and self.keep_from > 0:  # something will be rerun
-            self.watch.check_untracked()
+        if self.watch is not None:
+            why = self.watch.untracked()
+            if why is not None and self.keep_from > 0:  # something will be rerun: refuse now
+                raise RuntimeError(why)
+            # every graph kept: a first backward reruns nothing; a second one (retain_graph) would
+            self.cannot_rerun = why
 
     def backward_state(self):
         """A context for the whole backward: the written buffers end as they were when it began."""
@@ -278,6 +283,8 @@ class EvaluationGraphs:
     # -- backward -----------------------------------------------------------------------------
 
     def _recompute(self, e: int, t: float, xi: torch.Tensor, rng_state) -> torch.Tensor:
+        if self.cannot_rerun is not None:
+            raise RuntimeError(self.cannot_rerun)
         if self.state is not None:
             self.state.load(self.snapshots[e])
         on, dtype = self.autocast
