@@ -440,3 +440,19 @@ def test_keep_all_then_a_second_backward_refuses_what_it_cannot_rerun():
     torch.autograd.grad(out.sum(), x, retain_graph=True)
     with pytest.raises(RuntimeError, match="not in its first evaluation"):
         torch.autograd.grad(out.sum(), x)
+
+
+def test_a_buffer_carrying_a_graph_between_evaluations_is_a_clear_error():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("prev", torch.zeros(5, 4))
+
+        def forward(self, t, x):
+            y = self.lin(x) + 0.5 * self.prev
+            self.prev = y  # the next evaluation reads this one's output, graph and all
+            return y
+
+    with pytest.raises(RuntimeError, match=r"tensor that requires grad in its buffer 'Recurrent\.prev'"):
+        prg_fast.reverse(Recurrent(), torch.randn(5, 4), steps=3, method="euler")

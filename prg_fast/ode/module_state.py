@@ -115,8 +115,18 @@ class ModuleState:
 
     def snapshot(self) -> list:
         """A copy of the written buffers as they are now."""
+        values = [self._value(j) for j in self.written]
+        for j, b in zip(self.written, values):
+            if b is not None and b.requires_grad:
+                # state carried from one evaluation into the next with its graph (self.prev = y):
+                # plain backprop differentiates through it, reruns from copies cannot
+                raise RuntimeError(
+                    f"model stores a tensor that requires grad in its buffer {self._name(j)!r} while it runs, so "
+                    "later evaluations depend on earlier ones through it; the adjoint reruns evaluations from "
+                    "copies and cannot differentiate that: store it detached, or use adjoint=False"
+                )
         with torch.no_grad():
-            return [None if b is None else b.clone() for b in (self._value(j) for j in self.written)]
+            return [None if b is None else b.clone() for b in values]
 
     def load(self, snap: list) -> None:
         """Put the written buffers back to `snap`: in place when the module still holds a tensor of
