@@ -293,3 +293,27 @@ def test_complex_errors_are_named():
         prg_fast.odeint(lambda t, y: y.real, y0, t)
     with pytest.raises(TypeError, match="component 1 is complex"):
         prg_fast.odeint(lambda t, y: y, (torch.ones(2), y0), t)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_scalar_state_with_a_grid_that_requires_grad(adjoint):
+    """torchdiffeq's own test problems use a 0-dim y0 and a grid that requires grad."""
+    p = ConstantODE()
+
+    def fn(y0, t):
+        return prg_fast.odeint(p, y0, t, method="rk4", adjoint=adjoint)
+
+    y0 = torch.tensor(3.2, dtype=D, requires_grad=True)
+    t = torch.linspace(1, 2, 4, dtype=D, requires_grad=True)
+    ys = fn(y0, t)
+    assert ys.shape == (4,)
+    assert torch.autograd.gradcheck(fn, (y0, t))
+
+
+def test_tuple_of_scalar_states():
+    y0 = (torch.tensor(1.0, dtype=D), torch.tensor(2.0, dtype=D))
+    t = torch.linspace(0, 1, 5, dtype=D)
+    a, b = prg_fast.odeint(lambda s, y: (-y[0], -2 * y[1]), y0, t, method="rk4")
+    assert a.shape == b.shape == (5,)
+    torch.testing.assert_close(a, prg_fast.odeint(lambda s, y: -y, y0[0], t, method="rk4"), rtol=1e-14, atol=0)
+    torch.testing.assert_close(b, prg_fast.odeint(lambda s, y: -2 * y, y0[1], t, method="rk4"), rtol=1e-14, atol=0)

@@ -661,18 +661,19 @@ def odeint(
             "options=dict(step_size=...))", UserWarning, stacklevel=2,
         )
     options = fixed_grid.check_options(options)
+    common = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
+                  check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
+                  reversible=reversible, reversible_coupling=reversible_coupling, memory_budget=memory_budget,
+                  store=store, options=options)
     if isinstance(y0, torch.Tensor) and y0.is_complex():
-        return _odeint_complex(func, y0, t, method=method, adjoint=adjoint, backend=backend,
-                               adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
-                               preserve_rng_state=preserve_rng_state, reversible=reversible,
-                               reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store,
-                               options=options)
+        return _odeint_complex(func, y0, t, **common)
     if isinstance(y0, tuple):
-        return _odeint_tuple(func, y0, t, method=method, adjoint=adjoint, backend=backend,
-                             adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
-                             preserve_rng_state=preserve_rng_state, reversible=reversible,
-                             reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store,
-                             options=options)
+        return _odeint_tuple(func, y0, t, **common)
+    if isinstance(y0, torch.Tensor) and y0.dim() == 0 and not (isinstance(t, torch.Tensor) and t.dim() == 2):
+        # a scalar state (torchdiffeq's test problems): solved as shape (1,), which every path and
+        # kernel handles (the per-row combination needs a row dimension)
+        ys = odeint(ScalarAsVector(func), y0.reshape(1), t, **common)
+        return ys.reshape(ys.shape[:-1])
     _check_x(y0, "y0", batched=False)
     if not isinstance(t, torch.Tensor):
         if isinstance(t, (list, tuple)):
@@ -712,6 +713,21 @@ def odeint(
     # a grid that requires grad is the solve's tensor grid (its gradient is returned); else floats
     times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
     return _solve(func, y0, grid, list(range(len(grid))), times=times, **kwargs)
+
+
+class ScalarAsVector(torch.nn.Module):
+    """A velocity of a 0-dim state seen as one of shape (1,)."""
+
+    def __init__(self, func: Callable):
+        super().__init__()
+        self.func = func  # a submodule when it is one, so .parameters() and the searches see it
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.func(t, y.reshape(()))
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"func must return a tensor shaped like y0 (a 0-dim tensor), got {got}")
+        return out.reshape(1)
 
 
 class ComplexAsReal(torch.nn.Module):
@@ -813,7 +829,7 @@ def _odeint_tuple(func, y0: tuple, t, **kwargs):
 
     def unflatten(flat: torch.Tensor, dim: int = 0):
         parts = flat.split(sizes, dim=dim)
-        return _tuple_rebuild(y0, iter(p.reshape(*flat.shape[:dim], *shape) for p, shape in zip(parts, shapes)))
+        return _tuple_rebuild(y0, iter(p.reshape(tuple(flat.shape[:dim]) + tuple(shape)) for p, shape in zip(parts, shapes)))
 
     def flat_func(tt, y_flat):
         out = func(tt, unflatten(y_flat))
