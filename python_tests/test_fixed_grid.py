@@ -149,7 +149,8 @@ def test_solve_returns_only_the_states_it_interpolates_from():
     (dict(step_size=0), r"options\['step_size'\] must be a finite number > 0"),
     (dict(step_size=float("nan")), r"step_size"),
     (dict(step_size=0.1, grid_constructor=lambda f, y, t: t), "mutually exclusive"),
-    (dict(perturb=True), r"unsupported key\(s\) \['perturb'\]"),
+    (dict(perturb=True), r"options\['perturb'\]=True .* is not implemented"),
+    (dict(jump_t=[0.5]), r"unsupported key\(s\) \['jump_t'\]"),
     (dict(interp="cubic"), r"options\['interp'\] must be 'linear'"),
     (dict(grid_constructor=lambda f, y, t: torch.tensor([0.0, 0.5], dtype=D)), r"from t\[0\] = 0 to t\[-1\] = 1"),
     (dict(grid_constructor=lambda f, y, t: torch.tensor([0.0, 0.7, 0.5, 1.0], dtype=D)), "strictly monotone"),
@@ -157,6 +158,13 @@ def test_solve_returns_only_the_states_it_interpolates_from():
 def test_bad_options_are_named(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D), options=options)
+
+
+def test_perturb_false_is_the_default_behaviour():
+    f = lambda t, y: -y  # noqa: E731
+    y0, t = torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D)
+    torch.testing.assert_close(prg_fast.odeint(f, y0, t, options=dict(step_size=0.5, perturb=False)),
+                               prg_fast.odeint(f, y0, t, options=dict(step_size=0.5)), rtol=0, atol=0)
 
 
 def test_options_must_be_a_dict_and_not_per_sample():

@@ -13,7 +13,8 @@ torchdiffeq's "rk4" is the 3/8 rule, "rk4_38" here; its "heun2" is "heun"):
   decreasing t steps downwards.
 - grid_constructor(func, y0, t) -> 1-D grid from t[0] to t[-1], strictly monotone like t.
 - interp="linear" (the default, the only one here; torchdiffeq's "cubic" needs an extra evaluation
-  per output and is refused with a clear error, as are perturb and unknown keys).
+  per output and is refused with a clear error, as are perturb=True and unknown keys; perturb=False
+  is accepted).
 
 Everything is differentiable: the grid's ends are t[0] and t[-1] themselves (so a t that requires
 grad differentiates through the grid and through the interpolation weights), and the solve returns
@@ -28,7 +29,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-SUPPORTED = ("step_size", "grid_constructor", "interp")
+SUPPORTED = ("step_size", "grid_constructor", "interp", "perturb")
 
 
 def check_options(options) -> dict:
@@ -39,9 +40,14 @@ def check_options(options) -> dict:
     unknown = sorted(set(options) - set(SUPPORTED))
     if unknown:
         raise ValueError(
-            f"options: unsupported key(s) {unknown}; supported: step_size, grid_constructor, interp='linear' "
-            "(torchdiffeq's perturb, cubic interpolation and adaptive-solver options do not apply to these "
-            "fixed-step solvers)"
+            f"options: unsupported key(s) {unknown}; supported: step_size, grid_constructor, interp='linear', "
+            "perturb=False (torchdiffeq's perturb=True, cubic interpolation and adaptive-solver options are "
+            "not implemented for these fixed-step solvers)"
+        )
+    if options.get("perturb", False) is not False:
+        raise ValueError(
+            "options['perturb']=True (torchdiffeq's nudging of stage times off the grid points, for "
+            "discontinuous forcing) is not implemented; perturb=False is the default behaviour"
         )
     interp = options.get("interp", "linear")
     if interp != "linear":
