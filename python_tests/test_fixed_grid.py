@@ -149,7 +149,7 @@ def test_solve_returns_only_the_states_it_interpolates_from():
     (dict(step_size=0), r"options\['step_size'\] must be a finite number > 0"),
     (dict(step_size=float("nan")), r"step_size"),
     (dict(step_size=0.1, grid_constructor=lambda f, y, t: t), "mutually exclusive"),
-    (dict(perturb=True), r"options\['perturb'\]=True .* is not implemented"),
+    (dict(perturb="yes"), r"options\['perturb'\] must be True or False"),
     (dict(jump_t=[0.5]), r"unsupported key\(s\) \['jump_t'\]"),
     (dict(interp="cubic"), r"options\['interp'\] must be 'linear'"),
     (dict(grid_constructor=lambda f, y, t: torch.tensor([0.0, 0.5], dtype=D)), r"from t\[0\] = 0 to t\[-1\] = 1"),
@@ -158,6 +158,49 @@ def test_solve_returns_only_the_states_it_interpolates_from():
 def test_bad_options_are_named(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D), options=options)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "rk4_38"])
+def test_perturb_reads_no_grid_point_forward_or_backward(method, dtype, adjoint):
+    """torchdiffeq's test_odeint_perturb: with perturb=True no stage reads a grid time (0, 0.5, 1),
+    in the forward and in the adjoint's reruns; without it they do."""
+    for perturb in (True, False):
+        ts = []
+
+        def f(t, x):
+            ts.append(float(t))
+            return -x
+
+        x0 = torch.tensor([1.0, 2.0], dtype=dtype, requires_grad=True)
+        xs = prg_fast.odeint(f, x0, torch.tensor([0.0, 1.0]), method=method, adjoint=adjoint,
+                             options=dict(step_size=0.5, perturb=perturb))
+        assert (0.0 in ts and 0.5 in ts) != perturb
+        ts.clear()
+        xs.sum().backward()
+        if perturb:
+            assert 1.0 not in ts and 0.5 not in ts and 0.0 not in ts
+
+
+@pytest.mark.parametrize("ours,theirs", PAIRS)
+def test_perturb_matches_torchdiffeq_on_a_jump(ours, theirs):
+    """A forcing that jumps at t = 0.5, a grid point: perturb=True sees it from the right side of each
+    step, as torchdiffeq does (the results differ from perturb=False)."""
+    torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq is not installed")
+    f = lambda t, y: -y + 2.0 * (t > 0.5).to(y.dtype)  # noqa: E731
+    y0, t = torch.tensor([1.0, 2.0], dtype=D), torch.tensor([0.0, 0.3, 1.0], dtype=D)
+    got = prg_fast.odeint(f, y0, t, method=ours, options=dict(step_size=0.25, perturb=True))
+    want = torchdiffeq.odeint(f, y0, t, method=theirs, options=dict(step_size=0.25, perturb=True))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    plain = prg_fast.odeint(f, y0, t, method=ours, options=dict(step_size=0.25))
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_perturb_needs_a_float_grid():
+    with pytest.raises(ValueError, match="perturb.*t must not require grad"):
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D, requires_grad=True),
+                        options=dict(perturb=True))
 
 
 def test_perturb_false_is_the_default_behaviour():

@@ -401,6 +401,7 @@ def _solve(
     out_rows: Optional[List[List[int]]] = None,
     memory_budget: Optional[float] = None,
     store: str = "stages",
+    perturb: bool = False,
 ) -> torch.Tensor:
     if not callable(func):
         raise TypeError(f"model must be callable as model(t, x), got {type(func).__name__}")
@@ -423,6 +424,7 @@ def _solve(
         batch_time=batch_time,
         check_finite=check_finite,
         params=params,
+        perturb=perturb,
     )
     times_grad = False
     if times is not None:
@@ -700,7 +702,10 @@ def odeint(
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params, batch_time=False,
                   check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
                   reversible=reversible, reversible_coupling=reversible_coupling, memory_budget=memory_budget,
-                  store=store)
+                  store=store, perturb=bool(options.get("perturb", False)))
+    if kwargs["perturb"] and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
+                         "for float grids: t must not require grad")
     fine = fixed_grid.solver_grid(options, func, y0, t, grid) if options else None
     if fine is not None:
         # step along the finer grid, return only the states the interpolation reads

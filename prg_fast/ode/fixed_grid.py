@@ -13,8 +13,10 @@ torchdiffeq's "rk4" is the 3/8 rule, "rk4_38" here; its "heun2" is "heun"):
   decreasing t steps downwards.
 - grid_constructor(func, y0, t) -> 1-D grid from t[0] to t[-1], strictly monotone like t.
 - interp="linear" (the default, the only one here; torchdiffeq's "cubic" needs an extra evaluation
-  per output and is refused with a clear error, as are perturb=True and unknown keys; perturb=False
-  is accepted).
+  per output and is refused with a clear error, as are unknown keys).
+- perturb=True: a stage on a grid point reads a time one floating-point step inside its step (the
+  first stage just after the step's start, a c = 1 stage just before its end), as torchdiffeq does
+  for forcing that jumps at grid points (integrate.Problem.stage_time; float grids only).
 
 Everything is differentiable: the grid's ends are t[0] and t[-1] themselves (so a t that requires
 grad differentiates through the grid and through the interpolation weights), and the solve returns
@@ -41,14 +43,11 @@ def check_options(options) -> dict:
     if unknown:
         raise ValueError(
             f"options: unsupported key(s) {unknown}; supported: step_size, grid_constructor, interp='linear', "
-            "perturb=False (torchdiffeq's perturb=True, cubic interpolation and adaptive-solver options are "
-            "not implemented for these fixed-step solvers)"
+            "perturb (torchdiffeq's cubic interpolation, jump_t and adaptive-solver options are not "
+            "implemented for these fixed-step solvers)"
         )
-    if options.get("perturb", False) is not False:
-        raise ValueError(
-            "options['perturb']=True (torchdiffeq's nudging of stage times off the grid points, for "
-            "discontinuous forcing) is not implemented; perturb=False is the default behaviour"
-        )
+    if not isinstance(options.get("perturb", False), bool):
+        raise ValueError(f"options['perturb'] must be True or False, got {options['perturb']!r}")
     interp = options.get("interp", "linear")
     if interp != "linear":
         raise ValueError(f"options['interp'] must be 'linear' (the only interpolation implemented), got {interp!r}")

@@ -43,6 +43,9 @@ class Problem:
     # Buffers the velocity writes while it runs (prg_fast.ode.module_state.ModuleState), found by
     # the adjoints' first evaluation; None when it writes none (or no adjoint runs).
     module_state: Optional[object] = field(default=None, repr=False, compare=False)
+    # torchdiffeq's perturb option (float grids): stages at a grid point read a time one
+    # floating-point step inside their step (see stage_time)
+    perturb: bool = False
     # The modules the velocity reaches (prg_fast.ode.reach), for their train/eval flags.
     modules: Sequence[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
 
@@ -57,6 +60,19 @@ class Problem:
     def point(self, n: int):
         """Grid point n: a float, or a tensor (0-dim shared, (B,) per sample) in tensor mode."""
         return self.grid[n] if self.times is None else self.times[n]
+
+    def stage_time(self, t, h, i: int):
+        """The time stage i of the step from t of size h reads: t + c_i h. With `perturb`
+        (torchdiffeq's option for forcing that jumps at grid points; float grids only) a stage on a
+        grid point reads one floating-point step inside its own step: c_i = 0 towards the step's end,
+        c_i = 1 towards its start, so a jump at the grid point is seen from the right side."""
+        c = self.tableau.c[i]
+        if self.perturb and c in (0.0, 1.0):
+            # one step of the dtype the network reads its time in (a float64 step vanishes in float32)
+            at, towards = (t, t + h) if c == 0.0 else (t + h, t)
+            dt = self.state_dtype
+            return torch.nextafter(torch.tensor(at, dtype=dt), torch.tensor(towards, dtype=dt)).item()
+        return t + c * h
 
     def time(self, t, x: torch.Tensor) -> torch.Tensor:
         if isinstance(t, torch.Tensor):
@@ -215,9 +231,9 @@ class Problem:
                 if rng is not None:
                     rng.append(capture_rng(x.device))
                 if evaluator is None:
-                    ks.append(self.evaluate(t + tab.c[i] * h, xi))
+                    ks.append(self.evaluate(self.stage_time(t, h, i), xi))
                 else:
-                    ks.append(evaluator(self, n, i, t + tab.c[i] * h, xi))
+                    ks.append(evaluator(self, n, i, self.stage_time(t, h, i), xi))
             x = self.step_output(x, ks, h)
             self.check(x, n)
             if n + 1 in want:

@@ -60,7 +60,7 @@ def _base_step(p: Problem, t: float, h: float, x: torch.Tensor) -> torch.Tensor:
     ks: List[torch.Tensor] = []
     tab = p.tableau
     for i in range(tab.stages):
-        ks.append(p.evaluate(t + tab.c[i] * h, p.stage_input(x, ks, i, h)))
+        ks.append(p.evaluate(p.stage_time(t, h, i), p.stage_input(x, ks, i, h)))
     return p.step_output(x, ks, h)
 
 

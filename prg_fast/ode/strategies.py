@@ -161,7 +161,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
     with torch.no_grad():
         xi = problem.stage_input(x.detach().to(problem.state_dtype), [], 0, h)
     leaf = xi.detach().requires_grad_(True)
-    tau = t0
+    tau = problem.stage_time(t0, h, 0)
     if isinstance(t0, torch.Tensor):
         # the times' graph is not this evaluation's business; a leaf when time gradients are wanted
         tau = t0.detach().requires_grad_(bool(problem.times.requires_grad))
@@ -326,7 +326,7 @@ class EvaluationGraphs:
                 if kept is not None:
                     ks.append(kept[2].detach())
                 else:
-                    ks.append(self._recompute(n * tab.stages + i, t + tab.c[i] * h, xi,
+                    ks.append(self._recompute(n * tab.stages + i, p.stage_time(t, h, i), xi,
                                               rng_states[i] if rng_states else None))
         return inputs
 
