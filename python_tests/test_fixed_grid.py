@@ -201,6 +201,10 @@ def test_perturb_needs_a_float_grid():
     with pytest.raises(ValueError, match="perturb.*t must not require grad"):
         prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D, requires_grad=True),
                         options=dict(perturb=True))
+    s = torch.tensor(0.5, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match="perturb.*grid_constructor's grid must not require grad"):
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
+                        options=dict(perturb=True, grid_constructor=lambda f, y0, t: torch.stack([t[0], s, t[-1]])))
 
 
 def test_perturb_false_is_the_default_behaviour():
@@ -225,3 +229,28 @@ def test_tolerances_are_accepted_and_said_to_be_ignored():
         warnings.simplefilter("error")
         b = prg_fast.odeint(lambda s, y: -y, y0, t)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(adjoint=False), dict(), dict(store="steps"), dict(reversible=True)])
+@pytest.mark.parametrize("method", ["heun", "rk4_38"])
+def test_perturbed_stage_times_stay_inside_their_step(method, kw):
+    """0.9 + (0.1 - 0.9) rounds to 0.09999999999999998 in float64: a c = 1 stage must start from the
+    grid point itself, or one step 'inside' lands past a jump at 0.1 (and the reversible inverse
+    step would read another time than the forward)."""
+    grid = [0.9, 0.1, -0.7]
+    ts = []
+
+    def f(t, y):
+        ts.append(float(t))
+        return -y + (t < 0.1).to(y.dtype)
+
+    y0 = torch.ones(2, dtype=D, requires_grad=True)
+    out = prg_fast.odeint(f, y0, torch.tensor(grid, dtype=D), method=method, options=dict(perturb=True), **kw)
+    out.sum().backward()
+    for tt in ts:
+        assert any(min(a, b) < tt < max(a, b) for a, b in zip(grid[:-1], grid[1:])), tt
+    if method == "rk4_38":
+        torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq is not installed")
+        want = torchdiffeq.odeint(f, y0.detach(), torch.tensor(grid, dtype=D), method="rk4", options=dict(perturb=True))
+        if not kw.get("reversible"):
+            torch.testing.assert_close(out.detach(), want, rtol=1e-12, atol=1e-12)

@@ -142,7 +142,7 @@ def _backward(ctx, grad_out: torch.Tensor):
                 if alpha == 0.0 and not later:
                     continue  # k_i does not influence anything downstream
                 g = combine(lam, [mus[m] for m in later], [h * tab.a[m][i] for m in later], alpha, p.net_dtype)
-                tau = p.stage_time(t, h, i)
+                tau = p.stage_time(t, h, i, p.point(n + 1))
             # ---- the evaluation k of stage (n, i) with its graph from the leaves xi (and tau,
             # ---- a leaf requiring grad when time gradients are wanted): the graph the forward
             # ---- kept (memory_budget), else recomputed from the stored input

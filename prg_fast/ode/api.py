@@ -712,6 +712,9 @@ def odeint(
         fine_values = fine.detach().cpu().tolist()
         needed, plan = fixed_grid.interpolation_plan(fine_values, grid)
         differentiable = fine.requires_grad and torch.is_grad_enabled()
+        if kwargs["perturb"] and differentiable:
+            raise ValueError("options['perturb']=True is for float grids: the grid_constructor's grid must not "
+                             "require grad")
         times = fine.to(y0.device) if differentiable else None
         states = _solve(func, y0, fine_values, needed, times=times, **kwargs)
         return fixed_grid.interpolate(states, needed, plan, fine if differentiable else fine.detach(), t)

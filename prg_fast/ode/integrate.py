@@ -61,15 +61,17 @@ class Problem:
         """Grid point n: a float, or a tensor (0-dim shared, (B,) per sample) in tensor mode."""
         return self.grid[n] if self.times is None else self.times[n]
 
-    def stage_time(self, t, h, i: int):
-        """The time stage i of the step from t of size h reads: t + c_i h. With `perturb`
-        (torchdiffeq's option for forcing that jumps at grid points; float grids only) a stage on a
-        grid point reads one floating-point step inside its own step: c_i = 0 towards the step's end,
-        c_i = 1 towards its start, so a jump at the grid point is seen from the right side."""
+    def stage_time(self, t, h, i: int, end=None):
+        """The time stage i of the step from t of size h (ending at the grid point `end`) reads:
+        t + c_i h. With `perturb` (torchdiffeq's option for forcing that jumps at grid points; float
+        grids only) a stage on a grid point reads one floating-point step inside its own step: c_i = 0
+        towards the step's end, c_i = 1 from the end point itself (not t + h, which may round past
+        it) towards the start, so a jump at the grid point is seen from the right side."""
         c = self.tableau.c[i]
         if self.perturb and c in (0.0, 1.0):
+            end = t + h if end is None else end
             # one step of the dtype the network reads its time in (a float64 step vanishes in float32)
-            at, towards = (t, t + h) if c == 0.0 else (t + h, t)
+            at, towards = (t, end) if c == 0.0 else (end, t)
             dt = self.state_dtype
             return torch.nextafter(torch.tensor(at, dtype=dt), torch.tensor(towards, dtype=dt)).item()
         return t + c * h
@@ -231,9 +233,9 @@ class Problem:
                 if rng is not None:
                     rng.append(capture_rng(x.device))
                 if evaluator is None:
-                    ks.append(self.evaluate(self.stage_time(t, h, i), xi))
+                    ks.append(self.evaluate(self.stage_time(t, h, i, self.point(n + 1)), xi))
                 else:
-                    ks.append(evaluator(self, n, i, self.stage_time(t, h, i), xi))
+                    ks.append(evaluator(self, n, i, self.stage_time(t, h, i, self.point(n + 1)), xi))
             x = self.step_output(x, ks, h)
             self.check(x, n)
             if n + 1 in want:

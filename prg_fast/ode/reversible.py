@@ -55,12 +55,12 @@ def check_coupling(coupling) -> float:
     return float(coupling)
 
 
-def _base_step(p: Problem, t: float, h: float, x: torch.Tensor) -> torch.Tensor:
+def _base_step(p: Problem, t: float, h: float, x: torch.Tensor, end=None) -> torch.Tensor:
     """x + Psi_h(t, x): one step of the base tableau (state dtype)."""
     ks: List[torch.Tensor] = []
     tab = p.tableau
     for i in range(tab.stages):
-        ks.append(p.evaluate(p.stage_time(t, h, i), p.stage_input(x, ks, i, h)))
+        ks.append(p.evaluate(p.stage_time(t, h, i, end), p.stage_input(x, ks, i, h)))
     return p.step_output(x, ks, h)
 
 
@@ -71,14 +71,14 @@ def _forward_step(p, lam, n, y, z, rng: Optional[list], states: Optional[list] =
         rng.append(capture_rng(y.device))
     if states is not None:  # the written buffers before the base step (prg_fast.ode.module_state)
         states.append(p.module_state.snapshot())
-    fz = _base_step(p, t0, h, z)  # z + Psi_h(t0, z)
+    fz = _base_step(p, t0, h, z, t1)  # z + Psi_h(t0, z)
     # lam y + (1 - lam) z + (fz - z) = lam y - lam z + fz
     y = p.combine(fz, [y, z], [lam, -lam], 1.0, p.state_dtype)
     if rng is not None:
         rng.append(capture_rng(y.device))
     if states is not None:
         states.append(p.module_state.snapshot())
-    gy = _base_step(p, t1, -h, y)  # y + Psi_{-h}(t1, y)
+    gy = _base_step(p, t1, -h, y, t0)  # y + Psi_{-h}(t1, y)
     z = p.combine(z, [y, gy], [1.0, -1.0], 1.0, p.state_dtype)
     return y, z
 
@@ -122,9 +122,9 @@ def invert(problem: Problem, y: torch.Tensor, z: torch.Tensor, coupling: float =
 def _inverse_step(p, lam, n, y, z):
     t0, t1 = p.point(n), p.point(n + 1)
     h = t1 - t0
-    gy = _base_step(p, t1, -h, y)
+    gy = _base_step(p, t1, -h, y, t0)
     z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
-    fz = _base_step(p, t0, h, z)
+    fz = _base_step(p, t0, h, z, t1)
     # y_n = (y_{n+1} + lam z_n - F(z_n)) / lam
     y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
     return y, z
@@ -189,7 +189,7 @@ def _backward(ctx, grad_out: torch.Tensor):
     want_tgrad = p.times is not None and ctx.needs_input_grad[3]
     gtimes = torch.zeros_like(p.times) if want_tgrad else None
 
-    def vjp(t, h, x, cot, state, buffers):
+    def vjp(t, h, end, x, cot, state, buffers):
         """(x + Psi_h(t, x)) recomputed with graph; returns its value, cot^T d/dx, and cot^T
         d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams."""
         if buffers is not None:
@@ -201,9 +201,9 @@ def _backward(ctx, grad_out: torch.Tensor):
         with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
             if state is not None:
                 with restore_rng(state, ctx.device):
-                    out = _base_step(p, t, h, xg)
+                    out = _base_step(p, t, h, xg, end)
             else:
-                out = _base_step(p, t, h, xg)
+                out = _base_step(p, t, h, xg, end)
             grads = list(torch.autograd.grad(out, inputs, cot, allow_unused=True))
         tgrads = [None, None]
         if want_tgrad:
@@ -232,11 +232,11 @@ def _backward(ctx, grad_out: torch.Tensor):
             buffers_g = states.pop()
             buffers_f = states.pop()
         # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
-        gy, gbar, (dt1, dmh) = vjp(t1, -h, y, -zbar, state_g, buffers_g)
+        gy, gbar, (dt1, dmh) = vjp(t1, -h, t0, y, -zbar, state_g, buffers_g)
         ybar = ybar + zbar + gbar
         z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
         # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
-        fz, fbar, (dt0, dh) = vjp(t0, h, z, ybar, state_f, buffers_f)
+        fz, fbar, (dt0, dh) = vjp(t0, h, t1, z, ybar, state_f, buffers_f)
         if want_tgrad:
             dh = dh - dmh
             gtimes[n] += dt0 - dh

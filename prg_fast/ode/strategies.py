@@ -326,7 +326,7 @@ class EvaluationGraphs:
                 if kept is not None:
                     ks.append(kept[2].detach())
                 else:
-                    ks.append(self._recompute(n * tab.stages + i, p.stage_time(t, h, i), xi,
+                    ks.append(self._recompute(n * tab.stages + i, p.stage_time(t, h, i, p.point(n + 1)), xi,
                                               rng_states[i] if rng_states else None))
         return inputs
 
