@@ -229,10 +229,12 @@ def worker(args, impls):
             if impl == "budget_half":
                 graph_bytes(model, x, steps, args.method)  # its measuring solve is not part of the cell
             gc.collect()
-            # reset the high-water mark to the live memory now, then read its growth
+            # reset the high-water mark to the live memory now, then read its growth from that mark
+            # (not from a later VmRSS read: RSS can move between the reset and the read, which gave
+            # a peak of -0.05 MiB once at --quick sizes)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            base = proc_status_kib("VmRSS")
+            base = proc_status_kib("VmHWM")
             run_once(impl, model, x, steps, args.method)
             cells.append((impl, steps, (proc_status_kib("VmHWM") - base) * 1024))
     print(json.dumps(cells))
