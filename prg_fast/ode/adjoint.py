@@ -36,7 +36,7 @@ from typing import List, Optional
 import torch
 
 from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
-from .module_state import TrainingModes
+from .module_state import TrainingModes, left_as_found
 from .strategies import EvaluationGraphs, Strategy
 
 
@@ -88,7 +88,7 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         # reruns load each evaluation's buffers and run under the forward's train/eval flags; the
         # backward itself leaves both as it found them
-        with ctx.evals.backward_state(), ctx.modes:
+        with left_as_found(ctx.evals.state), ctx.modes:
             grads = _backward(ctx, grad_out)
         check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
         return grads

@@ -456,7 +456,7 @@ def _solve(
     first = None
     if adjoint and torch.is_grad_enabled():
         problem.modules = reach.modules
-        first = first_evaluation(problem, x, params, reach.modules)
+        first = first_evaluation(problem, x, params)
         direct: set = set()
         params = _discover_params(first, params, direct)
         explicit = {id(p) for p in adjoint_params} if adjoint_params is not None else set()

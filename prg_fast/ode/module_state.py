@@ -31,7 +31,8 @@ the same caveat and leaves it to the user; here the adjoints handle it:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -164,6 +165,18 @@ class ModuleState:
         why = self.untracked()
         if why is not None:
             raise RuntimeError(why)
+
+
+@contextmanager
+def left_as_found(state: Optional[ModuleState]) -> Iterator[None]:
+    """For a whole backward: the written buffers end as they were when it began, whatever its
+    reruns loaded and however it ends (nothing without state)."""
+    saved = state.snapshot() if state is not None else None
+    try:
+        yield
+    finally:
+        if state is not None:
+            state.load(saved)
 
 
 class TrainingModes:

@@ -42,9 +42,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .adjoint import accumulate
 from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, check_param_versions, param_versions,
                         restore_rng)
-from .module_state import TrainingModes
+from .module_state import TrainingModes, left_as_found
 
 DEFAULT_COUPLING = 0.999
 
@@ -157,15 +158,11 @@ class ReversibleSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         state = ctx.problem.module_state if ctx.states is not None else None
-        end = state.snapshot() if state is not None else None
-        try:
-            with ctx.modes:  # rerun under the forward's train/eval flags
-                grads = _backward(ctx, grad_out)
-            check_param_versions(ctx.problem.params, ctx.versions, grads[5:])
-            return grads
-        finally:  # the backward leaves the written buffers as it found them
-            if state is not None:
-                state.load(end)
+        # reruns under the forward's train/eval flags; the written buffers end as they were found
+        with left_as_found(state), ctx.modes:
+            grads = _backward(ctx, grad_out)
+        check_param_versions(ctx.problem.params, ctx.versions, grads[5:])
+        return grads
 
 
 def _backward(ctx, grad_out: torch.Tensor):
@@ -179,10 +176,9 @@ def _backward(ctx, grad_out: torch.Tensor):
     arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
     ybar = torch.zeros_like(y)
     zbar = torch.zeros_like(z)
-    # Buffers owned here: autograd.grad may hand back one tensor for several inputs, so never
-    # accumulate into what it returns.
-    # (None until an evaluation reads the parameter: an unread one gets None, as in plain backprop)
+    # None until an evaluation reads the parameter: an unread one gets None, as in plain backprop
     acc: List[Optional[torch.Tensor]] = [None] * len(params)
+    acc_dtype = [accumulator_dtype(q) for q in params]
     autocast_on, autocast_dtype = ctx.autocast
     # A tensor grid that requires grad: the base step's time and step size are leaves of each
     # recomputed step, so their gradients come out of the same VJP.
@@ -209,12 +205,7 @@ def _backward(ctx, grad_out: torch.Tensor):
         if want_tgrad:
             tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]
             del grads[1:3]
-        for q, gq in enumerate(grads[1:]):
-            if gq is not None:
-                if acc[q] is None:
-                    acc[q] = gq.to(accumulator_dtype(params[q]), copy=True)
-                else:
-                    acc[q].add_(gq.to(acc[q].dtype))
+        accumulate(acc, grads[1:], acc_dtype)
         gx = grads[0] if grads[0] is not None else torch.zeros_like(xg)
         return out.detach(), gx, tgrads
 

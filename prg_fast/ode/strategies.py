@@ -149,8 +149,7 @@ class FirstEvaluation:
         return evaluate
 
 
-def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor],
-                     modules: Sequence[torch.nn.Module] = ()) -> Optional[FirstEvaluation]:
+def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor]) -> Optional[FirstEvaluation]:
     """Evaluation (0, 0) of `problem` from x, with a graph back to a stage-input leaf and to
     whatever the velocity reads. None for a solve without steps."""
     if problem.steps == 0:
@@ -167,7 +166,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         tau = t0.detach().requires_grad_(bool(problem.times.requires_grad))
     rng = capture_rng(x.device)
     # buffers the velocity writes (BatchNorm in train mode, spectral_norm): see module_state
-    state = ModuleState.of(modules)
+    state = ModuleState.of(problem.modules)
     if state is not None:
         state.before_first_evaluation()
     with torch.enable_grad():
@@ -225,15 +224,19 @@ class EvaluationGraphs:
         self.first = first
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.rng: Optional[list] = [] if strategy.preserve_rng else None
-        # written buffers: their values before each evaluation (for the backward's reruns)
-        state = problem.module_state
-        self.state: Optional[ModuleState] = state if state is not None and state.written else None
-        self.watch: Optional[ModuleState] = state
+        # the buffers the velocity reaches (problem.module_state); for the written ones, their values
+        # before each evaluation (for the backward's reruns)
+        self.watch: Optional[ModuleState] = problem.module_state
         self.cannot_rerun: Optional[str] = None  # why a rerun would not be exact (see finish_forward)
         self.snapshots: list = []
         # The backward recomputes each evaluation under the autocast state of the forward (as
         # torch.utils.checkpoint does), so a network run in bf16 autocast is differentiated as run.
         self.autocast = autocast_state(device.type)
+
+    @property
+    def state(self) -> Optional[ModuleState]:
+        """The watched buffers when the first evaluation wrote some (else None: nothing to keep)."""
+        return self.watch if self.watch is not None and self.watch.written else None
 
     @property
     def kept_count(self) -> int:
@@ -275,10 +278,6 @@ class EvaluationGraphs:
                 raise RuntimeError(why)
             # every graph kept: a first backward reruns nothing; a second one (retain_graph) would
             self.cannot_rerun = why
-
-    def backward_state(self):
-        """A context for the whole backward: the written buffers end as they were when it began."""
-        return _KeepState(self.state)
 
     # -- backward -----------------------------------------------------------------------------
 
@@ -330,20 +329,3 @@ class EvaluationGraphs:
                                               rng_states[i] if rng_states else None))
         return inputs
 
-
-class _KeepState:
-    """Restores the written buffers on exit to what they held on entry (nothing without state)."""
-
-    def __init__(self, state: Optional[ModuleState]):
-        self.state = state
-        self.saved = None
-
-    def __enter__(self):
-        if self.state is not None:
-            self.saved = self.state.snapshot()
-        return self
-
-    def __exit__(self, *exc):
-        if self.state is not None:
-            self.state.load(self.saved)
-        return False
