@@ -410,8 +410,10 @@ def _solve(
         raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
     _, combine = backends.resolve(backend, x.device)
     state_dtype, net_dtype = _dtypes(func, x, model_dtype)
+    # the adjoint differentiates this call: it needs everything the velocity reads and writes
+    tracked = adjoint and torch.is_grad_enabled()
     # what the velocity reaches (modules, tensors): its parameters and buffers beyond the first evaluation
-    reach = reachable(func) if adjoint and torch.is_grad_enabled() else None
+    reach = reachable(func) if tracked else None
     params = _collect_params(func, adjoint_params, reach)
     problem = Problem(
         func=func,
@@ -425,6 +427,7 @@ def _solve(
         check_finite=check_finite,
         params=params,
         perturb=perturb,
+        modules=reach.modules if reach is not None else [],
     )
     times_grad = False
     if times is not None:
@@ -449,19 +452,18 @@ def _solve(
             + ("reversible=True stores nothing" if reversible else "adjoint=False keeps every graph")
             + ": leave memory_budget=None and store='stages'"
         )
-    if adjoint and torch.is_grad_enabled() and times is not None:
+    if tracked and times is not None:
         # the adjoint's Functions take the grid as an input and return its gradient; the first
         # evaluation and the forward read it without its graph
         problem.times = times.detach().requires_grad_(times_grad)
     first = None
-    if adjoint and torch.is_grad_enabled():
-        problem.modules = reach.modules
+    if tracked:
         first = first_evaluation(problem, x, params)
         direct: set = set()
         params = _discover_params(first, params, direct)
         explicit = {id(p) for p in adjoint_params} if adjoint_params is not None else set()
         problem.params = params = _check_computed_inputs(params, explicit, direct)
-    if times is not None and adjoint and torch.is_grad_enabled():
+    if tracked and times is not None:
         problem.times = times.detach()
     differentiate = _needs_grad(x, params) or times_grad
     if reversible:

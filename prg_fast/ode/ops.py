@@ -110,8 +110,8 @@ def _op(qualname: str):
 
 
 def _batched_first(tensors: Sequence[torch.Tensor], dims: Sequence[Optional[int]], size: int) -> List[torch.Tensor]:
-    """Each tensor with its vmapped dimension first (an unbatched one expanded to `size`), contiguous
-    where it had to move (the kernels read any strides, but a moved dimension is cheaper copied once)."""
+    """Each tensor with its vmapped dimension first (an unbatched one expanded to `size`, a view: the
+    kernels read any strides)."""
     out = []
     for t, d in zip(tensors, dims):
         out.append(t.unsqueeze(0).expand(size, *t.shape) if d is None else t.movedim(d, 0))
