@@ -281,7 +281,7 @@ def _per_sample_save_grid(uniform: torch.Tensor, save_at, x: torch.Tensor):
             f"sample {i}'s [t0, t] = [{uniform[0, i].item():g}, {uniform[-1, i].item():g}]"
         )
     # clamp rounding-level excursions into the interval, so no step runs backwards
-    points = torch.where(points > hi, hi, torch.where(points < lo, lo, points))
+    points = points.clamp(lo, hi)
     merged = torch.cat([uniform, points])
     sign = 1.0 if bool((uniform[-1] >= uniform[0]).all()) else -1.0
     # stable: a save time equal to a uniform point comes after it (a zero-length step, then saved)
