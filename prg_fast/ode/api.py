@@ -19,7 +19,7 @@ import torch
 
 from . import backends, fixed_grid
 from .adjoint import AdjointSolve
-from .graphs import graphed_solve
+from .cuda_graphs import graphed_solve
 from .integrate import Problem, solve
 from .reach import Reach, reachable
 from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
@@ -536,7 +536,7 @@ def reverse(
     replays the random state of each evaluation in the backward (exact gradients with dropout).
     `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it;
     `cuda_graph="auto"` captures only where a graph pays (CUDA, no grad, states up to
-    `prg_fast.ode.graphs.auto_max_numel()` elements) and runs eagerly otherwise.
+    `prg_fast.ode.cuda_graphs.auto_max_numel()` elements) and runs eagerly otherwise.
     `reversible=True` solves with the algebraically reversible scheme built on `method`
     (McCallum & Foster 2024; prg_fast.ode.reversible): same order as the base tableau, 2*stages
     evaluations per step forward and 2*stages recomputed evaluations + VJPs per step backward,

@@ -8,21 +8,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from prg_fast.kernels.op_rules import accumulate_dtype  # noqa: F401  (re-exported: the dtype rule every backend follows)
+
 from .solvers import get_tableau
-
-
-def accumulate_dtype(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    out_dtype: Optional[torch.dtype],
-    coeffs: Optional[torch.Tensor] = None,
-) -> torch.dtype:
-    """float64 when anything involved (base, terms, out_dtype, per-row coeffs) is float64, else
-    float32 (also for bf16/fp16 inputs). The one statement of the rule every backend follows."""
-    dtypes = [base.dtype, base.dtype if out_dtype is None else out_dtype] + [t.dtype for t in terms]
-    if coeffs is not None:
-        dtypes.append(coeffs.dtype)
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def stage_combine(
