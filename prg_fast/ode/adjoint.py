@@ -37,7 +37,8 @@ import torch
 
 from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
 from .module_state import TrainingModes, left_as_found
-from .strategies import EvaluationGraphs, Strategy
+from .description import StoredAdjoint
+from .strategies import EvaluationGraphs, FirstEvaluation
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
@@ -62,12 +63,12 @@ def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.d
 
 class AdjointSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, strategy: Strategy, times: Optional[torch.Tensor], x: torch.Tensor,
-                *params: torch.Tensor):
+    def forward(ctx, problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],
+                times: Optional[torch.Tensor], x: torch.Tensor, *params: torch.Tensor):
         # `times`: problem.times as an input (so its gradient is returned), or None on a float grid.
         # Which evaluations keep their graphs, the random states, the first evaluation's reuse:
         # prg_fast.ode.strategies.
-        evals = EvaluationGraphs(problem, strategy, x.device, time_grad=times is not None and times.requires_grad)
+        evals = EvaluationGraphs(problem, strategy, first, x.device, time_grad=times is not None and times.requires_grad)
         stored: list = []
         if strategy.store == "steps":
             outs = problem.run(x.to(problem.state_dtype), states=stored, evaluator=evals.forward_evaluate)
@@ -90,7 +91,7 @@ class AdjointSolve(torch.autograd.Function):
         # backward itself leaves both as it found them
         with left_as_found(ctx.evals.state), ctx.modes:
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
+        check_param_versions(ctx.problem.params, ctx.versions, grads[5:])
         return grads
 
 
@@ -98,7 +99,7 @@ def _backward(ctx, grad_out: torch.Tensor):
     p: Problem = ctx.problem
     tab, combine = p.tableau, p.combine
     timed = p.times is not None  # tensor grid: per-row step sizes
-    want_tgrad = timed and ctx.needs_input_grad[2]
+    want_tgrad = timed and ctx.needs_input_grad[3]
     gtimes = torch.zeros_like(p.times) if want_tgrad else None
     stage_inputs = list(ctx.saved_tensors)
     # store="steps": the saved tensors are step start states; each step's stage inputs are
@@ -176,4 +177,4 @@ def _backward(ctx, grad_out: torch.Tensor):
     if 0 in arriving:
         lam = combine(lam, [arriving.pop(0)], [1.0], 1.0, p.state_dtype)
     grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(param_grads, params)]
-    return (None, None, gtimes, lam.to(ctx.x_dtype), *grad_params)
+    return (None, None, None, gtimes, lam.to(ctx.x_dtype), *grad_params)

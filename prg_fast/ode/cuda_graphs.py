@@ -45,8 +45,10 @@ def _model_token(model) -> Hashable:
     return ref
 
 
-def cache_key(model, x: torch.Tensor, grid: List[float], index: List[int], kwargs: Dict) -> Tuple:
-    """Everything a captured solve depends on besides the values it reads in place."""
+def cache_key(model, x: torch.Tensor, grid: List[float], index: List[int], spec: Hashable) -> Tuple:
+    """Everything a captured solve depends on besides the values it reads in place; `spec` is the
+    solve's description (prg_fast.ode.description.SolveDescription: method, backend, model dtype,
+    strategy and the rest)."""
     if isinstance(model, torch.nn.Module):
         modes = tuple(m.training for m in model.modules())
         storage = tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape))
@@ -54,9 +56,7 @@ def cache_key(model, x: torch.Tensor, grid: List[float], index: List[int], kwarg
     else:
         modes, storage = (), ()
     return (_model_token(model), tuple(x.shape), x.dtype, x.device, x.stride(), tuple(grid), tuple(index),
-            str(kwargs.get("method")), kwargs.get("backend"), kwargs.get("model_dtype"),
-            kwargs.get("reversible"), kwargs.get("reversible_coupling"),
-            autocast_state(x.device.type), modes, storage)
+            spec, autocast_state(x.device.type), modes, storage)
 
 
 class GraphCache:
@@ -161,15 +161,16 @@ def _pool(device: torch.device):
     return _POOLS[device]
 
 
-def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[int], mode=True, **kwargs) -> torch.Tensor:
-    """Run `solve(model, x, grid, index, **kwargs)` (api's solve) through a captured graph, or eagerly
-    when `mode="auto"` judges a graph does not pay (see `should_graph`)."""
-    if not should_graph(model, x, mode, bool(kwargs.get("check_finite"))):
-        return solve(model, x, grid, index, **kwargs)
+def graphed_solve(run, model, x: torch.Tensor, grid, spec, mode=True) -> torch.Tensor:
+    """`run(model, x, grid, spec)` (prg_fast.ode.run.run; grid a float Grid, spec its description)
+    through a captured graph, or eagerly when `mode="auto"` judges a graph does not pay (see
+    `should_graph`)."""
+    if not should_graph(model, x, mode, spec.check_finite):
+        return run(model, x, grid, spec)
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         where = x.device if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"cuda_graph=True needs x on a CUDA device, got {where}")
-    if kwargs.get("check_finite"):
+    if spec.check_finite:
         raise ValueError("cuda_graph=True cannot be combined with check_finite=True (it needs a host sync every step)")
     if _grad_needed(model, x):
         raise ValueError("cuda_graph=True is for inference: call it under torch.no_grad() (or torch.inference_mode())")
@@ -180,14 +181,14 @@ def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[
         stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):  # warm-up outside the graph (lazy init, cuDNN/cuBLAS autotuning)
-                solve(model, static_x, grid, index, **kwargs)
+                run(model, static_x, grid, spec)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=_pool(x.device)):
-            static_out = solve(model, static_x, grid, index, **kwargs)
+            static_out = run(model, static_x, grid, spec)
         return graph, static_x, static_out
 
-    graph, static_x, static_out = _CACHE.get(cache_key(model, x, grid, index, kwargs), capture)
+    graph, static_x, static_out = _CACHE.get(cache_key(model, x, grid.points, grid.out_index, spec), capture)
     static_x.copy_(x)
     graph.replay()
     # the pool is shared, so the next replay of any graph may overwrite static_out: hand out a copy

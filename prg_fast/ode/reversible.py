@@ -45,16 +45,8 @@ import torch
 from .adjoint import accumulate
 from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, check_param_versions, param_versions,
                         restore_rng)
+from .description import DEFAULT_COUPLING, ReversibleAdjoint, check_coupling
 from .module_state import TrainingModes, left_as_found
-
-DEFAULT_COUPLING = 0.999
-
-
-def check_coupling(coupling) -> float:
-    if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not 0.0 < float(coupling) <= 1.0:
-        raise ValueError(f"reversible_coupling must be a number in (0, 1], got {coupling!r}")
-    return float(coupling)
-
 
 def _base_step(p: Problem, t: float, h: float, x: torch.Tensor, end=None) -> torch.Tensor:
     """x + Psi_h(t, x): one step of the base tableau (state dtype)."""
@@ -133,10 +125,10 @@ def _inverse_step(p, lam, n, y, z):
 
 class ReversibleSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, times: Optional[torch.Tensor],
+    def forward(ctx, problem: Problem, strategy: ReversibleAdjoint, times: Optional[torch.Tensor],
                 x: torch.Tensor, *params: torch.Tensor):
-        lam = check_coupling(coupling)
-        rng: Optional[list] = [] if preserve_rng else None
+        lam = strategy.coupling
+        rng: Optional[list] = [] if strategy.preserve_rng_state else None
         # buffers the velocity writes (BatchNorm in train mode, ...): kept per base step and loaded
         # back before each rerun, as the random states are
         watch = problem.module_state
@@ -161,7 +153,7 @@ class ReversibleSolve(torch.autograd.Function):
         # reruns under the forward's train/eval flags; the written buffers end as they were found
         with left_as_found(state), ctx.modes:
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[5:])
+        check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
         return grads
 
 
@@ -182,7 +174,7 @@ def _backward(ctx, grad_out: torch.Tensor):
     autocast_on, autocast_dtype = ctx.autocast
     # A tensor grid that requires grad: the base step's time and step size are leaves of each
     # recomputed step, so their gradients come out of the same VJP.
-    want_tgrad = p.times is not None and ctx.needs_input_grad[3]
+    want_tgrad = p.times is not None and ctx.needs_input_grad[2]
     gtimes = torch.zeros_like(p.times) if want_tgrad else None
 
     def vjp(t, h, end, x, cot, state, buffers):
@@ -239,4 +231,4 @@ def _backward(ctx, grad_out: torch.Tensor):
         ybar = ybar + arriving.pop(0)
     gx = (ybar + zbar).to(ctx.x_dtype)
     grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(acc, params)]
-    return (None, None, None, gtimes, gx, *grad_params)
+    return (None, None, gtimes, gx, *grad_params)

@@ -36,35 +36,14 @@ backward skips the replay (the fork/restore costs ~15 us per evaluation).
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .integrate import Problem, autocast_state, capture_rng, restore_rng
+from .description import StoredAdjoint
 from .module_state import ModuleState
-
-STORES = ("stages", "steps")
-
-
-def check_memory_budget(value) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
-        raise ValueError(
-            "memory_budget must be None (recompute every evaluation) or a number of bytes >= 0 "
-            f"(float('inf') keeps every evaluation's graph), got {value!r}"
-        )
-    return float(value)
-
-
-def check_store(value) -> str:
-    if not isinstance(value, str) or value not in STORES:
-        raise ValueError(f'store must be "stages" or "steps", got {value!r}')
-    return value
-
 
 def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
     try:
@@ -149,9 +128,11 @@ class FirstEvaluation:
         return evaluate
 
 
-def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor]) -> Optional[FirstEvaluation]:
+def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor],
+                     time_grad: bool = False) -> Optional[FirstEvaluation]:
     """Evaluation (0, 0) of `problem` from x, with a graph back to a stage-input leaf and to
-    whatever the velocity reads. None for a solve without steps."""
+    whatever the velocity reads (and to its time, a leaf, with `time_grad`). None for a solve
+    without steps."""
     if problem.steps == 0:
         return None
     # c[0] = 0 for every explicit tableau (checked in ButcherTableau): stage 0 reads (t_0, x)
@@ -163,10 +144,10 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
     tau = problem.stage_time(t0, h, 0)
     if isinstance(t0, torch.Tensor):
         # the times' graph is not this evaluation's business; a leaf when time gradients are wanted
-        tau = t0.detach().requires_grad_(bool(problem.times.requires_grad))
+        tau = t0.detach().requires_grad_(time_grad)
     rng = capture_rng(x.device)
     # buffers the velocity writes (BatchNorm in train mode, spectral_norm): see module_state
-    state = ModuleState.of(problem.modules)
+    state = problem.module_state
     if state is not None:
         state.before_first_evaluation()
     with torch.enable_grad():
@@ -181,18 +162,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         # kept even when the first evaluation wrote nothing: the end of the forward checks that no
         # later evaluation wrote a buffer either
         state.after_first_evaluation()
-    problem.module_state = state
     return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr, state=state)
-
-
-@dataclass
-class Strategy:
-    """The adjoint's options, checked: what AdjointSolve receives besides the problem."""
-
-    preserve_rng: bool = True
-    memory_budget: Optional[float] = None
-    store: str = "stages"
-    first: Optional[FirstEvaluation] = None
 
 
 def _same_rng(a, b) -> bool:
@@ -203,7 +173,8 @@ class EvaluationGraphs:
     """For one adjoint solve: runs the forward's evaluations (keeping the graphs the budget allows,
     capturing random states) and gives the backward each evaluation with its graph."""
 
-    def __init__(self, problem: Problem, strategy: Strategy, device: torch.device, time_grad: bool = False):
+    def __init__(self, problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],
+                 device: torch.device, time_grad: bool = False):
         self.problem, self.device = problem, device
         # kept graphs then read their time through a leaf requiring grad, so the backward can take
         # dL/dtau from them as from a recomputation
@@ -211,19 +182,12 @@ class EvaluationGraphs:
         self.store = strategy.store
         s = problem.tableau.stages
         total = problem.steps * s
-        first = strategy.first
-        budget = strategy.memory_budget
-        if budget is None or first is None:
-            keep = 0
-        elif math.isinf(budget):
-            keep = total
-        else:
-            keep = min(total, int(budget // max(first.nbytes, 1)))
+        keep = strategy.graphs_to_keep(total, first.nbytes if first is not None else None)
         self.keep_from = total - keep  # evaluations e = n * s + i >= keep_from keep their graphs
         self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
         self.first = first
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
-        self.rng: Optional[list] = [] if strategy.preserve_rng else None
+        self.rng: Optional[list] = [] if strategy.preserve_rng_state else None
         # the buffers the velocity reaches (problem.module_state); for the written ones, their values
         # before each evaluation (for the backward's reruns)
         self.watch: Optional[ModuleState] = problem.module_state
