@@ -33,8 +33,7 @@ def time_reversed(model: Callable) -> "TimeReversed":
 class TimeReversed(torch.nn.Module):
     def __init__(self, model: Callable):
         super().__init__()
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(t, x), got {type(model).__name__}")
+        _check_model(model)
         self.model = model  # registered as a submodule when it is one, so .parameters() sees it
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -94,30 +93,23 @@ def reverse(
     """Integrate dx/dt = model(t, x) from t0 (data end) up to t (noise end) in `steps` fixed steps.
 
     Returns the state at t, shaped like x; with `save_at` (times in [t0, t]) the states at those
-    times stacked on dim 0 -- they are inserted into the grid, so each is an exact solver state.
+    times stacked on dim 0 -- inserted into the grid, so each is an exact solver state.
+    Times may be tensors (prg_fast.ode.grids): `t`, `t0`, `save_at` that require grad get the exact
+    derivative of the discrete solve; `t`, `t0` of shape (B,) give each sample its own interval in
+    the same `steps` steps (then `save_at` is (S,) or (S, B) and the result (S, B, ...)).
+    `backend`: "auto", "cuda", "triton", "cpu", "reference". `model_dtype`: the dtype the network
+    reads (default: its parameters'); the state stays float32 (float64 for float64 x).
+    `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it; "auto"
+    only where it pays (prg_fast.ode.cuda_graphs).
 
-    Times may be tensors (prg_fast.ode.grids). `t`, `t0` (and `save_at`) that require grad get the
-    exact derivative of the discrete solve (adjoint and plain backprop alike). `t` and `t0` may have
-    shape (B,): each sample integrates its own interval [t0[b], t[b]] in the same `steps` steps, and
-    the model reads each sample's own time. With per-sample times `save_at` has shape (S,) (absolute
-    times inside every sample's interval) or (S, B) (per sample); each is inserted into its
-    sample's grid (a time on a uniform grid point gives a zero-length step, an exact no-op), and the
-    result is (S, B, ...). Bad time tensors raise an error naming the argument and the sample.
-    `backend` picks the fused kernels ("auto", "cuda", "triton", "cpu", "reference").
-    `model_dtype` overrides the dtype the network reads (default: its parameters'); the solver
-    state stays float32 (float64 for float64 x). `cuda_graph=True` (CUDA, no grad) captures the loop
-    once per shape and replays it; `cuda_graph="auto"` captures only where a graph pays (CUDA, no
-    grad, states up to `prg_fast.ode.cuda_graphs.auto_max_numel()` elements).
-
-    Gradients: `adjoint=True` (default) is the exact discrete adjoint of the solve; `adjoint=False`
-    plain autograd through the same solver. The adjoint strategy (all exact; their costs are in
-    prg_fast.ode.description) is spelled by keywords: `memory_budget=` bytes of evaluation graphs
-    kept to skip their recomputation (None: recompute all, float("inf"): keep all, as fast as
-    backprop), `store="stages"|"steps"` (what the forward stores), `reversible=True` (McCallum &
-    Foster 2024's algebraically reversible scheme on `method`, coupling `reversible_coupling` in
-    (0, 1], default 0.999; nothing stored, 2x the evaluations; prg_fast.ode.reversible), and
-    `preserve_rng_state` (replay each evaluation's random state: exact with dropout) -- or by a
-    strategy object passed as `adjoint=` (StoredAdjoint, ReversibleAdjoint, Backprop).
+    `adjoint=True` (default): the exact discrete adjoint; `adjoint=False`: plain autograd through
+    the same solver. The adjoint strategy (all exact; costs in prg_fast.ode.description) is
+    spelled by `memory_budget=` (bytes of evaluation graphs kept to skip their recomputation;
+    None: recompute all, float("inf"): keep all), `store="stages"|"steps"` (what the forward
+    stores), `reversible=True` (McCallum & Foster's algebraically reversible scheme on `method`,
+    coupling `reversible_coupling` in (0, 1]; nothing stored; prg_fast.ode.reversible) and
+    `preserve_rng_state` (replay dropout exactly) -- or by a strategy object as `adjoint=`
+    (StoredAdjoint, ReversibleAdjoint, Backprop).
     """
     states.check_state(x)
     steps = _check_steps(steps)
@@ -183,16 +175,10 @@ def odeint(
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
     As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
     classic rule; torchdiffeq's "rk4" is our "rk4_38". A grid that requires grad gets the exact
-    derivative of the discrete solve (torchdiffeq's test suite checks this), through the adjoint
-    and plain backprop alike.
-
-    `t` may also have shape (T, B), one grid per sample (torchode-style): y0 is then (B, ...),
-    func receives t of shape (B,) and the result is (T, B, ...); it may require grad too.
-
-    `y0` may be a (nested) tuple of tensors, as in torchdiffeq: func then takes and returns that
-    structure, and the result is the same structure of stacked states. The components are solved
-    as one flat state (so every stage is still one fused kernel call), with exact gradients for
-    each of them. `memory_budget` and `store` choose the adjoint strategy as in `reverse`.
+    derivative of the discrete solve. `t` may also have shape (T, B), one grid per sample
+    (torchode-style): y0 is then (B, ...), func receives t of shape (B,), the result is (T, B, ...).
+    `y0` may be complex, 0-dim or a (nested) tuple of tensors, as in torchdiffeq (prg_fast.ode.states).
+    The adjoint strategy keywords are `reverse`'s.
 
     torchdiffeq's fixed-grid options: `options=dict(step_size=h)` or `dict(grid_constructor=fn)` steps
     along a finer grid and linearly interpolates the states at t (prg_fast.ode.fixed_grid; the same

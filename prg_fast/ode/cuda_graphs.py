@@ -4,10 +4,9 @@ A fixed-step solve launches s network evaluations and s+1 small fused kernels pe
 batches the GPU waits on the CPU launching them. Capturing the loop once and replaying it removes
 that overhead. The graph reads the model's parameters in place, so optimizer steps between calls
 are seen; anything that changes *which* memory or kernels the solve uses is in the cache key
-(`cache_key`): shapes, grid, method, backend, the training mode of every submodule, the autocast
-state and every parameter's and buffer's storage pointer and dtype (so `model.eval()`, `.half()`
-or a re-assigned parameter after a capture re-captures instead of replaying a stale graph or
-reading freed memory).
+(`cache_key`): shapes, grid, the solve's description, the training mode of every submodule, the
+autocast state and every parameter's and buffer's storage pointer and dtype (so `model.eval()` or
+`.half()` after a capture re-captures instead of replaying a stale graph or reading freed memory).
 
 All captures share one memory pool per device and the cache is an LRU of `max_size()` entries
 (default 16, env PRG_FAST_CUDA_GRAPH_CACHE or `set_max_size`).
@@ -15,10 +14,8 @@ All captures share one memory pool per device and the cache is an LRU of `max_si
 `cuda_graph=True` always captures (and refuses CPU tensors, grad mode, check_finite).
 `cuda_graph="auto"` captures only where it pays: CUDA, no grad, no check_finite, and at most
 `auto_max_numel()` state elements (default 2**18, env PRG_FAST_CUDA_GRAPH_MAX_NUMEL); otherwise it
-runs the solve eagerly. Launch overhead is a fixed cost per kernel, so graphs pay for small states
-and stop paying once each kernel's work dwarfs its launch. Measure the crossover on a given GPU
-with `python benchmarks/gpu_report.py --out DIR` (part "graph_crossover": eager vs graphed reverse
-over growing batch; the first batch where graphed/eager >= 0.95 is printed) and set the env var.
+runs the solve eagerly (graphs pay while launch overhead dominates). Measure the crossover on a
+GPU with `python benchmarks/gpu_report.py --out DIR` (part "graph_crossover") and set the env var.
 """
 from __future__ import annotations
 

@@ -162,9 +162,6 @@ class SolveDescription:
             return self.strategy.coupling
         return getattr(self.strategy, "reversible_coupling", None)
 
-    def replace(self, **changes) -> "SolveDescription":
-        return dataclasses.replace(self, **changes)
-
 
 def describe(*, method="rk4", backend="auto", adjoint=True, adjoint_params=None, check_finite=False,
              model_dtype=None, preserve_rng_state=True, reversible=False, reversible_coupling=DEFAULT_COUPLING,

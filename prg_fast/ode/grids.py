@@ -1,17 +1,16 @@
 """Time grids of reverse / generate: a uniform grid of `steps` steps with the save_at times
 inserted, as floats (the fast path) or as a float64 tensor built with differentiable ops.
 
-Times are floats on the fast path. A time argument that is a tensor requiring grad (under grad
-mode) or holding one time per sample turns the grid into a float64 tensor ((P,) shared, (P, B)
-per sample), which the solve takes as an input (prg_fast.ode.integrate.Problem.times). Every
-message names the argument and what was expected.
+A time argument that is a tensor requiring grad (under grad mode) or holding one time per sample
+makes the grid a float64 tensor ((P,) shared, (P, B) per sample) that the solve takes as an input.
+Also odeint's grids. Every message names the argument and what was expected.
 """
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -75,11 +74,6 @@ def merge_plan(t0: float, t1: float, steps: int, times: Optional[List[float]]) -
     return grid, index, [src for _, src in entries]
 
 
-def merge_grid(t0: float, t1: float, steps: int, save_at: Optional[Sequence[float]]) -> Tuple[List[float], List[int]]:
-    grid, index, _ = merge_plan(t0, t1, steps, None if save_at is None else save_times(save_at))
-    return grid, index
-
-
 def time_arg(value, name: str, x: torch.Tensor):
     """A time argument of reverse/generate: a float (the float path), or a float64 tensor on x's
     device, 0-dim (one time that requires grad) or (B,) (one time per sample)."""
@@ -130,7 +124,7 @@ def time_grid(start, end, steps: int, save_at, x: torch.Tensor):
     save_2d = isinstance(save_at, torch.Tensor) and save_at.dim() == 2
     save_tensor = isinstance(save_at, torch.Tensor) and save_at.requires_grad and torch.is_grad_enabled()
     if not (isinstance(start, torch.Tensor) or isinstance(end, torch.Tensor) or save_tensor or save_2d):
-        grid, index = merge_grid(start, end, steps, save_at)
+        grid, index, _ = merge_plan(start, end, steps, None if save_at is None else save_times(save_at))
         return Grid(grid, index)
     dev = x.device
     a = start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.float64, device=dev)

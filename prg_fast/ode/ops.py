@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -54,24 +54,14 @@ else:
 HAS_OPS = CPU_ERROR is None
 
 
-def stage_combine(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    coeffs: Sequence[float],
-    alpha: float = 1.0,
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """The compiled operator (CPU or CUDA kernel, chosen by the device of `base`)."""
+def stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None) -> torch.Tensor:
+    """The compiled operator (CPU or CUDA kernel, chosen by the device of `base`), with the
+    signature of prg_fast.ode.reference.stage_combine."""
     return torch.ops.prg_fast.stage_combine.default(base, list(terms), [float(c) for c in coeffs], float(alpha), out_dtype)
 
 
-def stage_combine_rows(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    coeffs: torch.Tensor,
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """The compiled per-row operator (CPU or CUDA kernel, chosen by the device of `base`)."""
+def stage_combine_rows(base, terms, coeffs, out_dtype=None) -> torch.Tensor:
+    """The compiled per-row operator (the signature of prg_fast.ode.reference.stage_combine_rows)."""
     return torch.ops.prg_fast.stage_combine_rows.default(base, list(terms), coeffs, out_dtype)
 
 

@@ -1,16 +1,12 @@
 """The replay record: what an adjoint needs to rerun the forward's evaluations exactly.
 
 Both autograd Functions (adjoint.AdjointSolve, reversible.ReversibleSolve) rerun evaluations in
-the backward. A rerun is exact when it sees what the forward's evaluation saw: the random state
-(dropout), the written buffers (BatchNorm's running statistics: module_state), the autocast state,
-the modules' train/eval flags, and the same parameter values. The forward records, per rerunnable
-evaluation (one network evaluation, or one base step of the reversible scheme), the random state
-and the written buffers; per solve, the autocast state, the flags and the parameters' versions.
-
-Random state: with preserve_rng_state the generator state before every evaluation is captured
-(torch.get_rng_state: ~2 us on the CPU, a host-side read on CUDA -- no device synchronisation); if the
-generators did not move over the whole forward (nothing random ran) the states are dropped and the
-backward skips the replay (the fork/restore costs ~15 us per evaluation).
+the backward; a rerun is exact when it sees what the forward's evaluation saw. The forward records,
+per rerunnable evaluation (a network evaluation, or a reversible base step), the random state
+(dropout) and the written buffers (module_state); per solve, the autocast state, the modules'
+train/eval flags and the parameters' versions. Random states (torch.get_rng_state: ~2 us, no
+device sync) are dropped when the generators did not move over the forward (the replay's
+fork/restore costs ~15 us per evaluation).
 """
 from __future__ import annotations
 
@@ -19,8 +15,29 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from .integrate import autocast_state, capture_rng, check_param_versions, param_versions, restore_rng
+from .integrate import autocast_state
 from .module_state import ModuleState, TrainingModes, left_as_found
+
+
+def capture_rng(device: torch.device):
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+def set_rng(state, device: torch.device) -> None:
+    """Set the generators to a state captured by `capture_rng`."""
+    cpu_state, cuda_state = state
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+@contextmanager
+def restore_rng(state, device: torch.device) -> Iterator[None]:
+    """Run a block with the random state captured by `capture_rng`, then put the caller's back."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        set_rng(state, device)
+        yield
 
 
 def _same_rng(a, b) -> bool:
@@ -43,7 +60,7 @@ class ReplayRecord:
         # network run in bf16 autocast is differentiated as run, and under its train/eval flags
         self.autocast = autocast_state(device.type)
         self.modes = TrainingModes(modules)
-        self.versions = param_versions(params)
+        self.versions = [q._version for q in params]
 
     @property
     def state(self) -> Optional[ModuleState]:
@@ -92,4 +109,17 @@ class ReplayRecord:
             yield
 
     def check_versions(self, params: Sequence[torch.Tensor], grads: Sequence) -> None:
-        check_param_versions(params, self.versions, grads)
+        """The adjoints rerun the network from its tensors as they are at the backward; one modified in
+        place since the forward (optimizer.step() before backward, an in-place update) gives the
+        gradient of another network. Plain backprop raises for this (its saved tensors' versions); so
+        do the adjoints -- for the tensors the reruns actually read (a gradient came back), so an
+        unrelated model that the velocity's object also holds may be stepped meanwhile."""
+        for i, (q, v, g) in enumerate(zip(params, self.versions, grads)):
+            if q._version != v and g is not None:
+                raise RuntimeError(
+                    f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
+                    f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
+                    f"(version {v} -> {q._version}): the adjoint recomputes the network from its current tensors, so "
+                    "its gradient would not be the forward's. Call backward before changing the parameters (e.g. "
+                    "before optimizer.step()), or use adjoint=False"
+                )

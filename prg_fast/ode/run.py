@@ -1,18 +1,13 @@
 """A described solve, run: the one path from (model, x, Grid, SolveDescription) to the states.
-
-    problem      the Problem (integrate) of this call: tableau, grid, backend, dtypes, the modules
-                 and tensors the velocity reaches (reads, reach)
-    first        under an adjoint with grad mode: the first evaluation with its graph, which
-                 discovers what the velocity reads (reads.discover_params), sizes a memory budget,
-                 and whose output the solve reuses (strategies.first_evaluation)
-    strategy     which loop runs (description: StoredAdjoint -> adjoint.AdjointSolve,
-                 ReversibleAdjoint -> reversible.ReversibleSolve, Backprop -> integrate.solve or
-                 reversible.solve_reversible under plain autograd)
-"""
+The Problem of the call (integrate); under an adjoint with grad mode the first evaluation with its
+graph (strategies.first_evaluation: discovers what the velocity reads, sizes a memory budget, and
+the solve reuses its output); then the strategy's loop: StoredAdjoint -> adjoint.AdjointSolve,
+ReversibleAdjoint -> reversible.ReversibleSolve, Backprop -> plain autograd through integrate.solve
+or reversible.solve_reversible."""
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,8 +17,7 @@ from .description import FLOAT_DTYPES, Backprop, ReversibleAdjoint, SolveDescrip
 from .grids import Grid
 from .integrate import Problem, solve
 from .module_state import ModuleState
-from .reach import reachable
-from .reads import check_computed_inputs, collect_params, discover_params
+from .reach import check_computed_inputs, collect_params, discover_params, reachable
 from .reversible import ReversibleSolve, solve_reversible
 from .strategies import FirstEvaluation, first_evaluation
 
@@ -55,35 +49,31 @@ def build_problem(func, x: torch.Tensor, grid: Grid, spec: SolveDescription, tra
             "a zero-length step of the reversible scheme is not the identity (its coupling mixes the two states); "
             "use reversible=False, or shared times"
         )
-    _, combine = backends.resolve(spec.backend, x.device)
+    chosen = backends.select(spec.backend, x.device)
     state_dtype, net_dtype = dtypes(func, x, spec.model_dtype)
     # what the velocity reaches (modules, tensors): its parameters and buffers beyond the first evaluation
     reach = reachable(func) if tracked else None
     modules = reach.modules if reach is not None else []
     times = grid.times
     return Problem(
-        func=func, tableau=spec.tableau, grid=grid.points, out_index=grid.out_index, combine=combine,
+        func=func, tableau=spec.tableau, grid=grid.points, out_index=grid.out_index, combine=chosen.combine,
         state_dtype=state_dtype, net_dtype=net_dtype, batch_time=spec.batch_time, check_finite=spec.check_finite,
         params=collect_params(func, spec.adjoint_params, reach), perturb=spec.perturb, modules=modules,
         times=times.detach() if tracked and times is not None else times, out_rows=grid.out_rows,
-        combine_rows=backends.resolve_rows(spec.backend, x.device)[1] if times is not None else None,
+        combine_rows=chosen.combine_rows,
         module_state=ModuleState.of(modules) if tracked else None,
     )
 
 
 def discover(problem: Problem, x: torch.Tensor, spec: SolveDescription,
              time_grad: bool) -> Tuple[Problem, Optional[FirstEvaluation]]:
-    """The first evaluation, and the problem with every input it reads (prg_fast.ode.reads)."""
+    """The first evaluation, and the problem with every input it reads (prg_fast.ode.reach)."""
     first = first_evaluation(problem, x, problem.params, time_grad)
     direct: set = set()
     params = discover_params(first, list(problem.params), direct)
     explicit = {id(p) for p in spec.adjoint_params} if spec.adjoint_params is not None else set()
     params = check_computed_inputs(params, explicit, direct)
     return dataclasses.replace(problem, params=params), first
-
-
-def needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tensor:
@@ -97,7 +87,8 @@ def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tens
     first = None
     if tracked:
         problem, first = discover(problem, x, spec, time_grad)
-    differentiate = needs_grad(x, problem.params) or time_grad
+    differentiate = time_grad or torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in problem.params))
     coupling = spec.reversible_coupling
     if isinstance(strategy, ReversibleAdjoint):
         if first is not None:

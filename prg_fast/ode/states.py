@@ -1,11 +1,12 @@
 """The state of a solve: what it may be (check_state), and odeint's adapters that solve a scalar,
 complex or (nested) tuple state as one flat real tensor, as torchdiffeq allows.
 
-`adapt` returns the velocity, state, description and options of the equivalent real-tensor solve
-and the function that turns its result back; the solver's stage arithmetic is real-linear, so
-stepping the flat real view is stepping the original state, with exact gradients for each part.
+`adapt` returns the equivalent real-tensor solve and the function that turns its result back (the
+stage arithmetic is real-linear: stepping the flat real view is stepping the original state).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Callable, List, NamedTuple, Optional
 
@@ -87,7 +88,7 @@ def _complex(func, y0: torch.Tensor, spec: SolveDescription, options: dict) -> A
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     if spec.model_dtype is not None and spec.model_dtype.is_complex:
-        spec = spec.replace(model_dtype=spec.model_dtype.to_real())
+        spec = dataclasses.replace(spec, model_dtype=spec.model_dtype.to_real())
     if options.get("grid_constructor") is not None:
         ctor = options["grid_constructor"]  # called with the user's function and complex y0
         options = {**options, "grid_constructor": lambda f, y, tt: ctor(func, y0, tt)}
