@@ -18,12 +18,9 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch
-
-if TYPE_CHECKING:
-    from .strategies import FirstEvaluation
 
 MAX_DEPTH = 6
 MAX_ITEMS = 256  # larger containers (datasets, caches) are not searched
@@ -153,14 +150,13 @@ def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List
     return params
 
 
-def discover_params(first: Optional[FirstEvaluation], params: List[torch.Tensor],
-                     direct: Optional[set] = None) -> List[torch.Tensor]:
+def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
     module parameters, tensors closed over by a plain function, modules inside wrappers such as
     time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
     but reads only later is in `params` already: collect_params adds what prg_fast.ode.reach finds.)
 
-    The solve's first evaluation is run with a graph (strategies.first_evaluation, under the
+    `first`, the solve's first evaluation, is run with a graph (strategies.first_evaluation, under the
     caller's random state; the solve then reuses its output, so discovery costs no extra network
     evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
     requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
