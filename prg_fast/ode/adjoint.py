@@ -38,6 +38,7 @@ import torch
 from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
 from .module_state import TrainingModes, left_as_found
 from .strategies import EvaluationGraphs, Strategy
+from .vjp import evaluation_vjp
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
@@ -149,13 +150,8 @@ def _backward(ctx, grad_out: torch.Tensor):
             k, xi, tau = ctx.evals.with_graph(n, i, tau, xi, state)
             timed_leaf = want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
             inputs = [xi] + ([tau] if timed_leaf else []) + params
-            with torch.enable_grad():
-                # An evaluation whose output reads neither the state nor a parameter (a zero
-                # velocity, a function of t only) has no graph: it contributes nothing.
-                if k.requires_grad:
-                    grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True))
-                else:
-                    grads = [None] * len(inputs)
+            # the parameters' hooks do not run here: autograd runs them once on the returned total
+            grads = evaluation_vjp(k, inputs, g, p.reentrant)
             if not timed_leaf:
                 grads.insert(1, None)
             if want_tgrad:

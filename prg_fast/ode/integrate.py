@@ -48,6 +48,9 @@ class Problem:
     perturb: bool = False
     # The modules the velocity reaches (prg_fast.ode.reach), for their train/eval flags.
     modules: Sequence[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
+    # The velocity's graph runs a reentrant checkpoint (found by the adjoints' first evaluation):
+    # the VJPs then go through torch.autograd.backward (prg_fast.ode.vjp).
+    reentrant: bool = False
 
     @property
     def steps(self) -> int:

@@ -46,6 +46,7 @@ from .adjoint import accumulate
 from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, check_param_versions, param_versions,
                         restore_rng)
 from .module_state import TrainingModes, left_as_found
+from .vjp import evaluation_vjp
 
 DEFAULT_COUPLING = 0.999
 
@@ -176,6 +177,7 @@ def _backward(ctx, grad_out: torch.Tensor):
     arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
     ybar = torch.zeros_like(y)
     zbar = torch.zeros_like(z)
+    zbar_zero = True  # nothing has reached z yet: the outputs read only y
     # None until an evaluation reads the parameter: an unread one gets None, as in plain backprop
     acc: List[Optional[torch.Tensor]] = [None] * len(params)
     acc_dtype = [accumulator_dtype(q) for q in params]
@@ -187,20 +189,24 @@ def _backward(ctx, grad_out: torch.Tensor):
 
     def vjp(t, h, end, x, cot, state, buffers):
         """(x + Psi_h(t, x)) recomputed with graph; returns its value, cot^T d/dx, and cot^T
-        d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams."""
+        d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams.
+        cot None: a cotangent known to be zero (the last step's z, which no output reads): the
+        step is only recomputed, without graph, as plain backprop never differentiates it."""
         if buffers is not None:
             p.module_state.load(buffers)
-        xg = x.detach().requires_grad_(True)
-        if want_tgrad:
+        xg = x.detach().requires_grad_(cot is not None)
+        if want_tgrad and cot is not None:
             t, h = t.detach().requires_grad_(True), h.detach().requires_grad_(True)
         inputs = [xg] + ([t, h] if want_tgrad else []) + params
-        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
+        with torch.set_grad_enabled(cot is not None), \
+                torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
             if state is not None:
                 with restore_rng(state, ctx.device):
                     out = _base_step(p, t, h, xg, end)
             else:
                 out = _base_step(p, t, h, xg, end)
-            grads = list(torch.autograd.grad(out, inputs, cot, allow_unused=True))
+            # the parameters' hooks do not run here: autograd runs them once on the returned total
+            grads = evaluation_vjp(out, inputs, cot, p.reentrant) if cot is not None else [None] * len(inputs)
         tgrads = [None, None]
         if want_tgrad:
             tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]
@@ -223,7 +229,7 @@ def _backward(ctx, grad_out: torch.Tensor):
             buffers_g = states.pop()
             buffers_f = states.pop()
         # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
-        gy, gbar, (dt1, dmh) = vjp(t1, -h, t0, y, -zbar, state_g, buffers_g)
+        gy, gbar, (dt1, dmh) = vjp(t1, -h, t0, y, None if zbar_zero else -zbar, state_g, buffers_g)
         ybar = ybar + zbar + gbar
         z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
         # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
@@ -233,6 +239,7 @@ def _backward(ctx, grad_out: torch.Tensor):
             gtimes[n] += dt0 - dh
             gtimes[n + 1] += dt1 + dh
         zbar = zbar - lam * ybar + fbar
+        zbar_zero = False
         y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
         ybar = lam * ybar
     if 0 in arriving:

@@ -45,6 +45,7 @@ import torch
 
 from .integrate import Problem, autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState
+from .vjp import uses_reentrant_checkpoint
 
 STORES = ("stages", "steps")
 
@@ -182,6 +183,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         # later evaluation wrote a buffer either
         state.after_first_evaluation()
     problem.module_state = state
+    problem.reentrant = uses_reentrant_checkpoint(k)
     return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr, state=state)
 
 
