@@ -38,6 +38,8 @@ runs `solve_reversible` below under ordinary autograd) to ~1e-12 relative in flo
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -50,11 +52,56 @@ from .vjp import evaluation_vjp
 
 DEFAULT_COUPLING = 0.999
 
+# What the backward does when the initial state it rebuilds by the inverse steps differs from the
+# one the user passed by more than RECONSTRUCTION_TOL (relative, in the state's norm): see
+# check_reconstruction.
+RECONSTRUCTION_CHECKS = ("error", "warn", "off")
+RECONSTRUCTION_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
 
 def check_coupling(coupling) -> float:
     if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not 0.0 < float(coupling) <= 1.0:
         raise ValueError(f"reversible_coupling must be a number in (0, 1], got {coupling!r}")
     return float(coupling)
+
+
+def check_reconstruction_mode(value) -> str:
+    if not isinstance(value, str) or value not in RECONSTRUCTION_CHECKS:
+        raise ValueError(f'reversible_check must be "error", "warn" or "off", got {value!r}')
+    return value
+
+
+def reconstruction_error(y0: torch.Tensor, z0: torch.Tensor, x: torch.Tensor) -> float:
+    """max(|y0 - x|, |z0 - x|) / |x| (norms over the whole state): how far the inverse steps'
+    rebuilt initial pair lies from the initial state both y and z started from."""
+    x = x.detach().to(y0.dtype)
+    scale = x.norm().clamp_min(torch.finfo(y0.dtype).tiny)
+    return (torch.maximum((y0 - x).norm(), (z0 - x).norm()) / scale).item()
+
+
+def check_reconstruction(error: float, dtype: torch.dtype, mode: str) -> None:
+    """The reversible adjoint's gradients are exact only as far as the inverse steps rebuild the
+    forward's states. In floating point each inverse step amplifies the rounding of the one after
+    it by up to the network's local Lipschitz constant times h (and 1/lam): for a smooth velocity
+    the rebuilt initial state matches to rounding, for one with a large Lipschitz constant
+    (BatchNorm in train mode with large weights, sharp attention) it can drift by orders of
+    magnitude, and the gradient with it. The rebuilt initial state is compared with the one
+    passed (kept at no cost) and, above RECONSTRUCTION_TOL[state dtype], "error" raises, "warn"
+    warns with the figure, "off" does nothing."""
+    tol = RECONSTRUCTION_TOL.get(dtype, RECONSTRUCTION_TOL[torch.float32])
+    if mode == "off" or (error <= tol and math.isfinite(error)):
+        return
+    message = (
+        f"reversible=True: the backward rebuilt the initial state by the inverse steps with a relative error of "
+        f"{error:.3g} (tolerance {tol:g} for {dtype}), so its gradients are not those of the forward. The velocity "
+        "amplifies rounding too much for the algebraically reversible scheme (large Lipschitz constant x step size): "
+        "use more steps, a float64 state, or reversible=False (the stored adjoint is exact for any network); "
+        "reversible_check='warn' continues with a warning"
+    )
+    if mode == "warn":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return
+    raise RuntimeError(message)
 
 
 def _base_step(p: Problem, t: float, h: float, x: torch.Tensor, end=None) -> torch.Tensor:
@@ -134,9 +181,10 @@ def _inverse_step(p, lam, n, y, z):
 
 class ReversibleSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, times: Optional[torch.Tensor],
+    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, check: str, times: Optional[torch.Tensor],
                 x: torch.Tensor, *params: torch.Tensor):
         lam = check_coupling(coupling)
+        ctx.check = check_reconstruction_mode(check)
         rng: Optional[list] = [] if preserve_rng else None
         # buffers the velocity writes (BatchNorm in train mode, ...): kept per base step and loaded
         # back before each rerun, as the random states are
@@ -148,6 +196,10 @@ class ReversibleSolve(torch.autograd.Function):
         # The final pair is all the backward needs: every earlier state is reconstructed by the
         # exact inverse step. Saved through autograd so saved-tensor hooks apply and it is freed.
         ctx.save_for_backward(y, z)
+        # x, which the rebuilt initial state is checked against: an alias of the input (no copy,
+        # and not through saved-tensor hooks, which would copy it); if it is modified in place
+        # before the backward, the check is skipped (its version tells)
+        ctx.x0, ctx.x0_version = x.detach(), x._version
         ctx.problem, ctx.lam, ctx.rng, ctx.states = problem, lam, rng, states
         ctx.versions = param_versions(params)
         ctx.modes = TrainingModes(problem.modules)
@@ -162,7 +214,11 @@ class ReversibleSolve(torch.autograd.Function):
         # reruns under the forward's train/eval flags; the written buffers end as they were found
         with left_as_found(state), ctx.modes:
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[5:])
+        check_param_versions(ctx.problem.params, ctx.versions, grads[6:])
+        # after the version check: parameters changed in place also spoil the reconstruction, and
+        # that error names the cause
+        if getattr(ctx, "reconstruction_error", None) is not None:
+            check_reconstruction(ctx.reconstruction_error, ctx.problem.state_dtype, ctx.check)
         return grads
 
 
@@ -184,7 +240,7 @@ def _backward(ctx, grad_out: torch.Tensor):
     autocast_on, autocast_dtype = ctx.autocast
     # A tensor grid that requires grad: the base step's time and step size are leaves of each
     # recomputed step, so their gradients come out of the same VJP.
-    want_tgrad = p.times is not None and ctx.needs_input_grad[3]
+    want_tgrad = p.times is not None and ctx.needs_input_grad[4]
     gtimes = torch.zeros_like(p.times) if want_tgrad else None
 
     def vjp(t, h, end, x, cot, state, buffers):
@@ -244,6 +300,8 @@ def _backward(ctx, grad_out: torch.Tensor):
         ybar = lam * ybar
     if 0 in arriving:
         ybar = ybar + arriving.pop(0)
+    if ctx.check != "off" and ctx.x0._version == ctx.x0_version:
+        ctx.reconstruction_error = reconstruction_error(y, z, ctx.x0)
     gx = (ybar + zbar).to(ctx.x_dtype)
     grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(acc, params)]
-    return (None, None, None, gtimes, gx, *grad_params)
+    return (None, None, None, None, gtimes, gx, *grad_params)
