@@ -694,13 +694,16 @@ def odeint(
             t = torch.tensor(t, dtype=torch.float64)
         else:
             raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+    # every grid shape solves with the same options (a per-sample grid once dropped memory_budget/store)
+    kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params, batch_time=False,
+                  check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
+                  reversible=reversible, reversible_coupling=reversible_coupling,
+                  reversible_check=reversible_check, memory_budget=memory_budget,
+                  store=store, perturb=bool(options.get("perturb", False)))
     if t.dim() == 2:
         if options:
-            raise ValueError("options (step_size, grid_constructor) need a 1-D grid t, not a per-sample (T, B) grid")
-        return _odeint_per_sample(func, y0, t, method=method, adjoint=adjoint, backend=backend,
-                                  adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
-                                  preserve_rng_state=preserve_rng_state, reversible=reversible,
-                                  reversible_coupling=reversible_coupling, reversible_check=reversible_check)
+            raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
+        return _odeint_per_sample(func, y0, t, **kwargs)
     if t.dim() != 1 or t.numel() < 1:
         raise ValueError(f"t must be a 1-D tensor with at least one time (or (T, B) per sample), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -711,11 +714,6 @@ def odeint(
     diffs = [b - a for a, b in zip(grid[:-1], grid[1:])]
     if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         raise ValueError("t must be strictly increasing or strictly decreasing")
-    kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params, batch_time=False,
-                  check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                  reversible=reversible, reversible_coupling=reversible_coupling,
-                  reversible_check=reversible_check, memory_budget=memory_budget,
-                  store=store, perturb=bool(options.get("perturb", False)))
     if kwargs["perturb"] and t.requires_grad and torch.is_grad_enabled():
         raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
                          "for float grids: t must not require grad")
@@ -814,7 +812,7 @@ def _odeint_per_sample(func, y0: torch.Tensor, t: torch.Tensor, **kwargs) -> tor
             f"t must be strictly increasing or strictly decreasing for every sample; sample {b} has {values[:, b].tolist()}"
         )
     times = t.to(torch.float64)
-    return _solve(func, y0, values[:, 0].tolist(), list(range(t.shape[0])), batch_time=False, times=times, **kwargs)
+    return _solve(func, y0, values[:, 0].tolist(), list(range(t.shape[0])), times=times, **kwargs)
 
 
 def _tuple_leaves(y, name: str) -> List[torch.Tensor]:
