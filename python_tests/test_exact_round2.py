@@ -202,3 +202,37 @@ def test_odeint_per_sample_grid_honours_the_strategy(kw, forward_graphs, backwar
     prg_fast.odeint(net, y1, t, method="rk4", adjoint=False).pow(2).sum().backward()
     for g, r in zip(got, [y1.grad] + [q.grad for q in net.parameters()]):
         assert _rel(g, r) < 1e-12
+
+
+# ---- item 3: torch.utils.checkpoint(..., use_reentrant=True) inside the velocity --------------
+
+
+class ReentrantCheckpointed(TwoLayer):
+    def block(self, x, t):
+        return torch.tanh(self.a(x) + t[:, None])
+
+    def forward(self, t, x):
+        from torch.utils.checkpoint import checkpoint
+        return self.b(checkpoint(self.block, x, t, use_reentrant=True))
+
+
+def _grads_with_existing(net, kw):
+    """x's and the parameters' gradients of one solve, accumulated onto .grad already holding ones
+    (the solve must add its gradient to what the user had, as backprop does)."""
+    for q in net.parameters():
+        q.grad = torch.ones_like(q)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    prg_fast.reverse(net, x, steps=3, method="rk4", **kw).pow(2).sum().backward()
+    return [x.grad] + [q.grad.clone() for q in net.parameters()]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's own use_reentrant deprecation notes
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_reentrant_checkpoint_inside_the_velocity_is_exact(name):
+    torch.manual_seed(0)
+    net = ReentrantCheckpointed().double()
+    kw = _strategy(name, net, torch.randn(2, 3, dtype=torch.float64), steps=3, method="rk4")
+    got = _grads_with_existing(net, kw)
+    want = _grads_with_existing(net, _oracle_kw(kw))
+    for g, r in zip(got, want):
+        assert _rel(g, r) < 1e-12

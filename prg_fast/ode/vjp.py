@@ -13,11 +13,13 @@ So the per-evaluation VJPs here must not run them:
   (below), so they are muted as well.
 
 Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
-`torch.autograd.grad` and, inside its own backward, accumulates the parameters' gradients into
-their `.grad` with a nested `torch.autograd.backward`. When the velocity's graph holds one
-(`uses_reentrant_checkpoint`), the VJP is taken with `torch.autograd.backward(inputs=...)` into
-fresh accumulators: every input's `.grad` is set aside, the VJP accumulates into empty ones, they
-are read off as this evaluation's share and the user's `.grad` is put back.
+`torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
+parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
+velocity's graph holds one (`uses_reentrant_checkpoint`), the VJP is a plain
+`torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
+accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
+is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
+prg_fast.ode.reach finds and what graph discovery adds.)
 """
 from __future__ import annotations
 
@@ -82,24 +84,24 @@ def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotange
 
 
 def _backward_into_fresh(output: torch.Tensor, inputs: List[torch.Tensor], cotangent: torch.Tensor):
-    """The VJP through torch.autograd.backward, for graphs that refuse torch.autograd.grad: each
-    input's .grad is set aside and restored, what the VJP accumulated is returned."""
-    leaves = [q for q in inputs if q.is_leaf]
-    stash = [q.grad for q in leaves]
-    for q in leaves:
+    """The VJP through torch.autograd.backward, for graphs with a reentrant checkpoint (which
+    refuses torch.autograd.grad and backward(inputs=...)): every input's .grad is set aside, the
+    backward accumulates into empty ones, they are this evaluation's share, and the user's .grad
+    is put back."""
+    computed = [i for i, q in enumerate(inputs) if not q.is_leaf]
+    if computed:
+        # backward without inputs= would run on through such an input's own graph
+        raise RuntimeError(
+            "the velocity runs torch.utils.checkpoint(..., use_reentrant=True) and the solve's input "
+            f"{computed[0]} (adjoint_params) is computed outside the model: use use_reentrant=False in the "
+            "checkpoint, or adjoint=False"
+        )
+    stash = [q.grad for q in inputs]
+    for q in inputs:
         q.grad = None
     try:
-        torch.autograd.backward(output, cotangent, inputs=inputs)
-        got = {id(q): q.grad for q in leaves}
+        torch.autograd.backward(output, cotangent)
+        return [q.grad for q in inputs]
     finally:
-        for q, g in zip(leaves, stash):
+        for q, g in zip(inputs, stash):
             q.grad = g
-    # a non-leaf input (adjoint_params computed outside) gets its gradient through .grad only
-    # when it retains it; it is refused below rather than dropped
-    missing = [i for i, q in enumerate(inputs) if not q.is_leaf]
-    if missing:
-        raise RuntimeError(
-            "the velocity runs torch.utils.checkpoint(..., use_reentrant=True) and the solve has an input computed "
-            "outside the model (adjoint_params); use use_reentrant=False in the checkpoint, or adjoint=False"
-        )
-    return [got[id(q)] for q in inputs]
