@@ -236,3 +236,50 @@ def test_reentrant_checkpoint_inside_the_velocity_is_exact(name):
     want = _grads_with_existing(net, _oracle_kw(kw))
     for g, r in zip(got, want):
         assert _rel(g, r) < 1e-12
+
+
+# ---- item 4: with torch.nn.utils.parametrize.cached() around the solve -----------------------
+
+
+def _parametrized(kind):
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    net = TwoLayer()
+    wrap = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
+            "orthogonal": lambda m: parametrizations.orthogonal(m)}[kind]
+    net.a = wrap(net.a)
+    net.b = wrap(net.b)
+    return net.double()
+
+
+def _cached_grads(net, kw, backward_inside, touch_first):
+    from torch.nn.utils import parametrize
+    import copy
+    net = copy.deepcopy(net)  # spectral_norm's power-iteration buffers move: every run from the same
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    with parametrize.cached():
+        if touch_first:
+            net.a.weight  # computed (and cached) before the solve
+        loss = prg_fast.reverse(net, x, steps=3, method="rk4", **kw).pow(2).sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    return [x.grad] + [q.grad for q in net.parameters()] + [b.clone() for b in net.buffers()]
+
+
+@pytest.mark.parametrize("touch_first", [False, True])
+@pytest.mark.parametrize("backward_inside", [True, False])
+@pytest.mark.parametrize("kind", ["weight_norm", pytest.param("spectral_norm", marks=pytest.mark.slow),
+                                  pytest.param("orthogonal", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_parametrize_cached_around_the_solve_is_exact(name, kind, backward_inside, touch_first):
+    net = _parametrized(kind)
+    kw = _strategy(name, net, torch.randn(2, 3, dtype=torch.float64), steps=3, method="rk4")
+    got = _cached_grads(net, kw, backward_inside, touch_first)
+    want = _cached_grads(net, _oracle_kw(kw), backward_inside, touch_first)
+    assert len(got) == len(want)
+    for g, r in zip(got, want):
+        assert (g is None) == (r is None)
+        if r is not None:
+            assert _rel(g, r) < 1e-12

@@ -35,6 +35,7 @@ from typing import List, Optional
 
 import torch
 
+from . import parametrize_cache
 from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
 from .module_state import TrainingModes, left_as_found
 from .strategies import EvaluationGraphs, Strategy
@@ -89,7 +90,7 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         # reruns load each evaluation's buffers and run under the forward's train/eval flags; the
         # backward itself leaves both as it found them
-        with left_as_found(ctx.evals.state), ctx.modes:
+        with left_as_found(ctx.evals.state), ctx.modes, parametrize_cache.kept(ctx.problem.shared_parametrizations):
             grads = _backward(ctx, grad_out)
         check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
         return grads

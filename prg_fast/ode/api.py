@@ -21,6 +21,7 @@ from . import backends, fixed_grid
 from .adjoint import AdjointSolve
 from .graphs import graphed_solve
 from .integrate import Problem, solve
+from .parametrize_cache import SharedParametrizations
 from .reach import Reach, reachable
 from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, check_reconstruction_mode, solve_reversible
 from .solvers import get_tableau
@@ -460,6 +461,12 @@ def _solve(
     first = None
     if tracked:
         first = first_evaluation(problem, x, params)
+        # parametrizations cached around the solve (parametrize.cached()): their shared tensors are
+        # inputs of the solve, the originals reached only through them (prg_fast.ode.parametrize_cache)
+        shared = SharedParametrizations.of_now()
+        if shared is not None:
+            problem.shared_parametrizations = shared
+            params = params + [w for w in shared.tensors() if all(w is not q for q in params)]
         direct: set = set()
         params = _discover_params(first, params, direct)
         explicit = {id(p) for p in adjoint_params} if adjoint_params is not None else set()
@@ -471,7 +478,10 @@ def _solve(
     if reversible:
         coupling = check_coupling(reversible_coupling)
         if first is not None:
-            first.discard()  # the reversible scheme runs its own evaluations: discovery costs one
+            # the reversible scheme runs its own evaluations: discovery costs one (a cached
+            # parametrization is computed once per cache, and stays as the first evaluation left it)
+            shared = problem.shared_parametrizations
+            first.discard(SharedParametrizations.computing_modules(problem.modules) if shared is not None else ())
         if adjoint and differentiate:
             out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, reversible_check, times, x, *params)
         else:

@@ -51,6 +51,9 @@ class Problem:
     # The velocity's graph runs a reentrant checkpoint (found by the adjoints' first evaluation):
     # the VJPs then go through torch.autograd.backward (prg_fast.ode.vjp).
     reentrant: bool = False
+    # Parametrized tensors cached around the solve (prg_fast.ode.parametrize_cache), found by the
+    # adjoints' first evaluation; the backward's reruns read them.
+    shared_parametrizations: Optional[object] = field(default=None, repr=False, compare=False)
 
     @property
     def steps(self) -> int:

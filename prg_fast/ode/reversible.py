@@ -44,6 +44,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import parametrize_cache
 from .adjoint import accumulate
 from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, check_param_versions, param_versions,
                         restore_rng)
@@ -212,7 +213,7 @@ class ReversibleSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         state = ctx.problem.module_state if ctx.states is not None else None
         # reruns under the forward's train/eval flags; the written buffers end as they were found
-        with left_as_found(state), ctx.modes:
+        with left_as_found(state), ctx.modes, parametrize_cache.kept(ctx.problem.shared_parametrizations):
             grads = _backward(ctx, grad_out)
         check_param_versions(ctx.problem.params, ctx.versions, grads[6:])
         # after the version check: parameters changed in place also spoil the reconstruction, and

@@ -128,16 +128,18 @@ class FirstEvaluation:
         k, self.k = self.k, None
         return k
 
-    def discard(self) -> None:
+    def discard(self, keep: Sequence[torch.nn.Module] = ()) -> None:
         """Drop the output and put the random generators back to before the evaluation, for a
-        solver that does not reuse it (the reversible scheme): its draws are then its own."""
+        solver that does not reuse it (the reversible scheme): its draws are then its own. So are
+        the buffers it wrote, except those of the modules in `keep` (whose work is not redone: a
+        parametrization whose cached value the solve goes on reading)."""
         self.k = None
         cpu, cuda = self.rng
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, self.leaf.device)
         if self.state is not None:
-            self.state.load(self.state.first)
+            self.state.load(self.state.first, keep)
 
     def evaluator(self):
         """An evaluator for Problem.run that reuses the output at (0, 0), without its graph."""
