@@ -283,3 +283,33 @@ def test_parametrize_cached_around_the_solve_is_exact(name, kind, backward_insid
         assert (g is None) == (r is None)
         if r is not None:
             assert _rel(g, r) < 1e-12
+
+
+# ---- item 5: a lazy module before its first forward ------------------------------------------
+
+
+class LazyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.LazyLinear(5, dtype=torch.float64)
+        self.b = torch.nn.Linear(5, 3).double()
+
+    def forward(self, t, x):
+        return self.b(torch.tanh(self.a(x) + t[:, None]))
+
+
+def _lazy_grads(kw):
+    torch.manual_seed(0)  # the lazy weights are drawn at the first evaluation: same draws each run
+    net = LazyNet()
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    prg_fast.reverse(net, x, steps=3, method="rk4", **kw).pow(2).sum().backward()
+    return [x.grad] + [q.grad for q in net.parameters()]
+
+
+@pytest.mark.parametrize("name", sorted(s for s in STRATEGIES if s != "budget_partial"))
+def test_lazy_module_materialised_by_the_solve_is_exact(name):
+    kw = dict(STRATEGIES[name])
+    got, want = _lazy_grads(kw), _lazy_grads(_oracle_kw(kw))
+    assert len(got) == len(want) == 5
+    for g, r in zip(got, want):
+        assert _rel(g, r) < 1e-12

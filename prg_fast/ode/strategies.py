@@ -86,7 +86,9 @@ class SavedBytes:
     storage and the version counter (in-place checks still work) but has no grad_fn."""
 
     def __init__(self, exclude: Sequence[torch.Tensor] = ()):
-        self.exclude = {_storage_key(t)[0] for t in exclude}
+        # a lazy module's parameters have no storage before the first evaluation materialises them
+        # (they are parameters: pack excludes them as such)
+        self.exclude = {_storage_key(t)[0] for t in exclude if not torch.nn.parameter.is_lazy(t)}
         self.seen: set = set()
         self.nbytes = 0
 
