@@ -313,3 +313,54 @@ def test_lazy_module_materialised_by_the_solve_is_exact(name):
     assert len(got) == len(want) == 5
     for g, r in zip(got, want):
         assert _rel(g, r) < 1e-12
+
+
+# ---- item 6: nn.Embedding(max_norm=...) renormalises its weight in place inside its forward ---
+
+
+class EmbeddingNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = torch.nn.Embedding(4, 3, max_norm=1.0).double()
+        self.b = torch.nn.Linear(3, 3).double()
+        with torch.no_grad():
+            self.e.weight.mul_(3.0)  # rows beyond max_norm: the first lookups renormalise them
+
+    def forward(self, t, x):
+        idx = (x[:, 0].detach().abs() * 10).long() % 4
+        return self.b(torch.tanh(x + self.e(idx) + t[:, None]))
+
+
+def _embedding_grads(kw):
+    net = EmbeddingNet()
+    x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+    prg_fast.reverse(net, x, steps=3, method="rk4", **kw).pow(2).sum().backward()
+    return [x.grad] + [q.grad for q in net.parameters()] + [net.e.weight.detach().clone()]
+
+
+@pytest.mark.parametrize("name", sorted(s for s in STRATEGIES if s != "budget_partial"))
+def test_embedding_max_norm_is_exact(name):
+    kw = dict(STRATEGIES[name])
+    got, want = _embedding_grads(kw), _embedding_grads(_oracle_kw(kw))
+    for g, r in zip(got, want):
+        assert _rel(g, r) < 1e-12
+
+
+class ShrinkingNet(TwoLayer):
+    """Writes its own parameter in place on every call, not idempotently."""
+
+    def forward(self, t, x):
+        with torch.no_grad():
+            self.a.bias.mul_(0.5)
+        return torch.tanh(x * self.a.bias[:3]) + self.b.bias
+
+
+def test_non_idempotent_inplace_write_inside_the_model_is_named():
+    net = ShrinkingNet().double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=2, method="euler")
+    before = net.a.bias.detach().clone()
+    with pytest.raises(RuntimeError, match="writes a tensor it reads in place while it runs"):
+        out.sum().backward()
+    assert torch.equal(net.a.bias, before)  # put back as the forward left it

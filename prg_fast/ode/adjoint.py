@@ -36,7 +36,7 @@ from typing import List, Optional
 import torch
 
 from . import parametrize_cache
-from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
+from .integrate import Problem, accumulator_dtype, ParamVersions, param_versions
 from .module_state import TrainingModes, left_as_found
 from .strategies import EvaluationGraphs, Strategy
 from .vjp import evaluation_vjp
@@ -66,6 +66,7 @@ class AdjointSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, strategy: Strategy, times: Optional[torch.Tensor], x: torch.Tensor,
                 *params: torch.Tensor):
+        at_start = param_versions(params)  # a model writing its own parameters moves them (ParamVersions)
         # `times`: problem.times as an input (so its gradient is returned), or None on a float grid.
         # Which evaluations keep their graphs, the random states, the first evaluation's reuse:
         # prg_fast.ode.strategies.
@@ -81,7 +82,7 @@ class AdjointSolve(torch.autograd.Function):
         ctx.save_for_backward(*stored)
         ctx.problem, ctx.rng, ctx.evals = problem, evals.rng, evals
         ctx.x_dtype = x.dtype
-        ctx.versions = param_versions(params)
+        ctx.versions = ParamVersions(params, at_start)
         ctx.modes = TrainingModes(problem.modules)
         return torch.stack(outs)
 
@@ -90,9 +91,10 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         # reruns load each evaluation's buffers and run under the forward's train/eval flags; the
         # backward itself leaves both as it found them
+        ctx.versions.before_backward()
         with left_as_found(ctx.evals.state), ctx.modes, parametrize_cache.kept(ctx.problem.shared_parametrizations):
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
+        ctx.versions.after_backward(grads[4:])
         return grads
 
 

@@ -46,7 +46,7 @@ import torch
 
 from . import parametrize_cache
 from .adjoint import accumulate
-from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, check_param_versions, param_versions,
+from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, ParamVersions, param_versions,
                         restore_rng)
 from .module_state import TrainingModes, left_as_found
 from .vjp import evaluation_vjp
@@ -184,6 +184,7 @@ class ReversibleSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, check: str, times: Optional[torch.Tensor],
                 x: torch.Tensor, *params: torch.Tensor):
+        at_start = param_versions(params)  # a model writing its own parameters moves them (ParamVersions)
         lam = check_coupling(coupling)
         ctx.check = check_reconstruction_mode(check)
         rng: Optional[list] = [] if preserve_rng else None
@@ -202,7 +203,7 @@ class ReversibleSolve(torch.autograd.Function):
         # before the backward, the check is skipped (its version tells)
         ctx.x0, ctx.x0_version = x.detach(), x._version
         ctx.problem, ctx.lam, ctx.rng, ctx.states = problem, lam, rng, states
-        ctx.versions = param_versions(params)
+        ctx.versions = ParamVersions(params, at_start)
         ctx.modes = TrainingModes(problem.modules)
         ctx.x_dtype, ctx.device = x.dtype, x.device
         ctx.autocast = autocast_state(x.device.type)
@@ -213,9 +214,10 @@ class ReversibleSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         state = ctx.problem.module_state if ctx.states is not None else None
         # reruns under the forward's train/eval flags; the written buffers end as they were found
+        ctx.versions.before_backward()
         with left_as_found(state), ctx.modes, parametrize_cache.kept(ctx.problem.shared_parametrizations):
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[6:])
+        ctx.versions.after_backward(grads[6:])
         # after the version check: parameters changed in place also spoil the reconstruction, and
         # that error names the cause
         if getattr(ctx, "reconstruction_error", None) is not None:
