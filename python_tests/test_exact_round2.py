@@ -3,7 +3,6 @@ same solver on what users and libraries hang on their networks -- gradient hooks
 total), a reversible scheme whose reconstruction fails (a clear error, never a silent gradient),
 reentrant checkpoint, parametrize.cached(), lazy modules, in-place renorm, per-sample grids with
 memory_budget/store. Float64; the oracle is adjoint=False."""
-import math
 
 import pytest
 import torch
@@ -30,7 +29,6 @@ def _rel(a, b):
 def _strategy(name, model, x, **kw):
     s = STRATEGIES[name]
     if s == "partial":
-        from prg_fast.ode.strategies import first_evaluation  # noqa: F401  (budget of a few graphs)
         out = prg_fast.reverse(model, x, memory_budget=INF, **kw)
         node = out.grad_fn
         while "AdjointSolve" not in type(node).__name__:
