@@ -36,6 +36,7 @@ import torch
 from .integrate import Problem, accumulator_dtype
 from .description import StoredAdjoint
 from .strategies import EvaluationGraphs, FirstEvaluation
+from .vjp import evaluation_vjp
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
@@ -86,7 +87,7 @@ class AdjointSolve(torch.autograd.Function):
         replay = ctx.evals.replay
         with replay.backward():
             grads = _backward(ctx, grad_out)
-        replay.check_versions(ctx.problem.params, grads[5:])
+        replay.check_versions(grads[5:])
         return grads
 
 
@@ -164,9 +165,8 @@ class BackwardWalk:
         k, xi, tau = self.evals.with_graph(n, i, tau, xi)
         timed_leaf = self.want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
         inputs = [xi] + ([tau] if timed_leaf else []) + self.params
-        with torch.enable_grad():
-            # an evaluation whose output reads neither the state nor a parameter has no graph
-            grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True)) if k.requires_grad else [None] * len(inputs)
+        # the parameters' hooks do not run here: autograd runs them once on the returned total
+        grads = evaluation_vjp(k, inputs, g, self.p.reentrant)
         if not timed_leaf:
             grads.insert(1, None)
         if self.want_tgrad:

@@ -87,6 +87,7 @@ def reverse(
     cuda_graph: Union[bool, str] = False,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    reversible_check: str = "error",
     memory_budget: Optional[float] = None,
     store: str = "stages",
 ) -> torch.Tensor:
@@ -107,7 +108,8 @@ def reverse(
     spelled by `memory_budget=` (bytes of evaluation graphs kept to skip their recomputation;
     None: recompute all, float("inf"): keep all), `store="stages"|"steps"` (what the forward
     stores), `reversible=True` (McCallum & Foster's algebraically reversible scheme on `method`,
-    coupling `reversible_coupling` in (0, 1]; nothing stored; prg_fast.ode.reversible) and
+    coupling `reversible_coupling` in (0, 1]; nothing stored; its backward checks the state it
+    rebuilds, `reversible_check="error"|"warn"|"off"`: prg_fast.ode.reversible) and
     `preserve_rng_state` (replay dropout exactly) -- or by a strategy object as `adjoint=`
     (StoredAdjoint, ReversibleAdjoint, Backprop).
     """
@@ -119,8 +121,8 @@ def reverse(
     _check_model(model)
     spec = describe(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                     check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                    reversible=reversible, reversible_coupling=reversible_coupling, memory_budget=memory_budget,
-                    store=store)
+                    reversible=reversible, reversible_coupling=reversible_coupling, reversible_check=reversible_check,
+                    memory_budget=memory_budget, store=store)
     out = _dispatch(model, x, grid, spec, cuda_graph, "t, t0")
     return out[0] if save_at is None else out
 
@@ -165,6 +167,7 @@ def odeint(
     preserve_rng_state: bool = True,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    reversible_check: str = "error",
     memory_budget: Optional[float] = None,
     store: str = "stages",
     options: Optional[dict] = None,
@@ -192,8 +195,8 @@ def odeint(
     options = fixed_grid.check_options(options)
     spec = describe(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                     check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                    reversible=reversible, reversible_coupling=reversible_coupling, memory_budget=memory_budget,
-                    store=store, batch_time=False, perturb=bool(options.get("perturb", False)))
+                    reversible=reversible, reversible_coupling=reversible_coupling, reversible_check=reversible_check,
+                    memory_budget=memory_budget, store=store, batch_time=False, perturb=bool(options.get("perturb", False)))
     return _odeint(func, y0, t, spec, options)
 
 
@@ -204,7 +207,7 @@ def _odeint(func, y0, t, spec: SolveDescription, options: dict):
     states.check_state(y0, "y0", batched=False)
     if isinstance(t, torch.Tensor) and t.dim() == 2:
         if options:
-            raise ValueError("options (step_size, grid_constructor) need a 1-D grid t, not a per-sample (T, B) grid")
+            raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
         grid = odeint_per_sample_grid(t, y0)
         _check_model(func, "func")
         return run(func, y0, grid, spec)

@@ -32,6 +32,8 @@ from .solvers import ButcherTableau, get_tableau
 
 DEFAULT_COUPLING = 0.999
 STORES = ("stages", "steps")
+# what the reversible backward does when its rebuilt initial state is off (prg_fast.ode.reversible)
+RECONSTRUCTION_CHECKS = ("error", "warn", "off")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -57,6 +59,12 @@ def check_coupling(coupling) -> float:
     if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not 0.0 < float(coupling) <= 1.0:
         raise ValueError(f"reversible_coupling must be a number in (0, 1], got {coupling!r}")
     return float(coupling)
+
+
+def check_reconstruction_mode(value) -> str:
+    if not isinstance(value, str) or value not in RECONSTRUCTION_CHECKS:
+        raise ValueError(f'reversible_check must be "error", "warn" or "off", got {value!r}')
+    return value
 
 
 def _check_flag(value, name: str) -> bool:
@@ -91,14 +99,18 @@ class StoredAdjoint:
 
 @dataclass(frozen=True)
 class ReversibleAdjoint:
-    """The reversible scheme's adjoint: O(1) memory in the number of steps, 2x the evaluations."""
+    """The reversible scheme's adjoint: O(1) memory in the number of steps, 2x the evaluations;
+    `check` says what a rebuilt initial state off by more than the tolerance does ("error",
+    "warn", "off": prg_fast.ode.reversible.check_reconstruction)."""
 
     coupling: float = DEFAULT_COUPLING
     preserve_rng_state: bool = True
+    check: str = "error"
 
     def __post_init__(self):
         object.__setattr__(self, "coupling", check_coupling(self.coupling))
         _check_flag(self.preserve_rng_state, "preserve_rng_state")
+        check_reconstruction_mode(self.check)
 
 
 @dataclass(frozen=True)
@@ -117,12 +129,15 @@ STRATEGIES = (StoredAdjoint, ReversibleAdjoint, Backprop)
 
 
 def strategy_from_keywords(adjoint=True, reversible=False, reversible_coupling=DEFAULT_COUPLING,
-                           memory_budget=None, store="stages", preserve_rng_state=True) -> Strategy:
+                           memory_budget=None, store="stages", preserve_rng_state=True,
+                           reversible_check="error") -> Strategy:
     """The strategy the keywords spell; the one place invalid combinations are refused."""
+    check_reconstruction_mode(reversible_check)
     if isinstance(adjoint, STRATEGIES):
-        if (reversible, reversible_coupling, memory_budget, store) != (False, DEFAULT_COUPLING, None, "stages"):
+        if (reversible, reversible_coupling, memory_budget, store, reversible_check) != (
+                False, DEFAULT_COUPLING, None, "stages", "error"):
             raise ValueError(f"adjoint={adjoint!r} is a strategy object: leave reversible, reversible_coupling, "
-                             "memory_budget and store at their defaults (the object says them)")
+                             "reversible_check, memory_budget and store at their defaults (the object says them)")
         return adjoint
     _check_flag(adjoint, "adjoint")
     _check_flag(reversible, "reversible")
@@ -137,7 +152,7 @@ def strategy_from_keywords(adjoint=True, reversible=False, reversible_coupling=D
     if not adjoint:
         return Backprop(reversible_coupling if reversible else None)
     if reversible:
-        return ReversibleAdjoint(reversible_coupling, preserve_rng_state)
+        return ReversibleAdjoint(reversible_coupling, preserve_rng_state, reversible_check)
     return StoredAdjoint(memory_budget, store, preserve_rng_state)
 
 
@@ -165,7 +180,8 @@ class SolveDescription:
 
 def describe(*, method="rk4", backend="auto", adjoint=True, adjoint_params=None, check_finite=False,
              model_dtype=None, preserve_rng_state=True, reversible=False, reversible_coupling=DEFAULT_COUPLING,
-             memory_budget=None, store="stages", batch_time=True, perturb=False) -> SolveDescription:
+             reversible_check="error", memory_budget=None, store="stages", batch_time=True,
+             perturb=False) -> SolveDescription:
     """The description of a solve from the public keywords, every one checked here."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -177,7 +193,7 @@ def describe(*, method="rk4", backend="auto", adjoint=True, adjoint_params=None,
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"adjoint_params[{i}] must be a torch.Tensor, got {type(p).__name__}")
     strategy = strategy_from_keywords(adjoint, reversible, reversible_coupling, memory_budget, store,
-                                      preserve_rng_state)
+                                      preserve_rng_state, reversible_check)
     return SolveDescription(tableau=get_tableau(method), backend=backend, strategy=strategy,
                             check_finite=bool(check_finite), model_dtype=model_dtype, batch_time=batch_time,
                             perturb=perturb, adjoint_params=adjoint_params)

@@ -45,6 +45,11 @@ class Problem:
     perturb: bool = False
     # The modules the velocity reaches (prg_fast.ode.reach), for their train/eval flags.
     modules: Sequence[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
+    # found on the adjoints' first evaluation (prg_fast.ode.run.discover): a reentrant checkpoint in
+    # the velocity's graph (the VJPs then go through torch.autograd.backward: prg_fast.ode.vjp), and
+    # parametrized tensors cached around the solve, which the reruns read (parametrize_cache)
+    reentrant: bool = False
+    shared_parametrizations: Optional[object] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # the stage arithmetic (prg_fast.ode.backends.Backend): where float and tensor steps part

@@ -38,10 +38,47 @@ from typing import List, Optional, Tuple
 
 import torch
 
+import math
+import warnings
+
 from .adjoint import accumulate
 from .description import DEFAULT_COUPLING, ReversibleAdjoint, check_coupling
 from .integrate import Problem, accumulator_dtype
 from .replay import ReplayRecord
+from .vjp import evaluation_vjp
+
+# the rebuilt initial state's largest relative error the backward accepts (check_reconstruction)
+RECONSTRUCTION_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def reconstruction_error(y0: torch.Tensor, z0: torch.Tensor, x: torch.Tensor) -> float:
+    """max(|y0 - x|, |z0 - x|) / |x| (norms over the whole state): how far the inverse steps'
+    rebuilt initial pair lies from the initial state both y and z started from."""
+    x = x.detach().to(y0.dtype)
+    scale = x.norm().clamp_min(torch.finfo(y0.dtype).tiny)
+    return (torch.maximum((y0 - x).norm(), (z0 - x).norm()) / scale).item()
+
+
+def check_reconstruction(error: float, dtype: torch.dtype, mode: str) -> None:
+    """The gradients are exact only as far as the inverse steps rebuild the forward's states; each
+    amplifies the rounding of the next by up to the local Lipschitz constant times h (and 1/lam),
+    so a sharp velocity (BatchNorm in train mode with large weights) can drift by orders of
+    magnitude. The rebuilt initial state against the one passed, above RECONSTRUCTION_TOL[state
+    dtype]: "error" raises, "warn" warns with the figure, "off" does nothing."""
+    tol = RECONSTRUCTION_TOL.get(dtype, RECONSTRUCTION_TOL[torch.float32])
+    if mode == "off" or (error <= tol and math.isfinite(error)):
+        return
+    message = (
+        f"reversible=True: the backward rebuilt the initial state by the inverse steps with a relative error of "
+        f"{error:.3g} (tolerance {tol:g} for {dtype}), so its gradients are not those of the forward. The velocity "
+        "amplifies rounding too much for the algebraically reversible scheme (large Lipschitz constant x step size): "
+        "use more steps, a float64 state, or reversible=False (the stored adjoint is exact for any network); "
+        "reversible_check='warn' continues with a warning"
+    )
+    if mode == "warn":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return
+    raise RuntimeError(message)
 
 
 def _base_step(p: Problem, t, h, x: torch.Tensor, end) -> torch.Tensor:
@@ -118,13 +155,17 @@ class ReversibleSolve(torch.autograd.Function):
                 x: torch.Tensor, *params: torch.Tensor):
         # what each base step's rerun needs (random state, written buffers; autocast, train/eval
         # flags, parameter versions): prg_fast.ode.replay
-        replay = ReplayRecord(problem.module_state, problem.modules, x.device, strategy.preserve_rng_state, params)
+        replay = ReplayRecord(problem, x.device, strategy.preserve_rng_state, params)
         outs, y, z = _run(problem, x.to(problem.state_dtype), strategy.coupling, replay)
         replay.finish(reruns=True)
         # The final pair is all the backward needs: every earlier state is reconstructed by the
         # exact inverse step. Saved through autograd so saved-tensor hooks apply and it is freed.
         ctx.save_for_backward(y, z)
-        ctx.problem, ctx.lam, ctx.replay, ctx.x_dtype = problem, strategy.coupling, replay, x.dtype
+        # x, which the rebuilt initial state is checked against: an alias of the input (no copy,
+        # and not through saved-tensor hooks, which would copy it); if it is modified in place
+        # before the backward, the check is skipped (its version tells)
+        ctx.x0, ctx.x0_version = x.detach(), x._version
+        ctx.problem, ctx.strategy, ctx.replay, ctx.x_dtype = problem, strategy, replay, x.dtype
         return torch.stack(outs)
 
     @staticmethod
@@ -132,7 +173,11 @@ class ReversibleSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         with ctx.replay.backward():
             grads = _backward(ctx, grad_out)
-        ctx.replay.check_versions(ctx.problem.params, grads[4:])
+        ctx.replay.check_versions(grads[4:])
+        # after the version check: parameters changed in place also spoil the reconstruction, and
+        # that error names the cause
+        if getattr(ctx, "reconstruction_error", None) is not None:
+            check_reconstruction(ctx.reconstruction_error, ctx.problem.state_dtype, ctx.strategy.check)
         return grads
 
 
@@ -147,17 +192,20 @@ class BaseStepVJP:
         self.acc: List[Optional[torch.Tensor]] = [None] * len(self.params)
         self.acc_dtype = [accumulator_dtype(q) for q in self.params]
 
-    def __call__(self, e: int, t, h, end, x: torch.Tensor, cot: torch.Tensor):
+    def __call__(self, e: int, t, h, end, x: torch.Tensor, cot: Optional[torch.Tensor]):
         """Base step e (2n: F from t_n, 2n+1: G from t_{n+1}): its value, cot^T d/dx, and
-        [cot^T d/dt, cot^T d/dh] (a tensor grid whose gradient is wanted; else [None, None])."""
-        xg = x.detach().requires_grad_(True)
-        if self.want_tgrad:
+        [cot^T d/dt, cot^T d/dh] (a tensor grid whose gradient is wanted; else [None, None]).
+        cot None: a cotangent known to be zero (the last step's z, which no output reads): the
+        step is only recomputed, without graph, as plain backprop never differentiates it."""
+        xg = x.detach().requires_grad_(cot is not None)
+        if self.want_tgrad and cot is not None:
             # the base step's time and step size are leaves: their gradients come out of the same VJP
             t, h = t.detach().requires_grad_(True), h.detach().requires_grad_(True)
         inputs = [xg] + ([t, h] if self.want_tgrad else []) + self.params
-        with torch.enable_grad(), self.replay.rerun(e):
+        with torch.set_grad_enabled(cot is not None), self.replay.rerun(e):
             out = _base_step(self.p, t, h, xg, end)
-            grads = list(torch.autograd.grad(out, inputs, cot, allow_unused=True))
+            # the parameters' hooks do not run here: autograd runs them once on the returned total
+            grads = evaluation_vjp(out, inputs, cot, self.p.reentrant) if cot is not None else [None] * len(inputs)
         tgrads = [None, None]
         if self.want_tgrad:
             tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]
@@ -169,10 +217,11 @@ class BaseStepVJP:
 
 def _backward(ctx, grad_out: torch.Tensor):
     p: Problem = ctx.problem
-    lam = ctx.lam
+    lam = ctx.strategy.coupling
     y, z = (v.detach() for v in ctx.saved_tensors)
     arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
     ybar, zbar = torch.zeros_like(y), torch.zeros_like(z)
+    zbar_zero = True  # nothing has reached z yet: the outputs read only y
     want_tgrad = p.times is not None and ctx.needs_input_grad[2]
     gtimes = torch.zeros_like(p.times) if want_tgrad else None
     vjp = BaseStepVJP(p, ctx.replay, want_tgrad)
@@ -182,7 +231,7 @@ def _backward(ctx, grad_out: torch.Tensor):
         t0, t1 = p.point(n), p.point(n + 1)
         h = t1 - t0
         # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
-        gy, gbar, (dt1, dmh) = vjp(2 * n + 1, t1, -h, t0, y, -zbar)
+        gy, gbar, (dt1, dmh) = vjp(2 * n + 1, t1, -h, t0, y, None if zbar_zero else -zbar)
         ybar = ybar + zbar + gbar
         z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
         # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
@@ -191,10 +240,12 @@ def _backward(ctx, grad_out: torch.Tensor):
             dh = dh - dmh
             gtimes[n] += dt0 - dh
             gtimes[n + 1] += dt1 + dh
-        zbar = zbar - lam * ybar + fbar
+        zbar, zbar_zero = zbar - lam * ybar + fbar, False
         y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
         ybar = lam * ybar
     if 0 in arriving:
         ybar = ybar + arriving.pop(0)
+    if ctx.strategy.check != "off" and ctx.x0._version == ctx.x0_version:
+        ctx.reconstruction_error = reconstruction_error(y, z, ctx.x0)
     grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(vjp.acc, vjp.params)]
     return (None, None, gtimes, (ybar + zbar).to(ctx.x_dtype), *grad_params)

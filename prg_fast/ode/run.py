@@ -17,9 +17,11 @@ from .description import FLOAT_DTYPES, Backprop, ReversibleAdjoint, SolveDescrip
 from .grids import Grid
 from .integrate import Problem, solve
 from .module_state import ModuleState
+from .parametrize_cache import SharedParametrizations
 from .reach import check_computed_inputs, collect_params, discover_params, reachable
 from .reversible import ReversibleSolve, solve_reversible
 from .strategies import FirstEvaluation, first_evaluation
+from .vjp import uses_reentrant_checkpoint
 
 
 def dtypes(model, x: torch.Tensor, model_dtype: Optional[torch.dtype]) -> Tuple[torch.dtype, torch.dtype]:
@@ -67,13 +69,21 @@ def build_problem(func, x: torch.Tensor, grid: Grid, spec: SolveDescription, tra
 
 def discover(problem: Problem, x: torch.Tensor, spec: SolveDescription,
              time_grad: bool) -> Tuple[Problem, Optional[FirstEvaluation]]:
-    """The first evaluation, and the problem with every input it reads (prg_fast.ode.reach)."""
+    """The first evaluation, and the problem with every input it reads (prg_fast.ode.reach) and
+    what its graph holds (a reentrant checkpoint, parametrizations cached around the solve)."""
     first = first_evaluation(problem, x, problem.params, time_grad)
+    params = list(problem.params)
+    # parametrizations cached around the solve (parametrize.cached()): their shared tensors are
+    # inputs of the solve, the originals reached only through them (prg_fast.ode.parametrize_cache)
+    shared = SharedParametrizations.of_now() if first is not None else None
+    if shared is not None:
+        params += [w for w in shared.tensors() if all(w is not q for q in params)]
     direct: set = set()
-    params = discover_params(first, list(problem.params), direct)
+    params = discover_params(first, params, direct)
     explicit = {id(p) for p in spec.adjoint_params} if spec.adjoint_params is not None else set()
     params = check_computed_inputs(params, explicit, direct)
-    return dataclasses.replace(problem, params=params), first
+    reentrant = uses_reentrant_checkpoint(first.k) if first is not None else False
+    return dataclasses.replace(problem, params=params, reentrant=reentrant, shared_parametrizations=shared), first
 
 
 def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tensor:
@@ -92,7 +102,10 @@ def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tens
     coupling = spec.reversible_coupling
     if isinstance(strategy, ReversibleAdjoint):
         if first is not None:
-            first.discard()  # the reversible scheme runs its own evaluations: discovery costs one
+            # the reversible scheme runs its own evaluations: discovery costs one (a cached
+            # parametrization is computed once per cache, and stays as the first evaluation left it)
+            shared = problem.shared_parametrizations
+            first.discard(SharedParametrizations.computing_modules(problem.modules) if shared is not None else ())
         if differentiate:
             out = ReversibleSolve.apply(problem, strategy, times, x, *problem.params)
         else:

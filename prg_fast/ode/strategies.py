@@ -59,7 +59,9 @@ class SavedBytes:
     storage and the version counter (in-place checks still work) but has no grad_fn."""
 
     def __init__(self, exclude: Sequence[torch.Tensor] = ()):
-        self.exclude = {_storage_key(t)[0] for t in exclude}
+        # a lazy module's parameters have no storage before the first evaluation materialises them
+        # (they are parameters: pack excludes them as such)
+        self.exclude = {_storage_key(t)[0] for t in exclude if not torch.nn.parameter.is_lazy(t)}
         self.seen: set = set()
         self.nbytes = 0
 
@@ -101,13 +103,15 @@ class FirstEvaluation:
         k, self.k = self.k, None
         return k
 
-    def discard(self) -> None:
+    def discard(self, keep: Sequence[torch.nn.Module] = ()) -> None:
         """Drop the output and put the random generators back to before the evaluation, for a
-        solver that does not reuse it (the reversible scheme): its draws are then its own."""
+        solver that does not reuse it (the reversible scheme): its draws are then its own. So are
+        the buffers it wrote, except those of the modules in `keep` (whose work is not redone: a
+        parametrization whose cached value the solve goes on reading)."""
         self.k = None
         set_rng(self.rng, self.leaf.device)
         if self.state is not None:
-            self.state.load(self.state.first)
+            self.state.load(self.state.first, keep)
 
     def evaluator(self):
         """An evaluator for Problem.run that reuses the output at (0, 0), without its graph."""
@@ -173,7 +177,7 @@ class EvaluationGraphs:
         self.keep_from = total - self.kept_count  # evaluations e = n * s + i >= keep_from keep their graphs
         self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
         self.first = first
-        self.replay = ReplayRecord(problem.module_state, problem.modules, device, strategy.preserve_rng_state, params)
+        self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state, params)
 
     # -- forward ------------------------------------------------------------------------------
 
