@@ -13,7 +13,8 @@ engine alone. The modules, bottom to top:
     integrate    Problem: the one stage loop, evaluation checks
     reach        what the velocity reads: reach search, graph discovery, computed-input check
     module_state buffers the network writes while it runs, kept as plain backprop leaves them
-    replay       the replay record both adjoints rerun evaluations from
+    replay       the replay record both adjoints rerun evaluations from (with parametrize_cache)
+    vjp          the one VJP of an evaluation: hooks once on the total, reentrant checkpoints
     strategies   the first evaluation; which evaluation graphs the adjoint keeps, what it stores
     adjoint      the exact discrete adjoint (AdjointSolve)
     reversible   the algebraically reversible scheme and its adjoint (ReversibleSolve)

@@ -3,10 +3,9 @@ every layer reads, built and validated by `describe` (called by reverse / genera
 passed down whole; the CUDA-graph cache keys on it. Immutable: nothing below changes it.
 
 Adjoint strategies are documented objects (as diffrax's adjoints), every one exact; the keywords
-of reverse / generate / odeint (adjoint, memory_budget, store, reversible, reversible_coupling,
-preserve_rng_state) are their short spelling, and `strategy_from_keywords` is the one place that
-maps the keywords to a strategy and rejects invalid combinations. `adjoint=` also takes a
-strategy object itself. With K steps, s stages, E one evaluation's time, G its graph, S one state:
+of reverse / generate / odeint are their short spelling, `strategy_from_keywords` the one place
+that maps them and rejects invalid combinations, and `adjoint=` also takes an object. With K
+steps, s stages, G one evaluation's graph, S one state:
 
     StoredAdjoint(memory_budget=None, store="stages")   the default (adjoint=True). The forward
         stores every stage input (K*s*S; store="steps": one state per step, K*S, the backward then

@@ -13,13 +13,8 @@ from prg_fast.kernels.op_rules import accumulate_dtype  # noqa: F401  (re-export
 from .solvers import get_tableau
 
 
-def stage_combine(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    coeffs: Sequence[float],
-    alpha: float = 1.0,
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
+def stage_combine(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: Sequence[float], alpha: float = 1.0,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """alpha * base + sum_j coeffs[j] * terms[j], accumulated in float32/float64, cast to out_dtype."""
     out_dtype = base.dtype if out_dtype is None else out_dtype
     acc = accumulate_dtype(base, terms, out_dtype)
@@ -29,12 +24,8 @@ def stage_combine(
     return out.to(out_dtype)
 
 
-def stage_combine_rows(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    coeffs: torch.Tensor,
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
+def stage_combine_rows(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: torch.Tensor,
+                       out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Per-row coefficients: out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j + 1] * terms[j][b]
     with r = b, or r = 0 when coeffs has one row. Accumulated in float64 when base, the terms,
     out_dtype or coeffs is float64, else float32; cast to out_dtype (default base.dtype)."""
