@@ -51,6 +51,12 @@ def _check_model(model, name: str = "model") -> None:
         raise TypeError(f"{name} must be callable as {name}(t, x), got {type(model).__name__}")
 
 
+def _described(arguments: dict) -> dict:
+    """The call's own arguments that `describe` takes (each option is spelled once: the entry
+    point's keyword, forwarded here whole, and its field in the description)."""
+    return {k: v for k, v in arguments.items() if k in describe.__kwdefaults__}
+
+
 def _dispatch(model, x: torch.Tensor, grid: Grid, spec: SolveDescription, cuda_graph, names: str) -> torch.Tensor:
     """Run the solve, through a captured CUDA graph when asked for. A captured graph replays fixed
     float times: time tensors (per sample, or requiring grad under grad mode) run eagerly with
@@ -119,10 +125,7 @@ def reverse(
     check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
     grid = time_grid(t0, t1, steps, save_at, x)
     _check_model(model)
-    spec = describe(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
-                    check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                    reversible=reversible, reversible_coupling=reversible_coupling, reversible_check=reversible_check,
-                    memory_budget=memory_budget, store=store)
+    spec = describe(**_described(locals()))
     out = _dispatch(model, x, grid, spec, cuda_graph, "t, t0")
     return out[0] if save_at is None else out
 
@@ -147,7 +150,7 @@ def generate(
     check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
     grid = time_grid(t1, t_end, steps, None, z)
     _check_model(model)
-    unknown = sorted(set(options) - set(describe.__kwdefaults__) | {"batch_time", "perturb"} & set(options))
+    unknown = sorted(set(options) - set(_described(options)) | {"batch_time", "perturb"} & set(options))
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
     return _dispatch(model, z, grid, describe(**options), cuda_graph, "t, t_end")[0]
@@ -193,10 +196,7 @@ def odeint(
             "options=dict(step_size=...))", UserWarning, stacklevel=2,
         )
     options = fixed_grid.check_options(options)
-    spec = describe(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
-                    check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                    reversible=reversible, reversible_coupling=reversible_coupling, reversible_check=reversible_check,
-                    memory_budget=memory_budget, store=store, batch_time=False, perturb=bool(options.get("perturb", False)))
+    spec = describe(**_described(locals()), batch_time=False, perturb=bool(options.get("perturb", False)))
     return _odeint(func, y0, t, spec, options)
 
 
