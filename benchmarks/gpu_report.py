@@ -1,297 +1,476 @@
-"""Every GPU claim of the project measured in one command (issue 12).
+"""Every GPU claim of the project, measured under one global deadline (issue 24).
 
-    pip install --no-build-isolation -e . && python benchmarks/gpu_report.py --out $OUT/gpu
-    python benchmarks/gpu_report.py --out /tmp/smoke --smoke     # tiny sizes on the CPU (CI)
+    bash benchmarks/gpu_check.sh --out $OUT/gpu       # builds for sm_90, then runs this (8 min wall)
+    python benchmarks/gpu_report.py --out DIR          # this alone, on an already built checkout
+    python benchmarks/gpu_report.py --out DIR --smoke  # tiny sizes on the CPU (CI)
 
-Each part runs in its own subprocess with its own time limit (a slow or crashing part cannot lose
-the others' results) and writes DIR/parts/NAME.json; the parent writes DIR/report.json and
-DIR/report.md (one table per figure, device named). Every figure is a ratio against its anchor
-measured in the same run. Parts needing CUDA are reported as skipped, with the reason, in --smoke.
+Parts run in order of value, each in its own process group: build + info, correctness (the quick
+CUDA subset of the tests), the adjoint headline (P1-P3), fused-op bandwidth (P5), no-grad reverse
+and the CUDA-graph crossover (P4), a PRG finetuning step (P7, P8), compute-sanitizer. A part gets
+min(its own cap, the time left before the global deadline); a part still running then is killed
+and reported "cut" with the rows it had already written; a part with no time left is "not run".
+DIR/report.json and DIR/report.md are rewritten after every part, so a crash or a kill of the
+whole run keeps everything measured before it. DIR holds at most 8 files: report.json, report.md,
+build.log (gpu_check.sh), parts.log, pytest.log, kernels.json, sanitizer.log.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-# name -> time limit in seconds (full mode); the sum stays under 8 minutes on an H100
-PARTS = {"info": 30, "pytest_cuda": 120, "sanitizer": 90, "stage_combine": 40, "reverse": 60,
-         "graph_crossover": 30, "adjoint": 50, "finetune_step": 60}
+from gpu_results import render  # noqa: E402  (report.json -> markdown, shared with RESULTS.md)
+
+MIN_START_S = 8  # a part is not started with less time than this left (imports alone take seconds)
 
 
 class Skip(Exception):
-    pass
+    """A part that cannot run here; the message says why."""
 
 
-def _device(smoke):
-    import torch
-    if torch.cuda.is_available() and not smoke:
+@dataclass
+class Part:
+    name: str
+    cap_s: float  # its own limit on the GPU machine (the global deadline may leave it less)
+    claim: str  # what it proves
+    run: Callable[["Context"], dict]
+
+
+class Context:
+    """What a part's process gets: the mode, the folders, and progress() to save partial results."""
+
+    def __init__(self, name: str, smoke: bool, out: str, scratch: str, stall: Optional[str], cuda_set: str):
+        self.name, self.smoke, self.out, self.scratch, self.cuda_set = name, smoke, out, scratch, cuda_set
+        self.stall = stall == name
+        self.result_path = os.path.join(scratch, name + ".json")
+
+    def progress(self, result: dict) -> None:
+        """Save what is measured so far (atomically): a part cut by the deadline keeps it."""
+        tmp = self.result_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(tmp, self.result_path)
+        if self.stall:  # --stall NAME (tests): hang after the first progress, as a slow part would
+            time.sleep(1e6)
+
+    def device(self):
+        import torch
+
+        if self.smoke:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise Skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
         return torch.device("cuda")
-    return torch.device("cpu")
+
+    def run_logged(self, cmd: List[str], log_name: str = "parts.log", timeout: Optional[float] = None,
+                   on_line: Optional[Callable[[str], None]] = None) -> int:
+        """Run `cmd` (cwd: the repository root), appending its output to DIR/log_name; on_line is
+        called with every output line as it comes. Returns the exit status."""
+        with open(os.path.join(self.out, log_name), "a") as log:
+            log.write(f"\n== [{self.name}] {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=child_env())
+            start = time.monotonic()
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line:
+                    on_line(line)
+                if timeout is not None and time.monotonic() - start > timeout:
+                    proc.kill()
+                    log.write(f"== killed after its {timeout:.0f} s limit\n")
+                    break
+            return proc.wait()
 
 
-def _need_cuda(smoke):
-    import torch
-    if smoke:
-        raise Skip("--smoke runs on the CPU")
-    if not torch.cuda.is_available():
-        raise Skip("needs a CUDA GPU")
+def child_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
-def part_info(smoke):
-    import io
+# -------------------------------------------------------------------------------------------------
+# the parts, in order of value
+
+
+def part_info(ctx: Context) -> dict:
     import contextlib
+    import io
+
+    import torch
+
     import prg_fast
+    from prg_fast.ode import backends, ops
+
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         prg_fast.info()
-    return {"text": buf.getvalue()}
+    cuda = torch.cuda.is_available()
+    res = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "text": buf.getvalue(),
+           "device": torch.cuda.get_device_name(0) if cuda else "CPU", "cuda_ops": ops.CUDA_ERROR or "built"}
+    if cuda:
+        res["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        res["triton"] = backends.unavailable_reason("triton", torch.device("cuda")) or "usable"
+    if not ctx.smoke:
+        res["ok"] = cuda and not ops.CUDA_ERROR and res["triton"] == "usable"
+        if not res["ok"]:
+            res["reason"] = (f"CUDA ops: {res['cuda_ops']}; Triton: {res.get('triton', 'n/a')}" if cuda
+                             else "no CUDA device visible to torch")
+    return res
 
 
-def _cmd(cmd, limit):
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=limit)
-    except subprocess.TimeoutExpired:
-        return {"cmd": " ".join(cmd), "rc": "timeout", "tail": f"over its {limit} s limit"}
-    return {"cmd": " ".join(cmd), "rc": res.returncode, "tail": (res.stdout + res.stderr)[-3000:]}
+PYTEST_LINE = re.compile(r"^(\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")  # pytest -v, one per test
 
 
-def part_pytest_cuda(smoke):
-    _need_cuda(smoke)
-    out = _cmd([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "python_tests"], PARTS["pytest_cuda"] - 5)
-    return {"rows": [out], "ok": out["rc"] == 0}
+def part_correctness(ctx: Context) -> dict:
+    """The quick CUDA subset (python_tests/cuda_selection.py) or, with --cuda-set all, every
+    cuda-marked test; streamed to pytest.log, counted as it goes."""
+    marker = "cuda_quick" if ctx.cuda_set == "quick" else "cuda"
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rs", "--tb=short", "-p", "no:cacheprovider", "-m", marker,
+           "-o", "faulthandler_timeout=120", "python_tests"]
+    counts: Dict[str, int] = {}
+    failed: List[str] = []
+    res = {"selection": marker, "cmd": " ".join(cmd[1:]), "counts": counts, "failed": failed}
+    last = [0.0]
+
+    def on_line(line):
+        m = PYTEST_LINE.match(line)
+        if m:
+            counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+            if m.group(2) in ("FAILED", "ERROR"):
+                failed.append(m.group(1))
+            if time.monotonic() - last[0] > 2:
+                last[0] = time.monotonic()
+                ctx.progress(res)
+        elif line.startswith("SKIPPED [") and len(res.setdefault("skip_reasons", [])) < 8:
+            res["skip_reasons"].append(line.strip()[:300])
+
+    rc = ctx.run_logged(cmd, "pytest.log", on_line=on_line)
+    res["rc"] = rc
+    passed = counts.get("PASSED", 0)
+    # on a GPU every selected test must run: a skip there means a kernel was not built or not found
+    res["ok"] = rc in (0, 5) and not failed and (ctx.smoke or (passed > 0 and not counts.get("SKIPPED")))
+    if not res["ok"]:
+        res["reason"] = (f"pytest exit {rc}: {len(failed)} failed, {counts.get('SKIPPED', 0)} skipped, {passed} passed"
+                         " (on a GPU none may skip; pytest.log has the details)")
+    return res
 
 
-def part_sanitizer(smoke):
-    _need_cuda(smoke)
+def _adjoint_impls():
+    import adjoint_memory
+
+    want = ("backprop", "budget_0", "auto", "budget_inf", "reversible", "tdq", "tdq_adjoint")
+    return [i for i in want if i in adjoint_memory.IMPLS]
+
+
+def part_adjoint(ctx: Context) -> dict:
+    """P1-P3 through benchmarks/adjoint_memory.py, one call per K so each K is kept once measured."""
+    dev = ctx.device()
+    size = ["--model", "tiny", "--batch", "2", "--size", "8", "--reps", "1"] if ctx.smoke else \
+        ["--model", "cifar", "--batch", "32", "--size", "32", "--reps", "3"]
+    res = {"claim": "adjoint peak flat in K; time vs plain backprop; exact gradients (torchdiffeq's adjoint is not)",
+           "rows": []}
+    for k in ([1, 2] if ctx.smoke else [4, 16]):
+        folder = os.path.join(ctx.scratch, f"adjoint_k{k}")
+        cmd = [sys.executable, os.path.join(HERE, "adjoint_memory.py"), "--device", dev.type, "--method", "euler",
+               "--steps", str(k), "--impls", *_adjoint_impls(), "--grad-batch", "2", "--out", folder,
+               "--figures", folder, *size]
+        if ctx.run_logged(cmd) != 0:
+            raise RuntimeError(f"adjoint_memory.py failed at K={k} (parts.log has its output)")
+        for path in sorted(os.listdir(folder)):
+            if path.endswith(".json"):
+                with open(os.path.join(folder, path)) as f:
+                    data = json.load(f)
+                res["device"] = data["device"]
+                res["rows"] += [{k2: (round(v, 4) if isinstance(v, float) and k2 != "grad_rel_err" else v)
+                                 for k2, v in r.items()} for r in data["rows"]]
+        ctx.progress(res)
+    res["ratios"] = adjoint_ratios(res["rows"])
+    return res
+
+
+def adjoint_ratios(rows: List[dict]) -> dict:
+    """The headline ratios from adjoint_memory.py's rows: memory growth with K, memory and time
+    against plain backprop and against torchdiffeq's adjoint at the largest K."""
+    by = {(r["impl"], r["steps"]): r for r in rows}
+    ks = sorted({r["steps"] for r in rows})
+    lo, hi = ks[0], ks[-1]
+    out = {}
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        if (impl, lo) in by and (impl, hi) in by and by[impl, lo]["peak_mib"] > 0:
+            out[f"{impl} peak K{hi}/K{lo}"] = round(by[impl, hi]["peak_mib"] / by[impl, lo]["peak_mib"], 2)
+    for impl in ("budget_0", "auto"):
+        for anchor in ("backprop", "tdq_adjoint"):
+            if (impl, hi) in by and (anchor, hi) in by and by[anchor, hi]["peak_mib"] > 0:
+                out[f"{impl}/{anchor} peak K{hi}"] = round(by[impl, hi]["peak_mib"] / by[anchor, hi]["peak_mib"], 3)
+                out[f"{impl}/{anchor} time K{hi}"] = round(by[impl, hi]["seconds"] / by[anchor, hi]["seconds"], 3)
+    return out
+
+
+def part_kernels(ctx: Context) -> dict:
+    """P5 through benchmarks/kernels.py --device D --quick --out DIR (issue 26's interface)."""
+    dev = ctx.device()
+    folder = os.path.join(ctx.scratch, "kernels")
+    os.makedirs(folder, exist_ok=True)
+    lines: List[str] = []
+    cmd = [sys.executable, os.path.join(HERE, "kernels.py"), "--device", dev.type, "--quick", "--out", folder]
+    rc = ctx.run_logged(cmd, on_line=lines.append)
+    produced = os.path.join(folder, "kernels.json")
+    if not os.path.exists(produced) and os.path.exists(folder + ".json"):
+        produced = folder + ".json"  # kernels.py before issue 26 reads --out as a file stem
+    if not os.path.exists(produced):
+        tail = "".join(lines[-3:]).strip()
+        if rc != 0 and "unrecognized arguments" in tail:
+            raise Skip("benchmarks/kernels.py does not take --device/--quick/--out yet (issue 26 gives it them)")
+        raise Skip(f"benchmarks/kernels.py wrote no kernels.json (exit {rc}): {tail[-300:]}")
+    shutil.copy(produced, os.path.join(ctx.out, "kernels.json"))
+    with open(produced) as f:
+        data = json.load(f)
+    rows = (data.get("rows") or data.get("results") or []) if isinstance(data, dict) else data
+    rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    return {"claim": "fused op bandwidth / copy_ >= 0.85, and faster than the best torch formulation",
+            "device": data.get("device") if isinstance(data, dict) else None, "rows": rows[:40],
+            "file": "kernels.json", "rc": rc}
+
+
+def part_reverse(ctx: Context) -> dict:
+    """P4 through benchmarks/reverse_speed.py --no-backward: eager vs CUDA graph vs torchdiffeq."""
+    import reverse_speed
+
+    dev = ctx.device()
+    folder = os.path.join(ctx.scratch, "reverse")
+    sizes = ["--presets", "tiny", "--batches", "1", "2", "--size", "8", "--steps", "2", "--reps", "1"] if ctx.smoke \
+        else ["--presets", "tiny", "cifar", "--batches", "1", "4", "16", "64", "--size", "32", "--steps", "10",
+              "--reps", "5"]
+    res = {"claim": "no-grad reverse: tdq/prg >= 2 at batch <= 8; graphs pay where launch-bound", "rows": []}
+
+    def on_line(line):
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                return
+            # reverse_speed.py prints times in ms
+            res["rows"].append({(k + "_ms" if k in ("net", "prg", "prg_graph", "tdq") else k): v for k, v in row.items()})
+            ctx.progress(res)
+
+    cmd = [sys.executable, os.path.join(HERE, "reverse_speed.py"), "--device", dev.type, "--no-backward",
+           "--out", folder, *sizes]
+    if ctx.run_logged(cmd, on_line=on_line) != 0:
+        raise RuntimeError("reverse_speed.py failed (parts.log has its output)")
+    for r in res["rows"]:
+        r["tdq/prg"] = round(r["tdq_ms"] / r["prg_ms"], 3)
+        if "prg_graph_ms" in r:
+            r["tdq/prg_graph"] = round(r["tdq_ms"] / r["prg_graph_ms"], 3)
+            r["graph/eager"] = round(r["prg_graph_ms"] / r["prg_ms"], 3)
+    if dev.type == "cuda":
+        res["crossover"] = reverse_speed.graph_crossover(
+            [dict(preset=r["preset"], numel=r["numel"], prg=r["prg_ms"], prg_graph=r["prg_graph_ms"]) for r in res["rows"]])
+        res["note"] = ("cuda_graph='auto' captures up to PRG_FAST_CUDA_GRAPH_MAX_NUMEL (default 2**18) elements; "
+                       "keep it below the smallest stops_at_numel")
+    return res
+
+
+def part_finetune(ctx: Context) -> dict:
+    """P7, P8 through benchmarks/finetune_step.py: one PRG finetuning step vs the released way."""
+    dev = ctx.device()
+    path = os.path.join(ctx.scratch, "finetune_step.json")
+    sizes = ["--quick", "--reps", "1"] if ctx.smoke else ["--batch", "64", "--steps", "31", "--reps", "3"]
+    cmd = [sys.executable, os.path.join(HERE, "finetune_step.py"), "--device", dev.type, "--json", path, *sizes]
+    rc = ctx.run_logged(cmd)
+    if not os.path.exists(path):
+        raise RuntimeError(f"finetune_step.py failed (exit {rc}; parts.log has its output)")
+    with open(path) as f:
+        data = json.load(f)
+    rows = [{k: (round(v, 4) if isinstance(v, float) and k != "grad_rel_err" else v) for k, v in r.items()}
+            for r in data["rows"]]
+    return {"claim": "finetuning step: memory and images/s vs the released pipeline (odeint_adjoint, fp32); "
+                     "goal 3x with bf16 autocast", "device": data["device"], "args": data["args"],
+            "default_memory_budget": data.get("default_memory_budget"), "rows": rows, "ok": rc == 0,
+            **({} if rc == 0 else {"reason": f"finetune_step.py exited {rc} after writing its rows"})}
+
+
+def part_sanitizer(ctx: Context) -> dict:
+    """compute-sanitizer memcheck/racecheck on the CUDA kernels, only if it answers quickly."""
+    ctx.device()
+    if ctx.smoke:
+        raise Skip("--smoke runs on the CPU")
     tool = shutil.which("compute-sanitizer")
     if tool is None:
-        raise Skip("compute-sanitizer not on PATH")
+        raise Skip("compute-sanitizer is not on the PATH")
+    probe = [tool, "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-c",
+             "import torch; torch.ones(8, device='cuda').sum().item()"]
+    lines: List[str] = []
+    rc = ctx.run_logged(probe, "sanitizer.log", timeout=45, on_line=lines.append)
+    if rc != 0:
+        raise Skip(f"compute-sanitizer refused or did not answer within 45 s (exit {rc}): "
+                   f"{''.join(lines[-3:]).strip()[-300:]}")
     rows = []
     for check in ("memcheck", "racecheck"):
-        # CUDA kernels: every code path; Triton kernels: their cuda-marked tests
-        for target in (["python_tests/sanitize_cuda.py"],
-                       ["-m", "pytest", "-q", "-x", "-m", "cuda", "python_tests/test_triton_kernels.py"]):
-            rows.append(_cmd([tool, "--tool", check, "--error-exitcode", "1", sys.executable] + target, 20))
-    return {"rows": rows, "ok": all(r["rc"] == 0 for r in rows)}
+        cmd = [tool, "--tool", check, "--error-exitcode", "1", sys.executable, "python_tests/sanitize_cuda.py"]
+        rc = ctx.run_logged(cmd, "sanitizer.log", timeout=60)
+        rows.append({"tool": check, "target": "python_tests/sanitize_cuda.py", "rc": rc})
+        ctx.progress({"rows": rows})
+    ok = all(r["rc"] == 0 for r in rows)
+    return {"rows": rows, "ok": ok, **({} if ok else {"reason": "a check reported errors (sanitizer.log)"})}
 
 
-def part_stage_combine(smoke):
-    import kernels
-    dev = _device(smoke)
-    timer = kernels.Timer(dev, reps=3 if smoke else 10, warmup=1, batch_s=0.002 if smoke else 0.02)
-    res = kernels.run_device(dev, [12] if smoke else [20, 24, 26], [3], ["float32", "bf16"], timer)
-    rows = [{"log2n": r["log2n"], "dtype": r["dtype"], "terms": r["terms"], "copy_GBps": round(r["copy_GBps"], 1),
-             **{f"{b}/copy": round(v / r["copy_GBps"], 3) for b, v in r["GBps"].items()}} for r in res["rows"]]
-    return {"device": res["name"], "goal": "fused backend/copy >= 0.85", "rows": rows}
+PARTS = [
+    Part("info", 60, "the build: CUDA ops for this GPU, Triton usable", part_info),
+    Part("correctness", 150, "every CUDA/Triton op, dtype and strategy against the reference", part_correctness),
+    Part("adjoint", 100, "P1-P3: adjoint memory and time vs backprop vs torchdiffeq (cifar)", part_adjoint),
+    Part("kernels", 60, "P5: fused-op bandwidth vs copy_", part_kernels),
+    Part("reverse", 60, "P4: no-grad reverse, CUDA graphs, torchdiffeq; the crossover", part_reverse),
+    Part("finetune", 120, "P7, P8: a PRG finetuning step vs the released pipeline", part_finetune),
+    Part("sanitizer", 120, "compute-sanitizer memcheck/racecheck, if the machine allows it", part_sanitizer),
+]
 
 
-def _reverse_rows(smoke, batches, graph):
-    import torch
-    import torchdiffeq
-    import prg_fast
-    from prg_fast.models import UNet
-    from adjoint_memory import TorchdiffeqFunc
-    from reverse_speed import timer
-    dev = _device(smoke)
-    preset, size, steps = ("tiny", 8, 2) if smoke else ("cifar", 32, 10)
-    torch.manual_seed(0)
-    model = UNet.preset(preset, in_channels=3, image_size=size, dropout=0.0).to(dev).eval()
-    grid = torch.linspace(0, 1, steps + 1, device=dev)
-    rows = []
-    for b in batches:
-        x = torch.randn(b, 3, size, size, device=dev)
-        with torch.no_grad():
-            tdq = timer(lambda: torchdiffeq.odeint(TorchdiffeqFunc(model), x, grid, method="euler"), dev, 3)
-            prg = timer(lambda: prg_fast.reverse(model, x, steps=steps, method="euler"), dev, 3)
-            row = {"batch": b, "tdq_ms": round(tdq * 1e3, 3), "prg_ms": round(prg * 1e3, 3),
-                   "tdq/prg": round(tdq / prg, 3)}
-            if graph and dev.type == "cuda":
-                g = timer(lambda: prg_fast.reverse(model, x, steps=steps, method="euler", cuda_graph=True), dev, 3)
-                row.update({"prg_graph_ms": round(g * 1e3, 3), "tdq/prg_graph": round(tdq / g, 3),
-                            "graph/eager": round(g / prg, 3), "numel": x.numel()})
-            rows.append(row)
-    return dev, rows
+# -------------------------------------------------------------------------------------------------
+# running the parts under the deadline
 
 
-def part_reverse(smoke):
-    dev, rows = _reverse_rows(smoke, [1, 2] if smoke else [1, 8, 128], graph=True)
-    return {"device": str(dev), "goal": "tdq/prg >= 2 at batch <= 8 (euler, no grad)", "rows": rows}
-
-
-def part_graph_crossover(smoke):
-    _need_cuda(smoke)
-    dev, rows = _reverse_rows(smoke, [1, 4, 16, 64, 256], graph=True)
-    cross = next((r["numel"] for r in rows if r["graph/eager"] >= 0.95), None)
-    return {"device": str(dev), "rows": rows, "crossover_numel": cross,
-            "note": "set PRG_FAST_CUDA_GRAPH_MAX_NUMEL below crossover_numel (None: graphs paid at every size)"}
-
-
-def part_adjoint(smoke):
-    import adjoint_memory
-    dev = _device(smoke)
-    if dev.type != "cuda":
-        raise Skip("max_memory_allocated needs CUDA (benchmarks/adjoint_memory.py measures RSS on the CPU)")
-    args = argparse.Namespace(model="cifar", size=32, batch=32, method="euler", reps=2, grad_batch=4)
-    rows = []
-    for impl in ("prg_fast", "backprop"):
-        for k in (1, 31):
-            peak, sec = adjoint_memory.measure(args, impl, k, dev)
-            rows.append({"impl": impl, "K": k, "peak_MiB": round(peak / 2 ** 20, 1), "s": round(sec, 4)})
-    by = {(r["impl"], r["K"]): r for r in rows}
-    ratios = {"adjoint K31/K1 memory": by["prg_fast", 31]["peak_MiB"] / max(by["prg_fast", 1]["peak_MiB"], 1e-9),
-              "adjoint/backprop memory K31": by["prg_fast", 31]["peak_MiB"] / max(by["backprop", 31]["peak_MiB"], 1e-9),
-              "adjoint/backprop time K31": by["prg_fast", 31]["s"] / by["backprop", 31]["s"]}
-    errs = adjoint_memory.grad_errors(args, dev, 31)
-    return {"device": str(dev), "rows": rows, "ratios": ratios, "grad_errors": errs}
-
-
-def part_finetune_step(smoke):
-    import torch
-    import torchdiffeq
-    import prg_fast
-    from prg_fast.models import UNet, ClassifierHead
-    from adjoint_memory import TorchdiffeqFunc
-    from reverse_speed import timer
-    dev = _device(smoke)
-    preset, size, batch, steps = ("tiny", 8, 2, 2) if smoke else ("cifar", 32, 128, 31)
-    torch.manual_seed(0)
-    unet = UNet.preset(preset, in_channels=3, image_size=size, dropout=0.0).to(dev)
-    head = ClassifierHead((3, size, size), 10).to(dev)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(head.parameters()), lr=1e-5)
-    x = torch.randn(batch, 3, size, size, device=dev)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    grid = torch.linspace(0, 1, steps + 1, device=dev)
-
-    def pretrain():  # one flow-matching step: the memory anchor
-        t = torch.rand(batch, device=dev)
-        noise = torch.randn_like(x)
-        with amp:
-            v = unet(t, (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise)
-            loss = ((v.float() - (noise - x)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def prg_step():
-        with amp:
-            z = prg_fast.reverse(unet, x, steps=steps, method="euler", adjoint=True)
-            loss = torch.nn.functional.cross_entropy(head(z).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def released_step():  # the released PRG way: torchdiffeq odeint_adjoint, float32
-        z = torchdiffeq.odeint_adjoint(TorchdiffeqFunc(unet), x, grid, method="euler",
-                                       adjoint_params=list(unet.parameters()))[-1]
-        loss = torch.nn.functional.cross_entropy(head(z), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def peak(fn):
-        if dev.type != "cuda":
-            return None
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
-    reps = 1 if smoke else 3
-    t_prg, t_rel = timer(prg_step, dev, reps), timer(released_step, dev, reps)
-    m_pre, m_prg = peak(pretrain), peak(prg_step)
-    return {"device": str(dev), "goal": "memory prg/pretrain <= 1.2; images/s prg/released >= 3",
-            "rows": [{"preset": preset, "batch": batch, "steps": steps,
-                      "prg_img_s": round(batch / t_prg, 2), "released_img_s": round(batch / t_rel, 2),
-                      "prg/released img_s": round(t_rel / t_prg, 3),
-                      "pretrain_MiB": m_pre and round(m_pre, 1), "prg_MiB": m_prg and round(m_prg, 1),
-                      "prg/pretrain memory": (m_prg / m_pre) if m_pre else None}]}
-
-
-def run_part(name, smoke, out):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def run_part(part: Part, ctx: Context) -> None:
+    """In the part's own process: run it and save its result (status ok / skipped / failed)."""
     try:
-        res = {"status": "ok", **globals()["part_" + name](smoke)}
+        res = part.run(ctx)
+        res["status"] = "failed" if res.get("ok") is False else "ok"
     except Skip as e:
         res = {"status": "skipped", "reason": str(e)}
-    with open(os.path.join(out, "parts", name + ".json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    except Exception as e:  # the report says what broke; the next part still runs
+        res = _partial(ctx.result_path)
+        res.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+    ctx.progress(res)  # with --stall this part then hangs: the deadline must cut it and keep this
 
 
-def table(rows):
-    if not rows:
-        return "(no rows)\n"
-    cols = list(dict.fromkeys(k for r in rows for k in r if k != "tail"))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def _partial(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--part", help=argparse.SUPPRESS)
-    ap.add_argument("--only", nargs="*", choices=list(PARTS), help="run these parts only")
-    args = ap.parse_args(argv)
-    os.makedirs(os.path.join(args.out, "parts"), exist_ok=True)
-    if args.part:
-        run_part(args.part, args.smoke, args.out)
-        return 0
-    import torch
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU (smoke)"
-    report = {"device": device, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "torch": torch.__version__, "parts": {}}
-    for name, limit in PARTS.items():
-        if args.only and name not in args.only:
-            continue
-        path = os.path.join(args.out, "parts", name + ".json")
-        if os.path.exists(path):
-            os.remove(path)
-        t0 = time.time()
-        cmd = [sys.executable, __file__, "--out", args.out, "--part", name] + (["--smoke"] if args.smoke else [])
+def supervise(part: Part, args, scratch: str, deadline_at: float) -> dict:
+    """Run one part in its own process group under min(cap, time left); cut it at the deadline."""
+    left = deadline_at - time.monotonic()
+    if left < MIN_START_S:
+        return {"status": "not run", "reason": f"deadline: {max(left, 0):.0f} s left of --deadline {args.deadline:g}"}
+    cap = part.cap_s * (args.cap_scale if args.smoke else 1.0)
+    limit = min(cap, left)
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", part.name, "--out", args.out, "--scratch", scratch,
+           "--cuda-set", args.cuda_set] + (["--smoke"] if args.smoke else []) + \
+          (["--stall", args.stall] if args.stall else [])
+    t0 = time.monotonic()
+    with open(os.path.join(args.out, "parts.log"), "a") as log:
+        log.write(f"\n==== part {part.name} (limit {limit:.0f} s)\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                start_new_session=True)
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-            if os.path.exists(path):
-                with open(path) as f:
-                    part = json.load(f)
-            else:
-                part = {"status": "failed", "rc": res.returncode, "tail": res.stderr[-3000:]}
+            proc.wait(timeout=limit)
+            cut = None
         except subprocess.TimeoutExpired:
-            part = {"status": "timeout", "reason": f"over its {limit} s limit"}
-        part["seconds"] = round(time.time() - t0, 1)
-        report["parts"][name] = part
-        print(f"== {name}: {part['status']} ({part['seconds']} s) {part.get('reason', '')}", flush=True)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    md = [f"# prg_fast GPU report\n\nDevice: {device}; torch {report['torch']}; {report['date']}"
-          f"{' (smoke)' if args.smoke else ''}\n"]
-    for name, part in report["parts"].items():
-        md.append(f"\n## {name}: {part['status']} ({part['seconds']} s)\n")
-        for k in ("reason", "goal", "device", "crossover_numel", "note", "ratios", "grad_errors", "text"):
-            if part.get(k) is not None:
-                md.append(f"{k}: {part[k]}\n" if k != "text" else f"```\n{part[k]}```\n")
-        if part.get("rows"):
-            md.append(table(part["rows"]))
-        if part.get("tail"):
-            md.append(f"```\n{part['tail'][-1500:]}\n```\n")
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("\n".join(md))
-    print(f"wrote {args.out}/report.json and report.md")
-    bad = [n for n, p in report["parts"].items() if p["status"] in ("failed", "timeout") or p.get("ok") is False]
-    return 1 if bad else 0
+            os.killpg(proc.pid, signal.SIGKILL)  # the part and everything it started
+            proc.wait()
+            cut = "cut" if limit < cap else "timeout"
+    res = _partial(os.path.join(scratch, part.name + ".json"))
+    if cut:
+        why = "the global deadline" if cut == "cut" else f"its own {cap:.0f} s cap"
+        res.update(status=cut, reason=f"killed at {limit:.0f} s by {why}; rows measured before are kept")
+    elif "status" not in res:
+        res.update(status="failed", reason=f"exited {proc.returncode} without a result (parts.log has its output)")
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    return res
+
+
+def build_record(args) -> dict:
+    if args.build_rc is None:
+        return {"status": "skipped", "reason": "not built by this run (gpu_check.sh builds; --smoke does not)"}
+    rec = {"status": "ok" if args.build_rc == "0" else "failed", "rc": args.build_rc, "seconds": args.build_seconds,
+           "log": "build.log"}
+    log = os.path.join(args.out, "build.log")
+    if rec["status"] != "ok" and os.path.exists(log):
+        with open(log, errors="replace") as f:
+            rec["tail"] = f.read()[-2500:]
+    return rec
+
+
+def write_report(report: dict, out: str) -> None:
+    for name, text in (("report.json", json.dumps(report, indent=1, default=str)), ("report.md", render(report))):
+        tmp = os.path.join(out, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (at most 8 files)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; CUDA-only parts say skipped")
+    ap.add_argument("--deadline", type=float, default=420.0, help="seconds for all parts together (default 420)")
+    ap.add_argument("--only", nargs="+", choices=[p.name for p in PARTS], help="run these parts only")
+    ap.add_argument("--cuda-set", choices=("quick", "all"), default="quick",
+                    help="correctness: the quick subset (-m cuda_quick) or every cuda test (-m cuda)")
+    ap.add_argument("--cap-scale", type=float, default=2.0, help="--smoke: scale of each part's cap (slow CPUs)")
+    ap.add_argument("--build-rc", help=argparse.SUPPRESS)  # from gpu_check.sh
+    ap.add_argument("--build-seconds", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--stall", choices=[p.name for p in PARTS], help=argparse.SUPPRESS)  # tests of the deadline
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.part:
+        part = next(p for p in PARTS if p.name == args.part)
+        run_part(part, Context(part.name, args.smoke, args.out, args.scratch, args.stall, args.cuda_set))
+        return 0
+    start = time.monotonic()
+    deadline_at = start + args.deadline
+    report = {"smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "deadline_s": args.deadline, "build": build_record(args), "parts": {}}
+    scratch = tempfile.mkdtemp(prefix="prg_fast_gpu_report_")
+    try:
+        for part in PARTS:
+            if args.only and part.name not in args.only:
+                continue
+            res = supervise(part, args, scratch, deadline_at)
+            res["claim"] = res.get("claim", part.claim)
+            report["parts"][part.name] = res
+            if part.name == "info" and "device" in res:
+                report.update(device=res["device"], torch=res.get("torch"))
+            report["elapsed_s"] = round(time.monotonic() - start, 1)
+            write_report(report, args.out)
+            print(f"== {part.name}: {res['status']} ({res.get('seconds', 0)} s) {res.get('reason', '')}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_report(report, args.out)
+    print(f"wrote {args.out}/report.json and report.md ({report['elapsed_s']} s)")
+    failed = [n for n, p in report["parts"].items() if p["status"] in ("failed", "timeout")]
+    if report["build"]["status"] == "failed":
+        failed.insert(0, "build")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
