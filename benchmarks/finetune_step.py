@@ -245,25 +245,45 @@ def parse(argv=None):
     return args
 
 
-def measure(args):
-    device = torch.device(args.device)
-    setup = Setup(args, device)
-    secs, ratios = time_rows(setup, args.reps)
-    peaks = cuda_peaks(setup) if device.type == "cuda" else cpu_peaks(args)
-    del setup
-    errs = grad_errors(args, device) if args.grad_batch > 0 else {}
-    rows = [dict(impl=i, seconds=secs[i], images_per_s=args.batch / secs[i], time_vs_released=ratios[i],
-                 peak_mib=peaks[i] / 2 ** 20, grad_rel_err=errs.get(i)) for i in args.impls]
+def measure(args, save=lambda result: None):
+    """Times, then peaks, then gradient errors; `save` gets the result after each phase (a caller
+    with a deadline keeps what was measured)."""
     from adjoint_memory import device_name
 
-    return dict(device=device_name(device), torch=torch.__version__, default_memory_budget=repr(default_memory_budget()),
-                args={k: v for k, v in vars(args).items() if k not in ("passthrough", "worker", "json")}, rows=rows)
+    device = torch.device(args.device)
+    result = dict(device=device_name(device), torch=torch.__version__, default_memory_budget=repr(default_memory_budget()),
+                  args={k: v for k, v in vars(args).items() if k not in ("passthrough", "worker", "json")})
+    setup = Setup(args, device)
+    secs, ratios = time_rows(setup, args.reps)
+    result["rows"] = [dict(impl=i, seconds=secs[i], images_per_s=args.batch / secs[i], time_vs_released=ratios[i],
+                           peak_mib=None, grad_rel_err=None) for i in args.impls]
+    save(result)
+    peaks = cuda_peaks(setup) if device.type == "cuda" else cpu_peaks(args)
+    del setup
+    for r in result["rows"]:
+        r["peak_mib"] = peaks[r["impl"]] / 2 ** 20
+    save(result)
+    errs = grad_errors(args, device) if args.grad_batch > 0 else {}
+    for r in result["rows"]:
+        r["grad_rel_err"] = errs.get(r["impl"])
+    return result
+
+
+def save_json(path):
+    def save(result):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"saved: {path}", flush=True)
+
+    return save
 
 
 def table(result) -> str:
     lines = ["| row | ms / step | images/s | time / released | peak MiB | grad rel err (float64) |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        err = "n/a (bf16)" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:.1e}"
+        err = "n/a (bf16)" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:.1e}"  # not measured at bf16
         lines.append(f"| {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['images_per_s']:.1f} | {r['time_vs_released']:.2f} | "
                      f"{r['peak_mib']:.1f} | {err} |")
     return "\n".join(lines)
@@ -277,13 +297,11 @@ def main(argv=None):
     a = args
     print(f"PRG finetuning step: UNet {a.preset} {a.size}x{a.size}, batch {a.batch}, K={a.steps} Euler, beta={a.beta}, "
           f"{a.device}; default memory_budget={default_memory_budget()!r}; median of {a.reps} interleaved repeats", flush=True)
-    result = measure(args)
+    save = save_json(args.json) if args.json else (lambda result: None)
+    result = measure(args, save)
+    save(result)
     print(f"device: {result['device']}; torch {result['torch']}")
     print(table(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

