@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -85,17 +86,36 @@ class Context:
             log.flush()
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env=child_env())
-            start = time.monotonic()
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if on_line:
-                    on_line(line)
-                if timeout is not None and time.monotonic() - start > timeout:
-                    proc.kill()
-                    log.write(f"== killed after its {timeout:.0f} s limit\n")
-                    break
-            return proc.wait()
+            # a watchdog, not a check per line: a command that hangs silently is stopped too
+            watchdog = threading.Timer(timeout, kill_tree, (proc,)) if timeout is not None else None
+            if watchdog:
+                watchdog.start()
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    if on_line:
+                        on_line(line)
+                rc = proc.wait()
+            finally:
+                if watchdog:
+                    watchdog.cancel()
+            if rc == -signal.SIGKILL and timeout is not None:
+                log.write(f"== killed at its {timeout:.0f} s limit\n")
+            return rc
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a command and what it started (compute-sanitizer runs its target as a child, which
+    would otherwise keep the output pipe open); the process group stays the part's own."""
+    try:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+    except Exception:  # psutil missing, or the process already gone: the command itself still goes
+        pass
+    proc.kill()
 
 
 def child_env() -> dict:
