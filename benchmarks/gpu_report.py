@@ -349,10 +349,12 @@ def part_sanitizer(ctx: Context) -> dict:
         raise Skip(f"compute-sanitizer refused or did not answer within 45 s (exit {rc}): "
                    f"{''.join(lines[-3:]).strip()[-300:]}")
     rows = []
-    for check in ("memcheck", "racecheck"):
-        cmd = [tool, "--tool", check, "--error-exitcode", "1", sys.executable, "python_tests/sanitize_cuda.py"]
+    triton_tests = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "cuda_quick", "python_tests/test_triton_cuda.py"]
+    for check, target in (("memcheck", ["python_tests/sanitize_cuda.py"]), ("racecheck", ["python_tests/sanitize_cuda.py"]),
+                          ("memcheck", triton_tests)):
+        cmd = [tool, "--tool", check, "--error-exitcode", "1", sys.executable, *target]
         rc = ctx.run_logged(cmd, "sanitizer.log", timeout=60)
-        rows.append({"tool": check, "target": "python_tests/sanitize_cuda.py", "rc": rc})
+        rows.append({"tool": check, "target": " ".join(target[-1:]), "rc": rc})
         ctx.progress({"rows": rows})
     ok = all(r["rc"] == 0 for r in rows)
     return {"rows": rows, "ok": ok, **({} if ok else {"reason": "a check reported errors (sanitizer.log)"})}
@@ -394,6 +396,20 @@ def _partial(path: str) -> dict:
         return {}
 
 
+RUNNING: List[Optional[subprocess.Popen]] = [None]  # the part running now, for the signal handler
+
+
+def stop_on_signal(signum, frame):
+    """Terminated from outside (a tool's timeout): take the running part's group down too; the
+    report on disk already holds every part finished before."""
+    if RUNNING[0] is not None:
+        try:
+            os.killpg(RUNNING[0].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def supervise(part: Part, args, scratch: str, deadline_at: float) -> dict:
     """Run one part in its own process group under min(cap, time left); cut it at the deadline."""
     left = deadline_at - time.monotonic()
@@ -408,8 +424,10 @@ def supervise(part: Part, args, scratch: str, deadline_at: float) -> dict:
     with open(os.path.join(args.out, "parts.log"), "a") as log:
         log.write(f"\n==== part {part.name} (limit {limit:.0f} s)\n")
         log.flush()
+        # its own process group (not a new session: a kill of the whole command still reaches it)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                                start_new_session=True)
+                                preexec_fn=os.setpgrp)
+        RUNNING[0] = proc
         try:
             proc.wait(timeout=limit)
             cut = None
@@ -417,6 +435,7 @@ def supervise(part: Part, args, scratch: str, deadline_at: float) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)  # the part and everything it started
             proc.wait()
             cut = "cut" if limit < cap else "timeout"
+        RUNNING[0] = None
     res = _partial(os.path.join(scratch, part.name + ".json"))
     if cut:
         why = "the global deadline" if cut == "cut" else f"its own {cap:.0f} s cap"
@@ -476,6 +495,8 @@ def main(argv=None) -> int:
     report = {"smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "deadline_s": args.deadline, "build": build_record(args), "parts": {}}
     scratch = tempfile.mkdtemp(prefix="prg_fast_gpu_report_")
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
     try:
         for part in PARTS:
             if args.only and part.name not in args.only:
