@@ -263,10 +263,27 @@ def part_kernels(ctx: Context) -> dict:
     with open(produced) as f:
         data = json.load(f)
     rows = (data.get("rows") or data.get("results") or []) if isinstance(data, dict) else data
-    rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    rows = flat_rows([r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else [])
     return {"claim": "fused op bandwidth / copy_ >= 0.85, and faster than the best torch formulation",
             "device": data.get("device") if isinstance(data, dict) else None, "rows": rows[:40],
             "file": "kernels.json", "rc": rc}
+
+
+def flat_rows(rows: List[dict]) -> List[dict]:
+    """Rows nested one level (per device: {"name": ..., "rows": [...]}) as flat table rows, each
+    with its parent's plain fields; a dict of figures ({"GBps": {"cuda": ...}}) as "GBps:cuda"."""
+    def plain(row):
+        out = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                out.update({f"{k}:{sub}": x for sub, x in v.items() if not isinstance(x, (dict, list))})
+        return out
+
+    out = []
+    for row in rows:
+        nested = [v for v in row.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        out += [{**plain(row), **plain(x)} for v in nested for x in v] if nested else [plain(row)]
+    return out
 
 
 def part_reverse(ctx: Context) -> dict:

@@ -16,7 +16,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import gpu_results  # noqa: E402
-from gpu_report import Context, adjoint_ratios  # noqa: E402
+from gpu_report import Context, adjoint_ratios, flat_rows  # noqa: E402
 from reverse_speed import graph_crossover  # noqa: E402
 
 MAX_FILES = 8  # what the device tool brings back from $OUT
@@ -182,6 +182,13 @@ def test_adjoint_ratios():
     assert r["backprop peak K16/K4"] == 4.0 and r["budget_0 peak K16/K4"] == 1.1
     assert r["budget_0/backprop peak K16"] == 0.055 and r["budget_0/backprop time K16"] == 1.5
     assert r["budget_0/tdq_adjoint time K16"] == 0.75
+
+
+def test_flat_rows_of_a_nested_benchmark_json():
+    rows = [{"device": "cuda", "rows": [{"n": 1, "GBps": {"cuda": 2.0, "triton": 3.0}}, {"n": 2, "GBps": {}}]},
+            {"device": "cpu", "note": {"a": 1}}]
+    assert flat_rows(rows) == [{"device": "cuda", "n": 1, "GBps:cuda": 2.0, "GBps:triton": 3.0},
+                               {"device": "cuda", "n": 2}, {"device": "cpu", "note:a": 1}]
 
 
 def test_a_silent_command_and_its_children_are_stopped_at_their_limit(tmp_path):
