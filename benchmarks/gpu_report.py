@@ -163,7 +163,7 @@ def part_correctness(ctx: Context) -> dict:
     cuda-marked test; streamed to pytest.log, counted as it goes."""
     marker = "cuda_quick" if ctx.cuda_set == "quick" else "cuda"
     cmd = [sys.executable, "-m", "pytest", "-v", "-rs", "--tb=short", "-p", "no:cacheprovider", "-m", marker,
-           "-o", "faulthandler_timeout=120", "python_tests"]
+           "-o", "faulthandler_timeout=120", *cuda_test_files()]
     counts: Dict[str, int] = {}
     failed: List[str] = []
     res = {"selection": marker, "cmd": " ".join(cmd[1:]), "counts": counts, "failed": failed}
@@ -190,6 +190,15 @@ def part_correctness(ctx: Context) -> dict:
         res["reason"] = (f"pytest exit {rc}: {len(failed)} failed, {counts.get('SKIPPED', 0)} skipped, {passed} passed"
                          " (pytest.log has the details)")
     return res
+
+
+def cuda_test_files() -> List[str]:
+    """The test files that mark anything `cuda` (collecting only these saves most of the suite's
+    import time; a file marks its tests through pytest.mark.cuda, so the text is there)."""
+    folder = os.path.join(ROOT, "python_tests")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("test_") and n.endswith(".py"))
+    return [os.path.join("python_tests", n) for n in names
+            if "mark.cuda" in open(os.path.join(folder, n), encoding="utf-8").read()]
 
 
 def _adjoint_impls():

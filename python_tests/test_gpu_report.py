@@ -16,7 +16,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import gpu_results  # noqa: E402
-from gpu_report import Context, adjoint_ratios, flat_rows  # noqa: E402
+from gpu_report import Context, adjoint_ratios, cuda_test_files, flat_rows  # noqa: E402
 from reverse_speed import graph_crossover  # noqa: E402
 
 MAX_FILES = 8  # what the device tool brings back from $OUT
@@ -65,6 +65,8 @@ def test_quick_subset_runs_every_cuda_test_function():
     functions = {re.sub(r"\[.*$", "", node) for node in every}
     assert functions == {re.sub(r"\[.*$", "", node) for node in quick}
     assert len(quick) * 4 < len(every), (len(quick), len(every))
+    # the report collects only the files that mark anything cuda: every cuda test is in one of them
+    assert {node.split("::")[0] for node in every} <= set(cuda_test_files())
 
 
 # -------------------------------------------------------------------------------------------------
