@@ -14,6 +14,7 @@
 #   --no-build       use the extension already built in this checkout
 #   --smoke          --no-build, and the report's CPU smoke mode
 #   --cuda-set all   correctness runs every cuda-marked test instead of the quick subset
+#   --only PART...   run these report parts only (a rerun: --no-build --wall 240 --only correctness)
 # Needs nothing beyond the checkout: no network (pip runs with --no-index --no-deps), no ../shared.
 set -uo pipefail
 
@@ -26,11 +27,12 @@ main() {
   WALL=480
   BUILD=1
   SMOKE=()
+  ONLY=()
   CUDA_SET=quick
   BUILD_LIMIT=240  # a build still running then is stopped: the report runs anyway and says so
   MARGIN=15        # seconds kept for the report's last write and the interpreter's exit
 
-  usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+  usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
   while [ $# -gt 0 ]; do
     case "$1" in
       --out) OUT=$2; shift 2 ;;
@@ -39,6 +41,7 @@ main() {
       --no-build) BUILD=0; shift ;;
       --smoke) BUILD=0; SMOKE=(--smoke); shift ;;
       --cuda-set) CUDA_SET=$2; shift 2 ;;
+    --only) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do ONLY+=("$1"); shift; done ;;
       -h|--help) usage; exit 0 ;;
       *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -100,7 +103,7 @@ main() {
   [ "$DEADLINE" -lt 0 ] && DEADLINE=0
   echo "== report: deadline $DEADLINE s (out: $OUT)"
   "$PY" benchmarks/gpu_report.py --out "$OUT" --deadline "$DEADLINE" --cuda-set "$CUDA_SET" \
-    ${BUILD_ARGS[@]+"${BUILD_ARGS[@]}"} ${SMOKE[@]+"${SMOKE[@]}"}
+    ${BUILD_ARGS[@]+"${BUILD_ARGS[@]}"} ${SMOKE[@]+"${SMOKE[@]}"} ${ONLY[@]+--only "${ONLY[@]}"}
   RC=$?
   echo "== gpu_check: done in $(($(date +%s) - START)) s (exit $RC); $OUT/report.md has the figures"
   return $RC

@@ -3,6 +3,7 @@ benchmarks/RESULTS.md (written from the JSON by this script, never by hand).
 
     python benchmarks/gpu_results.py DIR/report.json                 # replace RESULTS.md's GPU section
     python benchmarks/gpu_results.py DIR/report.json --print         # show it only
+    python benchmarks/gpu_results.py FIRST/report.json RERUN/report.json   # a rerun's parts replace the first's
 """
 from __future__ import annotations
 
@@ -82,15 +83,27 @@ def replace_section(text: str, section: str) -> str:
     return text.rstrip("\n") + "\n\n" + section
 
 
+def merge(reports) -> dict:
+    """One report from a run and its reruns (`--only PART...`): each later report's parts replace
+    the earlier ones of the same name; the header says which runs it comes from."""
+    merged = dict(reports[0], parts=dict(reports[0].get("parts", {})))
+    for later in reports[1:]:
+        merged["parts"].update(later.get("parts", {}))
+        merged["date"] = f"{merged.get('date')}, rerun {later.get('date')} ({', '.join(later.get('parts', {}))})"
+    return merged
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("report", help="report.json of benchmarks/gpu_check.sh")
+    ap.add_argument("reports", nargs="+", help="report.json of benchmarks/gpu_check.sh (then of its reruns)")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--print", action="store_true", help="print the section instead of writing it")
     args = ap.parse_args(argv)
-    with open(args.report) as f:
-        report = json.load(f)
-    section = results_section(report)
+    reports = []
+    for path in args.reports:
+        with open(path) as f:
+            reports.append(json.load(f))
+    section = results_section(merge(reports))
     if args.print:
         print(section)
         return 0

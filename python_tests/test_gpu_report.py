@@ -150,8 +150,20 @@ def test_results_section_replaces_only_its_own_block(tmp_path):
     assert "NVIDIA H100" in results.read_text() and "NVIDIA H200" not in results.read_text()
 
 
-def _write(tmp_path, report):
-    path = tmp_path / "report.json"
+def test_a_rerun_replaces_only_its_parts(tmp_path):
+    rerun = {"date": "2026-12-03 12:10 UTC", "parts": {"adjoint": {"status": "ok", "seconds": 60, "rows": []}}}
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Measured results\n")
+    first = _write(tmp_path, REPORT)
+    second = _write(tmp_path, rerun, "rerun.json")
+    assert gpu_results.main([first, second, "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "### adjoint: ok" in text and "### adjoint: cut" not in text and "### sanitizer: skipped" in text
+    assert "rerun 2026-12-03 12:10 UTC (adjoint)" in text
+
+
+def _write(tmp_path, report, name="report.json"):
+    path = tmp_path / name
     path.write_text(json.dumps(report))
     return str(path)
 
