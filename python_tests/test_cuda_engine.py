@@ -52,10 +52,11 @@ def test_strategy_equals_backprop_on_cuda(conv, strategy, backend, method):
     ref_kw = dict(adjoint=False, reversible=strategy_kw.get("reversible", False))
     ref = prg_fast.reverse(model, x, **ref_kw, **kw)
     out = prg_fast.reverse(model, x, **strategy_kw, **kw)
-    # float64 end to end: differences are rounding of a few dozen operations, not tolerance slack
+    # float64 end to end: the forward is the same arithmetic, the gradients differ by summation
+    # order only (~5e-16 on the CPU; the CPU strategy tests hold them to 1e-12 as well)
     assert _rel_err(out, ref) < 1e-12
     for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
-        assert _rel_err(a, b) < 1e-10, strategy
+        assert _rel_err(a, b) < 1e-12, strategy
 
 
 @pytest.mark.parametrize("backend", _backend_params())
