@@ -313,7 +313,8 @@ def part_reverse(ctx: Context) -> dict:
             except ValueError:
                 return
             # reverse_speed.py prints times in ms
-            res["rows"].append({(k + "_ms" if k in ("net", "prg", "prg_graph", "tdq") else k): v for k, v in row.items()})
+            res["rows"].append({(k + "_ms" if k in ("net", "prg", "prg_graph", "tdq") else k): v
+                                for k, v in row.items()})
             ctx.progress(res)
 
     cmd = [sys.executable, os.path.join(HERE, "reverse_speed.py"), "--device", dev.type, "--no-backward",
@@ -327,7 +328,8 @@ def part_reverse(ctx: Context) -> dict:
             r["graph/eager"] = round(r["prg_graph_ms"] / r["prg_ms"], 3)
     if dev.type == "cuda":
         res["crossover"] = reverse_speed.graph_crossover(
-            [dict(preset=r["preset"], numel=r["numel"], prg=r["prg_ms"], prg_graph=r["prg_graph_ms"]) for r in res["rows"]])
+            [dict(preset=r["preset"], numel=r["numel"], prg=r["prg_ms"], prg_graph=r["prg_graph_ms"])
+             for r in res["rows"]])
         res["note"] = ("cuda_graph='auto' captures up to PRG_FAST_CUDA_GRAPH_MAX_NUMEL (default 2**18) elements; "
                        "keep it below the smallest stops_at_numel")
     return res
@@ -375,9 +377,10 @@ def part_sanitizer(ctx: Context) -> dict:
         raise Skip(f"compute-sanitizer refused or did not answer within 45 s (exit {rc}): "
                    f"{''.join(lines[-3:]).strip()[-300:]}")
     rows = []
-    triton_tests = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "cuda_quick", "python_tests/test_triton_cuda.py"]
-    for check, target in (("memcheck", ["python_tests/sanitize_cuda.py"]), ("racecheck", ["python_tests/sanitize_cuda.py"]),
-                          ("memcheck", triton_tests)):
+    cuda_kernels = ["python_tests/sanitize_cuda.py"]
+    triton_tests = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "cuda_quick",
+                    "python_tests/test_triton_cuda.py"]
+    for check, target in (("memcheck", cuda_kernels), ("racecheck", cuda_kernels), ("memcheck", triton_tests)):
         cmd = [tool, "--tool", check, "--error-exitcode", "1", sys.executable, *target]
         rc = ctx.run_logged(cmd, "sanitizer.log", timeout=60)
         rows.append({"tool": check, "target": " ".join(target[-1:]), "rc": rc})

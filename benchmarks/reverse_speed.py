@@ -105,7 +105,8 @@ def graph_crossover(rows, threshold=0.95):
     "stops_at_numel" over presets bounds cuda_graph="auto" (PRG_FAST_CUDA_GRAPH_MAX_NUMEL)."""
     out = {}
     for preset in dict.fromkeys(r["preset"] for r in rows):
-        cells = sorted((r["numel"], r["prg_graph"] / r["prg"]) for r in rows if r["preset"] == preset and "prg_graph" in r)
+        cells = sorted((r["numel"], r["prg_graph"] / r["prg"]) for r in rows
+                       if r["preset"] == preset and "prg_graph" in r)
         stops = next((n for n, ratio in cells if ratio >= threshold), None)
         pays = [n for n, ratio in cells if ratio < threshold and (stops is None or n < stops)]
         out[preset] = {"pays_up_to_numel": max(pays) if pays else None, "stops_at_numel": stops,

@@ -51,8 +51,9 @@ def test_cover_of_unparametrized_and_unhashable_values():
 
 
 def _collect(marker):
-    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", marker,
-                          "python_tests"], cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", marker,
+           "python_tests"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return [line for line in res.stdout.splitlines() if "::" in line]
 
@@ -179,7 +180,8 @@ def test_report_markdown_shows_every_part():
 
 
 def test_graph_crossover():
-    rows = [dict(preset="a", numel=n, prg=1.0, prg_graph=r) for n, r in [(10, 0.5), (100, 0.8), (1000, 0.97), (10 ** 4, 0.9)]]
+    cells = [(10, 0.5), (100, 0.8), (1000, 0.97), (10 ** 4, 0.9)]
+    rows = [dict(preset="a", numel=n, prg=1.0, prg_graph=r) for n, r in cells]
     assert graph_crossover(rows)["a"]["pays_up_to_numel"] == 100
     assert graph_crossover(rows)["a"]["stops_at_numel"] == 1000  # the first size where graphs stop paying
     never = graph_crossover([dict(preset="b", numel=5, prg=1.0, prg_graph=1.2)])["b"]
