@@ -16,7 +16,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import gpu_results  # noqa: E402
-from gpu_report import Context, adjoint_ratios, cuda_test_files, flat_rows  # noqa: E402
+from gpu_parts import Context, adjoint_ratios, cuda_test_files, flat_rows  # noqa: E402
 from reverse_speed import graph_crossover  # noqa: E402
 
 MAX_FILES = 8  # what the device tool brings back from $OUT
