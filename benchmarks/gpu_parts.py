@@ -103,11 +103,15 @@ def kill_tree(proc: subprocess.Popen) -> None:
     try:
         import psutil
 
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.kill()
+        children = psutil.Process(proc.pid).children(recursive=True)
     except Exception:  # psutil missing, or the process already gone: the command itself still goes
-        pass
-    proc.kill()
+        children = []
+    proc.kill()  # the command first, so that it cannot react to its children's deaths
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # gone already
+            pass
 
 
 def child_env() -> dict:
@@ -341,7 +345,8 @@ def part_finetune(ctx: Context) -> dict:
                 for r in data["rows"]]
         return {"claim": "finetuning step: memory and images/s vs the released pipeline (odeint_adjoint, fp32); "
                          "goal 3x with bf16 autocast", "device": data["device"], "args": data["args"],
-                "default_memory_budget": data.get("default_memory_budget"), "rows": rows}
+                "default_memory_budget": data.get("default_memory_budget"), "rows": rows,
+                "ratios": finetune_ratios(data["rows"])}
 
     # finetune_step.py saves after its timing, memory and gradient phases: keep each as it comes
     rc = ctx.run_logged(cmd, on_line=lambda line: ctx.progress(collect()) if line.startswith("saved: ") else None)
@@ -351,6 +356,23 @@ def part_finetune(ctx: Context) -> dict:
     if rc != 0:
         res.update(ok=False, reason=f"finetune_step.py exited {rc} (parts.log); rows are those it had saved")
     return res
+
+
+def finetune_ratios(rows: List[dict]) -> dict:
+    """P8 and P7 against the released pipeline's row: images/s (its time over each row's) and peak
+    memory (each row's over its), as far as measured."""
+    by = {r["impl"]: r for r in rows}
+    released = by.get("released")
+    if released is None:
+        return {}
+    out = {}
+    for impl, r in by.items():
+        if impl == "released":
+            continue
+        out[f"{impl} images/s vs released"] = round(1.0 / r["time_vs_released"], 3)
+        if r.get("peak_mib") is not None and released.get("peak_mib"):
+            out[f"{impl} peak vs released"] = round(r["peak_mib"] / released["peak_mib"], 3)
+    return out
 
 
 def part_sanitizer(ctx: Context) -> dict:

@@ -16,7 +16,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import gpu_results  # noqa: E402
-from gpu_parts import Context, adjoint_ratios, cuda_test_files, flat_rows  # noqa: E402
+from gpu_parts import Context, adjoint_ratios, cuda_test_files, finetune_ratios, flat_rows  # noqa: E402
 from reverse_speed import graph_crossover  # noqa: E402
 
 MAX_FILES = 8  # what the device tool brings back from $OUT
@@ -198,6 +198,15 @@ def test_adjoint_ratios():
     assert r["backprop peak K16/K4"] == 4.0 and r["budget_0 peak K16/K4"] == 1.1
     assert r["budget_0/backprop peak K16"] == 0.055 and r["budget_0/backprop time K16"] == 1.5
     assert r["budget_0/tdq_adjoint time K16"] == 0.75
+
+
+def test_finetune_ratios():
+    rows = [dict(impl="default_bf16", time_vs_released=0.25, peak_mib=50.0),
+            dict(impl="backprop", time_vs_released=0.5, peak_mib=None), dict(impl="released", time_vs_released=1.0,
+                                                                             peak_mib=100.0)]
+    assert finetune_ratios(rows) == {"default_bf16 images/s vs released": 4.0, "default_bf16 peak vs released": 0.5,
+                                     "backprop images/s vs released": 2.0}
+    assert finetune_ratios(rows[:1]) == {}
 
 
 def test_flat_rows_of_a_nested_benchmark_json():
