@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..training.pretrain import build_model, load_checkpoint
-from ..training.runs import CheckpointError, check_int, check_number
+from ..training.checkpoints import build_model, check_data_fits, load_checkpoint
+from ..training.rundir import CheckpointError, checkpoint_file
+from ..training.runs import check_int, check_number
 
-# CheckpointError is the one of training.runs, named here too for the related systems' users
+# CheckpointError is the one of training.rundir, named here too for the related systems' users
 __all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "encode", "pretrain_info",
            "CheckpointError"]
 
@@ -167,12 +168,8 @@ def load_flow(checkpoint: str, data, *, raw_weights: bool = False) -> Tuple[Dict
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ValueError(f"checkpoint must be the path of a pretraining run directory, got {checkpoint!r}")
     ckpt = load_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError with a clear message
-    flow = build_model(ckpt, ema=not raw_weights).requires_grad_(False).eval()
-    c, h, w = data.shape
-    if (c, h, w) != (ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"]):
-        raise CheckpointError(f"{checkpoint} was pretrained on {ckpt['in_channels']}x{ckpt['image_size']}x"
-                              f"{ckpt['image_size']} images ({ckpt['data']}), but {data.spec} has {c}x{h}x{w} images")
-    return ckpt, flow
+    check_data_fits(data, ckpt, checkpoint_file(checkpoint), "was pretrained on")
+    return ckpt, build_model(ckpt, ema=not raw_weights).requires_grad_(False).eval()
 
 
 # -------------------------------------------------------------------------------------------------

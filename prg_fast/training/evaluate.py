@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 from ..classifier import feature_shape
 from ..data import load_data
-from .checkpoints import (FINETUNE_FORMAT, build_classifier, check_data_fits, load_finetune_checkpoint)
-from .pretrain import build_model, load_checkpoint
-from .runs import (CheckpointError, atomic_write, checkpoint_file, parse_times, prg_velocity, read_checkpoint,
-                   resolve_device, run_on_ranks, write_json)
+from .checkpoints import build_classifier, build_model, check_data_fits, load_finetune_checkpoint, load_model_checkpoint
+from .distributed import resolve_device, run_on_ranks
+from .flows import prg_velocity
+from .rundir import CheckpointError, RunDir, atomic_write, checkpoint_file, claim_file, write_json
+from .runs import parse_times
 
 __all__ = ["top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
            "load_features", "probe_features", "evaluate", "extract"]
@@ -250,12 +251,20 @@ def load_features(path: str) -> Dict[str, Any]:
 
 def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional[int] = None,
              method: Optional[str] = None, batch_size: int = 256, device: str = "auto", progress: bool = False,
-             out: Optional[str] = None, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+             out: Optional[str] = None, model: Optional[torch.nn.Module] = None, default_out: bool = False,
+             force: bool = False) -> Dict[str, Any]:
     """Top-1 of a finetuned checkpoint on the test split of `data` (default: the data it was
     finetuned on), with its training step count or `ode_steps` / `method`. Writes out/metrics.json
-    when `out` is given; returns the metrics dict."""
+    when `out` is given (default_out=True: CHECKPOINT_DIR/evaluate-METHOD-K when out is None);
+    returns the metrics dict (with "out" where it was written)."""
     ckpt = load_finetune_checkpoint(checkpoint)
     where = checkpoint_file(checkpoint)
+    if out is None and default_out:
+        c = ckpt["classifier"]
+        out = os.path.join(os.path.dirname(os.path.abspath(where)), f"evaluate-{method or c['method']}-{ode_steps or c['steps']}")
+    files = RunDir(out, None, 0, "evaluate") if out else None
+    if files is not None:
+        files.claim(force=force)
     spec = data or ckpt["data"]
     test = load_data(spec, "test", augment=None)
     if test.num_classes != int(ckpt["num_classes"]):
@@ -266,15 +275,16 @@ def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional
         print(f"prg-fast evaluate: warning: class names differ from those finetuned on ({ckpt['classes'][:5]}... vs "
               f"{test.classes[:5]}...); labels are matched by sorted position", file=sys.stderr)
     clf = build_classifier(ckpt, steps=ode_steps, method=method, model=model)
-    return run_on_ranks(lambda ctx: _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out), device)
+    return run_on_ranks(lambda ctx: _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, files), device)
 
 
-def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out) -> Dict[str, Any]:
+def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, files) -> Dict[str, Any]:
     dev = ctx.device
     clf = clf.to(dev)
     t_start = time.perf_counter()
     correct = sharded_correct(clf, test, ctx, batch_size=batch_size, progress=progress)
     metrics = {
+        "command": "evaluate",
         "top1": correct / max(len(test), 1),
         "correct": correct,
         "test_size": len(test),
@@ -292,15 +302,17 @@ def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out) -> D
         "batch_size": batch_size,
         "world_size": ctx.world,
     }
-    if out and ctx.main:
-        write_json(os.path.join(out, "metrics.json"), metrics)
+    if files is not None and ctx.main:
+        metrics["out"] = files.out
+        files.write_json("metrics.json", metrics)
     return metrics
 
 
 def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, t0: Optional[float] = None,
             save_at: Optional[Sequence[float]] = None, ode_steps: Optional[int] = None, method: Optional[str] = None,
             raw_weights: bool = False, batch_size: int = 256, device: str = "auto", progress: bool = False,
-            probe: bool = False, knn_k: int = 20, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+            probe: bool = False, knn_k: int = 20, model: Optional[torch.nn.Module] = None,
+            force: bool = False) -> Dict[str, Any]:
     """Features of both splits of `data` along the reversed trajectory of a checkpoint's flow,
     written to `out`: a run directory (DIR/features.npz, DIR/metrics.json) or, as before, a file
     FILE.npz (the probe numbers then go to FILE.probe.json). Feature file format: the module doc. A
@@ -311,19 +323,23 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
         raise ValueError(f"--out must be a run directory (no file extension) or name a .npz file, got {out!r}")
     run_dir = not out.endswith(".npz")
     npz = os.path.join(out, "features.npz") if run_dir else out
-    raw = read_checkpoint(checkpoint)
+    if run_dir:
+        RunDir(out, None, 0, "extract").claim(force=force)
+    else:
+        claim_file(out, force)
+        if probe:
+            claim_file(out[:-len(".npz")] + ".probe.json", force, what="the probe file")
+    kind, ckpt = load_model_checkpoint(checkpoint)  # the file is read once
     where = checkpoint_file(checkpoint)
-    if raw.get("format") == FINETUNE_FORMAT:
-        ckpt = load_finetune_checkpoint(checkpoint)
+    if kind == "finetune":
         flow = build_classifier(ckpt, model=model).flow
         c = ckpt["classifier"]
         defaults = dict(t=c["t"], t0=c["t0"], steps=c["steps"], method=c["method"])
-        kind, weights = "finetune", "finetuned"
+        weights = "finetuned"
     else:
-        ckpt = load_checkpoint(checkpoint)
         flow = prg_velocity(build_model(ckpt, ema=not raw_weights, model=model), ckpt.get("time_convention", "prg"))
         defaults = dict(t=1.0, t0=0.0, steps=20, method="euler")
-        kind, weights = "pretrain", "raw" if raw_weights else "ema"
+        weights = "raw" if raw_weights else "ema"
     t = defaults["t"] if t is None else float(t)
     t0 = defaults["t0"] if t0 is None else float(t0)
     steps = defaults["steps"] if ode_steps is None else ode_steps
@@ -341,7 +357,7 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
             check_data_fits(d, ckpt, where, "was trained on")
         splits[split] = (d, *extract_features(flow, d, t, t0=t0, steps=steps, method=method, save_at=save_at,
                                               batch_size=batch_size, device=dev, progress=progress))
-    meta = {"checkpoint": os.path.abspath(where), "checkpoint_kind": kind, "weights": weights, "data": data,
+    meta = {"command": "extract", "checkpoint": os.path.abspath(where), "checkpoint_kind": kind, "weights": weights, "data": data,
             "t": t, "t0": t0, "save_at": save_at, "ode_steps": steps, "method": method,
             "feature_shape": list(feature_shape(splits["train"][0].shape, save_at)),
             "n_train": len(splits["train"][0]), "n_test": len(splits["test"][0]),
