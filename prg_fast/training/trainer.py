@@ -104,6 +104,7 @@ class Trainer:
     """The skeleton (see the module doc). Attributes a subclass sets before begin(): cfg (with
     steps, log_every, ckpt_every, progress, seed), ctx (training.runs.Dist), device."""
 
+    clock = staticmethod(time.perf_counter)  # seconds; what wall-time checkpoints and timings read
     log_header: Sequence[str] = ()
     must_match: Sequence[str] = ()  # arguments a resumed run must share with the checkpoint's
     bar_desc = "train"
@@ -166,11 +167,11 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def elapsed(self) -> float:
         """Training wall time over all runs so far."""
-        return self.elapsed_prev + time.perf_counter() - self.t_start
+        return self.elapsed_prev + self.clock() - self.t_start
 
     def run(self) -> Dict[str, Any]:
         """Train to total_steps, then finish(); the final metrics."""
-        start_step, self.t_start = self.step, time.perf_counter()
+        start_step, self.t_start = self.step, self.clock()
         bar = step_bar(self.files, self.step, self.total_steps, self.cfg.progress, self.bar_desc)
         last_save = self.t_start
         with StopRequests(self.files.say) as stop:
@@ -182,7 +183,7 @@ class Trainer:
                 bar.update(1)
                 minutes = self.options.ckpt_minutes
                 stop_now, time_due = self._agree(stop.signum is not None,
-                                                 minutes > 0 and time.perf_counter() - last_save >= 60 * minutes)
+                                                 minutes > 0 and self.clock() - last_save >= 60 * minutes)
                 row = self.is_row(self.step)
                 save = stop_now or time_due or self.is_checkpoint(self.step)
                 if row or save:
@@ -191,14 +192,14 @@ class Trainer:
                     self.write_progress("running")
                 if save:
                     self.save()
-                    last_save = time.perf_counter()
+                    last_save = self.clock()
                 if stop_now:
                     bar.close()
                     self.write_progress("interrupted")
                     raise Interrupted(self.files.command, stop.signum or signal.SIGTERM, self.step,
                                       self.files.ckpt_path)
         bar.close()
-        return self.finish(start_step, time.perf_counter() - self.t_start)
+        return self.finish(start_step, self.clock() - self.t_start)
 
     def _agree(self, stop: bool, due: bool):
         """(stop, checkpoint due) as every rank sees them: any rank's request counts for all, so
