@@ -257,13 +257,16 @@ def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional
     finetuned on), with its training step count or `ode_steps` / `method`. Writes out/metrics.json
     when `out` is given (default_out=True: CHECKPOINT_DIR/evaluate-METHOD-K when out is None);
     returns the metrics dict (with "out" where it was written)."""
-    ckpt = load_finetune_checkpoint(checkpoint)
-    where = checkpoint_file(checkpoint)
-    if out is None and default_out:
-        c = ckpt["classifier"]
-        out = os.path.join(os.path.dirname(os.path.abspath(where)), f"evaluate-{method or c['method']}-{ode_steps or c['steps']}")
     files = RunDir(out, None, 0, "evaluate") if out else None
     if files is not None:
+        files.claim(force=force)  # before any work
+    ckpt = load_finetune_checkpoint(checkpoint)
+    where = checkpoint_file(checkpoint)
+    if files is None and default_out:
+        c = ckpt["classifier"]
+        folder = os.path.dirname(os.path.abspath(where))
+        files = RunDir(os.path.join(folder, f"evaluate-{method or c['method']}-{ode_steps or c['steps']}"), None, 0,
+                       "evaluate")
         files.claim(force=force)
     spec = data or ckpt["data"]
     test = load_data(spec, "test", augment=None)
