@@ -9,6 +9,7 @@ through the real handler, sent by the process to itself)."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,12 +60,16 @@ def _assert_same(a, b, where=""):
         assert a == b, where
 
 
-def _interrupt_cli(args, out, signum, rows=3, timeout=180):
-    """Start `python -m prg_fast ARGS`, wait until DIR/log.csv has `rows` steps, send `signum`;
-    (exit status, stderr)."""
+def _interrupt_cli(args, out, signum):
+    """Start `python -m prg_fast ARGS`; signal it once DIR/log.csv shows a few steps."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "prg_fast", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, text=True)
+    return _signal_when_logged(proc, out, signum)
+
+
+def _signal_when_logged(proc, out, signum, rows=3, timeout=180):
+    """Wait until DIR/log.csv has `rows` steps, send `signum`; (exit status, stderr)."""
     log, deadline = os.path.join(out, "log.csv"), time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -193,3 +198,24 @@ def test_checkpoints_by_wall_time(tmp_path, monkeypatch):
     saved.clear()
     pretrain(**{**PRETRAIN, "log_every": 100}, steps=5, out=str(tmp_path / "u"), ckpt_minutes=0)
     assert saved == [5]  # 0: by step count only
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_sigint_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """Ctrl-C reaches torchrun, which forwards SIGINT to each worker: the ranks agree on a step,
+    take the checkpoint together, and the run resumes under torchrun."""
+    run = str(tmp_path / "run")
+    flags = _flags({**PRETRAIN, "steps": 400, "out": run})
+    launcher = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "prg_fast", "pretrain"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*launcher, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    status, err = _signal_when_logged(proc, run, signal.SIGINT)
+    assert status != 0 and "stopped by SIGINT after step" in err and "under the same torchrun line" in err, err[-3000:]
+    ckpt = load_checkpoint(run)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] >= 3
+    steps = ckpt["step"] + 1
+    flags[flags.index("--steps") + 1] = str(steps)
+    proc = subprocess.run([*launcher, *flags], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(run)["step"] == steps
