@@ -25,7 +25,8 @@ pairs).
 
 Checkpoint format (torch.save of a dict, weights_only=True): format "prg_fast.genrep", version 1,
 step, encoder, encoder_config (ResNet(**encoder_config)), projector, optimizer, pretrain
-({checkpoint, step, path, preset, data}), data, args (GenRepConfig), rng, history, elapsed_s, top1.
+({checkpoint, step, path, preset, data}), data, args (GenRepConfig), world_size, rng (a list, one per
+rank), history, loss_first, window (the log interval in progress), elapsed_s, top1.
 """
 from __future__ import annotations
 

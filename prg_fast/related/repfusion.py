@@ -34,7 +34,8 @@ Checkpoint format: a dict saved by torch.save, loads with weights_only=True:
     student_config (ResNet(**student_config)), projection, classifier, policy, aux_head (None
     without --policy), distill_optimizer, finetune_optimizer, policy_optimizer, teacher_dim,
     times (candidate policy times), pretrain ({checkpoint, step, path, preset, data}), data,
-    num_classes, args (RepFusionConfig), rng, history, elapsed_s, top1 (None until finished).
+    num_classes, args (RepFusionConfig), world_size, rng (a list, one per rank), history, distill_first,
+    loss_first, window (the log interval in progress), elapsed_s, top1 (None until finished).
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ process), with the helpers of prg_fast.training.runs. Any nn.Module called as mo
 the flow (finetune(model=...), see `finetune`).
 
 Run directory (--out DIR):
-    DIR/checkpoint.pt   atomically written every --ckpt-every steps and at the end; a later run with
-                        the same DIR resumes from it (same arguments; --steps may grow)
+    DIR/checkpoint.pt   atomically written every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
+                        SIGTERM and at the end; a later run with the same DIR resumes from it (same
+                        arguments; --steps may grow)
     DIR/metrics.json    one flat JSON object: top1 (test split, at the training step count), loss,
                         ce, fm, train_top1, step, wall_time_s, ... plus every argument
     DIR/log.csv         step, loss, ce, fm, train_top1, lr (and test top1 where evaluated)
@@ -32,8 +33,8 @@ Checkpoint format (DIR/checkpoint.pt, torch.save of a dict; loads with weights_o
     the learned values at that step), segment (the raw time parameters of a learned segment, else
     absent), pretrain
     ({"checkpoint", "step", "weights"} or None for --from-scratch without one), args (FinetuneConfig),
-    world_size, rng (per rank), history, running, elapsed_s, top1 (None until the run finished),
-    torch_version.
+    world_size, rng (per rank), history, running, loss_first (the first step's loss), elapsed_s, top1
+    (None until the run finished), torch_version.
 """
 from __future__ import annotations
 

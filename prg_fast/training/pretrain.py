@@ -6,11 +6,13 @@ torch's LambdaLR; both give bitwise the numbers of the hand-written versions of 
 (python_tests/test_runs.py resumes run directories that release wrote).
 
 Run directory (--out DIR):
-    DIR/checkpoint.pt   written atomically every --ckpt-every steps and at the end; a later run with
-                        the same DIR resumes from it (same arguments required, --steps may grow)
+    DIR/checkpoint.pt   written atomically every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
+                        SIGTERM and at the end; a later run with the same DIR resumes from it (same
+                        arguments required, --steps may grow)
     DIR/metrics.json    one flat JSON object: loss (mean over the last log interval), loss_start
-                        (first interval), step, wall_time_s, images_per_s, ... plus every argument
-    DIR/log.csv         step, loss, lr at every log interval
+                        (the first step's loss), step, wall_time_s, images_per_s, ... plus every
+                        argument; while training, the last log row with "status": "running"
+    DIR/log.csv         step, loss, lr at every log interval (written as they come)
     DIR/samples.png     a grid drawn with prg_fast.generate from the EMA weights at the end
 
 Checkpoint format (DIR/checkpoint.pt: a dict saved by torch.save; loads with weights_only=True;
@@ -34,7 +36,8 @@ read it with `load_checkpoint` and rebuild the network with `build_model`):
     rng             list, one entry per rank: {"torch": ByteTensor, "cuda": ByteTensor or None,
                     "numpy": dict, "python": tuple} -- the random state after `step` steps
     history         list of [step, mean loss, lr] at every log interval
-    running         {"sum": float, "count": int}: the loss interval in progress (exact log on resume)
+    running         {"sum": float, "count": int, "first": float}: the loss interval in progress (exact
+                    log on resume) and the first step's loss
     elapsed_s       training wall time summed over all runs so far
     torch_version   torch.__version__ of the writer
 
