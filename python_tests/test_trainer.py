@@ -219,3 +219,23 @@ def test_torchrun_sigint_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path
     proc = subprocess.run([*launcher, *flags], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(run)["step"] == steps
+
+
+def test_genrep_stopped_while_generating_views_continues_the_pool(tiny_flow_checkpoint, tmp_path, monkeypatch):
+    args = dict(data="digits", checkpoint=tiny_flow_checkpoint, batch_size=8, encoder="resnet-tiny", pool=16,
+                neighbors=1, ode_steps=1, method="euler", gen_batch_size=8, probe_C=1.0, steps=2, progress=False,
+                device="cpu", out=str(tmp_path / "run"))
+    original = gr._GenRep._generate_chunk
+
+    def chunk(self, state, done, n):
+        if done == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, state, done, n)
+
+    monkeypatch.setattr(gr._GenRep, "_generate_chunk", chunk)
+    with pytest.raises(Interrupted) as e:
+        gr.genrep(**args)
+    assert e.value.checkpoint.endswith("views.pt")
+    assert torch.load(e.value.checkpoint, weights_only=True)["done"] == 8  # the chunk in progress finished
+    monkeypatch.setattr(gr._GenRep, "_generate_chunk", original)
+    assert gr.genrep(**args).metrics["step"] == 2  # the same --out continues: its metrics.json names genrep

@@ -72,8 +72,10 @@ unit_time = bounded(float, 0.0, 1.0, what="a time in [0, 1] (0 = data, 1 = noise
 
 def time_list(text: str) -> List[float]:
     """Comma-separated times in [0, 1], such as 0.5,1.0."""
+    from ..classifier import parse_times
+
     try:
-        times = [float(s) for s in text.replace(" ", "").split(",") if s]
+        times = parse_times(text)
     except ValueError:
         times = None
     if not times or any(not 0.0 <= s <= 1.0 for s in times):

@@ -45,7 +45,7 @@ from ..training.evaluate import linear_probe
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write
 from ..training.runs import check_int, check_number, cosine_factor, merge_config, seed_everything
-from ..training.trainer import Interrupted, RunOptions, StopRequests, Trainer, split_run_options
+from ..training.trainer import Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, split_run_options
 from .common import ENCODERS, ViewAugment, build_encoder, encode, load_flow, pretrain_info
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
@@ -126,7 +126,7 @@ def _dequantise(q: torch.Tensor, device) -> torch.Tensor:
 
 
 @dataclass
-class GenRepConfig:
+class GenRepConfig(TrainConfig):
     """Arguments of `prg-fast genrep` (one flag per field)."""
 
     data: str = "digits"  # real data: image shape, and the linear probe's train / test splits
@@ -146,24 +146,16 @@ class GenRepConfig:
     lr: float = 1e-3  # AdamW, cosine
     weight_decay: float = 1e-4
     crop_scale: Optional[float] = None  # smallest crop area fraction (None: 0.2 for >= 32 px images, 0.5 below)
-    hflip: Optional[bool] = None  # None: the data set's default (off for digits)
     raw_weights: bool = False
     gen_batch_size: int = 256
     probe_C: Optional[float] = None  # linear-probe inverse regularisation; None: chosen by 5-fold CV on the train split
-    seed: int = 0
-    ckpt_every: int = 200
-    log_every: int = 25
     eval_batch_size: int = 256
-    device: str = "auto"
-    progress: bool = True
 
     def validate(self) -> "GenRepConfig":
-        check_int("steps", self.steps, 0)
-        for name in ("batch_size", "neighbors", "ode_steps", "proj_dim", "gen_batch_size", "ckpt_every", "log_every",
-                     "eval_batch_size"):
+        self.check_run_fields(min_steps=0)
+        for name in ("neighbors", "ode_steps", "proj_dim", "gen_batch_size"):
             check_int(name, getattr(self, name), 1)
-        for name in ("pool", "seed"):
-            check_int(name, getattr(self, name), 0)
+        check_int("pool", self.pool, 0)
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (the other pairs are the negatives), got {self.batch_size}")
         # sigma = 0 is allowed on purpose: the positive is then the anchor itself (SimCLR on generated images)
@@ -183,11 +175,7 @@ class GenRepConfig:
         from ..ode.solvers import get_tableau
 
         get_tableau(self.method)
-        if self.checkpoint is None or not isinstance(self.checkpoint, str) or not self.checkpoint:
-            raise ValueError("genrep needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
-        self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        self.checkpoint = self.pretrained_checkpoint("genrep")
         return self
 
 
@@ -218,9 +206,8 @@ class _GenRep(Trainer):
     bar_desc = "genrep"
 
     def __init__(self, cfg: GenRepConfig, options: RunOptions):
-        self.cfg, self.ctx = cfg, single_process(cfg.device)
-        self.device = self.ctx.device
-        existing = self.open_run(options, GENREP_FORMAT, GENREP_VERSION, "genrep", "genrep")
+        existing = self.open_run(cfg, single_process(cfg.device), options, GENREP_FORMAT, GENREP_VERSION, "genrep",
+                                 "genrep")
         self.train_data = load_data(cfg.data, "train", augment=None)
         self.test_data = load_data(cfg.data, "test", augment=None)
         self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
@@ -305,6 +292,9 @@ class _GenRep(Trainer):
                     bar.update(n)
                     if done == cfg.pool or time.perf_counter() - last_save > 60 or stop.signum is not None:
                         atomic_write(path, lambda f: torch.save(state, f))
+                        # metrics.json says whose folder this is before the first checkpoint
+                        self.files.write_json("metrics.json", {"command": "genrep", "status": "generating views",
+                                                               "views_done": done, "pool": cfg.pool})
                         last_save = time.perf_counter()
                     if stop.signum is not None:
                         bar.close()

@@ -40,7 +40,6 @@ Checkpoint format: a dict saved by torch.save, loads with weights_only=True:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -51,9 +50,9 @@ import torch.nn.functional as F
 from ..data import load_data
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError
-from ..training.runs import (StepBatches, check_int, check_number, cosine_factor, load_train_data, merge_config,
+from ..training.runs import (check_int, check_number, cosine_factor, load_train_data, merge_config,
                              seed_everything)
-from ..training.trainer import RunOptions, Trainer, split_run_options
+from ..training.trainer import RunOptions, TrainConfig, Trainer, split_run_options
 from .common import ENCODERS, build_encoder, load_flow, pretrain_info
 
 __all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
@@ -255,15 +254,13 @@ def _aux_head(dim: int, hidden: int, classes: int) -> nn.Module:
 
 
 @dataclass
-class RepFusionConfig:
+class RepFusionConfig(TrainConfig):
     """Arguments of `prg-fast repfusion` (one flag per field)."""
 
-    data: str = "digits"
     checkpoint: Optional[str] = None  # pretraining run directory (or its checkpoint.pt)
     out: str = "runs/repfusion"
     steps: int = 500  # distillation steps (0: no distillation -- the plain supervised student)
     finetune_steps: Optional[int] = None  # cross-entropy steps; None: = steps
-    batch_size: int = 128
     t: Optional[float] = None  # fixed teacher time (None without policy: DEFAULT_T)
     policy: bool = False  # choose t per image with the REINFORCE policy
     policy_times: int = 11  # K candidate times, evenly spaced in [0, policy_t_max]
@@ -279,27 +276,20 @@ class RepFusionConfig:
     aux_hidden: int = 256
     label_smoothing: float = 0.0
     warmup_frac: float = 0.05  # of each phase
-    hflip: Optional[bool] = None  # None: the data set's default
     crop_padding: int = 0
     raw_weights: bool = False  # teacher: raw instead of EMA weights
-    seed: int = 0
-    ckpt_every: int = 200
-    log_every: int = 25
     eval_batch_size: int = 256
-    device: str = "auto"
-    progress: bool = True
 
     def validate(self) -> "RepFusionConfig":
-        check_int("steps", self.steps, 0)
+        self.check_run_fields(min_steps=0)
         if self.finetune_steps is None:
             if self.steps == 0:
                 raise ValueError("steps=0 (no distillation) needs finetune_steps >= 1")
             self.finetune_steps = self.steps
         check_int("finetune_steps", self.finetune_steps, 1)
-        for name in ("batch_size", "policy_times", "aux_hidden", "ckpt_every", "log_every", "eval_batch_size"):
+        for name in ("policy_times", "aux_hidden"):
             check_int(name, getattr(self, name), 1)
-        for name in ("crop_padding", "seed"):
-            check_int(name, getattr(self, name), 0)
+        check_int("crop_padding", self.crop_padding, 0)
         if self.policy and self.t is not None:
             raise ValueError("give either a fixed time t or policy=True (--t or --policy), not both")
         if self.t is not None:
@@ -317,11 +307,7 @@ class RepFusionConfig:
         check_number("warmup_frac", self.warmup_frac, 0.0, 1.0, hi_open=True)
         if self.student not in ENCODERS:
             raise ValueError(f"student must be one of {sorted(ENCODERS)}, got {self.student!r}")
-        if self.checkpoint is None or not isinstance(self.checkpoint, str) or not self.checkpoint:
-            raise ValueError("repfusion needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
-        self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        self.checkpoint = self.pretrained_checkpoint("repfusion")
         if self.teacher_norm not in ("standardize", "none"):
             raise ValueError(f"teacher_norm must be 'standardize' or 'none', got {self.teacher_norm!r}")
         if not isinstance(self.layer, str) or not self.layer:
@@ -364,12 +350,11 @@ class _RepFusion(Trainer):
     bar_desc = "repfusion"
 
     def __init__(self, cfg: RepFusionConfig, options: RunOptions):
-        self.cfg, self.ctx = cfg, single_process(cfg.device)
-        self.device = self.ctx.device
-        existing = self.open_run(options, REPFUSION_FORMAT, REPFUSION_VERSION, "repfusion", "repfusion")
+        existing = self.open_run(cfg, single_process(cfg.device), options, REPFUSION_FORMAT, REPFUSION_VERSION,
+                                 "repfusion", "repfusion")
         self.train_data = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         self.test_data = load_data(cfg.data, "test", augment=None)
-        self._indices = StepBatches(self.train_data, self.ctx, cfg.seed, cfg.batch_size, cfg.batch_size)
+        self._indices = self.step_batches(self.train_data)
         self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
         self.teacher = TeacherFeatures(flow.to(self.device), cfg.layer)
         c = self.train_data.shape[0]

@@ -25,13 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..classifier import feature_shape
+from ..classifier import check_segment, feature_shape
 from ..data import load_data
 from .checkpoints import build_classifier, build_model, check_data_fits, load_finetune_checkpoint, load_model_checkpoint
 from .distributed import resolve_device, run_on_ranks
 from .flows import prg_velocity
 from .rundir import CheckpointError, RunDir, atomic_write, checkpoint_file, claim_file, write_json
-from .runs import parse_times
 
 __all__ = ["top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
            "load_features", "probe_features", "evaluate", "extract"]
@@ -347,9 +346,8 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
     t0 = defaults["t0"] if t0 is None else float(t0)
     steps = defaults["steps"] if ode_steps is None else ode_steps
     method = defaults["method"] if method is None else method
-    if not t0 < t:
-        raise ValueError(f"the trajectory segment needs t0 < t, got t0={t0:g}, t={t:g}")
-    save_at = parse_times(save_at)
+    t0, t, save_at = check_segment(t0, t, save_at)
+    save_at = None if save_at is None else list(save_at)
     dev = resolve_device(device, 0)
     flow = flow.to(dev)
     splits = {}
@@ -360,7 +358,8 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
             check_data_fits(d, ckpt, where, "was trained on")
         splits[split] = (d, *extract_features(flow, d, t, t0=t0, steps=steps, method=method, save_at=save_at,
                                               batch_size=batch_size, device=dev, progress=progress))
-    meta = {"command": "extract", "checkpoint": os.path.abspath(where), "checkpoint_kind": kind, "weights": weights, "data": data,
+    meta = {"command": "extract", "checkpoint": os.path.abspath(where), "checkpoint_kind": kind,
+            "weights": weights, "data": data,
             "t": t, "t0": t0, "save_at": save_at, "ode_steps": steps, "method": method,
             "feature_shape": list(feature_shape(splits["train"][0].shape, save_at)),
             "n_train": len(splits["train"][0]), "n_test": len(splits["test"][0]),

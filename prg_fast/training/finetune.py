@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..classifier import PRGClassifier, feature_shape
+from ..classifier import PRGClassifier, check_segment, feature_shape
 from ..data import ImageData, class_balanced_subset, load_data
 from ..losses import flow_matching_loss
 from ..models import UNet
@@ -58,11 +58,11 @@ from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, buil
                           check_data_fits, load_checkpoint, load_finetune_checkpoint)
 from .distributed import Dist, run_on_ranks, wrap_ddp
 from .evaluate import evaluate, extract, sharded_correct
-from .flows import check_flow, check_model_reads, prg_velocity
+from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
 from .rundir import CheckpointError, checkpoint_file
-from .runs import (StepBatches, check_int, check_number, load_train_data, lr_schedule, merge_config, parse_times,
+from .runs import (check_int, check_number, load_train_data, lr_schedule, merge_config,
                    rank_seed, seed_everything)
-from .trainer import RunOptions, Trainer, split_run_options
+from .trainer import RunOptions, TrainConfig, Trainer, split_run_options
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
@@ -77,14 +77,12 @@ RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "learn_t", "learn_t0", "sa
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainConfig):
     """Arguments of `prg-fast finetune` (the command line maps one flag to each field)."""
 
-    data: str = "digits"
     checkpoint: Optional[str] = None  # pretraining checkpoint (file or run directory)
     out: str = "runs/finetune"
     steps: int = 1000
-    batch_size: int = 128  # global: split evenly over the processes
     ode_steps: int = 20
     method: str = "euler"  # the released code's solver
     t0: float = 0.0
@@ -105,21 +103,17 @@ class FinetuneConfig:
     path: Optional[str] = None  # flow-matching path for beta > 0 (default: the checkpoint's)
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
     hidden: Optional[int] = None  # head width (None: the pooled feature size, as in PRG)
-    seed: int = 0
     learn_t: bool = False  # learn the end time t with the flow and head (PRGClassifier(learn_t=True))
     learn_t0: bool = False  # learn the start time t0 too
     t_lr: float = 0.05  # peak learning rate of the raw (logit) time parameters; no weight decay
     labels_per_class: Optional[int] = None  # finetune on N labelled images per class (None: all of them)
     labels_seed: Optional[int] = None  # seed of that class-balanced subset (None: seed)
-    hflip: Optional[bool] = None
     crop_padding: int = 0
     fm_eps: float = 1e-5
     ckpt_every: int = 500
     log_every: int = 25
     eval_every: int = 0  # test top-1 every N steps (0: only at the end)
     eval_batch_size: int = 256
-    device: str = "auto"
-    progress: bool = True
 
     def validate(self, external_model: bool = False) -> "FinetuneConfig":
         """Check and normalise the fields; `external_model`: the caller brings the flow network
@@ -127,9 +121,9 @@ class FinetuneConfig:
         def int_at_least(name, lo):
             check_int(name, getattr(self, name), lo)
 
-        for name in ("steps", "batch_size", "ode_steps", "ckpt_every", "log_every", "eval_batch_size"):
-            int_at_least(name, 1)
-        for name in ("seed", "crop_padding", "eval_every"):
+        self.check_run_fields()
+        int_at_least("ode_steps", 1)
+        for name in ("crop_padding", "eval_every"):
             int_at_least(name, 0)
         if self.warmup is not None:
             int_at_least("warmup", 0)
@@ -148,22 +142,12 @@ class FinetuneConfig:
         check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         for name in ("t0", "t"):
             check_number(f"{name} (0 = data, 1 = noise)", getattr(self, name), 0.0, 1.0)
-        if not self.t0 < self.t:
-            raise ValueError(f"the trajectory segment needs t0 < t (it is integrated from t0 up to t), "
-                             f"got t0={self.t0:g}, t={self.t:g}")
-        self.save_at = parse_times(self.save_at)
         for name in ("learn_t", "learn_t0"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self.t0, self.t, save_at = check_segment(self.t0, self.t, self.save_at, learned=self.learn_t or self.learn_t0)
+        self.save_at = None if save_at is None else list(save_at)
         check_number("t_lr", self.t_lr, 0.0, 10.0, lo_open=True)
-        if (self.learn_t or self.learn_t0) and self.save_at is not None:
-            raise ValueError("learn_t/learn_t0 cannot be combined with save_at (fixed times in a moving segment)")
-        if self.save_at is not None:
-            if not self.save_at:
-                raise ValueError("save_at must hold at least one time")
-            bad = [s for s in self.save_at if not self.t0 <= s <= self.t]
-            if bad:
-                raise ValueError(f"save_at times must lie in [t0, t] = [{self.t0:g}, {self.t:g}], got {bad}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         from ..ode.solvers import get_tableau
@@ -176,9 +160,7 @@ class FinetuneConfig:
             raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt); "
                              "only --from-scratch runs without one")
         if self.checkpoint is not None:
-            if not isinstance(self.checkpoint, str) or not self.checkpoint:
-                raise ValueError(f"checkpoint must be a path, got {self.checkpoint!r}")
-            self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
+            self.checkpoint = self.pretrained_checkpoint("finetune")
         if self.model is not None:
             from ..models.unet import PRESETS
 
@@ -193,8 +175,6 @@ class FinetuneConfig:
             raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
         if self.path is not None and self.path not in PATHS:
             raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
         return self
 
     @property
@@ -261,11 +241,8 @@ class _Finetuner(Trainer):
 
     def __init__(self, cfg: FinetuneConfig, ctx: Dist, options: RunOptions, user_model: Optional[nn.Module] = None,
                  time_convention: str = "prg"):
-        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
-        if cfg.batch_size % ctx.world:
-            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
-        self.local_batch = cfg.batch_size // ctx.world
-        existing = self.open_run(options, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", "finetuning", REQUIRED_KEYS)
+        existing = self.open_run(cfg, ctx, options, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", "finetuning",
+                                 REQUIRED_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         self.labels_seed = None
         if cfg.labels_per_class is not None:  # label-scarce: a seeded class-balanced subset; test stays whole
@@ -281,7 +258,7 @@ class _Finetuner(Trainer):
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
                              f"{self.data.num_classes}")
         c, h, w = self.data.shape
-        self._indices = StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
+        self._indices = self.step_batches(self.data)
 
         # the flow: pretrained weights (EMA by default), or the same architecture freshly initialised
         self.pretrain_info = None
@@ -382,12 +359,10 @@ class _Finetuner(Trainer):
 
     def state(self) -> Dict[str, Any]:
         clf = self.classifier
-        # a network prg_fast did not build also records its class and time convention
-        own = {} if not self.user_model else {"model_class": f"{type(self.flow_module).__module__}."
-                                                            f"{type(self.flow_module).__qualname__}",
-                                              "time_convention": self.time_convention}
+        own = foreign_model_entries(self.flow_module, self.time_convention) if self.user_model else {}
         segment = self.segment_params()
-        return {"flow": self.flow_module.state_dict(), "head": clf.head.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"flow": self.flow_module.state_dict(), "head": clf.head.state_dict(),
+                "optimizer": self.opt.state_dict(),
                 "model_config": None if self.user_model else dict(self.flow_module.config),
                 "head_config": dict(clf.head.config), "preset": self.preset, "in_channels": self.data.shape[0],
                 "image_size": self.data.shape[1], "path": dict(self.path_cfg), "data": self.cfg.data,
@@ -458,7 +433,8 @@ class _Finetuner(Trainer):
         self.history.append([step, self.running[0] / count, self.running[1] / count, self.running[2] / count,
                              self.running[3] / (count * self.cfg.batch_size), self.lr])
         self.running = [0.0, 0.0, 0.0, 0.0, 0]
-        bar.set_postfix({"loss": f"{self.history[-1][1]:.4f}", "train acc": f"{self.history[-1][4]:.3f}"}, refresh=False)
+        bar.set_postfix({"loss": f"{self.history[-1][1]:.4f}", "train acc": f"{self.history[-1][4]:.3f}"},
+                        refresh=False)
         if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.steps:
             acc = self.test_top1()
             if self.ctx.main:

@@ -2,7 +2,8 @@
 "package.module:factory", in prg_fast's time convention (t = 0 is data) or torchcfm's (t = 0 is noise)."""
 import torch
 
-__all__ = ["TIME_CONVENTIONS", "is_factory_spec", "import_factory", "check_flow", "prg_velocity", "check_model_reads"]
+__all__ = ["TIME_CONVENTIONS", "is_factory_spec", "import_factory", "check_flow", "prg_velocity", "check_model_reads",
+           "foreign_model_entries"]
 
 TIME_CONVENTIONS = ("prg", "torchcfm")
 
@@ -79,3 +80,8 @@ def check_model_reads(model: torch.nn.Module, shape, spec: str, device) -> None:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model {type(model).__name__} returns {got} for a batch of {spec}'s images of shape "
                          f"{tuple(x.shape)}; a velocity has the shape of its input")
+
+
+def foreign_model_entries(model: torch.nn.Module, time_convention: str):
+    """What a checkpoint records about a network prg_fast did not build: its class and time convention."""
+    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "time_convention": time_convention}

@@ -62,10 +62,11 @@ from ..models.unet import PRESETS
 from ..paths import PATHS, get_path
 from .checkpoints import PRETRAIN_FORMAT, PRETRAIN_KEYS, PRETRAIN_VERSION, build_model, load_checkpoint
 from .distributed import Dist, run_on_ranks, wrap_ddp
-from .flows import check_flow, check_model_reads, import_factory, is_factory_spec, prg_velocity
+from .flows import (check_flow, check_model_reads, foreign_model_entries, import_factory, is_factory_spec,
+                    prg_velocity)
 from .rundir import CHECKPOINT_NAME, CheckpointError, atomic_write
-from .runs import StepBatches, check_int, check_number, load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
-from .trainer import RunOptions, Trainer, split_run_options
+from .runs import check_int, check_number, load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
+from .trainer import RunOptions, TrainConfig, Trainer, split_run_options
 
 # load_checkpoint, build_model and the format constants live in checkpoints.py; they stay
 # importable from here, where they were first
@@ -78,14 +79,12 @@ RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", 
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainConfig):
     """Arguments of `prg-fast pretrain` (the command line maps one flag to each field)."""
 
-    data: str = "digits"
     path: str = "otcfm"
     model: str = "tiny"  # a UNet preset, or "package.module:factory" (bring your own flow)
     steps: int = 2000
-    batch_size: int = 128  # global: split evenly over the processes
     out: str = "runs/pretrain"
     sigma: float = 0.0
     lr: float = 2e-4
@@ -94,27 +93,24 @@ class PretrainConfig:
     warmup: int = 500  # linear learning-rate warm-up steps (torchcfm's CIFAR recipe uses 5000)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     ema_decay: float = 0.9999  # effective decay min(ema_decay, (1 + n) / (10 + n)) at step n
-    seed: int = 0
-    hflip: Optional[bool] = None  # None: the data set's default (flips for natural images)
     crop_padding: int = 0
     dropout: Optional[float] = None  # None: the preset's
     eps: float = 1e-5  # t ~ U(eps, 1)
     ckpt_every: int = 1000
     log_every: int = 50
     bf16: bool = False  # bf16 autocast (CUDA only)
-    device: str = "auto"
     num_samples: int = 64
     sample_steps: int = 20
     sample_method: str = "rk4"
-    progress: bool = True
 
     def validate(self) -> "PretrainConfig":
         def number(name, lo, hi, lo_open=False):
             check_number(name, getattr(self, name), lo, hi, lo_open=lo_open)
 
-        for name in ("steps", "batch_size", "ckpt_every", "log_every", "num_samples", "sample_steps"):
+        self.check_run_fields()
+        for name in ("num_samples", "sample_steps"):
             check_int(name, getattr(self, name), 1)
-        for name in ("warmup", "crop_padding", "seed"):
+        for name in ("warmup", "crop_padding"):
             check_int(name, getattr(self, name), 0)
         number("lr", 0.0, 1.0, lo_open=True)
         number("weight_decay", 0.0, 10.0)
@@ -133,8 +129,6 @@ class PretrainConfig:
                              f"callable returning a velocity network), got {self.model!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
         from ..ode.solvers import get_tableau
 
         get_tableau(self.sample_method)  # raises with the list of methods
@@ -179,20 +173,18 @@ class _Pretrainer(Trainer):
     log_header = ("step", "loss", "lr")
     must_match = RESUME_MUST_MATCH
 
-    def __init__(self, cfg: PretrainConfig, ctx: Dist, options: RunOptions, user_model: Optional[torch.nn.Module] = None,
-                 time_convention: str = "prg"):
-        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+    def __init__(self, cfg: PretrainConfig, ctx: Dist, options: RunOptions,
+                 user_model: Optional[torch.nn.Module] = None, time_convention: str = "prg"):
         self.bar_desc = f"pretrain {cfg.model}/{cfg.path}"
-        if cfg.bf16 and self.device.type != "cuda":
+        if cfg.bf16 and ctx.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
-        if cfg.batch_size % ctx.world:
-            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
-        existing = self.open_run(options, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretrain", "pretraining", PRETRAIN_KEYS)
+        existing = self.open_run(cfg, ctx, options, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretrain", "pretraining",
+                                 PRETRAIN_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         c, h, w = self.data.shape
         if h != w and user_model is None:
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
-        self._indices = StepBatches(self.data, ctx, cfg.seed, cfg.batch_size // ctx.world, cfg.batch_size)
+        self._indices = self.step_batches(self.data)
         self.path = get_path(cfg.path, cfg.sigma)
 
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
@@ -241,10 +233,7 @@ class _Pretrainer(Trainer):
 
     def state(self) -> Dict[str, Any]:
         cfg = self.cfg
-        # a network prg_fast did not build also records its class and time convention
-        own = {} if not self.user_model else {"model_class": f"{type(self.model).__module__}."
-                                                            f"{type(self.model).__qualname__}",
-                                              "time_convention": self.time_convention}
+        own = foreign_model_entries(self.model, self.time_convention) if self.user_model else {}
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "model_config": self._model_config(),
                 "preset": cfg.model if not self.user_model or is_factory_spec(cfg.model) else None,

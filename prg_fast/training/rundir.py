@@ -185,8 +185,8 @@ class RunDir:
                                   f"{owner}` run); {self.command} does not write into another command's run (use a "
                                   f"new --out)")
         if owner is not None and owner != self.command:
-            raise FileExistsError(f"--out {self.out} is the run directory of `prg-fast {owner}`; {self.command} does not "
-                                  f"write into another command's run (use a new --out)")
+            raise FileExistsError(f"--out {self.out} is the run directory of `prg-fast {owner}`; {self.command} does "
+                                  f"not write into another command's run (use a new --out)")
         if owner is None and not force:
             raise FileExistsError(f"--out {self.out} is a non-empty folder that prg-fast did not make; name a new or "
                                   f"empty directory, or pass --force to write into it")

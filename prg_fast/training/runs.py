@@ -17,7 +17,7 @@ from .distributed import Dist
 from .rundir import RunDir
 
 __all__ = ["rng_state", "set_rng_state", "gather_rng_states", "seed_everything", "rank_seed", "restore_rng_on_resume",
-           "merge_config", "check_number", "check_int", "parse_times", "cosine_factor", "lr_schedule", "StepBatches",
+           "merge_config", "check_number", "check_int", "cosine_factor", "lr_schedule", "StepBatches",
            "load_train_data", "step_bar", "run_timing"]
 
 
@@ -106,18 +106,6 @@ def check_int(name: str, value, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
-
-
-def parse_times(value, name: str = "save_at") -> Optional[List[float]]:
-    """None, a sequence of times, or comma-separated text such as "0.5,1.0" -> a list of floats."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            return [float(s) for s in value.replace(" ", "").split(",") if s]
-        except ValueError:
-            raise ValueError(f"{name} must be comma-separated times such as 0.5,1.0, got {value!r}") from None
-    return [float(v) for v in value]
 
 
 def cosine_factor(step: int, total: int, warmup: int, floor: float = 0.0) -> float:

@@ -17,6 +17,7 @@ last checkpoint stays intact. torchrun forwards one signal to every worker and w
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -26,10 +27,12 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .distributed import Dist
 from .rundir import RunDir
-from .runs import check_number, gather_rng_states, restore_rng_on_resume, run_timing, seed_everything, step_bar
+from .runs import (StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume, run_timing,
+                   seed_everything, step_bar)
 
-__all__ = ["Trainer", "RunOptions", "Interrupted", "StopRequests", "split_run_options"]
+__all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -80,6 +83,38 @@ class StopRequests:
 
 
 @dataclass
+class TrainConfig:
+    """The fields every trainer's config shares and their checks (a config redeclares a field to
+    give it its own default)."""
+
+    data: str = "digits"
+    out: str = "runs/train"
+    steps: int = 500
+    batch_size: int = 128  # global: split evenly over the processes
+    hflip: Optional[bool] = None  # None: the data set's default (flips for natural images, not digits)
+    seed: int = 0
+    ckpt_every: int = 200
+    log_every: int = 25
+    device: str = "auto"
+    progress: bool = True
+
+    def check_run_fields(self, min_steps: int = 1) -> None:
+        check_int("steps", self.steps, min_steps)
+        for name in ("batch_size", "ckpt_every", "log_every", "eval_batch_size"):
+            if hasattr(self, name):
+                check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
+
+    def pretrained_checkpoint(self, command: str) -> str:
+        """--checkpoint (a pretraining run directory or checkpoint file) as an absolute path."""
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ValueError(f"{command} needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
+        return os.path.abspath(os.path.expanduser(self.checkpoint))
+
+
+@dataclass
 class RunOptions:
     """How a run is kept, not what it computes (so not part of a checkpoint's arguments):
     ckpt_minutes: also checkpoint when this much wall time passed since the last one (0: off);
@@ -101,8 +136,8 @@ def split_run_options(kwargs: Dict[str, Any]) -> RunOptions:
 
 
 class Trainer:
-    """The skeleton (see the module doc). Attributes a subclass sets before begin(): cfg (with
-    steps, log_every, ckpt_every, progress, seed), ctx (training.runs.Dist), device."""
+    """The skeleton (see the module doc); a subclass's __init__ calls open_run(), builds its
+    networks and optimizers, then calls begin()."""
 
     clock = staticmethod(time.perf_counter)  # seconds; what wall-time checkpoints and timings read
     log_header: Sequence[str] = ()
@@ -110,15 +145,24 @@ class Trainer:
     bar_desc = "train"
 
     # -- set-up ---------------------------------------------------------------------------------
-    def open_run(self, options: RunOptions, fmt: str, version: int, command: str, kind: str,
-                 required: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
-        """Claim --out for this command (refused before any work if another command's run, a file
-        or an unrelated non-empty folder is there); the checkpoint to resume from, or None."""
-        self.options = options
+    def open_run(self, cfg: TrainConfig, ctx: Dist, options: RunOptions, fmt: str, version: int, command: str,
+                 kind: str, required: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+        """Set the run's config and process context, and claim --out for this command (refused
+        before any work if another command's run, a file or an unrelated non-empty folder is
+        there); the checkpoint to resume from, or None."""
+        self.cfg, self.ctx, self.device, self.options = cfg, ctx, ctx.device, options
+        if cfg.batch_size % ctx.world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                             f"({ctx.world})")
+        self.local_batch = cfg.batch_size // ctx.world
         self.files = RunDir(self.cfg.out, fmt, version, command, kind=kind, required=required, main=self.ctx.main)
         self.step, self.resumed_from, self.history, self.elapsed_prev = 0, 0, [], 0.0
         self.loss_first: Optional[float] = None
         return self.files.claim(force=options.force)
+
+    def step_batches(self, data) -> StepBatches:
+        """This rank's sample indices of each step, a function of (seed, step) alone."""
+        return StepBatches(data, self.ctx, self.cfg.seed, self.local_batch, self.cfg.batch_size)
 
     def begin(self, ckpt: Optional[Dict[str, Any]], fresh_seed: int) -> None:
         """Continue from `ckpt` (arguments checked, state and random streams restored), or seed the
