@@ -41,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import load_data, parse_spec
-from ..training.evaluate import linear_probe
+from ..training.evaluate import knn_accuracy, linear_probe
 from ..training.distributed import single_process
-from ..training.rundir import CheckpointError, atomic_write
+from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
 from ..training.runs import check_int, check_number, cosine_factor, merge_config, seed_everything
 from ..training.trainer import Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, split_run_options
 from .common import ENCODERS, ViewAugment, build_encoder, encode, load_flow, pretrain_info
@@ -263,11 +263,8 @@ class _GenRep(Trainer):
         cfg, path, meta = self.cfg, self._views_path(), self._views_meta()
         state = None
         if os.path.isfile(path):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{path} is not readable ({type(e).__name__}); remove it to regenerate") from e
-            if not isinstance(state, dict) or state.get("format") != VIEWS_FORMAT:
+            state = read_checkpoint(path, what="genrep view pool (remove it to regenerate)")
+            if state.get("format") != VIEWS_FORMAT:
                 raise CheckpointError(f"{path} is not a genrep view pool; remove it or use a new --out")
             if state["meta"] != meta:
                 raise CheckpointError(f"{path} was generated with {state['meta']}, this run asks for {meta}; "
@@ -386,12 +383,7 @@ class _GenRep(Trainer):
         tr_x, tr_y = encode(self.encoder, self.train_data, batch_size=cfg.eval_batch_size, device=self.device)
         te_x, te_y = encode(self.encoder, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)
         probe = linear_probe(tr_x, tr_y, te_x, te_y, seed=cfg.seed, C=cfg.probe_C)
-        try:
-            from ..training.evaluate import knn_accuracy
-
-            knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=min(20, len(tr_y)))["top1"]
-        except ImportError:  # pragma: no cover
-            knn = None
+        knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=min(20, len(tr_y)))["top1"]
         probe_time = time.perf_counter() - t0
         metrics: Dict[str, Any] = {
             "top1": probe["top1"],

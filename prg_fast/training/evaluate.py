@@ -31,6 +31,7 @@ from .checkpoints import build_classifier, build_model, check_data_fits, load_fi
 from .distributed import resolve_device, run_on_ranks
 from .flows import prg_velocity
 from .rundir import CheckpointError, RunDir, atomic_write, checkpoint_file, claim_file, write_json
+from .runs import check_int
 
 __all__ = ["top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
            "load_features", "probe_features", "evaluate", "extract"]
@@ -41,12 +42,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, mininterval=1.0,
                 leave=False)
-
-
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return int(batch_size)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -75,7 +70,7 @@ def _predict(classifier: torch.nn.Module, data, indices, batch_size: int, device
 def sharded_correct(classifier: torch.nn.Module, data, ctx, *, batch_size: int = 256, progress: bool = False) -> int:
     """Correctly labelled images of `data`, each rank of `ctx` (a training.runs.Dist) classifying
     every world-th image and the counts all-reduced: every rank returns the whole split's count."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1)
     indices = range(ctx.rank, len(data), ctx.world)
     pred = _predict(classifier, data, indices, batch_size, ctx.device, progress and ctx.main)
     correct = torch.tensor([int((pred == data.labels[list(indices)]).sum())], dtype=torch.float64, device=ctx.device)
@@ -90,7 +85,7 @@ def top1_accuracy(classifier: torch.nn.Module, data, *, batch_size: int = 256, d
     """Fraction of `data` (an ImageData split; augmentation is not applied) that `classifier`
     labels correctly, computed in eval mode. Per-sample computations only, so the number does not
     depend on batch_size. Returns a float (and the predictions, with return_predictions=True)."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1)
     device = torch.device(device) if device is not None else _device_of(classifier)
     pred = _predict(classifier, data, range(len(data)), batch_size, device, progress)
     correct = int((pred == data.labels).sum())
@@ -107,7 +102,7 @@ def extract_features(flow: torch.nn.Module, data, t: float = 1.0, *, t0: float =
     with several save_at states concatenated on the channel dim, labels (N,) int64."""
     from ..classifier import PRGClassifier
 
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1)
     device = torch.device(device) if device is not None else _device_of(flow)
     clf = PRGClassifier(flow, torch.nn.Identity(), t=t, t0=t0, steps=steps, method=method, save_at=save_at,
                         adjoint=False, **reverse_kwargs)
