@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..training.checkpoints import build_model, check_data_fits, load_checkpoint
+from ..training.evaluate import map_batches
 from ..training.rundir import CheckpointError, checkpoint_file
 from ..training.runs import check_int, check_number
 
@@ -176,20 +177,10 @@ def load_flow(checkpoint: str, data, *, raw_weights: bool = False) -> Tuple[Dict
 # evaluation helpers
 
 
-@torch.no_grad()
 def encode(encoder: nn.Module, data, *, batch_size: int = 256, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, D) of every image of `data` (no augmentation, eval mode) and labels."""
-    device = device or next(encoder.parameters()).device
-    was = encoder.training
-    encoder.eval()
-    feats = []
-    try:
-        for start in range(0, len(data), batch_size):
-            x, _ = data.batch(list(range(start, min(start + batch_size, len(data)))), augment=False, device=device)
-            feats.append(encoder(x).float().cpu())
-    finally:
-        encoder.train(was)
-    return torch.cat(feats), data.labels.clone()
+    feats = map_batches(encoder, lambda x: encoder(x).float(), data, batch_size=batch_size, device=device)
+    return feats, data.labels.clone()
 
 
 def pretrain_info(checkpoint: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:

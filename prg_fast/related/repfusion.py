@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..data import load_data
 from ..training.distributed import single_process
+from ..training.evaluate import map_batches, top1_accuracy
 from ..training.rundir import CheckpointError
 from ..training.runs import (check_int, check_number, cosine_factor, load_train_data, merge_config,
                              seed_everything)
@@ -394,12 +395,8 @@ class _RepFusion(Trainer):
         n = min(max_images, len(self.train_data))
         means, stds = [], []
         for t in self.teacher_times.tolist():
-            feats = []
-            for start in range(0, n, self.cfg.eval_batch_size):
-                x, _ = self.train_data.batch(list(range(start, min(start + self.cfg.eval_batch_size, n))),
-                                             augment=False, device=self.device)
-                feats.append(self.teacher(x, t))
-            f = torch.cat(feats).double()
+            f = map_batches(self.teacher, lambda x: self.teacher(x, t), self.train_data, indices=range(n),
+                            batch_size=self.cfg.eval_batch_size, device=self.device).double()
             sd = f.std(dim=0)
             means.append(f.mean(dim=0).float())
             stds.append((sd + 1e-4 * sd.mean() + 1e-12).float())  # a constant channel does not blow up
@@ -552,21 +549,14 @@ class _RepFusion(Trainer):
     def _policy_stats(self) -> Dict[str, Any]:
         """What the trained policy chooses on the test images: the mean probability of each
         candidate time and the expected time under it."""
-        self.policy.eval()
-        probs = []
-        for start in range(0, len(self.test_data), self.cfg.eval_batch_size):
-            idx = list(range(start, min(start + self.cfg.eval_batch_size, len(self.test_data))))
-            x, _ = self.test_data.batch(idx, augment=False, device=self.device)
-            probs.append(F.softmax(self.policy(x).float(), dim=1).cpu())
-        self.policy.train()
-        mean = torch.cat(probs).mean(dim=0)
+        probs = map_batches(self.policy, lambda x: F.softmax(self.policy(x).float(), dim=1), self.test_data,
+                            batch_size=self.cfg.eval_batch_size, device=self.device)
+        mean = probs.mean(dim=0)
         times = self.times.cpu()
         return {"policy_t_mean": round(float((mean * times).sum()), 4),
                 "policy_probs": {f"{float(t):.3g}": round(float(p), 4) for t, p in zip(times, mean)}}
 
     def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
-        from ..training.evaluate import top1_accuracy
-
         cfg = self.cfg
         net = nn.Sequential(self.student, self.classifier)
         top1 = top1_accuracy(net, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)

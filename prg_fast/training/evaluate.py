@@ -33,7 +33,7 @@ from .flows import prg_velocity
 from .rundir import CheckpointError, RunDir, atomic_write, checkpoint_file, claim_file, write_json
 from .runs import check_int
 
-__all__ = ["top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
+__all__ = ["map_batches", "top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
            "load_features", "probe_features", "evaluate", "extract"]
 
 
@@ -51,20 +51,31 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _predict(classifier: torch.nn.Module, data, indices, batch_size: int, device, progress: bool) -> torch.Tensor:
-    was_training = classifier.training
-    classifier.eval()
-    preds = []
+def map_batches(module: torch.nn.Module, fn, data, *, batch_size: int, device=None, indices=None, desc: str = "",
+                progress: bool = False) -> torch.Tensor:
+    """fn(x) over batches of `data`'s images (no augmentation; `indices`, default all, in order),
+    concatenated on the CPU; without gradients and with `module` in eval mode meanwhile (its mode
+    is restored after); a progress bar over images when `progress`."""
+    indices = range(len(data)) if indices is None else indices
+    device = torch.device(device) if device is not None else _device_of(module)
+    was_training = module.training
+    module.eval()
+    out = []
     try:
-        with _progress(len(indices), "evaluate", progress) as bar:
+        with _progress(len(indices), desc, progress) as bar:
             for start in range(0, len(indices), batch_size):
                 idx = list(indices[start:start + batch_size])
                 x, _ = data.batch(idx, augment=False, device=device)
-                preds.append(classifier(x).argmax(dim=1).cpu())
+                out.append(fn(x).cpu())
                 bar.update(len(idx))
     finally:
-        classifier.train(was_training)
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        module.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _predict(classifier: torch.nn.Module, data, indices, batch_size: int, device, progress: bool) -> torch.Tensor:
+    return map_batches(classifier, lambda x: classifier(x).argmax(dim=1), data, batch_size=batch_size, device=device,
+                       indices=indices, desc="evaluate", progress=progress)
 
 
 def sharded_correct(classifier: torch.nn.Module, data, ctx, *, batch_size: int = 256, progress: bool = False) -> int:
@@ -103,24 +114,16 @@ def extract_features(flow: torch.nn.Module, data, t: float = 1.0, *, t0: float =
     from ..classifier import PRGClassifier
 
     batch_size = check_int("batch_size", batch_size, 1)
-    device = torch.device(device) if device is not None else _device_of(flow)
     clf = PRGClassifier(flow, torch.nn.Identity(), t=t, t0=t0, steps=steps, method=method, save_at=save_at,
                         adjoint=False, **reverse_kwargs)
-    was_training = flow.training
-    flow.eval()
-    out = []
-    try:
-        with _progress(len(data), f"extract t={t:g}", progress) as bar:
-            for start in range(0, len(data), batch_size):
-                idx = list(range(start, min(start + batch_size, len(data))))
-                x, _ = data.batch(idx, augment=False, device=device)
-                z = clf.features(x).float().cpu()
-                out.append(z.flatten(1) if flatten else z)
-                bar.update(len(idx))
-    finally:
-        flow.train(was_training)
-    feats = torch.cat(out).numpy()
-    return feats, data.labels.numpy().astype(np.int64)
+
+    def features(x):
+        z = clf.features(x).float()
+        return z.flatten(1) if flatten else z
+
+    feats = map_batches(flow, features, data, batch_size=batch_size, device=device, desc=f"extract t={t:g}",
+                        progress=progress)
+    return feats.numpy(), data.labels.numpy().astype(np.int64)
 
 
 def _check_xy(train_x, train_y, test_x, test_y):
