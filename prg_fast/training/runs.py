@@ -1,6 +1,6 @@
 """The run-time helpers every trainer shares: random state save/restore and seeding, the config
-merge convention and argument checks, the learning-rate schedule, the per-step sharded batch order,
-the progress bar and run timing. The run directory is in training.rundir, distributed set-up in
+merge convention and argument checks, the learning-rate schedule, the per-step sharded batch order
+and the training split with its augmentation. The run directory is in training.rundir, distributed set-up in
 training.distributed, the trainers' common loop in training.trainer."""
 import copy
 import math
@@ -14,30 +14,10 @@ import torch
 import torch.distributed as dist
 
 from .distributed import Dist
-from .rundir import RunDir
 
 __all__ = ["rng_state", "set_rng_state", "gather_rng_states", "seed_everything", "rank_seed", "restore_rng_on_resume",
            "merge_config", "check_number", "check_int", "cosine_factor", "lr_schedule", "StepBatches",
-           "load_train_data", "step_bar", "run_timing"]
-
-
-def run_timing(step: int, resumed_from: int, elapsed: float, elapsed_prev: float, trained: int,
-               batch_size: int) -> Dict[str, Any]:
-    """The metrics.json entries every trainer reports about how far and how fast it went."""
-    return {"step": step, "resumed_from_step": resumed_from, "wall_time_s": round(elapsed, 3),
-            "train_time_total_s": round(elapsed_prev + elapsed, 3),
-            "images_per_s": round(trained * batch_size / elapsed, 2) if trained and elapsed > 0 else None}
-
-
-def step_bar(files: RunDir, step: int, total: int, enabled: bool, desc: str):
-    """Start of a training loop: a note when `step` already reaches `total`, and the progress bar
-    over optimizer steps (main process only)."""
-    from tqdm.auto import tqdm
-
-    if step >= total:
-        files.say(f"{files.ckpt_path} is already at step {step} >= --steps {total}; nothing to train")
-    return tqdm(total=total, initial=step, disable=not (files.main and enabled), dynamic_ncols=True,
-                mininterval=1.0, desc=desc, unit="step")
+           "load_train_data"]
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:

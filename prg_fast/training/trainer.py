@@ -26,11 +26,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .distributed import Dist
 from .rundir import RunDir
-from .runs import (StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume, run_timing,
-                   seed_everything, step_bar)
+from .runs import StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume, seed_everything
 
 __all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options"]
 
@@ -216,7 +216,11 @@ class Trainer:
     def run(self) -> Dict[str, Any]:
         """Train to total_steps, then finish(); the final metrics."""
         start_step, self.t_start = self.step, self.clock()
-        bar = step_bar(self.files, self.step, self.total_steps, self.cfg.progress, self.bar_desc)
+        if self.step >= self.total_steps:
+            self.files.say(f"{self.files.ckpt_path} is already at step {self.step} >= --steps {self.total_steps}; "
+                           f"nothing to train")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.files.main and self.cfg.progress),
+                   dynamic_ncols=True, mininterval=1.0, desc=self.bar_desc, unit="step")
         last_save = self.t_start
         with StopRequests(self.files.say) as stop:
             while self.step < self.total_steps:
@@ -273,8 +277,10 @@ class Trainer:
 
     def timing(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         """The metrics.json entries about how far and how fast this invocation went."""
-        return {"command": self.files.command, **run_timing(self.step, self.resumed_from, elapsed, self.elapsed_prev,
-                                                             self.step - start_step, self.cfg.batch_size)}
+        trained = self.step - start_step
+        return {"command": self.files.command, "step": self.step, "resumed_from_step": self.resumed_from,
+                "wall_time_s": round(elapsed, 3), "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
+                "images_per_s": round(trained * self.cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None}
 
     def write_metrics(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
         """metrics.json of the finished run: `metrics`, then every argument not already named."""
