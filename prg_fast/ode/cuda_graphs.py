@@ -15,7 +15,8 @@ All captures share one memory pool per device and the cache is an LRU of `max_si
 `cuda_graph="auto"` captures only where it pays: CUDA, no grad, no check_finite, and at most
 `auto_max_numel()` state elements (default 2**18, env PRG_FAST_CUDA_GRAPH_MAX_NUMEL); otherwise it
 runs the solve eagerly (graphs pay while launch overhead dominates). Measure the crossover on a
-GPU with `python benchmarks/gpu_report.py --out DIR` (part "graph_crossover") and set the env var.
+GPU with `bash benchmarks/gpu_check.sh --out DIR` (part "reverse": its "crossover" is the first
+state size where graphed/eager >= 0.95) and set the env var.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def max_size() -> int:
 
 
 def set_auto_max_numel(numel: int) -> None:
-    """Largest state (x.numel()) for which cuda_graph="auto" captures; measure it with gpu_report."""
+    """Largest state (x.numel()) for which cuda_graph="auto" captures; measure it with benchmarks/gpu_check.sh."""
     if not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     _MAX_NUMEL[0] = numel
