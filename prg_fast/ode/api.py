@@ -25,6 +25,7 @@ from .reach import Reach, reachable
 from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
 from .solvers import get_tableau
 from .strategies import FirstEvaluation, Strategy, check_memory_budget, check_store, first_evaluation
+from .unit_time import check_unit_times
 
 Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -58,6 +59,9 @@ def _check_x(x, name: str = "x", batched: bool = True) -> None:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
     if batched and x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension (shape (B, ...)), got a 0-dim tensor")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values); the solve computes values: "
+                         "pass a tensor on the CPU or a GPU")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
 
@@ -564,6 +568,7 @@ def reverse(
     _check_x(x)
     steps = _check_steps(steps)
     t1, t0 = _time_arg(t, "t", x), _time_arg(t0, "t0", x)
+    check_unit_times(t=t1, t0=t0, save_at=save_at)
     _check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
     times, grid, index, out_rows = _time_grid(t0, t1, steps, save_at, x)
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
@@ -601,6 +606,7 @@ def generate(
     _check_x(z, "z")
     steps = _check_steps(steps)
     t1, t_end = _time_arg(t, "t", z), _time_arg(t_end, "t_end", z)
+    check_unit_times(t=t1, t_end=t_end)
     _check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
     times, grid, index, _ = _time_grid(t1, t_end, steps, None, z)
     opts = dict(method=method, adjoint=adjoint, backend=backend,
