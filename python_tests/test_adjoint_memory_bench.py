@@ -10,6 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory worker reads /proc (Linux only)")
 def test_quick_benchmark(tmp_path):
     pytest.importorskip("torchdiffeq", reason="the benchmark's reference rows need torchdiffeq")

@@ -253,6 +253,7 @@ def test_plain_backprop_through_bf16_network(mlp):
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
 
 
+@pytest.mark.slow
 def test_imports_and_works_without_the_compiled_part():
     """xformers-style: with prg_fast._C unimportable the package still imports, says why, and
     falls back to the reference backend."""
