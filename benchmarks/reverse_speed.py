@@ -105,7 +105,7 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "benchmarks"))  # git-ignored
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
