@@ -28,7 +28,7 @@ the same reversible scheme (it is a different discretisation of the ODE).
     python benchmarks/adjoint_memory.py            # UNet "tiny" 16x16, K = 4, 8, 16 on the CPU (<= 5 min
                                                    # on 2 cores); "cifar" on a GPU
     python benchmarks/adjoint_memory.py --full     # adds K = 64 (plain backprop holds ~1.2 GB there)
-    python benchmarks/adjoint_memory.py --quick    # the same claim at K = 2, 4 (about a minute)
+    python benchmarks/adjoint_memory.py --quick    # the same claim at K = 2, 4 (~1.5 min)
 
 Results go to --out (default runs/benchmarks/adjoint_memory/, which git ignores): every measurement
 is appended to adjoint_memory_TAG.jsonl the moment it is taken (one line per strategy and K, per
@@ -362,7 +362,7 @@ def measure_k(args, log, impls, steps, device):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="K = 2, 4 at a size where activations still dominate (~1 min)")
+    p.add_argument("--quick", action="store_true", help="K = 2, 4 at a size where activations still dominate (~1.5 min)")
     p.add_argument("--full", action="store_true", help="add K = 64 to the default K = 4, 8, 16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default=None, help="UNet preset (default: cifar on CUDA, tiny on CPU)")
