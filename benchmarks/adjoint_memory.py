@@ -25,8 +25,16 @@ Gradient error: relative L2 error of the gradients (input and all parameters) ag
 plain backprop through the same solver; for `reversible` against float64 plain backprop through
 the same reversible scheme (it is a different discretisation of the ODE).
 
-    python benchmarks/adjoint_memory.py            # UNet "tiny" 16x16 on the CPU, "cifar" on a GPU
-    python benchmarks/adjoint_memory.py --quick    # < 1 minute on a 2-core CPU
+    python benchmarks/adjoint_memory.py            # UNet "tiny" 16x16, K = 4, 8, 16 on the CPU (<= 5 min
+                                                   # on 2 cores); "cifar" on a GPU
+    python benchmarks/adjoint_memory.py --full     # adds K = 64 (plain backprop holds ~1.2 GB there)
+    python benchmarks/adjoint_memory.py --quick    # the same claim at K = 2, 4 (~1.5 min)
+
+Results go to --out (default runs/benchmarks/adjoint_memory/, which git ignores): every measurement
+is appended to adjoint_memory_TAG.jsonl the moment it is taken (one line per strategy and K, per
+measure: peak memory, gradient error, time), so an interrupted run keeps what it measured and the
+same command resumes it, measuring only what is missing (--fresh starts over). At the end the table
+is printed and adjoint_memory_TAG.json and adjoint_memory_TAG.png are written beside it.
 """
 from __future__ import annotations
 
@@ -49,6 +57,8 @@ from prg_fast.ode.solvers import SOLVERS
 IMPLS = ("backprop", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq", "tdq_adjoint")
 TDQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "rk4_38": "rk4"}  # torchdiffeq's names
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks", "adjoint_memory")  # git-ignored
+MEASURES = ("peak_bytes", "grad_rel_err", "time_ratio")  # what a finished cell holds
 
 
 def device_name(device: torch.device) -> str:
@@ -202,10 +212,12 @@ def cuda_peaks(args, impls, steps, device):
     return peaks
 
 
-def cpu_peaks_subprocess(args, impls):
-    """{(impl, K): peak bytes} from one fresh worker process (see the module docstring)."""
+def cpu_peaks_subprocess(args, impls, steps):
+    """{(impl, K): peak bytes} at one K from one fresh worker process (see the module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(impls)] + args.passthrough
+    passthrough = ["--model", args.model, "--batch", str(args.batch), "--size", str(args.size),
+                   "--method", args.method, "--device", "cpu", "--steps", str(steps)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(impls)] + passthrough
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"memory worker failed:\n{res.stderr[-3000:]}")
@@ -290,9 +302,68 @@ def plot(rows, impls, steps_list, title, path):
     return path
 
 
-def main():
+class CellLog:
+    """The JSON-lines record of one configuration's measurements: a header line with the settings,
+    then one line per (K, strategy, measure) appended -- and flushed -- as it is measured."""
+
+    def __init__(self, path: str, config: dict, fresh: bool):
+        self.path, self.cells = path, {}
+        if fresh and os.path.exists(path):
+            os.remove(path)
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            if lines and lines[0].get("config") != config:
+                raise SystemExit(f"{path} holds a run with other settings ({lines[0].get('config')}); pass --fresh "
+                                 "to start over or another --out")
+            for line in lines[1:]:
+                self.cells.setdefault((line["steps"], line["impl"]), {}).update(line)
+            print(f"resuming from {path}: {len(self.cells)} cells measured before")
+        else:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "w") as f:
+                f.write(json.dumps(dict(config=config)) + "\n")
+
+    def has(self, steps: int, impls, key: str) -> bool:
+        return all(key in self.cells.get((steps, i), {}) for i in impls)
+
+    def add(self, steps: int, values: dict) -> None:
+        """values: {impl: {measure: value}} for one K, appended and flushed at once."""
+        with open(self.path, "a") as f:
+            for impl, fields in values.items():
+                self.cells.setdefault((steps, impl), {}).update(dict(steps=steps, impl=impl, **fields))
+                f.write(json.dumps(dict(steps=steps, impl=impl, **fields)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def measure_k(args, log, impls, steps, device):
+    """Peak memory, gradient errors and time ratios at one K, each skipped when the log has it."""
+    if not log.has(steps, impls, "peak_bytes"):
+        if device.type == "cuda":
+            peaks = cuda_peaks(args, impls, steps, device)
+        else:
+            peaks = {i: v for (i, k), v in cpu_peaks_subprocess(args, impls, steps).items()}
+        log.add(steps, {i: dict(peak_bytes=peaks[i]) for i in impls})
+    if not log.has(steps, impls, "grad_rel_err"):
+        log.add(steps, {i: dict(grad_rel_err=e) for i, e in grad_errors(args, device, steps, impls).items()})
+    if not log.has(steps, impls, "time_ratio"):
+        ratios, secs = time_ratios(args, impls, steps, device)
+        log.add(steps, {i: dict(time_ratio=ratios[i], seconds=secs[i]) for i in impls})
+    rows = []
+    for impl in impls:
+        c = log.cells[(steps, impl)]
+        rows.append(dict(impl=impl, steps=steps, peak_mib=c["peak_bytes"] / 2**20, seconds=c["seconds"],
+                         time_ratio=c["time_ratio"], grad_rel_err=c["grad_rel_err"]))
+        print(f"  K={steps:<3d} {impl:<12s} peak {rows[-1]['peak_mib']:9.1f} MiB  {c['seconds'] * 1e3:9.1f} ms  "
+              f"x{c['time_ratio']:.3f} of backprop  grad rel err {c['grad_rel_err']:.2e}", flush=True)
+    return rows
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="K = 2, 4 at a size where activations still dominate (~1.5 min)")
+    p.add_argument("--full", action="store_true", help="add K = 64 to the default K = 4, 8, 16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default=None, help="UNet preset (default: cifar on CUDA, tiny on CPU)")
     p.add_argument("--batch", type=int, default=None)
@@ -302,19 +373,27 @@ def main():
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--reps", type=int, default=None, help="interleaved timing repeats")
     p.add_argument("--grad-batch", type=int, default=2, help="batch for the float64 gradient check")
-    p.add_argument("--out", default=os.path.join(HERE, "out"), help="folder for the JSON")
-    p.add_argument("--figures", default=os.path.join(HERE, "figures"), help="folder for the PNG")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON lines, the JSON and the PNG")
+    p.add_argument("--figures", default=None, help="folder for the PNG (default: --out)")
+    p.add_argument("--fresh", action="store_true", help="discard the cells an earlier run of these settings measured")
     p.add_argument("--worker", metavar="IMPLS", help=argparse.SUPPRESS)
     args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.model = args.model or ("cifar" if cuda else "tiny")
+    # --quick keeps the default's image (activations well above the stored states and the
+    # allocator's noise, so the adjoint's saving shows) and shortens K and the repeats
+    args.batch = args.batch or (64 if cuda else 8)
+    args.size = args.size or (32 if cuda else 16)
+    args.steps = args.steps or ([2, 4] if args.quick else [4, 8, 16] + ([64] if args.full else []))
+    args.reps = args.reps or (2 if args.quick else 3)
+    args.figures = args.figures or args.out
+    return args
+
+
+def main():
+    args = parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    args.model = args.model or ("cifar" if cuda else "tiny")
-    args.batch = args.batch or (64 if cuda else (2 if args.quick else 8))
-    args.size = args.size or (32 if cuda else (8 if args.quick else 16))
-    args.steps = args.steps or ([2, 4] if args.quick else [4, 16, 64])
-    args.reps = args.reps or (3 if args.quick else 5)
-    args.passthrough = ["--model", args.model, "--batch", str(args.batch), "--size", str(args.size),
-                        "--method", args.method, "--device", "cpu", "--steps", *map(str, args.steps)]
     if args.worker:
         worker(args, args.worker.split(","))
         return
@@ -331,33 +410,28 @@ def main():
           f"{prg_fast.ode.backends.resolve('auto', device)[0]}")
     print(f"model: UNet '{args.model}' ({sum(q.numel() for q in build(args, device, torch.float32)[0].parameters()) / 1e6:.2f}M params), "
           f"x: ({args.batch}, 3, {args.size}, {args.size}), method: {args.method}, "
-          f"memory: {'max_memory_allocated' if cuda else 'peak RSS of a worker process, reset per cell'}, "
+          f"memory: {'max_memory_allocated' if cuda else 'peak RSS of a fresh worker process per K, reset per cell'}, "
           f"time: median of {args.reps} interleaved repeats")
-    peaks = cpu_peaks_subprocess(args, impls) if not cuda else {}
+    tag = f"{device.type}_{args.model}_{args.method}" + ("_quick" if args.quick else "")
+    config = dict(device=device_name(device), model=args.model, batch=args.batch, size=args.size, method=args.method,
+                  reps=args.reps, grad_batch=args.grad_batch, torch=torch.__version__)
+    log = CellLog(os.path.join(args.out, f"adjoint_memory_{tag}.jsonl"), config, args.fresh)
     rows = []
     for steps in args.steps:
-        errs = grad_errors(args, device, steps, impls)
-        ratios, secs = time_ratios(args, impls, steps, device)
-        if cuda:
-            peaks.update({(i, steps): v for i, v in cuda_peaks(args, impls, steps, device).items()})
-        for impl in impls:
-            peak = peaks[(impl, steps)]
-            rows.append(dict(impl=impl, steps=steps, peak_mib=peak / 2**20, seconds=secs[impl],
-                             time_ratio=ratios[impl], grad_rel_err=errs[impl]))
-            print(f"  K={steps:<3d} {impl:<12s} peak {peak / 2**20:9.1f} MiB  {secs[impl] * 1e3:9.1f} ms  "
-                  f"x{ratios[impl]:.3f} of backprop  grad rel err {errs[impl]:.2e}", flush=True)
+        rows += measure_k(args, log, impls, steps, device)
 
     print("\n| K | strategy | peak MiB | ms (median) | time / backprop | grad rel err |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['steps']} | {r['impl']} | {r['peak_mib']:.1f} | {r['seconds'] * 1e3:.0f} | "
               f"{r['time_ratio']:.2f} | {r['grad_rel_err']:.1e} |")
+    by = {(r["impl"], r["steps"]): r for r in rows}
+    print("\nmemory, adjoint (budget_0) against plain backprop: " + ", ".join(
+        f"K={k}: {by[('budget_0', k)]['peak_mib']:.1f} vs {by[('backprop', k)]['peak_mib']:.1f} MiB"
+        for k in args.steps if ("budget_0", k) in by))
 
-    os.makedirs(args.out, exist_ok=True)
-    tag = f"{device.type}_{args.model}_{args.method}" + ("_quick" if args.quick else "")
     with open(os.path.join(args.out, f"adjoint_memory_{tag}.json"), "w") as f:
-        json.dump(dict(device=device_name(device), args={k: v for k, v in vars(args).items() if k != "passthrough"},
-                       rows=rows), f, indent=1)
+        json.dump(dict(device=device_name(device), args={k: v for k, v in vars(args).items()}, rows=rows), f, indent=1)
     title = (f"{device_name(device)} | UNet {args.model}, batch {args.batch}, {args.size}x{args.size}, "
              f"{args.method}, K in {args.steps}")
     path = plot(rows, impls, args.steps, title, os.path.join(args.figures, f"adjoint_memory_{tag}.png"))

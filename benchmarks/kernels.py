@@ -16,7 +16,7 @@ network outputs, written in bf16). Sizes that would not fit in half the free mem
     python benchmarks/kernels.py --devices cuda,cpu
 
 Prints one table per device (named by torch.cuda.get_device_name or the CPU model) and writes
-benchmarks/out/kernels.png and benchmarks/out/kernels.json. GPU timings use torch.cuda.Event,
+runs/benchmarks/kernels.png and runs/benchmarks/kernels.json (or --out). GPU timings use torch.cuda.Event,
 CPU timings time.perf_counter; every number is the median of several timed batches after warm-up.
 Small sizes are bound by the launch / dispatch cost of a call, not by memory, and fit in cache.
 """
@@ -38,7 +38,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prg_fast.ode import backends, ops, reference  # noqa: E402
 
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "benchmarks")  # git-ignored
 DTYPE_NAMES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -51,7 +51,7 @@ def _job(args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(HERE, "out", "learn_t"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "runs", "benchmarks", "learn_t"))  # git-ignored
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--pretrain-steps", type=int, default=750)
     p.add_argument("--finetune-steps", type=int, default=150)

@@ -49,6 +49,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OUT_ROOT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks")  # git-ignored: nothing lands in the source tree
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 
@@ -805,7 +806,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
     p.add_argument("--preset", default="tiny", help="UNet preset (tiny | cifar | prg32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--out", default=os.path.join(HERE, "out", "prg_tables"))
+    p.add_argument("--out", default=os.path.join(OUT_ROOT, "prg_tables"))
     p.add_argument("--quick", action="store_true", help="reduced smoke version (few steps; numbers not meaningful)")
     p.add_argument("--table", choices=("main", "scarce"), default="main",
                    help="main: the paper's tables (paths, head only, probes, segments, step invariance); scarce: "
@@ -823,8 +824,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-steps", type=int, default=10, help="--budget-minutes: steps per calibration segment")
     p.add_argument("--plan-only", action="store_true", help="--budget-minutes: calibrate, print the plan, run nothing")
     p.add_argument("--no-head-only", dest="head_only", action="store_false", help="--table scarce: skip head only")
-    p.add_argument("--figure", default=os.path.join(HERE, "figures", "prg_label_scarce.png"),
-                   help="--table scarce: where the PNG of top-1 against labels per class goes")
+    p.add_argument("--figure", default=None,
+                   help="--table scarce: where the PNG of top-1 against labels per class goes (default: OUT/label_scarce.png; "
+                        "none with --quick)")
     p.add_argument("--paths", default=None, help="pretraining paths (default gvp,icfm,otcfm; --table scarce: otcfm,gvp)")
     p.add_argument("--segment-path", default="otcfm", help="the path of the trajectory-segment table")
     p.add_argument("--t0s", default="0,0.25,0.5")
@@ -895,13 +897,11 @@ def parse(argv=None) -> argparse.Namespace:
         if scarce:
             a.levels = [n for n in a.levels if n in (1, None)] or a.levels[:1]
             a.finetune_steps, a.paths = 6, a.paths[:1]
-            if a.figure == os.path.join(HERE, "figures", "prg_label_scarce.png"):
-                a.figure = None  # a smoke run does not overwrite the recorded figure
-        a.out = a.out.rstrip("/") + "_quick" if a.out == os.path.join(HERE, "out", "prg_tables") else a.out
-    if scarce and a.out == os.path.join(HERE, "out", "prg_tables"):
-        a.out = os.path.join(HERE, "out", "prg_budget" if budget else "prg_scarce")
-    if budget and a.figure == os.path.join(HERE, "figures", "prg_label_scarce.png"):
-        a.figure = os.path.join(a.out, "label_scarce.png")
+        a.out = a.out.rstrip("/") + "_quick" if a.out == os.path.join(OUT_ROOT, "prg_tables") else a.out
+    if scarce and a.out == os.path.join(OUT_ROOT, "prg_tables"):
+        a.out = os.path.join(OUT_ROOT, "prg_budget" if budget else "prg_scarce")
+    if a.figure is None and not a.quick:
+        a.figure = os.path.join(a.out, "label_scarce.png")  # the recorded figure is copied into benchmarks/figures by hand
     if a.threads is None:
         a.threads = 1 if a.device == "cpu" else 0
     if a.head_lr is None:

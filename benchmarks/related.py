@@ -16,8 +16,9 @@ Rows (each a `prg-fast` command run as a subprocess; its wall time is measured a
 Protocols differ as in the papers: PRG and RepFusion are finetuned with labels; GenRep learns without
 labels and is read out by a linear probe (logistic regression, C by CV on the training split).
 
-Results: OUT/related.json and a markdown table, written into RESULTS.md as the section
-"Related systems on <data>" (only that section is replaced). Finished rows are cached in
+Results: OUT/related.json (OUT defaults to runs/benchmarks/related, git-ignored) and a markdown
+table; with --results benchmarks/RESULTS.md it is also written there as the section "Related
+systems on <data>" (only that section is replaced). Finished rows are cached in
 OUT/<row>/row.json; --fresh reruns everything.
 """
 from __future__ import annotations
@@ -125,9 +126,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads per run (OMP_NUM_THREADS; 1 is fastest on a shared 2-core machine)")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "related"))
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"),
-                   help="markdown file whose 'Related systems on DATA' section is (re)written; '' to skip")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "benchmarks", "related"))  # git-ignored
+    p.add_argument("--results", default="",
+                   help="markdown file whose 'Related systems on DATA' section is (re)written, for example "
+                        "benchmarks/RESULTS.md (default: none; the table is printed and in OUT/related.json)")
     p.add_argument("--rows", default="prg,repfusion,repfusion-policy,student,genrep,random,pixels",
                    help="comma-separated subset of prg,repfusion,repfusion-policy,student,genrep,random,pixels")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows")

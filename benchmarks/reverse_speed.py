@@ -124,7 +124,7 @@ def main():
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-backward", action="store_true", help="time the no-grad solves only")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "benchmarks"))  # git-ignored
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

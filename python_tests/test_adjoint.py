@@ -172,6 +172,7 @@ def test_bytes_kept_for_backward_are_k_times_s_states(mlp, method):
             _adjoint_node(out).saved_tensors  # freed by the backward
 
 
+@pytest.mark.slow
 def test_peak_memory_flat_in_steps_subprocess():
     """Peak RSS of a forward+backward in a fresh process: the adjoint grows only by its K*s
     stored states, plain backprop by K*s network activations. glibc is told to return freed

@@ -142,7 +142,7 @@ def test_check_finite_names_step_and_time():
         (dict(method="dopri5"), ValueError, "method must be one of"),
         (dict(t=0.0), ValueError, "t must be > t0"),
         (dict(t=float("nan")), ValueError, "t must be a finite number"),
-        (dict(save_at=[1.5]), ValueError, r"save_at times must lie in \[t0, t\]"),
+        (dict(t=0.5, save_at=[0.75]), ValueError, r"save_at times must lie in \[t0, t\]"),
         (dict(save_at=[]), ValueError, "save_at must hold at least one time"),
         (dict(save_at=0.5), TypeError, "save_at must be a sequence"),
         (dict(backend="tpu"), ValueError, "backend must be one of"),
@@ -153,6 +153,62 @@ def test_bad_arguments(mlp, kwargs, exc, match):
     model = mlp(dim=3)
     with pytest.raises(exc, match=match):
         prg_fast.reverse(model, torch.randn(2, 3), **kwargs)
+
+
+UNIT = r"expected a time in \[0, 1\] \(0 = data, 1 = noise\)"
+
+
+@pytest.mark.parametrize(
+    "call,kwargs,named,got",
+    [
+        ("reverse", dict(t=1.5), "t", "1.5"),
+        ("reverse", dict(t0=-0.25), "t0", "-0.25"),
+        ("reverse", dict(save_at=[0.5, 1.25]), "save_at", "1.25"),
+        ("reverse", dict(save_at=torch.tensor([-0.5, 0.5])), "save_at", "-0.5"),
+        ("reverse", dict(t=torch.tensor(1.5, requires_grad=True)), "t", "1.5"),
+        ("reverse", dict(t=torch.tensor([0.5, 2.0])), "t", "2"),  # per sample: the sample outside
+        ("generate", dict(t=1.5), "t", "1.5"),
+        ("generate", dict(t_end=-0.5), "t_end", "-0.5"),
+        ("generate", dict(t_end=torch.tensor([0.0, -1.0])), "t_end", "-1"),
+    ],
+)
+def test_reverse_and_generate_read_the_unit_interval_only(call, kwargs, named, got):
+    """t = 0 is data and t = 1 noise: a time past either end was integrated silently before."""
+    f = lambda t, x: -x  # noqa: E731
+    with pytest.raises(ValueError, match=f"^{named}: {UNIT}, got {got}$"):
+        getattr(prg_fast, call)(f, torch.randn(2, 3), steps=2, **kwargs)
+
+
+def test_unit_interval_message_is_the_command_lines():
+    import argparse
+
+    from prg_fast.cli.args import unit_time
+
+    with pytest.raises(argparse.ArgumentTypeError) as cli:
+        unit_time("1.5")
+    with pytest.raises(ValueError) as api:
+        prg_fast.reverse(lambda t, x: -x, torch.randn(2, 3), t=1.5, steps=2)
+    assert str(api.value) == "t: " + str(cli.value)
+
+
+def test_odeint_takes_any_grid():
+    out = prg_fast.odeint(lambda t, x: -x, torch.ones(2, 3), torch.tensor([0.0, 1.5, 3.0]), method="euler")
+    assert out.shape == (3, 2, 3)
+
+
+def test_meta_tensor_is_a_clear_error():
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        prg_fast.reverse(lambda t, x: -x, torch.empty(2, 3, device="meta"), steps=2)
+    with pytest.raises(ValueError, match="z is on the meta device"):
+        prg_fast.generate(lambda t, x: -x, torch.empty(2, 3, device="meta"), steps=2)
+
+
+def test_info_prints_or_returns(capsys):
+    assert prg_fast.info() is None
+    printed = capsys.readouterr().out
+    assert "cpu ops" in printed and printed.count("cpu ops") == 1
+    text = prg_fast.info(print_out=False)
+    assert capsys.readouterr().out == "" and text.strip() == printed.strip()
 
 
 def test_bad_x_and_model():
@@ -197,6 +253,7 @@ def test_plain_backprop_through_bf16_network(mlp):
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
 
 
+@pytest.mark.slow
 def test_imports_and_works_without_the_compiled_part():
     """xformers-style: with prg_fast._C unimportable the package still imports, says why, and
     falls back to the reference backend."""

@@ -66,6 +66,7 @@ def test_probes_bad_inputs():
         knn_accuracy(bad, ty, tx, ty)
 
 
+@pytest.mark.slow
 def test_extract_cli_writes_features_equal_to_reverse(pretrained, tmp_path, capsys):
     out = tmp_path / "feats.npz"
     code = cli.main(["extract", "--data", "digits", "--checkpoint", pretrained, "--t", "0.5", "--ode-steps", "3",
@@ -91,6 +92,7 @@ def test_extract_cli_writes_features_equal_to_reverse(pretrained, tmp_path, caps
     assert "linear probe top-1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_extract_into_a_run_directory_writes_and_prints_its_metrics(pretrained, tmp_path, capsys):
     out = tmp_path / "feats"
     assert cli.main(["extract", "--data", "digits", "--checkpoint", pretrained, "--ode-steps", "2", "--out", str(out),
@@ -102,6 +104,7 @@ def test_extract_into_a_run_directory_writes_and_prints_its_metrics(pretrained, 
     assert written["n_train"] == 1437 and load_features(str(out / "features.npz"))["meta"]["ode_steps"] == 2
 
 
+@pytest.mark.slow
 def test_extract_save_at_and_finetuned_checkpoint(pretrained, tmp_path):
     run = tmp_path / "ft"
     finetune(checkpoint=pretrained, out=str(run), steps=2, ode_steps=2, batch_size=32, t0=0.25, progress=False)

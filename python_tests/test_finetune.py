@@ -30,6 +30,7 @@ def finetuned(pretrained, tmp_path_factory):
     return str(out), result
 
 
+@pytest.mark.slow
 def test_finetune_beats_chance_by_a_wide_margin(finetuned):
     out, result = finetuned
     chance = 0.1
@@ -75,6 +76,7 @@ def test_evaluate_reproduces_the_final_number(finetuned):
     assert evaluate(out, "digits", batch_size=37)["top1"] == result.metrics["top1"]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_other_step_count(finetuned, capsys):
     out, result = finetuned
     assert cli.main(["evaluate", "--data", "digits", "--checkpoint", out, "--ode-steps", "6", "--no-progress"]) == 0
@@ -95,6 +97,7 @@ def _states(result):
             **{"head." + k: v for k, v in result.classifier.head.state_dict().items()}}
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(pretrained, tmp_path):
     # beta > 0 uses random t and noise, so this also checks that the random state is restored
     common = dict(checkpoint=pretrained, lr=1e-3, beta=0.5, warmup=0, schedule="constant", ckpt_every=100, **FAST)
@@ -114,6 +117,7 @@ def test_resume_reproduces_an_uninterrupted_run(pretrained, tmp_path):
     assert again.step == 6 and again.metrics["top1"] == straight.metrics["top1"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_arguments(pretrained, tmp_path):
     common = dict(checkpoint=pretrained, out=str(tmp_path / "r"), **FAST)
     finetune(steps=2, **common)
@@ -134,6 +138,7 @@ def test_freeze_flow_trains_the_head_only(pretrained, tmp_path):
     assert all(p.requires_grad for p in r.classifier.head.parameters())
 
 
+@pytest.mark.slow
 def test_from_scratch_ignores_the_pretrained_weights(pretrained, tmp_path):
     r = finetune(checkpoint=pretrained, out=str(tmp_path / "s"), steps=2, from_scratch=True, **FAST)
     ckpt = load_finetune_checkpoint(str(tmp_path / "s"))
@@ -147,6 +152,7 @@ def test_from_scratch_ignores_the_pretrained_weights(pretrained, tmp_path):
     assert r2.metrics["fm_path"] == "otcfm" and 0.0 <= r2.metrics["top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_segment_and_save_at(pretrained, tmp_path):
     r = finetune(checkpoint=pretrained, out=str(tmp_path / "seg"), steps=2, t0=0.5, save_at=[0.75, 1.0], **FAST)
     ckpt = load_finetune_checkpoint(str(tmp_path / "seg"))
@@ -253,6 +259,7 @@ def _ddp_worker(rank, world, port, pretrained, out, result_dir):
     torch.save({"state": _states(res), "metrics": res.metrics}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_finetune_identical_replicas_and_evaluate_in_shards(pretrained, tmp_path, free_port):
     out, results = str(tmp_path / "ddp"), str(tmp_path / "results")
     os.makedirs(results)
@@ -276,6 +283,7 @@ def test_ddp_two_processes_finetune_identical_replicas_and_evaluate_in_shards(pr
 # label-scarce finetuning (--labels-per-class)
 
 
+@pytest.mark.slow
 def test_labels_per_class_trains_on_a_seeded_balanced_subset(pretrained, tmp_path):
     r = finetune(checkpoint=pretrained, out=str(tmp_path / "n2"), steps=3, labels_per_class=2, labels_seed=7,
                  **{**FAST, "batch_size": 20})
@@ -315,6 +323,7 @@ def test_labels_per_class_uses_exactly_the_subset(pretrained, tmp_path, monkeypa
     assert {bytes(im.flatten().tolist()) for im in got} == exp_set  # 4 full-batch epochs of the 10 images
 
 
+@pytest.mark.slow
 def test_labels_per_class_resume_is_exact(pretrained, tmp_path):
     common = dict(checkpoint=pretrained, lr=1e-3, beta=0.5, warmup=0, schedule="constant", ckpt_every=100,
                   labels_per_class=3, hflip=True, crop_padding=1, **{**FAST, "batch_size": 15})
@@ -355,6 +364,7 @@ def test_labels_per_class_cli(pretrained, tmp_path, capsys):
 # learning where to read (--learn-t, issue 11 item 3)
 
 
+@pytest.mark.slow
 def test_learn_t_moves_the_segment_end_and_records_it(pretrained, tmp_path):
     out = str(tmp_path / "lt")
     r = finetune(checkpoint=pretrained, out=out, steps=6, learn_t=True, learn_t0=True, t_lr=0.5, warmup=0,
@@ -383,6 +393,7 @@ def test_learn_t_fixed_runs_have_no_time_parameters(pretrained, tmp_path):
     assert r.metrics["t_final"] == 1.0 and r.metrics["t0_final"] == 0.0
 
 
+@pytest.mark.slow
 def test_learn_t_resume_is_exact(pretrained, tmp_path):
     common = dict(checkpoint=pretrained, learn_t=True, t_lr=0.3, lr=1e-3, warmup=0, schedule="constant",
                   ckpt_every=100, **FAST)
@@ -420,6 +431,7 @@ def _evaluate_worker(rank, world, port, checkpoint, result_dir):
         json.dump(m, f)
 
 
+@pytest.mark.slow
 def test_evaluate_under_two_processes_counts_the_whole_split_once(finetuned, tmp_path, free_port):
     """evaluate() under torchrun: each rank classifies its shard, the counts are all-reduced, every
     rank reports the one-process number (no image counted twice or missed)."""

@@ -129,6 +129,7 @@ def test_view_augment_keeps_range_and_shape_and_varies():
 # short CPU runs
 
 
+@pytest.mark.slow
 def test_short_run_beats_chance(pretrained, tmp_path):
     out = str(tmp_path / "gr")
     m = gr.genrep(**QUICK, checkpoint=pretrained, out=out, steps=30).metrics
@@ -156,6 +157,7 @@ def test_online_generation_and_sigma_zero(pretrained, tmp_path):
     assert m["generated_images"] == 2 * 8 * 3 and m["step"] == 3
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(pretrained, tmp_path, monkeypatch):
     args = dict(QUICK, checkpoint=pretrained, steps=6, ckpt_every=3)
     full = gr.genrep(**args, out=str(tmp_path / "full"))

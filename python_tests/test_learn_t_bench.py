@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_learn_t_benchmark_quick(tmp_path):
     out = tmp_path / "lt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

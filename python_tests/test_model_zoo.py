@@ -371,6 +371,7 @@ def test_unet_tiny_16x16_rk4():
     assert_grads_close(adj, ref, what="unet tiny 16x16")
 
 
+@pytest.mark.slow
 def test_unet_cifar_preset_once():
     """The real CIFAR-10 architecture (35.7M parameters, dropout 0.1 in train mode) once, at 8x8, one
     euler step: the shapes that matter are its blocks, not the resolution. Attention sits at the

@@ -32,6 +32,7 @@ def trained(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_digits(trained):
     out, result = trained
     losses = [h[1] for h in result.history]
@@ -78,6 +79,7 @@ def test_checkpoint_keys_match_the_documented_format(trained):
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     full = pretrain(PretrainConfig(**QUICK, steps=12, ckpt_every=6, out=str(tmp_path / "full")))
     part = pretrain(PretrainConfig(**QUICK, steps=6, out=str(tmp_path / "split")))
@@ -169,6 +171,7 @@ def test_cli(tmp_path, capsys):
     assert "cpu ops" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "prg_fast", "pretrain", "--data", "digits", "--out", "x",
                            "--path", "diffusion"], capture_output=True, text=True, timeout=120)
@@ -188,6 +191,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_keep_identical_replicas(tmp_path, free_port):
     out, results = str(tmp_path / "ddp"), str(tmp_path / "results")
     os.makedirs(results)

@@ -114,6 +114,7 @@ def test_plan_budget_fits_and_scales(tables):
         tables.plan_budget(600, **{**kw, "pretrain_rate": 0.0})
 
 
+@pytest.mark.slow
 def test_budget_calibrates_once_and_plans_within_the_budget(tables, tiny_folder, tmp_path, capsys):
     torch.set_num_threads(1)
     out = str(tmp_path / "budget")
@@ -140,6 +141,7 @@ def test_budget_calibrates_once_and_plans_within_the_budget(tables, tiny_folder,
         tables.main([x if x != "3" else "5" for x in args])
 
 
+@pytest.mark.slow
 def test_session_runner_resumes_and_stops_at_the_deadline(tables, tiny_folder, tmp_path):
     import time
 

@@ -224,6 +224,7 @@ def test_policy_run(pretrained, tmp_path):
     assert ent_w[0] > 0 and ent_w[-1] == 0.0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(pretrained, tmp_path, monkeypatch):
     args = dict(QUICK, checkpoint=pretrained, steps=6, finetune_steps=6, policy=True, policy_times=3, ckpt_every=3)
     full = rf.repfusion(**args, out=str(tmp_path / "full"))

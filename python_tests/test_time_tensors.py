@@ -44,6 +44,9 @@ T = torch.tensor([0.9, 0.7, 1.0, 0.5], dtype=D)
 T0 = torch.tensor([0.1, 0.0, 0.3, 0.2], dtype=D)
 # per-sample save times, none of them on a uniform grid point of its sample (steps=4)
 SAVE = torch.tensor([[0.31, 0.33, 0.45, 0.37], [0.52, 0.6, 0.75, 0.45]], dtype=D)
+# gradcheck steps each time 1e-6 either side: one on the boundary of [0, 1] (T's 1.0, T0's 0.0) would
+# step outside, which reverse/generate refuse; these interior copies keep SAVE inside every interval
+T_INSIDE, T0_INSIDE = T.clamp(max=0.99), T0.clamp(min=0.01)
 
 
 def _weights(shape):
@@ -91,7 +94,7 @@ def test_gradcheck_per_sample_times(method, adjoint):
     net, x = Net(), _x()
     f = lambda t, t0, s: prg_fast.reverse(net, x, t=t, t0=t0, steps=4, method=method,  # noqa: E731
                                           adjoint=adjoint, save_at=s)
-    args = (T.clone().requires_grad_(), T0.clone().requires_grad_(), SAVE.clone().requires_grad_())
+    args = (T_INSIDE.clone().requires_grad_(), T0_INSIDE.clone().requires_grad_(), SAVE.clone().requires_grad_())
     assert torch.autograd.gradcheck(f, args)
     assert torch.autograd.gradcheck(lambda t, t0: f(t, t0, None), args[:2])
 
@@ -101,7 +104,7 @@ def test_gradcheck_per_sample_times(method, adjoint):
 @pytest.mark.parametrize("method", ["euler", "heun", "rk4"])
 def test_gradcheck_generate_times(method, reversible, per_sample):
     net, z = Net(), _x()
-    t, t_end = (T, T0) if per_sample else (torch.tensor(0.95, dtype=D), torch.tensor(0.05, dtype=D))
+    t, t_end = (T_INSIDE, T0_INSIDE) if per_sample else (torch.tensor(0.95, dtype=D), torch.tensor(0.05, dtype=D))
     f = lambda a, b: prg_fast.generate(net, z, t=a, t_end=b, steps=3, method=method,  # noqa: E731
                                        reversible=reversible)
     assert torch.autograd.gradcheck(f, (t.clone().requires_grad_(), t_end.clone().requires_grad_()))

@@ -284,6 +284,7 @@ def test_torch_compile_traces_the_op(backend):
     torch.testing.assert_close(compiled(x, k), f(x, k))
 
 
+@pytest.mark.slow
 def test_without_the_interpreter_in_a_subprocess():
     """Compiled-Triton mode on a machine without a GPU: the module imports, triton_op finds the
     kernel (so torch.compile can inline it on CUDA), and CPU tensors get a clear error."""
@@ -308,6 +309,7 @@ print("ok")
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_imports_without_triton_in_a_subprocess():
     code = """
 import sys

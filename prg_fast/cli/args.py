@@ -10,6 +10,8 @@ import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, List, Optional
 
+from ..ode.unit_time import UNIT_TIME
+
 __all__ = ["bounded", "positive_int", "nonnegative_int", "nonnegative_float", "positive_float", "unit_time",
            "time_list", "add_data_arguments", "add_run_arguments", "add_solver_arguments", "config_from_args",
            "print_metrics", "HelpFormatter", "add_model_arguments", "user_model", "add_interval_arguments",
@@ -67,7 +69,7 @@ positive_int = bounded(int, 1)
 nonnegative_int = bounded(int, 0)
 nonnegative_float = bounded(float, 0.0)
 positive_float = bounded(float, 0.0, lo_open=True)
-unit_time = bounded(float, 0.0, 1.0, what="a time in [0, 1] (0 = data, 1 = noise)")
+unit_time = bounded(float, 0.0, 1.0, what=UNIT_TIME)  # the message reverse/generate give
 
 
 def time_list(text: str) -> List[float]:

@@ -20,6 +20,7 @@ from .cuda_graphs import graphed_solve
 from .description import DEFAULT_COUPLING, SolveDescription, describe
 from .grids import Grid, check_order, odeint_per_sample_grid, odeint_values, time_arg, time_grid
 from .run import run
+from .unit_time import check_unit_times
 
 Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 
@@ -122,6 +123,7 @@ def reverse(
     states.check_state(x)
     steps = _check_steps(steps)
     t1, t0 = time_arg(t, "t", x), time_arg(t0, "t0", x)
+    check_unit_times(t=t1, t0=t0, save_at=save_at)
     check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
     grid = time_grid(t0, t1, steps, save_at, x)
     _check_model(model)
@@ -147,6 +149,7 @@ def generate(
     states.check_state(z, "z")
     steps = _check_steps(steps)
     t1, t_end = time_arg(t, "t", z), time_arg(t_end, "t_end", z)
+    check_unit_times(t=t1, t_end=t_end)
     check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
     grid = time_grid(t1, t_end, steps, None, z)
     _check_model(model)

@@ -1,13 +1,17 @@
 """prg_fast.info(): what was built, and for what is missing, why."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import backends, ops
 from .version import __version__
 
 
-def info(print_out: bool = True) -> str:
+def info(print_out: bool = True) -> Optional[str]:
+    """Print the build report (`prg_fast.info()`, returns None), or return it as a string without
+    printing (`info(print_out=False)`): one or the other, so `print(prg_fast.info())` shows it once."""
     build = ops.build_info()
     status = backends.status()
     lines = [f"prg_fast {__version__} on torch {torch.__version__}"]
@@ -33,4 +37,5 @@ def info(print_out: bool = True) -> str:
     text = "\n".join(lines)
     if print_out:
         print(text)
+        return None
     return text

@@ -22,6 +22,9 @@ def check_state(x, name: str = "x", batched: bool = True) -> None:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
     if batched and x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension (shape (B, ...)), got a 0-dim tensor")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values); the solve computes values: "
+                         "pass a tensor on the CPU or a GPU")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
 
