@@ -4,6 +4,9 @@ autograd formula, so they work under torch.compile and inside plain backprop.
     torch.ops.prg_fast.stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None)
         = alpha * base + sum_j coeffs[j] * terms[j]   (float32/float64 accumulation)
 
+    torch.ops.prg_fast.stage_combine_into(base, terms, coeffs, alpha, out)
+        the same sum written into `out` (a tensor the caller owns; its dtype is the output dtype)
+
     torch.ops.prg_fast.stage_combine_rows(base, terms, coeffs, out_dtype=None)
         out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j+1] * terms[j][b]   (r = b, or 0 if R == 1)
 
@@ -65,9 +68,24 @@ def stage_combine(
     return torch.ops.prg_fast.stage_combine.default(base, list(terms), [float(c) for c in coeffs], float(alpha), out_dtype)
 
 
+def stage_combine_into(
+    base: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    alpha: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """stage_combine written into `out` (no allocation; `out` may be base or a term itself).
+    Records no gradient: refused when an input requires grad under grad mode. Returns `out`."""
+    torch.ops.prg_fast.stage_combine_into.default(base, list(terms), [float(c) for c in coeffs], float(alpha), out)
+    return out
+
+
 def register_combine_op(qualname: str) -> None:
     """Fake kernel and autograd formula for an operator with stage_combine's schema. Shared by the
-    C++ operator and the Triton one (prg_fast.kernels), which have the same semantics."""
+    C++ operator and the Triton one (prg_fast.kernels), which have the same semantics. An operator
+    with its own (C++) autograd kernel keeps it: that one costs nothing on a call that needs no
+    gradient, where a Python formula costs an autograd.Function call."""
 
     @torch.library.register_fake(qualname)
     def _fake(base, terms, coeffs, alpha=1.0, out_dtype=None):
@@ -91,7 +109,8 @@ def register_combine_op(qualname: str) -> None:
         grad_coeffs = [] if not ctx.coeffs else None
         return (grad_base, grad_terms, grad_coeffs) + (None,) * (len(ctx.needs_input_grad) - 3)
 
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+        torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
     op = _op(qualname)
 
@@ -188,6 +207,16 @@ def register_rows_op(qualname: str) -> None:
     torch.library.register_vmap(qualname, _vmap)
 
 
+def register_into_op(qualname: str) -> None:
+    """Fake kernel for an operator with stage_combine_into's schema (it returns nothing: the
+    result is its `out` argument), so it traces under torch.compile."""
+
+    @torch.library.register_fake(qualname)
+    def _fake(base, terms, coeffs, alpha, out):
+        return None
+
+
 if HAS_OPS:
     register_combine_op("prg_fast::stage_combine")
+    register_into_op("prg_fast::stage_combine_into")
     register_rows_op("prg_fast::stage_combine_rows")
