@@ -65,7 +65,7 @@ def stage_combine(
     out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """The compiled operator (CPU or CUDA kernel, chosen by the device of `base`)."""
-    return torch.ops.prg_fast.stage_combine.default(base, list(terms), [float(c) for c in coeffs], float(alpha), out_dtype)
+    return torch.ops.prg_fast.stage_combine.default(base, terms, coeffs, alpha, out_dtype)
 
 
 def stage_combine_into(
@@ -77,15 +77,16 @@ def stage_combine_into(
 ) -> torch.Tensor:
     """stage_combine written into `out` (no allocation; `out` may be base or a term itself).
     Records no gradient: refused when an input requires grad under grad mode. Returns `out`."""
-    torch.ops.prg_fast.stage_combine_into.default(base, list(terms), [float(c) for c in coeffs], float(alpha), out)
+    torch.ops.prg_fast.stage_combine_into.default(base, terms, coeffs, alpha, out)
     return out
 
 
-def register_combine_op(qualname: str) -> None:
+def register_combine_op(qualname: str, python_autograd: bool = True) -> None:
     """Fake kernel and autograd formula for an operator with stage_combine's schema. Shared by the
-    C++ operator and the Triton one (prg_fast.kernels), which have the same semantics. An operator
-    with its own (C++) autograd kernel keeps it: that one costs nothing on a call that needs no
-    gradient, where a Python formula costs an autograd.Function call."""
+    C++ operator and the Triton one (prg_fast.kernels), which have the same semantics. The C++
+    operator brings its own autograd kernel (csrc/autograd.cpp; python_autograd=False): that one
+    costs nothing on a call that needs no gradient, where this Python formula costs an
+    autograd.Function call."""
 
     @torch.library.register_fake(qualname)
     def _fake(base, terms, coeffs, alpha=1.0, out_dtype=None):
@@ -109,7 +110,7 @@ def register_combine_op(qualname: str) -> None:
         grad_coeffs = [] if not ctx.coeffs else None
         return (grad_base, grad_terms, grad_coeffs) + (None,) * (len(ctx.needs_input_grad) - 3)
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+    if python_autograd:
         torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
     op = _op(qualname)
@@ -217,6 +218,6 @@ def register_into_op(qualname: str) -> None:
 
 
 if HAS_OPS:
-    register_combine_op("prg_fast::stage_combine")
+    register_combine_op("prg_fast::stage_combine", python_autograd=False)
     register_into_op("prg_fast::stage_combine_into")
     register_rows_op("prg_fast::stage_combine_rows")
