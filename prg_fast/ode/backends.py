@@ -91,14 +91,15 @@ def _transform_safe(fn: Callable, ref: Callable) -> Callable:
     return call
 
 
-def _implementation(name: str) -> Callable:
+def _implementation(name: str) -> Tuple[Callable, Optional[Callable]]:
+    """(the backend's function, what runs instead under a transform: None for the reference)."""
     if name == "reference":
-        return reference.stage_combine
+        return reference.stage_combine, None
     if name in ("cpu", "cuda"):
-        return _transform_safe(ops.stage_combine, reference.stage_combine)
+        return ops.stage_combine, reference.stage_combine
     if name == "triton":
         _load_triton()
-        return _transform_safe(_triton_combine, reference.stage_combine)
+        return _triton_combine, reference.stage_combine
     raise AssertionError(name)
 
 
@@ -113,22 +114,25 @@ def _rows_implementation(name: str) -> Callable:
     raise AssertionError(name)
 
 
-def chained(fn: Callable) -> Callable:
+def chained(fn: Callable, under_transforms: Optional[Callable] = None) -> Callable:
     """`fn` (stage_combine's signature) extended to any number of terms: the first MAX_TERMS go
-    into a partial sum written in the accumulation dtype, which is the next call's base."""
+    into a partial sum written in the accumulation dtype, which is the next call's base. Under a
+    torch.func transform `under_transforms` runs instead (when given). One Python frame on the
+    common path: this wrapper's cost is paid on every stage of every step."""
 
     def combine(base, terms, coeffs, alpha=1.0, out_dtype=None):
-        terms, coeffs = list(terms), list(coeffs)
+        impl = under_transforms if under_transforms is not None and under_transform() else fn
         if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
-            return fn(base, terms, coeffs, alpha, out_dtype)
+            return impl(base, terms, coeffs, alpha, out_dtype)
+        terms, coeffs = list(terms), list(coeffs)
         final = base.dtype if out_dtype is None else out_dtype
         acc = reference.accumulate_dtype(base, terms, final)
         while len(terms) > MAX_TERMS:
-            base = fn(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
+            base = impl(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
             terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
-        return fn(base, terms, coeffs, alpha, final)
+        return impl(base, terms, coeffs, alpha, final)
 
-    combine.__wrapped__ = getattr(fn, "__wrapped__", fn)  # the backend's own function (one kernel call)
+    combine.__wrapped__ = fn  # the backend's own function (one kernel call)
     return combine
 
 
@@ -173,7 +177,7 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
     """(name, combine function) for the requested backend on `device`; raises if unavailable.
     The function takes any number of terms (see `chained`)."""
     name = _pick(backend, device)
-    return name, chained(_implementation(name))
+    return name, chained(*_implementation(name))
 
 
 def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
