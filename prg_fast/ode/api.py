@@ -408,7 +408,7 @@ def _solve(
     tableau = get_tableau(method)
     if not isinstance(adjoint, bool):
         raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
-    _, combine = backends.resolve(backend, x.device)
+    backend_name, combine = backends.resolve(backend, x.device)
     state_dtype, net_dtype = _dtypes(func, x, model_dtype)
     # the adjoint differentiates this call: it needs everything the velocity reads and writes
     tracked = adjoint and torch.is_grad_enabled()
@@ -428,6 +428,7 @@ def _solve(
         params=params,
         perturb=perturb,
         modules=reach.modules if reach is not None else [],
+        combine_into=backends.into_function(backend_name),
     )
     times_grad = False
     if times is not None:

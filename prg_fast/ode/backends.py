@@ -180,6 +180,15 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
     return name, chained(*_implementation(name))
 
 
+def into_function(name: str) -> Optional[Callable]:
+    """stage_combine_into (the sum written into a tensor the caller owns, no autograd) for a
+    resolved backend name, or None where there is none (reference, triton) or under a torch.func
+    transform (the compiled op has no rules there)."""
+    if name in ("cpu", "cuda") and not under_transform():
+        return ops.stage_combine_into
+    return None
+
+
 def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
     """(name, fn) with fn(base, terms, coeffs, out_dtype=None) the per-row combination
     (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend on `device`; the same

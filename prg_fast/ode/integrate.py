@@ -48,6 +48,9 @@ class Problem:
     perturb: bool = False
     # The modules the velocity reaches (prg_fast.ode.reach), for their train/eval flags.
     modules: Sequence[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
+    # combine writing into a tensor the solve owns (stage_combine_into's signature), or None: the
+    # no-grad loop then reuses its stage-input and state buffers (see StepBuffers).
+    combine_into: Optional[Callable] = field(default=None, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
@@ -175,8 +178,9 @@ class Problem:
             )
         return k
 
-    def stage_input(self, x: torch.Tensor, ks: List[torch.Tensor], i: int, h) -> torch.Tensor:
-        """X_i = x + h * sum_{j<i} a_ij k_j, written in the network's dtype (h a float, or a tensor)."""
+    def stage_input(self, x: torch.Tensor, ks: List[torch.Tensor], i: int, h, buffers=None) -> torch.Tensor:
+        """X_i = x + h * sum_{j<i} a_ij k_j, written in the network's dtype (h a float, or a tensor),
+        into buffers' stage buffer when given."""
         row = self.tableau.a[i]
         terms = [ks[j] for j in range(i) if row[j] != 0.0]
         if isinstance(h, torch.Tensor):
@@ -187,15 +191,20 @@ class Problem:
         coeffs = [h * row[j] for j in range(i) if row[j] != 0.0]
         if not terms and x.dtype == self.net_dtype:
             return x
+        if buffers is not None:
+            return self.combine_into(x, terms, coeffs, 1.0, buffers.stage(x, self.net_dtype))
         return self.combine(x, terms, coeffs, 1.0, self.net_dtype)
 
-    def step_output(self, x: torch.Tensor, ks: List[torch.Tensor], h) -> torch.Tensor:
-        """x + h * sum_i b_i k_i, in the state dtype (h a float, or a tensor)."""
+    def step_output(self, x: torch.Tensor, ks: List[torch.Tensor], h, buffers=None) -> torch.Tensor:
+        """x + h * sum_i b_i k_i, in the state dtype (h a float, or a tensor), into buffers' state
+        buffer (x itself when it is that buffer) when given."""
         b = self.tableau.b
         terms = [k for k, bi in zip(ks, b) if bi != 0.0]
         if isinstance(h, torch.Tensor):
             return self.combine_rows(x, terms, self.coeff_rows(h, [bi for bi in b if bi != 0.0]), self.state_dtype)
         coeffs = [h * bi for bi in b if bi != 0.0]
+        if buffers is not None:
+            return self.combine_into(x, terms, coeffs, 1.0, buffers.state(x))
         return self.combine(x, terms, coeffs, 1.0, self.state_dtype)
 
     def check(self, x: torch.Tensor, n: int) -> None:
@@ -220,6 +229,9 @@ class Problem:
         want = self.output_points()
         saved = {0: x} if 0 in want else {}
         tab = self.tableau
+        plain = stage_inputs is None and states is None and evaluator is None and rng is None
+        buffers = StepBuffers() if plain and self.combine_into is not None and self.times is None \
+            and not torch.is_grad_enabled() else None
         for n in range(self.steps):
             t = self.point(n)
             h = self.point(n + 1) - t
@@ -227,7 +239,7 @@ class Problem:
                 states.append(x)
             ks: List[torch.Tensor] = []
             for i in range(tab.stages):
-                xi = self.stage_input(x, ks, i, h)
+                xi = self.stage_input(x, ks, i, h, buffers)
                 if stage_inputs is not None:
                     stage_inputs.append(xi)
                 if rng is not None:
@@ -236,11 +248,52 @@ class Problem:
                     ks.append(self.evaluate(self.stage_time(t, h, i, self.point(n + 1)), xi))
                 else:
                     ks.append(evaluator(self, n, i, self.stage_time(t, h, i, self.point(n + 1)), xi))
-            x = self.step_output(x, ks, h)
+                if buffers is not None:
+                    ks[-1] = buffers.apart(ks[-1])
+            x = self.step_output(x, ks, h, buffers)
             self.check(x, n)
             if n + 1 in want:
                 saved[n + 1] = x
+                if buffers is not None:
+                    buffers.give_away(x)
         return self.gather_outputs(saved)
+
+
+class StepBuffers:
+    """The no-grad loop's outputs, written into tensors it owns instead of fresh ones: one stage
+    input buffer (a stage input is dead once its evaluation returned) and one state buffer,
+    updated in place step after step (the kernel reads every element before writing it). A fresh
+    output of a few hundred KiB costs page faults whenever the allocator has handed the memory
+    back to the system, which for a small network is a sizeable share of the solve. Nothing that
+    is kept is ever overwritten: the caller's x, a saved output state (give_away), and a velocity
+    that returns its input or a view of a buffer (apart copies it)."""
+
+    def __init__(self):
+        self.stage_buffer: Optional[torch.Tensor] = None
+        self.state_buffer: Optional[torch.Tensor] = None
+
+    def stage(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.stage_buffer
+        if buf is None or buf.shape != like.shape or buf.dtype != dtype:
+            buf = self.stage_buffer = torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+        return buf
+
+    def state(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.state_buffer:  # the caller's x, or a state given away as an output
+            self.state_buffer = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return self.state_buffer
+
+    def give_away(self, x: torch.Tensor) -> None:
+        if x is self.state_buffer:
+            self.state_buffer = None
+
+    def apart(self, k: torch.Tensor) -> torch.Tensor:
+        """k itself, or a copy when it shares memory with a buffer that will be overwritten."""
+        storage = k.untyped_storage().data_ptr()
+        for buf in (self.stage_buffer, self.state_buffer):
+            if buf is not None and buf.untyped_storage().data_ptr() == storage:
+                return k.clone()
+        return k
 
 
 def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
