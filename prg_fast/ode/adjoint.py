@@ -35,9 +35,11 @@ from typing import List, Optional
 
 import torch
 
-from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
+from . import parametrize_cache
+from .integrate import Problem, accumulator_dtype, ParamVersions, param_versions
 from .module_state import TrainingModes, left_as_found
 from .strategies import EvaluationGraphs, Strategy
+from .vjp import evaluation_vjp
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
@@ -64,6 +66,7 @@ class AdjointSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, strategy: Strategy, times: Optional[torch.Tensor], x: torch.Tensor,
                 *params: torch.Tensor):
+        at_start = param_versions(params)  # a model writing its own parameters moves them (ParamVersions)
         # `times`: problem.times as an input (so its gradient is returned), or None on a float grid.
         # Which evaluations keep their graphs, the random states, the first evaluation's reuse:
         # prg_fast.ode.strategies.
@@ -79,7 +82,7 @@ class AdjointSolve(torch.autograd.Function):
         ctx.save_for_backward(*stored)
         ctx.problem, ctx.rng, ctx.evals = problem, evals.rng, evals
         ctx.x_dtype = x.dtype
-        ctx.versions = param_versions(params)
+        ctx.versions = ParamVersions(params, at_start)
         ctx.modes = TrainingModes(problem.modules)
         return torch.stack(outs)
 
@@ -88,9 +91,10 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         # reruns load each evaluation's buffers and run under the forward's train/eval flags; the
         # backward itself leaves both as it found them
-        with left_as_found(ctx.evals.state), ctx.modes:
+        ctx.versions.before_backward()
+        with left_as_found(ctx.evals.state), ctx.modes, parametrize_cache.kept(ctx.problem.shared_parametrizations):
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
+        ctx.versions.after_backward(grads[4:])
         return grads
 
 
@@ -149,13 +153,8 @@ def _backward(ctx, grad_out: torch.Tensor):
             k, xi, tau = ctx.evals.with_graph(n, i, tau, xi, state)
             timed_leaf = want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
             inputs = [xi] + ([tau] if timed_leaf else []) + params
-            with torch.enable_grad():
-                # An evaluation whose output reads neither the state nor a parameter (a zero
-                # velocity, a function of t only) has no graph: it contributes nothing.
-                if k.requires_grad:
-                    grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True))
-                else:
-                    grads = [None] * len(inputs)
+            # the parameters' hooks do not run here: autograd runs them once on the returned total
+            grads = evaluation_vjp(k, inputs, g, p.reentrant)
             if not timed_leaf:
                 grads.insert(1, None)
             if want_tgrad:

@@ -21,8 +21,9 @@ from . import backends, fixed_grid
 from .adjoint import AdjointSolve
 from .graphs import graphed_solve
 from .integrate import Problem, solve
+from .parametrize_cache import SharedParametrizations
 from .reach import Reach, reachable
-from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, solve_reversible
+from .reversible import DEFAULT_COUPLING, ReversibleSolve, check_coupling, check_reconstruction_mode, solve_reversible
 from .solvers import get_tableau
 from .strategies import FirstEvaluation, Strategy, check_memory_budget, check_store, first_evaluation
 
@@ -397,6 +398,7 @@ def _solve(
     preserve_rng_state: bool,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    reversible_check: str = "error",
     times: Optional[torch.Tensor] = None,
     out_rows: Optional[List[List[int]]] = None,
     memory_budget: Optional[float] = None,
@@ -460,6 +462,12 @@ def _solve(
     first = None
     if tracked:
         first = first_evaluation(problem, x, params)
+        # parametrizations cached around the solve (parametrize.cached()): their shared tensors are
+        # inputs of the solve, the originals reached only through them (prg_fast.ode.parametrize_cache)
+        shared = SharedParametrizations.of_now()
+        if shared is not None:
+            problem.shared_parametrizations = shared
+            params = params + [w for w in shared.tensors() if all(w is not q for q in params)]
         direct: set = set()
         params = _discover_params(first, params, direct)
         explicit = {id(p) for p in adjoint_params} if adjoint_params is not None else set()
@@ -467,12 +475,16 @@ def _solve(
     if tracked and times is not None:
         problem.times = times.detach()
     differentiate = _needs_grad(x, params) or times_grad
+    check_reconstruction_mode(reversible_check)
     if reversible:
         coupling = check_coupling(reversible_coupling)
         if first is not None:
-            first.discard()  # the reversible scheme runs its own evaluations: discovery costs one
+            # the reversible scheme runs its own evaluations: discovery costs one (a cached
+            # parametrization is computed once per cache, and stays as the first evaluation left it)
+            shared = problem.shared_parametrizations
+            first.discard(SharedParametrizations.computing_modules(problem.modules) if shared is not None else ())
         if adjoint and differentiate:
-            out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, times, x, *params)
+            out = ReversibleSolve.apply(problem, coupling, preserve_rng_state, reversible_check, times, x, *params)
         else:
             out = solve_reversible(problem, x, coupling)
     elif adjoint and differentiate:
@@ -513,6 +525,7 @@ def reverse(
     cuda_graph: Union[bool, str] = False,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    reversible_check: str = "error",
     memory_budget: Optional[float] = None,
     store: str = "stages",
 ) -> torch.Tensor:
@@ -544,6 +557,10 @@ def reverse(
     and the adjoint stores only the final state pair (memory flat in `steps`); exact gradients of
     that scheme. `reversible_coupling` is its lam in (0, 1], default 0.999 as the paper recommends
     (lam < 1 gives a nonzero stability region; lam near 1 keeps the inverse exact to rounding).
+    The reversible backward rebuilds every state by inverse steps; for a velocity with a large
+    Lipschitz constant rounding grows through them, so it checks the rebuilt initial state against
+    x: above prg_fast.ode.reversible.RECONSTRUCTION_TOL (relative: 1e-5 float32, 1e-12 float64
+    state) `reversible_check="error"` (default) raises, "warn" warns with the figure, "off" skips.
 
     Adjoint strategies (adjoint=True; every one gives the same exact gradients, to rounding), with
     K steps, s stages, E = one network evaluation's time, G = one evaluation's graph (activations
@@ -570,7 +587,8 @@ def reverse(
     kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                   batch_time=True, check_finite=check_finite, model_dtype=model_dtype,
                   preserve_rng_state=preserve_rng_state, reversible=reversible,
-                  reversible_coupling=reversible_coupling, memory_budget=memory_budget, store=store)
+                  reversible_coupling=reversible_coupling, reversible_check=reversible_check,
+                  memory_budget=memory_budget, store=store)
     if times is not None:
         _check_graph_times(cuda_graph, "t, t0")
         out = _solve(model, x, grid, index, times=times, out_rows=out_rows, **kwargs)
@@ -610,6 +628,7 @@ def generate(
                 preserve_rng_state=kwargs.pop("preserve_rng_state", True),
                 reversible=kwargs.pop("reversible", False),
                 reversible_coupling=kwargs.pop("reversible_coupling", DEFAULT_COUPLING),
+                reversible_check=kwargs.pop("reversible_check", "error"),
                 memory_budget=kwargs.pop("memory_budget", None), store=kwargs.pop("store", "stages"))
     if kwargs:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
@@ -635,6 +654,7 @@ def odeint(
     preserve_rng_state: bool = True,
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
+    reversible_check: str = "error",
     memory_budget: Optional[float] = None,
     store: str = "stages",
     options: Optional[dict] = None,
@@ -668,8 +688,8 @@ def odeint(
     options = fixed_grid.check_options(options)
     common = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params,
                   check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                  reversible=reversible, reversible_coupling=reversible_coupling, memory_budget=memory_budget,
-                  store=store, options=options)
+                  reversible=reversible, reversible_coupling=reversible_coupling,
+                  reversible_check=reversible_check, memory_budget=memory_budget, store=store, options=options)
     if isinstance(y0, torch.Tensor) and y0.is_complex():
         return _odeint_complex(func, y0, t, **common)
     if isinstance(y0, tuple):
@@ -685,13 +705,16 @@ def odeint(
             t = torch.tensor(t, dtype=torch.float64)
         else:
             raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+    # every grid shape solves with the same options (a per-sample grid once dropped memory_budget/store)
+    kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params, batch_time=False,
+                  check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
+                  reversible=reversible, reversible_coupling=reversible_coupling,
+                  reversible_check=reversible_check, memory_budget=memory_budget,
+                  store=store, perturb=bool(options.get("perturb", False)))
     if t.dim() == 2:
         if options:
-            raise ValueError("options (step_size, grid_constructor) need a 1-D grid t, not a per-sample (T, B) grid")
-        return _odeint_per_sample(func, y0, t, method=method, adjoint=adjoint, backend=backend,
-                                  adjoint_params=adjoint_params, check_finite=check_finite, model_dtype=model_dtype,
-                                  preserve_rng_state=preserve_rng_state, reversible=reversible,
-                                  reversible_coupling=reversible_coupling)
+            raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
+        return _odeint_per_sample(func, y0, t, **kwargs)
     if t.dim() != 1 or t.numel() < 1:
         raise ValueError(f"t must be a 1-D tensor with at least one time (or (T, B) per sample), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -702,10 +725,6 @@ def odeint(
     diffs = [b - a for a, b in zip(grid[:-1], grid[1:])]
     if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         raise ValueError("t must be strictly increasing or strictly decreasing")
-    kwargs = dict(method=method, adjoint=adjoint, backend=backend, adjoint_params=adjoint_params, batch_time=False,
-                  check_finite=check_finite, model_dtype=model_dtype, preserve_rng_state=preserve_rng_state,
-                  reversible=reversible, reversible_coupling=reversible_coupling, memory_budget=memory_budget,
-                  store=store, perturb=bool(options.get("perturb", False)))
     if kwargs["perturb"] and t.requires_grad and torch.is_grad_enabled():
         raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
                          "for float grids: t must not require grad")
@@ -804,7 +823,7 @@ def _odeint_per_sample(func, y0: torch.Tensor, t: torch.Tensor, **kwargs) -> tor
             f"t must be strictly increasing or strictly decreasing for every sample; sample {b} has {values[:, b].tolist()}"
         )
     times = t.to(torch.float64)
-    return _solve(func, y0, values[:, 0].tolist(), list(range(t.shape[0])), batch_time=False, times=times, **kwargs)
+    return _solve(func, y0, values[:, 0].tolist(), list(range(t.shape[0])), times=times, **kwargs)
 
 
 def _tuple_leaves(y, name: str) -> List[torch.Tensor]:

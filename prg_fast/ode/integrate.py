@@ -51,6 +51,12 @@ class Problem:
     # combine writing into a tensor the solve owns (stage_combine_into's signature), or None: the
     # no-grad loop then reuses its stage-input and state buffers (see StepBuffers).
     combine_into: Optional[Callable] = field(default=None, repr=False, compare=False)
+    # The velocity's graph runs a reentrant checkpoint (found by the adjoints' first evaluation):
+    # the VJPs then go through torch.autograd.backward (prg_fast.ode.vjp).
+    reentrant: bool = False
+    # Parametrized tensors cached around the solve (prg_fast.ode.parametrize_cache), found by the
+    # adjoints' first evaluation; the backward's reruns read them.
+    shared_parametrizations: Optional[object] = field(default=None, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
@@ -308,20 +314,59 @@ def param_versions(params: Sequence[torch.Tensor]) -> List[int]:
     return [q._version for q in params]
 
 
-def check_param_versions(params: Sequence[torch.Tensor], versions: Sequence[int], grads: Sequence) -> None:
-    """The adjoints rerun the network from its tensors as they are at the backward; one modified in
-    place since the forward (optimizer.step() before backward, an in-place update) gives the
-    gradient of another network. Plain backprop raises for this (its saved tensors' versions); so
-    do the adjoints -- for the tensors the reruns actually read (a gradient came back), so an
-    unrelated model that the velocity's object also holds may be stepped meanwhile."""
-    for i, (q, v, g) in enumerate(zip(params, versions, grads)):
-        if q._version != v and g is not None:
+class ParamVersions:
+    """What happened to the solve's parameters in place, for the adjoints' backward.
+
+    - Between the forward and the backward (optimizer.step() before backward, an in-place update):
+      the adjoints rerun the network from its tensors as they are at the backward, so the gradient
+      would be another network's. Plain backprop raises for this (its saved tensors' versions); so
+      do the adjoints -- for the tensors the reruns actually read (a gradient came back), so an
+      unrelated model that the velocity's object also holds may be stepped meanwhile. Checked
+      against the versions at the end of the forward, before the backward reruns anything.
+    - During the forward, by the model itself (nn.Embedding(max_norm=...) renormalises the rows
+      it reads, in place, inside its own forward): the reruns do the same again. Exact when that
+      write leaves the values the forward read as they were (a renorm of rows already within the
+      norm does); the written tensors are copied at the start of the backward and compared at its
+      end, and a rerun that changed them is an error that names the in-place write (the values are
+      put back first)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], at_forward_start: Sequence[int]):
+        self.params = list(params)
+        self.versions = param_versions(self.params)  # at the end of the forward
+        self.written = [i for i, (a, b) in enumerate(zip(at_forward_start, self.versions)) if a != b]
+        self.moved: List[int] = []
+        self.copies: dict = {}
+
+    def before_backward(self) -> None:
+        self.moved = [i for i, (q, v) in enumerate(zip(self.params, self.versions)) if q._version != v]
+        with torch.no_grad():
+            self.copies = {i: self.params[i].detach().clone() for i in self.written if i not in self.moved}
+
+    def after_backward(self, grads: Sequence) -> None:
+        params = self.params
+        for i in self.moved:
+            if grads[i] is not None:
+                q = params[i]
+                raise RuntimeError(
+                    f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
+                    f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
+                    f"(version {self.versions[i]} -> {q._version}): the adjoint recomputes the network from its current "
+                    "tensors, so its gradient would not be the forward's. Call backward before changing the parameters "
+                    "(e.g. before optimizer.step()), or use adjoint=False"
+                )
+        changed = [i for i, c in self.copies.items() if not torch.equal(params[i], c)]
+        with torch.no_grad():
+            for i in changed:
+                params[i].data.copy_(self.copies[i])
+        self.copies = {}
+        if changed:
+            i = changed[0]
             raise RuntimeError(
-                f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
-                f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
-                f"(version {v} -> {q._version}): the adjoint recomputes the network from its current tensors, so "
-                "its gradient would not be the forward's. Call backward before changing the parameters (e.g. "
-                "before optimizer.step()), or use adjoint=False"
+                f"the model writes a tensor it reads in place while it runs (input {i} of the solve's {len(params)} "
+                f"parameters, shape {tuple(params[i].shape)}; e.g. nn.Embedding(max_norm=...) renormalises its weight "
+                "inside its own forward), and rerunning it in the backward changed that tensor again, so the adjoint's "
+                "reruns do not read what the forward read (its values are put back). Use adjoint=False, or "
+                "memory_budget=float('inf') (nothing is rerun)"
             )
 
 

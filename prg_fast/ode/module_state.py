@@ -129,13 +129,17 @@ class ModuleState:
         with torch.no_grad():
             return [None if b is None else b.clone() for b in values]
 
-    def load(self, snap: list) -> None:
+    def load(self, snap: list, keep: Sequence[torch.nn.Module] = ()) -> None:
         """Put the written buffers back to `snap`: in place when the module still holds a tensor of
         the same kind (so other references see it), through .data so the version counter does not
-        move (a kept graph that saved the buffer stays valid); else by assignment."""
+        move (a kept graph that saved the buffer stays valid); else by assignment. The buffers of
+        the modules in `keep` are left as they are."""
+        kept = {id(m) for m in keep}
         with torch.no_grad():
             for j, value in zip(self.written, snap):
                 module, name = self.slots[j]
+                if id(module) in kept:
+                    continue
                 cur = getattr(module, name, None)
                 if value is None:
                     setattr(module, name, None)

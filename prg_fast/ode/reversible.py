@@ -38,22 +38,71 @@ runs `solve_reversible` below under ordinary autograd) to ~1e-12 relative in flo
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
 
+from . import parametrize_cache
 from .adjoint import accumulate
-from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, check_param_versions, param_versions,
+from .integrate import (Problem, accumulator_dtype, autocast_state, capture_rng, ParamVersions, param_versions,
                         restore_rng)
 from .module_state import TrainingModes, left_as_found
+from .vjp import evaluation_vjp
 
 DEFAULT_COUPLING = 0.999
+
+# What the backward does when the initial state it rebuilds by the inverse steps differs from the
+# one the user passed by more than RECONSTRUCTION_TOL (relative, in the state's norm): see
+# check_reconstruction.
+RECONSTRUCTION_CHECKS = ("error", "warn", "off")
+RECONSTRUCTION_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 def check_coupling(coupling) -> float:
     if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not 0.0 < float(coupling) <= 1.0:
         raise ValueError(f"reversible_coupling must be a number in (0, 1], got {coupling!r}")
     return float(coupling)
+
+
+def check_reconstruction_mode(value) -> str:
+    if not isinstance(value, str) or value not in RECONSTRUCTION_CHECKS:
+        raise ValueError(f'reversible_check must be "error", "warn" or "off", got {value!r}')
+    return value
+
+
+def reconstruction_error(y0: torch.Tensor, z0: torch.Tensor, x: torch.Tensor) -> float:
+    """max(|y0 - x|, |z0 - x|) / |x| (norms over the whole state): how far the inverse steps'
+    rebuilt initial pair lies from the initial state both y and z started from."""
+    x = x.detach().to(y0.dtype)
+    scale = x.norm().clamp_min(torch.finfo(y0.dtype).tiny)
+    return (torch.maximum((y0 - x).norm(), (z0 - x).norm()) / scale).item()
+
+
+def check_reconstruction(error: float, dtype: torch.dtype, mode: str) -> None:
+    """The reversible adjoint's gradients are exact only as far as the inverse steps rebuild the
+    forward's states. In floating point each inverse step amplifies the rounding of the one after
+    it by up to the network's local Lipschitz constant times h (and 1/lam): for a smooth velocity
+    the rebuilt initial state matches to rounding, for one with a large Lipschitz constant
+    (BatchNorm in train mode with large weights, sharp attention) it can drift by orders of
+    magnitude, and the gradient with it. The rebuilt initial state is compared with the one
+    passed (kept at no cost) and, above RECONSTRUCTION_TOL[state dtype], "error" raises, "warn"
+    warns with the figure, "off" does nothing."""
+    tol = RECONSTRUCTION_TOL.get(dtype, RECONSTRUCTION_TOL[torch.float32])
+    if mode == "off" or (error <= tol and math.isfinite(error)):
+        return
+    message = (
+        f"reversible=True: the backward rebuilt the initial state by the inverse steps with a relative error of "
+        f"{error:.3g} (tolerance {tol:g} for {dtype}), so its gradients are not those of the forward. The velocity "
+        "amplifies rounding too much for the algebraically reversible scheme (large Lipschitz constant x step size): "
+        "use more steps, a float64 state, or reversible=False (the stored adjoint is exact for any network); "
+        "reversible_check='warn' continues with a warning"
+    )
+    if mode == "warn":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return
+    raise RuntimeError(message)
 
 
 def _base_step(p: Problem, t: float, h: float, x: torch.Tensor, end=None) -> torch.Tensor:
@@ -133,9 +182,11 @@ def _inverse_step(p, lam, n, y, z):
 
 class ReversibleSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, times: Optional[torch.Tensor],
+    def forward(ctx, problem: Problem, coupling: float, preserve_rng: bool, check: str, times: Optional[torch.Tensor],
                 x: torch.Tensor, *params: torch.Tensor):
+        at_start = param_versions(params)  # a model writing its own parameters moves them (ParamVersions)
         lam = check_coupling(coupling)
+        ctx.check = check_reconstruction_mode(check)
         rng: Optional[list] = [] if preserve_rng else None
         # buffers the velocity writes (BatchNorm in train mode, ...): kept per base step and loaded
         # back before each rerun, as the random states are
@@ -147,8 +198,12 @@ class ReversibleSolve(torch.autograd.Function):
         # The final pair is all the backward needs: every earlier state is reconstructed by the
         # exact inverse step. Saved through autograd so saved-tensor hooks apply and it is freed.
         ctx.save_for_backward(y, z)
+        # x, which the rebuilt initial state is checked against: an alias of the input (no copy,
+        # and not through saved-tensor hooks, which would copy it); if it is modified in place
+        # before the backward, the check is skipped (its version tells)
+        ctx.x0, ctx.x0_version = x.detach(), x._version
         ctx.problem, ctx.lam, ctx.rng, ctx.states = problem, lam, rng, states
-        ctx.versions = param_versions(params)
+        ctx.versions = ParamVersions(params, at_start)
         ctx.modes = TrainingModes(problem.modules)
         ctx.x_dtype, ctx.device = x.dtype, x.device
         ctx.autocast = autocast_state(x.device.type)
@@ -159,9 +214,14 @@ class ReversibleSolve(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         state = ctx.problem.module_state if ctx.states is not None else None
         # reruns under the forward's train/eval flags; the written buffers end as they were found
-        with left_as_found(state), ctx.modes:
+        ctx.versions.before_backward()
+        with left_as_found(state), ctx.modes, parametrize_cache.kept(ctx.problem.shared_parametrizations):
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[5:])
+        ctx.versions.after_backward(grads[6:])
+        # after the version check: parameters changed in place also spoil the reconstruction, and
+        # that error names the cause
+        if getattr(ctx, "reconstruction_error", None) is not None:
+            check_reconstruction(ctx.reconstruction_error, ctx.problem.state_dtype, ctx.check)
         return grads
 
 
@@ -176,31 +236,36 @@ def _backward(ctx, grad_out: torch.Tensor):
     arriving = {idx: g.to(p.state_dtype) for idx, g in p.output_cotangents(grad_out).items()}
     ybar = torch.zeros_like(y)
     zbar = torch.zeros_like(z)
+    zbar_zero = True  # nothing has reached z yet: the outputs read only y
     # None until an evaluation reads the parameter: an unread one gets None, as in plain backprop
     acc: List[Optional[torch.Tensor]] = [None] * len(params)
     acc_dtype = [accumulator_dtype(q) for q in params]
     autocast_on, autocast_dtype = ctx.autocast
     # A tensor grid that requires grad: the base step's time and step size are leaves of each
     # recomputed step, so their gradients come out of the same VJP.
-    want_tgrad = p.times is not None and ctx.needs_input_grad[3]
+    want_tgrad = p.times is not None and ctx.needs_input_grad[4]
     gtimes = torch.zeros_like(p.times) if want_tgrad else None
 
     def vjp(t, h, end, x, cot, state, buffers):
         """(x + Psi_h(t, x)) recomputed with graph; returns its value, cot^T d/dx, and cot^T
-        d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams."""
+        d/dt, cot^T d/dh (None unless the time gradient is wanted); adds cot^T d/dparams.
+        cot None: a cotangent known to be zero (the last step's z, which no output reads): the
+        step is only recomputed, without graph, as plain backprop never differentiates it."""
         if buffers is not None:
             p.module_state.load(buffers)
-        xg = x.detach().requires_grad_(True)
-        if want_tgrad:
+        xg = x.detach().requires_grad_(cot is not None)
+        if want_tgrad and cot is not None:
             t, h = t.detach().requires_grad_(True), h.detach().requires_grad_(True)
         inputs = [xg] + ([t, h] if want_tgrad else []) + params
-        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
+        with torch.set_grad_enabled(cot is not None), \
+                torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_on):
             if state is not None:
                 with restore_rng(state, ctx.device):
                     out = _base_step(p, t, h, xg, end)
             else:
                 out = _base_step(p, t, h, xg, end)
-            grads = list(torch.autograd.grad(out, inputs, cot, allow_unused=True))
+            # the parameters' hooks do not run here: autograd runs them once on the returned total
+            grads = evaluation_vjp(out, inputs, cot, p.reentrant) if cot is not None else [None] * len(inputs)
         tgrads = [None, None]
         if want_tgrad:
             tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]
@@ -223,7 +288,7 @@ def _backward(ctx, grad_out: torch.Tensor):
             buffers_g = states.pop()
             buffers_f = states.pop()
         # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
-        gy, gbar, (dt1, dmh) = vjp(t1, -h, t0, y, -zbar, state_g, buffers_g)
+        gy, gbar, (dt1, dmh) = vjp(t1, -h, t0, y, None if zbar_zero else -zbar, state_g, buffers_g)
         ybar = ybar + zbar + gbar
         z = p.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
         # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
@@ -233,10 +298,13 @@ def _backward(ctx, grad_out: torch.Tensor):
             gtimes[n] += dt0 - dh
             gtimes[n + 1] += dt1 + dh
         zbar = zbar - lam * ybar + fbar
+        zbar_zero = False
         y = p.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
         ybar = lam * ybar
     if 0 in arriving:
         ybar = ybar + arriving.pop(0)
+    if ctx.check != "off" and ctx.x0._version == ctx.x0_version:
+        ctx.reconstruction_error = reconstruction_error(y, z, ctx.x0)
     gx = (ybar + zbar).to(ctx.x_dtype)
     grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(acc, params)]
-    return (None, None, None, gtimes, gx, *grad_params)
+    return (None, None, None, None, gtimes, gx, *grad_params)

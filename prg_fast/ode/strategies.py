@@ -45,6 +45,7 @@ import torch
 
 from .integrate import Problem, autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState
+from .vjp import uses_reentrant_checkpoint
 
 STORES = ("stages", "steps")
 
@@ -85,7 +86,9 @@ class SavedBytes:
     storage and the version counter (in-place checks still work) but has no grad_fn."""
 
     def __init__(self, exclude: Sequence[torch.Tensor] = ()):
-        self.exclude = {_storage_key(t)[0] for t in exclude}
+        # a lazy module's parameters have no storage before the first evaluation materialises them
+        # (they are parameters: pack excludes them as such)
+        self.exclude = {_storage_key(t)[0] for t in exclude if not torch.nn.parameter.is_lazy(t)}
         self.seen: set = set()
         self.nbytes = 0
 
@@ -127,16 +130,18 @@ class FirstEvaluation:
         k, self.k = self.k, None
         return k
 
-    def discard(self) -> None:
+    def discard(self, keep: Sequence[torch.nn.Module] = ()) -> None:
         """Drop the output and put the random generators back to before the evaluation, for a
-        solver that does not reuse it (the reversible scheme): its draws are then its own."""
+        solver that does not reuse it (the reversible scheme): its draws are then its own. So are
+        the buffers it wrote, except those of the modules in `keep` (whose work is not redone: a
+        parametrization whose cached value the solve goes on reading)."""
         self.k = None
         cpu, cuda = self.rng
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, self.leaf.device)
         if self.state is not None:
-            self.state.load(self.state.first)
+            self.state.load(self.state.first, keep)
 
     def evaluator(self):
         """An evaluator for Problem.run that reuses the output at (0, 0), without its graph."""
@@ -182,6 +187,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         # later evaluation wrote a buffer either
         state.after_first_evaluation()
     problem.module_state = state
+    problem.reentrant = uses_reentrant_checkpoint(k)
     return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr, state=state)
 
 
