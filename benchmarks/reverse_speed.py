@@ -179,19 +179,26 @@ def bench_mlp(args, device):
 
 
 def interleaved(fns, device, reps):
-    """Median seconds per call of each function, timed in turn within every repetition."""
+    """Median seconds per call of each function, timed in turn within every repetition; on a CPU
+    with one thread the calling thread's CPU time (robust to other processes on the machine)."""
     for fn in fns.values():
         fn()
     samples = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            samples[name].append(timer(fn, device, 1, warmup=0))
+            if device.type == "cpu" and torch.get_num_threads() == 1:
+                t0 = time.thread_time()
+                fn()
+                samples[name].append(time.thread_time() - t0)
+            else:
+                samples[name].append(timer(fn, device, 1, warmup=0))
     return {name: statistics.median(xs) for name, xs in samples.items()}
 
 
 def print_mlp(rows, args):
     print(f"\nMLP velocity ({args.mlp_dim}+1 -> {args.mlp_width} -> {args.mlp_width} -> {args.mlp_dim}, SiLU) on a "
-          f"{args.mlp_batch} x {args.mlp_dim} state, K = {args.mlp_steps}; ms, median of {args.reps} interleaved runs")
+          f"{args.mlp_batch} x {args.mlp_dim} state, K = {args.mlp_steps}; ms, median of {args.reps} interleaved runs"
+          + (" (thread CPU time)" if args.device == "cpu" and torch.get_num_threads() == 1 else ""))
     print("| method | net alone | prg no-grad | tdq no-grad | tode no-grad | tdq/prg | tode/prg | "
           "prg adjoint step | tdq adjoint step | tode backprop step | tdq/prg | tode/prg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
