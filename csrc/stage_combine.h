@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <optional>
+#include <string>
 
 namespace prg_fast {
 
@@ -58,9 +59,15 @@ inline void check_stage_combine_out(const at::Tensor& base, at::TensorList terms
               "stage_combine_into: out must be float32, float64, float16 or bfloat16, got ",
               out.scalar_type());
   TORCH_CHECK(out.is_contiguous(), "stage_combine_into: out must be contiguous");
-  at::assert_no_internal_overlap(out);
-  at::assert_no_partial_overlap(out, base);
-  for (const auto& t : terms) at::assert_no_partial_overlap(out, t);
+  const auto apart_or_same = [&](const at::Tensor& input, const char* name, int64_t j) {
+    const at::MemOverlapStatus status = at::get_overlap_status(out, input);
+    TORCH_CHECK(status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::Full,
+                "stage_combine_into: out partly overlaps ", name, j >= 0 ? "[" : "",
+                j >= 0 ? std::to_string(j) : "", j >= 0 ? "]" : "",
+                "; out must be that input itself (an in-place update) or memory apart from it");
+  };
+  apart_or_same(base, "base", -1);
+  for (size_t j = 0; j < terms.size(); ++j) apart_or_same(terms[j], "terms", static_cast<int64_t>(j));
 }
 
 // Accumulate in float64 when anything involved is float64, else in float32.
