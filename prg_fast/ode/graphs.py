@@ -17,8 +17,8 @@ All captures share one memory pool per device and the cache is an LRU of `max_si
 `auto_max_numel()` state elements (default 2**18, env PRG_FAST_CUDA_GRAPH_MAX_NUMEL); otherwise it
 runs the solve eagerly. Launch overhead is a fixed cost per kernel, so graphs pay for small states
 and stop paying once each kernel's work dwarfs its launch. Measure the crossover on a given GPU
-with `python benchmarks/gpu_report.py --out DIR` (part "graph_crossover": eager vs graphed reverse
-over growing batch; the first batch where graphed/eager >= 0.95 is printed) and set the env var.
+with `bash benchmarks/gpu_check.sh --out DIR` (part "reverse": eager vs graphed reverse over
+growing batch; its "crossover" gives the first state size where graphed/eager >= 0.95) and set the env var.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def max_size() -> int:
 
 
 def set_auto_max_numel(numel: int) -> None:
-    """Largest state (x.numel()) for which cuda_graph="auto" captures; measure it with gpu_report."""
+    """Largest state (x.numel()) for which cuda_graph="auto" captures; measure it with benchmarks/gpu_check.sh."""
     if not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     _MAX_NUMEL[0] = numel
