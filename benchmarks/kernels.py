@@ -213,13 +213,15 @@ def measure(device, timer, log2n, k, dname, compiled, with_compile) -> Optional[
 
 
 def run(device: torch.device, sizes: List[int], terms: List[int], dtypes: List[str], timer: Timer,
-        with_compile: bool = True, echo: bool = True) -> List[dict]:
-    """One row per (dtype, size, k): microseconds per call and spread of every implementation."""
+        with_compile: bool = True, echo: bool = True, compile_terms: Optional[List[int]] = None) -> List[dict]:
+    """One row per (dtype, size, k): microseconds per call and spread of every implementation
+    (torch.compile for the term counts in compile_terms, default all: each is a compilation)."""
     rows, compiled = [], {}
     for dname in dtypes:
         for log2n in sizes:
             for k in terms:
-                row = measure(device, timer, log2n, k, dname, compiled, with_compile)
+                want_compile = with_compile and (compile_terms is None or k in compile_terms)
+                row = measure(device, timer, log2n, k, dname, compiled, want_compile)
                 if row is not None:
                     rows.append(row)
                     if echo:
@@ -326,7 +328,8 @@ def plot(rows: List[dict], title: str, path: str) -> Optional[str]:
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="sizes 2^12,16,20,24, 1 and 4 terms, fewer repetitions")
+    p.add_argument("--quick", action="store_true",
+                   help="sizes 2^12,16,20,24, 1 and 4 terms (torch.compile for 4 only), fewer repetitions")
     p.add_argument("--out", default=None, help="folder for kernels.json / .md / .png (default: print only)")
     p.add_argument("--sizes", default=None, help="log2 sizes, comma-separated (default 12,14,...,24)")
     p.add_argument("--terms", default=None, help="term counts (default 1,2,4,8; --quick 1,4)")
@@ -364,7 +367,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"median of {args.reps} interleaved repetitions (± interquartile range / median)")
     for b, why in skipped_backends(device).items():
         print(f"  backend {b!r} not measured: {why}")
-    rows = run(device, args.sizes, args.terms, args.dtypes, timer, not args.no_compile)
+    # --quick compiles the 4-term sum only (a compilation takes seconds; 1 term is one torch.add)
+    rows = run(device, args.sizes, args.terms, args.dtypes, timer, not args.no_compile,
+               compile_terms=[4] if args.quick else None)
     lines = [f"## stage_combine vs PyTorch: {name}", "",
              f"torch {torch.__version__}, {timer.clock_name}, median of {args.reps} interleaved repetitions "
              "(± interquartile range / median); base float32, terms and output in the dtype named; "
