@@ -1,7 +1,8 @@
 """Which implementation of the fused stage arithmetic runs, and why the others cannot.
 
-A backend is a function with the signature of `prg_fast.ode.reference.stage_combine` (`resolve`),
-or of `prg_fast.ode.reference.stage_combine_rows` (`resolve_rows`, per-row coefficients).
+A solve's `Backend` (`select`) holds a function with the signature of
+`prg_fast.ode.reference.stage_combine` and one with that of `stage_combine_rows` (per-row
+coefficients), and hides which of the two a float or a tensor step size needs.
 Kernels take at most `MAX_TERMS` terms per call; longer sums are chained here, for every backend,
 through a partial sum kept in the accumulation dtype (so the result is the one long sum's).
 "auto" picks cuda > triton > cpu > reference among those that are built and fit the tensor's
@@ -10,6 +11,7 @@ device (interpreted Triton on the CPU is for tests only and is never picked by "
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -49,18 +51,11 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """None when backend `name` can run on `device`, else a sentence saying why not."""
     if name == "reference":
         return None
-    if name == "cpu":
-        if ops.CPU_ERROR:
-            return ops.CPU_ERROR
-        if device.type != "cpu":
-            return f"backend 'cpu' runs on CPU tensors, but x is on {device}"
-        return None
-    if name == "cuda":
-        if ops.CUDA_ERROR:
-            return ops.CUDA_ERROR
-        if device.type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors, but x is on {device}"
-        return None
+    if name in ("cpu", "cuda"):
+        why = ops.CPU_ERROR if name == "cpu" else ops.CUDA_ERROR
+        if why is None and device.type != name:
+            why = f"backend {name!r} runs on {name.upper()} tensors, but x is on {device}"
+        return why
     if name == "triton":
         _load_triton()
         if _TRITON_ERROR:
@@ -91,48 +86,35 @@ def _transform_safe(fn: Callable, ref: Callable) -> Callable:
     return call
 
 
-def _implementation(name: str) -> Tuple[Callable, Optional[Callable]]:
-    """(the backend's function, what runs instead under a transform: None for the reference)."""
+def _implementations(name: str) -> Tuple[Callable, Callable]:
+    """(combine, combine_rows) of backend `name`; the pure-PyTorch reference under transforms."""
+    refs = (reference.stage_combine, reference.stage_combine_rows)
     if name == "reference":
-        return reference.stage_combine, None
-    if name in ("cpu", "cuda"):
-        return ops.stage_combine, reference.stage_combine
+        return refs
     if name == "triton":
         _load_triton()
-        return _triton_combine, reference.stage_combine
-    raise AssertionError(name)
+        fns = (_triton_combine, _triton_combine_rows)
+    else:  # cpu, cuda: the compiled operators (one dispatch, by the tensors' device)
+        fns = (ops.stage_combine, ops.stage_combine_rows)
+    return _transform_safe(fns[0], refs[0]), _transform_safe(fns[1], refs[1])
 
 
-def _rows_implementation(name: str) -> Callable:
-    if name == "reference":
-        return reference.stage_combine_rows
-    if name in ("cpu", "cuda"):
-        return _transform_safe(ops.stage_combine_rows, reference.stage_combine_rows)
-    if name == "triton":
-        _load_triton()
-        return _transform_safe(_triton_combine_rows, reference.stage_combine_rows)
-    raise AssertionError(name)
-
-
-def chained(fn: Callable, under_transforms: Optional[Callable] = None) -> Callable:
+def chained(fn: Callable) -> Callable:
     """`fn` (stage_combine's signature) extended to any number of terms: the first MAX_TERMS go
-    into a partial sum written in the accumulation dtype, which is the next call's base. Under a
-    torch.func transform `under_transforms` runs instead (when given). One Python frame on the
-    common path: this wrapper's cost is paid on every stage of every step."""
+    into a partial sum written in the accumulation dtype, which is the next call's base."""
 
     def combine(base, terms, coeffs, alpha=1.0, out_dtype=None):
-        impl = under_transforms if under_transforms is not None and under_transform() else fn
-        if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
-            return impl(base, terms, coeffs, alpha, out_dtype)
         terms, coeffs = list(terms), list(coeffs)
+        if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
+            return fn(base, terms, coeffs, alpha, out_dtype)
         final = base.dtype if out_dtype is None else out_dtype
         acc = reference.accumulate_dtype(base, terms, final)
         while len(terms) > MAX_TERMS:
-            base = impl(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
+            base = fn(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
             terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
-        return impl(base, terms, coeffs, alpha, final)
+        return fn(base, terms, coeffs, alpha, final)
 
-    combine.__wrapped__ = fn  # the backend's own function (one kernel call)
+    combine.__wrapped__ = getattr(fn, "__wrapped__", fn)  # the backend's own function (one kernel call)
     return combine
 
 
@@ -173,28 +155,62 @@ def _pick(backend: str, device: torch.device) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """(name, combine function) for the requested backend on `device`; raises if unavailable.
-    The function takes any number of terms (see `chained`)."""
+@dataclass(frozen=True)
+class Backend:
+    """The stage arithmetic of one solve, any number of terms: `combine` (float coefficients, the
+    fast path) and `combine_rows` (per-row tensor coefficients, for time tensors) of one
+    implementation. `weighted` and `scaled` are where a float step size and a tensor one part."""
+
+    name: str
+    combine: Callable
+    combine_rows: Optional[Callable] = None
+
+    def weighted(self, base, terms, weights, h, out_dtype, state_dtype):
+        """base + h sum_j w_j terms_j. A float h folds into the coefficients (one fused call); a
+        tensor h (shared, or (B,) per row) gives per-row coefficients [1, h w_0, ...] computed in
+        float64 and rounded once to the state dtype, as the float path rounds h * w once."""
+        if not isinstance(h, torch.Tensor):
+            return self.combine(base, terms, [h * w for w in weights], 1.0, out_dtype)
+        h = h.reshape(-1)
+        rows = torch.stack([torch.ones_like(h)] + [h * w for w in weights], 1).to(state_dtype)
+        return self.combine_rows(base, terms, rows, out_dtype)
+
+    def scaled(self, base, terms, weights, alpha, h, out_dtype, state_dtype):
+        """(h (alpha base + sum_j w_j terms_j), and on a tensor h the unscaled sum e (state
+        dtype), which time gradients read; None on a float h, folded into the coefficients)."""
+        if not isinstance(h, torch.Tensor):
+            return self.combine(base, terms, [h * w for w in weights], h * alpha, out_dtype), None
+        e = self.combine(base, terms, weights, alpha, state_dtype)
+        return self.combine_rows(e, [], h.reshape(-1, 1).to(state_dtype), out_dtype), e
+
+
+def select(backend: str, device: torch.device) -> Backend:
+    """The requested backend on `device`; raises if unavailable."""
     name = _pick(backend, device)
-    return name, chained(*_implementation(name))
+    combine, combine_rows = _implementations(name)
+    return Backend(name, chained(combine), chained_rows(combine_rows))
 
 
 def into_function(name: str) -> Optional[Callable]:
     """stage_combine_into (the sum written into a tensor the caller owns, no autograd) for a
-    resolved backend name, or None where there is none (reference, triton) or under a torch.func
+    selected backend name, or None where there is none (reference, triton) or under a torch.func
     transform (the compiled op has no rules there)."""
     if name in ("cpu", "cuda") and not under_transform():
         return ops.stage_combine_into
     return None
 
 
+def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """(name, combine function) for the requested backend on `device` (see `select`)."""
+    chosen = select(backend, device)
+    return chosen.name, chosen.combine
+
+
 def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
     """(name, fn) with fn(base, terms, coeffs, out_dtype=None) the per-row combination
-    (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend on `device`; the same
-    selection and reasons as `resolve`, any number of terms."""
-    name = _pick(backend, device)
-    return name, chained_rows(_rows_implementation(name))
+    (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend (see `select`)."""
+    chosen = select(backend, device)
+    return chosen.name, chosen.combine_rows
 
 
 def status() -> Dict[str, Optional[str]]:
