@@ -161,7 +161,9 @@ ok = torch._C._dispatch_has_kernel_for_dispatch_key("prg_fast::stage_combine", "
 assert ok, "prg_fast::stage_combine has no CUDA kernel after importing prg_fast._C_cuda"
 ok = torch._C._dispatch_has_kernel_for_dispatch_key("prg_fast::stage_combine_rows", "CUDA")
 assert ok, "prg_fast::stage_combine_rows has no CUDA kernel after importing prg_fast._C_cuda"
-print("[build_cuda] prg_fast._C_cuda imports and registers prg_fast::stage_combine(_rows) for CUDA")
+ok = torch._C._dispatch_has_kernel_for_dispatch_key("prg_fast::stage_combine_into", "CUDA")
+assert ok, "prg_fast::stage_combine_into has no CUDA kernel after importing prg_fast._C_cuda"
+print("[build_cuda] prg_fast._C_cuda imports and registers prg_fast::stage_combine(_into, _rows) for CUDA")
 EOF
 
 log "OK: CUDA extension built and checked in $(elapsed) s"

@@ -11,10 +11,19 @@ Per (preset, batch):
     tdq_adj_fb   torchdiffeq.odeint_adjoint forward+backward
 Method: rk4_38 here = torchdiffeq's "rk4" (same tableau, so the same arithmetic).
 
-    python benchmarks/reverse_speed.py            # GPU: tiny/cifar/prg32 x batch 1/8/128
+Small-network case (--cases mlp): an MLP velocity on a 2^16-element state (1024 x 64), K = 100,
+where the integrator's own work (stage arithmetic, per-call overhead) is a visible share:
+    no grad      prg_fast.reverse vs torchdiffeq.odeint (rk4_38 = torchdiffeq's rk4), and, with
+                 Heun's method (the highest order torchode has on a fixed grid), all three
+    training     one forward+backward: prg_fast (discrete adjoint), torchdiffeq odeint_adjoint,
+                 torchode AutoDiffAdjoint (backprop through its solver; its BacksolveAdjoint
+                 vmaps a VJP per sample and is about 70x slower)
+
+    python benchmarks/reverse_speed.py            # GPU: tiny/cifar/prg32 x batch 1/8/128, and the MLP case
     python benchmarks/reverse_speed.py --quick    # CPU smoke run
     python benchmarks/reverse_speed.py --no-backward --presets cifar --batches 1 4 16 64
                                                   # no-grad only: where CUDA graphs stop paying
+    OMP_NUM_THREADS=1 python benchmarks/reverse_speed.py --cases mlp --reps 5   # the MLP case alone
 """
 from __future__ import annotations
 
@@ -98,6 +107,116 @@ def bench(preset, batch, args, device):
     return res
 
 
+class MLPVelocity(torch.nn.Module):
+    """v(t, x) for x of shape (B, dim): (x, t) -> width -> width -> dim, SiLU."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, width), torch.nn.SiLU(),
+                                       torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, dim))
+
+    def forward(self, t, x):
+        # x (B, dim) with t (B,) or 0-dim; also one sample x (dim,) with a 0-dim t (torchode's
+        # backsolve adjoint vmaps over samples)
+        xb = x.reshape(-1, x.shape[-1])
+        t = t.reshape(-1, 1).to(x.dtype).expand(xb.shape[0], 1)
+        return self.net(torch.cat([xb, t], 1)).reshape(x.shape)
+
+
+def bench_mlp(args, device):
+    """The small-network case: rows of (method, what, times per library)."""
+    import torchdiffeq
+    import torchode
+
+    torch.manual_seed(0)
+    B, dim, K = args.mlp_batch, args.mlp_dim, args.mlp_steps
+    model = MLPVelocity(dim, args.mlp_width).to(device)
+    x = torch.randn(B, dim, device=device)
+    grid = torch.linspace(0, 1, K + 1, device=device)
+    func = TorchdiffeqFunc(model)
+    params = list(model.parameters())
+    term = torchode.ODETerm(model)
+    span = dict(t_start=torch.zeros(B, device=device), t_end=torch.ones(B, device=device))
+    dt0 = torch.full((B,), 1.0 / K, device=device)
+    tode = torchode.AutoDiffAdjoint(torchode.Heun(term=term), torchode.FixedStepController())
+    evals = {"rk4_38": 4, "heun": 2}
+
+    def net(method):
+        with torch.no_grad():
+            for _ in range(K * evals[method]):
+                model(grid[0].expand(B), x)
+
+    def nograd(lib, method):
+        with torch.no_grad():
+            if lib == "prg":
+                prg_fast.reverse(model, x, steps=K, method=method)
+            elif lib == "tdq":
+                torchdiffeq.odeint(func, x, grid, method="rk4" if method == "rk4_38" else "heun2")
+            else:
+                tode.solve(torchode.InitialValueProblem(y0=x, **span), dt0=dt0)
+
+    def train(lib, method):
+        xg = x.clone().requires_grad_(True)
+        if lib == "prg":
+            out = prg_fast.reverse(model, xg, steps=K, method=method)
+        elif lib == "tdq":
+            out = torchdiffeq.odeint_adjoint(func, xg, grid, method="rk4" if method == "rk4_38" else "heun2",
+                                             adjoint_params=params)[-1]
+        else:
+            # backprop through torchode's solver (AutoDiffAdjoint): its BacksolveAdjoint vmaps one
+            # vector-Jacobian product per sample, about 70x slower than this at K = 5
+            out = tode.solve(torchode.InitialValueProblem(y0=xg, **span), dt0=dt0).ys[:, -1]
+        out.square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    rows = []
+    for method, libs in (("rk4_38", ("prg", "tdq")), ("heun", ("prg", "tdq", "tode"))):
+        fns = {"net": lambda: net(method)}
+        fns.update({lib: (lambda lib=lib: nograd(lib, method)) for lib in libs})
+        fns.update({f"{lib}_train": (lambda lib=lib: train(lib, method)) for lib in libs})
+        times = interleaved(fns, device, args.reps)
+        rows.append(dict(method=method, **times))
+        print("mlp " + json.dumps({k: (round(v * 1e3, 1) if isinstance(v, float) else v) for k, v in rows[-1].items()}),
+              flush=True)
+    return rows
+
+
+def interleaved(fns, device, reps):
+    """Median seconds per call of each function, timed in turn within every repetition; on a CPU
+    with one thread the calling thread's CPU time (robust to other processes on the machine)."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cpu" and torch.get_num_threads() == 1:
+                t0 = time.thread_time()
+                fn()
+                samples[name].append(time.thread_time() - t0)
+            else:
+                samples[name].append(timer(fn, device, 1, warmup=0))
+    return {name: statistics.median(xs) for name, xs in samples.items()}
+
+
+def print_mlp(rows, args):
+    print(f"\nMLP velocity ({args.mlp_dim}+1 -> {args.mlp_width} -> {args.mlp_width} -> {args.mlp_dim}, SiLU) on a "
+          f"{args.mlp_batch} x {args.mlp_dim} state, K = {args.mlp_steps}; ms, median of {args.reps} interleaved runs"
+          + (" (thread CPU time)" if args.device == "cpu" and torch.get_num_threads() == 1 else ""))
+    print("| method | net alone | prg no-grad | tdq no-grad | tode no-grad | tdq/prg | tode/prg | "
+          "prg adjoint step | tdq adjoint step | tode backprop step | tdq/prg | tode/prg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        def ms(k):
+            return f"{r[k] * 1e3:.1f}" if k in r else "-"
+
+        def ratio(a, b):
+            return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"
+
+        print(f"| {r['method']} | {ms('net')} | {ms('prg')} | {ms('tdq')} | {ms('tode')} | {ratio('tdq', 'prg')} | "
+              f"{ratio('tode', 'prg')} | {ms('prg_train')} | {ms('tdq_train')} | {ms('tode_train')} | "
+              f"{ratio('tdq_train', 'prg_train')} | {ratio('tode_train', 'prg_train')} |")
+
+
 def graph_crossover(rows, threshold=0.95):
     """Per preset, where a captured CUDA graph stops paying over the eager no-grad solve:
     {preset: {"pays_up_to_numel": largest state size with prg_graph/prg < threshold (None: never),
@@ -114,34 +233,7 @@ def graph_crossover(rows, threshold=0.95):
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--presets", nargs="+", default=None)
-    p.add_argument("--batches", type=int, nargs="+", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-backward", action="store_true", help="time the no-grad solves only")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "benchmarks"))  # git-ignored
-    args = p.parse_args()
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    args.presets = args.presets or (["tiny", "cifar", "prg32"] if cuda else ["tiny"])
-    args.batches = args.batches or ([1, 8, 128] if cuda else ([1, 8] if args.quick else [1, 8, 32]))
-    args.steps = args.steps or (20 if cuda else (2 if args.quick else 5))
-    args.size = args.size or (32 if cuda or not args.quick else 16)
-    args.reps = args.reps or (5 if cuda else (1 if args.quick else 3))
-    print(f"device: {device_name(device)}; torch {torch.__version__}; backend "
-          f"{prg_fast.ode.backends.resolve('auto', device)[0]}; K={args.steps} rk4_38; image {args.size}x{args.size}")
-    rows = []
-    for preset in args.presets:
-        for batch in args.batches:
-            r = bench(preset, batch, args, device)
-            r.update(preset=preset, batch=batch, numel=batch * 3 * args.size ** 2)
-            rows.append(r)
-            print(json.dumps({k: (round(v * 1e3, 2) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+def print_unet(rows, args, cuda):
     print("\ntimes in ms; overhead = prg / net - 1 (integrator cost over the network's own evaluations)")
     fb_cols = [] if args.no_backward else ["prg_adj_fb", "prg_bp_fb", "tdq_fb", "tdq_adj_fb"]
     cols = ["net", "prg"] + (["prg_graph"] if cuda else []) + ["tdq"] + fb_cols
@@ -158,9 +250,53 @@ def main():
         print(line + " |")
     if cuda:
         print(f"CUDA graph crossover (graphed/eager >= 0.95): {json.dumps(graph_crossover(rows))}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--presets", nargs="+", default=None)
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-backward", action="store_true", help="time the no-grad solves only")
+    p.add_argument("--cases", nargs="+", default=["unet"], choices=["unet", "mlp"],
+                   help="unet: the UNet presets (default); mlp: the small-network case")
+    p.add_argument("--mlp-batch", type=int, default=1024)
+    p.add_argument("--mlp-dim", type=int, default=64)
+    p.add_argument("--mlp-width", type=int, default=64)
+    p.add_argument("--mlp-steps", type=int, default=100)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "benchmarks"))  # git-ignored
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.presets = args.presets or (["tiny", "cifar", "prg32"] if cuda else ["tiny"])
+    args.batches = args.batches or ([1, 8, 128] if cuda else ([1, 8] if args.quick else [1, 8, 32]))
+    args.steps = args.steps or (20 if cuda else (2 if args.quick else 5))
+    args.size = args.size or (32 if cuda or not args.quick else 16)
+    args.reps = args.reps or (5 if cuda else (1 if args.quick else 3))
+    print(f"device: {device_name(device)}; torch {torch.__version__}; backend "
+          f"{prg_fast.ode.backends.resolve('auto', device)[0]}; K={args.steps} rk4_38; image {args.size}x{args.size}")
+    mlp_rows = []
+    if "mlp" in args.cases:
+        if args.quick:
+            args.mlp_steps = min(args.mlp_steps, 5)
+        mlp_rows = bench_mlp(args, device)
+        print_mlp(mlp_rows, args)
+    rows = []
+    for preset in (args.presets if "unet" in args.cases else []):
+        for batch in args.batches:
+            r = bench(preset, batch, args, device)
+            r.update(preset=preset, batch=batch, numel=batch * 3 * args.size ** 2)
+            rows.append(r)
+            print(json.dumps({k: (round(v * 1e3, 2) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+    if rows:
+        print_unet(rows, args, cuda)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"reverse_speed_{device.type}.json"), "w") as f:
-        json.dump(dict(device=device_name(device), args=vars(args), rows=rows), f, indent=1)
+        json.dump(dict(device=device_name(device), args=vars(args), rows=rows, mlp=mlp_rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ TORCH_LIBRARY(prg_fast, m) {
   // g_i = h*b_i*lambda + h*sum_m a_mi mu_m and lambda' = lambda + sum_i mu_i.
   m.def("stage_combine(Tensor base, Tensor[] terms, float[] coeffs, float alpha=1.0, "
         "ScalarType? out_dtype=None) -> Tensor");
+  // The same sum written into a tensor the caller owns (its dtype is the output dtype): no
+  // allocation, and no page faults of a fresh output, for loops that reuse their buffers. `out`
+  // may be base or one of the terms itself (an in-place update) but must not partly overlap them.
+  // No autograd: a call whose inputs require grad under grad mode is refused (use stage_combine).
+  m.def("stage_combine_into(Tensor base, Tensor[] terms, float[] coeffs, float alpha, "
+        "Tensor(a!) out) -> ()");
   // Per-row (per-sample) coefficients: coeffs has shape (R, 1 + len(terms)) with R == B (row b
   // uses coeffs[b]) or R == 1 (one row for all), B = base.size(0):
   //   out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j + 1] * terms[j][b].

@@ -2,7 +2,9 @@
 // CUDA builds reject the same inputs with the same messages.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <optional>
+#include <string>
 
 namespace prg_fast {
 
@@ -42,6 +44,30 @@ inline void check_stage_combine_inputs(const at::Tensor& base, at::TensorList te
                 "stage_combine: out_dtype must be float32, float64, float16 or bfloat16, got ",
                 *out_dtype);
   }
+}
+
+// The caller's output of stage_combine_into: base's shape and device, dense, and either the very
+// memory of an input (an in-place update: every element is read before it is written) or apart
+// from all of them.
+inline void check_stage_combine_out(const at::Tensor& base, at::TensorList terms,
+                                    const at::Tensor& out) {
+  TORCH_CHECK(out.device() == base.device(), "stage_combine_into: out is on ", out.device(),
+              " but base is on ", base.device());
+  TORCH_CHECK(out.sizes() == base.sizes(), "stage_combine_into: out has shape ", out.sizes(),
+              " but base has shape ", base.sizes());
+  TORCH_CHECK(is_supported_float(out.scalar_type()),
+              "stage_combine_into: out must be float32, float64, float16 or bfloat16, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "stage_combine_into: out must be contiguous");
+  const auto apart_or_same = [&](const at::Tensor& input, const char* name, int64_t j) {
+    const at::MemOverlapStatus status = at::get_overlap_status(out, input);
+    TORCH_CHECK(status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::Full,
+                "stage_combine_into: out partly overlaps ", name, j >= 0 ? "[" : "",
+                j >= 0 ? std::to_string(j) : "", j >= 0 ? "]" : "",
+                "; out must be that input itself (an in-place update) or memory apart from it");
+  };
+  apart_or_same(base, "base", -1);
+  for (size_t j = 0; j < terms.size(); ++j) apart_or_same(terms[j], "terms", static_cast<int64_t>(j));
 }
 
 // Accumulate in float64 when anything involved is float64, else in float32.

@@ -26,9 +26,12 @@ def accumulate_dtype(
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def register_combine_op(qualname: str) -> None:
+def register_combine_op(qualname: str, python_autograd: bool = True) -> None:
     """Fake kernel and autograd formula for an operator with stage_combine's schema. Shared by the
-    C++ operator and the Triton one (prg_fast.kernels), which have the same semantics."""
+    C++ operator and the Triton one (prg_fast.kernels), which have the same semantics. The C++
+    operator brings its own autograd kernel (csrc/autograd.cpp; python_autograd=False): that one
+    costs nothing on a call that needs no gradient, where this Python formula costs an
+    autograd.Function call (about 20 us, also under no_grad)."""
 
     @torch.library.register_fake(qualname)
     def _fake(base, terms, coeffs, alpha=1.0, out_dtype=None):
@@ -52,7 +55,8 @@ def register_combine_op(qualname: str) -> None:
         grad_coeffs = [] if not ctx.coeffs else None
         return (grad_base, grad_terms, grad_coeffs) + (None,) * (len(ctx.needs_input_grad) - 3)
 
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    if python_autograd:
+        torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
     op = _op(qualname)
 
@@ -63,6 +67,15 @@ def register_combine_op(qualname: str) -> None:
         return op(tensors[0], tensors[1:], coeffs, alpha, out_dtype), 0
 
     torch.library.register_vmap(qualname, _vmap)
+
+
+def register_into_op(qualname: str) -> None:
+    """Fake kernel for an operator with stage_combine_into's schema (it returns nothing: the
+    result is its `out` argument), so it traces under torch.compile."""
+
+    @torch.library.register_fake(qualname)
+    def _fake(base, terms, coeffs, alpha, out):
+        return None
 
 
 def _op(qualname: str):

@@ -1,5 +1,5 @@
-// CPU kernel for prg_fast::stage_combine: one pass over memory, parallel over elements, with the
-// inner loops compiled for AVX-512 / AVX2 / baseline and picked at run time (target_clones), so a
+// CPU kernels for prg_fast::stage_combine(_into, _rows): one pass over memory, parallel over
+// elements, with the inner loops compiled for AVX-512 / AVX2 / baseline and picked at run time (target_clones), so a
 // wheel built anywhere uses the vector units of the machine it runs on.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -43,32 +43,153 @@ PRG_FAST_VECTOR_CLONES void store_from(dst_t* __restrict dst, const acc_t* __res
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(acc[i]);
 }
 
+// The common dtype mixes -- float32 accumulation with a float32 base and float32 / bfloat16 /
+// float16 terms and output (every stage of a float32 or reduced-precision network), and all
+// float64 -- get one fused loop per number of terms: each element is read once from every input,
+// summed in a register and written once, so the loop moves exactly the bytes of its operands.
+// `ivdep`: out may be base or a term itself (an in-place update; element i is read before it is
+// written), which is no loop-carried dependence.
+template <int N, typename acc_t, typename base_t, typename term_t, typename out_t>
+PRG_FAST_VECTOR_CLONES void fused_range(const base_t* base, const term_t* const* terms,
+                                        const acc_t* coeffs, acc_t alpha, out_t* out,
+                                        int64_t n) {
+  const term_t* t[N > 0 ? N : 1];
+  acc_t c[N > 0 ? N : 1];
+  for (int j = 0; j < N; ++j) {
+    t[j] = terms[j];
+    c[j] = coeffs[j];
+  }
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t acc = alpha * static_cast<acc_t>(base[i]);
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) acc += c[j] * static_cast<acc_t>(t[j][i]);
+    out[i] = static_cast<out_t>(acc);
+  }
+}
+
+// Pointers and coefficients of one call, converted once (not per chunk).
 template <typename acc_t>
-void combine(const at::Tensor& base, const std::vector<at::Tensor>& terms,
-             at::ArrayRef<double> coeffs, double alpha, at::Tensor& out) {
-  const int64_t n = base.numel();
-  const at::ScalarType term_dtype = terms.empty() ? base.scalar_type() : terms[0].scalar_type();
+struct Operands {
+  const void* base;
+  const void* terms[kMaxTerms];
+  acc_t coeffs[kMaxTerms];
+  acc_t alpha;
+  int n_terms;
+  void* out;
+};
+
+template <typename acc_t, typename base_t, typename term_t, typename out_t>
+void run_fused(const Operands<acc_t>& p, int64_t n) {
+  using range_fn = void (*)(const base_t*, const term_t* const*, const acc_t*, acc_t, out_t*,
+                            int64_t);
+  static constexpr range_fn kByTerms[kMaxTerms + 1] = {
+      fused_range<0, acc_t, base_t, term_t, out_t>, fused_range<1, acc_t, base_t, term_t, out_t>,
+      fused_range<2, acc_t, base_t, term_t, out_t>, fused_range<3, acc_t, base_t, term_t, out_t>,
+      fused_range<4, acc_t, base_t, term_t, out_t>, fused_range<5, acc_t, base_t, term_t, out_t>,
+      fused_range<6, acc_t, base_t, term_t, out_t>, fused_range<7, acc_t, base_t, term_t, out_t>,
+      fused_range<8, acc_t, base_t, term_t, out_t>};
+  const range_fn fn = kByTerms[p.n_terms];
+  const auto* base = static_cast<const base_t*>(p.base);
+  auto* out = static_cast<out_t*>(p.out);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    const term_t* terms[kMaxTerms];
+    for (int j = 0; j < p.n_terms; ++j) terms[j] = static_cast<const term_t*>(p.terms[j]) + begin;
+    fn(base + begin, terms, p.coeffs, p.alpha, out + begin, end - begin);
+  });
+}
+
+// Every other mix (rare: float64 with a lower precision, a reduced-precision base): a chunk of
+// the sum kept in an L1-sized accumulator, one input at a time; still one pass over memory.
+template <typename acc_t>
+void run_chunked(const Operands<acc_t>& p, at::ScalarType base_dtype, at::ScalarType term_dtype,
+                 at::ScalarType out_dtype, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     acc_t acc[kChunk];
     for (int64_t start = begin; start < end; start += kChunk) {
       const int64_t len = std::min(kChunk, end - start);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(),
-                                      "stage_combine_base", [&] {
-        scale_into<acc_t, scalar_t>(acc, base.const_data_ptr<scalar_t>() + start,
-                                    static_cast<acc_t>(alpha), len);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base_dtype, "stage_combine_base", [&] {
+        scale_into<acc_t, scalar_t>(acc, static_cast<const scalar_t*>(p.base) + start, p.alpha, len);
       });
-      for (size_t j = 0; j < terms.size(); ++j) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, term_dtype,
-                                        "stage_combine_term", [&] {
-          axpy_into<acc_t, scalar_t>(acc, terms[j].const_data_ptr<scalar_t>() + start,
-                                     static_cast<acc_t>(coeffs[j]), len);
+      for (int j = 0; j < p.n_terms; ++j) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, term_dtype, "stage_combine_term", [&] {
+          axpy_into<acc_t, scalar_t>(acc, static_cast<const scalar_t*>(p.terms[j]) + start,
+                                     p.coeffs[j], len);
         });
       }
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
-                                      "stage_combine_out", [&] {
-        store_from<acc_t, scalar_t>(out.mutable_data_ptr<scalar_t>() + start, acc, len);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "stage_combine_out", [&] {
+        store_from<acc_t, scalar_t>(static_cast<scalar_t*>(p.out) + start, acc, len);
       });
     }
+  });
+}
+
+// Calls f with a value of the C++ type of t, one of float32 / float16 / bfloat16.
+template <typename F>
+void with_reduced_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      f(float{});
+      break;
+  }
+}
+
+template <typename acc_t>
+Operands<acc_t> operands(const at::Tensor& base, const std::vector<at::Tensor>& terms,
+                         at::ArrayRef<double> coeffs, double alpha, at::Tensor& out) {
+  Operands<acc_t> p{};
+  p.base = base.const_data_ptr();
+  p.alpha = static_cast<acc_t>(alpha);
+  p.n_terms = static_cast<int>(terms.size());
+  for (size_t j = 0; j < terms.size(); ++j) {
+    p.terms[j] = terms[j].const_data_ptr();
+    p.coeffs[j] = static_cast<acc_t>(coeffs[j]);
+  }
+  p.out = out.mutable_data_ptr();
+  return p;
+}
+
+bool is_reduced_or_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// out = alpha * base + sum_j coeffs[j] * terms[j] into `out` (dense; checked by the callers).
+void combine_into(const at::Tensor& base_in, at::TensorList terms_in, at::ArrayRef<double> coeffs,
+                  double alpha, at::Tensor& out) {
+  const int64_t n = base_in.numel();
+  if (n == 0) return;
+  // Non-contiguous inputs are accepted; the kernel reads dense copies of them.
+  const at::Tensor base = base_in.contiguous();
+  std::vector<at::Tensor> terms;
+  terms.reserve(terms_in.size());
+  for (const auto& t : terms_in) terms.push_back(t.contiguous());
+  const at::ScalarType base_dtype = base.scalar_type();
+  const at::ScalarType term_dtype = terms.empty() ? base_dtype : terms[0].scalar_type();
+  const at::ScalarType out_dtype = out.scalar_type();
+  if (accumulate_in_double(base, terms_in, out_dtype)) {
+    const Operands<double> p = operands<double>(base, terms, coeffs, alpha, out);
+    if (base_dtype == at::kDouble && term_dtype == at::kDouble && out_dtype == at::kDouble) {
+      run_fused<double, double, double, double>(p, n);
+    } else {
+      run_chunked<double>(p, base_dtype, term_dtype, out_dtype, n);
+    }
+    return;
+  }
+  const Operands<float> p = operands<float>(base, terms, coeffs, alpha, out);
+  if (base_dtype != at::kFloat || !is_reduced_or_float(term_dtype)) {
+    run_chunked<float>(p, base_dtype, term_dtype, out_dtype, n);
+    return;
+  }
+  with_reduced_type(term_dtype, [&](auto term_tag) {
+    with_reduced_type(out_dtype, [&](auto out_tag) {
+      run_fused<float, float, decltype(term_tag), decltype(out_tag)>(p, n);
+    });
   });
 }
 
@@ -77,20 +198,19 @@ at::Tensor stage_combine_cpu(const at::Tensor& base, at::TensorList terms,
                              std::optional<at::ScalarType> out_dtype) {
   check_stage_combine_inputs(base, terms, coeffs, out_dtype);
   TORCH_CHECK(base.device().is_cpu(), "stage_combine (CPU kernel): base must be on the CPU");
-  const at::ScalarType dtype = out_dtype.value_or(base.scalar_type());
-  // Non-contiguous inputs are accepted; the kernel reads dense copies of them.
-  const at::Tensor base_c = base.contiguous();
-  std::vector<at::Tensor> terms_c;
-  terms_c.reserve(terms.size());
-  for (const auto& t : terms) terms_c.push_back(t.contiguous());
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(dtype));
-  if (base.numel() == 0) return out;
-  if (accumulate_in_double(base, terms, dtype)) {
-    combine<double>(base_c, terms_c, coeffs, alpha, out);
-  } else {
-    combine<float>(base_c, terms_c, coeffs, alpha, out);
-  }
+  // at::empty leaves the memory as it is (no zero fill): the kernel writes every element.
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype.value_or(base.scalar_type())));
+  combine_into(base, terms, coeffs, alpha, out);
   return out;
+}
+
+void stage_combine_into_cpu(const at::Tensor& base, at::TensorList terms,
+                            at::ArrayRef<double> coeffs, double alpha, const at::Tensor& out) {
+  check_stage_combine_inputs(base, terms, coeffs, out.scalar_type());
+  TORCH_CHECK(base.device().is_cpu(), "stage_combine_into (CPU kernel): base must be on the CPU");
+  check_stage_combine_out(base, terms, out);
+  at::Tensor target = out;
+  combine_into(base, terms, coeffs, alpha, target);
 }
 
 // Per-row coefficients: a chunk never crosses a row boundary, so each chunk reads one row of
@@ -154,6 +274,7 @@ at::Tensor stage_combine_rows_cpu(const at::Tensor& base, at::TensorList terms,
 
 TORCH_LIBRARY_IMPL(prg_fast, CPU, m) {
   m.impl("stage_combine", &stage_combine_cpu);
+  m.impl("stage_combine_into", &stage_combine_into_cpu);
   m.impl("stage_combine_rows", &stage_combine_rows_cpu);
 }
 

@@ -271,21 +271,17 @@ void with_reduced_type(at::ScalarType t, F&& f) {
   }
 }
 
-at::Tensor stage_combine_cuda(const at::Tensor& base, at::TensorList terms,
-                              at::ArrayRef<double> coeffs, double alpha,
-                              std::optional<at::ScalarType> out_dtype) {
-  check_stage_combine_inputs(base, terms, coeffs, out_dtype);
-  TORCH_CHECK(base.device().is_cuda(), "stage_combine (CUDA kernel): base must be on a CUDA device");
+// out = alpha * base + sum_j coeffs[j] * terms[j] into `out` (dense; checked by the callers).
+void combine_into_cuda(const at::Tensor& base, at::TensorList terms, at::ArrayRef<double> coeffs,
+                       double alpha, at::Tensor& out) {
+  if (base.numel() == 0) return;
   const c10::cuda::CUDAGuard device_guard(base.device());
-  const at::ScalarType dtype = out_dtype.value_or(base.scalar_type());
   // Non-contiguous inputs are accepted; the kernel reads dense copies of them.
   const at::Tensor base_c = base.contiguous();
   std::vector<at::Tensor> terms_c;
   terms_c.reserve(terms.size());
   for (const auto& t : terms) terms_c.push_back(t.contiguous());
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(dtype));
-  if (base.numel() == 0) return out;
-
+  const at::ScalarType dtype = out.scalar_type();
   const at::ScalarType base_dtype = base.scalar_type();
   const at::ScalarType term_dtype = terms.empty() ? base_dtype : terms[0].scalar_type();
   if (accumulate_in_double(base, terms, dtype)) {
@@ -294,7 +290,7 @@ at::Tensor stage_combine_cuda(const at::Tensor& base, at::TensorList terms,
     } else {
       launch_generic_double(base_c, terms_c, coeffs, alpha, out);
     }
-    return out;
+    return;
   }
   with_reduced_type(base_dtype, [&](auto base_tag) {
     with_reduced_type(term_dtype, [&](auto term_tag) {
@@ -304,11 +300,33 @@ at::Tensor stage_combine_cuda(const at::Tensor& base, at::TensorList terms,
       });
     });
   });
+}
+
+at::Tensor stage_combine_cuda(const at::Tensor& base, at::TensorList terms,
+                              at::ArrayRef<double> coeffs, double alpha,
+                              std::optional<at::ScalarType> out_dtype) {
+  check_stage_combine_inputs(base, terms, coeffs, out_dtype);
+  TORCH_CHECK(base.device().is_cuda(), "stage_combine (CUDA kernel): base must be on a CUDA device");
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype.value_or(base.scalar_type())));
+  combine_into_cuda(base, terms, coeffs, alpha, out);
   return out;
+}
+
+void stage_combine_into_cuda(const at::Tensor& base, at::TensorList terms,
+                             at::ArrayRef<double> coeffs, double alpha, const at::Tensor& out) {
+  check_stage_combine_inputs(base, terms, coeffs, out.scalar_type());
+  TORCH_CHECK(base.device().is_cuda(),
+              "stage_combine_into (CUDA kernel): base must be on a CUDA device");
+  check_stage_combine_out(base, terms, out);
+  at::Tensor target = out;
+  combine_into_cuda(base, terms, coeffs, alpha, target);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prg_fast, CUDA, m) { m.impl("stage_combine", &stage_combine_cuda); }
+TORCH_LIBRARY_IMPL(prg_fast, CUDA, m) {
+  m.impl("stage_combine", &stage_combine_cuda);
+  m.impl("stage_combine_into", &stage_combine_into_cuda);
+}
 
 }  // namespace prg_fast

@@ -191,6 +191,15 @@ def select(backend: str, device: torch.device) -> Backend:
     return Backend(name, chained(combine), chained_rows(combine_rows))
 
 
+def into_function(name: str) -> Optional[Callable]:
+    """stage_combine_into (the sum written into a tensor the caller owns, no autograd) for a
+    selected backend name, or None where there is none (reference, triton) or under a torch.func
+    transform (the compiled op has no rules there)."""
+    if name in ("cpu", "cuda") and not under_transform():
+        return ops.stage_combine_into
+    return None
+
+
 def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
     """(name, combine function) for the requested backend on `device` (see `select`)."""
     chosen = select(backend, device)

@@ -50,6 +50,9 @@ class Problem:
     # parametrized tensors cached around the solve, which the reruns read (parametrize_cache)
     reentrant: bool = False
     shared_parametrizations: Optional[object] = field(default=None, repr=False, compare=False)
+    # combine writing into a tensor the solve owns (stage_combine_into's signature), or None: the
+    # no-grad loop then reuses its stage-input and state buffers (see StepBuffers).
+    combine_into: Optional[Callable] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # the stage arithmetic (prg_fast.ode.backends.Backend): where float and tensor steps part
@@ -91,13 +94,15 @@ class Problem:
     def stage_times(self, t, h, end) -> list:
         return [self.stage_time(t, h, i, end) for i in range(self.tableau.stages)]
 
-    def stages(self, x: torch.Tensor, h, taus: Sequence, evaluate: Callable) -> List[torch.Tensor]:
+    def stages(self, x: torch.Tensor, h, taus: Sequence, evaluate: Callable, buffers=None) -> List[torch.Tensor]:
         """The one stage loop: k_i = evaluate(i, tau_i, X_i) with X_i = x + h sum_{j<i} a_ij k_j.
         Every solve runs its stages through here (the forward, the store="steps" backward, the
-        reversible scheme's base step); what an evaluation is, is the caller's `evaluate`."""
+        reversible scheme's base step); what an evaluation is, is the caller's `evaluate`. With
+        `buffers` (StepBuffers, the no-grad loop) X_i is written into a buffer it owns."""
         ks: List[torch.Tensor] = []
         for i, tau in enumerate(taus):
-            ks.append(evaluate(i, tau, self.stage_input(x, ks, i, h)))
+            k = evaluate(i, tau, self.stage_input(x, ks, i, h, buffers))
+            ks.append(k if buffers is None else buffers.apart(k))
         return ks
 
     def time(self, t, x: torch.Tensor) -> torch.Tensor:
@@ -191,17 +196,25 @@ class Problem:
             )
         return k
 
-    def stage_input(self, x: torch.Tensor, ks: List[torch.Tensor], i: int, h) -> torch.Tensor:
-        """X_i = x + h * sum_{j<i} a_ij k_j, written in the network's dtype (h a float, or a tensor)."""
+    def stage_input(self, x: torch.Tensor, ks: List[torch.Tensor], i: int, h, buffers=None) -> torch.Tensor:
+        """X_i = x + h * sum_{j<i} a_ij k_j, written in the network's dtype (h a float, or a tensor),
+        into buffers' stage buffer when given (a float h)."""
         used = [j for j, a in enumerate(self.tableau.a[i]) if a != 0.0]
         if not used and x.dtype == self.net_dtype:
             return x
+        if buffers is not None and not isinstance(h, torch.Tensor):
+            return self.combine_into(x, [ks[j] for j in used], [h * self.tableau.a[i][j] for j in used], 1.0,
+                                     buffers.stage(x, self.net_dtype))
         return self.backend.weighted(x, [ks[j] for j in used], [self.tableau.a[i][j] for j in used], h,
                                      self.net_dtype, self.state_dtype)
 
-    def step_output(self, x: torch.Tensor, ks: List[torch.Tensor], h) -> torch.Tensor:
-        """x + h * sum_i b_i k_i, in the state dtype (h a float, or a tensor)."""
+    def step_output(self, x: torch.Tensor, ks: List[torch.Tensor], h, buffers=None) -> torch.Tensor:
+        """x + h * sum_i b_i k_i, in the state dtype (h a float, or a tensor), into buffers' state
+        buffer (x itself when it is that buffer) when given (a float h)."""
         used = [i for i, b in enumerate(self.tableau.b) if b != 0.0]
+        if buffers is not None and not isinstance(h, torch.Tensor):
+            return self.combine_into(x, [ks[i] for i in used], [h * self.tableau.b[i] for i in used], 1.0,
+                                     buffers.state(x))
         return self.backend.weighted(x, [ks[i] for i in used], [self.tableau.b[i] for i in used], h,
                                      self.state_dtype, self.state_dtype)
 
@@ -225,6 +238,9 @@ class Problem:
         self.evaluate (the adjoint's strategies keep some graphs, reuse a first evaluation)."""
         want = self.output_points()
         saved = {0: x} if 0 in want else {}
+        plain = stage_inputs is None and states is None and evaluator is None
+        buffers = StepBuffers() if plain and self.combine_into is not None and self.times is None \
+            and not torch.is_grad_enabled() else None
         for n in range(self.steps):
             t, h, taus = self.step_at(n)
             if states is not None:
@@ -235,11 +251,50 @@ class Problem:
                     stage_inputs.append(xi)
                 return self.evaluate(tau, xi) if evaluator is None else evaluator(self, n, i, tau, xi)
 
-            x = self.step_output(x, self.stages(x, h, taus, evaluate), h)
+            x = self.step_output(x, self.stages(x, h, taus, evaluate, buffers), h, buffers)
             self.check(x, n)
             if n + 1 in want:
                 saved[n + 1] = x
+                if buffers is not None:
+                    buffers.give_away(x)
         return self.gather_outputs(saved)
+
+
+class StepBuffers:
+    """The no-grad loop's outputs, written into tensors it owns instead of fresh ones: one stage
+    input buffer (a stage input is dead once its evaluation returned) and one state buffer,
+    updated in place step after step (the kernel reads every element before writing it). A fresh
+    output of a few hundred KiB costs page faults whenever the allocator has handed the memory
+    back to the system, which for a small network is a sizeable share of the solve. Nothing that
+    is kept is ever overwritten: the caller's x, a saved output state (give_away), and a velocity
+    that returns its input or a view of a buffer (apart copies it)."""
+
+    def __init__(self):
+        self.stage_buffer: Optional[torch.Tensor] = None
+        self.state_buffer: Optional[torch.Tensor] = None
+
+    def stage(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.stage_buffer
+        if buf is None or buf.shape != like.shape or buf.dtype != dtype:
+            buf = self.stage_buffer = torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+        return buf
+
+    def state(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.state_buffer:  # the caller's x, or a state given away as an output
+            self.state_buffer = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return self.state_buffer
+
+    def give_away(self, x: torch.Tensor) -> None:
+        if x is self.state_buffer:
+            self.state_buffer = None
+
+    def apart(self, k: torch.Tensor) -> torch.Tensor:
+        """k itself, or a copy when it shares memory with a buffer that will be overwritten."""
+        storage = k.untyped_storage().data_ptr()
+        for buf in (self.stage_buffer, self.state_buffer):
+            if buf is not None and buf.untyped_storage().data_ptr() == storage:
+                return k.clone()
+        return k
 
 
 def accumulator_dtype(q: torch.Tensor) -> torch.dtype:

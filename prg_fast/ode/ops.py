@@ -4,6 +4,9 @@ autograd formula, so they work under torch.compile and inside plain backprop.
     torch.ops.prg_fast.stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None)
         = alpha * base + sum_j coeffs[j] * terms[j]   (float32/float64 accumulation)
 
+    torch.ops.prg_fast.stage_combine_into(base, terms, coeffs, alpha, out)
+        the same sum written into `out` (a tensor the caller owns; its dtype is the output dtype)
+
     torch.ops.prg_fast.stage_combine_rows(base, terms, coeffs, out_dtype=None)
         out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j+1] * terms[j][b]   (r = b, or 0 if R == 1)
 
@@ -17,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from prg_fast.kernels.op_rules import register_combine_op, register_rows_op  # kernels/: the layer below
+from prg_fast.kernels.op_rules import register_combine_op, register_into_op, register_rows_op  # kernels/: the layer below
 
 CPU_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
@@ -57,7 +60,14 @@ HAS_OPS = CPU_ERROR is None
 def stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None) -> torch.Tensor:
     """The compiled operator (CPU or CUDA kernel, chosen by the device of `base`), with the
     signature of prg_fast.ode.reference.stage_combine."""
-    return torch.ops.prg_fast.stage_combine.default(base, list(terms), [float(c) for c in coeffs], float(alpha), out_dtype)
+    return torch.ops.prg_fast.stage_combine.default(base, terms, coeffs, alpha, out_dtype)
+
+
+def stage_combine_into(base, terms, coeffs, alpha, out) -> torch.Tensor:
+    """stage_combine written into `out` (no allocation; `out` may be base or a term itself).
+    Records no gradient: refused when an input requires grad under grad mode. Returns `out`."""
+    torch.ops.prg_fast.stage_combine_into.default(base, terms, coeffs, alpha, out)
+    return out
 
 
 def stage_combine_rows(base, terms, coeffs, out_dtype=None) -> torch.Tensor:
@@ -66,5 +76,6 @@ def stage_combine_rows(base, terms, coeffs, out_dtype=None) -> torch.Tensor:
 
 
 if HAS_OPS:
-    register_combine_op("prg_fast::stage_combine")
+    register_combine_op("prg_fast::stage_combine", python_autograd=False)
+    register_into_op("prg_fast::stage_combine_into")
     register_rows_op("prg_fast::stage_combine_rows")

@@ -62,7 +62,7 @@ def build_problem(func, x: torch.Tensor, grid: Grid, spec: SolveDescription, tra
         state_dtype=state_dtype, net_dtype=net_dtype, batch_time=spec.batch_time, check_finite=spec.check_finite,
         params=collect_params(func, spec.adjoint_params, reach), perturb=spec.perturb, modules=modules,
         times=times.detach() if tracked and times is not None else times, out_rows=grid.out_rows,
-        combine_rows=chosen.combine_rows,
+        combine_rows=chosen.combine_rows, combine_into=backends.into_function(chosen.name),
         module_state=ModuleState.of(modules) if tracked else None,
     )
 
