@@ -410,6 +410,9 @@ def _solve(
         raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
     _, combine = backends.resolve(backend, x.device)
     state_dtype, net_dtype = _dtypes(func, x, model_dtype)
+    # a velocity that declares jumps at the grid points (a piecewise time map whose knots are the grid's,
+    # as prg_fast.diffusion's) is read from inside each step, as with torchdiffeq's perturb (float grids)
+    perturb = perturb or (times is None and getattr(func, "jumps_at_grid_points", False) is True)
     # the adjoint differentiates this call: it needs everything the velocity reads and writes
     tracked = adjoint and torch.is_grad_enabled()
     # what the velocity reaches (modules, tensors): its parameters and buffers beyond the first evaluation
@@ -602,7 +605,12 @@ def generate(
     steps = _check_steps(steps)
     t1, t_end = _time_arg(t, "t", z), _time_arg(t_end, "t_end", z)
     _check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
-    times, grid, index, _ = _time_grid(t1, t_end, steps, None, z)
+    # reverse's grid over [t_end, t], walked backwards: a round trip generate(reverse(x)) visits the same
+    # time points bit for bit (t_end + (t - t_end) k / steps, not t - (t - t_end) k / steps, which rounds
+    # differently), so a velocity with knots on reverse's grid sees them in both directions
+    times, grid, index, _ = _time_grid(t_end, t1, steps, None, z)
+    grid = grid[::-1]
+    times = None if times is None else times.flip(0)
     opts = dict(method=method, adjoint=adjoint, backend=backend,
                 adjoint_params=kwargs.pop("adjoint_params", None), batch_time=True,
                 check_finite=check_finite, model_dtype=model_dtype,
