@@ -100,6 +100,8 @@ setup(
     extras_require={
         "test": ["pytest", "torchdiffeq", "matplotlib"],
         "triton": ["triton"],
+        # prg_fast.from_diffusers: diffusers' models and schedulers (prg_fast.diffusion itself needs only torch)
+        "diffusion": ["diffusers"],
     },
     entry_points={"console_scripts": ["prg-fast=prg_fast.cli:main"]},
 )

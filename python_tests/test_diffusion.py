@@ -255,3 +255,27 @@ def test_bad_arguments_are_named():
         ProbabilityFlow(TinyNet(), VP(), "epsilon", steps=3, network_time="late")
     with pytest.raises(TypeError, match="scheduler"):
         from_diffusers(torch.nn.Identity(), object())
+
+
+def test_from_diffusers_without_diffusers_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    with pytest.raises(ImportError, match=r"prg_fast\[diffusion\]"):
+        prg_fast.from_diffusers(torch.nn.Identity(), object())
+
+
+def test_per_sample_times_exact_gradient():
+    # each sample its own [t0, t] (partial inversions), t requiring grad: adjoint == backprop
+    sch = ddim_scheduler("linear", "v_prediction", "leading", 1)
+    flow = flow_for(TinyNet(), sch, 4)
+    x = sample_x(7)
+
+    def grads(adjoint):
+        xx = x.clone().requires_grad_()
+        t = torch.tensor([0.6, 0.9], dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(flow, xx, t, steps=3, method="rk4", adjoint=adjoint)
+        return torch.autograd.grad(out.square().sum(), [xx, t] + list(flow.parameters()))
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
