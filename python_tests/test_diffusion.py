@@ -279,3 +279,37 @@ def test_per_sample_times_exact_gradient():
 
     for a, b in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", [VP("linear"), VP("cosine"), prg_fast.diffusion.VE(), EDM()],
+                         ids=["vp_linear", "vp_cosine", "ve", "edm"])
+def test_model_time_inverts_each_schedules_levels(schedule):
+    # network_time="continuous" reads the schedule's time of sigma(t): at the levels it must be the level's own
+    sigmas, times = schedule.levels(8)
+    inner = sigmas > 0  # EDM's sigma = 0 level has no network time (log 0)
+    torch.testing.assert_close(schedule.model_time(sigmas[inner]), times[inner], rtol=1e-9, atol=1e-12)
+
+
+def test_discrete_model_time_reads_the_table():
+    sch = ddim_scheduler("squaredcos_cap_v2")
+    schedule = Discrete(sch.alphas_cumprod, [999, 500, 3])
+    steps = torch.tensor([3.0, 40.0, 500.0, 998.0], dtype=torch.float64)
+    sigma = schedule.table_sigmas[steps.long()]
+    torch.testing.assert_close(schedule.model_time(sigma), steps, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", ["score", "sample"])
+def test_ve_euler_is_the_probability_flow_step(prediction):
+    # VE: x = x0 + sigma eps; the probability-flow Euler step in sigma is x + (sigma' - sigma) eps_hat, with
+    # eps_hat = -sigma * score or (x - x0_hat) / sigma
+    net = TinyNet(time_scale=0.1)
+    flow = ProbabilityFlow(net, prg_fast.diffusion.VE(0.1, 10.0), prediction, steps=3)
+    sig = flow.sigmas
+    z = sample_x(8) * sig[-1]
+    x = z
+    with torch.no_grad():
+        for k in (3, 2, 1):
+            out = net(x, sig[k].expand(2))
+            eps = -sig[k] * out if prediction == "score" else (x - out) / sig[k]
+            x = x + (sig[k - 1] - sig[k]) * eps
+        torch.testing.assert_close(prg_fast.generate(flow, z, steps=3, method="euler"), x, rtol=1e-12, atol=1e-12)
