@@ -172,12 +172,16 @@ def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (CI)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--grad-steps", type=int, nargs="+", default=None, help="N of the gradient table (default 10 25 50)")
+    ap.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5)")
+    ap.add_argument("--skip-reconstruction", action="store_true", help="only the gradient table")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "impl:steps": one memory cell
     args = ap.parse_args(argv)
     args.size, args.width, args.batch = (16, 16, 1) if args.quick else (32, 32, 2)
     args.levels, args.refine = (5, (1, 2)) if args.quick else (10, (1, 2, 4))
     args.levels_list = (5, 10) if args.quick else (10, 25, 50)
-    args.repeats = 2 if args.quick else 5
+    args.levels_list = tuple(args.grad_steps) if args.grad_steps else args.levels_list
+    args.repeats = args.repeats or (2 if args.quick else 5)
     return args
 
 
@@ -197,9 +201,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, one thread"
     print(f"DDIM inversion, UNet2DModel {args.size}x{args.size} width {args.width}, batch {args.batch}, float32; "
           f"torch {torch.__version__}, {name}")
-    print(f"\nReconstruction x -> reverse -> generate on the {args.levels}-level flow\n")
-    print("| method | solver steps | network evaluations (both ways) | rel. L2 error |\n|---|---|---|---|")
-    reconstruction(args, unet, scheduler, x)
+    if not args.skip_reconstruction:
+        print(f"\nReconstruction x -> reverse -> generate on the {args.levels}-level flow\n")
+        print("| method | solver steps | network evaluations (both ways) | rel. L2 error |\n|---|---|---|---|")
+        reconstruction(args, unet, scheduler, x)
     print("\nExact gradient of an inversion (euler, N steps): prg_fast adjoint vs autograd through diffusers' loop\n")
     print("| N | peak, diffusers loop (MiB) | peak, prg_fast adjoint (MiB) | memory ratio | time ratio (prg/diffusers) | grad rel. diff |")
     print("|---|---|---|---|---|---|")
