@@ -100,6 +100,8 @@ setup(
     extras_require={
         "test": ["pytest", "torchdiffeq", "matplotlib"],
         "triton": ["triton"],
+        # networks from other libraries, tested as their users call them (python_tests/test_third_party_models.py)
+        "thirdparty": ["diffusers", "peft", "torchdyn", "torchcfm"],
         # prg_fast.from_diffusers: diffusers' models and schedulers (prg_fast.diffusion itself needs only torch)
         "diffusion": ["diffusers"],
     },

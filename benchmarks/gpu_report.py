@@ -1,12 +1,18 @@
-"""Every GPU claim of the project measured in one command (issue 12).
+"""Every GPU claim of the project, measured under one global deadline (issue 24).
 
-    pip install --no-build-isolation -e . && python benchmarks/gpu_report.py --out $OUT/gpu
-    python benchmarks/gpu_report.py --out /tmp/smoke --smoke     # tiny sizes on the CPU (CI)
+    bash benchmarks/gpu_check.sh --out $OUT/gpu       # builds for sm_90, then runs this (8 min wall)
+    python benchmarks/gpu_report.py --out DIR          # this alone, on an already built checkout
+    python benchmarks/gpu_report.py --out DIR --smoke  # tiny sizes on the CPU (CI)
 
-Each part runs in its own subprocess with its own time limit (a slow or crashing part cannot lose
-the others' results) and writes DIR/parts/NAME.json; the parent writes DIR/report.json and
-DIR/report.md (one table per figure, device named). Every figure is a ratio against its anchor
-measured in the same run. Parts needing CUDA are reported as skipped, with the reason, in --smoke.
+Parts (benchmarks/gpu_parts.py) run in order of value, each in its own process group: build +
+info, correctness (the quick CUDA subset of the tests), the adjoint headline (P1-P3), fused-op
+bandwidth (P5), no-grad reverse and the CUDA-graph crossover (P4), a PRG finetuning step (P7, P8),
+compute-sanitizer. A part gets min(its own cap, the time left before the global deadline); a part
+still running then is killed and reported "cut" with the rows it had already written; a part with
+no time left is "not run".
+DIR/report.json and DIR/report.md are rewritten after every part, so a crash or a kill of the
+whole run keeps everything measured before it. DIR holds at most 8 files: report.json, report.md,
+build.log (gpu_check.sh), parts.log, pytest.log, kernels.json, sanitizer.log.
 """
 from __future__ import annotations
 
@@ -14,284 +20,146 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from typing import List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-# name -> time limit in seconds (full mode); the sum stays under 8 minutes on an H100
-PARTS = {"info": 30, "pytest_cuda": 120, "sanitizer": 90, "stage_combine": 40, "reverse": 60,
-         "graph_crossover": 30, "adjoint": 50, "finetune_step": 60}
+from gpu_parts import PARTS, Context, Part, child_env, read_result, run_part  # noqa: E402
+from gpu_results import render  # noqa: E402  (report.json -> markdown, shared with RESULTS.md)
+
+MIN_START_S = 8  # a part is not started with less time than this left (imports alone take seconds)
 
 
-class Skip(Exception):
-    pass
+RUNNING: List[Optional[subprocess.Popen]] = [None]  # the part running now, for the signal handler
 
 
-def _device(smoke):
-    import torch
-    if torch.cuda.is_available() and not smoke:
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _need_cuda(smoke):
-    import torch
-    if smoke:
-        raise Skip("--smoke runs on the CPU")
-    if not torch.cuda.is_available():
-        raise Skip("needs a CUDA GPU")
-
-
-def part_info(smoke):
-    import io
-    import contextlib
-    import prg_fast
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        prg_fast.info()
-    return {"text": buf.getvalue()}
-
-
-def _cmd(cmd, limit):
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=limit)
-    except subprocess.TimeoutExpired:
-        return {"cmd": " ".join(cmd), "rc": "timeout", "tail": f"over its {limit} s limit"}
-    return {"cmd": " ".join(cmd), "rc": res.returncode, "tail": (res.stdout + res.stderr)[-3000:]}
-
-
-def part_pytest_cuda(smoke):
-    _need_cuda(smoke)
-    out = _cmd([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "python_tests"], PARTS["pytest_cuda"] - 5)
-    return {"rows": [out], "ok": out["rc"] == 0}
-
-
-def part_sanitizer(smoke):
-    _need_cuda(smoke)
-    tool = shutil.which("compute-sanitizer")
-    if tool is None:
-        raise Skip("compute-sanitizer not on PATH")
-    rows = []
-    for check in ("memcheck", "racecheck"):
-        # CUDA kernels: every code path; Triton kernels: their cuda-marked tests
-        for target in (["python_tests/sanitize_cuda.py"],
-                       ["-m", "pytest", "-q", "-x", "-m", "cuda", "python_tests/test_triton_kernels.py"]):
-            rows.append(_cmd([tool, "--tool", check, "--error-exitcode", "1", sys.executable] + target, 20))
-    return {"rows": rows, "ok": all(r["rc"] == 0 for r in rows)}
-
-
-def part_stage_combine(smoke):
-    import kernels
-    dev = _device(smoke)
-    timer = kernels.Timer(dev, reps=3 if smoke else 10, warmup=1, batch_s=0.002 if smoke else 0.02)
-    res = kernels.run_device(dev, [12] if smoke else [20, 24, 26], [3], ["float32", "bf16"], timer)
-    rows = [{"log2n": r["log2n"], "dtype": r["dtype"], "terms": r["terms"], "copy_GBps": round(r["copy_GBps"], 1),
-             **{f"{b}/copy": round(v / r["copy_GBps"], 3) for b, v in r["GBps"].items()}} for r in res["rows"]]
-    return {"device": res["name"], "goal": "fused backend/copy >= 0.85", "rows": rows}
-
-
-def _reverse_rows(smoke, batches, graph):
-    import torch
-    import torchdiffeq
-    import prg_fast
-    from prg_fast.models import UNet
-    from adjoint_memory import TorchdiffeqFunc
-    from reverse_speed import timer
-    dev = _device(smoke)
-    preset, size, steps = ("tiny", 8, 2) if smoke else ("cifar", 32, 10)
-    torch.manual_seed(0)
-    model = UNet.preset(preset, in_channels=3, image_size=size, dropout=0.0).to(dev).eval()
-    grid = torch.linspace(0, 1, steps + 1, device=dev)
-    rows = []
-    for b in batches:
-        x = torch.randn(b, 3, size, size, device=dev)
-        with torch.no_grad():
-            tdq = timer(lambda: torchdiffeq.odeint(TorchdiffeqFunc(model), x, grid, method="euler"), dev, 3)
-            prg = timer(lambda: prg_fast.reverse(model, x, steps=steps, method="euler"), dev, 3)
-            row = {"batch": b, "tdq_ms": round(tdq * 1e3, 3), "prg_ms": round(prg * 1e3, 3),
-                   "tdq/prg": round(tdq / prg, 3)}
-            if graph and dev.type == "cuda":
-                g = timer(lambda: prg_fast.reverse(model, x, steps=steps, method="euler", cuda_graph=True), dev, 3)
-                row.update({"prg_graph_ms": round(g * 1e3, 3), "tdq/prg_graph": round(tdq / g, 3),
-                            "graph/eager": round(g / prg, 3), "numel": x.numel()})
-            rows.append(row)
-    return dev, rows
-
-
-def part_reverse(smoke):
-    dev, rows = _reverse_rows(smoke, [1, 2] if smoke else [1, 8, 128], graph=True)
-    return {"device": str(dev), "goal": "tdq/prg >= 2 at batch <= 8 (euler, no grad)", "rows": rows}
-
-
-def part_graph_crossover(smoke):
-    _need_cuda(smoke)
-    dev, rows = _reverse_rows(smoke, [1, 4, 16, 64, 256], graph=True)
-    cross = next((r["numel"] for r in rows if r["graph/eager"] >= 0.95), None)
-    return {"device": str(dev), "rows": rows, "crossover_numel": cross,
-            "note": "set PRG_FAST_CUDA_GRAPH_MAX_NUMEL below crossover_numel (None: graphs paid at every size)"}
-
-
-def part_adjoint(smoke):
-    import adjoint_memory
-    dev = _device(smoke)
-    if dev.type != "cuda":
-        raise Skip("max_memory_allocated needs CUDA (benchmarks/adjoint_memory.py measures RSS on the CPU)")
-    args = argparse.Namespace(model="cifar", size=32, batch=32, method="euler", reps=2, grad_batch=4)
-    rows = []
-    for impl in ("prg_fast", "backprop"):
-        for k in (1, 31):
-            peak, sec = adjoint_memory.measure(args, impl, k, dev)
-            rows.append({"impl": impl, "K": k, "peak_MiB": round(peak / 2 ** 20, 1), "s": round(sec, 4)})
-    by = {(r["impl"], r["K"]): r for r in rows}
-    ratios = {"adjoint K31/K1 memory": by["prg_fast", 31]["peak_MiB"] / max(by["prg_fast", 1]["peak_MiB"], 1e-9),
-              "adjoint/backprop memory K31": by["prg_fast", 31]["peak_MiB"] / max(by["backprop", 31]["peak_MiB"], 1e-9),
-              "adjoint/backprop time K31": by["prg_fast", 31]["s"] / by["backprop", 31]["s"]}
-    errs = adjoint_memory.grad_errors(args, dev, 31)
-    return {"device": str(dev), "rows": rows, "ratios": ratios, "grad_errors": errs}
-
-
-def part_finetune_step(smoke):
-    import torch
-    import torchdiffeq
-    import prg_fast
-    from prg_fast.models import UNet, ClassifierHead
-    from adjoint_memory import TorchdiffeqFunc
-    from reverse_speed import timer
-    dev = _device(smoke)
-    preset, size, batch, steps = ("tiny", 8, 2, 2) if smoke else ("cifar", 32, 128, 31)
-    torch.manual_seed(0)
-    unet = UNet.preset(preset, in_channels=3, image_size=size, dropout=0.0).to(dev)
-    head = ClassifierHead((3, size, size), 10).to(dev)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(head.parameters()), lr=1e-5)
-    x = torch.randn(batch, 3, size, size, device=dev)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    grid = torch.linspace(0, 1, steps + 1, device=dev)
-
-    def pretrain():  # one flow-matching step: the memory anchor
-        t = torch.rand(batch, device=dev)
-        noise = torch.randn_like(x)
-        with amp:
-            v = unet(t, (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise)
-            loss = ((v.float() - (noise - x)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def prg_step():
-        with amp:
-            z = prg_fast.reverse(unet, x, steps=steps, method="euler", adjoint=True)
-            loss = torch.nn.functional.cross_entropy(head(z).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def released_step():  # the released PRG way: torchdiffeq odeint_adjoint, float32
-        z = torchdiffeq.odeint_adjoint(TorchdiffeqFunc(unet), x, grid, method="euler",
-                                       adjoint_params=list(unet.parameters()))[-1]
-        loss = torch.nn.functional.cross_entropy(head(z), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def peak(fn):
-        if dev.type != "cuda":
-            return None
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
-    reps = 1 if smoke else 3
-    t_prg, t_rel = timer(prg_step, dev, reps), timer(released_step, dev, reps)
-    m_pre, m_prg = peak(pretrain), peak(prg_step)
-    return {"device": str(dev), "goal": "memory prg/pretrain <= 1.2; images/s prg/released >= 3",
-            "rows": [{"preset": preset, "batch": batch, "steps": steps,
-                      "prg_img_s": round(batch / t_prg, 2), "released_img_s": round(batch / t_rel, 2),
-                      "prg/released img_s": round(t_rel / t_prg, 3),
-                      "pretrain_MiB": m_pre and round(m_pre, 1), "prg_MiB": m_prg and round(m_prg, 1),
-                      "prg/pretrain memory": (m_prg / m_pre) if m_pre else None}]}
-
-
-def run_part(name, smoke, out):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        res = {"status": "ok", **globals()["part_" + name](smoke)}
-    except Skip as e:
-        res = {"status": "skipped", "reason": str(e)}
-    with open(os.path.join(out, "parts", name + ".json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
-
-
-def table(rows):
-    if not rows:
-        return "(no rows)\n"
-    cols = list(dict.fromkeys(k for r in rows for k in r if k != "tail"))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--part", help=argparse.SUPPRESS)
-    ap.add_argument("--only", nargs="*", choices=list(PARTS), help="run these parts only")
-    args = ap.parse_args(argv)
-    os.makedirs(os.path.join(args.out, "parts"), exist_ok=True)
-    if args.part:
-        run_part(args.part, args.smoke, args.out)
-        return 0
-    import torch
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU (smoke)"
-    report = {"device": device, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "torch": torch.__version__, "parts": {}}
-    for name, limit in PARTS.items():
-        if args.only and name not in args.only:
-            continue
-        path = os.path.join(args.out, "parts", name + ".json")
-        if os.path.exists(path):
-            os.remove(path)
-        t0 = time.time()
-        cmd = [sys.executable, __file__, "--out", args.out, "--part", name] + (["--smoke"] if args.smoke else [])
+def stop_on_signal(signum, frame):
+    """Terminated from outside (a tool's timeout): take the running part's group down too; the
+    report on disk already holds every part finished before."""
+    if RUNNING[0] is not None:
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-            if os.path.exists(path):
-                with open(path) as f:
-                    part = json.load(f)
-            else:
-                part = {"status": "failed", "rc": res.returncode, "tail": res.stderr[-3000:]}
+            os.killpg(RUNNING[0].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
+def supervise(part: Part, args, scratch: str, deadline_at: float) -> dict:
+    """Run one part in its own process group under min(cap, time left); cut it at the deadline."""
+    left = deadline_at - time.monotonic()
+    if left < MIN_START_S:
+        return {"status": "not run", "reason": f"deadline: {max(left, 0):.0f} s left of --deadline {args.deadline:g}"}
+    cap = part.cap_s * (args.cap_scale if args.smoke else 1.0)
+    limit = min(cap, left)
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", part.name, "--out", args.out, "--scratch", scratch,
+           "--cuda-set", args.cuda_set] + (["--smoke"] if args.smoke else []) + \
+          (["--stall", args.stall] if args.stall else [])
+    t0 = time.monotonic()
+    with open(os.path.join(args.out, "parts.log"), "a") as log:
+        log.write(f"\n==== part {part.name} (limit {limit:.0f} s)\n")
+        log.flush()
+        # its own process group (not a new session: a kill of the whole command still reaches it)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                preexec_fn=os.setpgrp)
+        RUNNING[0] = proc
+        try:
+            proc.wait(timeout=limit)
+            cut = None
         except subprocess.TimeoutExpired:
-            part = {"status": "timeout", "reason": f"over its {limit} s limit"}
-        part["seconds"] = round(time.time() - t0, 1)
-        report["parts"][name] = part
-        print(f"== {name}: {part['status']} ({part['seconds']} s) {part.get('reason', '')}", flush=True)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    md = [f"# prg_fast GPU report\n\nDevice: {device}; torch {report['torch']}; {report['date']}"
-          f"{' (smoke)' if args.smoke else ''}\n"]
-    for name, part in report["parts"].items():
-        md.append(f"\n## {name}: {part['status']} ({part['seconds']} s)\n")
-        for k in ("reason", "goal", "device", "crossover_numel", "note", "ratios", "grad_errors", "text"):
-            if part.get(k) is not None:
-                md.append(f"{k}: {part[k]}\n" if k != "text" else f"```\n{part[k]}```\n")
-        if part.get("rows"):
-            md.append(table(part["rows"]))
-        if part.get("tail"):
-            md.append(f"```\n{part['tail'][-1500:]}\n```\n")
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("\n".join(md))
-    print(f"wrote {args.out}/report.json and report.md")
-    bad = [n for n, p in report["parts"].items() if p["status"] in ("failed", "timeout") or p.get("ok") is False]
-    return 1 if bad else 0
+            os.killpg(proc.pid, signal.SIGKILL)  # the part and everything it started
+            proc.wait()
+            cut = "cut" if limit < cap else "timeout"
+        RUNNING[0] = None
+    res = read_result(os.path.join(scratch, part.name + ".json"))
+    if cut:
+        why = "the global deadline" if cut == "cut" else f"its own {cap:.0f} s cap"
+        res.update(status=cut, reason=f"killed at {limit:.0f} s by {why}; rows measured before are kept")
+    elif "status" not in res:
+        res.update(status="failed", reason=f"exited {proc.returncode} without a result (parts.log has its output)")
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    return res
+
+
+def build_record(args) -> dict:
+    if args.build_rc is None:
+        return {"status": "skipped", "reason": "not built by this run (gpu_check.sh builds; --smoke does not)"}
+    rec = {"status": "ok" if args.build_rc == "0" else "failed", "rc": args.build_rc, "seconds": args.build_seconds,
+           "log": "build.log"}
+    log = os.path.join(args.out, "build.log")
+    if rec["status"] != "ok" and os.path.exists(log):
+        with open(log, errors="replace") as f:
+            rec["tail"] = f.read()[-2500:]
+    return rec
+
+
+def write_report(report: dict, out: str) -> None:
+    for name, text in (("report.json", json.dumps(report, indent=1, default=str)), ("report.md", render(report))):
+        tmp = os.path.join(out, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (at most 8 files)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; CUDA-only parts say skipped")
+    ap.add_argument("--deadline", type=float, default=420.0, help="seconds for all parts together (default 420)")
+    ap.add_argument("--only", nargs="+", choices=[p.name for p in PARTS], help="run these parts only")
+    ap.add_argument("--cuda-set", choices=("quick", "all"), default="quick",
+                    help="correctness: the quick subset (-m cuda_quick) or every cuda test (-m cuda)")
+    ap.add_argument("--cap-scale", type=float, default=2.0, help="--smoke: scale of each part's cap (slow CPUs)")
+    ap.add_argument("--build-rc", help=argparse.SUPPRESS)  # from gpu_check.sh
+    ap.add_argument("--build-seconds", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--stall", choices=[p.name for p in PARTS], help=argparse.SUPPRESS)  # tests of the deadline
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.part:
+        part = next(p for p in PARTS if p.name == args.part)
+        run_part(part, Context(part.name, args.smoke, args.out, args.scratch, args.stall, args.cuda_set))
+        return 0
+    start = time.monotonic()
+    deadline_at = start + args.deadline
+    report = {"smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "deadline_s": args.deadline, "build": build_record(args), "parts": {}}
+    scratch = tempfile.mkdtemp(prefix="prg_fast_gpu_report_")
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
+    try:
+        for part in PARTS:
+            if args.only and part.name not in args.only:
+                continue
+            res = supervise(part, args, scratch, deadline_at)
+            res["claim"] = res.get("claim", part.claim)
+            report["parts"][part.name] = res
+            if part.name == "info" and "device" in res:
+                report.update(device=res["device"], torch=res.get("torch"))
+            report["elapsed_s"] = round(time.monotonic() - start, 1)
+            write_report(report, args.out)
+            print(f"== {part.name}: {res['status']} ({res.get('seconds', 0)} s) {res.get('reason', '')}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_report(report, args.out)
+    print(f"wrote {args.out}/report.json and report.md ({report['elapsed_s']} s)")
+    failed = [n for n, p in report["parts"].items() if p["status"] in ("failed", "timeout")]
+    if report["build"]["status"] == "failed":
+        failed.insert(0, "build")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

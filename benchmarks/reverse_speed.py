@@ -13,6 +13,8 @@ Method: rk4_38 here = torchdiffeq's "rk4" (same tableau, so the same arithmetic)
 
     python benchmarks/reverse_speed.py            # GPU: tiny/cifar/prg32 x batch 1/8/128
     python benchmarks/reverse_speed.py --quick    # CPU smoke run
+    python benchmarks/reverse_speed.py --no-backward --presets cifar --batches 1 4 16 64
+                                                  # no-grad only: where CUDA graphs stop paying
 """
 from __future__ import annotations
 
@@ -90,10 +92,26 @@ def bench(preset, batch, args, device):
     if device.type == "cuda":
         res["prg_graph"] = timer(lambda: prg(cuda_graph=True), device, args.reps, warmup=2)
     res["tdq"] = timer(tdq, device, args.reps)
-    for kind in ("prg_adj_fb", "prg_bp_fb", "tdq_fb", "tdq_adj_fb"):
+    for kind in () if args.no_backward else ("prg_adj_fb", "prg_bp_fb", "tdq_fb", "tdq_adj_fb"):
         res[kind] = timer(lambda: fb(kind), device, args.reps)
     model.zero_grad(set_to_none=True)
     return res
+
+
+def graph_crossover(rows, threshold=0.95):
+    """Per preset, where a captured CUDA graph stops paying over the eager no-grad solve:
+    {preset: {"pays_up_to_numel": largest state size with prg_graph/prg < threshold (None: never),
+    "stops_at_numel": smallest larger size where it does not (None: not reached)}}. The smallest
+    "stops_at_numel" over presets bounds cuda_graph="auto" (PRG_FAST_CUDA_GRAPH_MAX_NUMEL)."""
+    out = {}
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        cells = sorted((r["numel"], r["prg_graph"] / r["prg"]) for r in rows
+                       if r["preset"] == preset and "prg_graph" in r)
+        stops = next((n for n, ratio in cells if ratio >= threshold), None)
+        pays = [n for n, ratio in cells if ratio < threshold and (stops is None or n < stops)]
+        out[preset] = {"pays_up_to_numel": max(pays) if pays else None, "stops_at_numel": stops,
+                       "graph/eager": {n: round(ratio, 3) for n, ratio in cells}}
+    return out
 
 
 def main():
@@ -105,6 +123,7 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-backward", action="store_true", help="time the no-grad solves only")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args()
     device = torch.device(args.device)
@@ -120,21 +139,25 @@ def main():
     for preset in args.presets:
         for batch in args.batches:
             r = bench(preset, batch, args, device)
-            r.update(preset=preset, batch=batch)
+            r.update(preset=preset, batch=batch, numel=batch * 3 * args.size ** 2)
             rows.append(r)
             print(json.dumps({k: (round(v * 1e3, 2) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
     print("\ntimes in ms; overhead = prg / net - 1 (integrator cost over the network's own evaluations)")
-    cols = ["net", "prg"] + (["prg_graph"] if cuda else []) + ["tdq", "prg_adj_fb", "prg_bp_fb", "tdq_fb", "tdq_adj_fb"]
+    fb_cols = [] if args.no_backward else ["prg_adj_fb", "prg_bp_fb", "tdq_fb", "tdq_adj_fb"]
+    cols = ["net", "prg"] + (["prg_graph"] if cuda else []) + ["tdq"] + fb_cols
     print("| preset | batch | " + " | ".join(cols) + " | overhead | tdq/prg" + (" | tdq/prg_graph" if cuda else "")
-          + " | adj_fb/bp_fb | tdq_adj_fb/prg_adj_fb |")
-    print("|" + "---|" * (len(cols) + 6 + (1 if cuda else 0)))
+          + ("" if args.no_backward else " | adj_fb/bp_fb | tdq_adj_fb/prg_adj_fb") + " |")
+    print("|" + "---|" * (len(cols) + 4 + (1 if cuda else 0) + (0 if args.no_backward else 2)))
     for r in rows:
         line = f"| {r['preset']} | {r['batch']} | " + " | ".join(f"{r[c] * 1e3:.1f}" for c in cols)
         line += f" | {100 * (r['prg'] / r['net'] - 1):+.1f}% | {r['tdq'] / r['prg']:.2f}x"
         if cuda:
             line += f" | {r['tdq'] / r['prg_graph']:.2f}x"
-        line += f" | {r['prg_adj_fb'] / r['prg_bp_fb']:.2f} | {r['tdq_adj_fb'] / r['prg_adj_fb']:.2f}x |"
-        print(line)
+        if not args.no_backward:
+            line += f" | {r['prg_adj_fb'] / r['prg_bp_fb']:.2f} | {r['tdq_adj_fb'] / r['prg_adj_fb']:.2f}x"
+        print(line + " |")
+    if cuda:
+        print(f"CUDA graph crossover (graphed/eager >= 0.95): {json.dumps(graph_crossover(rows))}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"reverse_speed_{device.type}.json"), "w") as f:
         json.dump(dict(device=device_name(device), args=vars(args), rows=rows), f, indent=1)

@@ -2,6 +2,7 @@
 as their users call them, against plain backprop through the same solver.
 
     python benchmarks/third_party_models.py            # rows for whichever libraries are installed
+    python benchmarks/third_party_models.py --strategies   # + worst error per network and adjoint strategy
 
 Neither library is a dependency: a row says "not installed" (with the import error) when its library
 is missing. Each network gets random weights on top of its initialisation (zero-initialised output
@@ -87,10 +88,44 @@ def torchcfm_cases(dtype):
     yield "torchcfm UNetModelWrapper, use_checkpoint", lambda: build(True)
 
 
+def strategy_table() -> float:
+    """--strategies: every network of python_tests/test_third_party_models.py (diffusers, peft,
+    torchdyn, torchcfm, torch's toolbox) under euler and rk4 x each adjoint strategy; a cell is
+    the worst single-tensor relative error against plain backprop through the same solver (float64;
+    float32 rows: all gradients together). Returns the worst cell over its tolerance."""
+    import os
+    import pytest
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python_tests"))
+    import test_third_party_models as zoo
+
+    cols = [(m, s) for m in zoo.METHODS for s in zoo.STRATEGIES]
+    print()
+    print("worst relative error per network and strategy (adjoint vs adjoint=False, same solver):")
+    print("| network | dtype | " + " | ".join(f"{m} {s}" for m, s in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    worst = 0.0
+    for name, build in zoo.CASES.items():
+        build = build.values[0] if hasattr(build, "values") else build  # pytest.param(...)
+        cells, dtype = [], None
+        try:
+            for m, strat in cols:
+                (_, err), together, dtype = zoo.compare(build, m, strat)
+                value = err if dtype == torch.float64 else together
+                worst = max(worst, value / zoo.RTOL[dtype])
+                cells.append(f"{value:.1e}")
+        except pytest.skip.Exception as e:
+            print(f"| {name} | - | skipped: {e.msg} |")
+            continue
+        print(f"| {name} | {str(dtype).replace('torch.', '')} | " + " | ".join(cells) + " |", flush=True)
+    return worst
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="rk4")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--strategies", action="store_true",
+                    help="also the table per network and adjoint strategy (every family of the third-party tests)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"adjoint vs plain backprop, {args.method} x {args.steps} steps, x of shape (2, 3, 16, 16); torch "
@@ -111,6 +146,8 @@ def main(argv=None):
             tol = 1e-12 if dtype == torch.float64 else 1e-5
             worst_all = max(worst_all, worst / tol, math.inf if missing else 0.0)
             print(f"| {name} | {str(dtype).replace('torch.', '')} | {flat:.1e} | {worst:.1e} | {missing} |")
+    if args.strategies:
+        worst_all = max(worst_all, strategy_table())
     return 0 if worst_all < 1 else 1
 
 

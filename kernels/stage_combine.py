@@ -8,7 +8,7 @@ accumulated in float32 (float64 when base, the terms or out_dtype is float64), w
 out_dtype (default: base's dtype), at most 8 terms of one dtype, every shape equal to base's.
 
 It is a `torch.library.triton_op`, so torch.compile sees the Triton kernel itself; its autograd
-formula is the shared one of `prg_fast.ode.ops.register_combine_op`. The kernel runs on CUDA tensors,
+formula is the shared one of `prg_fast.kernels.op_rules` (also the C++ operator's). The kernel runs on CUDA tensors,
 and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
 imported; slow, for tests).
 
@@ -26,6 +26,8 @@ import struct
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from .op_rules import accumulate_dtype, register_combine_op, register_rows_op
 
 QUALNAME = "prg_fast::stage_combine_triton"
 ROWS_QUALNAME = "prg_fast::stage_combine_rows_triton"
@@ -77,10 +79,6 @@ def check_inputs(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: Sequ
             _fail(f"all terms must share one dtype, terms[0] is {_name(terms[0].dtype)} and terms[{j}] is {_name(t.dtype)}")
     if out_dtype is not None and out_dtype not in _FLOATS:
         _fail(f"out_dtype must be float32, float64, float16 or bfloat16, got {_name(out_dtype)}")
-
-
-def accumulate_in_double(base: torch.Tensor, terms: Sequence[torch.Tensor], out_dtype: torch.dtype) -> bool:
-    return base.dtype == torch.float64 or out_dtype == torch.float64 or (len(terms) > 0 and terms[0].dtype == torch.float64)
 
 
 def split_coefficient(c: float) -> Tuple[float, float, float]:
@@ -238,7 +236,7 @@ if IMPORT_ERROR is None:
             check_inputs(base, terms, coeffs, out_dtype)
             _check_device(base)
             out_dtype = base.dtype if out_dtype is None else out_dtype
-            acc_f64 = accumulate_in_double(base, terms, out_dtype)
+            acc_f64 = accumulate_dtype(base, terms, out_dtype) == torch.float64
             base = base.contiguous()
             terms = [t.contiguous() for t in terms]
             out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
@@ -261,8 +259,6 @@ if IMPORT_ERROR is None:
         # The fake kernel and autograd formula shared with the C++ operator. The fake kernel
         # replaces the one triton_op makes from the function above: that one launches the kernel
         # on fake tensors, which only works for compiled (not interpreted) Triton.
-        from prg_fast.ode.ops import register_combine_op
-
         register_combine_op(QUALNAME)
 
         if INTERPRETED:
@@ -389,7 +385,7 @@ if IMPORT_ERROR is None:
             check_rows_inputs(base, terms, coeffs, out_dtype)
             _check_device(base)
             out_dtype = base.dtype if out_dtype is None else out_dtype
-            acc_f64 = accumulate_in_double(base, terms, out_dtype) or coeffs.dtype == torch.float64
+            acc_f64 = accumulate_dtype(base, terms, out_dtype, coeffs) == torch.float64
             base = base.contiguous()
             terms = [t.contiguous() for t in terms]
             c = coeffs.to(torch.float64 if acc_f64 else torch.float32).contiguous()
@@ -405,8 +401,6 @@ if IMPORT_ERROR is None:
                     BLOCK=BLOCK, num_warps=NUM_WARPS,
                 )  # fmt: skip
             return out
-
-        from prg_fast.ode.ops import register_rows_op
 
         register_rows_op(ROWS_QUALNAME)
 

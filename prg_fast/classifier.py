@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ import torch.nn as nn
 from .ode import reverse
 from .ode.solvers import get_tableau
 
-__all__ = ["PRGClassifier", "feature_shape"]
+__all__ = ["PRGClassifier", "feature_shape", "check_segment", "parse_times"]
 
 EDGE = 1e-3  # how far inside (0, 1) a learned segment's starting fraction is put (sigmoid's range is open)
 
@@ -50,22 +50,41 @@ def _time(value, name: str) -> float:
     return float(value)
 
 
-def _check_segment(t0: float, t: float, save_at) -> Optional[Tuple[float, ...]]:
+def parse_times(value, name: str = "save_at") -> Optional[List[float]]:
+    """None, a sequence (or tensor) of times, or comma-separated text such as "0.5,1.0" -> a list of
+    floats (or None). The one parser of time lists: the command line and the trainers use it too."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().flatten().tolist()
+    if isinstance(value, str):
+        try:
+            return [float(s) for s in value.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise ValueError(f"{name} must be comma-separated times such as 0.5,1.0, got {value!r}") from None
+    if isinstance(value, bytes) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be None or a sequence of times, got {type(value).__name__}")
+    return [_time(s, f"{name} entries") for s in value]
+
+
+def check_segment(t0, t, save_at=None, *, learned: bool = False) -> Tuple[float, float, Optional[Tuple[float, ...]]]:
+    """The one check of a trajectory segment, for PRGClassifier, finetune and extract alike:
+    (t0, t, save_at) as floats with t0 < t and every save_at time in [t0, t] (save_at parsed by
+    parse_times); a learned segment (learned=True) lives in 0 <= t0 < t <= 1 and has no save_at."""
+    t, t0 = _time(t, "t"), _time(t0, "t0")
     if not t > t0:
         raise ValueError(f"the trajectory segment must run forward in time: need t0 < t, got t0={t0:g}, t={t:g}")
-    if save_at is None:
-        return None
-    if isinstance(save_at, torch.Tensor):
-        save_at = save_at.detach().flatten().tolist()
-    if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__iter__"):
-        raise TypeError(f"save_at must be None or a sequence of times, got {type(save_at).__name__}")
-    times = tuple(_time(s, "save_at entries") for s in save_at)
-    if not times:
+    times = parse_times(save_at)
+    if times is not None and not times:
         raise ValueError("save_at must hold at least one time (or be None)")
-    for s in times:
+    for s in times or ():
         if not t0 <= s <= t:
             raise ValueError(f"save_at times must lie in [t0, t] = [{t0:g}, {t:g}], got {s:g}")
-    return times
+    if learned and not 0.0 <= t0 < t <= 1.0:
+        raise ValueError(f"a learned segment lives in 0 <= t0 < t <= 1; got t0={t0:g}, t={t:g}")
+    if learned and times is not None:
+        raise ValueError("learn_t/learn_t0 cannot be combined with save_at (fixed times in a moving segment)")
+    return t0, t, None if times is None else tuple(times)
 
 
 def feature_shape(image_shape: Sequence[int], save_at: Optional[Sequence[float]] = None) -> Tuple[int, int, int]:
@@ -104,12 +123,7 @@ class PRGClassifier(nn.Module):
         for name, flag in (("learn_t", learn_t), ("learn_t0", learn_t0)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        t, t0 = _time(t, "t"), _time(t0, "t0")
-        save_at = _check_segment(t0, t, save_at)
-        if (learn_t or learn_t0) and not 0.0 <= t0 < t <= 1.0:
-            raise ValueError(f"a learned segment lives in 0 <= t0 < t <= 1; got t0={t0:g}, t={t:g}")
-        if (learn_t or learn_t0) and save_at is not None:
-            raise ValueError("learn_t/learn_t0 cannot be combined with save_at (fixed times in a moving segment)")
+        t0, t, save_at = check_segment(t0, t, save_at, learned=learn_t or learn_t0)
         self.learn_t, self.learn_t0 = learn_t, learn_t0
         # fixed ends stay floats; learned ones are raw parameters (see the module docstring)
         self._t, self._t0 = t, t0
@@ -154,7 +168,7 @@ class PRGClassifier(nn.Module):
 
     def _set_segment(self, t0: float, t: float) -> None:
         """Move the segment (learned ends restart from the new values)."""
-        _check_segment(t0, t, self.save_at)
+        check_segment(t0, t, self.save_at)
         if (self.learn_t or self.learn_t0) and not 0.0 <= t0 < t <= 1.0:
             raise ValueError(f"a learned segment lives in 0 <= t0 < t <= 1; got t0={t0:g}, t={t:g}")
         self._t, self._t0 = t, t0

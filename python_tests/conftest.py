@@ -6,6 +6,8 @@ import socket
 import pytest
 import torch
 
+from cuda_selection import QUICK_MARK, quick_items
+
 
 class MLPVelocity(torch.nn.Module):
     """v(t, x) for x of shape (B, D): an MLP on [x, t]. Small, smooth, with time dependence."""
@@ -37,6 +39,12 @@ class ConvVelocity(torch.nn.Module):
     def forward(self, t, x):
         h = self.c1(x) + self.temb(t[:, None].to(x.dtype))[:, :, None, None]
         return self.c2(torch.nn.functional.silu(h))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the quick CUDA subset (python_tests/cuda_selection.py says which and why)."""
+    for item in quick_items(items):
+        item.add_marker(QUICK_MARK)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,8 @@ from prg_fast.training.checkpoints import build_classifier, load_finetune_checkp
 from prg_fast.training.evaluate import evaluate, extract
 from prg_fast.training.finetune import finetune
 from prg_fast.training.pretrain import CheckpointError, build_model, load_checkpoint, pretrain
-from prg_fast.training.runs import StepBatches, init_distributed, rank_seed, seed_everything
+from prg_fast.training.distributed import init_distributed
+from prg_fast.training.runs import StepBatches, rank_seed, seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,6 +4,7 @@ import torch
 
 import prg_fast
 from prg_fast.ode import graphs
+from prg_fast.ode.description import describe
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,7 +49,7 @@ def test_refuses_grad_and_check_finite(conv):
 # --- cache key, LRU and the "auto" threshold: bookkeeping testable without a GPU ---
 
 def _key(model, x, **kw):
-    return graphs.cache_key(model, x, [0.0, 0.5, 1.0], [2], dict(method="euler", backend="auto", **kw))
+    return graphs.cache_key(model, x, [0.0, 0.5, 1.0], [2], describe(method="euler", backend="auto", **kw))
 
 
 def test_key_changes_with_training_mode_of_any_submodule(conv):

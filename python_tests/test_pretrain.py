@@ -44,7 +44,7 @@ def test_run_directory_contents(trained):
     assert sorted(f for f in os.listdir(out)) == ["checkpoint.pt", "log.csv", "metrics.json", "samples.png"]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert all(not isinstance(v, (dict, list)) for v in metrics.values())  # one flat object
-    assert metrics["loss"] == result.history[-1][1] and metrics["loss_start"] == result.history[0][1]
+    assert metrics["loss"] == result.history[-1][1] and metrics["loss_start"] > metrics["loss"]
     for arg in ("data", "path", "model", "steps", "batch_size", "lr", "seed", "out"):
         assert arg in metrics
     assert metrics["step"] == 60 and metrics["path"] == "otcfm" and metrics["world_size"] == 1
@@ -52,6 +52,15 @@ def test_run_directory_contents(trained):
         assert im.format == "PNG" and im.size[0] >= 2 * 8
     rows = open(os.path.join(out, "log.csv")).read().split()
     assert rows[0] == "step,loss,lr" and len(rows) == 7
+
+
+def test_loss_start_is_the_first_steps_loss_also_in_a_run_shorter_than_a_log_interval(tmp_path):
+    every_step = pretrain(PretrainConfig(**{**QUICK, "log_every": 1}, steps=2, out=str(tmp_path / "a")))
+    short = pretrain(PretrainConfig(**{**QUICK, "log_every": 4}, steps=2, out=str(tmp_path / "b")))
+    # one log row at the end (the mean of both steps' losses, summed in float32)
+    assert len(short.history) == 1 and short.history[0][0] == 2
+    assert short.history[0][1] == pytest.approx((every_step.history[0][1] + every_step.history[1][1]) / 2, rel=1e-6)
+    assert short.metrics["loss_start"] == every_step.history[0][1] != short.metrics["loss"]
 
 
 def test_checkpoint_keys_match_the_documented_format(trained):

@@ -17,8 +17,9 @@ import torch
 from prg_fast.models import unet
 from prg_fast.training.finetune import finetune
 from prg_fast.training.pretrain import PretrainConfig, load_checkpoint, pretrain
-from prg_fast.training.runs import (CheckpointError, RunDir, StepBatches, atomic_write, cosine_factor,
-                                    init_distributed, lr_schedule)
+from prg_fast.training.distributed import init_distributed
+from prg_fast.training.rundir import CheckpointError, RunDir, atomic_write
+from prg_fast.training.runs import StepBatches, cosine_factor, lr_schedule
 
 HERE = os.path.dirname(__file__)
 QUICK = dict(data="digits", path="otcfm", model="tiny", batch_size=32, lr=1e-3, warmup=0, log_every=4,

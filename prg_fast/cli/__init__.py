@@ -11,11 +11,18 @@ prg_fast.cli.args' types and flag groups so the flags read the same everywhere) 
 Every command writes DIR/metrics.json and prints that object as one line on stdout.
 Errors a user can fix (bad values, missing files, unusable checkpoints) are printed as one line
 and exit with status 2; set PRG_FAST_TRACEBACK=1 to see the traceback instead.
+
+Stopping a training command (pretrain, finetune, repfusion, genrep; also under torchrun): the first
+SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes a checkpoint, prints one line saying
+how to resume and exits with status 130 (SIGINT) or 143 (SIGTERM); the same command resumes the run
+bitwise. A second signal aborts at once with status 3 (nothing written since the last checkpoint).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 from typing import Callable, List, Optional
 
@@ -57,23 +64,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors():
-    from ..training.runs import CheckpointError
+EXIT_USER_ERROR = 2
+EXIT_ABORTED = 3  # a second signal: stopped at once, without a checkpoint
 
-    return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CheckpointError, FloatingPointError)
+
+def _user_errors():
+    from ..training.rundir import CheckpointError
+
+    return (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError,
+            FloatingPointError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 usage or input error)."""
+    """Run the command line; returns the exit status (0 ok, 2 usage or input error, 130 / 143
+    stopped by SIGINT / SIGTERM with a checkpoint written, 3 aborted by a second signal)."""
+    from ..training.trainer import Interrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            command = shlex.join(["prg-fast", *(sys.argv[1:] if argv is None else argv)])
+            launcher = " under the same torchrun line" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"prg-fast {args.command}: stopped by {signal.Signals(e.signum).name} after step {e.step}, checkpoint "
+                  f"written to {e.checkpoint}; resume with: {command}{launcher}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        print(f"prg-fast {args.command}: aborted ({e or 'KeyboardInterrupt'})", file=sys.stderr, flush=True)
+        return EXIT_ABORTED
     except _user_errors() as e:
         if os.environ.get("PRG_FAST_TRACEBACK"):
             raise
         print(f"prg-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR

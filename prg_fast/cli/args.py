@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["bounded", "positive_int", "nonnegative_int", "nonnegative_float", "positive_float", "unit_time",
            "time_list", "add_data_arguments", "add_run_arguments", "add_solver_arguments", "config_from_args",
-           "print_metrics", "HelpFormatter", "add_model_arguments", "user_model", "add_interval_arguments"]
+           "print_metrics", "HelpFormatter", "add_model_arguments", "user_model", "add_interval_arguments",
+           "run_options"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -71,8 +72,10 @@ unit_time = bounded(float, 0.0, 1.0, what="a time in [0, 1] (0 = data, 1 = noise
 
 def time_list(text: str) -> List[float]:
     """Comma-separated times in [0, 1], such as 0.5,1.0."""
+    from ..classifier import parse_times
+
     try:
-        times = [float(s) for s in text.replace(" ", "").split(",") if s]
+        times = parse_times(text)
     except ValueError:
         times = None
     if not times or any(not 0.0 <= s <= 1.0 for s in times):
@@ -95,6 +98,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, seed: bool = True, out_re
                       out_help: str = "run directory: checkpoint, metrics.json; an existing checkpoint there is resumed") -> None:
     """--out, --seed, --device, --no-progress, shared by every command that writes a run directory."""
     parser.add_argument("--out", required=out_required, default=None, metavar="DIR", help=out_help)
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty folder prg-fast did not make (or replace an existing --out file); "
+                             "another command's run directory is never written into")
     if seed:
         parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -102,9 +108,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, seed: bool = True, out_re
 
 
 def add_interval_arguments(parser: argparse.ArgumentParser, defaults, eval_batch: bool = True) -> None:
-    """--ckpt-every, --log-every (and --eval-batch-size), with the defaults of the config `defaults`."""
+    """--ckpt-every, --log-every, --ckpt-minutes (and --eval-batch-size), with the defaults of the
+    config `defaults`."""
+    from ..training.trainer import RunOptions
+
     parser.add_argument("--ckpt-every", type=positive_int, default=defaults.ckpt_every, help="steps between checkpoints")
-    parser.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="steps between log.csv rows")
+    parser.add_argument("--log-every", type=positive_int, default=defaults.log_every,
+                        help="steps between log.csv rows (log.csv and a running metrics.json are written then)")
+    parser.add_argument("--ckpt-minutes", type=nonnegative_float, default=RunOptions.ckpt_minutes,
+                        help="also checkpoint when this many minutes passed since the last checkpoint (0: off)")
     if eval_batch:
         parser.add_argument("--eval-batch-size", type=positive_int, default=defaults.eval_batch_size,
                             help="images per batch when evaluating")
@@ -156,7 +168,7 @@ def user_model(args: argparse.Namespace):
         return None
     import torch
 
-    from ..training.runs import import_factory
+    from ..training.flows import import_factory
 
     model = import_factory(spec)()
     if not isinstance(model, torch.nn.Module):
@@ -167,6 +179,11 @@ def user_model(args: argparse.Namespace):
         except (OSError, RuntimeError, KeyError) as e:
             raise ValueError(f"--weights {args.weights}: not a state_dict of the --model network: {e}") from e
     return model
+
+
+def run_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The trainers' RunOptions keywords (how a run is kept) from the parsed flags."""
+    return {"ckpt_minutes": args.ckpt_minutes, "force": args.force}
 
 
 def config_from_args(cls, args: argparse.Namespace):

@@ -1,7 +1,6 @@
 """`prg-fast evaluate` and `prg-fast extract`: flags -> prg_fast.training.evaluate.evaluate / extract."""
 from __future__ import annotations
 
-import os
 import sys
 
 from .args import (HelpFormatter, add_data_arguments, add_model_arguments, add_run_arguments, add_solver_arguments,
@@ -25,20 +24,13 @@ def add_evaluate(subparsers) -> None:
 
 
 def run_evaluate(args) -> int:
-    from ..training.checkpoints import load_finetune_checkpoint
     from ..training.evaluate import evaluate
 
-    ckpt = load_finetune_checkpoint(args.checkpoint)  # fail early, and learn the defaults for --out
-    out = args.out
-    if out is None:
-        c = ckpt["classifier"]
-        folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
-        out = os.path.join(folder, f"evaluate-{args.method or c['method']}-{args.ode_steps or c['steps']}")
     metrics = evaluate(args.checkpoint, args.data, ode_steps=args.ode_steps, method=args.method,
-                       batch_size=args.batch_size, device=args.device, progress=args.progress, out=out,
-                       model=user_model(args))
+                       batch_size=args.batch_size, device=args.device, progress=args.progress, out=args.out,
+                       model=user_model(args), default_out=True, force=args.force)
     print(f"prg-fast evaluate: top-1 {metrics['top1']:.4f} ({metrics['correct']}/{metrics['test_size']}) with "
-          f"{metrics['ode_steps']} {metrics['method']} steps; wrote {out}/metrics.json", file=sys.stderr)
+          f"{metrics['ode_steps']} {metrics['method']} steps; wrote {metrics.get('out')}/metrics.json", file=sys.stderr)
     print_metrics(metrics)
     return 0
 
@@ -74,7 +66,7 @@ def run_extract(args) -> int:
     meta = extract(args.checkpoint, args.data, args.out, t=args.t, t0=args.t0, save_at=args.save_at,
                    ode_steps=args.ode_steps, method=args.method, raw_weights=args.raw_weights,
                    batch_size=args.batch_size, device=args.device, progress=args.progress, probe=args.probe,
-                   knn_k=args.knn_k, model=user_model(args))
+                   knn_k=args.knn_k, model=user_model(args), force=args.force)
     msg = f"wrote {args.out}: {meta['n_train']} train / {meta['n_test']} test features of shape {meta['feature_shape']}"
     if args.probe:
         msg += f"; linear probe top-1 {meta['linear_probe_top1']:.4f}, {meta['knn_k']}-NN top-1 {meta['knn_top1']:.4f}"

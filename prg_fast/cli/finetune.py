@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_model_arguments, add_run_arguments,
                    add_solver_arguments, config_from_args, nonnegative_float, nonnegative_int, positive_float,
-                   positive_int, print_metrics, time_list, unit_time, user_model)
+                   positive_int, print_metrics, run_options, time_list, unit_time, user_model)
 from .pretrain import PRESET_HELP
 
 
@@ -76,6 +76,7 @@ def run_finetune(args) -> int:
     model = user_model(args)
     if model is not None:
         args.model = None  # FinetuneConfig.model is a preset; the network itself goes as model=
-    result = finetune(config_from_args(FinetuneConfig, args), model=model, time_convention=args.time_convention)
+    result = finetune(config_from_args(FinetuneConfig, args), model=model, time_convention=args.time_convention,
+                      **run_options(args))
     print_metrics(result.metrics)
     return 0

@@ -5,7 +5,7 @@ import argparse
 
 from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_model_arguments, add_run_arguments,
                    config_from_args, nonnegative_float, nonnegative_int, positive_float, positive_int, print_metrics,
-                   user_model)
+                   run_options, user_model)
 
 PRESET_HELP = ("UNet preset: tiny for 8x8 images (digits; 2 levels, CPU-sized), cifar or prg32 for 32x32 (4 levels, "
                "attention at 16x16, and prg32 also at 8x8; GPU-sized)")
@@ -53,6 +53,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from ..training.pretrain import PretrainConfig, pretrain
 
     result = pretrain(config_from_args(PretrainConfig, args), model=user_model(args),
-                      time_convention=args.time_convention)
+                      time_convention=args.time_convention, **run_options(args))
     print_metrics(result.metrics)
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_run_arguments, bounded,
                    config_from_args, nonnegative_float, nonnegative_int, positive_float, positive_int, print_metrics,
-                   unit_time)
+                   run_options, unit_time)
 
 latent_scale = bounded(float, 0.0, 10.0, what="a latent perturbation scale in [0, 10]")
 
@@ -57,7 +57,7 @@ def add_repfusion(subparsers) -> None:
 def run_repfusion(args) -> int:
     from ..related.repfusion import RepFusionConfig, repfusion
 
-    print_metrics(repfusion(config_from_args(RepFusionConfig, args)).metrics)
+    print_metrics(repfusion(config_from_args(RepFusionConfig, args), **run_options(args)).metrics)
     return 0
 
 
@@ -109,5 +109,5 @@ def add_genrep(subparsers) -> None:
 def run_genrep(args) -> int:
     from ..related.genrep import GenRepConfig, genrep
 
-    print_metrics(genrep(config_from_args(GenRepConfig, args)).metrics)
+    print_metrics(genrep(config_from_args(GenRepConfig, args), **run_options(args)).metrics)
     return 0

@@ -23,11 +23,9 @@ and dL/dG[n] += dL/dt_n - dL/dh, dL/dG[n+1] += dL/dh. Nothing divides by h, so z
 (save_at points on a per-sample grid) are differentiated exactly too. On a per-sample grid every
 quantity here is per sample ((B,)), on a shared grid summed over the batch.
 
-Strategies (prg_fast.ode.strategies): with `memory_budget` the forward keeps the graphs of its last
-evaluations and the backward takes their VJPs without recomputing; with store="steps" the forward
-keeps one state per step and the backward recomputes that step's stage inputs first. The one place
-in the loop below that differs between strategies is where the evaluation with its graph is
-obtained (EvaluationGraphs.with_graph).
+Strategies (StoredAdjoint's memory_budget and store: prg_fast.ode.strategies) differ only in where
+the evaluation with its graph comes from (EvaluationGraphs.with_graph) and the stage inputs
+(EvaluationGraphs.step_stage_inputs).
 """
 from __future__ import annotations
 
@@ -35,9 +33,10 @@ from typing import List, Optional
 
 import torch
 
-from .integrate import Problem, accumulator_dtype, check_param_versions, param_versions
-from .module_state import TrainingModes, left_as_found
-from .strategies import EvaluationGraphs, Strategy
+from .integrate import Problem, accumulator_dtype
+from .description import StoredAdjoint
+from .strategies import EvaluationGraphs, FirstEvaluation
+from .vjp import evaluation_vjp
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
@@ -62,12 +61,13 @@ def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.d
 
 class AdjointSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, strategy: Strategy, times: Optional[torch.Tensor], x: torch.Tensor,
-                *params: torch.Tensor):
+    def forward(ctx, problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],
+                times: Optional[torch.Tensor], x: torch.Tensor, *params: torch.Tensor):
         # `times`: problem.times as an input (so its gradient is returned), or None on a float grid.
-        # Which evaluations keep their graphs, the random states, the first evaluation's reuse:
-        # prg_fast.ode.strategies.
-        evals = EvaluationGraphs(problem, strategy, x.device, time_grad=times is not None and times.requires_grad)
+        # Which evaluations keep their graphs, the first evaluation's reuse: prg_fast.ode.strategies;
+        # what a rerun needs (random states, buffers, flags, versions): prg_fast.ode.replay.
+        evals = EvaluationGraphs(problem, strategy, first, x.device, params,
+                                 time_grad=times is not None and times.requires_grad)
         stored: list = []
         if strategy.store == "steps":
             outs = problem.run(x.to(problem.state_dtype), states=stored, evaluator=evals.forward_evaluate)
@@ -77,103 +77,104 @@ class AdjointSolve(torch.autograd.Function):
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
         ctx.save_for_backward(*stored)
-        ctx.problem, ctx.rng, ctx.evals = problem, evals.rng, evals
+        ctx.problem, ctx.evals, ctx.rng = problem, evals, evals.replay.rng
         ctx.x_dtype = x.dtype
-        ctx.versions = param_versions(params)
-        ctx.modes = TrainingModes(problem.modules)
         return torch.stack(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        # reruns load each evaluation's buffers and run under the forward's train/eval flags; the
-        # backward itself leaves both as it found them
-        with left_as_found(ctx.evals.state), ctx.modes:
+        replay = ctx.evals.replay
+        with replay.backward():
             grads = _backward(ctx, grad_out)
-        check_param_versions(ctx.problem.params, ctx.versions, grads[4:])
+        replay.check_versions(grads[5:])
         return grads
 
 
 def _backward(ctx, grad_out: torch.Tensor):
     p: Problem = ctx.problem
-    tab, combine = p.tableau, p.combine
-    timed = p.times is not None  # tensor grid: per-row step sizes
-    want_tgrad = timed and ctx.needs_input_grad[2]
-    gtimes = torch.zeros_like(p.times) if want_tgrad else None
-    stage_inputs = list(ctx.saved_tensors)
-    # store="steps": the saved tensors are step start states; each step's stage inputs are
-    # recomputed when the backward reaches it.
-    step_states = stage_inputs if ctx.evals.store == "steps" else None
-    rng = list(ctx.rng) if ctx.rng is not None else None
-    params = list(p.params)
-    # Cotangent arriving at each grid index from the outputs (an index may be output twice).
-    arriving = p.output_cotangents(grad_out)
-    shape = grad_out.shape[1:]
-    lam = torch.zeros(shape, dtype=p.state_dtype, device=grad_out.device)
-    # Parameter gradients accumulate in float32 (float64 / complex for such parameters).
-    acc_dtype = [accumulator_dtype(q) for q in params]
-    param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
-    s = tab.stages
-
+    s = p.tableau.stages
+    walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.times is not None and ctx.needs_input_grad[3])
+    stored = list(ctx.saved_tensors)
     for n in reversed(range(p.steps)):
-        if n + 1 in arriving:
-            lam = combine(lam, [arriving.pop(n + 1)], [1.0], 1.0, p.state_dtype)
-        t = p.point(n)
-        h = p.point(n + 1) - t
-        if step_states is not None:
-            stage_inputs = ctx.evals.step_stage_inputs(n, step_states.pop(), rng[-s:] if rng else None)
-        mus: List[Optional[torch.Tensor]] = [None] * s
-        if want_tgrad:
-            gt = torch.zeros_like(t)
-            gh = torch.zeros_like(t)
-        for i in reversed(range(s)):
-            later = [m for m in range(i + 1, s) if tab.a[m][i] != 0.0 and mus[m] is not None]
-            xi = stage_inputs.pop()
-            state = rng.pop() if rng is not None else None
-            if timed:
-                if tab.b[i] == 0.0 and not later:
-                    continue
-                # e_i = b_i lam + sum a_mi mu_m; g_i = h e_i per row (h may be 0 on a per-sample grid)
-                e = combine(lam, [mus[m] for m in later], [tab.a[m][i] for m in later], tab.b[i], p.state_dtype)
-                g = p.combine_rows(e, [], h.reshape(-1, 1).to(p.state_dtype), p.net_dtype)
-                tau = (t + tab.c[i] * h).requires_grad_(want_tgrad)
-            else:
-                alpha = h * tab.b[i]
-                if alpha == 0.0 and not later:
-                    continue  # k_i does not influence anything downstream
-                g = combine(lam, [mus[m] for m in later], [h * tab.a[m][i] for m in later], alpha, p.net_dtype)
-                tau = p.stage_time(t, h, i, p.point(n + 1))
-            # ---- the evaluation k of stage (n, i) with its graph from the leaves xi (and tau,
-            # ---- a leaf requiring grad when time gradients are wanted): the graph the forward
-            # ---- kept (memory_budget), else recomputed from the stored input
-            k, xi, tau = ctx.evals.with_graph(n, i, tau, xi, state)
-            timed_leaf = want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
-            inputs = [xi] + ([tau] if timed_leaf else []) + params
-            with torch.enable_grad():
-                # An evaluation whose output reads neither the state nor a parameter (a zero
-                # velocity, a function of t only) has no graph: it contributes nothing.
-                if k.requires_grad:
-                    grads = list(torch.autograd.grad(k, inputs, g, allow_unused=True))
-                else:
-                    grads = [None] * len(inputs)
-            if not timed_leaf:
-                grads.insert(1, None)
-            if want_tgrad:
-                # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
-                gh += p.row_dot(e, k.detach())
-                if grads[1] is not None:
-                    gt += grads[1]
-                    gh += tab.c[i] * grads[1]
-            del k
-            mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
-            accumulate(param_grads, grads[2:], acc_dtype)
-        if want_tgrad:
-            gtimes[n] += gt - gh
-            gtimes[n + 1] += gh
+        walk.arrive(n + 1)
+        if ctx.evals.store == "steps":
+            # the saved tensors are step start states: the step's stage inputs are recomputed now
+            inputs = ctx.evals.step_stage_inputs(n, stored.pop())
+        else:
+            inputs, stored = stored[-s:], stored[:-s]
+        walk.step(n, inputs)
+    walk.arrive(0)
+    grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(walk.acc, walk.params)]
+    return (None, None, None, walk.gtimes, walk.lam.to(ctx.x_dtype), *grad_params)
+
+
+class BackwardWalk:
+    """The backward's running cotangents, walked step by step in reverse: lam (the state's), the
+    parameters' (accumulated in float32, float64 / complex for such parameters) and the grid's."""
+
+    def __init__(self, p: Problem, evals, grad_out: torch.Tensor, want_tgrad: bool):
+        self.p, self.evals, self.want_tgrad = p, evals, want_tgrad
+        # cotangent arriving at each grid index from the outputs (an index may be output twice)
+        self.arriving = p.output_cotangents(grad_out)
+        self.lam = torch.zeros(grad_out.shape[1:], dtype=p.state_dtype, device=grad_out.device)
+        self.gtimes = torch.zeros_like(p.times) if want_tgrad else None
+        self.params = list(p.params)
+        self.acc_dtype = [accumulator_dtype(q) for q in self.params]
+        self.acc: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        self.gt = self.gh = None
+
+    def arrive(self, m: int) -> None:
+        if m in self.arriving:
+            self.lam = self.p.combine(self.lam, [self.arriving.pop(m)], [1.0], 1.0, self.p.state_dtype)
+
+    def step(self, n: int, inputs: List[torch.Tensor]) -> None:
+        p = self.p
+        t, h, taus = p.step_at(n)
+        mus: List[Optional[torch.Tensor]] = [None] * p.tableau.stages
+        if self.want_tgrad:
+            self.gt, self.gh = torch.zeros_like(t), torch.zeros_like(t)
+        for i in reversed(range(p.tableau.stages)):
+            self.stage(n, i, h, taus[i], inputs[i], mus)
+        if self.want_tgrad:
+            self.gtimes[n] += self.gt - self.gh
+            self.gtimes[n + 1] += self.gh
         live = [mu for mu in mus if mu is not None]
         if live:
-            lam = combine(lam, live, [1.0] * len(live), 1.0, p.state_dtype)
-    if 0 in arriving:
-        lam = combine(lam, [arriving.pop(0)], [1.0], 1.0, p.state_dtype)
-    grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(param_grads, params)]
-    return (None, None, gtimes, lam.to(ctx.x_dtype), *grad_params)
+            self.lam = p.combine(self.lam, live, [1.0] * len(live), 1.0, p.state_dtype)
+
+    def cotangent(self, i: int, h, mus: list):
+        """(g_i, e_i): the cotangent of k_i, g_i = h e_i with e_i = b_i lam + sum_m a_mi mu_m (e_i
+        is kept on a tensor grid, where g_i is formed per row and h may be 0), or (None, None)
+        when k_i influences nothing downstream."""
+        p, tab = self.p, self.p.tableau
+        later = [m for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
+        if tab.b[i] == 0.0 and not later:
+            return None, None
+        return p.backend.scaled(self.lam, [mus[m] for m in later], [tab.a[m][i] for m in later], tab.b[i], h,
+                                p.net_dtype, p.state_dtype)
+
+    def stage(self, n: int, i: int, h, tau, xi: torch.Tensor, mus: list) -> None:
+        """mu_i = g_i^T df/dX (and the parameters' and the time's shares) for evaluation (n, i)."""
+        g, e = self.cotangent(i, h, mus)
+        if g is None:
+            return
+        if isinstance(tau, torch.Tensor):
+            tau = tau.requires_grad_(self.want_tgrad)
+        # the evaluation with its graph from the leaves xi (and tau): kept by the forward, or recomputed
+        k, xi, tau = self.evals.with_graph(n, i, tau, xi)
+        timed_leaf = self.want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
+        inputs = [xi] + ([tau] if timed_leaf else []) + self.params
+        # the parameters' hooks do not run here: autograd runs them once on the returned total
+        grads = evaluation_vjp(k, inputs, g, self.p.reentrant)
+        if not timed_leaf:
+            grads.insert(1, None)
+        if self.want_tgrad:
+            # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
+            self.gh += self.p.row_dot(e, k.detach())
+            if grads[1] is not None:
+                self.gt += grads[1]
+                self.gh += self.p.tableau.c[i] * grads[1]
+        del k
+        mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
+        accumulate(self.acc, grads[2:], self.acc_dtype)

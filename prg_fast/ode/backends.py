@@ -1,7 +1,8 @@
 """Which implementation of the fused stage arithmetic runs, and why the others cannot.
 
-A backend is a function with the signature of `prg_fast.ode.reference.stage_combine` (`resolve`),
-or of `prg_fast.ode.reference.stage_combine_rows` (`resolve_rows`, per-row coefficients).
+A solve's `Backend` (`select`) holds a function with the signature of
+`prg_fast.ode.reference.stage_combine` and one with that of `stage_combine_rows` (per-row
+coefficients), and hides which of the two a float or a tensor step size needs.
 Kernels take at most `MAX_TERMS` terms per call; longer sums are chained here, for every backend,
 through a partial sum kept in the accumulation dtype (so the result is the one long sum's).
 "auto" picks cuda > triton > cpu > reference among those that are built and fit the tensor's
@@ -10,6 +11,7 @@ device (interpreted Triton on the CPU is for tests only and is never picked by "
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -49,18 +51,11 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """None when backend `name` can run on `device`, else a sentence saying why not."""
     if name == "reference":
         return None
-    if name == "cpu":
-        if ops.CPU_ERROR:
-            return ops.CPU_ERROR
-        if device.type != "cpu":
-            return f"backend 'cpu' runs on CPU tensors, but x is on {device}"
-        return None
-    if name == "cuda":
-        if ops.CUDA_ERROR:
-            return ops.CUDA_ERROR
-        if device.type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors, but x is on {device}"
-        return None
+    if name in ("cpu", "cuda"):
+        why = ops.CPU_ERROR if name == "cpu" else ops.CUDA_ERROR
+        if why is None and device.type != name:
+            why = f"backend {name!r} runs on {name.upper()} tensors, but x is on {device}"
+        return why
     if name == "triton":
         _load_triton()
         if _TRITON_ERROR:
@@ -91,26 +86,17 @@ def _transform_safe(fn: Callable, ref: Callable) -> Callable:
     return call
 
 
-def _implementation(name: str) -> Callable:
+def _implementations(name: str) -> Tuple[Callable, Callable]:
+    """(combine, combine_rows) of backend `name`; the pure-PyTorch reference under transforms."""
+    refs = (reference.stage_combine, reference.stage_combine_rows)
     if name == "reference":
-        return reference.stage_combine
-    if name in ("cpu", "cuda"):
-        return _transform_safe(ops.stage_combine, reference.stage_combine)
+        return refs
     if name == "triton":
         _load_triton()
-        return _transform_safe(_triton_combine, reference.stage_combine)
-    raise AssertionError(name)
-
-
-def _rows_implementation(name: str) -> Callable:
-    if name == "reference":
-        return reference.stage_combine_rows
-    if name in ("cpu", "cuda"):
-        return _transform_safe(ops.stage_combine_rows, reference.stage_combine_rows)
-    if name == "triton":
-        _load_triton()
-        return _transform_safe(_triton_combine_rows, reference.stage_combine_rows)
-    raise AssertionError(name)
+        fns = (_triton_combine, _triton_combine_rows)
+    else:  # cpu, cuda: the compiled operators (one dispatch, by the tensors' device)
+        fns = (ops.stage_combine, ops.stage_combine_rows)
+    return _transform_safe(fns[0], refs[0]), _transform_safe(fns[1], refs[1])
 
 
 def chained(fn: Callable) -> Callable:
@@ -169,19 +155,53 @@ def _pick(backend: str, device: torch.device) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """(name, combine function) for the requested backend on `device`; raises if unavailable.
-    The function takes any number of terms (see `chained`)."""
+@dataclass(frozen=True)
+class Backend:
+    """The stage arithmetic of one solve, any number of terms: `combine` (float coefficients, the
+    fast path) and `combine_rows` (per-row tensor coefficients, for time tensors) of one
+    implementation. `weighted` and `scaled` are where a float step size and a tensor one part."""
+
+    name: str
+    combine: Callable
+    combine_rows: Optional[Callable] = None
+
+    def weighted(self, base, terms, weights, h, out_dtype, state_dtype):
+        """base + h sum_j w_j terms_j. A float h folds into the coefficients (one fused call); a
+        tensor h (shared, or (B,) per row) gives per-row coefficients [1, h w_0, ...] computed in
+        float64 and rounded once to the state dtype, as the float path rounds h * w once."""
+        if not isinstance(h, torch.Tensor):
+            return self.combine(base, terms, [h * w for w in weights], 1.0, out_dtype)
+        h = h.reshape(-1)
+        rows = torch.stack([torch.ones_like(h)] + [h * w for w in weights], 1).to(state_dtype)
+        return self.combine_rows(base, terms, rows, out_dtype)
+
+    def scaled(self, base, terms, weights, alpha, h, out_dtype, state_dtype):
+        """(h (alpha base + sum_j w_j terms_j), and on a tensor h the unscaled sum e (state
+        dtype), which time gradients read; None on a float h, folded into the coefficients)."""
+        if not isinstance(h, torch.Tensor):
+            return self.combine(base, terms, [h * w for w in weights], h * alpha, out_dtype), None
+        e = self.combine(base, terms, weights, alpha, state_dtype)
+        return self.combine_rows(e, [], h.reshape(-1, 1).to(state_dtype), out_dtype), e
+
+
+def select(backend: str, device: torch.device) -> Backend:
+    """The requested backend on `device`; raises if unavailable."""
     name = _pick(backend, device)
-    return name, chained(_implementation(name))
+    combine, combine_rows = _implementations(name)
+    return Backend(name, chained(combine), chained_rows(combine_rows))
+
+
+def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """(name, combine function) for the requested backend on `device` (see `select`)."""
+    chosen = select(backend, device)
+    return chosen.name, chosen.combine
 
 
 def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
     """(name, fn) with fn(base, terms, coeffs, out_dtype=None) the per-row combination
-    (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend on `device`; the same
-    selection and reasons as `resolve`, any number of terms."""
-    name = _pick(backend, device)
-    return name, chained_rows(_rows_implementation(name))
+    (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend (see `select`)."""
+    chosen = select(backend, device)
+    return chosen.name, chosen.combine_rows
 
 
 def status() -> Dict[str, Optional[str]]:

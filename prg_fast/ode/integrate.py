@@ -1,13 +1,11 @@
-"""The one integration loop behind reverse, generate and odeint, for every tableau and backend.
+"""The one stage loop behind reverse, generate and odeint, for every tableau and backend.
 
-A `Problem` holds everything fixed for a solve; `solve` runs it with plain autograd (or under
-no_grad), `prg_fast.ode.adjoint.AdjointSolve` runs it without a graph and differentiates it exactly.
-All stage arithmetic goes through `problem.combine` (a fused kernel, or the reference).
-
-Times are plain floats (`grid`) unless a time argument is a tensor that requires grad or holds one
-time per sample; then `times` holds the grid as a float64 tensor, (P,) shared or (P, B) per sample,
-the step size h is a tensor and the stage arithmetic goes through `problem.combine_rows` (per-row
-coefficients [1, h a_ij ...], differentiable w.r.t. h). The float path is unchanged by this.
+A `Problem` holds everything fixed for a solve (built once by prg_fast.ode.run); `step_at` gives a
+step's times (stage times computed once per step), `stages` runs its stages, `run` the whole loop.
+`solve` runs it with plain autograd (or under no_grad); the adjoints run it without a graph. The
+stage arithmetic goes through `problem.backend` (prg_fast.ode.backends.Backend), which hides
+whether the step size is a float (the fast path) or a tensor (time tensors: `times` holds the
+grid, (P,) shared or (P, B) per sample).
 """
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .backends import Backend
 from .solvers import ButcherTableau
 
 
@@ -31,8 +30,7 @@ class Problem:
     batch_time: bool = True  # t passed as shape (B,) (reverse/generate) or 0-dim (odeint)
     check_finite: bool = False
     params: Sequence[torch.Tensor] = field(default_factory=list)
-    # Time as a tensor: float64 grid (P,) or (P, B) (then `grid` holds its values, sample 0's for
-    # a per-sample grid, for messages) and the per-row combination of the same backend.
+    # time tensors: the float64 grid (P,) or (P, B) (`grid` then holds sample 0's values)
     times: Optional[torch.Tensor] = None
     combine_rows: Optional[Callable] = None
     # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b (the
@@ -40,14 +38,22 @@ class Problem:
     out_rows: Optional[List[List[int]]] = None
     # One time tensor per (float time, batch, device), built once per solve rather than per evaluation.
     time_cache: dict = field(default_factory=dict, repr=False, compare=False)
-    # Buffers the velocity writes while it runs (prg_fast.ode.module_state.ModuleState), found by
-    # the adjoints' first evaluation; None when it writes none (or no adjoint runs).
+    # the buffers of the modules the velocity reaches (module_state.ModuleState; None: no adjoint)
     module_state: Optional[object] = field(default=None, repr=False, compare=False)
     # torchdiffeq's perturb option (float grids): stages at a grid point read a time one
     # floating-point step inside their step (see stage_time)
     perturb: bool = False
     # The modules the velocity reaches (prg_fast.ode.reach), for their train/eval flags.
     modules: Sequence[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
+    # found on the adjoints' first evaluation (prg_fast.ode.run.discover): a reentrant checkpoint in
+    # the velocity's graph (the VJPs then go through torch.autograd.backward: prg_fast.ode.vjp), and
+    # parametrized tensors cached around the solve, which the reruns read (parametrize_cache)
+    reentrant: bool = False
+    shared_parametrizations: Optional[object] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        # the stage arithmetic (prg_fast.ode.backends.Backend): where float and tensor steps part
+        self.backend = Backend("given", self.combine, self.combine_rows)
 
     @property
     def steps(self) -> int:
@@ -61,7 +67,7 @@ class Problem:
         """Grid point n: a float, or a tensor (0-dim shared, (B,) per sample) in tensor mode."""
         return self.grid[n] if self.times is None else self.times[n]
 
-    def stage_time(self, t, h, i: int, end=None):
+    def stage_time(self, t, h, i: int, end):
         """The time stage i of the step from t of size h (ending at the grid point `end`) reads:
         t + c_i h. With `perturb` (torchdiffeq's option for forcing that jumps at grid points; float
         grids only) a stage on a grid point reads one floating-point step inside its own step: c_i = 0
@@ -69,12 +75,30 @@ class Problem:
         it) towards the start, so a jump at the grid point is seen from the right side."""
         c = self.tableau.c[i]
         if self.perturb and c in (0.0, 1.0):
-            end = t + h if end is None else end
             # one step of the dtype the network reads its time in (a float64 step vanishes in float32)
             at, towards = (t, end) if c == 0.0 else (end, t)
             dt = self.state_dtype
             return torch.nextafter(torch.tensor(at, dtype=dt), torch.tensor(towards, dtype=dt)).item()
         return t + c * h
+
+    def step_at(self, n: int):
+        """(t, h, stage times) of step n: its start, its size and the time each stage reads, computed
+        once per step (the forward, the adjoint's backward and first evaluation all read these)."""
+        t, end = self.point(n), self.point(n + 1)
+        h = end - t
+        return t, h, self.stage_times(t, h, end)
+
+    def stage_times(self, t, h, end) -> list:
+        return [self.stage_time(t, h, i, end) for i in range(self.tableau.stages)]
+
+    def stages(self, x: torch.Tensor, h, taus: Sequence, evaluate: Callable) -> List[torch.Tensor]:
+        """The one stage loop: k_i = evaluate(i, tau_i, X_i) with X_i = x + h sum_{j<i} a_ij k_j.
+        Every solve runs its stages through here (the forward, the store="steps" backward, the
+        reversible scheme's base step); what an evaluation is, is the caller's `evaluate`."""
+        ks: List[torch.Tensor] = []
+        for i, tau in enumerate(taus):
+            ks.append(evaluate(i, tau, self.stage_input(x, ks, i, h)))
+        return ks
 
     def time(self, t, x: torch.Tensor) -> torch.Tensor:
         if isinstance(t, torch.Tensor):
@@ -97,14 +121,6 @@ class Problem:
             value = torch.full((), t, dtype=self.state_dtype, device=x.device)
         self.time_cache[key] = value
         return value
-
-    def coeff_rows(self, h: torch.Tensor, weights: Sequence[float], alpha: float = 1.0) -> torch.Tensor:
-        """Per-row coefficients [alpha, h w_0, h w_1, ...] for combine_rows: (1, 1+n) for a shared
-        step, (B, 1+n) per sample. Computed in float64 from the float64 times and rounded once to
-        the state dtype, as the float path rounds h * w once."""
-        h = h.reshape(-1)
-        cols = [torch.full_like(h, alpha)] + [h * w for w in weights]
-        return torch.stack(cols, 1).to(self.state_dtype)
 
     def row_dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """<a, b> per sample ((B,), float64) on a per-sample grid, else over everything (0-dim)."""
@@ -177,26 +193,17 @@ class Problem:
 
     def stage_input(self, x: torch.Tensor, ks: List[torch.Tensor], i: int, h) -> torch.Tensor:
         """X_i = x + h * sum_{j<i} a_ij k_j, written in the network's dtype (h a float, or a tensor)."""
-        row = self.tableau.a[i]
-        terms = [ks[j] for j in range(i) if row[j] != 0.0]
-        if isinstance(h, torch.Tensor):
-            if not terms and x.dtype == self.net_dtype:
-                return x
-            rows = self.coeff_rows(h, [row[j] for j in range(i) if row[j] != 0.0])
-            return self.combine_rows(x, terms, rows, self.net_dtype)
-        coeffs = [h * row[j] for j in range(i) if row[j] != 0.0]
-        if not terms and x.dtype == self.net_dtype:
+        used = [j for j, a in enumerate(self.tableau.a[i]) if a != 0.0]
+        if not used and x.dtype == self.net_dtype:
             return x
-        return self.combine(x, terms, coeffs, 1.0, self.net_dtype)
+        return self.backend.weighted(x, [ks[j] for j in used], [self.tableau.a[i][j] for j in used], h,
+                                     self.net_dtype, self.state_dtype)
 
     def step_output(self, x: torch.Tensor, ks: List[torch.Tensor], h) -> torch.Tensor:
         """x + h * sum_i b_i k_i, in the state dtype (h a float, or a tensor)."""
-        b = self.tableau.b
-        terms = [k for k, bi in zip(ks, b) if bi != 0.0]
-        if isinstance(h, torch.Tensor):
-            return self.combine_rows(x, terms, self.coeff_rows(h, [bi for bi in b if bi != 0.0]), self.state_dtype)
-        coeffs = [h * bi for bi in b if bi != 0.0]
-        return self.combine(x, terms, coeffs, 1.0, self.state_dtype)
+        used = [i for i, b in enumerate(self.tableau.b) if b != 0.0]
+        return self.backend.weighted(x, [ks[i] for i in used], [self.tableau.b[i] for i in used], h,
+                                     self.state_dtype, self.state_dtype)
 
     def check(self, x: torch.Tensor, n: int) -> None:
         if self.check_finite and not bool(torch.isfinite(x).all()):
@@ -210,33 +217,25 @@ class Problem:
                 f"{where} (check_finite=True)"
             )
 
-    def run(self, x: torch.Tensor, stage_inputs: Optional[list] = None, rng: Optional[list] = None,
-            states: Optional[list] = None, evaluator: Optional[Callable] = None) -> List[torch.Tensor]:
+    def run(self, x: torch.Tensor, stage_inputs: Optional[list] = None, states: Optional[list] = None,
+            evaluator: Optional[Callable] = None) -> List[torch.Tensor]:
         """States at out_index. With `stage_inputs` (a list) every network input is appended to
-        it, step-major; with `rng` the random state before every evaluation is appended too, so the
-        adjoint can replay dropout exactly; with `states` the state at the start of every step.
+        it, step-major; with `states` the state at the start of every step.
         `evaluator(problem, n, i, t, xi)`, when given, runs evaluation (n, i) instead of
         self.evaluate (the adjoint's strategies keep some graphs, reuse a first evaluation)."""
         want = self.output_points()
         saved = {0: x} if 0 in want else {}
-        tab = self.tableau
         for n in range(self.steps):
-            t = self.point(n)
-            h = self.point(n + 1) - t
+            t, h, taus = self.step_at(n)
             if states is not None:
                 states.append(x)
-            ks: List[torch.Tensor] = []
-            for i in range(tab.stages):
-                xi = self.stage_input(x, ks, i, h)
+
+            def evaluate(i: int, tau, xi: torch.Tensor, n: int = n) -> torch.Tensor:
                 if stage_inputs is not None:
                     stage_inputs.append(xi)
-                if rng is not None:
-                    rng.append(capture_rng(x.device))
-                if evaluator is None:
-                    ks.append(self.evaluate(self.stage_time(t, h, i, self.point(n + 1)), xi))
-                else:
-                    ks.append(evaluator(self, n, i, self.stage_time(t, h, i, self.point(n + 1)), xi))
-            x = self.step_output(x, ks, h)
+                return self.evaluate(tau, xi) if evaluator is None else evaluator(self, n, i, tau, xi)
+
+            x = self.step_output(x, self.stages(x, h, taus, evaluate), h)
             self.check(x, n)
             if n + 1 in want:
                 saved[n + 1] = x
@@ -249,27 +248,6 @@ def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
     if q.dtype in (torch.float64, torch.complex64, torch.complex128):
         return q.dtype
     return torch.float32
-
-
-def param_versions(params: Sequence[torch.Tensor]) -> List[int]:
-    return [q._version for q in params]
-
-
-def check_param_versions(params: Sequence[torch.Tensor], versions: Sequence[int], grads: Sequence) -> None:
-    """The adjoints rerun the network from its tensors as they are at the backward; one modified in
-    place since the forward (optimizer.step() before backward, an in-place update) gives the
-    gradient of another network. Plain backprop raises for this (its saved tensors' versions); so
-    do the adjoints -- for the tensors the reruns actually read (a gradient came back), so an
-    unrelated model that the velocity's object also holds may be stepped meanwhile."""
-    for i, (q, v, g) in enumerate(zip(params, versions, grads)):
-        if q._version != v and g is not None:
-            raise RuntimeError(
-                f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
-                f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
-                f"(version {v} -> {q._version}): the adjoint recomputes the network from its current tensors, so "
-                "its gradient would not be the forward's. Call backward before changing the parameters (e.g. "
-                "before optimizer.step()), or use adjoint=False"
-            )
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
@@ -296,31 +274,6 @@ def autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
     return True, torch.get_autocast_dtype(device_type)
 
 
-def capture_rng(device: torch.device):
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda_state
-
-
-class restore_rng:
-    """Run a block with the random state captured by `capture_rng`, then put the caller's back."""
-
-    def __init__(self, state, device: torch.device):
-        self.state, self.device = state, device
-
-    def __enter__(self):
-        devices = [self.device] if self.device.type == "cuda" else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        cpu_state, cuda_state = self.state
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, self.device)
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
-
-
 def solve(problem: Problem, x: torch.Tensor, evaluator: Optional[Callable] = None) -> torch.Tensor:
-    """Plain solve: ordinary autograd through the loop (or none, under no_grad). Returns the
-    states at problem.out_index stacked on dim 0."""
+    """The states at problem.out_index stacked on dim 0, by ordinary autograd (or under no_grad)."""
     return torch.stack(problem.run(x.to(problem.state_dtype), evaluator=evaluator))

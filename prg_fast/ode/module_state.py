@@ -6,12 +6,11 @@ evaluation once, so the state moves K*s times and each evaluation reads the stat
 left. An adjoint runs evaluations *again* in the backward; left alone, every rerun would move the
 state once more (BatchNorm's momentum applied twice, its statistics weighted towards early times)
 and would read a state the forward had already moved on (spectral_norm's recomputed weight is not
-the one the forward used, so the gradient is not the forward's). torch.utils.checkpoint documents
-the same caveat and leaves it to the user; here the adjoints handle it:
+the one the forward used, so the gradient is not the forward's). Here the adjoints handle it
+(through prg_fast.ode.replay):
 
-- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach: the model
-  itself, modules inside wrappers, closures, functools.partial, bound methods, callable objects, and
-  the globals a function or a module's forward names). A state held elsewhere is not seen.
+- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach). A state
+  held elsewhere is not seen.
 - Which of them are written: the solve's first evaluation tells, by identity, version counter and
   value (BatchNorm's kernel writes `running_mean`/`running_var` without bumping their version, and
   so does a write through `.data`). A module with one written buffer has all its buffers treated as
@@ -24,10 +23,9 @@ the same caveat and leaves it to the user; here the adjoints handle it:
   written buffers. The backward loads the copy before rerunning that evaluation, and when it is done
   it puts every written buffer back to what it held when the backward began. Loads do not bump the
   buffers' version counters (as BatchNorm's own writes do not), so graphs kept by memory_budget that
-  saved a buffer stay usable. The forward's updates therefore happen exactly as in plain backprop,
-  and the backward changes no state, as in plain backprop. Cost: one copy of the written buffers per
-  evaluation (BatchNorm: 2 floats per channel and a counter per layer), none for a network that
-  writes none.
+  saved a buffer stay usable. The forward's updates happen exactly as in plain backprop and the
+  backward changes no state. Cost: one copy of the written buffers per evaluation, none for a
+  network that writes none.
 """
 from __future__ import annotations
 
@@ -129,13 +127,17 @@ class ModuleState:
         with torch.no_grad():
             return [None if b is None else b.clone() for b in values]
 
-    def load(self, snap: list) -> None:
+    def load(self, snap: list, keep: Sequence[torch.nn.Module] = ()) -> None:
         """Put the written buffers back to `snap`: in place when the module still holds a tensor of
         the same kind (so other references see it), through .data so the version counter does not
-        move (a kept graph that saved the buffer stays valid); else by assignment."""
+        move (a kept graph that saved the buffer stays valid); else by assignment. The buffers of
+        the modules in `keep` are left as they are."""
+        kept = {id(m) for m in keep}
         with torch.no_grad():
             for j, value in zip(self.written, snap):
                 module, name = self.slots[j]
+                if id(module) in kept:
+                    continue
                 cur = getattr(module, name, None)
                 if value is None:
                     setattr(module, name, None)
@@ -160,11 +162,6 @@ class ModuleState:
             "evaluation writes, so it cannot reproduce this one: use adjoint=False, or memory_budget=float('inf') "
             "with a single backward (nothing is rerun), or update that buffer on every call"
         )
-
-    def check_untracked(self) -> None:
-        why = self.untracked()
-        if why is not None:
-            raise RuntimeError(why)
 
 
 @contextmanager

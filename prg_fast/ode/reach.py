@@ -1,12 +1,14 @@
-"""What a velocity can reach: the modules and the leaf tensors requiring grad it holds.
+"""What a velocity reads: everything requiring grad that the adjoint must differentiate, and the
+modules whose buffers it may write. Three sources, merged in order (collect_params,
+discover_params): the model's own parameters; what the callable reaches (`reachable`: modules,
+leaf tensors, for what it may read only after its first evaluation); and what its first
+evaluation's graph actually reads (graph discovery). Then the computed-input check: a tensor
+computed from another input of the solve is not differentiated twice (check_computed_inputs).
 
-The adjoints must know everything a velocity reads that requires grad (to return its gradient) and
-every buffer it may write (prg_fast.ode.module_state). Graph discovery (api._discover_params) sees
-what the *first* evaluation reads; a velocity may read more later -- an expert chosen by time, a
-tensor used only for t >= 1/2 -- so the callable itself is searched as well, the way cloudpickle
-finds what a function needs: an nn.Module and its submodules (with what user-written modules hold as
-plain attributes, and the globals their forward names),
-what functools.partial, bound methods, closures and callable objects hold, the globals a function
+Why search: a velocity may read more after its first evaluation (an expert chosen by time), so
+the callable is searched the way cloudpickle finds what a function needs: an nn.Module and its
+submodules (with what user-written modules hold as plain attributes, and the globals their forward
+names), what functools.partial, bound methods, closures and callable objects hold, the globals a function
 names, defaults, and the items of small containers. Depth and container sizes are bounded, so a
 velocity that closes over a dataset or a trainer costs a bounded walk, not a scan of everything.
 """
@@ -16,7 +18,7 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -38,88 +40,195 @@ def _global_names(code: types.CodeType) -> List[str]:
     return names
 
 
-def reachable(obj) -> Reach:
-    out = Reach()
-    seen: set = set()
-    seen_classes: set = set()
-    modules: dict = {}
+def _globals_of(fn: types.FunctionType) -> list:
+    g = fn.__globals__
+    return [g[name] for name in _global_names(fn.__code__) if name in g]
 
-    def visit(o, depth: int) -> None:
-        if o is None or depth > MAX_DEPTH or id(o) in seen:
+
+def _cells_of(fn: types.FunctionType) -> list:
+    out = []
+    for cell in fn.__closure__ or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return out
+
+
+def _held(o) -> list:
+    """What a non-module object holds that calling it may read."""
+    if isinstance(o, functools.partial):
+        return [o.func, *o.args, *o.keywords.values()]
+    if inspect.ismethod(o):
+        return [o.__self__, o.__func__]
+    if isinstance(o, types.FunctionType):
+        return _cells_of(o) + _globals_of(o) + list(o.__defaults__ or ()) + [getattr(o, "__wrapped__", None)]
+    if isinstance(o, (list, tuple, set, frozenset)):
+        return list(o) if len(o) <= MAX_ITEMS else []
+    if isinstance(o, dict):
+        return list(o.values()) if len(o) <= MAX_ITEMS else []
+    # a callable object (or any object) that is not a module: what it holds
+    attrs = getattr(o, "__dict__", None)
+    return list(attrs.values()) if isinstance(attrs, dict) and len(attrs) <= MAX_ITEMS else []
+
+
+class _Search:
+    def __init__(self):
+        self.out = Reach()
+        self.seen: set = set()
+        self.seen_classes: set = set()
+        self.modules: dict = {}
+
+    def visit(self, o, depth: int) -> None:
+        if o is None or depth > MAX_DEPTH or id(o) in self.seen:
             return
-        seen.add(id(o))
+        self.seen.add(id(o))
         if isinstance(o, torch.nn.Module):
-            for m in o.modules():
-                if id(m) in modules:
-                    continue
-                modules[id(m)] = m
-                cls = type(m)
-                if cls.__module__.startswith("torch."):
-                    continue  # PyTorch's own modules hold nothing else that matters here
-                # what a user-written module holds besides submodules (a function or a network
-                # kept as a plain attribute: time_reversed(lambda ...)), and what its forward names
-                for key, a in vars(m).items():
-                    if not key.startswith("_") and not isinstance(a, (bool, int, float, str)):
-                        visit(a, depth + 1)
-                if cls not in seen_classes:
-                    seen_classes.add(cls)
-                    forward = getattr(cls, "forward", None)
-                    if isinstance(forward, types.FunctionType):
-                        visit_function_globals(forward, depth + 1)
-            return
-        if isinstance(o, torch.Tensor):
+            self.visit_module(o, depth)
+        elif isinstance(o, torch.Tensor):
             # leaves only: a non-leaf (W = A @ B, a loss kept from an earlier step) made an input
             # would be differentiated through its own graph as well as by the solve, and may belong
             # to a graph long freed; graph discovery makes one that the velocity reads an error
             if o.requires_grad and o.is_leaf:
-                out.tensors.append(o)
-            return
-        if isinstance(o, (types.ModuleType, type, str, bytes, int, float, bool, complex)):
-            return
-        if isinstance(o, functools.partial):
-            visit(o.func, depth + 1)
-            for a in o.args:
-                visit(a, depth + 1)
-            for a in o.keywords.values():
-                visit(a, depth + 1)
-            return
-        if inspect.ismethod(o):
-            visit(o.__self__, depth + 1)
-            visit(o.__func__, depth + 1)
-            return
-        if isinstance(o, types.FunctionType):
-            for cell in o.__closure__ or ():
-                try:
-                    visit(cell.cell_contents, depth + 1)
-                except ValueError:  # an empty cell
-                    pass
-            visit_function_globals(o, depth + 1)
-            for d in o.__defaults__ or ():
-                visit(d, depth + 1)
-            visit(getattr(o, "__wrapped__", None), depth + 1)
-            return
-        if isinstance(o, (list, tuple, set, frozenset)):
-            if len(o) <= MAX_ITEMS:
-                for a in o:
-                    visit(a, depth + 1)
-            return
-        if isinstance(o, dict):
-            if len(o) <= MAX_ITEMS:
-                for a in o.values():
-                    visit(a, depth + 1)
-            return
-        # a callable object (or any object) that is not a module: what it holds
-        attrs = getattr(o, "__dict__", None)
-        if isinstance(attrs, dict) and len(attrs) <= MAX_ITEMS:
-            for a in list(attrs.values()):
-                visit(a, depth + 1)
+                self.out.tensors.append(o)
+        elif not isinstance(o, (types.ModuleType, type, str, bytes, int, float, bool, complex)):
+            for a in _held(o):
+                self.visit(a, depth + 1)
 
-    def visit_function_globals(fn: types.FunctionType, depth: int) -> None:
-        g = fn.__globals__
-        for name in _global_names(fn.__code__):
-            if name in g:
-                visit(g[name], depth)
+    def visit_module(self, o: torch.nn.Module, depth: int) -> None:
+        for m in o.modules():
+            if id(m) in self.modules:
+                continue
+            self.modules[id(m)] = m
+            cls = type(m)
+            if cls.__module__.startswith("torch."):
+                continue  # PyTorch's own modules hold nothing else that matters here
+            # what a user-written module holds besides submodules (a function or a network
+            # kept as a plain attribute: time_reversed(lambda ...)), and what its forward names
+            for key, a in vars(m).items():
+                if not key.startswith("_") and not isinstance(a, (bool, int, float, str)):
+                    self.visit(a, depth + 1)
+            if cls not in self.seen_classes:
+                self.seen_classes.add(cls)
+                forward = getattr(cls, "forward", None)
+                if isinstance(forward, types.FunctionType):
+                    for a in _globals_of(forward):
+                        self.visit(a, depth + 1)
 
-    visit(obj, 0)
-    out.modules = list(modules.values())
-    return out
+
+def reachable(obj) -> Reach:
+    search = _Search()
+    search.visit(obj, 0)
+    search.out.modules = list(search.modules.values())
+    return search.out
+
+
+def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List[torch.Tensor]:
+    """The model's parameters, then those of every module and every leaf tensor requiring grad the
+    model reaches (prg_fast.ode.reach: what it may read after its first evaluation, which graph
+    discovery cannot see), then adjoint_params."""
+    params: List[torch.Tensor] = []
+    seen: set = set()
+
+    def add(p: torch.Tensor) -> None:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            add(p)
+    if reach is not None:
+        for m in reach.modules:
+            for p in m.parameters(recurse=False):
+                add(p)
+        for p in reach.tensors:
+            add(p)
+    if adjoint_params is not None:
+        for p in adjoint_params:  # checked by prg_fast.ode.description.describe
+            add(p)
+    return params
+
+
+def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None) -> List[torch.Tensor]:
+    """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
+    module parameters, tensors closed over by a plain function, modules inside wrappers such as
+    time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
+    but reads only later is in `params` already: collect_params adds what prg_fast.ode.reach finds.)
+
+    `first`, the solve's first evaluation, is run with a graph (strategies.first_evaluation, under the
+    caller's random state; the solve then reuses its output, so discovery costs no extra network
+    evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
+    requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
+    a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
+    error that says to pass it as adjoint_params (then the walk stops at its node, and
+    check_computed_inputs refuses it if its graph reaches another input)."""
+    found = list(params)
+    found_ids = {id(p) for p in found}
+    if first is None or first.k is None or not first.k.requires_grad:
+        return found
+    known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
+    seen, stack = set(), [first.k.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in known_nodes:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:  # AccumulateGrad: a leaf that requires grad
+            if direct is not None:
+                direct.add(id(leaf))  # read by the first evaluation itself, not through a computed input
+            if leaf is not first.leaf and id(leaf) not in found_ids:
+                found.append(leaf)
+                found_ids.add(id(leaf))
+            continue
+        # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
+        # region; it saves no tensors, so walking through it once per evaluation is exact.
+        if node._sequence_nr() < first.sequence_nr and node.name() != "ToCopyBackward0":
+            raise ValueError(
+                f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
+                "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
+                "(or compute it inside the model, or use adjoint=False)"
+            )
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set) -> List[torch.Tensor]:
+    """A tensor computed from others (adjoint_params=[W], W = A @ B) is differentiated by the solve
+    and then, through its own graph, by autograd. If that graph reaches another input A of the
+    solve, the solve's VJP for A would run through W too and A would be counted twice. When A was
+    only found implicitly (a parameter of the model, reached by the search) and the first
+    evaluation does not read it directly -- MAML-style fast weights `p - lr * g` through
+    functional_call, a hypernetwork's output -- A is dropped from the solve's inputs: its gradient
+    arrives through W's graph, as in plain backprop. Otherwise (A passed explicitly, or read
+    directly as well) it is refused, rather than silently doubled. Returns the inputs to keep."""
+    computed = [(i, p) for i, p in enumerate(params) if p.grad_fn is not None]
+    if not computed:
+        return params
+    leaves = {id(p): i for i, p in enumerate(params) if p.grad_fn is None}
+    nodes = {p.grad_fn: i for i, p in computed}
+    drop: set = set()
+    for i, p in computed:
+        seen, stack = set(), [fn for fn, _ in p.grad_fn.next_functions]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            j = leaves.get(id(var)) if var is not None else nodes.get(node)
+            if j is not None:
+                a = params[j]
+                if id(a) in explicit or id(a) in direct or a.grad_fn is not None:
+                    raise ValueError(
+                        f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed "
+                        f"from its input {j} (shape {tuple(a.shape)}), which the solve also differentiates directly: "
+                        "its gradient would be counted twice. Compute the tensor inside the model from what it is "
+                        "made of, or use adjoint=False"
+                    )
+                drop.add(j)
+                continue
+            if var is None:
+                stack.extend(fn for fn, _ in node.next_functions)
+    return [p for j, p in enumerate(params) if j not in drop]

@@ -8,30 +8,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from prg_fast.kernels.op_rules import accumulate_dtype  # noqa: F401  (re-exported: the dtype rule every backend follows)
+
 from .solvers import get_tableau
 
 
-def accumulate_dtype(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    out_dtype: Optional[torch.dtype],
-    coeffs: Optional[torch.Tensor] = None,
-) -> torch.dtype:
-    """float64 when anything involved (base, terms, out_dtype, per-row coeffs) is float64, else
-    float32 (also for bf16/fp16 inputs). The one statement of the rule every backend follows."""
-    dtypes = [base.dtype, base.dtype if out_dtype is None else out_dtype] + [t.dtype for t in terms]
-    if coeffs is not None:
-        dtypes.append(coeffs.dtype)
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def stage_combine(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    coeffs: Sequence[float],
-    alpha: float = 1.0,
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
+def stage_combine(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: Sequence[float], alpha: float = 1.0,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """alpha * base + sum_j coeffs[j] * terms[j], accumulated in float32/float64, cast to out_dtype."""
     out_dtype = base.dtype if out_dtype is None else out_dtype
     acc = accumulate_dtype(base, terms, out_dtype)
@@ -41,12 +24,8 @@ def stage_combine(
     return out.to(out_dtype)
 
 
-def stage_combine_rows(
-    base: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    coeffs: torch.Tensor,
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
+def stage_combine_rows(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: torch.Tensor,
+                       out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Per-row coefficients: out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j + 1] * terms[j][b]
     with r = b, or r = 0 when coeffs has one row. Accumulated in float64 when base, the terms,
     out_dtype or coeffs is float64, else float32; cast to out_dtype (default base.dtype)."""

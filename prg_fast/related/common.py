@@ -13,10 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..training.pretrain import build_model, load_checkpoint
-from ..training.runs import CheckpointError, check_int, check_number
+from ..training.checkpoints import build_model, check_data_fits, load_checkpoint
+from ..training.evaluate import map_batches
+from ..training.rundir import CheckpointError, checkpoint_file
+from ..training.runs import check_int, check_number
 
-# CheckpointError is the one of training.runs, named here too for the related systems' users
+# CheckpointError is the one of training.rundir, named here too for the related systems' users
 __all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "encode", "pretrain_info",
            "CheckpointError"]
 
@@ -167,32 +169,18 @@ def load_flow(checkpoint: str, data, *, raw_weights: bool = False) -> Tuple[Dict
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ValueError(f"checkpoint must be the path of a pretraining run directory, got {checkpoint!r}")
     ckpt = load_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError with a clear message
-    flow = build_model(ckpt, ema=not raw_weights).requires_grad_(False).eval()
-    c, h, w = data.shape
-    if (c, h, w) != (ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"]):
-        raise CheckpointError(f"{checkpoint} was pretrained on {ckpt['in_channels']}x{ckpt['image_size']}x"
-                              f"{ckpt['image_size']} images ({ckpt['data']}), but {data.spec} has {c}x{h}x{w} images")
-    return ckpt, flow
+    check_data_fits(data, ckpt, checkpoint_file(checkpoint), "was pretrained on")
+    return ckpt, build_model(ckpt, ema=not raw_weights).requires_grad_(False).eval()
 
 
 # -------------------------------------------------------------------------------------------------
 # evaluation helpers
 
 
-@torch.no_grad()
 def encode(encoder: nn.Module, data, *, batch_size: int = 256, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, D) of every image of `data` (no augmentation, eval mode) and labels."""
-    device = device or next(encoder.parameters()).device
-    was = encoder.training
-    encoder.eval()
-    feats = []
-    try:
-        for start in range(0, len(data), batch_size):
-            x, _ = data.batch(list(range(start, min(start + batch_size, len(data)))), augment=False, device=device)
-            feats.append(encoder(x).float().cpu())
-    finally:
-        encoder.train(was)
-    return torch.cat(feats), data.labels.clone()
+    feats = map_batches(encoder, lambda x: encoder(x).float(), data, batch_size=batch_size, device=device)
+    return feats, data.labels.clone()
 
 
 def pretrain_info(checkpoint: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:

@@ -25,14 +25,15 @@ pairs).
 
 Checkpoint format (torch.save of a dict, weights_only=True): format "prg_fast.genrep", version 1,
 step, encoder, encoder_config (ResNet(**encoder_config)), projector, optimizer, pretrain
-({checkpoint, step, path, preset, data}), data, args (GenRepConfig), rng, history, elapsed_s, top1.
+({checkpoint, step, path, preset, data}), data, args (GenRepConfig), world_size, rng (a list, one per
+rank), history, loss_first, window (the log interval in progress), elapsed_s, top1.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -40,9 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import load_data, parse_spec
-from ..training.evaluate import linear_probe
-from ..training.runs import (CheckpointError, RunDir, atomic_write, check_int, check_number, cosine_factor,
-                             merge_config, resolve_device, rng_state, seed_everything, set_rng_state)
+from ..training.evaluate import knn_accuracy, linear_probe
+from ..training.distributed import single_process
+from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
+from ..training.runs import check_int, check_number, cosine_factor, merge_config, seed_everything
+from ..training.trainer import Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, split_run_options
 from .common import ENCODERS, ViewAugment, build_encoder, encode, load_flow, pretrain_info
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
@@ -123,7 +126,7 @@ def _dequantise(q: torch.Tensor, device) -> torch.Tensor:
 
 
 @dataclass
-class GenRepConfig:
+class GenRepConfig(TrainConfig):
     """Arguments of `prg-fast genrep` (one flag per field)."""
 
     data: str = "digits"  # real data: image shape, and the linear probe's train / test splits
@@ -143,24 +146,16 @@ class GenRepConfig:
     lr: float = 1e-3  # AdamW, cosine
     weight_decay: float = 1e-4
     crop_scale: Optional[float] = None  # smallest crop area fraction (None: 0.2 for >= 32 px images, 0.5 below)
-    hflip: Optional[bool] = None  # None: the data set's default (off for digits)
     raw_weights: bool = False
     gen_batch_size: int = 256
     probe_C: Optional[float] = None  # linear-probe inverse regularisation; None: chosen by 5-fold CV on the train split
-    seed: int = 0
-    ckpt_every: int = 200
-    log_every: int = 25
     eval_batch_size: int = 256
-    device: str = "auto"
-    progress: bool = True
 
     def validate(self) -> "GenRepConfig":
-        check_int("steps", self.steps, 0)
-        for name in ("batch_size", "neighbors", "ode_steps", "proj_dim", "gen_batch_size", "ckpt_every", "log_every",
-                     "eval_batch_size"):
+        self.check_run_fields(min_steps=0)
+        for name in ("neighbors", "ode_steps", "proj_dim", "gen_batch_size"):
             check_int(name, getattr(self, name), 1)
-        for name in ("pool", "seed"):
-            check_int(name, getattr(self, name), 0)
+        check_int("pool", self.pool, 0)
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (the other pairs are the negatives), got {self.batch_size}")
         # sigma = 0 is allowed on purpose: the positive is then the anchor itself (SimCLR on generated images)
@@ -180,11 +175,7 @@ class GenRepConfig:
         from ..ode.solvers import get_tableau
 
         get_tableau(self.method)
-        if self.checkpoint is None or not isinstance(self.checkpoint, str) or not self.checkpoint:
-            raise ValueError("genrep needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
-        self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        self.checkpoint = self.pretrained_checkpoint("genrep")
         return self
 
 
@@ -202,19 +193,23 @@ class GenRepResult:
 
 def genrep(config: Optional[GenRepConfig] = None, **kwargs) -> GenRepResult:
     """Contrastive learning on generated anchor / neighbour views, then a linear probe on real data
-    (see the module doc). Call with a GenRepConfig or its fields; resumes from `out`."""
+    (see the module doc). Call with a GenRepConfig or its fields (and RunOptions' fields:
+    ckpt_minutes, force); resumes from `out`."""
+    options = split_run_options(kwargs)
     cfg = merge_config(GenRepConfig, config, kwargs)
-    return _GenRep(cfg).run()
+    return _GenRep(cfg, options).run()
 
 
-class _GenRep:
-    def __init__(self, cfg: GenRepConfig):
-        self.cfg = cfg
-        self.files = RunDir(cfg.out, GENREP_FORMAT, GENREP_VERSION, "genrep")
-        self.device = resolve_device(cfg.device, 0)
+class _GenRep(Trainer):
+    log_header = ("step", "lr", "nt_xent")
+    must_match = RESUME_MUST_MATCH
+    bar_desc = "genrep"
+
+    def __init__(self, cfg: GenRepConfig, options: RunOptions):
+        existing = self.open_run(cfg, single_process(cfg.device), options, GENREP_FORMAT, GENREP_VERSION, "genrep",
+                                 "genrep")
         self.train_data = load_data(cfg.data, "train", augment=None)
         self.test_data = load_data(cfg.data, "test", augment=None)
-        existing = self.files.load()
         self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
         self.flow = flow.to(self.device)
         c, h, w = self.train_data.shape
@@ -228,27 +223,27 @@ class _GenRep:
         self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.proj_dim)).to(self.device)
         self.opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.projector.parameters()), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
-        self.step, self.history, self.elapsed_prev, self.resumed_from = 0, [], 0.0, 0
         self.gen_time = 0.0
         self.pool: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        if existing is not None:
-            self._resume(existing)
-        else:
-            seed_everything(cfg.seed + 1)
+        self.window: List[float] = []
+        self.begin(existing, cfg.seed + 1)
 
-    def _resume(self, ckpt: Dict[str, Any]) -> None:
-        self.files.check_resume(ckpt, asdict(self.cfg), RESUME_MUST_MATCH)
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
         try:
             self.encoder.load_state_dict(ckpt["encoder"])
             self.projector.load_state_dict(ckpt["projector"])
             self.opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
-        self.step = self.resumed_from = int(ckpt["step"])
-        self.history = [list(h) for h in ckpt.get("history", [])]
-        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
-        set_rng_state(ckpt["rng"], self.device)
-        self.files.say(f"resuming from {self.files.ckpt_path} at step {self.step}")
+        history = ckpt.get("history", [])
+        self.loss_first = ckpt.get("loss_first", history[0][2] if history else None)
+        self.window = [float(v) for v in ckpt.get("window", [])]
+
+    def state(self) -> Dict[str, Any]:
+        return {"encoder": self.encoder.state_dict(), "encoder_config": dict(self.encoder.config),
+                "projector": self.projector.state_dict(), "optimizer": self.opt.state_dict(),
+                "pretrain": pretrain_info(self.cfg.checkpoint, self.pre_ckpt), "data": self.cfg.data,
+                "loss_first": self.loss_first, "window": list(self.window), "top1": None}
 
     # -- the generated pool ----------------------------------------------------------------------
     def _views_path(self) -> str:
@@ -268,11 +263,8 @@ class _GenRep:
         cfg, path, meta = self.cfg, self._views_path(), self._views_meta()
         state = None
         if os.path.isfile(path):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{path} is not readable ({type(e).__name__}); remove it to regenerate") from e
-            if not isinstance(state, dict) or state.get("format") != VIEWS_FORMAT:
+            state = read_checkpoint(path, what="genrep view pool (remove it to regenerate)")
+            if state.get("format") != VIEWS_FORMAT:
                 raise CheckpointError(f"{path} is not a genrep view pool; remove it or use a new --out")
             if state["meta"] != meta:
                 raise CheckpointError(f"{path} was generated with {state['meta']}, this run asks for {meta}; "
@@ -289,29 +281,40 @@ class _GenRep:
             bar = tqdm(total=cfg.pool, initial=done, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0,
                        desc="genrep: generating views", unit="anchor")
             last_save = time.perf_counter()
-            while done < cfg.pool:
-                n = min(chunk, cfg.pool - done)
-                t0 = time.perf_counter()
-                # latents of anchors [done, done + n) depend only on (seed, index): resumable and reproducible
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
-                z = torch.randn((n, *shape), generator=gen)
-                zn = neighbour_latents(z, cfg.sigma, cfg.neighbors, truncation=cfg.truncation, generator=gen)
-                lat = torch.cat([z[:, None], zn], dim=1).flatten(0, 1).to(self.device)
-                imgs = generate_views(self.flow, lat, steps=cfg.ode_steps, method=cfg.method)
-                imgs = _quantise(imgs).reshape(n, 1 + cfg.neighbors, *shape)
-                state["anchors"][done:done + n] = imgs[:, 0]
-                state["neighbors"][done:done + n] = imgs[:, 1:]
-                done += n
-                state["done"] = done
-                state["gen_time_s"] = float(state["gen_time_s"]) + time.perf_counter() - t0
-                bar.update(n)
-                if done == cfg.pool or time.perf_counter() - last_save > 60:
-                    os.makedirs(cfg.out, exist_ok=True)
-                    atomic_write(path, lambda f: torch.save(state, f))
-                    last_save = time.perf_counter()
+            with StopRequests(self.files.say) as stop:
+                while done < cfg.pool:
+                    n = min(chunk, cfg.pool - done)
+                    self._generate_chunk(state, done, n)
+                    done += n
+                    bar.update(n)
+                    if done == cfg.pool or time.perf_counter() - last_save > 60 or stop.signum is not None:
+                        atomic_write(path, lambda f: torch.save(state, f))
+                        # metrics.json says whose folder this is before the first checkpoint
+                        self.files.write_json("metrics.json", {"command": "genrep", "status": "generating views",
+                                                               "views_done": done, "pool": cfg.pool})
+                        last_save = time.perf_counter()
+                    if stop.signum is not None:
+                        bar.close()
+                        raise Interrupted("genrep", stop.signum, 0, path)
             bar.close()
         self.gen_time = float(state["gen_time_s"])
         self.pool = (state["anchors"], state["neighbors"])
+
+    def _generate_chunk(self, state: Dict[str, Any], done: int, n: int) -> None:
+        """Anchors [done, done + n) of the pool and their neighbours, into `state`. Their latents
+        depend only on (seed, index): resumable and reproducible."""
+        cfg, shape = self.cfg, self.train_data.shape
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)
+        z = torch.randn((n, *shape), generator=gen)
+        zn = neighbour_latents(z, cfg.sigma, cfg.neighbors, truncation=cfg.truncation, generator=gen)
+        lat = torch.cat([z[:, None], zn], dim=1).flatten(0, 1).to(self.device)
+        imgs = generate_views(self.flow, lat, steps=cfg.ode_steps, method=cfg.method)
+        imgs = _quantise(imgs).reshape(n, 1 + cfg.neighbors, *shape)
+        state["anchors"][done:done + n] = imgs[:, 0]
+        state["neighbors"][done:done + n] = imgs[:, 1:]
+        state["done"] = done + n
+        state["gen_time_s"] = float(state["gen_time_s"]) + time.perf_counter() - t0
 
     def _pairs(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """B (anchor, neighbour) image pairs for `step`."""
@@ -341,80 +344,46 @@ class _GenRep:
         atomic_write(os.path.join(self.cfg.out, "views.png"),
                       lambda f: save_image_grid(_dequantise(rows, "cpu"), f, nrow=1 + k))
 
-    # -- the loop ---------------------------------------------------------------------------------
+    # -- the skeleton's step ------------------------------------------------------------------
     def run(self) -> GenRepResult:
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        os.makedirs(cfg.out, exist_ok=True)
         self.t_run = time.perf_counter()
-        if cfg.pool > 0 and cfg.steps > 0:
+        if self.cfg.pool > 0 and self.cfg.steps > 0:
             self._load_or_generate_pool()
             self._save_examples()
-        start_step, t_start = self.step, time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0,
-                   desc="genrep", unit="step")
         self.encoder.train()
-        window: List[float] = []
-        warmup = int(0.05 * cfg.steps)
-        while self.step < cfg.steps:
-            step = self.step
-            lr = cfg.lr * cosine_factor(step, cfg.steps, warmup)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            a, p = self._pairs(step)
-            v = torch.cat([self.augment(a), self.augment(p)])
-            z = self.projector(self.encoder(v))
-            loss = nt_xent_loss(z[:cfg.batch_size], z[cfg.batch_size:], cfg.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite NT-Xent loss at step {step}; lower --lr (now {cfg.lr:g})")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            window.append(float(loss.detach()))
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.history.append([self.step, lr, sum(window) / len(window)])
-                bar.set_postfix(loss=f"{self.history[-1][2]:.4f}", refresh=False)
-                window = []
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self._save(self.elapsed_prev + time.perf_counter() - t_start, None)
-        bar.close()
-        elapsed = time.perf_counter() - t_start
-        metrics = self._finish(start_step, elapsed)
-        return GenRepResult(self.encoder, metrics, cfg.out, self.history)
+        metrics = super().run()
+        return GenRepResult(self.encoder, metrics, self.cfg.out, self.history)
 
-    def _save(self, elapsed: float, top1: Optional[float]) -> None:
+    def train_step(self, step: int) -> float:
         cfg = self.cfg
-        self.files.save({
-            "step": self.step,
-            "encoder": self.encoder.state_dict(),
-            "encoder_config": dict(self.encoder.config),
-            "projector": self.projector.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "pretrain": pretrain_info(cfg.checkpoint, self.pre_ckpt),
-            "data": cfg.data,
-            "args": asdict(cfg),
-            "rng": rng_state(self.device),
-            "history": self.history,
-            "elapsed_s": elapsed,
-            "top1": top1,
-        })
-        self.files.write_log(["step", "lr", "nt_xent"], self.history)
+        self.lr = cfg.lr * cosine_factor(step, cfg.steps, int(0.05 * cfg.steps))
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        a, p = self._pairs(step)
+        z = self.projector(self.encoder(torch.cat([self.augment(a), self.augment(p)])))
+        loss = nt_xent_loss(z[:cfg.batch_size], z[cfg.batch_size:], cfg.temperature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite NT-Xent loss at step {step}; lower --lr (now {cfg.lr:g})")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.window.append(float(loss.detach()))
+        return self.window[-1]
 
-    def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
+    def flush(self, step: int, row: bool, bar) -> None:
+        if not row:  # the interval in progress is saved with the checkpoint (state()["window"])
+            return
+        self.history.append([step, self.lr, sum(self.window) / len(self.window)])
+        bar.set_postfix(loss=f"{self.history[-1][2]:.4f}", refresh=False)
+        self.window = []
+
+    def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
         tr_x, tr_y = encode(self.encoder, self.train_data, batch_size=cfg.eval_batch_size, device=self.device)
         te_x, te_y = encode(self.encoder, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)
         probe = linear_probe(tr_x, tr_y, te_x, te_y, seed=cfg.seed, C=cfg.probe_C)
-        try:
-            from ..training.evaluate import knn_accuracy
-
-            knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=min(20, len(tr_y)))["top1"]
-        except ImportError:  # pragma: no cover
-            knn = None
+        knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=min(20, len(tr_y)))["top1"]
         probe_time = time.perf_counter() - t0
         metrics: Dict[str, Any] = {
             "top1": probe["top1"],
@@ -422,13 +391,11 @@ class _GenRep:
             "probe_train_top1": probe.get("train_top1"),
             "probe_C": probe.get("C"),
             "knn_top1": knn,
-            "nt_xent_first": self.history[0][2] if self.history else None,
+            "nt_xent_first": self.loss_first,
             "nt_xent": self.history[-1][2] if self.history else None,
-            "step": self.step,
-            "resumed_from_step": self.resumed_from,
+            **self.timing(start_step, elapsed),
             "wall_time_s": round(time.perf_counter() - self.t_run, 3),  # this invocation: generation + training + probe
             "train_loop_time_s": round(elapsed, 3),
-            "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
             "generation_time_s": round(self.gen_time, 3),
             "probe_time_s": round(probe_time, 3),
             "feature_dim": int(tr_x.shape[1]),
@@ -440,10 +407,8 @@ class _GenRep:
             "device_used": str(self.device),
             "torch_version": str(torch.__version__),
         }
-        for k, v in asdict(cfg).items():
-            metrics.setdefault(k, v)
-        self._save(self.elapsed_prev + elapsed, probe["top1"])
-        self.files.write_json("metrics.json", metrics)
+        self.save(top1=probe["top1"])
+        self.write_metrics(metrics)
         self.files.say(f"linear-probe test top-1 {probe['top1']:.4f} after {self.step} contrastive steps on generated "
                        f"views; wrote {cfg.out}/metrics.json")
         return metrics

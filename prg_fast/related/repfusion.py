@@ -34,23 +34,26 @@ Checkpoint format: a dict saved by torch.save, loads with weights_only=True:
     student_config (ResNet(**student_config)), projection, classifier, policy, aux_head (None
     without --policy), distill_optimizer, finetune_optimizer, policy_optimizer, teacher_dim,
     times (candidate policy times), pretrain ({checkpoint, step, path, preset, data}), data,
-    num_classes, args (RepFusionConfig), rng, history, elapsed_s, top1 (None until finished).
+    num_classes, args (RepFusionConfig), world_size, rng (a list, one per rank), history, distill_first,
+    loss_first, window (the log interval in progress), elapsed_s, top1 (None until finished).
 """
 from __future__ import annotations
 
 import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import Augment, default_augment, load_data
-from ..training.runs import (CheckpointError, RunDir, check_int, check_number, cosine_factor, merge_config,
-                             resolve_device, rng_state, seed_everything, set_rng_state)
+from ..data import load_data
+from ..training.distributed import single_process
+from ..training.evaluate import map_batches, top1_accuracy
+from ..training.rundir import CheckpointError
+from ..training.runs import (check_int, check_number, cosine_factor, load_train_data, merge_config,
+                             seed_everything)
+from ..training.trainer import RunOptions, TrainConfig, Trainer, split_run_options
 from .common import ENCODERS, build_encoder, load_flow, pretrain_info
 
 __all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
@@ -59,6 +62,7 @@ __all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "Te
 REPFUSION_FORMAT = "prg_fast.repfusion"
 REPFUSION_VERSION = 1
 DEFAULT_T = 0.1
+_LOG_KEYS = ("distill", "aux_ce", "mean_t", "entropy_w", "ce", "correct")
 RESUME_MUST_MATCH = ("data", "checkpoint", "steps", "batch_size", "t", "policy", "policy_times", "policy_t_max",
                      "layer", "teacher_norm", "student", "lr", "finetune_lr", "weight_decay", "policy_lr", "entropy_coef",
                      "aux_hidden", "label_smoothing", "hflip", "crop_padding", "seed", "raw_weights")
@@ -251,15 +255,13 @@ def _aux_head(dim: int, hidden: int, classes: int) -> nn.Module:
 
 
 @dataclass
-class RepFusionConfig:
+class RepFusionConfig(TrainConfig):
     """Arguments of `prg-fast repfusion` (one flag per field)."""
 
-    data: str = "digits"
     checkpoint: Optional[str] = None  # pretraining run directory (or its checkpoint.pt)
     out: str = "runs/repfusion"
     steps: int = 500  # distillation steps (0: no distillation -- the plain supervised student)
     finetune_steps: Optional[int] = None  # cross-entropy steps; None: = steps
-    batch_size: int = 128
     t: Optional[float] = None  # fixed teacher time (None without policy: DEFAULT_T)
     policy: bool = False  # choose t per image with the REINFORCE policy
     policy_times: int = 11  # K candidate times, evenly spaced in [0, policy_t_max]
@@ -275,27 +277,20 @@ class RepFusionConfig:
     aux_hidden: int = 256
     label_smoothing: float = 0.0
     warmup_frac: float = 0.05  # of each phase
-    hflip: Optional[bool] = None  # None: the data set's default
     crop_padding: int = 0
     raw_weights: bool = False  # teacher: raw instead of EMA weights
-    seed: int = 0
-    ckpt_every: int = 200
-    log_every: int = 25
     eval_batch_size: int = 256
-    device: str = "auto"
-    progress: bool = True
 
     def validate(self) -> "RepFusionConfig":
-        check_int("steps", self.steps, 0)
+        self.check_run_fields(min_steps=0)
         if self.finetune_steps is None:
             if self.steps == 0:
                 raise ValueError("steps=0 (no distillation) needs finetune_steps >= 1")
             self.finetune_steps = self.steps
         check_int("finetune_steps", self.finetune_steps, 1)
-        for name in ("batch_size", "policy_times", "aux_hidden", "ckpt_every", "log_every", "eval_batch_size"):
+        for name in ("policy_times", "aux_hidden"):
             check_int(name, getattr(self, name), 1)
-        for name in ("crop_padding", "seed"):
-            check_int(name, getattr(self, name), 0)
+        check_int("crop_padding", self.crop_padding, 0)
         if self.policy and self.t is not None:
             raise ValueError("give either a fixed time t or policy=True (--t or --policy), not both")
         if self.t is not None:
@@ -313,11 +308,7 @@ class RepFusionConfig:
         check_number("warmup_frac", self.warmup_frac, 0.0, 1.0, hi_open=True)
         if self.student not in ENCODERS:
             raise ValueError(f"student must be one of {sorted(ENCODERS)}, got {self.student!r}")
-        if self.checkpoint is None or not isinstance(self.checkpoint, str) or not self.checkpoint:
-            raise ValueError("repfusion needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
-        self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        self.checkpoint = self.pretrained_checkpoint("repfusion")
         if self.teacher_norm not in ("standardize", "none"):
             raise ValueError(f"teacher_norm must be 'standardize' or 'none', got {self.teacher_norm!r}")
         if not isinstance(self.layer, str) or not self.layer:
@@ -347,23 +338,24 @@ class RepFusionResult:
 
 def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> RepFusionResult:
     """Distil the pretrained flow's features into a student, then finetune it (see the module doc).
-    Call with a RepFusionConfig or with its fields as keyword arguments; resumes from `out`."""
+    Call with a RepFusionConfig or with its fields as keyword arguments (and RunOptions' fields:
+    ckpt_minutes, force); resumes from `out`."""
+    options = split_run_options(kwargs)
     cfg = merge_config(RepFusionConfig, config, kwargs)
-    return _RepFusion(cfg).run()
+    return _RepFusion(cfg, options).run()
 
 
-class _RepFusion:
-    def __init__(self, cfg: RepFusionConfig):
-        self.cfg = cfg
-        self.files = RunDir(cfg.out, REPFUSION_FORMAT, REPFUSION_VERSION, "repfusion")
-        self.device = resolve_device(cfg.device, 0)
-        aug = default_augment(cfg.data, "train")
-        aug = Augment(hflip=aug.hflip if cfg.hflip is None else bool(cfg.hflip), crop_padding=cfg.crop_padding)
-        self.train_data = load_data(cfg.data, "train", augment=aug)
+class _RepFusion(Trainer):
+    log_header = ("step", "phase", "lr") + _LOG_KEYS
+    must_match = RESUME_MUST_MATCH
+    bar_desc = "repfusion"
+
+    def __init__(self, cfg: RepFusionConfig, options: RunOptions):
+        existing = self.open_run(cfg, single_process(cfg.device), options, REPFUSION_FORMAT, REPFUSION_VERSION,
+                                 "repfusion", "repfusion")
+        self.train_data = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         self.test_data = load_data(cfg.data, "test", augment=None)
-        if cfg.batch_size > len(self.train_data):
-            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training split ({len(self.train_data)})")
-        existing = self.files.load()  # refuses a foreign checkpoint in --out before any work
+        self._indices = self.step_batches(self.train_data)
         self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
         self.teacher = TeacherFeatures(flow.to(self.device), cfg.layer)
         c = self.train_data.shape[0]
@@ -388,12 +380,9 @@ class _RepFusion:
                                             weight_decay=cfg.weight_decay)
         self.opt_policy = (torch.optim.Adam(list(self.policy.parameters()) + list(self.aux.parameters()),
                                             lr=cfg.policy_lr) if cfg.policy else None)
-        self.step, self.history, self.elapsed_prev, self.resumed_from = 0, [], 0.0, 0
         self.distill_first: Optional[float] = None
-        if existing is not None:
-            self._resume(existing)
-        else:
-            seed_everything(cfg.seed + 1)
+        self.window: Dict[str, List[float]] = {}
+        self.begin(existing, cfg.seed + 1)
 
     @torch.no_grad()
     def _teacher_stats(self, max_images: int = 512):
@@ -406,12 +395,8 @@ class _RepFusion:
         n = min(max_images, len(self.train_data))
         means, stds = [], []
         for t in self.teacher_times.tolist():
-            feats = []
-            for start in range(0, n, self.cfg.eval_batch_size):
-                x, _ = self.train_data.batch(list(range(start, min(start + self.cfg.eval_batch_size, n))),
-                                             augment=False, device=self.device)
-                feats.append(self.teacher(x, t))
-            f = torch.cat(feats).double()
+            f = map_batches(self.teacher, lambda x: self.teacher(x, t), self.train_data, indices=range(n),
+                            batch_size=self.cfg.eval_batch_size, device=self.device).double()
             sd = f.std(dim=0)
             means.append(f.mean(dim=0).float())
             stds.append((sd + 1e-4 * sd.mean() + 1e-12).float())  # a constant channel does not blow up
@@ -427,9 +412,7 @@ class _RepFusion:
     def total_steps(self) -> int:
         return self.cfg.steps + self.cfg.finetune_steps
 
-    def _resume(self, ckpt: Dict[str, Any]) -> None:
-        cfg = self.cfg
-        self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
         try:
             self.student.load_state_dict(ckpt["student"])
             self.projection.load_state_dict(ckpt["projection"])
@@ -442,20 +425,34 @@ class _RepFusion:
                 self.opt_policy.load_state_dict(ckpt["policy_optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
-        self.step = self.resumed_from = int(ckpt["step"])
-        self.history = [list(h) for h in ckpt.get("history", [])]
-        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
         self.distill_first = ckpt.get("distill_first")
-        set_rng_state(ckpt["rng"], self.device)
-        self.files.say(f"resuming from {self.files.ckpt_path} at step {self.step}")
+        self.loss_first = ckpt.get("loss_first", self.distill_first)
+        self.window = {k: list(v) for k, v in (ckpt.get("window") or {}).items()}
 
-    def _indices(self, step: int) -> List[int]:
-        n, b = len(self.train_data), self.cfg.batch_size
-        per_epoch = n // b
-        epoch, i = divmod(step, per_epoch)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        return order[i * b:(i + 1) * b].tolist()
+    def state(self) -> Dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "student_config": dict(self.student.config),
+            "projection": self.projection.state_dict(),
+            "classifier": self.classifier.state_dict(),
+            "policy": self.policy.state_dict() if self.policy is not None else None,
+            "aux_head": self.aux.state_dict() if self.aux is not None else None,
+            "distill_optimizer": self.opt_distill.state_dict(),
+            "finetune_optimizer": self.opt_finetune.state_dict(),
+            "policy_optimizer": self.opt_policy.state_dict() if self.opt_policy is not None else None,
+            "teacher_dim": self.teacher_dim,
+            "times": self.times.cpu(),
+            "teacher_times": self.teacher_times.cpu(),
+            "teacher_mean": self.feat_mean.cpu(),
+            "teacher_std": self.feat_std.cpu(),
+            "pretrain": pretrain_info(self.cfg.checkpoint, self.pre_ckpt),
+            "data": self.cfg.data,
+            "num_classes": self.train_data.num_classes,
+            "distill_first": self.distill_first,
+            "loss_first": self.loss_first,
+            "window": {k: list(v) for k, v in self.window.items()},
+            "top1": None,
+        }
 
     # -- one step of each phase ------------------------------------------------------------------
     def _distill_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
@@ -510,100 +507,57 @@ class _RepFusion:
                 g["lr"] = lr
         return lr
 
-    # -- the loop ---------------------------------------------------------------------------------
+    # -- the skeleton's step ------------------------------------------------------------------
+    def is_row(self, step: int) -> bool:
+        return super().is_row(step) or step == self.cfg.steps  # the distillation phase ends on a row
+
+    def is_checkpoint(self, step: int) -> bool:
+        return super().is_checkpoint(step) or step == self.cfg.steps  # and on a checkpoint
+
+    def train_step(self, step: int) -> float:
+        self.lr = self._set_lr(step)
+        x, y = self.train_data.batch(self._indices(step), device=self.device)
+        if step < self.cfg.steps:
+            self.phase = "distill"
+            stats = self._distill_step(step, x, y)
+            if self.distill_first is None:
+                self.distill_first = stats["distill"]
+        else:
+            self.phase = "finetune"
+            stats = self._finetune_step(x, y)
+        if not all(math.isfinite(v) for v in stats.values()):
+            raise FloatingPointError(f"non-finite loss at step {step} ({self.phase}): {stats}; lower the learning rate")
+        for k, v in stats.items():
+            self.window.setdefault(k, []).append(v)
+        return stats.get("distill", stats.get("ce"))
+
+    def flush(self, step: int, row: bool, bar) -> None:
+        if not row:  # the interval in progress is saved with the checkpoint (state()["window"])
+            return
+        mean = {k: sum(v) / len(v) for k, v in self.window.items()}
+        self.history.append([step, self.phase, self.lr] + [mean.get(k) for k in _LOG_KEYS])
+        bar.set_postfix({k: f"{v:.4f}" for k, v in mean.items() if k in ("distill", "ce", "aux_ce", "mean_t")},
+                        refresh=False)
+        self.window = {}
+
     def run(self) -> RepFusionResult:
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        os.makedirs(cfg.out, exist_ok=True)
-        start_step, t_start = self.step, time.perf_counter()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
-                   mininterval=1.0, desc="repfusion", unit="step")
-        window: Dict[str, List[float]] = {}
         self.student.train()
-        while self.step < self.total_steps:
-            step = self.step
-            lr = self._set_lr(step)
-            x, y = self.train_data.batch(self._indices(step), device=self.device)
-            if step < cfg.steps:
-                phase = "distill"
-                stats = self._distill_step(step, x, y)
-                if self.distill_first is None:
-                    self.distill_first = stats["distill"]
-            else:
-                phase = "finetune"
-                stats = self._finetune_step(x, y)
-            if not all(math.isfinite(v) for v in stats.values()):
-                raise FloatingPointError(f"non-finite loss at step {step} ({phase}): {stats}; lower the learning rate")
-            for k, v in stats.items():
-                window.setdefault(k, []).append(v)
-            self.step += 1
-            bar.update(1)
-            boundary = self.step == cfg.steps or self.step == self.total_steps
-            if self.step % cfg.log_every == 0 or boundary:
-                mean = {k: sum(v) / len(v) for k, v in window.items()}
-                self.history.append([self.step, phase, lr] + [mean.get(k) for k in _LOG_KEYS])
-                bar.set_postfix({k: f"{v:.4f}" for k, v in mean.items() if k in ("distill", "ce", "aux_ce", "mean_t")},
-                                refresh=False)
-                window = {}
-            if self.step % cfg.ckpt_every == 0 or boundary:
-                self._save(self.elapsed_prev + time.perf_counter() - t_start, None)
-        bar.close()
-        elapsed = time.perf_counter() - t_start
-        metrics = self._finish(start_step, elapsed)
-        return RepFusionResult(self.student, self.classifier, metrics, cfg.out, self.history)
-
-    def _save(self, elapsed: float, top1: Optional[float]) -> None:
-        cfg = self.cfg
-        self.files.save({
-            "step": self.step,
-            "student": self.student.state_dict(),
-            "student_config": dict(self.student.config),
-            "projection": self.projection.state_dict(),
-            "classifier": self.classifier.state_dict(),
-            "policy": self.policy.state_dict() if self.policy is not None else None,
-            "aux_head": self.aux.state_dict() if self.aux is not None else None,
-            "distill_optimizer": self.opt_distill.state_dict(),
-            "finetune_optimizer": self.opt_finetune.state_dict(),
-            "policy_optimizer": self.opt_policy.state_dict() if self.opt_policy is not None else None,
-            "teacher_dim": self.teacher_dim,
-            "times": self.times.cpu(),
-            "teacher_times": self.teacher_times.cpu(),
-            "teacher_mean": self.feat_mean.cpu(),
-            "teacher_std": self.feat_std.cpu(),
-            "pretrain": pretrain_info(cfg.checkpoint, self.pre_ckpt),
-            "data": cfg.data,
-            "num_classes": self.train_data.num_classes,
-            "args": asdict(cfg),
-            "rng": rng_state(self.device),
-            "history": self.history,
-            "distill_first": self.distill_first,
-            "elapsed_s": elapsed,
-            "top1": top1,
-        })
-        self.files.write_log(["step", "phase", "lr"] + list(_LOG_KEYS), self.history)
+        metrics = super().run()
+        return RepFusionResult(self.student, self.classifier, metrics, self.cfg.out, self.history)
 
     @torch.no_grad()
     def _policy_stats(self) -> Dict[str, Any]:
         """What the trained policy chooses on the test images: the mean probability of each
         candidate time and the expected time under it."""
-        self.policy.eval()
-        probs = []
-        for start in range(0, len(self.test_data), self.cfg.eval_batch_size):
-            idx = list(range(start, min(start + self.cfg.eval_batch_size, len(self.test_data))))
-            x, _ = self.test_data.batch(idx, augment=False, device=self.device)
-            probs.append(F.softmax(self.policy(x).float(), dim=1).cpu())
-        self.policy.train()
-        mean = torch.cat(probs).mean(dim=0)
+        probs = map_batches(self.policy, lambda x: F.softmax(self.policy(x).float(), dim=1), self.test_data,
+                            batch_size=self.cfg.eval_batch_size, device=self.device)
+        mean = probs.mean(dim=0)
         times = self.times.cpu()
         return {"policy_t_mean": round(float((mean * times).sum()), 4),
                 "policy_probs": {f"{float(t):.3g}": round(float(p), 4) for t, p in zip(times, mean)}}
 
-    def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
-        from ..training.evaluate import top1_accuracy
-
+    def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg = self.cfg
-        t_eval = time.perf_counter()
         net = nn.Sequential(self.student, self.classifier)
         top1 = top1_accuracy(net, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)
         distill_rows = [h for h in self.history if h[1] == "distill"]
@@ -615,10 +569,7 @@ class _RepFusion:
             "distill_loss": distill_rows[-1][3 + _LOG_KEYS.index("distill")] if distill_rows else None,
             "finetune_ce": ft_rows[-1][3 + _LOG_KEYS.index("ce")] if ft_rows else None,
             "train_top1_last": ft_rows[-1][3 + _LOG_KEYS.index("correct")] if ft_rows else None,
-            "step": self.step,
-            "resumed_from_step": self.resumed_from,
-            "wall_time_s": round(elapsed + time.perf_counter() - t_eval, 3),  # this invocation, with the evaluation
-            "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
+            **self.timing(start_step, elapsed),
             "teacher_dim": self.teacher_dim,
             "teacher_t": None if cfg.policy else cfg.fixed_t,
             "student_params": sum(p.numel() for p in self.student.parameters()),
@@ -629,13 +580,10 @@ class _RepFusion:
         }
         if self.policy is not None:
             metrics.update(self._policy_stats())
-        for k, v in asdict(cfg).items():
-            metrics.setdefault(k, v)
-        self._save(self.elapsed_prev + elapsed, top1)
-        self.files.write_json("metrics.json", metrics)
+        self.save(top1=top1)
+        self.write_metrics(metrics)
         self.files.say(f"test top-1 {top1:.4f} after {cfg.steps} distillation + {cfg.finetune_steps} finetuning "
                        f"steps; wrote {cfg.out}/metrics.json")
         return metrics
 
 
-_LOG_KEYS = ("distill", "aux_ce", "mean_t", "entropy_w", "ce", "correct")

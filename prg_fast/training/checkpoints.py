@@ -1,26 +1,56 @@
-"""The finetuned-classifier checkpoint (format "prg_fast.finetune", written by `prg-fast finetune`;
-the layout is in prg_fast.training.finetune's module doc): reading and validating it, rebuilding its
-PRGClassifier, and the checks shared by finetune, evaluate and extract. The pretraining checkpoint's
-format is in prg_fast.training.pretrain."""
+"""The two checkpoint formats of prg_fast's models: pretraining ("prg_fast.pretrain", written by
+`prg-fast pretrain`; layout in prg_fast.training.pretrain's module doc) and finetuning
+("prg_fast.finetune", written by `prg-fast finetune`; layout in prg_fast.training.finetune's).
+Reading each file once and validating it, rebuilding its network or classifier, and the checks
+shared by the commands that read them (finetune, evaluate, extract, repfusion, genrep)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..classifier import PRGClassifier
 from ..models import UNet
 from ..models.heads import ClassifierHead
-from .pretrain import CHECKPOINT_FORMAT as PRETRAIN_FORMAT, load_checkpoint
-from .runs import CheckpointError, check_checkpoint, checkpoint_file, prg_velocity, read_checkpoint
+from .flows import prg_velocity
+from .rundir import CheckpointError, check_checkpoint, checkpoint_file, read_checkpoint
 
-__all__ = ["FINETUNE_FORMAT", "FINETUNE_VERSION", "REQUIRED_KEYS", "load_finetune_checkpoint",
-           "load_pretrain_checkpoint", "build_classifier", "check_data_fits"]
+__all__ = ["PRETRAIN_FORMAT", "PRETRAIN_VERSION", "PRETRAIN_KEYS", "FINETUNE_FORMAT", "FINETUNE_VERSION",
+           "REQUIRED_KEYS", "load_checkpoint", "load_pretrain_checkpoint", "load_finetune_checkpoint",
+           "load_model_checkpoint", "build_model", "build_classifier", "check_data_fits"]
 
+PRETRAIN_FORMAT = "prg_fast.pretrain"
+PRETRAIN_VERSION = 1
+PRETRAIN_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "model_config", "preset", "in_channels",
+                 "image_size", "path", "data", "num_classes", "args", "world_size", "rng", "history")
 FINETUNE_FORMAT = "prg_fast.finetune"
 FINETUNE_VERSION = 1
 REQUIRED_KEYS = ("format", "version", "step", "flow", "head", "optimizer", "model_config", "head_config",
                  "in_channels", "image_size", "data", "num_classes", "classifier", "args", "world_size", "rng", "history")
+
+
+def load_model_checkpoint(path: str, map_location="cpu") -> Tuple[str, Dict[str, Any]]:
+    """("pretrain" | "finetune", the validated checkpoint) of a file or run directory, read once."""
+    ckpt = read_checkpoint(path, map_location=map_location)
+    where = checkpoint_file(path)
+    if ckpt.get("format") == FINETUNE_FORMAT:
+        return "finetune", check_checkpoint(ckpt, where, FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning")
+    return "pretrain", check_checkpoint(ckpt, where, PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretraining")
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Read and validate a pretraining checkpoint (a file, or a run directory holding one); a
+    finetuned one is refused with what to do instead."""
+    ckpt = read_checkpoint(path, what="pretraining checkpoint", map_location=map_location)
+    where = checkpoint_file(path)
+    if ckpt.get("format") == FINETUNE_FORMAT:
+        raise CheckpointError(f"{where} is not a prg_fast pretraining checkpoint ({PRETRAIN_FORMAT!r}, written by "
+                              f"prg-fast pretrain): it is a finetuned classifier ({FINETUNE_FORMAT!r}). Use prg-fast "
+                              f"evaluate / extract for finetuned checkpoints")
+    return check_checkpoint(ckpt, where, PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretraining")
+
+
+load_pretrain_checkpoint = load_checkpoint  # the name finetune first used
 
 
 def load_finetune_checkpoint(path: str) -> Dict[str, Any]:
@@ -33,15 +63,31 @@ def load_finetune_checkpoint(path: str) -> Dict[str, Any]:
     return check_checkpoint(ckpt, where, FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning")
 
 
-def load_pretrain_checkpoint(path: str) -> Dict[str, Any]:
-    """A pretraining checkpoint to finetune from; a finetuned one is refused with what to do instead."""
-    where = checkpoint_file(path)
-    ckpt = read_checkpoint(path)
-    if ckpt.get("format") == FINETUNE_FORMAT:
-        raise CheckpointError(f"{where} is a finetuned classifier (format {FINETUNE_FORMAT!r}); finetune starts from a "
-                              f"pretraining checkpoint ({PRETRAIN_FORMAT!r}, written by prg-fast pretrain). Use "
-                              f"prg-fast evaluate / extract for finetuned checkpoints")
-    return load_checkpoint(path)  # validates format, version and entries
+def _load_weights(ckpt: Dict[str, Any], model: Optional[torch.nn.Module], state: Dict[str, Any],
+                  what: str) -> torch.nn.Module:
+    """The checkpoint's network (UNet(**model_config), or the `model` given) with `state` loaded.
+    A failure blames what was wrong: the network passed, or the checkpoint's own entries."""
+    if model is None and ckpt["model_config"] is None:
+        raise CheckpointError(f"this checkpoint holds a network prg_fast did not build ({ckpt.get('model_class')}, "
+                              f"factory {ckpt.get('preset')!r}): pass model= (or --model package.module:factory)")
+    try:
+        net = model if model is not None else UNet(**ckpt["model_config"])
+        net.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        if model is None:
+            raise CheckpointError(f"the checkpoint's weights do not fit its {what}: {e}") from e
+        built = "prg_fast's UNet (its model_config)" if ckpt["model_config"] is not None else ckpt.get("model_class")
+        raise ValueError(f"model= / --model: the network given ({type(model).__name__}) does not fit this checkpoint, "
+                         f"which holds {built}; pass the network it was trained with"
+                         f"{' or drop --model' if ckpt['model_config'] is not None else ''}: {e}") from e
+    return net
+
+
+def build_model(ckpt: Dict[str, Any], ema: bool = True, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """The velocity network of a pretraining checkpoint, with its EMA weights (ema=True) or the raw
+    ones. A network prg_fast did not build (model_config None) is the `model` given, its weights
+    loaded; the network is returned as trained, in its own time convention (ckpt.get("time_convention"))."""
+    return _load_weights(ckpt, model, ckpt["ema" if ema else "model"], "model_config")
 
 
 def build_classifier(ckpt: Dict[str, Any], *, steps: Optional[int] = None, method: Optional[str] = None,
@@ -49,19 +95,15 @@ def build_classifier(ckpt: Dict[str, Any], *, steps: Optional[int] = None, metho
     """The PRGClassifier of a finetuning checkpoint, with its trained solver settings or others. A
     network prg_fast did not build (model_config None) is the `model` given, its weights loaded."""
     c = ckpt["classifier"]
-    if model is None and ckpt["model_config"] is None:
-        raise CheckpointError(f"this checkpoint holds a network prg_fast did not build ({ckpt.get('model_class')}): "
-                              f"pass model=")
+    flow = _load_weights(ckpt, model, ckpt["flow"], "model_config")
     try:
-        flow = model if model is not None else UNet(**ckpt["model_config"])
-        flow.load_state_dict(ckpt["flow"])
         head_cfg = dict(ckpt["head_config"])
         head = ClassifierHead(head_cfg.pop("in_shape"), head_cfg.pop("num_classes"), **head_cfg)
         head.load_state_dict(ckpt["head"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"the checkpoint's weights do not fit its model_config / head_config: {e}") from e
-    return PRGClassifier(prg_velocity(flow, ckpt.get("time_convention", "prg")), head, t=c["t"], t0=c["t0"], save_at=c.get("save_at"),
-                         steps=int(steps if steps is not None else c["steps"]),
+        raise CheckpointError(f"the checkpoint's head weights do not fit its head_config: {e}") from e
+    return PRGClassifier(prg_velocity(flow, ckpt.get("time_convention", "prg")), head, t=c["t"], t0=c["t0"],
+                         save_at=c.get("save_at"), steps=int(steps if steps is not None else c["steps"]),
                          method=method if method is not None else c["method"])
 
 
@@ -69,5 +111,5 @@ def check_data_fits(data, ckpt: Dict[str, Any], where: str, what: str) -> None:
     """Refuse data whose image shape is not the one the checkpoint's network reads."""
     c, h, w = data.shape
     if (c, h, w) != (ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"]):
-        raise CheckpointError(f"{where} {what} {ckpt['in_channels']}x{ckpt['image_size']}x{ckpt['image_size']} images, "
-                              f"but {data.spec} has {c}x{h}x{w} images")
+        raise CheckpointError(f"{where} {what} {ckpt['in_channels']}x{ckpt['image_size']}x{ckpt['image_size']} images "
+                              f"({ckpt['data']}), but {data.spec} has {c}x{h}x{w} images")

@@ -25,14 +25,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..classifier import feature_shape
+from ..classifier import check_segment, feature_shape
 from ..data import load_data
-from .checkpoints import (FINETUNE_FORMAT, build_classifier, check_data_fits, load_finetune_checkpoint)
-from .pretrain import build_model, load_checkpoint
-from .runs import (CheckpointError, atomic_write, checkpoint_file, parse_times, prg_velocity, read_checkpoint,
-                   resolve_device, run_on_ranks, write_json)
+from .checkpoints import build_classifier, build_model, check_data_fits, load_finetune_checkpoint, load_model_checkpoint
+from .distributed import resolve_device, run_on_ranks
+from .flows import prg_velocity
+from .rundir import CheckpointError, RunDir, atomic_write, checkpoint_file, claim_file, write_json
+from .runs import check_int
 
-__all__ = ["top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
+__all__ = ["map_batches", "top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
            "load_features", "probe_features", "evaluate", "extract"]
 
 
@@ -43,12 +44,6 @@ def _progress(total: int, desc: str, enabled: bool):
                 leave=False)
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return int(batch_size)
-
-
 def _device_of(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -56,26 +51,37 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _predict(classifier: torch.nn.Module, data, indices, batch_size: int, device, progress: bool) -> torch.Tensor:
-    was_training = classifier.training
-    classifier.eval()
-    preds = []
+def map_batches(module: torch.nn.Module, fn, data, *, batch_size: int, device=None, indices=None, desc: str = "",
+                progress: bool = False) -> torch.Tensor:
+    """fn(x) over batches of `data`'s images (no augmentation; `indices`, default all, in order),
+    concatenated on the CPU; without gradients and with `module` in eval mode meanwhile (its mode
+    is restored after); a progress bar over images when `progress`."""
+    indices = range(len(data)) if indices is None else indices
+    device = torch.device(device) if device is not None else _device_of(module)
+    was_training = module.training
+    module.eval()
+    out = []
     try:
-        with _progress(len(indices), "evaluate", progress) as bar:
+        with _progress(len(indices), desc, progress) as bar:
             for start in range(0, len(indices), batch_size):
                 idx = list(indices[start:start + batch_size])
                 x, _ = data.batch(idx, augment=False, device=device)
-                preds.append(classifier(x).argmax(dim=1).cpu())
+                out.append(fn(x).cpu())
                 bar.update(len(idx))
     finally:
-        classifier.train(was_training)
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        module.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _predict(classifier: torch.nn.Module, data, indices, batch_size: int, device, progress: bool) -> torch.Tensor:
+    return map_batches(classifier, lambda x: classifier(x).argmax(dim=1), data, batch_size=batch_size, device=device,
+                       indices=indices, desc="evaluate", progress=progress)
 
 
 def sharded_correct(classifier: torch.nn.Module, data, ctx, *, batch_size: int = 256, progress: bool = False) -> int:
     """Correctly labelled images of `data`, each rank of `ctx` (a training.runs.Dist) classifying
     every world-th image and the counts all-reduced: every rank returns the whole split's count."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1)
     indices = range(ctx.rank, len(data), ctx.world)
     pred = _predict(classifier, data, indices, batch_size, ctx.device, progress and ctx.main)
     correct = torch.tensor([int((pred == data.labels[list(indices)]).sum())], dtype=torch.float64, device=ctx.device)
@@ -90,7 +96,7 @@ def top1_accuracy(classifier: torch.nn.Module, data, *, batch_size: int = 256, d
     """Fraction of `data` (an ImageData split; augmentation is not applied) that `classifier`
     labels correctly, computed in eval mode. Per-sample computations only, so the number does not
     depend on batch_size. Returns a float (and the predictions, with return_predictions=True)."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1)
     device = torch.device(device) if device is not None else _device_of(classifier)
     pred = _predict(classifier, data, range(len(data)), batch_size, device, progress)
     correct = int((pred == data.labels).sum())
@@ -107,25 +113,17 @@ def extract_features(flow: torch.nn.Module, data, t: float = 1.0, *, t0: float =
     with several save_at states concatenated on the channel dim, labels (N,) int64."""
     from ..classifier import PRGClassifier
 
-    batch_size = _check_batch_size(batch_size)
-    device = torch.device(device) if device is not None else _device_of(flow)
+    batch_size = check_int("batch_size", batch_size, 1)
     clf = PRGClassifier(flow, torch.nn.Identity(), t=t, t0=t0, steps=steps, method=method, save_at=save_at,
                         adjoint=False, **reverse_kwargs)
-    was_training = flow.training
-    flow.eval()
-    out = []
-    try:
-        with _progress(len(data), f"extract t={t:g}", progress) as bar:
-            for start in range(0, len(data), batch_size):
-                idx = list(range(start, min(start + batch_size, len(data))))
-                x, _ = data.batch(idx, augment=False, device=device)
-                z = clf.features(x).float().cpu()
-                out.append(z.flatten(1) if flatten else z)
-                bar.update(len(idx))
-    finally:
-        flow.train(was_training)
-    feats = torch.cat(out).numpy()
-    return feats, data.labels.numpy().astype(np.int64)
+
+    def features(x):
+        z = clf.features(x).float()
+        return z.flatten(1) if flatten else z
+
+    feats = map_batches(flow, features, data, batch_size=batch_size, device=device, desc=f"extract t={t:g}",
+                        progress=progress)
+    return feats.numpy(), data.labels.numpy().astype(np.int64)
 
 
 def _check_xy(train_x, train_y, test_x, test_y):
@@ -250,12 +248,23 @@ def load_features(path: str) -> Dict[str, Any]:
 
 def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional[int] = None,
              method: Optional[str] = None, batch_size: int = 256, device: str = "auto", progress: bool = False,
-             out: Optional[str] = None, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+             out: Optional[str] = None, model: Optional[torch.nn.Module] = None, default_out: bool = False,
+             force: bool = False) -> Dict[str, Any]:
     """Top-1 of a finetuned checkpoint on the test split of `data` (default: the data it was
     finetuned on), with its training step count or `ode_steps` / `method`. Writes out/metrics.json
-    when `out` is given; returns the metrics dict."""
+    when `out` is given (default_out=True: CHECKPOINT_DIR/evaluate-METHOD-K when out is None);
+    returns the metrics dict (with "out" where it was written)."""
+    files = RunDir(out, None, 0, "evaluate") if out else None
+    if files is not None:
+        files.claim(force=force)  # before any work
     ckpt = load_finetune_checkpoint(checkpoint)
     where = checkpoint_file(checkpoint)
+    if files is None and default_out:
+        c = ckpt["classifier"]
+        folder = os.path.dirname(os.path.abspath(where))
+        files = RunDir(os.path.join(folder, f"evaluate-{method or c['method']}-{ode_steps or c['steps']}"), None, 0,
+                       "evaluate")
+        files.claim(force=force)
     spec = data or ckpt["data"]
     test = load_data(spec, "test", augment=None)
     if test.num_classes != int(ckpt["num_classes"]):
@@ -266,15 +275,16 @@ def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional
         print(f"prg-fast evaluate: warning: class names differ from those finetuned on ({ckpt['classes'][:5]}... vs "
               f"{test.classes[:5]}...); labels are matched by sorted position", file=sys.stderr)
     clf = build_classifier(ckpt, steps=ode_steps, method=method, model=model)
-    return run_on_ranks(lambda ctx: _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out), device)
+    return run_on_ranks(lambda ctx: _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, files), device)
 
 
-def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out) -> Dict[str, Any]:
+def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, files) -> Dict[str, Any]:
     dev = ctx.device
     clf = clf.to(dev)
     t_start = time.perf_counter()
     correct = sharded_correct(clf, test, ctx, batch_size=batch_size, progress=progress)
     metrics = {
+        "command": "evaluate",
         "top1": correct / max(len(test), 1),
         "correct": correct,
         "test_size": len(test),
@@ -292,15 +302,17 @@ def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, out) -> D
         "batch_size": batch_size,
         "world_size": ctx.world,
     }
-    if out and ctx.main:
-        write_json(os.path.join(out, "metrics.json"), metrics)
+    if files is not None and ctx.main:
+        metrics["out"] = files.out
+        files.write_json("metrics.json", metrics)
     return metrics
 
 
 def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, t0: Optional[float] = None,
             save_at: Optional[Sequence[float]] = None, ode_steps: Optional[int] = None, method: Optional[str] = None,
             raw_weights: bool = False, batch_size: int = 256, device: str = "auto", progress: bool = False,
-            probe: bool = False, knn_k: int = 20, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+            probe: bool = False, knn_k: int = 20, model: Optional[torch.nn.Module] = None,
+            force: bool = False) -> Dict[str, Any]:
     """Features of both splits of `data` along the reversed trajectory of a checkpoint's flow,
     written to `out`: a run directory (DIR/features.npz, DIR/metrics.json) or, as before, a file
     FILE.npz (the probe numbers then go to FILE.probe.json). Feature file format: the module doc. A
@@ -311,26 +323,29 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
         raise ValueError(f"--out must be a run directory (no file extension) or name a .npz file, got {out!r}")
     run_dir = not out.endswith(".npz")
     npz = os.path.join(out, "features.npz") if run_dir else out
-    raw = read_checkpoint(checkpoint)
+    if run_dir:
+        RunDir(out, None, 0, "extract").claim(force=force)
+    else:
+        claim_file(out, force)
+        if probe:
+            claim_file(out[:-len(".npz")] + ".probe.json", force, what="the probe file")
+    kind, ckpt = load_model_checkpoint(checkpoint)  # the file is read once
     where = checkpoint_file(checkpoint)
-    if raw.get("format") == FINETUNE_FORMAT:
-        ckpt = load_finetune_checkpoint(checkpoint)
+    if kind == "finetune":
         flow = build_classifier(ckpt, model=model).flow
         c = ckpt["classifier"]
         defaults = dict(t=c["t"], t0=c["t0"], steps=c["steps"], method=c["method"])
-        kind, weights = "finetune", "finetuned"
+        weights = "finetuned"
     else:
-        ckpt = load_checkpoint(checkpoint)
         flow = prg_velocity(build_model(ckpt, ema=not raw_weights, model=model), ckpt.get("time_convention", "prg"))
         defaults = dict(t=1.0, t0=0.0, steps=20, method="euler")
-        kind, weights = "pretrain", "raw" if raw_weights else "ema"
+        weights = "raw" if raw_weights else "ema"
     t = defaults["t"] if t is None else float(t)
     t0 = defaults["t0"] if t0 is None else float(t0)
     steps = defaults["steps"] if ode_steps is None else ode_steps
     method = defaults["method"] if method is None else method
-    if not t0 < t:
-        raise ValueError(f"the trajectory segment needs t0 < t, got t0={t0:g}, t={t:g}")
-    save_at = parse_times(save_at)
+    t0, t, save_at = check_segment(t0, t, save_at)
+    save_at = None if save_at is None else list(save_at)
     dev = resolve_device(device, 0)
     flow = flow.to(dev)
     splits = {}
@@ -341,7 +356,8 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
             check_data_fits(d, ckpt, where, "was trained on")
         splits[split] = (d, *extract_features(flow, d, t, t0=t0, steps=steps, method=method, save_at=save_at,
                                               batch_size=batch_size, device=dev, progress=progress))
-    meta = {"checkpoint": os.path.abspath(where), "checkpoint_kind": kind, "weights": weights, "data": data,
+    meta = {"command": "extract", "checkpoint": os.path.abspath(where), "checkpoint_kind": kind,
+            "weights": weights, "data": data,
             "t": t, "t0": t0, "save_at": save_at, "ode_steps": steps, "method": method,
             "feature_shape": list(feature_shape(splits["train"][0].shape, save_at)),
             "n_train": len(splits["train"][0]), "n_test": len(splits["test"][0]),

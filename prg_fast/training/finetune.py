@@ -17,8 +17,9 @@ process), with the helpers of prg_fast.training.runs. Any nn.Module called as mo
 the flow (finetune(model=...), see `finetune`).
 
 Run directory (--out DIR):
-    DIR/checkpoint.pt   atomically written every --ckpt-every steps and at the end; a later run with
-                        the same DIR resumes from it (same arguments; --steps may grow)
+    DIR/checkpoint.pt   atomically written every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
+                        SIGTERM and at the end; a later run with the same DIR resumes from it (same
+                        arguments; --steps may grow)
     DIR/metrics.json    one flat JSON object: top1 (test split, at the training step count), loss,
                         ce, fm, train_top1, step, wall_time_s, ... plus every argument
     DIR/log.csv         step, loss, ce, fm, train_top1, lr (and test top1 where evaluated)
@@ -32,15 +33,14 @@ Checkpoint format (DIR/checkpoint.pt, torch.save of a dict; loads with weights_o
     the learned values at that step), segment (the raw time parameters of a learned segment, else
     absent), pretrain
     ({"checkpoint", "step", "weights"} or None for --from-scratch without one), args (FinetuneConfig),
-    world_size, rng (per rank), history, running, elapsed_s, top1 (None until the run finished),
-    torch_version.
+    world_size, rng (per rank), history, running, loss_first (the first step's loss), elapsed_s, top1
+    (None until the run finished), torch_version.
 """
 from __future__ import annotations
 
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -48,19 +48,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..classifier import PRGClassifier, feature_shape
+from ..classifier import PRGClassifier, check_segment, feature_shape
 from ..data import ImageData, class_balanced_subset, load_data
 from ..losses import flow_matching_loss
 from ..models import UNet
 from ..models.heads import ClassifierHead
 from ..paths import PATHS, get_path
-from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, build_classifier, check_data_fits,
-                          load_finetune_checkpoint, load_pretrain_checkpoint)
+from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, build_classifier, build_model,
+                          check_data_fits, load_checkpoint, load_finetune_checkpoint)
+from .distributed import Dist, run_on_ranks, wrap_ddp
 from .evaluate import evaluate, extract, sharded_correct
-from .pretrain import build_model
-from .runs import (CheckpointError, Dist, RunDir, StepBatches, check_flow, check_int, check_number, checkpoint_file,
-                   gather_rng_states, load_train_data, lr_schedule, merge_config, parse_times, prg_velocity,
-                   rank_seed, restore_rng_on_resume, run_on_ranks, run_timing, seed_everything, step_bar, wrap_ddp)
+from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
+from .rundir import CheckpointError, checkpoint_file
+from .runs import (check_int, check_number, load_train_data, lr_schedule, merge_config,
+                   rank_seed, seed_everything)
+from .trainer import RunOptions, TrainConfig, Trainer, split_run_options
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
@@ -75,14 +77,12 @@ RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "learn_t", "learn_t0", "sa
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainConfig):
     """Arguments of `prg-fast finetune` (the command line maps one flag to each field)."""
 
-    data: str = "digits"
     checkpoint: Optional[str] = None  # pretraining checkpoint (file or run directory)
     out: str = "runs/finetune"
     steps: int = 1000
-    batch_size: int = 128  # global: split evenly over the processes
     ode_steps: int = 20
     method: str = "euler"  # the released code's solver
     t0: float = 0.0
@@ -103,21 +103,17 @@ class FinetuneConfig:
     path: Optional[str] = None  # flow-matching path for beta > 0 (default: the checkpoint's)
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
     hidden: Optional[int] = None  # head width (None: the pooled feature size, as in PRG)
-    seed: int = 0
     learn_t: bool = False  # learn the end time t with the flow and head (PRGClassifier(learn_t=True))
     learn_t0: bool = False  # learn the start time t0 too
     t_lr: float = 0.05  # peak learning rate of the raw (logit) time parameters; no weight decay
     labels_per_class: Optional[int] = None  # finetune on N labelled images per class (None: all of them)
     labels_seed: Optional[int] = None  # seed of that class-balanced subset (None: seed)
-    hflip: Optional[bool] = None
     crop_padding: int = 0
     fm_eps: float = 1e-5
     ckpt_every: int = 500
     log_every: int = 25
     eval_every: int = 0  # test top-1 every N steps (0: only at the end)
     eval_batch_size: int = 256
-    device: str = "auto"
-    progress: bool = True
 
     def validate(self, external_model: bool = False) -> "FinetuneConfig":
         """Check and normalise the fields; `external_model`: the caller brings the flow network
@@ -125,9 +121,9 @@ class FinetuneConfig:
         def int_at_least(name, lo):
             check_int(name, getattr(self, name), lo)
 
-        for name in ("steps", "batch_size", "ode_steps", "ckpt_every", "log_every", "eval_batch_size"):
-            int_at_least(name, 1)
-        for name in ("seed", "crop_padding", "eval_every"):
+        self.check_run_fields()
+        int_at_least("ode_steps", 1)
+        for name in ("crop_padding", "eval_every"):
             int_at_least(name, 0)
         if self.warmup is not None:
             int_at_least("warmup", 0)
@@ -146,22 +142,12 @@ class FinetuneConfig:
         check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         for name in ("t0", "t"):
             check_number(f"{name} (0 = data, 1 = noise)", getattr(self, name), 0.0, 1.0)
-        if not self.t0 < self.t:
-            raise ValueError(f"the trajectory segment needs t0 < t (it is integrated from t0 up to t), "
-                             f"got t0={self.t0:g}, t={self.t:g}")
-        self.save_at = parse_times(self.save_at)
         for name in ("learn_t", "learn_t0"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self.t0, self.t, save_at = check_segment(self.t0, self.t, self.save_at, learned=self.learn_t or self.learn_t0)
+        self.save_at = None if save_at is None else list(save_at)
         check_number("t_lr", self.t_lr, 0.0, 10.0, lo_open=True)
-        if (self.learn_t or self.learn_t0) and self.save_at is not None:
-            raise ValueError("learn_t/learn_t0 cannot be combined with save_at (fixed times in a moving segment)")
-        if self.save_at is not None:
-            if not self.save_at:
-                raise ValueError("save_at must hold at least one time")
-            bad = [s for s in self.save_at if not self.t0 <= s <= self.t]
-            if bad:
-                raise ValueError(f"save_at times must lie in [t0, t] = [{self.t0:g}, {self.t:g}], got {bad}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         from ..ode.solvers import get_tableau
@@ -174,9 +160,7 @@ class FinetuneConfig:
             raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt); "
                              "only --from-scratch runs without one")
         if self.checkpoint is not None:
-            if not isinstance(self.checkpoint, str) or not self.checkpoint:
-                raise ValueError(f"checkpoint must be a path, got {self.checkpoint!r}")
-            self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
+            self.checkpoint = self.pretrained_checkpoint("finetune")
         if self.model is not None:
             from ..models.unet import PRESETS
 
@@ -191,8 +175,6 @@ class FinetuneConfig:
             raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
         if self.path is not None and self.path not in PATHS:
             raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
         return self
 
     @property
@@ -248,17 +230,19 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model: Optional[nn.Modu
     if isinstance(model, str):  # the config's own field `model` (a UNet preset name), not a network
         kwargs["model"], model = model, None
     check_flow(model, time_convention)
+    options = split_run_options(kwargs)
     cfg = merge_config(FinetuneConfig, config, kwargs, external_model=model is not None)
-    return run_on_ranks(lambda ctx: _Finetuner(cfg, ctx, model, time_convention).run(), cfg.device)
+    return run_on_ranks(lambda ctx: _Finetuner(cfg, ctx, options, model, time_convention).run(), cfg.device)
 
 
-class _Finetuner:
-    def __init__(self, cfg: FinetuneConfig, ctx: Dist, user_model: Optional[nn.Module] = None,
+class _Finetuner(Trainer):
+    log_header = ("step", "loss", "ce", "fm", "train_top1", "lr", "test_top1")
+    must_match = RESUME_MUST_MATCH
+
+    def __init__(self, cfg: FinetuneConfig, ctx: Dist, options: RunOptions, user_model: Optional[nn.Module] = None,
                  time_convention: str = "prg"):
-        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
-        if cfg.batch_size % ctx.world:
-            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
-        self.local_batch = cfg.batch_size // ctx.world
+        existing = self.open_run(cfg, ctx, options, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", "finetuning",
+                                 REQUIRED_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         self.labels_seed = None
         if cfg.labels_per_class is not None:  # label-scarce: a seeded class-balanced subset; test stays whole
@@ -274,14 +258,14 @@ class _Finetuner:
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
                              f"{self.data.num_classes}")
         c, h, w = self.data.shape
-        self._indices = StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
+        self._indices = self.step_batches(self.data)
 
         # the flow: pretrained weights (EMA by default), or the same architecture freshly initialised
         self.pretrain_info = None
         path_name, sigma = cfg.path, 0.0
         seed_everything(cfg.seed)  # identical initial head (and scratch flow) on every rank
         if cfg.checkpoint is not None:
-            pre = load_pretrain_checkpoint(cfg.checkpoint)
+            pre = load_checkpoint(cfg.checkpoint)
             check_data_fits(self.data, pre, checkpoint_file(cfg.checkpoint), "was pretrained on")
             if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
                 raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
@@ -300,6 +284,7 @@ class _Finetuner:
                 path_name, sigma = pre["path"]["name"], float(pre["path"].get("sigma", 0.0))
         elif user_model is not None:
             flow, self.preset = user_model, None
+            check_model_reads(flow, self.data.shape, cfg.data, "cpu")
         else:
             flow = UNet.preset(cfg.model, in_channels=c, image_size=h)
             self.preset = cfg.model
@@ -325,16 +310,8 @@ class _Finetuner:
             # logits of the segment's ends: their own step size, and no decay (it would pull t to 1/2)
             groups.append({"params": list(segment.values()), "lr": cfg.t_lr, "weight_decay": 0.0, "name": "time"})
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step, self.history, self.running, self.elapsed_prev = 0, [], [0.0, 0.0, 0.0, 0.0, 0], 0.0
-        self.files = RunDir(cfg.out, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", kind="finetuning",
-                            required=REQUIRED_KEYS, main=ctx.main)
-        self.ckpt_path = self.files.ckpt_path
-        self.resumed_from = 0
-        existing = self.files.load()
-        if existing is not None:
-            self._resume(existing)
-        else:
-            seed_everything(rank_seed(cfg.seed, ctx.rank))
+        self.running = [0.0, 0.0, 0.0, 0.0, 0]
+        self.begin(existing, rank_seed(cfg.seed, ctx.rank))
         peaks = {"head": cfg.head_lr or cfg.lr, "time": cfg.t_lr}
         for group in self.opt.param_groups:  # this run's peaks, also over a resumed optimizer's saved groups
             group["initial_lr"] = peaks.get(group.get("name"), cfg.lr)
@@ -343,15 +320,19 @@ class _Finetuner:
                                  step=self.step)
         self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
         self.net = wrap_ddp(self.module, ctx)
+        self.stats_sum = torch.zeros(4, device=self.device)
+        self.n_window = 0
+        self.params = [p for p in self.classifier.parameters() if p.requires_grad]
+        mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
+        self.bar_desc = f"finetune ({mode})"
 
     def segment_params(self) -> Dict[str, torch.nn.Parameter]:
         """The learned segment's raw time parameters (t_raw, t0_raw), by name; empty when fixed."""
         return {name: getattr(self.classifier, name) for name in ("t_raw", "t0_raw") if hasattr(self.classifier, name)}
 
-    # -- resume -----------------------------------------------------------------------------------
-    def _resume(self, ckpt: Dict[str, Any]) -> None:
-        cfg, where = self.cfg, self.ckpt_path
-        self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
+    # -- checkpoint entries -------------------------------------------------------------------
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
+        cfg, where = self.cfg, self.files.ckpt_path
         segment = self.segment_params()
         saved_segment = ckpt.get("segment") or {}
         if sorted(segment) != sorted(saved_segment):
@@ -369,158 +350,109 @@ class _Finetuner:
             raise CheckpointError(f"{where}: the saved weights or optimizer state do not fit the classifier: {e}") from e
         for group in self.opt.param_groups:  # the saved groups carry the old run's settings: use this run's
             group["weight_decay"] = 0.0 if group.get("name") == "time" else cfg.weight_decay
-        self.step = self.resumed_from = int(ckpt["step"])
-        self.history = [list(h) for h in ckpt["history"]]
         running = ckpt.get("running") or [0.0, 0.0, 0.0, 0.0, 0]
         self.running = [float(v) for v in running[:4]] + [int(running[4])]
-        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        history = ckpt["history"]
+        self.loss_first = ckpt.get("loss_first", history[0][1] if history else None)
         if ckpt.get("pretrain") is not None:
             self.pretrain_info = ckpt["pretrain"]
-        restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
-        self._say(f"resuming from {where} at step {self.step}")
+
+    def state(self) -> Dict[str, Any]:
+        clf = self.classifier
+        own = foreign_model_entries(self.flow_module, self.time_convention) if self.user_model else {}
+        segment = self.segment_params()
+        return {"flow": self.flow_module.state_dict(), "head": clf.head.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "model_config": None if self.user_model else dict(self.flow_module.config),
+                "head_config": dict(clf.head.config), "preset": self.preset, "in_channels": self.data.shape[0],
+                "image_size": self.data.shape[1], "path": dict(self.path_cfg), "data": self.cfg.data,
+                "num_classes": self.data.num_classes, "classes": list(self.data.classes),
+                "classifier": {"t0": clf.t0, "t": clf.t, "save_at": list(clf.save_at) if clf.save_at else None,
+                               "steps": clf.steps, "method": clf.method},
+                **({"segment": {k: v.detach().clone() for k, v in segment.items()}} if segment else {}),
+                "pretrain": self.pretrain_info, "running": list(self.running), "loss_first": self.loss_first,
+                "top1": None, **own}
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _say(self, msg: str) -> None:
-        self.files.say(msg)
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-        return self.sched.lr_lambdas[0](step)
-
     def test_top1(self) -> float:
-        """Test top-1, each rank classifying its share of the split (counts all-reduced)."""
+        """Test top-1, each rank classifying its share of the split (counts all-reduced); the
+        classifier is left in training mode."""
         correct = sharded_correct(self.classifier, self.test, self.ctx, batch_size=self.cfg.eval_batch_size)
+        self._train_mode()
         return correct / max(len(self.test), 1)
 
-    # -- the loop ---------------------------------------------------------------------------------
-    def run(self) -> FinetuneResult:
-        cfg, ctx = self.cfg, self.ctx
-        start_step, t_start = self.step, time.perf_counter()
-        mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
-        bar = step_bar(self.files, self.step, cfg.steps, cfg.progress, f"finetune ({mode})")
-        self.classifier.train()
-        if cfg.freeze_flow:
-            self.classifier.flow.eval()
-        stats_sum = torch.zeros(4, device=self.device)
-        n_window, t_window = 0, time.perf_counter()
-        params = [p for p in self.classifier.parameters() if p.requires_grad]
-        while self.step < cfg.steps:
-            step = self.step
-            factor = self.lr_factor(step)
-            x, y = self.data.batch(self._indices(step), device=self.device)
-            loss, stats = self.net(x, y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.opt.step()
-            self.sched.step()
-            stats_sum += stats
-            n_window += 1
-            self.step += 1
-            bar.update(1)
-            boundary = (self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step % cfg.ckpt_every == 0
-                        or (cfg.eval_every and self.step % cfg.eval_every == 0))
-            if boundary:
-                self._flush(stats_sum, n_window, factor * cfg.lr, bar, t_window)
-                stats_sum.zero_()
-                n_window, t_window = 0, time.perf_counter()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                acc = self._eval_all()
-                if ctx.main:
-                    self.history[-1] = self.history[-1][:6] + [acc]
-                    bar.set_postfix(top1=f"{acc:.4f}", refresh=False)
-            if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                self._save(self.elapsed_prev + time.perf_counter() - t_start, None)
-        bar.close()
-        elapsed = time.perf_counter() - t_start
-        acc = self._eval_all()
-        if self.step > start_step or not os.path.isfile(self.ckpt_path):
-            self._save(self.elapsed_prev + elapsed, acc)
-        metrics = self._finish(start_step, elapsed, acc)
-        if ctx.world > 1:
-            dist.barrier()
-        return FinetuneResult(self.classifier, metrics, cfg.out, self.step, self.history)
-
-    def _eval_all(self) -> float:
-        acc = self.test_top1()  # identical weights on every rank: each classifies its shard
+    def _train_mode(self) -> None:
         self.classifier.train()
         if self.cfg.freeze_flow:
             self.classifier.flow.eval()
-        return acc
 
-    def _flush(self, stats_sum, n_window, lr, bar, t_window) -> None:
-        stats = torch.cat([stats_sum.double(), torch.tensor([float(n_window)], device=self.device, dtype=torch.float64)])
+    def is_row(self, step: int) -> bool:
+        return super().is_row(step) or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def run(self) -> FinetuneResult:
+        self._train_mode()
+        metrics = super().run()
+        if self.ctx.world > 1:
+            dist.barrier()
+        return FinetuneResult(self.classifier, metrics, self.cfg.out, self.step, self.history)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        self.lr = self.sched.lr_lambdas[0](step) * self.cfg.lr
+        x, y = self.data.batch(self._indices(step), device=self.device)
+        loss, stats = self.net(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.stats_sum += stats
+        self.n_window += 1
+        return stats[0]
+
+    def flush(self, step: int, row: bool, bar) -> None:
+        stats = torch.cat([self.stats_sum.double(),
+                           torch.tensor([float(self.n_window)], device=self.device, dtype=torch.float64)])
         if self.ctx.world > 1:
             dist.all_reduce(stats)
         loss_sum, ce_sum, fm_sum, correct, n = (float(v) for v in stats)
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"the loss became non-finite before step {self.step}; lower --lr (now "
+            raise FloatingPointError(f"the loss became non-finite before step {step}; lower --lr (now "
                                      f"{self.cfg.lr:g}) or keep --grad-clip on")
         world = self.ctx.world
         # per-rank sums of per-batch means -> divide by world; correct counts -> divide by images
-        self.running[0] += loss_sum / world
-        self.running[1] += ce_sum / world
-        self.running[2] += fm_sum / world
-        self.running[3] += correct
+        for i, v in enumerate((loss_sum / world, ce_sum / world, fm_sum / world, correct)):
+            self.running[i] += v
         self.running[4] += int(round(n / world))
-        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps or (
-                self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
-            count = max(self.running[4], 1)
-            row = [self.step, self.running[0] / count, self.running[1] / count, self.running[2] / count,
-                   self.running[3] / (count * self.cfg.batch_size), lr]
-            self.history.append(row)
-            self.running = [0.0, 0.0, 0.0, 0.0, 0]
-            rate = n_window * self.cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
-            bar.set_postfix({"loss": f"{row[1]:.4f}", "train acc": f"{row[4]:.3f}", "img/s": f"{rate:.0f}"}, refresh=False)
+        self.stats_sum.zero_()
+        self.n_window = 0
+        if not row:
+            return
+        count = max(self.running[4], 1)
+        self.history.append([step, self.running[0] / count, self.running[1] / count, self.running[2] / count,
+                             self.running[3] / (count * self.cfg.batch_size), self.lr])
+        self.running = [0.0, 0.0, 0.0, 0.0, 0]
+        bar.set_postfix({"loss": f"{self.history[-1][1]:.4f}", "train acc": f"{self.history[-1][4]:.3f}"},
+                        refresh=False)
+        if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.steps:
+            acc = self.test_top1()
+            if self.ctx.main:
+                self.history[-1].append(acc)
+                bar.set_postfix(top1=f"{acc:.4f}", refresh=False)
 
-    def _save(self, elapsed: float, top1_value: Optional[float]) -> None:
-        rngs = gather_rng_states(self.ctx, self.device)  # a collective: every rank takes part
+    def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg, clf = self.cfg, self.classifier
-        # a network prg_fast did not build also records its class and time convention
-        own = {} if not self.user_model else {"model_class": f"{type(self.flow_module).__module__}."
-                                                            f"{type(self.flow_module).__qualname__}",
-                                              "time_convention": self.time_convention}
-        self.files.save({
-            "step": self.step,
-            "flow": self.flow_module.state_dict(),
-            "head": clf.head.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "model_config": None if self.user_model else dict(self.flow_module.config),
-            "head_config": dict(clf.head.config),
-            "preset": self.preset,
-            "in_channels": self.data.shape[0],
-            "image_size": self.data.shape[1],
-            "path": dict(self.path_cfg),
-            "data": cfg.data,
-            "num_classes": self.data.num_classes,
-            "classes": list(self.data.classes),
-            "classifier": {"t0": clf.t0, "t": clf.t, "save_at": list(clf.save_at) if clf.save_at else None,
-                           "steps": clf.steps, "method": clf.method},
-            **({"segment": {k: v.detach().clone() for k, v in self.segment_params().items()}}
-               if self.segment_params() else {}),
-            "pretrain": self.pretrain_info,
-            "args": asdict(cfg),
-            "world_size": self.ctx.world,
-            "rng": rngs,
-            "history": self.history,
-            "running": list(self.running),
-            "elapsed_s": elapsed,
-            "top1": top1_value,
-            **own,
-        })
-        self.files.write_log(["step", "loss", "ce", "fm", "train_top1", "lr", "test_top1"], self.history)
-
-    def _finish(self, start_step: int, elapsed: float, acc: float) -> Dict[str, Any]:
-        cfg, clf = self.cfg, self.classifier
+        acc = self.test_top1()
+        if self.step > start_step or not os.path.isfile(self.files.ckpt_path):
+            self.save(top1=acc)
         last = self.history[-1] if self.history else [self.step] + [float("nan")] * 5
-        trained = self.step - start_step
         metrics: Dict[str, Any] = {
             "top1": acc,
             "test_size": len(self.test),
             "loss": last[1], "ce": last[2], "fm": last[3], "train_top1": last[4],
-            "loss_start": self.history[0][1] if self.history else float("nan"),
-            **run_timing(self.step, self.resumed_from, elapsed, self.elapsed_prev, trained, cfg.batch_size),
+            "loss_start": self.loss_first if self.loss_first is not None else float("nan"),
+            **self.timing(start_step, elapsed),
             "num_params_flow": sum(p.numel() for p in clf.flow.parameters()),
             "num_params_head": sum(p.numel() for p in clf.head.parameters()),
             "beta_used": self.beta,
@@ -534,10 +466,8 @@ class _Finetuner:
             "device_used": str(self.device),
             "torch_version": str(torch.__version__),
         }
-        for key, value in asdict(cfg).items():
-            metrics.setdefault(key, value)
         if self.ctx.main:
-            self.files.write_json("metrics.json", metrics)
-            self._say(f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} steps); "
-                      f"wrote {cfg.out}/checkpoint.pt, metrics.json")
+            self.write_metrics(metrics)
+            self.files.say(f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} steps); "
+                           f"wrote {cfg.out}/checkpoint.pt, metrics.json")
         return metrics

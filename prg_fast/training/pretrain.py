@@ -6,11 +6,13 @@ torch's LambdaLR; both give bitwise the numbers of the hand-written versions of 
 (python_tests/test_runs.py resumes run directories that release wrote).
 
 Run directory (--out DIR):
-    DIR/checkpoint.pt   written atomically every --ckpt-every steps and at the end; a later run with
-                        the same DIR resumes from it (same arguments required, --steps may grow)
+    DIR/checkpoint.pt   written atomically every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
+                        SIGTERM and at the end; a later run with the same DIR resumes from it (same
+                        arguments required, --steps may grow)
     DIR/metrics.json    one flat JSON object: loss (mean over the last log interval), loss_start
-                        (first interval), step, wall_time_s, images_per_s, ... plus every argument
-    DIR/log.csv         step, loss, lr at every log interval
+                        (the first step's loss), step, wall_time_s, images_per_s, ... plus every
+                        argument; while training, the last log row with "status": "running"
+    DIR/log.csv         step, loss, lr at every log interval (written as they come)
     DIR/samples.png     a grid drawn with prg_fast.generate from the EMA weights at the end
 
 Checkpoint format (DIR/checkpoint.pt: a dict saved by torch.save; loads with weights_only=True;
@@ -34,7 +36,8 @@ read it with `load_checkpoint` and rebuild the network with `build_model`):
     rng             list, one entry per rank: {"torch": ByteTensor, "cuda": ByteTensor or None,
                     "numpy": dict, "python": tuple} -- the random state after `step` steps
     history         list of [step, mean loss, lr] at every log interval
-    running         {"sum": float, "count": int}: the loss interval in progress (exact log on resume)
+    running         {"sum": float, "count": int, "first": float}: the loss interval in progress (exact
+                    log on resume) and the first step's loss
     elapsed_s       training wall time summed over all runs so far
     torch_version   torch.__version__ of the writer
 
@@ -45,8 +48,7 @@ a resumed run reproduces an uninterrupted one exactly (same arguments, same worl
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -58,32 +60,32 @@ from ..losses import PREDICTIONS, flow_matching_loss, prediction_weighting
 from ..models import UNet
 from ..models.unet import PRESETS
 from ..paths import PATHS, get_path
-from .runs import (CHECKPOINT_NAME, CheckpointError, Dist, RunDir, StepBatches, atomic_write, check_checkpoint,
-                   check_flow, check_int, check_number, checkpoint_file, gather_rng_states, import_factory,
-                   is_factory_spec, load_train_data, lr_schedule, merge_config, prg_velocity, rank_seed,
-                   read_checkpoint, restore_rng_on_resume, run_on_ranks, run_timing, seed_everything, step_bar, wrap_ddp)
+from .checkpoints import PRETRAIN_FORMAT, PRETRAIN_KEYS, PRETRAIN_VERSION, build_model, load_checkpoint
+from .distributed import Dist, run_on_ranks, wrap_ddp
+from .flows import (check_flow, check_model_reads, foreign_model_entries, import_factory, is_factory_spec,
+                    prg_velocity)
+from .rundir import CHECKPOINT_NAME, CheckpointError, atomic_write
+from .runs import check_int, check_number, load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
+from .trainer import RunOptions, TrainConfig, Trainer, split_run_options
 
+# load_checkpoint, build_model and the format constants live in checkpoints.py; they stay
+# importable from here, where they were first
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
            "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "save_image_grid"]
 
-CHECKPOINT_FORMAT = "prg_fast.pretrain"
-CHECKPOINT_VERSION = 1
-REQUIRED_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "model_config", "preset", "in_channels",
-                 "image_size", "path", "data", "num_classes", "args", "world_size", "rng", "history")
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = PRETRAIN_FORMAT, PRETRAIN_VERSION
 # arguments that define what a checkpoint is; resuming with different values is refused
 RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", "optimizer")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainConfig):
     """Arguments of `prg-fast pretrain` (the command line maps one flag to each field)."""
 
-    data: str = "digits"
     path: str = "otcfm"
     prediction: str = "velocity"  # what the UNet predicts: the path's velocity, or epsilon / v (diffusion-style)
     model: str = "tiny"  # a UNet preset, or "package.module:factory" (bring your own flow)
     steps: int = 2000
-    batch_size: int = 128  # global: split evenly over the processes
     out: str = "runs/pretrain"
     sigma: float = 0.0
     lr: float = 2e-4
@@ -92,27 +94,24 @@ class PretrainConfig:
     warmup: int = 500  # linear learning-rate warm-up steps (torchcfm's CIFAR recipe uses 5000)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     ema_decay: float = 0.9999  # effective decay min(ema_decay, (1 + n) / (10 + n)) at step n
-    seed: int = 0
-    hflip: Optional[bool] = None  # None: the data set's default (flips for natural images)
     crop_padding: int = 0
     dropout: Optional[float] = None  # None: the preset's
     eps: float = 1e-5  # t ~ U(eps, 1)
     ckpt_every: int = 1000
     log_every: int = 50
     bf16: bool = False  # bf16 autocast (CUDA only)
-    device: str = "auto"
     num_samples: int = 64
     sample_steps: int = 20
     sample_method: str = "rk4"
-    progress: bool = True
 
     def validate(self) -> "PretrainConfig":
         def number(name, lo, hi, lo_open=False):
             check_number(name, getattr(self, name), lo, hi, lo_open=lo_open)
 
-        for name in ("steps", "batch_size", "ckpt_every", "log_every", "num_samples", "sample_steps"):
+        self.check_run_fields()
+        for name in ("num_samples", "sample_steps"):
             check_int(name, getattr(self, name), 1)
-        for name in ("warmup", "crop_padding", "seed"):
+        for name in ("warmup", "crop_padding"):
             check_int(name, getattr(self, name), 0)
         number("lr", 0.0, 1.0, lo_open=True)
         number("weight_decay", 0.0, 10.0)
@@ -134,8 +133,6 @@ class PretrainConfig:
                              f"callable returning a velocity network), got {self.model!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
         from ..ode.solvers import get_tableau
 
         get_tableau(self.sample_method)  # raises with the list of methods
@@ -153,41 +150,14 @@ class PretrainResult:
 
 
 # -------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """Read and validate a pretraining checkpoint (a file, or a run directory holding one)."""
-    ckpt = read_checkpoint(path, what="pretraining checkpoint", map_location=map_location)
-    return check_checkpoint(ckpt, checkpoint_file(path), CHECKPOINT_FORMAT, CHECKPOINT_VERSION, REQUIRED_KEYS,
-                            "pretraining")
-
-
-def build_model(ckpt: Dict[str, Any], ema: bool = True, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
-    """The velocity network of a checkpoint, with its EMA weights (ema=True) or the raw ones. A
-    network prg_fast did not build (model_config None) is the `model` given, its weights loaded; the
-    network is returned as trained, in its own time convention (ckpt.get("time_convention"))."""
-    if model is None and ckpt["model_config"] is None:
-        raise CheckpointError(f"this checkpoint holds a network prg_fast did not build ({ckpt.get('model_class')}, "
-                              f"factory {ckpt.get('preset')!r}): pass model= (or --model package.module:factory)")
-    try:
-        if model is None:
-            model = UNet(**ckpt["model_config"])
-        model.load_state_dict(ckpt["ema" if ema else "model"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"the checkpoint's weights do not fit its model_config: {e}") from e
-    return model
-
-
-# -------------------------------------------------------------------------------------------------
 # training
 
 
 def pretrain(config: Optional[PretrainConfig] = None, *, model: Optional[torch.nn.Module] = None,
              time_convention: str = "prg", **kwargs) -> PretrainResult:
     """Train (or resume training of) a velocity network by flow matching; see the module doc.
-    Call with a PretrainConfig or with its fields as keyword arguments. Every process of a
-    torchrun job calls it; only rank 0 writes files.
+    Call with a PretrainConfig or with its fields as keyword arguments (and RunOptions' fields:
+    ckpt_minutes, force). Every process of a torchrun job calls it; only rank 0 writes files.
 
     Bring your own flow: `model` is any nn.Module called as model(t, x) (else config.model names a
     UNet preset or a "package.module:factory" that returns one); with time_convention="torchcfm"
@@ -195,27 +165,30 @@ def pretrain(config: Optional[PretrainConfig] = None, *, model: Optional[torch.n
     Its checkpoint then has model_config None: rebuild it with build_model(ckpt, model=...)."""
     if isinstance(model, str):  # the config's own field `model` (a UNet preset name), not a network
         kwargs["model"], model = model, None
+    options = split_run_options(kwargs)
     cfg = merge_config(PretrainConfig, config, kwargs)
     if model is None and is_factory_spec(cfg.model):
         model = import_factory(cfg.model)()
     check_flow(model, time_convention)
-    return run_on_ranks(lambda ctx: _Trainer(cfg, ctx, model, time_convention).run(), cfg.device)
+    return run_on_ranks(lambda ctx: _Pretrainer(cfg, ctx, options, model, time_convention).run(), cfg.device)
 
 
-class _Trainer:
-    def __init__(self, cfg: PretrainConfig, ctx: Dist, user_model: Optional[torch.nn.Module] = None,
-                 time_convention: str = "prg"):
-        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
-        if cfg.bf16 and self.device.type != "cuda":
+class _Pretrainer(Trainer):
+    log_header = ("step", "loss", "lr")
+    must_match = RESUME_MUST_MATCH
+
+    def __init__(self, cfg: PretrainConfig, ctx: Dist, options: RunOptions,
+                 user_model: Optional[torch.nn.Module] = None, time_convention: str = "prg"):
+        self.bar_desc = f"pretrain {cfg.model}/{cfg.path}"
+        if cfg.bf16 and ctx.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
-        if cfg.batch_size % ctx.world:
-            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({ctx.world})")
-        self.local_batch = cfg.batch_size // ctx.world
+        existing = self.open_run(cfg, ctx, options, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretrain", "pretraining",
+                                 PRETRAIN_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         c, h, w = self.data.shape
-        if h != w:
+        if h != w and user_model is None:
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
-        self._indices = StepBatches(self.data, ctx, cfg.seed, self.local_batch, cfg.batch_size)
+        self._indices = self.step_batches(self.data)
         self.path = get_path(cfg.path, cfg.sigma)
 
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
@@ -229,6 +202,7 @@ class _Trainer:
             self.model = UNet.preset(cfg.model, in_channels=c, image_size=h, **overrides).to(self.device)
         else:
             self.model = user_model.to(self.device)
+            check_model_reads(self.model, self.data.shape, cfg.data, self.device)
         # the copy of the initial weights counts as one average (n_averaged = 1), so the first update
         # already averages (decay 0.1 at step 0) instead of AveragedModel's plain copy
         self.averaged = AveragedModel(self.model, multi_avg_fn=self._ema_step)
@@ -236,27 +210,20 @@ class _Trainer:
         self.ema = self.averaged.module.requires_grad_(False).eval()
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step, self.history, self.running, self.elapsed_prev = 0, [], [0.0, 0], 0.0
-        self.files = RunDir(cfg.out, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretrain", kind="pretraining",
-                            required=REQUIRED_KEYS, main=ctx.main)
-        self.ckpt_path = self.files.ckpt_path
-        self.resumed_from = 0
-        existing = self.files.load()  # on the CPU: RNG states must stay CPU tensors
-        if existing is not None:
-            self._resume(existing)
-        else:
-            seed_everything(rank_seed(cfg.seed, ctx.rank))
+        self.running = [0.0, 0]
+        self.begin(existing, rank_seed(cfg.seed, ctx.rank))
         for group in self.opt.param_groups:
             group["initial_lr"] = cfg.lr  # this run's peak, also over a resumed optimizer's saved groups
         # a warm-up, then the peak (pretraining has no decay)
         self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup, schedule="constant", step=self.step)
         self.net = wrap_ddp(self.model, ctx)
         self.velocity = prg_velocity(self.net, time_convention)  # what the loss trains, in prg_fast's time
+        self.loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no sync per step
+        self.n_window = 0
 
-    # -- resume -----------------------------------------------------------------------------------
-    def _resume(self, ckpt: Dict[str, Any]) -> None:
-        cfg, where = self.cfg, self.ckpt_path
-        self.files.check_resume(ckpt, asdict(cfg), RESUME_MUST_MATCH)
+    # -- checkpoint entries -------------------------------------------------------------------
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
+        where = self.files.ckpt_path
         if ckpt["model_config"] != self._model_config():
             raise CheckpointError(f"{where} holds a network of another shape ({ckpt['model_config']}) than this run "
                                   f"builds ({self._model_config()}); did the data change? Use a new --out")
@@ -266,24 +233,26 @@ class _Trainer:
             self.opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{where}: the saved weights or optimizer state do not fit the network: {e}") from e
-        self.step = self.resumed_from = int(ckpt["step"])
-        self.history = [list(h) for h in ckpt["history"]]
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
-        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
-        self.averaged.n_averaged.fill_(self.step + 1)
-        restore_rng_on_resume(ckpt, self.ctx, self.device, cfg.seed, self.step, self._say)
-        self._say(f"resuming from {where} at step {self.step}")
+        history = ckpt["history"]
+        self.loss_first = running.get("first", history[0][1] if history else None)
+        self.averaged.n_averaged.fill_(int(ckpt["step"]) + 1)
+
+    def state(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        own = foreign_model_entries(self.model, self.time_convention) if self.user_model else {}
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "model_config": self._model_config(),
+                "preset": cfg.model if not self.user_model or is_factory_spec(cfg.model) else None,
+                "in_channels": self.data.shape[0], "image_size": self.data.shape[1],
+                "path": {"name": cfg.path, "sigma": float(cfg.sigma)}, "data": cfg.data,
+                "num_classes": self.data.num_classes,
+                "running": {"sum": self.running[0], "count": self.running[1], "first": self.loss_first}, **own}
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _say(self, msg: str) -> None:
-        self.files.say(msg)
-
     def _model_config(self) -> Optional[Dict[str, Any]]:
         return None if self.user_model else dict(self.model.config)
-
-    def _lr(self, step: int) -> float:
-        return self.cfg.lr * self.sched.lr_lambdas[0](step)
 
     def _ema_step(self, ema_params, params, n_averaged) -> None:
         # the (1 + n) / (10 + n) ramp at 0-based step n = n_averaged - 1 lets the average follow the
@@ -298,119 +267,76 @@ class _Trainer:
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 
-    # -- the loop ---------------------------------------------------------------------------------
+    # -- the step -----------------------------------------------------------------------------------
     def run(self) -> PretrainResult:
-        cfg, ctx = self.cfg, self.ctx
-        start_step, t_start = self.step, time.perf_counter()
+        cfg = self.cfg
         if self.step < cfg.steps and cfg.warmup > cfg.steps:
             # the warm-up is a fixed step count, not a fraction of the run: say so rather than let a
             # short run train quietly below the learning rate it was given
-            self._say(f"note: warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} steps); the learning "
-                      f"rate peaks at {self._lr(cfg.steps - 1):.3g}, not --lr {cfg.lr:g} (use --warmup to shorten it)")
-        bar = step_bar(self.files, self.step, cfg.steps, cfg.progress, f"pretrain {cfg.model}/{cfg.path}")
+            peak = cfg.lr * self.sched.lr_lambdas[0](cfg.steps - 1)
+            self.files.say(f"note: warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} steps); the "
+                           f"learning rate peaks at {peak:.3g}, not --lr {cfg.lr:g} (use --warmup to shorten it)")
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no sync per step
-        t_window, n_window = time.perf_counter(), 0
-        while self.step < cfg.steps:
-            step = self.step
-            lr = self.opt.param_groups[0]["lr"]
-            x, _ = self.data.batch(self._indices(step), device=self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = flow_matching_loss(self.velocity, x, self.path, eps=cfg.eps,
-                                          weighting=prediction_weighting(self.path, cfg.prediction))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.sched.step()
-            self._update_ema()
-            loss_sum += loss.detach()
-            n_window += 1
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step % cfg.ckpt_every == 0:
-                self._flush_loss(loss_sum, lr, bar, t_window, n_window)
-                loss_sum.zero_()
-                t_window, n_window = time.perf_counter(), 0
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self._save(self.elapsed_prev + time.perf_counter() - t_start)
-        bar.close()
-        elapsed = time.perf_counter() - t_start
-        metrics = self._finish(start_step, elapsed)
-        if ctx.world > 1:
+        metrics = super().run()
+        if self.ctx.world > 1:
             dist.barrier()  # every rank returns only once rank 0 has written its files
         return PretrainResult(self.model, self.ema, metrics, cfg.out, self.step, self.history)
 
-    def _flush_loss(self, loss_sum, lr, bar, t_window, n_window) -> None:
+    def train_step(self, step: int) -> torch.Tensor:
+        self.lr = self.opt.param_groups[0]["lr"]
+        x, _ = self.data.batch(self._indices(step), device=self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            loss = flow_matching_loss(self.velocity, x, self.path, eps=self.cfg.eps,
+                                      weighting=prediction_weighting(self.path, self.cfg.prediction))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self._update_ema()
+        self.loss_sum += loss.detach()
+        self.n_window += 1
+        return loss.detach()
+
+    def flush(self, step: int, row: bool, bar) -> None:
         # the loss of every rank, averaged: the number logged is that of the global batch
-        stats = torch.stack([loss_sum.float(), torch.tensor(float(n_window), device=self.device)])
+        stats = torch.stack([self.loss_sum.float(), torch.tensor(float(self.n_window), device=self.device)])
         if self.ctx.world > 1:
             dist.all_reduce(stats)
             stats /= self.ctx.world
         total, count = float(stats[0]), int(round(float(stats[1])))
         if not math.isfinite(total):
-            raise FloatingPointError(f"the loss became non-finite between steps {self.step - n_window} and {self.step}; "
+            raise FloatingPointError(f"the loss became non-finite between steps {step - self.n_window} and {step}; "
                                      f"lower --lr (now {self.cfg.lr:g}) or keep --grad-clip on")
         self.running[0] += total
         self.running[1] += count
-        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+        self.loss_sum.zero_()
+        self.n_window = 0
+        if row:
             mean = self.running[0] / max(self.running[1], 1)
-            self.history.append([self.step, mean, lr])
+            self.history.append([step, mean, self.lr])
             self.running = [0.0, 0]
-            rate = n_window * self.cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
-            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
 
-    def _save(self, elapsed: float) -> None:
-        rngs = gather_rng_states(self.ctx, self.device)  # a collective: every rank takes part
-        cfg = self.cfg
-        # a network prg_fast did not build also records its class and time convention
-        own = {} if not self.user_model else {"model_class": f"{type(self.model).__module__}."
-                                                            f"{type(self.model).__qualname__}",
-                                              "time_convention": self.time_convention}
-        self.files.save({
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "model_config": self._model_config(),
-            "preset": cfg.model if not self.user_model or is_factory_spec(cfg.model) else None,
-            "in_channels": self.data.shape[0],
-            "image_size": self.data.shape[1],
-            "path": {"name": cfg.path, "sigma": float(cfg.sigma)},
-            "data": cfg.data,
-            "num_classes": self.data.num_classes,
-            "args": asdict(cfg),
-            "world_size": self.ctx.world,
-            "rng": rngs,
-            "history": self.history,
-            "running": {"sum": self.running[0], "count": self.running[1]},
-            "elapsed_s": elapsed,
-            **own,
-        })
-        self.files.write_log(["step", "loss", "lr"], self.history)
-
-    def _finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
+    def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
-        trained = self.step - start_step
         metrics: Dict[str, Any] = {
             "loss": self.history[-1][1] if self.history else float("nan"),
-            "loss_start": self.history[0][1] if self.history else float("nan"),
-            **run_timing(self.step, self.resumed_from, elapsed, self.elapsed_prev, trained, cfg.batch_size),
+            "loss_start": self.loss_first if self.loss_first is not None else float("nan"),
+            **self.timing(start_step, elapsed),
             "num_params": sum(p.numel() for p in self.model.parameters()),
             "world_size": ctx.world,
             "device_used": str(self.device),
             "torch_version": str(torch.__version__),
         }
-        for key, value in asdict(cfg).items():
-            metrics.setdefault(key, value)
         if not ctx.main:
             return metrics
         samples = self.sample(cfg.num_samples)
         atomic_write(self.files.path("samples.png"), lambda f: save_image_grid(samples, f))
-        self.files.write_json("metrics.json", metrics)
-        self._say(f"step {self.step}: loss {metrics['loss']:.4f} (first interval {metrics['loss_start']:.4f}); "
-                  f"wrote {cfg.out}/checkpoint.pt, metrics.json, samples.png")
+        self.write_metrics(metrics)
+        self.files.say(f"step {self.step}: loss {metrics['loss']:.4f} (first step {metrics['loss_start']:.4f}); "
+                       f"wrote {cfg.out}/checkpoint.pt, metrics.json, samples.png")
         return metrics
 
     @torch.no_grad()

@@ -4,10 +4,9 @@ A fixed-step solve launches s network evaluations and s+1 small fused kernels pe
 batches the GPU waits on the CPU launching them. Capturing the loop once and replaying it removes
 that overhead. The graph reads the model's parameters in place, so optimizer steps between calls
 are seen; anything that changes *which* memory or kernels the solve uses is in the cache key
-(`cache_key`): shapes, grid, method, backend, the training mode of every submodule, the autocast
-state and every parameter's and buffer's storage pointer and dtype (so `model.eval()`, `.half()`
-or a re-assigned parameter after a capture re-captures instead of replaying a stale graph or
-reading freed memory).
+(`cache_key`): shapes, grid, the solve's description, the training mode of every submodule, the
+autocast state and every parameter's and buffer's storage pointer and dtype (so `model.eval()` or
+`.half()` after a capture re-captures instead of replaying a stale graph or reading freed memory).
 
 All captures share one memory pool per device and the cache is an LRU of `max_size()` entries
 (default 16, env PRG_FAST_CUDA_GRAPH_CACHE or `set_max_size`).
@@ -15,10 +14,9 @@ All captures share one memory pool per device and the cache is an LRU of `max_si
 `cuda_graph=True` always captures (and refuses CPU tensors, grad mode, check_finite).
 `cuda_graph="auto"` captures only where it pays: CUDA, no grad, no check_finite, and at most
 `auto_max_numel()` state elements (default 2**18, env PRG_FAST_CUDA_GRAPH_MAX_NUMEL); otherwise it
-runs the solve eagerly. Launch overhead is a fixed cost per kernel, so graphs pay for small states
-and stop paying once each kernel's work dwarfs its launch. Measure the crossover on a given GPU
-with `python benchmarks/gpu_report.py --out DIR` (part "graph_crossover": eager vs graphed reverse
-over growing batch; the first batch where graphed/eager >= 0.95 is printed) and set the env var.
+runs the solve eagerly (graphs pay while launch overhead dominates). Measure the crossover on a
+GPU with `bash benchmarks/gpu_check.sh --out DIR` (part "reverse": its "crossover" is the first
+state size where graphed/eager >= 0.95) and set the env var.
 """
 from __future__ import annotations
 
@@ -45,8 +43,10 @@ def _model_token(model) -> Hashable:
     return ref
 
 
-def cache_key(model, x: torch.Tensor, grid: List[float], index: List[int], kwargs: Dict) -> Tuple:
-    """Everything a captured solve depends on besides the values it reads in place."""
+def cache_key(model, x: torch.Tensor, grid: List[float], index: List[int], spec: Hashable) -> Tuple:
+    """Everything a captured solve depends on besides the values it reads in place; `spec` is the
+    solve's description (prg_fast.ode.description.SolveDescription: method, backend, model dtype,
+    strategy and the rest)."""
     if isinstance(model, torch.nn.Module):
         modes = tuple(m.training for m in model.modules())
         storage = tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape))
@@ -54,9 +54,7 @@ def cache_key(model, x: torch.Tensor, grid: List[float], index: List[int], kwarg
     else:
         modes, storage = (), ()
     return (_model_token(model), tuple(x.shape), x.dtype, x.device, x.stride(), tuple(grid), tuple(index),
-            str(kwargs.get("method")), kwargs.get("backend"), kwargs.get("model_dtype"),
-            kwargs.get("reversible"), kwargs.get("reversible_coupling"),
-            autocast_state(x.device.type), modes, storage)
+            spec, autocast_state(x.device.type), modes, storage)
 
 
 class GraphCache:
@@ -117,7 +115,7 @@ def max_size() -> int:
 
 
 def set_auto_max_numel(numel: int) -> None:
-    """Largest state (x.numel()) for which cuda_graph="auto" captures; measure it with gpu_report."""
+    """Largest state (x.numel()) for which cuda_graph="auto" captures; measure it with benchmarks/gpu_check.sh."""
     if not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     _MAX_NUMEL[0] = numel
@@ -161,15 +159,16 @@ def _pool(device: torch.device):
     return _POOLS[device]
 
 
-def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[int], mode=True, **kwargs) -> torch.Tensor:
-    """Run `solve(model, x, grid, index, **kwargs)` (api's solve) through a captured graph, or eagerly
-    when `mode="auto"` judges a graph does not pay (see `should_graph`)."""
-    if not should_graph(model, x, mode, bool(kwargs.get("check_finite"))):
-        return solve(model, x, grid, index, **kwargs)
+def graphed_solve(run, model, x: torch.Tensor, grid, spec, mode=True) -> torch.Tensor:
+    """`run(model, x, grid, spec)` (prg_fast.ode.run.run; grid a float Grid, spec its description)
+    through a captured graph, or eagerly when `mode="auto"` judges a graph does not pay (see
+    `should_graph`)."""
+    if not should_graph(model, x, mode, spec.check_finite):
+        return run(model, x, grid, spec)
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         where = x.device if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"cuda_graph=True needs x on a CUDA device, got {where}")
-    if kwargs.get("check_finite"):
+    if spec.check_finite:
         raise ValueError("cuda_graph=True cannot be combined with check_finite=True (it needs a host sync every step)")
     if _grad_needed(model, x):
         raise ValueError("cuda_graph=True is for inference: call it under torch.no_grad() (or torch.inference_mode())")
@@ -180,14 +179,14 @@ def graphed_solve(solve, model, x: torch.Tensor, grid: List[float], index: List[
         stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):  # warm-up outside the graph (lazy init, cuDNN/cuBLAS autotuning)
-                solve(model, static_x, grid, index, **kwargs)
+                run(model, static_x, grid, spec)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=_pool(x.device)):
-            static_out = solve(model, static_x, grid, index, **kwargs)
+            static_out = run(model, static_x, grid, spec)
         return graph, static_x, static_out
 
-    graph, static_x, static_out = _CACHE.get(cache_key(model, x, grid, index, kwargs), capture)
+    graph, static_x, static_out = _CACHE.get(cache_key(model, x, grid.points, grid.out_index, spec), capture)
     static_x.copy_(x)
     graph.replay()
     # the pool is shared, so the next replay of any graph may overwrite static_out: hand out a copy

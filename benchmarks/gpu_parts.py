@@ -1,0 +1,440 @@
+"""The parts of the GPU check (benchmarks/gpu_report.py runs each in its own process under the
+global deadline): what each measures, in order of value, and the Context a part's process gets.
+
+    info         the build: CUDA ops for this GPU, Triton usable (prg_fast.info())
+    correctness  pytest -m cuda_quick (python_tests/cuda_selection.py) over the files that mark cuda
+    adjoint      P1-P3 through benchmarks/adjoint_memory.py (cifar, K = 4 and 16)
+    kernels      P5 through benchmarks/kernels.py --device D --quick --out DIR
+    reverse      P4 through benchmarks/reverse_speed.py --no-backward, and the CUDA-graph crossover
+    finetune     P7, P8 through benchmarks/finetune_step.py
+    sanitizer    compute-sanitizer memcheck/racecheck, only if a probe answers within 45 s
+
+A part returns a dict (rows, figures, "ok": False with a "reason" when its check fails), raises
+Skip with the reason it cannot run here, and calls ctx.progress() with what it has measured so far
+(a part killed by the deadline keeps that).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+class Skip(Exception):
+    """A part that cannot run here; the message says why."""
+
+
+@dataclass
+class Part:
+    name: str
+    cap_s: float  # its own limit on the GPU machine (the global deadline may leave it less)
+    claim: str  # what it proves
+    run: Callable[["Context"], dict]
+
+
+class Context:
+    """What a part's process gets: the mode, the folders, and progress() to save partial results."""
+
+    def __init__(self, name: str, smoke: bool, out: str, scratch: str, stall: Optional[str], cuda_set: str):
+        self.name, self.smoke, self.out, self.scratch, self.cuda_set = name, smoke, out, scratch, cuda_set
+        self.stall = stall == name
+        self.result_path = os.path.join(scratch, name + ".json")
+
+    def progress(self, result: dict) -> None:
+        """Save what is measured so far (atomically): a part cut by the deadline keeps it."""
+        tmp = self.result_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(tmp, self.result_path)
+        if self.stall:  # --stall NAME (tests): hang after the first progress, as a slow part would
+            time.sleep(1e6)
+
+    def device(self):
+        import torch
+
+        if self.smoke:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise Skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+        return torch.device("cuda")
+
+    def run_logged(self, cmd: List[str], log_name: str = "parts.log", timeout: Optional[float] = None,
+                   on_line: Optional[Callable[[str], None]] = None) -> int:
+        """Run `cmd` (cwd: the repository root), appending its output to DIR/log_name; on_line is
+        called with every output line as it comes. Returns the exit status."""
+        with open(os.path.join(self.out, log_name), "a") as log:
+            log.write(f"\n== [{self.name}] {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=child_env())
+            # a watchdog, not a check per line: a command that hangs silently is stopped too
+            watchdog = threading.Timer(timeout, kill_tree, (proc,)) if timeout is not None else None
+            if watchdog:
+                watchdog.start()
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    if on_line:
+                        on_line(line)
+                rc = proc.wait()
+            finally:
+                if watchdog:
+                    watchdog.cancel()
+            if rc == -signal.SIGKILL and timeout is not None:
+                log.write(f"== killed at its {timeout:.0f} s limit\n")
+            return rc
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a command and what it started (compute-sanitizer runs its target as a child, which
+    would otherwise keep the output pipe open); the process group stays the part's own."""
+    try:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # psutil missing, or the process already gone: the command itself still goes
+        children = []
+    proc.kill()  # the command first, so that it cannot react to its children's deaths
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # gone already
+            pass
+
+
+def child_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# -------------------------------------------------------------------------------------------------
+# the parts, in order of value
+
+
+def part_info(ctx: Context) -> dict:
+    import contextlib
+    import io
+
+    import torch
+
+    import prg_fast
+    from prg_fast.ode import backends, ops
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        prg_fast.info()
+    cuda = torch.cuda.is_available()
+    res = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "text": buf.getvalue(),
+           "device": torch.cuda.get_device_name(0) if cuda else "CPU", "cuda_ops": ops.CUDA_ERROR or "built"}
+    if cuda:
+        res["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        res["triton"] = backends.unavailable_reason("triton", torch.device("cuda")) or "usable"
+    if not ctx.smoke:
+        res["ok"] = cuda and not ops.CUDA_ERROR and res["triton"] == "usable"
+        if not res["ok"]:
+            res["reason"] = (f"CUDA ops: {res['cuda_ops']}; Triton: {res.get('triton', 'n/a')}" if cuda
+                             else "no CUDA device visible to torch")
+    return res
+
+
+PYTEST_LINE = re.compile(r"^(\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")  # pytest -v, one per test
+
+
+def part_correctness(ctx: Context) -> dict:
+    """The quick CUDA subset (python_tests/cuda_selection.py) or, with --cuda-set all, every
+    cuda-marked test; streamed to pytest.log, counted as it goes."""
+    marker = "cuda_quick" if ctx.cuda_set == "quick" else "cuda"
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rs", "--tb=short", "-p", "no:cacheprovider", "-m", marker,
+           "-o", "faulthandler_timeout=120", *cuda_test_files()]
+    counts: Dict[str, int] = {}
+    failed: List[str] = []
+    res = {"selection": marker, "cmd": " ".join(cmd[1:]), "counts": counts, "failed": failed}
+    last = [0.0]
+
+    def on_line(line):
+        m = PYTEST_LINE.match(line)
+        if m:
+            counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+            if m.group(2) in ("FAILED", "ERROR"):
+                failed.append(m.group(1))
+            if time.monotonic() - last[0] > 2:
+                last[0] = time.monotonic()
+                ctx.progress(res)
+        elif line.startswith("SKIPPED [") and len(res.setdefault("skip_reasons", [])) < 8:
+            res["skip_reasons"].append(line.strip()[:300])
+
+    rc = ctx.run_logged(cmd, "pytest.log", on_line=on_line)
+    res["rc"] = rc
+    passed = counts.get("PASSED", 0)
+    # skips with their reasons are listed (a second GPU, memory); a missing build fails `info` instead
+    res["ok"] = rc in (0, 5) and not failed and (ctx.smoke or passed > 0)
+    if not res["ok"]:
+        res["reason"] = (f"pytest exit {rc}: {len(failed)} failed, {counts.get('SKIPPED', 0)} skipped, {passed} passed"
+                         " (pytest.log has the details)")
+    return res
+
+
+def cuda_test_files() -> List[str]:
+    """The test files that mark anything `cuda` (collecting only these saves most of the suite's
+    import time; a file marks its tests through pytest.mark.cuda, so the text is there)."""
+    folder = os.path.join(ROOT, "python_tests")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("test_") and n.endswith(".py"))
+    return [os.path.join("python_tests", n) for n in names
+            if "mark.cuda" in open(os.path.join(folder, n), encoding="utf-8").read()]
+
+
+def _adjoint_impls():
+    import adjoint_memory
+
+    want = ("backprop", "budget_0", "auto", "budget_inf", "reversible", "tdq", "tdq_adjoint")
+    return [i for i in want if i in adjoint_memory.IMPLS]
+
+
+def part_adjoint(ctx: Context) -> dict:
+    """P1-P3 through benchmarks/adjoint_memory.py, one call per K so each K is kept once measured."""
+    dev = ctx.device()
+    size = ["--model", "tiny", "--batch", "2", "--size", "8", "--reps", "1"] if ctx.smoke else \
+        ["--model", "cifar", "--batch", "32", "--size", "32", "--reps", "3"]
+    res = {"claim": "adjoint peak flat in K; time vs plain backprop; exact gradients (torchdiffeq's adjoint is not)",
+           "rows": []}
+    for k in ([1, 2] if ctx.smoke else [4, 16]):
+        folder = os.path.join(ctx.scratch, f"adjoint_k{k}")
+        cmd = [sys.executable, os.path.join(HERE, "adjoint_memory.py"), "--device", dev.type, "--method", "euler",
+               "--steps", str(k), "--impls", *_adjoint_impls(), "--grad-batch", "2", "--out", folder,
+               "--figures", folder, *size]
+        if ctx.run_logged(cmd) != 0:
+            raise RuntimeError(f"adjoint_memory.py failed at K={k} (parts.log has its output)")
+        for path in sorted(os.listdir(folder)):
+            if path.endswith(".json"):
+                with open(os.path.join(folder, path)) as f:
+                    data = json.load(f)
+                res["device"] = data["device"]
+                res["rows"] += [{k2: (round(v, 4) if isinstance(v, float) and k2 != "grad_rel_err" else v)
+                                 for k2, v in r.items()} for r in data["rows"]]
+        ctx.progress(res)
+    res["ratios"] = adjoint_ratios(res["rows"])
+    return res
+
+
+def adjoint_ratios(rows: List[dict]) -> dict:
+    """The headline ratios from adjoint_memory.py's rows: memory growth with K, memory and time
+    against plain backprop and against torchdiffeq's adjoint at the largest K."""
+    by = {(r["impl"], r["steps"]): r for r in rows}
+    ks = sorted({r["steps"] for r in rows})
+    lo, hi = ks[0], ks[-1]
+    out = {}
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        if (impl, lo) in by and (impl, hi) in by and by[impl, lo]["peak_mib"] > 0:
+            out[f"{impl} peak K{hi}/K{lo}"] = round(by[impl, hi]["peak_mib"] / by[impl, lo]["peak_mib"], 2)
+    for impl in ("budget_0", "auto"):
+        for anchor in ("backprop", "tdq_adjoint"):
+            if (impl, hi) in by and (anchor, hi) in by and by[anchor, hi]["peak_mib"] > 0:
+                out[f"{impl}/{anchor} peak K{hi}"] = round(by[impl, hi]["peak_mib"] / by[anchor, hi]["peak_mib"], 3)
+                out[f"{impl}/{anchor} time K{hi}"] = round(by[impl, hi]["seconds"] / by[anchor, hi]["seconds"], 3)
+    return out
+
+
+def part_kernels(ctx: Context) -> dict:
+    """P5 through benchmarks/kernels.py --device D --quick --out DIR (issue 26's interface)."""
+    dev = ctx.device()
+    folder = os.path.join(ctx.scratch, "kernels")
+    os.makedirs(folder, exist_ok=True)
+    lines: List[str] = []
+    cmd = [sys.executable, os.path.join(HERE, "kernels.py"), "--device", dev.type, "--quick", "--out", folder]
+    rc = ctx.run_logged(cmd, on_line=lines.append)
+    produced = os.path.join(folder, "kernels.json")
+    if not os.path.exists(produced) and os.path.exists(folder + ".json"):
+        produced = folder + ".json"  # kernels.py before issue 26 reads --out as a file stem
+    if not os.path.exists(produced):
+        tail = "".join(lines[-3:]).strip()
+        if rc != 0 and "unrecognized arguments" in tail:
+            raise Skip("benchmarks/kernels.py does not take --device/--quick/--out yet (issue 26 gives it them)")
+        raise Skip(f"benchmarks/kernels.py wrote no kernels.json (exit {rc}): {tail[-300:]}")
+    shutil.copy(produced, os.path.join(ctx.out, "kernels.json"))
+    with open(produced) as f:
+        data = json.load(f)
+    rows = (data.get("rows") or data.get("results") or []) if isinstance(data, dict) else data
+    rows = flat_rows([r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else [])
+    return {"claim": "fused op bandwidth / copy_ >= 0.85, and faster than the best torch formulation",
+            "device": data.get("device") if isinstance(data, dict) else None, "rows": rows[:40],
+            "file": "kernels.json", "rc": rc}
+
+
+def flat_rows(rows: List[dict]) -> List[dict]:
+    """Rows nested one level (per device: {"name": ..., "rows": [...]}) as flat table rows, each
+    with its parent's plain fields; a dict of figures ({"GBps": {"cuda": ...}}) as "GBps:cuda"."""
+    def plain(row):
+        out = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                out.update({f"{k}:{sub}": x for sub, x in v.items() if not isinstance(x, (dict, list))})
+        return out
+
+    out = []
+    for row in rows:
+        nested = [v for v in row.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        out += [{**plain(row), **plain(x)} for v in nested for x in v] if nested else [plain(row)]
+    return out
+
+
+def part_reverse(ctx: Context) -> dict:
+    """P4 through benchmarks/reverse_speed.py --no-backward: eager vs CUDA graph vs torchdiffeq."""
+    import reverse_speed
+
+    dev = ctx.device()
+    folder = os.path.join(ctx.scratch, "reverse")
+    sizes = ["--presets", "tiny", "--batches", "1", "2", "--size", "8", "--steps", "2", "--reps", "1"] if ctx.smoke \
+        else ["--presets", "tiny", "cifar", "--batches", "1", "4", "16", "64", "--size", "32", "--steps", "10",
+              "--reps", "5"]
+    res = {"claim": "no-grad reverse: tdq/prg >= 2 at batch <= 8; graphs pay where launch-bound", "rows": []}
+
+    def on_line(line):
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                return
+            # reverse_speed.py prints times in ms
+            res["rows"].append({(k + "_ms" if k in ("net", "prg", "prg_graph", "tdq") else k): v
+                                for k, v in row.items()})
+            ctx.progress(res)
+
+    cmd = [sys.executable, os.path.join(HERE, "reverse_speed.py"), "--device", dev.type, "--no-backward",
+           "--out", folder, *sizes]
+    if ctx.run_logged(cmd, on_line=on_line) != 0:
+        raise RuntimeError("reverse_speed.py failed (parts.log has its output)")
+    for r in res["rows"]:
+        r["tdq/prg"] = round(r["tdq_ms"] / r["prg_ms"], 3)
+        if "prg_graph_ms" in r:
+            r["tdq/prg_graph"] = round(r["tdq_ms"] / r["prg_graph_ms"], 3)
+            r["graph/eager"] = round(r["prg_graph_ms"] / r["prg_ms"], 3)
+    if dev.type == "cuda":
+        res["crossover"] = reverse_speed.graph_crossover(
+            [dict(preset=r["preset"], numel=r["numel"], prg=r["prg_ms"], prg_graph=r["prg_graph_ms"])
+             for r in res["rows"]])
+        res["note"] = ("cuda_graph='auto' captures up to PRG_FAST_CUDA_GRAPH_MAX_NUMEL (default 2**18) elements; "
+                       "keep it below the smallest stops_at_numel")
+    return res
+
+
+def part_finetune(ctx: Context) -> dict:
+    """P7, P8 through benchmarks/finetune_step.py: one PRG finetuning step vs the released way."""
+    dev = ctx.device()
+    path = os.path.join(ctx.scratch, "finetune_step.json")
+    sizes = ["--quick", "--reps", "1"] if ctx.smoke else ["--batch", "64", "--steps", "31", "--reps", "3"]
+    cmd = [sys.executable, os.path.join(HERE, "finetune_step.py"), "--device", dev.type, "--json", path, *sizes]
+
+    def collect():
+        with open(path) as f:
+            data = json.load(f)
+        rows = [{k: (round(v, 4) if isinstance(v, float) and k != "grad_rel_err" else v) for k, v in r.items()}
+                for r in data["rows"]]
+        return {"claim": "finetuning step: memory and images/s vs the released pipeline (odeint_adjoint, fp32); "
+                         "goal 3x with bf16 autocast", "device": data["device"], "args": data["args"],
+                "default_memory_budget": data.get("default_memory_budget"), "rows": rows,
+                "ratios": finetune_ratios(data["rows"])}
+
+    # finetune_step.py saves after its timing, memory and gradient phases: keep each as it comes
+    rc = ctx.run_logged(cmd, on_line=lambda line: ctx.progress(collect()) if line.startswith("saved: ") else None)
+    if not os.path.exists(path):
+        raise RuntimeError(f"finetune_step.py failed (exit {rc}; parts.log has its output)")
+    res = collect()
+    if rc != 0:
+        res.update(ok=False, reason=f"finetune_step.py exited {rc} (parts.log); rows are those it had saved")
+    return res
+
+
+def finetune_ratios(rows: List[dict]) -> dict:
+    """P8 and P7 against the released pipeline's row: images/s (its time over each row's) and peak
+    memory (each row's over its), as far as measured."""
+    by = {r["impl"]: r for r in rows}
+    released = by.get("released")
+    if released is None:
+        return {}
+    out = {}
+    for impl, r in by.items():
+        if impl == "released":
+            continue
+        out[f"{impl} images/s vs released"] = round(1.0 / r["time_vs_released"], 3)
+        if r.get("peak_mib") is not None and released.get("peak_mib"):
+            out[f"{impl} peak vs released"] = round(r["peak_mib"] / released["peak_mib"], 3)
+    return out
+
+
+def part_sanitizer(ctx: Context) -> dict:
+    """compute-sanitizer memcheck/racecheck on the CUDA kernels, only if it answers quickly."""
+    ctx.device()
+    if ctx.smoke:
+        raise Skip("--smoke runs on the CPU")
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        raise Skip("compute-sanitizer is not on the PATH")
+    probe = [tool, "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-c",
+             "import torch; torch.ones(8, device='cuda').sum().item()"]
+    lines: List[str] = []
+    rc = ctx.run_logged(probe, "sanitizer.log", timeout=45, on_line=lines.append)
+    if rc != 0:
+        raise Skip(f"compute-sanitizer refused or did not answer within 45 s (exit {rc}): "
+                   f"{''.join(lines[-3:]).strip()[-300:]}")
+    rows = []
+    cuda_kernels = ["python_tests/sanitize_cuda.py"]
+    triton_tests = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "cuda_quick",
+                    "python_tests/test_triton_cuda.py"]
+    for check, target in (("memcheck", cuda_kernels), ("racecheck", cuda_kernels), ("memcheck", triton_tests)):
+        cmd = [tool, "--tool", check, "--error-exitcode", "1", sys.executable, *target]
+        rc = ctx.run_logged(cmd, "sanitizer.log", timeout=60)
+        rows.append({"tool": check, "target": " ".join(target[-1:]), "rc": rc})
+        ctx.progress({"rows": rows})
+    ok = all(r["rc"] == 0 for r in rows)
+    return {"rows": rows, "ok": ok, **({} if ok else {"reason": "a check reported errors (sanitizer.log)"})}
+
+
+PARTS = [
+    Part("info", 60, "the build: CUDA ops for this GPU, Triton usable", part_info),
+    Part("correctness", 150, "every CUDA/Triton op, dtype and strategy against the reference", part_correctness),
+    Part("adjoint", 100, "P1-P3: adjoint memory and time vs backprop vs torchdiffeq (cifar)", part_adjoint),
+    Part("kernels", 60, "P5: fused-op bandwidth vs copy_", part_kernels),
+    Part("reverse", 60, "P4: no-grad reverse, CUDA graphs, torchdiffeq; the crossover", part_reverse),
+    Part("finetune", 120, "P7, P8: a PRG finetuning step vs the released pipeline", part_finetune),
+    Part("sanitizer", 120, "compute-sanitizer memcheck/racecheck, if the machine allows it", part_sanitizer),
+]
+
+
+# -------------------------------------------------------------------------------------------------
+# in the part's own process
+
+
+def run_part(part: Part, ctx: Context) -> None:
+    """In the part's own process: run it and save its result (status ok / skipped / failed)."""
+    try:
+        res = part.run(ctx)
+        res["status"] = "failed" if res.get("ok") is False else "ok"
+    except Skip as e:
+        res = {"status": "skipped", "reason": str(e)}
+    except Exception as e:  # the report says what broke; the next part still runs
+        res = read_result(ctx.result_path)
+        res.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+    ctx.progress(res)  # with --stall this part then hangs: the deadline must cut it and keep this
+
+
+def read_result(path: str) -> dict:
+    """A part's saved result ({} when it saved none)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,86 @@
+"""Parametrizations cached around a solve (`with torch.nn.utils.parametrize.cached(): ...`).
+
+Under parametrize.cached() a parametrized tensor (weight_norm's, spectral_norm's, orthogonal's
+weight) is computed once, on its first access, and every later access returns that same tensor
+with its graph. Plain backprop then differentiates the velocity's evaluations into it and its
+graph once, on the total. The adjoints differentiate each evaluation on its own, so a VJP that ran
+on through the shared tensor's graph would consume it ("backward through the graph a second
+time") and count it once per evaluation; and a rerun after the block has ended would compute a
+fresh tensor (spectral_norm: another power iteration) instead of the forward's.
+
+So the cached tensors the first evaluation finds are treated as inputs of the solve
+(`SharedParametrizations.tensors`): each VJP stops at them, the solve returns their summed
+gradient and autograd runs their own graph once, as in plain backprop (the originals they are
+computed from are then reached only through them: api drops them from the solve's inputs). And the
+backward's reruns read exactly those tensors (`SharedParametrizations.kept`), whether the backward
+runs inside the block or after it.
+
+This reads and writes torch.nn.utils.parametrize's module-level cache (`_cache`, `_cache_enabled`,
+what parametrize.cached() itself sets): there is no public API to hand a cache to a rerun.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.nn.utils import parametrize
+
+Key = Tuple[int, str]  # (id(module), tensor name): parametrize's own cache key
+
+
+class SharedParametrizations:
+    def __init__(self, entries: Dict[Key, torch.Tensor]):
+        self.entries = entries
+
+    @classmethod
+    def of_now(cls) -> Optional["SharedParametrizations"]:
+        """After the solve's first evaluation: the cached parametrized tensors, None when caching
+        is off or nothing is cached. Every entry, not only those of the modules the velocity
+        reaches: the cache is keyed by the id of the module a parametrization was registered on,
+        which a deep copy of the module still shares (the copy keeps the original's property)."""
+        if not getattr(parametrize, "_cache_enabled", 0):
+            return None
+        cache = getattr(parametrize, "_cache", {})
+        entries = {k: v for k, v in cache.items() if isinstance(v, torch.Tensor)}
+        return cls(entries) if entries else None
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The cached tensors that carry a graph: inputs of the solve."""
+        return [v for v in self.entries.values() if v.requires_grad]
+
+    @staticmethod
+    def computing_modules(modules: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
+        """The parametrization modules among `modules` (what computes a cached tensor, and writes
+        spectral_norm's power-iteration vectors once per cache, not once per evaluation)."""
+        lists = [m for m in modules if isinstance(m, parametrize.ParametrizationList)]
+        return [sub for m in lists for sub in m.modules()]
+
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Inside: caching is on and the cache holds the forward's tensors; after: as it was."""
+        parametrize._cache_enabled += 1
+        previous = {k: parametrize._cache.get(k) for k in self.entries}
+        parametrize._cache.update(self.entries)
+        try:
+            yield
+        finally:
+            parametrize._cache_enabled -= 1
+            if not parametrize._cache_enabled:
+                parametrize._cache = {}  # as parametrize.cached() leaves it
+            else:
+                for k, v in previous.items():
+                    if v is None:
+                        parametrize._cache.pop(k, None)
+                    else:
+                        parametrize._cache[k] = v
+
+
+@contextmanager
+def kept(shared: Optional[SharedParametrizations]) -> Iterator[None]:
+    """SharedParametrizations.kept, or nothing when the solve found none."""
+    if shared is None:
+        yield
+    else:
+        with shared.kept():
+            yield

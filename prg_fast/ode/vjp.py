@@ -1,0 +1,107 @@
+"""The one vector-Jacobian product every adjoint takes of a recomputed or kept evaluation.
+
+Both adjoints (prg_fast.ode.adjoint, prg_fast.ode.reversible) differentiate each evaluation on its
+own and return the *sum* over evaluations as the parameters' gradient, through their autograd
+Function; autograd then runs the parameters' hooks on that total, once, as plain backprop does.
+So the per-evaluation VJPs here must not run them:
+
+- tensor hooks (`p.register_hook`) run on every gradient autograd captures for `p`, also inside
+  `torch.autograd.grad(..., inputs=[p])`: they are muted for the duration of the VJP (the hooks'
+  dict is emptied and refilled in order; autograd reads it through the same object);
+- post-accumulate-grad hooks run only when a gradient is accumulated into `.grad`, which
+  `torch.autograd.grad` never does -- except through a reentrant checkpoint inside the velocity
+  (below), so they are muted as well.
+
+Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
+`torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
+parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
+velocity's graph holds one (`uses_reentrant_checkpoint`), the VJP is a plain
+`torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
+accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
+is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
+prg_fast.ode.reach finds and what graph discovery adds.)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+def uses_reentrant_checkpoint(output: Optional[torch.Tensor]) -> bool:
+    """Whether the graph of `output` runs a reentrant checkpoint (walked once, on the first
+    evaluation)."""
+    if output is None or output.grad_fn is None:
+        return False
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == REENTRANT_NODE:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _hook_dicts(t: torch.Tensor) -> List[dict]:
+    # the dicts autograd reads a tensor's Python hooks from (torch.Tensor.register_hook and
+    # register_post_accumulate_grad_hook keep them there)
+    return [d for d in (getattr(t, "_backward_hooks", None), getattr(t, "_post_accumulate_grad_hooks", None)) if d]
+
+
+@contextmanager
+def hooks_muted(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The tensor hooks of `tensors` do not run inside the block; they are back, in their order,
+    after it (however it ends)."""
+    saved = [(d, list(d.items())) for t in tensors for d in _hook_dicts(t)]
+    for d, _ in saved:
+        d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.update(items)
+
+
+def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor,
+                   reentrant: bool = False) -> List[Optional[torch.Tensor]]:
+    """cotangent^T d output / d inputs (None for an input the output does not read), with the
+    inputs' hooks muted (see the module docstring)."""
+    inputs = list(inputs)
+    if not output.requires_grad:
+        # an evaluation that reads neither the state nor a parameter (a zero velocity, a function
+        # of t only) has no graph: it contributes nothing
+        return [None] * len(inputs)
+    with hooks_muted(inputs), torch.enable_grad():
+        if not reentrant:
+            return list(torch.autograd.grad(output, inputs, cotangent, allow_unused=True))
+        return _backward_into_fresh(output, inputs, cotangent)
+
+
+def _backward_into_fresh(output: torch.Tensor, inputs: List[torch.Tensor], cotangent: torch.Tensor):
+    """The VJP through torch.autograd.backward, for graphs with a reentrant checkpoint (which
+    refuses torch.autograd.grad and backward(inputs=...)): every input's .grad is set aside, the
+    backward accumulates into empty ones, they are this evaluation's share, and the user's .grad
+    is put back."""
+    computed = [i for i, q in enumerate(inputs) if not q.is_leaf]
+    if computed:
+        # backward without inputs= would run on through such an input's own graph
+        raise RuntimeError(
+            "the velocity runs torch.utils.checkpoint(..., use_reentrant=True) and the solve's input "
+            f"{computed[0]} (adjoint_params) is computed outside the model: use use_reentrant=False in the "
+            "checkpoint, or adjoint=False"
+        )
+    stash = [q.grad for q in inputs]
+    for q in inputs:
+        q.grad = None
+    try:
+        torch.autograd.backward(output, cotangent)
+        return [q.grad for q in inputs]
+    finally:
+        for q, g in zip(inputs, stash):
+            q.grad = g

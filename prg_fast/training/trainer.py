@@ -1,0 +1,290 @@
+"""The one training skeleton of pretrain, finetune, repfusion and genrep: claiming the run directory,
+resuming, the step loop, streaming logs, checkpoints by step count and by wall time, and stopping
+cleanly on SIGINT / SIGTERM. Each trainer keeps only its own step, state and metrics.
+
+A trainer subclasses Trainer and supplies
+    train_step(step) -> loss        one optimizer step (the loss of step 0 becomes loss_start)
+    flush(step, row, bar)           fold the interval's statistics in; append a log row when `row`
+    state() / load_state(ckpt)      its own checkpoint entries (networks, optimizers, running sums)
+    finish(start_step, elapsed)     final numbers -> metrics.json
+and calls open_run(...) then begin(ckpt) in its __init__; Trainer.run() does the rest.
+
+Stopping: the first SIGINT or SIGTERM lets the current step finish, writes a checkpoint (every
+rank agrees on the step under torchrun) and raises Interrupted, a KeyboardInterrupt whose
+exit_code is 128 + the signal number (130 for SIGINT, 143 for SIGTERM); running the same command
+again resumes bitwise. A second signal aborts at once (KeyboardInterrupt): nothing is written, the
+last checkpoint stays intact. torchrun forwards one signal to every worker and waits 30 s for them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .distributed import Dist
+from .rundir import RunDir
+from .runs import StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume, seed_everything
+
+__all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal after a finished step, its checkpoint written: run the same command
+    again (same --out) to resume. exit_code: 128 + the signal number."""
+
+    def __init__(self, command: str, signum: int, step: int, checkpoint: str):
+        self.command, self.signum, self.step, self.checkpoint = command, signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} after step {step}: checkpoint written to {checkpoint}; "
+                         f"run the same command again (same --out) to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequests:
+    """While active (a context manager, main thread only): the first SIGINT / SIGTERM is recorded in
+    `signum` for the loop to act on at the end of its step; a second one restores the previous
+    handlers and raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say):
+        self.say, self.signum, self._previous = say, None, {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            self._restore()
+            raise KeyboardInterrupt(f"a second signal ({name}): aborted at once; the last checkpoint is intact")
+        self.signum = signum
+        self.say(f"{name}: finishing this step, then writing a checkpoint (send it again to abort at once)")
+
+
+@dataclass
+class TrainConfig:
+    """The fields every trainer's config shares and their checks (a config redeclares a field to
+    give it its own default)."""
+
+    data: str = "digits"
+    out: str = "runs/train"
+    steps: int = 500
+    batch_size: int = 128  # global: split evenly over the processes
+    hflip: Optional[bool] = None  # None: the data set's default (flips for natural images, not digits)
+    seed: int = 0
+    ckpt_every: int = 200
+    log_every: int = 25
+    device: str = "auto"
+    progress: bool = True
+
+    def check_run_fields(self, min_steps: int = 1) -> None:
+        check_int("steps", self.steps, min_steps)
+        for name in ("batch_size", "ckpt_every", "log_every", "eval_batch_size"):
+            if hasattr(self, name):
+                check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
+
+    def pretrained_checkpoint(self, command: str) -> str:
+        """--checkpoint (a pretraining run directory or checkpoint file) as an absolute path."""
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ValueError(f"{command} needs --checkpoint: a pretraining run directory (prg-fast pretrain --out DIR)")
+        return os.path.abspath(os.path.expanduser(self.checkpoint))
+
+
+@dataclass
+class RunOptions:
+    """How a run is kept, not what it computes (so not part of a checkpoint's arguments):
+    ckpt_minutes: also checkpoint when this much wall time passed since the last one (0: off);
+    force: write into a non-empty folder prg_fast did not make."""
+
+    ckpt_minutes: float = 10.0
+    force: bool = False
+
+    def validate(self) -> "RunOptions":
+        check_number("ckpt_minutes", self.ckpt_minutes, 0.0, float("inf"))
+        if not isinstance(self.force, bool):
+            raise ValueError(f"force must be True or False, got {self.force!r}")
+        return self
+
+
+def split_run_options(kwargs: Dict[str, Any]) -> RunOptions:
+    """The RunOptions fields taken out of a trainer's keyword arguments."""
+    return RunOptions(**{k: kwargs.pop(k) for k in ("ckpt_minutes", "force") if k in kwargs}).validate()
+
+
+class Trainer:
+    """The skeleton (see the module doc); a subclass's __init__ calls open_run(), builds its
+    networks and optimizers, then calls begin()."""
+
+    clock = staticmethod(time.perf_counter)  # seconds; what wall-time checkpoints and timings read
+    log_header: Sequence[str] = ()
+    must_match: Sequence[str] = ()  # arguments a resumed run must share with the checkpoint's
+    bar_desc = "train"
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def open_run(self, cfg: TrainConfig, ctx: Dist, options: RunOptions, fmt: str, version: int, command: str,
+                 kind: str, required: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+        """Set the run's config and process context, and claim --out for this command (refused
+        before any work if another command's run, a file or an unrelated non-empty folder is
+        there); the checkpoint to resume from, or None."""
+        self.cfg, self.ctx, self.device, self.options = cfg, ctx, ctx.device, options
+        if cfg.batch_size % ctx.world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                             f"({ctx.world})")
+        self.local_batch = cfg.batch_size // ctx.world
+        self.files = RunDir(self.cfg.out, fmt, version, command, kind=kind, required=required, main=self.ctx.main)
+        self.step, self.resumed_from, self.history, self.elapsed_prev = 0, 0, [], 0.0
+        self.loss_first: Optional[float] = None
+        return self.files.claim(force=options.force)
+
+    def step_batches(self, data) -> StepBatches:
+        """This rank's sample indices of each step, a function of (seed, step) alone."""
+        return StepBatches(data, self.ctx, self.cfg.seed, self.local_batch, self.cfg.batch_size)
+
+    def begin(self, ckpt: Optional[Dict[str, Any]], fresh_seed: int) -> None:
+        """Continue from `ckpt` (arguments checked, state and random streams restored), or seed the
+        fresh run's random streams with `fresh_seed`."""
+        if ckpt is None:
+            seed_everything(fresh_seed)
+            return
+        self.files.check_resume(ckpt, asdict(self.cfg), self.must_match)
+        self.load_state(ckpt)
+        self.step = self.resumed_from = int(ckpt["step"])
+        self.history = [list(h) for h in ckpt.get("history", [])]
+        self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
+        rng = ckpt["rng"]  # one state per rank; the related systems' first release saved a single one
+        restore_rng_on_resume({"rng": rng if isinstance(rng, list) else [rng], "world_size": ckpt.get("world_size", 1)},
+                              self.ctx, self.device, self.cfg.seed, self.step, self.files.say)
+        self.files.say(f"resuming from {self.files.ckpt_path} at step {self.step}")
+
+    # -- what a trainer supplies ----------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps
+
+    def is_row(self, step: int) -> bool:
+        """Whether step `step` (1-based count) ends a log interval."""
+        return step % self.cfg.log_every == 0 or step == self.total_steps
+
+    def is_checkpoint(self, step: int) -> bool:
+        """Whether step `step` (1-based count) is checkpointed by step count."""
+        return step % self.cfg.ckpt_every == 0 or step == self.total_steps
+
+    def train_step(self, step: int):
+        raise NotImplementedError
+
+    def flush(self, step: int, row: bool, bar) -> None:
+        raise NotImplementedError
+
+    def state(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state(self, ckpt: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    # -- the loop -------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Training wall time over all runs so far."""
+        return self.elapsed_prev + self.clock() - self.t_start
+
+    def run(self) -> Dict[str, Any]:
+        """Train to total_steps, then finish(); the final metrics."""
+        start_step, self.t_start = self.step, self.clock()
+        if self.step >= self.total_steps:
+            self.files.say(f"{self.files.ckpt_path} is already at step {self.step} >= --steps {self.total_steps}; "
+                           f"nothing to train")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.files.main and self.cfg.progress),
+                   dynamic_ncols=True, mininterval=1.0, desc=self.bar_desc, unit="step")
+        last_save = self.t_start
+        with StopRequests(self.files.say) as stop:
+            while self.step < self.total_steps:
+                loss = self.train_step(self.step)
+                if self.loss_first is None:
+                    self.loss_first = float(loss)
+                self.step += 1
+                bar.update(1)
+                minutes = self.options.ckpt_minutes
+                stop_now, time_due = self._agree(stop.signum is not None,
+                                                 minutes > 0 and self.clock() - last_save >= 60 * minutes)
+                row = self.is_row(self.step)
+                save = stop_now or time_due or self.is_checkpoint(self.step)
+                if row or save:
+                    self.flush(self.step, row, bar)
+                if row:
+                    self.write_progress("running")
+                if save:
+                    self.save()
+                    last_save = self.clock()
+                if stop_now:
+                    bar.close()
+                    self.write_progress("interrupted")
+                    raise Interrupted(self.files.command, stop.signum or signal.SIGTERM, self.step,
+                                      self.files.ckpt_path)
+        bar.close()
+        return self.finish(start_step, self.clock() - self.t_start)
+
+    def _agree(self, stop: bool, due: bool):
+        """(stop, checkpoint due) as every rank sees them: any rank's request counts for all, so
+        all ranks stop (and take part in the checkpoint's collectives) at the same step."""
+        if self.ctx.world == 1:
+            return stop, due
+        flags = torch.tensor([float(stop), float(due)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, **final) -> None:
+        """The checkpoint (atomically) and log.csv; `final` adds the finished run's entries."""
+        rngs = gather_rng_states(self.ctx, self.device)  # a collective: every rank takes part
+        self.files.save({"step": self.step, **self.state(), "args": asdict(self.cfg), "world_size": self.ctx.world,
+                         "rng": rngs, "history": self.history, "elapsed_s": self.elapsed(), **final})
+        self.files.write_log(self.log_header, self.history)
+
+    def write_progress(self, status: str) -> None:
+        """log.csv and a running metrics.json (the last log row), so a long run is visible as it goes."""
+        last = dict(zip(self.log_header, self.history[-1])) if self.history else {}
+        self.files.write_log(self.log_header, self.history)
+        self.files.write_json("metrics.json", {"command": self.files.command, "status": status, **last,
+                                               "step": self.step, "steps": self.total_steps,
+                                               "loss_start": self.loss_first,
+                                               "train_time_total_s": round(self.elapsed(), 3)})
+
+    def timing(self, start_step: int, elapsed: float) -> Dict[str, Any]:
+        """The metrics.json entries about how far and how fast this invocation went."""
+        trained = self.step - start_step
+        return {"command": self.files.command, "step": self.step, "resumed_from_step": self.resumed_from,
+                "wall_time_s": round(elapsed, 3), "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
+                "images_per_s": round(trained * self.cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None}
+
+    def write_metrics(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """metrics.json of the finished run: `metrics`, then every argument not already named."""
+        for key, value in asdict(self.cfg).items():
+            metrics.setdefault(key, value)
+        self.files.write_json("metrics.json", metrics)
+        return metrics
