@@ -102,6 +102,8 @@ setup(
         "triton": ["triton"],
         # networks from other libraries, tested as their users call them (python_tests/test_third_party_models.py)
         "thirdparty": ["diffusers", "peft", "torchdyn", "torchcfm"],
+        # prg_fast.from_diffusers: diffusers' models and schedulers (prg_fast.diffusion itself needs only torch)
+        "diffusion": ["diffusers"],
     },
     entry_points={"console_scripts": ["prg-fast=prg_fast.cli:main"]},
 )

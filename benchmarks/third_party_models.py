@@ -52,7 +52,7 @@ def compare(fn, params, x, method, steps):
 
 
 def diffusers_cases(dtype):
-    from diffusers import UNet2DModel
+    from diffusers import DDIMScheduler, UNet2DModel
 
     def build(checkpointing):
         torch.manual_seed(0)
@@ -62,8 +62,10 @@ def diffusers_cases(dtype):
         net = _perturb(net.to(dtype).train(), 0.02)
         if checkpointing:
             net.enable_gradient_checkpointing()
-        # diffusers' convention: net(sample, timestep).sample, timesteps in [0, 1000)
-        return (lambda t, x: net(x, t * 999).sample), list(net.parameters())
+        # an epsilon-prediction UNet on a discrete schedule: its probability-flow ODE (prg_fast.diffusion),
+        # not its output fed to the solver as a velocity; DDIM's 2 trailing timesteps (999, 499) as levels
+        scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+        return prg_fast.from_diffusers(net, scheduler, steps=2), list(net.parameters())
 
     yield "diffusers UNet2DModel (attention, dropout 0.1)", lambda: build(False)
     yield "diffusers UNet2DModel, gradient checkpointing", lambda: build(True)

@@ -19,6 +19,7 @@ from .ode import SOLVERS, ButcherTableau, __version__, generate, info, odeint, r
 # public name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {
     "data": ("prg_fast.data", None),
+    "diffusion": ("prg_fast.diffusion", None),
     "eval": ("prg_fast.training.evaluate", None),
     "models": ("prg_fast.models", None),
     "paths": ("prg_fast.paths", None),
@@ -28,6 +29,7 @@ _LAZY = {
     "FinetuneConfig": ("prg_fast.training.finetune", "FinetuneConfig"),
     "finetune": ("prg_fast.training.finetune", "finetune"),
     "flow_matching_loss": ("prg_fast.losses", "flow_matching_loss"),
+    "from_diffusers": ("prg_fast.diffusion", "from_diffusers"),
     "PretrainConfig": ("prg_fast.training.pretrain", "PretrainConfig"),
     "load_checkpoint": ("prg_fast.training.pretrain", "load_checkpoint"),
     "pretrain": ("prg_fast.training.pretrain", "pretrain"),

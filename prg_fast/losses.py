@@ -9,7 +9,42 @@ import torch
 
 from .paths import Path, get_path
 
-__all__ = ["flow_matching_loss"]
+__all__ = ["flow_matching_loss", "PREDICTIONS", "velocity_coefficients", "prediction_weighting"]
+
+# what a network trained on a path may predict: the velocity u_t itself, the noise x1 (epsilon), or
+# v = a x1 - b x0 (Salimans & Ho's v for x_t = a x0 + b x1; on GVP it is u_t / (pi / 2))
+PREDICTIONS = ("velocity", "epsilon", "v")
+# where a(t) -> 0 (t = 1 on GVP and ICFM: no signal left) an epsilon prediction says nothing about x0;
+# its velocity is taken with a clamped from below here (GVP: t > 0.99936 reads t = 0.99936)
+MIN_SIGNAL = 1e-3
+
+
+def velocity_coefficients(path: Union[Path, str], prediction: str, t: torch.Tensor):
+    """(A, C), shaped like t, with which a network's `prediction` out at (t, x_t) gives the velocity
+    u = A x_t + C out on `path`: the prediction's exact relation to u_t on the path's x_t = a x0 + b x1."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if prediction == "velocity":
+        return torch.zeros_like(t), torch.ones_like(t)
+    a, b, da, db = get_path(path).coefficients(t)
+    if prediction == "epsilon":  # x0 = (x - b eps) / a
+        a = a.clamp(min=MIN_SIGNAL)
+        return da / a, db - da * b / a
+    norm = a * a + b * b  # x0 = (a x - b v) / norm, x1 = (b x + a v) / norm
+    return (da * a + db * b) / norm, (db * a - da * b) / norm
+
+
+def prediction_weighting(path: Union[Path, str], prediction: str) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The flow_matching_loss weighting under which the velocity loss of a network whose output is
+    converted by velocity_coefficients is its `prediction`'s own mean squared error:
+    |A x + C out - u|^2 = C^2 |out - target|^2, so the weight is 1 / C^2 (None for "velocity")."""
+    if prediction == "velocity":
+        return None
+    path = get_path(path)
+    if getattr(path, "sigma", 0.0):
+        raise ValueError(f"prediction={prediction!r} needs a path without extra noise (sigma = 0): x_t's extra noise "
+                         "is neither data nor the noise the network predicts")
+    return lambda t: velocity_coefficients(path, prediction, t)[1].pow(-2)
 
 
 def flow_matching_loss(

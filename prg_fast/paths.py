@@ -66,6 +66,10 @@ class Path:
     def sample(self, x0: torch.Tensor, x1: torch.Tensor, t) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def coefficients(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, b, da/dt, db/dt) with x_t = a x0 + b x1 (without the path's own extra noise), shaped like t."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its coefficients")
+
     def config(self) -> Dict:
         """What rebuilds this path: get_path(**path.config())."""
         return {"name": self.name}
@@ -89,6 +93,11 @@ class GVP(Path):
         u_t = (math.pi / 2) * (c * x1 - s * x0)
         return x_t, u_t
 
+    def coefficients(self, t):
+        angle = t * (math.pi / 2)
+        c, s = torch.cos(angle), torch.sin(angle)
+        return c, s, -(math.pi / 2) * s, (math.pi / 2) * c
+
 
 class ICFM(Path):
     """Independent conditional flow matching (straight lines): x_t = (1 - t) x0 + t x1, u_t = x1 - x0,
@@ -101,6 +110,9 @@ class ICFM(Path):
 
     def config(self) -> Dict:
         return {"name": self.name, "sigma": self.sigma}
+
+    def coefficients(self, t):
+        return 1 - t, t, torch.full_like(t, -1.0), torch.ones_like(t)
 
     def sample(self, x0, x1, t):
         _check_pair(x0, x1)

@@ -24,6 +24,9 @@ def add_pretrain(subparsers) -> None:
     add_data_arguments(p)
     p.add_argument("--path", choices=sorted(PATHS), default=d.path, help="probability path")
     p.add_argument("--sigma", type=nonnegative_float, default=d.sigma, help="ICFM/OTCFM path noise")
+    p.add_argument("--prediction", choices=("velocity", "epsilon", "v"), default=d.prediction,
+                   help="what the UNet predicts: the path's velocity (flow matching), or the noise / v "
+                        "(diffusion-style; the UNet turns it into the path's velocity)")
     add_model_arguments(p, presets=True, weights=True, preset_help=PRESET_HELP, default=d.model)
     p.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps in total")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch, split over processes")

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..losses import PREDICTIONS, velocity_coefficients
+from ..paths import PATHS
+
 __all__ = ["UNet", "PRESETS", "timestep_embedding"]
 
 
@@ -152,6 +155,10 @@ PRESETS: Dict[str, Dict] = {
 class UNet(nn.Module):
     """UNet velocity network v(t, x): x (B, in_channels, image_size, image_size), t (B,) in [0, 1].
 
+    With prediction="epsilon" or "v" (and prediction_path, the path it is trained on) the network's
+    output is that prediction and forward returns the velocity it implies on the path
+    (prg_fast.losses.velocity_coefficients); train it with prediction_weighting.
+
     attention_resolutions are feature-map sizes in pixels (16 means "at 16x16"); the encoder halves
     the resolution after every level but the last. `config` holds the constructor arguments, so
     UNet(**model.config) rebuilds the architecture (checkpoints store it).
@@ -174,8 +181,14 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         max_period: float = 10000.0,
         preset: Optional[str] = None,
+        prediction: str = "velocity",
+        prediction_path: Optional[str] = None,
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if prediction != "velocity" and prediction_path not in PATHS:
+            raise ValueError(f"prediction={prediction!r} needs prediction_path, one of {sorted(PATHS)}, got {prediction_path!r}")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         for name, value in (("in_channels", in_channels), ("image_size", image_size),
@@ -199,6 +212,9 @@ class UNet(nn.Module):
                            dropout=float(dropout), num_heads=num_heads, num_head_channels=num_head_channels,
                            use_scale_shift_norm=bool(use_scale_shift_norm), conv_resample=conv_resample,
                            norm_groups=norm_groups, max_period=float(max_period), preset=preset)
+        if prediction != "velocity":  # recorded only when used: older checkpoints' configs stay equal
+            self.config.update(prediction=prediction, prediction_path=prediction_path)
+        self.prediction, self.prediction_path = prediction, prediction_path
         self.in_channels, self.image_size, self.model_channels = in_channels, image_size, model_channels
         self.max_period = max_period
         self._downsample_factor = factor
@@ -280,4 +296,11 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h).type(x.dtype)
+        out = self.out(h).type(x.dtype)
+        if self.prediction == "velocity":
+            return out
+        # a network trained to predict epsilon or v on a path: its velocity on that path, so every user of
+        # the network (reverse, PRGClassifier, finetuning, sampling) sees a velocity by construction
+        a, c = velocity_coefficients(self.prediction_path, self.prediction, t.to(x.dtype))
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return a.reshape(shape) * x + c.reshape(shape) * out

@@ -151,7 +151,11 @@ def generate(
     t1, t_end = time_arg(t, "t", z), time_arg(t_end, "t_end", z)
     check_unit_times(t=t1, t_end=t_end)
     check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
-    grid = time_grid(t1, t_end, steps, None, z)
+    # reverse's grid over [t_end, t], walked backwards: a round trip generate(reverse(x)) visits the same
+    # time points bit for bit (t_end + (t - t_end) k / steps, not t - (t - t_end) k / steps, which rounds
+    # differently), so a velocity with knots on reverse's grid sees them in both directions
+    up = time_grid(t_end, t1, steps, None, z)
+    grid = Grid(up.points[::-1], up.out_index, None if up.times is None else up.times.flip(0))
     _check_model(model)
     unknown = sorted(set(options) - set(_described(options)) | {"batch_time", "perturb"} & set(options))
     if unknown:

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..data import ImageData
-from ..losses import flow_matching_loss
+from ..losses import PREDICTIONS, flow_matching_loss, prediction_weighting
 from ..models import UNet
 from ..models.unet import PRESETS
 from ..paths import PATHS, get_path
@@ -83,6 +83,7 @@ class PretrainConfig(TrainConfig):
     """Arguments of `prg-fast pretrain` (the command line maps one flag to each field)."""
 
     path: str = "otcfm"
+    prediction: str = "velocity"  # what the UNet predicts: the path's velocity, or epsilon / v (diffusion-style)
     model: str = "tiny"  # a UNet preset, or "package.module:factory" (bring your own flow)
     steps: int = 2000
     out: str = "runs/pretrain"
@@ -122,6 +123,9 @@ class PretrainConfig(TrainConfig):
             number("dropout", 0.0, 0.99)
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
+        if self.prediction not in PREDICTIONS or (self.prediction != "velocity" and self.sigma):
+            raise ValueError(f"prediction must be one of {PREDICTIONS} (epsilon / v with sigma = 0), got "
+                             f"{self.prediction!r} with sigma={self.sigma!r}")
         if self.path == "gvp" and self.sigma:
             raise ValueError(f"sigma is not used by the GVP path; got sigma={self.sigma!r}")
         if self.model not in PRESETS and not is_factory_spec(self.model):
@@ -188,6 +192,10 @@ class _Pretrainer(Trainer):
         self.path = get_path(cfg.path, cfg.sigma)
 
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+        if cfg.prediction != "velocity":  # the UNet converts its prediction to the velocity itself
+            if user_model is not None:
+                raise ValueError("prediction epsilon / v is for the UNet presets; a network of your own returns a velocity")
+            overrides.update(prediction=cfg.prediction, prediction_path=cfg.path)
         seed_everything(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
         self.user_model, self.time_convention = user_model is not None, time_convention
         if user_model is None:
@@ -278,7 +286,8 @@ class _Pretrainer(Trainer):
         self.lr = self.opt.param_groups[0]["lr"]
         x, _ = self.data.batch(self._indices(step), device=self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            loss = flow_matching_loss(self.velocity, x, self.path, eps=self.cfg.eps)
+            loss = flow_matching_loss(self.velocity, x, self.path, eps=self.cfg.eps,
+                                      weighting=prediction_weighting(self.path, self.cfg.prediction))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
