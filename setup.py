@@ -100,8 +100,10 @@ setup(
     extras_require={
         "test": ["pytest", "torchdiffeq", "matplotlib"],
         "triton": ["triton"],
-        # networks from other libraries, tested as their users call them (python_tests/test_third_party_models.py)
-        "thirdparty": ["diffusers", "peft", "torchdyn", "torchcfm"],
+        # networks from other libraries, tested as their users call them (python_tests/test_third_party_models.py).
+        # torchdyn and torchcfm are left out: they require torchvision, whose PyPI wheel replaces a CPU torch
+        # with a CUDA build; .ci/run installs them with --no-deps (see there)
+        "thirdparty": ["diffusers", "peft", "torchode"],
         # prg_fast.from_diffusers: diffusers' models and schedulers (prg_fast.diffusion itself needs only torch)
         "diffusion": ["diffusers"],
     },
