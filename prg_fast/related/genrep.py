@@ -18,15 +18,11 @@ with the SimCLR NT-Xent loss (temperature 0.1). Evaluation: a linear probe (logi
 regularisation chosen by cross-validation on the real training split) on the encoder's pooled
 features of the real training split, top-1 on the real test split -> DIR/metrics.json.
 
-Run directory (--out DIR): DIR/views.pt (the generated pool, atomic, reused on resume),
-DIR/checkpoint.pt (atomic, every --ckpt-every steps and at the end; resumed from DIR with the same
-arguments, --steps may grow), DIR/metrics.json, DIR/log.csv, DIR/views.png (some anchor/neighbour
-pairs).
-
-Checkpoint format (torch.save of a dict, weights_only=True): format "prg_fast.genrep", version 1,
-step, encoder, encoder_config (ResNet(**encoder_config)), projector, optimizer, pretrain
-({checkpoint, step, path, preset, data}), data, args (GenRepConfig), world_size, rng (a list, one per
-rank), history, loss_first, window (the log interval in progress), elapsed_s, top1.
+Run directory (--out DIR): the skeleton's (prg_fast.training.trainer), and DIR/views.pt (the
+generated pool, atomic, reused on resume) and DIR/views.png (some anchor/neighbour pairs).
+Checkpoint entries (format "prg_fast.genrep", version 1), besides the skeleton's: encoder,
+encoder_config (ResNet(**encoder_config)), projector, optimizer, pretrain ({checkpoint, step, path,
+preset, data}), data, loss_first, window (the log interval in progress), top1.
 """
 from __future__ import annotations
 
@@ -229,12 +225,9 @@ class _GenRep(Trainer):
         self.begin(existing, cfg.seed + 1)
 
     def load_state(self, ckpt: Dict[str, Any]) -> None:
-        try:
-            self.encoder.load_state_dict(ckpt["encoder"])
-            self.projector.load_state_dict(ckpt["projector"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
+        self.encoder.load_state_dict(ckpt["encoder"])
+        self.projector.load_state_dict(ckpt["projector"])
+        self.opt.load_state_dict(ckpt["optimizer"])
         history = ckpt.get("history", [])
         self.loss_first = ckpt.get("loss_first", history[0][2] if history else None)
         self.window = [float(v) for v in ckpt.get("window", [])]
@@ -246,9 +239,6 @@ class _GenRep(Trainer):
                 "loss_first": self.loss_first, "window": list(self.window), "top1": None}
 
     # -- the generated pool ----------------------------------------------------------------------
-    def _views_path(self) -> str:
-        return os.path.join(self.cfg.out, "views.pt")
-
     def _views_meta(self) -> Dict[str, Any]:
         cfg = self.cfg
         return {"checkpoint": cfg.checkpoint, "pretrain_step": int(self.pre_ckpt["step"]), "sigma": cfg.sigma,
@@ -260,7 +250,7 @@ class _GenRep(Trainer):
         DIR/views.pt in chunks (atomically), so an interrupted generation continues where it was."""
         from tqdm.auto import tqdm
 
-        cfg, path, meta = self.cfg, self._views_path(), self._views_meta()
+        cfg, path, meta = self.cfg, self.files.path("views.pt"), self._views_meta()
         state = None
         if os.path.isfile(path):
             state = read_checkpoint(path, what="genrep view pool (remove it to regenerate)")
@@ -341,7 +331,7 @@ class _GenRep(Trainer):
         n = min(8, anchors.shape[0])
         k = min(7, neighbors.shape[1])
         rows = torch.cat([anchors[:n, None], neighbors[:n, :k]], dim=1).flatten(0, 1)
-        atomic_write(os.path.join(self.cfg.out, "views.png"),
+        atomic_write(self.files.path("views.png"),
                       lambda f: save_image_grid(_dequantise(rows, "cpu"), f, nrow=1 + k))
 
     # -- the skeleton's step ------------------------------------------------------------------
@@ -404,11 +394,7 @@ class _GenRep(Trainer):
             if cfg.steps else 0,
             "pretrain_step": int(self.pre_ckpt["step"]),
             "pretrain_path": self.pre_ckpt["path"]["name"],
-            "device_used": str(self.device),
-            "torch_version": str(torch.__version__),
         }
         self.save(top1=probe["top1"])
-        self.write_metrics(metrics)
-        self.files.say(f"linear-probe test top-1 {probe['top1']:.4f} after {self.step} contrastive steps on generated "
-                       f"views; wrote {cfg.out}/metrics.json")
-        return metrics
+        return self.write_metrics(metrics, f"linear-probe test top-1 {probe['top1']:.4f} after {self.step} "
+                                           f"contrastive steps on generated views; wrote {cfg.out}/metrics.json")

@@ -25,17 +25,12 @@ Phase 2, finetuning (--finetune-steps M, default N): a fresh linear classifier o
 pooled features; student and classifier trained with cross-entropy (SGD, momentum 0.9, cosine).
 Test top-1 of the finetuned student goes to DIR/metrics.json.
 
-Run directory (--out DIR): DIR/checkpoint.pt (atomic, every --ckpt-every steps and at the end; a
-later run with the same DIR resumes it, same arguments, --finetune-steps may grow), DIR/metrics.json
-(top1, ... plus every argument), DIR/log.csv.
-
-Checkpoint format: a dict saved by torch.save, loads with weights_only=True:
-    format "prg_fast.repfusion", version 1, step (optimizer steps done over both phases), student,
-    student_config (ResNet(**student_config)), projection, classifier, policy, aux_head (None
-    without --policy), distill_optimizer, finetune_optimizer, policy_optimizer, teacher_dim,
-    times (candidate policy times), pretrain ({checkpoint, step, path, preset, data}), data,
-    num_classes, args (RepFusionConfig), world_size, rng (a list, one per rank), history, distill_first,
-    loss_first, window (the log interval in progress), elapsed_s, top1 (None until finished).
+Run directory (--out DIR): the skeleton's (prg_fast.training.trainer; --finetune-steps may grow).
+Checkpoint entries (format "prg_fast.repfusion", version 1), besides the skeleton's: student,
+student_config (ResNet(**student_config)), projection, classifier, policy, aux_head (None without
+--policy), distill_optimizer, finetune_optimizer, policy_optimizer, teacher_dim, times (candidate
+policy times), pretrain ({checkpoint, step, path, preset, data}), data, num_classes, distill_first,
+loss_first, window (the log interval in progress), top1 (None until finished).
 """
 from __future__ import annotations
 
@@ -50,7 +45,6 @@ import torch.nn.functional as F
 from ..data import load_data
 from ..training.distributed import single_process
 from ..training.evaluate import map_batches, top1_accuracy
-from ..training.rundir import CheckpointError
 from ..training.runs import (check_int, check_number, cosine_factor, load_train_data, merge_config,
                              seed_everything)
 from ..training.trainer import RunOptions, TrainConfig, Trainer, split_run_options
@@ -413,18 +407,15 @@ class _RepFusion(Trainer):
         return self.cfg.steps + self.cfg.finetune_steps
 
     def load_state(self, ckpt: Dict[str, Any]) -> None:
-        try:
-            self.student.load_state_dict(ckpt["student"])
-            self.projection.load_state_dict(ckpt["projection"])
-            self.classifier.load_state_dict(ckpt["classifier"])
-            self.opt_distill.load_state_dict(ckpt["distill_optimizer"])
-            self.opt_finetune.load_state_dict(ckpt["finetune_optimizer"])
-            if self.policy is not None:
-                self.policy.load_state_dict(ckpt["policy"])
-                self.aux.load_state_dict(ckpt["aux_head"])
-                self.opt_policy.load_state_dict(ckpt["policy_optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
+        self.student.load_state_dict(ckpt["student"])
+        self.projection.load_state_dict(ckpt["projection"])
+        self.classifier.load_state_dict(ckpt["classifier"])
+        self.opt_distill.load_state_dict(ckpt["distill_optimizer"])
+        self.opt_finetune.load_state_dict(ckpt["finetune_optimizer"])
+        if self.policy is not None:
+            self.policy.load_state_dict(ckpt["policy"])
+            self.aux.load_state_dict(ckpt["aux_head"])
+            self.opt_policy.load_state_dict(ckpt["policy_optimizer"])
         self.distill_first = ckpt.get("distill_first")
         self.loss_first = ckpt.get("loss_first", self.distill_first)
         self.window = {k: list(v) for k, v in (ckpt.get("window") or {}).items()}
@@ -493,18 +484,15 @@ class _RepFusion(Trainer):
         return {"ce": float(loss.detach()), "correct": float((logits.argmax(1) == y).float().mean())}
 
     def _set_lr(self, step: int) -> float:
+        """Each phase has its own warm-up and cosine over its own steps."""
         cfg = self.cfg
         if step < cfg.steps:
-            f = cosine_factor(step, cfg.steps, int(cfg.warmup_frac * cfg.steps))
-            lr = cfg.lr * f
-            for g in self.opt_distill.param_groups:
-                g["lr"] = lr
+            opt, peak, phase_step, phase_steps = self.opt_distill, cfg.lr, step, cfg.steps
         else:
-            s = step - cfg.steps
-            f = cosine_factor(s, cfg.finetune_steps, int(cfg.warmup_frac * cfg.finetune_steps))
-            lr = cfg.finetune_lr * f
-            for g in self.opt_finetune.param_groups:
-                g["lr"] = lr
+            opt, peak, phase_step, phase_steps = self.opt_finetune, cfg.finetune_lr, step - cfg.steps, cfg.finetune_steps
+        lr = peak * cosine_factor(phase_step, phase_steps, int(cfg.warmup_frac * phase_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
         return lr
 
     # -- the skeleton's step ------------------------------------------------------------------
@@ -575,15 +563,11 @@ class _RepFusion(Trainer):
             "student_params": sum(p.numel() for p in self.student.parameters()),
             "pretrain_step": int(self.pre_ckpt["step"]),
             "pretrain_path": self.pre_ckpt["path"]["name"],
-            "device_used": str(self.device),
-            "torch_version": str(torch.__version__),
         }
         if self.policy is not None:
             metrics.update(self._policy_stats())
         self.save(top1=top1)
-        self.write_metrics(metrics)
-        self.files.say(f"test top-1 {top1:.4f} after {cfg.steps} distillation + {cfg.finetune_steps} finetuning "
-                       f"steps; wrote {cfg.out}/metrics.json")
-        return metrics
+        return self.write_metrics(metrics, f"test top-1 {top1:.4f} after {cfg.steps} distillation + "
+                                           f"{cfg.finetune_steps} finetuning steps; wrote {cfg.out}/metrics.json")
 
 

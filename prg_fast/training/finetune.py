@@ -16,25 +16,19 @@ or many under torchrun (DistributedDataParallel; the test split is classified in
 process), with the helpers of prg_fast.training.runs. Any nn.Module called as model(t, x) can be
 the flow (finetune(model=...), see `finetune`).
 
-Run directory (--out DIR):
-    DIR/checkpoint.pt   atomically written every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
-                        SIGTERM and at the end; a later run with the same DIR resumes from it (same
-                        arguments; --steps may grow)
-    DIR/metrics.json    one flat JSON object: top1 (test split, at the training step count), loss,
-                        ce, fm, train_top1, step, wall_time_s, ... plus every argument
-    DIR/log.csv         step, loss, ce, fm, train_top1, lr (and test top1 where evaluated)
+Run directory (--out DIR; the skeleton's, prg_fast.training.trainer): metrics.json has top1 (test
+split, at the training step count), loss, ce, fm, train_top1, ...; log.csv rows are step, loss, ce,
+fm, train_top1, lr (and test top1 where evaluated).
 
-Checkpoint format (DIR/checkpoint.pt, torch.save of a dict; loads with weights_only=True; read it with
-`load_finetune_checkpoint`, rebuild the classifier with `build_classifier`):
-    format "prg_fast.finetune", version 1, step, flow (velocity network state_dict), head
-    (ClassifierHead state_dict), optimizer, model_config (UNet(**model_config)), head_config
-    (ClassifierHead(**head_config)), preset, in_channels, image_size, path ({"name", "sigma"} or None),
-    data, num_classes, classes, classifier ({"t0", "t", "save_at", "steps", "method"}: with --learn-t
-    the learned values at that step), segment (the raw time parameters of a learned segment, else
-    absent), pretrain
-    ({"checkpoint", "step", "weights"} or None for --from-scratch without one), args (FinetuneConfig),
-    world_size, rng (per rank), history, running, loss_first (the first step's loss), elapsed_s, top1
-    (None until the run finished), torch_version.
+Checkpoint entries (format "prg_fast.finetune", version 1; read it with `load_finetune_checkpoint`,
+rebuild the classifier with `build_classifier`), besides the skeleton's: flow (velocity network
+state_dict), head (ClassifierHead state_dict), optimizer, model_config (UNet(**model_config)),
+head_config (ClassifierHead(**head_config)), preset, in_channels, image_size, path ({"name",
+"sigma"} or None), data, num_classes, classes, classifier ({"t0", "t", "save_at", "steps",
+"method"}: with --learn-t the learned values at that step), segment (the raw time parameters of a
+learned segment, else absent), pretrain ({"checkpoint", "step", "weights"} or None for
+--from-scratch without one), running, loss_first (the first step's loss), top1 (None until the run
+finished).
 """
 from __future__ import annotations
 
@@ -339,15 +333,12 @@ class _Finetuner(Trainer):
             raise CheckpointError(f"{where} was written with learned time parameters {sorted(saved_segment) or 'none'}, "
                                   f"but this run learns {sorted(segment) or 'none'} (learn_t={cfg.learn_t}, "
                                   f"learn_t0={cfg.learn_t0}); resume with the same arguments or use a new --out")
-        try:
-            self.flow_module.load_state_dict(ckpt["flow"])
-            self.classifier.head.load_state_dict(ckpt["head"])
-            with torch.no_grad():
-                for name, param in segment.items():
-                    param.copy_(saved_segment[name])
-            self.opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{where}: the saved weights or optimizer state do not fit the classifier: {e}") from e
+        self.flow_module.load_state_dict(ckpt["flow"])
+        self.classifier.head.load_state_dict(ckpt["head"])
+        with torch.no_grad():
+            for name, param in segment.items():
+                param.copy_(saved_segment[name])
+        self.opt.load_state_dict(ckpt["optimizer"])
         for group in self.opt.param_groups:  # the saved groups carry the old run's settings: use this run's
             group["weight_decay"] = 0.0 if group.get("name") == "time" else cfg.weight_decay
         running = ckpt.get("running") or [0.0, 0.0, 0.0, 0.0, 0]
@@ -393,8 +384,6 @@ class _Finetuner(Trainer):
     def run(self) -> FinetuneResult:
         self._train_mode()
         metrics = super().run()
-        if self.ctx.world > 1:
-            dist.barrier()
         return FinetuneResult(self.classifier, metrics, self.cfg.out, self.step, self.history)
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -462,12 +451,6 @@ class _Finetuner(Trainer):
             "t_final": clf.t, "t0_final": clf.t0,  # where features were read at the end (learned or fixed)
             "train_size": len(self.data),
             "labels_seed_used": self.labels_seed,
-            "world_size": self.ctx.world,
-            "device_used": str(self.device),
-            "torch_version": str(torch.__version__),
         }
-        if self.ctx.main:
-            self.write_metrics(metrics)
-            self.files.say(f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} steps); "
-                           f"wrote {cfg.out}/checkpoint.pt, metrics.json")
-        return metrics
+        return self.write_metrics(metrics, f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} "
+                                           f"steps); wrote {cfg.out}/checkpoint.pt, metrics.json")

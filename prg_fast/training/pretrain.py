@@ -5,21 +5,12 @@ torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn at the ramped deca
 torch's LambdaLR; both give bitwise the numbers of the hand-written versions of the first release
 (python_tests/test_runs.py resumes run directories that release wrote).
 
-Run directory (--out DIR):
-    DIR/checkpoint.pt   written atomically every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
-                        SIGTERM and at the end; a later run with the same DIR resumes from it (same
-                        arguments required, --steps may grow)
-    DIR/metrics.json    one flat JSON object: loss (mean over the last log interval), loss_start
-                        (the first step's loss), step, wall_time_s, images_per_s, ... plus every
-                        argument; while training, the last log row with "status": "running"
-    DIR/log.csv         step, loss, lr at every log interval (written as they come)
-    DIR/samples.png     a grid drawn with prg_fast.generate from the EMA weights at the end
+Run directory (--out DIR; the skeleton's, prg_fast.training.trainer): metrics.json has loss (mean over
+the last log interval), loss_start (the first step's loss), images_per_s, ...; log.csv rows are step,
+loss, lr; DIR/samples.png is a grid drawn with prg_fast.generate from the EMA weights at the end.
 
-Checkpoint format (DIR/checkpoint.pt: a dict saved by torch.save; loads with weights_only=True;
-read it with `load_checkpoint` and rebuild the network with `build_model`):
-    format          "prg_fast.pretrain"
-    version         1 (CHECKPOINT_VERSION)
-    step            optimizer steps completed
+Checkpoint entries (format "prg_fast.pretrain", version 1; read it with `load_checkpoint` and
+rebuild the network with `build_model`), besides the skeleton's:
     model           state_dict of the velocity network (unwrapped: no DDP "module." prefix)
     ema             state_dict of the EMA of the weights (same keys): what sampling and finetuning use
     optimizer       torch.optim state_dict (Adam or AdamW, per args["optimizer"])
@@ -31,15 +22,9 @@ read it with `load_checkpoint` and rebuild the network with `build_model`):
     path            dict: {"name": "gvp" | "icfm" | "otcfm", "sigma": float}; prg_fast.paths.get_path(**path)
     data            the DATA spec trained on ("digits", "cifar10:PATH", "folder:PATH")
     num_classes     classes in that data set (for a classifier head)
-    args            dict: every PretrainConfig field of the run that wrote the checkpoint
-    world_size      processes that trained
-    rng             list, one entry per rank: {"torch": ByteTensor, "cuda": ByteTensor or None,
-                    "numpy": dict, "python": tuple} -- the random state after `step` steps
     history         list of [step, mean loss, lr] at every log interval
     running         {"sum": float, "count": int, "first": float}: the loss interval in progress (exact
                     log on resume) and the first step's loss
-    elapsed_s       training wall time summed over all runs so far
-    torch_version   torch.__version__ of the writer
 
 Randomness: the data order is a function of (seed, epoch) through DistributedSampler; t, noise,
 augmentation and dropout come from the global RNGs, seeded per rank and saved in the checkpoint, so
@@ -227,12 +212,9 @@ class _Pretrainer(Trainer):
         if ckpt["model_config"] != self._model_config():
             raise CheckpointError(f"{where} holds a network of another shape ({ckpt['model_config']}) than this run "
                                   f"builds ({self._model_config()}); did the data change? Use a new --out")
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.ema.load_state_dict(ckpt["ema"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{where}: the saved weights or optimizer state do not fit the network: {e}") from e
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
         history = ckpt["history"]
@@ -278,8 +260,6 @@ class _Pretrainer(Trainer):
                            f"learning rate peaks at {peak:.3g}, not --lr {cfg.lr:g} (use --warmup to shorten it)")
         self.model.train()
         metrics = super().run()
-        if self.ctx.world > 1:
-            dist.barrier()  # every rank returns only once rank 0 has written its files
         return PretrainResult(self.model, self.ema, metrics, cfg.out, self.step, self.history)
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -320,24 +300,20 @@ class _Pretrainer(Trainer):
             bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
 
     def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
-        cfg, ctx = self.cfg, self.ctx
+        cfg = self.cfg
         metrics: Dict[str, Any] = {
             "loss": self.history[-1][1] if self.history else float("nan"),
             "loss_start": self.loss_first if self.loss_first is not None else float("nan"),
             **self.timing(start_step, elapsed),
             "num_params": sum(p.numel() for p in self.model.parameters()),
-            "world_size": ctx.world,
-            "device_used": str(self.device),
-            "torch_version": str(torch.__version__),
         }
-        if not ctx.main:
+        if not self.ctx.main:
             return metrics
         samples = self.sample(cfg.num_samples)
         atomic_write(self.files.path("samples.png"), lambda f: save_image_grid(samples, f))
-        self.write_metrics(metrics)
-        self.files.say(f"step {self.step}: loss {metrics['loss']:.4f} (first step {metrics['loss_start']:.4f}); "
-                       f"wrote {cfg.out}/checkpoint.pt, metrics.json, samples.png")
-        return metrics
+        return self.write_metrics(metrics, f"step {self.step}: loss {metrics['loss']:.4f} (first step "
+                                           f"{metrics['loss_start']:.4f}); wrote {cfg.out}/checkpoint.pt, "
+                                           f"metrics.json, samples.png")
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
@@ -347,7 +323,8 @@ class _Pretrainer(Trainer):
 
         gen = torch.Generator().manual_seed(self.cfg.seed)
         z = torch.randn((n, *self.data.shape), generator=gen).to(self.device)
-        return generate(prg_velocity(self.ema, self.time_convention), z, steps=self.cfg.sample_steps, method=self.cfg.sample_method).clamp(-1, 1).cpu()
+        velocity = prg_velocity(self.ema, self.time_convention)
+        return generate(velocity, z, steps=self.cfg.sample_steps, method=self.cfg.sample_method).clamp(-1, 1).cpu()
 
 
 def save_image_grid(images: torch.Tensor, file, *, nrow: Optional[int] = None, min_size: int = 32) -> None:

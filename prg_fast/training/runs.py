@@ -118,17 +118,16 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int, *, sc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
-def restore_rng_on_resume(ckpt: Dict[str, Any], ctx: "Dist", device: torch.device, seed: int, step: int, say) -> None:
-    """Continue this rank's random streams from a checkpoint; a checkpoint of another world size
-    cannot be continued, so fresh streams start (the run continues correctly, it is just not
-    bitwise the uninterrupted one)."""
-    rng = ckpt["rng"]
-    if int(ckpt["world_size"]) == ctx.world and len(rng) == ctx.world:
-        set_rng_state(rng[ctx.rank], device)
+def restore_rng_on_resume(rngs: List[Dict[str, Any]], world_size: int, ctx: "Dist", seed: int, step: int,
+                          say) -> None:
+    """Continue this rank's random streams from a checkpoint's `rngs` (one per rank); a checkpoint
+    of another world size cannot be continued, so fresh streams start (the run continues
+    correctly, it is just not bitwise the uninterrupted one)."""
+    if int(world_size) == ctx.world and len(rngs) == ctx.world:
+        set_rng_state(rngs[ctx.rank], ctx.device)
     else:
         seed_everything(rank_seed(seed + step, ctx.rank))
-        say(f"note: checkpoint written by {ckpt['world_size']} process(es), resuming with {ctx.world}: "
-            "random streams restart")
+        say(f"note: checkpoint written by {world_size} process(es), resuming with {ctx.world}: random streams restart")
 
 
 class StepBatches:

@@ -9,6 +9,19 @@ A trainer subclasses Trainer and supplies
     finish(start_step, elapsed)     final numbers -> metrics.json
 and calls open_run(...) then begin(ckpt) in its __init__; Trainer.run() does the rest.
 
+The run directory (--out DIR) of every trainer:
+    DIR/checkpoint.pt   written atomically every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
+                        SIGTERM and at the end; the same command with the same DIR resumes it (the
+                        arguments in `must_match` unchanged; --steps may grow). A dict (torch.save,
+                        loads with weights_only=True) of the trainer's own entries (state()) and
+                        format, version, step (optimizer steps completed), args (every config field),
+                        world_size, rng (one random state per rank: {"torch", "cuda", "numpy",
+                        "python"}), history (the log rows), elapsed_s (training wall time over all
+                        runs so far), torch_version
+    DIR/log.csv         the log rows (log_header), rewritten every --log-every steps
+    DIR/metrics.json    while training the last log row with "status": "running"; at the end one flat
+                        JSON object: the trainer's numbers, timing(), then every argument
+
 Stopping: the first SIGINT or SIGTERM lets the current step finish, writes a checkpoint (every
 rank agrees on the step under torchrun) and raises Interrupted, a KeyboardInterrupt whose
 exit_code is 128 + the signal number (130 for SIGINT, 143 for SIGTERM); running the same command
@@ -29,8 +42,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .distributed import Dist
-from .rundir import RunDir
-from .runs import StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume, seed_everything
+from .rundir import CheckpointError, RunDir
+from .runs import (StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume,
+                   seed_everything)
 
 __all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options"]
 
@@ -171,13 +185,18 @@ class Trainer:
             seed_everything(fresh_seed)
             return
         self.files.check_resume(ckpt, asdict(self.cfg), self.must_match)
-        self.load_state(ckpt)
+        try:
+            self.load_state(ckpt)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # what load_state_dict raises on a misfit
+            raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
         self.step = self.resumed_from = int(ckpt["step"])
         self.history = [list(h) for h in ckpt.get("history", [])]
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
         rng = ckpt["rng"]  # one state per rank; the related systems' first release saved a single one
-        restore_rng_on_resume({"rng": rng if isinstance(rng, list) else [rng], "world_size": ckpt.get("world_size", 1)},
-                              self.ctx, self.device, self.cfg.seed, self.step, self.files.say)
+        restore_rng_on_resume(rng if isinstance(rng, list) else [rng], ckpt.get("world_size", 1), self.ctx,
+                              self.cfg.seed, self.step, self.files.say)
         self.files.say(f"resuming from {self.files.ckpt_path} at step {self.step}")
 
     # -- what a trainer supplies ----------------------------------------------------------------
@@ -247,7 +266,10 @@ class Trainer:
                     raise Interrupted(self.files.command, stop.signum or signal.SIGTERM, self.step,
                                       self.files.ckpt_path)
         bar.close()
-        return self.finish(start_step, self.clock() - self.t_start)
+        metrics = self.finish(start_step, self.clock() - self.t_start)
+        if self.ctx.world > 1:
+            dist.barrier()  # every rank returns only once rank 0 has written its files
+        return metrics
 
     def _agree(self, stop: bool, due: bool):
         """(stop, checkpoint due) as every rank sees them: any rank's request counts for all, so
@@ -276,15 +298,18 @@ class Trainer:
                                                "train_time_total_s": round(self.elapsed(), 3)})
 
     def timing(self, start_step: int, elapsed: float) -> Dict[str, Any]:
-        """The metrics.json entries about how far and how fast this invocation went."""
+        """The metrics.json entries about how far, how fast and where this invocation went."""
         trained = self.step - start_step
         return {"command": self.files.command, "step": self.step, "resumed_from_step": self.resumed_from,
                 "wall_time_s": round(elapsed, 3), "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
-                "images_per_s": round(trained * self.cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None}
+                "images_per_s": round(trained * self.cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None,
+                "world_size": self.ctx.world, "device_used": str(self.device), "torch_version": str(torch.__version__)}
 
-    def write_metrics(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
-        """metrics.json of the finished run: `metrics`, then every argument not already named."""
+    def write_metrics(self, metrics: Dict[str, Any], summary: str) -> Dict[str, Any]:
+        """metrics.json of the finished run (`metrics`, then every argument not already named), and
+        the one-line `summary` of it on stderr."""
         for key, value in asdict(self.cfg).items():
             metrics.setdefault(key, value)
         self.files.write_json("metrics.json", metrics)
+        self.files.say(summary)
         return metrics
