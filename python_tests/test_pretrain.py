@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import prg_fast.training.pretrain as T
+import prg_fast.training.trainer as trainer
 from prg_fast.cli import main
 from prg_fast.training.pretrain import CheckpointError, PretrainConfig, build_model, load_checkpoint, pretrain
 
@@ -67,8 +68,9 @@ def test_loss_start_is_the_first_steps_loss_also_in_a_run_shorter_than_a_log_int
 def test_checkpoint_keys_match_the_documented_format(trained):
     out, _ = trained
     ckpt = load_checkpoint(out)
-    section = T.__doc__.split("Checkpoint format")[1].split("Randomness:")[0]
-    documented = set(re.findall(r"^    (\w+)\s{2,}", section, flags=re.M))
+    own = T.__doc__.split("Checkpoint entries")[1].split("Randomness:")[0]
+    common = trainer.__doc__.split("The checkpoint (")[1].split("Stopping:")[0]  # every trainer's entries
+    documented = set(re.findall(r"^    (\w+)\s{2,}", own + common, flags=re.M))
     assert documented == set(ckpt), documented ^ set(ckpt)
     assert ckpt["preset"] == "tiny" and ckpt["in_channels"] == 1 and ckpt["image_size"] == 8
     assert ckpt["path"] == {"name": "otcfm", "sigma": 0.0} and ckpt["data"] == "digits" and ckpt["num_classes"] == 10

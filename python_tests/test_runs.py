@@ -183,17 +183,17 @@ def test_v1_finetuning_run_resumes_to_the_old_codes_next_step(v1_dirs):
 
 
 def test_run_dir_refuses_a_foreign_checkpoint_and_other_arguments(tmp_path):
-    a = RunDir(str(tmp_path), "kind.a", 1, "acmd")
-    assert a.load() is None
+    a = RunDir(str(tmp_path), "prg_fast.acmd", 1, "acmd")
+    assert a.claim() is None
     a.save({"step": 1, "args": {"lr": 0.1}})
-    ck = a.load()
-    assert ck["format"] == "kind.a" and ck["version"] == 1 and ck["step"] == 1 and "torch_version" in ck
-    with pytest.raises(CheckpointError, match="already holds a 'kind.a' checkpoint"):
-        RunDir(str(tmp_path), "kind.b", 1, "bcmd").load()
+    ck = a.claim()
+    assert ck["format"] == "prg_fast.acmd" and ck["version"] == 1 and ck["step"] == 1 and "torch_version" in ck
+    with pytest.raises(CheckpointError, match="already holds a 'prg_fast.acmd' checkpoint"):
+        RunDir(str(tmp_path), "prg_fast.bcmd", 1, "bcmd").claim()
     with pytest.raises(CheckpointError, match="version 1"):
-        RunDir(str(tmp_path), "kind.a", 0, "acmd").load()
+        RunDir(str(tmp_path), "prg_fast.acmd", 0, "acmd").claim()
     with pytest.raises(CheckpointError, match="lacks the entries"):
-        RunDir(str(tmp_path), "kind.a", 1, "acmd", required=("step", "weights")).load()
+        RunDir(str(tmp_path), "prg_fast.acmd", 1, "acmd", required=("step", "weights")).claim()
     with pytest.raises(CheckpointError, match="lr=0.1.*lr=0.2"):
         a.check_resume(ck, {"lr": 0.2}, ["lr"])
     a.check_resume(ck, {"lr": 0.1, "other": 3}, ["lr"])

@@ -16,7 +16,7 @@ from .flows import prg_velocity
 from .rundir import CheckpointError, check_checkpoint, checkpoint_file, read_checkpoint
 
 __all__ = ["PRETRAIN_FORMAT", "PRETRAIN_VERSION", "PRETRAIN_KEYS", "FINETUNE_FORMAT", "FINETUNE_VERSION",
-           "REQUIRED_KEYS", "load_checkpoint", "load_pretrain_checkpoint", "load_finetune_checkpoint",
+           "REQUIRED_KEYS", "load_checkpoint", "load_finetune_checkpoint",
            "load_model_checkpoint", "build_model", "build_classifier", "check_data_fits"]
 
 PRETRAIN_FORMAT = "prg_fast.pretrain"
@@ -29,38 +29,38 @@ REQUIRED_KEYS = ("format", "version", "step", "flow", "head", "optimizer", "mode
                  "in_channels", "image_size", "data", "num_classes", "classifier", "args", "world_size", "rng", "history")
 
 
-def load_model_checkpoint(path: str, map_location="cpu") -> Tuple[str, Dict[str, Any]]:
-    """("pretrain" | "finetune", the validated checkpoint) of a file or run directory, read once."""
-    ckpt = read_checkpoint(path, map_location=map_location)
+FORMATS = {"pretrain": (PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretraining"),
+           "finetune": (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning")}
+# a checkpoint of the other kind than asked for: what it is and what to do instead
+OTHER_KIND = {
+    "pretrain": f"{{where}} is not a prg_fast pretraining checkpoint ({PRETRAIN_FORMAT!r}, written by prg-fast "
+                f"pretrain): it is a finetuned classifier ({FINETUNE_FORMAT!r}). Use prg-fast evaluate / extract for "
+                f"finetuned checkpoints",
+    "finetune": "{where} is a pretraining checkpoint: it has no classifier head. Finetune it first (prg-fast finetune "
+                "--checkpoint {path} ...) and evaluate that run's directory"}
+
+
+def load_model_checkpoint(path: str, kinds=("pretrain", "finetune"), map_location="cpu") -> Tuple[str, Dict[str, Any]]:
+    """(kind, the validated checkpoint) of a file or run directory, read once; `kinds`: the kinds
+    ("pretrain", "finetune") accepted, the other is refused with what to do instead."""
+    what = f"{FORMATS[kinds[0]][3]} checkpoint" if len(kinds) == 1 else "checkpoint"
+    ckpt = read_checkpoint(path, what=what, map_location=map_location)
     where = checkpoint_file(path)
-    if ckpt.get("format") == FINETUNE_FORMAT:
-        return "finetune", check_checkpoint(ckpt, where, FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning")
-    return "pretrain", check_checkpoint(ckpt, where, PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretraining")
+    kind = next((k for k, spec in FORMATS.items() if spec[0] == ckpt.get("format")), kinds[0])
+    if kind not in kinds:
+        raise CheckpointError(OTHER_KIND[kinds[0]].format(where=where, path=path))
+    fmt, version, keys, name = FORMATS[kind]
+    return kind, check_checkpoint(ckpt, where, fmt, version, keys, name)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """Read and validate a pretraining checkpoint (a file, or a run directory holding one); a
-    finetuned one is refused with what to do instead."""
-    ckpt = read_checkpoint(path, what="pretraining checkpoint", map_location=map_location)
-    where = checkpoint_file(path)
-    if ckpt.get("format") == FINETUNE_FORMAT:
-        raise CheckpointError(f"{where} is not a prg_fast pretraining checkpoint ({PRETRAIN_FORMAT!r}, written by "
-                              f"prg-fast pretrain): it is a finetuned classifier ({FINETUNE_FORMAT!r}). Use prg-fast "
-                              f"evaluate / extract for finetuned checkpoints")
-    return check_checkpoint(ckpt, where, PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretraining")
-
-
-load_pretrain_checkpoint = load_checkpoint  # the name finetune first used
+    """Read and validate a pretraining checkpoint (a file, or a run directory holding one)."""
+    return load_model_checkpoint(path, ("pretrain",), map_location)[1]
 
 
 def load_finetune_checkpoint(path: str) -> Dict[str, Any]:
     """Read and validate a finetuning checkpoint (a file, or a run directory holding one)."""
-    ckpt = read_checkpoint(path)
-    where = checkpoint_file(path)
-    if ckpt.get("format") == PRETRAIN_FORMAT:
-        raise CheckpointError(f"{where} is a pretraining checkpoint: it has no classifier head. Finetune it first "
-                              f"(prg-fast finetune --checkpoint {path} ...) and evaluate that run's directory")
-    return check_checkpoint(ckpt, where, FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning")
+    return load_model_checkpoint(path, ("finetune",))[1]
 
 
 def _load_weights(ckpt: Dict[str, Any], model: Optional[torch.nn.Module], state: Dict[str, Any],

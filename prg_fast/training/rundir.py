@@ -156,8 +156,12 @@ class RunDir:
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
 
-    def _metrics_command(self) -> Optional[str]:
-        """The "command" DIR/metrics.json names (every command writes it), or None."""
+    def _owner(self, ckpt: Optional[Dict[str, Any]]) -> Optional[str]:
+        """The command whose run DIR is: its checkpoint's format says so, else the "command" its
+        metrics.json names (every command writes one); None for neither."""
+        if ckpt is not None:
+            fmt = str(ckpt.get("format"))
+            return fmt[len("prg_fast."):] if fmt.startswith("prg_fast.") else fmt
         try:
             with open(self.path("metrics.json")) as f:
                 command = json.load(f).get("command")
@@ -167,41 +171,26 @@ class RunDir:
 
     def claim(self, force: bool = False) -> Optional[Dict[str, Any]]:
         """Check, before any work, that this command may write DIR: DIR is new, empty, this
-        command's own run (its checkpoint's format, else its metrics.json, says so), or (force) a
-        non-empty folder prg_fast did not make. Returns the run's checkpoint when DIR holds one (to
-        resume; the file is read once), else None."""
+        command's own run, or (force) a non-empty folder prg_fast did not make. Returns the run's
+        checkpoint when DIR holds one (to resume; the file is read once and validated: a newer
+        version or one lacking entries is refused), else None."""
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise FileExistsError(f"--out {self.out} is an existing file, not a run directory; name a new directory")
         if not os.path.isdir(self.out) or not os.listdir(self.out):
             return None
         ckpt = read_checkpoint(self.ckpt_path) if os.path.isfile(self.ckpt_path) else None
-        if ckpt is not None:
-            fmt = str(ckpt.get("format"))
-            owner = fmt[len("prg_fast."):] if fmt.startswith("prg_fast.") else fmt
-        else:
-            owner = self._metrics_command()
-        if ckpt is not None and owner != self.command:
-            raise CheckpointError(f"--out {self.out} already holds a {ckpt.get('format')!r} checkpoint (a `prg-fast "
-                                  f"{owner}` run); {self.command} does not write into another command's run (use a "
-                                  f"new --out)")
+        owner = self._owner(ckpt)
         if owner is not None and owner != self.command:
-            raise FileExistsError(f"--out {self.out} is the run directory of `prg-fast {owner}`; {self.command} does "
-                                  f"not write into another command's run (use a new --out)")
+            held = (f"already holds a {ckpt.get('format')!r} checkpoint (a `prg-fast {owner}` run)" if ckpt is not None
+                    else f"is the run directory of `prg-fast {owner}`")
+            error = CheckpointError if ckpt is not None else FileExistsError
+            raise error(f"--out {self.out} {held}; {self.command} does not write into another command's run "
+                        f"(use a new --out)")
         if owner is None and not force:
             raise FileExistsError(f"--out {self.out} is a non-empty folder that prg-fast did not make; name a new or "
                                   f"empty directory, or pass --force to write into it")
-        return self.validate(ckpt) if ckpt is not None else None
-
-    def load(self) -> Optional[Dict[str, Any]]:
-        """The run's checkpoint when DIR holds one (validated), else None."""
-        return self.validate(read_checkpoint(self.ckpt_path)) if os.path.isfile(self.ckpt_path) else None
-
-    def validate(self, ckpt: Dict[str, Any]) -> Dict[str, Any]:
-        """A checkpoint of another kind in DIR (a pretraining run, another command's run) is
-        refused, never overwritten; so is a newer version or one lacking entries."""
-        if ckpt.get("format") != self.fmt:
-            raise CheckpointError(f"--out {self.out} already holds a {ckpt.get('format')!r} checkpoint, not a "
-                                  f"{self.fmt!r} run; use a new --out (it is not overwritten)")
+        if ckpt is None:
+            return None
         return check_checkpoint(ckpt, self.ckpt_path, self.fmt, self.version, self.required, self.kind)
 
     def check_resume(self, ckpt: Dict[str, Any], args: Dict[str, Any], keys: Iterable[str]) -> None:

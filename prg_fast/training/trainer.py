@@ -12,15 +12,22 @@ and calls open_run(...) then begin(ckpt) in its __init__; Trainer.run() does the
 The run directory (--out DIR) of every trainer:
     DIR/checkpoint.pt   written atomically every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
                         SIGTERM and at the end; the same command with the same DIR resumes it (the
-                        arguments in `must_match` unchanged; --steps may grow). A dict (torch.save,
-                        loads with weights_only=True) of the trainer's own entries (state()) and
-                        format, version, step (optimizer steps completed), args (every config field),
-                        world_size, rng (one random state per rank: {"torch", "cuda", "numpy",
-                        "python"}), history (the log rows), elapsed_s (training wall time over all
-                        runs so far), torch_version
+                        arguments in `must_match` unchanged; --steps may grow)
     DIR/log.csv         the log rows (log_header), rewritten every --log-every steps
     DIR/metrics.json    while training the last log row with "status": "running"; at the end one flat
                         JSON object: the trainer's numbers, timing(), then every argument
+The checkpoint (a dict saved by torch.save; loads with weights_only=True) holds the trainer's own
+entries (its state(), documented in its module) and
+    format          "prg_fast.<command>"
+    version         the format's version
+    step            optimizer steps completed
+    args            dict: every config field of the run that wrote the checkpoint
+    world_size      processes that trained
+    rng             list, one entry per rank: {"torch": ByteTensor, "cuda": ByteTensor or None,
+                    "numpy": dict, "python": tuple} -- the random state after `step` steps
+    history         the log rows
+    elapsed_s       training wall time summed over all runs so far
+    torch_version   torch.__version__ of the writer
 
 Stopping: the first SIGINT or SIGTERM lets the current step finish, writes a checkpoint (every
 rank agrees on the step under torchrun) and raises Interrupted, a KeyboardInterrupt whose
@@ -117,9 +124,7 @@ class TrainConfig:
         for name in ("batch_size", "ckpt_every", "log_every", "eval_batch_size"):
             if hasattr(self, name):
                 check_int(name, getattr(self, name), 1)
-        check_int("seed", self.seed, 0)
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        check_int("seed", self.seed, 0)  # out is checked by the RunDir that claims it
 
     def pretrained_checkpoint(self, command: str) -> str:
         """--checkpoint (a pretraining run directory or checkpoint file) as an absolute path."""
