@@ -31,8 +31,9 @@ import torch.nn as nn
 
 from .ode import reverse
 from .ode.solvers import get_tableau
+from .ode.unit_time import check_unit_times
 
-__all__ = ["PRGClassifier", "feature_shape", "check_segment", "parse_times"]
+__all__ = ["PRGClassifier", "feature_shape", "check_segment", "parse_time", "parse_times"]
 
 EDGE = 1e-3  # how far inside (0, 1) a learned segment's starting fraction is put (sigmoid's range is open)
 
@@ -42,46 +43,48 @@ def _logit(fraction: float) -> float:
     return math.log(u / (1.0 - u))
 
 
-def _time(value, name: str) -> float:
+def parse_time(value, name: str) -> float:
+    """One time (a number or a one-element tensor) as a float in [0, 1], else a ValueError naming
+    `name`. With parse_times the one parser of times above the engine: the segment, the trainers'
+    time fields and the command line use them; the range is the engine's check_unit_times."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    check_unit_times(**{name: value})
     return float(value)
 
 
 def parse_times(value, name: str = "save_at") -> Optional[List[float]]:
     """None, a sequence (or tensor) of times, or comma-separated text such as "0.5,1.0" -> a list of
-    floats (or None). The one parser of time lists: the command line and the trainers use it too."""
+    floats in [0, 1] (or None); see parse_time."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         value = value.detach().flatten().tolist()
     if isinstance(value, str):
         try:
-            return [float(s) for s in value.replace(" ", "").split(",") if s]
+            value = [float(s) for s in value.replace(" ", "").split(",") if s]
         except ValueError:
             raise ValueError(f"{name} must be comma-separated times such as 0.5,1.0, got {value!r}") from None
     if isinstance(value, bytes) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be None or a sequence of times, got {type(value).__name__}")
-    return [_time(s, f"{name} entries") for s in value]
+    return [parse_time(s, f"{name} entries") for s in value]
 
 
 def check_segment(t0, t, save_at=None, *, learned: bool = False) -> Tuple[float, float, Optional[Tuple[float, ...]]]:
     """The one check of a trajectory segment, for PRGClassifier, finetune and extract alike:
-    (t0, t, save_at) as floats with t0 < t and every save_at time in [t0, t] (save_at parsed by
-    parse_times); a learned segment (learned=True) lives in 0 <= t0 < t <= 1 and has no save_at."""
-    t, t0 = _time(t, "t"), _time(t0, "t0")
+    (t0, t, save_at) as floats in [0, 1] (parse_time, parse_times) with t0 < t and every save_at
+    time in [t0, t]; a learned segment (learned=True) has no save_at."""
+    t, t0 = parse_time(t, "t"), parse_time(t0, "t0")
+    times = parse_times(save_at)
     if not t > t0:
         raise ValueError(f"the trajectory segment must run forward in time: need t0 < t, got t0={t0:g}, t={t:g}")
-    times = parse_times(save_at)
     if times is not None and not times:
         raise ValueError("save_at must hold at least one time (or be None)")
     for s in times or ():
         if not t0 <= s <= t:
             raise ValueError(f"save_at times must lie in [t0, t] = [{t0:g}, {t:g}], got {s:g}")
-    if learned and not 0.0 <= t0 < t <= 1.0:
-        raise ValueError(f"a learned segment lives in 0 <= t0 < t <= 1; got t0={t0:g}, t={t:g}")
     if learned and times is not None:
         raise ValueError("learn_t/learn_t0 cannot be combined with save_at (fixed times in a moving segment)")
     return t0, t, None if times is None else tuple(times)
@@ -160,11 +163,11 @@ class PRGClassifier(nn.Module):
 
     @t.setter
     def t(self, value: float) -> None:
-        self._set_segment(self.t0, _time(value, "t"))
+        self._set_segment(self.t0, parse_time(value, "t"))
 
     @t0.setter
     def t0(self, value: float) -> None:
-        self._set_segment(_time(value, "t0"), self.t)
+        self._set_segment(parse_time(value, "t0"), self.t)
 
     def _set_segment(self, t0: float, t: float) -> None:
         """Move the segment (learned ends restart from the new values)."""

@@ -197,7 +197,7 @@ def test_learned_t_defaults_start_inside_the_range_and_bad_combinations():
     assert abs(clf.t - (1 - 1e-3)) < 1e-6
     with pytest.raises(ValueError, match="learn_t/learn_t0 cannot be combined with save_at"):
         PRGClassifier(_tiny_unet(), ClassifierHead((2, 8, 8), 10), t=1.0, save_at=(0.5, 1.0), learn_t=True)
-    with pytest.raises(ValueError, match="a learned segment lives in 0 <= t0 < t <= 1"):
+    with pytest.raises(ValueError, match=r"t: expected a time in \[0, 1\]"):
         PRGClassifier(_tiny_unet(), ClassifierHead((1, 8, 8), 10), t=1.5, learn_t=True)
     fixed = PRGClassifier(_tiny_unet(), ClassifierHead((1, 8, 8), 10), t=0.7)
     assert not any(n.endswith("_raw") for n, _ in fixed.named_parameters())

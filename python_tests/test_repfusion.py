@@ -260,9 +260,9 @@ def test_bad_inputs(pretrained, tmp_path):
     out = str(tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="no pretraining checkpoint"):
         rf.repfusion(**QUICK, checkpoint=str(tmp_path / "missing"), out=out, steps=1)
-    with pytest.raises(ValueError, match="t must be a number in"):
+    with pytest.raises(ValueError, match=r"t: expected a time in \[0, 1\]"):
         rf.repfusion(**QUICK, checkpoint=pretrained, out=out, steps=1, t=1.5)
-    with pytest.raises(ValueError, match="t must be a number in"):
+    with pytest.raises(ValueError, match="t must be a finite number"):
         rf.repfusion(**QUICK, checkpoint=pretrained, out=out, steps=1, t=float("nan"))
     with pytest.raises(ValueError, match="either a fixed time t or policy"):
         rf.repfusion(**QUICK, checkpoint=pretrained, out=out, steps=1, t=0.5, policy=True)

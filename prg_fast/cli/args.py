@@ -69,20 +69,33 @@ positive_int = bounded(int, 1)
 nonnegative_int = bounded(int, 0)
 nonnegative_float = bounded(float, 0.0)
 positive_float = bounded(float, 0.0, lo_open=True)
-unit_time = bounded(float, 0.0, 1.0, what=UNIT_TIME)  # the message reverse/generate give
 
 
-def time_list(text: str) -> List[float]:
-    """Comma-separated times in [0, 1], such as 0.5,1.0."""
+def _unit_times(text: str, what: str) -> List[float]:
+    """Times read by the one parser of times (classifier.parse_times: numbers in [0, 1] by the
+    engine's own check), as argparse wants the error."""
     from ..classifier import parse_times
 
     try:
         times = parse_times(text)
     except ValueError:
         times = None
-    if not times or any(not 0.0 <= s <= 1.0 for s in times):
-        raise argparse.ArgumentTypeError(f"expected comma-separated times in [0, 1], got {text!r}")
+    if not times:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return times
+
+
+def unit_time(text: str) -> float:
+    """One time in [0, 1]."""
+    times = _unit_times(text, UNIT_TIME)
+    if len(times) != 1:
+        raise argparse.ArgumentTypeError(f"expected {UNIT_TIME}, got {text}")
+    return times[0]
+
+
+def time_list(text: str) -> List[float]:
+    """Comma-separated times in [0, 1], such as 0.5,1.0."""
+    return _unit_times(text, "comma-separated times in [0, 1] (0 = data, 1 = noise)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True, augment: bool = True) -> None:
@@ -139,9 +152,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, presets: bool, weights:
     --time-convention."""
     if presets:
         from ..models.unet import PRESETS
+        from ..training.flows import is_factory_spec
 
         def model_spec(text: str) -> str:
-            if text in PRESETS or (text.count(":") == 1 and all(text.split(":"))):
+            if text in PRESETS or is_factory_spec(text):
                 return text
             raise argparse.ArgumentTypeError(f"expected a UNet preset ({', '.join(sorted(PRESETS))}) or "
                                              f"package.module:factory, got {text!r}")

@@ -1,8 +1,10 @@
 """The unit time interval of reverse/generate: t = 0 is data, t = 1 is noise (DESIGN.md section 2).
 
 A trajectory read past either end runs the network on times it was never trained on, silently;
-reverse and generate refuse it with the message the command line gives for --t / --t0 (prg_fast.cli
-builds its argument type from UNIT_TIME). odeint takes any grid and does not come here."""
+reverse and generate refuse it, and so does every layer above through the one parser of times
+(prg_fast.classifier.parse_time / parse_times: the segment, the trainers' time fields, the command
+line's --t / --t0 / --save-at), which calls check_unit_times. odeint takes any grid and does not
+come here."""
 from __future__ import annotations
 
 import numbers

@@ -26,7 +26,6 @@ preset, data}), data, loss_first, window (the log interval in progress), top1.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,8 @@ from ..training.evaluate import knn_accuracy, linear_probe
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
 from ..training.runs import check_int, check_number, cosine_factor, merge_config, seed_everything
-from ..training.trainer import Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, split_run_options
+from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, ranged,
+                                split_run_options)
 from .common import ENCODERS, ViewAugment, build_encoder, encode, load_flow, pretrain_info
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
@@ -89,16 +89,8 @@ def neighbour_latents(z: torch.Tensor, sigma: float, n: int = 1, *, truncation: 
     check_number("truncation", truncation, 0.0, float("inf"), lo_open=True)
     check_int("n", n, 1)
     eps = torch.empty((z.shape[0], n, *z.shape[1:]), dtype=torch.float32)
-    eps = _trunc_normal(eps, truncation, generator)
+    torch.nn.init.trunc_normal_(eps, a=-truncation, b=truncation, generator=generator)
     return z[:, None] + sigma * eps.to(z.device, z.dtype)
-
-
-def _trunc_normal(out: torch.Tensor, bound: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    # inverse-CDF sampling of N(0, 1) restricted to [-bound, bound]
-    lo = 0.5 * (1 + math.erf(-bound / math.sqrt(2)))
-    u = torch.rand(out.shape, generator=generator, dtype=torch.float64)
-    p = lo + (1 - 2 * lo) * u
-    return (math.sqrt(2) * torch.erfinv(2 * p - 1)).clamp(-bound, bound).to(out.dtype)
 
 
 @torch.no_grad()
@@ -130,40 +122,30 @@ class GenRepConfig(TrainConfig):
     out: str = "runs/genrep"
     steps: int = 500  # contrastive steps (0: no training -- the random-encoder baseline)
     batch_size: int = 128  # positive pairs per step (2B views)
-    sigma: float = 0.2
-    truncation: float = 2.0  # eps truncated at +- truncation (GenRep: 2)
-    temperature: float = 0.1
-    pool: int = 1024  # anchors generated offline (0: fresh pairs every step)
-    neighbors: int = 4  # neighbours per anchor in the pool (GenRep: 20)
-    ode_steps: int = 10  # prg_fast.generate steps
+    # sigma = 0 is allowed on purpose: the positive is then the anchor itself (SimCLR on generated images)
+    sigma: float = ranged(0.2, 0.0, 10.0)
+    truncation: float = ranged(2.0, 0.0, 100.0, lo_open=True)  # eps truncated at +- truncation (GenRep: 2)
+    temperature: float = ranged(0.1, 0.0, 100.0, lo_open=True)
+    pool: int = ranged(1024, 0)  # anchors generated offline (0: fresh pairs every step)
+    neighbors: int = ranged(4, 1)  # neighbours per anchor in the pool (GenRep: 20)
+    ode_steps: int = ranged(10, 1)  # prg_fast.generate steps
     method: str = "rk4"
     encoder: str = "resnet-small"
-    proj_dim: int = 128
-    lr: float = 1e-3  # AdamW, cosine
-    weight_decay: float = 1e-4
-    crop_scale: Optional[float] = None  # smallest crop area fraction (None: 0.2 for >= 32 px images, 0.5 below)
+    proj_dim: int = ranged(128, 1)
+    lr: float = ranged(1e-3, 0.0, 10.0, lo_open=True)  # AdamW, cosine
+    weight_decay: float = ranged(1e-4, 0.0, 10.0)
+    # smallest crop area fraction (None: 0.2 for >= 32 px images, 0.5 below)
+    crop_scale: Optional[float] = ranged(None, 0.0, 1.0, lo_open=True)
     raw_weights: bool = False
-    gen_batch_size: int = 256
-    probe_C: Optional[float] = None  # linear-probe inverse regularisation; None: chosen by 5-fold CV on the train split
-    eval_batch_size: int = 256
+    gen_batch_size: int = ranged(256, 1)
+    # linear-probe inverse regularisation; None: chosen by 5-fold CV on the train split
+    probe_C: Optional[float] = ranged(None, 0.0, 1e6, lo_open=True)
+    eval_batch_size: int = ranged(256, 1)
 
     def validate(self) -> "GenRepConfig":
         self.check_run_fields(min_steps=0)
-        for name in ("neighbors", "ode_steps", "proj_dim", "gen_batch_size"):
-            check_int(name, getattr(self, name), 1)
-        check_int("pool", self.pool, 0)
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (the other pairs are the negatives), got {self.batch_size}")
-        # sigma = 0 is allowed on purpose: the positive is then the anchor itself (SimCLR on generated images)
-        check_number("sigma", self.sigma, 0.0, 10.0)
-        check_number("truncation", self.truncation, 0.0, 100.0, lo_open=True)
-        check_number("temperature", self.temperature, 0.0, 100.0, lo_open=True)
-        check_number("lr", self.lr, 0.0, 10.0, lo_open=True)
-        check_number("weight_decay", self.weight_decay, 0.0, 10.0)
-        if self.crop_scale is not None:
-            check_number("crop_scale", self.crop_scale, 0.0, 1.0, lo_open=True)
-        if self.probe_C is not None:
-            check_number("probe_C", self.probe_C, 0.0, 1e6, lo_open=True)
         if 0 < self.pool < self.batch_size:
             raise ValueError(f"pool ({self.pool}) must be 0 (online generation) or >= batch_size ({self.batch_size})")
         if self.encoder not in ENCODERS:

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from ..data import load_data
 from ..training.distributed import single_process
 from ..training.evaluate import map_batches, top1_accuracy
-from ..training.runs import (check_int, check_number, cosine_factor, load_train_data, merge_config,
-                             seed_everything)
-from ..training.trainer import RunOptions, TrainConfig, Trainer, split_run_options
+from ..classifier import parse_time
+from ..training.runs import check_number, cosine_factor, load_train_data, merge_config, seed_everything
+from ..training.trainer import RunOptions, TrainConfig, Trainer, ranged, split_run_options
 from .common import ENCODERS, build_encoder, load_flow, pretrain_info
 
 __all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
@@ -255,51 +255,38 @@ class RepFusionConfig(TrainConfig):
     checkpoint: Optional[str] = None  # pretraining run directory (or its checkpoint.pt)
     out: str = "runs/repfusion"
     steps: int = 500  # distillation steps (0: no distillation -- the plain supervised student)
-    finetune_steps: Optional[int] = None  # cross-entropy steps; None: = steps
+    finetune_steps: Optional[int] = ranged(None, 1)  # cross-entropy steps; None: = steps
     t: Optional[float] = None  # fixed teacher time (None without policy: DEFAULT_T)
     policy: bool = False  # choose t per image with the REINFORCE policy
-    policy_times: int = 11  # K candidate times, evenly spaced in [0, policy_t_max]
+    policy_times: int = ranged(11, 2)  # K candidate times, evenly spaced in [0, policy_t_max]
     policy_t_max: float = 1.0
     layer: str = "middle_block"
-    teacher_norm: str = "standardize"  # standardize | none: per-channel standardisation of the pooled teacher features
+    teacher_norm: str = "standardize"  # standardize | none: per-channel standardisation of the teacher
     student: str = "resnet-small"
-    lr: float = 0.05  # distillation (SGD, momentum 0.9, cosine)
-    finetune_lr: float = 0.05  # finetuning (SGD, momentum 0.9, cosine)
-    weight_decay: float = 5e-4
-    policy_lr: float = 1e-3  # policy and auxiliary head (Adam)
-    entropy_coef: float = 0.1  # decays linearly to 0 at mid-distillation
-    aux_hidden: int = 256
-    label_smoothing: float = 0.0
-    warmup_frac: float = 0.05  # of each phase
-    crop_padding: int = 0
+    lr: float = ranged(0.05, 0.0, 10.0, lo_open=True)  # distillation (SGD, momentum 0.9, cosine)
+    finetune_lr: float = ranged(0.05, 0.0, 10.0, lo_open=True)  # finetuning (SGD, momentum 0.9, cosine)
+    weight_decay: float = ranged(5e-4, 0.0, 1.0)
+    policy_lr: float = ranged(1e-3, 0.0, 10.0, lo_open=True)  # policy and auxiliary head (Adam)
+    entropy_coef: float = ranged(0.1, 0.0, 100.0)  # decays linearly to 0 at mid-distillation
+    aux_hidden: int = ranged(256, 1)
+    label_smoothing: float = ranged(0.0, 0.0, 1.0, hi_open=True)
+    warmup_frac: float = ranged(0.05, 0.0, 1.0, hi_open=True)  # of each phase
+    crop_padding: int = ranged(0, 0)
     raw_weights: bool = False  # teacher: raw instead of EMA weights
-    eval_batch_size: int = 256
+    eval_batch_size: int = ranged(256, 1)
 
     def validate(self) -> "RepFusionConfig":
-        self.check_run_fields(min_steps=0)
         if self.finetune_steps is None:
             if self.steps == 0:
                 raise ValueError("steps=0 (no distillation) needs finetune_steps >= 1")
             self.finetune_steps = self.steps
-        check_int("finetune_steps", self.finetune_steps, 1)
-        for name in ("policy_times", "aux_hidden"):
-            check_int(name, getattr(self, name), 1)
-        check_int("crop_padding", self.crop_padding, 0)
+        self.check_run_fields(min_steps=0)
         if self.policy and self.t is not None:
             raise ValueError("give either a fixed time t or policy=True (--t or --policy), not both")
-        if self.t is not None:
-            check_number("t", self.t, 0.0, 1.0)
-            self.t = float(self.t)
-        if self.policy:
-            if self.policy_times < 2:
-                raise ValueError(f"policy_times must be >= 2 (the policy chooses among them), got {self.policy_times}")
-            check_number("policy_t_max", self.policy_t_max, 0.0, 1.0, lo_open=True)
-        for name in ("lr", "finetune_lr", "policy_lr"):
-            check_number(name, getattr(self, name), 0.0, 10.0, lo_open=True)
-        check_number("weight_decay", self.weight_decay, 0.0, 1.0)
-        check_number("entropy_coef", self.entropy_coef, 0.0, 100.0)
-        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-        check_number("warmup_frac", self.warmup_frac, 0.0, 1.0, hi_open=True)
+        self.t = None if self.t is None else parse_time(self.t, "t")
+        if parse_time(self.policy_t_max, "policy_t_max") <= 0:
+            raise ValueError(f"policy_t_max must be > 0 (the policy's times span [0, policy_t_max]), "
+                             f"got {self.policy_t_max!r}")
         if self.student not in ENCODERS:
             raise ValueError(f"student must be one of {sorted(ENCODERS)}, got {self.student!r}")
         self.checkpoint = self.pretrained_checkpoint("repfusion")

@@ -54,9 +54,8 @@ from .distributed import Dist, run_on_ranks, wrap_ddp
 from .evaluate import evaluate, extract, sharded_correct
 from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
 from .rundir import CheckpointError, checkpoint_file
-from .runs import (check_int, check_number, load_train_data, lr_schedule, merge_config,
-                   rank_seed, seed_everything)
-from .trainer import RunOptions, TrainConfig, Trainer, split_run_options
+from .runs import load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
+from .trainer import RunOptions, TrainConfig, Trainer, ranged, split_run_options
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
@@ -77,71 +76,47 @@ class FinetuneConfig(TrainConfig):
     checkpoint: Optional[str] = None  # pretraining checkpoint (file or run directory)
     out: str = "runs/finetune"
     steps: int = 1000
-    ode_steps: int = 20
+    ode_steps: int = ranged(20, 1)
     method: str = "euler"  # the released code's solver
-    t0: float = 0.0
+    t0: float = 0.0  # t0, t and save_at: checked by classifier.check_segment
     t: float = 1.0
     save_at: Optional[List[float]] = None  # several feature times, concatenated on the channel dim
-    beta: float = 0.0  # weight of the flow-matching term (paper: > 0; released code: 0)
-    label_smoothing: float = 0.1
-    lr: float = 1e-3
-    head_lr: Optional[float] = None  # None: lr
-    weight_decay: float = 0.05
-    warmup: Optional[int] = None  # linear warm-up steps; None: 5% of --steps
+    beta: float = ranged(0.0, 0.0, 1e6)  # weight of the flow-matching term (paper: > 0; released code: 0)
+    label_smoothing: float = ranged(0.1, 0.0, 1.0, hi_open=True)
+    lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)
+    head_lr: Optional[float] = ranged(None, 0.0, 1.0, lo_open=True)  # None: lr
+    weight_decay: float = ranged(0.05, 0.0, 10.0)
+    warmup: Optional[int] = ranged(None, 0)  # linear warm-up steps; None: 5% of --steps
     schedule: str = "cosine"  # cosine | constant (after the warm-up)
-    min_lr: float = 0.0  # cosine floor, as a fraction of the peak
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    min_lr: float = ranged(0.0, 0.0, 1.0)  # cosine floor, as a fraction of the peak
+    grad_clip: float = ranged(1.0, 0.0, 1e12)  # max global gradient norm; 0 disables
     freeze_flow: bool = False  # train the head only
     from_scratch: bool = False  # same architecture, random initial weights
     model: Optional[str] = None  # UNet preset for --from-scratch without --checkpoint
     path: Optional[str] = None  # flow-matching path for beta > 0 (default: the checkpoint's)
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
-    hidden: Optional[int] = None  # head width (None: the pooled feature size, as in PRG)
+    hidden: Optional[int] = ranged(None, 1)  # head width (None: the pooled feature size, as in PRG)
     learn_t: bool = False  # learn the end time t with the flow and head (PRGClassifier(learn_t=True))
     learn_t0: bool = False  # learn the start time t0 too
-    t_lr: float = 0.05  # peak learning rate of the raw (logit) time parameters; no weight decay
-    labels_per_class: Optional[int] = None  # finetune on N labelled images per class (None: all of them)
-    labels_seed: Optional[int] = None  # seed of that class-balanced subset (None: seed)
-    crop_padding: int = 0
-    fm_eps: float = 1e-5
+    t_lr: float = ranged(0.05, 0.0, 10.0, lo_open=True)  # peak lr of the raw time parameters; no decay
+    labels_per_class: Optional[int] = ranged(None, 1)  # finetune on N labelled images per class (None: all)
+    labels_seed: Optional[int] = ranged(None, 0)  # seed of that class-balanced subset (None: seed)
+    crop_padding: int = ranged(0, 0)
+    fm_eps: float = ranged(1e-5, 0.0, 0.5)
     ckpt_every: int = 500
     log_every: int = 25
-    eval_every: int = 0  # test top-1 every N steps (0: only at the end)
-    eval_batch_size: int = 256
+    eval_every: int = ranged(0, 0)  # test top-1 every N steps (0: only at the end)
+    eval_batch_size: int = ranged(256, 1)
 
     def validate(self, external_model: bool = False) -> "FinetuneConfig":
         """Check and normalise the fields; `external_model`: the caller brings the flow network
         (finetune(model=...)), so neither a checkpoint nor a preset is needed."""
-        def int_at_least(name, lo):
-            check_int(name, getattr(self, name), lo)
-
         self.check_run_fields()
-        int_at_least("ode_steps", 1)
-        for name in ("crop_padding", "eval_every"):
-            int_at_least(name, 0)
-        if self.warmup is not None:
-            int_at_least("warmup", 0)
-        if self.hidden is not None:
-            int_at_least("hidden", 1)
-        if self.labels_per_class is not None:
-            int_at_least("labels_per_class", 1)
-        if self.labels_seed is not None:
-            int_at_least("labels_seed", 0)
-        for name, lo, hi, lo_open in (("lr", 0.0, 1.0, True), ("weight_decay", 0.0, 10.0, False),
-                                      ("beta", 0.0, 1e6, False), ("min_lr", 0.0, 1.0, False),
-                                      ("grad_clip", 0.0, 1e12, False), ("fm_eps", 0.0, 0.5, False)):
-            check_number(name, getattr(self, name), lo, hi, lo_open=lo_open)
-        if self.head_lr is not None:
-            check_number("head_lr", self.head_lr, 0.0, 1.0, lo_open=True)
-        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-        for name in ("t0", "t"):
-            check_number(f"{name} (0 = data, 1 = noise)", getattr(self, name), 0.0, 1.0)
         for name in ("learn_t", "learn_t0"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.t0, self.t, save_at = check_segment(self.t0, self.t, self.save_at, learned=self.learn_t or self.learn_t0)
         self.save_at = None if save_at is None else list(save_at)
-        check_number("t_lr", self.t_lr, 0.0, 10.0, lo_open=True)
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         from ..ode.solvers import get_tableau

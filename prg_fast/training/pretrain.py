@@ -50,8 +50,8 @@ from .distributed import Dist, run_on_ranks, wrap_ddp
 from .flows import (check_flow, check_model_reads, foreign_model_entries, import_factory, is_factory_spec,
                     prg_velocity)
 from .rundir import CHECKPOINT_NAME, CheckpointError, atomic_write
-from .runs import check_int, check_number, load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, split_run_options
+from .runs import load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
+from .trainer import RunOptions, TrainConfig, Trainer, ranged, split_run_options
 
 # load_checkpoint, build_model and the format constants live in checkpoints.py; they stay
 # importable from here, where they were first
@@ -72,40 +72,25 @@ class PretrainConfig(TrainConfig):
     model: str = "tiny"  # a UNet preset, or "package.module:factory" (bring your own flow)
     steps: int = 2000
     out: str = "runs/pretrain"
-    sigma: float = 0.0
-    lr: float = 2e-4
+    sigma: float = ranged(0.0, 0.0)
+    lr: float = ranged(2e-4, 0.0, 1.0, lo_open=True)
     optimizer: str = "adam"
-    weight_decay: float = 0.0
-    warmup: int = 500  # linear learning-rate warm-up steps (torchcfm's CIFAR recipe uses 5000)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    ema_decay: float = 0.9999  # effective decay min(ema_decay, (1 + n) / (10 + n)) at step n
-    crop_padding: int = 0
-    dropout: Optional[float] = None  # None: the preset's
-    eps: float = 1e-5  # t ~ U(eps, 1)
+    weight_decay: float = ranged(0.0, 0.0, 10.0)
+    warmup: int = ranged(500, 0)  # linear learning-rate warm-up steps (torchcfm's CIFAR recipe uses 5000)
+    grad_clip: float = ranged(1.0, 0.0)  # max global gradient norm; 0 disables
+    ema_decay: float = ranged(0.9999, 0.0, 1.0)  # decay min(ema_decay, (1 + n) / (10 + n)) at step n
+    crop_padding: int = ranged(0, 0)
+    dropout: Optional[float] = ranged(None, 0.0, 0.99)  # None: the preset's
+    eps: float = ranged(1e-5, 0.0, 0.5)  # t ~ U(eps, 1)
     ckpt_every: int = 1000
     log_every: int = 50
     bf16: bool = False  # bf16 autocast (CUDA only)
-    num_samples: int = 64
-    sample_steps: int = 20
+    num_samples: int = ranged(64, 1)
+    sample_steps: int = ranged(20, 1)
     sample_method: str = "rk4"
 
     def validate(self) -> "PretrainConfig":
-        def number(name, lo, hi, lo_open=False):
-            check_number(name, getattr(self, name), lo, hi, lo_open=lo_open)
-
         self.check_run_fields()
-        for name in ("num_samples", "sample_steps"):
-            check_int(name, getattr(self, name), 1)
-        for name in ("warmup", "crop_padding"):
-            check_int(name, getattr(self, name), 0)
-        number("lr", 0.0, 1.0, lo_open=True)
-        number("weight_decay", 0.0, 10.0)
-        number("grad_clip", 0.0, float("inf"))
-        number("ema_decay", 0.0, 1.0)
-        number("sigma", 0.0, float("inf"))
-        number("eps", 0.0, 0.5)
-        if self.dropout is not None:
-            number("dropout", 0.0, 0.99)
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
         if self.prediction not in PREDICTIONS or (self.prediction != "velocity" and self.sigma):

@@ -41,7 +41,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -53,7 +54,8 @@ from .rundir import CheckpointError, RunDir
 from .runs import (StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume,
                    seed_everything)
 
-__all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options"]
+__all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options",
+           "ranged"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -103,10 +105,17 @@ class StopRequests:
         self.say(f"{name}: finishing this step, then writing a checkpoint (send it again to abort at once)")
 
 
+def ranged(default, lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
+    """A config field declared with its range, which TrainConfig.check_run_fields checks (an int
+    field: an integer >= lo; a float field: a finite number in [lo, hi], or open ends); None is
+    accepted where the field is Optional."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
 @dataclass
 class TrainConfig:
     """The fields every trainer's config shares and their checks (a config redeclares a field to
-    give it its own default)."""
+    give it its own default), and the checks of every field declared with `ranged`."""
 
     data: str = "digits"
     out: str = "runs/train"
@@ -121,10 +130,18 @@ class TrainConfig:
 
     def check_run_fields(self, min_steps: int = 1) -> None:
         check_int("steps", self.steps, min_steps)
-        for name in ("batch_size", "ckpt_every", "log_every", "eval_batch_size"):
-            if hasattr(self, name):
-                check_int(name, getattr(self, name), 1)
+        for name in ("batch_size", "ckpt_every", "log_every"):  # redeclared fields lose `ranged`
+            check_int(name, getattr(self, name), 1)
         check_int("seed", self.seed, 0)  # out is checked by the RunDir that claims it
+        for f in fields(self):
+            value, limits = getattr(self, f.name), f.metadata.get("range")
+            if limits is None or (value is None and "Optional" in str(f.type)):
+                continue
+            lo, hi, lo_open, hi_open = limits
+            if "int" in str(f.type):
+                check_int(f.name, value, lo)
+            else:
+                check_number(f.name, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
 
     def pretrained_checkpoint(self, command: str) -> str:
         """--checkpoint (a pretraining run directory or checkpoint file) as an absolute path."""
