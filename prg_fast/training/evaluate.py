@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from .checkpoints import build_classifier, build_model, check_data_fits, load_fi
 from .distributed import resolve_device, run_on_ranks
 from .flows import prg_velocity
 from .rundir import CheckpointError, RunDir, atomic_write, checkpoint_file, claim_file, write_json
-from .runs import check_int
+from .runs import check_int, check_number
 
 __all__ = ["map_batches", "top1_accuracy", "sharded_correct", "extract_features", "linear_probe", "knn_accuracy", "save_features",
            "load_features", "probe_features", "evaluate", "extract"]
@@ -73,34 +72,33 @@ def map_batches(module: torch.nn.Module, fn, data, *, batch_size: int, device=No
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def _predict(classifier: torch.nn.Module, data, indices, batch_size: int, device, progress: bool) -> torch.Tensor:
+def _predict(classifier: torch.nn.Module, data, *, batch_size: int, device=None, indices=None,
+             progress: bool = False) -> torch.Tensor:
+    check_int("batch_size", batch_size, 1)
     return map_batches(classifier, lambda x: classifier(x).argmax(dim=1), data, batch_size=batch_size, device=device,
                        indices=indices, desc="evaluate", progress=progress)
 
 
 def sharded_correct(classifier: torch.nn.Module, data, ctx, *, batch_size: int = 256, progress: bool = False) -> int:
-    """Correctly labelled images of `data`, each rank of `ctx` (a training.runs.Dist) classifying
-    every world-th image and the counts all-reduced: every rank returns the whole split's count."""
-    batch_size = check_int("batch_size", batch_size, 1)
+    """Correctly labelled images of `data`, each rank of `ctx` (a training.distributed.Dist)
+    classifying every world-th image and the counts all-reduced: every rank returns the whole
+    split's count."""
     indices = range(ctx.rank, len(data), ctx.world)
-    pred = _predict(classifier, data, indices, batch_size, ctx.device, progress and ctx.main)
+    pred = _predict(classifier, data, batch_size=batch_size, device=ctx.device, indices=indices,
+                    progress=progress and ctx.main)
     correct = torch.tensor([int((pred == data.labels[list(indices)]).sum())], dtype=torch.float64, device=ctx.device)
     if ctx.world > 1:
         dist.all_reduce(correct)
     return int(round(float(correct.item())))
 
 
-@torch.no_grad()
 def top1_accuracy(classifier: torch.nn.Module, data, *, batch_size: int = 256, device=None,
                   progress: bool = False, return_predictions: bool = False):
     """Fraction of `data` (an ImageData split; augmentation is not applied) that `classifier`
     labels correctly, computed in eval mode. Per-sample computations only, so the number does not
     depend on batch_size. Returns a float (and the predictions, with return_predictions=True)."""
-    batch_size = check_int("batch_size", batch_size, 1)
-    device = torch.device(device) if device is not None else _device_of(classifier)
-    pred = _predict(classifier, data, range(len(data)), batch_size, device, progress)
-    correct = int((pred == data.labels).sum())
-    acc = correct / max(len(data), 1)
+    pred = _predict(classifier, data, batch_size=batch_size, device=device, progress=progress)
+    acc = int((pred == data.labels).sum()) / max(len(data), 1)
     return (acc, pred) if return_predictions else acc
 
 
@@ -127,11 +125,8 @@ def extract_features(flow: torch.nn.Module, data, t: float = 1.0, *, t0: float =
 
 
 def _check_xy(train_x, train_y, test_x, test_y):
-    arrays = []
-    for name, a in (("train_x", train_x), ("train_y", train_y), ("test_x", test_x), ("test_y", test_y)):
-        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        arrays.append(a)
-    tx, ty, vx, vy = arrays
+    tx, ty, vx, vy = (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+                      for a in (train_x, train_y, test_x, test_y))
     for name, x, y in (("train", tx, ty), ("test", vx, vy)):
         if x.ndim < 2 or x.shape[0] == 0:
             raise ValueError(f"{name} features must have shape (N, D...) with N >= 1, got {x.shape}")
@@ -175,8 +170,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, C: Optional[float] = None,
             cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
             scores = [cross_val_score(model(c), tx, ty, cv=cv).mean() for c in Cs]
             C = Cs[int(np.argmax(scores))]
-    elif not (isinstance(C, numbers.Real) and C > 0 and math.isfinite(C)):
-        raise ValueError(f"C must be a positive number, got {C!r}")
+    else:
+        check_number("C", C, 0.0, math.inf, lo_open=True)
     clf = model(float(C)).fit(tx, ty)
     return {"top1": float((clf.predict(vx) == vy).mean()), "train_top1": float((clf.predict(tx) == ty).mean()),
             "C": float(C), "n_train": int(len(ty)), "n_test": int(len(vy)), "dim": int(tx.shape[1])}
@@ -190,8 +185,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 20, metric: str =
     from sklearn.neighbors import KNeighborsClassifier
 
     tx, ty, vx, vy = _check_xy(train_x, train_y, test_x, test_y)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    check_int("k", k, 1)
     if k > len(ty):
         raise ValueError(f"k ({k}) exceeds the number of training samples ({len(ty)})")
     if weights not in ("uniform", "distance"):
@@ -213,8 +207,6 @@ def save_features(path: str, *, train_features, train_labels, test_features, tes
     """Write a feature file atomically (temporary file in the same folder, then rename)."""
     if not path.endswith(".npz"):
         raise ValueError(f"the feature file must end in .npz, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     arrays = dict(train_features=np.asarray(train_features, dtype=np.float32),
                   train_labels=np.asarray(train_labels, dtype=np.int64),
                   test_features=np.asarray(test_features, dtype=np.float32),
@@ -308,6 +300,15 @@ def _evaluate(ctx, ckpt, where, spec, test, clf, batch_size, progress, files) ->
     return metrics
 
 
+def _flow_to_extract(kind: str, ckpt: Dict[str, Any], raw_weights: bool, model):
+    """(flow, its (t, t0, steps, method) defaults, which weights): see extract."""
+    if kind == "finetune":
+        c = ckpt["classifier"]
+        return build_classifier(ckpt, model=model).flow, (c["t"], c["t0"], c["steps"], c["method"]), "finetuned"
+    flow = prg_velocity(build_model(ckpt, ema=not raw_weights, model=model), ckpt.get("time_convention", "prg"))
+    return flow, (1.0, 0.0, 20, "euler"), "raw" if raw_weights else "ema"
+
+
 def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, t0: Optional[float] = None,
             save_at: Optional[Sequence[float]] = None, ode_steps: Optional[int] = None, method: Optional[str] = None,
             raw_weights: bool = False, batch_size: int = 256, device: str = "auto", progress: bool = False,
@@ -331,44 +332,28 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
             claim_file(out[:-len(".npz")] + ".probe.json", force, what="the probe file")
     kind, ckpt = load_model_checkpoint(checkpoint)  # the file is read once
     where = checkpoint_file(checkpoint)
-    if kind == "finetune":
-        flow = build_classifier(ckpt, model=model).flow
-        c = ckpt["classifier"]
-        defaults = dict(t=c["t"], t0=c["t0"], steps=c["steps"], method=c["method"])
-        weights = "finetuned"
-    else:
-        flow = prg_velocity(build_model(ckpt, ema=not raw_weights, model=model), ckpt.get("time_convention", "prg"))
-        defaults = dict(t=1.0, t0=0.0, steps=20, method="euler")
-        weights = "raw" if raw_weights else "ema"
-    t = defaults["t"] if t is None else float(t)
-    t0 = defaults["t0"] if t0 is None else float(t0)
-    steps = defaults["steps"] if ode_steps is None else ode_steps
-    method = defaults["method"] if method is None else method
+    flow, defaults, weights = _flow_to_extract(kind, ckpt, raw_weights, model)
+    t, t0, steps, method = (d if v is None else v for v, d in zip((t, t0, ode_steps, method), defaults))
     t0, t, save_at = check_segment(t0, t, save_at)
     save_at = None if save_at is None else list(save_at)
+    train, test = (load_data(data, split, augment=None) for split in ("train", "test"))
+    check_data_fits(train, ckpt, where, "was trained on")
     dev = resolve_device(device, 0)
     flow = flow.to(dev)
-    splits = {}
     t_start = time.perf_counter()
-    for split in ("train", "test"):
-        d = load_data(data, split, augment=None)
-        if split == "train":
-            check_data_fits(d, ckpt, where, "was trained on")
-        splits[split] = (d, *extract_features(flow, d, t, t0=t0, steps=steps, method=method, save_at=save_at,
-                                              batch_size=batch_size, device=dev, progress=progress))
+    arrays = {}
+    for split, d in (("train", train), ("test", test)):
+        arrays[f"{split}_features"], arrays[f"{split}_labels"] = extract_features(
+            flow, d, t, t0=t0, steps=steps, method=method, save_at=save_at, batch_size=batch_size, device=dev,
+            progress=progress)
     meta = {"command": "extract", "checkpoint": os.path.abspath(where), "checkpoint_kind": kind,
             "weights": weights, "data": data,
             "t": t, "t0": t0, "save_at": save_at, "ode_steps": steps, "method": method,
-            "feature_shape": list(feature_shape(splits["train"][0].shape, save_at)),
-            "n_train": len(splits["train"][0]), "n_test": len(splits["test"][0]),
+            "feature_shape": list(feature_shape(train.shape, save_at)), "n_train": len(train), "n_test": len(test),
             "wall_time_s": round(time.perf_counter() - t_start, 3)}
-    save_features(npz, train_features=splits["train"][1], train_labels=splits["train"][2],
-                  test_features=splits["test"][1], test_labels=splits["test"][2],
-                  feature_shape=meta["feature_shape"], classes=splits["train"][0].classes, meta=meta)
+    save_features(npz, **arrays, feature_shape=meta["feature_shape"], classes=train.classes, meta=meta)
     if probe:
-        result = probe_features({"train_features": splits["train"][1], "train_labels": splits["train"][2],
-                                 "test_features": splits["test"][1], "test_labels": splits["test"][2]}, k=knn_k)
-        meta.update(result)
+        meta.update(probe_features(arrays, k=knn_k))
         if not run_dir:
             write_json(out[:-len(".npz")] + ".probe.json", meta)
     if run_dir:  # what is returned (and printed) is what metrics.json holds

@@ -1,5 +1,7 @@
 """Bring your own flow: any nn.Module called as model(t, x), named on the command line as
 "package.module:factory", in prg_fast's time convention (t = 0 is data) or torchcfm's (t = 0 is noise)."""
+import pkgutil
+
 import torch
 
 __all__ = ["TIME_CONVENTIONS", "is_factory_spec", "import_factory", "check_flow", "prg_velocity", "check_model_reads",
@@ -14,20 +16,15 @@ def is_factory_spec(spec) -> bool:
 
 
 def import_factory(spec: str):
-    """The callable named by "package.module:factory" (imported)."""
-    import importlib
-
+    """The callable named by "package.module:factory" (imported by pkgutil.resolve_name)."""
     if not is_factory_spec(spec):
         raise ValueError(f"model factory must be written package.module:factory, got {spec!r}")
-    module_name, attr = spec.split(":")
     try:
-        obj = importlib.import_module(module_name)
+        obj = pkgutil.resolve_name(spec)
     except ImportError as e:
-        raise ValueError(f"model factory {spec!r}: cannot import {module_name!r} ({e})") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+        raise ValueError(f"model factory {spec!r}: cannot import {spec.split(':')[0]!r} ({e})") from e
+    except AttributeError as e:
+        raise ValueError(f"model factory {spec!r}: {e}") from e
     if not callable(obj):
         raise ValueError(f"model factory {spec!r} is not callable")
     return obj

@@ -104,14 +104,13 @@ def lr_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int, *, sc
     over `warmup` steps, then a cosine down to `floor` x peak ("cosine") or the peak ("constant").
     `step` is the optimizer steps already taken (a resumed run): the groups' lr is set for it, and
     each scheduler.step() after optimizer.step() moves to the next."""
-    if schedule == "cosine":
-        def factor(s):
-            return cosine_factor(s, total, warmup, floor)
-    elif schedule == "constant":
-        def factor(s):
-            return (s + 1) / warmup if warmup > 0 and s < warmup else 1.0
-    else:
+    if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    floor = 1.0 if schedule == "constant" else floor  # a cosine down to the peak is exactly 1.0 x the peak
+
+    def factor(s):
+        return cosine_factor(s, total, warmup, floor)
+
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     # last_epoch = step - 1: LambdaLR's construction takes one step to `step` and sets the lr for it
