@@ -14,12 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..training.checkpoints import build_model, check_data_fits, load_checkpoint
-from ..training.evaluate import map_batches
 from ..training.rundir import CheckpointError, checkpoint_file
 from ..training.runs import check_int, check_number
 
 # CheckpointError is the one of training.rundir, named here too for the related systems' users
-__all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "encode", "pretrain_info",
+__all__ = ["ResNet", "ENCODERS", "build_encoder", "ViewAugment", "load_flow", "pretrain_info",
            "CheckpointError"]
 
 
@@ -112,9 +111,8 @@ class ViewAugment:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale!r}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio!r}")
-        check_number("jitter", self.jitter, 0.0, 1.0)
-        check_number("jitter_p", self.jitter_p, 0.0, 1.0)
-        check_number("grayscale_p", self.grayscale_p, 0.0, 1.0)
+        for name in ("jitter", "jitter_p", "grayscale_p"):
+            check_number(name, getattr(self, name), 0.0, 1.0)
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -173,17 +171,8 @@ def load_flow(checkpoint: str, data, *, raw_weights: bool = False) -> Tuple[Dict
     return ckpt, build_model(ckpt, ema=not raw_weights).requires_grad_(False).eval()
 
 
-# -------------------------------------------------------------------------------------------------
-# evaluation helpers
-
-
-def encode(encoder: nn.Module, data, *, batch_size: int = 256, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (N, D) of every image of `data` (no augmentation, eval mode) and labels."""
-    feats = map_batches(encoder, lambda x: encoder(x).float(), data, batch_size=batch_size, device=device)
-    return feats, data.labels.clone()
-
-
 def pretrain_info(checkpoint: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """What a related system's checkpoint records about the pretraining run it learned from."""
     return {"checkpoint": os.path.abspath(checkpoint), "step": int(ckpt["step"]), "path": ckpt["path"],
             "preset": ckpt.get("preset"), "data": ckpt["data"]}
 

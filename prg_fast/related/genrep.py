@@ -36,13 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import load_data, parse_spec
-from ..training.evaluate import knn_accuracy, linear_probe
+from ..training.evaluate import knn_accuracy, linear_probe, map_batches
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
 from ..training.runs import check_int, check_number, cosine_factor, merge_config, seed_everything
-from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, ranged,
+from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, one_of, ranged,
                                 split_run_options)
-from .common import ENCODERS, ViewAugment, build_encoder, encode, load_flow, pretrain_info
+from .common import ENCODERS, ViewAugment, build_encoder, load_flow, pretrain_info
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
            "GENREP_FORMAT"]
@@ -130,7 +130,7 @@ class GenRepConfig(TrainConfig):
     neighbors: int = ranged(4, 1)  # neighbours per anchor in the pool (GenRep: 20)
     ode_steps: int = ranged(10, 1)  # prg_fast.generate steps
     method: str = "rk4"
-    encoder: str = "resnet-small"
+    encoder: str = one_of("resnet-small", ENCODERS)
     proj_dim: int = ranged(128, 1)
     lr: float = ranged(1e-3, 0.0, 10.0, lo_open=True)  # AdamW, cosine
     weight_decay: float = ranged(1e-4, 0.0, 10.0)
@@ -148,8 +148,6 @@ class GenRepConfig(TrainConfig):
             raise ValueError(f"batch_size must be >= 2 (the other pairs are the negatives), got {self.batch_size}")
         if 0 < self.pool < self.batch_size:
             raise ValueError(f"pool ({self.pool}) must be 0 (online generation) or >= batch_size ({self.batch_size})")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
         from ..ode.solvers import get_tableau
 
         get_tableau(self.method)
@@ -352,8 +350,10 @@ class _GenRep(Trainer):
     def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        tr_x, tr_y = encode(self.encoder, self.train_data, batch_size=cfg.eval_batch_size, device=self.device)
-        te_x, te_y = encode(self.encoder, self.test_data, batch_size=cfg.eval_batch_size, device=self.device)
+        tr_x, te_x = (map_batches(self.encoder, lambda x: self.encoder(x).float(), data,
+                                  batch_size=cfg.eval_batch_size, device=self.device)
+                      for data in (self.train_data, self.test_data))
+        tr_y, te_y = self.train_data.labels, self.test_data.labels
         probe = linear_probe(tr_x, tr_y, te_x, te_y, seed=cfg.seed, C=cfg.probe_C)
         knn = knn_accuracy(tr_x, tr_y, te_x, te_y, k=min(20, len(tr_y)))["top1"]
         probe_time = time.perf_counter() - t0

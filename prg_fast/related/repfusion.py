@@ -47,7 +47,7 @@ from ..training.distributed import single_process
 from ..training.evaluate import map_batches, top1_accuracy
 from ..classifier import parse_time
 from ..training.runs import check_number, cosine_factor, load_train_data, merge_config, seed_everything
-from ..training.trainer import RunOptions, TrainConfig, Trainer, ranged, split_run_options
+from ..training.trainer import RunOptions, TrainConfig, Trainer, one_of, ranged, split_run_options
 from .common import ENCODERS, build_encoder, load_flow, pretrain_info
 
 __all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
@@ -261,8 +261,9 @@ class RepFusionConfig(TrainConfig):
     policy_times: int = ranged(11, 2)  # K candidate times, evenly spaced in [0, policy_t_max]
     policy_t_max: float = 1.0
     layer: str = "middle_block"
-    teacher_norm: str = "standardize"  # standardize | none: per-channel standardisation of the teacher
-    student: str = "resnet-small"
+    # standardize: per-channel standardisation of the pooled teacher features; none: the paper's raw MSE
+    teacher_norm: str = one_of("standardize", ("standardize", "none"))
+    student: str = one_of("resnet-small", ENCODERS)
     lr: float = ranged(0.05, 0.0, 10.0, lo_open=True)  # distillation (SGD, momentum 0.9, cosine)
     finetune_lr: float = ranged(0.05, 0.0, 10.0, lo_open=True)  # finetuning (SGD, momentum 0.9, cosine)
     weight_decay: float = ranged(5e-4, 0.0, 1.0)
@@ -287,11 +288,7 @@ class RepFusionConfig(TrainConfig):
         if parse_time(self.policy_t_max, "policy_t_max") <= 0:
             raise ValueError(f"policy_t_max must be > 0 (the policy's times span [0, policy_t_max]), "
                              f"got {self.policy_t_max!r}")
-        if self.student not in ENCODERS:
-            raise ValueError(f"student must be one of {sorted(ENCODERS)}, got {self.student!r}")
         self.checkpoint = self.pretrained_checkpoint("repfusion")
-        if self.teacher_norm not in ("standardize", "none"):
-            raise ValueError(f"teacher_norm must be 'standardize' or 'none', got {self.teacher_norm!r}")
         if not isinstance(self.layer, str) or not self.layer:
             raise ValueError(f"layer must be a module name such as 'middle_block', got {self.layer!r}")
         return self

@@ -55,7 +55,7 @@ from .evaluate import evaluate, extract, sharded_correct
 from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
 from .rundir import CheckpointError, checkpoint_file
 from .runs import load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, ranged, split_run_options
+from .trainer import RunOptions, TrainConfig, Trainer, one_of, ranged, split_run_options
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
@@ -87,13 +87,13 @@ class FinetuneConfig(TrainConfig):
     head_lr: Optional[float] = ranged(None, 0.0, 1.0, lo_open=True)  # None: lr
     weight_decay: float = ranged(0.05, 0.0, 10.0)
     warmup: Optional[int] = ranged(None, 0)  # linear warm-up steps; None: 5% of --steps
-    schedule: str = "cosine"  # cosine | constant (after the warm-up)
+    schedule: str = one_of("cosine", ("cosine", "constant"))  # after the warm-up
     min_lr: float = ranged(0.0, 0.0, 1.0)  # cosine floor, as a fraction of the peak
     grad_clip: float = ranged(1.0, 0.0, 1e12)  # max global gradient norm; 0 disables
     freeze_flow: bool = False  # train the head only
     from_scratch: bool = False  # same architecture, random initial weights
     model: Optional[str] = None  # UNet preset for --from-scratch without --checkpoint
-    path: Optional[str] = None  # flow-matching path for beta > 0 (default: the checkpoint's)
+    path: Optional[str] = one_of(None, PATHS)  # flow-matching path for beta > 0 (default: the checkpoint's)
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
     hidden: Optional[int] = ranged(None, 1)  # head width (None: the pooled feature size, as in PRG)
     learn_t: bool = False  # learn the end time t with the flow and head (PRGClassifier(learn_t=True))
@@ -117,8 +117,6 @@ class FinetuneConfig(TrainConfig):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.t0, self.t, save_at = check_segment(self.t0, self.t, self.save_at, learned=self.learn_t or self.learn_t0)
         self.save_at = None if save_at is None else list(save_at)
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         from ..ode.solvers import get_tableau
 
         get_tableau(self.method)
@@ -142,8 +140,6 @@ class FinetuneConfig(TrainConfig):
                 raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, got {self.model!r}")
         elif self.checkpoint is None and not external_model:
             raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
-        if self.path is not None and self.path not in PATHS:
-            raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
         return self
 
     @property

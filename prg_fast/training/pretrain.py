@@ -51,7 +51,7 @@ from .flows import (check_flow, check_model_reads, foreign_model_entries, import
                     prg_velocity)
 from .rundir import CHECKPOINT_NAME, CheckpointError, atomic_write
 from .runs import load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, ranged, split_run_options
+from .trainer import RunOptions, TrainConfig, Trainer, one_of, ranged, split_run_options
 
 # load_checkpoint, build_model and the format constants live in checkpoints.py; they stay
 # importable from here, where they were first
@@ -67,14 +67,14 @@ RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", 
 class PretrainConfig(TrainConfig):
     """Arguments of `prg-fast pretrain` (the command line maps one flag to each field)."""
 
-    path: str = "otcfm"
+    path: str = one_of("otcfm", PATHS)
     prediction: str = "velocity"  # what the UNet predicts: the path's velocity, or epsilon / v (diffusion-style)
     model: str = "tiny"  # a UNet preset, or "package.module:factory" (bring your own flow)
     steps: int = 2000
     out: str = "runs/pretrain"
     sigma: float = ranged(0.0, 0.0)
     lr: float = ranged(2e-4, 0.0, 1.0, lo_open=True)
-    optimizer: str = "adam"
+    optimizer: str = one_of("adam", ("adam", "adamw"))
     weight_decay: float = ranged(0.0, 0.0, 10.0)
     warmup: int = ranged(500, 0)  # linear learning-rate warm-up steps (torchcfm's CIFAR recipe uses 5000)
     grad_clip: float = ranged(1.0, 0.0)  # max global gradient norm; 0 disables
@@ -91,8 +91,6 @@ class PretrainConfig(TrainConfig):
 
     def validate(self) -> "PretrainConfig":
         self.check_run_fields()
-        if self.path not in PATHS:
-            raise ValueError(f"path must be one of {sorted(PATHS)}, got {self.path!r}")
         if self.prediction not in PREDICTIONS or (self.prediction != "velocity" and self.sigma):
             raise ValueError(f"prediction must be one of {PREDICTIONS} (epsilon / v with sigma = 0), got "
                              f"{self.prediction!r} with sigma={self.sigma!r}")
@@ -101,8 +99,6 @@ class PretrainConfig(TrainConfig):
         if self.model not in PRESETS and not is_factory_spec(self.model):
             raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, or package.module:factory (a "
                              f"callable returning a velocity network), got {self.model!r}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         from ..ode.solvers import get_tableau
 
         get_tableau(self.sample_method)  # raises with the list of methods

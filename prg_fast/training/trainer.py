@@ -55,7 +55,7 @@ from .runs import (StepBatches, check_int, check_number, gather_rng_states, rest
                    seed_everything)
 
 __all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options",
-           "ranged"]
+           "ranged", "one_of"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -112,10 +112,16 @@ def ranged(default, lo: float, hi: float = math.inf, *, lo_open: bool = False, h
     return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
 
 
+def one_of(default, choices):
+    """A config field declared with the values it takes, which TrainConfig.check_run_fields checks;
+    None is accepted where the field is Optional."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
 @dataclass
 class TrainConfig:
     """The fields every trainer's config shares and their checks (a config redeclares a field to
-    give it its own default), and the checks of every field declared with `ranged`."""
+    give it its own default), and the checks of every field declared with `ranged` or `one_of`."""
 
     data: str = "digits"
     out: str = "runs/train"
@@ -134,8 +140,12 @@ class TrainConfig:
             check_int(name, getattr(self, name), 1)
         check_int("seed", self.seed, 0)  # out is checked by the RunDir that claims it
         for f in fields(self):
-            value, limits = getattr(self, f.name), f.metadata.get("range")
-            if limits is None or (value is None and "Optional" in str(f.type)):
+            value, limits, choices = getattr(self, f.name), f.metadata.get("range"), f.metadata.get("choices")
+            if value is None and "Optional" in str(f.type):
+                continue
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {sorted(choices)}, got {value!r}")
+            if limits is None:
                 continue
             lo, hi, lo_open, hi_open = limits
             if "int" in str(f.type):
