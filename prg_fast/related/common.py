@@ -1,6 +1,6 @@
 """Pieces shared by the RepFusion and GenRep commands: the student / encoder ResNets, batch view
 augmentations and loading the frozen velocity network of a pretraining checkpoint. Their run
-directory is prg_fast.training.runs.RunDir, as for every other command.
+directory is prg_fast.training.rundir.RunDir, as for every other command.
 """
 from __future__ import annotations
 

@@ -39,9 +39,9 @@ from ..data import load_data, parse_spec
 from ..training.evaluate import knn_accuracy, linear_probe, map_batches
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
-from ..training.runs import check_int, check_number, cosine_factor, merge_config, seed_everything
-from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, one_of, ranged,
-                                split_run_options)
+from ..training.runs import check_int, check_number, cosine_factor, seed_everything
+from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, configure, one_of,
+                                ranged)
 from .common import ENCODERS, ViewAugment, build_encoder, load_flow, pretrain_info
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
@@ -171,8 +171,7 @@ def genrep(config: Optional[GenRepConfig] = None, **kwargs) -> GenRepResult:
     """Contrastive learning on generated anchor / neighbour views, then a linear probe on real data
     (see the module doc). Call with a GenRepConfig or its fields (and RunOptions' fields:
     ckpt_minutes, force); resumes from `out`."""
-    options = split_run_options(kwargs)
-    cfg = merge_config(GenRepConfig, config, kwargs)
+    cfg, options = configure(GenRepConfig, config, kwargs)
     return _GenRep(cfg, options).run()
 
 

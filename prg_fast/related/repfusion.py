@@ -46,8 +46,8 @@ from ..data import load_data
 from ..training.distributed import single_process
 from ..training.evaluate import map_batches, top1_accuracy
 from ..classifier import parse_time
-from ..training.runs import check_number, cosine_factor, load_train_data, merge_config, seed_everything
-from ..training.trainer import RunOptions, TrainConfig, Trainer, one_of, ranged, split_run_options
+from ..training.runs import check_number, cosine_factor, load_train_data, seed_everything
+from ..training.trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
 from .common import ENCODERS, build_encoder, load_flow, pretrain_info
 
 __all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
@@ -318,8 +318,7 @@ def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> RepFusionRe
     """Distil the pretrained flow's features into a student, then finetune it (see the module doc).
     Call with a RepFusionConfig or with its fields as keyword arguments (and RunOptions' fields:
     ckpt_minutes, force); resumes from `out`."""
-    options = split_run_options(kwargs)
-    cfg = merge_config(RepFusionConfig, config, kwargs)
+    cfg, options = configure(RepFusionConfig, config, kwargs)
     return _RepFusion(cfg, options).run()
 
 

@@ -13,7 +13,7 @@ AdamW, linear warm-up then cosine decay or constant (torch's LambdaLR); --freeze
 head only (the flow runs without a graph), --from-scratch trains the same architecture without
 pretraining. One process,
 or many under torchrun (DistributedDataParallel; the test split is classified in shards, one per
-process), with the helpers of prg_fast.training.runs. Any nn.Module called as model(t, x) can be
+process), on the skeleton of prg_fast.training.trainer. Any nn.Module called as model(t, x) can be
 the flow (finetune(model=...), see `finetune`).
 
 Run directory (--out DIR; the skeleton's, prg_fast.training.trainer): metrics.json has top1 (test
@@ -54,8 +54,8 @@ from .distributed import Dist, run_on_ranks, wrap_ddp
 from .evaluate import evaluate, extract, sharded_correct
 from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
 from .rundir import CheckpointError, checkpoint_file
-from .runs import load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, one_of, ranged, split_run_options
+from .runs import load_train_data, lr_schedule, rank_seed, seed_everything
+from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
@@ -195,8 +195,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model: Optional[nn.Modu
     if isinstance(model, str):  # the config's own field `model` (a UNet preset name), not a network
         kwargs["model"], model = model, None
     check_flow(model, time_convention)
-    options = split_run_options(kwargs)
-    cfg = merge_config(FinetuneConfig, config, kwargs, external_model=model is not None)
+    cfg, options = configure(FinetuneConfig, config, kwargs, external_model=model is not None)
     return run_on_ranks(lambda ctx: _Finetuner(cfg, ctx, options, model, time_convention).run(), cfg.device)
 
 

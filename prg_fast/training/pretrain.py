@@ -50,8 +50,8 @@ from .distributed import Dist, run_on_ranks, wrap_ddp
 from .flows import (check_flow, check_model_reads, foreign_model_entries, import_factory, is_factory_spec,
                     prg_velocity)
 from .rundir import CHECKPOINT_NAME, CheckpointError, atomic_write
-from .runs import load_train_data, lr_schedule, merge_config, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, one_of, ranged, split_run_options
+from .runs import load_train_data, lr_schedule, rank_seed, seed_everything
+from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
 
 # load_checkpoint, build_model and the format constants live in checkpoints.py; they stay
 # importable from here, where they were first
@@ -131,8 +131,7 @@ def pretrain(config: Optional[PretrainConfig] = None, *, model: Optional[torch.n
     Its checkpoint then has model_config None: rebuild it with build_model(ckpt, model=...)."""
     if isinstance(model, str):  # the config's own field `model` (a UNet preset name), not a network
         kwargs["model"], model = model, None
-    options = split_run_options(kwargs)
-    cfg = merge_config(PretrainConfig, config, kwargs)
+    cfg, options = configure(PretrainConfig, config, kwargs)
     if model is None and is_factory_spec(cfg.model):
         model = import_factory(cfg.model)()
     check_flow(model, time_convention)

@@ -1,12 +1,10 @@
-"""The run-time helpers every trainer shares: random state save/restore and seeding, the config
-merge convention and argument checks, the learning-rate schedule, the per-step sharded batch order
-and the training split with its augmentation. The run directory is in training.rundir, distributed set-up in
-training.distributed, the trainers' common loop in training.trainer."""
-import copy
+"""The run-time helpers every trainer shares: random state save/restore and seeding, argument
+checks, the learning-rate schedule, the per-step sharded batch order and the training split with
+its augmentation. The run directory is in training.rundir, distributed set-up in
+training.distributed, the trainers' common loop and config convention in training.trainer."""
 import math
 import numbers
 import random
-from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -16,7 +14,7 @@ import torch.distributed as dist
 from .distributed import Dist
 
 __all__ = ["rng_state", "set_rng_state", "gather_rng_states", "seed_everything", "rank_seed", "restore_rng_on_resume",
-           "merge_config", "check_number", "check_int", "cosine_factor", "lr_schedule", "StepBatches",
+           "check_number", "check_int", "cosine_factor", "lr_schedule", "StepBatches",
            "load_train_data"]
 
 
@@ -59,16 +57,6 @@ def seed_everything(seed: int) -> None:
 def rank_seed(seed: int, rank: int) -> int:
     # a distinct stream per rank (different noise on every replica), distinct from the init seed
     return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
-
-
-def merge_config(cls, config, kwargs, **validate_kwargs):
-    """A validated private copy of `config` (an instance of the dataclass `cls`, or None), with
-    keyword arguments overriding its fields: the shared `f(config=None, **fields)` convention."""
-    if config is None:
-        config = cls(**kwargs)
-    elif kwargs:
-        config = cls(**{**asdict(config), **kwargs})
-    return copy.deepcopy(config).validate(**validate_kwargs)
 
 
 def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:

@@ -41,9 +41,10 @@ import os
 import signal
 import threading
 import time
+import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,7 @@ from .rundir import CheckpointError, RunDir
 from .runs import (StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume,
                    seed_everything)
 
-__all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "split_run_options",
+__all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "configure",
            "ranged", "one_of"]
 
 
@@ -176,9 +177,16 @@ class RunOptions:
         return self
 
 
-def split_run_options(kwargs: Dict[str, Any]) -> RunOptions:
-    """The RunOptions fields taken out of a trainer's keyword arguments."""
-    return RunOptions(**{k: kwargs.pop(k) for k in ("ckpt_minutes", "force") if k in kwargs}).validate()
+def configure(cls, config, kwargs: Dict[str, Any], **validate_kwargs) -> Tuple[Any, RunOptions]:
+    """The trainers' `f(config=None, **fields)` convention: a validated private copy of `config` (an
+    instance of the dataclass `cls`, or None) with keyword arguments overriding its fields, and the
+    RunOptions taken out of those keyword arguments first."""
+    options = RunOptions(**{k: kwargs.pop(k) for k in ("ckpt_minutes", "force") if k in kwargs}).validate()
+    if config is None:
+        config = cls(**kwargs)
+    elif kwargs:
+        config = cls(**{**asdict(config), **kwargs})
+    return copy.deepcopy(config).validate(**validate_kwargs), options
 
 
 class Trainer:
