@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import load_data, parse_spec
+from ..data import default_augment, load_data
 from ..training.evaluate import knn_accuracy, linear_probe, map_batches
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
@@ -50,6 +50,8 @@ __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_
 GENREP_FORMAT = "prg_fast.genrep"
 GENREP_VERSION = 1
 VIEWS_FORMAT = "prg_fast.genrep.views"
+VIEWS_DEFINED_BY = ("checkpoint", "sigma", "truncation", "pool", "neighbors", "ode_steps", "method", "seed",
+                    "raw_weights")  # the arguments a view pool on disk must have been generated with
 RESUME_MUST_MATCH = ("data", "checkpoint", "batch_size", "sigma", "truncation", "temperature", "pool", "neighbors",
                      "ode_steps", "method", "encoder", "proj_dim", "lr", "weight_decay", "crop_scale", "hflip", "seed",
                      "raw_weights")
@@ -188,8 +190,7 @@ class _GenRep(Trainer):
         self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
         self.flow = flow.to(self.device)
         c, h, w = self.train_data.shape
-        kind, _ = parse_spec(cfg.data)
-        hflip = (kind != "digits") if cfg.hflip is None else bool(cfg.hflip)
+        hflip = default_augment(cfg.data).hflip if cfg.hflip is None else bool(cfg.hflip)
         lo = cfg.crop_scale if cfg.crop_scale is not None else (0.2 if min(h, w) >= 32 else 0.5)
         self.augment = ViewAugment(crop_scale=(lo, 1.0), hflip=hflip)
         seed_everything(cfg.seed)
@@ -218,18 +219,13 @@ class _GenRep(Trainer):
                 "loss_first": self.loss_first, "window": list(self.window), "top1": None}
 
     # -- the generated pool ----------------------------------------------------------------------
-    def _views_meta(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        return {"checkpoint": cfg.checkpoint, "pretrain_step": int(self.pre_ckpt["step"]), "sigma": cfg.sigma,
-                "truncation": cfg.truncation, "pool": cfg.pool, "neighbors": cfg.neighbors, "ode_steps": cfg.ode_steps,
-                "method": cfg.method, "seed": cfg.seed, "raw_weights": cfg.raw_weights}
-
     def _load_or_generate_pool(self) -> None:
         """The offline pool: anchors (P, C, H, W) and neighbours (P, K, C, H, W), uint8. Written to
         DIR/views.pt in chunks (atomically), so an interrupted generation continues where it was."""
         from tqdm.auto import tqdm
 
-        cfg, path, meta = self.cfg, self.files.path("views.pt"), self._views_meta()
+        cfg, path = self.cfg, self.files.path("views.pt")
+        meta = {"pretrain_step": int(self.pre_ckpt["step"]), **{k: getattr(cfg, k) for k in VIEWS_DEFINED_BY}}
         state = None
         if os.path.isfile(path):
             state = read_checkpoint(path, what="genrep view pool (remove it to regenerate)")

@@ -240,10 +240,6 @@ class TimestepPolicy(nn.Module):
         return self.out(self.net(x))
 
 
-def _aux_head(dim: int, hidden: int, classes: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-
 # -------------------------------------------------------------------------------------------------
 # configuration
 
@@ -349,7 +345,8 @@ class _RepFusion(Trainer):
         self.teacher_times = self.times if cfg.policy else torch.tensor([cfg.fixed_t], device=self.device)
         self.feat_mean, self.feat_std = self._teacher_stats()
         self.policy = TimestepPolicy(c, self.times).to(self.device) if cfg.policy else None
-        self.aux = _aux_head(self.teacher_dim, cfg.aux_hidden, classes).to(self.device) if cfg.policy else None
+        self.aux = (nn.Sequential(nn.Linear(self.teacher_dim, cfg.aux_hidden), nn.ReLU(),
+                                  nn.Linear(cfg.aux_hidden, classes)).to(self.device) if cfg.policy else None)
         self.opt_distill = torch.optim.SGD(list(self.student.parameters()) + list(self.projection.parameters()),
                                            lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
         self.opt_finetune = torch.optim.SGD(list(self.student.parameters()) + list(self.classifier.parameters()),

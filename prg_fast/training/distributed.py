@@ -28,16 +28,13 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but no CUDA device is visible")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
-    return device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is visible")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def run_on_ranks(run, device_name: str):
@@ -68,7 +65,7 @@ def init_distributed(device_name: str) -> Dist:
         return Dist(rank, world, local, resolve_device(device_name, local), owns_group=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(0, 1, 0, resolve_device(device_name, 0), owns_group=False)
+        return single_process(device_name)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     device = resolve_device(device_name, local)
     if device.type == "cuda":

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from ..classifier import check_segment, feature_shape
 from ..data import load_data
@@ -36,19 +37,6 @@ __all__ = ["map_batches", "top1_accuracy", "sharded_correct", "extract_features"
            "load_features", "probe_features", "evaluate", "extract"]
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, mininterval=1.0,
-                leave=False)
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def map_batches(module: torch.nn.Module, fn, data, *, batch_size: int, device=None, indices=None, desc: str = "",
                 progress: bool = False) -> torch.Tensor:
@@ -56,12 +44,14 @@ def map_batches(module: torch.nn.Module, fn, data, *, batch_size: int, device=No
     concatenated on the CPU; without gradients and with `module` in eval mode meanwhile (its mode
     is restored after); a progress bar over images when `progress`."""
     indices = range(len(data)) if indices is None else indices
-    device = torch.device(device) if device is not None else _device_of(module)
+    if device is None:  # where the module's parameters are
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
     was_training = module.training
     module.eval()
     out = []
     try:
-        with _progress(len(indices), desc, progress) as bar:
+        with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, mininterval=1.0,
+                  leave=False) as bar:
             for start in range(0, len(indices), batch_size):
                 idx = list(indices[start:start + batch_size])
                 x, _ = data.batch(idx, augment=False, device=device)

@@ -64,9 +64,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract"
 
 # arguments that define what a finetuning run is; resuming with other values is refused
 RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "learn_t", "learn_t0", "save_at", "ode_steps", "method",
-                     "batch_size", "beta",
-                     "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden", "raw_weights",
-                     "labels_per_class", "labels_seed")
+                     "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden",
+                     "raw_weights", "labels_per_class", "labels_seed")
 
 
 @dataclass

@@ -22,7 +22,6 @@ rebuild the network with `build_model`), besides the skeleton's:
     path            dict: {"name": "gvp" | "icfm" | "otcfm", "sigma": float}; prg_fast.paths.get_path(**path)
     data            the DATA spec trained on ("digits", "cifar10:PATH", "folder:PATH")
     num_classes     classes in that data set (for a classifier head)
-    history         list of [step, mean loss, lr] at every log interval
     running         {"sum": float, "count": int, "first": float}: the loss interval in progress (exact
                     log on resume) and the first step's loss
 
