@@ -111,9 +111,6 @@ class FinetuneConfig(TrainConfig):
         """Check and normalise the fields; `external_model`: the caller brings the flow network
         (finetune(model=...)), so neither a checkpoint nor a preset is needed."""
         self.check_run_fields()
-        for name in ("learn_t", "learn_t0"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.t0, self.t, save_at = check_segment(self.t0, self.t, self.save_at, learned=self.learn_t or self.learn_t0)
         self.save_at = None if save_at is None else list(save_at)
         from ..ode.solvers import get_tableau

@@ -107,22 +107,37 @@ class StopRequests:
 
 
 def ranged(default, lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
-    """A config field declared with its range, which TrainConfig.check_run_fields checks (an int
-    field: an integer >= lo; a float field: a finite number in [lo, hi], or open ends); None is
-    accepted where the field is Optional."""
+    """A config field declared with its range, which check_fields checks (an int field: an integer
+    >= lo; a float field: a finite number in [lo, hi], or open ends)."""
     return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
 
 
 def one_of(default, choices):
-    """A config field declared with the values it takes, which TrainConfig.check_run_fields checks;
-    None is accepted where the field is Optional."""
+    """A config field declared with the values it takes, which check_fields checks."""
     return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def check_fields(config) -> None:
+    """Every field of the dataclass `config` declared with `ranged` or `one_of` and every bool field
+    holds what it may (None where the field is Optional), else a ValueError naming the field."""
+    for f in fields(config):
+        value, limits, choices = getattr(config, f.name), f.metadata.get("range"), f.metadata.get("choices")
+        if value is None and "Optional" in str(f.type):
+            continue
+        if str(f.type) == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be True or False, got {value!r}")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name} must be one of {sorted(choices)}, got {value!r}")
+        if limits is not None and "int" in str(f.type):
+            check_int(f.name, value, limits[0])
+        elif limits is not None:
+            check_number(f.name, value, limits[0], limits[1], lo_open=limits[2], hi_open=limits[3])
 
 
 @dataclass
 class TrainConfig:
     """The fields every trainer's config shares and their checks (a config redeclares a field to
-    give it its own default), and the checks of every field declared with `ranged` or `one_of`."""
+    give it its own default; the field then loses its `ranged`, so these are checked by name)."""
 
     data: str = "digits"
     out: str = "runs/train"
@@ -137,22 +152,10 @@ class TrainConfig:
 
     def check_run_fields(self, min_steps: int = 1) -> None:
         check_int("steps", self.steps, min_steps)
-        for name in ("batch_size", "ckpt_every", "log_every"):  # redeclared fields lose `ranged`
+        for name in ("batch_size", "ckpt_every", "log_every"):
             check_int(name, getattr(self, name), 1)
         check_int("seed", self.seed, 0)  # out is checked by the RunDir that claims it
-        for f in fields(self):
-            value, limits, choices = getattr(self, f.name), f.metadata.get("range"), f.metadata.get("choices")
-            if value is None and "Optional" in str(f.type):
-                continue
-            if choices is not None and value not in choices:
-                raise ValueError(f"{f.name} must be one of {sorted(choices)}, got {value!r}")
-            if limits is None:
-                continue
-            lo, hi, lo_open, hi_open = limits
-            if "int" in str(f.type):
-                check_int(f.name, value, lo)
-            else:
-                check_number(f.name, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+        check_fields(self)
 
     def pretrained_checkpoint(self, command: str) -> str:
         """--checkpoint (a pretraining run directory or checkpoint file) as an absolute path."""
@@ -167,13 +170,11 @@ class RunOptions:
     ckpt_minutes: also checkpoint when this much wall time passed since the last one (0: off);
     force: write into a non-empty folder prg_fast did not make."""
 
-    ckpt_minutes: float = 10.0
+    ckpt_minutes: float = ranged(10.0, 0.0)
     force: bool = False
 
     def validate(self) -> "RunOptions":
-        check_number("ckpt_minutes", self.ckpt_minutes, 0.0, float("inf"))
-        if not isinstance(self.force, bool):
-            raise ValueError(f"force must be True or False, got {self.force!r}")
+        check_fields(self)
         return self
 
 
