@@ -1,12 +1,7 @@
-"""The two related systems of PRG's source papers, on prg_fast's pretrained flows:
-
-    prg_fast.related.repfusion   RepFusion (arXiv 2308.10916): distil a layer of the frozen velocity
-                                 network at a time t (fixed, or chosen per image by a REINFORCE policy)
-                                 into a ResNet student, then finetune the student (`prg-fast repfusion`;
-                                 in Python: repfusion.repfusion(RepFusionConfig(...)))
-    prg_fast.related.genrep      GenRep (ICLR 2022): SimCLR on anchor / neighbour views generated from
-                                 nearby latents with prg_fast.generate; linear probe on real data
-                                 (`prg-fast genrep`; in Python: genrep.genrep(GenRepConfig(...)))
+"""The two related systems of PRG's source papers, on prg_fast's pretrained flows (their module
+docs say how): RepFusion (arXiv 2308.10916; `prg-fast repfusion`, repfusion.repfusion) distils a
+layer of the frozen velocity network into a ResNet student, then finetunes it; GenRep (ICLR 2022;
+`prg-fast genrep`, genrep.genrep) learns by SimCLR on views generated with prg_fast.generate.
 """
 from . import common, genrep, repfusion
 from .common import ENCODERS, ResNet, ViewAugment, build_encoder

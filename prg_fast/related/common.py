@@ -175,4 +175,3 @@ def pretrain_info(checkpoint: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
     """What a related system's checkpoint records about the pretraining run it learned from."""
     return {"checkpoint": os.path.abspath(checkpoint), "step": int(ckpt["step"]), "path": ckpt["path"],
             "preset": ckpt.get("preset"), "data": ckpt["data"]}
-

@@ -549,5 +549,3 @@ class _RepFusion(Trainer):
         self.save(top1=top1)
         return self.write_metrics(metrics, f"test top-1 {top1:.4f} after {cfg.steps} distillation + "
                                            f"{cfg.finetune_steps} finetuning steps; wrote {cfg.out}/metrics.json")
-
-

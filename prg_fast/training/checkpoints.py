@@ -19,14 +19,15 @@ __all__ = ["PRETRAIN_FORMAT", "PRETRAIN_VERSION", "PRETRAIN_KEYS", "FINETUNE_FOR
            "REQUIRED_KEYS", "load_checkpoint", "load_finetune_checkpoint",
            "load_model_checkpoint", "build_model", "build_classifier", "check_data_fits"]
 
+SKELETON_KEYS = ("format", "version", "step", "args", "world_size", "rng", "history")  # every trainer writes them
 PRETRAIN_FORMAT = "prg_fast.pretrain"
 PRETRAIN_VERSION = 1
-PRETRAIN_KEYS = ("format", "version", "step", "model", "ema", "optimizer", "model_config", "preset", "in_channels",
-                 "image_size", "path", "data", "num_classes", "args", "world_size", "rng", "history")
+PRETRAIN_KEYS = SKELETON_KEYS + ("model", "ema", "optimizer", "model_config", "preset", "in_channels", "image_size",
+                                 "path", "data", "num_classes")
 FINETUNE_FORMAT = "prg_fast.finetune"
 FINETUNE_VERSION = 1
-REQUIRED_KEYS = ("format", "version", "step", "flow", "head", "optimizer", "model_config", "head_config",
-                 "in_channels", "image_size", "data", "num_classes", "classifier", "args", "world_size", "rng", "history")
+REQUIRED_KEYS = SKELETON_KEYS + ("flow", "head", "optimizer", "model_config", "head_config", "in_channels",
+                                 "image_size", "data", "num_classes", "classifier")
 
 
 FORMATS = {"pretrain": (PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretraining"),

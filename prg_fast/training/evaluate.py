@@ -241,11 +241,10 @@ def evaluate(checkpoint: str, data: Optional[str] = None, *, ode_steps: Optional
         files.claim(force=force)  # before any work
     ckpt = load_finetune_checkpoint(checkpoint)
     where = checkpoint_file(checkpoint)
-    if files is None and default_out:
+    if files is None and default_out:  # a folder next to the checkpoint, named by the solver used
         c = ckpt["classifier"]
-        folder = os.path.dirname(os.path.abspath(where))
-        files = RunDir(os.path.join(folder, f"evaluate-{method or c['method']}-{ode_steps or c['steps']}"), None, 0,
-                       "evaluate")
+        name = f"evaluate-{method or c['method']}-{ode_steps or c['steps']}"
+        files = RunDir(os.path.join(os.path.dirname(os.path.abspath(where)), name), None, 0, "evaluate")
         files.claim(force=force)
     spec = data or ckpt["data"]
     test = load_data(spec, "test", augment=None)

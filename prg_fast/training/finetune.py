@@ -11,10 +11,9 @@ head and flow jointly through prg_fast's exact adjoint with
 on the same batch (the paper's objective; beta = 0 is the released code's cross-entropy only).
 AdamW, linear warm-up then cosine decay or constant (torch's LambdaLR); --freeze-flow trains the
 head only (the flow runs without a graph), --from-scratch trains the same architecture without
-pretraining. One process,
-or many under torchrun (DistributedDataParallel; the test split is classified in shards, one per
-process), on the skeleton of prg_fast.training.trainer. Any nn.Module called as model(t, x) can be
-the flow (finetune(model=...), see `finetune`).
+pretraining. One process, or many under torchrun (DistributedDataParallel; the test split is
+classified in shards, one per process), on the skeleton of prg_fast.training.trainer. Any
+nn.Module called as model(t, x) can be the flow (finetune(model=...), see `finetune`).
 
 Run directory (--out DIR; the skeleton's, prg_fast.training.trainer): metrics.json has top1 (test
 split, at the training step count), loss, ce, fm, train_top1, ...; log.csv rows are step, loss, ce,

@@ -48,16 +48,15 @@ from .checkpoints import PRETRAIN_FORMAT, PRETRAIN_KEYS, PRETRAIN_VERSION, build
 from .distributed import Dist, run_on_ranks, wrap_ddp
 from .flows import (check_flow, check_model_reads, foreign_model_entries, import_factory, is_factory_spec,
                     prg_velocity)
-from .rundir import CHECKPOINT_NAME, CheckpointError, atomic_write
+from .rundir import CheckpointError, atomic_write
 from .runs import load_train_data, lr_schedule, rank_seed, seed_everything
 from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
 
-# load_checkpoint, build_model and the format constants live in checkpoints.py; they stay
+# load_checkpoint and build_model live in checkpoints.py; they stay
 # importable from here, where they were first
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
-           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "save_image_grid"]
+           "save_image_grid"]
 
-CHECKPOINT_FORMAT, CHECKPOINT_VERSION = PRETRAIN_FORMAT, PRETRAIN_VERSION
 # arguments that define what a checkpoint is; resuming with different values is refused
 RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", "optimizer")
 
@@ -146,7 +145,7 @@ class _Pretrainer(Trainer):
         self.bar_desc = f"pretrain {cfg.model}/{cfg.path}"
         if cfg.bf16 and ctx.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
-        existing = self.open_run(cfg, ctx, options, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretrain", "pretraining",
+        existing = self.open_run(cfg, ctx, options, PRETRAIN_FORMAT, PRETRAIN_VERSION, "pretrain", "pretraining",
                                  PRETRAIN_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         c, h, w = self.data.shape

@@ -147,5 +147,3 @@ def load_train_data(spec: str, hflip: Optional[bool], crop_padding: int):
     augment = default_augment(spec, "train")
     augment = Augment(hflip=augment.hflip if hflip is None else bool(hflip), crop_padding=crop_padding)
     return load_data(spec, "train", augment=augment)
-
-
