@@ -42,10 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..classifier import parse_time
 from ..data import load_data
 from ..training.distributed import single_process
 from ..training.evaluate import map_batches, top1_accuracy
-from ..classifier import parse_time
 from ..training.runs import check_number, cosine_factor, load_train_data, seed_everything
 from ..training.trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
 from .common import ENCODERS, build_encoder, load_flow, pretrain_info
@@ -284,9 +284,7 @@ class RepFusionConfig(TrainConfig):
         if parse_time(self.policy_t_max, "policy_t_max") <= 0:
             raise ValueError(f"policy_t_max must be > 0 (the policy's times span [0, policy_t_max]), "
                              f"got {self.policy_t_max!r}")
-        self.checkpoint = self.pretrained_checkpoint("repfusion")
-        if not isinstance(self.layer, str) or not self.layer:
-            raise ValueError(f"layer must be a module name such as 'middle_block', got {self.layer!r}")
+        self.checkpoint = self.pretrained_checkpoint("repfusion")  # layer: checked on the network (resolve_layer)
         return self
 
     @property

@@ -31,13 +31,11 @@ finished).
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -279,8 +277,6 @@ class _Finetuner(Trainer):
                                  step=self.step)
         self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
         self.net = wrap_ddp(self.module, ctx)
-        self.stats_sum = torch.zeros(4, device=self.device)
-        self.n_window = 0
         self.params = [p for p in self.classifier.parameters() if p.requires_grad]
         mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
         self.bar_desc = f"finetune ({mode})"
@@ -361,26 +357,16 @@ class _Finetuner(Trainer):
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        self.stats_sum += stats
-        self.n_window += 1
+        self.record(stats)
         return stats[0]
 
     def flush(self, step: int, row: bool, bar) -> None:
-        stats = torch.cat([self.stats_sum.double(),
-                           torch.tensor([float(self.n_window)], device=self.device, dtype=torch.float64)])
-        if self.ctx.world > 1:
-            dist.all_reduce(stats)
-        loss_sum, ce_sum, fm_sum, correct, n = (float(v) for v in stats)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"the loss became non-finite before step {step}; lower --lr (now "
-                                     f"{self.cfg.lr:g}) or keep --grad-clip on")
+        (loss_sum, ce_sum, fm_sum, correct), steps = self.take_window(step)
         world = self.ctx.world
         # per-rank sums of per-batch means -> divide by world; correct counts -> divide by images
         for i, v in enumerate((loss_sum / world, ce_sum / world, fm_sum / world, correct)):
             self.running[i] += v
-        self.running[4] += int(round(n / world))
-        self.stats_sum.zero_()
-        self.n_window = 0
+        self.running[4] += steps
         if not row:
             return
         count = max(self.running[4], 1)

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..data import ImageData
@@ -181,8 +180,6 @@ class _Pretrainer(Trainer):
         self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup, schedule="constant", step=self.step)
         self.net = wrap_ddp(self.model, ctx)
         self.velocity = prg_velocity(self.net, time_convention)  # what the loss trains, in prg_fast's time
-        self.loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no sync per step
-        self.n_window = 0
 
     # -- checkpoint entries -------------------------------------------------------------------
     def load_state(self, ckpt: Dict[str, Any]) -> None:
@@ -253,24 +250,13 @@ class _Pretrainer(Trainer):
         self.opt.step()
         self.sched.step()
         self._update_ema()
-        self.loss_sum += loss.detach()
-        self.n_window += 1
+        self.record(loss.reshape(1))
         return loss.detach()
 
     def flush(self, step: int, row: bool, bar) -> None:
-        # the loss of every rank, averaged: the number logged is that of the global batch
-        stats = torch.stack([self.loss_sum.float(), torch.tensor(float(self.n_window), device=self.device)])
-        if self.ctx.world > 1:
-            dist.all_reduce(stats)
-            stats /= self.ctx.world
-        total, count = float(stats[0]), int(round(float(stats[1])))
-        if not math.isfinite(total):
-            raise FloatingPointError(f"the loss became non-finite between steps {step - self.n_window} and {step}; "
-                                     f"lower --lr (now {self.cfg.lr:g}) or keep --grad-clip on")
-        self.running[0] += total
-        self.running[1] += count
-        self.loss_sum.zero_()
-        self.n_window = 0
+        (loss_sum,), steps = self.take_window(step)
+        self.running[0] += loss_sum / self.ctx.world  # every rank's loss, averaged: the global batch's
+        self.running[1] += steps
         if row:
             mean = self.running[0] / max(self.running[1], 1)
             self.history.append([step, mean, self.lr])

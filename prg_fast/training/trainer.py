@@ -4,7 +4,8 @@ cleanly on SIGINT / SIGTERM. Each trainer keeps only its own step, state and met
 
 A trainer subclasses Trainer and supplies
     train_step(step) -> loss        one optimizer step (the loss of step 0 becomes loss_start)
-    flush(step, row, bar)           fold the interval's statistics in; append a log row when `row`
+    flush(step, row, bar)           fold the interval's statistics in (those a step record()ed come
+                                    back from take_window()); append a log row when `row`
     state() / load_state(ckpt)      its own checkpoint entries (networks, optimizers, running sums)
     finish(start_step, elapsed)     final numbers -> metrics.json
 and calls open_run(...) then begin(ckpt) in its __init__; Trainer.run() does the rest.
@@ -213,6 +214,7 @@ class Trainer:
         self.files = RunDir(self.cfg.out, fmt, version, command, kind=kind, required=required, main=self.ctx.main)
         self.step, self.resumed_from, self.history, self.elapsed_prev = 0, 0, [], 0.0
         self.loss_first: Optional[float] = None
+        self.window_steps, self.window_sum = 0, None
         return self.files.claim(force=options.force)
 
     def step_batches(self, data) -> StepBatches:
@@ -320,6 +322,24 @@ class Trainer:
         flags = torch.tensor([float(stop), float(due)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def record(self, stats: torch.Tensor) -> None:
+        """Add one step's statistics (a 1-D tensor on the device, the loss first) to the log
+        interval in progress: summed on the device, so a step costs no host synchronisation."""
+        self.window_sum = stats.detach() if not self.window_steps else self.window_sum + stats.detach()
+        self.window_steps += 1
+
+    def take_window(self, step: int):
+        """(the interval's recorded statistics summed over its steps and over the ranks, its steps
+        per rank); the next interval starts empty. A non-finite loss stops the run with what to do."""
+        sums = self.window_sum.double()
+        if self.ctx.world > 1:
+            dist.all_reduce(sums)
+        steps, self.window_steps = self.window_steps, 0
+        if not math.isfinite(float(sums[0])):
+            raise FloatingPointError(f"the loss became non-finite between steps {step - steps} and {step}; lower "
+                                     f"--lr (now {self.cfg.lr:g}) or keep --grad-clip on")
+        return [float(v) for v in sums], steps
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, **final) -> None:
