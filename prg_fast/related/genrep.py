@@ -40,8 +40,8 @@ from ..training.evaluate import knn_accuracy, linear_probe, map_batches
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
 from ..training.runs import check_int, check_number, cosine_factor, seed_everything
-from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, configure, one_of,
-                                ranged)
+from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, configure,
+                                one_of, ranged)
 from .common import ENCODERS, ViewAugment, build_encoder, load_flow, pretrain_info
 
 __all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
@@ -373,5 +373,6 @@ class _GenRep(Trainer):
             "pretrain_path": self.pre_ckpt["path"]["name"],
         }
         self.save(top1=probe["top1"])
-        return self.write_metrics(metrics, f"linear-probe test top-1 {probe['top1']:.4f} after {self.step} "
-                                           f"contrastive steps on generated views; wrote {cfg.out}/metrics.json")
+        return self.write_metrics(
+            metrics, f"linear-probe test top-1 {probe['top1']:.4f} after {self.step} contrastive steps on "
+                     f"generated views; wrote {cfg.out}/metrics.json")

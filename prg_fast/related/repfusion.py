@@ -284,7 +284,7 @@ class RepFusionConfig(TrainConfig):
         if parse_time(self.policy_t_max, "policy_t_max") <= 0:
             raise ValueError(f"policy_t_max must be > 0 (the policy's times span [0, policy_t_max]), "
                              f"got {self.policy_t_max!r}")
-        self.checkpoint = self.pretrained_checkpoint("repfusion")  # layer: checked on the network (resolve_layer)
+        self.checkpoint = self.pretrained_checkpoint("repfusion")  # layer: checked by resolve_layer
         return self
 
     @property
@@ -465,10 +465,10 @@ class _RepFusion(Trainer):
         """Each phase has its own warm-up and cosine over its own steps."""
         cfg = self.cfg
         if step < cfg.steps:
-            opt, peak, phase_step, phase_steps = self.opt_distill, cfg.lr, step, cfg.steps
+            opt, peak, at, total = self.opt_distill, cfg.lr, step, cfg.steps
         else:
-            opt, peak, phase_step, phase_steps = self.opt_finetune, cfg.finetune_lr, step - cfg.steps, cfg.finetune_steps
-        lr = peak * cosine_factor(phase_step, phase_steps, int(cfg.warmup_frac * phase_steps))
+            opt, peak, at, total = self.opt_finetune, cfg.finetune_lr, step - cfg.steps, cfg.finetune_steps
+        lr = peak * cosine_factor(at, total, int(cfg.warmup_frac * total))
         for g in opt.param_groups:
             g["lr"] = lr
         return lr
@@ -545,5 +545,6 @@ class _RepFusion(Trainer):
         if self.policy is not None:
             metrics.update(self._policy_stats())
         self.save(top1=top1)
-        return self.write_metrics(metrics, f"test top-1 {top1:.4f} after {cfg.steps} distillation + "
-                                           f"{cfg.finetune_steps} finetuning steps; wrote {cfg.out}/metrics.json")
+        return self.write_metrics(
+            metrics, f"test top-1 {top1:.4f} after {cfg.steps} distillation + {cfg.finetune_steps} "
+                     f"finetuning steps; wrote {cfg.out}/metrics.json")

@@ -19,11 +19,11 @@ __all__ = ["PRETRAIN_FORMAT", "PRETRAIN_VERSION", "PRETRAIN_KEYS", "FINETUNE_FOR
            "REQUIRED_KEYS", "load_checkpoint", "load_finetune_checkpoint",
            "load_model_checkpoint", "build_model", "build_classifier", "check_data_fits"]
 
-SKELETON_KEYS = ("format", "version", "step", "args", "world_size", "rng", "history")  # every trainer writes them
+SKELETON_KEYS = ("format", "version", "step", "args", "world_size", "rng", "history")  # every trainer's
 PRETRAIN_FORMAT = "prg_fast.pretrain"
 PRETRAIN_VERSION = 1
-PRETRAIN_KEYS = SKELETON_KEYS + ("model", "ema", "optimizer", "model_config", "preset", "in_channels", "image_size",
-                                 "path", "data", "num_classes")
+PRETRAIN_KEYS = SKELETON_KEYS + ("model", "ema", "optimizer", "model_config", "preset", "in_channels",
+                                 "image_size", "path", "data", "num_classes")
 FINETUNE_FORMAT = "prg_fast.finetune"
 FINETUNE_VERSION = 1
 REQUIRED_KEYS = SKELETON_KEYS + ("flow", "head", "optimizer", "model_config", "head_config", "in_channels",
@@ -34,14 +34,15 @@ FORMATS = {"pretrain": (PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretr
            "finetune": (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning")}
 # a checkpoint of the other kind than asked for: what it is and what to do instead
 OTHER_KIND = {
-    "pretrain": f"{{where}} is not a prg_fast pretraining checkpoint ({PRETRAIN_FORMAT!r}, written by prg-fast "
-                f"pretrain): it is a finetuned classifier ({FINETUNE_FORMAT!r}). Use prg-fast evaluate / extract for "
-                f"finetuned checkpoints",
-    "finetune": "{where} is a pretraining checkpoint: it has no classifier head. Finetune it first (prg-fast finetune "
-                "--checkpoint {path} ...) and evaluate that run's directory"}
+    "pretrain": f"{{where}} is not a prg_fast pretraining checkpoint ({PRETRAIN_FORMAT!r}, written by "
+                f"prg-fast pretrain): it is a finetuned classifier ({FINETUNE_FORMAT!r}). Use prg-fast "
+                f"evaluate / extract for finetuned checkpoints",
+    "finetune": "{where} is a pretraining checkpoint: it has no classifier head. Finetune it first (prg-fast "
+                "finetune --checkpoint {path} ...) and evaluate that run's directory"}
 
 
-def load_model_checkpoint(path: str, kinds=("pretrain", "finetune"), map_location="cpu") -> Tuple[str, Dict[str, Any]]:
+def load_model_checkpoint(path: str, kinds=("pretrain", "finetune"),
+                          map_location="cpu") -> Tuple[str, Dict[str, Any]]:
     """(kind, the validated checkpoint) of a file or run directory, read once; `kinds`: the kinds
     ("pretrain", "finetune") accepted, the other is refused with what to do instead."""
     what = f"{FORMATS[kinds[0]][3]} checkpoint" if len(kinds) == 1 else "checkpoint"

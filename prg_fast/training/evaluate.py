@@ -50,8 +50,8 @@ def map_batches(module: torch.nn.Module, fn, data, *, batch_size: int, device=No
     module.eval()
     out = []
     try:
-        with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, mininterval=1.0,
-                  leave=False) as bar:
+        with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+                  mininterval=1.0, leave=False) as bar:
             for start in range(0, len(indices), batch_size):
                 idx = list(indices[start:start + batch_size])
                 x, _ = data.batch(idx, augment=False, device=device)
@@ -293,9 +293,11 @@ def _flow_to_extract(kind: str, ckpt: Dict[str, Any], raw_weights: bool, model):
     """(flow, its (t, t0, steps, method) defaults, which weights): see extract."""
     if kind == "finetune":
         c = ckpt["classifier"]
-        return build_classifier(ckpt, model=model).flow, (c["t"], c["t0"], c["steps"], c["method"]), "finetuned"
-    flow = prg_velocity(build_model(ckpt, ema=not raw_weights, model=model), ckpt.get("time_convention", "prg"))
-    return flow, (1.0, 0.0, 20, "euler"), "raw" if raw_weights else "ema"
+        flow = build_classifier(ckpt, model=model).flow
+        return flow, (c["t"], c["t0"], c["steps"], c["method"]), "finetuned"
+    flow = build_model(ckpt, ema=not raw_weights, model=model)
+    weights = "raw" if raw_weights else "ema"
+    return prg_velocity(flow, ckpt.get("time_convention", "prg")), (1.0, 0.0, 20, "euler"), weights
 
 
 def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, t0: Optional[float] = None,
@@ -338,8 +340,8 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
     meta = {"command": "extract", "checkpoint": os.path.abspath(where), "checkpoint_kind": kind,
             "weights": weights, "data": data,
             "t": t, "t0": t0, "save_at": save_at, "ode_steps": steps, "method": method,
-            "feature_shape": list(feature_shape(train.shape, save_at)), "n_train": len(train), "n_test": len(test),
-            "wall_time_s": round(time.perf_counter() - t_start, 3)}
+            "feature_shape": list(feature_shape(train.shape, save_at)), "n_train": len(train),
+            "n_test": len(test), "wall_time_s": round(time.perf_counter() - t_start, 3)}
     save_features(npz, **arrays, feature_shape=meta["feature_shape"], classes=train.classes, meta=meta)
     if probe:
         meta.update(probe_features(arrays, k=knn_k))

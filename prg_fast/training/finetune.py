@@ -61,8 +61,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract"
 
 # arguments that define what a finetuning run is; resuming with other values is refused
 RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "learn_t", "learn_t0", "save_at", "ode_steps", "method",
-                     "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch", "model", "path", "hidden",
-                     "raw_weights", "labels_per_class", "labels_seed")
+                     "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch", "model", "path",
+                     "hidden", "raw_weights", "labels_per_class", "labels_seed")
 
 
 @dataclass
@@ -403,5 +403,6 @@ class _Finetuner(Trainer):
             "train_size": len(self.data),
             "labels_seed_used": self.labels_seed,
         }
-        return self.write_metrics(metrics, f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} "
-                                           f"steps); wrote {cfg.out}/checkpoint.pt, metrics.json")
+        return self.write_metrics(
+            metrics, f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} steps); wrote "
+                     f"{cfg.out}/checkpoint.pt, metrics.json")

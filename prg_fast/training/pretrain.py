@@ -144,8 +144,8 @@ class _Pretrainer(Trainer):
         self.bar_desc = f"pretrain {cfg.model}/{cfg.path}"
         if cfg.bf16 and ctx.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA devices; this run is on the CPU (drop --bf16)")
-        existing = self.open_run(cfg, ctx, options, PRETRAIN_FORMAT, PRETRAIN_VERSION, "pretrain", "pretraining",
-                                 PRETRAIN_KEYS)
+        existing = self.open_run(cfg, ctx, options, PRETRAIN_FORMAT, PRETRAIN_VERSION, "pretrain",
+                                 "pretraining", PRETRAIN_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
         c, h, w = self.data.shape
         if h != w and user_model is None:
@@ -287,8 +287,9 @@ class _Pretrainer(Trainer):
 
         gen = torch.Generator().manual_seed(self.cfg.seed)
         z = torch.randn((n, *self.data.shape), generator=gen).to(self.device)
-        velocity = prg_velocity(self.ema, self.time_convention)
-        return generate(velocity, z, steps=self.cfg.sample_steps, method=self.cfg.sample_method).clamp(-1, 1).cpu()
+        images = generate(prg_velocity(self.ema, self.time_convention), z, steps=self.cfg.sample_steps,
+                          method=self.cfg.sample_method)
+        return images.clamp(-1, 1).cpu()
 
 
 def save_image_grid(images: torch.Tensor, file, *, nrow: Optional[int] = None, min_size: int = 32) -> None:

@@ -181,8 +181,8 @@ class RunDir:
         ckpt = read_checkpoint(self.ckpt_path) if os.path.isfile(self.ckpt_path) else None
         owner = self._owner(ckpt)
         if owner is not None and owner != self.command:
-            held = (f"already holds a {ckpt.get('format')!r} checkpoint (a `prg-fast {owner}` run)" if ckpt is not None
-                    else f"is the run directory of `prg-fast {owner}`")
+            held = (f"already holds a {ckpt.get('format')!r} checkpoint (a `prg-fast {owner}` run)"
+                    if ckpt is not None else f"is the run directory of `prg-fast {owner}`")
             error = CheckpointError if ckpt is not None else FileExistsError
             raise error(f"--out {self.out} {held}; {self.command} does not write into another command's run "
                         f"(use a new --out)")

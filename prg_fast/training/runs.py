@@ -114,7 +114,8 @@ def restore_rng_on_resume(rngs: List[Dict[str, Any]], world_size: int, ctx: "Dis
         set_rng_state(rngs[ctx.rank], ctx.device)
     else:
         seed_everything(rank_seed(seed + step, ctx.rank))
-        say(f"note: checkpoint written by {world_size} process(es), resuming with {ctx.world}: random streams restart")
+        say(f"note: checkpoint written by {world_size} process(es), resuming with {ctx.world}: random "
+            f"streams restart")
 
 
 class StepBatches:

@@ -232,8 +232,9 @@ class Trainer:
             self.load_state(ckpt)
         except CheckpointError:
             raise
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # what load_state_dict raises on a misfit
-            raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: {e}") from e
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # load_state_dict on a misfit
+            raise CheckpointError(f"{self.files.ckpt_path}: the saved state does not fit this run: "
+                                  f"{e}") from e
         self.step = self.resumed_from = int(ckpt["step"])
         self.history = [list(h) for h in ckpt.get("history", [])]
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
@@ -337,8 +338,8 @@ class Trainer:
             dist.all_reduce(sums)
         steps, self.window_steps = self.window_steps, 0
         if not math.isfinite(float(sums[0])):
-            raise FloatingPointError(f"the loss became non-finite between steps {step - steps} and {step}; lower "
-                                     f"--lr (now {self.cfg.lr:g}) or keep --grad-clip on")
+            raise FloatingPointError(f"the loss became non-finite between steps {step - steps} and {step}; "
+                                     f"lower --lr (now {self.cfg.lr:g}) or keep --grad-clip on")
         return [float(v) for v in sums], steps
 
     # -- files ----------------------------------------------------------------------------------
@@ -363,8 +364,9 @@ class Trainer:
         trained = self.step - start_step
         return {"command": self.files.command, "step": self.step, "resumed_from_step": self.resumed_from,
                 "wall_time_s": round(elapsed, 3), "train_time_total_s": round(self.elapsed_prev + elapsed, 3),
-                "images_per_s": round(trained * self.cfg.batch_size / elapsed, 2) if trained and elapsed > 0 else None,
-                "world_size": self.ctx.world, "device_used": str(self.device), "torch_version": str(torch.__version__)}
+                "images_per_s": round(trained * self.cfg.batch_size / elapsed, 2) if trained and elapsed > 0
+                else None, "world_size": self.ctx.world, "device_used": str(self.device),
+                "torch_version": str(torch.__version__)}
 
     def write_metrics(self, metrics: Dict[str, Any], summary: str) -> Dict[str, Any]:
         """metrics.json of the finished run (`metrics`, then every argument not already named), and
