@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import default_augment, load_data
+from ..ode import generate
+from ..ode.solvers import get_tableau
 from ..training.evaluate import knn_accuracy, linear_probe, map_batches
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
@@ -98,8 +100,6 @@ def neighbour_latents(z: torch.Tensor, sigma: float, n: int = 1, *, truncation: 
 @torch.no_grad()
 def generate_views(flow: nn.Module, z: torch.Tensor, *, steps: int, method: str) -> torch.Tensor:
     """Images for latents z: prg_fast.generate (t = 1 -> 0), clamped to [-1, 1]."""
-    from ..ode import generate
-
     return generate(flow, z, steps=steps, method=method).clamp(-1, 1)
 
 
@@ -150,8 +150,6 @@ class GenRepConfig(TrainConfig):
             raise ValueError(f"batch_size must be >= 2 (the other pairs are the negatives), got {self.batch_size}")
         if 0 < self.pool < self.batch_size:
             raise ValueError(f"pool ({self.pool}) must be 0 (online generation) or >= batch_size ({self.batch_size})")
-        from ..ode.solvers import get_tableau
-
         get_tableau(self.method)
         self.checkpoint = self.pretrained_checkpoint("genrep")
         return self

@@ -44,6 +44,8 @@ from ..data import ImageData, class_balanced_subset, load_data
 from ..losses import flow_matching_loss
 from ..models import UNet
 from ..models.heads import ClassifierHead
+from ..models.unet import PRESETS
+from ..ode.solvers import get_tableau
 from ..paths import PATHS, get_path
 from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, build_classifier, build_model,
                           check_data_fits, load_checkpoint, load_finetune_checkpoint)
@@ -88,7 +90,7 @@ class FinetuneConfig(TrainConfig):
     grad_clip: float = ranged(1.0, 0.0, 1e12)  # max global gradient norm; 0 disables
     freeze_flow: bool = False  # train the head only
     from_scratch: bool = False  # same architecture, random initial weights
-    model: Optional[str] = None  # UNet preset for --from-scratch without --checkpoint
+    model: Optional[str] = one_of(None, PRESETS)  # UNet preset for --from-scratch without --checkpoint
     path: Optional[str] = one_of(None, PATHS)  # flow-matching path for beta > 0 (default: the checkpoint's)
     raw_weights: bool = False  # start from the checkpoint's raw weights instead of its EMA
     hidden: Optional[int] = ranged(None, 1)  # head width (None: the pooled feature size, as in PRG)
@@ -110,8 +112,6 @@ class FinetuneConfig(TrainConfig):
         self.check_run_fields()
         self.t0, self.t, save_at = check_segment(self.t0, self.t, self.save_at, learned=self.learn_t or self.learn_t0)
         self.save_at = None if save_at is None else list(save_at)
-        from ..ode.solvers import get_tableau
-
         get_tableau(self.method)
         if self.freeze_flow and self.from_scratch:
             raise ValueError("freeze_flow with from_scratch would train a head on an untrained, frozen flow; "
@@ -122,15 +122,11 @@ class FinetuneConfig(TrainConfig):
         if self.checkpoint is not None:
             self.checkpoint = self.pretrained_checkpoint("finetune")
         if self.model is not None:
-            from ..models.unet import PRESETS
-
             if external_model:
                 raise ValueError("model (a UNet preset) and a network passed as model= exclude each other")
             if self.checkpoint is not None:
                 raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint; with a "
                                  "checkpoint the architecture is the checkpoint's")
-            if self.model not in PRESETS:
-                raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, got {self.model!r}")
         elif self.checkpoint is None and not external_model:
             raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
         return self

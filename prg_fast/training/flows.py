@@ -4,6 +4,8 @@ import pkgutil
 
 import torch
 
+from ..ode import time_reversed
+
 __all__ = ["TIME_CONVENTIONS", "is_factory_spec", "import_factory", "check_flow", "prg_velocity", "check_model_reads",
            "foreign_model_entries"]
 
@@ -44,8 +46,6 @@ def check_flow(model, time_convention: str):
 def prg_velocity(model: torch.nn.Module, time_convention: str) -> torch.nn.Module:
     """The network seen in prg_fast's convention (t = 0 data): time_reversed for torchcfm's."""
     if time_convention == "torchcfm":
-        from ..ode import time_reversed
-
         return time_reversed(model)
     return model
 

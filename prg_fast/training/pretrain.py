@@ -42,6 +42,8 @@ from ..data import ImageData
 from ..losses import PREDICTIONS, flow_matching_loss, prediction_weighting
 from ..models import UNet
 from ..models.unet import PRESETS
+from ..ode import generate
+from ..ode.solvers import get_tableau
 from ..paths import PATHS, get_path
 from .checkpoints import PRETRAIN_FORMAT, PRETRAIN_KEYS, PRETRAIN_VERSION, build_model, load_checkpoint
 from .distributed import Dist, run_on_ranks, wrap_ddp
@@ -96,8 +98,6 @@ class PretrainConfig(TrainConfig):
         if self.model not in PRESETS and not is_factory_spec(self.model):
             raise ValueError(f"model must be a UNet preset, one of {sorted(PRESETS)}, or package.module:factory (a "
                              f"callable returning a velocity network), got {self.model!r}")
-        from ..ode.solvers import get_tableau
-
         get_tableau(self.sample_method)  # raises with the list of methods
         return self
 
@@ -283,8 +283,6 @@ class _Pretrainer(Trainer):
     def sample(self, n: int) -> torch.Tensor:
         """n samples from the EMA network: noise from a generator seeded by the run's seed (the
         same grid for the same weights), integrated t = 1 -> 0 with prg_fast.generate."""
-        from ..ode import generate
-
         gen = torch.Generator().manual_seed(self.cfg.seed)
         z = torch.randn((n, *self.data.shape), generator=gen).to(self.device)
         images = generate(prg_velocity(self.ema, self.time_convention), z, steps=self.cfg.sample_steps,
