@@ -158,10 +158,6 @@ class TeacherFeatures(nn.Module):
             t = torch.full((x.shape[0],), float(t), device=x.device)
         return self.hook.run(t.to(x.device, torch.float32), x).float()
 
-    @torch.no_grad()
-    def dim(self, x: torch.Tensor) -> int:
-        return int(self.forward(x[:1], 0.0).shape[1])
-
 
 # -------------------------------------------------------------------------------------------------
 # losses and the timestep policy
@@ -331,7 +327,7 @@ class _RepFusion(Trainer):
         self.teacher = TeacherFeatures(flow.to(self.device), cfg.layer)
         c = self.train_data.shape[0]
         x0, _ = self.train_data.batch([0], augment=False, device=self.device)
-        self.teacher_dim = self.teacher.dim(x0)
+        self.teacher_dim = int(self.teacher(x0, 0.0).shape[1])  # the hooked layer's width
         classes = self.train_data.num_classes
 
         seed_everything(cfg.seed)

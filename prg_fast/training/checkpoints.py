@@ -65,19 +65,22 @@ def load_finetune_checkpoint(path: str) -> Dict[str, Any]:
     return load_model_checkpoint(path, ("finetune",))[1]
 
 
-def _load_weights(ckpt: Dict[str, Any], model: Optional[torch.nn.Module], state: Dict[str, Any],
+def _load_weights(ckpt: Dict[str, Any], model: Optional[torch.nn.Module], state: Optional[Dict[str, Any]],
                   what: str) -> torch.nn.Module:
-    """The checkpoint's network (UNet(**model_config), or the `model` given) with `state` loaded.
-    A failure blames what was wrong: the network passed, or the checkpoint's own entries."""
+    """The checkpoint's network (UNet(**model_config), or the `model` given) with `state` loaded
+    (None: as built). A failure blames what was wrong: the network passed, or the checkpoint's own
+    entries."""
     if model is None and ckpt["model_config"] is None:
         raise CheckpointError(f"this checkpoint holds a network prg_fast did not build ({ckpt.get('model_class')}, "
                               f"factory {ckpt.get('preset')!r}): pass model= (or --model package.module:factory)")
     try:
         net = model if model is not None else UNet(**ckpt["model_config"])
-        net.load_state_dict(state)
+        if state is not None:
+            net.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         if model is None:
-            raise CheckpointError(f"the checkpoint's weights do not fit its {what}: {e}") from e
+            raise CheckpointError(f"the checkpoint's {what} does not build its network, or its weights "
+                                  f"do not fit it: {e}") from e
         built = "prg_fast's UNet (its model_config)" if ckpt["model_config"] is not None else ckpt.get("model_class")
         raise ValueError(f"model= / --model: the network given ({type(model).__name__}) does not fit this checkpoint, "
                          f"which holds {built}; pass the network it was trained with"
@@ -85,11 +88,13 @@ def _load_weights(ckpt: Dict[str, Any], model: Optional[torch.nn.Module], state:
     return net
 
 
-def build_model(ckpt: Dict[str, Any], ema: bool = True, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+def build_model(ckpt: Dict[str, Any], ema: bool = True, model: Optional[torch.nn.Module] = None, *,
+                fresh: bool = False) -> torch.nn.Module:
     """The velocity network of a pretraining checkpoint, with its EMA weights (ema=True) or the raw
-    ones. A network prg_fast did not build (model_config None) is the `model` given, its weights
-    loaded; the network is returned as trained, in its own time convention (ckpt.get("time_convention"))."""
-    return _load_weights(ckpt, model, ckpt["ema" if ema else "model"], "model_config")
+    ones (fresh=True: neither, as initialised). A network prg_fast did not build (model_config None)
+    is the `model` given, its weights loaded; the network is returned as trained, in its own time
+    convention (ckpt.get("time_convention"))."""
+    return _load_weights(ckpt, model, None if fresh else ckpt["ema" if ema else "model"], "model_config")
 
 
 def build_classifier(ckpt: Dict[str, Any], *, steps: Optional[int] = None, method: Optional[str] = None,

@@ -223,11 +223,8 @@ class _Finetuner(Trainer):
             if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
                 raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
                                  f"{pre['time_convention']!r}, not {time_convention!r}")
-            if cfg.from_scratch:
-                try:
-                    flow = user_model if user_model is not None else UNet(**pre["model_config"])
-                except (TypeError, ValueError) as e:
-                    raise CheckpointError(f"{cfg.checkpoint}: its model_config does not build a UNet: {e}") from e
+            if cfg.from_scratch:  # the same architecture, freshly initialised
+                flow = build_model(pre, model=user_model, fresh=True)
             else:
                 flow = build_model(pre, ema=not cfg.raw_weights, model=user_model)
                 self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
