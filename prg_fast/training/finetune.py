@@ -210,41 +210,10 @@ class _Finetuner(Trainer):
         if self.test.num_classes != self.data.num_classes:
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
                              f"{self.data.num_classes}")
-        c, h, w = self.data.shape
         self._indices = self.step_batches(self.data)
 
-        # the flow: pretrained weights (EMA by default), or the same architecture freshly initialised
-        self.pretrain_info = None
-        path_name, sigma = cfg.path, 0.0
         seed_everything(cfg.seed)  # identical initial head (and scratch flow) on every rank
-        if cfg.checkpoint is not None:
-            pre = load_checkpoint(cfg.checkpoint)
-            check_data_fits(self.data, pre, checkpoint_file(cfg.checkpoint), "was pretrained on")
-            if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
-                raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
-                                 f"{pre['time_convention']!r}, not {time_convention!r}")
-            if cfg.from_scratch:  # the same architecture, freshly initialised
-                flow = build_model(pre, model=user_model, fresh=True)
-            else:
-                flow = build_model(pre, ema=not cfg.raw_weights, model=user_model)
-                self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
-                                      "weights": "raw" if cfg.raw_weights else "ema"}
-            self.preset = pre.get("preset")
-            if path_name is None:
-                path_name, sigma = pre["path"]["name"], float(pre["path"].get("sigma", 0.0))
-        elif user_model is not None:
-            flow, self.preset = user_model, None
-            check_model_reads(flow, self.data.shape, cfg.data, "cpu")
-        else:
-            flow = UNet.preset(cfg.model, in_channels=c, image_size=h)
-            self.preset = cfg.model
-        # the network as trained and saved; the classifier sees it in prg_fast's time convention
-        self.flow_module, self.user_model, self.time_convention = flow, user_model is not None, time_convention
-        flow = prg_velocity(flow, time_convention)
-        if h != w and not self.user_model:
-            raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
-        self.path_cfg = {"name": path_name or "otcfm", "sigma": sigma}
-        self.path = get_path(self.path_cfg["name"], self.path_cfg["sigma"])
+        flow = self._build_flow(user_model, time_convention)
         self.beta = 0.0 if cfg.freeze_flow else cfg.beta  # a frozen flow gets nothing from the FM term
         head = ClassifierHead(feature_shape(self.data.shape, cfg.save_at), self.data.num_classes, hidden=cfg.hidden)
         self.classifier = PRGClassifier(flow, head, t=cfg.t, t0=cfg.t0, steps=cfg.ode_steps, method=cfg.method,
@@ -273,6 +242,41 @@ class _Finetuner(Trainer):
         self.params = [p for p in self.classifier.parameters() if p.requires_grad]
         mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
         self.bar_desc = f"finetune ({mode})"
+
+    def _build_flow(self, user_model: Optional[nn.Module], time_convention: str) -> nn.Module:
+        """The flow: pretrained weights (EMA by default), or the same architecture freshly
+        initialised, with the flow-matching path; seen in prg_fast's time convention."""
+        cfg, (c, h, w) = self.cfg, self.data.shape
+        self.pretrain_info = None
+        path_name, sigma = cfg.path, 0.0
+        if cfg.checkpoint is not None:
+            pre = load_checkpoint(cfg.checkpoint)
+            check_data_fits(self.data, pre, checkpoint_file(cfg.checkpoint), "was pretrained on")
+            if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
+                raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
+                                 f"{pre['time_convention']!r}, not {time_convention!r}")
+            if cfg.from_scratch:  # the same architecture, freshly initialised
+                flow = build_model(pre, model=user_model, fresh=True)
+            else:
+                flow = build_model(pre, ema=not cfg.raw_weights, model=user_model)
+                self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
+                                      "weights": "raw" if cfg.raw_weights else "ema"}
+            self.preset = pre.get("preset")
+            if path_name is None:
+                path_name, sigma = pre["path"]["name"], float(pre["path"].get("sigma", 0.0))
+        elif user_model is not None:
+            flow, self.preset = user_model, None
+            check_model_reads(flow, self.data.shape, cfg.data, "cpu")
+        else:
+            flow = UNet.preset(cfg.model, in_channels=c, image_size=h)
+            self.preset = cfg.model
+        # the network as trained and saved; the classifier sees it in prg_fast's time convention
+        self.flow_module, self.user_model, self.time_convention = flow, user_model is not None, time_convention
+        if h != w and not self.user_model:
+            raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
+        self.path_cfg = {"name": path_name or "otcfm", "sigma": sigma}
+        self.path = get_path(self.path_cfg["name"], self.path_cfg["sigma"])
+        return prg_velocity(flow, time_convention)
 
     def segment_params(self) -> Dict[str, torch.nn.Parameter]:
         """The learned segment's raw time parameters (t_raw, t0_raw), by name; empty when fixed."""
