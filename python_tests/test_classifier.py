@@ -203,3 +203,29 @@ def test_learned_t_defaults_start_inside_the_range_and_bad_combinations():
     assert not any(n.endswith("_raw") for n, _ in fixed.named_parameters())
     fixed.t = 0.8
     assert fixed.t == 0.8
+
+
+def test_every_layer_checks_times_with_the_engines_one_check():
+    """Issue 21: a time outside [0, 1] gets the engine's message wherever it is given -- reverse, a
+    segment (PRGClassifier, extract), a trainer's time field, the command line's --t / --save-at."""
+    import argparse
+
+    from prg_fast.classifier import check_segment, parse_times
+    from prg_fast.cli.args import time_list, unit_time
+    from prg_fast.ode.unit_time import UNIT_TIME
+    from prg_fast.related.repfusion import RepFusionConfig
+    from prg_fast.training.finetune import FinetuneConfig
+
+    expected = f"expected {UNIT_TIME}, got 1.5"
+    for bad in (lambda: prg_fast.reverse(lambda t, x: -x, torch.randn(2, 3), t=1.5, steps=2),
+                lambda: check_segment(0.0, 1.5), lambda: check_segment(0.0, 1.0, [0.5, 1.5]),
+                lambda: parse_times("0.5,1.5"),
+                lambda: FinetuneConfig(t=1.5, checkpoint="x").validate(),
+                lambda: RepFusionConfig(t=1.5, checkpoint="x").validate()):
+        with pytest.raises(ValueError) as err:
+            bad()
+        assert expected in str(err.value)
+    for parse, text in ((unit_time, "1.5"), (time_list, "0.5,1.5")):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"in \[0, 1\] \(0 = data, 1 = noise\), got"):
+            parse(text)
+    assert unit_time("0.25") == 0.25 and time_list("0, 1") == [0.0, 1.0]
