@@ -38,12 +38,13 @@ last checkpoint stays intact. torchrun forwards one signal to every worker and w
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 import signal
 import threading
 import time
-import copy
-import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -66,12 +67,9 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, command: str, signum: int, step: int, checkpoint: str):
         self.command, self.signum, self.step, self.checkpoint = command, signum, step, checkpoint
+        self.exit_code = 128 + signum
         super().__init__(f"{signal.Signals(signum).name} after step {step}: checkpoint written to {checkpoint}; "
                          f"run the same command again (same --out) to resume")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class StopRequests:
@@ -191,7 +189,7 @@ def configure(cls, config, kwargs: Dict[str, Any], **validate_kwargs) -> Tuple[A
     return copy.deepcopy(config).validate(**validate_kwargs), options
 
 
-class Trainer:
+class Trainer(ABC):
     """The skeleton (see the module doc); a subclass's __init__ calls open_run(), builds its
     networks and optimizers, then calls begin()."""
 
@@ -256,20 +254,20 @@ class Trainer:
         """Whether step `step` (1-based count) is checkpointed by step count."""
         return step % self.cfg.ckpt_every == 0 or step == self.total_steps
 
-    def train_step(self, step: int):
-        raise NotImplementedError
+    @abstractmethod
+    def train_step(self, step: int): ...
 
-    def flush(self, step: int, row: bool, bar) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def flush(self, step: int, row: bool, bar) -> None: ...
 
-    def state(self) -> Dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def state(self) -> Dict[str, Any]: ...
 
-    def load_state(self, ckpt: Dict[str, Any]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def load_state(self, ckpt: Dict[str, Any]) -> None: ...
 
-    def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]: ...
 
     # -- the loop -------------------------------------------------------------------------------
     def elapsed(self) -> float:
