@@ -178,8 +178,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 20, metric: str =
     check_int("k", k, 1)
     if k > len(ty):
         raise ValueError(f"k ({k}) exceeds the number of training samples ({len(ty)})")
-    if weights not in ("uniform", "distance"):
-        raise ValueError(f"weights must be 'uniform' or 'distance', got {weights!r}")
+    # scikit-learn checks metric and weights itself, naming them
     knn = KNeighborsClassifier(n_neighbors=int(k), metric=metric, weights=weights, algorithm="brute").fit(tx, ty)
     return {"top1": float((knn.predict(vx) == vy).mean()), "k": int(k), "metric": metric,
             "n_train": int(len(ty)), "n_test": int(len(vy)), "dim": int(tx.shape[1])}
