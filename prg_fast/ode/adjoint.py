@@ -35,8 +35,8 @@ import torch
 
 from .integrate import Problem, accumulator_dtype
 from .description import StoredAdjoint
-from .strategies import EvaluationGraphs, FirstEvaluation
-from .vjp import evaluation_vjp
+from .strategies import EvaluationGraphs, FirstEvaluation, Tail
+from .vjp import evaluation_vjp, graph_vjp
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
@@ -69,10 +69,7 @@ class AdjointSolve(torch.autograd.Function):
         evals = EvaluationGraphs(problem, strategy, first, x.device, params,
                                  time_grad=times is not None and times.requires_grad)
         stored: list = []
-        if strategy.store == "steps":
-            outs = problem.run(x.to(problem.state_dtype), states=stored, evaluator=evals.forward_evaluate)
-        else:
-            outs = problem.run(x.to(problem.state_dtype), stage_inputs=stored, evaluator=evals.forward_evaluate)
+        outs = evals.run_forward(x.to(problem.state_dtype), stored)
         evals.finish_forward()
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
@@ -96,7 +93,14 @@ def _backward(ctx, grad_out: torch.Tensor):
     s = p.tableau.stages
     walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.times is not None and ctx.needs_input_grad[3])
     stored = list(ctx.saved_tensors)
-    for n in reversed(range(p.steps)):
+    start = p.steps
+    tail = ctx.evals.take_tail()
+    if tail is not None:
+        # the whole steps kept as one graph: one VJP; their stored inputs are for a second backward
+        walk.tail(tail)
+        start = tail.start
+        del stored[start * (1 if ctx.evals.store == "steps" else s):]
+    for n in reversed(range(start)):
         walk.arrive(n + 1)
         if ctx.evals.store == "steps":
             # the saved tensors are step start states: the step's stage inputs are recomputed now
@@ -127,6 +131,23 @@ class BackwardWalk:
     def arrive(self, m: int) -> None:
         if m in self.arriving:
             self.lam = self.p.combine(self.lam, [self.arriving.pop(m)], [1.0], 1.0, self.p.state_dtype)
+
+    def tail(self, tail: Tail) -> None:
+        """The VJP of the forward's tail (steps tail.start .. K-1, one graph): from the cotangents
+        arriving at its output points to lam at tail.start and the parameters' gradients."""
+        outputs, cotangents = [], []
+        for m, state in tail.states.items():
+            g = self.arriving.pop(m, None)
+            if g is not None:
+                outputs.append(state)
+                cotangents.append(g.to(state.dtype))
+        leaves = [tail.leaf] + ([tail.first_leaf] if tail.first_leaf is not None else [])
+        grads = graph_vjp(outputs, leaves + self.params, cotangents, self.p.reentrant)
+        # the first evaluation read the stage input X_0 = x (in the network's dtype) through its own leaf
+        for g in grads[:len(leaves)]:
+            if g is not None:
+                self.lam = self.lam + g.to(self.lam.dtype)
+        accumulate(self.acc, grads[len(leaves):], self.acc_dtype)
 
     def step(self, n: int, inputs: List[torch.Tensor]) -> None:
         p = self.p

@@ -17,7 +17,7 @@ import torch
 
 from . import fixed_grid, states
 from .cuda_graphs import graphed_solve
-from .description import DEFAULT_COUPLING, SolveDescription, describe
+from .description import AUTO, DEFAULT_COUPLING, SolveDescription, describe
 from .grids import Grid, check_order, odeint_per_sample_grid, odeint_values, time_arg, time_grid
 from .run import run
 from .unit_time import check_unit_times
@@ -95,7 +95,7 @@ def reverse(
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
     reversible_check: str = "error",
-    memory_budget: Optional[float] = None,
+    memory_budget: Union[None, float, str] = AUTO,
     store: str = "stages",
 ) -> torch.Tensor:
     """Integrate dx/dt = model(t, x) from t0 (data end) up to t (noise end) in `steps` fixed steps.
@@ -113,7 +113,9 @@ def reverse(
     `adjoint=True` (default): the exact discrete adjoint; `adjoint=False`: plain autograd through
     the same solver. The adjoint strategy (all exact; costs in prg_fast.ode.description) is
     spelled by `memory_budget=` (bytes of evaluation graphs kept to skip their recomputation;
-    None: recompute all, float("inf"): keep all), `store="stages"|"steps"` (what the forward
+    "auto", the default: what fits in half the memory free on x's device when the call starts,
+    recomputing all instead when keeping them meets an allocation failure; None or 0: recompute
+    all; float("inf"): keep all), `store="stages"|"steps"` (what the forward
     stores), `reversible=True` (McCallum & Foster's algebraically reversible scheme on `method`,
     coupling `reversible_coupling` in (0, 1]; nothing stored; its backward checks the state it
     rebuilds, `reversible_check="error"|"warn"|"off"`: prg_fast.ode.reversible) and
@@ -178,7 +180,7 @@ def odeint(
     reversible: bool = False,
     reversible_coupling: float = DEFAULT_COUPLING,
     reversible_check: str = "error",
-    memory_budget: Optional[float] = None,
+    memory_budget: Union[None, float, str] = AUTO,
     store: str = "stages",
     options: Optional[dict] = None,
     rtol: Optional[float] = None,
