@@ -43,11 +43,16 @@ def free_bytes(device: torch.device) -> Optional[int]:
 
 def _host_available() -> Optional[int]:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        # one read of the file's head (MemAvailable is its third line): a fraction of open()'s cost
+        fd = os.open("/proc/meminfo", os.O_RDONLY)
+        try:
+            head = os.read(fd, 512).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+        for line in head.splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
     try:
         import psutil
