@@ -9,8 +9,10 @@ Forward: the loop of prg_fast.ode.integrate without a graph, keeping only each n
     lam <- lam + sum_i mu_i                                           (fused)
 
 which is reverse-mode differentiation of exactly the forward's arithmetic, so gradients equal plain
-backprop through the same solver to rounding. Only one evaluation's activations are alive at a time:
-peak memory = one network evaluation + K*s state-sized buffers, flat in K beyond those buffers.
+backprop through the same solver to rounding. Recomputing every evaluation (memory_budget=0), only
+one evaluation's activations are alive at a time: peak memory = one network evaluation + K*s
+state-sized buffers, flat in K beyond those buffers. Graphs the budget keeps skip their
+recomputation; whole kept steps at the end are one graph, one VJP (BackwardWalk.tail).
 
 Time gradients (the grid is a tensor input `times` that requires grad): with e_i = b_i lam +
 sum_{m>i} a_mi mu_m (so g_i = h e_i) and tau_i = t_n + c_i h the time the network reads,

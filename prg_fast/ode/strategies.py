@@ -10,9 +10,18 @@ autograd graph*, from one of two sources:
 - recomputed: the forward ran it without a graph; the backward runs it again, with a graph, from the
   stored stage input (one extra evaluation per stage, one graph alive at a time).
 
-`memory_budget` (bytes) keeps floor(budget / bytes of one evaluation's graph) graphs
-(StoredAdjoint.graphs_to_keep): the *last* evaluations', which the backward needs first -- each is
-freed by its VJP, so the peak never exceeds budget + one evaluation.
+`memory_budget` (bytes; "auto": half the memory free at the call, StoredAdjoint.budget_bytes)
+keeps floor(budget / bytes of one evaluation's graph) graphs (StoredAdjoint.graphs_to_keep): the
+*last* evaluations', which the backward needs first -- each is freed by its VJP, so the peak never
+exceeds budget + one evaluation. Kept evaluations that make up whole steps at the end (the tail)
+run as one plain autograd graph from a leaf at the tail's first state, and the backward takes one
+VJP through all of it (`Tail`): per evaluation, that spares the leaf, the VJP call and the
+cotangent arithmetic in Python, which cost a small network ~1.35x plain backprop; its arithmetic
+is plain backprop's. A step kept only in part, a tensor grid whose times require grad (the time
+leaves are per evaluation) and a reentrant checkpoint keep one graph per evaluation.
+
+An allocation failure while graphs are kept (`EvaluationGraphs.run_forward`) frees them and runs
+the forward again keeping none, from the random state and written buffers it started with.
 
 Bytes of one evaluation's graph: measured on the first evaluation of the solve (which is run with a
 graph anyway, for parameter discovery), by `SavedBytes`: saved-tensor hooks sum the nbytes of the
