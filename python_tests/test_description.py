@@ -30,6 +30,7 @@ def _grads(model, x, **kw):
     # "auto" (the default) is the stored adjoint's: elsewhere it does not apply, and is no error
     (dict(reversible=True, memory_budget="auto"), ReversibleAdjoint()),
     (dict(adjoint=False, memory_budget="auto"), Backprop()),
+    (dict(reversible=True, memory_budget=None), ReversibleAdjoint()),  # None: the default before "auto"
 ])
 def test_keywords_spell_the_strategy_objects(mlp, keywords, strategy):
     assert strategy_from_keywords(**keywords) == strategy

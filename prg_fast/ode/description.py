@@ -151,16 +151,18 @@ def strategy_from_keywords(adjoint=True, reversible=False, reversible_coupling=D
     default memory_budget ("auto") belongs to the stored adjoint: with reversible=True or
     adjoint=False it does not apply."""
     check_reconstruction_mode(reversible_check)
+    # None (the default before "auto") asks the same of the other strategies: keep no graph
+    unset_budget = memory_budget is None or (isinstance(memory_budget, str) and memory_budget == AUTO)
     if isinstance(adjoint, STRATEGIES):
-        if (reversible, reversible_coupling, memory_budget, store, reversible_check) != (
-                False, DEFAULT_COUPLING, AUTO, "stages", "error"):
+        if not unset_budget or (reversible, reversible_coupling, store, reversible_check) != (
+                False, DEFAULT_COUPLING, "stages", "error"):
             raise ValueError(f"adjoint={adjoint!r} is a strategy object: leave reversible, reversible_coupling, "
                              "reversible_check, memory_budget and store at their defaults (the object says them)")
         return adjoint
     _check_flag(adjoint, "adjoint")
     _check_flag(reversible, "reversible")
     memory_budget, store = check_memory_budget(memory_budget), check_store(store)
-    if (memory_budget != AUTO or store != "stages") and (reversible or not adjoint):
+    if (not unset_budget or store != "stages") and (reversible or not adjoint):
         raise ValueError(
             f"memory_budget={memory_budget!r} and store={store!r} choose what the stored adjoint keeps "
             "(adjoint=True, reversible=False); "
