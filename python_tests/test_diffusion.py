@@ -199,7 +199,9 @@ def tiny_unet(**kwargs):
                                  up_block_types=("UpBlock2D", "UpBlock2D"), **kwargs).double()
 
 
-STRATEGIES = [dict(), dict(memory_budget=float("inf")), dict(store="steps"), dict(reversible=True)]
+# the default ("auto": every graph kept at these sizes), recompute all, keep all, steps, reversible
+STRATEGIES = [dict(), dict(memory_budget=0), dict(memory_budget=float("inf")), dict(store="steps", memory_budget=0),
+              dict(reversible=True)]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=["stages", "budget_inf", "store_steps", "reversible"])

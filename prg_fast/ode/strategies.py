@@ -223,6 +223,7 @@ class EvaluationGraphs:
         self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
         self.tail: Optional[Tail] = None
         self.tail_first_leaf: Optional[torch.Tensor] = None
+        self.tail_start: Optional[torch.Tensor] = None  # the state at the tail's start (a rerun's)
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class EvaluationGraphs:
             stored[mark:] = [t.detach() for t in stored[mark:]]  # kept for a second backward's reruns
             states = {m: v for m, v in states.items() if m > self.tail_from}
             self.tail = Tail(self.tail_from, leaf, self.tail_first_leaf, states)
-            self.tail_start = x.detach()  # for a second backward's recomputation of the tail
+            self.tail_start = x.detach()
             saved.update({m: v.detach() for m, v in states.items()})
         return p.gather_outputs(saved)
 
