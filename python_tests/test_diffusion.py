@@ -204,7 +204,7 @@ STRATEGIES = [dict(), dict(memory_budget=0), dict(memory_budget=float("inf")), d
               dict(reversible=True)]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=["stages", "budget_inf", "store_steps", "reversible"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=["auto", "budget_0", "budget_inf", "store_steps", "reversible"])
 def test_exact_adjoint_on_a_tiny_unet(strategy):
     unet = tiny_unet(num_class_embeds=3)
     sch = ddim_scheduler("squaredcos_cap_v2", "v_prediction", "trailing")
