@@ -165,3 +165,14 @@ def test_other_errors_while_keeping_graphs_are_raised():
     model = FailsOnce(Net().double(), at=2, error=RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         prg_fast.reverse(model, torch.randn(3, 4, dtype=torch.float64, requires_grad=True), steps=2, memory_budget=INF)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA free memory needs a GPU (none here)")
+def test_cuda_free_memory_counts_the_allocators_unused_cache():
+    device = torch.device("cuda")
+    before = free_memory.free_bytes(device)
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    during = free_memory.free_bytes(device)
+    del block  # back to PyTorch's cache, not to the driver: still free for the next solve
+    after = free_memory.free_bytes(device)
+    assert during <= before - 200 * 2**20 and after >= during + 200 * 2**20
