@@ -176,3 +176,23 @@ def test_cuda_free_memory_counts_the_allocators_unused_cache():
     del block  # back to PyTorch's cache, not to the driver: still free for the next solve
     after = free_memory.free_bytes(device)
     assert during <= before - 200 * 2**20 and after >= during + 200 * 2**20
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_second_backward_through_kept_steps_is_the_first(method):
+    """Whole kept steps are one graph; a second backward (retain_graph) recomputes them as one graph
+    again, with the forward's dropout masks and BatchNorm state: the same gradients, bit for bit."""
+    torch.manual_seed(0)
+    model = Net(dropout=0.3, batchnorm=True).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    inputs = [x] + list(model.parameters())
+    out = prg_fast.reverse(model, x, steps=3, method=method)  # "auto": every graph kept here
+    assert _node(out).evals.tail is not None  # the kept steps are one graph
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    buffers = [b.clone() for b in model.buffers()]
+    first = torch.autograd.grad(out, inputs, g, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, g)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(model.buffers(), buffers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the recomputation left the state as it found it
