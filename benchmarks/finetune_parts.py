@@ -31,7 +31,7 @@ import prg_fast
 from prg_fast.models import ClassifierHead, UNet
 
 
-def main():
+def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--size", type=int, default=32)
@@ -39,18 +39,20 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="Euler steps K")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--reps", type=int, default=9)
-    args = p.parse_args()
-    torch.set_num_threads(1)
+    return p.parse_args()
+
+
+def parts(args) -> dict:
+    """{name: a callable running that part once}, on finetune_step.py's network and batch."""
     torch.manual_seed(0)
     flow = UNet.preset(args.preset, in_channels=3, image_size=args.size, dropout=0.0)
-    with torch.no_grad():
+    with torch.no_grad():  # a fresh UNet zero-initialises its output layer: give it a trained-like flow
         for q in flow.parameters():
             if not q.any():
                 q.normal_(0.0, 0.05)
     head = ClassifierHead((3, args.size, args.size), 10)
     flow_params = list(flow.parameters())
-    params = flow_params + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    opt = torch.optim.AdamW(flow_params + list(head.parameters()), lr=1e-6)
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
     t = torch.full((args.batch,), 0.5)
@@ -59,9 +61,6 @@ def main():
     def f0():
         with torch.no_grad():
             flow(t, x)
-
-    def f():
-        flow(t, x)
 
     def fb():
         xl = x.detach().requires_grad_(True)  # the state's cotangent is part of every step's VJP
@@ -75,12 +74,18 @@ def main():
         loss.backward()
         opt.step()
 
-    parts = {"F0": f0, "F": f, "F+B": fb, "C": common}
-    for fn in parts.values():
-        fn()
-    secs = {k: [] for k in parts}
-    for rep in range(args.reps):
-        for k, fn in parts.items():
+    return {"F0": f0, "F": lambda: flow(t, x), "F+B": fb, "C": common}
+
+
+def main():
+    args = parse()
+    torch.set_num_threads(1)
+    fns = parts(args)
+    for fn in fns.values():
+        fn()  # warm-up
+    secs = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
             start = time.thread_time()
             fn()
             secs[k].append(time.thread_time() - start)
@@ -91,7 +96,7 @@ def main():
     print(f"CPU, torch {torch.__version__}, one thread; UNet {args.preset} {args.size}x{args.size}, batch {args.batch}, "
           f"K={K} Euler, beta={args.beta}; thread CPU time, median of {args.reps} interleaved repeats")
     print("| part | ms |\n|---|---|")
-    for k in parts:
+    for k in fns:
         print(f"| {k} | {m[k] * 1e3:.1f} |")
     print(f"| B = (F+B) - F | {(m['F+B'] - m['F']) * 1e3:.1f} |")
     print(f"\nB / F = {(m['F+B'] - m['F']) / m['F']:.2f}; F / F0 = {m['F'] / m['F0']:.2f}")
