@@ -124,22 +124,6 @@ void run_chunked(const Operands<acc_t>& p, at::ScalarType base_dtype, at::Scalar
   });
 }
 
-// Calls f with a value of the C++ type of t, one of float32 / float16 / bfloat16.
-template <typename F>
-void with_reduced_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      f(float{});
-      break;
-  }
-}
-
 template <typename acc_t>
 Operands<acc_t> operands(const at::Tensor& base, const std::vector<at::Tensor>& terms,
                          at::ArrayRef<double> coeffs, double alpha, at::Tensor& out) {
@@ -191,26 +175,6 @@ void combine_into(const at::Tensor& base_in, at::TensorList terms_in, at::ArrayR
       run_fused<float, float, decltype(term_tag), decltype(out_tag)>(p, n);
     });
   });
-}
-
-at::Tensor stage_combine_cpu(const at::Tensor& base, at::TensorList terms,
-                             at::ArrayRef<double> coeffs, double alpha,
-                             std::optional<at::ScalarType> out_dtype) {
-  check_stage_combine_inputs(base, terms, coeffs, out_dtype);
-  TORCH_CHECK(base.device().is_cpu(), "stage_combine (CPU kernel): base must be on the CPU");
-  // at::empty leaves the memory as it is (no zero fill): the kernel writes every element.
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype.value_or(base.scalar_type())));
-  combine_into(base, terms, coeffs, alpha, out);
-  return out;
-}
-
-void stage_combine_into_cpu(const at::Tensor& base, at::TensorList terms,
-                            at::ArrayRef<double> coeffs, double alpha, const at::Tensor& out) {
-  check_stage_combine_inputs(base, terms, coeffs, out.scalar_type());
-  TORCH_CHECK(base.device().is_cpu(), "stage_combine_into (CPU kernel): base must be on the CPU");
-  check_stage_combine_out(base, terms, out);
-  at::Tensor target = out;
-  combine_into(base, terms, coeffs, alpha, target);
 }
 
 // Per-row coefficients: a chunk never crosses a row boundary, so each chunk reads one row of
@@ -273,8 +237,8 @@ at::Tensor stage_combine_rows_cpu(const at::Tensor& base, at::TensorList terms,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prg_fast, CPU, m) {
-  m.impl("stage_combine", &stage_combine_cpu);
-  m.impl("stage_combine_into", &stage_combine_into_cpu);
+  m.impl("stage_combine", &stage_combine_on<combine_into, c10::DeviceType::CPU>);
+  m.impl("stage_combine_into", &stage_combine_into_on<combine_into, c10::DeviceType::CPU>);
   m.impl("stage_combine_rows", &stage_combine_rows_cpu);
 }
 
