@@ -48,7 +48,8 @@ PRG_FAST_VECTOR_CLONES void store_from(dst_t* __restrict dst, const acc_t* __res
 // float64 -- get one fused loop per number of terms: each element is read once from every input,
 // summed in a register and written once, so the loop moves exactly the bytes of its operands.
 // `ivdep`: out may be base or a term itself (an in-place update; element i is read before it is
-// written), which is no loop-carried dependence.
+// written), which is no loop-carried dependence. Four vectors per iteration: with one, a state
+// that sits in L2 (2^16 floats, 2 terms) ran at 60% of copy_'s bandwidth, with four at ~90%.
 template <int N, typename acc_t, typename base_t, typename term_t, typename out_t>
 PRG_FAST_VECTOR_CLONES void fused_range(const base_t* base, const term_t* const* terms,
                                         const acc_t* coeffs, acc_t alpha, out_t* out,
@@ -60,6 +61,7 @@ PRG_FAST_VECTOR_CLONES void fused_range(const base_t* base, const term_t* const*
     c[j] = coeffs[j];
   }
 #pragma GCC ivdep
+#pragma GCC unroll 4
   for (int64_t i = 0; i < n; ++i) {
     acc_t acc = alpha * static_cast<acc_t>(base[i]);
 #pragma GCC unroll 8
