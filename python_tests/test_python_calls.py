@@ -118,7 +118,8 @@ def test_a_torch_function_mode_sees_the_call():
     assert OP in seen and INTO in seen
 
 
-def test_a_torch_dispatch_mode_sees_the_call():
+@pytest.mark.parametrize("n", [5, 1 << 16])  # 2^16: the mode's Python runs from a call that released the GIL
+def test_a_torch_dispatch_mode_sees_the_call(n):
     seen = []
 
     class Record(TorchDispatchMode):
@@ -126,10 +127,10 @@ def test_a_torch_dispatch_mode_sees_the_call():
             seen.append(func)
             return func(*args, **(kwargs or {}))
 
-    base, terms, coeffs = make_inputs(5, 1, torch.float32, torch.float32)
+    base, terms, coeffs = make_inputs(n, 1, torch.float32, torch.float32)
     with Record():  # below the dispatcher's Python key: the direct entry reaches it as torch.ops does
         out = _C.stage_combine(base, terms, coeffs, 1.0, None)
-        _C.stage_combine_into(base, terms, coeffs, 1.0, torch.empty(5))
+        _C.stage_combine_into(base, terms, coeffs, 1.0, torch.empty(n))
     assert isinstance(out, torch.Tensor) and OP in seen and INTO in seen
 
 
