@@ -142,3 +142,14 @@ def test_into_keeps_the_version_bump_and_the_grad_refusal():
     assert out._version > version
     with pytest.raises(RuntimeError, match="requires grad"):
         _C.stage_combine_into(base.requires_grad_(), terms, coeffs, 1.0, out)
+
+
+def test_torch_compile_traces_both_entries_through_torch_ops():
+    def f(base, k, out):
+        ops.stage_combine_into(base, [k], [0.5], 1.0, out)
+        return ops.stage_combine(out, [k], [0.25], 1.0) * 2
+
+    base, terms, _ = make_inputs(16, 1, torch.float32, torch.float32)
+    expected = f(base, terms[0], torch.empty(16))
+    compiled = torch.compile(f, backend="eager", fullgraph=True)  # a graph break would raise here
+    torch.testing.assert_close(compiled(base, terms[0], torch.empty(16)), expected)

@@ -26,7 +26,7 @@ CPU_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
 
 try:
-    from .. import _C  # noqa: F401  (the compiled bottom layer; loading it registers torch.ops.prg_fast.*)
+    from .. import _C  # the compiled bottom layer; loading it registers torch.ops.prg_fast.*
 except ImportError as e:  # pragma: no cover - depends on the build
     CPU_ERROR = f"compiled extension prg_fast._C not importable ({e}); build with `pip install --no-build-isolation -e .`"
 else:
