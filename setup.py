@@ -55,7 +55,7 @@ def extensions():
     ext_modules = [
         cpp_extension.CppExtension(
             "prg_fast._C",
-            sources=["csrc/prg_fast.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
+            sources=["csrc/prg_fast.cpp", "csrc/autograd.cpp", "csrc/python_calls.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": CXX_FLAGS},
         )

@@ -2,8 +2,10 @@
 solve, for K steps, one row per strategy on the same grid:
 
     backprop      prg_fast.reverse(adjoint=False): plain autograd through the solver
-    budget_0      prg_fast.reverse(adjoint=True): exact adjoint, every evaluation recomputed
-                  (memory_budget=None / 0, the default; "prg_fast" is accepted as its old name)
+    auto          prg_fast.reverse(): the default, memory_budget="auto" (graphs kept within half the
+                  memory free at the call; whole kept steps differentiated as one graph)
+    budget_0      memory_budget=0: exact adjoint, every evaluation recomputed ("prg_fast" is
+                  accepted as its old name)
     budget_half   memory_budget = half of the K*s evaluation graphs' bytes: the last half kept
     budget_inf    memory_budget=float("inf"): every evaluation's graph kept, nothing recomputed
     steps         store="steps": one state per step stored, stage inputs recomputed
@@ -54,7 +56,7 @@ import prg_fast
 from prg_fast.models import UNet
 from prg_fast.ode.solvers import SOLVERS
 
-IMPLS = ("backprop", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq", "tdq_adjoint")
+IMPLS = ("backprop", "auto", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq", "tdq_adjoint")
 TDQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "rk4_38": "rk4"}  # torchdiffeq's names
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks", "adjoint_memory")  # git-ignored
@@ -106,8 +108,10 @@ def graph_bytes(model, x, steps, method) -> int:
 def strategy_kwargs(impl, model, x, steps, method) -> dict:
     if impl == "backprop":
         return dict(adjoint=False)
+    if impl == "auto":
+        return {}
     if impl in ("prg_fast", "budget_0"):
-        return dict(adjoint=True)
+        return dict(memory_budget=0)
     if impl == "budget_half":
         evals = steps * SOLVERS[method].stages
         return dict(memory_budget=(evals // 2) * graph_bytes(model, x, steps, method))
@@ -158,24 +162,6 @@ class TorchdiffeqFunc(torch.nn.Module):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def measure(args, impl, steps, device):
-    """(peak bytes above baseline, median seconds) of forward+backward on CUDA (kept for
-    benchmarks/gpu_report.py)."""
-    model, x = build(args, device, torch.float32)
-    run_once(impl, model, x, min(steps, 2), args.method)  # warm-up (library init, autotuning)
-    times, peak = [], 0
-    for _ in range(args.reps):
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        run_once(impl, model, x, steps, args.method)
-        _sync(device)
-        peak = max(peak, torch.cuda.max_memory_allocated() - base)
-        times.append(time.perf_counter() - t0)
-    return peak, statistics.median(times)
 
 
 def time_ratios(args, impls, steps, device):

@@ -208,8 +208,11 @@ def grad_errors(args, device):
 
 
 def default_memory_budget():
-    """What the default row runs: reverse's default memory_budget (None: recompute all; "auto")."""
-    return inspect.signature(prg_fast.reverse).parameters["memory_budget"].default
+    """What the default row runs: the solve options' default memory_budget ("auto"; before issue 25
+    None, recompute all), from describe(), which holds the defaults of reverse's **options."""
+    from prg_fast.ode.description import describe
+
+    return inspect.signature(describe).parameters["memory_budget"].default
 
 
 def parse(argv=None):

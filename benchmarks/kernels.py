@@ -20,9 +20,14 @@ Timing is robust to a busy machine: every implementation is timed in turn within
 calling thread's CPU time (time.thread_time; with one thread, so nothing runs elsewhere) and on a
 GPU with CUDA events; the median is reported with the spread (interquartile range / median).
 
+Each cell also names the bound the bytes moved put on the speed-up over the best formulation
+(`bytes_per_element`): one pass moves k + 2 streams, the add chains 3k, so against them at most
+3k / (k + 2) (1.0 for k = 1, 1.5 for k = 2), and 1.0 against torch.compile's own fused pass.
+
 The verdict line per backend (the faster of its op and _into variant in each cell): its speed-up
 over the best PyTorch formulation from 2^16 elements up (worth its code when >= 1 for k >= 2 and
-about even for k = 1 (median >= 0.9), where the sum moves the bytes torch.add moves; the goal is >= 1.5x), its
+about even for k = 1 (median >= 0.9), where the sum moves the bytes torch.add moves; the goal is >= 1.5x,
+counted also over the cells whose bound allows it), its
 fraction of copy_ bandwidth at the largest size (GPU: required >= 85%), and its fixed cost per
 call at the smallest size against one torch.add (goal <= 2x).
 
@@ -239,12 +244,33 @@ def best_torch(row: dict):
     return name, row["us"][name]
 
 
+def bytes_per_element(name: str, k: int, dtype: str) -> int:
+    """Bytes a formulation moves through memory per element of the sum (reads + writes; float32
+    base and accumulation, terms and output in `dtype`; write-allocate traffic left out, as it is
+    for copy_). The fused ops and torch.compile make one pass; the chains one per term, through a
+    float32 accumulator, and a final cast when the output is not float32."""
+    e = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    cast = 0 if e == 4 else 4 + e
+    if name in ("add_chain", "add_chain_out"):
+        return k * (8 + e) + cast
+    if name == "foreach":  # the scaled terms written and read once more
+        return 2 * k * e + k * (8 + e) + cast
+    return 4 + k * e + e
+
+
+def speedup_bound(row: dict, name: str) -> float:
+    """The largest speed-up one pass can have over formulation `name` at equal bandwidth: the ratio
+    of the bytes both move (1.0 against torch.compile's own fused pass)."""
+    return bytes_per_element(name, row["terms"], row["dtype"]) / bytes_per_element("fused", row["terms"], row["dtype"])
+
+
 def table(rows: List[dict], title: str) -> List[str]:
     """Markdown: time per call (us) of every implementation, then the fused ops' GB/s, their
-    fraction of copy_ and their speed-up over the best PyTorch formulation."""
+    fraction of copy_ and their speed-up over the best PyTorch formulation, with the bound the
+    bytes both move put on that speed-up."""
     names = [b for b in rows[0]["us"] if b != "torch.add"]
     lines = [f"### {title}", "",
-             "| size | k | " + " | ".join(f"{b} us" for b in names) + " | best torch | "
+             "| size | k | " + " | ".join(f"{b} us" for b in names) + " | best torch (bytes bound) | "
              + " | ".join(f"{b} GB/s, /copy, x best" for b in fused_names(rows[0])) + " |",
              "|" + "---|" * (len(names) + 3 + len(fused_names(rows[0])))]
     for r in rows:
@@ -253,8 +279,8 @@ def table(rows: List[dict], title: str) -> List[str]:
         copy_us = r["us"]["copy_"]
         fused = [f"{r['bytes'] / r['us'][b] / 1e3:.1f}, {copy_us / r['us'][b]:.0%}, {bus / r['us'][b]:.2f}x"
                  for b in fused_names(r)]
-        lines.append(f"| 2^{r['log2n']} | {r['terms']} | " + " | ".join(cells) + f" | {bname} | "
-                     + " | ".join(fused) + " |")
+        lines.append(f"| 2^{r['log2n']} | {r['terms']} | " + " | ".join(cells)
+                     + f" | {bname} ({speedup_bound(r, bname):.2f}x) | " + " | ".join(fused) + " |")
     return lines + [""]
 
 
@@ -275,7 +301,11 @@ def verdicts(rows: List[dict], device: torch.device) -> List[str]:
         fixed = [r["us"][b] / r["us"]["torch.add"] for r in rows if r["log2n"] == small and r["terms"] == 1]
         # k = 1 moves what torch.add moves: even within the noise (median), not faster, is the bar
         beats = bool(multi) and min(multi) >= 1.0 and (not single or statistics.median(single) >= 0.9)
-        goals = [f"x{SPEEDUP_GOAL} for k>=2 in {sum(m >= SPEEDUP_GOAL for m in multi)}/{len(multi)} cells"]
+        # cells where the bytes moved allow the goal at all (not against a fused pass, nor k <= 2)
+        reachable = [best_torch(r)[1] / best_of(r) for r in big if r["terms"] >= 2
+                     and speedup_bound(r, best_torch(r)[0]) >= SPEEDUP_GOAL]
+        goals = [f"x{SPEEDUP_GOAL} for k>=2 in {sum(m >= SPEEDUP_GOAL for m in multi)}/{len(multi)} cells "
+                 f"({sum(m >= SPEEDUP_GOAL for m in reachable)}/{len(reachable)} where the bytes moved allow it)"]
         if device.type == "cuda":
             beats = beats and bool(copy_frac) and min(copy_frac) >= COPY_GOAL
         parts = [f"{b} (best of {b}, {b}_into): vs best torch from 2^16 up: k>=2 {_span(multi)}, k=1 {_span(single)}",

@@ -15,6 +15,9 @@ Small-network case (--cases mlp): an MLP velocity on a 2^16-element state (1024 
 where the integrator's own work (stage arithmetic, per-call overhead) is a visible share:
     no grad      prg_fast.reverse vs torchdiffeq.odeint (rk4_38 = torchdiffeq's rk4), and, with
                  Heun's method (the highest order torchode has on a fixed grid), all three
+    solver alone prg_fast and torchdiffeq with a velocity that returns a fixed tensor: the solver's
+                 own cost (stage arithmetic, Python per step), and from it the largest ratio a
+                 solver costing nothing could reach against torchdiffeq, tdq / (prg - prg solver)
     training     one forward+backward: prg_fast (discrete adjoint), torchdiffeq odeint_adjoint,
                  torchode AutoDiffAdjoint (backprop through its solver; its BacksolveAdjoint
                  vmaps a VJP per sample and is about 70x slower)
@@ -123,6 +126,17 @@ class MLPVelocity(torch.nn.Module):
         return self.net(torch.cat([xb, t], 1)).reshape(x.shape)
 
 
+class ConstantVelocity(torch.nn.Module):
+    """A velocity that costs nothing: returns the same tensor for every (t, x)."""
+
+    def __init__(self, k: torch.Tensor):
+        super().__init__()
+        self.k = k
+
+    def forward(self, t, x):
+        return self.k
+
+
 def bench_mlp(args, device):
     """The small-network case: rows of (method, what, times per library)."""
     import torchdiffeq
@@ -145,6 +159,15 @@ def bench_mlp(args, device):
         with torch.no_grad():
             for _ in range(K * evals[method]):
                 model(grid[0].expand(B), x)
+
+    fixed = ConstantVelocity(torch.randn(B, dim, device=device))
+
+    def solver(lib, method):
+        with torch.no_grad():
+            if lib == "prg":
+                prg_fast.reverse(fixed, x, steps=K, method=method)
+            else:
+                torchdiffeq.odeint(fixed, x, grid, method="rk4" if method == "rk4_38" else "heun2")
 
     def nograd(lib, method):
         with torch.no_grad():
@@ -173,6 +196,7 @@ def bench_mlp(args, device):
     for method, libs in (("rk4_38", ("prg", "tdq")), ("heun", ("prg", "tdq", "tode"))):
         fns = {"net": lambda: net(method)}
         fns.update({lib: (lambda lib=lib: nograd(lib, method)) for lib in libs})
+        fns.update({f"{lib}_solver": (lambda lib=lib: solver(lib, method)) for lib in ("prg", "tdq")})
         fns.update({f"{lib}_train": (lambda lib=lib: train(lib, method)) for lib in libs})
         times = interleaved(fns, device, args.reps)
         rows.append(dict(method=method, **times))
@@ -203,8 +227,9 @@ def print_mlp(rows, args):
           f"{args.mlp_batch} x {args.mlp_dim} state, K = {args.mlp_steps}; ms, median of {args.reps} interleaved runs"
           + (" (thread CPU time)" if args.device == "cpu" and torch.get_num_threads() == 1 else ""))
     print("| method | net alone | prg no-grad | tdq no-grad | tode no-grad | tdq/prg | tode/prg | "
+          "prg solver alone | tdq solver alone | tdq/prg with a free prg solver | "
           "prg adjoint step | tdq adjoint step | tode backprop step | tdq/prg | tode/prg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def ms(k):
             return f"{r[k] * 1e3:.1f}" if k in r else "-"
@@ -212,8 +237,10 @@ def print_mlp(rows, args):
         def ratio(a, b):
             return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"
 
+        free = f"{r['tdq'] / (r['prg'] - r['prg_solver']):.2f}x" if r.get("prg", 0) > r.get("prg_solver", 0) else "-"
         print(f"| {r['method']} | {ms('net')} | {ms('prg')} | {ms('tdq')} | {ms('tode')} | {ratio('tdq', 'prg')} | "
-              f"{ratio('tode', 'prg')} | {ms('prg_train')} | {ms('tdq_train')} | {ms('tode_train')} | "
+              f"{ratio('tode', 'prg')} | {ms('prg_solver')} | {ms('tdq_solver')} | {free} | "
+              f"{ms('prg_train')} | {ms('tdq_train')} | {ms('tode_train')} | "
               f"{ratio('tdq_train', 'prg_train')} | {ratio('tode_train', 'prg_train')} |")
 
 

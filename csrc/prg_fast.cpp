@@ -4,12 +4,15 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// An importable, empty Python module: importing prg_fast._C loads this shared library, and with it
-// the TORCH_LIBRARY registration below. No Python bindings are needed: everything goes through
-// torch.ops.prg_fast.*.
+#include "python_calls.h"
+
+// The Python module prg_fast._C: importing it loads this shared library, and with it the
+// TORCH_LIBRARY registration below. Its functions are fast entry points to two of the operators
+// (csrc/python_calls.cpp); everything else goes through torch.ops.prg_fast.*.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          prg_fast::python_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <optional>
 #include <string>
 
@@ -113,6 +116,61 @@ inline void check_stage_combine_rows_inputs(const at::Tensor& base, at::TensorLi
                 "stage_combine_rows: out_dtype must be float32, float64, float16 or bfloat16, got ",
                 *out_dtype);
   }
+}
+
+// Calls f with a value of the C++ type of t, one of float32 / float16 / bfloat16: the element
+// types the kernels instantiate for float32 accumulation.
+template <typename F>
+void with_reduced_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "stage_combine: no float32-accumulation kernel for dtype ", t);
+  }
+}
+
+// A device's kernel: out = alpha * base + sum_j coeffs[j] * terms[j] written into a dense `out`
+// of base's shape (validated by the entry points below).
+using CombineInto = void (*)(const at::Tensor& base, at::TensorList terms,
+                             at::ArrayRef<double> coeffs, double alpha, at::Tensor& out);
+
+inline void check_device(const at::Tensor& base, c10::DeviceType device, const char* op) {
+  TORCH_CHECK(base.device().type() == device, op, " (", c10::DeviceTypeName(device),
+              " kernel): base must be on a ", c10::DeviceTypeName(device), " device, got ",
+              base.device());
+}
+
+// The operators prg_fast::stage_combine and prg_fast::stage_combine_into of one device, from its
+// kernel: the same validation and allocation for every device.
+template <CombineInto combine_into, c10::DeviceType kDevice>
+at::Tensor stage_combine_on(const at::Tensor& base, at::TensorList terms,
+                            at::ArrayRef<double> coeffs, double alpha,
+                            std::optional<at::ScalarType> out_dtype) {
+  check_stage_combine_inputs(base, terms, coeffs, out_dtype);
+  check_device(base, kDevice, "stage_combine");
+  // at::empty leaves the memory as it is (no zero fill): the kernel writes every element.
+  at::Tensor out =
+      at::empty(base.sizes(), base.options().dtype(out_dtype.value_or(base.scalar_type())));
+  combine_into(base, terms, coeffs, alpha, out);
+  return out;
+}
+
+template <CombineInto combine_into, c10::DeviceType kDevice>
+void stage_combine_into_on(const at::Tensor& base, at::TensorList terms,
+                           at::ArrayRef<double> coeffs, double alpha, const at::Tensor& out) {
+  check_stage_combine_inputs(base, terms, coeffs, out.scalar_type());
+  check_device(base, kDevice, "stage_combine_into");
+  check_stage_combine_out(base, terms, out);
+  at::Tensor target = out;  // the schema's Tensor(a!): written in place
+  combine_into(base, terms, coeffs, alpha, target);
 }
 
 }  // namespace prg_fast

@@ -109,7 +109,8 @@ class PRGClassifier(nn.Module):
                 False backpropagates through the solver (same gradients, memory grows with steps).
     learn_t, learn_t0: learn the end time t (and the start t0) with the rest (module docstring:
                 the parametrisation keeping 0 <= t0 < t <= 1); not with save_at.
-    Extra keyword arguments (backend, model_dtype, ...) go to prg_fast.reverse.
+    Extra keyword arguments (backend, model_dtype, memory_budget, ...) go to prg_fast.reverse; its
+    memory_budget="auto" (the default) keeps the graphs that fit in half the free memory.
     """
 
     def __init__(self, flow_model: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], t: float = 1.0,

@@ -177,7 +177,8 @@ def test_peak_memory_flat_in_steps_subprocess():
     """Peak RSS of a forward+backward in a fresh process: the adjoint grows only by its K*s
     stored states, plain backprop by K*s network activations. glibc is told to return freed
     memory at once (mmap for large blocks, no trim threshold, one arena), so RSS follows live
-    memory; K starts at 8 because the first few evaluations allocate one-off library scratch."""
+    memory; K starts at 8 because the first few evaluations allocate one-off library scratch.
+    memory_budget="auto" under a forced free memory of 16 activations keeps 7 graphs whatever K."""
     import os
     import json
     import subprocess
@@ -189,7 +190,7 @@ def status(field):  # kB
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
 torch.set_num_threads(1)
-adjoint, steps = sys.argv[1] == "1", int(sys.argv[2])
+kw, steps = json.loads(sys.argv[1]), int(sys.argv[2])
 class Wide(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -201,22 +202,29 @@ m = Wide(); x = torch.randn(64, 256, requires_grad=True)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS")
-prg_fast.reverse(m, x, steps=steps, method="euler", adjoint=adjoint).sum().backward()
+prg_fast.reverse(m, x, steps=steps, method="euler", **kw).sum().backward()
 print(json.dumps((status("VmHWM") - base) * 1024))
 """
 
-    def peak(adjoint, steps):
+    state = 64 * 256 * 4
+    act = 64 * 8192 * 4
+
+    def peak(kw, steps, free=None):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
-        res = subprocess.run([sys.executable, "-c", code, str(int(adjoint)), str(steps)],
+        if free is not None:
+            env["PRG_FAST_FREE_MEMORY_BYTES"] = str(free)
+        res = subprocess.run([sys.executable, "-c", code, json.dumps(kw), str(steps)],
                              capture_output=True, text=True, check=True, env=env)
         return json.loads(res.stdout.strip().splitlines()[-1])
 
-    state = 64 * 256 * 4
-    act = 64 * 8192 * 4
-    adj_growth = peak(True, 32) - peak(True, 8)
-    bp_growth = peak(False, 32) - peak(False, 8)
+    adj_growth = peak(dict(memory_budget=0), 32) - peak(dict(memory_budget=0), 8)
+    bp_growth = peak(dict(adjoint=False), 32) - peak(dict(adjoint=False), 8)
     assert bp_growth > 20 * act  # the measurement sees plain backprop's activations
     assert adj_growth < 1.5 * 24 * state + act  # the adjoint keeps only the stage inputs
+    # "auto" under 16 activations free: a budget of 8, so 7 graphs kept (one graph: tanh's output and
+    # the output) at K = 8 and at K = 32 alike -- growth only by the stored states again
+    auto_growth = peak({}, 32, free=16 * act) - peak({}, 8, free=16 * act)
+    assert auto_growth < 1.5 * 24 * state + act
 
 
 def test_backward_recomputes_under_the_forwards_autocast(mlp):
@@ -231,7 +239,8 @@ def test_backward_recomputes_under_the_forwards_autocast(mlp):
 
     x = torch.randn(3, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = prg_fast.reverse(f, x, steps=2, method="heun", adjoint_params=list(inner.parameters()))
+        out = prg_fast.reverse(f, x, steps=2, method="heun", adjoint_params=list(inner.parameters()),
+                               memory_budget=0)  # every evaluation recomputed
     n_forward = len(seen)
     out.sum().backward()  # outside the autocast block, as in a usual training loop
     assert n_forward >= 4 and len(seen) > n_forward

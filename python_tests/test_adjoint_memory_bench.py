@@ -23,12 +23,13 @@ def test_quick_benchmark(tmp_path):
     assert "| K | strategy | peak MiB |" in res.stdout
     rows = json.load(open(tmp_path / "out" / "adjoint_memory_cpu_tiny_euler_quick.json"))["rows"]
     impls = {r["impl"] for r in rows}
-    assert impls == {"backprop", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq", "tdq_adjoint"}
+    assert impls == {"backprop", "auto", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq",
+                     "tdq_adjoint"}
     for r in rows:
         assert r["peak_mib"] >= 0 and r["seconds"] > 0
         if r["impl"] == "backprop":
             assert r["time_ratio"] == 1.0
-        if r["impl"] in ("budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq"):
+        if r["impl"] in ("auto", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq"):
             assert r["grad_rel_err"] < 1e-12, r  # exact strategies, float64
     assert (tmp_path / "fig" / "adjoint_memory_cpu_tiny_euler_quick.png").stat().st_size > 0
     # the headline at --quick sizes: the adjoint holds less than backprop at every K, and backprop's

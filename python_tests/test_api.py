@@ -360,3 +360,27 @@ def test_forward_mode_and_functorch_derivatives_are_right(backend):
     with fwAD.dual_level():
         out = solve(fwAD.make_dual(x, v))
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda f, x: prg_fast.reverse(f, x, steps=2, memory_buget=0), "reverse() got unexpected keyword arguments \\['memory_buget'\\]"),
+    (lambda f, x: prg_fast.generate(f, x, steps=2, batch_time=False), "generate() got unexpected keyword arguments \\['batch_time'\\]"),
+    (lambda f, x: prg_fast.odeint(f, x, torch.linspace(0, 1, 3), perturb=True), "odeint() got unexpected keyword arguments \\['perturb'\\]"),
+])
+def test_solve_options_are_checked_by_name(call, name):
+    """The solve options travel as **options to describe(), which holds their names and defaults;
+    a misspelt or engine-internal one is refused naming the entry point, as Python would."""
+    with pytest.raises(TypeError, match=name.replace("(", "\\(").replace(")", "\\)")):
+        call(lambda t, x: -x, torch.randn(2, 3))
+
+
+def test_solve_options_reach_the_description():
+    from prg_fast.ode.description import describe
+
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(lambda t, x: -x, x, steps=2, memory_budget=0, store="steps", check_finite=True)
+    node = out.grad_fn
+    while "AdjointSolve" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    assert node.evals.store == "steps" and node.evals.kept_count == 0
+    assert describe().strategy.memory_budget == "auto"  # the default of every entry point's memory_budget

@@ -69,3 +69,23 @@ def test_every_command_is_registered():
 def test_old_module_paths_are_the_new_modules(old, new, name):
     assert importlib.import_module(old) is importlib.import_module(new)
     assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)
+
+
+@pytest.mark.parametrize("text, value", [("auto", "auto"), ("none", None), ("0", 0.0), ("1e9", 1e9),
+                                         ("inf", float("inf"))])
+def test_finetune_memory_budget_flag(text, value):
+    """finetune --memory-budget reaches the config (default "auto", the engine's default)."""
+    from prg_fast.cli.args import config_from_args
+    from prg_fast.training.finetune import FinetuneConfig
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["finetune", "--data", "digits", "--out", "o"]).memory_budget == "auto" == FinetuneConfig().memory_budget
+    args = parser.parse_args(["finetune", "--data", "digits", "--out", "o", "--memory-budget", text])
+    assert config_from_args(FinetuneConfig, args).memory_budget == value
+
+
+@pytest.mark.parametrize("text", ["-1", "lots", "nan"])
+def test_finetune_memory_budget_flag_refuses(text, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["finetune", "--data", "digits", "--out", "o", "--memory-budget", text])
+    assert "expected auto, none or a number of bytes >= 0" in capsys.readouterr().err

@@ -10,9 +10,10 @@ from prg_fast.ode import backends
 
 INF = float("inf")
 STRATEGIES = {
+    "auto": {},  # the default: torch.cuda.mem_get_info decides
     "recompute": dict(memory_budget=0),
     "keep_all": dict(memory_budget=INF),
-    "store_steps": dict(store="steps"),
+    "store_steps": dict(store="steps", memory_budget=0),
     "reversible": dict(reversible=True),
 }
 

@@ -27,6 +27,10 @@ def _grads(model, x, **kw):
     (dict(reversible=True), ReversibleAdjoint()),
     (dict(adjoint=False), Backprop()),
     (dict(adjoint=False, reversible=True, reversible_coupling=0.9), Backprop(reversible_coupling=0.9)),
+    # "auto" (the default) is the stored adjoint's: elsewhere it does not apply, and is no error
+    (dict(reversible=True, memory_budget="auto"), ReversibleAdjoint()),
+    (dict(adjoint=False, memory_budget="auto"), Backprop()),
+    (dict(reversible=True, memory_budget=None), ReversibleAdjoint()),  # None: the default before "auto"
 ])
 def test_keywords_spell_the_strategy_objects(mlp, keywords, strategy):
     assert strategy_from_keywords(**keywords) == strategy
@@ -46,7 +50,7 @@ def test_strategy_object_with_strategy_keywords_is_refused(mlp):
 
 @pytest.mark.parametrize("make, match", [
     (lambda: StoredAdjoint(store="stage"), 'store must be "stages" or "steps"'),
-    (lambda: StoredAdjoint(memory_budget=-1), "memory_budget must be None"),
+    (lambda: StoredAdjoint(memory_budget=-1), "memory_budget must be \"auto\""),
     (lambda: ReversibleAdjoint(coupling=0.0), r"reversible_coupling must be a number in \(0, 1\]"),
     (lambda: Backprop(reversible_coupling=2), r"reversible_coupling must be a number in \(0, 1\]"),
     (lambda: StoredAdjoint(preserve_rng_state=1), "preserve_rng_state must be True or False"),
@@ -56,11 +60,16 @@ def test_bad_strategy_objects_name_the_argument(make, match):
         make()
 
 
-def test_graphs_to_keep_follows_the_budget():
-    assert StoredAdjoint().graphs_to_keep(12, 100) == 0
-    assert StoredAdjoint(memory_budget=INF).graphs_to_keep(12, 100) == 12
-    assert StoredAdjoint(memory_budget=350).graphs_to_keep(12, 100) == 3
-    assert StoredAdjoint(memory_budget=350).graphs_to_keep(12, None) == 0  # no graph was measured
+def test_graphs_to_keep_follows_the_budget(monkeypatch):
+    cpu = torch.device("cpu")
+    for budget, kept in [(None, 0), (0, 0), (INF, 12), (350, 3)]:
+        strategy = StoredAdjoint(memory_budget=budget)
+        assert strategy.graphs_to_keep(12, 100, strategy.budget_bytes(cpu)) == kept
+    assert StoredAdjoint(memory_budget=350).graphs_to_keep(12, None, 350) == 0  # no graph was measured
+    # "auto" (the default): half the free memory, as PRG_FAST_FREE_MEMORY_BYTES forces it here
+    monkeypatch.setenv("PRG_FAST_FREE_MEMORY_BYTES", "700")
+    assert StoredAdjoint().memory_budget == "auto" and StoredAdjoint().budget_bytes(cpu) == 350
+    assert StoredAdjoint().graphs_to_keep(12, 100, StoredAdjoint().budget_bytes(cpu)) == 3
 
 
 def test_description_is_frozen_and_hashable():

@@ -199,10 +199,12 @@ def tiny_unet(**kwargs):
                                  up_block_types=("UpBlock2D", "UpBlock2D"), **kwargs).double()
 
 
-STRATEGIES = [dict(), dict(memory_budget=float("inf")), dict(store="steps"), dict(reversible=True)]
+# the default ("auto": every graph kept at these sizes), recompute all, keep all, steps, reversible
+STRATEGIES = [dict(), dict(memory_budget=0), dict(memory_budget=float("inf")), dict(store="steps", memory_budget=0),
+              dict(reversible=True)]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=["stages", "budget_inf", "store_steps", "reversible"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=["auto", "budget_0", "budget_inf", "store_steps", "reversible"])
 def test_exact_adjoint_on_a_tiny_unet(strategy):
     unet = tiny_unet(num_class_embeds=3)
     sch = ddim_scheduler("squaredcos_cap_v2", "v_prediction", "trailing")

@@ -174,14 +174,16 @@ class CountingTwoLayer(TwoLayer):
 
 
 @pytest.mark.parametrize("kw, forward_graphs, backward_reruns", [
-    # K = 3 rk4 steps: 12 evaluations. Default: the first evaluation runs with a graph (discovery),
-    # every other forward one without; the backward recomputes all 12 with graph.
-    ({}, 1, 12),
+    # K = 3 rk4 steps: 12 evaluations. Recompute all: the first evaluation runs with a graph
+    # (discovery), every other forward one without; the backward recomputes all 12 with graph.
+    (dict(memory_budget=0), 1, 12),
+    # the default ("auto"): this small solve's graphs all fit
+    ({}, 12, 0),
     # every graph kept: the forward runs all 12 with graph, the backward reruns none
     (dict(memory_budget=INF), 12, 0),
     # one state per step: the backward recomputes each step's 3 non-final stage inputs without
     # graph (9) besides the 12 evaluations with graph
-    (dict(store="steps"), 1, 12),
+    (dict(store="steps", memory_budget=0), 1, 12),
 ])
 def test_odeint_per_sample_grid_honours_the_strategy(kw, forward_graphs, backward_reruns):
     torch.manual_seed(0)
@@ -357,7 +359,7 @@ class ShrinkingNet(TwoLayer):
 def test_non_idempotent_inplace_write_inside_the_model_is_named():
     net = ShrinkingNet().double()
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    out = prg_fast.reverse(net, x, steps=2, method="euler")
+    out = prg_fast.reverse(net, x, steps=2, method="euler", memory_budget=0)  # reruns
     before = net.a.bias.detach().clone()
     with pytest.raises(RuntimeError, match="writes a tensor it reads in place while it runs"):
         out.sum().backward()

@@ -86,7 +86,8 @@ def test_grid_constructor_as_torchdiffeq_tests_it():
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "rk4"])
-@pytest.mark.parametrize("strategy", [dict(), dict(memory_budget=float("inf")), dict(store="steps"), dict(reversible=True)])
+@pytest.mark.parametrize("strategy", [dict(), dict(memory_budget=0), dict(memory_budget=float("inf")),
+                                      dict(store="steps", memory_budget=0), dict(reversible=True)])
 def test_adjoint_equals_backprop_with_a_step_size(method, strategy):
     net, f, y0 = _problem(1)
     params = list(net.parameters())

@@ -347,15 +347,17 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("budget", ["auto", 0])  # the default (every graph kept here), and recompute all
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_adjoint_equals_backprop(case, method):
+def test_adjoint_equals_backprop(case, method, budget):
     # built afresh for each run: a velocity that writes buffers (batchnorm, spectral_norm) must start
     # both from the same state (the builders are seeded)
     fn, x, tensors, kw, steps = CASES[case]()
     out_ref, ref = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=False, method=method, steps=steps, **kw)
     fn, x, tensors, kw, steps = CASES[case]()
-    out_adj, adj = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=True, method=method, steps=steps, **kw)
+    out_adj, adj = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=True, method=method, steps=steps,
+                                                  memory_budget=budget, **kw)
     # same forward (dropout masks replayed from the same seed)
     torch.testing.assert_close(out_adj, out_ref, rtol=1e-12, atol=1e-12)
     assert all(g is not None for g in ref.values()), "oracle lost a gradient: the test case is wrong"

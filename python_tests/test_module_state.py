@@ -20,7 +20,8 @@ from prg_fast.ode.reach import reachable
 
 METHODS = sorted(prg_fast.SOLVERS)
 STRATEGIES = {
-    "recompute": dict(adjoint=True),
+    "recompute": dict(adjoint=True, memory_budget=0),
+    "auto": dict(adjoint=True),  # the default: here every graph fits
     "keep_all": dict(adjoint=True, memory_budget=float("inf")),
     "keep_some": dict(adjoint=True, memory_budget=1),  # sized below: about half the graphs
     "store_steps": dict(adjoint=True, store="steps"),
@@ -115,7 +116,7 @@ def test_reruns_happened_and_state_was_restored():
     calls = []
     net.register_forward_pre_hook(lambda *a: calls.append(1))
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    out = prg_fast.reverse(net, x, steps=2, method="rk4", adjoint=True)
+    out = prg_fast.reverse(net, x, steps=2, method="rk4", adjoint=True, memory_budget=0)
     forward_calls = len(calls)
     after_forward = {n: b.clone() for n, b in net.named_buffers()}
     assert after_forward["bn.num_batches_tracked"].item() == forward_calls == 8
@@ -206,7 +207,7 @@ def test_a_buffer_written_only_later_is_an_error_not_a_silent_difference():
     torch.manual_seed(0)
     net = _Sometimes().double()
     with pytest.raises(RuntimeError, match=r"buffer '_Sometimes\.late'.*not in its first evaluation"):
-        prg_fast.reverse(net, x, steps=4, method="euler", adjoint=True)
+        prg_fast.reverse(net, x, steps=4, method="euler", adjoint=True, memory_budget=0)
     # nothing is rerun when every graph is kept: then it is exact
     torch.manual_seed(0)
     net = _Sometimes().double()
@@ -233,7 +234,7 @@ def test_second_backward_with_retained_graph_is_the_same():
 def test_a_backward_that_fails_still_restores_the_state():
     net = _make("batchnorm")
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    out = prg_fast.reverse(net, x, steps=2, method="midpoint", adjoint=True)
+    out = prg_fast.reverse(net, x, steps=2, method="midpoint", adjoint=True, memory_budget=0)
     after_forward = {n: b.clone() for n, b in net.named_buffers()}
 
     def boom(*_):
@@ -394,7 +395,7 @@ def test_a_kept_loss_on_the_module_does_not_tie_solves_together():
 
     m = H()
     for _ in range(3):
-        y = prg_fast.reverse(m, torch.randn(8, 4), steps=2, method="euler")
+        y = prg_fast.reverse(m, torch.randn(8, 4), steps=2, method="euler", memory_budget=0)
         m.hist.append(y.sum())
     calls.clear()
     y.pow(2).sum().backward()

@@ -12,7 +12,9 @@ import prg_fast
 from prg_fast.ode import reach
 
 D = torch.float64
-STRATEGIES = [dict(), dict(memory_budget=float("inf")), dict(store="steps"), dict(reversible=True)]
+# the default ("auto": every graph kept at these sizes), recompute all, keep all, steps, reversible
+STRATEGIES = [dict(), dict(memory_budget=0), dict(memory_budget=float("inf")), dict(store="steps", memory_budget=0),
+              dict(reversible=True)]
 
 
 def _experts():

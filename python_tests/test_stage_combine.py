@@ -3,30 +3,18 @@ import pytest
 import torch
 
 from prg_fast.ode import ops, reference
-from combine_checks import pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
+from combine_checks import make_inputs, pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason=f"compiled ops not built: {ops.CPU_ERROR}")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-
-
-
-
-def _inputs(n, n_terms, base_dtype, term_dtype, shape=None):
-    shape = shape or (n,)
-    base = torch.randn(shape, dtype=torch.float64).to(base_dtype)
-    terms = [torch.randn(shape, dtype=torch.float64).to(term_dtype) for _ in range(n_terms)]
-    coeffs = [0.37 * (j + 1) * (-1) ** j for j in range(n_terms)]
-    return base, terms, coeffs
-
-
 @pytest.mark.parametrize("n", [1, 7, 1023, 4096, 40961, 100003])
 @pytest.mark.parametrize("n_terms", [0, 1, 3, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(n, n_terms, dtype):
-    base, terms, coeffs = _inputs(n, n_terms, dtype, dtype)
+    base, terms, coeffs = make_inputs(n, n_terms, dtype, dtype)
     out = ops.stage_combine(base, terms, coeffs, 0.9)
     ref = reference.stage_combine(base, terms, coeffs, 0.9)
     assert out.dtype == dtype and out.shape == base.shape
@@ -55,7 +43,7 @@ def test_matches_reference(n, n_terms, dtype):
     ],
 )
 def test_mixed_dtypes_accumulate_in_float32_or_64(base_dtype, term_dtype, out_dtype):
-    base, terms, coeffs = _inputs(5003, 4, base_dtype, term_dtype)
+    base, terms, coeffs = make_inputs(5003, 4, base_dtype, term_dtype)
     out = ops.stage_combine(base, terms, coeffs, 1.0, out_dtype)
     assert out.dtype == out_dtype
     ref = reference.stage_combine(base, terms, coeffs, 1.0, out_dtype)

@@ -1,9 +1,10 @@
 """Networks prg_fast did not write, as their users call them (issue 19): tiny diffusers models,
 peft LoRA/DoRA, torchdyn vector fields and HNN, torchcfm's MLP and UNet, and torch's own toolbox
 (MultiheadAttention, GRU, parametrizations, tied / frozen weights, functional_call). Each is solved
-with the adjoint under euler and rk4 x {default, memory_budget=inf, store="steps", reversible=True}
-and compared with plain backprop through the same solver (adjoint=False; for reversible=True
-through the same reversible scheme), in float64: x's gradient and every tensor's that requires grad.
+with the adjoint under euler and rk4 x {default ("auto"), memory_budget=0, memory_budget=inf,
+store="steps", reversible=True} and compared with plain backprop through the same solver
+(adjoint=False; for reversible=True through the same reversible scheme), in float64: x's gradient
+and every tensor's that requires grad.
 
 The libraries are not dependencies (setup.py's `thirdparty` extra installs them): a case whose
 library is missing is skipped with the import error as its reason. The diffusers and torchcfm UNet
@@ -20,9 +21,10 @@ import prg_fast
 D = torch.float64
 INF = float("inf")
 STRATEGIES = {
-    "default": {},
+    "default": {},  # "auto": every graph kept at these sizes
+    "budget_0": dict(memory_budget=0),
     "budget_inf": dict(memory_budget=INF),
-    "steps": dict(store="steps"),
+    "steps": dict(store="steps", memory_budget=0),
     "reversible": dict(reversible=True),
 }
 METHODS = ["euler", "rk4"]

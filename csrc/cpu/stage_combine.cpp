@@ -48,7 +48,8 @@ PRG_FAST_VECTOR_CLONES void store_from(dst_t* __restrict dst, const acc_t* __res
 // float64 -- get one fused loop per number of terms: each element is read once from every input,
 // summed in a register and written once, so the loop moves exactly the bytes of its operands.
 // `ivdep`: out may be base or a term itself (an in-place update; element i is read before it is
-// written), which is no loop-carried dependence.
+// written), which is no loop-carried dependence. Four vectors per iteration: with one, a state
+// that sits in L2 (2^16 floats, 2 terms) ran at 60% of copy_'s bandwidth, with four at ~90%.
 template <int N, typename acc_t, typename base_t, typename term_t, typename out_t>
 PRG_FAST_VECTOR_CLONES void fused_range(const base_t* base, const term_t* const* terms,
                                         const acc_t* coeffs, acc_t alpha, out_t* out,
@@ -60,6 +61,7 @@ PRG_FAST_VECTOR_CLONES void fused_range(const base_t* base, const term_t* const*
     c[j] = coeffs[j];
   }
 #pragma GCC ivdep
+#pragma GCC unroll 4
   for (int64_t i = 0; i < n; ++i) {
     acc_t acc = alpha * static_cast<acc_t>(base[i]);
 #pragma GCC unroll 8
@@ -124,22 +126,6 @@ void run_chunked(const Operands<acc_t>& p, at::ScalarType base_dtype, at::Scalar
   });
 }
 
-// Calls f with a value of the C++ type of t, one of float32 / float16 / bfloat16.
-template <typename F>
-void with_reduced_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      f(float{});
-      break;
-  }
-}
-
 template <typename acc_t>
 Operands<acc_t> operands(const at::Tensor& base, const std::vector<at::Tensor>& terms,
                          at::ArrayRef<double> coeffs, double alpha, at::Tensor& out) {
@@ -191,26 +177,6 @@ void combine_into(const at::Tensor& base_in, at::TensorList terms_in, at::ArrayR
       run_fused<float, float, decltype(term_tag), decltype(out_tag)>(p, n);
     });
   });
-}
-
-at::Tensor stage_combine_cpu(const at::Tensor& base, at::TensorList terms,
-                             at::ArrayRef<double> coeffs, double alpha,
-                             std::optional<at::ScalarType> out_dtype) {
-  check_stage_combine_inputs(base, terms, coeffs, out_dtype);
-  TORCH_CHECK(base.device().is_cpu(), "stage_combine (CPU kernel): base must be on the CPU");
-  // at::empty leaves the memory as it is (no zero fill): the kernel writes every element.
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype.value_or(base.scalar_type())));
-  combine_into(base, terms, coeffs, alpha, out);
-  return out;
-}
-
-void stage_combine_into_cpu(const at::Tensor& base, at::TensorList terms,
-                            at::ArrayRef<double> coeffs, double alpha, const at::Tensor& out) {
-  check_stage_combine_inputs(base, terms, coeffs, out.scalar_type());
-  TORCH_CHECK(base.device().is_cpu(), "stage_combine_into (CPU kernel): base must be on the CPU");
-  check_stage_combine_out(base, terms, out);
-  at::Tensor target = out;
-  combine_into(base, terms, coeffs, alpha, target);
 }
 
 // Per-row coefficients: a chunk never crosses a row boundary, so each chunk reads one row of
@@ -273,8 +239,8 @@ at::Tensor stage_combine_rows_cpu(const at::Tensor& base, at::TensorList terms,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prg_fast, CPU, m) {
-  m.impl("stage_combine", &stage_combine_cpu);
-  m.impl("stage_combine_into", &stage_combine_into_cpu);
+  m.impl("stage_combine", &stage_combine_on<combine_into, c10::DeviceType::CPU>);
+  m.impl("stage_combine_into", &stage_combine_into_on<combine_into, c10::DeviceType::CPU>);
   m.impl("stage_combine_rows", &stage_combine_rows_cpu);
 }
 

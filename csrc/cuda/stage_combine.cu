@@ -253,24 +253,6 @@ void launch_generic_double(const at::Tensor& base, const std::vector<at::Tensor>
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls f with a value of the C++ type of t, one of float32 / float16 / bfloat16.
-template <typename F>
-void with_reduced_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "stage_combine (CUDA kernel): unexpected dtype ", t);
-  }
-}
-
 // out = alpha * base + sum_j coeffs[j] * terms[j] into `out` (dense; checked by the callers).
 void combine_into_cuda(const at::Tensor& base, at::TensorList terms, at::ArrayRef<double> coeffs,
                        double alpha, at::Tensor& out) {
@@ -302,31 +284,11 @@ void combine_into_cuda(const at::Tensor& base, at::TensorList terms, at::ArrayRe
   });
 }
 
-at::Tensor stage_combine_cuda(const at::Tensor& base, at::TensorList terms,
-                              at::ArrayRef<double> coeffs, double alpha,
-                              std::optional<at::ScalarType> out_dtype) {
-  check_stage_combine_inputs(base, terms, coeffs, out_dtype);
-  TORCH_CHECK(base.device().is_cuda(), "stage_combine (CUDA kernel): base must be on a CUDA device");
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype.value_or(base.scalar_type())));
-  combine_into_cuda(base, terms, coeffs, alpha, out);
-  return out;
-}
-
-void stage_combine_into_cuda(const at::Tensor& base, at::TensorList terms,
-                             at::ArrayRef<double> coeffs, double alpha, const at::Tensor& out) {
-  check_stage_combine_inputs(base, terms, coeffs, out.scalar_type());
-  TORCH_CHECK(base.device().is_cuda(),
-              "stage_combine_into (CUDA kernel): base must be on a CUDA device");
-  check_stage_combine_out(base, terms, out);
-  at::Tensor target = out;
-  combine_into_cuda(base, terms, coeffs, alpha, target);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prg_fast, CUDA, m) {
-  m.impl("stage_combine", &stage_combine_cuda);
-  m.impl("stage_combine_into", &stage_combine_into_cuda);
+  m.impl("stage_combine", &stage_combine_on<combine_into_cuda, c10::DeviceType::CUDA>);
+  m.impl("stage_combine_into", &stage_combine_into_on<combine_into_cuda, c10::DeviceType::CUDA>);
 }
 
 }  // namespace prg_fast

@@ -1,6 +1,8 @@
 """`prg-fast finetune`: flags -> FinetuneConfig -> prg_fast.training.finetune.finetune."""
 from __future__ import annotations
 
+import argparse
+
 from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_model_arguments, add_run_arguments,
                    add_solver_arguments, config_from_args, nonnegative_float, nonnegative_int, positive_float,
                    positive_int, print_metrics, run_options, time_list, unit_time, user_model)
@@ -66,8 +68,26 @@ def add_finetune(subparsers) -> None:
     p.add_argument("--fm-eps", type=nonnegative_float, default=d.fm_eps, help="t ~ U(eps, 1) in the beta term")
     p.add_argument("--eval-every", type=nonnegative_int, default=d.eval_every,
                    help="test top-1 every N steps into log.csv (0: only at the end)")
+    p.add_argument("--memory-budget", type=memory_budget, default=d.memory_budget, metavar="auto|none|BYTES",
+                   help="evaluation graphs the exact adjoint keeps to skip their recomputation: auto (what fits in "
+                        "half the free memory), none (recompute every one: memory flat in --ode-steps), or bytes "
+                        "(inf: keep all)")
     add_interval_arguments(p, d)
     p.set_defaults(func=run_finetune)
+
+
+def memory_budget(text: str):
+    """--memory-budget: "auto", "none" or a number of bytes >= 0 ("inf" allowed)."""
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        value = float(word)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a number of bytes >= 0, got {text!r}")
+    return value
 
 
 def run_finetune(args) -> int:

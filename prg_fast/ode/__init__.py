@@ -4,6 +4,7 @@ It imports nothing above itself (no paths, models or training), so an engine-onl
 engine alone. The modules, bottom to top:
 
     solvers      Butcher tableaus (solvers are data)
+    free_memory  the memory free at a call (memory_budget="auto"), and what an allocation failure is
     description  the SolveDescription and the adjoint strategy objects, built once per call
     grids        time grids: uniform + save_at, floats or (differentiable, per-sample) tensors
     reference    the pure-PyTorch oracle every kernel and strategy is tested against

@@ -9,8 +9,10 @@ Forward: the loop of prg_fast.ode.integrate without a graph, keeping only each n
     lam <- lam + sum_i mu_i                                           (fused)
 
 which is reverse-mode differentiation of exactly the forward's arithmetic, so gradients equal plain
-backprop through the same solver to rounding. Only one evaluation's activations are alive at a time:
-peak memory = one network evaluation + K*s state-sized buffers, flat in K beyond those buffers.
+backprop through the same solver to rounding. Recomputing every evaluation (memory_budget=0), only
+one evaluation's activations are alive at a time: peak memory = one network evaluation + K*s
+state-sized buffers, flat in K beyond those buffers. Graphs the budget keeps skip their
+recomputation; whole kept steps at the end are one graph, one VJP (BackwardWalk.tail).
 
 Time gradients (the grid is a tensor input `times` that requires grad): with e_i = b_i lam +
 sum_{m>i} a_mi mu_m (so g_i = h e_i) and tau_i = t_n + c_i h the time the network reads,
@@ -35,21 +37,34 @@ import torch
 
 from .integrate import Problem, accumulator_dtype
 from .description import StoredAdjoint
-from .strategies import EvaluationGraphs, FirstEvaluation
-from .vjp import evaluation_vjp
+from .strategies import EvaluationGraphs, FirstEvaluation, Tail
+from .vjp import evaluation_vjp, graph_vjp
 
 
-def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype]) -> None:
+def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype], returned=(),
+               given=()) -> None:
     """acc[q] += grads[q] for every parameter gradient present, in one fused foreach call where
-    the accumulators exist (a per-parameter Python loop costs ~1 ms per evaluation for a UNet)."""
+    the accumulators exist (a per-parameter Python loop costs ~1 ms per evaluation for a UNet).
+
+    The accumulator is a buffer of our own, never a tensor someone else holds: autograd may hand
+    back one tensor for several inputs (x and a parameter), a view, or a tensor it was given (the
+    cotangent, passed through). A first gradient that is none of these -- not a view, returned
+    once among everything the VJP returned (`returned`), not one of the tensors given to it
+    (`given`) -- is fresh, and becomes the accumulator as it is (a copy per parameter per solve
+    otherwise: ~10% of a small network's step)."""
+    counts: dict = {}
+    for r in returned:
+        if r is not None:
+            counts[id(r)] = counts.get(id(r), 0) + 1
+    given_ids = {id(t) for t in given}
     into, add = [], []
     for q, gq in enumerate(grads):
         if gq is None:
             continue
-        # Autograd may hand back one tensor for several inputs (x and a parameter, two
-        # parameters): the accumulator is a buffer of our own, never a returned tensor.
         if acc[q] is None:
-            acc[q] = gq.to(acc_dtype[q], copy=True)
+            fresh = (gq.dtype == acc_dtype[q] and gq._base is None and counts.get(id(gq)) == 1
+                     and id(gq) not in given_ids)
+            acc[q] = gq if fresh else gq.to(acc_dtype[q], copy=True)
         elif acc[q].dtype == gq.dtype:
             into.append(acc[q])
             add.append(gq)
@@ -69,10 +84,7 @@ class AdjointSolve(torch.autograd.Function):
         evals = EvaluationGraphs(problem, strategy, first, x.device, params,
                                  time_grad=times is not None and times.requires_grad)
         stored: list = []
-        if strategy.store == "steps":
-            outs = problem.run(x.to(problem.state_dtype), states=stored, evaluator=evals.forward_evaluate)
-        else:
-            outs = problem.run(x.to(problem.state_dtype), stage_inputs=stored, evaluator=evals.forward_evaluate)
+        outs = evals.run_forward(x.to(problem.state_dtype), stored)
         evals.finish_forward()
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
@@ -96,7 +108,14 @@ def _backward(ctx, grad_out: torch.Tensor):
     s = p.tableau.stages
     walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.times is not None and ctx.needs_input_grad[3])
     stored = list(ctx.saved_tensors)
-    for n in reversed(range(p.steps)):
+    start = p.steps
+    tail = ctx.evals.take_tail()
+    if tail is not None:
+        # the whole steps kept as one graph: one VJP; their stored inputs are for a second backward
+        walk.tail(tail)
+        start = tail.start
+        del stored[start * (1 if ctx.evals.store == "steps" else s):]
+    for n in reversed(range(start)):
         walk.arrive(n + 1)
         if ctx.evals.store == "steps":
             # the saved tensors are step start states: the step's stage inputs are recomputed now
@@ -127,6 +146,23 @@ class BackwardWalk:
     def arrive(self, m: int) -> None:
         if m in self.arriving:
             self.lam = self.p.combine(self.lam, [self.arriving.pop(m)], [1.0], 1.0, self.p.state_dtype)
+
+    def tail(self, tail: Tail) -> None:
+        """The VJP of the forward's tail (steps tail.start .. K-1, one graph): from the cotangents
+        arriving at its output points to lam at tail.start and the parameters' gradients."""
+        outputs, cotangents = [], []
+        for m, state in tail.states.items():
+            g = self.arriving.pop(m, None)
+            if g is not None:
+                outputs.append(state)
+                cotangents.append(g.to(state.dtype))
+        leaves = [tail.leaf] + ([tail.first_leaf] if tail.first_leaf is not None else [])
+        grads = graph_vjp(outputs, leaves + self.params, cotangents, self.p.reentrant)
+        # the first evaluation read the stage input X_0 = x (in the network's dtype) through its own leaf
+        for g in grads[:len(leaves)]:
+            if g is not None:
+                self.lam = self.lam + g.to(self.lam.dtype)
+        accumulate(self.acc, grads[len(leaves):], self.acc_dtype, returned=grads, given=cotangents)
 
     def step(self, n: int, inputs: List[torch.Tensor]) -> None:
         p = self.p
@@ -177,4 +213,4 @@ class BackwardWalk:
                 self.gh += self.p.tableau.c[i] * grads[1]
         del k
         mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
-        accumulate(self.acc, grads[2:], self.acc_dtype)
+        accumulate(self.acc, grads[2:], self.acc_dtype, returned=grads, given=(g,))

@@ -17,7 +17,7 @@ import torch
 
 from . import fixed_grid, states
 from .cuda_graphs import graphed_solve
-from .description import DEFAULT_COUPLING, SolveDescription, describe
+from .description import SolveDescription, describe
 from .grids import Grid, check_order, odeint_per_sample_grid, odeint_values, time_arg, time_grid
 from .run import run
 from .unit_time import check_unit_times
@@ -52,10 +52,20 @@ def _check_model(model, name: str = "model") -> None:
         raise TypeError(f"{name} must be callable as {name}(t, x), got {type(model).__name__}")
 
 
-def _described(arguments: dict) -> dict:
-    """The call's own arguments that `describe` takes (each option is spelled once: the entry
-    point's keyword, forwarded here whole, and its field in the description)."""
-    return {k: v for k, v in arguments.items() if k in describe.__kwdefaults__}
+# the options only the engine sets (odeint's grid kind, torchdiffeq's perturb): no entry point takes them
+_INTERNAL = ("batch_time", "perturb")
+
+
+def _solve_options(entry: str, options: dict) -> dict:
+    """An entry point's solve options, checked by name. The options (adjoint_params, check_finite,
+    model_dtype, preserve_rng_state, reversible, reversible_coupling, reversible_check,
+    memory_budget, store) are named twice only: describe()'s signature, with their defaults, and the
+    description's fields; the entry points take them as **options and forward them to describe(),
+    a name it does not take refused here as Python would refuse it, naming the entry point."""
+    unknown = sorted(set(options) - set(describe.__kwdefaults__) | set(_INTERNAL) & set(options))
+    if unknown:
+        raise TypeError(f"{entry}() got unexpected keyword arguments {unknown}")
+    return options
 
 
 def _dispatch(model, x: torch.Tensor, grid: Grid, spec: SolveDescription, cuda_graph, names: str) -> torch.Tensor:
@@ -87,16 +97,8 @@ def reverse(
     adjoint: bool = True,
     backend: str = "auto",
     save_at: Optional[Union[Sequence[float], torch.Tensor]] = None,
-    adjoint_params: Optional[Sequence[torch.Tensor]] = None,
-    check_finite: bool = False,
-    model_dtype: Optional[torch.dtype] = None,
-    preserve_rng_state: bool = True,
     cuda_graph: Union[bool, str] = False,
-    reversible: bool = False,
-    reversible_coupling: float = DEFAULT_COUPLING,
-    reversible_check: str = "error",
-    memory_budget: Optional[float] = None,
-    store: str = "stages",
+    **options,
 ) -> torch.Tensor:
     """Integrate dx/dt = model(t, x) from t0 (data end) up to t (noise end) in `steps` fixed steps.
 
@@ -105,20 +107,28 @@ def reverse(
     Times may be tensors (prg_fast.ode.grids): `t`, `t0`, `save_at` that require grad get the exact
     derivative of the discrete solve; `t`, `t0` of shape (B,) give each sample its own interval in
     the same `steps` steps (then `save_at` is (S,) or (S, B) and the result (S, B, ...)).
-    `backend`: "auto", "cuda", "triton", "cpu", "reference". `model_dtype`: the dtype the network
-    reads (default: its parameters'); the state stays float32 (float64 for float64 x).
+    `backend`: "auto", "cuda", "triton", "cpu", "reference".
     `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it; "auto"
     only where it pays (prg_fast.ode.cuda_graphs).
 
     `adjoint=True` (default): the exact discrete adjoint; `adjoint=False`: plain autograd through
-    the same solver. The adjoint strategy (all exact; costs in prg_fast.ode.description) is
-    spelled by `memory_budget=` (bytes of evaluation graphs kept to skip their recomputation;
-    None: recompute all, float("inf"): keep all), `store="stages"|"steps"` (what the forward
-    stores), `reversible=True` (McCallum & Foster's algebraically reversible scheme on `method`,
-    coupling `reversible_coupling` in (0, 1]; nothing stored; its backward checks the state it
-    rebuilds, `reversible_check="error"|"warn"|"off"`: prg_fast.ode.reversible) and
-    `preserve_rng_state` (replay dropout exactly) -- or by a strategy object as `adjoint=`
-    (StoredAdjoint, ReversibleAdjoint, Backprop).
+    the same solver; or a strategy object (StoredAdjoint, ReversibleAdjoint, Backprop).
+
+    **options, the solve options (checked by prg_fast.ode.description.describe, defaults there):
+        memory_budget="auto"   bytes of evaluation graphs the adjoint keeps to skip their
+                               recomputation; "auto": what fits in half the memory free on x's device
+                               when the call starts, recomputing them instead when keeping them meets
+                               an allocation failure; None or 0: recompute all; float("inf"): keep all
+        store="stages"         what the adjoint's forward stores ("steps": one state per step)
+        reversible=False       McCallum & Foster's algebraically reversible scheme on `method`, with
+        reversible_coupling=0.999 in (0, 1]; nothing stored; its backward checks the state it
+        reversible_check="error"  rebuilds ("error", "warn", "off": prg_fast.ode.reversible)
+        preserve_rng_state=True   replay dropout exactly in recomputed evaluations
+        adjoint_params=None    tensors the velocity reads to differentiate besides what is found
+        model_dtype=None       the dtype the network reads (default: its parameters'); the state
+                               stays float32 (float64 for float64 x)
+        check_finite=False     stop at the first step that produced NaN/Inf, naming it
+    (costs of the strategies: prg_fast.ode.description, docs/engine.md).
     """
     states.check_state(x)
     steps = _check_steps(steps)
@@ -127,7 +137,7 @@ def reverse(
     check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
     grid = time_grid(t0, t1, steps, save_at, x)
     _check_model(model)
-    spec = describe(**_described(locals()))
+    spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("reverse", options))
     out = _dispatch(model, x, grid, spec, cuda_graph, "t, t0")
     return out[0] if save_at is None else out
 
@@ -157,10 +167,7 @@ def generate(
     up = time_grid(t_end, t1, steps, None, z)
     grid = Grid(up.points[::-1], up.out_index, None if up.times is None else up.times.flip(0))
     _check_model(model)
-    unknown = sorted(set(options) - set(_described(options)) | {"batch_time", "perturb"} & set(options))
-    if unknown:
-        raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
-    return _dispatch(model, z, grid, describe(**options), cuda_graph, "t, t_end")[0]
+    return _dispatch(model, z, grid, describe(**_solve_options("generate", options)), cuda_graph, "t, t_end")[0]
 
 
 def odeint(
@@ -171,18 +178,10 @@ def odeint(
     method: str = "rk4",
     adjoint: bool = True,
     backend: str = "auto",
-    adjoint_params: Optional[Sequence[torch.Tensor]] = None,
-    check_finite: bool = False,
-    model_dtype: Optional[torch.dtype] = None,
-    preserve_rng_state: bool = True,
-    reversible: bool = False,
-    reversible_coupling: float = DEFAULT_COUPLING,
-    reversible_check: str = "error",
-    memory_budget: Optional[float] = None,
-    store: str = "stages",
     options: Optional[dict] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    **solve_options,
 ) -> torch.Tensor:
     """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
     (increasing or decreasing); returns the state at every grid point stacked on dim 0.
@@ -191,7 +190,7 @@ def odeint(
     derivative of the discrete solve. `t` may also have shape (T, B), one grid per sample
     (torchode-style): y0 is then (B, ...), func receives t of shape (B,), the result is (T, B, ...).
     `y0` may be complex, 0-dim or a (nested) tuple of tensors, as in torchdiffeq (prg_fast.ode.states).
-    The adjoint strategy keywords are `reverse`'s.
+    The solve options (memory_budget, store, reversible, adjoint_params, ...) are `reverse`'s **options.
 
     torchdiffeq's fixed-grid options: `options=dict(step_size=h)` or `dict(grid_constructor=fn)` steps
     along a finer grid and linearly interpolates the states at t (prg_fast.ode.fixed_grid; the same
@@ -203,7 +202,8 @@ def odeint(
             "options=dict(step_size=...))", UserWarning, stacklevel=2,
         )
     options = fixed_grid.check_options(options)
-    spec = describe(**_described(locals()), batch_time=False, perturb=bool(options.get("perturb", False)))
+    spec = describe(method=method, adjoint=adjoint, backend=backend, batch_time=False,
+                    perturb=bool(options.get("perturb", False)), **_solve_options("odeint", solve_options))
     return _odeint(func, y0, t, spec, options)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch.autograd import forward_ad
 
 from . import ops, reference
 
@@ -75,12 +76,17 @@ def under_transform() -> bool:
     refuses functorch's grad transforms on it, so there the pure-PyTorch reference (the same
     arithmetic; every transform works on it) runs instead. (Private PyTorch flags, read only here;
     python_tests/test_api.py checks jvp/jacfwd/jacrev results against the reference.)"""
-    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
+    return _functorch_level() is not None or forward_ad._current_level >= 0
+
+
+# read on every stage combination: bound once (an attribute chain per call costs as much as the
+# kernel on a small state)
+_functorch_level = torch._C._functorch.maybe_current_level
 
 
 def _transform_safe(fn: Callable, ref: Callable) -> Callable:
-    def call(*args):
-        return ref(*args) if under_transform() else fn(*args)
+    def call(base, terms, coeffs, *rest):
+        return ref(base, terms, coeffs, *rest) if under_transform() else fn(base, terms, coeffs, *rest)
 
     call.__wrapped__ = fn
     return call
@@ -104,9 +110,11 @@ def chained(fn: Callable) -> Callable:
     into a partial sum written in the accumulation dtype, which is the next call's base."""
 
     def combine(base, terms, coeffs, alpha=1.0, out_dtype=None):
-        terms, coeffs = list(terms), list(coeffs)
+        if not isinstance(terms, (list, tuple)) or not isinstance(coeffs, (list, tuple)):
+            terms, coeffs = list(terms), list(coeffs)
         if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
             return fn(base, terms, coeffs, alpha, out_dtype)
+        terms, coeffs = list(terms), list(coeffs)
         final = base.dtype if out_dtype is None else out_dtype
         acc = reference.accumulate_dtype(base, terms, final)
         while len(terms) > MAX_TERMS:

@@ -7,11 +7,14 @@ of reverse / generate / odeint are their short spelling, `strategy_from_keywords
 that maps them and rejects invalid combinations, and `adjoint=` also takes an object. With K
 steps, s stages, G one evaluation's graph, S one state:
 
-    StoredAdjoint(memory_budget=None, store="stages")   the default (adjoint=True). The forward
+    StoredAdjoint(memory_budget="auto", store="stages")   the default (adjoint=True). The forward
         stores every stage input (K*s*S; store="steps": one state per step, K*S, the backward then
         recomputes each step's stage inputs with s-1 extra evaluations) and keeps the graphs of its
-        last floor(memory_budget / G) evaluations (float("inf"): all; as fast as backprop); the
-        backward recomputes the others, one graph alive at a time.
+        last floor(memory_budget / G) evaluations (float("inf"): all; as fast as backprop; None or
+        0: none); the backward recomputes the others, one graph alive at a time. "auto": the budget
+        is AUTO_FRACTION of the memory free on x's device when the solve starts
+        (prg_fast.ode.free_memory), resolved by `budget_bytes`; a forward whose kept graphs meet an
+        allocation failure starts over keeping none (prg_fast.ode.strategies).
     ReversibleAdjoint(coupling=0.999)   the algebraically reversible scheme on the tableau
         (prg_fast.ode.reversible): nothing stored, states rebuilt by the exact inverse step.
     Backprop(reversible_coupling=None)   plain autograd through the solver (adjoint=False); through
@@ -27,7 +30,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .free_memory import AUTO_FRACTION, free_bytes
 from .solvers import ButcherTableau, get_tableau
+
+AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
 
 DEFAULT_COUPLING = 0.999
 STORES = ("stages", "steps")
@@ -37,13 +43,14 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_memory_budget(value) -> Optional[float]:
-    if value is None:
-        return None
+def check_memory_budget(value) -> Union[None, float, str]:
+    if value is None or (isinstance(value, str) and value == AUTO):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
         raise ValueError(
-            "memory_budget must be None (recompute every evaluation) or a number of bytes >= 0 "
-            f"(float('inf') keeps every evaluation's graph), got {value!r}"
+            f'memory_budget must be "auto" (what fits in {AUTO_FRACTION:g} of the free memory), None '
+            "(recompute every evaluation) or a number of bytes >= 0 (float('inf') keeps every evaluation's "
+            f"graph), got {value!r}"
         )
     return float(value)
 
@@ -75,9 +82,10 @@ def _check_flag(value, name: str) -> bool:
 @dataclass(frozen=True)
 class StoredAdjoint:
     """The exact discrete adjoint from stored stage inputs (or step states), keeping the graphs of
-    the last evaluations that fit in `memory_budget` bytes (None: recompute all)."""
+    the last evaluations that fit in `memory_budget` bytes ("auto": a share of the free memory,
+    see the module docstring; None: recompute all)."""
 
-    memory_budget: Optional[float] = None
+    memory_budget: Union[None, float, str] = AUTO
     store: str = "stages"
     preserve_rng_state: bool = True
 
@@ -86,14 +94,23 @@ class StoredAdjoint:
         check_store(self.store)
         _check_flag(self.preserve_rng_state, "preserve_rng_state")
 
-    def graphs_to_keep(self, evaluations: int, graph_bytes: Optional[int]) -> int:
+    def budget_bytes(self, device: torch.device) -> Optional[float]:
+        """The budget in bytes for a solve on `device` starting now: "auto" resolved against the
+        free memory (None when unknown: keep nothing)."""
+        if self.memory_budget != AUTO:
+            return self.memory_budget
+        free = free_bytes(device)
+        return None if free is None else AUTO_FRACTION * free
+
+    def graphs_to_keep(self, evaluations: int, graph_bytes: Optional[int], budget: Optional[float]) -> int:
         """How many of the forward's `evaluations` keep their graphs, each `graph_bytes` (measured
-        on the first evaluation; None when it did not run with a graph)."""
-        if self.memory_budget is None or graph_bytes is None:
+        on the first evaluation; None when it did not run with a graph), within `budget` bytes
+        (budget_bytes)."""
+        if budget is None or graph_bytes is None:
             return 0
-        if math.isinf(self.memory_budget):
+        if math.isinf(budget):
             return evaluations
-        return min(evaluations, int(self.memory_budget // max(graph_bytes, 1)))
+        return min(evaluations, int(budget // max(graph_bytes, 1)))
 
 
 @dataclass(frozen=True)
@@ -128,25 +145,29 @@ STRATEGIES = (StoredAdjoint, ReversibleAdjoint, Backprop)
 
 
 def strategy_from_keywords(adjoint=True, reversible=False, reversible_coupling=DEFAULT_COUPLING,
-                           memory_budget=None, store="stages", preserve_rng_state=True,
+                           memory_budget=AUTO, store="stages", preserve_rng_state=True,
                            reversible_check="error") -> Strategy:
-    """The strategy the keywords spell; the one place invalid combinations are refused."""
+    """The strategy the keywords spell; the one place invalid combinations are refused. The
+    default memory_budget ("auto") belongs to the stored adjoint: with reversible=True or
+    adjoint=False it does not apply."""
     check_reconstruction_mode(reversible_check)
+    # None (the default before "auto") asks the same of the other strategies: keep no graph
+    unset_budget = memory_budget is None or (isinstance(memory_budget, str) and memory_budget == AUTO)
     if isinstance(adjoint, STRATEGIES):
-        if (reversible, reversible_coupling, memory_budget, store, reversible_check) != (
-                False, DEFAULT_COUPLING, None, "stages", "error"):
+        if not unset_budget or (reversible, reversible_coupling, store, reversible_check) != (
+                False, DEFAULT_COUPLING, "stages", "error"):
             raise ValueError(f"adjoint={adjoint!r} is a strategy object: leave reversible, reversible_coupling, "
                              "reversible_check, memory_budget and store at their defaults (the object says them)")
         return adjoint
     _check_flag(adjoint, "adjoint")
     _check_flag(reversible, "reversible")
     memory_budget, store = check_memory_budget(memory_budget), check_store(store)
-    if (memory_budget is not None or store != "stages") and (reversible or not adjoint):
+    if (not unset_budget or store != "stages") and (reversible or not adjoint):
         raise ValueError(
             f"memory_budget={memory_budget!r} and store={store!r} choose what the stored adjoint keeps "
             "(adjoint=True, reversible=False); "
             + ("reversible=True stores nothing" if reversible else "adjoint=False keeps every graph")
-            + ": leave memory_budget=None and store='stages'"
+            + ": leave memory_budget and store at their defaults ('auto', 'stages')"
         )
     if not adjoint:
         return Backprop(reversible_coupling if reversible else None)
@@ -179,7 +200,7 @@ class SolveDescription:
 
 def describe(*, method="rk4", backend="auto", adjoint=True, adjoint_params=None, check_finite=False,
              model_dtype=None, preserve_rng_state=True, reversible=False, reversible_coupling=DEFAULT_COUPLING,
-             reversible_check="error", memory_budget=None, store="stages", batch_time=True,
+             reversible_check="error", memory_budget=AUTO, store="stages", batch_time=True,
              perturb=False) -> SolveDescription:
     """The description of a solve from the public keywords, every one checked here."""
     if not isinstance(backend, str) or backend not in BACKENDS:

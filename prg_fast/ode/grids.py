@@ -106,6 +106,10 @@ def time_arg(value, name: str, x: torch.Tensor):
 
 def check_order(lo, hi, message: str, lo_name: str, hi_name: str) -> None:
     """`hi` > `lo` (floats or time tensors), else `message`, naming the first offending sample."""
+    if not isinstance(lo, torch.Tensor) and not isinstance(hi, torch.Tensor):
+        if hi > lo:  # floats: no tensors (~100 us a call); NaN was refused by time_arg
+            return
+        raise ValueError(f"{message}; got {lo_name}={lo:g}, {hi_name}={hi:g}")
     a = lo.detach().cpu() if isinstance(lo, torch.Tensor) else torch.tensor(lo, dtype=torch.float64)
     b = hi.detach().cpu() if isinstance(hi, torch.Tensor) else torch.tensor(hi, dtype=torch.float64)
     a, b = torch.broadcast_tensors(a.double(), b.double())

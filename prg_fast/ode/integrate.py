@@ -236,12 +236,18 @@ class Problem:
         it, step-major; with `states` the state at the start of every step.
         `evaluator(problem, n, i, t, xi)`, when given, runs evaluation (n, i) instead of
         self.evaluate (the adjoint's strategies keep some graphs, reuse a first evaluation)."""
+        return self.gather_outputs(self.walk(x, 0, self.steps, stage_inputs, states, evaluator)[1])
+
+    def walk(self, x: torch.Tensor, first: int, last: int, stage_inputs: Optional[list] = None,
+             states: Optional[list] = None, evaluator: Optional[Callable] = None) -> Tuple[torch.Tensor, dict]:
+        """Steps first .. last-1 from the state x at grid point `first` (run's loop, in pieces):
+        (the state at `last`, {grid index: state} for the output points in [first, last])."""
         want = self.output_points()
-        saved = {0: x} if 0 in want else {}
+        saved = {first: x} if first in want else {}
         plain = stage_inputs is None and states is None and evaluator is None
         buffers = StepBuffers() if plain and self.combine_into is not None and self.times is None \
             and not torch.is_grad_enabled() else None
-        for n in range(self.steps):
+        for n in range(first, last):
             t, h, taus = self.step_at(n)
             if states is not None:
                 states.append(x)
@@ -257,7 +263,7 @@ class Problem:
                 saved[n + 1] = x
                 if buffers is not None:
                     buffers.give_away(x)
-        return self.gather_outputs(saved)
+        return x, saved
 
 
 class StepBuffers:

@@ -26,9 +26,13 @@ CPU_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
 
 try:
-    from .. import _C  # noqa: F401  (the compiled bottom layer; loading it registers torch.ops.prg_fast.*)
+    from .. import _C  # the compiled bottom layer; loading it registers torch.ops.prg_fast.*
 except ImportError as e:  # pragma: no cover - depends on the build
     CPU_ERROR = f"compiled extension prg_fast._C not importable ({e}); build with `pip install --no-build-isolation -e .`"
+else:
+    if not hasattr(_C, "stage_combine_into"):  # a build from before csrc/python_calls.cpp
+        CPU_ERROR = ("compiled extension prg_fast._C is an older build without its Python entry points; rebuild "
+                     "with `pip install --no-build-isolation -e .`")
 
 
 def build_info() -> dict:
@@ -57,16 +61,29 @@ else:
 HAS_OPS = CPU_ERROR is None
 
 
+# The fixed cost of a call is most of a small state's stage arithmetic: prg_fast._C's entries read
+# plain tensors and numbers directly and call the operator through the dispatcher (about half the
+# cost of torch.ops' boxed call, csrc/python_calls.cpp); they return NotImplemented for anything
+# else (tensor subclasses, __torch_function__ modes, unusual argument types), which then goes
+# through torch.ops. torch.compile traces torch.ops (is_compiling() is constant there).
+_is_compiling = torch.compiler.is_compiling
+
+
 def stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None) -> torch.Tensor:
     """The compiled operator (CPU or CUDA kernel, chosen by the device of `base`), with the
     signature of prg_fast.ode.reference.stage_combine."""
+    if not _is_compiling():
+        out = _C.stage_combine(base, terms, coeffs, alpha, out_dtype)
+        if out is not NotImplemented:
+            return out
     return torch.ops.prg_fast.stage_combine.default(base, terms, coeffs, alpha, out_dtype)
 
 
 def stage_combine_into(base, terms, coeffs, alpha, out) -> torch.Tensor:
     """stage_combine written into `out` (no allocation; `out` may be base or a term itself).
     Records no gradient: refused when an input requires grad under grad mode. Returns `out`."""
-    torch.ops.prg_fast.stage_combine_into.default(base, terms, coeffs, alpha, out)
+    if _is_compiling() or _C.stage_combine_into(base, terms, coeffs, alpha, out) is NotImplemented:
+        torch.ops.prg_fast.stage_combine_into.default(base, terms, coeffs, alpha, out)
     return out
 
 

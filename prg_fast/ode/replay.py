@@ -78,6 +78,12 @@ class ReplayRecord:
         if self.state is not None:
             self.snapshots.append(self.state.snapshot() if buffers is None else buffers)
 
+    def clear(self) -> None:
+        """Forget every evaluation recorded: the forward starts over (strategies.EvaluationGraphs)."""
+        if self.rng is not None:
+            self.rng = []
+        self.snapshots = []
+
     def finish(self, reruns: bool) -> None:
         """After the forward. Generators that did not move: nothing random ran, nothing to replay.
         A buffer written after the first evaluation only cannot be replayed: refused now if the

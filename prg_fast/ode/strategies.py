@@ -10,9 +10,18 @@ autograd graph*, from one of two sources:
 - recomputed: the forward ran it without a graph; the backward runs it again, with a graph, from the
   stored stage input (one extra evaluation per stage, one graph alive at a time).
 
-`memory_budget` (bytes) keeps floor(budget / bytes of one evaluation's graph) graphs
-(StoredAdjoint.graphs_to_keep): the *last* evaluations', which the backward needs first -- each is
-freed by its VJP, so the peak never exceeds budget + one evaluation.
+`memory_budget` (bytes; "auto": half the memory free at the call, StoredAdjoint.budget_bytes)
+keeps floor(budget / bytes of one evaluation's graph) graphs (StoredAdjoint.graphs_to_keep): the
+*last* evaluations', which the backward needs first -- each is freed by its VJP, so the peak never
+exceeds budget + one evaluation. Kept evaluations that make up whole steps at the end (the tail)
+run as one plain autograd graph from a leaf at the tail's first state, and the backward takes one
+VJP through all of it (`Tail`): per evaluation, that spares the leaf, the VJP call and the
+cotangent arithmetic in Python, which cost a small network ~1.35x plain backprop; its arithmetic
+is plain backprop's. A step kept only in part, a tensor grid whose times require grad (the time
+leaves are per evaluation) and a reentrant checkpoint keep one graph per evaluation.
+
+An allocation failure while graphs are kept (`EvaluationGraphs.run_forward`) frees them and runs
+the forward again keeping none, from the random state and written buffers it started with.
 
 Bytes of one evaluation's graph: measured on the first evaluation of the solve (which is run with a
 graph anyway, for parameter discovery), by `SavedBytes`: saved-tensor hooks sum the nbytes of the
@@ -30,15 +39,32 @@ parameter versions) is recorded by prg_fast.ode.replay.ReplayRecord.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .integrate import Problem
 from .description import StoredAdjoint
+from .free_memory import is_out_of_memory
+from .integrate import Problem
 from .module_state import ModuleState
+from .parametrize_cache import SharedParametrizations
 from .replay import ReplayRecord, capture_rng, set_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tail:
+    """The whole steps start .. K-1 of a forward, run as one graph from the leaf `leaf` (the state
+    at grid point `start`): `states` are its states at the output points after `start`, with their
+    graph; `first_leaf`, when the tail starts at 0, the first evaluation's stage-input leaf."""
+
+    start: int
+    leaf: torch.Tensor
+    first_leaf: Optional[torch.Tensor]
+    states: Dict[int, torch.Tensor]
 
 def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
     try:
@@ -124,6 +150,15 @@ class FirstEvaluation:
         return evaluate
 
 
+def _next_sequence_nr() -> int:
+    """The sequence number the next autograd node made on this thread gets (the counter is
+    per thread): torch's own peek, ~0.1 us, where it exists; else a throwaway node's (~20 us)."""
+    peek = getattr(torch._C._autograd, "_get_sequence_nr", None)
+    if peek is not None:
+        return peek()
+    return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
+
+
 def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor],
                      time_grad: bool = False) -> Optional[FirstEvaluation]:
     """Evaluation (0, 0) of `problem` from x, with a graph back to a stage-input leaf and to
@@ -146,7 +181,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
     if state is not None:
         state.before_first_evaluation()
     with torch.enable_grad():
-        sequence_nr = (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+        sequence_nr = _next_sequence_nr()
         # a non-leaf copy, so a model writing into its input meets the solver's own check
         inp = leaf.clone()
         counter = SavedBytes(exclude=list(params) + [leaf, inp])
@@ -162,7 +197,11 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
 
 class EvaluationGraphs:
     """For one adjoint solve: runs the forward's evaluations (keeping the graphs the budget allows,
-    recording what their reruns need) and gives the backward each evaluation with its graph."""
+    recording what their reruns need) and gives the backward each evaluation with its graph.
+
+    Observable on the solve's backward node (`out.grad_fn`, AdjointSolveBackward, `.evals`) and in
+    the debug log of this module: `budget` (the bytes assumed, "auto" resolved), `graph_bytes`,
+    `kept_count`, `fell_back` (an allocation failure made the forward start over keeping none)."""
 
     def __init__(self, problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],
                  device: torch.device, params: Sequence[torch.Tensor], time_grad: bool = False):
@@ -171,25 +210,92 @@ class EvaluationGraphs:
         # dL/dtau from them as from a recomputation
         self.time_grad = time_grad
         self.store = strategy.store
-        total = problem.steps * problem.tableau.stages
-        self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
-        self.kept_count = strategy.graphs_to_keep(total, self.graph_bytes)
-        self.keep_from = total - self.kept_count  # evaluations e = n * s + i >= keep_from keep their graphs
-        self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
         self.first = first
+        self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
+        self.budget = strategy.budget_bytes(device)
+        total = problem.steps * problem.tableau.stages
+        self._keep(strategy.graphs_to_keep(total, self.graph_bytes, self.budget))
+        self.fell_back = False
         self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state, params)
+        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r)",
+                  self.kept_count, total, self.graph_bytes, self.budget, strategy.memory_budget)
+
+    def _keep(self, count: int) -> None:
+        """Keep the graphs of the last `count` evaluations: those of whole steps at the end run as one
+        graph (the tail, plain autograd: one VJP for all of them), those of a step partly kept one
+        graph each; a tensor grid's time leaves and reentrant checkpoints take one graph each."""
+        p, s = self.problem, self.problem.tableau.stages
+        self.kept_count = count
+        self.keep_from = p.steps * s - count  # evaluations e = n * s + i >= keep_from keep their graphs
+        whole = not self.time_grad and not p.reentrant
+        self.tail_from = -(-self.keep_from // s) if whole else p.steps  # the tail's first step
+        self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
+        self.tail: Optional[Tail] = None
+        self.tail_first_leaf: Optional[torch.Tensor] = None
+        self.tail_start: Optional[torch.Tensor] = None  # the state at the tail's start (a rerun's)
 
     # -- forward ------------------------------------------------------------------------------
 
+    def run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
+        """The forward's outputs (without graph); `stored` receives the stage inputs (store="stages")
+        or each step's start state. An allocation failure while graphs are kept is not the run's
+        end: everything kept is freed and the forward starts over keeping nothing (exact: the
+        random state and the written buffers are put back first)."""
+        try:
+            return self._run_forward(x, stored)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if self.kept_count == 0 or not is_out_of_memory(error):
+                raise
+            message = str(error).splitlines()[0]
+        # outside the except block: the failed attempt's frames (and the graphs they hold) are gone
+        log.warning("adjoint: out of memory while keeping %d evaluation graphs (%s); recomputing them in the "
+                    "backward instead", self.kept_count, message)
+        self._start_over()
+        stored.clear()
+        return self._run_forward(x, stored)
+
+    def _run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
+        p = self.problem
+        where = dict(states=stored) if self.store == "steps" else dict(stage_inputs=stored)
+        x, saved = p.walk(x, 0, self.tail_from, evaluator=self.forward_evaluate, **where)
+        if self.tail_from < p.steps:
+            leaf = x.detach().requires_grad_(True)
+            mark = len(stored)
+            with torch.enable_grad():
+                _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=self.tail_evaluate, **where)
+            stored[mark:] = [t.detach() for t in stored[mark:]]  # kept for a second backward's reruns
+            states = {m: v for m, v in states.items() if m > self.tail_from}
+            self.tail = Tail(self.tail_from, leaf, self.tail_first_leaf, states)
+            self.tail_start = x.detach()
+            saved.update({m: v.detach() for m, v in states.items()})
+        return p.gather_outputs(saved)
+
+    def _start_over(self) -> None:
+        """Back to the start of the forward, keeping no graph: the first evaluation's output and
+        its draws and buffer writes are undone (it is rerun without a graph), the records cleared."""
+        self._keep(0)
+        self.fell_back = True
+        if self.first is not None:
+            shared = self.problem.shared_parametrizations
+            self.first.discard(SharedParametrizations.computing_modules(self.problem.modules)
+                               if shared is not None else ())
+        self.replay.clear()
+
+    def _reuse_first(self, e: int) -> Optional[torch.Tensor]:
+        """Evaluation 0's output with its graph, from the first evaluation (recorded as the
+        forward's evaluation 0), or None when it is not there to reuse."""
+        if e != 0 or self.first is None or self.first.k is None:
+            return None
+        state = self.replay.state
+        self.replay.record(self.first.rng, state.first if state is not None else None)
+        return self.first.take()
+
     def forward_evaluate(self, problem: Problem, n: int, i: int, t: float, xi: torch.Tensor) -> torch.Tensor:
-        """The forward's evaluation (n, i) (an evaluator for Problem.run)."""
+        """The forward's evaluation (n, i) before the tail (an evaluator for Problem.walk)."""
         e = n * problem.tableau.stages + i
-        reuse = e == 0 and self.first is not None and self.first.k is not None
         # kept evaluations too: a second backward (retain_graph) reruns what the first consumed
-        if reuse:
-            state = self.replay.state
-            self.replay.record(self.first.rng, state.first if state is not None else None)
-            k = self.first.take()
+        k = self._reuse_first(e)
+        if k is not None:
             if e >= self.keep_from:
                 self.kept[e] = (self.first.leaf, self.first.tau, k)
             return k.detach()
@@ -204,9 +310,42 @@ class EvaluationGraphs:
             return k.detach()
         return problem.evaluate(t, xi)
 
+    def tail_evaluate(self, problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
+        """An evaluation of the tail (grad mode on: its graph joins the tail's). Evaluation 0 is the
+        first evaluation's output, whose graph reads the stage input through its own leaf."""
+        k = self._reuse_first(n * problem.tableau.stages + i)
+        if k is not None:
+            self.tail_first_leaf = self.first.leaf
+            return k
+        self.replay.record()
+        return problem.evaluate(t, xi)
+
     def finish_forward(self) -> None:
         # every graph kept: a first backward reruns nothing; a second one (retain_graph) would
         self.replay.finish(reruns=self.keep_from > 0)
+
+    def take_tail(self) -> Optional[Tail]:
+        """The tail's graph for a backward: the forward's, handed over once (its VJP frees it); for
+        a later backward (retain_graph=True) recomputed the same way, one graph from the state at
+        its start, so its gradients are bit for bit the first's (gradcheck asks for that)."""
+        tail, self.tail = self.tail, None
+        if tail is not None or self.tail_from >= self.problem.steps:
+            return tail
+        p = self.problem
+        first_split = self.tail_first_leaf is not None
+        leaf = self.tail_start.detach().requires_grad_(True)
+
+        def rerun(problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
+            e = n * problem.tableau.stages + i
+            with self.replay.rerun(e):
+                if e == 0 and first_split:  # as in the forward: the first evaluation's own leaf
+                    xi = self.tail_first_leaf = xi.detach().requires_grad_(True)
+                return problem.evaluate(t, xi)
+
+        with torch.enable_grad():
+            _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=rerun)
+        return Tail(self.tail_from, leaf, self.tail_first_leaf,
+                    {m: v for m, v in states.items() if m > self.tail_from})
 
     # -- backward -----------------------------------------------------------------------------
 

@@ -25,7 +25,9 @@ def check_unit_times(**times) -> None:
         if isinstance(value, torch.Tensor):
             values = value.detach().reshape(-1)
         elif isinstance(value, numbers.Real):
-            values = torch.tensor([float(value)], dtype=torch.float64)
+            if not 0.0 <= float(value) <= 1.0:  # in Python: a tensor per number cost ~50 us a call (NaN fails too)
+                raise ValueError(f"{name}: expected {UNIT_TIME}, got {float(value):g}")
+            continue
         else:  # a sequence of times; one that is not numbers is refused by the caller's own parsing
             try:
                 values = torch.tensor([float(v) for v in value], dtype=torch.float64)

@@ -72,18 +72,27 @@ def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotange
                    reentrant: bool = False) -> List[Optional[torch.Tensor]]:
     """cotangent^T d output / d inputs (None for an input the output does not read), with the
     inputs' hooks muted (see the module docstring)."""
+    return graph_vjp([output], inputs, [cotangent], reentrant)
+
+
+def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
+              reentrant: bool = False) -> List[Optional[torch.Tensor]]:
+    """sum_j cotangents[j]^T d outputs[j] / d inputs, one backward through the graph they share (the
+    kept tail of a solve: prg_fast.ode.strategies), with the inputs' hooks muted."""
     inputs = list(inputs)
-    if not output.requires_grad:
-        # an evaluation that reads neither the state nor a parameter (a zero velocity, a function
-        # of t only) has no graph: it contributes nothing
+    # an output that reads neither the state nor a parameter (a zero velocity, a function of t
+    # only) has no graph: it contributes nothing
+    live = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not live:
         return [None] * len(inputs)
+    outs, cots = [o for o, _ in live], [c for _, c in live]
     with hooks_muted(inputs), torch.enable_grad():
         if not reentrant:
-            return list(torch.autograd.grad(output, inputs, cotangent, allow_unused=True))
-        return _backward_into_fresh(output, inputs, cotangent)
+            return list(torch.autograd.grad(outs, inputs, cots, allow_unused=True))
+        return _backward_into_fresh(outs, inputs, cots)
 
 
-def _backward_into_fresh(output: torch.Tensor, inputs: List[torch.Tensor], cotangent: torch.Tensor):
+def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
     """The VJP through torch.autograd.backward, for graphs with a reentrant checkpoint (which
     refuses torch.autograd.grad and backward(inputs=...)): every input's .grad is set aside, the
     backward accumulates into empty ones, they are this evaluation's share, and the user's .grad
@@ -100,7 +109,7 @@ def _backward_into_fresh(output: torch.Tensor, inputs: List[torch.Tensor], cotan
     for q in inputs:
         q.grad = None
     try:
-        torch.autograd.backward(output, cotangent)
+        torch.autograd.backward(outputs, cotangents)
         return [q.grad for q in inputs]
     finally:
         for q, g in zip(inputs, stash):

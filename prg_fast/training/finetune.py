@@ -105,6 +105,7 @@ class FinetuneConfig(TrainConfig):
     log_every: int = 25
     eval_every: int = ranged(0, 0)  # test top-1 every N steps (0: only at the end)
     eval_batch_size: int = ranged(256, 1)
+    memory_budget: Any = "auto"  # the adjoint's (prg_fast.reverse): "auto", None (recompute all) or bytes
 
     def validate(self, external_model: bool = False) -> "FinetuneConfig":
         """Check and normalise the fields; `external_model`: the caller brings the flow network
@@ -217,8 +218,8 @@ class _Finetuner(Trainer):
         self.beta = 0.0 if cfg.freeze_flow else cfg.beta  # a frozen flow gets nothing from the FM term
         head = ClassifierHead(feature_shape(self.data.shape, cfg.save_at), self.data.num_classes, hidden=cfg.hidden)
         self.classifier = PRGClassifier(flow, head, t=cfg.t, t0=cfg.t0, steps=cfg.ode_steps, method=cfg.method,
-                                        save_at=cfg.save_at, learn_t=cfg.learn_t,
-                                        learn_t0=cfg.learn_t0).to(self.device)
+                                        save_at=cfg.save_at, learn_t=cfg.learn_t, learn_t0=cfg.learn_t0,
+                                        memory_budget=cfg.memory_budget).to(self.device)
         if cfg.freeze_flow:
             self.classifier.flow.requires_grad_(False)
         groups = [{"params": list(self.classifier.head.parameters()), "lr": cfg.head_lr or cfg.lr, "name": "head"}]

@@ -1,0 +1,69 @@
+"""How much memory a solve may spend on kept evaluation graphs under memory_budget="auto", and
+how an allocation failure looks.
+
+"auto" keeps graphs within AUTO_FRACTION of the memory free when the solve starts, so the rest of
+the step (the head, the loss, the optimizer, other solves) keeps the other half:
+
+- CUDA: torch.cuda.mem_get_info on the state's device (free on the device) plus what PyTorch's
+  caching allocator holds reserved but unused there (free to PyTorch, invisible to the driver);
+- CPU: the kernel's MemAvailable (/proc/meminfo; psutil's virtual_memory().available where
+  /proc is missing and psutil is installed);
+- unknown (another device type, no /proc, no psutil): nothing is kept (recompute everything).
+
+The environment variable PRG_FAST_FREE_MEMORY_BYTES, when set, replaces the measurement (bytes,
+any device): tests force a tiny or a huge free memory with it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+AUTO_FRACTION = 0.5
+FREE_MEMORY_ENV = "PRG_FAST_FREE_MEMORY_BYTES"
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Bytes free for new tensors on `device` now, or None when unknown."""
+    forced = os.environ.get(FREE_MEMORY_ENV)
+    if forced is not None and forced.strip():
+        try:
+            return max(int(float(forced)), 0)
+        except ValueError:
+            raise ValueError(f"{FREE_MEMORY_ENV} must be a number of bytes, got {forced!r}") from None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        return _host_available()
+    return None
+
+
+def _host_available() -> Optional[int]:
+    try:
+        # one read of the file's head (MemAvailable is its third line): a fraction of open()'s cost
+        fd = os.open("/proc/meminfo", os.O_RDONLY)
+        try:
+            head = os.read(fd, 512).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+        for line in head.splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: torch.OutOfMemoryError (CUDA), or the RuntimeError the CPU allocator
+    raises ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
