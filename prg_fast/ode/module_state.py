@@ -30,7 +30,7 @@ the one the forward used, so the gradient is not the forward's). Here the adjoin
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -109,6 +109,18 @@ class ModuleState:
             )
         self.first = [self.before_first[j] for j in self.written]
         return bool(self.written)
+
+    def rewritten(self, saved: Callable[[torch.Tensor], bool]) -> Optional[str]:
+        """After the first evaluation: the name of a written buffer that it wrote in place with its
+        version moving (the same tensor, a new version) and whose storage its graph saved (`saved`),
+        else None. Every later evaluation writes it again, so a graph kept from an earlier one
+        would meet autograd's "modified by an inplace operation" in the backward (as plain
+        backprop does), while rerunning that evaluation from its snapshot is exact."""
+        for j in self.written:
+            b, before = self._value(j), self._stamps[j]
+            if b is not None and before is not None and before[0] == id(b) and b._version != before[1] and saved(b):
+                return self._name(j)
+        return None
 
     # -- snapshots ----------------------------------------------------------------------------
 
