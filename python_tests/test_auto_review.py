@@ -90,3 +90,11 @@ def test_a_buffer_written_in_place_and_saved_by_the_graph_is_recomputed_not_an_e
     _assert_close(torch.autograd.grad(out, [x, *net.parameters()], _cotangent(out)), want, name)
     assert torch.equal(net.scale, oracle.scale)  # written once per evaluation, as in backprop
     assert _node(out) is not None and _node(out).evals.kept_count == 0
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e400", "nan", "lots"])
+def test_free_memory_variable_that_is_no_finite_number_is_named(monkeypatch, value):
+    """int(float("inf")) raised a bare OverflowError that named neither the variable nor the value."""
+    monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, value)
+    with pytest.raises(ValueError, match="PRG_FAST_FREE_MEMORY_BYTES must be a number of bytes"):
+        prg_fast.reverse(Net().double(), torch.randn(3, 4, dtype=F64, requires_grad=True), steps=2)
