@@ -98,3 +98,305 @@ def test_free_memory_variable_that_is_no_finite_number_is_named(monkeypatch, val
     monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, value)
     with pytest.raises(ValueError, match="PRG_FAST_FREE_MEMORY_BYTES must be a number of bytes"):
         prg_fast.reverse(Net().double(), torch.randn(3, 4, dtype=F64, requires_grad=True), steps=2)
+
+
+# -- many velocities, one comparison ------------------------------------------------------------
+#
+# Each case builds a fresh velocity (same seed for every strategy) and returns a dict of what must
+# equal plain backprop's: gradients, hook call counts, buffers, the random stream afterwards.
+
+class Drop(nn.Module):
+    """Dropout and BatchNorm in training mode: random draws and written buffers to replay."""
+
+    def __init__(self, dim=4, hidden=16):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, t, x):
+        return self.b(self.drop(self.bn(torch.tanh(self.a(x) + t[:, None]))))
+
+
+def _gradients(out, inputs, names=None):
+    got = torch.autograd.grad(out, list(inputs), _cotangent(out), allow_unused=True)
+    return {(names[i] if names else f"grad{i}"): g for i, g in enumerate(got)}
+
+
+def _solve(net, kw, x=None, inputs=(), **solve):
+    """reverse(net, x) and the gradients of x, the parameters and `inputs`, plus the buffers and a
+    draw from the generator after the backward (the replay must leave it where backprop does)."""
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True) if x is None else x
+    solve.setdefault("steps", 3)
+    out = prg_fast.reverse(net, x, **solve, **kw)
+    leaves = [x] if x.requires_grad else []
+    params = list(net.parameters()) if isinstance(net, nn.Module) else []
+    found = _gradients(out, leaves + params + list(inputs))
+    found["out"] = out.detach()
+    if isinstance(net, nn.Module):
+        found.update({f"buffer {n}": b.clone() for n, b in net.named_buffers()})
+    found["rng after"] = torch.rand(2, dtype=F64)
+    return found
+
+
+class Energy(Net):
+    """v = -dE/dx by autograd.grad(create_graph=True) inside the velocity."""
+
+    def forward(self, t, x):
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.detach().requires_grad_(True)
+            energy = (torch.tanh(self.a(x) + t[:, None]) ** 2).sum()
+            return -torch.autograd.grad(energy, x, create_graph=True)[0]
+
+
+class FuncGrad(Drop):
+    """torch.func.grad inside the velocity (which refuses saved-tensor hooks), after dropout and a
+    BatchNorm: the adjoint's measured first evaluation is run again without its hooks, from the
+    same random state and buffers."""
+
+    def forward(self, t, x):
+        h = self.b(self.drop(self.bn(torch.tanh(self.a(x) + t[:, None]))))
+        return -torch.func.grad(lambda z: ((z * h) ** 2).sum())(x)
+
+
+def _hooks_disabled(kw):
+    with torch.autograd.graph.disable_saved_tensors_hooks("saved-tensor hooks are off here"):
+        return _solve(Drop().double(), kw)
+
+
+class VmapInside(Net):
+    def forward(self, t, x):
+        return torch.vmap(lambda xi, ti: self.b(torch.tanh(self.a(xi) + ti)))(x, t)
+
+
+class Checkpointed(Drop):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+
+    def forward(self, t, x):
+        h = torch.utils.checkpoint.checkpoint(lambda z: torch.tanh(self.a(z)), x, use_reentrant=self.reentrant)
+        return self.b(self.drop(h + t[:, None]))
+
+
+class Hooked(Drop):
+    """Counts what plain backprop runs once per evaluation (module backward hooks, a tensor hook
+    inside the forward) or once per backward (parameter tensor hooks, post-accumulate hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = dict(module_backward=0, module_backward_pre=0, inner=0, param=0, post_accumulate=0)
+        self.a.register_full_backward_hook(lambda *a: self._count("module_backward"))
+        self.b.register_full_backward_pre_hook(lambda *a: self._count("module_backward_pre"))
+        self.a.weight.register_hook(lambda g: (self._count("param"), g.clamp(-0.05, 0.05))[1])  # modifies too
+        self.b.weight.register_post_accumulate_grad_hook(lambda p: self._count("post_accumulate"))
+
+    def _count(self, name):
+        self.calls[name] += 1
+
+    def forward(self, t, x):
+        h = torch.tanh(self.a(x) + t[:, None])
+        if h.requires_grad:
+            h.register_hook(lambda g: (self._count("inner"), 2 * g)[1])
+        return self.b(self.drop(self.bn(h)))
+
+
+def _backward(net, kw):
+    """.backward() and the .grad it leaves (a reentrant checkpoint refuses torch.autograd.grad)."""
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=3, **kw)
+    (out * _cotangent(out)).sum().backward()
+    found = {f"grad {n}": p.grad for n, p in net.named_parameters()}
+    found.update({f"buffer {n}": b.clone() for n, b in net.named_buffers()})
+    return dict(found, x=x.grad)
+
+
+def _hooked(kw):
+    net = Hooked().double()
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=3, **kw)
+    (out * _cotangent(out)).sum().backward()
+    found = {f"grad {n}": p.grad for n, p in net.named_parameters()}
+    found.update(x=x.grad, **net.calls)
+    return found
+
+
+def _twice(kw):
+    """.backward(retain_graph=True) twice: .grad accumulates both, each as plain backprop's."""
+    net = Drop().double()
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=3, **kw)
+    found = {}
+    for i, retain in enumerate([True, False]):
+        (out * _cotangent(out) * (i + 1)).sum().backward(retain_graph=retain)
+        found.update({f"{i} {n}": p.grad.clone() for n, p in net.named_parameters()}, **{f"{i} x": x.grad.clone()})
+    return found
+
+
+def _closure(kw, computed=False):
+    w = torch.randn(4, 4, dtype=F64, requires_grad=True)
+    c = torch.randn(4, dtype=F64, requires_grad=True)
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    w_used = w * 2 if computed else w  # computed: passed as adjoint_params
+    extra = dict(adjoint_params=[w_used]) if computed and kw.get("adjoint", True) else {}
+    out = prg_fast.reverse(lambda t, z: torch.tanh(z @ w_used) + c * t[:, None] + 0.1 * x, x, steps=3, **extra, **kw)
+    return _gradients(out, [x, w, c], ["x", "w", "c"])
+
+
+def _times(kw, per_sample):
+    net = Drop().double()
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    t = torch.full((5,) if per_sample else (), 0.9, dtype=F64, requires_grad=True)
+    t0 = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    out = prg_fast.reverse(net, x, t=t, t0=t0, steps=3, **kw)
+    return _gradients(out, [x, t, t0, *net.parameters()])
+
+
+def _odeint(kw, grid_grad=False, tuple_state=False, options=None):
+    net = Drop().double()
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    grid = torch.tensor([0.0, 0.35, 0.7, 1.0], dtype=F64, requires_grad=grid_grad)
+    if tuple_state:
+        y = torch.randn(5, 4, dtype=F64, requires_grad=True)
+        out = prg_fast.odeint(lambda t, s: (net(t.expand(5), s[0]) + s[1], -s[0]), (x, y), grid, **kw)
+        out = torch.stack(out)
+        return _gradients(out, [x, y, *net.parameters()])
+    out = prg_fast.odeint(lambda t, s: net(t.expand(5), s), x, grid, options=options, **kw)
+    return _gradients(out, [x, *net.parameters()] + ([grid] if grid_grad else []))
+
+
+def _generate(kw):
+    net = Drop().double()
+    z = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    out = prg_fast.generate(net, z, steps=3, **kw)
+    return _gradients(out, [z, *net.parameters()])
+
+
+def _functional_call(kw):
+    net = Drop().double()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    out = prg_fast.reverse(lambda t, z: torch.func.functional_call(net, params, (t, z)), x, steps=3, **kw)
+    return _gradients(out, [x, *params.values()])
+
+
+def _parametrized(kind, cached=False):
+    def run(kw):
+        net = Net().double()
+        if kind == "orthogonal":
+            net = Net(hidden=4).double()
+        getattr(nn.utils.parametrizations, kind)(net.a)
+        if not cached:
+            return _solve(net, kw)
+        with nn.utils.parametrize.cached():
+            return _solve(net, kw)
+    return run
+
+
+def _per_sample_save_at(kw):
+    net = Drop().double()
+    t = torch.linspace(0.5, 1.0, 5, dtype=F64)
+    return _solve(net, kw, t=t, save_at=torch.stack([0.5 * t, t]))
+
+
+def _model(make):
+    return lambda kw: _solve(make().double(), kw)
+
+
+class ReturnsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, t, x):
+        return x * self.w if t[0] > 0.5 else x
+
+
+class NonContiguous(Net):
+    def forward(self, t, x):
+        return super().forward(t, x.t().contiguous().t()).t().contiguous().t()
+
+
+class ExpandedParameter(Net):
+    def forward(self, t, x):
+        return (self.b.bias * t[0]).expand_as(x) + torch.tanh(x)
+
+
+class NoGradInside(Net):
+    def forward(self, t, x):
+        with torch.no_grad():
+            shift = self.a(x).mean()
+        return self.b(torch.tanh(self.a(x))) + shift
+
+
+class Nested(Net):
+    """A velocity that runs a solve of its own (the default adjoint inside the outer one)."""
+
+    def forward(self, t, x):
+        inner = prg_fast.reverse(lambda s, z: torch.tanh(z @ self.a.weight[:4, :4]) * s[:, None], x, t=0.5, steps=2)
+        return self.b(torch.tanh(self.a(inner) + t[:, None]))
+
+
+CASES = {
+    "euler": lambda kw: _solve(Drop().double(), kw, method="euler"),
+    "midpoint": lambda kw: _solve(Drop().double(), kw, method="midpoint"),
+    "rk4": lambda kw: _solve(Drop().double(), kw, method="rk4"),
+    "rk4 store=steps": lambda kw: _solve(Drop().double(), kw, **({} if "adjoint" in kw else dict(store="steps"))),
+    "x without grad, parameters only": lambda kw: _solve(Drop().double(), kw, x=torch.randn(5, 4, dtype=F64)),
+    "save_at with t0 and a repeated time": lambda kw: _solve(Drop().double(), kw, save_at=[0.5, 0.0, 0.5, 1.0]),
+    "per-sample t and save_at": _per_sample_save_at,
+    "time gradients": lambda kw: _times(kw, per_sample=False),
+    "per-sample time gradients": lambda kw: _times(kw, per_sample=True),
+    "generate": _generate,
+    "odeint": _odeint,
+    "odeint grid gradient": lambda kw: _odeint(kw, grid_grad=True),
+    "odeint tuple state": lambda kw: _odeint(kw, tuple_state=True),
+    "odeint step_size": lambda kw: _odeint(kw, options=dict(step_size=0.3)),
+    "closure over tensors and x itself": _closure,
+    "adjoint_params computed outside": lambda kw: _closure(kw, computed=True),
+    "hooks": _hooked,
+    "retain_graph, backward twice": _twice,
+    "functional_call": _functional_call,
+    "checkpoint": _model(lambda: Checkpointed(reentrant=False)),
+    "reentrant checkpoint": lambda kw: _backward(Checkpointed(reentrant=True).double(), kw),
+    "weight_norm": _parametrized("weight_norm"),
+    "weight_norm cached": _parametrized("weight_norm", cached=True),
+    "orthogonal cached": _parametrized("orthogonal", cached=True),
+    "spectral_norm": _parametrized("spectral_norm"),
+    "autograd.grad inside": _model(Energy),
+    "torch.func.grad inside": _model(FuncGrad),
+    "saved-tensor hooks disabled by the caller": _hooks_disabled,
+    "vmap inside": _model(VmapInside),
+    "returns its input": _model(ReturnsInput),
+    "non-contiguous output": _model(NonContiguous),
+    "expanded parameter output": _model(ExpandedParameter),
+    "no_grad inside": _model(NoGradInside),
+    "a solve inside": _model(Nested),
+    # (no BatchNorm: the rows of an expanded x are equal, its batch variance 0)
+    "x expanded": lambda kw: _solve(Net().double(), kw, x=torch.randn(4, dtype=F64).expand(5, 4).requires_grad_()),
+    "x transposed": lambda kw: _solve(Drop().double(), kw, x=torch.randn(4, 5, dtype=F64).t().requires_grad_()),
+}
+
+
+def _run_case(case, kw):
+    torch.manual_seed(0)
+    net_seed = torch.random.get_rng_state()
+    torch.set_rng_state(net_seed)
+    return CASES[case](kw)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_strategy_equals_backprop(case):
+    """"auto" (everything kept: one tail graph), recompute-all and keep-all against plain backprop:
+    gradients to 1e-12, hook counts, buffers and the random stream after, exactly."""
+    want = _run_case(case, dict(adjoint=False))
+    for name, kw in STRATEGIES.items():
+        got = _run_case(case, kw)
+        assert got.keys() == want.keys(), name
+        for key, b in want.items():
+            a = got[key]
+            if isinstance(b, torch.Tensor) and b.is_floating_point() and key != "out" and "buffer" not in key:
+                _assert_close([a], [b], f"{case} / {name} / {key}")
+            elif isinstance(b, torch.Tensor):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"{case} / {name} / {key}")
+            else:
+                assert a == b, f"{case} / {name} / {key}: {a!r} where backprop has {b!r}"

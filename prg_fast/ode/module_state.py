@@ -75,6 +75,16 @@ class ModuleState:
             self.before_first = [None if b is None or b.numel() > COPY_LIMIT else b.clone()
                                  for b in map(self._value, range(len(self.slots)))]
 
+    def restore_before_first(self) -> None:
+        """Put back the buffers copied before the first evaluation (which is run again: see
+        prg_fast.ode.strategies.first_evaluation); one written beyond the copy limit is then found
+        written by after_first_evaluation, and refused there."""
+        with torch.no_grad():
+            for j, value in enumerate(self.before_first or ()):
+                b = self._value(j)
+                if value is not None and b is not None and b.shape == value.shape and b.dtype == value.dtype:
+                    b.data.copy_(value)
+
     def _moved(self, indices: Sequence[int]) -> List[int]:
         """Those of `indices` whose buffer is not what it was before the first evaluation: another
         tensor, a new version, or other values (written through .data or by a kernel that does not

@@ -128,7 +128,7 @@ class FirstEvaluation:
     tau: object  # the time it read: a float, or a tensor (a leaf requiring grad for time gradients)
     k: Optional[torch.Tensor]  # its output with graph; None once handed over or released
     rng: tuple  # generator state before the evaluation
-    nbytes: int  # bytes its graph keeps alive (SavedBytes + the output)
+    nbytes: Optional[int]  # bytes its graph keeps alive (SavedBytes + the output); None: not measured
     sequence_nr: int  # autograd nodes made by the evaluation have sequence numbers >= this
     state: Optional[ModuleState] = None  # the buffers the velocity reaches (problem.module_state)
     # why no evaluation's graph can be kept for the backward (ModuleState.rewritten), or None
@@ -168,6 +168,27 @@ def _next_sequence_nr() -> int:
     return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
 
 
+def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list, rng,
+                         state: Optional[ModuleState]) -> Tuple[torch.Tensor, Optional[SavedBytes]]:
+    """The first evaluation under SavedBytes' hooks, and the counter. A velocity that refuses
+    saved-tensor hooks (torch.func.grad / vjp / jacrev inside it, or a caller's
+    torch.autograd.graph.disable_saved_tensors_hooks) is run again without them, from the random
+    state and buffers it started with: (k, None), its graph's size unknown (nothing is kept)."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():  # the caller disabled them
+        return problem.evaluate(tau, inp), None
+    counter = SavedBytes(exclude=exclude)
+    try:
+        with counter.hooks():
+            return problem.evaluate(tau, inp), counter
+    except RuntimeError as error:  # torch.func's message: "... don't yet support saved tensor hooks"
+        if "saved tensor hooks" not in str(error):
+            raise
+    set_rng(rng, inp.device)
+    if state is not None:
+        state.restore_before_first()
+    return problem.evaluate(tau, inp), None
+
+
 def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor],
                      time_grad: bool = False) -> Optional[FirstEvaluation]:
     """Evaluation (0, 0) of `problem` from x, with a graph back to a stage-input leaf and to
@@ -193,16 +214,14 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         sequence_nr = _next_sequence_nr()
         # a non-leaf copy, so a model writing into its input meets the solver's own check
         inp = leaf.clone()
-        counter = SavedBytes(exclude=list(params) + [leaf, inp])
-        with counter.hooks():
-            k = problem.evaluate(tau, inp)
-    nbytes = counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0)
-    unkeepable = None
+        k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state)
+    nbytes = None if counter is None else counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0)
+    unkeepable = None if counter is not None else "the velocity refuses saved-tensor hooks (its graph is not measured)"
     if state is not None:
         # kept even when the first evaluation wrote nothing: the end of the forward checks that no
         # later evaluation wrote a buffer either
         state.after_first_evaluation()
-        rewritten = state.rewritten(counter.saved)
+        rewritten = state.rewritten(counter.saved) if counter is not None else None
         if rewritten is not None:
             unkeepable = f"the graph saves the buffer {rewritten!r}, which every evaluation writes in place"
     return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr, state=state,
