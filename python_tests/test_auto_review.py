@@ -174,7 +174,8 @@ class Checkpointed(Drop):
         self.reentrant = reentrant
 
     def forward(self, t, x):
-        h = torch.utils.checkpoint.checkpoint(lambda z: torch.tanh(self.a(z)), x, use_reentrant=self.reentrant)
+        h = torch.utils.checkpoint.checkpoint(lambda z: torch.tanh(self.a(z)), x,
+                                              use_reentrant=self.reentrant)
         return self.b(self.drop(h + t[:, None]))
 
 
@@ -228,7 +229,8 @@ def _twice(kw):
     found = {}
     for i, retain in enumerate([True, False]):
         (out * _cotangent(out) * (i + 1)).sum().backward(retain_graph=retain)
-        found.update({f"{i} {n}": p.grad.clone() for n, p in net.named_parameters()}, **{f"{i} x": x.grad.clone()})
+        found.update({f"{i} {n}": p.grad.clone() for n, p in net.named_parameters()})
+        found[f"{i} x"] = x.grad.clone()
     return found
 
 
@@ -238,7 +240,8 @@ def _closure(kw, computed=False):
     x = torch.randn(5, 4, dtype=F64, requires_grad=True)
     w_used = w * 2 if computed else w  # computed: passed as adjoint_params
     extra = dict(adjoint_params=[w_used]) if computed and kw.get("adjoint", True) else {}
-    out = prg_fast.reverse(lambda t, z: torch.tanh(z @ w_used) + c * t[:, None] + 0.1 * x, x, steps=3, **extra, **kw)
+    velocity = lambda t, z: torch.tanh(z @ w_used) + c * t[:, None] + 0.1 * x  # noqa: E731
+    out = prg_fast.reverse(velocity, x, steps=3, **extra, **kw)
     return _gradients(out, [x, w, c], ["x", "w", "c"])
 
 
@@ -298,6 +301,14 @@ def _per_sample_save_at(kw):
     return _solve(net, kw, t=t, save_at=torch.stack([0.5 * t, t]))
 
 
+def _steps(kw):
+    return {} if "adjoint" in kw else {"store": "steps"}  # store= is the stored adjoint's
+
+
+def _x(view):
+    return view.requires_grad_(True)
+
+
 def _model(make):
     return lambda kw: _solve(make().double(), kw)
 
@@ -332,7 +343,8 @@ class Nested(Net):
     """A velocity that runs a solve of its own (the default adjoint inside the outer one)."""
 
     def forward(self, t, x):
-        inner = prg_fast.reverse(lambda s, z: torch.tanh(z @ self.a.weight[:4, :4]) * s[:, None], x, t=0.5, steps=2)
+        inner = prg_fast.reverse(lambda s, z: torch.tanh(z @ self.a.weight[:4, :4]) * s[:, None], x,
+                                 t=0.5, steps=2)
         return self.b(torch.tanh(self.a(inner) + t[:, None]))
 
 
@@ -340,9 +352,9 @@ CASES = {
     "euler": lambda kw: _solve(Drop().double(), kw, method="euler"),
     "midpoint": lambda kw: _solve(Drop().double(), kw, method="midpoint"),
     "rk4": lambda kw: _solve(Drop().double(), kw, method="rk4"),
-    "rk4 store=steps": lambda kw: _solve(Drop().double(), kw, **({} if "adjoint" in kw else dict(store="steps"))),
+    "rk4 store=steps": lambda kw: _solve(Drop().double(), kw, **_steps(kw)),
     "x without grad, parameters only": lambda kw: _solve(Drop().double(), kw, x=torch.randn(5, 4, dtype=F64)),
-    "save_at with t0 and a repeated time": lambda kw: _solve(Drop().double(), kw, save_at=[0.5, 0.0, 0.5, 1.0]),
+    "save_at with t0 and a repeated time": lambda kw: _solve(Drop().double(), kw, save_at=[0.5, 0, 0.5, 1]),
     "per-sample t and save_at": _per_sample_save_at,
     "time gradients": lambda kw: _times(kw, per_sample=False),
     "per-sample time gradients": lambda kw: _times(kw, per_sample=True),
@@ -372,8 +384,8 @@ CASES = {
     "no_grad inside": _model(NoGradInside),
     "a solve inside": _model(Nested),
     # (no BatchNorm: the rows of an expanded x are equal, its batch variance 0)
-    "x expanded": lambda kw: _solve(Net().double(), kw, x=torch.randn(4, dtype=F64).expand(5, 4).requires_grad_()),
-    "x transposed": lambda kw: _solve(Drop().double(), kw, x=torch.randn(4, 5, dtype=F64).t().requires_grad_()),
+    "x expanded": lambda kw: _solve(Net().double(), kw, x=_x(torch.randn(4, dtype=F64).expand(5, 4))),
+    "x transposed": lambda kw: _solve(Drop().double(), kw, x=_x(torch.randn(4, 5, dtype=F64).t())),
 }
 
 

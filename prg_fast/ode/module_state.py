@@ -128,7 +128,8 @@ class ModuleState:
         backprop does), while rerunning that evaluation from its snapshot is exact."""
         for j in self.written:
             b, before = self._value(j), self._stamps[j]
-            if b is not None and before is not None and before[0] == id(b) and b._version != before[1] and saved(b):
+            same_tensor = before is not None and b is not None and before[0] == id(b)
+            if same_tensor and b._version != before[1] and saved(b):
                 return self._name(j)
         return None
 

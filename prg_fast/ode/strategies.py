@@ -215,8 +215,9 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         # a non-leaf copy, so a model writing into its input meets the solver's own check
         inp = leaf.clone()
         k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state)
-    nbytes = None if counter is None else counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0)
-    unkeepable = None if counter is not None else "the velocity refuses saved-tensor hooks (its graph is not measured)"
+    nbytes, unkeepable = None, "the velocity refuses saved-tensor hooks (its graph is not measured)"
+    if counter is not None:
+        nbytes, unkeepable = counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0), None
     if state is not None:
         # kept even when the first evaluation wrote nothing: the end of the forward checks that no
         # later evaluation wrote a buffer either
@@ -224,8 +225,8 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         rewritten = state.rewritten(counter.saved) if counter is not None else None
         if rewritten is not None:
             unkeepable = f"the graph saves the buffer {rewritten!r}, which every evaluation writes in place"
-    return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr, state=state,
-                           unkeepable=unkeepable)
+    return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr,
+                           state=state, unkeepable=unkeepable)
 
 
 class EvaluationGraphs:
@@ -254,7 +255,8 @@ class EvaluationGraphs:
         self._keep(keep)
         self.fell_back = False
         self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state, params)
-        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
+        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, "
+                  "memory_budget=%r%s)",
                   self.kept_count, total, self.graph_bytes, self.budget, strategy.memory_budget,
                   "" if self.unkeepable is None else f"; none can be kept: {self.unkeepable}")
 
