@@ -412,3 +412,85 @@ def test_every_strategy_equals_backprop(case):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"{case} / {name} / {key}")
             else:
                 assert a == b, f"{case} / {name} / {key}: {a!r} where backprop has {b!r}"
+
+
+# -- the budget boundary, the out-of-memory fallback, second derivatives --------------------------
+
+@pytest.mark.parametrize("store", ["stages", "steps"])
+def test_every_budget_boundary_equals_backprop(store):
+    """Budgets of 0 .. K*s graphs (a step kept only in part, the tail from each step), with dropout,
+    BatchNorm and per-sample save_at: backprop's outputs, gradients and buffers; a second backward
+    equals the first bit for bit."""
+    torch.manual_seed(0)
+    net = Drop().double()
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    t = torch.linspace(0.5, 1.0, 5, dtype=F64)
+    kw = dict(t=t, save_at=torch.stack([0.5 * t, t]), steps=3, method="rk4")
+    torch.manual_seed(5)
+    want_out = prg_fast.reverse(net, x, adjoint=False, **kw)
+    want = torch.autograd.grad(want_out, [x, *net.parameters()], _cotangent(want_out))
+    want_buffers = [b.clone() for b in net.buffers()]
+    net.load_state_dict(initial)
+    graph = _node(prg_fast.reverse(net, x, memory_budget=INF, **kw)).evals.graph_bytes
+    for kept in range(3 * 4 + 1):
+        net.load_state_dict(initial)
+        torch.manual_seed(5)
+        out = prg_fast.reverse(net, x, memory_budget=kept * graph, store=store, **kw)
+        assert _node(out).evals.kept_count == kept and torch.equal(out, want_out)
+        first = torch.autograd.grad(out, [x, *net.parameters()], _cotangent(out), retain_graph=True)
+        _assert_close(first, want, f"{kept} kept")
+        for a, b in zip(torch.autograd.grad(out, [x, *net.parameters()], _cotangent(out)), first):
+            assert torch.equal(a, b), f"{kept} kept: second backward"
+        for a, b in zip(net.buffers(), want_buffers):
+            assert torch.equal(a, b), f"{kept} kept: buffers"
+
+
+class FailsOnce(nn.Module):
+    """Raises an allocation failure on its `at`-th call with grad mode on."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, t, x):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(t, x)
+
+
+@pytest.mark.parametrize("at", [2, 7])  # in the first step; inside the tail
+def test_out_of_memory_fallback_keeps_hook_counts_random_stream_and_buffers(at):
+    """The forward that starts over keeping nothing: hooks that plain backprop runs once per
+    evaluation or once per backward run as often, the dropout draws and BatchNorm state are
+    backprop's, and the generator ends where backprop leaves it."""
+    def run(kw, fail):
+        torch.manual_seed(0)
+        net = Hooked().double()
+        x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+        out = prg_fast.reverse(FailsOnce(net, at) if fail else net, x, steps=3, **kw)
+        after = torch.rand(2, dtype=F64)
+        (out * _cotangent(out)).sum().backward()
+        grads = [p.grad for p in net.parameters()]
+        return grads, [b.clone() for b in net.buffers()], dict(net.calls), after, out.detach()
+
+    want = run(dict(adjoint=False), fail=False)
+    got = run(dict(), fail=True)
+    _assert_close(got[0], want[0], "gradients")
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1])), "buffers"
+    assert got[2] == want[2]
+    assert torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_second_derivative_through_the_adjoint_is_an_error(name):
+    """create_graph=True, then a backward through that gradient: the adjoint's gradient is not
+    differentiable again; it is torch's once_differentiable error, never a silent zero."""
+    net = Net().double()
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=2, **STRATEGIES[name])
+    (gx,) = torch.autograd.grad(out.square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.square().sum().backward()
