@@ -494,3 +494,33 @@ def test_a_second_derivative_through_the_adjoint_is_an_error(name):
     (gx,) = torch.autograd.grad(out.square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.square().sum().backward()
+
+
+def test_autocast_tail_is_backprops_arithmetic():
+    """Under CPU bfloat16 autocast the kept steps run as one graph: plain backprop's arithmetic, so
+    its gradients to float32 rounding (the per-evaluation path rounds its cotangents differently,
+    within bfloat16's error: python_tests/test_model_zoo.py)."""
+    torch.manual_seed(0)
+    net = Drop()
+    x = torch.randn(5, 4, requires_grad=True)
+
+    def grads(kw):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prg_fast.reverse(net, x, steps=3, **kw)
+        return torch.autograd.grad(out, [x, *net.parameters()], _cotangent(out))
+
+    want = grads(dict(adjoint=False))
+    for name in ("auto", "keep_all"):
+        _assert_close(grads(STRATEGIES[name]), want, name, tol=1e-6)
+
+
+def test_nothing_to_differentiate_builds_no_graph():
+    """x without grad and a velocity reading nothing that requires grad: no graph, backprop's states."""
+    x = torch.randn(5, 4, dtype=F64)
+    velocity = lambda t, z: torch.tanh(z) * t[:, None]  # noqa: E731
+    want = prg_fast.reverse(velocity, x, steps=3, adjoint=False)
+    for name, kw in STRATEGIES.items():
+        out = prg_fast.reverse(velocity, x, steps=3, **kw)
+        assert out.grad_fn is None and not out.requires_grad, name
+        assert torch.equal(out, want), name
