@@ -34,7 +34,8 @@ def _assert_same(fast, boxed):
         for a, b in zip(fast, boxed):
             _assert_same(a, b)
     elif isinstance(boxed, torch.Tensor):
-        assert (type(fast), fast.dtype, fast.shape, fast.device) == (type(boxed), boxed.dtype, boxed.shape, boxed.device)
+        describe = lambda t: (type(t), t.dtype, t.shape, t.device)  # noqa: E731
+        assert describe(fast) == describe(boxed)
         if not boxed.is_meta:
             assert torch.equal(fast, boxed)
     else:
@@ -72,8 +73,7 @@ COMBINE_CASES = {
     "out_dtype as a string": lambda f: f(BASE, [T1, T2], [0.5, 0.25], 1.0, "float32"),
     "0-dim": lambda f: f(torch.tensor(1.0), [torch.tensor(2.0)], [0.5], 1.0, None),
     "empty": lambda f: f(torch.empty(0, 3), [torch.empty(0, 3)], [0.5], 1.0, None),
-    "complex": lambda f: f(torch.ones(3, dtype=torch.complex64), [torch.ones(3, dtype=torch.complex64)], [0.5], 1.0,
-                           None),
+    "complex": lambda f: f(*_complex(), [0.5], 1.0, None),
     "meta tensors": lambda f: f(BASE.to("meta"), [T1.to("meta")], [0.5], 1.0, None),
     "a meta term with a CPU base": lambda f: f(BASE, [T1.to("meta")], [0.5], 1.0, None),
     "a Parameter": lambda f: f(torch.nn.Parameter(BASE.clone()), [T1], [0.5], 1.0, None).detach(),
@@ -83,6 +83,21 @@ COMBINE_CASES = {
     "torch.func.jvp": lambda f: torch.func.jvp(lambda b: f(b, [T1], [0.5], 2.0, None), (BASE,), (T2,)),
     "create_graph": lambda f: _double_grad(f),
 }
+
+
+def _complex():
+    return torch.ones(3, dtype=torch.complex64), [torch.ones(3, dtype=torch.complex64)]
+
+
+def _first_requires_grad(terms):
+    return [terms[0].requires_grad_(True), *terms[1:]]
+
+
+def _partial_overlap(f, n):
+    """out = memory[:n] and base = memory[1:]: the kernel's refusal, the same from both entries."""
+    memory = torch.zeros(n + 1)
+    f(memory[1:], _inputs(n)[1], [0.5, 0.25], 1.0, memory[:n])
+    return memory
 
 
 def _double_grad(f):
@@ -103,7 +118,8 @@ COMBINE_CASES["an error with the GIL released"] = _large
 
 @pytest.mark.parametrize("case", sorted(COMBINE_CASES))
 def test_stage_combine_equals_torch_ops(case):
-    _assert_same(_outcome(lambda: COMBINE_CASES[case](ops.stage_combine)), _outcome(lambda: COMBINE_CASES[case](OP)))
+    call = COMBINE_CASES[case]
+    _assert_same(_outcome(lambda: call(ops.stage_combine)), _outcome(lambda: call(OP)))
 
 
 def _into(f, n, out, base=None, terms=None):
@@ -117,12 +133,12 @@ INTO_CASES = {
     "plain": lambda f, n: _into(f, n, torch.empty(n)),
     "out is the base": lambda f, n: _into(f, n, lambda b, ts: b),
     "out is a term": lambda f, n: _into(f, n, lambda b, ts: ts[1]),
-    "out overlaps the base in part": lambda f, n: _into(f, n, torch.zeros(n + 1)[:n], base=lambda b: torch.zeros(n + 1)[1:]),
+    "out overlaps the base in part": lambda f, n: _partial_overlap(f, n),
     "non-contiguous out": lambda f, n: _into(f, n, torch.zeros(2 * n)[::2]),
     "out shape": lambda f, n: _into(f, n, torch.empty(n + 1)),
     "integer out": lambda f, n: _into(f, n, torch.empty(n, dtype=torch.int32)),
     "bfloat16 out": lambda f, n: _into(f, n, torch.empty(n, dtype=torch.bfloat16)),
-    "a term requiring grad": lambda f, n: _into(f, n, torch.empty(n), terms=lambda ts: [ts[0].requires_grad_(), ts[1]]),
+    "a term requiring grad": lambda f, n: _into(f, n, torch.empty(n), terms=_first_requires_grad),
     "term shape": lambda f, n: _into(f, n, torch.empty(n), terms=lambda ts: [ts[0][:-1], ts[1]]),
     "a numpy out": lambda f, n: _into(f, n, np.zeros(n, dtype=np.float32)),
     "a subclass out": lambda f, n: _into(f, n, torch.empty(n).as_subclass(_Sub)),
@@ -159,8 +175,8 @@ def test_tracers_record_the_operator_from_the_direct_entry():
 
 
 def test_torch_compile_aot_eager_fullgraph_through_the_engine_entry():
-    compiled = torch.compile(lambda b, t: ops.stage_combine(b, [t], [0.5], 1.0, None) * 2, backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(lambda b, t: ops.stage_combine(b, [t], [0.5], 1.0, None) * 2,
+                             backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(BASE, T1), OP(BASE, [T1], [0.5], 1.0, None) * 2)
 
 

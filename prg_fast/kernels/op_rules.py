@@ -26,7 +26,8 @@ def accumulate_dtype(
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def check_devices(name: str, base: torch.Tensor, terms: Sequence[torch.Tensor], **others: torch.Tensor) -> None:
+def check_devices(name: str, base: torch.Tensor, terms: Sequence[torch.Tensor],
+                  **others: torch.Tensor) -> None:
     """Every tensor on base's device, as the device kernels check (csrc/stage_combine.h). The fake
     kernels run whenever one input is a meta tensor -- also beside real ones -- and would
     otherwise hand back an uninitialised tensor on base's device for a meta term."""
