@@ -4,7 +4,7 @@ global deadline): what each measures, in order of value, and the Context a part'
     info         the build: CUDA ops for this GPU, Triton usable (prg_fast.info())
     correctness  pytest -m cuda_quick (python_tests/cuda_selection.py) over the files that mark cuda
     adjoint      P1-P3 through benchmarks/adjoint_memory.py (cifar, K = 4 and 16)
-    kernels      P5 through benchmarks/kernels.py --device D --quick --out DIR
+    kernels      P5 through benchmarks/kernel_speed.py --device D --quick --out DIR
     reverse      P4 through benchmarks/reverse_speed.py --no-backward, and the CUDA-graph crossover
     finetune     P7, P8 through benchmarks/finetune_step.py
     sanitizer    compute-sanitizer memcheck/racecheck, only if a probe answers within 45 s
@@ -249,21 +249,17 @@ def adjoint_ratios(rows: List[dict]) -> dict:
 
 
 def part_kernels(ctx: Context) -> dict:
-    """P5 through benchmarks/kernels.py --device D --quick --out DIR (issue 26's interface)."""
+    """P5 through benchmarks/kernel_speed.py --device D --quick --out DIR."""
     dev = ctx.device()
     folder = os.path.join(ctx.scratch, "kernels")
     os.makedirs(folder, exist_ok=True)
     lines: List[str] = []
-    cmd = [sys.executable, os.path.join(HERE, "kernels.py"), "--device", dev.type, "--quick", "--out", folder]
+    cmd = [sys.executable, os.path.join(HERE, "kernel_speed.py"), "--device", dev.type, "--quick", "--out", folder]
     rc = ctx.run_logged(cmd, on_line=lines.append)
     produced = os.path.join(folder, "kernels.json")
-    if not os.path.exists(produced) and os.path.exists(folder + ".json"):
-        produced = folder + ".json"  # kernels.py before issue 26 reads --out as a file stem
     if not os.path.exists(produced):
         tail = "".join(lines[-3:]).strip()
-        if rc != 0 and "unrecognized arguments" in tail:
-            raise Skip("benchmarks/kernels.py does not take --device/--quick/--out yet (issue 26 gives it them)")
-        raise Skip(f"benchmarks/kernels.py wrote no kernels.json (exit {rc}): {tail[-300:]}")
+        raise Skip(f"benchmarks/kernel_speed.py wrote no kernels.json (exit {rc}): {tail[-300:]}")
     shutil.copy(produced, os.path.join(ctx.out, "kernels.json"))
     with open(produced) as f:
         data = json.load(f)

@@ -1,9 +1,12 @@
-"""The checkout as Python sees it from its root: `python -m pytest`, `python -c` and the benchmarks
-put the root first on sys.path, so a package folder there is imported in place of an installed
-package of the same name (a root `kernels/` hid the PyPI package `kernels`, which transformers >= 5.25
-imports, and `import diffusers` failed). Only prg_fast may be a package at the root."""
+"""The checkout as Python sees it: `python -m pytest` and `python -c` put the root first on
+sys.path, a benchmark script its own folder, pytest the test folder -- so a module or package there
+is imported in place of an installed one of the same name. (A root `kernels/` and then
+`benchmarks/kernels.py` hid the PyPI package `kernels`, which transformers >= 5.25 imports: `import
+diffusers` failed.) Only prg_fast may be a package at the root, and no module in those folders may
+have the name of one Python can import elsewhere."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +32,26 @@ def test_from_the_root_import_kernels_is_not_ours():
     origin = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
     assert not origin.startswith(str(ROOT)), f"`import kernels` from the root finds {origin}"
+
+
+# names imported by libraries prg_fast works with, whether or not installed here
+KNOWN_INSTALLED_NAMES = {"kernels"}
+
+
+def _names_on_first_paths():
+    """{module name: its file} for the folders that stand first on sys.path when run as intended."""
+    names = {p.name: p for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "prg_fast"}
+    for folder in ("benchmarks", "python_tests"):
+        names.update({p.stem: p for p in (ROOT / folder).glob("*.py") if p.stem != "conftest"})
+    return names
+
+
+def test_no_module_on_the_first_paths_shadows_an_importable_one():
+    names = _names_on_first_paths()
+    code = ("import importlib.util as u, json, sys; "
+            "print(json.dumps([n for n in sys.argv[1:] if u.find_spec(n) is not None]))")
+    # from an empty folder, so only what is installed (and the standard library) is found
+    found = json.loads(subprocess.run([sys.executable, "-c", code, *sorted(names)], cwd=Path(__file__).anchor,
+                                      capture_output=True, text=True, check=True).stdout)
+    clashes = sorted(set(found) | (KNOWN_INSTALLED_NAMES & set(names)))
+    assert not clashes, {n: str(names[n].relative_to(ROOT)) for n in clashes}

@@ -31,9 +31,9 @@ counted also over the cells whose bound allows it), its
 fraction of copy_ bandwidth at the largest size (GPU: required >= 85%), and its fixed cost per
 call at the smallest size against one torch.add (goal <= 2x).
 
-    python benchmarks/kernels.py --device cpu --quick --out DIR
-    python benchmarks/kernels.py --device cuda --quick --out DIR     # the GPU check
-    python benchmarks/kernels.py --device cpu --out DIR                # every size, 1-8 terms
+    python benchmarks/kernel_speed.py --device cpu --quick --out DIR
+    python benchmarks/kernel_speed.py --device cuda --quick --out DIR     # the GPU check
+    python benchmarks/kernel_speed.py --device cpu --out DIR                # every size, 1-8 terms
 
 Writes DIR/kernels.json, DIR/kernels.md (the tables) and DIR/kernels.png (bandwidth vs size);
 without --out it only prints.
@@ -416,7 +416,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump({"device": name, "torch": torch.__version__, "clock": timer.clock_name,
                        "args": vars(args), "rows": rows}, f, indent=1)
         with open(os.path.join(args.out, "kernels.md"), "w") as f:
-            f.write("\n".join(lines) + f"\n\nCommand: python benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}\n")
+            f.write("\n".join(lines) + f"\n\nCommand: python benchmarks/kernel_speed.py {' '.join(argv or sys.argv[1:])}\n")
         why = plot(rows, name, os.path.join(args.out, "kernels.png")) if rows else "no rows"
         print(f"\nwrote kernels.json, kernels.md" + (" and kernels.png" if why is None else f" ({why})")
               + f" to {args.out}")

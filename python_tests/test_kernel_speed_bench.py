@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: the bytes model behind its speed-up bounds, and a tiny run of the whole
+"""benchmarks/kernel_speed.py: the bytes model behind its speed-up bounds, and a tiny run of the whole
 script (tables, verdicts, files) on the CPU."""
 import importlib.util
 import json
@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_kernels_bench():
-    spec = importlib.util.spec_from_file_location("kernels_bench", os.path.join(ROOT, "benchmarks", "kernels.py"))
+    spec = importlib.util.spec_from_file_location("kernel_speed", os.path.join(ROOT, "benchmarks", "kernel_speed.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -35,7 +35,7 @@ def test_speedup_bounds_follow_the_bytes(k):
 @pytest.mark.slow
 def test_tiny_run_writes_tables_and_verdicts(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--device", "cpu", "--sizes", "12,16",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_speed.py"), "--device", "cpu", "--sizes", "12,16",
            "--terms", "1,2", "--reps", "2", "--batch-ms", "0.5", "--no-compile", "--out", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
