@@ -313,11 +313,13 @@ class EvaluationGraphs:
     def tail_evaluate(self, problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
         """An evaluation of the tail (grad mode on: its graph joins the tail's). Evaluation 0 is the
         first evaluation's output, whose graph reads the stage input through its own leaf."""
-        k = self._reuse_first(n * problem.tableau.stages + i)
+        e = n * problem.tableau.stages + i
+        k = self._reuse_first(e)
         if k is not None:
             self.tail_first_leaf = self.first.leaf
             return k
-        self.replay.record()
+        # the tail is rerun as a whole (take_tail): one random state, its first evaluation's
+        self.replay.record(chained=e > self.tail_from * problem.tableau.stages)
         return problem.evaluate(t, xi)
 
     def finish_forward(self) -> None:
@@ -337,12 +339,12 @@ class EvaluationGraphs:
 
         def rerun(problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
             e = n * problem.tableau.stages + i
-            with self.replay.rerun(e):
+            with self.replay.rerun(e, chained=True):
                 if e == 0 and first_split:  # as in the forward: the first evaluation's own leaf
                     xi = self.tail_first_leaf = xi.detach().requires_grad_(True)
                 return problem.evaluate(t, xi)
 
-        with torch.enable_grad():
+        with self.replay.chain(self.tail_from * p.tableau.stages), torch.enable_grad():
             _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=rerun)
         return Tail(self.tail_from, leaf, self.tail_first_leaf,
                     {m: v for m, v in states.items() if m > self.tail_from})
