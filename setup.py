@@ -90,8 +90,7 @@ setup(
     version="0.1.0",
     description="Reverse pretrained flow / diffusion-ODE models with fused kernels and an exact, "
     "memory-flat discrete adjoint; PRG (arXiv 2412.01787) on top.",
-    packages=find_packages(include=["prg_fast", "prg_fast.*"]) + ["prg_fast.kernels"],
-    package_dir={"prg_fast.kernels": "kernels"},
+    packages=find_packages(include=["prg_fast", "prg_fast.*"]),
     package_data={"prg_fast": ["_build_info.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

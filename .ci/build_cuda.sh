@@ -82,9 +82,6 @@ else  # not a git checkout: copy everything but build outputs
   (cd "$REPO" && tar --exclude=./build --exclude='*.so' --exclude='*.egg-info' --exclude=.git \
     --exclude=__pycache__ -cf - .) | (cd "$TMP" && tar -xf -)
 fi
-# setup.py installs kernels/ as prg_fast.kernels (package_dir); the engine imports its op rules from there,
-# so the uninstalled copy gets the same mapping as a link
-[ -e "$TMP/prg_fast/kernels" ] || ln -s ../kernels "$TMP/prg_fast/kernels"
 log "copied sources to $TMP"
 
 # --- build -------------------------------------------------------------------------------------

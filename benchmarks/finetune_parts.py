@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import prg_fast
-from prg_fast.models import ClassifierHead, UNet
+from prg_fast.models import ClassifierHead
+
+from finetune_step import trained_like_flow  # this folder is the script's sys.path[0]
 
 
 def parse():
@@ -44,12 +46,7 @@ def parse():
 
 def parts(args) -> dict:
     """{name: a callable running that part once}, on finetune_step.py's network and batch."""
-    torch.manual_seed(0)
-    flow = UNet.preset(args.preset, in_channels=3, image_size=args.size, dropout=0.0)
-    with torch.no_grad():  # a fresh UNet zero-initialises its output layer: give it a trained-like flow
-        for q in flow.parameters():
-            if not q.any():
-                q.normal_(0.0, 0.05)
+    flow = trained_like_flow(args.preset, args.size)
     head = ClassifierHead((3, args.size, args.size), 10)
     flow_params = list(flow.parameters())
     opt = torch.optim.AdamW(flow_params + list(head.parameters()), lr=1e-6)

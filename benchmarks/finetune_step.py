@@ -76,17 +76,23 @@ class Released(torch.nn.Module):
         return self.head(z)
 
 
+def trained_like_flow(preset: str, size: int) -> UNet:
+    """The benchmark's flow (seed 0): a fresh UNet zero-initialises its output layer, so its zero
+    parameters are drawn like a trained network's instead."""
+    torch.manual_seed(0)
+    flow = UNet.preset(preset, in_channels=3, image_size=size, dropout=0.0)
+    with torch.no_grad():
+        for p in flow.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return flow
+
+
 class Setup:
     """The flow, the head, one batch, and a classifier per row sharing the flow and head."""
 
     def __init__(self, args, device, dtype=torch.float32, batch=None, impls=None):
-        torch.manual_seed(0)
-        flow = UNet.preset(args.preset, in_channels=3, image_size=args.size, dropout=0.0)
-        with torch.no_grad():  # a fresh UNet zero-initialises its output layer: give it a trained-like flow
-            for p in flow.parameters():
-                if not p.any():
-                    p.normal_(0.0, 0.05)
-        self.flow = flow.to(device, dtype)
+        self.flow = trained_like_flow(args.preset, args.size).to(device, dtype)
         self.head = ClassifierHead((3, args.size, args.size), 10).to(device, dtype)
         batch = batch or args.batch
         self.x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)

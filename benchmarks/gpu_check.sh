@@ -56,10 +56,6 @@ main() {
   rm -f "$OUT"/report.json "$OUT"/report.md "$OUT"/*.log "$OUT"/kernels.json
   export PYTHONUNBUFFERED=1
 
-  # prg_fast.kernels is a link to ../kernels that git does not track; a copy of the tracked files
-  # (the device machine's) lacks it, and the Triton backend would then be missing.
-  [ -e prg_fast/kernels ] || ln -s ../kernels prg_fast/kernels
-
   # The CUDA toolkit root: the folder whose lib64/ (or lib/) holds libcudart.so, which the link needs.
   # torch guesses it from nvcc on the PATH, which can be a pip package without that library.
   find_cuda_home() {

@@ -33,7 +33,7 @@ def _load_triton():
     if _triton_combine is not None or _TRITON_ERROR is not None:
         return
     try:
-        from prg_fast.kernels import stage_combine as triton_module  # installed from kernels/ (below the engine)
+        from prg_fast.kernels import stage_combine as triton_module  # the layer below the engine
     except ImportError as e:
         _TRITON_ERROR = f"Triton kernels not importable ({e}); install triton"
         return

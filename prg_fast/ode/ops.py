@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from prg_fast.kernels.op_rules import register_combine_op, register_into_op, register_rows_op  # kernels/: the layer below
+from prg_fast.kernels.op_rules import register_combine_op, register_into_op, register_rows_op  # the layer below
 
 CPU_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None

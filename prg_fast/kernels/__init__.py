@@ -1,4 +1,4 @@
-"""Triton kernels of prg_fast, installed as the package `prg_fast.kernels`.
+"""Triton kernels of prg_fast and the stage-combination operators' fake/autograd/vmap rules.
 
     prg_fast.kernels.stage_combine   the fused Runge-Kutta stage arithmetic
                                      (operator prg_fast::stage_combine_triton)
