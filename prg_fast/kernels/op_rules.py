@@ -26,6 +26,17 @@ def accumulate_dtype(
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def check_devices(name: str, base: torch.Tensor, terms: Sequence[torch.Tensor],
+                  **others: torch.Tensor) -> None:
+    """Every tensor on base's device, as the device kernels check (csrc/stage_combine.h). The fake
+    kernels run whenever one input is a meta tensor -- also beside real ones -- and would
+    otherwise hand back an uninitialised tensor on base's device for a meta term."""
+    named = [(f"terms[{j}]", t) for j, t in enumerate(terms)] + list(others.items())
+    for what, t in named:
+        if t.device != base.device:
+            raise RuntimeError(f"{name}: {what} is on {t.device} but base is on {base.device}")
+
+
 def register_combine_op(qualname: str, python_autograd: bool = True) -> None:
     """Fake kernel and autograd formula for an operator with stage_combine's schema. Shared by the
     C++ operator and the Triton one (prg_fast.kernels), which have the same semantics. The C++
@@ -35,6 +46,7 @@ def register_combine_op(qualname: str, python_autograd: bool = True) -> None:
 
     @torch.library.register_fake(qualname)
     def _fake(base, terms, coeffs, alpha=1.0, out_dtype=None):
+        check_devices("stage_combine", base, terms)
         return torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype, device=base.device)
 
     def _setup_context(ctx, inputs, output):
@@ -75,6 +87,7 @@ def register_into_op(qualname: str) -> None:
 
     @torch.library.register_fake(qualname)
     def _fake(base, terms, coeffs, alpha, out):
+        check_devices("stage_combine_into", base, terms, out=out)
         return None
 
 
@@ -99,6 +112,7 @@ def register_rows_op(qualname: str) -> None:
 
     @torch.library.register_fake(qualname)
     def _fake(base, terms, coeffs, out_dtype=None):
+        check_devices("stage_combine_rows", base, terms, coeffs=coeffs)
         return torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype, device=base.device)
 
     def _setup_context(ctx, inputs, output):

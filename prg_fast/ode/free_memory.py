@@ -31,7 +31,7 @@ def free_bytes(device: torch.device) -> Optional[int]:
     if forced is not None and forced.strip():
         try:
             return max(int(float(forced)), 0)
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number; nan; inf (int() overflows)
             raise ValueError(f"{FREE_MEMORY_ENV} must be a number of bytes, got {forced!r}") from None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -30,7 +30,7 @@ the one the forward used, so the gradient is not the forward's). Here the adjoin
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -75,6 +75,16 @@ class ModuleState:
             self.before_first = [None if b is None or b.numel() > COPY_LIMIT else b.clone()
                                  for b in map(self._value, range(len(self.slots)))]
 
+    def restore_before_first(self) -> None:
+        """Put back the buffers copied before the first evaluation (which is run again: see
+        prg_fast.ode.strategies.first_evaluation); one written beyond the copy limit is then found
+        written by after_first_evaluation, and refused there."""
+        with torch.no_grad():
+            for j, value in enumerate(self.before_first or ()):
+                b = self._value(j)
+                if value is not None and b is not None and b.shape == value.shape and b.dtype == value.dtype:
+                    b.data.copy_(value)
+
     def _moved(self, indices: Sequence[int]) -> List[int]:
         """Those of `indices` whose buffer is not what it was before the first evaluation: another
         tensor, a new version, or other values (written through .data or by a kernel that does not
@@ -109,6 +119,19 @@ class ModuleState:
             )
         self.first = [self.before_first[j] for j in self.written]
         return bool(self.written)
+
+    def rewritten(self, saved: Callable[[torch.Tensor], bool]) -> Optional[str]:
+        """After the first evaluation: the name of a written buffer that it wrote in place with its
+        version moving (the same tensor, a new version) and whose storage its graph saved (`saved`),
+        else None. Every later evaluation writes it again, so a graph kept from an earlier one
+        would meet autograd's "modified by an inplace operation" in the backward (as plain
+        backprop does), while rerunning that evaluation from its snapshot is exact."""
+        for j in self.written:
+            b, before = self._value(j), self._stamps[j]
+            same_tensor = before is not None and b is not None and before[0] == id(b)
+            if same_tensor and b._version != before[1] and saved(b):
+                return self._name(j)
+        return None
 
     # -- snapshots ----------------------------------------------------------------------------
 

@@ -18,7 +18,10 @@ run as one plain autograd graph from a leaf at the tail's first state, and the b
 VJP through all of it (`Tail`): per evaluation, that spares the leaf, the VJP call and the
 cotangent arithmetic in Python, which cost a small network ~1.35x plain backprop; its arithmetic
 is plain backprop's. A step kept only in part, a tensor grid whose times require grad (the time
-leaves are per evaluation) and a reentrant checkpoint keep one graph per evaluation.
+leaves are per evaluation) and a reentrant checkpoint keep one graph per evaluation. No graph is
+kept when the first evaluation's graph saves a buffer that it writes in place (its version moves:
+every later evaluation's write would invalidate the earlier graphs, as in plain backprop, where
+rerunning from the buffer's snapshot is exact; `FirstEvaluation.unkeepable`).
 
 An allocation failure while graphs are kept (`EvaluationGraphs.run_forward`) frees them and runs
 the forward again keeping none, from the random state and written buffers it started with.
@@ -104,6 +107,10 @@ class SavedBytes:
             self.nbytes += nbytes
         return t.detach()
 
+    def saved(self, t: torch.Tensor) -> bool:
+        """Whether autograd saved (a view of) `t`'s storage, among the storages counted."""
+        return _storage_key(t)[0] in self.seen
+
     @staticmethod
     def unpack(t: torch.Tensor) -> torch.Tensor:
         return t
@@ -122,9 +129,11 @@ class FirstEvaluation:
     tau: object  # the time it read: a float, or a tensor (a leaf requiring grad for time gradients)
     k: Optional[torch.Tensor]  # its output with graph; None once handed over or released
     rng: tuple  # generator state before the evaluation
-    nbytes: int  # bytes its graph keeps alive (SavedBytes + the output)
+    nbytes: Optional[int]  # bytes its graph keeps alive (SavedBytes + the output); None: not measured
     sequence_nr: int  # autograd nodes made by the evaluation have sequence numbers >= this
     state: Optional[ModuleState] = None  # the buffers the velocity reaches (problem.module_state)
+    # why no evaluation's graph can be kept for the backward (ModuleState.rewritten), or None
+    unkeepable: Optional[str] = None
 
     def take(self) -> Optional[torch.Tensor]:
         k, self.k = self.k, None
@@ -160,6 +169,27 @@ def _next_sequence_nr() -> int:
     return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
 
 
+def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list, rng,
+                         state: Optional[ModuleState]) -> Tuple[torch.Tensor, Optional[SavedBytes]]:
+    """The first evaluation under SavedBytes' hooks, and the counter. A velocity that refuses
+    saved-tensor hooks (torch.func.grad / vjp / jacrev inside it, or a caller's
+    torch.autograd.graph.disable_saved_tensors_hooks) is run again without them, from the random
+    state and buffers it started with: (k, None), its graph's size unknown (nothing is kept)."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():  # the caller disabled them
+        return problem.evaluate(tau, inp), None
+    counter = SavedBytes(exclude=exclude)
+    try:
+        with counter.hooks():
+            return problem.evaluate(tau, inp), counter
+    except RuntimeError as error:  # torch.func's message: "... don't yet support saved tensor hooks"
+        if "saved tensor hooks" not in str(error):
+            raise
+    set_rng(rng, inp.device)
+    if state is not None:
+        state.restore_before_first()
+    return problem.evaluate(tau, inp), None
+
+
 def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.Tensor],
                      time_grad: bool = False) -> Optional[FirstEvaluation]:
     """Evaluation (0, 0) of `problem` from x, with a graph back to a stage-input leaf and to
@@ -185,15 +215,19 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         sequence_nr = _next_sequence_nr()
         # a non-leaf copy, so a model writing into its input meets the solver's own check
         inp = leaf.clone()
-        counter = SavedBytes(exclude=list(params) + [leaf, inp])
-        with counter.hooks():
-            k = problem.evaluate(tau, inp)
-    nbytes = counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0)
+        k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state)
+    nbytes, unkeepable = None, "the velocity refuses saved-tensor hooks (its graph is not measured)"
+    if counter is not None:
+        nbytes, unkeepable = counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0), None
     if state is not None:
         # kept even when the first evaluation wrote nothing: the end of the forward checks that no
         # later evaluation wrote a buffer either
         state.after_first_evaluation()
-    return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr, state=state)
+        rewritten = state.rewritten(counter.saved) if counter is not None else None
+        if rewritten is not None:
+            unkeepable = f"the graph saves the buffer {rewritten!r}, which every evaluation writes in place"
+    return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr,
+                           state=state, unkeepable=unkeepable)
 
 
 class EvaluationGraphs:
@@ -202,7 +236,8 @@ class EvaluationGraphs:
 
     Observable on the solve's backward node (`out.grad_fn`, AdjointSolveBackward, `.evals`) and in
     the debug log of this module: `budget` (the bytes assumed, "auto" resolved), `graph_bytes`,
-    `kept_count`, `fell_back` (an allocation failure made the forward start over keeping none)."""
+    `kept_count`, `fell_back` (an allocation failure made the forward start over keeping none),
+    `unkeepable` (why no graph could be kept, or None)."""
 
     def __init__(self, problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],
                  device: torch.device, params: Sequence[torch.Tensor], time_grad: bool = False):
@@ -215,11 +250,16 @@ class EvaluationGraphs:
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.budget = strategy.budget_bytes(device)
         total = problem.steps * problem.tableau.stages
-        self._keep(strategy.graphs_to_keep(total, self.graph_bytes, self.budget))
+        # a graph that a later evaluation invalidates is recomputed instead (FirstEvaluation.unkeepable)
+        self.unkeepable = first.unkeepable if first is not None else None
+        keep = strategy.graphs_to_keep(total, self.graph_bytes, self.budget) if self.unkeepable is None else 0
+        self._keep(keep)
         self.fell_back = False
         self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state, params)
-        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r)",
-                  self.kept_count, total, self.graph_bytes, self.budget, strategy.memory_budget)
+        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, "
+                  "memory_budget=%r%s)",
+                  self.kept_count, total, self.graph_bytes, self.budget, strategy.memory_budget,
+                  "" if self.unkeepable is None else f"; none can be kept: {self.unkeepable}")
 
     def _keep(self, count: int) -> None:
         """Keep the graphs of the last `count` evaluations: those of whole steps at the end run as one
