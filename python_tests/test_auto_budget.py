@@ -196,3 +196,48 @@ def test_second_backward_through_kept_steps_is_the_first(method):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(model.buffers(), buffers):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the recomputation left the state as it found it
+
+
+@pytest.mark.parametrize("store", ["stages", "steps"])
+def test_a_tail_stores_no_stage_inputs(store):
+    """The steps before the tail store their stage inputs (or start states); the tail stores
+    nothing: its one VJP reads its graph, and a second backward reruns it from its start state."""
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    kw = dict(steps=4, method="rk4", store=store)
+    per_step = 4 if store == "stages" else 1
+    budget = 4 * _graph_bytes(model, x, **kw)  # the last step
+    for memory_budget, tail_steps in ((INF, 4), (budget, 1)):
+        out = prg_fast.reverse(model, x, memory_budget=memory_budget, **kw)
+        node = _node(out)
+        assert node.evals.tail is not None and node.evals.tail.start == 4 - tail_steps
+        assert len(node.saved_tensors) == (4 - tail_steps) * per_step
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_second_backward_through_a_tail_that_starts_mid_solve(method):
+    """A tail after recomputed steps records one random state, its first evaluation's, and is rerun
+    as a whole from it (ReplayRecord.chain): a second backward draws the forward's dropout masks
+    again, in order -- the same gradients, bit for bit, and plain backprop's."""
+    torch.manual_seed(0)
+    model = Net(dropout=0.3, batchnorm=True).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    inputs = [x] + list(model.parameters())
+    kw = dict(steps=4, method=method)
+    budget = 2 * SOLVERS[method].stages * _graph_bytes(model, x, **kw)  # the last two steps
+    buffers = [b.clone() for b in model.buffers()]
+    torch.manual_seed(3)
+    out = prg_fast.reverse(model, x, memory_budget=budget, **kw)
+    evals = _node(out).evals
+    assert evals.tail is not None and evals.tail.start == 2 and evals.replay.rng is not None
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    first = torch.autograd.grad(out, inputs, g, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, g)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
+    torch.manual_seed(3)
+    _assert_exact(first, torch.autograd.grad(prg_fast.reverse(model, x, adjoint=False, **kw), inputs, g))

@@ -107,14 +107,13 @@ def _backward(ctx, grad_out: torch.Tensor):
     p: Problem = ctx.problem
     s = p.tableau.stages
     walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.times is not None and ctx.needs_input_grad[3])
-    stored = list(ctx.saved_tensors)
+    stored = list(ctx.saved_tensors)  # the steps before the tail's
     start = p.steps
     tail = ctx.evals.take_tail()
     if tail is not None:
-        # the whole steps kept as one graph: one VJP; their stored inputs are for a second backward
+        # the whole steps kept as one graph: one VJP
         walk.tail(tail)
         start = tail.start
-        del stored[start * (1 if ctx.evals.store == "steps" else s):]
     for n in reversed(range(start)):
         walk.arrive(n + 1)
         if ctx.evals.store == "steps":

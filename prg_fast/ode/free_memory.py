@@ -41,18 +41,24 @@ def free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
+_MEM_AVAILABLE = b"MemAvailable:"
+
+
 def _host_available() -> Optional[int]:
     try:
-        # one read of the file's head (MemAvailable is its third line): a fraction of open()'s cost
+        # one read of the file's head (MemAvailable is its third line) and a search for the one
+        # field: ~15 us a call, read on every "auto" solve (decoding and splitting the lines cost
+        # as much again)
         fd = os.open("/proc/meminfo", os.O_RDONLY)
         try:
-            head = os.read(fd, 512).decode("ascii", "replace")
+            head = os.read(fd, 512)
         finally:
             os.close(fd)
-        for line in head.splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        at = head.find(_MEM_AVAILABLE)
+        if at >= 0:
+            start = at + len(_MEM_AVAILABLE)
+            return int(head[start:head.index(b"kB", start)]) * 1024
+    except (OSError, ValueError):
         pass
     try:
         import psutil

@@ -150,7 +150,8 @@ def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List
     return params
 
 
-def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None) -> List[torch.Tensor]:
+def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None,
+                    node_types: Optional[set] = None) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
     module parameters, tensors closed over by a plain function, modules inside wrappers such as
     time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
@@ -162,7 +163,8 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
     requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
     a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
     error that says to pass it as adjoint_params (then the walk stops at its node, and
-    check_computed_inputs refuses it if its graph reaches another input)."""
+    check_computed_inputs refuses it if its graph reaches another input). `node_types` receives the
+    types of the nodes walked: every node the evaluation made (the one walk of its graph)."""
     found = list(params)
     found_ids = {id(p) for p in found}
     if first is None or first.k is None or not first.k.requires_grad:
@@ -174,6 +176,8 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
         if node is None or node in seen or node in known_nodes:
             continue
         seen.add(node)
+        if node_types is not None:
+            node_types.add(type(node))
         leaf = getattr(node, "variable", None)
         if leaf is not None:  # AccumulateGrad: a leaf that requires grad
             if direct is not None:

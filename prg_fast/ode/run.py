@@ -20,7 +20,7 @@ from .parametrize_cache import SharedParametrizations
 from .reach import check_computed_inputs, collect_params, discover_params, reachable
 from .reversible import ReversibleSolve, solve_reversible
 from .strategies import FirstEvaluation, first_evaluation
-from .vjp import uses_reentrant_checkpoint
+from .vjp import has_reentrant_checkpoint
 
 
 def dtypes(model, x: torch.Tensor, model_dtype: Optional[torch.dtype]) -> Tuple[torch.dtype, torch.dtype]:
@@ -81,10 +81,11 @@ def discover(problem: Problem, x: torch.Tensor, spec: SolveDescription,
     if shared is not None:
         params += [w for w in shared.tensors() if all(w is not q for q in params)]
     direct: set = set()
-    params = discover_params(first, params, direct)
+    node_types: set = set()
+    params = discover_params(first, params, direct, node_types)
     explicit = {id(p) for p in spec.adjoint_params} if spec.adjoint_params is not None else set()
     params = check_computed_inputs(params, explicit, direct)
-    reentrant = uses_reentrant_checkpoint(first.k) if first is not None else False
+    reentrant = has_reentrant_checkpoint(node_types)
     # the problem is this call's own (build_problem): completed in place, not copied (~20 us a call)
     problem.params, problem.reentrant, problem.shared_parametrizations = params, reentrant, shared
     return problem, first

@@ -35,7 +35,8 @@ output k (which a kept graph holds): what a kept graph keeps alive, on CPU and C
 
 `store`: "stages" (every stage input, K*s buffers) or "steps" (each step's start state, K
 buffers; the backward recomputes the step's stage inputs, s-1 evaluations without graph, reusing
-kept outputs).
+kept outputs), for the steps before the tail: the tail stores nothing (its graph holds what its
+backward reads, and a second backward reruns it from its start state).
 
 What a rerun needs to be exact (random states, written buffers, autocast, train/eval flags,
 parameter versions) is recorded by prg_fast.ode.replay.ReplayRecord.
@@ -278,7 +279,7 @@ class EvaluationGraphs:
 
     def run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
         """The forward's outputs (without graph); `stored` receives the stage inputs (store="stages")
-        or each step's start state. An allocation failure while graphs are kept is not the run's
+        or each step's start state of the steps before the tail. An allocation failure while graphs are kept is not the run's
         end: everything kept is freed and the forward starts over keeping nothing (exact: the
         random state and the written buffers are put back first)."""
         try:
@@ -300,10 +301,10 @@ class EvaluationGraphs:
         x, saved = p.walk(x, 0, self.tail_from, evaluator=self.forward_evaluate, **where)
         if self.tail_from < p.steps:
             leaf = x.detach().requires_grad_(True)
-            mark = len(stored)
+            # the tail stores nothing: its backward is one VJP through its graph, a second backward
+            # reruns it whole from its start state (take_tail); its stage inputs live in its graph
             with torch.enable_grad():
-                _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=self.tail_evaluate, **where)
-            stored[mark:] = [t.detach() for t in stored[mark:]]  # kept for a second backward's reruns
+                _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=self.tail_evaluate)
             states = {m: v for m, v in states.items() if m > self.tail_from}
             self.tail = Tail(self.tail_from, leaf, self.tail_first_leaf, states)
             self.tail_start = x.detach()
@@ -353,11 +354,13 @@ class EvaluationGraphs:
     def tail_evaluate(self, problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
         """An evaluation of the tail (grad mode on: its graph joins the tail's). Evaluation 0 is the
         first evaluation's output, whose graph reads the stage input through its own leaf."""
-        k = self._reuse_first(n * problem.tableau.stages + i)
+        e = n * problem.tableau.stages + i
+        k = self._reuse_first(e)
         if k is not None:
             self.tail_first_leaf = self.first.leaf
             return k
-        self.replay.record()
+        # the tail is rerun as a whole (take_tail): one random state, its first evaluation's
+        self.replay.record(chained=e > self.tail_from * problem.tableau.stages)
         return problem.evaluate(t, xi)
 
     def finish_forward(self) -> None:
@@ -377,12 +380,12 @@ class EvaluationGraphs:
 
         def rerun(problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
             e = n * problem.tableau.stages + i
-            with self.replay.rerun(e):
+            with self.replay.rerun(e, chained=True):
                 if e == 0 and first_split:  # as in the forward: the first evaluation's own leaf
                     xi = self.tail_first_leaf = xi.detach().requires_grad_(True)
                 return problem.evaluate(t, xi)
 
-        with torch.enable_grad():
+        with self.replay.chain(self.tail_from * p.tableau.stages), torch.enable_grad():
             _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=rerun)
         return Tail(self.tail_from, leaf, self.tail_first_leaf,
                     {m: v for m, v in states.items() if m > self.tail_from})

@@ -15,7 +15,7 @@ So the per-evaluation VJPs here must not run them:
 Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
 `torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
 parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
-velocity's graph holds one (`uses_reentrant_checkpoint`), the VJP is a plain
+velocity's graph holds one (`has_reentrant_checkpoint`), the VJP is a plain
 `torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
 accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
 is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
@@ -24,28 +24,18 @@ prg_fast.ode.reach finds and what graph discovery adds.)
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
 REENTRANT_NODE = "CheckpointFunctionBackward"
 
 
-def uses_reentrant_checkpoint(output: Optional[torch.Tensor]) -> bool:
-    """Whether the graph of `output` runs a reentrant checkpoint (walked once, on the first
-    evaluation)."""
-    if output is None or output.grad_fn is None:
-        return False
-    seen, stack = set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node.name() == REENTRANT_NODE:
-            return True
-        stack.extend(fn for fn, _ in node.next_functions)
-    return False
+def has_reentrant_checkpoint(node_types: Iterable[type]) -> bool:
+    """Whether a graph whose autograd nodes have these types runs a reentrant checkpoint (the types
+    are collected by the one walk of the first evaluation's graph, prg_fast.ode.reach.discover_params:
+    a Python Function's node type is named after it)."""
+    return any(t.__name__ == REENTRANT_NODE for t in node_types)
 
 
 def _hook_dicts(t: torch.Tensor) -> List[dict]:
