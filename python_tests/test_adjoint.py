@@ -8,6 +8,7 @@ import torch
 import prg_fast
 from prg_fast.ode import ops, reference
 from prg_fast.ode.solvers import SOLVERS
+from solve_nodes import adjoint_node
 
 BACKENDS = ["reference"] + (["cpu"] if ops.HAS_OPS else [])
 METHODS = sorted(SOLVERS)
@@ -149,13 +150,6 @@ def test_no_grad_and_frozen_inputs(mlp):
     assert not prg_fast.reverse(model, x, steps=2).requires_grad
 
 
-def _adjoint_node(out):
-    node = out.grad_fn
-    while node is not None and "AdjointSolve" not in type(node).__name__:
-        node = node.next_functions[0][0]
-    return node
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_bytes_kept_for_backward_are_k_times_s_states(mlp, method):
     model = mlp(dim=6)
@@ -165,13 +159,13 @@ def test_bytes_kept_for_backward_are_k_times_s_states(mlp, method):
         # recompute everything ("auto" keeps every graph here: then nothing is stored, see
         # test_auto_budget.py::test_a_tail_stores_no_stage_inputs)
         out = prg_fast.reverse(model, x, steps=steps, method=method, memory_budget=0)
-        kept = _adjoint_node(out).saved_tensors
+        kept = adjoint_node(out).saved_tensors
         assert len(kept) == steps * stages
         assert sum(t.numel() * t.element_size() for t in kept) == steps * stages * x.numel() * 4
         assert all(t.grad_fn is None for t in kept)  # no graph is kept alive through them
         out.sum().backward()
         with pytest.raises(RuntimeError, match="freed"):
-            _adjoint_node(out).saved_tensors  # freed by the backward
+            adjoint_node(out).saved_tensors  # freed by the backward
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 
 import prg_fast
 from prg_fast.ode.solvers import SOLVERS
+from solve_nodes import adjoint_node
 
 METHODS = sorted(SOLVERS)
 INF = float("inf")
@@ -22,14 +23,6 @@ def _grads(out, inputs, seed=1, retain_graph=False):
 
 def _rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _adjoint_node(out):
-    node = out.grad_fn
-    while node is not None and "AdjointSolve" not in type(node).__name__:
-        node = node.next_functions[0][0]
-    assert node is not None, "no AdjointSolve in the graph"
-    return node
 
 
 class Counting(torch.nn.Module):
@@ -47,7 +40,7 @@ class Counting(torch.nn.Module):
 
 def _graph_bytes(model, x, **kw):
     out = prg_fast.reverse(model, x, memory_budget=INF, **kw)
-    return _adjoint_node(out).evals.graph_bytes
+    return adjoint_node(out).evals.graph_bytes
 
 
 def _budgets(model, x, kw):
@@ -70,7 +63,7 @@ def test_every_budget_equals_backprop(mlp, method, store):
     for budget, kept in _budgets(model, x, kw):
         out = prg_fast.reverse(model, x, memory_budget=budget, store=store, **kw)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
-        assert _adjoint_node(out).evals.kept_count == kept, (budget, kept)
+        assert adjoint_node(out).evals.kept_count == kept, (budget, kept)
         for a, b in zip(_grads(out, inputs), ref):
             assert _rel_err(a, b) < 1e-12, (budget, store, _rel_err(a, b))
 
@@ -106,7 +99,7 @@ def test_store_steps_keeps_one_state_per_step(mlp, method):
     x = torch.randn(8, 6, requires_grad=True)
     for steps in (1, 4, 16):
         out = prg_fast.reverse(model, x, steps=steps, method=method, store="steps", memory_budget=0)
-        kept = _adjoint_node(out).saved_tensors
+        kept = adjoint_node(out).saved_tensors
         assert len(kept) == steps
         assert sum(t.numel() * t.element_size() for t in kept) == steps * x.numel() * 4
         out.sum().backward()
@@ -141,7 +134,7 @@ def test_dropout_replayed_with_strategies(mlp, budget, store):
         budget = 6 * _graph_bytes(model, x, **kw)
     torch.manual_seed(5)
     a = prg_fast.reverse(model, x, memory_budget=budget, store=store, **kw)
-    assert _adjoint_node(a).rng is not None  # dropout drew: the states are replayed
+    assert adjoint_node(a).rng is not None  # dropout drew: the states are replayed
     ga = _grads(a, inputs)
     after_a = torch.rand(1)
     torch.manual_seed(5)
@@ -158,7 +151,7 @@ def test_no_random_state_kept_when_nothing_random_runs(mlp):
     model = mlp(dim=4).double()
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     out = prg_fast.reverse(model, x, steps=3)
-    assert _adjoint_node(out).rng is None
+    assert adjoint_node(out).rng is None
 
 
 @pytest.mark.parametrize("budget", [0, INF])
@@ -223,7 +216,7 @@ def test_second_backward_recomputes_consumed_graphs(mlp):
     inputs = [x] + list(model.parameters())
     out = prg_fast.reverse(model, x, steps=3, memory_budget=INF)
     first = _grads(out, inputs, retain_graph=True)
-    assert not _adjoint_node(out).evals.kept  # all handed to the first backward
+    assert not adjoint_node(out).evals.kept  # all handed to the first backward
     second = _grads(out, inputs)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=0)

@@ -8,6 +8,7 @@ import torch
 
 import prg_fast
 from prg_fast.ode import backends, ops, reference
+from solve_nodes import adjoint_node
 
 
 def test_reverse_matches_reference_on_every_backend(conv):
@@ -379,8 +380,6 @@ def test_solve_options_reach_the_description():
 
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     out = prg_fast.reverse(lambda t, x: -x, x, steps=2, memory_budget=0, store="steps", check_finite=True)
-    node = out.grad_fn
-    while "AdjointSolve" not in type(node).__name__:
-        node = node.next_functions[0][0]
+    node = adjoint_node(out)
     assert node.evals.store == "steps" and node.evals.kept_count == 0
     assert describe().strategy.memory_budget == "auto"  # the default of every entry point's memory_budget

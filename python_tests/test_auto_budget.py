@@ -10,16 +10,9 @@ import torch
 import prg_fast
 from prg_fast.ode import free_memory
 from prg_fast.ode.solvers import SOLVERS
+from solve_nodes import adjoint_node
 
 INF = float("inf")
-
-
-def _node(out):
-    node = out.grad_fn
-    while node is not None and "AdjointSolve" not in type(node).__name__:
-        node = node.next_functions[0][0]
-    assert node is not None, "no AdjointSolve in the graph"
-    return node
 
 
 def _grads(out, inputs):
@@ -33,7 +26,7 @@ def _assert_exact(got, want):
 
 
 def _graph_bytes(model, x, **kw):
-    return _node(prg_fast.reverse(model, x, memory_budget=INF, **kw)).evals.graph_bytes
+    return adjoint_node(prg_fast.reverse(model, x, memory_budget=INF, **kw)).evals.graph_bytes
 
 
 class Net(torch.nn.Module):
@@ -81,7 +74,7 @@ def test_auto_keeps_what_fits_in_half_the_free_memory(monkeypatch, method, store
     for free, kept in [(0, 0), (2 * g - 1, 0), (2 * g, 1), (2 * (total - 1) * g, total - 1), (10**15, total)]:
         monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(free))
         out = prg_fast.reverse(model, x, **kw)
-        evals = _node(out).evals
+        evals = adjoint_node(out).evals
         assert (evals.kept_count, evals.budget, evals.fell_back) == (kept, free_memory.AUTO_FRACTION * free, False)
         _assert_exact(_grads(out, inputs), ref)
 
@@ -92,7 +85,7 @@ def test_auto_with_unknown_free_memory_recomputes_everything(monkeypatch, caplog
     monkeypatch.setattr("prg_fast.ode.description.free_bytes", lambda device: None)
     with caplog.at_level(logging.DEBUG, logger="prg_fast.ode.strategies"):
         out = prg_fast.reverse(model, x, steps=2, method="rk4")
-    assert _node(out).evals.kept_count == 0
+    assert adjoint_node(out).evals.kept_count == 0
     assert "0 of 8 evaluation graphs kept" in caplog.text  # the choice is logged
 
 
@@ -101,7 +94,7 @@ def test_auto_measures_the_free_memory():
     assert free is None or free > 0  # /proc/meminfo's MemAvailable on Linux
     model = Net().double()
     out = prg_fast.reverse(model, torch.randn(3, 4, dtype=torch.float64, requires_grad=True), steps=2)
-    assert _node(out).evals.budget == (None if free is None else pytest.approx(0.5 * free, rel=0.2))
+    assert adjoint_node(out).evals.budget == (None if free is None else pytest.approx(0.5 * free, rel=0.2))
 
 
 def test_free_memory_variable_must_be_bytes(monkeypatch):
@@ -136,7 +129,7 @@ def test_out_of_memory_while_keeping_graphs_recomputes_instead(error, at, store)
     torch.manual_seed(7)
     out = prg_fast.reverse(model, x, memory_budget=INF, store=store, **kw)
     after = torch.rand(1)
-    evals = _node(out).evals
+    evals = adjoint_node(out).evals
     assert model.grad_calls >= at and evals.fell_back and evals.kept_count == 0
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same dropout draws
     torch.testing.assert_close(after, after_ref, rtol=0, atol=0)  # the generator left where backprop leaves it
@@ -187,7 +180,7 @@ def test_second_backward_through_kept_steps_is_the_first(method):
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     inputs = [x] + list(model.parameters())
     out = prg_fast.reverse(model, x, steps=3, method=method)  # "auto": every graph kept here
-    assert _node(out).evals.tail is not None  # the kept steps are one graph
+    assert adjoint_node(out).evals.tail is not None  # the kept steps are one graph
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     buffers = [b.clone() for b in model.buffers()]
     first = torch.autograd.grad(out, inputs, g, retain_graph=True)
@@ -210,7 +203,7 @@ def test_a_tail_stores_no_stage_inputs(store):
     budget = 4 * _graph_bytes(model, x, **kw)  # the last step
     for memory_budget, tail_steps in ((INF, 4), (budget, 1)):
         out = prg_fast.reverse(model, x, memory_budget=memory_budget, **kw)
-        node = _node(out)
+        node = adjoint_node(out)
         assert node.evals.tail is not None and node.evals.tail.start == 4 - tail_steps
         assert len(node.saved_tensors) == (4 - tail_steps) * per_step
 
@@ -229,7 +222,7 @@ def test_second_backward_through_a_tail_that_starts_mid_solve(method):
     buffers = [b.clone() for b in model.buffers()]
     torch.manual_seed(3)
     out = prg_fast.reverse(model, x, memory_budget=budget, **kw)
-    evals = _node(out).evals
+    evals = adjoint_node(out).evals
     assert evals.tail is not None and evals.tail.start == 2 and evals.replay.rng is not None
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     first = torch.autograd.grad(out, inputs, g, retain_graph=True)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import prg_fast
 from prg_fast.ode import free_memory
+from solve_nodes import adjoint_node
 
 INF = float("inf")
 F64 = torch.float64
@@ -19,13 +20,6 @@ STRATEGIES = {"auto": dict(), "recompute": dict(memory_budget=0), "keep_all": di
 def _everything_fits(monkeypatch):
     """"auto" keeps every graph here (the tail covers the whole solve), whatever the machine has free."""
     monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(10**15))
-
-
-def _node(out):
-    node = out.grad_fn
-    while node is not None and "AdjointSolve" not in type(node).__name__:
-        node = node.next_functions[0][0]
-    return node
 
 
 def _cotangent(out):
@@ -89,7 +83,7 @@ def test_a_buffer_written_in_place_and_saved_by_the_graph_is_recomputed_not_an_e
     assert torch.equal(out, want_out)
     _assert_close(torch.autograd.grad(out, [x, *net.parameters()], _cotangent(out)), want, name)
     assert torch.equal(net.scale, oracle.scale)  # written once per evaluation, as in backprop
-    assert _node(out) is not None and _node(out).evals.kept_count == 0
+    assert adjoint_node(out) is not None and adjoint_node(out).evals.kept_count == 0
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "1e400", "nan", "lots"])
@@ -432,12 +426,12 @@ def test_every_budget_boundary_equals_backprop(store):
     want = torch.autograd.grad(want_out, [x, *net.parameters()], _cotangent(want_out))
     want_buffers = [b.clone() for b in net.buffers()]
     net.load_state_dict(initial)
-    graph = _node(prg_fast.reverse(net, x, memory_budget=INF, **kw)).evals.graph_bytes
+    graph = adjoint_node(prg_fast.reverse(net, x, memory_budget=INF, **kw)).evals.graph_bytes
     for kept in range(3 * 4 + 1):
         net.load_state_dict(initial)
         torch.manual_seed(5)
         out = prg_fast.reverse(net, x, memory_budget=kept * graph, store=store, **kw)
-        assert _node(out).evals.kept_count == kept and torch.equal(out, want_out)
+        assert adjoint_node(out).evals.kept_count == kept and torch.equal(out, want_out)
         first = torch.autograd.grad(out, [x, *net.parameters()], _cotangent(out), retain_graph=True)
         _assert_close(first, want, f"{kept} kept")
         for a, b in zip(torch.autograd.grad(out, [x, *net.parameters()], _cotangent(out)), first):

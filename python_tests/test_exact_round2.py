@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prg_fast
+from solve_nodes import adjoint_node
 
 INF = float("inf")
 # every adjoint strategy, and the reversible adjoint (compared with plain backprop through the
@@ -30,10 +31,7 @@ def _strategy(name, model, x, **kw):
     s = STRATEGIES[name]
     if s == "partial":
         out = prg_fast.reverse(model, x, memory_budget=INF, **kw)
-        node = out.grad_fn
-        while "AdjointSolve" not in type(node).__name__:
-            node = node.next_functions[0][0]
-        return dict(memory_budget=3 * node.evals.graph_bytes)
+        return dict(memory_budget=3 * adjoint_node(out).evals.graph_bytes)
     return dict(s)
 
 
