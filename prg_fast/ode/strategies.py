@@ -279,9 +279,9 @@ class EvaluationGraphs:
 
     def run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
         """The forward's outputs (without graph); `stored` receives the stage inputs (store="stages")
-        or each step's start state of the steps before the tail. An allocation failure while graphs are kept is not the run's
-        end: everything kept is freed and the forward starts over keeping nothing (exact: the
-        random state and the written buffers are put back first)."""
+        or each step's start state of the steps before the tail. An allocation failure while graphs
+        are kept is not the run's end: everything kept is freed and the forward starts over keeping
+        nothing (exact: the random state and the written buffers are put back first)."""
         try:
             return self._run_forward(x, stored)
         except RuntimeError as error:  # torch.OutOfMemoryError is one
@@ -300,16 +300,22 @@ class EvaluationGraphs:
         where = dict(states=stored) if self.store == "steps" else dict(stage_inputs=stored)
         x, saved = p.walk(x, 0, self.tail_from, evaluator=self.forward_evaluate, **where)
         if self.tail_from < p.steps:
-            leaf = x.detach().requires_grad_(True)
             # the tail stores nothing: its backward is one VJP through its graph, a second backward
             # reruns it whole from its start state (take_tail); its stage inputs live in its graph
-            with torch.enable_grad():
-                _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=self.tail_evaluate)
-            states = {m: v for m, v in states.items() if m > self.tail_from}
-            self.tail = Tail(self.tail_from, leaf, self.tail_first_leaf, states)
             self.tail_start = x.detach()
-            saved.update({m: v.detach() for m, v in states.items()})
+            self.tail = self._tail_graph(self.tail_evaluate)
+            saved.update({m: v.detach() for m, v in self.tail.states.items()})
         return p.gather_outputs(saved)
+
+    def _tail_graph(self, evaluator) -> Tail:
+        """Steps tail_from .. K-1 run with a graph from a leaf at the tail's start state, by
+        `evaluator` (the forward's tail_evaluate, or a backward's rerun: take_tail)."""
+        p = self.problem
+        leaf = self.tail_start.detach().requires_grad_(True)
+        with torch.enable_grad():
+            _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=evaluator)
+        return Tail(self.tail_from, leaf, self.tail_first_leaf,
+                    {m: v for m, v in states.items() if m > self.tail_from})
 
     def _start_over(self) -> None:
         """Back to the start of the forward, keeping no graph: the first evaluation's output and
@@ -374,9 +380,7 @@ class EvaluationGraphs:
         tail, self.tail = self.tail, None
         if tail is not None or self.tail_from >= self.problem.steps:
             return tail
-        p = self.problem
         first_split = self.tail_first_leaf is not None
-        leaf = self.tail_start.detach().requires_grad_(True)
 
         def rerun(problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
             e = n * problem.tableau.stages + i
@@ -385,10 +389,8 @@ class EvaluationGraphs:
                     xi = self.tail_first_leaf = xi.detach().requires_grad_(True)
                 return problem.evaluate(t, xi)
 
-        with self.replay.chain(self.tail_from * p.tableau.stages), torch.enable_grad():
-            _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=rerun)
-        return Tail(self.tail_from, leaf, self.tail_first_leaf,
-                    {m: v for m, v in states.items() if m > self.tail_from})
+        with self.replay.chain(self.tail_from * self.problem.tableau.stages):
+            return self._tail_graph(rerun)
 
     # -- backward -----------------------------------------------------------------------------
 
