@@ -73,3 +73,14 @@ def assert_rows_flash_rule(out, base, terms, coeffs, ref, dtype):
         scale = scale + c[:, j + 1].reshape(view) * t.double().abs()
     ulp = (len(terms) + 1) * torch.finfo(dtype).eps * scale.max().item()
     assert ours <= 2 * max(theirs, at_dtype) + ulp, (ours, theirs, at_dtype)
+
+
+# (base, terms, out) dtypes of the mixed-precision combinations the engine makes
+MIXED_DTYPES = [
+    (torch.float32, torch.bfloat16, torch.bfloat16),  # stage input for a bf16 network
+    (torch.float32, torch.bfloat16, torch.float32),  # final combination, float32 state
+    (torch.float32, torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32, torch.float32),
+    (torch.float32, torch.float32, torch.float64),
+    (torch.float64, torch.float32, torch.float64),
+]

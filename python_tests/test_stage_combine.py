@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prg_fast.ode import ops, reference
-from combine_checks import make_inputs, pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
+from combine_checks import MIXED_DTYPES, make_inputs, pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason=f"compiled ops not built: {ops.CPU_ERROR}")
 
@@ -31,17 +31,7 @@ def test_matches_reference(n, n_terms, dtype):
     assert ours <= 2 * max(theirs, theirs_at_dtype) + ulp, (ours, theirs, theirs_at_dtype)
 
 
-@pytest.mark.parametrize(
-    "base_dtype,term_dtype,out_dtype",
-    [
-        (torch.float32, torch.bfloat16, torch.bfloat16),  # stage input for a bf16 network
-        (torch.float32, torch.bfloat16, torch.float32),  # final combination, float32 state
-        (torch.float32, torch.float16, torch.float16),
-        (torch.bfloat16, torch.float32, torch.float32),
-        (torch.float32, torch.float32, torch.float64),
-        (torch.float64, torch.float32, torch.float64),
-    ],
-)
+@pytest.mark.parametrize("base_dtype,term_dtype,out_dtype", MIXED_DTYPES)
 def test_mixed_dtypes_accumulate_in_float32_or_64(base_dtype, term_dtype, out_dtype):
     base, terms, coeffs = make_inputs(5003, 4, base_dtype, term_dtype)
     out = ops.stage_combine(base, terms, coeffs, 1.0, out_dtype)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prg_fast.ode import ops, reference
-from combine_checks import make_inputs
+from combine_checks import MIXED_DTYPES, make_inputs
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason=f"compiled ops not built: {ops.CPU_ERROR}")
 
@@ -23,16 +23,7 @@ def test_equals_the_functional_op(n, n_terms, dtype):
     torch.testing.assert_close(out, reference.stage_combine(base, terms, coeffs, 0.9))
 
 
-@pytest.mark.parametrize(
-    "base_dtype,term_dtype,out_dtype",
-    [
-        (torch.float32, torch.bfloat16, torch.bfloat16),
-        (torch.float32, torch.bfloat16, torch.float32),
-        (torch.float32, torch.float16, torch.float16),
-        (torch.bfloat16, torch.float32, torch.float32),
-        (torch.float64, torch.float32, torch.float64),
-    ],
-)
+@pytest.mark.parametrize("base_dtype,term_dtype,out_dtype", MIXED_DTYPES)
 def test_mixed_dtypes_take_the_dtype_of_out(base_dtype, term_dtype, out_dtype):
     base, terms, coeffs = make_inputs(5003, 3, base_dtype, term_dtype)
     out = torch.empty(base.shape, dtype=out_dtype)
