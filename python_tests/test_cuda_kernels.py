@@ -9,7 +9,7 @@ import torch
 import prg_fast
 from prg_fast.ode import ops, reference
 from prg_fast.ode.solvers import SOLVERS
-from combine_checks import pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
+from combine_checks import MIXED_DTYPES, pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
 
 
 def _skip_reason():
@@ -102,17 +102,7 @@ def test_every_dtype_mix(base_dtype, term_dtype, out_dtype):
     assert_combine_ok(out, base, terms, coeffs, -1.25, out_dtype)
 
 
-@pytest.mark.parametrize(
-    "base_dtype,term_dtype,out_dtype",
-    [
-        (torch.float32, torch.bfloat16, torch.bfloat16),  # stage input for a bf16 network
-        (torch.float32, torch.bfloat16, torch.float32),  # final combination, float32 state
-        (torch.float32, torch.float16, torch.float16),
-        (torch.bfloat16, torch.float32, torch.float32),
-        (torch.float32, torch.float32, torch.float64),
-        (torch.float64, torch.float32, torch.float64),
-    ],
-)
+@pytest.mark.parametrize("base_dtype,term_dtype,out_dtype", MIXED_DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 def test_mixed_dtypes(base_dtype, term_dtype, out_dtype, n):
     base, terms, coeffs = _inputs((n,), 4, base_dtype, term_dtype)
