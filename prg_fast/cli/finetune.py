@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..ode.description import check_memory_budget
 from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_model_arguments, add_run_arguments,
                    add_solver_arguments, config_from_args, nonnegative_float, nonnegative_int, positive_float,
                    positive_int, print_metrics, run_options, time_list, unit_time, user_model)
@@ -77,17 +78,13 @@ def add_finetune(subparsers) -> None:
 
 
 def memory_budget(text: str):
-    """--memory-budget: "auto", "none" or a number of bytes >= 0 ("inf" allowed)."""
+    """--memory-budget: "auto", "none" or a number of bytes >= 0 ("inf" allowed), checked by the
+    engine's own check of memory_budget."""
     word = text.strip().lower()
-    if word in ("auto", "none"):
-        return None if word == "none" else "auto"
     try:
-        value = float(word)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected auto, none or a number of bytes >= 0, got {text!r}")
-    return value
+        return check_memory_budget(None if word == "none" else word if word == "auto" else float(word))
+    except ValueError:  # not a number, NaN, negative
+        raise argparse.ArgumentTypeError(f"expected auto, none or a number of bytes >= 0, got {text!r}") from None
 
 
 def run_finetune(args) -> int:
