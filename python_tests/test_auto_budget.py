@@ -173,14 +173,14 @@ def test_cuda_free_memory_counts_the_allocators_unused_cache():
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 def test_second_backward_through_kept_steps_is_the_first(method):
-    """Whole kept steps are one graph; a second backward (retain_graph) recomputes them as one graph
-    again, with the forward's dropout masks and BatchNorm state: the same gradients, bit for bit."""
+    """Every graph kept: the solve is plain backprop, one graph from x; a second backward
+    (retain_graph) goes through it again: the same gradients, bit for bit, buffers untouched."""
     torch.manual_seed(0)
     model = Net(dropout=0.3, batchnorm=True).double()
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     inputs = [x] + list(model.parameters())
     out = prg_fast.reverse(model, x, steps=3, method=method)  # "auto": every graph kept here
-    assert adjoint_node(out).evals.tail is not None  # the kept steps are one graph
+    assert adjoint_node(out).evals.as_backprop  # the kept steps are one graph, x's
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     buffers = [b.clone() for b in model.buffers()]
     first = torch.autograd.grad(out, inputs, g, retain_graph=True)
@@ -201,10 +201,13 @@ def test_a_tail_stores_no_stage_inputs(store):
     kw = dict(steps=4, method="rk4", store=store)
     per_step = 4 if store == "stages" else 1
     budget = 4 * _graph_bytes(model, x, **kw)  # the last step
-    for memory_budget, tail_steps in ((INF, 4), (budget, 1)):
+    for memory_budget, tail_steps in ((INF, 4), (budget, 1), (2 * budget, 2)):
         out = prg_fast.reverse(model, x, memory_budget=memory_budget, **kw)
         node = adjoint_node(out)
-        assert node.evals.tail is not None and node.evals.tail.start == 4 - tail_steps
+        if tail_steps == 4:  # everything kept: plain backprop, the adjoint's Function is not there
+            assert node.evals.as_backprop and type(node).__name__ == "AdjointSolveKeptBackward"
+        else:
+            assert node.evals.tail is not None and node.evals.tail.start == 4 - tail_steps
         assert len(node.saved_tensors) == (4 - tail_steps) * per_step
 
 

@@ -431,16 +431,21 @@ def test_a_buffer_written_through_data_is_kept():
     torch.testing.assert_close(ema, ema0, rtol=0, atol=0)
 
 
-def test_keep_all_then_a_second_backward_refuses_what_it_cannot_rerun():
-    """memory_budget=inf reruns nothing in the first backward, so a buffer written only by a later
-    evaluation is allowed; a second backward (retain_graph) would rerun: a clear error."""
-    torch.manual_seed(0)
-    net = _Sometimes().double()
+def test_keep_all_reruns_nothing_so_a_buffer_written_later_is_backprops():
+    """memory_budget=inf keeps every graph: the solve is plain backprop, so a buffer written only by
+    a later evaluation is differentiated as backprop does, by a first and a second backward
+    (retain_graph) alike; a budget that reruns the last step refuses it."""
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    out = prg_fast.reverse(net, x, steps=4, method="euler", memory_budget=float("inf"))
-    torch.autograd.grad(out.sum(), x, retain_graph=True)
+    grads = []
+    for strategy in (dict(memory_budget=float("inf")), dict(adjoint=False)):
+        torch.manual_seed(0)
+        net = _Sometimes().double()
+        out = prg_fast.reverse(net, x, steps=4, method="euler", **strategy)
+        grads += [torch.autograd.grad(out.sum(), x, retain_graph=True)[0], torch.autograd.grad(out.sum(), x)[0]]
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="not in its first evaluation"):
-        torch.autograd.grad(out.sum(), x)
+        prg_fast.reverse(_Sometimes().double(), x, steps=4, method="euler", memory_budget=0)
 
 
 def test_a_buffer_carrying_a_graph_between_evaluations_is_a_clear_error():
@@ -455,5 +460,6 @@ def test_a_buffer_carrying_a_graph_between_evaluations_is_a_clear_error():
             self.prev = y  # the next evaluation reads this one's output, graph and all
             return y
 
+    # (a solve keeping every graph is plain backprop, which differentiates through the buffer)
     with pytest.raises(RuntimeError, match=r"tensor that requires grad in its buffer 'Recurrent\.prev'"):
-        prg_fast.reverse(Recurrent(), torch.randn(5, 4), steps=3, method="euler")
+        prg_fast.reverse(Recurrent(), torch.randn(5, 4), steps=3, method="euler", memory_budget=0)

@@ -74,15 +74,44 @@ def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.d
         torch._foreach_add_(into, add)
 
 
+def adjoint_solve(problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],
+                  times: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The states at problem.out_index, stacked, differentiated by the exact adjoint. `times`:
+    problem.times as an input (so its gradient is returned), or None on a float grid. Which
+    evaluations keep their graphs, the first evaluation's reuse: prg_fast.ode.strategies; when all
+    of them do, the solve is plain backprop (AdjointSolveKept)."""
+    evals = EvaluationGraphs(problem, strategy, first, x.device, problem.params,
+                             time_grad=times is not None and times.requires_grad)
+    if evals.as_backprop:
+        outs = evals.run_as_backprop(x)
+        if outs is not None:
+            return AdjointSolveKept.apply(evals, *outs)
+    return AdjointSolve.apply(problem, evals, times, x, *problem.params)
+
+
+class AdjointSolveKept(torch.autograd.Function):
+    """The outputs of a solve that kept every evaluation's graph: they were computed by plain
+    autograd from x (EvaluationGraphs.run_as_backprop), so their backward is plain backprop's, with
+    no nested VJP. This node only stacks them; it carries `.evals` (what the strategy chose, as
+    AdjointSolve's does) and makes a second derivative the same once_differentiable error as
+    AdjointSolve's, whatever the memory budget chose."""
+
+    @staticmethod
+    def forward(ctx, evals: EvaluationGraphs, *outs: torch.Tensor):
+        ctx.evals = evals
+        return torch.stack(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        return (None, *grad_out.unbind(0))
+
+
 class AdjointSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],
-                times: Optional[torch.Tensor], x: torch.Tensor, *params: torch.Tensor):
-        # `times`: problem.times as an input (so its gradient is returned), or None on a float grid.
-        # Which evaluations keep their graphs, the first evaluation's reuse: prg_fast.ode.strategies;
+    def forward(ctx, problem: Problem, evals: EvaluationGraphs, times: Optional[torch.Tensor], x: torch.Tensor,
+                *params: torch.Tensor):
         # what a rerun needs (random states, buffers, flags, versions): prg_fast.ode.replay.
-        evals = EvaluationGraphs(problem, strategy, first, x.device, params,
-                                 time_grad=times is not None and times.requires_grad)
         stored: list = []
         outs = evals.run_forward(x.to(problem.state_dtype), stored)
         evals.finish_forward()
@@ -99,14 +128,14 @@ class AdjointSolve(torch.autograd.Function):
         replay = ctx.evals.replay
         with replay.backward():
             grads = _backward(ctx, grad_out)
-        replay.check_versions(grads[5:])
+        replay.check_versions(grads[4:])
         return grads
 
 
 def _backward(ctx, grad_out: torch.Tensor):
     p: Problem = ctx.problem
     s = p.tableau.stages
-    walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.times is not None and ctx.needs_input_grad[3])
+    walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.times is not None and ctx.needs_input_grad[2])
     stored = list(ctx.saved_tensors)  # the steps before the tail's
     start = p.steps
     tail = ctx.evals.take_tail()
@@ -124,7 +153,7 @@ def _backward(ctx, grad_out: torch.Tensor):
         walk.step(n, inputs)
     walk.arrive(0)
     grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(walk.acc, walk.params)]
-    return (None, None, None, walk.gtimes, walk.lam.to(ctx.x_dtype), *grad_params)
+    return (None, None, walk.gtimes, walk.lam.to(ctx.x_dtype), *grad_params)
 
 
 class BackwardWalk:
@@ -155,13 +184,10 @@ class BackwardWalk:
             if g is not None:
                 outputs.append(state)
                 cotangents.append(g.to(state.dtype))
-        leaves = [tail.leaf] + ([tail.first_leaf] if tail.first_leaf is not None else [])
-        grads = graph_vjp(outputs, leaves + self.params, cotangents, self.p.reentrant)
-        # the first evaluation read the stage input X_0 = x (in the network's dtype) through its own leaf
-        for g in grads[:len(leaves)]:
-            if g is not None:
-                self.lam = self.lam + g.to(self.lam.dtype)
-        accumulate(self.acc, grads[len(leaves):], self.acc_dtype, returned=grads, given=cotangents)
+        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, self.p.reentrant)
+        if grads[0] is not None:
+            self.lam = self.lam + grads[0].to(self.lam.dtype)
+        accumulate(self.acc, grads[1:], self.acc_dtype, returned=grads, given=cotangents)
 
     def step(self, n: int, inputs: List[torch.Tensor]) -> None:
         p = self.p

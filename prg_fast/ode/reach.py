@@ -170,6 +170,8 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
     if first is None or first.k is None or not first.k.requires_grad:
         return found
     known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
+    if first.leaf.grad_fn is not None:  # the stage input with x's graph: x's history is not the velocity's
+        known_nodes.add(first.leaf.grad_fn)
     seen, stack = set(), [first.k.grad_fn]
     while stack:
         node = stack.pop()

@@ -1,7 +1,7 @@
 """A described solve, run: the one path from (model, x, Grid, SolveDescription) to the states.
 The Problem of the call (integrate); under an adjoint with grad mode the first evaluation with its
 graph (strategies.first_evaluation: discovers what the velocity reads, sizes a memory budget, and
-the solve reuses its output); then the strategy's loop: StoredAdjoint -> adjoint.AdjointSolve,
+the solve reuses its output); then the strategy's loop: StoredAdjoint -> adjoint.adjoint_solve,
 ReversibleAdjoint -> reversible.ReversibleSolve, Backprop -> plain autograd through integrate.solve
 or reversible.solve_reversible."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends
-from .adjoint import AdjointSolve
+from .adjoint import adjoint_solve
 from .description import FLOAT_DTYPES, Backprop, ReversibleAdjoint, SolveDescription
 from .grids import Grid
 from .integrate import Problem, solve
@@ -118,7 +118,7 @@ def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tens
     elif coupling is not None:
         out = solve_reversible(problem, x, coupling)
     elif tracked and differentiate:
-        out = AdjointSolve.apply(problem, strategy, first, times, x, *problem.params)
+        out = adjoint_solve(problem, strategy, first, times, x)
     else:
         out = solve(problem, x, first.evaluator() if first is not None else None)
     return out if out.dtype == x.dtype else out.to(x.dtype)

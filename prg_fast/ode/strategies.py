@@ -17,8 +17,11 @@ exceeds budget + one evaluation. Kept evaluations that make up whole steps at th
 run as one plain autograd graph from a leaf at the tail's first state, and the backward takes one
 VJP through all of it (`Tail`): per evaluation, that spares the leaf, the VJP call and the
 cotangent arithmetic in Python, which cost a small network ~1.35x plain backprop; its arithmetic
-is plain backprop's. A step kept only in part, a tensor grid whose times require grad (the time
-leaves are per evaluation) and a reentrant checkpoint keep one graph per evaluation. No graph is
+is plain backprop's. When every graph fits (and no time gradient is asked for), the whole solve
+is plain backprop instead (`EvaluationGraphs.as_backprop`): one graph from x itself, with no
+autograd Function of ours and its nested VJP around it. A step kept only in part, a tensor grid
+whose times require grad (the time leaves are per evaluation) and a reentrant checkpoint keep one
+graph per evaluation. No graph is
 kept when the first evaluation's graph saves a buffer that it writes in place (its version moves:
 every later evaluation's write would invalidate the earlier graphs, as in plain backprop, where
 rerunning from the buffer's snapshot is exact; `FirstEvaluation.unkeepable`).
@@ -61,13 +64,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Tail:
-    """The whole steps start .. K-1 of a forward, run as one graph from the leaf `leaf` (the state
-    at grid point `start`): `states` are its states at the output points after `start`, with their
-    graph; `first_leaf`, when the tail starts at 0, the first evaluation's stage-input leaf."""
+    """The whole steps start .. K-1 (start > 0) of a forward, run as one graph from the leaf `leaf`
+    (the state at grid point `start`): `states` are its states at the output points after `start`,
+    with their graph."""
 
     start: int
     leaf: torch.Tensor
-    first_leaf: Optional[torch.Tensor]
     states: Dict[int, torch.Tensor]
 
 def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
@@ -125,7 +127,9 @@ class FirstEvaluation:
     it, its graph's bytes size the memory budget, and the solve reuses its output (so discovery
     costs no extra evaluation)."""
 
-    leaf: torch.Tensor  # the stage input, a leaf requiring grad
+    # the stage input, requiring grad: a view of x's stage input with x's graph when the solve may
+    # run as plain backprop (EvaluationGraphs.as_backprop), else a leaf
+    leaf: torch.Tensor
     tau: object  # the time it read: a float, or a tensor (a leaf requiring grad for time gradients)
     k: Optional[torch.Tensor]  # its output with graph; None once handed over or released
     rng: tuple  # generator state before the evaluation
@@ -149,12 +153,14 @@ class FirstEvaluation:
         if self.state is not None:
             self.state.load(self.state.first, keep)
 
-    def evaluator(self):
-        """An evaluator for Problem.run that reuses the output at (0, 0), without its graph."""
+    def evaluator(self, with_graph: bool = False):
+        """An evaluator for Problem.run that reuses the output at (0, 0), without its graph (or with
+        it: a solve run as plain backprop)."""
 
         def evaluate(problem: Problem, n: int, i: int, t: float, xi: torch.Tensor) -> torch.Tensor:
             if n == 0 and i == 0 and self.k is not None:
-                return self.take().detach()
+                k = self.take()
+                return k if with_graph else k.detach()
             return problem.evaluate(t, xi)
 
         return evaluate
@@ -199,9 +205,12 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         return None
     # c[0] = 0 for every explicit tableau (checked in ButcherTableau): stage 0 reads (t_0, x)
     t0, h, taus = problem.step_at(0)
-    with torch.no_grad():
-        xi = problem.stage_input(x.detach().to(problem.state_dtype), [], 0, h)
-    leaf = xi.detach().requires_grad_(True)
+    # X_0 with x's graph (a solve whose graphs all fit runs as plain backprop and reaches x through
+    # this evaluation: EvaluationGraphs.as_backprop), a view so that it is never x itself; under
+    # time gradients (the adjoint's Function, always) and for an x without grad, a leaf
+    with torch.set_grad_enabled(not time_grad):
+        xi = problem.stage_input(x.to(problem.state_dtype), [], 0, h)
+    leaf = xi.view_as(xi) if xi.requires_grad else xi.detach().requires_grad_(True)
     tau = taus[0]
     if isinstance(t0, torch.Tensor):
         # the times' graph is not this evaluation's business; a leaf when time gradients are wanted
@@ -269,13 +278,39 @@ class EvaluationGraphs:
         self.kept_count = count
         self.keep_from = p.steps * s - count  # evaluations e = n * s + i >= keep_from keep their graphs
         whole = not self.time_grad and not p.reentrant
-        self.tail_from = -(-self.keep_from // s) if whole else p.steps  # the tail's first step
+        # the tail's first step; never 0: a solve keeping every graph runs as plain backprop instead
+        # (as_backprop), whose graph reaches x itself
+        self.tail_from = max(1, -(-self.keep_from // s)) if whole else p.steps
         self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
         self.tail: Optional[Tail] = None
-        self.tail_first_leaf: Optional[torch.Tensor] = None
         self.tail_start: Optional[torch.Tensor] = None  # the state at the tail's start (a rerun's)
 
     # -- forward ------------------------------------------------------------------------------
+
+    @property
+    def as_backprop(self) -> bool:
+        """Every evaluation's graph fits (none is invalidated by a later one) and no time gradient
+        is asked for: the solve is plain backprop, one autograd graph from x (run_as_backprop), and
+        no Function of the adjoint stands between it and autograd."""
+        return self.keep_from == 0 and self.unkeepable is None and not self.time_grad
+
+    def run_as_backprop(self, x: torch.Tensor) -> Optional[List[torch.Tensor]]:
+        """The solve's outputs with their graph, its first evaluation the one discovery ran (its
+        input has x's graph: first_evaluation). An allocation failure is not the run's end: the
+        graph is freed, the first evaluation's draws and writes undone, nothing is kept any more
+        (kept_count 0, fell_back) and None says to run the adjoint's forward instead."""
+        p = self.problem
+        evaluator = self.first.evaluator(with_graph=True) if self.first is not None else None
+        try:
+            with torch.enable_grad():
+                return p.run(x.to(p.state_dtype), evaluator=evaluator)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(error):
+                raise
+            message = str(error).splitlines()[0]
+        # outside the except block: the failed attempt's frames (and the graph they hold) are gone
+        self._fall_back(message)
+        return None
 
     def run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
         """The forward's outputs (without graph); `stored` receives the stage inputs (store="stages")
@@ -289,9 +324,7 @@ class EvaluationGraphs:
                 raise
             message = str(error).splitlines()[0]
         # outside the except block: the failed attempt's frames (and the graphs they hold) are gone
-        log.warning("adjoint: out of memory while keeping %d evaluation graphs (%s); recomputing them in the "
-                    "backward instead", self.kept_count, message)
-        self._start_over()
+        self._fall_back(message)
         stored.clear()
         return self._run_forward(x, stored)
 
@@ -314,12 +347,14 @@ class EvaluationGraphs:
         leaf = self.tail_start.detach().requires_grad_(True)
         with torch.enable_grad():
             _, states = p.walk(leaf, self.tail_from, p.steps, evaluator=evaluator)
-        return Tail(self.tail_from, leaf, self.tail_first_leaf,
-                    {m: v for m, v in states.items() if m > self.tail_from})
+        return Tail(self.tail_from, leaf, {m: v for m, v in states.items() if m > self.tail_from})
 
-    def _start_over(self) -> None:
-        """Back to the start of the forward, keeping no graph: the first evaluation's output and
-        its draws and buffer writes are undone (it is rerun without a graph), the records cleared."""
+    def _fall_back(self, message: str) -> None:
+        """Back to the start of the forward after an allocation failure, keeping no graph: the first
+        evaluation's output and its draws and buffer writes are undone (it is rerun without a
+        graph), the records cleared."""
+        log.warning("adjoint: out of memory while keeping %d evaluation graphs (%s); recomputing them in the "
+                    "backward instead", self.kept_count, message)
         self._keep(0)
         self.fell_back = True
         if self.first is not None:
@@ -358,13 +393,8 @@ class EvaluationGraphs:
         return problem.evaluate(t, xi)
 
     def tail_evaluate(self, problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
-        """An evaluation of the tail (grad mode on: its graph joins the tail's). Evaluation 0 is the
-        first evaluation's output, whose graph reads the stage input through its own leaf."""
+        """An evaluation of the tail (grad mode on: its graph joins the tail's)."""
         e = n * problem.tableau.stages + i
-        k = self._reuse_first(e)
-        if k is not None:
-            self.tail_first_leaf = self.first.leaf
-            return k
         # the tail is rerun as a whole (take_tail): one random state, its first evaluation's
         self.replay.record(chained=e > self.tail_from * problem.tableau.stages)
         return problem.evaluate(t, xi)
@@ -380,13 +410,9 @@ class EvaluationGraphs:
         tail, self.tail = self.tail, None
         if tail is not None or self.tail_from >= self.problem.steps:
             return tail
-        first_split = self.tail_first_leaf is not None
 
         def rerun(problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
-            e = n * problem.tableau.stages + i
-            with self.replay.rerun(e, chained=True):
-                if e == 0 and first_split:  # as in the forward: the first evaluation's own leaf
-                    xi = self.tail_first_leaf = xi.detach().requires_grad_(True)
+            with self.replay.rerun(n * problem.tableau.stages + i, chained=True):
                 return problem.evaluate(t, xi)
 
         with self.replay.chain(self.tail_from * self.problem.tableau.stages):
