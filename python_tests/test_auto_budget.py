@@ -237,3 +237,63 @@ def test_second_backward_through_a_tail_that_starts_mid_solve(method):
             b.copy_(saved)
     torch.manual_seed(3)
     _assert_exact(first, torch.autograd.grad(prg_fast.reverse(model, x, adjoint=False, **kw), inputs, g))
+
+
+def _graph_node_types(out):
+    """The type names of every autograd node behind `out`."""
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_a_solve_whose_graphs_all_fit_is_plain_backprop(method, x_grad):
+    """Every graph fits: the solve is one autograd graph from x with no adjoint Function in it (only
+    the thin node that carries .evals), and the backward does backprop's work, hook for hook: the
+    modules' backward hooks see what they see under adjoint=False (no input gradient for the first
+    evaluation when x has none), x's own hook runs once, and the gradients are backprop's bit for bit."""
+    def run(**kw):
+        torch.manual_seed(0)
+        net = Net(dropout=0.2).double()
+        seen = []
+        net.a.register_full_backward_hook(lambda m, gin, gout: seen.append(gin[0] is None))
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=x_grad)
+        calls = []
+        if x_grad:
+            x.register_hook(lambda g: calls.append(1))
+        out = prg_fast.reverse(net, x, steps=3, method=method, **kw)
+        inputs = ([x] if x_grad else []) + list(net.parameters())
+        return out, _grads(out, inputs), seen, calls
+
+    out, got, seen, calls = run()
+    _, want, seen_bp, calls_bp = run(adjoint=False)
+    evals = adjoint_node(out).evals
+    assert evals.as_backprop and evals.kept_count == 3 * SOLVERS[method].stages
+    types = _graph_node_types(out)
+    assert "AdjointSolveKeptBackward" in types and "AdjointSolveBackward" not in types
+    assert seen == seen_bp and calls == calls_bp
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_time_gradients_keep_the_adjoints_function():
+    """A tensor grid whose times require grad is differentiated by the adjoint (its first
+    evaluation reads a leaf of its own), exactly, even when every graph fits."""
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for kw in (dict(memory_budget=INF), dict(adjoint=False)):
+        t = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64, requires_grad=True)
+        out = prg_fast.odeint(lambda s, y: net(s.expand(y.shape[0]), y), x, t, method="rk4", **kw)
+        if "memory_budget" in kw:
+            assert not adjoint_node(out).evals.as_backprop
+        grads.append(_grads(out, [x, t] + list(net.parameters())))
+    _assert_exact(*grads)

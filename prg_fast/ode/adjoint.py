@@ -27,7 +27,8 @@ quantity here is per sample ((B,)), on a shared grid summed over the batch.
 
 Strategies (StoredAdjoint's memory_budget and store: prg_fast.ode.strategies) differ only in where
 the evaluation with its graph comes from (EvaluationGraphs.with_graph) and the stage inputs
-(EvaluationGraphs.step_stage_inputs).
+(EvaluationGraphs.step_stage_inputs). A solve that keeps every evaluation's graph is not
+differentiated here at all: it runs as plain backprop from x (adjoint_solve, AdjointSolveKept).
 """
 from __future__ import annotations
 

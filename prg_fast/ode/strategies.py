@@ -127,8 +127,8 @@ class FirstEvaluation:
     it, its graph's bytes size the memory budget, and the solve reuses its output (so discovery
     costs no extra evaluation)."""
 
-    # the stage input, requiring grad: a view of x's stage input with x's graph when the solve may
-    # run as plain backprop (EvaluationGraphs.as_backprop), else a leaf
+    # the stage input: a view of x's stage input with x's graph when the solve may run as plain
+    # backprop (EvaluationGraphs.as_backprop), else a leaf (requiring grad under time gradients)
     leaf: torch.Tensor
     tau: object  # the time it read: a float, or a tensor (a leaf requiring grad for time gradients)
     k: Optional[torch.Tensor]  # its output with graph; None once handed over or released
@@ -206,11 +206,12 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
     # c[0] = 0 for every explicit tableau (checked in ButcherTableau): stage 0 reads (t_0, x)
     t0, h, taus = problem.step_at(0)
     # X_0 with x's graph (a solve whose graphs all fit runs as plain backprop and reaches x through
-    # this evaluation: EvaluationGraphs.as_backprop), a view so that it is never x itself; under
-    # time gradients (the adjoint's Function, always) and for an x without grad, a leaf
+    # this evaluation: EvaluationGraphs.as_backprop), a view so that it is never x itself; without
+    # grad for an x without grad (backprop computes no gradient for it either); under time
+    # gradients (always the adjoint's Function, which keeps this graph only then) a leaf
     with torch.set_grad_enabled(not time_grad):
         xi = problem.stage_input(x.to(problem.state_dtype), [], 0, h)
-    leaf = xi.view_as(xi) if xi.requires_grad else xi.detach().requires_grad_(True)
+    leaf = xi.view_as(xi) if xi.requires_grad else xi.detach().requires_grad_(time_grad)
     tau = taus[0]
     if isinstance(t0, torch.Tensor):
         # the times' graph is not this evaluation's business; a leaf when time gradients are wanted
@@ -378,8 +379,11 @@ class EvaluationGraphs:
         # kept evaluations too: a second backward (retain_graph) reruns what the first consumed
         k = self._reuse_first(e)
         if k is not None:
-            if e >= self.keep_from:
-                self.kept[e] = (self.first.leaf, self.first.tau, k)
+            leaf = self.first.leaf
+            # its graph is kept only from a leaf of ours (the backward's VJP stops there): under time
+            # gradients, the one case that keeps evaluation 0 here (else it runs as_backprop)
+            if e >= self.keep_from and leaf.requires_grad and leaf.grad_fn is None:
+                self.kept[e] = (leaf, self.first.tau, k)
             return k.detach()
         self.replay.record()
         if e >= self.keep_from:
