@@ -88,7 +88,14 @@ class SavedBytes:
     own output (relu, exp, sigmoid, ...) hold a Python reference to a tensor whose grad_fn is that
     node -- a reference cycle through C++ that Python's gc cannot see, so the whole graph (every
     activation of the evaluation) leaked on every differentiated call. A detached alias shares the
-    storage and the version counter (in-place checks still work) but has no grad_fn."""
+    storage and the version counter but has no grad_fn.
+
+    Autograd skips its in-place check (saved version against the tensor's version now) for a tensor
+    saved through hooks, and this graph is the user's own when the solve runs as plain backprop (or
+    a kept evaluation 0): pack records the version and unpack makes the check itself, with
+    autograd's message, so a tensor the first evaluation saved and something wrote in place before
+    the backward (a closed-over tensor, a parameter stepped too early) is backprop's error, not a
+    gradient from the new values."""
 
     def __init__(self, exclude: Sequence[torch.Tensor] = ()):
         # a lazy module's parameters have no storage before the first evaluation materialises them
@@ -97,24 +104,32 @@ class SavedBytes:
         self.seen: set = set()
         self.nbytes = 0
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> Tuple[torch.Tensor, Optional[int]]:
         # parameters (frozen ones too) and closed-over leaves exist whether or not a graph is kept
         # (autograd often saves a view of them, e.g. a Linear's transposed weight: look at the base)
         base = t._base if t._base is not None else t
-        if isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad):
-            return t.detach()
-        ptr, nbytes = _storage_key(t)
-        if ptr not in self.exclude and ptr not in self.seen:
-            self.seen.add(ptr)
-            self.nbytes += nbytes
-        return t.detach()
+        if not (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)):
+            ptr, nbytes = _storage_key(t)
+            if ptr not in self.exclude and ptr not in self.seen:
+                self.seen.add(ptr)
+                self.nbytes += nbytes
+        # a tensor made under inference mode has no version counter (nothing to check)
+        return t.detach(), None if t.is_inference() else t._version
 
     def saved(self, t: torch.Tensor) -> bool:
         """Whether autograd saved (a view of) `t`'s storage, among the storages counted."""
         return _storage_key(t)[0] in self.seen
 
     @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
+    def unpack(packed: Tuple[torch.Tensor, Optional[int]]) -> torch.Tensor:
+        t, version = packed
+        if version is not None and t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                f"{version} instead (it was saved by the solve's first evaluation of the model; a tensor "
+                "the model reads must not be written in place between the solve and its backward)"
+            )
         return t
 
     def hooks(self):

@@ -1,0 +1,431 @@
+"""Review of the plain-backprop solve (memory_budget="auto" keeping every graph runs as one autograd
+graph from x: strategies.EvaluationGraphs.as_backprop). Each case is solved three ways in float64 --
+the default (auto, which keeps everything here), memory_budget=0 (the per-evaluation adjoint) and
+adjoint=False (the oracle) -- and their gradients, errors and side effects must agree."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+import prg_fast
+from solve_nodes import adjoint_node
+
+WAYS = [dict(), dict(memory_budget=0), dict(adjoint=False)]
+TOL = 1e-12
+
+
+def _cotangent(out):
+    return torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+
+
+def _close(got, want, tol=TOL):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert ((a - b).norm() / b.norm().clamp_min(1e-300)).item() < tol
+
+
+def _three_ways(case, tol=TOL):
+    """case(**way) -> (out, inputs): grads of <out, cotangent> wrt inputs, the three ways, compared."""
+    grads = []
+    for way in WAYS:
+        torch.manual_seed(0)
+        out, inputs = case(**way)
+        if not way:
+            assert adjoint_node(out).evals.as_backprop, "the default is meant to take the plain path here"
+        grads.append(torch.autograd.grad(out, inputs, _cotangent(out), allow_unused=True))
+    _close(grads[0], grads[2], tol)
+    _close(grads[1], grads[2], tol)
+    return grads
+
+
+class Net(torch.nn.Module):
+    def __init__(self, dim=4, hidden=8):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, t, x):
+        return self.b(torch.tanh(self.a(x) + t[:, None].to(x.dtype)))
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def test_non_leaf_x_from_an_encoder_gets_backprops_gradients():
+    net, enc = _net(), torch.nn.Linear(3, 4).double()
+    data = torch.randn(5, 3, dtype=torch.float64)
+
+    def case(**kw):
+        x = enc(data)
+        out = prg_fast.reverse(net, x, steps=2, **kw)
+        if kw == {}:  # the encoder's parameters are x's history, not the velocity's inputs
+            ids = {id(p) for p in adjoint_node(out).evals.problem.params}
+            assert not ids & {id(p) for p in enc.parameters()}
+        return out, list(enc.parameters()) + list(net.parameters())
+
+    _three_ways(case)
+
+
+@pytest.mark.parametrize("make", ["slice", "expand", "transpose"])
+def test_x_a_view_of_a_bigger_tensor(make):
+    net = _net()
+    base = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    row = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    col = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+
+    def case(**kw):
+        x = {"slice": lambda: base[::2], "expand": lambda: row.expand(5, 4), "transpose": lambda: col.t()}[make]()
+        return prg_fast.reverse(net, x, steps=2, method="midpoint", **kw), [base, row, col] + list(net.parameters())
+
+    _three_ways(case)
+
+
+def test_hooks_on_x_run_once_and_change_the_gradient_alike():
+    net = _net()
+    calls = []
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        x.register_hook(lambda g: (calls.append(1), 2 * g)[1])
+        y = x * 1.5
+        y.register_hook(lambda g: g + 1)
+        return prg_fast.reverse(net, y, steps=2, **kw), [x] + list(net.parameters())
+
+    _three_ways(case)
+    assert calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("x_grad, p_grad", [(True, False), (False, True)])
+def test_frozen_parameters_or_x_without_grad(x_grad, p_grad):
+    net = _net().requires_grad_(p_grad)
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=x_grad)
+        inputs = ([x] if x_grad else []) + (list(net.parameters()) if p_grad else [])
+        return prg_fast.reverse(net, x, steps=2, method="rk4", **kw), inputs
+
+    _three_ways(case)
+
+
+def test_float64_x_float32_model():
+    torch.manual_seed(0)
+    net = Net()
+    x0 = torch.randn(5, 4, dtype=torch.float64)
+
+    def case(**kw):
+        x = x0.clone().requires_grad_(True)
+        return prg_fast.reverse(net, x, steps=2, method="rk4", **kw), [x] + list(net.parameters())
+
+    # float32 network arithmetic, summed in a different order by the adjoint's VJPs
+    _three_ways(case, tol=1e-5)
+
+
+@pytest.mark.parametrize("save_at", [[0.0, 0.5, 1.0], [1.0, 0.0, 0.25]])
+def test_save_at_with_t0(save_at):
+    net = _net()
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(net, x, steps=4, save_at=save_at, **kw), [x] + list(net.parameters())
+
+    _three_ways(case)
+
+
+def test_per_sample_times_and_generate_and_odeint():
+    net = _net()
+
+    def per_sample(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        t = torch.linspace(0.5, 1.0, 5, dtype=torch.float64)
+        return prg_fast.reverse(net, x, t, steps=3, save_at=torch.stack([t / 2, t]), **kw), [x] + list(net.parameters())
+
+    def gen(**kw):
+        z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.generate(net, z, steps=3, method="rk4", **kw), [z] + list(net.parameters())
+
+    def ode(**kw):
+        y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, 0.2, 0.7, 1.0], dtype=torch.float64)
+        return prg_fast.odeint(lambda s, v: net(s.expand(5), v), y, t, **kw), [y] + list(net.parameters())
+
+    for case in (per_sample, gen, ode):
+        _three_ways(case)
+
+
+def test_tuple_state_in_odeint():
+    net = _net()
+
+    def case(**kw):
+        a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+        def f(s, y):
+            return net(s.expand(5), y[0]), (y[0] ** 2).sum(1) * y[1]
+
+        ya, yb = prg_fast.odeint(f, (a, b), t, **kw)
+        return torch.cat([ya.flatten(), yb.flatten()]), [a, b] + list(net.parameters())
+
+    grads = []
+    for way in WAYS:
+        torch.manual_seed(0)
+        out, inputs = case(**way)
+        grads.append(torch.autograd.grad(out, inputs, _cotangent(out)))
+    _close(grads[0], grads[2])
+    _close(grads[1], grads[2])
+
+
+@pytest.mark.parametrize("kind", ["itself", "view"])
+def test_model_returning_its_input(kind):
+    lin = torch.nn.Linear(4, 4).double()
+
+    def f(t, x):
+        y = x if kind == "itself" else x.view(x.shape)
+        return y * 0 + lin(y) if kind == "view" else x
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(f, x, steps=2, method="rk4", **kw), [x]
+
+    _three_ways(case)
+
+
+def test_model_writing_into_its_input_is_the_solvers_error():
+    net = _net()
+
+    def bad(t, x):
+        x.mul_(1.0)
+        return net(t, x)
+
+    for way in WAYS[:2]:
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(RuntimeError, match="modified its input x in place"):
+            prg_fast.reverse(bad, x * 1, steps=2, **way)
+
+
+def test_batchnorm_and_dropout_leave_backprops_buffers_and_random_stream():
+    class BN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.drop, self.b = (torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                                  torch.nn.Dropout(0.3), torch.nn.Linear(8, 4))
+
+        def forward(self, t, x):
+            return self.b(self.drop(self.bn(torch.tanh(self.a(x) + t[:, None]))))
+
+    results = []
+    for way in WAYS:
+        torch.manual_seed(0)
+        net = BN().double()
+        x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(net, x, steps=2, method="midpoint", **way)
+        grads = torch.autograd.grad(out, [x] + list(net.parameters()), _cotangent(out))
+        results.append((grads, [b.clone() for b in net.buffers()], torch.rand(3)))
+    for got in results[:2]:
+        _close(got[0], results[2][0])
+        _close(got[1][:2], results[2][1][:2])
+        assert torch.equal(got[2], results[2][2])
+
+
+def test_autocast_cpu_bfloat16():
+    net = _net().float()
+
+    grads = []
+    for way in WAYS:
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prg_fast.reverse(net, x, steps=2, **way)
+        grads.append(torch.autograd.grad(out, [x] + list(net.parameters()), _cotangent(out)))
+    _close(grads[0], grads[2], 1e-6)  # bf16 arithmetic, the same operations in the same order
+    _close(grads[1], grads[2], 1e-2)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_inside_the_model(reentrant):
+    net = _net()
+
+    def f(t, x):
+        return torch.utils.checkpoint.checkpoint(net, t, x, use_reentrant=reentrant)
+
+    grads = []
+    for way in WAYS:
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        out = prg_fast.reverse(f, x, steps=2, **way)
+        (out * _cotangent(out)).sum().backward()
+        grads.append([x.grad] + [p.grad.clone() for p in net.parameters()])
+        net.zero_grad()
+    _close(grads[0], grads[2])
+    _close(grads[1], grads[2])
+
+
+def test_reentrant_checkpoint_under_autograd_grad_is_torchs_error_every_way():
+    """torch.autograd.grad refuses a reentrant checkpoint in plain backprop, and inside the
+    adjoint's backward too (its VJP's nested backward is under the outer .grad()): the same error
+    whichever way the solve is differentiated (with .backward() all three agree, above)."""
+    net = _net()
+
+    def f(t, x):
+        return torch.utils.checkpoint.checkpoint(net, t, x, use_reentrant=True)
+
+    for way in WAYS:
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(f, x, steps=2, **way)
+        with pytest.raises(RuntimeError, match="use_reentrant=True, torch.utils.checkpoint is incompatible"):
+            torch.autograd.grad(out.sum(), [x] + list(net.parameters()))
+
+
+def test_parametrizations_cached_and_weight_norm():
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    grads = []
+    for way in WAYS:
+        net = _net()
+        weight_norm(net.a)
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with parametrize.cached():
+            out = prg_fast.reverse(net, x, steps=2, method="midpoint", **way)
+        grads.append(torch.autograd.grad(out, [x] + list(net.parameters()), _cotangent(out)))
+    _close(grads[0], grads[2])
+    _close(grads[1], grads[2])
+
+
+def test_functional_call_with_fast_weights():
+    net = _net()
+    base = dict(net.named_parameters())
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        inner = prg_fast.reverse(net, x, steps=1, adjoint=False).square().sum()
+        g = torch.autograd.grad(inner, list(base.values()), create_graph=True)
+        fast = {k: v - 0.1 * gk for (k, v), gk in zip(base.items(), g)}
+        f = lambda t, y: torch.func.functional_call(net, fast, (t, y))  # noqa: E731
+        return prg_fast.reverse(f, x, steps=2, adjoint_params=list(fast.values()), **kw), [x] + list(base.values())
+
+    _three_ways(case)
+
+
+def test_retain_graph_second_backward_and_create_graph_error():
+    net = _net()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=2)
+    g = _cotangent(out)
+    first = torch.autograd.grad(out, [x] + list(net.parameters()), g, retain_graph=True)
+    for a, b in zip(torch.autograd.grad(out, [x] + list(net.parameters()), g), first):
+        assert torch.equal(a, b)
+    out = prg_fast.reverse(net, x, steps=2)
+    gx, = torch.autograd.grad(out, [x], g, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+def test_gradcheck_tiny():
+    net = Net(2, 3).double()
+    x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: prg_fast.reverse(net, x, steps=2, method="rk4"),
+                                    (x, *net.parameters()))
+
+
+def test_closed_over_computed_tensor_is_the_clear_error():
+    net = _net()
+    a = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    w = a * 2
+
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="adjoint_params"):
+        prg_fast.reverse(lambda t, y: net(t, y) * w, x, steps=2)
+
+
+def test_x_itself_closed_over_is_an_input_once():
+    net = _net()
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(lambda t, y: net(t, y) + 0.1 * x, x, steps=2, method="rk4", **kw), [x]
+
+    _three_ways(case)
+
+
+def test_in_place_write_after_the_solve_to_a_tensor_its_first_evaluation_saved():
+    """A closed-over tensor the graph saves, written in place between the solve and its backward:
+    backprop refuses (version counter); the first evaluation's graph is saved through the budget's
+    measuring hooks, and must refuse the same way rather than use the new values."""
+    net = _net()
+    # (memory_budget=0 recomputes from the new values: the adjoint checks only its inputs' versions)
+    for way in (WAYS[0], WAYS[2]):
+        c = torch.randn(5, 4, dtype=torch.float64)
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(lambda t, y: net(t, y) * c, x, steps=1, method="euler", **way)
+        c.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+def test_parameter_written_in_place_before_backward():
+    for way in WAYS:
+        net = _net()
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(net, x, steps=1, method="euler", **way)
+        with torch.no_grad():
+            net.b.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation|modified in place"):
+            out.sum().backward()
+
+
+def test_out_of_memory_in_the_plain_path_falls_back_exactly():
+    from test_auto_budget import FailsOnce, Net as BNNet
+
+    for at in (2, 3, 5):
+        torch.manual_seed(0)
+        inner = BNNet(dropout=0.2, batchnorm=True).double()
+        model = FailsOnce(inner, at=at)
+        calls = []
+        inner.a.register_forward_hook(lambda *a: calls.append(1))
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(model, x, steps=3, method="midpoint")
+        evals = adjoint_node(out).evals
+        assert evals.fell_back and not evals.as_backprop
+        got = torch.autograd.grad(out, [x] + list(inner.parameters()), _cotangent(out))
+        after = ([b.clone() for b in inner.buffers()], torch.rand(2))
+        torch.manual_seed(0)
+        ref_net = BNNet(dropout=0.2, batchnorm=True).double()
+        xr = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        ref = prg_fast.reverse(ref_net, xr, steps=3, method="midpoint", adjoint=False)
+        want = torch.autograd.grad(ref, [xr] + list(ref_net.parameters()), _cotangent(ref))
+        _close(got, want)
+        _close(after[0][:2], [b for b in ref_net.buffers()][:2])
+        assert torch.equal(after[1], torch.rand(2))
+        # the failed attempt's evaluations + the forward's 6 + the backward's recomputations
+        assert len(calls) >= 6
+
+
+def test_sequential_solves_free_their_graphs_without_gc():
+    net = _net()
+    gc.disable()
+    try:
+        refs = []
+        for _ in range(3):
+            x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+            out = prg_fast.reverse(net, x * 1, steps=2)
+            out.sum().backward()
+            refs += [weakref.ref(x), weakref.ref(adjoint_node(out).evals)]
+            del x, out
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_torch_compiled_velocity():
+    net = _net()
+    compiled = torch.compile(net, backend="eager")
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(compiled if kw.get("adjoint", True) else net, x, steps=2, **kw), \
+            [x] + list(net.parameters())
+
+    _three_ways(case)
