@@ -93,9 +93,11 @@ def adjoint_solve(problem: Problem, strategy: StoredAdjoint, first: Optional[Fir
 class AdjointSolveKept(torch.autograd.Function):
     """The outputs of a solve that kept every evaluation's graph: they were computed by plain
     autograd from x (EvaluationGraphs.run_as_backprop), so their backward is plain backprop's, with
-    no nested VJP. This node only stacks them; it carries `.evals` (what the strategy chose, as
-    AdjointSolve's does) and makes a second derivative the same once_differentiable error as
-    AdjointSolve's, whatever the memory budget chose."""
+    no nested VJP. This node only stacks them and carries `.evals` (what the strategy chose, as
+    AdjointSolve's does). Its backward (unbind) is differentiable, so a second derivative
+    (create_graph=True) is plain backprop's too: once_differentiable here cut the path through the
+    cotangent silently under torch.autograd.grad(..., inputs), which prunes its DelayedError node
+    while the graph around it still reaches the inputs."""
 
     @staticmethod
     def forward(ctx, evals: EvaluationGraphs, *outs: torch.Tensor):
@@ -103,7 +105,6 @@ class AdjointSolveKept(torch.autograd.Function):
         return torch.stack(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         return (None, *grad_out.unbind(0))
 
