@@ -441,3 +441,23 @@ def test_torch_compiled_velocity():
             [x] + list(net.parameters())
 
     _three_ways(case)
+
+
+@pytest.mark.parametrize("way", [dict(memory_budget=0), dict(reversible=True), dict(memory_budget=0, store="steps")])
+def test_second_derivative_through_the_adjoints_is_the_error_under_autograd_grad(way):
+    """The adjoints' backward is once differentiable. torch's error node sat only on the path
+    through the cotangent, which torch.autograd.grad(..., inputs) prunes when another path reaches
+    the inputs: the second-order term went missing silently. Now the error, every adjoint; a
+    first derivative taken with create_graph=True is unchanged."""
+    net = _net()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=2, **way)
+    gx, = torch.autograd.grad(out.square().sum(), [x], create_graph=True)
+    want, = torch.autograd.grad(prg_fast.reverse(net, x, steps=2, **way).square().sum(), [x])
+    assert torch.equal(gx.detach(), want)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        torch.autograd.grad(gx.square().sum() + x.square().sum(), [x])
+    out = prg_fast.reverse(net, x, steps=2, **way)
+    gp = torch.autograd.grad((out * _cotangent(out)).sum(), list(net.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        torch.autograd.grad(sum(g.square().sum() for g in gp) + x.sum(), [x])

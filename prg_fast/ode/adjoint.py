@@ -39,7 +39,7 @@ import torch
 from .integrate import Problem, accumulator_dtype
 from .description import StoredAdjoint
 from .strategies import EvaluationGraphs, FirstEvaluation, Tail
-from .vjp import evaluation_vjp, graph_vjp
+from .vjp import evaluation_vjp, graph_vjp, once_differentiable
 
 
 def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.dtype], returned=(),
@@ -122,10 +122,11 @@ class AdjointSolve(torch.autograd.Function):
         ctx.save_for_backward(*stored)
         ctx.problem, ctx.evals, ctx.rng = problem, evals, evals.replay.rng
         ctx.x_dtype = x.dtype
+        ctx.differentiated = (x, *params)  # what a second derivative would reach (once_differentiable)
         return torch.stack(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         replay = ctx.evals.replay
         with replay.backward():

@@ -45,7 +45,7 @@ from .adjoint import accumulate
 from .description import DEFAULT_COUPLING, ReversibleAdjoint, check_coupling
 from .integrate import Problem, accumulator_dtype
 from .replay import ReplayRecord
-from .vjp import evaluation_vjp
+from .vjp import evaluation_vjp, once_differentiable
 
 # the rebuilt initial state's largest relative error the backward accepts (check_reconstruction)
 RECONSTRUCTION_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -166,10 +166,11 @@ class ReversibleSolve(torch.autograd.Function):
         # before the backward, the check is skipped (its version tells)
         ctx.x0, ctx.x0_version = x.detach(), x._version
         ctx.problem, ctx.strategy, ctx.replay, ctx.x_dtype = problem, strategy, replay, x.dtype
+        ctx.differentiated = (x, *params)  # what a second derivative would reach (once_differentiable)
         return torch.stack(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         with ctx.replay.backward():
             grads = _backward(ctx, grad_out)

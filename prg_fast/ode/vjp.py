@@ -23,6 +23,7 @@ prg_fast.ode.reach finds and what graph discovery adds.)
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -104,3 +105,34 @@ def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor]
     finally:
         for q, g in zip(inputs, stash):
             q.grad = g
+
+
+ONCE_DIFFERENTIABLE = b"trying to differentiate twice a function that was marked with @once_differentiable"
+
+
+def once_differentiable(backward):
+    """torch's once_differentiable for an adjoint's backward, whose second derivative error cannot
+    be missed: ctx.differentiated holds the Function's tensor inputs (x, the parameters).
+
+    torch's error node (DelayedError) sits only on the path through the incoming cotangent, and
+    torch.autograd.grad(..., inputs) prunes it when that path does not lead to the inputs asked
+    for: gx = grad(out.square().sum(), x, create_graph=True) then grad(gx.square().sum() +
+    x.square().sum(), x) silently lacked the solve's second-order term. Under create_graph every
+    gradient returned here also reaches the inputs through one error node (an added exact zero:
+    the sum of an empty slice of each input), so any second derivative through them is the error."""
+    once = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads_out):
+        grads = once(ctx, *grads_out)
+        reach = [q for q in ctx.differentiated if q.requires_grad]
+        if not torch.is_grad_enabled() or not reach:
+            return grads
+        # real, 0-dim: adding it changes no gradient's value or dtype (a 0-dim operand does not promote)
+        empty = [q.reshape(-1)[:0].sum() for q in reach]
+        zero = torch._C._functions.DelayedError(ONCE_DIFFERENTIABLE, 1)(
+            sum(e.real if e.is_complex() else e for e in empty))
+        return tuple(g + zero if isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex()) else g
+                     for g in grads)
+
+    return wrapper
