@@ -461,3 +461,25 @@ def test_second_derivative_through_the_adjoints_is_the_error_under_autograd_grad
     gp = torch.autograd.grad((out * _cotangent(out)).sum(), list(net.parameters()), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         torch.autograd.grad(sum(g.square().sum() for g in gp) + x.sum(), [x])
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_x_written_in_place_before_backward_is_backprops_error(x_grad):
+    """The first evaluation reads a copy of x's stage input (so a model writing into its input meets
+    the solver's check); backprop's graph saves x itself where the model saves its input, so
+    writing x in place between the solve and the backward is backprop's error: the copy's saved
+    version is x's. A velocity that saves no input is no error in either."""
+    net = _net()
+    lin = torch.nn.Linear(4, 4).double()
+    for model, saves_input in ((net, True), (lambda t, v: lin(t[:, None] * torch.ones_like(v)) - v, False)):
+        for way in (WAYS[0], WAYS[2]):
+            x = torch.randn(5, 4, dtype=torch.float64, requires_grad=x_grad)
+            y = x * 1 if x_grad else x
+            out = prg_fast.reverse(model, y, steps=2, method="midpoint", **way)
+            with torch.no_grad():
+                y.mul_(2)
+            if saves_input:
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    out.sum().backward()
+            else:
+                out.sum().backward()

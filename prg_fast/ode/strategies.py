@@ -95,16 +95,20 @@ class SavedBytes:
     a kept evaluation 0): pack records the version and unpack makes the check itself, with
     autograd's message, so a tensor the first evaluation saved and something wrote in place before
     the backward (a closed-over tensor, a parameter stepped too early) is backprop's error, not a
-    gradient from the new values."""
+    gradient from the new values. `stand_in` (copy, original): the copy is saved in the original's
+    place, so its check is the original's version (the first evaluation reads a copy of x's stage
+    input; backprop saves that input itself, and writing x in place before the backward is its error)."""
 
-    def __init__(self, exclude: Sequence[torch.Tensor] = ()):
+    def __init__(self, exclude: Sequence[torch.Tensor] = (),
+                 stand_in: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         # a lazy module's parameters have no storage before the first evaluation materialises them
         # (they are parameters: pack excludes them as such)
         self.exclude = {_storage_key(t)[0] for t in exclude if not torch.nn.parameter.is_lazy(t)}
+        self.stand_in = None if stand_in is None else (_storage_key(stand_in[0])[0], stand_in[1].detach())
         self.seen: set = set()
         self.nbytes = 0
 
-    def pack(self, t: torch.Tensor) -> Tuple[torch.Tensor, Optional[int]]:
+    def pack(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
         # parameters (frozen ones too) and closed-over leaves exist whether or not a graph is kept
         # (autograd often saves a view of them, e.g. a Linear's transposed weight: look at the base)
         base = t._base if t._base is not None else t
@@ -113,20 +117,24 @@ class SavedBytes:
             if ptr not in self.exclude and ptr not in self.seen:
                 self.seen.add(ptr)
                 self.nbytes += nbytes
+        versioned = t.detach()  # shares t's version counter
+        if self.stand_in is not None and _storage_key(t)[0] == self.stand_in[0]:
+            versioned = self.stand_in[1]
         # a tensor made under inference mode has no version counter (nothing to check)
-        return t.detach(), None if t.is_inference() else t._version
+        return t.detach(), versioned, None if versioned.is_inference() else versioned._version
 
     def saved(self, t: torch.Tensor) -> bool:
         """Whether autograd saved (a view of) `t`'s storage, among the storages counted."""
         return _storage_key(t)[0] in self.seen
 
     @staticmethod
-    def unpack(packed: Tuple[torch.Tensor, Optional[int]]) -> torch.Tensor:
-        t, version = packed
-        if version is not None and t._version != version:
+    def unpack(packed: Tuple[torch.Tensor, torch.Tensor, Optional[int]]) -> torch.Tensor:
+        t, versioned, version = packed
+        if version is not None and versioned._version != version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                f"operation: [{versioned.type()} {list(versioned.shape)}] is at version {versioned._version}; "
+                f"expected version "
                 f"{version} instead (it was saved by the solve's first evaluation of the model; a tensor "
                 "the model reads must not be written in place between the solve and its backward)"
             )
@@ -191,14 +199,16 @@ def _next_sequence_nr() -> int:
 
 
 def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list, rng,
-                         state: Optional[ModuleState]) -> Tuple[torch.Tensor, Optional[SavedBytes]]:
+                         state: Optional[ModuleState],
+                         stand_in: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                         ) -> Tuple[torch.Tensor, Optional[SavedBytes]]:
     """The first evaluation under SavedBytes' hooks, and the counter. A velocity that refuses
     saved-tensor hooks (torch.func.grad / vjp / jacrev inside it, or a caller's
     torch.autograd.graph.disable_saved_tensors_hooks) is run again without them, from the random
     state and buffers it started with: (k, None), its graph's size unknown (nothing is kept)."""
     if not torch._C._autograd._saved_tensors_hooks_is_enabled():  # the caller disabled them
         return problem.evaluate(tau, inp), None
-    counter = SavedBytes(exclude=exclude)
+    counter = SavedBytes(exclude=exclude, stand_in=stand_in)
     try:
         with counter.hooks():
             return problem.evaluate(tau, inp), counter
@@ -240,7 +250,8 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
         sequence_nr = _next_sequence_nr()
         # a non-leaf copy, so a model writing into its input meets the solver's own check
         inp = leaf.clone()
-        k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state)
+        k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state,
+                                          stand_in=(inp, leaf))
     nbytes, unkeepable = None, "the velocity refuses saved-tensor hooks (its graph is not measured)"
     if counter is not None:
         nbytes, unkeepable = counter.nbytes + (k.numel() * k.element_size() if k.requires_grad else 0), None
