@@ -483,3 +483,66 @@ def test_x_written_in_place_before_backward_is_backprops_error(x_grad):
                     out.sum().backward()
             else:
                 out.sum().backward()
+
+
+@pytest.mark.parametrize("kw", [dict(save_at=[0.0, 0.5, 1.0]), dict(learn_t=True)])
+def test_prg_classifier(kw):
+    """PRGClassifier (an image-shaped flow, a head, x from an upstream layer): the three ways agree,
+    learned time included (a time gradient keeps the adjoint's Function)."""
+    from prg_fast.classifier import PRGClassifier
+
+    class Flow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, t, x):
+            return torch.tanh(self.conv(x)) * t[:, None, None, None].to(x.dtype)
+
+    torch.manual_seed(0)
+    flow, stem = Flow().double(), torch.nn.Conv2d(1, 2, 1).double()
+    chans = 2 * (len(kw["save_at"]) if "save_at" in kw else 1)
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(chans * 16, 3)).double()
+    data = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    grads = []
+    for way in WAYS:
+        clf = PRGClassifier(flow, head, steps=2, method="midpoint", adjoint=way.get("adjoint", True),
+                            **{k: v for k, v in way.items() if k != "adjoint"}, **kw).double()
+        logits = clf(stem(data))
+        params = [p for p in list(clf.parameters()) + list(stem.parameters())]
+        grads.append(torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])), params))
+    _close(grads[0], grads[2])
+    _close(grads[1], grads[2])
+
+
+def test_energy_model_with_an_x_without_grad():
+    """v = -dE/dx by autograd inside the model, which makes its own input require grad when it does
+    not (the first evaluation's input has no grad for an x without grad): the three ways agree."""
+    torch.manual_seed(0)
+    energy = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+
+    def velocity(t, x):
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.detach().requires_grad_(True)
+            e = energy(x).sum()
+            return -torch.autograd.grad(e, x, create_graph=True)[0]
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64)
+        return prg_fast.reverse(velocity, x, steps=2, method="midpoint", **kw), list(energy.parameters())
+
+    _three_ways(case)
+
+
+def test_inference_mode_x():
+    """An x made under inference mode: the per-evaluation adjoint and backprop save it, torch's
+    error; the plain path reads a copy of it, and its gradients are backprop's from a normal copy."""
+    net = _net()
+    with torch.inference_mode():
+        x0 = torch.randn(5, 4, dtype=torch.float64)
+    for way in WAYS[1:]:
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+            prg_fast.reverse(net, x0, steps=2, method="rk4", **way).sum().backward()
+    got, want = [torch.autograd.grad(prg_fast.reverse(net, x, steps=2, method="rk4", **way).sum(), list(net.parameters()))
+                 for x, way in ((x0, WAYS[0]), (x0.clone(), WAYS[2]))]
+    _close(got, want)
