@@ -411,8 +411,9 @@ def test_out_of_memory_in_the_plain_path_falls_back_exactly():
         _close(got, want)
         _close(after[0][:2], [b for b in ref_net.buffers()][:2])
         assert torch.equal(after[1], torch.rand(2))
-        # the failed attempt's evaluations + the forward's 6 + the backward's recomputations
-        assert len(calls) >= 6
+        # the failed attempt's at - 1 evaluations (the at-th fails before the network), then the
+        # adjoint's forward (6, the first evaluation rerun) and its backward's 6 recomputations
+        assert len(calls) == at - 1 + 6 + 6
 
 
 def test_sequential_solves_free_their_graphs_without_gc():
@@ -546,3 +547,20 @@ def test_inference_mode_x():
     got, want = [torch.autograd.grad(prg_fast.reverse(net, x, steps=2, method="rk4", **way).sum(), list(net.parameters()))
                  for x, way in ((x0, WAYS[0]), (x0.clone(), WAYS[2]))]
     _close(got, want)
+
+
+def test_hooks_run_as_often_as_under_backprop():
+    """Forward hooks (one per evaluation: the first is reused, not rerun), parameter tensor hooks
+    and post-accumulate-grad hooks (once per backward each): the plain path's counts are backprop's."""
+    counts = []
+    for way in (WAYS[0], WAYS[2]):
+        net = _net()
+        seen = {"forward": 0, "tensor": 0, "accumulated": 0}
+        net.a.register_forward_hook(lambda *a: seen.__setitem__("forward", seen["forward"] + 1))
+        for p in net.parameters():
+            p.register_hook(lambda g: seen.__setitem__("tensor", seen["tensor"] + 1))
+            p.register_post_accumulate_grad_hook(lambda q: seen.__setitem__("accumulated", seen["accumulated"] + 1))
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        prg_fast.reverse(net, x, steps=3, method="rk4", **way).sum().backward()
+        counts.append(seen)
+    assert counts[0] == counts[1] and counts[1]["forward"] == 12 and counts[1]["tensor"] == 4
