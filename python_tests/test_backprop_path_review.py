@@ -564,3 +564,34 @@ def test_hooks_run_as_often_as_under_backprop():
         prg_fast.reverse(net, x, steps=3, method="rk4", **way).sum().backward()
         counts.append(seen)
     assert counts[0] == counts[1] and counts[1]["forward"] == 12 and counts[1]["tensor"] == 4
+
+
+def test_closed_over_tensor_computed_from_x_passed_as_adjoint_params():
+    """c = 2 x read by the velocity and passed as adjoint_params: x's gradient comes from the state
+    and from c, through c's graph, once each."""
+    net = _net()
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        c = 2 * x
+        return prg_fast.reverse(lambda t, y: net(t, y) * c, x, steps=2, adjoint_params=[c], **kw), \
+            [x] + list(net.parameters())
+
+    _three_ways(case)
+
+
+def test_x_a_parameter_the_velocity_reads_too():
+    """A learned initial state that the velocity also reads (a module parameter): one input of the
+    solve's velocity and its state at once."""
+    class Learned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x0 = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+            self.net = _net()
+
+        def forward(self, t, y):
+            return self.net(t, y) + 0.1 * self.x0
+
+    torch.manual_seed(0)
+    m = Learned()
+    _three_ways(lambda **kw: (prg_fast.reverse(m, m.x0, steps=2, method="rk4", **kw), list(m.parameters())))
