@@ -595,3 +595,32 @@ def test_x_a_parameter_the_velocity_reads_too():
     torch.manual_seed(0)
     m = Learned()
     _three_ways(lambda **kw: (prg_fast.reverse(m, m.x0, steps=2, method="rk4", **kw), list(m.parameters())))
+
+
+def test_a_large_written_buffer_runs_when_nothing_is_rerun():
+    """A buffer too large to copy that the velocity writes (a counter table): refused where the
+    adjoint reruns or undoes evaluations, but the plain path reruns nothing -- backprop's result,
+    as the refusal's own advice (memory_budget=float('inf')) says."""
+    from prg_fast.ode.module_state import COPY_LIMIT
+
+    class Counts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("hits", torch.zeros(COPY_LIMIT + 1, dtype=torch.float64))
+            self.net = _net()
+
+        def forward(self, t, x):
+            self.hits[:4].add_(1)
+            return self.net(t, x)
+
+    got = []
+    for way in (dict(memory_budget=float("inf")), dict(), dict(adjoint=False)):
+        m = Counts()
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        out = prg_fast.reverse(m, x, steps=2, method="midpoint", **way)
+        got.append(torch.autograd.grad(out, [x] + list(m.parameters()), _cotangent(out)) + (m.hits[:4].clone(),))
+    _close(got[0], got[2])
+    _close(got[1], got[2])
+    for way in (dict(memory_budget=0), dict(reversible=True)):
+        with pytest.raises(RuntimeError, match="writes its buffer 'Counts.hits'"):
+            prg_fast.reverse(Counts(), torch.randn(5, 4, dtype=torch.float64, requires_grad=True), steps=2, **way)

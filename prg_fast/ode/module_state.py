@@ -46,7 +46,8 @@ class ModuleState:
         self.slots = list(slots)  # (module, buffer name), every buffer the velocity reaches
         self.written: List[int] = []  # indices into slots: written by the first evaluation
         self.before_first: Optional[list] = None  # small buffers' values before the first evaluation
-        self.first: Optional[list] = None  # the written buffers' values before the first evaluation
+        self._first: Optional[list] = None  # the written buffers' values before the first evaluation
+        self.uncopied: Optional[str] = None  # why `first` is not there (a written buffer too large to copy)
         self._stamps: List[Optional[Stamp]] = []
 
     @classmethod
@@ -110,15 +111,27 @@ class ModuleState:
         owners = {id(self.slots[j][0]) for j in moved}
         self.written = [j for j in range(len(self.slots)) if id(self.slots[j][0]) in owners]
         missing = [j for j in self.written if self.before_first[j] is None and self._stamps[j] is not None]
+        self.uncopied = None
         if missing:
             j = missing[0]
-            raise RuntimeError(
+            # refused only where the solve reruns or undoes its first evaluation (`first`): a solve
+            # run as plain backprop (every graph kept, strategies.EvaluationGraphs.as_backprop) does neither
+            self.uncopied = (
                 f"model writes its buffer {self._name(j)!r} ({self._value(j).numel()} elements) while it runs; the "
                 f"adjoint keeps copies of written buffers of up to {COPY_LIMIT} elements to rerun evaluations "
-                "exactly: use adjoint=False, or memory_budget=float('inf') (nothing is rerun)"
+                "exactly: use adjoint=False, or memory_budget=float('inf') (a solve keeping every graph reruns "
+                "nothing; not with time gradients or reversible=True)"
             )
-        self.first = [self.before_first[j] for j in self.written]
+        self._first = [self.before_first[j] for j in self.written]
         return bool(self.written)
+
+    @property
+    def first(self) -> Optional[list]:
+        """The written buffers' values before the first evaluation, which a rerun of it or its undoing
+        loads; an error when one of them was too large to copy (`uncopied`)."""
+        if self.uncopied is not None:
+            raise RuntimeError(self.uncopied)
+        return self._first
 
     def rewritten(self, saved: Callable[[torch.Tensor], bool]) -> Optional[str]:
         """After the first evaluation: the name of a written buffer that it wrote in place with its
