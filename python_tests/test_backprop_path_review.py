@@ -416,16 +416,22 @@ def test_out_of_memory_in_the_plain_path_falls_back_exactly():
         assert len(calls) == at - 1 + 6 + 6
 
 
-def test_sequential_solves_free_their_graphs_without_gc():
+@pytest.mark.parametrize("way", [dict(), dict(memory_budget=0), dict(reversible=True)])
+def test_sequential_solves_free_their_graphs_without_gc(way):
+    """No reference cycle keeps x or the solve's record alive through its backward node (ctx.evals,
+    ctx.differentiated): refcounting alone frees them once the output is gone."""
     net = _net()
+    gc.collect()
     gc.disable()
     try:
         refs = []
         for _ in range(3):
             x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-            out = prg_fast.reverse(net, x * 1, steps=2)
+            out = prg_fast.reverse(net, x * 1, steps=2, **way)
             out.sum().backward()
-            refs += [weakref.ref(x), weakref.ref(adjoint_node(out).evals)]
+            node = adjoint_node(out) if "reversible" not in way else out.grad_fn.next_functions[0][0]
+            refs += [weakref.ref(x), weakref.ref(node.evals if "reversible" not in way else node.problem)]
+            del node
             del x, out
         assert all(r() is None for r in refs)
     finally:
