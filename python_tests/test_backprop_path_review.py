@@ -630,3 +630,17 @@ def test_a_large_written_buffer_runs_when_nothing_is_rerun():
     for way in (dict(memory_budget=0), dict(reversible=True)):
         with pytest.raises(RuntimeError, match="writes its buffer 'Counts.hits'"):
             prg_fast.reverse(Counts(), torch.randn(5, 4, dtype=torch.float64, requires_grad=True), steps=2, **way)
+
+
+def test_gradgradcheck_tiny_plain_path():
+    """The plain path's second derivative, against finite differences of its first (float64)."""
+    torch.manual_seed(0)
+    net = Net(2, 3).double()
+    x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+
+    def solve(x, *p):
+        out = prg_fast.reverse(net, x, steps=2, method="midpoint")
+        assert adjoint_node(out).evals.as_backprop
+        return out
+
+    assert torch.autograd.gradgradcheck(solve, (x, *net.parameters()))
