@@ -112,16 +112,15 @@ class SavedBytes:
         # parameters (frozen ones too) and closed-over leaves exist whether or not a graph is kept
         # (autograd often saves a view of them, e.g. a Linear's transposed weight: look at the base)
         base = t._base if t._base is not None else t
-        if not (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)):
-            ptr, nbytes = _storage_key(t)
-            if ptr not in self.exclude and ptr not in self.seen:
-                self.seen.add(ptr)
-                self.nbytes += nbytes
-        versioned = t.detach()  # shares t's version counter
-        if self.stand_in is not None and _storage_key(t)[0] == self.stand_in[0]:
-            versioned = self.stand_in[1]
+        ptr, nbytes = _storage_key(t)
+        alive_anyway = isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)
+        if not alive_anyway and ptr not in self.exclude and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.nbytes += nbytes
+        alias = t.detach()  # shares t's version counter
+        versioned = self.stand_in[1] if self.stand_in is not None and ptr == self.stand_in[0] else alias
         # a tensor made under inference mode has no version counter (nothing to check)
-        return t.detach(), versioned, None if versioned.is_inference() else versioned._version
+        return alias, versioned, None if versioned.is_inference() else versioned._version
 
     def saved(self, t: torch.Tensor) -> bool:
         """Whether autograd saved (a view of) `t`'s storage, among the storages counted."""
@@ -134,9 +133,8 @@ class SavedBytes:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace "
                 f"operation: [{versioned.type()} {list(versioned.shape)}] is at version {versioned._version}; "
-                f"expected version "
-                f"{version} instead (it was saved by the solve's first evaluation of the model; a tensor "
-                "the model reads must not be written in place between the solve and its backward)"
+                f"expected version {version} instead (it was saved by the solve's first evaluation of the "
+                "model; a tensor the model reads must not be written in place between the solve and its backward)"
             )
         return t
 
