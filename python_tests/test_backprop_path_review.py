@@ -240,8 +240,9 @@ def test_autocast_cpu_bfloat16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = prg_fast.reverse(net, x, steps=2, **way)
         grads.append(torch.autograd.grad(out, [x] + list(net.parameters()), _cotangent(out)))
-    _close(grads[0], grads[2], 1e-6)  # bf16 arithmetic, the same operations in the same order
-    _close(grads[1], grads[2], 1e-2)
+    # the plain path is backprop's bf16 arithmetic, op for op: bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[2]))
+    _close(grads[1], grads[2], 1e-2)  # the adjoint rounds its cotangents its own way, within bf16's error
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
