@@ -651,3 +651,17 @@ def test_gradgradcheck_tiny_plain_path():
         return out
 
     assert torch.autograd.gradgradcheck(solve, (x, *net.parameters()))
+
+
+def test_a_layers_output_kept_by_a_forward_hook_for_a_loss():
+    """Features handed out with their graph (a forward hook keeping a layer's output for a loss):
+    the adjoints cannot differentiate them (docs/engine.md); the plain path is backprop, exact."""
+    res = []
+    for way in (WAYS[0], WAYS[2]):
+        net, acts = _net(), []
+        net.a.register_forward_hook(lambda m, i, o: acts.append(o))
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        out = prg_fast.reverse(net, x, steps=2, method="rk4", **way)
+        loss = (out * _cotangent(out)).sum() + sum(a.square().sum() for a in acts)
+        res.append(torch.autograd.grad(loss, [x] + list(net.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(*res))
