@@ -125,8 +125,10 @@ def once_differentiable(backward):
     @functools.wraps(backward)
     def wrapper(ctx, *grads_out):
         grads = once(ctx, *grads_out)
+        if not torch.is_grad_enabled():  # no create_graph: nothing to guard (the common case, free)
+            return grads
         reach = [q for q in ctx.differentiated if q.requires_grad]
-        if not torch.is_grad_enabled() or not reach:
+        if not reach:
             return grads
         # real, 0-dim: adding it changes no gradient's value or dtype (a 0-dim operand does not promote)
         empty = [q.reshape(-1)[:0].sum() for q in reach]
