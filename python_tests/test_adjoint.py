@@ -478,3 +478,59 @@ def test_parameters_changed_between_forward_and_backward_are_an_error(kw):
         net.weight.add_(0.1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def _late_reader(W):
+    """Reads W (computed outside, requiring grad) only after t = 0.4: the first evaluation does not."""
+    def velocity(t, y):
+        return torch.tanh(y) * (W if float(t.reshape(-1)[0]) > 0.4 else 1.0)
+    return velocity
+
+
+@pytest.mark.parametrize("kw", [dict(memory_budget=0), dict(memory_budget=0, store="steps"), dict(reversible=True)])
+def test_a_computed_tensor_read_only_after_the_first_evaluation_is_an_error_not_a_missing_gradient(kw):
+    """Discovery sees what the first evaluation reads; a computed tensor the velocity reads later was
+    not an input of the solve, and its gradient was silently None under the rerunning adjoints.
+    Their VJPs watch what the velocity holds: a clear error naming the fix."""
+    A = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    W = 2 * A
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(_late_reader(W), x, steps=4, method="rk4", **kw)
+    with pytest.raises(RuntimeError, match="computed outside it .* in an evaluation after its first"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("kw", [dict(memory_budget=0, adjoint_params=None), dict()])
+def test_a_computed_tensor_read_later_is_exact_as_adjoint_params_or_when_every_graph_is_kept(kw):
+    grads = []
+    for adjoint in (True, False):
+        A = torch.ones(4, dtype=torch.float64, requires_grad=True)
+        W = 2 * A
+        x = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
+        extra = dict(kw, adjoint_params=[W]) if "adjoint_params" in kw else dict(kw)
+        out = prg_fast.reverse(_late_reader(W), x, steps=4, method="rk4", **(extra if adjoint else dict(adjoint=False)))
+        grads.append(torch.autograd.grad(out.sum(), A)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+def test_a_stale_computed_tensor_the_velocity_holds_but_never_reads_is_fine():
+    """A module keeping a tensor with a freed graph (last step's loss, say) that it does not read:
+    the watch finds no gradient for it, nothing is refused."""
+    class Keeps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4).double()
+            self.last_loss = None
+
+        def forward(self, t, y):
+            return torch.tanh(self.lin(y))
+
+    net = Keeps()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    loss = prg_fast.reverse(net, x, steps=2).square().sum()
+    loss.backward()  # frees its graph
+    net.last_loss = loss
+    grads = [torch.autograd.grad(prg_fast.reverse(net, x, steps=3, **kw).sum(), [x, net.lin.weight])
+             for kw in (dict(memory_budget=0), dict(adjoint=False))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

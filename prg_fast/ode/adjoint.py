@@ -187,7 +187,7 @@ class BackwardWalk:
             if g is not None:
                 outputs.append(state)
                 cotangents.append(g.to(state.dtype))
-        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, self.p.reentrant)
+        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, self.p.reentrant, self.p.unlisted)
         if grads[0] is not None:
             self.lam = self.lam + grads[0].to(self.lam.dtype)
         accumulate(self.acc, grads[1:], self.acc_dtype, returned=grads, given=cotangents)
@@ -230,7 +230,7 @@ class BackwardWalk:
         timed_leaf = self.want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
         inputs = [xi] + ([tau] if timed_leaf else []) + self.params
         # the parameters' hooks do not run here: autograd runs them once on the returned total
-        grads = evaluation_vjp(k, inputs, g, self.p.reentrant)
+        grads = evaluation_vjp(k, inputs, g, self.p.reentrant, self.p.unlisted)
         if not timed_leaf:
             grads.insert(1, None)
         if self.want_tgrad:

@@ -50,6 +50,9 @@ class Problem:
     # parametrized tensors cached around the solve, which the reruns read (parametrize_cache)
     reentrant: bool = False
     shared_parametrizations: Optional[object] = field(default=None, repr=False, compare=False)
+    # computed tensors requiring grad the velocity holds but that are not inputs of the solve
+    # (prg_fast.ode.reach.Reach.computed): an adjoint's VJP that finds one read is an error (vjp)
+    unlisted: Sequence[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
     # combine writing into a tensor the solve owns (stage_combine_into's signature), or None: the
     # no-grad loop then reuses its stage-input and state buffers (see StepBuffers).
     combine_into: Optional[Callable] = field(default=None, repr=False, compare=False)

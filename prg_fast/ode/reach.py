@@ -30,6 +30,9 @@ MAX_ITEMS = 256  # larger containers (datasets, caches) are not searched
 class Reach:
     modules: List[torch.nn.Module] = field(default_factory=list)  # each once, submodules included
     tensors: List[torch.Tensor] = field(default_factory=list)  # leaves requiring grad held outside modules
+    # non-leaf tensors requiring grad it holds (W = 2 * A): not inputs of the solve (see visit), but
+    # an adjoint's VJPs watch them (prg_fast.ode.vjp: read after the first evaluation, an error)
+    computed: List[torch.Tensor] = field(default_factory=list)
 
 
 def _global_names(code: types.CodeType) -> List[str]:
@@ -86,11 +89,12 @@ class _Search:
         if isinstance(o, torch.nn.Module):
             self.visit_module(o, depth)
         elif isinstance(o, torch.Tensor):
-            # leaves only: a non-leaf (W = A @ B, a loss kept from an earlier step) made an input
-            # would be differentiated through its own graph as well as by the solve, and may belong
-            # to a graph long freed; graph discovery makes one that the velocity reads an error
-            if o.requires_grad and o.is_leaf:
-                self.out.tensors.append(o)
+            # leaves are inputs; a non-leaf (W = A @ B, a loss kept from an earlier step) made an
+            # input would be differentiated through its own graph as well as by the solve, and may
+            # belong to a graph long freed: one the first evaluation reads is discovery's error, one
+            # read later the adjoints' VJPs' (Reach.computed, prg_fast.ode.vjp.graph_vjp)
+            if o.requires_grad:
+                (self.out.tensors if o.is_leaf else self.out.computed).append(o)
         elif not isinstance(o, (types.ModuleType, type, str, bytes, int, float, bool, complex)):
             for a in _held(o):
                 self.visit(a, depth + 1)

@@ -206,7 +206,8 @@ class BaseStepVJP:
         with torch.set_grad_enabled(cot is not None), self.replay.rerun(e):
             out = _base_step(self.p, t, h, xg, end)
             # the parameters' hooks do not run here: autograd runs them once on the returned total
-            grads = evaluation_vjp(out, inputs, cot, self.p.reentrant) if cot is not None else [None] * len(inputs)
+            grads = (evaluation_vjp(out, inputs, cot, self.p.reentrant, self.p.unlisted) if cot is not None
+                     else [None] * len(inputs))
         tgrads = [None, None]
         if self.want_tgrad:
             tgrads = [g if g is not None else torch.zeros_like(t) for g in grads[1:3]]

@@ -59,10 +59,12 @@ def build_problem(func, x: torch.Tensor, grid: Grid, spec: SolveDescription, tra
     # a velocity that declares jumps at the grid points (a piecewise time map whose knots are the grid's,
     # as prg_fast.diffusion's) is read from inside each step, as with torchdiffeq's perturb (float grids)
     perturb = spec.perturb or (times is None and getattr(func, "jumps_at_grid_points", False) is True)
+    params = collect_params(func, spec.adjoint_params, reach)
+    unlisted = [t for t in reach.computed if all(t is not p for p in params)] if reach is not None else []
     return Problem(
         func=func, tableau=spec.tableau, grid=grid.points, out_index=grid.out_index, combine=chosen.combine,
         state_dtype=state_dtype, net_dtype=net_dtype, batch_time=spec.batch_time, check_finite=spec.check_finite,
-        params=collect_params(func, spec.adjoint_params, reach), perturb=perturb, modules=modules,
+        params=params, unlisted=unlisted, perturb=perturb, modules=modules,
         times=times.detach() if tracked and times is not None else times, out_rows=grid.out_rows,
         combine_rows=chosen.combine_rows, combine_into=backends.into_function(chosen.name),
         module_state=ModuleState.of(modules) if tracked else None,

@@ -60,16 +60,22 @@ def hooks_muted(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
 
 
 def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor,
-                   reentrant: bool = False) -> List[Optional[torch.Tensor]]:
+                   reentrant: bool = False, unlisted: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
     """cotangent^T d output / d inputs (None for an input the output does not read), with the
     inputs' hooks muted (see the module docstring)."""
-    return graph_vjp([output], inputs, [cotangent], reentrant)
+    return graph_vjp([output], inputs, [cotangent], reentrant, unlisted)
 
 
 def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
-              reentrant: bool = False) -> List[Optional[torch.Tensor]]:
+              reentrant: bool = False, unlisted: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
     """sum_j cotangents[j]^T d outputs[j] / d inputs, one backward through the graph they share (the
-    kept tail of a solve: prg_fast.ode.strategies), with the inputs' hooks muted."""
+    kept tail of a solve: prg_fast.ode.strategies), with the inputs' hooks muted.
+
+    `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
+    as inputs (prg_fast.ode.reach.Reach.computed; discovery refuses one its first evaluation reads).
+    One read by a later evaluation would get no gradient from the solve -- silently, since the
+    adjoint returns gradients only for its inputs -- so the VJP asks for theirs too: one that is
+    not None is an error naming the fix (it costs nothing when there is none)."""
     inputs = list(inputs)
     # an output that reads neither the state nor a parameter (a zero velocity, a function of t
     # only) has no graph: it contributes nothing
@@ -77,10 +83,20 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     if not live:
         return [None] * len(inputs)
     outs, cots = [o for o, _ in live], [c for _, c in live]
-    with hooks_muted(inputs), torch.enable_grad():
-        if not reentrant:
-            return list(torch.autograd.grad(outs, inputs, cots, allow_unused=True))
-        return _backward_into_fresh(outs, inputs, cots)
+    watched = [] if reentrant else list(unlisted)  # (backward() cannot stop at a computed tensor)
+    with hooks_muted(inputs + watched), torch.enable_grad():
+        if reentrant:
+            return _backward_into_fresh(outs, inputs, cots)
+        grads = list(torch.autograd.grad(outs, inputs + watched, cots, allow_unused=True))
+    for w, g in zip(watched, grads[len(inputs):]):
+        if g is not None:
+            raise RuntimeError(
+                f"model reads a tensor that requires grad and was computed outside it (shape {tuple(w.shape)}, "
+                f"from {w.grad_fn.name()}) in an evaluation after its first, where the solve did not see it: the "
+                "adjoint differentiates only its inputs, so that tensor's gradient would be missing. Pass it as "
+                "adjoint_params, compute it inside the model, or use adjoint=False"
+            )
+    return grads[:len(inputs)]
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
