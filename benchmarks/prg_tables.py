@@ -21,6 +21,19 @@ scratch, a PNG (benchmarks/figures/prg_label_scarce.png):
     python benchmarks/prg_tables.py --table scarce        # digits, CPU (~45 min on a busy 2-core VM)
     python benchmarks/prg_tables.py --table scarce --quick
 
+Two ablations on the same machinery (defaults: digits, tiny UNet, one thread per worker):
+
+    python benchmarks/prg_tables.py --table learn-t       # fixed t (1.0, 0.5) vs t learned from 0.5 (issue 11)
+    python benchmarks/prg_tables.py --table prediction    # GVP pretrained to predict velocity / epsilon / v (issue 23)
+
+--table learn-t: one OTCFM pretraining run (750 steps of batch 128), then PRG finetuning on every
+labelled image with the segment's end t fixed at 1.0 (the paper's choice) or 0.5, or learned jointly
+with the flow and head (`finetune --learn-t --t 0.5 --t-lr`), 150 steps of batch 64, 4 Euler steps,
+over --seeds. --table prediction: the UNet pretrained on the GVP path to predict the velocity (flow
+matching), the noise (epsilon) or v, each finetuned as Table 1's PRG classifier (4 Euler steps, beta
+0.1, AdamW 1e-3, batch 64, seed 0); the pretraining losses are each prediction's own and not
+comparable across rows.
+
 The same table in a time budget on one GPU (CIFAR-10 as an image folder): a short calibration
 measures steps/s, plan_budget picks step counts and the levels that fit (all first, then 10, 100),
 OUT/budget.json keeps the plan; run the same command again after a cut-off (each command stops
@@ -34,23 +47,24 @@ Every run is a prg_fast run directory under --out (pretrain-*, ft-*, ...), so an
 invocation resumes where it stopped and a finished run is reused (delete --out to start over). The
 runs are spread over --jobs worker processes (one torch thread each on the CPU: on a small shared
 machine two one-thread processes beat one two-thread process by far, since OpenMP threads of tiny
-networks mostly wait for each other). Writes OUT/results.json (every number, arguments, wall times)
-and OUT/table.md (the tables in Markdown).
+networks mostly wait for each other). Every job's numbers go to OUT/prg_tables.jsonl as it finishes
+(harness.Results), the tables to OUT/table.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Dict, List, Optional
 
+import harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT_ROOT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks")  # git-ignored: nothing lands in the source tree
-sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+OUT_ROOT = harness.OUT_ROOT
 
 
 # -------------------------------------------------------------------------------------------------
@@ -73,14 +87,15 @@ def job_pretrain(spec: Dict[str, Any]) -> Dict[str, Any]:
             "wall_time_s": time.perf_counter() - t, "train_time_total_s": r.metrics["train_time_total_s"]}
 
 
+FINETUNE_FIELDS = ("top1", "train_top1", "loss", "ce", "fm", "t_final", "step", "train_time_total_s")
+
+
 def job_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.training.finetune import finetune
 
     t = time.perf_counter()
-    r = finetune(**spec)
-    m = r.metrics
-    return {"top1": m["top1"], "train_top1": m["train_top1"], "loss": m["loss"], "ce": m["ce"], "fm": m["fm"],
-            "step": r.step, "wall_time_s": time.perf_counter() - t, "train_time_total_s": m["train_time_total_s"]}
+    m = finetune(**spec).metrics
+    return {**{k: m[k] for k in FINETUNE_FIELDS}, "wall_time_s": time.perf_counter() - t}
 
 
 def job_evaluate(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -138,11 +153,8 @@ def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]
                for k, v in spec.items() if k not in ignore)
     if not same or m.get("step") != spec["steps"]:
         return None
-    if kind == "pretrain":
-        return {"loss": m["loss"], "loss_start": m["loss_start"], "step": m["step"], "wall_time_s": 0.0,
-                "train_time_total_s": m["train_time_total_s"], "reused": True}
-    return {"top1": m["top1"], "train_top1": m["train_top1"], "loss": m["loss"], "ce": m["ce"], "fm": m["fm"],
-            "step": m["step"], "wall_time_s": 0.0, "train_time_total_s": m["train_time_total_s"], "reused": True}
+    fields = ("loss", "loss_start", "step", "train_time_total_s") if kind == "pretrain" else FINETUNE_FIELDS
+    return {**{k: m[k] for k in fields}, "wall_time_s": 0.0, "reused": True}
 
 
 def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
@@ -206,6 +218,79 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------------
+# two ablations: --table learn-t, --table prediction
+
+LEARN_T_ROWS = {"fixed t = 1.0 (PRG)": dict(t=1.0), "fixed t = 0.5": dict(t=0.5),
+                "learned t (from 0.5)": dict(t=0.5, learn_t=True)}
+PREDICTIONS = ("velocity", "epsilon", "v")
+
+
+def _job(name: str, kind: str, spec: Dict[str, Any], after=()) -> Dict[str, Any]:
+    return {"name": name, "kind": kind, "spec": spec, "after": list(after)}
+
+
+def learn_t_job(row: str, seed: int) -> str:
+    return f"ft-{row.split()[0]}-t{LEARN_T_ROWS[row]['t']:g}-s{seed}"
+
+
+def build_learn_t_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """One OTCFM pretraining run, then a finetuning run per row and seed."""
+    pre = os.path.join(a.out, "pretrain-otcfm")
+    plan = [_job("pretrain-otcfm", "pretrain", dict(data=a.data, path="otcfm", model=a.preset, steps=a.pretrain_steps,
+                                                    batch_size=128, out=pre, progress=a.progress, seed=a.seed))]
+    for row, extra in LEARN_T_ROWS.items():
+        for seed in a.seeds:
+            name = learn_t_job(row, seed)
+            plan.append(_job(name, "finetune", dict(
+                data=a.data, checkpoint=pre, steps=a.finetune_steps, batch_size=a.batch_size, ode_steps=a.ode_steps,
+                method=a.method, t_lr=a.t_lr, seed=seed, out=os.path.join(a.out, name), progress=a.progress,
+                device=a.device, **extra), after=["pretrain-otcfm"]))
+    return plan
+
+
+def learn_t_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
+    rows = [dict(row=row, runs=[r[learn_t_job(row, s)] for s in a.seeds]) for row in LEARN_T_ROWS]
+
+    def top1(x):
+        return [100 * run["top1"] for run in x["runs"]]
+
+    return harness.table(rows, [
+        ("finetuning", "row"), ("top-1 % (mean +- sd)", lambda x: f"{statistics.mean(top1(x)):.1f} +- "
+                                                             f"{statistics.stdev(top1(x)) if len(top1(x)) > 1 else float('nan'):.1f}"),
+        ("per seed", lambda x: ", ".join(f"{v:.1f}" for v in top1(x))),
+        ("t where features are read", lambda x: ", ".join(f"{run['t_final']:.3f}" for run in x["runs"]))]) + \
+        f"\n\n{len(a.seeds) * len(LEARN_T_ROWS)} finetuning runs + 1 pretraining, wall time {wall / 60:.1f} min\n"
+
+
+def build_prediction_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Per prediction target: a GVP pretraining run, then Table 1's PRG finetuning of it."""
+    plan = []
+    for prediction in PREDICTIONS:
+        pre = os.path.join(a.out, f"pretrain-gvp-{prediction}")
+        plan.append(_job(f"pretrain-gvp-{prediction}", "pretrain", dict(
+            data=a.data, path="gvp", prediction=prediction, model=a.preset, steps=a.pretrain_steps,
+            batch_size=a.pretrain_batch_size, lr=a.pretrain_lr, warmup=min(a.pretrain_warmup, a.pretrain_steps // 2),
+            out=pre, device=a.device, seed=a.seed, progress=a.progress, num_samples=16,
+            log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4))))
+        plan.append(_job(f"ft-gvp-{prediction}", "finetune", dict(
+            checkpoint=pre, out=os.path.join(a.out, f"ft-gvp-{prediction}"), data=a.data, batch_size=a.batch_size,
+            ode_steps=a.ode_steps, method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1,
+            steps=a.finetune_steps, device=a.device, seed=a.seed, progress=a.progress, beta=a.beta,
+            log_every=max(1, a.finetune_steps // 20), ckpt_every=max(1, a.finetune_steps // 4)),
+            after=[f"pretrain-gvp-{prediction}"]))
+    return plan
+
+
+def prediction_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
+    return harness.table([dict(p=p, pre=r[f"pretrain-gvp-{p}"], ft=r[f"ft-gvp-{p}"]) for p in PREDICTIONS], [
+        ("pretrained to predict", "p"), ("PRG finetuned top-1 (%)", lambda x: 100 * x["ft"]["top1"], ".2f"),
+        ("pretrain loss (own target; not comparable across rows)", lambda x: x["pre"]["loss"], ".4f"),
+        ("wall, pretrain + finetune (min)",
+         lambda x: (x["pre"]["train_time_total_s"] + x["ft"]["train_time_total_s"]) / 60, ".1f")]) + \
+        f"\n\npretraining {a.pretrain_steps} steps, finetuning {a.finetune_steps} steps; wall time {wall / 60:.1f} min\n"
+
+
+# -------------------------------------------------------------------------------------------------
 # the label-scarce table (--table scarce): N labelled images per class, the rest unlabelled
 
 
@@ -235,14 +320,14 @@ def parse_levels(text: str) -> List[Optional[int]]:
 
 
 def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Linear probes (scikit-learn LogisticRegression, prg_fast.eval.linear_probe) on N labelled
+    """Linear probes (scikit-learn LogisticRegression, prg_fast.training.evaluate.linear_probe) on N labelled
     training images per class, for every level and seed, on raw pixels (spec["features"] None)
     or on a feature file written by `extract`. The test split is always whole."""
     import numpy as np
     import torch
 
     from prg_fast.data import class_balanced_subset, load_data
-    from prg_fast.eval import linear_probe, load_features
+    from prg_fast.training.evaluate import linear_probe, load_features
 
     t = time.perf_counter()
     if spec["features"] is None:
@@ -327,7 +412,7 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str,
 
 
 def job_features(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.finetune import extract
+    from prg_fast.training.evaluate import extract
 
     t = time.perf_counter()
     meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
@@ -510,8 +595,9 @@ def calibrate(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
     cost of a run, on this device with this data and network, in short runs under OUT/calibrate.
     The rates come from resumed segments (the first segment pays for warm-up, autotuning and
     allocation), so they are the steady-state speeds the real runs will see."""
-    from prg_fast.finetune import evaluate, finetune
-    from prg_fast.train import pretrain
+    from prg_fast.training.evaluate import evaluate
+    from prg_fast.training.finetune import finetune
+    from prg_fast.training.pretrain import pretrain
 
     k = a.calibration_steps
     root = os.path.join(a.out, "calibrate")
@@ -554,7 +640,7 @@ def calibrate(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
 
 
 def _import_only() -> None:
-    import prg_fast.finetune  # noqa: F401  (what every job imports)
+    import prg_fast.training.finetune  # noqa: F401  (what every job imports)
 
 
 def budget_rows(a: argparse.Namespace) -> List[str]:
@@ -582,7 +668,7 @@ def load_or_make_budget(a: argparse.Namespace, num_classes: int) -> Dict[str, An
     plan = plan_budget(budget_s, pretrain_rate=cal["pretrain_steps_per_s"], finetune_rate=cal["finetune_steps_per_s"],
                        eval_s=cal["eval_s"], overhead_s=cal["overhead_s"], levels=a.levels, seeds=a.seeds,
                        rows=budget_rows(a), pretrain_fraction=a.pretrain_fraction)
-    plan.update(calibration=cal, calibration_s=cal_s, device=machine(),
+    plan.update(calibration=cal, calibration_s=cal_s, device=harness.machine(),
                 args={k: getattr(a, k) for k in ("data", "preset", "budget_minutes", "batch_size", "ode_steps")})
     # checkpoints about once a minute: a command cut off at its time limit loses at most that much
     plan["pretrain_ckpt_every"] = max(1, int(60 * cal["pretrain_steps_per_s"]))
@@ -678,7 +764,8 @@ def run_plan_sessions(plan: List[Dict[str, Any]], threads: int, out: str,
     return results
 
 
-def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, Dict[str, Any]]:
+def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int,
+             log: Optional[harness.Results] = None) -> Dict[str, Dict[str, Any]]:
     import multiprocessing as mp
 
     results: Dict[str, Dict[str, Any]] = {}
@@ -697,6 +784,8 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, D
             for j in reused:  # finished earlier with the same arguments: read back, not re-run
                 del pending[j["name"]]
                 results[j["name"]] = finished_result(j["kind"], j["spec"])
+                if log is not None:
+                    log.add({"job": j["name"]}, **results[j["name"]])
             if reused:
                 continue
             for j in ready[:max(0, jobs - len(running))]:
@@ -709,6 +798,8 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, D
             for fut in done:
                 j = running.pop(fut)
                 results[j["name"]] = fut.result()  # a failed job stops the table with its error
+                if log is not None:
+                    log.add({"job": j["name"]}, **results[j["name"]])
                 r = results[j["name"]]
                 shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                 print(f"[prg_tables] done  {j['name']}: {shown}", flush=True)
@@ -785,33 +876,26 @@ def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> 
     return "\n".join(L) + "\n"
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+# step counts, batch and solver steps per table (each flag overrides its entry)
+TABLE_DEFAULTS = {
+    "main": dict(pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
+    "scarce": dict(pretrain_steps=750, finetune_steps=80, batch_size=32, ode_steps=2),
+    "learn-t": dict(pretrain_steps=750, finetune_steps=150, batch_size=64, ode_steps=4),
+    "prediction": dict(pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
+}
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser("prg_tables", __doc__)
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
     p.add_argument("--preset", default="tiny", help="UNet preset (tiny | cifar | prg32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--out", default=os.path.join(OUT_ROOT, "prg_tables"))
     p.add_argument("--quick", action="store_true", help="reduced smoke version (few steps; numbers not meaningful)")
-    p.add_argument("--table", choices=("main", "scarce"), default="main",
+    p.add_argument("--table", choices=tuple(TABLE_DEFAULTS), default="main",
                    help="main: the paper's tables (paths, head only, probes, segments, step invariance); scarce: "
                         "the label-scarce table (N labelled images per class, --levels; default paths gvp,otcfm, "
-                        "pretraining 750 steps, finetuning 80 steps of batch 32 with 2 Euler steps)")
+                        "pretraining 750 steps, finetuning 80 steps of batch 32 with 2 Euler steps); learn-t, "
+                        "prediction: the two ablations (see the module doc)")
     p.add_argument("--levels", default=None, help="--table scarce: labelled images per class (default 1,2,5,10,all; "
                    "with --budget-minutes all,10,100: the levels are admitted in this order while they fit)")
     p.add_argument("--budget-minutes", type=float, default=None,
@@ -831,11 +915,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--segment-path", default="otcfm", help="the path of the trajectory-segment table")
     p.add_argument("--t0s", default="0,0.25,0.5")
     p.add_argument("--eval-steps", default="4,20,100")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; --table scarce: 750)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; --table scarce, learn-t: 750)")
     p.add_argument("--pretrain-batch-size", type=int, default=64)
     p.add_argument("--pretrain-lr", type=float, default=5e-4)
     p.add_argument("--pretrain-warmup", type=int, default=100)
-    p.add_argument("--finetune-steps", type=int, default=None, help="(default 250; --table scarce: 80)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="(default 250; scarce: 80; learn-t: 150)")
+    p.add_argument("--t-lr", type=float, default=0.05, help="--table learn-t: learning rate of the learned t")
     p.add_argument("--batch-size", type=int, default=None, help="finetuning batch (default 64; --table scarce: 32)")
     p.add_argument("--ode-steps", type=int, default=None, help="finetuning solver steps (default 4; --table scarce: 2)")
     p.add_argument("--method", default="euler")
@@ -872,14 +957,9 @@ def parse(argv=None) -> argparse.Namespace:
     scarce = a.table == "scarce"
     if a.paths is None:
         a.paths = "otcfm,gvp" if scarce else "gvp,icfm,otcfm"
-    if a.finetune_steps is None:
-        a.finetune_steps = 80 if scarce else 250
-    if a.pretrain_steps is None:
-        a.pretrain_steps = 750 if scarce else 1500
-    if a.ode_steps is None:
-        a.ode_steps = 2 if scarce else 4
-    if a.batch_size is None:
-        a.batch_size = 32 if scarce else 64
+    for name, value in TABLE_DEFAULTS[a.table].items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
     a.paths = [s for s in a.paths.split(",") if s]
     try:
         a.levels = parse_levels(a.levels)
@@ -897,16 +977,23 @@ def parse(argv=None) -> argparse.Namespace:
         if scarce:
             a.levels = [n for n in a.levels if n in (1, None)] or a.levels[:1]
             a.finetune_steps, a.paths = 6, a.paths[:1]
-        a.out = a.out.rstrip("/") + "_quick" if a.out == os.path.join(OUT_ROOT, "prg_tables") else a.out
-    if scarce and a.out == os.path.join(OUT_ROOT, "prg_tables"):
-        a.out = os.path.join(OUT_ROOT, "prg_budget" if budget else "prg_scarce")
+        if a.table == "learn-t":
+            a.seeds, a.pretrain_steps, a.finetune_steps = a.seeds[:1], 20, 4
+        if a.table == "prediction":
+            a.pretrain_steps, a.finetune_steps, a.ode_steps = 4, 2, 4
+    if a.out == os.path.join(OUT_ROOT, "prg_tables"):  # each table its own default folder
+        folder = {"scarce": "prg_budget" if budget else "prg_scarce", "learn-t": "learn_t",
+                  "prediction": "prediction_prg"}.get(a.table, "prg_tables")
+        a.out = os.path.join(OUT_ROOT, folder + ("_quick" if a.quick else ""))
     if a.figure is None and not a.quick:
         a.figure = os.path.join(a.out, "label_scarce.png")  # the recorded figure is copied into benchmarks/figures by hand
     if a.threads is None:
         a.threads = 1 if a.device == "cpu" else 0
     if a.head_lr is None:
         a.head_lr = a.lr
-    if not scarce and a.segment_path not in a.paths:
+    if a.table == "prediction":
+        a.seeds = [a.seed]
+    if a.table == "main" and a.segment_path not in a.paths:
         p.error(f"--segment-path {a.segment_path} must be one of --paths {a.paths}")
     return a
 
@@ -915,6 +1002,9 @@ def main(argv=None) -> int:
     a = parse(argv)
     os.makedirs(a.out, exist_ok=True)
     t = time.perf_counter()
+    config = {k: getattr(a, k) for k in ("table", "data", "preset", "pretrain_steps", "finetune_steps", "batch_size",
+                                         "ode_steps", "method", "lr", "beta", "seed", "seeds", "paths")}
+    log = harness.Results(a, "prg_tables", config, key=("job",))
     if a.table == "scarce":
         from prg_fast.data import load_data
 
@@ -935,7 +1025,7 @@ def main(argv=None) -> int:
                       "again to continue from the checkpoints", flush=True)
                 return 3
         else:
-            results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads)
+            results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads, log)
         wall = time.perf_counter() - t
         md = scarce_tables(a, results, wall, len(train), len(test))
         if plan is not None:
@@ -944,17 +1034,18 @@ def main(argv=None) -> int:
             scarce_figure(a, results, len(train), train.num_classes, a.figure)
             md += f"\nFigure: {os.path.relpath(a.figure, os.path.dirname(HERE))}\n"
     else:
-        results = run_plan(build_plan(a), a.jobs, a.threads)
-        wall = time.perf_counter() - t
-        md = tables(a, results, wall)
-    info = {"args": vars(a), "results": results, "wall_time_s": wall, "machine": machine(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(info, f, indent=1)
+        build, render = {"main": (build_plan, tables), "learn-t": (build_learn_t_plan, learn_t_table),
+                         "prediction": (build_prediction_plan, prediction_table)}[a.table]
+        results = run_plan(build(a), a.jobs, a.threads, log)
+        md = render(a, results, time.perf_counter() - t)
+    for name, result in results.items():  # the budget's sessions keep theirs in OUT/results/
+        if log.get({"job": name}) != {"job": name, **result}:
+            log.add({"job": name}, **result)
+    md += f"\nMachine: {harness.machine()}; {a.jobs} worker process(es) x {a.threads} thread(s).\n"
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
     print(md)
-    print(f"[prg_tables] {info['machine']}; wrote {a.out}/results.json and table.md")
+    print(f"[prg_tables] wrote {log.path} and {a.out}/table.md")
     return 0
 
 

@@ -16,18 +16,16 @@ Rows (each a `prg-fast` command run as a subprocess; its wall time is measured a
 Protocols differ as in the papers: PRG and RepFusion are finetuned with labels; GenRep learns without
 labels and is read out by a linear probe (logistic regression, C by CV on the training split).
 
-Results: OUT/related.json (OUT defaults to runs/benchmarks/related, git-ignored) and a markdown
-table; with --results benchmarks/RESULTS.md it is also written there as the section "Related
-systems on <data>" (only that section is replaced). Finished rows are cached in
+Results: OUT/related.jsonl (harness.Results; OUT defaults to runs/benchmarks/related, git-ignored)
+and a markdown table; with --results benchmarks/RESULTS.md it is also written there as the section
+"Related systems on <data>" (only that section is replaced). Finished rows are cached in
 OUT/<row>/row.json; --fresh reruns everything.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -35,27 +33,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
 
-def finetune_command() -> Optional[List[str]]:
-    """argv prefix running `prg-fast finetune`."""
-    return [sys.executable, "-m", "prg_fast", "finetune"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+ROOT = harness.ROOT
 
 
 def load_average() -> Optional[str]:
@@ -104,7 +84,7 @@ def pixel_probe(data: str) -> Dict[str, Any]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser("related", __doc__)
     p.add_argument("--data", default="digits")
     p.add_argument("--checkpoint", default=None, help="pretraining run directory (default: pretrain one into OUT)")
     p.add_argument("--pretrain-steps", type=int, default=1500)
@@ -126,13 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads per run (OMP_NUM_THREADS; 1 is fastest on a shared 2-core machine)")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "benchmarks", "related"))  # git-ignored
     p.add_argument("--results", default="",
                    help="markdown file whose 'Related systems on DATA' section is (re)written, for example "
                         "benchmarks/RESULTS.md (default: none; the table is printed and in OUT/related.json)")
     p.add_argument("--rows", default="prg,repfusion,repfusion-policy,student,genrep,random,pixels",
                    help="comma-separated subset of prg,repfusion,repfusion-policy,student,genrep,random,pixels")
-    p.add_argument("--fresh", action="store_true", help="ignore cached rows")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.budget < 2:
@@ -190,15 +168,11 @@ def main(argv=None) -> int:
                 "runs": runs}
 
     if "prg" in rows_wanted:
-        cmd = finetune_command()
         name = "PRG finetune (flow + head, reversed ODE)"
         protocol[name] = f"{args.budget} CE steps through {args.ode_steps} euler steps, t 0 -> 1"
-        if cmd is None:
-            rows.append({"name": name, "error": "not available: prg_fast.training.finetune / `prg-fast finetune` is missing"})
-        else:
-            rows.append(run_seeds("prg", name, lambda seed, out: cmd + common(seed) + [
-                "--checkpoint", ckpt, "--steps", str(args.budget), "--batch-size", str(args.batch_size),
-                "--ode-steps", str(args.ode_steps), "--method", "euler", "--out", out], prg_seeds))
+        rows.append(run_seeds("prg", name, lambda seed, out: py + ["finetune"] + common(seed) + [
+            "--checkpoint", ckpt, "--steps", str(args.budget), "--batch-size", str(args.batch_size),
+            "--ode-steps", str(args.ode_steps), "--method", "euler", "--out", out], prg_seeds))
     if "repfusion" in rows_wanted:
         name = f"RepFusion, fixed t = {args.teacher_t:g}"
         protocol[name] = f"{half} distillation + {args.budget - half} CE steps"
@@ -244,11 +218,13 @@ def main(argv=None) -> int:
     total = sum(sum(run["wall_s"] for run in row.get("runs", [row])) for row in rows if "error" not in row)
     report = {"data": args.data, "checkpoint": ckpt, "pretrain": pretrain_row, "budget": args.budget,
               "batch_size": args.batch_size, "rows": rows, "protocol": protocol, "n_test": n_test,
-              "machine": machine(), "threads": args.threads, "load_average_start": load_start,
+              "machine": harness.machine(), "threads": args.threads, "load_average_start": load_start,
               "load_average_end": load_average(), "total_wall_s": round(total, 1),
               "command": "python benchmarks/related.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    with open(os.path.join(args.out, "related.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    log = harness.Results(args, "related", {k: report[k] for k in ("data", "checkpoint", "budget", "batch_size")},
+                          key=("name",))
+    for row in rows:
+        log.add({"name": row["name"]}, **{k: v for k, v in row.items() if k != "name"})
     table = markdown(report)
     print(table)
     if args.results:
@@ -289,17 +265,17 @@ def markdown(r: Dict[str, Any]) -> str:
               f"them between distillation and finetuning). Top-1 on the {n} test images (mean ± standard deviation "
               f"over seeds where there are several); at 95% accuracy one run's binomial standard error is about "
               f"{100 * math.sqrt(0.95 * 0.05 / n):.1f} points, so differences of 1-2 points are not resolved.", ""]
-    lines += ["| system | protocol | test top-1 | seeds (runs) | wall time per run (s) |", "|---|---|---|---|---|"]
-    for row in r["rows"]:
-        proto = r["protocol"].get(row["name"], "")
+    def top1(row):
         if "error" in row:
-            lines.append(f"| {row['name']} | {proto} | {row['error']} | - | - |")
-            continue
-        top = f"{100 * row['top1']:.1f}%"
-        if row.get("top1_std") is not None:
-            top += f" ± {100 * row['top1_std']:.1f}"
-        runs = ", ".join(f"{100 * t:.1f}" for t in row.get("top1_runs", [row["top1"]]))
-        lines.append(f"| {row['name']} | {proto} | {top} | {len(row.get('seeds', [0]))} ({runs}) | {row['wall_s']:.0f} |")
+            return row["error"]
+        std = f" ± {100 * row['top1_std']:.1f}" if row.get("top1_std") is not None else ""
+        return f"{100 * row['top1']:.1f}%{std}"
+
+    lines.append(harness.table(r["rows"], [
+        ("system", "name"), ("protocol", lambda row: r["protocol"].get(row["name"], "")), ("test top-1", top1),
+        ("seeds (runs)", lambda row: f"{len(row.get('seeds', [0]))} (" + ", ".join(
+            f"{100 * t:.1f}" for t in row.get("top1_runs", [row["top1"]])) + ")"),
+        ("wall time per run (s)", "wall_s", ".0f")]))
     extra = []
     for row in r["rows"]:
         m = row.get("metrics") or {}
