@@ -1,4 +1,4 @@
-"""Command line: `prg-fast <command> ...` (also `python -m prg_fast ...`); DESIGN.md section 4. All
+"""Command line: `prg-fast <command> ...` (also `python -m prg_fast ...`; docs/cli.md). All
 argument parsing lives in this package (one module per command); the training code below takes
 config dataclasses and knows no argparse.
 

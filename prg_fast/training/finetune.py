@@ -1,4 +1,4 @@
-"""PRG finetuning (`prg-fast finetune`); DESIGN.md section 4. Re-evaluation and feature extraction
+"""PRG finetuning (`prg-fast finetune`, docs/cli.md). Re-evaluation and feature extraction
 (`prg-fast evaluate` / `extract`) are in prg_fast.training.evaluate, the checkpoint's reading and
 rebuilding in prg_fast.training.checkpoints (both still importable from here).
 
@@ -32,7 +32,7 @@ finished).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -53,12 +53,12 @@ from .distributed import Dist, run_on_ranks, wrap_ddp
 from .evaluate import evaluate, extract, sharded_correct
 from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
 from .rundir import CheckpointError, checkpoint_file
-from .runs import load_train_data, lr_schedule, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
+from .runs import load_train_data
+from .trainer import Result, RunOptions, Schedule, TrainConfig, Trainer, configure, one_of, ranged
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
+__all__ = ["FinetuneConfig", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION"]
 
 # arguments that define what a finetuning run is; resuming with other values is refused
@@ -137,15 +137,6 @@ class FinetuneConfig(TrainConfig):
         return self.warmup if self.warmup is not None else int(round(0.05 * self.steps))
 
 
-@dataclass
-class FinetuneResult:
-    classifier: PRGClassifier  # the finetuned classifier (unwrapped)
-    metrics: Dict[str, Any]
-    out: str
-    step: int
-    history: List[List[float]] = field(default_factory=list)
-
-
 # -------------------------------------------------------------------------------------------------
 # training
 
@@ -173,8 +164,9 @@ class _FinetuneNet(nn.Module):
 
 
 def finetune(config: Optional[FinetuneConfig] = None, *, model: Optional[nn.Module] = None,
-             time_convention: str = "prg", **kwargs) -> FinetuneResult:
-    """Finetune (or resume finetuning) a PRG classifier; see the module doc. Call with a
+             time_convention: str = "prg", **kwargs) -> Result:
+    """Finetune (or resume finetuning) a PRG classifier (the Result's network: classifier, the
+    finetuned PRGClassifier, unwrapped); see the module doc. Call with a
     FinetuneConfig or with its fields as keyword arguments. Every process of a torchrun job calls
     it; only rank 0 writes files.
 
@@ -212,9 +204,18 @@ class _Finetuner(Trainer):
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
                              f"{self.data.num_classes}")
         self._indices = self.step_batches(self.data)
+        self._given, self.time_convention = user_model, time_convention
+        self.begin(existing)
+        self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
+        self.net = wrap_ddp(self.module, ctx)
+        self.params = [p for p in self.classifier.parameters() if p.requires_grad]
+        mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
+        self.bar_desc = f"finetune ({mode})"
 
-        seed_everything(cfg.seed)  # identical initial head (and scratch flow) on every rank
-        flow = self._build_flow(user_model, time_convention)
+    def build(self) -> None:
+        """The classifier (the head, and a scratch flow, initialised alike on every rank) and AdamW."""
+        cfg = self.cfg
+        flow = self._build_flow(self._given, self.time_convention)
         self.beta = 0.0 if cfg.freeze_flow else cfg.beta  # a frozen flow gets nothing from the FM term
         head = ClassifierHead(feature_shape(self.data.shape, cfg.save_at), self.data.num_classes, hidden=cfg.hidden)
         self.classifier = PRGClassifier(flow, head, t=cfg.t, t0=cfg.t0, steps=cfg.ode_steps, method=cfg.method,
@@ -231,18 +232,11 @@ class _Finetuner(Trainer):
             groups.append({"params": list(segment.values()), "lr": cfg.t_lr, "weight_decay": 0.0, "name": "time"})
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.running = [0.0, 0.0, 0.0, 0.0, 0]
-        self.begin(existing, rank_seed(cfg.seed, ctx.rank))
-        peaks = {"head": cfg.head_lr or cfg.lr, "time": cfg.t_lr}
-        for group in self.opt.param_groups:  # this run's peaks, also over a resumed optimizer's saved groups
-            group["initial_lr"] = peaks.get(group.get("name"), cfg.lr)
-            group.pop("peak_lr", None)  # what checkpoints of the first release called initial_lr
-        self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup_steps, schedule=cfg.schedule, floor=cfg.min_lr,
-                                 step=self.step)
-        self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
-        self.net = wrap_ddp(self.module, ctx)
-        self.params = [p for p in self.classifier.parameters() if p.requires_grad]
-        mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
-        self.bar_desc = f"finetune ({mode})"
+
+    def lr_schedules(self):
+        cfg = self.cfg
+        return [Schedule(self.opt, cfg.lr, cfg.steps, cfg.warmup_steps, kind=cfg.schedule, floor=cfg.min_lr,
+                         peaks={"head": cfg.head_lr or cfg.lr, "time": cfg.t_lr})]
 
     def _build_flow(self, user_model: Optional[nn.Module], time_convention: str) -> nn.Module:
         """The flow: pretrained weights (EMA by default), or the same architecture freshly
@@ -340,13 +334,12 @@ class _Finetuner(Trainer):
         return super().is_row(step) or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
 
     # -- the step ---------------------------------------------------------------------------------
-    def run(self) -> FinetuneResult:
+    def run(self) -> Result:
         self._train_mode()
         metrics = super().run()
-        return FinetuneResult(self.classifier, metrics, self.cfg.out, self.step, self.history)
+        return Result(metrics, self.cfg.out, self.step, self.history, {"classifier": self.classifier})
 
     def train_step(self, step: int) -> torch.Tensor:
-        self.lr = self.sched.lr_lambdas[0](step) * self.cfg.lr
         x, y = self.data.batch(self._indices(step), device=self.device)
         loss, stats = self.net(x, y)
         self.opt.zero_grad(set_to_none=True)
@@ -354,7 +347,6 @@ class _Finetuner(Trainer):
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
-        self.sched.step()
         self.record(stats)
         return stats[0]
 
