@@ -166,6 +166,18 @@ def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
 # the plan
 
 
+def _job(name: str, kind: str, spec: Dict[str, Any], after=()) -> Dict[str, Any]:
+    return {"name": name, "kind": kind, "spec": spec, "after": list(after)}
+
+
+def pretrain_spec(a: argparse.Namespace, path: str, **kw) -> Dict[str, Any]:
+    """The tables' pretraining run on `path` (into OUT/pretrain-PATH)."""
+    return dict(dict(data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
+                     lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=os.path.join(a.out, f"pretrain-{path}"),
+                     device=a.device, seed=a.seed, progress=a.progress, num_samples=16,
+                     log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)), **kw)
+
+
 def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
     """Jobs with names and dependencies: [{"name", "kind", "spec", "after": [names]}]."""
     out = a.out
@@ -175,8 +187,8 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
                      ckpt_every=max(1, a.finetune_steps // 4))
     plan: List[Dict[str, Any]] = []
 
-    def add(name, kind, spec, after=()):
-        plan.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
+    def add(*job, after=()):
+        plan.append(_job(*job, after))
 
     if a.probes:
         add("probe-pixels", "probe_pixels", dict(data=a.data))
@@ -187,10 +199,7 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
                                    beta=a.beta, path=a.segment_path, seed=seed))
     for path in a.paths:
         pre = os.path.join(out, f"pretrain-{path}")
-        add(f"pretrain-{path}", "pretrain", dict(
-            data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
-            lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=a.progress,
-            num_samples=16, log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)))
+        add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
         ft = os.path.join(out, f"ft-{path}")
         add(f"ft-{path}", "finetune", dict(common_ft, checkpoint=pre, out=ft, beta=a.beta), after=[f"pretrain-{path}"])
         add(f"head-{path}", "finetune", dict(common_ft, checkpoint=pre, out=os.path.join(out, f"head-{path}"),
@@ -223,10 +232,6 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
 LEARN_T_ROWS = {"fixed t = 1.0 (PRG)": dict(t=1.0), "fixed t = 0.5": dict(t=0.5),
                 "learned t (from 0.5)": dict(t=0.5, learn_t=True)}
 PREDICTIONS = ("velocity", "epsilon", "v")
-
-
-def _job(name: str, kind: str, spec: Dict[str, Any], after=()) -> Dict[str, Any]:
-    return {"name": name, "kind": kind, "spec": spec, "after": list(after)}
 
 
 def learn_t_job(row: str, seed: int) -> str:
@@ -267,11 +272,8 @@ def build_prediction_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
     plan = []
     for prediction in PREDICTIONS:
         pre = os.path.join(a.out, f"pretrain-gvp-{prediction}")
-        plan.append(_job(f"pretrain-gvp-{prediction}", "pretrain", dict(
-            data=a.data, path="gvp", prediction=prediction, model=a.preset, steps=a.pretrain_steps,
-            batch_size=a.pretrain_batch_size, lr=a.pretrain_lr, warmup=min(a.pretrain_warmup, a.pretrain_steps // 2),
-            out=pre, device=a.device, seed=a.seed, progress=a.progress, num_samples=16,
-            log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4))))
+        plan.append(_job(f"pretrain-gvp-{prediction}", "pretrain", pretrain_spec(
+            a, "gvp", prediction=prediction, warmup=min(a.pretrain_warmup, a.pretrain_steps // 2), out=pre)))
         plan.append(_job(f"ft-gvp-{prediction}", "finetune", dict(
             checkpoint=pre, out=os.path.join(a.out, f"ft-gvp-{prediction}"), data=a.data, batch_size=a.batch_size,
             ode_steps=a.ode_steps, method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1,
@@ -367,8 +369,8 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str,
     out = a.out
     plan: List[Dict[str, Any]] = []
 
-    def add(name, kind, spec, after=()):
-        plan.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
+    def add(*job, after=()):
+        plan.append(_job(*job, after))
 
     def ft(n, seed, **kw):
         return dict(data=a.data, batch_size=scarce_batch(a.batch_size, n, num_classes), ode_steps=a.ode_steps,
@@ -381,11 +383,8 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str,
         add("probe-pixels", "probe_scarce", dict(data=a.data, features=None, levels=a.levels, seeds=a.seeds))
     for path in a.paths:
         pre = os.path.join(out, f"pretrain-{path}")
-        add(f"pretrain-{path}", "pretrain", dict(
-            data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
-            lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=a.progress,
-            num_samples=16, log_every=max(1, a.pretrain_steps // 20),
-            ckpt_every=getattr(a, "pretrain_ckpt_every", None) or max(1, a.pretrain_steps // 4)))
+        add(f"pretrain-{path}", "pretrain", pretrain_spec(
+            a, path, ckpt_every=getattr(a, "pretrain_ckpt_every", None) or max(1, a.pretrain_steps // 4)))
         if a.probes:
             feats = os.path.join(out, f"features-{path}.npz")
             add(f"features-{path}", "features", dict(checkpoint=pre, data=a.data, out=feats, ode_steps=a.ode_steps,
@@ -449,8 +448,7 @@ def display_levels(a: argparse.Namespace) -> List[Optional[int]]:
 
 def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One entry per table row: label, per level the top-1 of every seed (in --seeds order)."""
-    names = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
-    rows = []
+    names, rows = NAMES, []
 
     def runs(prefix):
         return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in display_levels(a)}
@@ -810,66 +808,43 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int,
 # the tables
 
 
-def _pct(v: Optional[float]) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+NAMES = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
 
 
 def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
-    L: List[str] = []
-    names = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
-    n_test = 360 if a.data == "digits" else None
-    L.append(f"Data `{a.data}`, UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
-             f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch {a.batch_size}), "
-             f"{a.ode_steps} `{a.method}` steps from t0 to t = 1, beta = {a.beta:g}. Top-1 on the test split"
-             + (f" ({n_test} images: one image = {100 / n_test:.2f} points)." if n_test else "."))
-    L.append("")
-    L.append("**Table 1: pretraining path vs. what is trained** (top-1 %)")
-    L.append("")
-    L.append("| pretraining | PRG finetuned (head + flow) | head only (flow frozen) | linear probe, frozen x_1 | "
-             "20-NN, frozen x_1 | pretrain loss |")
-    L.append("|---|---|---|---|---|---|")
-    none = {"linear_probe_top1": None, "knn_top1": None}
-    for p in a.paths:
-        pr = r.get(f"probe-{p}", none)
-        L.append(f"| {names[p]} | {_pct(r[f'ft-{p}']['top1'])} | {_pct(r[f'head-{p}']['top1'])} | "
-                 f"{_pct(pr['linear_probe_top1'])} | {_pct(pr['knn_top1'])} | {r[f'pretrain-{p}']['loss']:.4f} |")
-    L.append(f"| none (from scratch, same architecture) | {_pct(r['scratch']['top1'])} | - | - | - | - |")
-    px = r.get("probe-pixels", none)
-    L.append(f"| none (raw pixels, t = 0: no flow) | - | - | {_pct(px['linear_probe_top1'])} | "
-             f"{_pct(px['knn_top1'])} | - |")
-    L.append("")
-    sp = a.segment_path
+    pct, sp, n_test = ".2f", a.segment_path, 360 if a.data == "digits" else None
+    L = [f"Data `{a.data}`, UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
+         f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch {a.batch_size}), {a.ode_steps} "
+         f"`{a.method}` steps from t0 to t = 1, beta = {a.beta:g}. Top-1 on the test split"
+         + (f" ({n_test} images: one image = {100 / n_test:.2f} points)." if n_test else "."), "",
+         "**Table 1: pretraining path vs. what is trained** (top-1 %)", ""]
+    rows = [dict(label=NAMES[p], ft=r[f"ft-{p}"]["top1"], head=r[f"head-{p}"]["top1"], loss=r[f"pretrain-{p}"]["loss"],
+                 **r.get(f"probe-{p}", {})) for p in a.paths]
+    rows += [dict(label="none (from scratch, same architecture)", ft=r["scratch"]["top1"]),
+             dict(label="none (raw pixels, t = 0: no flow)", **r.get("probe-pixels", {}))]
+    L += [harness.table(rows, [("pretraining", "label"), ("PRG finetuned (head + flow)", lambda x: 100 * x["ft"], pct),
+                               ("head only (flow frozen)", lambda x: 100 * x["head"], pct),
+                               ("linear probe, frozen x_1", lambda x: 100 * x["linear_probe_top1"], pct),
+                               ("20-NN, frozen x_1", lambda x: 100 * x["knn_top1"], pct),
+                               ("pretrain loss", "loss", ".4f")]), ""]
     if len(a.seeds) > 1:
-        def seeds_row(label, prefix):
-            vals = [r[prefix if seed == a.seed else f"{prefix}-seed{seed}"]["top1"] for seed in a.seeds]
-            mean = sum(vals) / len(vals)
-            return f"| {label} | " + " | ".join(_pct(v) for v in vals) + f" | {_pct(mean)} | {_pct(min(vals))}-{_pct(max(vals))} |"
-
-        L.append(f"**Table 1b: PRG ({names[sp]}) vs. from scratch over finetuning seeds** (head init, data order, "
-                 f"noise; same pretrained checkpoint) (top-1 %)")
-        L.append("")
-        L.append("| run | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean | range |")
-        L.append("|---|" + "---|" * (len(a.seeds) + 2))
-        L.append(seeds_row(f"PRG finetuned ({names[sp]})", f"ft-{sp}"))
-        L.append(seeds_row("from scratch", "scratch"))
-        L.append("")
-    L.append(f"**Table 2: trajectory segment** ({names[sp]}; the image is the state at t0, reversed to t = 1; "
-             f"{a.ode_steps} steps over the segment)")
-    L.append("")
-    L.append("| t0 | " + " | ".join(f"{t0:g}" for t0 in a.t0s) + " |")
-    L.append("|---|" + "---|" * len(a.t0s))
-    row = [r[f"ft-{sp}"]["top1"] if t0 == 0.0 else r[f"ft-{sp}-t0={t0:g}"]["top1"] for t0 in a.t0s]
-    L.append("| top-1 % | " + " | ".join(_pct(v) for v in row) + " |")
-    L.append("")
-    L.append(f"**Table 3: step invariance** (trained with {a.ode_steps} `{a.method}` steps, evaluated with others; "
-             "`prg-fast evaluate --ode-steps K`)")
-    L.append("")
-    L.append("| pretraining | " + " | ".join(f"{k} steps" for k in a.eval_steps) + " |")
-    L.append("|---|" + "---|" * len(a.eval_steps))
-    for p in a.paths:
-        by = r[f"eval-{p}"]["top1_by_steps"]
-        L.append(f"| {names[p]} | " + " | ".join(_pct(by[str(k)]) for k in a.eval_steps) + " |")
-    L.append("")
+        runs = [dict(label=label, v=[100 * r[prefix if s == a.seed else f"{prefix}-seed{s}"]["top1"] for s in a.seeds])
+                for label, prefix in ((f"PRG finetuned ({NAMES[sp]})", f"ft-{sp}"), ("from scratch", "scratch"))]
+        L += [f"**Table 1b: PRG ({NAMES[sp]}) vs. from scratch over finetuning seeds** (head init, data order, "
+              "noise; same pretrained checkpoint) (top-1 %)", "",
+              harness.table(runs, [("run", "label")] + [(f"seed {s}", lambda x, i=i: x["v"][i], pct)
+                                                        for i, s in enumerate(a.seeds)] + [
+                  ("mean", lambda x: statistics.fmean(x["v"]), pct),
+                  ("range", lambda x: f"{min(x['v']):.2f}-{max(x['v']):.2f}")]), ""]
+    segment = {f"{t0:g}": 100 * r[f"ft-{sp}" if t0 == 0.0 else f"ft-{sp}-t0={t0:g}"]["top1"] for t0 in a.t0s}
+    L += [f"**Table 2: trajectory segment** ({NAMES[sp]}; the image is the state at t0, reversed to t = 1; "
+          f"{a.ode_steps} steps over the segment)", "",
+          harness.table([dict(segment, label="top-1 %")], [("t0", "label")] + [(t, t, pct) for t in segment]), "",
+          f"**Table 3: step invariance** (trained with {a.ode_steps} `{a.method}` steps, evaluated with others; "
+          "`prg-fast evaluate --ode-steps K`)", "",
+          harness.table([dict(label=NAMES[p], **r[f"eval-{p}"]["top1_by_steps"]) for p in a.paths],
+                        [("pretraining", "label")] + [(f"{k} steps", lambda x, k=k: 100 * x[str(k)], pct)
+                                                      for k in a.eval_steps]), ""]
     times = {k: v.get("train_time_total_s", v["wall_time_s"]) for k, v in r.items()}
     L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s); "
              "per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".")
