@@ -34,15 +34,6 @@ matching), the noise (epsilon) or v, each finetuned as Table 1's PRG classifier 
 0.1, AdamW 1e-3, batch 64, seed 0); the pretraining losses are each prediction's own and not
 comparable across rows.
 
-The same table in a time budget on one GPU (CIFAR-10 as an image folder): a short calibration
-measures steps/s, plan_budget picks step counts and the levels that fit (all first, then 10, 100),
-OUT/budget.json keeps the plan; run the same command again after a cut-off (each command stops
-itself after --session-minutes, exit code 3) until it prints the table:
-
-    python benchmarks/prg_tables.py --data folder:../shared/data/cifar10 --budget-minutes 20 \
-        --session-minutes 9 --preset cifar --device cuda --batch-size 128 --pretrain-batch-size 128 \
-        --pretrain-lr 2e-4 --lr 2.5e-4 --ode-steps 4 --out benchmarks/out/prg_budget_cifar10
-
 Every run is a prg_fast run directory under --out (pretrain-*, ft-*, ...), so an interrupted
 invocation resumes where it stopped and a finished run is reused (delete --out to start over). The
 runs are spread over --jobs worker processes (one torch thread each on the CPU: on a small shared
@@ -377,14 +368,13 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str,
                     method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1, steps=a.finetune_steps,
                     device=a.device, seed=seed, labels_per_class=n, labels_seed=None if n is None else seed,
                     progress=a.progress, log_every=max(1, a.finetune_steps // 10),
-                    ckpt_every=getattr(a, "finetune_ckpt_every", None) or max(1, a.finetune_steps // 2), **kw)
+                    ckpt_every=max(1, a.finetune_steps // 2), **kw)
 
     if a.probes:
         add("probe-pixels", "probe_scarce", dict(data=a.data, features=None, levels=a.levels, seeds=a.seeds))
     for path in a.paths:
         pre = os.path.join(out, f"pretrain-{path}")
-        add(f"pretrain-{path}", "pretrain", pretrain_spec(
-            a, path, ckpt_every=getattr(a, "pretrain_ckpt_every", None) or max(1, a.pretrain_steps // 4)))
+        add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
         if a.probes:
             feats = os.path.join(out, f"features-{path}.npz")
             add(f"features-{path}", "features", dict(checkpoint=pre, data=a.data, out=feats, ode_steps=a.ode_steps,
@@ -531,237 +521,6 @@ def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: 
     plt.close(fig)
 
 
-# -------------------------------------------------------------------------------------------------
-# a time budget (--budget-minutes): calibrate, plan step counts, run resumably across commands
-
-# the paper's CIFAR-10 numbers (arXiv 2412.01787, Table 1): PRG finetuned vs. the same network trained
-# from scratch, with every label
-PAPER_CIFAR10 = {"prg": 97.4, "scratch": 73.5}
-
-
-def plan_budget(budget_s: float, *, pretrain_rate: float, finetune_rate: float, eval_s: float, overhead_s: float,
-                levels: List[Optional[int]], seeds: List[int], rows: List[str], pretrain_fraction: float = 0.5,
-                min_pretrain_steps: int = 50, min_finetune_steps: int = 20) -> Dict[str, Any]:
-    """Step counts that fit `budget_s` seconds of one device, from measured rates (optimizer steps
-    per second of pretraining and of PRG finetuning at the full batch; a smaller label-scarce batch
-    is charged as a full one, which errs on the safe side), the time to evaluate the test split
-    once (`eval_s`) and the fixed cost of starting one run (`overhead_s`: process, data, model).
-
-    A share `pretrain_fraction` of what is left after the fixed costs pretrains (every path in
-    `rows` starting with "ft-" needs one pretraining); the rest is split evenly over the finetuning
-    runs (rows x levels x seeds). Levels are admitted in the order given (put 'all' first to make
-    sure of the full-label rows) while every finetuning run still gets `min_finetune_steps`.
-    Returns {"pretrain_steps", "finetune_steps", "levels", "seeds", "rows", "predicted_s", ...};
-    raises ValueError when not even one level fits."""
-    for name, v in (("budget_s", budget_s), ("pretrain_rate", pretrain_rate), ("finetune_rate", finetune_rate)):
-        if not (isinstance(v, (int, float)) and v > 0):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
-    if eval_s < 0 or overhead_s < 0:
-        raise ValueError(f"eval_s and overhead_s must be >= 0, got {eval_s!r}, {overhead_s!r}")
-    if not 0 < pretrain_fraction < 1:
-        raise ValueError(f"pretrain_fraction must lie in (0, 1), got {pretrain_fraction!r}")
-    if not levels or not seeds or not rows:
-        raise ValueError("levels, seeds and rows must be non-empty")
-    n_pre = len({r.split("-", 1)[1] for r in rows if r.startswith("ft-")})
-    chosen: Optional[Dict[str, Any]] = None
-    for k in range(1, len(levels) + 1):
-        n_ft = len(rows) * k * len(seeds)
-        fixed = (n_pre + n_ft) * overhead_s + n_ft * eval_s
-        left = budget_s - fixed
-        if left <= 0:
-            break
-        pre_s = pretrain_fraction * left if n_pre else 0.0
-        pre_steps = int(pre_s / n_pre * pretrain_rate) if n_pre else 0  # per pretraining run (path)
-        ft_steps = int((left - pre_s) * finetune_rate / n_ft)
-        if (n_pre and pre_steps < min_pretrain_steps) or ft_steps < min_finetune_steps:
-            break
-        predicted = fixed + n_pre * pre_steps / pretrain_rate + n_ft * ft_steps / finetune_rate
-        chosen = {"pretrain_steps": pre_steps, "finetune_steps": ft_steps, "levels": list(levels[:k]),
-                  "seeds": list(seeds), "rows": list(rows), "pretrain_runs": n_pre, "finetune_runs": n_ft,
-                  "predicted_s": predicted, "budget_s": float(budget_s), "dropped_levels": list(levels[k:])}
-    if chosen is None:
-        raise ValueError(f"a budget of {budget_s / 60:.1f} min does not fit even one level: each of the "
-                         f"{len(rows) * len(seeds)} finetuning runs needs {min_finetune_steps} steps at "
-                         f"{finetune_rate:.3g} steps/s plus {eval_s + overhead_s:.0f} s to start and evaluate, and "
-                         f"pretraining {min_pretrain_steps} steps at {pretrain_rate:.3g} steps/s; raise "
-                         f"--budget-minutes or lower --batch-size / --ode-steps")
-    return chosen
-
-
-def calibrate(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
-    """Measure pretraining and PRG finetuning steps/s, one test-split evaluation and the start-up
-    cost of a run, on this device with this data and network, in short runs under OUT/calibrate.
-    The rates come from resumed segments (the first segment pays for warm-up, autotuning and
-    allocation), so they are the steady-state speeds the real runs will see."""
-    from prg_fast.training.evaluate import evaluate
-    from prg_fast.training.finetune import finetune
-    from prg_fast.training.pretrain import pretrain
-
-    k = a.calibration_steps
-    root = os.path.join(a.out, "calibrate")
-    pre = os.path.join(root, "pretrain")
-    common = dict(data=a.data, path=a.paths[0], model=a.preset, batch_size=a.pretrain_batch_size, lr=a.pretrain_lr,
-                  warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=False, num_samples=4,
-                  sample_steps=2, ckpt_every=10 ** 9, log_every=k)
-    t = time.perf_counter()
-    pretrain(steps=k, **common)
-    first_pre = time.perf_counter() - t
-    r = pretrain(steps=2 * k, **common)
-    pretrain_rate = k / r.metrics["wall_time_s"]
-    ft = os.path.join(root, "finetune")
-    fcommon = dict(data=a.data, checkpoint=pre, out=ft, batch_size=a.batch_size, ode_steps=a.ode_steps,
-                   method=a.method, lr=a.lr, beta=a.beta, device=a.device, seed=a.seed, progress=False,
-                   ckpt_every=10 ** 9, log_every=k)
-    t = time.perf_counter()
-    finetune(steps=k, **fcommon)
-    first_ft = time.perf_counter() - t
-    t = time.perf_counter()
-    r = finetune(steps=2 * k, **fcommon)
-    second_ft = time.perf_counter() - t
-    finetune_rate = k / r.metrics["wall_time_s"]
-    t = time.perf_counter()
-    evaluate(ft, a.data, device=a.device)
-    eval_s = time.perf_counter() - t
-    # start-up: what a resumed run costs beyond its steps and its evaluation, plus starting the
-    # fresh process every job runs in (interpreter, torch, prg_fast)
-    import multiprocessing as mp
-
-    t = time.perf_counter()
-    proc = mp.get_context("spawn").Process(target=_import_only)
-    proc.start()
-    proc.join()
-    spawn_s = time.perf_counter() - t
-    overhead_s = max(0.0, second_ft - r.metrics["wall_time_s"] - eval_s) + spawn_s
-    return {"pretrain_steps_per_s": pretrain_rate, "finetune_steps_per_s": finetune_rate, "eval_s": eval_s,
-            "overhead_s": overhead_s, "calibration_steps": k, "first_segment_s": {"pretrain": first_pre,
-                                                                                   "finetune": first_ft}}
-
-
-def _import_only() -> None:
-    import prg_fast.training.finetune  # noqa: F401  (what every job imports)
-
-
-def budget_rows(a: argparse.Namespace) -> List[str]:
-    return [f"ft-{p}" for p in a.paths] + ["scratch"] + ([f"head-{p}" for p in a.paths] if a.head_only else [])
-
-
-def load_or_make_budget(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
-    """OUT/budget.json: made once (calibration + plan) and reused by every later command, so the
-    runs of one protocol keep the same arguments and resume from their checkpoints."""
-    file = os.path.join(a.out, "budget.json")
-    if os.path.isfile(file):
-        with open(file) as f:
-            plan = json.load(f)
-        same = {k: plan["args"].get(k) for k in ("data", "preset", "budget_minutes", "batch_size", "ode_steps")}
-        now = {k: getattr(a, k) for k in same}
-        if same != now:
-            raise SystemExit(f"{file} was planned for {same}, but this command asks for {now}; use the same arguments "
-                             f"or another --out")
-        print(f"[prg_tables] budget: reusing the plan in {file}", flush=True)
-        return plan
-    t = time.perf_counter()
-    cal = calibrate(a, num_classes)
-    cal_s = time.perf_counter() - t
-    budget_s = a.budget_minutes * 60 - cal_s
-    plan = plan_budget(budget_s, pretrain_rate=cal["pretrain_steps_per_s"], finetune_rate=cal["finetune_steps_per_s"],
-                       eval_s=cal["eval_s"], overhead_s=cal["overhead_s"], levels=a.levels, seeds=a.seeds,
-                       rows=budget_rows(a), pretrain_fraction=a.pretrain_fraction)
-    plan.update(calibration=cal, calibration_s=cal_s, device=harness.machine(),
-                args={k: getattr(a, k) for k in ("data", "preset", "budget_minutes", "batch_size", "ode_steps")})
-    # checkpoints about once a minute: a command cut off at its time limit loses at most that much
-    plan["pretrain_ckpt_every"] = max(1, int(60 * cal["pretrain_steps_per_s"]))
-    plan["finetune_ckpt_every"] = max(1, int(60 * cal["finetune_steps_per_s"]))
-    os.makedirs(a.out, exist_ok=True)
-    with open(file, "w") as f:
-        json.dump(plan, f, indent=1)
-    return plan
-
-
-def apply_budget(a: argparse.Namespace, plan: Dict[str, Any]) -> None:
-    a.pretrain_steps, a.finetune_steps = plan["pretrain_steps"], plan["finetune_steps"]
-    a.levels, a.seeds = [None if n is None else int(n) for n in plan["levels"]], list(plan["seeds"])
-    a.pretrain_warmup = min(a.pretrain_warmup, max(1, a.pretrain_steps // 10))
-    a.pretrain_ckpt_every, a.finetune_ckpt_every = plan["pretrain_ckpt_every"], plan["finetune_ckpt_every"]
-
-
-def budget_report(a: argparse.Namespace, plan: Dict[str, Any], r: Dict[str, Dict[str, Any]], n_train: int) -> str:
-    """What the budget bought, and which paper numbers it does not reach and why."""
-    L = [f"Budget {a.budget_minutes:g} min on {plan.get('device', a.device)}: calibration "
-         f"{plan['calibration_s']:.0f} s (pretraining {plan['calibration']['pretrain_steps_per_s']:.2f} steps/s, "
-         f"PRG finetuning {plan['calibration']['finetune_steps_per_s']:.2f} steps/s at batch {a.batch_size}, "
-         f"test evaluation {plan['calibration']['eval_s']:.1f} s); planned {plan['pretrain_runs']} pretraining "
-         f"run(s) of {plan['pretrain_steps']} steps and {plan['finetune_runs']} finetuning runs of "
-         f"{plan['finetune_steps']} steps, predicted {plan['predicted_s'] / 60:.1f} min."]
-    if plan["dropped_levels"]:
-        L.append(f"Levels not affordable in this budget: {', '.join(level_name(n) for n in plan['dropped_levels'])}.")
-    spent = sum(v.get("train_time_total_s", v["wall_time_s"]) for v in r.values())
-    L.append(f"Training time actually spent (sum over runs, all commands): {spent / 60:.1f} min.")
-    if "all" in [level_name(n) for n in a.levels] and a.paths:
-        import statistics
-
-        prg = statistics.fmean(r[f"ft-{a.paths[0]}-nall-s{s}"]["top1"] for s in a.seeds) * 100
-        scr = statistics.fmean(r[f"scratch-nall-s{s}"]["top1"] for s in a.seeds) * 100
-        L.append(f"Full labels: PRG finetuned {prg:.1f}% vs. from scratch {scr:.1f}%; the paper reports "
-                 f"{PAPER_CIFAR10['prg']}% vs. {PAPER_CIFAR10['scratch']}% on CIFAR-10.")
-    L.append(f"Not reached, and why: the paper's 97.4% rests on a flow pretrained for hundreds of thousands of "
-             f"steps (torchcfm's CIFAR-10 recipe, which PRG starts from, trains 400,001 steps of batch 128) and "
-             f"finetuned for many epochs; this budget affords {plan['pretrain_steps']} pretraining steps "
-             f"({100 * plan['pretrain_steps'] / 400001:.2f}% of that) and {plan['finetune_steps']} finetuning steps "
-             f"of batch {a.batch_size} ({plan['finetune_steps'] * a.batch_size / n_train:.2f} epochs of the {n_train} "
-             "training images), so "
-             "neither the pretrained flow nor the finetuned classifier is near convergence; the numbers say how "
-             "much of the gap this much compute closes, not what PRG reaches.")
-    return "\n".join(L) + "\n"
-
-
-def _job_to_file(kind: str, spec: Dict[str, Any], threads: int, file: str) -> None:
-    result = _run_job(kind, spec, threads)
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, file)
-
-
-class OutOfTime(Exception):
-    """The command's --session-minutes ran out; the same command continues the protocol."""
-
-
-def run_plan_sessions(plan: List[Dict[str, Any]], threads: int, out: str,
-                      deadline: Optional[float]) -> Dict[str, Dict[str, Any]]:
-    """The jobs one after another, each in its own process, with its result kept in
-    OUT/results/NAME.json: a later command skips what is done and resumes the run in progress
-    from its checkpoint. At `deadline` (time.monotonic()) the running job is stopped (it loses
-    at most its last checkpoint interval) and OutOfTime is raised."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    folder = os.path.join(out, "results")
-    os.makedirs(folder, exist_ok=True)
-    results: Dict[str, Dict[str, Any]] = {}
-    for j in plan:  # the plan lists every job after the jobs it needs
-        file = os.path.join(folder, j["name"] + ".json")
-        if os.path.isfile(file):
-            with open(file) as f:
-                results[j["name"]] = json.load(f)
-            continue
-        if deadline is not None and time.monotonic() >= deadline:
-            raise OutOfTime(j["name"])
-        print(f"[prg_tables] start {j['name']}", flush=True)
-        proc = ctx.Process(target=_job_to_file, args=(j["kind"], j["spec"], threads, file))
-        proc.start()
-        proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
-            raise OutOfTime(j["name"])
-        if proc.exitcode != 0 or not os.path.isfile(file):
-            raise RuntimeError(f"job {j['name']} failed (exit code {proc.exitcode}); its output is above")
-        with open(file) as f:
-            results[j["name"]] = json.load(f)
-        print(f"[prg_tables] done  {j['name']}: {results[j['name']]}", flush=True)
-    return results
-
-
 def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int,
              log: Optional[harness.Results] = None) -> Dict[str, Dict[str, Any]]:
     import multiprocessing as mp
@@ -871,17 +630,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "the label-scarce table (N labelled images per class, --levels; default paths gvp,otcfm, "
                         "pretraining 750 steps, finetuning 80 steps of batch 32 with 2 Euler steps); learn-t, "
                         "prediction: the two ablations (see the module doc)")
-    p.add_argument("--levels", default=None, help="--table scarce: labelled images per class (default 1,2,5,10,all; "
-                   "with --budget-minutes all,10,100: the levels are admitted in this order while they fit)")
-    p.add_argument("--budget-minutes", type=float, default=None,
-                   help="label-scarce protocol in a time budget (implies --table scarce, one run at a time): "
-                        "calibrate steps/s, choose pretraining and finetuning step counts that fit, write the plan to "
-                        "OUT/budget.json and run it; repeat the same command until it prints the table")
-    p.add_argument("--session-minutes", type=float, default=None,
-                   help="stop this command after this long (the next one resumes); e.g. 9 under a 10-minute limit")
-    p.add_argument("--pretrain-fraction", type=float, default=0.5, help="--budget-minutes: share of pretraining")
-    p.add_argument("--calibration-steps", type=int, default=10, help="--budget-minutes: steps per calibration segment")
-    p.add_argument("--plan-only", action="store_true", help="--budget-minutes: calibrate, print the plan, run nothing")
+    p.add_argument("--levels", default=None, help="--table scarce: labelled images per class (default 1,2,5,10,all)")
     p.add_argument("--no-head-only", dest="head_only", action="store_false", help="--table scarce: skip head only")
     p.add_argument("--figure", default=None,
                    help="--table scarce: where the PNG of top-1 against labels per class goes (default: OUT/label_scarce.png; "
@@ -912,21 +661,6 @@ def parse(argv=None) -> argparse.Namespace:
                    "unchanged on a GPU)")
     p.add_argument("--progress", action="store_true", help="progress bars of every run (interleaved)")
     a = p.parse_args(argv)
-    budget = a.budget_minutes is not None
-    if budget:
-        if a.budget_minutes <= 0:
-            p.error(f"--budget-minutes must be > 0, got {a.budget_minutes:g}")
-        if a.quick:
-            p.error("--quick and --budget-minutes do not mix: a small budget is the quick version")
-        a.table = "scarce"
-        if a.paths is None:
-            a.paths = "otcfm"
-        if a.levels is None:
-            a.levels = "all,10,100"
-        if a.seeds == "0,1,2":
-            a.seeds = "0"
-        # one run at a time on one device; head only and the sklearn probes are left to the digits table
-        a.head_only, a.probes, a.jobs = False, False, 1
     if a.levels is None:
         a.levels = "1,2,5,10,all"
     scarce = a.table == "scarce"
@@ -957,7 +691,7 @@ def parse(argv=None) -> argparse.Namespace:
         if a.table == "prediction":
             a.pretrain_steps, a.finetune_steps, a.ode_steps = 4, 2, 4
     if a.out == os.path.join(OUT_ROOT, "prg_tables"):  # each table its own default folder
-        folder = {"scarce": "prg_budget" if budget else "prg_scarce", "learn-t": "learn_t",
+        folder = {"scarce": "prg_scarce", "learn-t": "learn_t",
                   "prediction": "prediction_prg"}.get(a.table, "prg_tables")
         a.out = os.path.join(OUT_ROOT, folder + ("_quick" if a.quick else ""))
     if a.figure is None and not a.quick:
@@ -984,27 +718,8 @@ def main(argv=None) -> int:
         from prg_fast.data import load_data
 
         train, test = load_data(a.data, "train", augment=None), load_data(a.data, "test", augment=None)
-        plan = None
-        if a.budget_minutes is not None:
-            deadline = None if a.session_minutes is None else time.monotonic() + 60 * a.session_minutes
-            _setup_worker(a.threads)
-            plan = load_or_make_budget(a, train.num_classes)
-            apply_budget(a, plan)
-            print(f"[prg_tables] budget plan: {json.dumps({k: plan[k] for k in ('pretrain_steps', 'finetune_steps', 'levels', 'seeds', 'rows', 'predicted_s', 'dropped_levels')})}", flush=True)
-            if a.plan_only:
-                return 0
-            try:
-                results = run_plan_sessions(build_scarce_plan(a, train.num_classes), a.threads, a.out, deadline)
-            except OutOfTime as e:
-                print(f"[prg_tables] --session-minutes {a.session_minutes:g} is up during {e}; run the same command "
-                      "again to continue from the checkpoints", flush=True)
-                return 3
-        else:
-            results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads, log)
-        wall = time.perf_counter() - t
-        md = scarce_tables(a, results, wall, len(train), len(test))
-        if plan is not None:
-            md += "\n" + budget_report(a, plan, results, len(train))
+        results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads, log)
+        md = scarce_tables(a, results, time.perf_counter() - t, len(train), len(test))
         if a.figure:
             scarce_figure(a, results, len(train), train.num_classes, a.figure)
             md += f"\nFigure: {os.path.relpath(a.figure, os.path.dirname(HERE))}\n"
@@ -1013,9 +728,6 @@ def main(argv=None) -> int:
                          "prediction": (build_prediction_plan, prediction_table)}[a.table]
         results = run_plan(build(a), a.jobs, a.threads, log)
         md = render(a, results, time.perf_counter() - t)
-    for name, result in results.items():  # the budget's sessions keep theirs in OUT/results/
-        if log.get({"job": name}) != {"job": name, **result}:
-            log.add({"job": name}, **result)
     md += f"\nMachine: {harness.machine()}; {a.jobs} worker process(es) x {a.threads} thread(s).\n"
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
