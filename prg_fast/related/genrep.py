@@ -212,6 +212,7 @@ class _GenRep(Trainer):
         window = [float(v) for v in ckpt.get("window", [])]  # the interval in progress, as first saved
         running = ckpt.get("running", [sum(window), len(window)])
         self.running = [float(running[0]), int(running[1])]
+        self.continue_window(self.running[:1], self.running[1])
 
     def state(self) -> Dict[str, Any]:
         return {"encoder": self.encoder.state_dict(), "encoder_config": dict(self.encoder.config),
@@ -332,8 +333,8 @@ class _GenRep(Trainer):
         return loss.detach()
 
     def flush(self, step: int, row: bool, bar) -> None:
-        (loss_sum,), steps = self.take_window(step)
-        self.running = [self.running[0] + loss_sum, self.running[1] + steps]
+        (loss_sum,), steps = self.take_window(step, end=row)
+        self.running = [loss_sum, steps]  # the interval so far (saved with a checkpoint)
         if row:
             self.history.append([step, self.lr, self.running[0] / self.running[1]])
             bar.set_postfix(loss=f"{self.history[-1][2]:.4f}", refresh=False)

@@ -396,6 +396,7 @@ class _RepFusion(Trainer):
         window = ckpt.get("window") or {}  # the interval in progress, as first saved: its values per statistic
         self.running = list(ckpt.get("running") or [sum(window.get(k, [])) for k in _LOG_KEYS] +
                             [max(map(len, window.values()), default=0)])
+        self.continue_window(self.running[:-1], self.running[-1])
 
     def state(self) -> Dict[str, Any]:
         return {
@@ -493,8 +494,8 @@ class _RepFusion(Trainer):
         return stats.get("distill", stats.get("ce"))
 
     def flush(self, step: int, row: bool, bar) -> None:
-        sums, steps = self.take_window(step)
-        self.running = [a + b for a, b in zip(self.running, sums)] + [self.running[-1] + steps]
+        sums, steps = self.take_window(step, end=row)
+        self.running = sums + [steps]  # the interval so far (saved with a checkpoint)
         if not row:  # the interval in progress is saved with the checkpoint (state()["running"])
             return
         logged = self._logged(self.phase)

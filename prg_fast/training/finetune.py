@@ -296,6 +296,8 @@ class _Finetuner(Trainer):
             group["weight_decay"] = 0.0 if group.get("name") == "time" else cfg.weight_decay
         running = ckpt.get("running") or [0.0, 0.0, 0.0, 0.0, 0]
         self.running = [float(v) for v in running[:4]] + [int(running[4])]
+        world = self.ctx.world
+        self.continue_window([v * world for v in self.running[:3]] + [self.running[3]], self.running[4])
         history = ckpt["history"]
         self.loss_first = ckpt.get("loss_first", history[0][1] if history else None)
         if ckpt.get("pretrain") is not None:
@@ -351,12 +353,10 @@ class _Finetuner(Trainer):
         return stats[0]
 
     def flush(self, step: int, row: bool, bar) -> None:
-        (loss_sum, ce_sum, fm_sum, correct), steps = self.take_window(step)
+        (loss_sum, ce_sum, fm_sum, correct), steps = self.take_window(step, end=row)
         world = self.ctx.world
         # per-rank sums of per-batch means -> divide by world; correct counts -> divide by images
-        for i, v in enumerate((loss_sum / world, ce_sum / world, fm_sum / world, correct)):
-            self.running[i] += v
-        self.running[4] += steps
+        self.running = [loss_sum / world, ce_sum / world, fm_sum / world, correct, steps]
         if not row:
             return
         count = max(self.running[4], 1)

@@ -183,6 +183,7 @@ class _Pretrainer(Trainer):
         self.opt.load_state_dict(ckpt["optimizer"])
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
+        self.continue_window([self.running[0] * self.ctx.world], self.running[1])
         history = ckpt["history"]
         self.loss_first = running.get("first", history[0][1] if history else None)
         self.averaged.n_averaged.fill_(int(ckpt["step"]) + 1)
@@ -243,9 +244,8 @@ class _Pretrainer(Trainer):
         return loss.detach()
 
     def flush(self, step: int, row: bool, bar) -> None:
-        (loss_sum,), steps = self.take_window(step)
-        self.running[0] += loss_sum / self.ctx.world  # every rank's loss, averaged: the global batch's
-        self.running[1] += steps
+        (loss_sum,), steps = self.take_window(step, end=row)
+        self.running = [loss_sum / self.ctx.world, steps]  # every rank's loss, averaged: the global batch's
         if row:
             mean = self.running[0] / max(self.running[1], 1)
             self.history.append([step, mean, self.lr])

@@ -9,8 +9,8 @@ A trainer subclasses Trainer and supplies
     lr_schedules() -> [Schedule]    its optimizers' learning rates over the run (default none)
     train_step(step) -> loss        one optimizer step; its statistics go to record() (a tensor, on
                                     the device: the host reads them once per log interval)
-    flush(step, row, bar)           fold the interval's statistics in (take_window()); append a log
-                                    row when `row`
+    flush(step, row, bar)           the interval's statistics so far (take_window(), ending the
+                                    interval when `row`), kept for a checkpoint; a log row when `row`
     state() / load_state(ckpt)      its own checkpoint entries (networks, optimizers, running sums)
     finish(start_step, elapsed)     final numbers -> metrics.json
 and calls open_run(...) then begin(ckpt) in its __init__; Trainer.run() does the rest (the
@@ -409,18 +409,34 @@ class Trainer(ABC):
         """Add one step's statistics (a 1-D tensor on the device, the loss first) to the log
         interval in progress: summed on the device, so a step costs no host synchronisation, in
         float64, so the sum is the one a float64 sum of the steps' values gives on the host."""
-        stats = stats.detach().to(torch.float32 if stats.device.type == "mps" else torch.float64)
-        self.window_sum = stats if not self.window_steps else self.window_sum + stats
+        stats = stats.detach().to(self._sum_dtype())
+        self.window_sum = stats if self.window_sum is None else self.window_sum + stats
         self.window_steps += 1
 
-    def take_window(self, step: int):
-        """(the interval's recorded statistics summed over its steps and over the ranks, its steps
-        per rank); the next interval starts empty. A non-finite loss stops the run with what to do."""
-        sums = self.window_sum.double()
+    def _sum_dtype(self) -> torch.dtype:
+        return torch.float32 if self.device.type == "mps" else torch.float64  # (MPS has no float64)
+
+    def continue_window(self, sums: Sequence[float], steps: int) -> None:
+        """A resumed run's log interval in progress (its sums over the steps and the ranks so far, as
+        take_window gave them at the checkpoint): the next steps add to them in the order the
+        uninterrupted run adds them, so the interval's figures come out the same (rank 0 holds the
+        sums, the other ranks start from zero)."""
+        if steps:
+            sums = torch.tensor([float(v) for v in sums], dtype=self._sum_dtype(), device=self.device)
+            self.window_sum = sums if self.ctx.rank == 0 else torch.zeros_like(sums)
+        self.window_steps = int(steps)
+
+    def take_window(self, step: int, end: bool = True):
+        """(the log interval's recorded statistics so far, summed over its steps and over the ranks,
+        its steps per rank). `end`: the interval ends here and the next starts empty; else (a
+        checkpoint inside the interval) it goes on summing. A non-finite statistic stops the run
+        with what to do."""
+        sums, steps = self.window_sum.double().clone(), self.window_steps
         if self.ctx.world > 1:
             dist.all_reduce(sums)
-        steps, self.window_steps = self.window_steps, 0
-        values = [float(v) for v in sums.cpu()]  # the interval's one host read
+        if end:
+            self.window_sum, self.window_steps = None, 0
+        values = [float(v) for v in sums.cpu()]  # the interval's host read
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(f"the loss became non-finite between steps {step - steps} and {step} "
                                      f"(statistics {values}); lower the learning rate (--lr {self.cfg.lr:g})")
