@@ -288,20 +288,10 @@ def part_kernels(ctx: Context) -> dict:
 
 
 def flat_rows(rows: List[dict]) -> List[dict]:
-    """Rows nested one level (per device: {"name": ..., "rows": [...]}) as flat table rows, each
-    with its parent's plain fields; a dict of figures ({"GBps": {"cuda": ...}}) as "GBps:cuda"."""
-    def plain(row):
-        out = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
-        for k, v in row.items():
-            if isinstance(v, dict):
-                out.update({f"{k}:{sub}": x for sub, x in v.items() if not isinstance(x, (dict, list))})
-        return out
-
-    out = []
-    for row in rows:
-        nested = [v for v in row.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-        out += [{**plain(row), **plain(x)} for v in nested for x in v] if nested else [plain(row)]
-    return out
+    """Table rows of results rows whose figures are dicts ({"us": {"cuda": ...}} as "us:cuda")."""
+    return [{**{k: v for k, v in row.items() if not isinstance(v, (dict, list))},
+             **{f"{k}:{sub}": x for k, v in row.items() if isinstance(v, dict) for sub, x in v.items()
+                if not isinstance(x, (dict, list))}} for row in rows]
 
 
 def part_reverse(ctx: Context) -> dict:

@@ -2,15 +2,7 @@
 how results are kept and how they become the tables of benchmarks/RESULTS.md. A script is the
 description of its table: its rows, its columns and the function measured per row.
 
-    import harness
-
-    p = harness.parser("my_bench", __doc__)                    # --out, --fresh (and the peak worker)
-    args = p.parse_args()
-    log = harness.Results(args, "my_bench", config=dict(size=args.size), key=("impl",))
-    fns = {"a": lambda: f(x), "b": lambda: g(x)}               # one callable per row
-    t = harness.interleaved(fns, rounds=5, anchor="a")         # {row: {"seconds", "ratio", "spread"}}
-    log.add({"impl": "a"}, seconds=t["a"]["seconds"])          # on disk the moment it is measured
-    print(harness.table(log.rows(), [("row", "impl"), ("ms", lambda r: 1e3 * r["seconds"], ".1f")]))
+(docs/benchmarks.md shows a new benchmark in a few lines.)
 
 Time: torch.utils.benchmark.Timer with blocked_autorange, in interleaved rounds: every round times
 each row in turn (order rotated), so load that comes and goes on a shared machine hits all rows

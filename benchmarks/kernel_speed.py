@@ -104,7 +104,7 @@ def fused_ops(device: torch.device, base, terms, coeffs, out_dtype) -> Dict[str,
     """Every prg_fast backend that runs here: the engine's call, and the into variant."""
     fns: Dict[str, Callable] = {}
     for name in ("cuda", "triton", "cpu"):
-        if backends.unavailable_reason(name, device) is not None or (name == "triton" and device.type == "cpu"):
+        if name in skipped_backends(device):
             continue
         combine = backends.resolve(name, device)[1]
         fns[name] = lambda combine=combine: combine(base, terms, coeffs, 1.0, out_dtype)
@@ -115,14 +115,10 @@ def fused_ops(device: torch.device, base, terms, coeffs, out_dtype) -> Dict[str,
 
 
 def skipped_backends(device: torch.device) -> Dict[str, str]:
-    why = {}
-    for name in ("cuda", "triton", "cpu"):
-        reason = backends.unavailable_reason(name, device)
-        if reason is None and name == "triton" and device.type == "cpu":
-            reason = "interpreted Triton on the CPU is for tests, not timing"
-        if reason is not None:
-            why[name] = reason
-    return why
+    why = {name: backends.unavailable_reason(name, device) for name in ("cuda", "triton", "cpu")}
+    if why["triton"] is None and device.type == "cpu":
+        why["triton"] = "interpreted Triton on the CPU is for tests, not timing"
+    return {name: reason for name, reason in why.items() if reason is not None}
 
 
 def free_bytes(device: torch.device) -> int:

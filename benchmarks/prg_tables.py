@@ -62,53 +62,38 @@ OUT_ROOT = harness.OUT_ROOT
 # the jobs (run in worker processes)
 
 
-def _setup_worker(threads: int) -> None:
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
+PRETRAIN_FIELDS = ("loss", "loss_start", "step", "train_time_total_s")
+FINETUNE_FIELDS = ("top1", "train_top1", "loss", "ce", "fm", "t_final", "step", "train_time_total_s")
 
 
 def job_pretrain(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.training.pretrain import pretrain
 
-    t = time.perf_counter()
-    r = pretrain(**spec)
-    return {"loss": r.metrics["loss"], "loss_start": r.metrics["loss_start"], "step": r.step,
-            "wall_time_s": time.perf_counter() - t, "train_time_total_s": r.metrics["train_time_total_s"]}
-
-
-FINETUNE_FIELDS = ("top1", "train_top1", "loss", "ce", "fm", "t_final", "step", "train_time_total_s")
+    m = pretrain(**spec).metrics
+    return {k: m[k] for k in PRETRAIN_FIELDS}
 
 
 def job_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.training.finetune import finetune
 
-    t = time.perf_counter()
     m = finetune(**spec).metrics
-    return {**{k: m[k] for k in FINETUNE_FIELDS}, "wall_time_s": time.perf_counter() - t}
+    return {k: m[k] for k in FINETUNE_FIELDS}
 
 
 def job_evaluate(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.training.finetune import evaluate
+    from prg_fast.training.evaluate import evaluate
 
-    out = {}
-    t = time.perf_counter()
-    for steps in spec["eval_steps"]:
-        m = evaluate(spec["checkpoint"], spec["data"], ode_steps=steps, method=spec["method"],
-                     device=spec["device"], out=os.path.join(spec["checkpoint"], f"evaluate-{spec['method']}-{steps}"))
-        out[str(steps)] = m["top1"]
-    return {"top1_by_steps": out, "wall_time_s": time.perf_counter() - t}
+    return {"top1_by_steps": {str(steps): evaluate(
+        spec["checkpoint"], spec["data"], ode_steps=steps, method=spec["method"], device=spec["device"],
+        out=os.path.join(spec["checkpoint"], f"evaluate-{spec['method']}-{steps}"))["top1"] for steps in spec["eval_steps"]}}
 
 
 def job_probe(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.training.finetune import extract
+    from prg_fast.training.evaluate import extract
 
-    t = time.perf_counter()
     meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
                    method=spec["method"], device=spec["device"], probe=True)
-    return {"linear_probe_top1": meta["linear_probe_top1"], "knn_top1": meta["knn_top1"],
-            "wall_time_s": time.perf_counter() - t}
+    return {"linear_probe_top1": meta["linear_probe_top1"], "knn_top1": meta["knn_top1"]}
 
 
 def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -117,15 +102,14 @@ def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.data import load_data
     from prg_fast.training.evaluate import knn_accuracy, linear_probe
 
-    t = time.perf_counter()
     train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
     xs = [d.to_float(d.images).flatten(1).numpy() for d in (train, test)]
     args = (xs[0], train.labels.numpy(), xs[1], test.labels.numpy())
-    return {"linear_probe_top1": linear_probe(*args)["top1"], "knn_top1": knn_accuracy(*args)["top1"],
-            "wall_time_s": time.perf_counter() - t}
+    return {"linear_probe_top1": linear_probe(*args)["top1"], "knn_top1": knn_accuracy(*args)["top1"]}
 
 
-JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate, "probe": job_probe}
+JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate,
+        "probe": job_probe}
 
 
 def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -144,13 +128,18 @@ def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]
                for k, v in spec.items() if k not in ignore)
     if not same or m.get("step") != spec["steps"]:
         return None
-    fields = ("loss", "loss_start", "step", "train_time_total_s") if kind == "pretrain" else FINETUNE_FIELDS
+    fields = PRETRAIN_FIELDS if kind == "pretrain" else FINETUNE_FIELDS
     return {**{k: m[k] for k in fields}, "wall_time_s": 0.0, "reused": True}
 
 
 def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
-    _setup_worker(threads)
-    return JOBS[kind](spec)
+    """In a worker process: the job's numbers and its wall time."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t = time.perf_counter()
+    return {**JOBS[kind](spec), "wall_time_s": time.perf_counter() - t}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -322,7 +311,6 @@ def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.data import class_balanced_subset, load_data
     from prg_fast.training.evaluate import linear_probe, load_features
 
-    t = time.perf_counter()
     if spec["features"] is None:
         train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
         tx, ty = train.to_float(train.images).flatten(1).numpy(), train.labels.numpy()
@@ -340,7 +328,7 @@ def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
                 idx = class_balanced_subset(torch.as_tensor(ty), n, seed).numpy()
             r = linear_probe(tx[idx], ty[idx], vx, vy, seed=seed)
             out[f"{level_name(n)}/{seed}"] = r["top1"]
-    return {"top1": out, "wall_time_s": time.perf_counter() - t}
+    return {"top1": out}
 
 
 JOBS["probe_scarce"] = job_probe_scarce
@@ -403,10 +391,9 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str,
 def job_features(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.training.evaluate import extract
 
-    t = time.perf_counter()
     meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
                    method=spec["method"], device=spec["device"], probe=False)
-    return {"feature_shape": meta["feature_shape"], "wall_time_s": time.perf_counter() - t}
+    return {"feature_shape": meta["feature_shape"]}
 
 
 JOBS["features"] = job_features

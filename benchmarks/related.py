@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     load_start = load_average()
     ckpt, pretrain_row = pretrained(args, env)
+    log = harness.Results(args, "related", dict(data=args.data, checkpoint=ckpt, budget=args.budget,
+                                                batch_size=args.batch_size), key=("name",))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     prg_seeds = [int(x) for x in args.prg_seeds.split(",") if x.strip()] if args.prg_seeds else seeds
     rows: List[Dict[str, Any]] = []
@@ -189,8 +191,10 @@ def main(argv=None) -> int:
         if key in args.rows.split(","):
             protocol[name] = proto
             rows.append(run_seeds(args, env, name, folder, command, prg_seeds if key == "prg" else seeds))
+            log.add({"name": name}, **{k: v for k, v in rows[-1].items() if k != "name"})  # kept as it finishes
     if "pixels" in args.rows.split(","):
         rows.append(dict(pixel_probe(args.data), seeds=[0]))
+        log.add({"name": rows[-1]["name"]}, **{k: v for k, v in rows[-1].items() if k != "name"})
 
     from prg_fast.data import load_data
 
@@ -202,10 +206,6 @@ def main(argv=None) -> int:
               "threads": args.threads, "load_average_start": load_start, "load_average_end": load_average(),
               "total_wall_s": round(total, 1),
               "command": "python benchmarks/related.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    log = harness.Results(args, "related", {k: report[k] for k in ("data", "checkpoint", "budget", "batch_size")},
-                          key=("name",))
-    for row in rows:
-        log.add({"name": row["name"]}, **{k: v for k, v in row.items() if k != "name"})
     table = markdown(report)
     print(table)
     if args.results:
