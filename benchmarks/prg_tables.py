@@ -456,23 +456,19 @@ def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
              f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch min({a.batch_size}, labelled "
              f"images)), {a.ode_steps} `{a.method}` steps, beta = {a.beta:g}; seeds {a.seeds} (seed s picks the "
              "labelled subset and the finetuning randomness; every row at (N, s) sees the same labelled images).")
-    L.append("")
-    L.append("**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
-             "`*` = resolved at two standard errors of the paired difference)")
-    L.append("")
-    L.append("| labels per class | " + " | ".join(level_name(n) for n in display_levels(a)) + " |")
-    L.append("|---|" + "---|" * len(display_levels(a)))
-    for row in rows:
-        cells = []
-        for n in display_levels(a):
-            k = level_name(n)
-            m, sd = mean_sd(row["values"][k])
-            cell = f"{100 * m:.1f}" + (f" +- {100 * sd:.1f}" if sd == sd else "")
-            if row is not scratch:
-                d, se, ok = paired_difference(row["values"][k], scratch["values"][k])
-                cell += f" ({100 * d:+.1f}{'*' if ok else ''})" if len(a.seeds) > 1 else f" ({100 * d:+.1f})"
-            cells.append(cell)
-        L.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+
+    def cell(row, k):
+        m, sd = mean_sd(row["values"][k])
+        text = f"{100 * m:.1f}" + (f" +- {100 * sd:.1f}" if sd == sd else "")
+        if row is scratch:
+            return text
+        d, se, ok = paired_difference(row["values"][k], scratch["values"][k])
+        return text + f" ({100 * d:+.1f}{'*' if ok and len(a.seeds) > 1 else ''})"
+
+    L += ["", "**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
+          "`*` = resolved at two standard errors of the paired difference)", "",
+          harness.table(rows, [("labels per class", "label")] + [
+              (level_name(n), lambda row, k=level_name(n): cell(row, k)) for n in display_levels(a)])]
     L.append("")
     times = [v.get("train_time_total_s", v["wall_time_s"]) for v in r.values()]
     L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s) "
