@@ -602,7 +602,7 @@ TABLE_DEFAULTS = {
 }
 
 
-def parse(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = harness.parser("prg_tables", __doc__)
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
     p.add_argument("--preset", default="tiny", help="UNet preset (tiny | cifar | prg32)")
@@ -643,6 +643,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: 1 on the CPU, "
                    "unchanged on a GPU)")
     p.add_argument("--progress", action="store_true", help="progress bars of every run (interleaved)")
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The arguments, with each table's defaults and the --quick sizes filled in."""
+    p = parser()
     a = p.parse_args(argv)
     if a.levels is None:
         a.levels = "1,2,5,10,all"

@@ -145,7 +145,7 @@ def run_seeds(args, env, name: str, folder: str, command: List[str], seeds: List
             "metrics": runs[0]["metrics"], "runs": runs}
 
 
-def main(argv=None) -> int:
+def parse(argv=None):
     p = harness.parser("related", __doc__)
     p.add_argument("--data", default="digits")
     p.add_argument("--checkpoint", default=None, help="pretraining run directory (default: pretrain one into OUT)")
@@ -177,6 +177,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.budget < 2:
         p.error("--budget must be >= 2")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     load_start = load_average()
