@@ -36,6 +36,7 @@ from typing import List, Optional
 
 import torch
 
+from ..compat import foreach_add_, view_base
 from .integrate import Problem, accumulator_dtype
 from .description import StoredAdjoint
 from .strategies import EvaluationGraphs, FirstEvaluation, Tail
@@ -63,7 +64,7 @@ def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.d
         if gq is None:
             continue
         if acc[q] is None:
-            fresh = (gq.dtype == acc_dtype[q] and gq._base is None and counts.get(id(gq)) == 1
+            fresh = (gq.dtype == acc_dtype[q] and view_base(gq) is None and counts.get(id(gq)) == 1
                      and id(gq) not in given_ids)
             acc[q] = gq if fresh else gq.to(acc_dtype[q], copy=True)
         elif acc[q].dtype == gq.dtype:
@@ -72,7 +73,7 @@ def accumulate(acc: List[Optional[torch.Tensor]], grads, acc_dtype: List[torch.d
         else:
             acc[q].add_(gq)
     if into:
-        torch._foreach_add_(into, add)
+        foreach_add_(into, add)
 
 
 def adjoint_solve(problem: Problem, strategy: StoredAdjoint, first: Optional[FirstEvaluation],

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from torch.autograd import forward_ad
-
+from ..compat import under_transform
 from . import ops, reference
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
@@ -67,21 +66,6 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
             return f"backend 'triton' runs on CUDA tensors, but x is on {device}"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-
-
-def under_transform() -> bool:
-    """True inside torch.func transforms (vmap, grad, jvp, jacrev, jacfwd, ...) or a
-    torch.autograd.forward_ad dual level. PyTorch gives a compiled operator with a registered
-    backward formula no forward-mode derivative -- the tangent silently comes out zero -- and
-    refuses functorch's grad transforms on it, so there the pure-PyTorch reference (the same
-    arithmetic; every transform works on it) runs instead. (Private PyTorch flags, read only here;
-    python_tests/test_api.py checks jvp/jacfwd/jacrev results against the reference.)"""
-    return _functorch_level() is not None or forward_ad._current_level >= 0
-
-
-# read on every stage combination: bound once (an attribute chain per call costs as much as the
-# kernel on a small state)
-_functorch_level = torch._C._functorch.maybe_current_level
 
 
 def _transform_safe(fn: Callable, ref: Callable) -> Callable:

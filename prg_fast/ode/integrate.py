@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..compat import version as _version
 from .backends import Backend
 from .solvers import ButcherTableau
 
@@ -312,12 +313,6 @@ def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
     if q.dtype in (torch.float64, torch.complex64, torch.complex128):
         return q.dtype
     return torch.float32
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    """The version counter, or None for a tensor made under torch.inference_mode (which has none:
-    nothing is stored for a gradient there, and a cached time tensor is then never reused)."""
-    return None if t.is_inference() else t._version
 
 
 def format_time(t) -> str:

@@ -34,6 +34,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..compat import version
+
 Stamp = Tuple[int, int]  # (id, version) of the tensor a slot holds
 COPY_LIMIT = 1 << 20  # elements: buffers up to this size are copied before the first evaluation
 
@@ -62,7 +64,7 @@ class ModuleState:
 
     def _stamp(self, j: int) -> Optional[Stamp]:
         b = self._value(j)
-        return None if b is None else (id(b), b._version)
+        return None if b is None else (id(b), version(b))
 
     def _name(self, j: int) -> str:
         module, name = self.slots[j]
@@ -142,7 +144,7 @@ class ModuleState:
         for j in self.written:
             b, before = self._value(j), self._stamps[j]
             same_tensor = before is not None and b is not None and before[0] == id(b)
-            if same_tensor and b._version != before[1] and saved(b):
+            if same_tensor and version(b) != before[1] and saved(b):
                 return self._name(j)
         return None
 

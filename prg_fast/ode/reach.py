@@ -22,6 +22,8 @@ from typing import List, Optional
 
 import torch
 
+from ..compat import sequence_nr
+
 MAX_DEPTH = 6
 MAX_ITEMS = 256  # larger containers (datasets, caches) are not searched
 
@@ -194,7 +196,7 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
             continue
         # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
         # region; it saves no tensors, so walking through it once per evaluation is exact.
-        if node._sequence_nr() < first.sequence_nr and node.name() != "ToCopyBackward0":
+        if sequence_nr(node) < first.sequence_nr and node.name() != "ToCopyBackward0":
             raise ValueError(
                 f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "

@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
+from ..compat import version
 from . import parametrize_cache
 from .integrate import autocast_state
 from .module_state import ModuleState, TrainingModes, left_as_found
@@ -62,7 +63,7 @@ class ReplayRecord:
         self.autocast = autocast_state(device.type)
         self.modes = TrainingModes(problem.modules)
         self.shared = problem.shared_parametrizations
-        self.params, self.at_start = params, [q._version for q in params]  # a model may write its own
+        self.params, self.at_start = params, [version(q) for q in params]  # a model may write its own
         self.versions: Optional[ParamVersions] = None
 
     @property
@@ -156,13 +157,13 @@ class ParamVersions:
 
     def __init__(self, params: Sequence[torch.Tensor], at_forward_start: Sequence[int]):
         self.params = list(params)
-        self.versions = [q._version for q in self.params]  # at the end of the forward
+        self.versions = [version(q) for q in self.params]  # at the end of the forward
         self.written = [i for i, (a, b) in enumerate(zip(at_forward_start, self.versions)) if a != b]
         self.moved: List[int] = []
         self.copies: dict = {}
 
     def before_backward(self) -> None:
-        self.moved = [i for i, (q, v) in enumerate(zip(self.params, self.versions)) if q._version != v]
+        self.moved = [i for i, (q, v) in enumerate(zip(self.params, self.versions)) if version(q) != v]
         with torch.no_grad():
             self.copies = {i: self.params[i].detach().clone() for i in self.written if i not in self.moved}
 
@@ -174,7 +175,7 @@ class ParamVersions:
                 raise RuntimeError(
                     f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
                     f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
-                    f"(version {self.versions[i]} -> {q._version}): the adjoint recomputes the network from its current "
+                    f"(version {self.versions[i]} -> {version(q)}): the adjoint recomputes the network from its current "
                     "tensors, so its gradient would not be the forward's. Call backward before changing the parameters "
                     "(e.g. before optimizer.step()), or use adjoint=False"
                 )

@@ -41,6 +41,7 @@ import torch
 import math
 import warnings
 
+from ..compat import version
 from .adjoint import accumulate
 from .description import DEFAULT_COUPLING, ReversibleAdjoint, check_coupling
 from .integrate import Problem, accumulator_dtype
@@ -164,7 +165,7 @@ class ReversibleSolve(torch.autograd.Function):
         # x, which the rebuilt initial state is checked against: an alias of the input (no copy,
         # and not through saved-tensor hooks, which would copy it); if it is modified in place
         # before the backward, the check is skipped (its version tells)
-        ctx.x0, ctx.x0_version = x.detach(), x._version
+        ctx.x0, ctx.x0_version = x.detach(), version(x)
         ctx.problem, ctx.strategy, ctx.replay, ctx.x_dtype = problem, strategy, replay, x.dtype
         ctx.differentiated = (x, *params)  # what a second derivative would reach (once_differentiable)
         return torch.stack(outs)
@@ -247,7 +248,7 @@ def _backward(ctx, grad_out: torch.Tensor):
         ybar = lam * ybar
     if 0 in arriving:
         ybar = ybar + arriving.pop(0)
-    if ctx.strategy.check != "off" and ctx.x0._version == ctx.x0_version:
+    if ctx.strategy.check != "off" and version(ctx.x0) == ctx.x0_version:
         ctx.reconstruction_error = reconstruction_error(y, z, ctx.x0)
     grad_params = [None if g is None else g.to(q.dtype) for g, q in zip(vjp.acc, vjp.params)]
     return (None, None, gtimes, (ybar + zbar).to(ctx.x_dtype), *grad_params)

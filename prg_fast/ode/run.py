@@ -79,7 +79,7 @@ def discover(problem: Problem, x: torch.Tensor, spec: SolveDescription,
     params = list(problem.params)
     # parametrizations cached around the solve (parametrize.cached()): their shared tensors are
     # inputs of the solve, the originals reached only through them (prg_fast.ode.parametrize_cache)
-    shared = SharedParametrizations.of_now() if first is not None else None
+    shared = SharedParametrizations.of_now(problem.modules) if first is not None else None
     if shared is not None:
         params += [w for w in shared.tensors() if all(w is not q for q in params)]
     direct: set = set()

@@ -52,6 +52,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..compat import next_sequence_nr, version, view_base
 from .description import StoredAdjoint
 from .free_memory import is_out_of_memory
 from .integrate import Problem
@@ -111,7 +112,8 @@ class SavedBytes:
     def pack(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
         # parameters (frozen ones too) and closed-over leaves exist whether or not a graph is kept
         # (autograd often saves a view of them, e.g. a Linear's transposed weight: look at the base)
-        base = t._base if t._base is not None else t
+        base = view_base(t)
+        base = t if base is None else base
         ptr, nbytes = _storage_key(t)
         alive_anyway = isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)
         if not alive_anyway and ptr not in self.exclude and ptr not in self.seen:
@@ -120,7 +122,7 @@ class SavedBytes:
         alias = t.detach()  # shares t's version counter
         versioned = self.stand_in[1] if self.stand_in is not None and ptr == self.stand_in[0] else alias
         # a tensor made under inference mode has no version counter (nothing to check)
-        return alias, versioned, None if versioned.is_inference() else versioned._version
+        return alias, versioned, version(versioned)
 
     def saved(self, t: torch.Tensor) -> bool:
         """Whether autograd saved (a view of) `t`'s storage, among the storages counted."""
@@ -128,12 +130,12 @@ class SavedBytes:
 
     @staticmethod
     def unpack(packed: Tuple[torch.Tensor, torch.Tensor, Optional[int]]) -> torch.Tensor:
-        t, versioned, version = packed
-        if version is not None and versioned._version != version:
+        t, versioned, expected = packed
+        if expected is not None and version(versioned) != expected:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: [{versioned.type()} {list(versioned.shape)}] is at version {versioned._version}; "
-                f"expected version {version} instead (it was saved by the solve's first evaluation of the "
+                f"operation: [{versioned.type()} {list(versioned.shape)}] is at version {version(versioned)}; "
+                f"expected version {expected} instead (it was saved by the solve's first evaluation of the "
                 "model; a tensor the model reads must not be written in place between the solve and its backward)"
             )
         return t
@@ -187,13 +189,17 @@ class FirstEvaluation:
         return evaluate
 
 
-def _next_sequence_nr() -> int:
-    """The sequence number the next autograd node made on this thread gets (the counter is
-    per thread): torch's own peek, ~0.1 us, where it exists; else a throwaway node's (~20 us)."""
-    peek = getattr(torch._C._autograd, "_get_sequence_nr", None)
-    if peek is not None:
-        return peek()
-    return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
+def _saved_tensors_hooks_allowed() -> bool:
+    """False inside torch.autograd.graph.disable_saved_tensors_hooks, which refuses any hooks."""
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            return True
+    except RuntimeError:
+        return False
+
+
+def _same(t):
+    return t
 
 
 def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list, rng,
@@ -204,7 +210,7 @@ def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list
     saved-tensor hooks (torch.func.grad / vjp / jacrev inside it, or a caller's
     torch.autograd.graph.disable_saved_tensors_hooks) is run again without them, from the random
     state and buffers it started with: (k, None), its graph's size unknown (nothing is kept)."""
-    if not torch._C._autograd._saved_tensors_hooks_is_enabled():  # the caller disabled them
+    if not _saved_tensors_hooks_allowed():  # the caller disabled them
         return problem.evaluate(tau, inp), None
     counter = SavedBytes(exclude=exclude, stand_in=stand_in)
     try:
@@ -245,7 +251,7 @@ def first_evaluation(problem: Problem, x: torch.Tensor, params: Sequence[torch.T
     if state is not None:
         state.before_first_evaluation()
     with torch.enable_grad():
-        sequence_nr = _next_sequence_nr()
+        sequence_nr = next_sequence_nr()
         # a non-leaf copy, so a model writing into its input meets the solver's own check
         inp = leaf.clone()
         k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state,

@@ -29,6 +29,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
+from ..compat import tensor_hook_dicts
+
 REENTRANT_NODE = "CheckpointFunctionBackward"
 
 
@@ -39,17 +41,11 @@ def has_reentrant_checkpoint(node_types: Iterable[type]) -> bool:
     return any(t.__name__ == REENTRANT_NODE for t in node_types)
 
 
-def _hook_dicts(t: torch.Tensor) -> List[dict]:
-    # the dicts autograd reads a tensor's Python hooks from (torch.Tensor.register_hook and
-    # register_post_accumulate_grad_hook keep them there)
-    return [d for d in (getattr(t, "_backward_hooks", None), getattr(t, "_post_accumulate_grad_hooks", None)) if d]
-
-
 @contextmanager
 def hooks_muted(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     """The tensor hooks of `tensors` do not run inside the block; they are back, in their order,
     after it (however it ends)."""
-    saved = [(d, list(d.items())) for t in tensors for d in _hook_dicts(t)]
+    saved = [(d, list(d.items())) for d in tensor_hook_dicts(tensors)]
     for d, _ in saved:
         d.clear()
     try:
@@ -123,14 +119,26 @@ def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor]
             q.grad = g
 
 
-ONCE_DIFFERENTIABLE = b"trying to differentiate twice a function that was marked with @once_differentiable"
+ONCE_DIFFERENTIABLE = "trying to differentiate twice a function that was marked with @once_differentiable"
+
+
+class _SecondDerivativeError(torch.autograd.Function):
+    """The identity, whose backward is torch's once_differentiable error (as its DelayedError node)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(ONCE_DIFFERENTIABLE)
 
 
 def once_differentiable(backward):
     """torch's once_differentiable for an adjoint's backward, whose second derivative error cannot
     be missed: ctx.differentiated holds the Function's tensor inputs (x, the parameters).
 
-    torch's error node (DelayedError) sits only on the path through the incoming cotangent, and
+    torch's error node (its DelayedError) sits only on the path through the incoming cotangent, and
     torch.autograd.grad(..., inputs) prunes it when that path does not lead to the inputs asked
     for: gx = grad(out.square().sum(), x, create_graph=True) then grad(gx.square().sum() +
     x.square().sum(), x) silently lacked the solve's second-order term. Under create_graph every
@@ -148,8 +156,7 @@ def once_differentiable(backward):
             return grads
         # real, 0-dim: adding it changes no gradient's value or dtype (a 0-dim operand does not promote)
         empty = [q.reshape(-1)[:0].sum() for q in reach]
-        zero = torch._C._functions.DelayedError(ONCE_DIFFERENTIABLE, 1)(
-            sum(e.real if e.is_complex() else e for e in empty))
+        zero = _SecondDerivativeError.apply(sum(e.real if e.is_complex() else e for e in empty))
         return tuple(g + zero if isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex()) else g
                      for g in grads)
 
