@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import statistics
@@ -215,10 +214,10 @@ def grad_errors(args, device):
 
 def default_memory_budget():
     """What the default row runs: the solve options' default memory_budget ("auto"; before issue 25
-    None, recompute all), from describe(), which holds the defaults of reverse's **options."""
-    from prg_fast.ode.description import describe
+    None, recompute all), from prg_fast.ode.description.OPTIONS, which names reverse's **options."""
+    from prg_fast.ode.description import OPTIONS
 
-    return inspect.signature(describe).parameters["memory_budget"].default
+    return OPTIONS["memory_budget"]
 
 
 def parse(argv=None):

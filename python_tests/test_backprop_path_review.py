@@ -67,7 +67,7 @@ def test_non_leaf_x_from_an_encoder_gets_backprops_gradients():
         x = enc(data)
         out = prg_fast.reverse(net, x, steps=2, **kw)
         if kw == {}:  # the encoder's parameters are x's history, not the velocity's inputs
-            ids = {id(p) for p in adjoint_node(out).evals.problem.params}
+            ids = {id(p) for p in adjoint_node(out).evals.problem.reads.params}
             assert not ids & {id(p) for p in enc.parameters()}
         return out, list(enc.parameters()) + list(net.parameters())
 

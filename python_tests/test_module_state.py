@@ -72,7 +72,7 @@ def _run(net, fn, kw, method, steps=3):
 
 
 def _half_budget(fn, x, method, steps):
-    from prg_fast.ode.strategies import SavedBytes
+    from prg_fast.ode.discovery import SavedBytes
 
     fn = copy.deepcopy(fn)  # measuring must not move the network's buffers
     counter = SavedBytes(exclude=[x])

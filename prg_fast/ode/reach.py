@@ -156,6 +156,17 @@ def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List
     return params
 
 
+REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+def has_reentrant_checkpoint(node_types) -> bool:
+    """Whether a graph whose autograd nodes have these types runs a reentrant checkpoint
+    (torch.utils.checkpoint(..., use_reentrant=True): its adjoint VJPs then go through
+    torch.autograd.backward, prg_fast.ode.vjp). The types are collected by the one walk of the first
+    evaluation's graph (discover_params); a Python Function's node type is named after it."""
+    return any(t.__name__ == REENTRANT_NODE for t in node_types)
+
+
 def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None,
                     node_types: Optional[set] = None) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
@@ -163,7 +174,7 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
     time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
     but reads only later is in `params` already: collect_params adds what prg_fast.ode.reach finds.)
 
-    `first`, the solve's first evaluation, is run with a graph (strategies.first_evaluation, under the
+    `first`, the solve's first evaluation, is run with a graph (discovery.first_evaluation, under the
     caller's random state; the solve then reuses its output, so discovery costs no extra network
     evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
     requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
