@@ -46,17 +46,19 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 WEIGHTS = "weights/fashion_mnist_flow.pt"  # relative to the repository root
 LABELS = (10, 100, None)  # None: every training image
 
-# The protocol. Scale choices (why these): the 2-core CPU budget of issue 33 (the whole table in a
-# few hours of a machine shared with other jobs); K = 2 euler steps because a finetuning step costs
-# ~(K + 1) network forward+backward passes per image; pretraining 4000 x 128 images (8.5 epochs);
-# all-label finetuning 940 x 128 (2 epochs), label-scarce 150 x 50 (10 per class) and 300 x 100
-# (100 per class). The learning curve (test top-1 every quarter) only for all-label rows, and the
-# step sweep (K/2, 4K) for PRG and scratch: each test evaluation costs 10,000 x steps forward passes.
+# The protocol. Scale choices (why these): the CPU budget of issue 33 -- the whole table within a few
+# hours on a 2-core machine that other jobs shared (load average 10-14 while it ran: each of our
+# one-thread processes got 7-15% of a core); K = 2 euler steps because a finetuning step costs
+# ~(K + 1) network forward+backward passes per image; pretraining 2000 x 128 images (4.3 epochs);
+# all-label finetuning 470 x 128 (1 epoch), label-scarce 100 x 50 (10 per class, 50 epochs of the
+# subset) and 200 x 100 (100 per class, 20 epochs). The learning curve (test top-1 every quarter)
+# only for all-label rows, and the step sweep (K/2, 4K) for PRG and scratch: each test evaluation
+# costs 10,000 x steps forward passes.
 SCALES: Dict[str, Dict[str, Any]] = {
     "full": dict(seeds=(0, 1, 2), ode_steps=2, method="euler", beta=0.1, lr=2e-3, model="mnist28",
-                 pretrain=dict(steps=4000, batch_size=128, lr=2e-3, warmup=200, ema_decay=0.999),
-                 finetune={10: dict(steps=150, batch_size=50), 100: dict(steps=300, batch_size=100),
-                           None: dict(steps=940, batch_size=128)},
+                 pretrain=dict(steps=2000, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.999),
+                 finetune={10: dict(steps=100, batch_size=50), 100: dict(steps=200, batch_size=100),
+                           None: dict(steps=470, batch_size=128)},
                  subset=None),
     "quick": dict(seeds=(0, 1), ode_steps=2, method="euler", beta=0.1, lr=2e-3, model="mnist28",
                   pretrain=dict(steps=150, batch_size=64, lr=2e-3, warmup=20, ema_decay=0.99),
@@ -424,7 +426,54 @@ def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
     return {"figure": os.path.relpath(png, ROOT) if png.startswith(ROOT) else png}
 
 
-TASKS = {"subset": task_subset, "publish": task_publish, "probe": task_probe, "figure-flow": task_figure_flow}
+PRESET_CANDIDATES = {  # what the mnist28 preset was chosen against (same widths, no patches; the digits preset)
+    "mnist28": dict(preset="mnist28"),
+    "mnist28 without patches (28x28 UNet)": dict(preset="mnist28", patch_size=1),
+    "tiny at 28x28": dict(preset="tiny"),
+}
+
+
+def task_preset(name: str) -> Dict[str, Any]:
+    """Parameters and one-thread throughput of a candidate network on 28x28 grey images: network
+    evaluations per second (images) without gradients (batch 256) and forward + backward (batch 128),
+    the best of 5 timings each; peak memory is the process's, read by the caller."""
+    import torch
+
+    from prg_fast.models import UNet
+
+    torch.set_num_threads(1)
+    kw = dict(PRESET_CANDIDATES[name])
+    model = UNet.preset(kw.pop("preset"), in_channels=1, image_size=28, **kw)
+    out = {"name": name, "params": sum(p.numel() for p in model.parameters())}
+    for what, batch in (("forward", 256), ("forward_backward", 128)):
+        x, t = torch.randn(batch, 1, 28, 28), torch.rand(batch)
+        times = []
+        for rep in range(6):
+            start = time.process_time()
+            if what == "forward":
+                with torch.no_grad():
+                    model(t, x)
+            else:
+                model(t, x).square().mean().backward()
+            if rep:  # the first is a warm-up
+                times.append(time.process_time() - start)
+        out[f"{what}_images_per_cpu_s"] = round(batch / min(times), 1)
+    return out
+
+
+def measure_presets() -> None:
+    print("| network (28x28 grey, one thread) | parameters | forward, images / CPU s | forward + backward, "
+          "images / CPU s | peak memory MiB |\n|---|---|---|---|---|")
+    for name in PRESET_CANDIDATES:
+        r = run_command(internal_cmd("preset", name), os.devnull)
+        m = r["metrics"]
+        print(f"| {name} | {m['params'] / 1e6:.3f}M | {m['forward_images_per_cpu_s']:.0f} | "
+              f"{m['forward_backward_images_per_cpu_s']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
+    print(f"(host load average {os.getloadavg()[0]:.1f}; CPU seconds, so the share of the cores the process got "
+          f"does not enter, but a loaded host's caches do)")
+
+
+TASKS = {"preset": task_preset, "subset": task_subset, "publish": task_publish, "probe": task_probe, "figure-flow": task_figure_flow}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -555,10 +604,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                     "fashion_mnist[_quick].jsonl)")
     ap.add_argument("--out", default=None, help="run folder (default runs/benchmarks/fashion_mnist[_quick])")
     ap.add_argument("--report", action="store_true", help="only print the tables and redraw the accuracy figure")
+    ap.add_argument("--presets", action="store_true", help="only measure the mnist28 preset against the candidates")
     ap.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.internal:
         print(json.dumps(TASKS[a.internal[0]](*a.internal[1:])), flush=True)
+        return 0
+    if a.presets:
+        measure_presets()
         return 0
     scale = "quick" if a.quick else "full"
     suffix = "_quick" if a.quick else ""
