@@ -44,9 +44,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 WEIGHTS = "weights/fashion_mnist_flow.pt"  # relative to the repository root
-# Every cell but pretraining runs at niceness +10: the kernel shares the CPU between sessions
-# (autogroups) first, so the cells share this run's part of the machine, and the pretraining that
-# every pretrained row waits for takes most of it.
+# The all-label scratch rows run at niceness +10: the kernel shares the CPU between sessions (autogroups)
+# first, so the parallel cells only split this run's part of the machine, and the pretraining and
+# the pretrained rows (which wait for it) take most of that; those long rows, needing nothing, fill in.
 NICE = 10
 LABELS = (10, 100, None)  # None: every training image
 
@@ -140,26 +140,28 @@ class Plan:
         self.cells.append({"key": key, "after": after, "run": run, **info})
 
     def _build(self) -> None:
-        """The cells in the order they start (as dependencies allow): scratch rows need no
-        pretraining and run beside it, the longest (all labels) first; then the pretrained rows,
-        label-scarce first, one all-label PRG seed early."""
+        """The cells in the order they start as slots free up (and dependencies allow): the
+        pretraining, the label-scarce scratch rows beside it, then the pretrained rows row by row
+        (10 labels per class first, one all-label PRG seed early), the other scratch rows where a
+        slot is free."""
         seeds = self.p["seeds"]
         base = [] if not self.p["subset"] else ["data"]
         if self.p["subset"]:
             self.add("data", [], lambda: self.steps([internal_cmd("subset", *self.p["subset"], self.path("data"))]),
                      kind="data")
         self.add("pretrain", base, self.pretrain, kind="pretrain")
-        for n, s in [(None, s) for s in seeds[:2]] + [(n, s) for n in LABELS[:2] for s in seeds] + \
-                [(None, s) for s in seeds[2:]]:
-            self.add_finetune("scratch", n, s, base)
+        ten, hundred, every = LABELS
+        for s in seeds:
+            self.add_finetune("scratch", ten, s, base)
         self.add("publish", ["pretrain"], lambda: self.steps([internal_cmd("publish", self.path("pretrain"), self.flow)]),
                  kind="publish")
         self.add("figure-flow", ["publish"], lambda: self.steps(
             [internal_cmd("figure-flow", self.flow, self.figure("fashion_mnist_flow.png"), self.spec)]), kind="figure")
         self.add("features", ["publish"], self.features, kind="features")
-        ten, hundred, every = LABELS
-        order = ([("prg", ten, s) for s in seeds] + [("prg", every, seeds[0])] + [("head", ten, s) for s in seeds]
-                 + [("probe", ten, s) for s in seeds] + [(m, hundred, s) for m in ("prg", "head", "probe") for s in seeds]
+        order = ([("prg", ten, s) for s in seeds] + [("head", ten, s) for s in seeds] + [("probe", ten, s) for s in seeds]
+                 + [("scratch", hundred, s) for s in seeds] + [("prg", every, seeds[0])]
+                 + [(m, hundred, s) for m in ("prg", "head", "probe") for s in seeds]
+                 + [("scratch", every, s) for s in seeds]
                  + [("probe", every, seeds[0])]  # all labels: the probe has nothing random, one run
                  + [("prg", every, s) for s in seeds[1:]] + [("head", every, s) for s in seeds])
         for method, n, s in order:
@@ -167,7 +169,7 @@ class Plan:
                 self.add(f"probe-{labels_name(n)}-s{s}", ["features"], lambda n=n, s=s: self.probe(n, s),
                          kind="probe", method="probe", labels_per_class=n, seed=s)
             else:
-                self.add_finetune(method, n, s, ["publish"])
+                self.add_finetune(method, n, s, ["publish"] if method != "scratch" else base)
 
     def path(self, *names: str) -> str:
         return os.path.join(self.root, *names)
@@ -175,7 +177,7 @@ class Plan:
     def figure(self, name: str) -> str:
         return os.path.join(HERE, "figures", name) if self.scale == "full" else self.path(name)
 
-    def steps(self, argvs: List[List[str]], nice: int = NICE) -> Dict[str, Any]:
+    def steps(self, argvs: List[List[str]], nice: int = 0) -> Dict[str, Any]:
         """Run the commands one after the other; their measurements summed (peak: the largest)."""
         out = {"commands": [], "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mib": 0.0, "metrics": []}
         log = self.path("commands.log")
@@ -194,9 +196,10 @@ class Plan:
         r = self.steps([prg_fast_cmd("pretrain", *self.data, "--model", self.p["model"], "--path", "otcfm",
                                      "--steps", q["steps"], "--batch-size", q["batch_size"], "--lr", q["lr"],
                                      "--warmup", q["warmup"], "--ema-decay", q["ema_decay"], "--seed", 0,
-                                     "--ckpt-minutes", 5, "--no-progress", "--out", self.path("pretrain"))], nice=0)
+                                     "--ckpt-minutes", 5, "--no-progress", "--out", self.path("pretrain"))])
         m = r.pop("metrics")[0]
-        return {**r, "loss": m.get("loss"), "loss_start": m.get("loss_start"), "steps": m.get("step")}
+        return {**r, "loss": m.get("loss"), "loss_start": m.get("loss_start"), "steps": m.get("step"),
+                "resumed_from_step": m.get("resumed_from_step"), "train_time_total_s": m.get("train_time_total_s")}
 
     def features(self) -> Dict[str, Any]:
         r = self.steps([prg_fast_cmd("extract", *self.data, "--checkpoint", self.flow, "--t", 1.0, "--ode-steps",
@@ -230,7 +233,7 @@ class Plan:
         evals = [prg_fast_cmd("evaluate", *self.data, "--checkpoint", out, "--ode-steps", steps, "--no-progress",
                               "--force", "--out", os.path.join(out, f"evaluate-{steps}"))
                  for steps in ((max(k // 2, 1), 4 * k) if method != "head" else ())]
-        r = self.steps([argv] + evals)
+        r = self.steps([argv] + evals, nice=NICE if (method, n) == ("scratch", None) else 0)
         ft, *ev = r.pop("metrics")
         by_steps = {str(k): ft["top1"], **{str(m["ode_steps"]): m["top1"] for m in ev}}
         return {**r, "top1": ft["top1"], "top1_by_steps": by_steps, "train_top1": ft.get("train_top1"),
@@ -471,6 +474,8 @@ def task_preset(name: str) -> Dict[str, Any]:
 def measure_presets() -> None:
     print("| network (28x28 grey, one thread) | parameters | forward, images / CPU s | forward + backward, "
           "images / CPU s | peak memory MiB |\n|---|---|---|---|---|")
+    base = run_command(python_cmd("-c", "import torch, prg_fast.models, json; print(json.dumps({}))"), os.devnull)
+    print(f"| (python with torch and prg_fast imported, no network) | -- | -- | -- | {base['peak_rss_mib']:.0f} |")
     for name in PRESET_CANDIDATES:
         r = run_command(internal_cmd("preset", name), os.devnull)
         m = r["metrics"]
