@@ -322,7 +322,7 @@ def run_plan(plan: Plan, results: str, jobs: int) -> int:
                     continue
                 row = {"cell": c["key"], "protocol": pid, "scale": plan.scale,
                        **{k: c[k] for k in ("kind", "method", "labels_per_class", "seed") if k in c},
-                       **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()},
+                       **{k: (round(v, 3) if k.endswith(("_s", "_mib")) else v) for k, v in r.items()},
                        "load_avg_start": round(load, 2), "load_avg_end": round(os.getloadavg()[0], 2),
                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 append_result(results, row, lock)
@@ -512,13 +512,20 @@ def _fmt(st, scale: float = 100.0) -> str:
     return f"{mean * scale:.1f}{sd_text}" + (f" (n={n})" if n != 3 else "")
 
 
+def top1(row: Dict[str, Any]) -> float:
+    """A finetuning cell's test top-1 at its training step count, unrounded (the first results were
+    written with top-level floats rounded to 3 decimals; top1_by_steps holds the exact values)."""
+    by_steps = row.get("top1_by_steps") or {}
+    return by_steps.get(str(SCALES[row["scale"]]["ode_steps"]), row["top1"])
+
+
 def collect(rows: List[Dict[str, Any]]) -> Dict[tuple, List[float]]:
     """(method, labels) -> test top-1 per seed; linear / knn from the probe cells."""
     out: Dict[tuple, List[float]] = {}
     for r in rows:
         n = labels_name(r.get("labels_per_class"))
         if r.get("kind") == "finetune":
-            out.setdefault((r["method"], n), []).append(r["top1"])
+            out.setdefault((r["method"], n), []).append(top1(r))
         elif r.get("kind") == "probe":
             out.setdefault(("linear", n), []).append(r["linear_top1"])
             out.setdefault(("knn", n), []).append(r["knn_top1"])
@@ -536,7 +543,7 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
                      + " |")
     diff = []
     for n in LABELS:
-        by_seed = {(r["method"], r["seed"]): r["top1"] for r in rows
+        by_seed = {(r["method"], r["seed"]): top1(r) for r in rows
                    if r.get("kind") == "finetune" and r.get("labels_per_class") == n}
         pairs = [by_seed[("prg", s)] - by_seed[("scratch", s)] for s in p["seeds"]
                  if ("prg", s) in by_seed and ("scratch", s) in by_seed]

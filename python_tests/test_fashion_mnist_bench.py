@@ -76,7 +76,8 @@ def test_tables_from_results():
     rows = []
     for s, (prg, scratch) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.84, 0.75)]):
         for method, top1 in (("prg", prg), ("scratch", scratch)):
-            rows.append({"kind": "finetune", "method": method, "labels_per_class": 10, "seed": s, "top1": top1,
+            rows.append({"kind": "finetune", "scale": "full", "method": method, "labels_per_class": 10, "seed": s,
+                         "top1": round(top1, 1),  # rounded as the first results were: top1_by_steps is read
                          "top1_by_steps": {"1": top1 - 0.01, "2": top1, "8": top1 + 0.01}, "cpu_s": 10.0,
                          "wall_s": 60.0, "peak_rss_mib": 700.0, "load_avg_start": 3.0, "load_avg_end": 5.0})
     text = fm.markdown(rows, "full")

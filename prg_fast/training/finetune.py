@@ -2,7 +2,8 @@
 (`prg-fast evaluate` / `extract`) are in prg_fast.training.evaluate, the checkpoint's reading and
 rebuilding in prg_fast.training.checkpoints (both still importable from here).
 
-Finetuning loads a pretraining checkpoint (EMA weights by default), puts a ClassifierHead on the end
+Finetuning loads a pretraining checkpoint (EMA weights by default; or `weights`, a pretrained flow's
+published weights file, prg_fast.training.checkpoints.save_flow_weights), puts a ClassifierHead on the end
 state of the reversed trajectory (PRGClassifier: reverse from t0 to t, then the head) and trains
 head and flow jointly through prg_fast's exact adjoint with
 
@@ -11,7 +12,9 @@ head and flow jointly through prg_fast's exact adjoint with
 on the same batch (the paper's objective; beta = 0 is the released code's cross-entropy only).
 AdamW, linear warm-up then cosine decay or constant (torch's LambdaLR); --freeze-flow trains the
 head only (the flow runs without a graph), --from-scratch trains the same architecture without
-pretraining. One process, or many under torchrun (DistributedDataParallel; the test split is
+pretraining. `val_size` holds out that many training images (stratified, drawn by the seed:
+prg_fast.data.validation_split) before any labelled subset is drawn and reports their top-1 as
+val_top1. One process, or many under torchrun (DistributedDataParallel; the test split is
 classified in shards, one per process), on the skeleton of prg_fast.training.trainer. Any
 nn.Module called as model(t, x) can be the flow (finetune(model=...), see `finetune`).
 
