@@ -428,8 +428,8 @@ def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
             ax.imshow(s, cmap="gray", vmin=-1 if j == 0 else float(s.min()), vmax=1 if j == 0 else float(s.max()))
             if row == 0:
                 ax.set_title(f"t = {[0, 0.25, 0.5, 1][j]:g}", fontsize=9)
-    fig.suptitle("left: samples of the pretrained flow (20 rk4 steps); right: test images reversed "
-                 "(20 euler steps)", fontsize=10)
+    fig.suptitle("left: samples of the pretrained flow (20 rk4 steps from noise); right: test images along their "
+                 "reversed trajectory (20 euler steps; panels at t > 0 contrast-stretched)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -580,11 +580,13 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
     total_cpu = sum(r["cpu_s"] for r in rows)
     total_wall = sum(r["wall_s"] for r in rows)
     lines += ["", f"All {len(rows)} cells: {total_cpu / 3600:.2f} CPU hours, {total_wall / 3600:.2f} hours of "
-              f"command wall time (summed over the {len(rows)} cells; they ran two at a time)."]
+              f"command wall time (summed over the cells, several of which ran at a time)."]
     return "\n".join(lines)
 
 
 def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
+    """Test top-1 vs labels per class (PRG / scratch / head only, mean +- sd over seeds) and, once
+    all-label rows exist, their learning curves (test top-1 during finetuning, each seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,7 +594,9 @@ def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
 
     acc = collect(rows)
     xs = {"10": 10, "100": 100, "all": 6000}
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    curves = [r for r in rows if r.get("kind") == "finetune" and r.get("labels_per_class") is None and r.get("curve")]
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(10.5 if curves else 5.6, 3.9), squeeze=False)
+    ax = axes[0, 0]
     for key, name in METHODS[:3]:
         pts = [(xs[n], _stats(acc.get((key, n), []))) for n in xs]
         pts = [(x, st) for x, st in pts if st is not None]
@@ -607,6 +611,20 @@ def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
     ax.set_title("Fashion-MNIST, mnist28 flow, mean ± sd over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if curves:
+        ax = axes[0, 1]
+        colors = {"prg": "C0", "scratch": "C1", "head": "C2"}
+        for r in sorted(curves, key=lambda r: (r["method"], r["seed"])):
+            steps, top = zip(*r["curve"])
+            ax.plot(steps, [t * 100 for t in top], marker=".", color=colors[r["method"]], alpha=0.8,
+                    label=f"{dict(METHODS)[r['method']]}" if r["seed"] == 0 else None)
+        ax.axhline(91.6, color="gray", ls="--", lw=1)
+        ax.text(0, 91.8, "goal 91.6%", fontsize=8, color="gray")
+        ax.set_xlabel("finetuning step (batch 128; 470 steps = 1 epoch)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title("all labels: learning curves, every seed", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=120)
