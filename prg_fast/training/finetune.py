@@ -65,9 +65,9 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract"
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION"]
 
 # arguments that define what a finetuning run is; resuming with other values is refused
-RESUME_MUST_MATCH = ("data", "checkpoint", "weights", "val_size", "t0", "t", "learn_t", "learn_t0", "save_at", "ode_steps", "method",
-                     "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch", "model", "path",
-                     "hidden", "raw_weights", "labels_per_class", "labels_seed")
+RESUME_MUST_MATCH = ("data", "checkpoint", "weights", "val_size", "t0", "t", "learn_t", "learn_t0", "save_at",
+                     "ode_steps", "method", "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch",
+                     "model", "path", "hidden", "raw_weights", "labels_per_class", "labels_seed")
 
 
 @dataclass
