@@ -36,7 +36,6 @@ released pipeline by more than (K*F0 + K*(F + B) + C) / (K*(F + B) + C).
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -145,10 +144,11 @@ def parts(args, device) -> dict:
 
 
 def default_memory_budget():
-    """What the default row runs: the solve options' default memory_budget."""
-    from prg_fast.ode.description import describe
+    """What the default row runs: the solve options' default memory_budget ("auto"; before issue 25
+    None, recompute all), from prg_fast.ode.description.OPTIONS, which names reverse's **options."""
+    from prg_fast.ode.description import OPTIONS
 
-    return inspect.signature(describe).parameters["memory_budget"].default
+    return OPTIONS["memory_budget"]
 
 
 def parse(argv=None):

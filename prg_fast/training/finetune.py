@@ -2,7 +2,8 @@
 (`prg-fast evaluate` / `extract`) are in prg_fast.training.evaluate, the checkpoint's reading and
 rebuilding in prg_fast.training.checkpoints (both still importable from here).
 
-Finetuning loads a pretraining checkpoint (EMA weights by default), puts a ClassifierHead on the end
+Finetuning loads a pretraining checkpoint (EMA weights by default; or `weights`, a pretrained flow's
+published weights file, prg_fast.training.checkpoints.save_flow_weights), puts a ClassifierHead on the end
 state of the reversed trajectory (PRGClassifier: reverse from t0 to t, then the head) and trains
 head and flow jointly through prg_fast's exact adjoint with
 
@@ -11,7 +12,9 @@ head and flow jointly through prg_fast's exact adjoint with
 on the same batch (the paper's objective; beta = 0 is the released code's cross-entropy only).
 AdamW, linear warm-up then cosine decay or constant (torch's LambdaLR); --freeze-flow trains the
 head only (the flow runs without a graph), --from-scratch trains the same architecture without
-pretraining. One process, or many under torchrun (DistributedDataParallel; the test split is
+pretraining. `val_size` holds out that many training images (stratified, drawn by the seed:
+prg_fast.data.validation_split) before any labelled subset is drawn and reports their top-1 as
+val_top1. One process, or many under torchrun (DistributedDataParallel; the test split is
 classified in shards, one per process), on the skeleton of prg_fast.training.trainer. Any
 nn.Module called as model(t, x) can be the flow (finetune(model=...), see `finetune`).
 
@@ -40,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..classifier import PRGClassifier, check_segment, feature_shape
-from ..data import ImageData, class_balanced_subset, load_data
+from ..data import ImageData, class_balanced_subset, load_data, validation_split
 from ..losses import flow_matching_loss
 from ..models import UNet
 from ..models.heads import ClassifierHead
@@ -48,7 +51,7 @@ from ..models.unet import PRESETS
 from ..ode.solvers import get_tableau
 from ..paths import PATHS, get_path
 from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, build_classifier, build_model,
-                          check_data_fits, load_checkpoint, load_finetune_checkpoint)
+                          check_data_fits, load_finetune_checkpoint, load_model_checkpoint)
 from .distributed import Dist, run_on_ranks, wrap_ddp
 from .evaluate import evaluate, extract, sharded_correct
 from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
@@ -62,9 +65,9 @@ __all__ = ["FinetuneConfig", "finetune", "evaluate", "extract", "load_finetune_c
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION"]
 
 # arguments that define what a finetuning run is; resuming with other values is refused
-RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "learn_t", "learn_t0", "save_at", "ode_steps", "method",
-                     "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch", "model", "path",
-                     "hidden", "raw_weights", "labels_per_class", "labels_seed")
+RESUME_MUST_MATCH = ("data", "checkpoint", "weights", "val_size", "t0", "t", "learn_t", "learn_t0", "save_at",
+                     "ode_steps", "method", "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch",
+                     "model", "path", "hidden", "raw_weights", "labels_per_class", "labels_seed")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class FinetuneConfig(TrainConfig):
     """Arguments of `prg-fast finetune` (the command line maps one flag to each field)."""
 
     checkpoint: Optional[str] = None  # pretraining checkpoint (file or run directory)
+    weights: Optional[str] = None  # or a pretrained flow's published weights (prg_fast.flow file)
     out: str = "runs/finetune"
     steps: int = 1000
     ode_steps: int = ranged(20, 1)
@@ -99,6 +103,7 @@ class FinetuneConfig(TrainConfig):
     t_lr: float = ranged(0.05, 0.0, 10.0, lo_open=True)  # peak lr of the raw time parameters; no decay
     labels_per_class: Optional[int] = ranged(None, 1)  # finetune on N labelled images per class (None: all)
     labels_seed: Optional[int] = ranged(None, 0)  # seed of that class-balanced subset (None: seed)
+    val_size: int = ranged(0, 0)  # hold out this many training images (stratified, by seed) and report val_top1
     crop_padding: int = ranged(0, 0)
     fm_eps: float = ranged(1e-5, 0.0, 0.5)
     ckpt_every: int = 500
@@ -117,20 +122,32 @@ class FinetuneConfig(TrainConfig):
         if self.freeze_flow and self.from_scratch:
             raise ValueError("freeze_flow with from_scratch would train a head on an untrained, frozen flow; "
                              "choose one of them")
-        if self.checkpoint is None and not self.from_scratch and not external_model:
-            raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt); "
-                             "only --from-scratch runs without one")
+        if self.checkpoint is not None and self.weights is not None:
+            raise ValueError("give the pretrained flow once: --checkpoint (a pretraining run) or --weights (a flow "
+                             "weights file), not both")
+        if self.weights is not None:
+            if not isinstance(self.weights, str) or not self.weights:
+                raise ValueError(f"weights must be a file path, got {self.weights!r}")
+            self.weights = os.path.abspath(os.path.expanduser(self.weights))
+        if self.pretrained is None and not self.from_scratch and not external_model:
+            raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt) or --weights "
+                             "(a pretrained flow's weights file); only --from-scratch runs without one")
         if self.checkpoint is not None:
             self.checkpoint = self.pretrained_checkpoint("finetune")
         if self.model is not None:
             if external_model:
                 raise ValueError("model (a UNet preset) and a network passed as model= exclude each other")
-            if self.checkpoint is not None:
-                raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint; with a "
-                                 "checkpoint the architecture is the checkpoint's")
-        elif self.checkpoint is None and not external_model:
+            if self.pretrained is not None:
+                raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint / --weights; "
+                                 "with a pretrained flow the architecture is its own")
+        elif self.pretrained is None and not external_model:
             raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
         return self
+
+    @property
+    def pretrained(self) -> Optional[str]:
+        """The pretrained flow's file or run directory: --checkpoint or --weights (None: neither)."""
+        return self.checkpoint if self.checkpoint is not None else self.weights
 
     @property
     def warmup_steps(self) -> int:
@@ -190,6 +207,11 @@ class _Finetuner(Trainer):
         existing = self.open_run(cfg, ctx, options, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", "finetuning",
                                  REQUIRED_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
+        self.val: Optional[ImageData] = None
+        if cfg.val_size:  # carved out first, so the labelled images never include a validation image
+            train_idx, val_idx = validation_split(self.data.labels, cfg.val_size, cfg.seed, self.data.num_classes)
+            self.val = load_data(cfg.data, "train", augment=None).subset(val_idx)
+            self.data = self.data.subset(train_idx)
         self.labels_seed = None
         if cfg.labels_per_class is not None:  # label-scarce: a seeded class-balanced subset; test stays whole
             self.labels_seed = cfg.seed if cfg.labels_seed is None else cfg.labels_seed
@@ -244,17 +266,19 @@ class _Finetuner(Trainer):
         cfg, (c, h, w) = self.cfg, self.data.shape
         self.pretrain_info = None
         path_name, sigma = cfg.path, 0.0
-        if cfg.checkpoint is not None:
-            pre = load_checkpoint(cfg.checkpoint)
-            check_data_fits(self.data, pre, checkpoint_file(cfg.checkpoint), "was pretrained on")
+        if cfg.pretrained is not None:
+            # --checkpoint: a pretraining run; --weights: a published flow file (or a pretraining checkpoint)
+            kinds = ("pretrain", "flow") if cfg.checkpoint is not None else ("flow", "pretrain")
+            pre = load_model_checkpoint(cfg.pretrained, kinds)[1]
+            check_data_fits(self.data, pre, checkpoint_file(cfg.pretrained), "was pretrained on")
             if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
-                raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
+                raise ValueError(f"{cfg.pretrained} trained its network with time_convention="
                                  f"{pre['time_convention']!r}, not {time_convention!r}")
             if cfg.from_scratch:  # the same architecture, freshly initialised
                 flow = build_model(pre, model=user_model, fresh=True)
             else:
                 flow = build_model(pre, ema=not cfg.raw_weights, model=user_model)
-                self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
+                self.pretrain_info = {"checkpoint": cfg.pretrained, "step": int(pre["step"]),
                                       "weights": "raw" if cfg.raw_weights else "ema"}
             self.preset = pre.get("preset")
             if path_name is None:
@@ -393,6 +417,11 @@ class _Finetuner(Trainer):
             "train_size": len(self.data),
             "labels_seed_used": self.labels_seed,
         }
+        if self.val is not None:
+            metrics["val_top1"] = sharded_correct(self.classifier, self.val, self.ctx,
+                                                  batch_size=cfg.eval_batch_size) / len(self.val)
+            metrics["val_size"] = len(self.val)
+            self._train_mode()
         return self.write_metrics(
             metrics, f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} steps); wrote "
                      f"{cfg.out}/checkpoint.pt, metrics.json")
