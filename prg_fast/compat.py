@@ -79,6 +79,36 @@ def foreach_add_(tensors: List[torch.Tensor], others: List[torch.Tensor]) -> Non
         a.add_(b)
 
 
+# -- modules ------------------------------------------------------------------------------------
+
+_MODULE_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_module_module = torch.nn.modules.module
+_GLOBAL_HOOKS = [getattr(_module_module, "_global" + a, None) for a in _MODULE_HOOK_ATTRS]
+
+
+def module_hooks(module: torch.nn.Module) -> list:
+    """The functions hooked on `module` (register_forward_pre_hook, register_forward_hook,
+    register_full_backward_pre_hook, register_full_backward_hook keep them in the dicts
+    Module._forward_pre_hooks, _forward_hooks, _backward_pre_hooks, _backward_hooks), which run
+    when it is called and may read tensors of their own. Checked on torch 2.13. Missing: an error
+    (a tensor a hook reads could go undifferentiated)."""
+    dicts = [getattr(module, a, None) for a in _MODULE_HOOK_ATTRS]
+    if any(not isinstance(d, dict) for d in dicts):
+        raise _missing("Module._forward_pre_hooks / _forward_hooks / _backward_pre_hooks / _backward_hooks",
+                       "find the tensors a module's hooks read")
+    return [h for d in dicts for h in d.values()]
+
+
+def global_module_hooks() -> list:
+    """The functions hooked on every module (torch.nn.modules.module.register_module_forward_hook and
+    its kin keep them in module-level dicts _global_forward_hooks, ...). Checked on torch 2.13.
+    Missing: an error (a tensor such a hook reads could go undifferentiated)."""
+    if any(not isinstance(d, dict) for d in _GLOBAL_HOOKS):
+        raise _missing("torch.nn.modules.module._global_forward_hooks (and its kin)",
+                       "find the tensors global module hooks read")
+    return [h for d in _GLOBAL_HOOKS for h in d.values()]
+
+
 # -- autograd graphs ----------------------------------------------------------------------------
 
 _peek_sequence_nr = getattr(getattr(torch._C, "_autograd", None), "_get_sequence_nr", None)

@@ -9,7 +9,8 @@ Why search: a velocity may read more after its first evaluation (an expert chose
 the callable is searched the way cloudpickle finds what a function needs: an nn.Module and its
 submodules (with what user-written modules hold as plain attributes, and the globals their forward
 names), what functools.partial, bound methods, closures and callable objects hold, the globals a function
-names, defaults, and the items of small containers. Depth and container sizes are bounded, so a
+names, defaults, the functions hooked on its modules (and on every module), and the items of
+small containers. Depth and container sizes are bounded, so a
 velocity that closes over a dataset or a trainer costs a bounded walk, not a scan of everything.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..compat import sequence_nr
+from ..compat import global_module_hooks, module_hooks, sequence_nr
 
 MAX_DEPTH = 6
 MAX_ITEMS = 256  # larger containers (datasets, caches) are not searched
@@ -108,6 +109,8 @@ class _Search:
             if id(m) in self.modules:
                 continue
             self.modules[id(m)] = m
+            for hook in module_hooks(m):  # run with the module: what they hold, they may read
+                self.visit(hook, depth + 1)
             cls = type(m)
             if cls.__module__.startswith("torch."):
                 continue  # PyTorch's own modules hold nothing else that matters here
@@ -127,6 +130,8 @@ class _Search:
 def reachable(obj) -> Reach:
     search = _Search()
     search.visit(obj, 0)
+    if search.modules:  # hooks on every module run with the velocity's modules
+        search.visit(global_module_hooks(), 1)
     out = search.out
     out.modules = list(search.modules.values())
     out.buffers = [(m, name) for m in out.modules for name, b in m.named_buffers(recurse=False) if b is not None]
@@ -259,3 +264,27 @@ def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set
             if var is None:
                 stack.extend(fn for fn, _ in node.next_functions)
     return [p for j, p in enumerate(params) if j not in drop]
+
+
+def unknown_leaf(outputs, inputs, unlisted=()) -> Optional[torch.Tensor]:
+    """A leaf requiring grad that the graph of `outputs` (an evaluation rerun or kept for the
+    backward) reaches and that is none of `inputs`, or None. The adjoint differentiates only its
+    inputs, so such a leaf -- read by a later evaluation through something the search could not
+    see -- would silently get no gradient (prg_fast.ode.rerun.graph_vjp makes it an error). The
+    walk stops at the inputs and at the computed tensors the velocity holds (`unlisted`: their own
+    check); one pass over the graph's nodes, no tensor is touched."""
+    known = {id(q) for q in inputs}
+    stops = {q.grad_fn for q in list(inputs) + list(unlisted) if q.grad_fn is not None}
+    seen, stack = set(), [o.grad_fn for o in outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            if id(leaf) not in known:
+                return leaf
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return None

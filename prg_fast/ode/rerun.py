@@ -40,6 +40,7 @@ import torch
 from ..compat import foreach_add_, tensor_hook_dicts, version, view_base
 from .integrate import autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
+from .reach import unknown_leaf
 
 
 def _same_rng(a, b) -> bool:
@@ -179,6 +180,7 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     if not live:
         return [None] * len(inputs)
     outs, cots = [o for o, _ in live], [c for _, c in live]
+    _check_all_read(outs, inputs, unlisted)
     watched = [] if reentrant else list(unlisted)  # (backward() cannot stop at a computed tensor)
     with hooks_muted(inputs + watched), torch.enable_grad():
         if reentrant:
@@ -193,6 +195,21 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
                 "adjoint_params, compute it inside the model, or use adjoint=False"
             )
     return grads[:len(inputs)]
+
+
+def _check_all_read(outputs: List[torch.Tensor], inputs: List[torch.Tensor], unlisted: Sequence[torch.Tensor]) -> None:
+    """Every leaf requiring grad that this evaluation's graph reaches is an input of the solve: one
+    read only after the first evaluation, through something the search of the velocity could not
+    see, would otherwise get no gradient (the adjoint returns gradients for its inputs only)."""
+    leaf = unknown_leaf(outputs, inputs, unlisted)
+    if leaf is not None:
+        kind = "parameter" if isinstance(leaf, torch.nn.Parameter) else "tensor"
+        raise RuntimeError(
+            f"model reads a {kind} that requires grad (shape {tuple(leaf.shape)}, {leaf.dtype}) in an evaluation "
+            "after its first, and the solve did not find it among its inputs (it looked through the model, its "
+            "modules and their hooks, closures and globals): its gradient would be missing. Pass it in "
+            "adjoint_params=[...] (with the model's parameters), or use adjoint=False"
+        )
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
