@@ -43,6 +43,15 @@ def tensor_hook_dicts(tensors: Sequence[torch.Tensor]) -> List[dict]:
     return [d for t in tensors for d in (t._backward_hooks, t._post_accumulate_grad_hooks) if d]
 
 
+def gradient_hooks(t: torch.Tensor) -> Optional[dict]:
+    """The dict of the hooks Tensor.register_hook put on `t` (Tensor._backward_hooks; autograd calls
+    what it holds, in order, on t's gradient), or None when it has none. Checked on torch 2.13.
+    Missing: an error (a hook on the solver's state could not be run on its whole gradient)."""
+    if not _HAS_HOOK_DICTS:
+        raise _missing("Tensor._backward_hooks", "run a hook on the solver's state on its whole gradient")
+    return t._backward_hooks or None
+
+
 _HAS_VERSION = hasattr(torch.Tensor, "_version")
 
 

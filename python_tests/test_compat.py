@@ -134,6 +134,58 @@ def test_hook_dicts_missing_is_an_error(monkeypatch):
         compat.tensor_hook_dicts([torch.ones(1)])
 
 
+def test_gradient_hooks_hold_register_hook_hooks_and_taking_them_off_mutes_them():
+    x = torch.ones(3, requires_grad=True)
+    assert compat.gradient_hooks(x) is None
+    calls = []
+    x.register_hook(lambda g: calls.append(1) or g * 2)
+    hooks = compat.gradient_hooks(x)
+    assert len(hooks) == 1
+    hook = next(iter(hooks.values()))
+    hooks.clear()
+    assert torch.autograd.grad((x * 1).sum(), x)[0].tolist() == [1.0] * 3 and calls == []
+    assert hook(torch.ones(3)).tolist() == [2.0] * 3  # what was taken off is the callable itself
+
+
+def test_gradient_hooks_missing_is_an_error(monkeypatch):
+    monkeypatch.setattr(compat, "_HAS_HOOK_DICTS", False)
+    with pytest.raises(RuntimeError, match="_backward_hooks.*adjoint=False"):
+        compat.gradient_hooks(torch.ones(1))
+
+
+# -- modules ------------------------------------------------------------------------------------
+
+def test_module_hooks_are_every_hook_a_call_of_the_module_runs():
+    m = torch.nn.Linear(2, 2)
+    assert compat.module_hooks(m) == []
+    hooks = [lambda m, a: None, lambda m, a, o: None, lambda m, g: None, lambda m, gi, go: None]
+    m.register_forward_pre_hook(hooks[0])
+    m.register_forward_hook(hooks[1])
+    m.register_full_backward_pre_hook(hooks[2])
+    m.register_full_backward_hook(hooks[3])
+    assert sorted(map(id, compat.module_hooks(m))) == sorted(map(id, hooks))
+
+
+def test_global_module_hooks_are_those_registered_for_every_module():
+    before = compat.global_module_hooks()
+    hook = lambda m, a, o: None  # noqa: E731
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert compat.global_module_hooks() == before + [hook]
+    finally:
+        handle.remove()
+    assert compat.global_module_hooks() == before
+
+
+def test_module_hooks_missing_is_an_error(monkeypatch):
+    monkeypatch.setattr(compat, "_MODULE_HOOK_ATTRS", ("_no_such_hooks",))
+    with pytest.raises(RuntimeError, match="_forward_pre_hooks.*adjoint=False"):
+        compat.module_hooks(torch.nn.Linear(1, 1))
+    monkeypatch.setattr(compat, "_GLOBAL_HOOKS", [None])
+    with pytest.raises(RuntimeError, match="_global_forward_hooks.*adjoint=False"):
+        compat.global_module_hooks()
+
+
 def test_version_moves_with_every_in_place_write_and_is_none_under_inference_mode():
     t = torch.zeros(3)
     v = compat.version(t)

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ..compat import next_sequence_nr, version, view_base
+from ..compat import gradient_hooks, next_sequence_nr, version, view_base
 from .integrate import Problem, Reads, capture_rng, set_rng
 from .module_state import ModuleState
 from .parametrize_cache import SharedParametrizations
@@ -148,8 +148,9 @@ class FirstEvaluation:
     """The solve's first evaluation, run with a graph before the solve: discovery walks it, its
     graph's bytes size the memory budget, and the solve reuses its output."""
 
-    # the stage input: a view of x's stage input with x's graph when the solve may run as plain
-    # backprop (the stored adjoint keeping every graph), else a leaf (requiring grad under time gradients)
+    # the stage input: x's stage input itself, with x's graph, when it requires grad (what plain
+    # backprop's evaluation reads: the stored adjoint keeping every graph runs as it), else a leaf
+    # (requiring grad under time gradients)
     leaf: torch.Tensor
     tau: object  # the time it read: a float, or a tensor (a leaf requiring grad for time gradients)
     k: Optional[torch.Tensor]  # its output with graph; None once handed over or released
@@ -159,6 +160,13 @@ class FirstEvaluation:
     state: Optional[ModuleState] = None  # the buffers the velocity reaches (problem.reads.module_state)
     # why no evaluation's graph can be kept for the backward (ModuleState.rewritten), or None
     unkeepable: Optional[str] = None
+    # the state x.to(state dtype) with x's graph that `leaf` was made from (None under time
+    # gradients): a solve run as plain backprop starts from it, so `leaf` is its stage input
+    start: Optional[torch.Tensor] = None
+    # the evaluation read x itself: the hooks it registered there run on the solve's gradient for x,
+    # as in plain backprop (a rerun of it registers its own, which the backward then drops)
+    read_x: bool = False
+    input_hooks: tuple = ()  # the hooks the evaluation registered on its input (x.register_hook)
 
     def take(self) -> Optional[torch.Tensor]:
         k, self.k = self.k, None
@@ -224,18 +232,21 @@ def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list
 
 
 def _first_inputs(problem: Problem, x: torch.Tensor, time_grad: bool):
-    """(stage-input leaf, time) of evaluation (0, 0). c[0] = 0 for every explicit tableau (checked in
-    ButcherTableau): stage 0 reads (t_0, x). X_0 has x's graph (a solve whose graphs all fit runs as
-    plain backprop and reaches x through this evaluation), a view so that it is never x itself;
-    without grad for an x without grad (backprop computes no gradient for it either); under time
-    gradients (always the adjoint's Function, which keeps this graph only then) a leaf."""
+    """(stage-input leaf, time, start state) of evaluation (0, 0). c[0] = 0 for every explicit tableau
+    (checked in ButcherTableau): stage 0 reads (t_0, x). X_0 has x's graph (a solve whose graphs all
+    fit runs as plain backprop from `start` and reaches x through this evaluation) and is the very
+    tensor plain backprop's evaluation reads (x itself when its dtype is the solve's: a hook the
+    velocity registers on it sees x's whole gradient, as there); without grad for an x without grad
+    (backprop computes no gradient for it either); under time gradients (always the adjoint's
+    Function, which keeps this graph only then) a leaf, and no start."""
     t0, h, taus = problem.step_at(0)
     with torch.set_grad_enabled(not time_grad):
-        xi = problem.stage_input(x.to(problem.state_dtype), [], 0, h)
-    leaf = xi.view_as(xi) if xi.requires_grad else xi.detach().requires_grad_(time_grad)
+        start = x.to(problem.state_dtype)
+        xi = problem.stage_input(start, [], 0, h)
+    leaf = xi if xi.requires_grad else xi.detach().requires_grad_(time_grad)
     # the times' graph is not this evaluation's business; a leaf when time gradients are wanted
     tau = t0.detach().requires_grad_(time_grad) if isinstance(t0, torch.Tensor) else taus[0]
-    return leaf, tau
+    return leaf, tau, None if time_grad else start
 
 
 def first_evaluation(problem: Problem, x: torch.Tensor, time_grad: bool, params: Sequence[torch.Tensor],
@@ -245,15 +256,17 @@ def first_evaluation(problem: Problem, x: torch.Tensor, time_grad: bool, params:
     search found, and `state`, the buffers the velocity reaches. None for a solve without steps."""
     if problem.steps == 0:
         return None
-    leaf, tau = _first_inputs(problem, x, time_grad)
+    leaf, tau, start = _first_inputs(problem, x, time_grad)
     rng = capture_rng(x.device)
     # buffers the velocity writes (BatchNorm in train mode, spectral_norm): see module_state
     if state is not None:
         state.before_first_evaluation()
     with torch.enable_grad():
         sequence_nr = next_sequence_nr()
-        # a non-leaf copy, so a model writing into its input meets the solver's own check
-        inp = leaf.clone()
+        # the stage input itself where it requires grad (a write into it is autograd's error, or
+        # the solver's own check), else a copy, so that a model writing into it spares the caller's x
+        inp = leaf if leaf.requires_grad else leaf.clone()
+        hooked = len(gradient_hooks(inp) or ())  # the caller's own hooks on x
         k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state,
                                           stand_in=(inp, leaf))
     nbytes, unkeepable = None, "the velocity refuses saved-tensor hooks (its graph is not measured)"
@@ -267,4 +280,5 @@ def first_evaluation(problem: Problem, x: torch.Tensor, time_grad: bool, params:
         if rewritten is not None:
             unkeepable = f"the graph saves the buffer {rewritten!r}, which every evaluation writes in place"
     return FirstEvaluation(leaf=leaf, tau=tau, k=k, rng=rng, nbytes=nbytes, sequence_nr=sequence_nr,
-                           state=state, unkeepable=unkeepable)
+                           state=state, unkeepable=unkeepable, start=start, read_x=inp is x,
+                           input_hooks=tuple(list((gradient_hooks(inp) or {}).values())[hooked:]))

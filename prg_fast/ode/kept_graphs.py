@@ -158,7 +158,7 @@ class EvaluationGraphs:
             k = first.take()
             # its graph is kept only from a leaf of ours (the backward's VJP stops there): under time
             # gradients, the one case that keeps evaluation 0 here (else it runs as_backprop)
-            if e >= self.keep_from and first.leaf.requires_grad and first.leaf.grad_fn is None:
+            if e >= self.keep_from and first.start is None and first.leaf.requires_grad:
                 self.kept[e] = (first.leaf, first.tau, k)
             return k.detach()
         self.replay.record()

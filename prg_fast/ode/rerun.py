@@ -37,7 +37,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
-from ..compat import foreach_add_, tensor_hook_dicts, version, view_base
+from ..compat import foreach_add_, gradient_hooks, tensor_hook_dicts, version, view_base
 from .integrate import autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
 from .reach import unknown_leaf
@@ -156,17 +156,66 @@ def hooks_muted(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
             d.update(items)
 
 
+class StateHooks:
+    """Hooks the velocity registers on its input x (`x.register_hook`), run as plain backprop runs
+    them: once per evaluation, on the gradient plain backprop gives that tensor. A rerun's stage
+    input is a leaf of ours; where plain backprop's evaluation reads a fresh tensor (a later stage,
+    or a dtype cast) its gradient is the VJP's own, so the leaf's hooks run in the VJP (`hooked`).
+    Where it reads the solver's state itself (stage 0 with no cast), its gradient is the state's
+    whole cotangent: the hooks are taken off the leaf (`take`) and run on it when the backward has
+    it all (`run`, at the grid point). At x itself a rerun's are dropped (`skip_x`) when the first
+    evaluation read x (the hooks it registered there run on the solve's gradient for x) or x needs
+    no gradient (plain backprop's evaluation read it without one: no hook)."""
+
+    def __init__(self, skip_x: bool):
+        self.skip_x, self.at = skip_x, {}
+
+    @staticmethod
+    def reads_state(p, i: int) -> bool:
+        """Whether stage i's input is the state itself (Problem.stage_input returns it)."""
+        return not any(a != 0.0 for a in p.tableau.a[i]) and p.net_dtype == p.state_dtype
+
+    def take(self, m: int, leaf: torch.Tensor, is_state: bool = True) -> None:
+        """Take the hooks registered on `leaf`, when it is the state at grid point m, to run at
+        `run(m)` (those on a fresh stage input stay: they run in its VJP)."""
+        hooks = gradient_hooks(leaf) if is_state else None
+        if hooks:
+            self.at.setdefault(m, []).extend(hooks.values())
+            hooks.clear()
+
+    def run(self, m: int, grad: torch.Tensor) -> torch.Tensor:
+        """The state's whole cotangent at grid point m, through the hooks taken there, in order."""
+        for hook in self.at.pop(m, ()) if m or not self.skip_x else ():
+            out = hook(grad)
+            grad = grad if out is None else out
+        return grad
+
+
+def refuse_input_hooks(hooks: Sequence[Callable], where: str) -> None:
+    """An error naming a hook the velocity registered on its input, where the adjoint cannot run it
+    as plain backprop does (the reversible scheme's base steps)."""
+    if hooks:
+        hook = hooks[0]
+        raise RuntimeError(
+            f"the velocity registers a hook on its input x ({getattr(hook, '__qualname__', repr(hook))}) {where}; "
+            "the reversible adjoint cannot run it on the gradient plain backprop gives x. Use reversible=False "
+            "(the stored adjoint runs it exactly) or adjoint=False"
+        )
+
+
 def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor,
-                   reentrant: bool = False, unlisted: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
+                   reentrant: bool = False, unlisted: Sequence[torch.Tensor] = (),
+                   hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
     """cotangent^T d output / d inputs (None for an input the output does not read), with the
-    inputs' hooks muted (see the module docstring)."""
-    return graph_vjp([output], inputs, [cotangent], reentrant, unlisted)
+    inputs' hooks muted (see the module docstring) except those of `hooked` (StateHooks)."""
+    return graph_vjp([output], inputs, [cotangent], reentrant, unlisted, hooked)
 
 
 def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
-              reentrant: bool = False, unlisted: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
+              reentrant: bool = False, unlisted: Sequence[torch.Tensor] = (),
+              hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
     """sum_j cotangents[j]^T d outputs[j] / d inputs, one backward through the graph they share (the
-    kept tail of a solve: prg_fast.ode.kept_graphs), with the inputs' hooks muted.
+    kept tail of a solve: prg_fast.ode.kept_graphs), with the inputs' hooks muted but `hooked`'s.
 
     `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
     as inputs (prg_fast.ode.reach.Reach.computed; discovery refuses one its first evaluation reads).
@@ -182,7 +231,8 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     outs, cots = [o for o, _ in live], [c for _, c in live]
     _check_all_read(outs, inputs, unlisted)
     watched = [] if reentrant else list(unlisted)  # (backward() cannot stop at a computed tensor)
-    with hooks_muted(inputs + watched), torch.enable_grad():
+    muted = [q for q in inputs if all(q is not h for h in hooked)]
+    with hooks_muted(muted + watched), torch.enable_grad():
         if reentrant:
             return _backward_into_fresh(outs, inputs, cots)
         grads = list(torch.autograd.grad(outs, inputs + watched, cots, allow_unused=True))

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from ..compat import version
+from ..compat import gradient_hooks, version
 from .discovery import discover
 from .integrate import Problem, check_choice, check_flag
-from .rerun import GradientSum, ReplayRecord, evaluation_vjp, once_differentiable
+from .rerun import GradientSum, ReplayRecord, evaluation_vjp, once_differentiable, refuse_input_hooks
 from .reversible import (DEFAULT_COUPLING, RECONSTRUCTION_CHECKS, base_step, check_coupling, check_reconstruction,
                          inverse_step, reconstruction_error, run, solve_reversible)
 
@@ -45,6 +45,7 @@ class ReversibleAdjoint:
         if torch.is_grad_enabled():
             times, (problem, first, _, differentiated) = problem.grid.times, discover(problem, x)
             if first is not None:
+                refuse_input_hooks(first.input_hooks, "in the solve's first evaluation")
                 # the scheme runs its own evaluations: discovery costs one (a cached parametrization
                 # is computed once per cache, and stays as the first evaluation left it)
                 first.discard(problem)
@@ -131,6 +132,7 @@ class BackwardWalk:
         inputs = [xg] + ([t, h] if self.want_tgrad else []) + self.params
         with torch.set_grad_enabled(cot is not None), self.replay.rerun(e):
             out = base_step(self.p, t, h, xg, end)
+            refuse_input_hooks(list((gradient_hooks(xg) or {}).values()), f"in base step {e}'s rerun")
             # the parameters' hooks do not run here: autograd runs them once on the returned total
             reads = self.p.reads
             grads = (evaluation_vjp(out, inputs, cot, reads.reentrant, reads.unlisted) if cot is not None

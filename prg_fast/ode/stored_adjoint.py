@@ -42,7 +42,7 @@ from .discovery import discover
 from .free_memory import AUTO_FRACTION, free_bytes
 from .integrate import Problem, check_choice, check_flag, run, solve
 from .kept_graphs import EvaluationGraphs, Tail, unless_out_of_memory
-from .rerun import GradientSum, evaluation_vjp, graph_vjp, once_differentiable
+from .rerun import GradientSum, StateHooks, evaluation_vjp, graph_vjp, once_differentiable
 
 log = logging.getLogger("prg_fast.ode.strategies")  # what the strategy chose, at DEBUG (docs/engine.md)
 AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
@@ -121,7 +121,9 @@ def _as_backprop(graphs: EvaluationGraphs, x: torch.Tensor) -> Optional[List[tor
 
     def attempt() -> List[torch.Tensor]:
         with torch.enable_grad():
-            return run(p, x.to(p.state_dtype), evaluator=first.evaluator(with_graph=True) if first else None)
+            if first is None:
+                return run(p, x.to(p.state_dtype))
+            return run(p, first.start, evaluator=first.evaluator(with_graph=True))
 
     return unless_out_of_memory(graphs, attempt)
 
@@ -172,7 +174,8 @@ class AdjointSolve(torch.autograd.Function):
 def _backward(ctx, grad_out: torch.Tensor):
     p: Problem = ctx.problem
     s = p.tableau.stages
-    walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.grid.times is not None and ctx.needs_input_grad[2])
+    walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.grid.times is not None and ctx.needs_input_grad[2],
+                        x_grad=ctx.needs_input_grad[3])
     stored = list(ctx.saved_tensors)  # the steps before the tail's
     start = p.steps
     tail = ctx.evals.take_tail()
@@ -197,7 +200,7 @@ class BackwardWalk:
     parameters' (GradientSum) and the grid's; each evaluation with its graph comes from the
     forward's kept graphs (prg_fast.ode.kept_graphs) or is recomputed under the replay record."""
 
-    def __init__(self, p: Problem, evals: EvaluationGraphs, grad_out: torch.Tensor, want_tgrad: bool):
+    def __init__(self, p: Problem, evals: EvaluationGraphs, grad_out: torch.Tensor, want_tgrad: bool, x_grad: bool):
         self.p, self.evals, self.want_tgrad = p, evals, want_tgrad
         # cotangent arriving at each grid index from the outputs (an index may be output twice)
         self.arriving = p.grid.output_cotangents(grad_out)
@@ -206,10 +209,12 @@ class BackwardWalk:
         self.params = list(p.reads.params)
         self.grads = GradientSum(self.params)
         self.gt = self.gh = None
+        self.hooks = StateHooks(skip_x=not x_grad or (evals.first is not None and evals.first.read_x))
 
     def arrive(self, m: int) -> None:
         if m in self.arriving:
             self.lam = self.p.backend.combine(self.lam, [self.arriving.pop(m)], [1.0], 1.0, self.p.state_dtype)
+        self.lam = self.hooks.run(m, self.lam)  # the state's whole cotangent: its hooks run now
 
     def tail(self, tail: Tail) -> None:
         """The VJP of the forward's tail (steps tail.start .. K-1, one graph): from the cotangents
@@ -221,6 +226,7 @@ class BackwardWalk:
                 outputs.append(state)
                 cotangents.append(g.to(state.dtype))
         reads = self.p.reads
+        self.hooks.take(tail.start, tail.leaf)
         grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, reads.reentrant, reads.unlisted)
         if grads[0] is not None:
             self.lam = self.lam + grads[0].to(self.lam.dtype)
@@ -253,10 +259,9 @@ class BackwardWalk:
                                 p.net_dtype, p.state_dtype)
 
     def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
-        """(k, leaf, tau): evaluation (n, i) with its graph from the stage-input leaf (and from the
-        time tau, when it is a leaf requiring grad) -- the forward's kept graph (handed over once:
-        its VJP frees it; a second backward recomputes), else recomputed from the stored stage
-        input `xi` at time `tau`."""
+        """(k, leaf, tau): evaluation (n, i) with its graph from the stage-input leaf (and from the time
+        tau, when a leaf requiring grad) -- the forward's kept graph (handed over once: its VJP frees
+        it; a second backward recomputes), else recomputed from the stored stage input `xi` at `tau`."""
         e = n * self.p.tableau.stages + i
         got = self.evals.kept.pop(e, None)
         if got is not None:
@@ -276,8 +281,9 @@ class BackwardWalk:
         k, xi, tau = self.evaluation(n, i, tau, xi)
         timed_leaf = self.want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
         inputs = [xi] + ([tau] if timed_leaf else []) + self.params
-        # the parameters' hooks do not run here: autograd runs them once on the returned total
-        grads = evaluation_vjp(k, inputs, g, self.p.reads.reentrant, self.p.reads.unlisted)
+        # the parameters' hooks run once on the returned total (autograd), the velocity's on x: StateHooks
+        self.hooks.take(n, xi, StateHooks.reads_state(self.p, i))
+        grads = evaluation_vjp(k, inputs, g, self.p.reads.reentrant, self.p.reads.unlisted, hooked=[xi])
         if not timed_leaf:
             grads.insert(1, None)
         if self.want_tgrad:

@@ -1,0 +1,251 @@
+"""Issue 34: the memory budget never changes the answer. Over the model zoo (test_model_zoo's cases)
+and the velocities of issue 34 -- a hook the velocity registers on its own input or on a tensor it
+makes, a parameter read only through a module hook after the first evaluation (forward pre-hook,
+forward hook, global module hook), a LazyLinear materialised inside the solve -- memory_budget=0,
+"auto" at several simulated free-memory sizes (PRG_FAST_FREE_MEMORY_BYTES: none, one graph, a step
+and one more evaluation, all but one), float("inf") and adjoint=False give the same gradients
+(float64, 1e-10 relative) or the same error. A small slice runs by default, the sweep is slow."""
+
+import pytest
+import torch
+from torch import nn
+
+import prg_fast
+from prg_fast.ode import free_memory
+from solve_nodes import adjoint_node
+from test_model_zoo import CASES as ZOO, adjoint_and_backprop_gradients, worst_relative_error
+
+RTOL = 1e-10
+HANDLES = []  # global module hooks a case registers (removed after each test)
+
+
+@pytest.fixture(autouse=True)
+def _remove_global_hooks():
+    yield
+    while HANDLES:
+        HANDLES.pop().remove()
+
+
+class InputHook(nn.Module):
+    """Registers a hook on its input x that changes the gradient (gradient surgery) and counts."""
+
+    def __init__(self, on_hidden=False):
+        super().__init__()
+        self.lin, self.out, self.on_hidden, self.calls = nn.Linear(3, 4), nn.Linear(4, 3), on_hidden, 0
+
+    def hook(self, g):
+        self.calls += 1
+        return 2 * g + 0.1
+
+    def forward(self, t, x):
+        if x.requires_grad and not self.on_hidden:
+            x.register_hook(self.hook)
+        h = self.lin(x) * (1 + t[:, None])
+        if h.requires_grad and self.on_hidden:
+            h.register_hook(self.hook)
+        return self.out(torch.tanh(h))
+
+
+def _input_hook():
+    torch.manual_seed(0)
+    net = InputHook().double()
+    return net, torch.randn(3, 3, dtype=torch.float64), dict(net.named_parameters()), {}, 3
+
+
+def _hidden_hook():
+    torch.manual_seed(0)
+    net = InputHook(on_hidden=True).double()
+    return net, torch.randn(3, 3, dtype=torch.float64), dict(net.named_parameters()), {}, 3
+
+
+def _closure_input_hook():
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=torch.float64).mul_(0.5).requires_grad_()
+
+    def velocity(t, x):
+        if x.requires_grad:
+            x.register_hook(lambda g: g * 3)
+        return torch.tanh(x @ w) * t[:, None]
+    return velocity, torch.randn(4, 3, dtype=torch.float64), {"w": w}, {}, 3
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, t, x):
+        return torch.tanh(self.lin(x)) * (1 + t[:, None])
+
+
+def _late(t) -> bool:
+    return float(t.reshape(-1)[0]) > 0.3  # after the first evaluation (t = 0) only
+
+
+def _late_pre_hook():
+    """A parameter injected by a forward pre-hook (an adapter, a prompt) once t > 0.3."""
+    torch.manual_seed(0)
+    net, extra = Base().double(), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    net.register_forward_pre_hook(lambda m, args: (args[0], args[1] + extra) if _late(args[0]) else None)
+    return net, torch.randn(4, 3, dtype=torch.float64), {**dict(net.named_parameters()), "extra": extra}, {}, 3
+
+
+class Timed(Base):
+    def forward(self, t, x):
+        self.t = t
+        return super().forward(t, x)
+
+
+def _late_forward_hook():
+    torch.manual_seed(0)
+    net, scale = Timed().double(), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    net.lin.register_forward_hook(lambda m, args, out: out * scale if _late(net.t) else None)
+    return net, torch.randn(4, 3, dtype=torch.float64), {**dict(net.named_parameters()), "scale": scale}, {}, 3
+
+
+def _late_global_hook():
+    torch.manual_seed(0)
+    net, shift = Timed().double(), nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def hook(m, args, out):
+        if m is net.lin and _late(net.t):
+            return out + shift
+    HANDLES.append(nn.modules.module.register_module_forward_hook(hook))
+    return net, torch.randn(4, 3, dtype=torch.float64), {**dict(net.named_parameters()), "shift": shift}, {}, 3
+
+
+class Lazy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.LazyLinear(5, dtype=torch.float64), nn.Linear(5, 3).double()
+
+    def forward(self, t, x):
+        return self.b(torch.tanh(self.a(x) + t[:, None]))
+
+
+def _lazy():
+    torch.manual_seed(0)
+    net = Lazy()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    # the lazy parameters exist only after the first evaluation: asked for by position (below)
+    return net, x, None, {}, 3
+
+
+ISSUE34 = {
+    "input_hook": _input_hook,
+    "hidden_hook": _hidden_hook,
+    "closure_input_hook": _closure_input_hook,
+    "late_pre_hook": _late_pre_hook,
+    "late_forward_hook": _late_forward_hook,
+    "late_global_hook": _late_global_hook,
+    "lazy_linear": _lazy,
+}
+CASES = {**ISSUE34, **{f"zoo_{k}": v for k, v in ZOO.items()}}
+
+
+def _grads(case, method, **strategy):
+    """(output, {name: gradient}) or the error, for one strategy."""
+    fn, x, tensors, kw, steps = CASES[case]()
+    try:
+        if tensors is None:  # lazy: every parameter after the solve, in order
+            xg = x.clone().requires_grad_(True)
+            torch.manual_seed(0)
+            out = prg_fast.reverse(fn, xg, steps=steps, method=method, **strategy)
+            params = list(fn.parameters())
+            g = torch.autograd.grad(out.square().sum(), [xg, *params])
+            return out.detach(), dict(enumerate(g))
+        return adjoint_and_backprop_gradients(fn, x, tensors, adjoint=strategy.pop("adjoint", True), method=method,
+                                              steps=steps, **strategy, **kw)
+    except (RuntimeError, ValueError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _graph_bytes(case, method) -> int:
+    fn, x, tensors, kw, steps = CASES[case]()
+    x = x.clone().requires_grad_(True)
+    return adjoint_node(prg_fast.reverse(fn, x, steps=steps, method=method, memory_budget=float("inf"), **kw)) \
+        .evals.graph_bytes
+
+
+def _strategies(case, method):
+    """name -> the keywords of every strategy compared: the budgets, and "auto" at free memories
+    that keep no graph, one, one step and one evaluation more (a step kept in part), all but one."""
+    out = {"budget0": dict(memory_budget=0), "inf": dict(memory_budget=float("inf")), "auto_huge": {}}
+    evals = CASES[case]()[4] * prg_fast.SOLVERS[method].stages
+    graph = _graph_bytes(case, method)
+    for kept in sorted({0, 1, prg_fast.SOLVERS[method].stages + 1, evals - 1}):
+        if kept < evals:
+            out[f"auto_keep{kept}"] = dict(free=int((kept + 0.5) * graph / free_memory.AUTO_FRACTION))
+    return out
+
+
+def _check(case, method, monkeypatch):
+    monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(2 ** 50))
+    out_ref, ref = _grads(case, method, adjoint=False)
+    for name, kw in _strategies(case, method).items():
+        kw = dict(kw)
+        monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(kw.pop("free", 2 ** 50)))
+        out, got = _grads(case, method, **kw)
+        if isinstance(ref, str) or isinstance(got, str):
+            assert got == ref, f"{case}/{method}/{name}: {got!r} where plain backprop gives {ref!r}"
+            continue
+        torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+        worst, err = worst_relative_error(got, ref)
+        assert err < RTOL, f"{case}/{method}/{name}: gradient {worst!r} off by {err:.3g} relative"
+
+
+FAST = ["input_hook", "hidden_hook", "closure_input_hook", "late_pre_hook", "late_global_hook", "lazy_linear",
+        "zoo_closure_over_tensors"]
+
+
+@pytest.mark.parametrize("case", FAST)
+def test_the_budget_never_changes_the_answer(case, monkeypatch):
+    _check(case, "rk4", monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["heun", "rk4_38"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_budget_never_changes_the_answer_over_the_zoo(case, method, monkeypatch):
+    _check(case, method, monkeypatch)
+
+
+def test_an_input_hook_runs_once_per_evaluation_under_every_budget(monkeypatch):
+    calls = {}
+    for name, kw in [("backprop", dict(adjoint=False)), ("budget0", dict(memory_budget=0)),
+                     ("inf", dict(memory_budget=float("inf")))]:
+        net, x, _, _, steps = _input_hook()
+        out = prg_fast.reverse(net, x.requires_grad_(True), steps=steps, method="rk4", **kw)
+        out.sum().backward()
+        calls[name] = net.calls
+    assert calls == {"backprop": 12, "budget0": 12, "inf": 12}
+
+
+def test_the_reversible_adjoint_refuses_an_input_hook_by_name():
+    net, x, _, _, steps = _input_hook()
+    with pytest.raises(RuntimeError, match=r"registers a hook on its input x \(InputHook.hook\)"):
+        prg_fast.reverse(net, x.requires_grad_(True), steps=steps, reversible=True).sum().backward()
+
+
+class Hidden:
+    __slots__ = ("p",)  # no __dict__: the search of the velocity cannot see into it
+
+
+def test_a_leaf_only_a_later_evaluation_reads_is_an_error_naming_adjoint_params():
+    torch.manual_seed(0)
+    box, extra = Hidden(), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    box.p = extra
+    net = Base().double()
+    net.register_forward_pre_hook(lambda m, args: (args[0], args[1] + box.p) if _late(args[0]) else None)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=3, method="rk4", memory_budget=0)
+    with pytest.raises(RuntimeError, match=r"parameter that requires grad \(shape \(3,\).*adjoint_params="):
+        out.sum().backward()
+    # named, it is exact
+    x.grad = None
+    out = prg_fast.reverse(net, x, steps=3, method="rk4", memory_budget=0, adjoint_params=[*net.parameters(), extra])
+    got = torch.autograd.grad(out.sum(), [x, extra])
+    out = prg_fast.reverse(net, x, steps=3, method="rk4", adjoint=False)
+    want = torch.autograd.grad(out.sum(), [x, extra])
+    for g, w in zip(got, want):
+        assert ((g - w).norm() / w.norm()).item() < RTOL
