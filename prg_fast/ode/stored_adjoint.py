@@ -248,9 +248,8 @@ class BackwardWalk:
             self.lam = p.backend.combine(self.lam, live, [1.0] * len(live), 1.0, p.state_dtype)
 
     def cotangent(self, i: int, h, mus: list):
-        """(g_i, e_i): the cotangent of k_i, g_i = h e_i with e_i = b_i lam + sum_m a_mi mu_m (e_i
-        is kept on a tensor grid, where g_i is formed per row and h may be 0), or (None, None)
-        when k_i influences nothing downstream."""
+        """(g_i, e_i): the cotangent of k_i, g_i = h e_i with e_i = b_i lam + sum_m a_mi mu_m (e_i kept on a
+        tensor grid, where g_i is formed per row and h may be 0); (None, None) if k_i influences nothing."""
         p, tab = self.p, self.p.tableau
         later = [m for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
         if tab.b[i] == 0.0 and not later:
