@@ -254,3 +254,20 @@ def test_a_leaf_only_a_later_evaluation_reads_is_an_error_naming_adjoint_params(
     want = torch.autograd.grad(out.sum(), [x, extra])
     for g, w in zip(got, want):
         assert ((g - w).norm() / w.norm()).item() < RTOL
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("kw", [dict(memory_budget=0), dict(memory_budget=float("inf")), dict(store="steps"),
+                                dict(store="steps", memory_budget=float("inf"))], ids=str)
+def test_an_input_hook_under_time_gradients_and_stored_steps_is_plain_backprops(kw, x_grad):
+    """Time gradients keep evaluation 0's graph from a leaf of the solve's own; store="steps" reruns
+    step 0 from its start state: neither may hand the velocity x itself a second time."""
+    def run(**strategy):
+        net, x, _, _, steps = _input_hook()
+        x, t = x.requires_grad_(x_grad), torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(net, x, t=t, steps=steps, method="rk4", save_at=[0.4, 0.8], **strategy)
+        grads = torch.autograd.grad(out.square().sum(), [t, *([x] if x_grad else []), *net.parameters()])
+        return torch.cat([g.reshape(-1) for g in grads]), net.calls
+    (got, calls), (want, want_calls) = run(**kw), run(adjoint=False)
+    assert calls == want_calls
+    assert ((got - want).norm() / want.norm()).item() < RTOL

@@ -243,7 +243,7 @@ def _first_inputs(problem: Problem, x: torch.Tensor, time_grad: bool):
     with torch.set_grad_enabled(not time_grad):
         start = x.to(problem.state_dtype)
         xi = problem.stage_input(start, [], 0, h)
-    leaf = xi if xi.requires_grad else xi.detach().requires_grad_(time_grad)
+    leaf = xi if xi.requires_grad and not time_grad else xi.detach().requires_grad_(time_grad)
     # the times' graph is not this evaluation's business; a leaf when time gradients are wanted
     tau = t0.detach().requires_grad_(time_grad) if isinstance(t0, torch.Tensor) else taus[0]
     return leaf, tau, None if time_grad else start

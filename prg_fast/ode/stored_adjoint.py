@@ -152,7 +152,7 @@ class AdjointSolve(torch.autograd.Function):
     def forward(ctx, problem: Problem, evals: EvaluationGraphs, times: Optional[torch.Tensor], x: torch.Tensor,
                 *params: torch.Tensor):
         stored: list = []
-        x0 = x.to(problem.state_dtype)
+        x0 = x.detach().to(problem.state_dtype)  # no evaluation of the forward sees x's requires_grad
         outs = unless_out_of_memory(evals, lambda: evals.run_forward(x0, stored))
         if outs is None:  # the kept graphs met an allocation failure: again, keeping none
             stored.clear()
