@@ -131,7 +131,20 @@ def _lazy():
     return net, x, None, {}, 3
 
 
+def _energy():
+    """A velocity that makes its own leaf (the gradient of an energy): no gradient is owed to it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def velocity(t, x):
+        with torch.enable_grad():
+            own = x.detach().requires_grad_(True)
+            return -torch.autograd.grad(net(own).sum(), own, create_graph=True)[0] * (1 + t[:, None])
+    return velocity, torch.randn(4, 3, dtype=torch.float64), dict(net.named_parameters()), {}, 3
+
+
 ISSUE34 = {
+    "energy_own_leaf": _energy,
     "input_hook": _input_hook,
     "hidden_hook": _hidden_hook,
     "closure_input_hook": _closure_input_hook,
@@ -199,7 +212,7 @@ def _check(case, method, monkeypatch):
         assert err < RTOL, f"{case}/{method}/{name}: gradient {worst!r} off by {err:.3g} relative"
 
 
-FAST = ["input_hook", "hidden_hook", "closure_input_hook", "late_pre_hook", "late_global_hook", "lazy_linear",
+FAST = ["input_hook", "energy_own_leaf", "hidden_hook", "closure_input_hook", "late_pre_hook", "late_global_hook", "lazy_linear",
         "zoo_closure_over_tensors"]
 
 

@@ -267,12 +267,14 @@ def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set
 
 
 def unknown_leaf(outputs, inputs, unlisted=()) -> Optional[torch.Tensor]:
-    """A leaf requiring grad that the graph of `outputs` (an evaluation rerun or kept for the
-    backward) reaches and that is none of `inputs`, or None. The adjoint differentiates only its
-    inputs, so such a leaf -- read by a later evaluation through something the search could not
-    see -- would silently get no gradient (prg_fast.ode.rerun.graph_vjp makes it an error). The
-    walk stops at the inputs and at the computed tensors the velocity holds (`unlisted`: their own
-    check); one pass over the graph's nodes, no tensor is touched."""
+    """An nn.Parameter that the graph of `outputs` (an evaluation rerun or kept for the backward)
+    reaches and that is none of `inputs`, or None. The adjoint differentiates only its inputs, so
+    such a parameter -- read by a later evaluation through something the search could not see --
+    would silently get no gradient (prg_fast.ode.rerun.graph_vjp makes it an error). Plain leaf
+    tensors are not asked about: a velocity may make its own (x.detach().requires_grad_() for an
+    energy's gradient), which no gradient is owed to. The walk stops at the inputs and at the
+    computed tensors the velocity holds (`unlisted`: their own check); one pass over the graph's
+    nodes, no tensor is touched."""
     known = {id(q) for q in inputs}
     stops = {q.grad_fn for q in list(inputs) + list(unlisted) if q.grad_fn is not None}
     seen, stack = set(), [o.grad_fn for o in outputs]
@@ -283,7 +285,7 @@ def unknown_leaf(outputs, inputs, unlisted=()) -> Optional[torch.Tensor]:
         seen.add(node)
         leaf = getattr(node, "variable", None)
         if leaf is not None:
-            if id(leaf) not in known:
+            if id(leaf) not in known and isinstance(leaf, torch.nn.Parameter):
                 return leaf
             continue
         stack.extend(fn for fn, _ in node.next_functions)

@@ -248,14 +248,13 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
 
 
 def _check_all_read(outputs: List[torch.Tensor], inputs: List[torch.Tensor], unlisted: Sequence[torch.Tensor]) -> None:
-    """Every leaf requiring grad that this evaluation's graph reaches is an input of the solve: one
-    read only after the first evaluation, through something the search of the velocity could not
-    see, would otherwise get no gradient (the adjoint returns gradients for its inputs only)."""
+    """Every parameter this evaluation's graph reaches is an input of the solve: one read only
+    after the first evaluation, through something the search of the velocity could not see, would
+    otherwise get no gradient (the adjoint returns gradients for its inputs only)."""
     leaf = unknown_leaf(outputs, inputs, unlisted)
     if leaf is not None:
-        kind = "parameter" if isinstance(leaf, torch.nn.Parameter) else "tensor"
         raise RuntimeError(
-            f"model reads a {kind} that requires grad (shape {tuple(leaf.shape)}, {leaf.dtype}) in an evaluation "
+            f"model reads a parameter that requires grad (shape {tuple(leaf.shape)}, {leaf.dtype}) in an evaluation "
             "after its first, and the solve did not find it among its inputs (it looked through the model, its "
             "modules and their hooks, closures and globals): its gradient would be missing. Pass it in "
             "adjoint_params=[...] (with the model's parameters), or use adjoint=False"
