@@ -27,9 +27,10 @@ first part is generate over [t_k, 1] and their differentiated part generate over
 k / steps a point of the full grid (the inner points of the two parts are the full grid's up to the
 rounding of the time arithmetic).
 
-`reward_values` calls the reward and checks what it returns (a clear error naming the reward);
-`velocity_kl` is the regulariser that keeps a finetuned velocity near its pretrained self;
-`pairwise_distance` measures how diverse a batch of samples is.
+`reward_loss` is one optimizer step's objective, -mean reward + kl_weight x velocity_kl, the
+regulariser that keeps a finetuned velocity near its pretrained self; `reward_values` calls the
+reward and checks what it returns (a clear error naming the reward); `pairwise_distance` measures
+how diverse a batch of samples is.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch
 
 from .ode import generate
 
-__all__ = ["ClassLogProb", "RewardSample", "FullChain", "LastSteps", "RandomTruncation", "OneStep", "gradient_mode", "GRADIENTS",
+__all__ = ["ClassLogProb", "RewardLoss", "reward_loss", "RewardSample", "FullChain", "LastSteps", "RandomTruncation", "OneStep", "gradient_mode", "GRADIENTS",
            "reward_values", "reward_name", "velocity_kl", "pairwise_distance", "step_generator"]
 
 # --gradient's spellings (draft-K takes the number of kept steps)
@@ -276,3 +277,36 @@ def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     if flat.shape[0] < 2:
         raise ValueError(f"pairwise_distance needs at least 2 samples, got {flat.shape[0]}")
     return torch.pdist(flat).mean() / math.sqrt(flat.shape[1])
+
+
+@dataclass
+class RewardLoss:
+    """loss: what backward() is called on; reward, kl: the batch's mean reward and velocity_kl
+    (detached; kl 0 without a regulariser); sample: what the reward read."""
+
+    loss: torch.Tensor
+    reward: torch.Tensor
+    kl: torch.Tensor
+    sample: RewardSample
+
+
+def reward_loss(model: Callable, reward: Callable, z: torch.Tensor, *, steps: int, method: str = "euler",
+                gradient=None, reference: Optional[Callable] = None, kl_weight: float = 0.0,
+                generator: Optional[torch.Generator] = None, name: Optional[str] = None) -> RewardLoss:
+    """One step's objective on noise z: the samples of `gradient`'s mode (default FullChain(): the
+    exact adjoint through every step), then -mean reward + kl_weight x velocity_kl(model,
+    reference) at one time per sample drawn from `generator` (which also draws the truncation)."""
+    gradient = FullChain() if gradient is None else gradient
+    if isinstance(kl_weight, bool) or not isinstance(kl_weight, numbers.Real) or not kl_weight >= 0:
+        raise ValueError(f"kl_weight must be a number >= 0, got {kl_weight!r}")
+    if kl_weight > 0 and reference is None:
+        raise ValueError("kl_weight > 0 needs reference: the pretrained velocity the model is kept near")
+    sample = gradient.sample(model, z, steps, method, generator)
+    r = reward_values(reward, sample.x, name)
+    loss, kl = -r.mean(), torch.zeros((), device=z.device)
+    if kl_weight > 0:
+        device = generator.device if generator is not None else z.device
+        t = torch.rand(z.shape[0], generator=generator, device=device).to(z.device)
+        kl = velocity_kl(model, reference, sample.x, z, t)
+        loss = loss + kl_weight * kl
+    return RewardLoss(loss, r.detach().mean(), kl.detach(), sample)

@@ -53,15 +53,15 @@ from ..models import ImageClassifier, add_lora, lora_disabled, merged_state_dict
 from ..ode import generate
 from ..ode.solvers import get_tableau
 from ..paths import get_path
-from ..reward import (ClassLogProb, gradient_mode, pairwise_distance, reward_name, reward_values, step_generator,
-                      velocity_kl)
+from ..reward import (ClassLogProb, gradient_mode, pairwise_distance, reward_loss, reward_name, reward_values,
+                      step_generator, velocity_kl)
 from .checkpoints import build_model, check_data_fits, load_checkpoint
 from .distributed import single_process
 from .flows import check_flow, check_model_reads, foreign_model_entries, import_factory, is_factory_spec, prg_velocity
 from .image_classifier import train_image_classifier
 from .pretrain import save_image_grid
 from .rundir import CheckpointError, atomic_write, checkpoint_file
-from .runs import lr_schedule
+from .runs import lr_schedule, seed_everything
 from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
 
 __all__ = ["RewardConfig", "RewardResult", "reward_finetune", "REWARD_FORMAT", "REWARD_VERSION"]
@@ -168,6 +168,7 @@ class _RewardTrainer(Trainer):
         self.data: ImageData = load_data(cfg.data, "train")
         self.shape = self.data.shape
         self.mode = gradient_mode(cfg.gradient, memory_budget=cfg.memory_budget, refl_late=cfg.refl_late)
+        seed_everything(cfg.seed)  # the adapter's initial weights: a function of the seed, not of the process's past
         self.net = self._build_net(user_model, time_convention).to(self.device).eval()
         self.velocity = prg_velocity(self.net, time_convention)
         self.reference = self._reference()
@@ -278,13 +279,10 @@ class _RewardTrainer(Trainer):
         self.lr = self.opt.param_groups[0]["lr"]
         gen = step_generator(cfg.seed, step, dev)
         z = torch.randn((cfg.batch_size, *self.shape), generator=gen, device=dev)
-        sample = self.mode.sample(self.velocity, z, cfg.ode_steps, cfg.method, gen)
-        r = reward_values(self.reward, sample.x, self.reward_label)
-        loss, kl, fm = -r.mean(), torch.zeros((), device=dev), torch.zeros((), device=dev)
-        if cfg.kl_weight > 0:
-            kl = velocity_kl(self.velocity, self.reference, sample.x, z, torch.rand(z.shape[0], generator=gen,
-                                                                                   device=dev))
-            loss = loss + cfg.kl_weight * kl
+        step_loss = reward_loss(self.velocity, self.reward, z, steps=cfg.ode_steps, method=cfg.method,
+                                gradient=self.mode, reference=self.reference, kl_weight=cfg.kl_weight, generator=gen,
+                                name=self.reward_label)
+        loss, fm = step_loss.loss, torch.zeros((), device=dev)
         if cfg.fm_weight > 0:
             x, _ = self.data.batch(self._indices(step), device=dev, generator=gen)
             fm = flow_matching_loss(self.velocity, x, self.path, eps=cfg.fm_eps, generator=gen)
@@ -295,8 +293,8 @@ class _RewardTrainer(Trainer):
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        stats = torch.stack([loss.detach(), r.detach().mean(), kl.detach(), fm.detach(),
-                             torch.tensor(float(sample.kept), device=dev)]).float()
+        stats = torch.stack([loss.detach(), step_loss.reward, step_loss.kl, fm.detach(),
+                             torch.tensor(float(step_loss.sample.kept), device=dev)]).float()
         # folded into the running sums at once, in double on the host: a log row is then the same
         # numbers whether or not the run was interrupted inside its interval
         self.record(stats)
