@@ -142,6 +142,7 @@ def flow_net(args, lora: bool):
     net = build_model(load_checkpoint(args.flow)).eval()
     if not lora:
         return net, net
+    torch.manual_seed(args.seed)  # every method starts from the same adapter
     add_lora(net, args.lora_rank)
 
     def reference(t, x):
@@ -292,6 +293,9 @@ def train_interleaved(args, k, reward):
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr)
         runs[m] = dict(net=net, reference=reference, opt=opt, mode=make(args), secs=[], curve=[])
     before = evaluate(runs["full_0"]["net"], runs["full_0"]["reference"], reward, args, k, args.eval_samples)
+    start = evaluate(runs["full_0"]["net"], runs["full_0"]["reference"], reward, args, k, 16)["reward"]
+    for run in runs.values():
+        run["curve"].append((0, start))
     parts, names = [], list(METHODS) + ["parts"]
     every = max(1, args.train_steps // 4)
     for step in range(args.train_steps):
@@ -307,7 +311,7 @@ def train_interleaved(args, k, reward):
             run["secs"].append(time.perf_counter() - t0)
         if (step + 1) % every == 0 or step + 1 == args.train_steps:
             for m, run in runs.items():
-                run["curve"].append((step + 1, evaluate(run["net"], run["reference"], reward, args, k, 32)["reward"]))
+                run["curve"].append((step + 1, evaluate(run["net"], run["reference"], reward, args, k, 16)["reward"]))
         print(f"  K={k}: step {step + 1}/{args.train_steps}", flush=True)
     after = {m: evaluate(r["net"], r["reference"], reward, args, k, args.eval_samples) for m, r in runs.items()}
     skip = 1 if args.train_steps > 2 else 0  # the first step warms up
@@ -332,17 +336,18 @@ def plot(results, path, ks):
     res = results[str(k)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw=dict(width_ratios=[1.2, 1]))
     for m, curve in res["curves"].items():
-        steps, rewards = zip(*((0, res["before"]["reward"]),) + tuple(tuple(c) for c in curve))
+        steps, rewards = zip(*curve)
         axes[0].plot(steps, rewards, marker="o", label=m, linestyle="-" if m in EXACT else "--")
-    axes[0].set(xlabel="optimizer step", ylabel=f"mean log p(class {res['target']}) of 32 samples",
+    axes[0].set(xlabel="optimizer step", ylabel=f"mean log p(class {res['target']}) of 16 samples",
                 title=f"reward vs step, K = {k} euler steps")
     axes[0].grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     rows = [("pretrained", res["before"]["samples"])] + [(m, res["after"][m]["samples"]) for m in
                                                          ("full_0", "draft1", "draft5", "alignprop", "refl")]
-    grid = torch.cat([torch.cat([torch.as_tensor(s)[i, 0] for i in range(8)], dim=1) for _, s in rows], dim=0)
+    framed = [torch.nn.functional.pad(torch.as_tensor(s)[:, 0], (1, 1, 1, 1), value=1.0) for _, s in rows]
+    grid = torch.cat([torch.cat(list(f), dim=1) for f in framed], dim=0)  # 10x10 cells, white borders
     axes[1].imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
-    axes[1].set_yticks([4 + 8 * i for i in range(len(rows))], [r[0] for r in rows])
+    axes[1].set_yticks([5 + 10 * i for i in range(len(rows))], [r[0] for r in rows])
     axes[1].set_xticks([])
     axes[1].set_title(f"samples from the same noise after {res['train_steps']} steps")
     fig.tight_layout()
@@ -372,7 +377,7 @@ def parse_args():
     p.add_argument("--checkpoint", default=None, help="a pretraining run directory on digits (default: made under --out)")
     p.add_argument("--pretrain-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per method (default 16)")
+    p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per method (default 8)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=10.0)
     p.add_argument("--lora-rank", type=int, default=4)
@@ -386,7 +391,7 @@ def parse_args():
     p.add_argument("--flow", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.ks = args.ks or ([4, 8] if args.quick else [20, 50])
-    args.train_steps = args.train_steps or (4 if args.quick else 16)
+    args.train_steps = args.train_steps or (4 if args.quick else 8)
     return args
 
 

@@ -302,3 +302,20 @@ def test_cli_reward_class_target_sigint_resumes_bitwise(tiny_flow_checkpoint, tm
         _assert_same(a[key], b[key], key)
     metrics = json.load(open(os.path.join(run, "metrics.json")))
     assert metrics["resumed_from_step"] == step and metrics["classifier_top1"] > 0.3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gradient", "draft-0"], "gradient must be one of"),
+    (["--reward", "class:x"], "reward must be class:N"),
+    (["--checkpoint", "/nonexistent/run"], "no pretraining checkpoint at /nonexistent/run"),
+])
+def test_cli_errors_are_one_line_and_status_2(tmp_path, capsys, flags, message):
+    from prg_fast import cli
+
+    args = {"--data": "digits", "--checkpoint": str(tmp_path / "none"), "--reward": "class:3",
+            "--out": str(tmp_path / "out")}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        args[flag] = value
+    assert cli.main(["reward", *[x for kv in args.items() for x in kv], "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ truncation of it (prg_fast.reward: full, backprop, draft-K, alignprop, refl). Pe
 
     loss = -mean_b reward(x_b) + kl_weight * velocity_kl + fm_weight * flow_matching_loss(data)
 
-The regularisers keep the network near its pretrained self. velocity_kl (the default, weight 1):
+The regularisers keep the network near its pretrained self. velocity_kl (the default, weight 10):
 the mean squared difference between the finetuned and the pretrained velocity at one random time per
 sample on the chord from its noise to its sample -- where the finetuned samples go, needing no data;
 up to the noise scale it is the Girsanov KL between the two flows' SDE path measures. The
@@ -92,11 +92,11 @@ class RewardConfig(TrainConfig):
     adapter: str = one_of("lora", ("lora", "full"))
     lora_rank: int = ranged(4, 1)
     lora_alpha: Optional[float] = ranged(None, 0.0, 1e6, lo_open=True)  # None: the rank (scale 1)
-    lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)  # AdamW, constant after the warm-up
+    lr: float = ranged(3e-4, 0.0, 1.0, lo_open=True)  # AdamW, constant after the warm-up
     weight_decay: float = ranged(0.0, 0.0, 10.0)
     warmup: int = ranged(0, 0)
     grad_clip: float = ranged(1.0, 0.0, 1e12)  # max global gradient norm; 0 disables
-    kl_weight: float = ranged(1.0, 0.0, 1e6)
+    kl_weight: float = ranged(10.0, 0.0, 1e6)
     fm_weight: float = ranged(0.0, 0.0, 1e6)
     fm_eps: float = ranged(1e-5, 0.0, 0.5)
     classifier_steps: int = ranged(500, 1)  # training steps of the class:N reward's classifier
@@ -121,7 +121,11 @@ class RewardConfig(TrainConfig):
 
 
 def _is_reward_spec(spec) -> bool:
-    return isinstance(spec, str) and (_class_target(spec) is not None or is_factory_spec(spec))
+    if not isinstance(spec, str):
+        return False
+    if spec.startswith("class:"):  # (no module can be called "class": it is a keyword)
+        return _class_target(spec) is not None
+    return is_factory_spec(spec)
 
 
 def _class_target(spec: str) -> Optional[int]:
