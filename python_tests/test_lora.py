@@ -8,6 +8,8 @@ import torch.nn as nn
 from conftest import ConvVelocity
 from prg_fast.models import LoRA, UNet, add_lora, lora_disabled, merged_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _perturb_adapters(model):
     with torch.no_grad():
