@@ -33,8 +33,10 @@ Measured per K (default 20 and 50), per method:
                  --eval-samples samples from fixed noise: mean reward, share classified as the
                  target, velocity KL to the pretrained flow, diversity (mean pairwise RMS distance)
 
-    OMP_NUM_THREADS=1 python benchmarks/reward_finetune.py           # ~20 min on 2 cores (+ the pretraining once: 2,000 steps, 10-20 min)
-    OMP_NUM_THREADS=1 python benchmarks/reward_finetune.py --quick   # K = 4, 8; a few steps (~3 min + pretraining)
+    OMP_NUM_THREADS=1 python benchmarks/reward_finetune.py           # 11 min of CPU (95 min wall at load 12-21)
+    OMP_NUM_THREADS=1 python benchmarks/reward_finetune.py --quick   # K = 4, 8; 4 steps (a few minutes)
+
+plus, on the first run, the flow's pretraining (2,000 steps: 6 min of CPU, 22 min wall at load ~10).
 
 Writes --out/reward_finetune_TAG.json (every number) and .png (eval reward against step; samples
 before / after) and prints the markdown tables.
@@ -374,7 +376,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="K = 4, 8, 4 training steps (a smoke run)")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="sampler steps (default 20 50)")
-    p.add_argument("--checkpoint", default=None, help="a pretraining run directory on digits (default: made under --out)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a pretraining run directory on digits (default: made under --out)")
     p.add_argument("--pretrain-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per method (default 8)")

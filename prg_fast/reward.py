@@ -43,8 +43,9 @@ import torch
 
 from .ode import generate
 
-__all__ = ["ClassLogProb", "RewardLoss", "reward_loss", "RewardSample", "FullChain", "LastSteps", "RandomTruncation", "OneStep", "gradient_mode", "GRADIENTS",
-           "reward_values", "reward_name", "velocity_kl", "pairwise_distance", "step_generator"]
+__all__ = ["ClassLogProb", "RewardLoss", "reward_loss", "RewardSample", "FullChain", "LastSteps", "RandomTruncation",
+           "OneStep", "gradient_mode", "GRADIENTS", "reward_values", "reward_name", "velocity_kl", "pairwise_distance",
+           "step_generator"]
 
 # --gradient's spellings (draft-K takes the number of kept steps)
 GRADIENTS = ("full", "backprop", "draft-K", "alignprop", "refl")

@@ -166,7 +166,8 @@ def _named(fn, name):
     (_named(lambda x: x.flatten(1).sum(1).detach(), "detached_reward"), ValueError,
      "reward detached_reward returned a tensor without a graph"),
     (_named(lambda x: x.flatten(1).sum(1).tolist(), "list_reward"), TypeError, "reward list_reward returned a list"),
-    (_named(lambda x: (x.flatten(1).sum(1) > 0).long(), "int_reward"), TypeError, "reward int_reward returned torch.int64"),
+    (_named(lambda x: (x.flatten(1).sum(1) > 0).long(), "int_reward"), TypeError,
+     "reward int_reward returned torch.int64"),
 ])
 def test_a_bad_reward_is_an_error_naming_it(problem, reward, error, match):
     model, z, _ = problem
@@ -259,6 +260,25 @@ def test_reward_run_moves_the_reward_and_starts_at_the_pretrained_network(tmp_pa
         assert torch.allclose(plain(t, x), res.model(t, x), atol=1e-5)
         with lora_disabled(res.model):
             assert not torch.allclose(plain(t, x), res.model(t, x), atol=1e-5)
+
+
+def test_adapter_none_trains_what_requires_grad_as_given(tmp_path):
+    """A network that arrives with its own trainable subset (a peft-wrapped one: peft is an optional
+    extra; frozen parameters stand in for its frozen base here) trains only that subset."""
+    torch.manual_seed(0)
+    model = ConvVelocity(1, 6)
+    model.c1.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = reward_finetune(model=model, reward=_target_reward, adapter="none", out=str(tmp_path / "n"), steps=2,
+                          batch_size=2, ode_steps=2, lr=1e-2, eval_samples=2, progress=False, device="cpu")
+    after = res.model.state_dict()
+    assert torch.equal(after["c1.weight"], before["c1.weight"]) and torch.equal(after["c1.bias"], before["c1.bias"])
+    assert not torch.equal(after["c2.weight"], before["c2.weight"])
+    assert res.metrics["num_params_trained"] == sum(p.numel() for p in model.c2.parameters()) + sum(
+        p.numel() for p in model.temb.parameters())
+    with pytest.raises(ValueError, match="adapter 'none' trains the parameters .* has none"):
+        reward_finetune(model=ConvVelocity(1, 6).requires_grad_(False), reward=_target_reward, adapter="none",
+                        out=str(tmp_path / "m"), steps=1, progress=False, device="cpu")
 
 
 def test_a_nan_reward_stops_the_run_naming_the_reward(tmp_path):

@@ -39,9 +39,10 @@ def add_reward(subparsers) -> None:
     add_solver_arguments(p, d.ode_steps, d.method, " (the sampler, t = 1 -> 0)")
     p.add_argument("--refl-late", type=positive_float, default=d.refl_late,
                    help="--gradient refl: start the one differentiated step in this last fraction of the steps")
-    p.add_argument("--adapter", choices=("lora", "full"), default=d.adapter,
+    p.add_argument("--adapter", choices=("lora", "full", "none"), default=d.adapter,
                    help="lora: train a low-rank adapter on every Linear / Conv layer (built in; no peft needed); "
-                        "full: every weight")
+                        "full: every weight; none: the parameters that require grad as the --model network comes "
+                        "(a peft-wrapped network)")
     p.add_argument("--lora-rank", type=positive_int, default=d.lora_rank)
     p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA scale alpha / rank (None: the rank)")
     p.add_argument("--kl-weight", type=nonnegative_float, default=d.kl_weight,

@@ -18,9 +18,11 @@ on --data's training split at the start of the run and kept in the checkpoint), 
 package.module:factory (a callable returning the reward: an nn.Module or a function, samples (B, C,
 H, W) -> (B,)); reward_finetune(reward=...) takes the callable itself. The network: the pretraining
 checkpoint's (EMA weights by default), with a LoRA adapter of --lora-rank on every Linear / Conv
-layer (prg_fast.models.lora; the pretrained reference is the network with the adapters off) or
-fully finetuned (--adapter full; the reference is a frozen copy). The flow runs in eval mode (no
-dropout: the sample is a function of its noise). The noise, the truncation drawn and the KL times of
+layer (prg_fast.models.lora; the pretrained reference is the network with the adapters off),
+fully finetuned (--adapter full; the reference is a frozen copy), or with the parameters that
+require grad as the network comes (--adapter none: a peft-wrapped network passed as
+reward_finetune(model=...) or named by --model; the reference is a frozen copy). The flow runs in
+eval mode (no dropout: the sample is a function of its noise). The noise, the truncation drawn and the KL times of
 step s come from a generator seeded by (seed, s) alone, so a resumed run draws what an uninterrupted
 one draws.
 
@@ -89,7 +91,7 @@ class RewardConfig(TrainConfig):
     gradient: str = "full"  # full | backprop | draft-K | alignprop | refl (prg_fast.reward.gradient_mode)
     memory_budget: Any = "auto"  # the full chain's adjoint: "auto", None (recompute all) or bytes
     refl_late: float = ranged(0.25, 0.0, 1.0, lo_open=True)  # refl: start in the last fraction of the steps
-    adapter: str = one_of("lora", ("lora", "full"))
+    adapter: str = one_of("lora", ("lora", "full", "none"))
     lora_rank: int = ranged(4, 1)
     lora_alpha: Optional[float] = ranged(None, 0.0, 1e6, lo_open=True)  # None: the rank (scale 1)
     lr: float = ranged(3e-4, 0.0, 1.0, lo_open=True)  # AdamW, constant after the warm-up
@@ -208,14 +210,18 @@ class _RewardTrainer(Trainer):
             check_model_reads(net, self.shape, cfg.data, next(net.parameters(), torch.empty(0)).device)
         if cfg.adapter == "lora":
             add_lora(net, cfg.lora_rank, cfg.lora_alpha)
-        else:
-            self.frozen = copy.deepcopy(net).requires_grad_(False).eval()
+            return net
+        self.frozen = copy.deepcopy(net).requires_grad_(False).eval()
+        if cfg.adapter == "full":
             net.requires_grad_(True)
+        elif not any(p.requires_grad for p in net.parameters()):  # "none": what requires grad, as given
+            raise ValueError(f"adapter 'none' trains the parameters of the network that require grad, and "
+                             f"{type(net).__name__} has none (a peft-wrapped network has its adapters')")
         return net
 
     def _reference(self) -> Callable:
         """The pretrained velocity: the network with its adapters off, or the frozen copy."""
-        if self.cfg.adapter == "full":
+        if self.cfg.adapter != "lora":
             return prg_velocity(self.frozen.to(self.device), self.time_convention)
 
         def reference(t, x):
