@@ -304,7 +304,8 @@ def test_cli_reward_class_target_sigint_resumes_bitwise(tiny_flow_checkpoint, tm
     from test_trainer import _assert_same, _flags, _interrupt_cli
 
     args = dict(data="digits", checkpoint=tiny_flow_checkpoint, reward="class:3", batch_size=4, ode_steps=4,
-                classifier_steps=20, log_every=1, ckpt_every=1000, eval_samples=4, gradient="draft-2", progress=False,
+                classifier_steps=20, log_every=1, ckpt_every=1000, eval_samples=4, gradient="draft-2", fm_weight=0.1,
+                progress=False,
                 device="cpu")
     run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
     status, err = _interrupt_cli(["reward", *_flags({**args, "steps": 400, "out": run})], run, signal.SIGINT)

@@ -49,7 +49,7 @@ def add_reward(subparsers) -> None:
                    help="weight of the mean squared velocity difference to the pretrained network (a KL of the "
                         "flows' SDE path measures, up to the noise scale), on the chords noise -> sample")
     p.add_argument("--fm-weight", type=nonnegative_float, default=d.fm_weight,
-                   help="weight of the flow-matching loss (OT-CFM path) on --data's training images")
+                   help="weight of the flow-matching loss on --data's training images (the checkpoint's path)")
     p.add_argument("--fm-eps", type=nonnegative_float, default=d.fm_eps, help="t ~ U(eps, 1) in the FM term")
     p.add_argument("--classifier-steps", type=positive_int, default=d.classifier_steps,
                    help="class:N: training steps of the reward's classifier")

@@ -5,6 +5,8 @@ truncation of it (prg_fast.reward: full, backprop, draft-K, alignprop, refl). Pe
 
     loss = -mean_b reward(x_b) + kl_weight * velocity_kl + fm_weight * flow_matching_loss(data)
 
+(the flow-matching term on the pretraining checkpoint's path, OT-CFM for a network passed without one)
+
 The regularisers keep the network near its pretrained self. velocity_kl (the default, weight 10):
 the mean squared difference between the finetuned and the pretrained velocity at one random time per
 sample on the chord from its noise to its sample -- where the finetuned samples go, needing no data;
@@ -176,11 +178,11 @@ class _RewardTrainer(Trainer):
         self.mode = gradient_mode(cfg.gradient, memory_budget=cfg.memory_budget, refl_late=cfg.refl_late)
         seed_everything(cfg.seed)  # the adapter's initial weights: a function of the seed, not of the process's past
         self.net = self._build_net(user_model, time_convention).to(self.device).eval()
-        self.velocity = prg_velocity(self.net, time_convention)
+        self.velocity = prg_velocity(self.net, self.time_convention)  # (the checkpoint's convention when it has one)
         self.reference = self._reference()
         self.reward, self.reward_state = self._build_reward(user_reward, existing)
         self.reward_label = cfg.reward or reward_name(self.reward)
-        self.path = get_path("otcfm") if cfg.fm_weight > 0 else None
+        self.path = get_path(**self.path_cfg) if cfg.fm_weight > 0 else None
         self._indices = self.step_batches(self.data) if cfg.fm_weight > 0 else None
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -196,6 +198,7 @@ class _RewardTrainer(Trainer):
         """The pretrained network (the checkpoint's, or the one passed), with its adapter."""
         cfg = self.cfg
         self.pretrain_info, self.preset, self.model_config = None, None, None
+        self.path_cfg = {"name": "otcfm", "sigma": 0.0}  # the FM term's path: the pretraining's when known
         self.user_model, self.time_convention = user_model is not None, time_convention
         if cfg.checkpoint is not None:
             pre = load_checkpoint(cfg.checkpoint)
@@ -205,6 +208,7 @@ class _RewardTrainer(Trainer):
             self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
                                   "weights": "raw" if cfg.raw_weights else "ema"}
             self.preset, self.model_config = pre.get("preset"), pre["model_config"]
+            self.path_cfg = {"name": pre["path"]["name"], "sigma": float(pre["path"].get("sigma", 0.0))}
         else:
             net = user_model
             check_model_reads(net, self.shape, cfg.data, next(net.parameters(), torch.empty(0)).device)
