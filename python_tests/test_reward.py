@@ -305,8 +305,7 @@ def test_cli_reward_class_target_sigint_resumes_bitwise(tiny_flow_checkpoint, tm
 
     args = dict(data="digits", checkpoint=tiny_flow_checkpoint, reward="class:3", batch_size=4, ode_steps=4,
                 classifier_steps=20, log_every=1, ckpt_every=1000, eval_samples=4, gradient="draft-2", fm_weight=0.1,
-                progress=False,
-                device="cpu")
+                progress=False, device="cpu")
     run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
     status, err = _interrupt_cli(["reward", *_flags({**args, "steps": 400, "out": run})], run, signal.SIGINT)
     assert status == 130 and "resume with: prg-fast reward" in err, err
