@@ -45,7 +45,7 @@ preset, in_channels, image_size, data, num_classes, reward ({"spec", "classifier
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -65,10 +65,9 @@ from .flows import check_flow, check_model_reads, foreign_model_entries, import_
 from .image_classifier import train_image_classifier
 from .pretrain import save_image_grid
 from .rundir import CheckpointError, atomic_write, checkpoint_file
-from .runs import lr_schedule, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
+from .trainer import Result, RunOptions, Schedule, TrainConfig, Trainer, configure, one_of, ranged
 
-__all__ = ["RewardConfig", "RewardResult", "reward_finetune", "REWARD_FORMAT", "REWARD_VERSION"]
+__all__ = ["RewardConfig", "reward_finetune", "REWARD_FORMAT", "REWARD_VERSION"]
 
 REWARD_FORMAT = "prg_fast.reward"
 REWARD_VERSION = 1
@@ -138,17 +137,8 @@ def _class_target(spec: str) -> Optional[int]:
     return int(n) if kind == "class" and n.isdigit() else None
 
 
-@dataclass
-class RewardResult:
-    model: nn.Module  # the finetuned network (adapters in place), in its own time convention
-    metrics: Dict[str, Any]
-    out: str
-    step: int
-    history: List[List[float]] = field(default_factory=list)
-
-
 def reward_finetune(config: Optional[RewardConfig] = None, *, model: Optional[nn.Module] = None,
-                    reward: Optional[Callable] = None, time_convention: str = "prg", **kwargs) -> RewardResult:
+                    reward: Optional[Callable] = None, time_convention: str = "prg", **kwargs) -> Result:
     """Finetune (or resume finetuning) a velocity network on a reward; see the module doc. Call
     with a RewardConfig or its fields as keyword arguments (and RunOptions' fields: ckpt_minutes,
     force). `model`: the network to finetune (its own weights, or those of config.checkpoint when
@@ -176,22 +166,28 @@ class _RewardTrainer(Trainer):
         self.data: ImageData = load_data(cfg.data, "train")
         self.shape = self.data.shape
         self.mode = gradient_mode(cfg.gradient, memory_budget=cfg.memory_budget, refl_late=cfg.refl_late)
-        seed_everything(cfg.seed)  # the adapter's initial weights: a function of the seed, not of the process's past
-        self.net = self._build_net(user_model, time_convention).to(self.device).eval()
+        self._given, self._existing, self._user_reward = user_model, existing, user_reward
+        self._convention = time_convention
+        self._indices = self.step_batches(self.data) if cfg.fm_weight > 0 else None
+        self.begin(existing)
+        self.bar_desc = f"reward ({cfg.gradient})"
+
+    def build(self) -> None:
+        """The network with its adapter (its initial weights a function of --seed: the skeleton seeds
+        first), the reward, and AdamW."""
+        cfg = self.cfg
+        self.net = self._build_net(self._given, self._convention).to(self.device).eval()
         self.velocity = prg_velocity(self.net, self.time_convention)  # (the checkpoint's convention when it has one)
         self.reference = self._reference()
-        self.reward, self.reward_state = self._build_reward(user_reward, existing)
+        self.reward, self.reward_state = self._build_reward(self._user_reward, self._existing)
         self.reward_label = cfg.reward or reward_name(self.reward)
-        self.path = get_path(**self.path_cfg) if cfg.fm_weight > 0 else None
-        self._indices = self.step_batches(self.data) if cfg.fm_weight > 0 else None
+        self.path = get_path(**self.path_cfg) if cfg.fm_weight > 0 else None  # (path_cfg: from _build_net)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.running = [0.0] * 5 + [0]
-        self.begin(existing, cfg.seed)
-        for group in self.opt.param_groups:  # this run's peak, also over a resumed optimizer's saved groups
-            group["initial_lr"] = cfg.lr
-        self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup, schedule="constant", step=self.step)
-        self.bar_desc = f"reward ({cfg.gradient})"
+
+    def lr_schedules(self):
+        return [Schedule(self.opt, self.cfg.lr, self.cfg.steps, self.cfg.warmup, kind="constant")]
 
     # -- set-up -----------------------------------------------------------------------------------
     def _build_net(self, user_model: Optional[nn.Module], time_convention: str) -> nn.Module:
@@ -281,16 +277,16 @@ class _RewardTrainer(Trainer):
         self.opt.load_state_dict(ckpt["optimizer"])
         running = ckpt.get("running") or [0.0] * 5 + [0]
         self.running = [float(v) for v in running[:5]] + [int(running[5])]
+        self.continue_window(self.running[:5], self.running[5])
         self.loss_first = ckpt.get("loss_first")
 
     # -- the step ---------------------------------------------------------------------------------
-    def run(self) -> RewardResult:
+    def run(self) -> Result:
         metrics = super().run()
-        return RewardResult(self.net, metrics, self.cfg.out, self.step, self.history)
+        return Result(metrics, self.cfg.out, self.step, self.history, {"model": self.net})
 
     def train_step(self, step: int) -> torch.Tensor:
         cfg, dev = self.cfg, self.device
-        self.lr = self.opt.param_groups[0]["lr"]
         gen = step_generator(cfg.seed, step, dev)
         z = torch.randn((cfg.batch_size, *self.shape), generator=gen, device=dev)
         step_loss = reward_loss(self.velocity, self.reward, z, steps=cfg.ode_steps, method=cfg.method,
@@ -306,20 +302,17 @@ class _RewardTrainer(Trainer):
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
-        self.sched.step()
         stats = torch.stack([loss.detach(), step_loss.reward, step_loss.kl, fm.detach(),
-                             torch.tensor(float(step_loss.sample.kept), device=dev)]).float()
-        # folded into the running sums at once, in double on the host: a log row is then the same
-        # numbers whether or not the run was interrupted inside its interval
+                             torch.tensor(float(step_loss.sample.kept), device=dev)])
         self.record(stats)
-        sums, steps = self.take_window(step + 1)
-        self.running = [a + b for a, b in zip(self.running[:5], sums)] + [self.running[5] + steps]
         return stats[0]
 
     def flush(self, step: int, row: bool, bar) -> None:
+        sums, steps = self.take_window(step, end=row)
+        self.running = list(sums) + [steps]  # kept for a checkpoint inside the interval
         if row:
-            n = max(self.running[5], 1)
-            self.history.append([step, *(v / n for v in self.running[:5]), self.lr])
+            n = max(steps, 1)
+            self.history.append([step, *(v / n for v in sums), self.lr])
             self.running = [0.0] * 5 + [0]
             bar.set_postfix(reward=f"{self.history[-1][2]:.4f}", refresh=False)
 
