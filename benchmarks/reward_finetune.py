@@ -55,6 +55,8 @@ import time
 
 import torch
 
+import harness  # benchmarks/harness.py: the one machine line
+
 from prg_fast.data import load_data
 from prg_fast.models import ImageClassifier, add_lora, lora_disabled
 from prg_fast.ode import generate
@@ -412,8 +414,8 @@ def main():
     args.flow = os.path.abspath(ensure_flow(args))
     reward = reward_fn(args)
     top1 = ensure_classifier(args)[1]
-    print(f"flow: {args.flow}; reward: log p(class {args.target}) under a classifier of test top-1 {top1:.4f}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"flow: {args.flow}; reward: log p(class {args.target}) under a classifier of test top-1 {top1:.4f}\n"
+          f"machine: {harness.machine()}", flush=True)
     t_bench = time.perf_counter()
     results = {}
     for k in args.ks:
@@ -434,7 +436,7 @@ def main():
         for a in res["after"].values():
             a["samples"] = a["samples"].tolist()
     with open(os.path.join(args.out, f"reward_finetune_{tag}.json"), "w") as f:
-        json.dump(dict(args={k: v for k, v in vars(args).items()}, classifier_top1=top1, results=results), f)
+        json.dump(dict(args={k: v for k, v in vars(args).items()}, machine=harness.machine(), classifier_top1=top1, results=results), f)
     print(f"\nbenchmark wall time {time.perf_counter() - t_bench:.0f} s (total with set-up "
           f"{time.perf_counter() - t_start:.0f} s); wrote {args.out}/reward_finetune_{tag}.json and .png")
 
