@@ -1,6 +1,7 @@
 """Shared fixtures: small velocity networks with the project's call signature model(t, x), one
-intra-op thread for the modules that ask for it, a free localhost port for 2-process tests, and the
-tiny pretraining runs the training tests start from (made once per session)."""
+intra-op thread for the modules that ask for it, "auto" keeping every graph (everything_fits), a
+free localhost port for 2-process tests, and the tiny pretraining runs the training tests start
+from (made once per session)."""
 import socket
 
 import pytest
@@ -71,6 +72,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def everything_fits(monkeypatch):
+    """memory_budget="auto" keeps every graph (the tail covers the whole solve), whatever the
+    machine has free: PRG_FAST_FREE_MEMORY_BYTES set to a petabyte."""
+    from prg_fast.ode import free_memory
+
+    monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(10**15))
 
 
 @pytest.fixture

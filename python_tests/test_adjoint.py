@@ -8,6 +8,7 @@ import torch
 import prg_fast
 from prg_fast.ode import ops, reference
 from prg_fast.ode.solvers import SOLVERS
+from gradient_checks import THREE_WAYS, TwoLayer, assert_grads_close, cotangent, seeded_net, three_ways
 from solve_nodes import adjoint_node
 
 BACKENDS = ["reference"] + (["cpu"] if ops.HAS_OPS else [])
@@ -534,3 +535,113 @@ def test_a_stale_computed_tensor_the_velocity_holds_but_never_reads_is_fine():
              for kw in (dict(memory_budget=0), dict(adjoint=False))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+# -- the default (the plain path here), the per-evaluation adjoint and backprop agree: dtypes, save_at,
+# per-sample times, generate, odeint, tuple states, a model returning its input, autocast --------
+
+
+def test_float64_x_float32_model():
+    torch.manual_seed(0)
+    net = TwoLayer(hidden=8)
+    x0 = torch.randn(5, 4, dtype=torch.float64)
+
+    def case(**kw):
+        x = x0.clone().requires_grad_(True)
+        return prg_fast.reverse(net, x, steps=2, method="rk4", **kw), [x] + list(net.parameters())
+
+    # float32 network arithmetic, summed in a different order by the adjoint's VJPs
+    three_ways(case, tol=1e-5)
+
+
+@pytest.mark.parametrize("save_at", [[0.0, 0.5, 1.0], [1.0, 0.0, 0.25]])
+def test_save_at_with_t0(save_at):
+    net = seeded_net()
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(net, x, steps=4, save_at=save_at, **kw), [x] + list(net.parameters())
+
+    three_ways(case)
+
+
+def test_per_sample_times_and_generate_and_odeint():
+    net = seeded_net()
+
+    def per_sample(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        t = torch.linspace(0.5, 1.0, 5, dtype=torch.float64)
+        return prg_fast.reverse(net, x, t, steps=3, save_at=torch.stack([t / 2, t]), **kw), [x] + list(net.parameters())
+
+    def gen(**kw):
+        z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.generate(net, z, steps=3, method="rk4", **kw), [z] + list(net.parameters())
+
+    def ode(**kw):
+        y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, 0.2, 0.7, 1.0], dtype=torch.float64)
+        return prg_fast.odeint(lambda s, v: net(s.expand(5), v), y, t, **kw), [y] + list(net.parameters())
+
+    for case in (per_sample, gen, ode):
+        three_ways(case)
+
+
+def test_tuple_state_in_odeint():
+    net = seeded_net()
+
+    def case(**kw):
+        a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+        def f(s, y):
+            return net(s.expand(5), y[0]), (y[0] ** 2).sum(1) * y[1]
+
+        ya, yb = prg_fast.odeint(f, (a, b), t, **kw)
+        return torch.cat([ya.flatten(), yb.flatten()]), [a, b] + list(net.parameters())
+
+    grads = []
+    for way in THREE_WAYS:
+        torch.manual_seed(0)
+        out, inputs = case(**way)
+        grads.append(torch.autograd.grad(out, inputs, cotangent(out)))
+    assert_grads_close(grads[0], grads[2])
+    assert_grads_close(grads[1], grads[2])
+
+
+@pytest.mark.parametrize("kind", ["itself", "view"])
+def test_model_returning_its_input(kind):
+    lin = torch.nn.Linear(4, 4).double()
+
+    def f(t, x):
+        y = x if kind == "itself" else x.view(x.shape)
+        return y * 0 + lin(y) if kind == "view" else x
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(f, x, steps=2, method="rk4", **kw), [x]
+
+    # backprop's k_0 is x itself, the plain path's a copy of it: x's gradient sums its uses in
+    # another order (rounding)
+    three_ways(case, exact=False)
+
+
+def test_autocast_cpu_bfloat16():
+    net = seeded_net().float()
+
+    grads = []
+    for way in THREE_WAYS:
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prg_fast.reverse(net, x, steps=2, **way)
+        grads.append(torch.autograd.grad(out, [x] + list(net.parameters()), cotangent(out)))
+    # the plain path is backprop's bf16 arithmetic, op for op: bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[2]))
+    assert_grads_close(grads[1], grads[2], tol=1e-2)  # the adjoint rounds its cotangents its own way, within bf16's error
+
+
+def test_gradcheck_tiny_default_solve():
+    net = TwoLayer(2, 3).double()
+    x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: prg_fast.reverse(net, x, steps=2, method="rk4"),
+                                    (x, *net.parameters()))

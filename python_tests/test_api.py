@@ -8,6 +8,7 @@ import torch
 
 import prg_fast
 from prg_fast.ode import backends, ops, reference
+from gradient_checks import THREE_WAYS, assert_grads_close, seeded_net
 from solve_nodes import adjoint_node
 
 
@@ -383,3 +384,17 @@ def test_solve_options_reach_the_description():
     node = adjoint_node(out)
     assert node.evals.store == "steps" and node.evals.kept_count == 0
     assert describe().strategy.memory_budget == "auto"  # the default of every entry point's memory_budget
+
+
+def test_inference_mode_x_three_ways():
+    """An x made under inference mode: the per-evaluation adjoint and backprop save it, torch's
+    error; the plain path reads a copy of it, and its gradients are backprop's from a normal copy."""
+    net = seeded_net()
+    with torch.inference_mode():
+        x0 = torch.randn(5, 4, dtype=torch.float64)
+    for way in THREE_WAYS[1:]:
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+            prg_fast.reverse(net, x0, steps=2, method="rk4", **way).sum().backward()
+    got, want = [torch.autograd.grad(prg_fast.reverse(net, x, steps=2, method="rk4", **way).sum(), list(net.parameters()))
+                 for x, way in ((x0, THREE_WAYS[0]), (x0.clone(), THREE_WAYS[2]))]
+    assert_grads_close(got, want)
