@@ -421,14 +421,20 @@ class _MLP(nn.Module):
 
 @pytest.mark.parametrize("adjoint", [True, False])
 def test_autocast_runs_and_keeps_the_state_dtype(adjoint):
+    """Under bfloat16 autocast the network computes in bfloat16, the solver state stays float32: the
+    network is handed a float32 state at every evaluation, the output carries bits that no bfloat16
+    has (a state rounded to bfloat16 anywhere on the way would not), and x's gradient is float32."""
     torch.manual_seed(0)
     net = _MLP()
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[1].dtype))
     x = torch.randn(4, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = prg_fast.reverse(net, x, steps=4, method="rk4", adjoint=adjoint)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float32 and not torch.equal(out, out.bfloat16().float())
+    assert len(seen) >= 16 and set(seen) == {torch.float32}
     out.sum().backward()
-    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert x.grad is not None and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
 def test_autocast_adjoint_within_twice_pytorch_bf16_error():
