@@ -1,7 +1,7 @@
 """What the gradient tests compare with: one fixed cotangent and the gradients through it, the
 relative error, the comparison of two lists of gradients, the three ways of differentiating a solve
 (the default, the per-evaluation adjoint, plain backprop: the oracle), and the small velocity networks
-several files solve (conftest.py's fixtures hold the MLP and conv velocities)."""
+several files solve (conftest.py's fixtures mlp and conv hand out MLPVelocity and ConvVelocity)."""
 import torch
 import torch.nn as nn
 
@@ -62,6 +62,50 @@ def three_ways(case, tol=1e-12, exact=True):
     assert_grads_close(found[0], found[2], "the default", tol)
     assert_grads_close(found[1], found[2], "memory_budget=0", tol)
     return found
+
+
+class MLPVelocity(nn.Module):
+    """v(t, x) for x of shape (B, D): an MLP on [x, t]. Small, smooth, with time dependence."""
+
+    def __init__(self, dim: int = 6, hidden: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.net = nn.Sequential(
+            nn.Linear(dim + 1, hidden),
+            nn.Tanh(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, t, x):
+        flat = x.reshape(x.shape[0], -1)
+        return self.net(torch.cat([flat, t[:, None].to(flat.dtype)], dim=1)).reshape(x.shape)
+
+
+class ConvVelocity(nn.Module):
+    """v(t, x) for images (B, C, H, W): two convolutions with a time shift."""
+
+    def __init__(self, channels: int = 3, hidden: int = 8):
+        super().__init__()
+        self.c1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.c2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.temb = nn.Linear(1, hidden)
+
+    def forward(self, t, x):
+        h = self.c1(x) + self.temb(t[:, None].to(x.dtype))[:, :, None, None]
+        return self.c2(torch.nn.functional.silu(h))
+
+
+class BatchNormMLP(nn.Module):
+    """BatchNorm in training mode (batch statistics; running statistics written every call) between
+    two layers on [x, t] whose parameters all matter (so no gradient is ~0 by symmetry)."""
+
+    def __init__(self, d=6, width=16):
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(d + 1, width), nn.BatchNorm1d(width), nn.Linear(width, d)
+
+    def forward(self, t, x):
+        return self.l2(self.bn(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1)))))
 
 
 class TwoLayer(nn.Module):

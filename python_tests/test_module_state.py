@@ -17,7 +17,7 @@ import prg_fast
 from prg_fast.models import UNet
 from prg_fast.ode.module_state import ModuleState
 from prg_fast.ode.reach import reachable
-from gradient_checks import THREE_WAYS, TwoLayer, assert_grads_close, cotangent, seeded_net
+from gradient_checks import THREE_WAYS, BatchNormMLP, TwoLayer, assert_grads_close, cotangent, seeded_net
 
 METHODS = sorted(prg_fast.SOLVERS)
 STRATEGIES = {
@@ -29,18 +29,6 @@ STRATEGIES = {
     "steps_keep_some": dict(adjoint=True, store="steps", memory_budget=1),  # kept graphs saved the stats
     "reversible": dict(adjoint=True, reversible=True),
 }
-
-
-class BNNet(nn.Module):
-    """BatchNorm between two layers whose parameters all matter (so no gradient is ~0 by symmetry)."""
-
-    def __init__(self, d=6, width=16):
-        super().__init__()
-        self.l1, self.bn, self.l2 = nn.Linear(d + 1, width), nn.BatchNorm1d(width), nn.Linear(width, d)
-
-    def forward(self, t, x):
-        h = torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1)))
-        return self.l2(self.bn(h))
 
 
 class SpectralNet(nn.Module):
@@ -55,7 +43,7 @@ class SpectralNet(nn.Module):
 
 def _make(kind):
     torch.manual_seed(3)
-    net = {"batchnorm": BNNet, "spectral_norm": SpectralNet}[kind]().double().train()
+    net = {"batchnorm": BatchNormMLP, "spectral_norm": SpectralNet}[kind]().double().train()
     return net
 
 

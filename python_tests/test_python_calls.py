@@ -3,9 +3,9 @@ engine's path on plain tensors: the same results and gradients as torch.ops, and
 torch.ops does above the dispatcher -- tensor subclasses, __torch_function__ modes, unusual
 argument types -- handed back to torch.ops (NotImplemented) instead of skipped. And for inputs
 beyond the common case, as the engine calls the entries (prg_fast.ode.ops.stage_combine /
-stage_combine_into) -- non-contiguous and expanded terms, mixed
-dtypes, numpy and bool numbers, more than 8 terms, the transforms and tracers above and below the
-dispatcher, errors raised with the GIL released -- the result, or the error, is torch.ops' own."""
+stage_combine_into) -- non-contiguous and expanded terms, mixed dtypes, numpy and bool numbers,
+more than 8 terms, the transforms and tracers above and below the dispatcher, errors raised with
+the GIL released -- the result, or the error, is torch.ops' own."""
 import numpy as np
 import pytest
 import torch
