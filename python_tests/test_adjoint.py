@@ -1,5 +1,7 @@
 """The exact discrete adjoint equals plain backprop through the same solver, for x and for every
-parameter, on every method and backend; float64 gradcheck; memory kept for backward is flat in K."""
+parameter, on every method and backend; float64 gradcheck; memory kept for backward is flat in K.
+The default, the per-evaluation adjoint and backprop agree on the shapes of a solve: mixed dtypes,
+save_at with t0, per-sample times, generate, odeint with tuple states, autocast."""
 import copy
 
 import pytest

@@ -1,7 +1,12 @@
 """Adjoint strategies (issue 10): memory_budget (keep evaluation graphs, skip their recomputation)
 and store="steps" (one state per step). Every strategy is exact: gradients equal plain backprop
 through the same solver, every method, float64; the budget boundaries keep exactly the number of
-graphs they pay for; the hot path runs no extra evaluations."""
+graphs they pay for; the hot path runs no extra evaluations. Every strategy also equals plain
+backprop on a corpus of adversarial velocities (dropout, BatchNorm, hooks, closures, checkpoint,
+parametrizations, torch.func inside, nested solves: gradients, hook counts, buffers, the random
+stream after); the plain path (every graph kept) is backprop's for a second backward and for second
+derivatives, where the adjoints' once-differentiable backward is an error; solves free their
+graphs without the garbage collector."""
 import copy
 import gc
 import math
@@ -715,7 +720,7 @@ def test_a_second_derivative_through_the_adjoint_is_an_error(name):
     """create_graph=True, then a backward through that gradient: the adjoint's gradient is not
     differentiable again; it is torch's once_differentiable error, never a silent zero. A solve
     that keeps every graph is plain backprop (EvaluationGraphs.as_backprop): backprop's second
-    derivative (python_tests/test_backprop_path_review.py)."""
+    derivative (test_second_derivative_of_the_plain_path_is_backprops, below)."""
     net = TwoLayer().double()
     x = torch.randn(5, 4, dtype=F64, requires_grad=True)
     out = prg_fast.reverse(net, x, steps=2, **BUDGET_STRATEGIES[name])

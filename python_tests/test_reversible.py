@@ -1,5 +1,6 @@
 """The reversible solver (prg_fast.ode.reversible): exact gradients vs plain backprop through the
-same scheme, gradcheck, order of convergence, exact inverse, and O(1) stored state in K."""
+same scheme, gradcheck, order of convergence, exact inverse, and O(1) stored state in K; a
+reconstruction that drifts (a stiff network in float32) is an error, or a warning with the figure."""
 import math
 
 import pytest
