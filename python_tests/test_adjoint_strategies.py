@@ -897,7 +897,7 @@ class CountingTwoLayer(TwoLayer):
 ])
 def test_odeint_per_sample_grid_honours_the_strategy(kw, forward_graphs, backward_reruns):
     torch.manual_seed(0)
-    net = CountingTwoLayer(3, 5).double()
+    net = CountingTwoLayer().double()
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     t = torch.stack([torch.linspace(0, 1, 4), torch.linspace(0.2, 0.9, 4)], 1).double()  # (T, B)
     ys = prg_fast.odeint(net, y0, t, method="rk4", **kw)
