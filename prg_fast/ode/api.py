@@ -1,7 +1,7 @@
 """Public entry points: reverse (data -> noise), generate (noise -> data), odeint (any grid).
 
-Time convention (DESIGN.md section 2): t = 0 is data, t = 1 is noise; the velocity network is called
-model(t, x) with t of shape (B,) and returns a tensor shaped like x.
+Time convention (docs/engine.md, "The calls"): t = 0 is data, t = 1 is noise; the velocity network
+is called model(t, x) with t of shape (B,) and returns a tensor shaped like x.
 
 Each entry point checks its arguments, builds the Grid (prg_fast.ode.grids) and the
 SolveDescription (prg_fast.ode.description: tableau, backend, adjoint strategy) once, and hands

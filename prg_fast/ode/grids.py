@@ -6,7 +6,7 @@ A time argument that is a tensor requiring grad (under grad mode) or holding one
 makes the grid a float64 tensor ((P,) shared, (P, B) per sample) that the solve takes as an input.
 (odeint's grids: prg_fast.ode.fixed_grid.) Every message names the argument and what was expected.
 
-The unit time interval of reverse/generate: t = 0 is data, t = 1 is noise (DESIGN.md section 2). A
+The unit time interval of reverse/generate: t = 0 is data, t = 1 is noise (docs/engine.md, "The calls"). A
 trajectory read past either end runs the network on times it was never trained on, silently;
 reverse and generate refuse it, and so does every layer above through the one parser of times
 (prg_fast.classifier.parse_time / parse_times: the segment, the trainers' time fields, the command
