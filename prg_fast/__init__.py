@@ -14,7 +14,8 @@ import importlib.abc
 import importlib.util
 import sys
 
-from .ode import SOLVERS, ButcherTableau, __version__, generate, info, odeint, reverse, time_reversed
+from .ode import (SOLVERS, ButcherTableau, __version__, generate, info, odeint, odeint_adjoint, odeint_event, reverse,
+                  time_reversed)
 
 # public name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {
@@ -35,7 +36,7 @@ _LAZY = {
     "pretrain": ("prg_fast.training.pretrain", "pretrain"),
 }
 
-__all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau", *_LAZY]
+__all__ = ["reverse", "generate", "odeint", "odeint_adjoint", "odeint_event", "time_reversed", "info", "SOLVERS", "ButcherTableau", *_LAZY]
 
 
 # modules that moved into prg_fast.training: the old names stay importable (users' scripts say

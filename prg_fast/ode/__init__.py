@@ -7,6 +7,7 @@ one class that runs its own forward and backward, side by side on one floor, ove
 The modules, bottom to top:
 
     solvers      Butcher tableaus (solvers are data)
+    embedded     embedded pairs for adaptive steps (dopri5, tsit5, ...), as data
     grids        time grids: uniform + save_at, floats or (differentiable, per-sample) tensors;
                  which states a solve returns; the unit time interval of reverse/generate
     free_memory  the memory free at a call (memory_budget="auto"), and what an allocation failure is
@@ -29,15 +30,16 @@ The modules, bottom to top:
     cuda_graphs  CUDA-graph replay of no-grad solves (also importable by its old name, graphs)
     states       odeint's scalar, complex and tuple states
     fixed_grid   odeint's grids: 1-D, per-sample, and torchdiffeq's step_size/grid_constructor
-    api          reverse / generate / odeint / time_reversed, and run
+    adaptive     odeint's adaptive steps: torchdiffeq's controller, dense output, events
+    api          reverse / generate / odeint (odeint_adjoint, odeint_event) / time_reversed, and run
     info         what was built, and why not
 """
 from . import cuda_graphs as graphs  # noqa: F401  (the module's old name)
-from .api import generate, odeint, reverse, time_reversed
+from .api import generate, odeint, odeint_adjoint, odeint_event, reverse, time_reversed
 from .description import Backprop, ReversibleAdjoint, StoredAdjoint
 from .info import info
 from .solvers import SOLVERS, ButcherTableau
 from .version import __version__
 
-__all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau", "StoredAdjoint",
+__all__ = ["reverse", "generate", "odeint", "odeint_adjoint", "odeint_event", "time_reversed", "info", "SOLVERS", "ButcherTableau", "StoredAdjoint",
            "ReversibleAdjoint", "Backprop", "__version__"]

@@ -38,6 +38,7 @@ exact is recorded by prg_fast.ode.rerun.ReplayRecord.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -81,13 +82,17 @@ class EvaluationGraphs:
         self.time_grad = time_grad
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.budget = strategy.budget_bytes(device)
-        total = problem.steps * problem.tableau.stages
+        # an adaptive solve's count is unknown: "auto" runs it as plain backprop while its graphs fit the
+        # budget (past it the controller raises an allocation failure: the fallback below, recomputing all),
+        # a budget in bytes keeps the last graphs that fit (a window), 0 none (prg_fast.ode.adaptive)
+        total = problem.steps * problem.tableau.stages if problem.controller is None else math.inf
+        self.auto = problem.controller is not None and strategy.memory_budget == "auto"
         # a graph that a later evaluation invalidates is recomputed instead (FirstEvaluation.unkeepable)
         self.unkeepable = first.unkeepable if first is not None else None
         self._keep(strategy.graphs_to_keep(total, self.graph_bytes, self.budget) if self.unkeepable is None else 0)
         self.fell_back = False
         self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state)
-        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
+        log.debug("adjoint: %s of %s evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
                   self.kept_count, total, self.graph_bytes, self.budget, strategy.memory_budget,
                   "" if self.unkeepable is None else f"; none can be kept: {self.unkeepable}")
 
@@ -98,10 +103,16 @@ class EvaluationGraphs:
         p, s = self.problem, self.problem.tableau.stages
         self.kept_count = count
         self.keep_from = p.steps * s - count  # evaluations e = n * s + i >= keep_from keep their graphs
+        self.window = None  # an adaptive forward keeping the last `window` graphs
+        if p.controller is not None:
+            self.keep_from = 0 if count > 0 else math.inf
+            self.window = count if 0 < count < math.inf and not self.auto else None
+            p.controller.limit = count if self.auto else math.inf
         whole = not self.time_grad and not p.reads.reentrant
         # the tail's first step; never 0: a solve keeping every graph runs as plain backprop instead
         # (as_backprop), whose graph reaches x itself
         self.tail_from = max(1, -(-self.keep_from // s)) if whole else p.steps
+        self.tail_from = math.inf if p.controller is not None else self.tail_from  # (its grid is picked as it runs)
         self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
         self.tail: Optional[Tail] = None
         self.tail_start: Optional[torch.Tensor] = None  # the state at the tail's start (a rerun's)
@@ -111,7 +122,7 @@ class EvaluationGraphs:
         """Every evaluation's graph fits (none is invalidated by a later one) and no time gradient
         is asked for: the solve is plain backprop, one autograd graph from x, and no Function of
         the adjoint stands between it and autograd."""
-        return self.keep_from == 0 and self.unkeepable is None and not self.time_grad
+        return self.keep_from == 0 and self.window is None and self.unkeepable is None and not self.time_grad
 
     def fall_back(self, message: str) -> None:
         """Back to the start of the forward after an allocation failure, keeping no graph: the first
@@ -144,6 +155,11 @@ class EvaluationGraphs:
     def _run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
         p = self.problem
         where = dict(states=stored) if self.store == "steps" else dict(stage_inputs=stored)
+        if p.controller is not None:  # the controller picks the grid: the backward walks the one it accepted
+            outs = p.controller.run(p, x, evaluator=self.forward_evaluate, **where)
+            self.problem = p.controller.accepted(p, self)
+            self.replay.finish(reruns=True)
+            return outs
         x, saved = walk(p, x, 0, self.tail_from, evaluator=self.forward_evaluate, **where)
         if self.tail_from < p.steps:
             # the tail stores nothing: its backward is one VJP through its graph, a second backward
@@ -171,14 +187,14 @@ class EvaluationGraphs:
         first = self.first
         if e == 0 and first is not None and first.k is not None:
             state = self.replay.state  # the written buffers, as they were before it
-            self.replay.record(first.rng, state.first if state is not None else None)
+            self.replay.record(e, first.rng, state.first if state is not None else None)
             k = first.take()
             # its graph is kept only from a leaf of ours (the backward's VJP stops there): under time
             # gradients, the one case that keeps evaluation 0 here (else it runs as_backprop)
             if e >= self.keep_from and first.leaf.requires_grad and first.leaf.grad_fn is None:
                 self.kept[e] = (first.leaf, first.tau, k)
             return k.detach()
-        self.replay.record()
+        self.replay.record(e)
         if e < self.keep_from:
             return problem.evaluate(t, xi)
         leaf = xi.detach().requires_grad_(True)
@@ -187,13 +203,15 @@ class EvaluationGraphs:
         with torch.enable_grad():
             k = problem.evaluate(t, leaf)
         self.kept[e] = (leaf, t, k)
+        if self.window is not None and len(self.kept) > self.window:  # an adaptive forward: the last `window`
+            del self.kept[min(self.kept)]  # graphs kept; the oldest is dropped, its stage input is stored anyway
         return k.detach()
 
     def tail_evaluate(self, problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
         """An evaluation of the tail (grad mode on: its graph joins the tail's)."""
         e = n * problem.tableau.stages + i
         # the tail is rerun as a whole (take_tail): one random state, its first evaluation's
-        self.replay.record(chained=e > self.tail_from * problem.tableau.stages)
+        self.replay.record(e, chained=e > self.tail_from * problem.tableau.stages)
         return problem.evaluate(t, xi)
 
     def take_tail(self) -> Optional[Tail]:

@@ -166,7 +166,8 @@ class AdjointSolve(torch.autograd.Function):
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
         ctx.save_for_backward(*stored)
-        ctx.problem, ctx.evals, ctx.rng = problem, evals, evals.replay.rng
+        # the problem the forward walked (an adaptive controller's accepted grid: kept_graphs)
+        ctx.problem, ctx.evals, ctx.rng = evals.problem, evals, evals.replay.rng
         ctx.x_dtype = x.dtype
         ctx.differentiated = (x, *params)  # what a second derivative would reach (once_differentiable)
         return torch.stack(outs)
@@ -218,6 +219,14 @@ class BackwardWalk:
         self.params = list(p.reads.params)
         self.grads = GradientSum(self.params)
         self.gt = self.gh = None
+        # an adaptive solve's dense outputs y_n + h sum_i b_i(theta) k_i: step n -> [(b(theta), cotangent)],
+        # entering its stages' cotangents (cotangent) and its start's (step); `now`: those of the step walked
+        self.dense: dict = {}
+        for pos, place in enumerate(p.grid.dense or ()):
+            if place is not None:
+                weights = [sum(c * place[1] ** (q + 1) for q, c in enumerate(row)) for row in p.tableau.dense]
+                self.dense.setdefault(place[0], []).append((weights, grad_out[pos].to(p.state_dtype)))
+        self.now: list = []
 
     def arrive(self, m: int) -> None:
         if m in self.arriving:
@@ -244,12 +253,13 @@ class BackwardWalk:
         mus: List[Optional[torch.Tensor]] = [None] * p.tableau.stages
         if self.want_tgrad:
             self.gt, self.gh = torch.zeros_like(t), torch.zeros_like(t)
+        self.now = self.dense.pop(n, [])
         for i in reversed(range(p.tableau.stages)):
             self.stage(n, i, h, taus[i], inputs[i], mus)
         if self.want_tgrad:
             self.gtimes[n] += self.gt - self.gh
             self.gtimes[n + 1] += self.gh
-        live = [mu for mu in mus if mu is not None]
+        live = [mu for mu in mus if mu is not None] + [g for _, g in self.now]
         if live:
             self.lam = p.backend.combine(self.lam, live, [1.0] * len(live), 1.0, p.state_dtype)
 
@@ -259,10 +269,12 @@ class BackwardWalk:
         when k_i influences nothing downstream."""
         p, tab = self.p, self.p.tableau
         later = [m for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
-        if tab.b[i] == 0.0 and not later:
+        dense = [(g, w[i]) for w, g in self.now if w[i] != 0.0]
+        if tab.b[i] == 0.0 and not later and not dense:
             return None, None
-        return p.backend.scaled(self.lam, [mus[m] for m in later], [tab.a[m][i] for m in later], tab.b[i], h,
-                                p.net_dtype, p.state_dtype)
+        return p.backend.scaled(self.lam, [mus[m] for m in later] + [g for g, _ in dense],
+                                [tab.a[m][i] for m in later] + [w for _, w in dense], tab.b[i], h, p.net_dtype,
+                                p.state_dtype)
 
     def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
         """(k, leaf, tau): evaluation (n, i) with its graph from the stage-input leaf (and from the
