@@ -391,7 +391,7 @@ def test_torchdiffeq_norm_tests():
     assert seen and all(isinstance(s, tuple) and s[0].shape == () and s[1].shape == (2,) for s in seen)
 
 
-@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("adjoint", [dict(adjoint=False), {}, dict(memory_budget=0)])
 def test_event_time_gradient_by_the_implicit_function_theorem(adjoint):
     """A ball dropped from h0 under gravity g hits y = 0 at t* = sqrt(2 h0 / g) with speed
     -sqrt(2 g h0): the gradients of both with respect to h0 and g, analytic."""
@@ -399,7 +399,7 @@ def test_event_time_gradient_by_the_implicit_function_theorem(adjoint):
     h0 = torch.tensor(10.0, dtype=D, requires_grad=True)
     f = lambda t, y: torch.stack([y[1], -g + 0 * y[0]])  # noqa: E731
     event_t, ys = prg_fast.odeint_event(f, torch.stack([h0, torch.zeros((), dtype=D)]), torch.tensor(0.0, dtype=D),
-                                        event_fn=lambda t, y: y[0], adjoint=adjoint, rtol=1e-10, atol=1e-12)
+                                        event_fn=lambda t, y: y[0], rtol=1e-10, atol=1e-12, **adjoint)
     (dt_dh, dt_dg), (dv_dh, dv_dg) = (torch.autograd.grad(out, [h0, g], retain_graph=True) for out in (event_t, ys[-1, 1]))
     hv, gv = 10.0, 9.81
     expected = [1 / math.sqrt(2 * gv * hv), -0.5 * math.sqrt(2 * hv) / gv ** 1.5, -math.sqrt(gv / (2 * hv)),
@@ -434,3 +434,139 @@ def test_torchdiffeq_gradient_tests():
     y0 = f.y_exact(t[:1].detach()).detach().reshape(()).requires_grad_()
     for method in sorted(ORDERS):
         assert torch.autograd.gradcheck(lambda y, tt: prg_fast.odeint(f, y, tt, method=method), (y0, t)), method
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients: the exact derivative of the discrete solve on the accepted steps, by every strategy
+
+STRATEGIES = {"recompute": dict(memory_budget=0), "steps": dict(memory_budget=0, store="steps"),
+              "window": dict(memory_budget=20000), "auto": {}, "keep_all": dict(memory_budget=float("inf"))}
+
+
+def _net_problem(dropout=0.0):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                              torch.nn.Linear(16, 2)).double()
+    w = torch.tensor(0.7, dtype=D, requires_grad=True)  # a closed-over tensor, found by discovery
+
+    def f(t, y):
+        return net(torch.cat([y, t.expand(y.shape[0], 1)], 1)) * torch.where(t < 0.6, 1.0, -w)
+
+    return f, [w, *net.parameters()], torch.randn(4, 2, dtype=D)
+
+
+def _gradients(f, params, y0, t, **kw):
+    torch.manual_seed(5)
+    y = y0.clone().requires_grad_()
+    ys = prg_fast.odeint(f, y, t, **kw)
+    return ys.detach(), torch.autograd.grad((ys ** 2).sum(), [y, *params])
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8", "bosh3"])
+def test_adjoint_equals_backprop_through_the_same_solve(method, strategy):
+    """Every strategy differentiates the accepted steps exactly as plain backprop through them does
+    (float64, 1e-10): the dense outputs' cotangents enter their steps' stages, a step's first stage
+    is its previous step's last (FSAL), a jump point is stepped over exactly."""
+    f, params, y0 = _net_problem()
+    t = torch.tensor([1.5, 1.0, 0.37, 0.0], dtype=D)  # decreasing, over the jump at 0.6
+    kw = dict(method=method, rtol=1e-6, atol=1e-8, options=dict(jump_t=[0.6]))
+    ys_ref, ref = _gradients(f, params, y0, t, adjoint=False, **kw)
+    ys, got = _gradients(f, params, y0, t, **kw, **STRATEGIES[strategy])
+    torch.testing.assert_close(ys, ys_ref, rtol=0, atol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "steps", "window"])
+def test_adjoint_replays_dropout(strategy):
+    """Dropout in the velocity: each recomputed evaluation draws what the forward drew (steps held:
+    dropout makes the error estimate noise)."""
+    f, params, y0 = _net_problem(dropout=0.3)
+    t = torch.tensor([0.0, 0.37, 1.0], dtype=D)
+    kw = dict(method="dopri5", rtol=1e3, atol=1e3, options=_fixed_steps(0.1))
+    _, ref = _gradients(f, params, y0, t, adjoint=False, **kw)
+    _, got = _gradients(f, params, y0, t, **kw, **STRATEGIES[strategy])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_past_its_budget_restarts_as_the_recomputing_adjoint(monkeypatch):
+    """memory_budget="auto" runs as plain backprop while the graphs fit (the budget over one
+    evaluation's graph); past it, the forward starts over recomputing every evaluation -- the same
+    gradients."""
+    from prg_fast.ode.stored_adjoint import StoredAdjoint
+
+    f, params, y0 = _net_problem()
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    _, ref = _gradients(f, params, y0, t, adjoint=False, method="dopri5")
+    fits = prg_fast.odeint(f, y0.clone().requires_grad_(), t, method="dopri5")
+    assert fits.grad_fn.evals.as_backprop and not fits.grad_fn.evals.fell_back  # plain backprop's graph
+    monkeypatch.setattr(StoredAdjoint, "budget_bytes", lambda self, device: 20000.0)
+    ys = prg_fast.odeint(f, y0.clone().requires_grad_(), t, method="dopri5")
+    assert ys.grad_fn.evals.fell_back
+    _, got = _gradients(f, params, y0, t, method="dopri5")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_recomputing_adjoint_holds_only_the_stage_inputs():
+    """memory_budget=0 keeps, between forward and backward, the accepted steps' stage inputs (a
+    step's last shared with the next's first) and nothing of the network's activations: what it
+    holds grows with the accepted steps by one state per stage, while backprop's grows by the
+    activations of every evaluation."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 256), torch.nn.Tanh(), torch.nn.Linear(256, 2)).double()
+    y0 = torch.randn(64, 2, dtype=D, requires_grad=True)
+
+    def held(**kw):
+        seen = {}
+
+        def pack(x):
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            _, stats = prg_fast.odeint(lambda t, y: net(y), y0, torch.linspace(0, 3, 4, dtype=D), method="dopri5",
+                                       rtol=1e-8, atol=1e-10, return_stats=True, **kw)
+        return sum(seen.values()), stats
+
+    recompute, stats = held(memory_budget=0)
+    backprop, _ = held(adjoint=False)
+    state = y0.numel() * 8
+    assert recompute <= (stats.accepted * 6 + 2) * state  # 6 new stage inputs a step (dopri5, FSAL)
+    assert backprop > 10 * recompute
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "steps"])
+def test_gradcheck_through_the_adjoint(strategy):
+    w = torch.tensor([0.8, -0.3], dtype=D, requires_grad=True)
+    f = lambda t, y: -w * y * torch.cos(t) + w.flip(0) * y.flip(0)  # noqa: E731
+    t = torch.tensor([0.3, 0.7, 1.2], dtype=D)
+
+    def solve(y0, w_):
+        return prg_fast.odeint(f, y0, t, method="tsit5", rtol=1e3, atol=1e3, options=_fixed_steps(0.15),
+                               **STRATEGIES[strategy])
+
+    assert torch.autograd.gradcheck(solve, (torch.tensor([1.0, 2.0], dtype=D, requires_grad=True), w))
+
+
+def test_reversible_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="the reversible scheme needs a fixed grid"):
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2, requires_grad=True), torch.tensor([0.0, 1.0]),
+                        method="dopri5", reversible=True)
+
+
+def test_odeint_adjoint_as_torchdiffeqs_users_call_it():
+    from prg_fast import odeint_adjoint as odeint
+
+    f, params, y0 = _net_problem()
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=D)
+    _, ref = _gradients(f, params, y0, t, adjoint=False, method="dopri5")
+    y = y0.clone().requires_grad_()
+    with pytest.warns(UserWarning, match=r"\['adjoint_rtol', 'adjoint_method'\] do not apply here"):
+        ys = odeint(f, y, t, rtol=1e-7, atol=1e-9, adjoint_rtol=1e-4, adjoint_method="dopri5",
+                    adjoint_params=tuple(params))
+    got = torch.autograd.grad((ys ** 2).sum(), [y, *params])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
