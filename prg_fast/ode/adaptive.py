@@ -77,6 +77,16 @@ class Control:
         h = min(max(h, self.min_step), self.max_step) if math.isfinite(h) else self.min_step
         return h if self.dtype == torch.float64 else torch.tensor(h, dtype=self.dtype).item()
 
+    def step_end(self, t: float, h: float):
+        """(end, size, on a jump point) of a step of size h from t, stopped at step_t / jump_t points."""
+        end, jump = t + h, False
+        dt = end - t  # the step size a backward reads from the grid (integrate.Problem.step_at)
+        for points, is_jump in ((self.step_t, False), (self.jump_t, True)):
+            nxt = next((p for p in points if p > t), None)
+            if nxt is not None and nxt <= end:
+                end, dt, jump = nxt, nxt - t, is_jump
+        return end, dt, jump
+
     def next_step(self, h: float, ratio: float) -> float:
         if ratio == 0 or not math.isfinite(ratio):
             return self.clamp(h * (self.ifactor if ratio == 0 else self.dfactor))
@@ -273,6 +283,22 @@ class EventTime(torch.autograd.Function):
         return None, None, None, g_y - dc_dy * (g_t.to(y.dtype) + (g_y * f).sum()) / rate
 
 
+@torch.no_grad()
+def initial_step(loop: "AdaptiveLoop", t: float, y: torch.Tensor, f0: torch.Tensor) -> float:
+    """Hairer, Norsett & Wanner's estimate (Solving ODEs I, II.4) as torchdiffeq's: one probe."""
+    st = loop.stepper
+    y, f0 = y.detach(), f0.detach().to(y.dtype)
+    scale = st.atol + st.magnitude(y) * st.rtol
+    d0, d1 = float(st.norm(y / scale)), float(st.norm(f0 / scale))
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    st.stats.evaluations += 1
+    probe = torch.full((), loop.user(t + h0), dtype=y.dtype, device=y.device)
+    f1 = st.problem.evaluate(probe, (y + loop.sign * h0 * f0).to(st.net_dtype)).to(y.dtype)
+    d2 = float(st.norm((f1 - f0) / scale)) / h0
+    h1 = max(1e-6, h0 * 1e-3) if d1 <= 1e-15 and d2 <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / loop.control.order)
+    return loop.control.clamp(min(100 * h0, h1))
+
+
 class AdaptiveLoop:
     """The controller: from the first time through the requested ones (or to an event), one
     attempted step at a time in internal time, the outputs by dense output."""
@@ -300,37 +326,12 @@ class AdaptiveLoop:
             tensor = lambda v: torch.tensor(v, dtype=self.control.dtype)  # noqa: E731
             self.callbacks[name](tensor(self.user(t)), self.user_state(y), tensor(h))
 
-    @torch.no_grad()
-    def initial_step(self, t: float, y: torch.Tensor, f0: torch.Tensor) -> float:
-        """Hairer, Norsett & Wanner's estimate (Solving ODEs I, II.4) as torchdiffeq's: one probe."""
-        st = self.stepper
-        y, f0 = y.detach(), f0.detach().to(y.dtype)
-        scale = st.atol + st.magnitude(y) * st.rtol
-        d0, d1 = float(st.norm(y / scale)), float(st.norm(f0 / scale))
-        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        st.stats.evaluations += 1
-        probe = torch.full((), self.user(t + h0), dtype=y.dtype, device=y.device)
-        f1 = st.problem.evaluate(probe, (y + self.sign * h0 * f0).to(st.net_dtype)).to(y.dtype)
-        d2 = float(st.norm((f1 - f0) / scale)) / h0
-        h1 = max(1e-6, h0 * 1e-3) if d1 <= 1e-15 and d2 <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / self.control.order)
-        return self.control.clamp(min(100 * h0, h1))
-
-    def step_end(self, t: float, h: float):
-        """(end, size, on a jump point) of a step of size h from t, stopped at step_t / jump_t points."""
-        end, jump = t + h, False
-        dt = end - t  # the step size a backward reads from the grid (integrate.Problem.step_at)
-        for points, is_jump in ((self.control.step_t, False), (self.control.jump_t, True)):
-            nxt = next((p for p in points if p > t), None)
-            if nxt is not None and nxt <= end:
-                end, dt, jump = nxt, nxt - t, is_jump
-        return end, dt, jump
-
     def step(self, t: float, y: torch.Tensor, k0: torch.Tensor, h: float):
         """One attempted step: ((t, y, k0, h) to go on from, the accepted step (t, dt, y, ks) or None)."""
         st, c = self.stepper, self.control
         h = c.clamp(h)
         self.callback("callback_step", t, y, h)
-        t1, dt, jump = self.step_end(t, h)
+        t1, dt, jump = c.step_end(t, h)
         if not t1 > t:
             raise self.underflow(t, h)
         hs = self.sign * dt
@@ -383,7 +384,7 @@ class AdaptiveLoop:
         t, k0 = taus[0], st.evaluate(0, 0, self.user(taus[0]), y)
         if not bool(torch.isfinite(k0).all()):
             raise FloatingPointError(f"odeint ({st.tableau.name}): func returned NaN/Inf at the initial time t={self.user(t):g}")
-        h = c.first_step if c.first_step is not None else self.initial_step(t, y, k0)
+        h = c.first_step if c.first_step is not None else initial_step(self, t, y, k0)
         st.stats.times.append(self.user(t))
         result, last, target = [y if outs is None else outs[0].copy_(y)], None, t
         if event is not None and event.value(self.user(t), y) <= 0:

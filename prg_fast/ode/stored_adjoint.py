@@ -205,6 +205,17 @@ def _backward(ctx, grad_out: torch.Tensor):
     return (None, None, walk.gtimes, walk.lam.to(ctx.x_dtype), *walk.grads.totals())
 
 
+def dense_cotangents(p: Problem, grad_out: torch.Tensor) -> dict:
+    """An adaptive solve's dense outputs y_n + h sum_i b_i(theta) k_i (prg_fast.ode.adaptive): step n ->
+    [(b(theta), the output's cotangent)]."""
+    dense: dict = {}
+    for pos, place in enumerate(p.grid.dense or ()):
+        if place is not None:
+            weights = [sum(c * place[1] ** (q + 1) for q, c in enumerate(row)) for row in p.tableau.dense]
+            dense.setdefault(place[0], []).append((weights, grad_out[pos].to(p.state_dtype)))
+    return dense
+
+
 class BackwardWalk:
     """The backward's running cotangents, walked step by step in reverse: lam (the state's), the
     parameters' (GradientSum) and the grid's; each evaluation with its graph comes from the
@@ -219,14 +230,7 @@ class BackwardWalk:
         self.params = list(p.reads.params)
         self.grads = GradientSum(self.params)
         self.gt = self.gh = None
-        # an adaptive solve's dense outputs y_n + h sum_i b_i(theta) k_i: step n -> [(b(theta), cotangent)],
-        # entering its stages' cotangents (cotangent) and its start's (step); `now`: those of the step walked
-        self.dense: dict = {}
-        for pos, place in enumerate(p.grid.dense or ()):
-            if place is not None:
-                weights = [sum(c * place[1] ** (q + 1) for q, c in enumerate(row)) for row in p.tableau.dense]
-                self.dense.setdefault(place[0], []).append((weights, grad_out[pos].to(p.state_dtype)))
-        self.now: list = []
+        self.dense = dense_cotangents(p, grad_out)  # (`now`: those of the step walked)
 
     def arrive(self, m: int) -> None:
         if m in self.arriving:
@@ -251,9 +255,9 @@ class BackwardWalk:
         p = self.p
         t, h, taus = p.step_at(n)
         mus: List[Optional[torch.Tensor]] = [None] * p.tableau.stages
+        self.now = self.dense.pop(n, [])
         if self.want_tgrad:
             self.gt, self.gh = torch.zeros_like(t), torch.zeros_like(t)
-        self.now = self.dense.pop(n, [])
         for i in reversed(range(p.tableau.stages)):
             self.stage(n, i, h, taus[i], inputs[i], mus)
         if self.want_tgrad:
@@ -268,12 +272,11 @@ class BackwardWalk:
         is kept on a tensor grid, where g_i is formed per row and h may be 0), or (None, None)
         when k_i influences nothing downstream."""
         p, tab = self.p, self.p.tableau
-        later = [m for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
-        dense = [(g, w[i]) for w, g in self.now if w[i] != 0.0]
-        if tab.b[i] == 0.0 and not later and not dense:
+        terms = [(mus[m], tab.a[m][i]) for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
+        terms += [(g, w[i]) for w, g in self.now if w[i] != 0.0]  # the step's dense outputs read k_i too
+        if tab.b[i] == 0.0 and not terms:
             return None, None
-        return p.backend.scaled(self.lam, [mus[m] for m in later] + [g for g, _ in dense],
-                                [tab.a[m][i] for m in later] + [w for _, w in dense], tab.b[i], h, p.net_dtype,
+        return p.backend.scaled(self.lam, [g for g, _ in terms], [w for _, w in terms], tab.b[i], h, p.net_dtype,
                                 p.state_dtype)
 
     def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
