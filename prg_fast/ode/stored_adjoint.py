@@ -230,7 +230,7 @@ class BackwardWalk:
         self.params = list(p.reads.params)
         self.grads = GradientSum(self.params)
         self.gt = self.gh = None
-        self.dense = dense_cotangents(p, grad_out)  # (`now`: those of the step walked)
+        self.dense = dense_cotangents(p, grad_out)
 
     def arrive(self, m: int) -> None:
         if m in self.arriving:
@@ -254,8 +254,7 @@ class BackwardWalk:
     def step(self, n: int, inputs: List[torch.Tensor]) -> None:
         p = self.p
         t, h, taus = p.step_at(n)
-        mus: List[Optional[torch.Tensor]] = [None] * p.tableau.stages
-        self.now = self.dense.pop(n, [])
+        mus, self.now = [None] * p.tableau.stages, self.dense.pop(n, [])  # (the step's dense outputs)
         if self.want_tgrad:
             self.gt, self.gh = torch.zeros_like(t), torch.zeros_like(t)
         for i in reversed(range(p.tableau.stages)):
