@@ -102,8 +102,8 @@ def test_generate_and_odeint_adjoint(mlp):
         assert _rel_err(ga, gb) < 1e-10
     grid = torch.tensor([0.0, 0.1, 0.5, 0.55, 1.2], dtype=torch.float64)
     f = lambda t, y: model(t.expand(y.shape[0]), y)  # noqa: E731  (odeint passes a 0-dim t)
-    a = prg_fast.odeint(f, z, grid, adjoint_params=list(model.parameters()))
-    b = prg_fast.odeint(f, z, grid, adjoint=False)
+    a = prg_fast.odeint(f, z, grid, method="rk4", adjoint_params=list(model.parameters()))
+    b = prg_fast.odeint(f, z, grid, method="rk4", adjoint=False)
     assert a.shape == (5, 2, 3)
     for ga, gb in zip(_grads(a, inputs), _grads(b, inputs)):
         assert _rel_err(ga, gb) < 1e-10
@@ -361,9 +361,9 @@ def test_odeint_closure_over_module_with_default_adjoint():
     net = torch.nn.Linear(3, 3).double()
     y0 = torch.randn(2, 3, dtype=torch.float64)
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
-    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t)
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, method="rk4")
     g_adj = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
-    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, adjoint=False)
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, method="rk4", adjoint=False)
     g_ref = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
     for a, r in zip(g_adj, g_ref):
         assert torch.allclose(a, r, rtol=1e-9, atol=1e-12)

@@ -154,7 +154,7 @@ def test_per_sample_times_and_generate_and_odeint():
     def ode(**kw):
         y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
         t = torch.tensor([0.0, 0.2, 0.7, 1.0], dtype=torch.float64)
-        return prg_fast.odeint(lambda s, v: net(s.expand(5), v), y, t, **kw), [y] + list(net.parameters())
+        return prg_fast.odeint(lambda s, v: net(s.expand(5), v), y, t, method="rk4", **kw), [y] + list(net.parameters())
 
     for case in (per_sample, gen, ode):
         _three_ways(case)
@@ -171,7 +171,7 @@ def test_tuple_state_in_odeint():
         def f(s, y):
             return net(s.expand(5), y[0]), (y[0] ** 2).sum(1) * y[1]
 
-        ya, yb = prg_fast.odeint(f, (a, b), t, **kw)
+        ya, yb = prg_fast.odeint(f, (a, b), t, method="rk4", **kw)
         return torch.cat([ya.flatten(), yb.flatten()]), [a, b] + list(net.parameters())
 
     grads = []

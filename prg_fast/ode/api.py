@@ -171,7 +171,7 @@ def odeint(
     y0: torch.Tensor,
     t: torch.Tensor,
     *,
-    method: str = "rk4",
+    method: Optional[str] = None,
     adjoint: bool = True,
     backend: str = "auto",
     options: Optional[dict] = None,
@@ -181,8 +181,9 @@ def odeint(
     event_fn: Optional[Callable] = None,
     **solve_options,
 ) -> torch.Tensor:
-    """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
-    (increasing or decreasing); returns the state at every grid point stacked on dim 0.
+    """torchdiffeq's odeint: method None is dopri5, adaptive (below), as torchdiffeq's default. A fixed-step
+    method takes one step per interval of the 1-D grid `t` (increasing or decreasing); the states at
+    every grid point are returned stacked on dim 0.
     As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
     classic rule; torchdiffeq's "rk4" is our "rk4_38". A grid that requires grad gets the exact
     derivative of the discrete solve. `t` may also have shape (T, B), one grid per sample
