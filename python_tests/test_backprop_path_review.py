@@ -1,5 +1,5 @@
 """Review of the plain-backprop solve (memory_budget="auto" keeping every graph runs as one autograd
-graph from x: strategies.EvaluationGraphs.as_backprop). Each case is solved three ways in float64 --
+graph from x: kept_graphs.EvaluationGraphs.as_backprop). Each case is solved three ways in float64 --
 the default (auto, which keeps everything here), memory_budget=0 (the per-evaluation adjoint) and
 adjoint=False (the oracle) -- and their gradients, errors and side effects must agree."""
 import gc

@@ -21,7 +21,6 @@ from . import adaptive, fixed_grid, states
 from .cuda_graphs import graphed_solve
 from .description import OPTIONS, SolveDescription, describe
 from .embedded import EmbeddedTableau, get_embedded
-from .fixed_grid import odeint_per_sample_grid, odeint_values
 from .grids import Grid, check_order, check_unit_times, time_arg, time_grid
 from .integrate import check_state
 from .solvers import SOLVERS
@@ -224,32 +223,9 @@ def _odeint(func, y0, t, spec: SolveDescription, options: dict):
     if adapted is not None:
         return adapted.unwrap(_odeint(adapted.func, adapted.y0, t, adapted.spec, adapted.options))
     check_state(y0, "y0", batched=False)
-    if isinstance(t, torch.Tensor) and t.dim() == 2:
-        if options:
-            raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
-        grid = odeint_per_sample_grid(t, y0)
-        _check_model(func, "func")
-        return run(func, y0, grid, spec)
-    t, values = odeint_values(t)
     _check_model(func, "func")
-    differentiable = t.requires_grad and torch.is_grad_enabled()
-    if spec.perturb and differentiable:
-        raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
-                         "for float grids: t must not require grad")
-    fine = fixed_grid.solver_grid(options, func, y0, t, values) if options else None
-    if fine is None:
-        # a grid that requires grad is the solve's tensor grid (its gradient is returned); else floats
-        times = t.to(device=y0.device, dtype=torch.float64) if differentiable else None
-        return run(func, y0, Grid(values, list(range(len(values))), times), spec)
-    # step along the finer grid, return only the states the interpolation reads
-    fine_values = fine.detach().cpu().tolist()
-    needed, plan = fixed_grid.interpolation_plan(fine_values, values)
-    fine_differentiable = fine.requires_grad and torch.is_grad_enabled()
-    if spec.perturb and fine_differentiable:
-        raise ValueError("options['perturb']=True is for float grids: the grid_constructor's grid must not "
-                         "require grad")
-    states_at = run(func, y0, Grid(fine_values, needed, fine.to(y0.device) if fine_differentiable else None), spec)
-    return fixed_grid.interpolate(states_at, needed, plan, fine if fine_differentiable else fine.detach(), t)
+    grid, outputs = fixed_grid.odeint_grid(func, y0, t, options)
+    return outputs(run(func, y0, grid, spec))
 
 
 _WARNED: set = set()

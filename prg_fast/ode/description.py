@@ -4,24 +4,12 @@ passed down whole; the CUDA-graph cache keys on it, and a call's Problem is buil
 (`SolveDescription.problem`). Immutable: nothing below changes it.
 
 The solve options the entry points take as **options are named once, in OPTIONS, with their
-defaults; `describe` reads them from there. Adjoint strategies are documented objects (as diffrax's
-adjoints), every one exact, each of which runs its own forward and backward (`strategy.run(problem,
-x)`); the keywords are their short spelling, `strategy_from_keywords` the one place that maps them
-and rejects invalid combinations, and `adjoint=` also takes an object. With K steps, s stages, G
-one evaluation's graph, S one state:
-
-    StoredAdjoint(memory_budget="auto", store="stages")   the default (adjoint=True). The forward
-        stores every stage input (K*s*S; store="steps": one state per step, K*S, the backward then
-        recomputes each step's stage inputs with s-1 extra evaluations) and keeps the graphs of its
-        last floor(memory_budget / G) evaluations (float("inf"): all; as fast as backprop; None or
-        0: none); the backward recomputes the others, one graph alive at a time. "auto": the budget
-        is AUTO_FRACTION of the memory free on x's device when the solve starts
-        (prg_fast.ode.free_memory); a forward whose kept graphs meet an allocation failure starts
-        over keeping none (prg_fast.ode.stored_adjoint, prg_fast.ode.kept_graphs).
-    ReversibleAdjoint(coupling=0.999)   the algebraically reversible scheme on the tableau
-        (prg_fast.ode.reversible_adjoint): nothing stored, states rebuilt by the exact inverse step.
-    Backprop(reversible_coupling=None)   plain autograd through the solver (adjoint=False); through
-        the reversible scheme when a coupling is given (reversible=True, adjoint=False).
+defaults. Adjoint strategies are documented objects (as diffrax's adjoints), every one exact, each
+of which runs its own forward and backward (`strategy.run(problem, x)`): StoredAdjoint (the
+default, prg_fast.ode.stored_adjoint), ReversibleAdjoint (prg_fast.ode.reversible_adjoint) and
+Backprop (prg_fast.ode.backprop); their costs side by side: docs/engine.md. The keywords are their
+short spelling, `strategy_from_keywords` the one place that maps them and rejects invalid
+combinations, and `adjoint=` also takes an object.
 """
 from __future__ import annotations
 
@@ -34,12 +22,12 @@ import torch
 from . import backends
 from .backprop import Backprop
 from .grids import Grid
-from .integrate import FLOAT_DTYPES, Problem, Velocity, check_flag
-from .reversible import DEFAULT_COUPLING, check_reconstruction_mode
+from .integrate import FLOAT_DTYPES, Problem, Velocity, check_choice, check_flag
+from .reversible import DEFAULT_COUPLING, RECONSTRUCTION_CHECKS
 from .reversible_adjoint import ReversibleAdjoint
 from .embedded import get_embedded
 from .solvers import ButcherTableau, get_tableau
-from .stored_adjoint import AUTO, StoredAdjoint, check_memory_budget, check_store
+from .stored_adjoint import AUTO, STORES, StoredAdjoint, check_memory_budget
 
 # The solve options of reverse / generate / odeint (their **options), with their defaults.
 OPTIONS = {
@@ -68,7 +56,7 @@ def strategy_from_keywords(adjoint=True, **options) -> Strategy:
     one place invalid combinations are refused. The default memory_budget ("auto") belongs to the stored adjoint:
     with reversible=True or adjoint=False it does not apply."""
     o = {**OPTIONS, **options}
-    check_reconstruction_mode(o["reversible_check"])
+    check_choice(o["reversible_check"], "reversible_check", RECONSTRUCTION_CHECKS)
     budget, store, reversible = o["memory_budget"], o["store"], o["reversible"]
     # None (the default before "auto") asks the same of the other strategies: keep no graph
     unset_budget = budget is None or (isinstance(budget, str) and budget == AUTO)
@@ -80,7 +68,7 @@ def strategy_from_keywords(adjoint=True, **options) -> Strategy:
         return adjoint
     check_flag(adjoint, "adjoint")
     check_flag(reversible, "reversible")
-    budget, store = check_memory_budget(budget), check_store(store)
+    budget, store = check_memory_budget(budget), check_choice(store, "store", STORES)
     if (not unset_budget or store != "stages") and (reversible or not adjoint):
         raise ValueError(
             f"memory_budget={budget!r} and store={store!r} choose what the stored adjoint keeps "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,19 +31,34 @@ from .parametrize_cache import SharedParametrizations
 from .reach import check_computed_inputs, collect_params, discover_params, has_reentrant_checkpoint, reachable
 
 
-def discover(problem: Problem, x: torch.Tensor, time_grad: bool) -> Tuple[Problem, Optional["FirstEvaluation"]]:
-    """The problem with what the velocity reads (a new Problem: `problem.reads` filled), and its
-    first evaluation (None for a solve without steps). `time_grad`: the first evaluation reads its
-    time through a leaf requiring grad, as the adjoint's Function then does."""
+class Discovered(NamedTuple):
+    problem: Problem  # with what the velocity reads (`reads`), its grid read without graph
+    first: Optional["FirstEvaluation"]  # None for a solve without steps
+    time_grad: bool  # the grid's times require grad (the first evaluation reads a time leaf)
+    differentiated: bool  # anything the solve reads requires grad: x, the times, an input found
+
+
+def discover(problem: Problem, x: torch.Tensor) -> Discovered:
+    """What an adjoint needs before its forward, under grad mode: a new Problem with what the
+    velocity reads, and its first evaluation. The adjoints' Functions take the time grid as an
+    input and return its gradient, so the problem reads it without its graph."""
+    times = problem.grid.times
+    time_grad = times is not None and times.requires_grad
+    grid = problem.grid if times is None else dataclasses.replace(problem.grid, times=times.detach())
+    reads, first = _reads(problem.on(grid), x, time_grad)
+    differentiated = time_grad or x.requires_grad or any(p.requires_grad for p in reads.params)
+    return Discovered(dataclasses.replace(problem, grid=grid, reads=reads), first, time_grad, differentiated)
+
+
+def _reads(problem: Problem, x: torch.Tensor, time_grad: bool) -> Tuple[Reads, Optional["FirstEvaluation"]]:
     func = problem.velocity.func
     reach = reachable(func)
     params = collect_params(func, problem.adjoint_params, reach)
-    reads = Reads(params=tuple(params), unlisted=tuple(t for t in reach.computed if all(t is not p for p in params)),
-                  modules=tuple(reach.modules), module_state=ModuleState.of(reach.modules))
-    problem = dataclasses.replace(problem, reads=reads)
-    first = first_evaluation(problem, x, time_grad)
+    unlisted = tuple(t for t in reach.computed if all(t is not p for p in params))
+    state = ModuleState(reach.buffers) if reach.buffers else None  # nothing to keep without buffers
+    first = first_evaluation(problem, x, time_grad, params, state)
     if first is None:
-        return problem, None
+        return Reads(tuple(params), unlisted, tuple(reach.modules), state), None
     # parametrizations cached around the solve (parametrize.cached()): their shared tensors are
     # inputs of the solve, the originals reached only through them (prg_fast.ode.parametrize_cache)
     shared = SharedParametrizations.of_now(reach.modules)
@@ -52,11 +67,9 @@ def discover(problem: Problem, x: torch.Tensor, time_grad: bool) -> Tuple[Proble
     direct: set = set()
     node_types: set = set()
     params = discover_params(first, params, direct, node_types)
-    explicit = {id(p) for p in problem.adjoint_params or ()}
-    params = check_computed_inputs(params, explicit, direct)
-    reads = dataclasses.replace(reads, params=tuple(params), reentrant=has_reentrant_checkpoint(node_types),
-                                shared=shared)
-    return dataclasses.replace(problem, reads=reads), first
+    params = check_computed_inputs(params, {id(p) for p in problem.adjoint_params or ()}, direct)
+    return Reads(tuple(params), unlisted, tuple(reach.modules), state, has_reentrant_checkpoint(node_types),
+                 shared), first
 
 
 def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
@@ -189,7 +202,7 @@ def _same(t):
     return t
 
 
-def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list, rng,
+def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list, rng, state: Optional[ModuleState],
                          stand_in: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, Optional[SavedBytes]]:
     """The first evaluation under SavedBytes' hooks, and the counter. A velocity that refuses
     saved-tensor hooks (torch.func.grad / vjp / jacrev inside it, or a caller's
@@ -205,8 +218,8 @@ def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list
         if "saved tensor hooks" not in str(error):
             raise
     set_rng(rng, inp.device)
-    if problem.reads.module_state is not None:
-        problem.reads.module_state.restore_before_first()
+    if state is not None:
+        state.restore_before_first()
     return problem.evaluate(tau, inp), None
 
 
@@ -225,23 +238,23 @@ def _first_inputs(problem: Problem, x: torch.Tensor, time_grad: bool):
     return leaf, tau
 
 
-def first_evaluation(problem: Problem, x: torch.Tensor, time_grad: bool = False) -> Optional[FirstEvaluation]:
+def first_evaluation(problem: Problem, x: torch.Tensor, time_grad: bool, params: Sequence[torch.Tensor],
+                     state: Optional[ModuleState]) -> Optional[FirstEvaluation]:
     """Evaluation (0, 0) of `problem` from x, with a graph back to a stage-input leaf and to
-    whatever the velocity reads (and to its time, a leaf, with `time_grad`). None for a solve
-    without steps."""
+    whatever the velocity reads (and to its time, a leaf, with `time_grad`); `params`, what the
+    search found, and `state`, the buffers the velocity reaches. None for a solve without steps."""
     if problem.steps == 0:
         return None
     leaf, tau = _first_inputs(problem, x, time_grad)
     rng = capture_rng(x.device)
     # buffers the velocity writes (BatchNorm in train mode, spectral_norm): see module_state
-    state = problem.reads.module_state
     if state is not None:
         state.before_first_evaluation()
     with torch.enable_grad():
         sequence_nr = next_sequence_nr()
         # a non-leaf copy, so a model writing into its input meets the solver's own check
         inp = leaf.clone()
-        k, counter = _measured_evaluation(problem, tau, inp, list(problem.reads.params) + [leaf, inp], rng,
+        k, counter = _measured_evaluation(problem, tau, inp, list(params) + [leaf, inp], rng, state,
                                           stand_in=(inp, leaf))
     nbytes, unkeepable = None, "the velocity refuses saved-tensor hooks (its graph is not measured)"
     if counter is not None:

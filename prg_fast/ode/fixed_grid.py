@@ -67,6 +67,34 @@ def check_options(options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def odeint_grid(func: Callable, y0: torch.Tensor, t, options: dict) -> Tuple[Grid, Callable]:
+    """The Grid odeint(func, y0, t, options=...) solves on -- t itself (1-D, or (T, B) per sample),
+    or the finer solver grid of step_size / grid_constructor, returning only the states the
+    interpolation reads -- and what turns the solve's states into the outputs at t. A grid that
+    requires grad is the solve's tensor grid (its gradient is returned); else floats."""
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        if options:
+            raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
+        return odeint_per_sample_grid(t, y0), lambda states: states
+    t, values = odeint_values(t)
+    perturb = options.get("perturb", False)
+    if perturb and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
+                         "for float grids: t must not require grad")
+    fine = solver_grid(options, func, y0, t, values) if options else None
+    if fine is None:
+        times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
+        return Grid(values, list(range(len(values))), times), lambda states: states
+    fine_values = fine.detach().cpu().tolist()
+    needed, plan = interpolation_plan(fine_values, values)
+    differentiable = fine.requires_grad and torch.is_grad_enabled()
+    if perturb and differentiable:
+        raise ValueError("options['perturb']=True is for float grids: the grid_constructor's grid must not "
+                         "require grad")
+    grid = Grid(fine_values, needed, fine.to(y0.device) if differentiable else None)
+    return grid, lambda states: interpolate(states, needed, plan, fine if differentiable else fine.detach(), t)
+
+
 def solver_grid(options: dict, func: Callable, y0, t: torch.Tensor, values: List[float]) -> Optional[torch.Tensor]:
     """The grid the solver steps along (float64, on t's device, differentiable w.r.t. t's ends), or
     None when the options ask for no grid of their own (then the solver steps along t)."""

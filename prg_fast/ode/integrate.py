@@ -52,6 +52,13 @@ def check_flag(value, name: str) -> bool:
     return value
 
 
+def check_choice(value, name: str, choices: Tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        quoted = [f'"{c}"' for c in choices]
+        raise ValueError(f"{name} must be {', '.join(quoted[:-1])} or {quoted[-1]}, got {value!r}")
+    return value
+
+
 def format_time(t) -> str:
     """A time for a message: a float, a 0-dim tensor, or per-sample times (their range)."""
     if isinstance(t, torch.Tensor):
@@ -153,7 +160,7 @@ class Reads:
     computed ones it holds but the solve does not take (`unlisted`: an adjoint's VJP that finds one
     read is an error), the modules it reaches (train/eval flags) and their written buffers
     (module_state.ModuleState), a reentrant checkpoint in its graph (the VJPs then go through
-    torch.autograd.backward: prg_fast.ode.vjp), and the parametrized tensors cached around the
+    torch.autograd.backward: prg_fast.ode.rerun), and the parametrized tensors cached around the
     solve (parametrize_cache), which its reruns read."""
 
     params: Tuple[torch.Tensor, ...] = ()

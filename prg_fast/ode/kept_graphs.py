@@ -1,46 +1,31 @@
-"""The stored adjoint's forward: which evaluation graphs it keeps, and what it stores.
+"""The stored adjoint's forward: which evaluation graphs it keeps, and what it stores (the costs
+and the observable choice, for users: docs/engine.md, "Adjoint strategies").
 
-The exact adjoint (prg_fast.ode.stored_adjoint) needs, for every evaluation k = f(t, X) of the
-forward, the vector-Jacobian product g^T df/d(X, theta), from the evaluation *with its autograd
-graph*, from one of two sources:
-
-- kept: the forward ran that evaluation with grad enabled and kept its graph (and its stage-input
-  leaf); the backward takes the VJP directly -- no recomputation. Costs the graph's memory from the
-  forward until the backward reaches it (the VJP frees it).
-- recomputed: the forward ran it without a graph; the backward runs it again, with a graph, from the
-  stored stage input (one extra evaluation per stage, one graph alive at a time).
-
-`memory_budget` (bytes; "auto": half the memory free at the call, StoredAdjoint.budget_bytes)
-keeps floor(budget / bytes of one evaluation's graph) graphs (StoredAdjoint.graphs_to_keep): the
-*last* evaluations', which the backward needs first -- each is freed by its VJP, so the peak never
-exceeds budget + one evaluation. Kept evaluations that make up whole steps at the end (the tail)
-run as one plain autograd graph from a leaf at the tail's first state, and the backward takes one
-VJP through all of it (`Tail`): per evaluation, that spares the leaf, the VJP call and the
-cotangent arithmetic in Python, which cost a small network ~1.35x plain backprop; its arithmetic
-is plain backprop's. When every graph fits (and no time gradient is asked for), the whole solve
-is plain backprop instead (`EvaluationGraphs.as_backprop`): one graph from x itself, with no
-autograd Function of ours and its nested VJP around it. A step kept only in part, a tensor grid
-whose times require grad (the time leaves are per evaluation) and a reentrant checkpoint keep one
-graph per evaluation. No graph is kept when the first evaluation's graph saves a buffer that it
-writes in place (its version moves: every later evaluation's write would invalidate the earlier
-graphs, as in plain backprop, where rerunning from the buffer's snapshot is exact;
-`FirstEvaluation.unkeepable`).
-
-An allocation failure while graphs are kept (`EvaluationGraphs.run_forward`) frees them and runs
-the forward again keeping none, from the random state and written buffers it started with.
-
-`store`: "stages" (every stage input, K*s buffers) or "steps" (each step's start state, K
-buffers; the backward recomputes the step's stage inputs, s-1 evaluations without graph, reusing
-kept outputs), for the steps before the tail: the tail stores nothing (its graph holds what its
-backward reads, and a second backward reruns it from its start state). What a rerun needs to be
-exact is recorded by prg_fast.ode.rerun.ReplayRecord.
+The backward (prg_fast.ode.stored_adjoint) takes each evaluation's VJP from the evaluation *with
+its autograd graph*: kept by the forward (grad enabled, from a stage-input leaf of ours; no
+recomputation, the graph's memory held until the VJP frees it), or recomputed from the stored stage
+input (one graph alive at a time). The budget keeps the graphs of the *last* evaluations, which the
+backward needs first, so the peak never exceeds budget + one evaluation. Kept evaluations that make
+up whole steps at the end (the tail, `Tail`) run as one plain autograd graph from a leaf at the
+tail's first state and take one VJP: per evaluation that spares the leaf, the VJP call and the
+cotangent arithmetic in Python (~1.35x plain backprop for a small network), and its arithmetic is
+plain backprop's. When every graph fits and no time gradient is asked for, the solve is plain
+backprop from x itself (`EvaluationGraphs.as_backprop`), with no Function of ours and no nested
+VJP. A step kept only in part, time leaves (per evaluation) and a reentrant checkpoint keep one
+graph per evaluation; no graph is kept when the first evaluation's graph saves a buffer it writes in
+place (every later write would invalidate the earlier graphs, as in plain backprop, where rerunning
+from the buffer's snapshot is exact: `FirstEvaluation.unkeepable`). An allocation failure while
+graphs are kept frees them and starts the forward over keeping none (`unless_out_of_memory`).
+store="steps" keeps each step's start state before the tail instead of its stage inputs (the
+backward recomputes them, reusing kept outputs); the tail stores nothing (a second backward reruns
+it from its start state). What a rerun needs to be exact: prg_fast.ode.rerun.ReplayRecord.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
@@ -51,6 +36,7 @@ from .rerun import ReplayRecord
 
 # the strategies' log (docs/engine.md): what the stored adjoint keeps, at DEBUG for every solve
 log = logging.getLogger("prg_fast.ode.strategies")
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,6 +48,30 @@ class Tail:
     start: int
     leaf: torch.Tensor
     states: Dict[int, torch.Tensor]
+
+    @classmethod
+    def run(cls, p: Problem, state: torch.Tensor, start: int, evaluator) -> "Tail":
+        """Steps start .. K-1 from `state` with a graph from a leaf there, by `evaluator` (the
+        forward's tail_evaluate, or a backward's rerun: EvaluationGraphs.take_tail)."""
+        leaf = state.detach().requires_grad_(True)
+        with torch.enable_grad():
+            _, states = walk(p, leaf, start, p.steps, evaluator=evaluator)
+        return cls(start, leaf, {m: v for m, v in states.items() if m > start})
+
+
+def unless_out_of_memory(graphs: "EvaluationGraphs", attempt: Callable[[], T]) -> Optional[T]:
+    """attempt(), which keeps graphs; an allocation failure there is not the run's end: everything
+    kept is freed, the forward is put back to its start keeping nothing (graphs.fall_back: exact,
+    the random state and the written buffers are restored) and None says to run it again."""
+    try:
+        return attempt()
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if graphs.kept_count == 0 or not is_out_of_memory(error):
+            raise
+        message = str(error).splitlines()[0]
+    # outside the except block: the failed attempt's frames (and the graphs they hold) are gone
+    graphs.fall_back(message)
+    return None
 
 
 class EvaluationGraphs:
@@ -76,20 +86,19 @@ class EvaluationGraphs:
 
     def __init__(self, problem: Problem, strategy, first: Optional[FirstEvaluation], device: torch.device,
                  time_grad: bool):
-        self.problem, self.first, self.store = problem, first, strategy.store
-        # kept graphs then read their time through a leaf requiring grad, so the backward can take
-        # dL/dtau from them as from a recomputation
-        self.time_grad = time_grad
+        # time_grad: kept graphs then read their time through a leaf requiring grad, so the backward
+        # can take dL/dtau from them as from a recomputation
+        self.problem, self.first, self.store, self.time_grad = problem, first, strategy.store, time_grad
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.budget = strategy.budget_bytes(device)
         # an adaptive solve's count is unknown: "auto" runs it as plain backprop while its graphs fit the
         # budget (past it the controller raises an allocation failure: the fallback below, recomputing all),
         # a budget in bytes keeps the last graphs that fit (a window), 0 none (prg_fast.ode.adaptive)
-        total = problem.steps * problem.tableau.stages if problem.controller is None else math.inf
+        self.total = problem.steps * problem.tableau.stages if problem.controller is None else math.inf
         self.auto = problem.controller is not None and strategy.memory_budget == "auto"
         # a graph that a later evaluation invalidates is recomputed instead (FirstEvaluation.unkeepable)
         self.unkeepable = first.unkeepable if first is not None else None
-        self._keep(strategy.graphs_to_keep(total, self.graph_bytes, self.budget) if self.unkeepable is None else 0)
+        self._keep(strategy.graphs_to_keep(self.total, self.graph_bytes, self.budget) if self.unkeepable is None else 0)
         self.fell_back = False
         self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state)
         log.debug("adjoint: %s of %s evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
@@ -138,21 +147,7 @@ class EvaluationGraphs:
 
     def run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
         """The forward's outputs (without graph); `stored` receives the stage inputs (store="stages")
-        or each step's start state of the steps before the tail. An allocation failure while graphs
-        are kept is not the run's end: everything kept is freed and the forward starts over keeping
-        nothing (exact: the random state and the written buffers are put back first)."""
-        try:
-            return self._run_forward(x, stored)
-        except RuntimeError as error:  # torch.OutOfMemoryError is one
-            if self.kept_count == 0 or not is_out_of_memory(error):
-                raise
-            message = str(error).splitlines()[0]
-        # outside the except block: the failed attempt's frames (and the graphs they hold) are gone
-        self.fall_back(message)
-        stored.clear()
-        return self._run_forward(x, stored)
-
-    def _run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
+        or each step's start state of the steps before the tail (unless_out_of_memory runs it)."""
         p = self.problem
         where = dict(states=stored) if self.store == "steps" else dict(stage_inputs=stored)
         if p.controller is not None:  # the controller picks the grid: the backward walks the one it accepted
@@ -165,19 +160,10 @@ class EvaluationGraphs:
             # the tail stores nothing: its backward is one VJP through its graph, a second backward
             # reruns it whole from its start state (take_tail); its stage inputs live in its graph
             self.tail_start = x.detach()
-            self.tail = self._tail_graph(self.tail_evaluate)
+            self.tail = Tail.run(p, self.tail_start, self.tail_from, self.tail_evaluate)
             saved.update({m: v.detach() for m, v in self.tail.states.items()})
         self.replay.finish(reruns=self.keep_from > 0)  # every graph kept: a first backward reruns nothing
         return p.grid.gather_outputs(saved)
-
-    def _tail_graph(self, evaluator) -> Tail:
-        """Steps tail_from .. K-1 run with a graph from a leaf at the tail's start state, by
-        `evaluator` (the forward's tail_evaluate, or a backward's rerun: take_tail)."""
-        p = self.problem
-        leaf = self.tail_start.detach().requires_grad_(True)
-        with torch.enable_grad():
-            _, states = walk(p, leaf, self.tail_from, p.steps, evaluator=evaluator)
-        return Tail(self.tail_from, leaf, {m: v for m, v in states.items() if m > self.tail_from})
 
     def forward_evaluate(self, problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
         """The forward's evaluation (n, i) before the tail (an evaluator for integrate.walk): the
@@ -227,4 +213,4 @@ class EvaluationGraphs:
                 return problem.evaluate(t, xi)
 
         with self.replay.chain(self.tail_from * self.problem.tableau.stages):
-            return self._tail_graph(rerun)
+            return Tail.run(self.problem, self.tail_start, self.tail_from, rerun)

@@ -11,7 +11,7 @@ fresh tensor (spectral_norm: another power iteration) instead of the forward's.
 So the cached tensors the first evaluation finds are treated as inputs of the solve
 (`SharedParametrizations.tensors`): each VJP stops at them, the solve returns their summed
 gradient and autograd runs their own graph once, as in plain backprop (the originals they are
-computed from are then reached only through them: api drops them from the solve's inputs). And the
+computed from are then reached only through them: discovery drops them from the solve's inputs). And the
 backward's reruns read exactly those tensors (`SharedParametrizations.kept`), whether the backward
 runs inside the block or after it.
 
@@ -20,8 +20,7 @@ and writes: there is no public API to hand a cache to a rerun.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.nn.utils import parametrize
@@ -57,13 +56,3 @@ class SharedParametrizations:
     def kept(self):
         """Inside: caching is on and the cache holds the forward's tensors; after: as it was."""
         return parametrizations_cached_as(self.entries)
-
-
-@contextmanager
-def kept(shared: Optional[SharedParametrizations]) -> Iterator[None]:
-    """SharedParametrizations.kept, or nothing when the solve found none."""
-    if shared is None:
-        yield
-    else:
-        with shared.kept():
-            yield

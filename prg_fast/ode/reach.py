@@ -18,7 +18,7 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -33,8 +33,10 @@ class Reach:
     modules: List[torch.nn.Module] = field(default_factory=list)  # each once, submodules included
     tensors: List[torch.Tensor] = field(default_factory=list)  # leaves requiring grad held outside modules
     # non-leaf tensors requiring grad it holds (W = 2 * A): not inputs of the solve (see visit), but
-    # an adjoint's VJPs watch them (prg_fast.ode.vjp: read after the first evaluation, an error)
+    # an adjoint's VJPs watch them (prg_fast.ode.rerun: read after the first evaluation, an error)
     computed: List[torch.Tensor] = field(default_factory=list)
+    # (module, name) of every buffer of those modules: the state it may write (prg_fast.ode.module_state)
+    buffers: List[Tuple[torch.nn.Module, str]] = field(default_factory=list)
 
 
 def _global_names(code: types.CodeType) -> List[str]:
@@ -94,7 +96,7 @@ class _Search:
             # leaves are inputs; a non-leaf (W = A @ B, a loss kept from an earlier step) made an
             # input would be differentiated through its own graph as well as by the solve, and may
             # belong to a graph long freed: one the first evaluation reads is discovery's error, one
-            # read later the adjoints' VJPs' (Reach.computed, prg_fast.ode.vjp.graph_vjp)
+            # read later the adjoints' VJPs' (Reach.computed, prg_fast.ode.rerun.graph_vjp)
             if o.requires_grad:
                 (self.out.tensors if o.is_leaf else self.out.computed).append(o)
         elif not isinstance(o, (types.ModuleType, type, str, bytes, int, float, bool, complex)):
@@ -125,8 +127,10 @@ class _Search:
 def reachable(obj) -> Reach:
     search = _Search()
     search.visit(obj, 0)
-    search.out.modules = list(search.modules.values())
-    return search.out
+    out = search.out
+    out.modules = list(search.modules.values())
+    out.buffers = [(m, name) for m in out.modules for name, b in m.named_buffers(recurse=False) if b is not None]
+    return out
 
 
 def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List[torch.Tensor]:
@@ -162,7 +166,7 @@ REENTRANT_NODE = "CheckpointFunctionBackward"
 def has_reentrant_checkpoint(node_types) -> bool:
     """Whether a graph whose autograd nodes have these types runs a reentrant checkpoint
     (torch.utils.checkpoint(..., use_reentrant=True): its adjoint VJPs then go through
-    torch.autograd.backward, prg_fast.ode.vjp). The types are collected by the one walk of the first
+    torch.autograd.backward, prg_fast.ode.rerun). The types are collected by the one walk of the first
     evaluation's graph (discover_params); a Python Function's node type is named after it."""
     return any(t.__name__ == REENTRANT_NODE for t in node_types)
 

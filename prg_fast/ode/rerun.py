@@ -32,15 +32,14 @@ prg_fast.ode.reach finds and what graph discovery adds.)
 from __future__ import annotations
 
 import functools
-from contextlib import ExitStack, contextmanager
-from typing import Iterator, List, Optional, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
 from ..compat import foreach_add_, tensor_hook_dicts, version, view_base
-from . import parametrize_cache
 from .integrate import autocast_state, capture_rng, restore_rng
-from .module_state import ModuleState, TrainingModes, left_as_found
+from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
 
 
 def _same_rng(a, b) -> bool:
@@ -49,7 +48,7 @@ def _same_rng(a, b) -> bool:
 
 class ReplayRecord:
     """Recorded by a forward (`record` before each rerunnable evaluation, `finish` at its end),
-    read by its backward (`backward` around it, `rerun(e)` around each rerun of evaluation e)."""
+    read by its backward (`backward` runs it, `rerun(e)` is around each rerun of evaluation e)."""
 
     def __init__(self, problem, device: torch.device, preserve_rng: bool):
         self.device = device
@@ -114,14 +113,17 @@ class ReplayRecord:
                 raise RuntimeError(why)
             self.cannot_rerun = why
 
-    @contextmanager
-    def backward(self) -> Iterator[None]:
-        """Around a whole backward: parameters changed in place since the forward are found before
+    def backward(self, compute: Callable[[], tuple]) -> tuple:
+        """A whole backward, `compute()`: an adjoint Function's gradients (None, None, the grid's,
+        x's, then the parameters'). Parameters changed in place since the forward are found before
         anything is rerun, the written buffers end as they were found, and the forward's train/eval
-        flags and cached parametrizations hold while it runs."""
+        flags and cached parametrizations hold while it runs; after it, the parameters' in-place
+        checks (ParamVersions)."""
         self.versions.before_backward()
-        with left_as_found(self.state), self.modes, parametrize_cache.kept(self.shared):
-            yield
+        with left_as_found(self.state), self.modes, self.shared.kept() if self.shared is not None else nullcontext():
+            grads = compute()
+        self.versions.after_backward(grads[4:])
+        return grads
 
     @contextmanager
     def chain(self, e: int) -> Iterator[None]:
@@ -148,64 +150,6 @@ class ReplayRecord:
             if self.rng is not None and not chained:
                 stack.enter_context(restore_rng(self.rng[e], self.device))
             yield
-
-    def check_versions(self, grads: Sequence) -> None:
-        """After the backward, with the parameters' gradients (see ParamVersions)."""
-        self.versions.after_backward(grads)
-
-
-class ParamVersions:
-    """What happened to the solve's parameters in place, for the adjoints' backward.
-
-    - Between the forward and the backward (optimizer.step() before backward): the reruns would
-      differentiate another network. Plain backprop raises for this; so do the adjoints, for the
-      tensors the reruns actually read (a gradient came back). Checked against the versions at the
-      end of the forward, before the backward reruns anything.
-    - During the forward, by the model itself (nn.Embedding(max_norm=...) renormalises the rows
-      it reads, in place, inside its own forward): the reruns do the same again. Exact when that
-      write leaves the values the forward read as they were (a renorm of rows already within the
-      norm does); the written tensors are copied at the start of the backward and compared at its
-      end, and a rerun that changed them is an error that names the in-place write (the values are
-      put back first)."""
-
-    def __init__(self, params: Sequence[torch.Tensor], at_forward_start: Sequence[int]):
-        self.params = list(params)
-        self.versions = [version(q) for q in self.params]  # at the end of the forward
-        self.written = [i for i, (a, b) in enumerate(zip(at_forward_start, self.versions)) if a != b]
-        self.moved: List[int] = []
-        self.copies: dict = {}
-
-    def before_backward(self) -> None:
-        self.moved = [i for i, (q, v) in enumerate(zip(self.params, self.versions)) if version(q) != v]
-        with torch.no_grad():
-            self.copies = {i: self.params[i].detach().clone() for i in self.written if i not in self.moved}
-
-    def after_backward(self, grads: Sequence) -> None:
-        params = self.params
-        for i in self.moved:
-            if grads[i] is not None:
-                q = params[i]
-                raise RuntimeError(
-                    f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
-                    f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
-                    f"(version {self.versions[i]} -> {version(q)}): the adjoint recomputes the network from its current "
-                    "tensors, so its gradient would not be the forward's. Call backward before changing the parameters "
-                    "(e.g. before optimizer.step()), or use adjoint=False"
-                )
-        changed = [i for i, c in self.copies.items() if not torch.equal(params[i], c)]
-        with torch.no_grad():
-            for i in changed:
-                params[i].data.copy_(self.copies[i])
-        self.copies = {}
-        if changed:
-            i = changed[0]
-            raise RuntimeError(
-                f"the model writes a tensor it reads in place while it runs (input {i} of the solve's {len(params)} "
-                f"parameters, shape {tuple(params[i].shape)}; e.g. nn.Embedding(max_norm=...) renormalises its weight "
-                "inside its own forward), and rerunning it in the backward changed that tensor again, so the adjoint's "
-                "reruns do not read what the forward read (its values are put back). Use adjoint=False, or "
-                "memory_budget=float('inf') (nothing is rerun)"
-            )
 
 
 @contextmanager

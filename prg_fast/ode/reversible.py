@@ -54,12 +54,6 @@ def check_coupling(coupling) -> float:
     return float(coupling)
 
 
-def check_reconstruction_mode(value) -> str:
-    if not isinstance(value, str) or value not in RECONSTRUCTION_CHECKS:
-        raise ValueError(f'reversible_check must be "error", "warn" or "off", got {value!r}')
-    return value
-
-
 def check_grid(problem: Problem) -> None:
     """The scheme's grids: not save_at on per-sample times, whose grid may hold zero-length steps,
     which only the RK step maps to the identity."""
@@ -142,36 +136,25 @@ def run(p: Problem, x: torch.Tensor, lam: float,
 
 
 def solve_reversible(problem: Problem, x: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> torch.Tensor:
-    """The reversible scheme under ordinary autograd (or no_grad): the oracle for ReversibleSolve.
-    Returns the y states at problem.out_index stacked on dim 0."""
+    """The reversible scheme under ordinary autograd (or no_grad): the oracle for the reversible
+    adjoint. Returns the y states at the grid's outputs stacked on dim 0."""
     outs, _, _ = run(problem, x.to(problem.state_dtype), check_coupling(coupling))
     return torch.stack(outs)
 
 
-def final_pair(problem: Problem, x: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y_K, z_K) of the reversible scheme from x, no graph (what ReversibleSolve keeps)."""
-    with torch.no_grad():
-        _, y, z = run(problem, x.to(problem.state_dtype), check_coupling(coupling))
-    return y, z
-
-
-def invert(problem: Problem, y: torch.Tensor, z: torch.Tensor, coupling: float = DEFAULT_COUPLING) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Walk the exact inverse step from the final pair (y_K, z_K) back to (y_0, z_0), no graph."""
-    lam = check_coupling(coupling)
-    with torch.no_grad():
-        for n in reversed(range(problem.steps)):
-            y, z = inverse_step(problem, lam, n, y, z)
-    return y, z
-
-
-def inverse_step(p, lam, n, y, z):
+def inverse_step(p: Problem, lam: float, n: int, y: torch.Tensor, z: torch.Tensor,
+                 step: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y_n, z_n) from (y_{n+1}, z_{n+1}): the scheme's exact inverse. `step(e, t, h, end,
+    x)` is base step e (2n: F from t_n, 2n+1: G from t_{n+1}): base_step itself by default, the
+    adjoint's rerun with its VJP in the backward (prg_fast.ode.reversible_adjoint)."""
     t0, t1 = p.point(n), p.point(n + 1)
     h = t1 - t0
-    gy = base_step(p, t1, -h, y, t0)
+    if step is None:
+        def step(e, t, hh, end, x):
+            return base_step(p, t, hh, x, end)
+    gy = step(2 * n + 1, t1, -h, t0, y)
     z = p.backend.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
-    fz = base_step(p, t0, h, z, t1)
+    fz = step(2 * n, t0, h, t1, z)
     # y_n = (y_{n+1} + lam z_n - F(z_n)) / lam
     y = p.backend.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
     return y, z
-
-

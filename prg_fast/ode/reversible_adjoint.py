@@ -4,14 +4,13 @@ steps, from the final pair alone.
 The forward runs the algebraically reversible scheme (prg_fast.ode.reversible) without a graph and
 keeps (y_K, z_K) and the replay record of each base step (prg_fast.ode.rerun). The backward walks
 the steps in reverse: each base step is rerun with its graph from the state the exact inverse step
-rebuilds, and that rerun doubles as its VJP (BaseStepVJP) -- 2s recomputed evaluations and 2s VJPs
+rebuilds, and that rerun doubles as its VJP (BackwardWalk) -- 2s recomputed evaluations and 2s VJPs
 per step. The gradients equal plain backprop through the same scheme (prg_fast.ode.backprop with a
 coupling) up to the rounding of the reconstruction, which the backward checks: the initial state
 it rebuilds against the one passed (prg_fast.ode.reversible.check_reconstruction).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,10 +18,10 @@ import torch
 
 from ..compat import version
 from .discovery import discover
-from .integrate import Problem, check_flag
+from .integrate import Problem, check_choice, check_flag
 from .rerun import GradientSum, ReplayRecord, evaluation_vjp, once_differentiable
-from .reversible import (DEFAULT_COUPLING, base_step, check_coupling, check_reconstruction, check_reconstruction_mode,
-                         reconstruction_error, run, solve_reversible)
+from .reversible import (DEFAULT_COUPLING, RECONSTRUCTION_CHECKS, base_step, check_coupling, check_reconstruction,
+                         inverse_step, reconstruction_error, run, solve_reversible)
 
 
 @dataclass(frozen=True)
@@ -38,26 +37,20 @@ class ReversibleAdjoint:
     def __post_init__(self):
         object.__setattr__(self, "coupling", check_coupling(self.coupling))
         check_flag(self.preserve_rng_state, "preserve_rng_state")
-        check_reconstruction_mode(self.check)
+        check_choice(self.check, "reversible_check", RECONSTRUCTION_CHECKS)
 
     def run(self, problem: Problem, x: torch.Tensor) -> torch.Tensor:
         """The y states at the grid's outputs, stacked, differentiated by this adjoint (the run of
         every strategy: prg_fast.ode.api.run)."""
-        if not torch.is_grad_enabled():
-            return solve_reversible(problem, x, self.coupling)
-        times = problem.grid.times
-        time_grad = times is not None and times.requires_grad
-        if times is not None:  # the Function takes the grid as an input: the problem reads it without graph
-            problem = problem.on(dataclasses.replace(problem.grid, times=times.detach()))
-        problem, first = discover(problem, x, time_grad)
-        if first is not None:
-            # the scheme runs its own evaluations: discovery costs one (a cached parametrization is
-            # computed once per cache, and stays as the first evaluation left it)
-            first.discard(problem)
-        params = problem.reads.params
-        if not (time_grad or x.requires_grad or any(p.requires_grad for p in params)):
-            return solve_reversible(problem, x, self.coupling)
-        return ReversibleSolve.apply(problem, self, times, x, *params)
+        if torch.is_grad_enabled():
+            times, (problem, first, _, differentiated) = problem.grid.times, discover(problem, x)
+            if first is not None:
+                # the scheme runs its own evaluations: discovery costs one (a cached parametrization
+                # is computed once per cache, and stays as the first evaluation left it)
+                first.discard(problem)
+            if differentiated:
+                return ReversibleSolve.apply(problem, self, times, x, *problem.reads.params)
+        return solve_reversible(problem, x, self.coupling)
 
 
 class ReversibleSolve(torch.autograd.Function):
@@ -83,9 +76,7 @@ class ReversibleSolve(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        with ctx.replay.backward():
-            grads = _backward(ctx, grad_out)
-        ctx.replay.check_versions(grads[4:])
+        grads = ctx.replay.backward(lambda: _backward(ctx, grad_out))
         # after the version check: parameters changed in place also spoil the reconstruction, and
         # that error names the cause
         if getattr(ctx, "reconstruction_error", None) is not None:
@@ -93,20 +84,46 @@ class ReversibleSolve(torch.autograd.Function):
         return grads
 
 
-class BaseStepVJP:
-    """Base steps x + Psi_h(t, x) rerun with their graphs (under the forward's replay record) for
-    their vector-Jacobian products; sums the parameters' shares (GradientSum)."""
+class BackwardWalk:
+    """The reversible backward, walked step by step in reverse as the scheme's inverse step
+    (prg_fast.ode.reversible.inverse_step) with this as its base step: each base step x + Psi_h(t, x)
+    is rerun with its graph (under the forward's replay record) for its vector-Jacobian product, and
+    the cotangents of y and z (ybar, zbar), the grid's and the parameters' (GradientSum) follow:
 
-    def __init__(self, p: Problem, replay: ReplayRecord, want_tgrad: bool):
-        self.p, self.replay, self.want_tgrad = p, replay, want_tgrad
+        G (base step 2n+1, of -h from t_{n+1}):  z_{n+1} = z_n + y_{n+1} - G(y_{n+1})
+        F (base step 2n, of h from t_n):         y_{n+1} = lam y_n - lam z_n + F(z_n)"""
+
+    def __init__(self, p: Problem, replay: ReplayRecord, lam: float, like: torch.Tensor, want_tgrad: bool):
+        self.p, self.replay, self.lam, self.want_tgrad = p, replay, lam, want_tgrad
         self.params = list(p.reads.params)
         self.grads = GradientSum(self.params)
+        self.ybar, self.zbar = torch.zeros_like(like), torch.zeros_like(like)
+        self.zbar_zero = True  # nothing has reached z yet: the outputs read only y
+        self.gtimes = torch.zeros_like(p.grid.times) if want_tgrad else None
+        self.g_times = (None, None)  # G's [d/dt, d/dh], until F's arrive
 
-    def __call__(self, e: int, t, h, end, x: torch.Tensor, cot: Optional[torch.Tensor]):
-        """Base step e (2n: F from t_n, 2n+1: G from t_{n+1}): its value, cot^T d/dx, and
-        [cot^T d/dt, cot^T d/dh] (a tensor grid whose gradient is wanted; else [None, None]).
-        cot None: a cotangent known to be zero (the last step's z, which no output reads): the
-        step is only recomputed, without graph, as plain backprop never differentiates it."""
+    def __call__(self, e: int, t, h, end, x: torch.Tensor) -> torch.Tensor:
+        """Base step e's value, its VJP taken into the cotangents."""
+        n, lam = e // 2, self.lam
+        if e % 2:  # G: its cotangent is -zbar (None while zero: no output reads z_K)
+            out, gbar, self.g_times = self.vjp(e, t, h, end, x, None if self.zbar_zero else -self.zbar)
+            self.ybar = self.ybar + self.zbar + gbar
+            return out
+        out, fbar, (dt0, dh) = self.vjp(e, t, h, end, x, self.ybar)
+        if self.want_tgrad:
+            dt1, dmh = self.g_times
+            dh = dh - dmh
+            self.gtimes[n] += dt0 - dh
+            self.gtimes[n + 1] += dt1 + dh
+        self.zbar, self.zbar_zero = self.zbar - lam * self.ybar + fbar, False
+        self.ybar = lam * self.ybar
+        return out
+
+    def vjp(self, e: int, t, h, end, x: torch.Tensor, cot: Optional[torch.Tensor]):
+        """Base step e's value, cot^T d/dx, and [cot^T d/dt, cot^T d/dh] (a tensor grid whose
+        gradient is wanted; else [None, None]). cot None: a cotangent known to be zero (the last
+        step's z, which no output reads): the step is only recomputed, without graph, as plain
+        backprop never differentiates it."""
         xg = x.detach().requires_grad_(cot is not None)
         if self.want_tgrad and cot is not None:
             # the base step's time and step size are leaves: their gradients come out of the same VJP
@@ -129,34 +146,15 @@ class BaseStepVJP:
 
 def _backward(ctx, grad_out: torch.Tensor):
     p: Problem = ctx.problem
-    lam = ctx.strategy.coupling
     y, z = (v.detach() for v in ctx.saved_tensors)
     arriving = {idx: g.to(p.state_dtype) for idx, g in p.grid.output_cotangents(grad_out).items()}
-    ybar, zbar = torch.zeros_like(y), torch.zeros_like(z)
-    zbar_zero = True  # nothing has reached z yet: the outputs read only y
-    want_tgrad = p.grid.times is not None and ctx.needs_input_grad[2]
-    gtimes = torch.zeros_like(p.grid.times) if want_tgrad else None
-    vjp = BaseStepVJP(p, ctx.replay, want_tgrad)
+    walk = BackwardWalk(p, ctx.replay, ctx.strategy.coupling, y, p.grid.times is not None and ctx.needs_input_grad[2])
     for n in reversed(range(p.steps)):
         if n + 1 in arriving:
-            ybar = ybar + arriving.pop(n + 1)
-        t0, t1 = p.point(n), p.point(n + 1)
-        h = t1 - t0
-        # z_{n+1} = z_n + y_{n+1} - G(y_{n+1}),  G = base step of -h from t1
-        gy, gbar, (dt1, dmh) = vjp(2 * n + 1, t1, -h, t0, y, None if zbar_zero else -zbar)
-        ybar = ybar + zbar + gbar
-        z = p.backend.combine(z, [gy, y], [1.0, -1.0], 1.0, p.state_dtype)
-        # y_{n+1} = lam y_n - lam z_n + F(z_n),  F = base step of h from t0
-        fz, fbar, (dt0, dh) = vjp(2 * n, t0, h, t1, z, ybar)
-        if want_tgrad:
-            dh = dh - dmh
-            gtimes[n] += dt0 - dh
-            gtimes[n + 1] += dt1 + dh
-        zbar, zbar_zero = zbar - lam * ybar + fbar, False
-        y = p.backend.combine(y, [z, fz], [1.0, -1.0 / lam], 1.0 / lam, p.state_dtype)
-        ybar = lam * ybar
+            walk.ybar = walk.ybar + arriving.pop(n + 1)
+        y, z = inverse_step(p, walk.lam, n, y, z, walk)
     if 0 in arriving:
-        ybar = ybar + arriving.pop(0)
+        walk.ybar = walk.ybar + arriving.pop(0)
     if ctx.strategy.check != "off" and version(ctx.x0) == ctx.x0_version:
         ctx.reconstruction_error = reconstruction_error(y, z, ctx.x0)
-    return (None, None, gtimes, (ybar + zbar).to(ctx.x_dtype), *vjp.grads.totals())
+    return (None, None, walk.gtimes, (walk.ybar + walk.zbar).to(ctx.x_dtype), *walk.grads.totals())

@@ -30,7 +30,7 @@ quantity here is per sample ((B,)), on a shared grid summed over the batch.
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -39,11 +39,12 @@ from typing import List, Optional, Union
 import torch
 
 from .discovery import discover
-from .free_memory import AUTO_FRACTION, free_bytes, is_out_of_memory
-from .integrate import Problem, check_flag, run, solve
-from .kept_graphs import EvaluationGraphs, Tail
+from .free_memory import AUTO_FRACTION, free_bytes
+from .integrate import Problem, check_choice, check_flag, run, solve
+from .kept_graphs import EvaluationGraphs, Tail, unless_out_of_memory
 from .rerun import GradientSum, evaluation_vjp, graph_vjp, once_differentiable
 
+log = logging.getLogger("prg_fast.ode.strategies")  # what the strategy chose, at DEBUG (docs/engine.md)
 AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
 STORES = ("stages", "steps")
 
@@ -60,12 +61,6 @@ def check_memory_budget(value) -> Union[None, float, str]:
     return float(value)
 
 
-def check_store(value) -> str:
-    if not isinstance(value, str) or value not in STORES:
-        raise ValueError(f'store must be "stages" or "steps", got {value!r}')
-    return value
-
-
 @dataclass(frozen=True)
 class StoredAdjoint:
     """The exact discrete adjoint from stored stage inputs (or step states), keeping the graphs of
@@ -78,7 +73,7 @@ class StoredAdjoint:
 
     def __post_init__(self):
         object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget))
-        check_store(self.store)
+        check_choice(self.store, "store", STORES)
         check_flag(self.preserve_rng_state, "preserve_rng_state")
 
     def budget_bytes(self, device: torch.device) -> Optional[float]:
@@ -104,38 +99,31 @@ class StoredAdjoint:
         every strategy: prg_fast.ode.api.run)."""
         if not torch.is_grad_enabled():
             return solve(problem, x)
-        times = problem.grid.times
-        time_grad = times is not None and times.requires_grad
-        if times is not None:  # the Function takes the grid as an input: the problem reads it without graph
-            problem = problem.on(dataclasses.replace(problem.grid, times=times.detach()))
-        problem, first = discover(problem, x, time_grad)
-        params = problem.reads.params
-        if not (time_grad or x.requires_grad or any(p.requires_grad for p in params)):
+        times, (problem, first, time_grad, differentiated) = problem.grid.times, discover(problem, x)
+        if not differentiated:  # nothing to differentiate: the first evaluation is reused all the same
             return solve(problem, x, first.evaluator() if first is not None else None)
         graphs = EvaluationGraphs(problem, self, first, x.device, time_grad)
+        log.debug("adjoint: %s of %s evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
+                  graphs.kept_count, graphs.total, graphs.graph_bytes, graphs.budget, self.memory_budget,
+                  "" if graphs.unkeepable is None else f"; none can be kept: {graphs.unkeepable}")
         if graphs.as_backprop:
             outs = _as_backprop(graphs, x)
             if outs is not None:
                 return AdjointSolveKept.apply(graphs, *outs)
-        return AdjointSolve.apply(problem, graphs, times, x, *params)
+        return AdjointSolve.apply(problem, graphs, times, x, *problem.reads.params)
 
 
 def _as_backprop(graphs: EvaluationGraphs, x: torch.Tensor) -> Optional[List[torch.Tensor]]:
     """The solve's outputs with their graph, by plain backprop's one path (integrate.run), its first
-    evaluation the one discovery ran (whose input has x's graph). An allocation failure is not the
-    run's end: the graph is freed, the first evaluation's draws and writes undone, nothing is kept
-    any more (kept_count 0, fell_back) and None says to run the adjoint's forward instead."""
+    evaluation the one discovery ran (whose input has x's graph); None after an allocation failure
+    (nothing is kept any more: kept_count 0, fell_back), to run the adjoint's forward instead."""
     p, first = graphs.problem, graphs.first
-    try:
+
+    def attempt() -> List[torch.Tensor]:
         with torch.enable_grad():
             return run(p, x.to(p.state_dtype), evaluator=first.evaluator(with_graph=True) if first else None)
-    except RuntimeError as error:  # torch.OutOfMemoryError is one
-        if not is_out_of_memory(error):
-            raise
-        message = str(error).splitlines()[0]
-    # outside the except block: the failed attempt's frames (and the graph they hold) are gone
-    graphs.fall_back(message)
-    return None
+
+    return unless_out_of_memory(graphs, attempt)
 
 
 class AdjointSolveKept(torch.autograd.Function):
@@ -162,7 +150,11 @@ class AdjointSolve(torch.autograd.Function):
     def forward(ctx, problem: Problem, evals: EvaluationGraphs, times: Optional[torch.Tensor], x: torch.Tensor,
                 *params: torch.Tensor):
         stored: list = []
-        outs = evals.run_forward(x.to(problem.state_dtype), stored)
+        x0 = x.to(problem.state_dtype)
+        outs = unless_out_of_memory(evals, lambda: evals.run_forward(x0, stored))
+        if outs is None:  # the kept graphs met an allocation failure: again, keeping none
+            stored.clear()
+            outs = evals.run_forward(x0, stored)
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
         ctx.save_for_backward(*stored)
@@ -175,11 +167,7 @@ class AdjointSolve(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        replay = ctx.evals.replay
-        with replay.backward():
-            grads = _backward(ctx, grad_out)
-        replay.check_versions(grads[4:])
-        return grads
+        return ctx.evals.replay.backward(lambda: _backward(ctx, grad_out))
 
 
 def _backward(ctx, grad_out: torch.Tensor):
