@@ -29,7 +29,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, ClassVar, List, Optional
 
 import torch
 
@@ -39,6 +39,7 @@ from .embedded import EmbeddedTableau
 from .fixed_grid import odeint_values
 from .grids import Grid
 from .integrate import check_state, format_time
+from .kept_graphs import EvaluationGraphs
 from .ops import MAX_TERMS
 from .stored_adjoint import StoredAdjoint
 
@@ -467,6 +468,43 @@ def _norm(user_norm, structure, one: Callable) -> Callable:
     return lambda flat: torch.linalg.vector_norm(flat) * scale
 
 
+class AcceptedGraphs(EvaluationGraphs):
+    """The stored adjoint's forward for an adaptive solve (StoredAdjoint.run takes it from the
+    controller). How many evaluations the solve takes is known only when it ends, so "auto" runs it
+    as plain backprop while the graphs fit the budget (past it the Stepper raises an allocation
+    failure: EvaluationGraphs' fall back, recomputing all), a budget in bytes keeps the graphs of the
+    last evaluations that fit (a window; every stage input is stored), 0 none. No tail: the
+    backward walks the problem on the grid the controller accepted (Controller.accepted)."""
+
+    def __init__(self, problem, strategy, first, device: torch.device, time_grad: bool):
+        self.auto = strategy.memory_budget == "auto"
+        super().__init__(problem, strategy, first, device, time_grad)
+
+    def _keep(self, count) -> None:
+        self.kept_count, self.kept, self.tail, self.tail_start = count, {}, None, None
+        self.keep_from, self.tail_from = (0 if count > 0 else math.inf), math.inf
+        self.window = count if 0 < count < math.inf and not self.auto else None
+        self.problem.controller.limit = count if self.auto else math.inf
+
+    @property
+    def as_backprop(self) -> bool:
+        return self.window is None and super().as_backprop
+
+    def run_forward(self, x: torch.Tensor, stored: list) -> List[torch.Tensor]:
+        p = self.problem
+        outs = p.controller.run(p, x, evaluator=self.forward_evaluate,
+                                **{"states" if self.store == "steps" else "stage_inputs": stored})
+        self.problem = p.controller.accepted(p, self)
+        self.replay.finish(reruns=True)
+        return outs
+
+    def forward_evaluate(self, problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:
+        k = super().forward_evaluate(problem, n, i, t, xi)
+        if self.window is not None and len(self.kept) > self.window:
+            del self.kept[min(self.kept)]  # the oldest graph (its stage input is stored: it is recomputed)
+        return k
+
+
 @dataclass
 class Controller:
     """The adaptive controller of one odeint call, as integrate.Problem.controller: `run` is the
@@ -488,6 +526,7 @@ class Controller:
     loop: Optional[AdaptiveLoop] = None
     stats: SolveStats = field(default_factory=SolveStats)
     end: float = 0.0
+    graphs: ClassVar[type] = AcceptedGraphs  # the stored adjoint's forward
 
     def run(self, p, x: torch.Tensor, evaluator=None, stage_inputs: Optional[list] = None,
             states: Optional[list] = None) -> List[torch.Tensor]:

@@ -192,8 +192,7 @@ def odeint(
 
     torchdiffeq's fixed-grid options: `options=dict(step_size=h)` or `dict(grid_constructor=fn)` steps
     along a finer grid and linearly interpolates the states at t (prg_fast.ode.fixed_grid; the same
-    grid and interpolation as torchdiffeq). `rtol`/`atol` are accepted for drop-in use and ignored
-    with a warning: every method here is fixed-step (torchdiffeq's fixed-grid solvers drop them too).
+    grid and interpolation as torchdiffeq). A fixed-step method ignores `rtol`/`atol` with a warning.
 
     Adaptive methods ("dopri5", "bosh3", "adaptive_heun", "fehlberg2", "dopri8", "tsit5" or an
     EmbeddedTableau; prg_fast.ode.adaptive): torchdiffeq's rtol/atol (default 1e-7/1e-9) and options
@@ -207,10 +206,8 @@ def odeint(
         raise ValueError(f"{'return_stats=True' if return_stats else 'event_fn'} needs an adaptive method; "
                          f"{method!r} is fixed-step")
     if rtol is not None or atol is not None:
-        warnings.warn(
-            "odeint: rtol/atol are ignored; every method here is fixed-step (choose the grid t, or "
-            "options=dict(step_size=...))", UserWarning, stacklevel=2,
-        )
+        warnings.warn(f"odeint: rtol/atol are ignored by the fixed-step method {method!r} (choose the grid t or "
+                      "options=dict(step_size=...); an adaptive method such as dopri5 reads them)", UserWarning, stacklevel=2)
     options = fixed_grid.check_options(options)
     spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("odeint", solve_options))
     # odeint's own: t passed 0-dim, and torchdiffeq's perturb (fixed_grid) from its options

@@ -16,6 +16,7 @@ evaluation reads (autocast; the random generators, captured and set by the adjoi
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -200,6 +201,11 @@ class Problem:
     @property
     def steps(self) -> int:
         return len(self.grid.points) - 1
+
+    @property
+    def evaluations(self) -> float:
+        """The solve's evaluations: steps x stages; unknown (inf) while a controller picks the grid."""
+        return self.steps * self.tableau.stages if self.controller is None else math.inf
 
     @property
     def per_sample(self) -> bool:

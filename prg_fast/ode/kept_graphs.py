@@ -23,7 +23,6 @@ it from its start state). What a rerun needs to be exact: prg_fast.ode.rerun.Rep
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
@@ -91,19 +90,12 @@ class EvaluationGraphs:
         self.problem, self.first, self.store, self.time_grad = problem, first, strategy.store, time_grad
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.budget = strategy.budget_bytes(device)
-        # an adaptive solve's count is unknown: "auto" runs it as plain backprop while its graphs fit the
-        # budget (past it the controller raises an allocation failure: the fallback below, recomputing all),
-        # a budget in bytes keeps the last graphs that fit (a window), 0 none (prg_fast.ode.adaptive)
-        self.total = problem.steps * problem.tableau.stages if problem.controller is None else math.inf
-        self.auto = problem.controller is not None and strategy.memory_budget == "auto"
+        self.total = problem.evaluations  # (unbounded while an adaptive controller picks the grid)
         # a graph that a later evaluation invalidates is recomputed instead (FirstEvaluation.unkeepable)
         self.unkeepable = first.unkeepable if first is not None else None
         self._keep(strategy.graphs_to_keep(self.total, self.graph_bytes, self.budget) if self.unkeepable is None else 0)
         self.fell_back = False
         self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state)
-        log.debug("adjoint: %s of %s evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
-                  self.kept_count, total, self.graph_bytes, self.budget, strategy.memory_budget,
-                  "" if self.unkeepable is None else f"; none can be kept: {self.unkeepable}")
 
     def _keep(self, count: int) -> None:
         """Keep the graphs of the last `count` evaluations: those of whole steps at the end run as one
@@ -112,16 +104,10 @@ class EvaluationGraphs:
         p, s = self.problem, self.problem.tableau.stages
         self.kept_count = count
         self.keep_from = p.steps * s - count  # evaluations e = n * s + i >= keep_from keep their graphs
-        self.window = None  # an adaptive forward keeping the last `window` graphs
-        if p.controller is not None:
-            self.keep_from = 0 if count > 0 else math.inf
-            self.window = count if 0 < count < math.inf and not self.auto else None
-            p.controller.limit = count if self.auto else math.inf
         whole = not self.time_grad and not p.reads.reentrant
         # the tail's first step; never 0: a solve keeping every graph runs as plain backprop instead
         # (as_backprop), whose graph reaches x itself
         self.tail_from = max(1, -(-self.keep_from // s)) if whole else p.steps
-        self.tail_from = math.inf if p.controller is not None else self.tail_from  # (its grid is picked as it runs)
         self.kept: Dict[int, Tuple[torch.Tensor, object, torch.Tensor]] = {}  # e -> (leaf, tau, k)
         self.tail: Optional[Tail] = None
         self.tail_start: Optional[torch.Tensor] = None  # the state at the tail's start (a rerun's)
@@ -131,7 +117,7 @@ class EvaluationGraphs:
         """Every evaluation's graph fits (none is invalidated by a later one) and no time gradient
         is asked for: the solve is plain backprop, one autograd graph from x, and no Function of
         the adjoint stands between it and autograd."""
-        return self.keep_from == 0 and self.window is None and self.unkeepable is None and not self.time_grad
+        return self.keep_from == 0 and self.unkeepable is None and not self.time_grad
 
     def fall_back(self, message: str) -> None:
         """Back to the start of the forward after an allocation failure, keeping no graph: the first
@@ -150,11 +136,6 @@ class EvaluationGraphs:
         or each step's start state of the steps before the tail (unless_out_of_memory runs it)."""
         p = self.problem
         where = dict(states=stored) if self.store == "steps" else dict(stage_inputs=stored)
-        if p.controller is not None:  # the controller picks the grid: the backward walks the one it accepted
-            outs = p.controller.run(p, x, evaluator=self.forward_evaluate, **where)
-            self.problem = p.controller.accepted(p, self)
-            self.replay.finish(reruns=True)
-            return outs
         x, saved = walk(p, x, 0, self.tail_from, evaluator=self.forward_evaluate, **where)
         if self.tail_from < p.steps:
             # the tail stores nothing: its backward is one VJP through its graph, a second backward
@@ -189,8 +170,6 @@ class EvaluationGraphs:
         with torch.enable_grad():
             k = problem.evaluate(t, leaf)
         self.kept[e] = (leaf, t, k)
-        if self.window is not None and len(self.kept) > self.window:  # an adaptive forward: the last `window`
-            del self.kept[min(self.kept)]  # graphs kept; the oldest is dropped, its stage input is stored anyway
         return k.detach()
 
     def tail_evaluate(self, problem: Problem, n: int, i: int, t, xi: torch.Tensor) -> torch.Tensor:

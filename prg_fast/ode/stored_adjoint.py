@@ -102,7 +102,9 @@ class StoredAdjoint:
         times, (problem, first, time_grad, differentiated) = problem.grid.times, discover(problem, x)
         if not differentiated:  # nothing to differentiate: the first evaluation is reused all the same
             return solve(problem, x, first.evaluator() if first is not None else None)
-        graphs = EvaluationGraphs(problem, self, first, x.device, time_grad)
+        # an adaptive solve's forward is its controller's (prg_fast.ode.adaptive.AcceptedGraphs)
+        graphs = (problem.controller.graphs if problem.controller else EvaluationGraphs)(problem, self, first,
+                                                                                         x.device, time_grad)
         log.debug("adjoint: %s of %s evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
                   graphs.kept_count, graphs.total, graphs.graph_bytes, graphs.budget, self.memory_budget,
                   "" if graphs.unkeepable is None else f"; none can be kept: {graphs.unkeepable}")
