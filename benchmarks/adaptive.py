@@ -5,28 +5,28 @@ and a CNF-sized one (16-256-256-16 on a batch of 512), each with dopri5 at the s
 every solver (the MLPs' initial weights scaled by 3: some 200-300 evaluations on t in [0, 10]). Per row and solver:
     err        max |y - y_ref| over the output times, y_ref from scipy's DOP853 at rtol = atol = 1e-13
     nfe        function evaluations
-    nograd     median no-grad solve time (s)
-    train      median forward + backward time (s) of sum(ys**2) w.r.t. y0 and the parameters:
+    nograd     no-grad solve time (s), and its ratio to torchdiffeq's odeint
+    train      forward + backward time (s) of sum(ys**2) w.r.t. y0 and the parameters, and its ratio:
                ours by default (adjoint, memory_budget="auto"), ours with memory_budget=0, ours
                with adjoint=False; torchdiffeq's odeint (backprop) and odeint_adjoint
     held_mb    MB autograd holds for the backward at the end of the forward (unique saved storages)
     grad_err   relative error of the gradient against a tight-tolerance reference (ours, float64,
                rtol = atol = 1e-12, plain backprop through dopri8's accepted steps)
 
-    OMP_NUM_THREADS=1 python benchmarks/adaptive.py              # every row, ~10 min on a loaded 2-core CPU
+Time: harness.interleaved (every solver of a row in turn, per round; thread CPU time with one thread);
+results: OUT/adaptive.jsonl (harness.Results: an interrupted run resumes).
+
+    OMP_NUM_THREADS=1 python benchmarks/adaptive.py              # every row (the cnf row alone is long)
     OMP_NUM_THREADS=1 python benchmarks/adaptive.py --rows vdp1 mlp --no-train
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import platform
-import statistics
-import time
 
 import torch
 
+import harness
 import prg_fast
 
 D = torch.float64
@@ -117,17 +117,6 @@ def _params(f):
     return list(f.parameters()) if isinstance(f, torch.nn.Module) else []
 
 
-def median_time(fn, reps):
-    start = time.perf_counter()
-    fn()
-    times, once = [], time.perf_counter() - start
-    for _ in range(max(reps, min(50, int(1.0 / max(once, 1e-6))))):  # at least a second of a fast solve
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def train_step(solve, f, y0):
     y = y0.clone().requires_grad_()
     wrapped = f if isinstance(f, torch.nn.Module) else Counting(f)
@@ -162,54 +151,64 @@ def held_mb(solve, f, y0):
     return sum(seen.values()) / 2 ** 20
 
 
-def bench_row(name, args):
+def bench_row(name, args, log):
+    """One row's cells, each solver a line of the results file (already measured ones are kept)."""
     f, y0, t, _, _ = rows()[name]
-    exact = reference(f, y0, t)
-    cells = {}
-    g_ref = None if args.no_train else grad_reference(name)
-    for solver, solve in solvers(name, f).items():
-        cell = {}
-        counted = Counting(f)
-        with torch.no_grad():
-            ys = solve(counted, y0)
-            cell["err"] = (ys.double() - exact).abs().max().item()
-            cell["nfe"] = counted.n
-            cell["nograd"] = median_time(lambda: solve(f, y0), args.reps)
-        if not args.no_train:
-            try:
-                grads = train_step(solve, f, y0)
-            except NotImplementedError as e:
-                cell["train"] = f"n/a ({e})"
-            else:
-                num = sum(((a.double() - b) ** 2).sum() for a, b in zip(grads, g_ref)) ** 0.5
-                cell["grad_err"] = (num / sum((b ** 2).sum() for b in g_ref) ** 0.5).item()
-                cell["train"] = median_time(lambda: train_step(solve, f, y0), args.reps)
-                cell["held_mb"] = held_mb(solve, f, y0)
-        cells[solver] = cell
-        print(json.dumps({"row": name, "solver": solver, **cell}), flush=True)
-    return cells
+    fns, keys = solvers(name, f), [dict(row=name, solver=solver) for solver in solvers(name, f)]
+
+    def accuracy():
+        exact, cells = reference(f, y0, t), []
+        for solve in fns.values():
+            counted = Counting(f)
+            with torch.no_grad():
+                ys = solve(counted, y0)
+            cells.append(dict(err=(ys.double() - exact).abs().max().item(), nfe=counted.n))
+        return cells
+
+    def gradients():
+        g_ref, cells = grad_reference(name), []
+        for solve in fns.values():
+            grads = train_step(solve, f, y0)
+            num = sum(((a.double() - b) ** 2).sum() for a, b in zip(grads, g_ref)) ** 0.5
+            cells.append(dict(grad_err=(num / sum((b ** 2).sum() for b in g_ref) ** 0.5).item(),
+                              held_mb=held_mb(solve, f, y0)))
+        return cells
+
+    def times(field, make):
+        timed = harness.interleaved({s: make(solve) for s, solve in fns.items()}, args.reps, anchor="torchdiffeq",
+                                    min_run_time=args.min_run_time)
+        return [{field: timed[s]["seconds"], field + "_ratio": timed[s]["ratio"]} for s in fns]
+
+    log.measure(keys, "err", accuracy)
+    log.measure(keys, "nograd", lambda: times("nograd", lambda solve: torch.no_grad()(lambda: solve(f, y0))))
+    if not args.no_train:
+        log.measure(keys, "grad_err", gradients)
+        log.measure(keys, "train", lambda: times("train", lambda solve: lambda: train_step(solve, f, y0)))
+    for key in keys:
+        print(json.dumps(log.get(key)), flush=True)
+    return log.rows(keys)
 
 
-def table(results):
-    cols = ["err", "nfe", "nograd", "train", "held_mb", "grad_err"]
-    lines = ["| row | solver | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    for name, cells in results.items():
-        for solver, cell in cells.items():
-            fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-            lines.append(f"| {name} | {solver} | " + " | ".join(fmt(cell.get(c)) for c in cols) + " |")
-    return "\n".join(lines)
+COLUMNS = [("row", "row"), ("solver", "solver"), ("error vs DOP853", "err", ".3g"), ("evaluations", "nfe"),
+           ("no-grad s", "nograd", ".3g"), ("/ torchdiffeq", "nograd_ratio", ".2f"),
+           ("training step s", "train", ".3g"), ("/ torchdiffeq", "train_ratio", ".2f"),
+           ("held MB", "held_mb", ".3g"), ("gradient error", "grad_err", ".3g")]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="+", default=list(rows()))
-    p.add_argument("--reps", type=int, default=5)
+def main(argv=None):
+    p = harness.parser("adaptive", __doc__)
+    p.add_argument("--rows", nargs="+", default=list(rows()), choices=list(rows()))
+    p.add_argument("--reps", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed block (harness.interleaved)")
     p.add_argument("--no-train", action="store_true", help="no-grad columns only")
-    args = p.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
-    results = {name: bench_row(name, args) for name in args.rows}
-    print(table(results))
+    args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    print(f"{harness.machine()}\ntime: {harness.clock_name(torch.device('cpu'), threads)}, median of {args.reps} "
+          "interleaved rounds; ratios: median of the per-round ratios to torchdiffeq's odeint", flush=True)
+    log = harness.Results(args, "adaptive", dict(reps=args.reps, min_run_time=args.min_run_time, threads=threads),
+                          key=("row", "solver"))
+    results = [cell for name in args.rows for cell in bench_row(name, args, log)]
+    print(harness.table(results, COLUMNS))
 
 
 if __name__ == "__main__":
