@@ -11,7 +11,7 @@ every solver (the MLPs' initial weights scaled by 3: some 200-300 evaluations on
                with adjoint=False; torchdiffeq's odeint (backprop) and odeint_adjoint
     held_mb    MB autograd holds for the backward at the end of the forward (unique saved storages)
     grad_err   relative error of the gradient against a tight-tolerance reference (ours, float64,
-               rtol = atol = 1e-12, plain backprop through dopri8's accepted steps)
+               rtol = atol = 1e-12, dopri8, memory_budget=0: exact for its accepted steps)
 
 Time: harness.interleaved (every solver of a row in turn, per round; thread CPU time with one thread);
 results: OUT/adaptive.jsonl (harness.Results: an interrupted run resumes).
@@ -129,7 +129,8 @@ def grad_reference(name):
     f, y0, t, _, _ = rows()[name]
     f = copy.deepcopy(f).double() if isinstance(f, torch.nn.Module) else f
     y = y0.double().requires_grad_()
-    ys = prg_fast.odeint(f, y, t.double(), method="dopri8", rtol=1e-12, atol=1e-12, adjoint=False,
+    # the recomputing adjoint (equal to plain backprop: test_adaptive), so memory stays flat in the steps
+    ys = prg_fast.odeint(f, y, t.double(), method="dopri8", rtol=1e-12, atol=1e-12, memory_budget=0,
                          options=dict(max_num_steps=10 ** 6))
     return torch.autograd.grad((ys ** 2).sum(), [y] + _params(f))
 
