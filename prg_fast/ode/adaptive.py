@@ -221,15 +221,11 @@ class Stepper:
         err = self.lin(y, [k.detach() for k in ks], self.e, hs, self.buffer("err", y), y.dtype, alpha=0.0)
         return float(scale.amax() * 0 + self.norm(err.div_(scale)))  # NaN * 0: a non-finite scale reads NaN
 
-    def weights(self, theta) -> list:
-        """The dense output's stage weights b_i(theta)."""
-        return [sum(c * theta ** (p + 1) for p, c in enumerate(row)) for row in self.tableau.dense]
-
     def dense(self, y, ks, hs: float, theta, out=None) -> torch.Tensor:
         """y(t + theta h) = y + h sum_i b_i(theta) k_i (theta a tensor for time gradients)."""
         if not isinstance(theta, torch.Tensor):
-            return self.lin(y, ks, (range(len(ks)), self.weights(theta)), hs, out, self.state_dtype)
-        rows = torch.stack([torch.ones_like(theta)] + [hs * w for w in self.weights(theta)]).to(self.state_dtype)
+            return self.lin(y, ks, (range(len(ks)), self.tableau.weights(theta)), hs, out, self.state_dtype)
+        rows = torch.stack([torch.ones_like(theta)] + [hs * w for w in self.tableau.weights(theta)]).to(self.state_dtype)
         return self.combine_rows(y, ks, rows[None], self.state_dtype)
 
 

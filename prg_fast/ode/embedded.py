@@ -59,6 +59,10 @@ class EmbeddedTableau(ButcherTableau):
         """Weights of the error estimate, b - b_hat."""
         return tuple(b - bh for b, bh in zip(self.b, self.b_hat))
 
+    def weights(self, theta) -> list:
+        """The dense output's stage weights b_i(theta) (theta a number or a tensor)."""
+        return [sum(c * theta ** (p + 1) for p, c in enumerate(row)) for row in self.dense]
+
     @classmethod
     def of(cls, name: str, order: int, c, a: Sequence, b, b_hat, mid=None, dense=None) -> "EmbeddedTableau":
         """A pair from its coefficients (strings such as "35/384", numbers): the FSAL stage appended

@@ -201,8 +201,7 @@ def dense_cotangents(p: Problem, grad_out: torch.Tensor) -> dict:
     dense: dict = {}
     for pos, place in enumerate(p.grid.dense or ()):
         if place is not None:
-            weights = [sum(c * place[1] ** (q + 1) for q, c in enumerate(row)) for row in p.tableau.dense]
-            dense.setdefault(place[0], []).append((weights, grad_out[pos].to(p.state_dtype)))
+            dense.setdefault(place[0], []).append((p.tableau.weights(place[1]), grad_out[pos].to(p.state_dtype)))
     return dense
 
 
