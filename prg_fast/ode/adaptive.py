@@ -38,7 +38,7 @@ from .backprop import Backprop
 from .embedded import EmbeddedTableau
 from .fixed_grid import odeint_values
 from .grids import Grid
-from .integrate import check_state, format_time
+from .integrate import check_state
 from .kept_graphs import EvaluationGraphs
 from .ops import MAX_TERMS
 from .stored_adjoint import StoredAdjoint
