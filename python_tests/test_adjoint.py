@@ -96,8 +96,8 @@ def test_generate_and_odeint_adjoint(mlp):
         assert rel_err(ga, gb) < 1e-10
     grid = torch.tensor([0.0, 0.1, 0.5, 0.55, 1.2], dtype=torch.float64)
     f = lambda t, y: model(t.expand(y.shape[0]), y)  # noqa: E731  (odeint passes a 0-dim t)
-    a = prg_fast.odeint(f, z, grid, adjoint_params=list(model.parameters()))
-    b = prg_fast.odeint(f, z, grid, adjoint=False)
+    a = prg_fast.odeint(f, z, grid, method="rk4", adjoint_params=list(model.parameters()))
+    b = prg_fast.odeint(f, z, grid, method="rk4", adjoint=False)
     assert a.shape == (5, 2, 3)
     for ga, gb in zip(grads(a, inputs), grads(b, inputs)):
         assert rel_err(ga, gb) < 1e-10
@@ -355,9 +355,9 @@ def test_odeint_closure_over_module_with_default_adjoint():
     net = torch.nn.Linear(3, 3).double()
     y0 = torch.randn(2, 3, dtype=torch.float64)
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
-    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t)
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, method="rk4")
     g_adj = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
-    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, adjoint=False)
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, method="rk4", adjoint=False)
     g_ref = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
     for a, r in zip(g_adj, g_ref):
         assert torch.allclose(a, r, rtol=1e-9, atol=1e-12)
@@ -573,7 +573,7 @@ def test_per_sample_times_and_generate_and_odeint():
     def ode(**kw):
         y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
         t = torch.tensor([0.0, 0.2, 0.7, 1.0], dtype=torch.float64)
-        return prg_fast.odeint(lambda s, v: net(s.expand(5), v), y, t, **kw), [y] + list(net.parameters())
+        return prg_fast.odeint(lambda s, v: net(s.expand(5), v), y, t, method="rk4", **kw), [y] + list(net.parameters())
 
     for case in (per_sample, gen, ode):
         three_ways(case)
@@ -590,7 +590,7 @@ def test_tuple_state_in_odeint():
         def f(s, y):
             return net(s.expand(5), y[0]), (y[0] ** 2).sum(1) * y[1]
 
-        ya, yb = prg_fast.odeint(f, (a, b), t, **kw)
+        ya, yb = prg_fast.odeint(f, (a, b), t, method="rk4", **kw)
         return torch.cat([ya.flatten(), yb.flatten()]), [a, b] + list(net.parameters())
 
     grads = []

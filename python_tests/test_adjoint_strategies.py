@@ -525,10 +525,10 @@ def _odeint(kw, grid_grad=False, tuple_state=False, options=None):
     grid = torch.tensor([0.0, 0.35, 0.7, 1.0], dtype=F64, requires_grad=grid_grad)
     if tuple_state:
         y = torch.randn(5, 4, dtype=F64, requires_grad=True)
-        out = prg_fast.odeint(lambda t, s: (net(t.expand(5), s[0]) + s[1], -s[0]), (x, y), grid, **kw)
+        out = prg_fast.odeint(lambda t, s: (net(t.expand(5), s[0]) + s[1], -s[0]), (x, y), grid, method="rk4", **kw)
         out = torch.stack(out)
         return _gradients(out, [x, y, *net.parameters()])
-    out = prg_fast.odeint(lambda t, s: net(t.expand(5), s), x, grid, options=options, **kw)
+    out = prg_fast.odeint(lambda t, s: net(t.expand(5), s), x, grid, options=options, method="rk4", **kw)
     return _gradients(out, [x, *net.parameters()] + ([grid] if grid_grad else []))
 
 
