@@ -11,7 +11,8 @@ is imported on first use, so `import prg_fast` costs an engine-only user nothing
 """
 import importlib
 
-from .ode import SOLVERS, ButcherTableau, __version__, generate, info, odeint, reverse, time_reversed
+from .ode import (SOLVERS, ButcherTableau, __version__, generate, info, odeint, odeint_adjoint, odeint_event, reverse,
+                  time_reversed)
 
 # public name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {
@@ -32,7 +33,7 @@ _LAZY = {
     "pretrain": ("prg_fast.training.pretrain", "pretrain"),
 }
 
-__all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau", *_LAZY]
+__all__ = ["reverse", "generate", "odeint", "odeint_adjoint", "odeint_event", "time_reversed", "info", "SOLVERS", "ButcherTableau", *_LAZY]
 
 
 def __getattr__(name):

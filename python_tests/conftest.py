@@ -1,44 +1,14 @@
-"""Shared fixtures: small velocity networks with the project's call signature model(t, x), one
-intra-op thread for the modules that ask for it, a free localhost port for 2-process tests, and the
-tiny pretraining runs the training tests start from (made once per session)."""
+"""Shared fixtures: small velocity networks with the project's call signature model(t, x)
+(gradient_checks.py holds them), one intra-op thread for the modules that ask for it, "auto"
+keeping every graph (everything_fits), a free localhost port for 2-process tests, and the tiny
+pretraining runs the training tests start from (made once per session)."""
 import socket
 
 import pytest
 import torch
 
 from cuda_selection import QUICK_MARK, quick_items
-
-
-class MLPVelocity(torch.nn.Module):
-    """v(t, x) for x of shape (B, D): an MLP on [x, t]. Small, smooth, with time dependence."""
-
-    def __init__(self, dim: int = 6, hidden: int = 32, dropout: float = 0.0):
-        super().__init__()
-        self.dim = dim
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(dim + 1, hidden),
-            torch.nn.Tanh(),
-            torch.nn.Dropout(dropout),
-            torch.nn.Linear(hidden, dim),
-        )
-
-    def forward(self, t, x):
-        flat = x.reshape(x.shape[0], -1)
-        return self.net(torch.cat([flat, t[:, None].to(flat.dtype)], dim=1)).reshape(x.shape)
-
-
-class ConvVelocity(torch.nn.Module):
-    """v(t, x) for images (B, C, H, W): two convolutions with a time shift."""
-
-    def __init__(self, channels: int = 3, hidden: int = 8):
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(channels, hidden, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(hidden, channels, 3, padding=1)
-        self.temb = torch.nn.Linear(1, hidden)
-
-    def forward(self, t, x):
-        h = self.c1(x) + self.temb(t[:, None].to(x.dtype))[:, :, None, None]
-        return self.c2(torch.nn.functional.silu(h))
+from gradient_checks import ConvVelocity, MLPVelocity
 
 
 def pytest_collection_modifyitems(config, items):
@@ -71,6 +41,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def everything_fits(monkeypatch):
+    """memory_budget="auto" keeps every graph (the tail covers the whole solve), whatever the
+    machine has free: PRG_FAST_FREE_MEMORY_BYTES set to a petabyte."""
+    from prg_fast.ode import free_memory
+
+    monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(10**15))
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """The exact discrete adjoint equals plain backprop through the same solver, for x and for every
-parameter, on every method and backend; float64 gradcheck; memory kept for backward is flat in K."""
+parameter, on every method and backend; float64 gradcheck; memory kept for backward is flat in K.
+The default, the per-evaluation adjoint and backprop agree on the shapes of a solve: mixed dtypes,
+save_at with t0, per-sample times, generate, odeint with tuple states, autocast."""
 import copy
 
 import pytest
@@ -8,19 +10,11 @@ import torch
 import prg_fast
 from prg_fast.ode import ops, reference
 from prg_fast.ode.solvers import SOLVERS
+from gradient_checks import THREE_WAYS, TwoLayer, assert_grads_close, cotangent, grads, rel_err, seeded_net, three_ways
 from solve_nodes import adjoint_node
 
 BACKENDS = ["reference"] + (["cpu"] if ops.HAS_OPS else [])
 METHODS = sorted(SOLVERS)
-
-
-def _grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
-    return torch.autograd.grad(out, inputs, g)
-
-
-def _rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -34,8 +28,8 @@ def test_adjoint_equals_backprop(mlp, method, backend, dtype, tol):
     out_adj = prg_fast.reverse(model, x, adjoint=True, **kw)
     out_bp = prg_fast.reverse(model, x, adjoint=False, **kw)
     torch.testing.assert_close(out_adj, out_bp, rtol=0, atol=0)
-    for a, b in zip(_grads(out_adj, inputs), _grads(out_bp, inputs)):
-        assert _rel_err(a, b) < tol
+    for a, b in zip(grads(out_adj, inputs), grads(out_bp, inputs)):
+        assert rel_err(a, b) < tol
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -47,8 +41,8 @@ def test_adjoint_equals_textbook_backprop(mlp, method):
     ref = reference.rk_solve(model, x, [k / 5 for k in range(6)], method)[-1]
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
     inputs = [x] + list(model.parameters())
-    for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
-        assert _rel_err(a, b) < 1e-12
+    for a, b in zip(grads(out, inputs), grads(ref, inputs)):
+        assert rel_err(a, b) < 1e-12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,8 +59,8 @@ def test_save_at_gradients_from_every_output(mlp, method, backend):
     torch.testing.assert_close(out_adj[2], x.detach())  # t0 itself is the input
     torch.testing.assert_close(out_adj[0], out_adj[4])
     inputs = [x] + list(model.parameters())
-    for a, b in zip(_grads(out_adj, inputs), _grads(out_bp, inputs)):
-        assert _rel_err(a, b) < 1e-10
+    for a, b in zip(grads(out_adj, inputs), grads(out_bp, inputs)):
+        assert rel_err(a, b) < 1e-10
 
 
 def test_save_at_states_are_exact_solver_states(mlp):
@@ -98,15 +92,15 @@ def test_generate_and_odeint_adjoint(mlp):
     inputs = [z] + list(model.parameters())
     a = prg_fast.generate(model, z, steps=4)
     b = prg_fast.generate(model, z, steps=4, adjoint=False)
-    for ga, gb in zip(_grads(a, inputs), _grads(b, inputs)):
-        assert _rel_err(ga, gb) < 1e-10
+    for ga, gb in zip(grads(a, inputs), grads(b, inputs)):
+        assert rel_err(ga, gb) < 1e-10
     grid = torch.tensor([0.0, 0.1, 0.5, 0.55, 1.2], dtype=torch.float64)
     f = lambda t, y: model(t.expand(y.shape[0]), y)  # noqa: E731  (odeint passes a 0-dim t)
-    a = prg_fast.odeint(f, z, grid, adjoint_params=list(model.parameters()))
-    b = prg_fast.odeint(f, z, grid, adjoint=False)
+    a = prg_fast.odeint(f, z, grid, method="rk4", adjoint_params=list(model.parameters()))
+    b = prg_fast.odeint(f, z, grid, method="rk4", adjoint=False)
     assert a.shape == (5, 2, 3)
-    for ga, gb in zip(_grads(a, inputs), _grads(b, inputs)):
-        assert _rel_err(ga, gb) < 1e-10
+    for ga, gb in zip(grads(a, inputs), grads(b, inputs)):
+        assert rel_err(ga, gb) < 1e-10
 
 
 def test_dropout_is_replayed_exactly(mlp):
@@ -116,16 +110,16 @@ def test_dropout_is_replayed_exactly(mlp):
     inputs = [x] + list(model.parameters())
     torch.manual_seed(5)
     a = prg_fast.reverse(model, x, steps=3)
-    ga = _grads(a, inputs)
+    ga = grads(a, inputs)
     after_a = torch.rand(1)
     torch.manual_seed(5)
     b = prg_fast.reverse(model, x, steps=3, adjoint=False)
-    gb = _grads(b, inputs)
+    gb = grads(b, inputs)
     after_b = torch.rand(1)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(after_a, after_b)  # the backward does not disturb the caller's RNG
     for u, v in zip(ga, gb):
-        assert _rel_err(u, v) < 1e-12
+        assert rel_err(u, v) < 1e-12
 
 
 def test_closed_over_leaves_get_their_gradient():
@@ -244,7 +238,7 @@ def test_backward_recomputes_under_the_forwards_autocast(mlp):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = prg_fast.reverse(f, x, steps=2, method="heun", adjoint=False)
     (g_ref,) = torch.autograd.grad(ref.sum(), [x])
-    assert _rel_err(x.grad, g_ref) < 2e-2  # same bf16 evaluations, float32 vs bf16 cotangent sums
+    assert rel_err(x.grad, g_ref) < 2e-2  # same bf16 evaluations, float32 vs bf16 cotangent sums
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +305,7 @@ def test_autocast_around_reverse(adjoint):
     net = Net()
     x = torch.randn(4, 6)
 
-    def grads(model, xx, adj, autocast):
+    def solve_grads(model, xx, adj, autocast):
         xx = xx.detach().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             z = prg_fast.reverse(model, xx, steps=4, method="rk4", adjoint=adj)
@@ -319,9 +313,9 @@ def test_autocast_around_reverse(adjoint):
         inputs = [xx] + list(model.parameters())
         return torch.autograd.grad(z.square().sum(), inputs)
 
-    ref = grads(copy.deepcopy(net).double(), x.double(), False, False)
-    plain_bf16 = grads(net, x, False, True)
-    ours = grads(net, x, adjoint, True)
+    ref = solve_grads(copy.deepcopy(net).double(), x.double(), False, False)
+    plain_bf16 = solve_grads(net, x, False, True)
+    ours = solve_grads(net, x, adjoint, True)
     for o, p, r in zip(ours, plain_bf16, ref):
         torch_err = (p.double() - r).abs().max().item()
         our_err = (o.double() - r).abs().max().item()
@@ -349,11 +343,11 @@ def test_adjoint_discovers_what_the_velocity_reads(case, method):
     name, func, leaves, adjoint_params = _closure_cases()[case]
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
 
-    def grads(adjoint):
+    def solve_grads(adjoint):
         z = prg_fast.reverse(func, x, steps=3, method=method, adjoint=adjoint, adjoint_params=adjoint_params)
         return torch.autograd.grad(z.sin().sum(), [x] + leaves)
 
-    for a, r in zip(grads(True), grads(False)):
+    for a, r in zip(solve_grads(True), solve_grads(False)):
         assert torch.allclose(a, r, rtol=1e-9, atol=1e-12), name
 
 
@@ -361,9 +355,9 @@ def test_odeint_closure_over_module_with_default_adjoint():
     net = torch.nn.Linear(3, 3).double()
     y0 = torch.randn(2, 3, dtype=torch.float64)
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
-    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t)
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, method="rk4")
     g_adj = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
-    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, adjoint=False)
+    ys = prg_fast.odeint(lambda t, y: torch.tanh(net(y)), y0, t, method="rk4", adjoint=False)
     g_ref = torch.autograd.grad(ys.square().sum(), list(net.parameters()))
     for a, r in zip(g_adj, g_ref):
         assert torch.allclose(a, r, rtol=1e-9, atol=1e-12)
@@ -534,3 +528,113 @@ def test_a_stale_computed_tensor_the_velocity_holds_but_never_reads_is_fine():
              for kw in (dict(memory_budget=0), dict(adjoint=False))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+# -- the default (the plain path here), the per-evaluation adjoint and backprop agree: dtypes, save_at,
+# per-sample times, generate, odeint, tuple states, a model returning its input, autocast --------
+
+
+def test_float64_x_float32_model():
+    torch.manual_seed(0)
+    net = TwoLayer(hidden=8)
+    x0 = torch.randn(5, 4, dtype=torch.float64)
+
+    def case(**kw):
+        x = x0.clone().requires_grad_(True)
+        return prg_fast.reverse(net, x, steps=2, method="rk4", **kw), [x] + list(net.parameters())
+
+    # float32 network arithmetic, summed in a different order by the adjoint's VJPs
+    three_ways(case, tol=1e-5)
+
+
+@pytest.mark.parametrize("save_at", [[0.0, 0.5, 1.0], [1.0, 0.0, 0.25]])
+def test_save_at_with_t0(save_at):
+    net = seeded_net()
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(net, x, steps=4, save_at=save_at, **kw), [x] + list(net.parameters())
+
+    three_ways(case)
+
+
+def test_per_sample_times_and_generate_and_odeint():
+    net = seeded_net()
+
+    def per_sample(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        t = torch.linspace(0.5, 1.0, 5, dtype=torch.float64)
+        return prg_fast.reverse(net, x, t, steps=3, save_at=torch.stack([t / 2, t]), **kw), [x] + list(net.parameters())
+
+    def gen(**kw):
+        z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.generate(net, z, steps=3, method="rk4", **kw), [z] + list(net.parameters())
+
+    def ode(**kw):
+        y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, 0.2, 0.7, 1.0], dtype=torch.float64)
+        return prg_fast.odeint(lambda s, v: net(s.expand(5), v), y, t, method="rk4", **kw), [y] + list(net.parameters())
+
+    for case in (per_sample, gen, ode):
+        three_ways(case)
+
+
+def test_tuple_state_in_odeint():
+    net = seeded_net()
+
+    def case(**kw):
+        a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+        def f(s, y):
+            return net(s.expand(5), y[0]), (y[0] ** 2).sum(1) * y[1]
+
+        ya, yb = prg_fast.odeint(f, (a, b), t, method="rk4", **kw)
+        return torch.cat([ya.flatten(), yb.flatten()]), [a, b] + list(net.parameters())
+
+    grads = []
+    for way in THREE_WAYS:
+        torch.manual_seed(0)
+        out, inputs = case(**way)
+        grads.append(torch.autograd.grad(out, inputs, cotangent(out)))
+    assert_grads_close(grads[0], grads[2])
+    assert_grads_close(grads[1], grads[2])
+
+
+@pytest.mark.parametrize("kind", ["itself", "view"])
+def test_model_returning_its_input(kind):
+    lin = torch.nn.Linear(4, 4).double()
+
+    def f(t, x):
+        y = x if kind == "itself" else x.view(x.shape)
+        return y * 0 + lin(y) if kind == "view" else x
+
+    def case(**kw):
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        return prg_fast.reverse(f, x, steps=2, method="rk4", **kw), [x]
+
+    # backprop's k_0 is x itself, the plain path's a copy of it: x's gradient sums its uses in
+    # another order (rounding)
+    three_ways(case, exact=False)
+
+
+def test_autocast_cpu_bfloat16():
+    net = seeded_net().float()
+
+    grads = []
+    for way in THREE_WAYS:
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prg_fast.reverse(net, x, steps=2, **way)
+        grads.append(torch.autograd.grad(out, [x] + list(net.parameters()), cotangent(out)))
+    # the plain path is backprop's bf16 arithmetic, op for op: bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[2]))
+    assert_grads_close(grads[1], grads[2], tol=1e-2)  # the adjoint rounds its cotangents its own way, within bf16's error
+
+
+def test_gradcheck_tiny_default_solve():
+    net = TwoLayer(2, 3).double()
+    x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: prg_fast.reverse(net, x, steps=2, method="rk4"),
+                                    (x, *net.parameters()))

@@ -8,6 +8,7 @@ import torch
 
 import prg_fast
 from prg_fast.ode import backends, ops, reference
+from gradient_checks import THREE_WAYS, assert_grads_close, rel_err, seeded_net
 from solve_nodes import adjoint_node
 
 
@@ -77,7 +78,7 @@ def test_odeint_matches_torchdiffeq_fixed_grid(ours, theirs):
 def test_odeint_decreasing_grid_and_unbatched_state():
     f = lambda t, y: -y  # noqa: E731
     y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)  # no batch dimension: odeint allows it
-    ys = prg_fast.odeint(f, y0, torch.linspace(1.0, 0.0, 101, dtype=torch.float64))
+    ys = prg_fast.odeint(f, y0, torch.linspace(1.0, 0.0, 101, dtype=torch.float64), method="rk4")
     torch.testing.assert_close(ys[-1], y0 * math.e, rtol=1e-8, atol=1e-8)
 
 
@@ -140,7 +141,8 @@ def test_check_finite_names_step_and_time():
     [
         (dict(steps=0), ValueError, "steps must be an integer >= 1"),
         (dict(steps=2.5), ValueError, "steps must be an integer >= 1"),
-        (dict(method="dopri5"), ValueError, "method must be one of"),
+        (dict(method="dopri5"), ValueError, "is adaptive: reverse and generate step a fixed grid"),
+        (dict(method="dopri7"), ValueError, "method must be one of"),
         (dict(t=0.0), ValueError, "t must be > t0"),
         (dict(t=float("nan")), ValueError, "t must be a finite number"),
         (dict(t=0.5, save_at=[0.75]), ValueError, r"save_at times must lie in \[t0, t\]"),
@@ -193,8 +195,22 @@ def test_unit_interval_message_is_the_command_lines():
 
 
 def test_odeint_takes_any_grid():
-    out = prg_fast.odeint(lambda t, x: -x, torch.ones(2, 3), torch.tensor([0.0, 1.5, 3.0]), method="euler")
-    assert out.shape == (3, 2, 3)
+    """odeint is not held to reverse's unit interval: on [0, 1.5, 3] euler takes one step per
+    interval, with the interval's width and its start time (the recurrence written out), and rk4 on
+    a grid over [-2, 3], increasing or decreasing, follows the analytic solution of y' = t - y to
+    its order (global error below h^4: this problem's constant is below 1)."""
+    f = lambda t, y: t - y  # noqa: E731
+    out = prg_fast.odeint(f, torch.ones(2, 3, dtype=torch.float64), torch.tensor([0.0, 1.5, 3.0], dtype=torch.float64),
+                          method="euler")
+    # y1 = 1 + 1.5 (0 - 1) = -0.5; y2 = -0.5 + 1.5 (1.5 + 0.5) = 2.5
+    want = torch.tensor([1.0, -0.5, 2.5], dtype=torch.float64)[:, None, None].expand(3, 2, 3)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-15)
+    t = torch.linspace(-2, 3, 101, dtype=torch.float64)
+    y0 = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    exact = t[:, None, None] - 1 + (y0 + 3) * torch.exp(-(t[:, None, None] + 2))  # y(-2) = y0
+    h = 5 / 100
+    assert (prg_fast.odeint(f, y0, t, method="rk4") - exact).abs().max() < h**4
+    assert (prg_fast.odeint(f, exact[-1], t.flip(0), method="rk4") - exact.flip(0)).abs().max() < h**4
 
 
 def test_meta_tensor_is_a_clear_error():
@@ -234,24 +250,32 @@ def test_bad_odeint_grid():
     f = lambda t, y: y  # noqa: E731
     y0 = torch.randn(2, 3)
     with pytest.raises(ValueError, match="t must be a 1-D tensor"):
-        prg_fast.odeint(f, y0, torch.zeros(2, 2, 2))
+        prg_fast.odeint(f, y0, torch.zeros(2, 2, 2), method="rk4")
     with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
-        prg_fast.odeint(f, y0, torch.tensor([0.0, 0.5, 0.2]))
+        prg_fast.odeint(f, y0, torch.tensor([0.0, 0.5, 0.2]), method="rk4")
     with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
-        prg_fast.odeint(f, y0, torch.tensor([0.0, 0.0, 1.0]))
+        prg_fast.odeint(f, y0, torch.tensor([0.0, 0.0, 1.0]), method="rk4")
     with pytest.raises(TypeError, match="t must be a floating-point tensor"):
-        prg_fast.odeint(f, y0, torch.tensor([0, 1]))
+        prg_fast.odeint(f, y0, torch.tensor([0, 1]), method="rk4")
     with pytest.raises(TypeError, match="t must be a 1-D tensor of times"):
-        prg_fast.odeint(f, y0, 1.0)
+        prg_fast.odeint(f, y0, 1.0, method="rk4")
 
 
 def test_plain_backprop_through_bf16_network(mlp):
+    """A bfloat16 network on a float32 x: the state stays float32 (the output carries bits that no
+    bfloat16 has), and x's gradient, by plain backprop and by the adjoint, is float32 and the float64
+    network's (the same rounded weights) to within one bfloat16 rounding, 2^-8 relative."""
     model = mlp(dim=4).to(torch.bfloat16)
     x = torch.randn(3, 4, requires_grad=True)
+    x64 = x.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(prg_fast.reverse(copy.deepcopy(model).double(), x64, steps=3, adjoint=False).sum(),
+                                  [x64])
     for adjoint in (False, True):
         out = prg_fast.reverse(model, x, steps=3, adjoint=adjoint)
+        assert out.dtype == torch.float32 and not torch.equal(out, out.bfloat16().float()), adjoint
         (g,) = torch.autograd.grad(out.sum(), [x])
-        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        assert g.dtype == torch.float32
+        assert rel_err(g, want) < 2.0**-8, (adjoint, rel_err(g, want))
 
 
 @pytest.mark.slow
@@ -296,7 +320,7 @@ def test_inference_mode(mlp, backend):
         lambda: prg_fast.reverse(model, x, steps=3, backend=backend, save_at=[0.5, 1.0]),
         lambda: prg_fast.reverse(model, x, t=torch.linspace(0.5, 1.0, 4), steps=3, backend=backend),
         lambda: prg_fast.generate(model, x, steps=3, backend=backend),
-        lambda: prg_fast.odeint(lambda t, y: -y, x, torch.linspace(0, 1, 4), backend=backend),
+        lambda: prg_fast.odeint(lambda t, y: -y, x, torch.linspace(0, 1, 4), method="rk4", backend=backend),
     ]
     for call in calls:
         with torch.no_grad():
@@ -366,7 +390,7 @@ def test_forward_mode_and_functorch_derivatives_are_right(backend):
 @pytest.mark.parametrize("call, name", [
     (lambda f, x: prg_fast.reverse(f, x, steps=2, memory_buget=0), "reverse() got unexpected keyword arguments \\['memory_buget'\\]"),
     (lambda f, x: prg_fast.generate(f, x, steps=2, batch_time=False), "generate() got unexpected keyword arguments \\['batch_time'\\]"),
-    (lambda f, x: prg_fast.odeint(f, x, torch.linspace(0, 1, 3), perturb=True), "odeint() got unexpected keyword arguments \\['perturb'\\]"),
+    (lambda f, x: prg_fast.odeint(f, x, torch.linspace(0, 1, 3), method="rk4", perturb=True), "odeint() got unexpected keyword arguments \\['perturb'\\]"),
 ])
 def test_solve_options_are_checked_by_name(call, name):
     """The solve options travel as **options to describe(), which holds their names and defaults;
@@ -383,3 +407,17 @@ def test_solve_options_reach_the_description():
     node = adjoint_node(out)
     assert node.evals.store == "steps" and node.evals.kept_count == 0
     assert describe().strategy.memory_budget == "auto"  # the default of every entry point's memory_budget
+
+
+def test_inference_mode_x_three_ways():
+    """An x made under inference mode: the per-evaluation adjoint and backprop save it, torch's
+    error; the plain path reads a copy of it, and its gradients are backprop's from a normal copy."""
+    net = seeded_net()
+    with torch.inference_mode():
+        x0 = torch.randn(5, 4, dtype=torch.float64)
+    for way in THREE_WAYS[1:]:
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+            prg_fast.reverse(net, x0, steps=2, method="rk4", **way).sum().backward()
+    got, want = [torch.autograd.grad(prg_fast.reverse(net, x, steps=2, method="rk4", **way).sum(), list(net.parameters()))
+                 for x, way in ((x0, THREE_WAYS[0]), (x0.clone(), THREE_WAYS[2]))]
+    assert_grads_close(got, want)

@@ -5,6 +5,7 @@ import torch
 import prg_fast
 from prg_fast.classifier import PRGClassifier, feature_shape
 from prg_fast.models import ClassifierHead, UNet
+from gradient_checks import THREE_WAYS, assert_grads_close
 
 # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,3 +230,33 @@ def test_every_layer_checks_times_with_the_engines_one_check():
         with pytest.raises(argparse.ArgumentTypeError, match=r"in \[0, 1\] \(0 = data, 1 = noise\), got"):
             parse(text)
     assert unit_time("0.25") == 0.25 and time_list("0, 1") == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("kw", [dict(save_at=[0.0, 0.5, 1.0]), dict(learn_t=True)])
+def test_the_three_ways_agree_through_the_classifier(kw):
+    """PRGClassifier (an image-shaped flow, a head, x from an upstream layer): the three ways agree,
+    learned time included (a time gradient keeps the adjoint's Function)."""
+    from prg_fast.classifier import PRGClassifier
+
+    class Flow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, t, x):
+            return torch.tanh(self.conv(x)) * t[:, None, None, None].to(x.dtype)
+
+    torch.manual_seed(0)
+    flow, stem = Flow().double(), torch.nn.Conv2d(1, 2, 1).double()
+    chans = 2 * (len(kw["save_at"]) if "save_at" in kw else 1)
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(chans * 16, 3)).double()
+    data = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    grads = []
+    for way in THREE_WAYS:
+        clf = PRGClassifier(flow, head, steps=2, method="midpoint", adjoint=way.get("adjoint", True),
+                            **{k: v for k, v in way.items() if k != "adjoint"}, **kw).double()
+        logits = clf(stem(data))
+        params = [p for p in list(clf.parameters()) + list(stem.parameters())]
+        grads.append(torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])), params))
+    assert_grads_close(grads[0], grads[2])
+    assert_grads_close(grads[1], grads[2])

@@ -10,7 +10,7 @@ import pytest
 from prg_fast import cli
 from prg_fast.cli.args import bounded, nonnegative_float, positive_int, time_list, unit_time
 
-COMMANDS = ["pretrain", "finetune", "evaluate", "extract", "repfusion", "genrep", "info"]
+COMMANDS = ["pretrain", "finetune", "evaluate", "extract", "repfusion", "genrep", "reward", "info"]
 
 
 @pytest.mark.parametrize("parse, text, value", [

@@ -7,6 +7,7 @@ import torch
 
 import prg_fast
 from prg_fast.ode import backends
+from gradient_checks import grads, rel_err
 
 INF = float("inf")
 STRATEGIES = {
@@ -32,15 +33,6 @@ def _backend_params():
 pytestmark = pytest.mark.cuda
 
 
-def _rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
-
-
-def _grads(out, inputs):
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)).to(out.device)
-    return torch.autograd.grad(out, inputs, g)
-
-
 @pytest.mark.parametrize("backend", _backend_params())
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("method", ["euler", "rk4"])
@@ -55,9 +47,9 @@ def test_strategy_equals_backprop_on_cuda(conv, strategy, backend, method):
     out = prg_fast.reverse(model, x, **strategy_kw, **kw)
     # float64 end to end: the forward is the same arithmetic, the gradients differ by summation
     # order only (~5e-16 on the CPU; the CPU strategy tests hold them to 1e-12 as well)
-    assert _rel_err(out, ref) < 1e-12
-    for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
-        assert _rel_err(a, b) < 1e-12, strategy
+    assert rel_err(out, ref) < 1e-12
+    for a, b in zip(grads(out, inputs), grads(ref, inputs)):
+        assert rel_err(a, b) < 1e-12, strategy
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -68,11 +60,11 @@ def test_bf16_autocast_adjoint_on_cuda(conv, backend):
     inputs = [x] + list(model.parameters())
     kw = dict(t=1.0, steps=4, method="rk4", backend=backend)
     ref = prg_fast.reverse(model, x, adjoint=False, **kw)
-    ref_grads = _grads(ref, inputs)
+    ref_grads = grads(ref, inputs)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = prg_fast.reverse(model, x, **kw)
     assert out.dtype == torch.float32
     # bf16 rounds to 2^-9 relative per op; on the CPU the same solve lands at ~1e-3 (state), ~3e-3 (gradients)
-    assert _rel_err(out, ref) < 2e-2
-    for a, b in zip(_grads(out, inputs), ref_grads):
-        assert _rel_err(a, b) < 5e-2
+    assert rel_err(out, ref) < 2e-2
+    for a, b in zip(grads(out, inputs), ref_grads):
+        assert rel_err(a, b) < 5e-2

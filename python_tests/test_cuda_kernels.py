@@ -10,6 +10,7 @@ import prg_fast
 from prg_fast.ode import ops, reference
 from prg_fast.ode.solvers import SOLVERS
 from combine_checks import MIXED_DTYPES, pytorch_at_dtype as _pytorch_at_dtype, truth as _truth
+from gradient_checks import grads, rel_err
 
 
 def _skip_reason():
@@ -314,15 +315,6 @@ def test_torch_compile_traces_the_op():
 # The solver on the CUDA backend
 
 
-def _grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed)).to(out.device)
-    return torch.autograd.grad(out, inputs, g)
-
-
-def _rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
-
-
 @pytest.mark.parametrize("method", sorted(SOLVERS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_reverse_cuda_matches_reference(mlp, method, dtype, tol):
@@ -331,13 +323,13 @@ def test_reverse_cuda_matches_reference(mlp, method, dtype, tol):
     inputs = [x] + list(model.parameters())
     kw = dict(t=1.0, steps=6, method=method)
     ref = prg_fast.reverse(model, x, adjoint=False, backend="reference", **kw)
-    ref_grads = _grads(ref, inputs)
+    ref_grads = grads(ref, inputs)
     for adjoint in (True, False):
         out = prg_fast.reverse(model, x, adjoint=adjoint, backend="cuda", **kw)
         assert out.device.type == "cuda" and out.dtype == dtype
-        assert _rel_err(out, ref) < tol
-        for a, b in zip(_grads(out, inputs), ref_grads):
-            assert _rel_err(a, b) < tol
+        assert rel_err(out, ref) < tol
+        for a, b in zip(grads(out, inputs), ref_grads):
+            assert rel_err(a, b) < tol
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
@@ -349,8 +341,8 @@ def test_reverse_cuda_adjoint_equals_backprop(conv, method):
     out_adj = prg_fast.reverse(model, x, adjoint=True, **kw)
     out_bp = prg_fast.reverse(model, x, adjoint=False, **kw)
     torch.testing.assert_close(out_adj, out_bp, rtol=1e-6, atol=1e-6)
-    for a, b in zip(_grads(out_adj, inputs), _grads(out_bp, inputs)):
-        assert _rel_err(a, b) < 1e-4
+    for a, b in zip(grads(out_adj, inputs), grads(out_bp, inputs)):
+        assert rel_err(a, b) < 1e-4
 
 
 def test_reverse_cuda_bf16_network(mlp):
@@ -363,9 +355,9 @@ def test_reverse_cuda_bf16_network(mlp):
     for adjoint in (True, False):
         out = prg_fast.reverse(model, x, adjoint=adjoint, backend="cuda", **kw)
         assert out.dtype == torch.float32
-        assert _rel_err(out, ref) < 2e-2
-        for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
-            assert _rel_err(a, b) < 5e-2
+        assert rel_err(out, ref) < 2e-2
+        for a, b in zip(grads(out, inputs), grads(ref, inputs)):
+            assert rel_err(a, b) < 5e-2
 
 
 def test_auto_backend_picks_cuda():

@@ -10,14 +10,14 @@ import torch
 import prg_fast
 from prg_fast.ode import Backprop, ReversibleAdjoint, StoredAdjoint
 from prg_fast.ode.description import describe, strategy_from_keywords
+from gradient_checks import grads
 
 INF = float("inf")
 
 
-def _grads(model, x, **kw):
+def _solve_grads(model, x, **kw):
     out = prg_fast.reverse(model, x, steps=3, method="rk4", **kw)
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(0))
-    return torch.autograd.grad(out, [x] + list(model.parameters()), g)
+    return grads(out, [x] + list(model.parameters()), seed=0)
 
 
 @pytest.mark.parametrize("keywords, strategy", [
@@ -36,7 +36,7 @@ def test_keywords_spell_the_strategy_objects(mlp, keywords, strategy):
     assert strategy_from_keywords(**keywords) == strategy
     model = mlp(dim=3).double()
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    for a, b in zip(_grads(model, x, **keywords), _grads(model, x, adjoint=strategy)):
+    for a, b in zip(_solve_grads(model, x, **keywords), _solve_grads(model, x, adjoint=strategy)):
         assert torch.equal(a, b)
 
 

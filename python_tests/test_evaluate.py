@@ -128,11 +128,19 @@ def test_extract_bad_inputs(pretrained, tmp_path):
 
 
 def test_extract_features_function_shapes(conv):
+    """Every image, in order, in batches of 100 (the last one 60): features (N, S*C, H, W) that are
+    reverse's states at each save_at time concatenated on the channel dim, in save_at's order, and
+    the data's labels. float32 tolerances: a batch's arithmetic may differ with its size."""
     torch.manual_seed(0)
     flow = conv(channels=1)
     data = load_data("digits", "test")
     feats, labels = extract_features(flow, data, 1.0, steps=2, save_at=[0.5, 1.0], flatten=False, batch_size=100)
     assert feats.shape == (360, 2, 8, 8) and labels.shape == (360,)
+    x, _ = data.batch(list(range(len(data))), augment=False)
+    with torch.no_grad():
+        states = prg_fast.reverse(flow, x, 1.0, steps=2, method="euler", save_at=[0.5, 1.0])  # (2, N, 1, 8, 8)
+    np.testing.assert_allclose(feats, torch.cat(list(states), dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels, data.labels.numpy())
 
 
 def test_top1_accuracy_does_not_depend_on_batch_size(conv):

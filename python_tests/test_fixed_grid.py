@@ -158,7 +158,7 @@ def test_solve_returns_only_the_states_it_interpolates_from():
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D), options=options)
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D), method="rk4", options=options)
 
 
 @pytest.mark.parametrize("adjoint", [False, True])
@@ -200,35 +200,35 @@ def test_perturb_matches_torchdiffeq_on_a_jump(ours, theirs):
 
 def test_perturb_needs_a_float_grid():
     with pytest.raises(ValueError, match="perturb.*t must not require grad"):
-        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D, requires_grad=True),
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D, requires_grad=True), method="rk4",
                         options=dict(perturb=True))
     s = torch.tensor(0.5, dtype=D, requires_grad=True)
     with pytest.raises(ValueError, match="perturb.*grid_constructor's grid must not require grad"):
-        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D), method="rk4",
                         options=dict(perturb=True, grid_constructor=lambda f, y0, t: torch.stack([t[0], s, t[-1]])))
 
 
 def test_perturb_false_is_the_default_behaviour():
     f = lambda t, y: -y  # noqa: E731
     y0, t = torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D)
-    torch.testing.assert_close(prg_fast.odeint(f, y0, t, options=dict(step_size=0.5, perturb=False)),
-                               prg_fast.odeint(f, y0, t, options=dict(step_size=0.5)), rtol=0, atol=0)
+    torch.testing.assert_close(prg_fast.odeint(f, y0, t, method="rk4", options=dict(step_size=0.5, perturb=False)),
+                               prg_fast.odeint(f, y0, t, method="rk4", options=dict(step_size=0.5)), rtol=0, atol=0)
 
 
 def test_options_must_be_a_dict_and_not_per_sample():
     with pytest.raises(TypeError, match="options must be a dict"):
-        prg_fast.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), options=[("step_size", 0.1)])
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rk4", options=[("step_size", 0.1)])
     with pytest.raises(ValueError, match="per-sample"):
-        prg_fast.odeint(lambda t, y: -y, torch.ones(2, 3), torch.rand(3, 2).cumsum(0), options=dict(step_size=0.1))
+        prg_fast.odeint(lambda t, y: -y, torch.ones(2, 3), torch.rand(3, 2).cumsum(0), method="rk4", options=dict(step_size=0.1))
 
 
 def test_tolerances_are_accepted_and_said_to_be_ignored():
     y0, t = torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D)
     with pytest.warns(UserWarning, match="rtol/atol are ignored"):
-        a = prg_fast.odeint(lambda s, y: -y, y0, t, rtol=1e-7, atol=1e-9)
+        a = prg_fast.odeint(lambda s, y: -y, y0, t, method="rk4", rtol=1e-7, atol=1e-9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b = prg_fast.odeint(lambda s, y: -y, y0, t)
+        b = prg_fast.odeint(lambda s, y: -y, y0, t, method="rk4")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

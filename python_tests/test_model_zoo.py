@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import prg_fast
 from prg_fast.models import UNet
+from gradient_checks import BatchNormMLP, MLPVelocity
 
 METHODS = sorted(prg_fast.SOLVERS)
 RTOL = 1e-9
@@ -144,15 +145,6 @@ class GroupNormNet(nn.Module):
         return self.conv2(F.silu(h))
 
 
-class DropoutMLP(nn.Module):
-    def __init__(self, d=6):
-        super().__init__()
-        self.l1, self.l2, self.drop = nn.Linear(d + 1, 32), nn.Linear(32, d), nn.Dropout(0.3)
-
-    def forward(self, t, x):
-        return self.l2(self.drop(torch.tanh(self.l1(torch.cat([x, t[:, None]], dim=1)))))
-
-
 class PositionalOffset(nn.Module):
     """tanh(lin(x + pos)): a parameter shaped like x added to the input (aliased cotangents)."""
 
@@ -207,7 +199,7 @@ def _groupnorm():
 
 def _dropout_train():
     torch.manual_seed(0)
-    net = DropoutMLP().double().train()
+    net = MLPVelocity(dim=6, dropout=0.3).double().train()
     return net, torch.randn(3, 6, dtype=torch.float64), _named(net), {}, 3
 
 
@@ -266,21 +258,9 @@ def _summed_offsets():
     return net, torch.randn(2, 5, dtype=torch.float64), _named(net), {}, 3
 
 
-class BatchNormNet(nn.Module):
-    """BatchNorm in train mode (batch statistics; running statistics written every call) between
-    layers whose parameters all matter."""
-
-    def __init__(self, d=6, width=16):
-        super().__init__()
-        self.l1, self.bn, self.l2 = nn.Linear(d + 1, width), nn.BatchNorm1d(width), nn.Linear(width, d)
-
-    def forward(self, t, x):
-        return self.l2(self.bn(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1)))))
-
-
 def _batchnorm_train():
     torch.manual_seed(0)
-    net = _randomize(BatchNormNet().double()).train()
+    net = _randomize(BatchNormMLP().double()).train()
     return net, torch.randn(5, 6, dtype=torch.float64), _named(net), {}, 3
 
 
@@ -288,7 +268,7 @@ def _spectral_norm_train():
     """spectral_norm in train mode: a power iteration writes its vectors on every call, and the
     weight each evaluation uses depends on them (prg_fast/ode/module_state.py)."""
     torch.manual_seed(0)
-    net = _randomize(BatchNormNet().double())
+    net = _randomize(BatchNormMLP().double())
     net.bn = nn.Identity()
     net.l1 = nn.utils.parametrizations.spectral_norm(net.l1)
     return net.train(), torch.randn(5, 6, dtype=torch.float64), _named(net), {}, 3
@@ -410,34 +390,31 @@ def test_network_modifying_its_input_in_place_is_refused():
         prg_fast.reverse(InPlace().double(), x, steps=2, method="rk4", adjoint=True)
 
 
-class _MLP(nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(d + 1, 64), nn.Linear(64, d)
-
-    def forward(self, t, x):
-        return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], dim=1))))
-
-
 @pytest.mark.parametrize("adjoint", [True, False])
 def test_autocast_runs_and_keeps_the_state_dtype(adjoint):
+    """Under bfloat16 autocast the network computes in bfloat16, the solver state stays float32: the
+    network is handed a float32 state at every evaluation, the output carries bits that no bfloat16
+    has (a state rounded to bfloat16 anywhere on the way would not), and x's gradient is float32."""
     torch.manual_seed(0)
-    net = _MLP()
+    net = MLPVelocity(dim=8, hidden=64)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[1].dtype))
     x = torch.randn(4, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = prg_fast.reverse(net, x, steps=4, method="rk4", adjoint=adjoint)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float32 and not torch.equal(out, out.bfloat16().float())
+    assert len(seen) >= 16 and set(seen) == {torch.float32}
     out.sum().backward()
-    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert x.grad is not None and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
 def test_autocast_adjoint_within_twice_pytorch_bf16_error():
     """Flash-attention rule: the adjoint under autocast may be at most twice as far from the float64
     truth as PyTorch's own autocast backprop through the same solve."""
     torch.manual_seed(0)
-    net = _MLP()
+    net = MLPVelocity(dim=8, hidden=64)
     x = torch.randn(4, 8)
-    net64 = _MLP().double()
+    net64 = MLPVelocity(dim=8, hidden=64).double()
     net64.load_state_dict(net.state_dict())
     _, ref64 = adjoint_and_backprop_gradients(net64, x.double(), _named(net64), adjoint=False, method="rk4", steps=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -17,6 +17,7 @@ import prg_fast
 from prg_fast.models import UNet
 from prg_fast.ode.module_state import ModuleState
 from prg_fast.ode.reach import reachable
+from gradient_checks import THREE_WAYS, BatchNormMLP, TwoLayer, assert_grads_close, cotangent, seeded_net
 
 METHODS = sorted(prg_fast.SOLVERS)
 STRATEGIES = {
@@ -28,18 +29,6 @@ STRATEGIES = {
     "steps_keep_some": dict(adjoint=True, store="steps", memory_budget=1),  # kept graphs saved the stats
     "reversible": dict(adjoint=True, reversible=True),
 }
-
-
-class BNNet(nn.Module):
-    """BatchNorm between two layers whose parameters all matter (so no gradient is ~0 by symmetry)."""
-
-    def __init__(self, d=6, width=16):
-        super().__init__()
-        self.l1, self.bn, self.l2 = nn.Linear(d + 1, width), nn.BatchNorm1d(width), nn.Linear(width, d)
-
-    def forward(self, t, x):
-        h = torch.tanh(self.l1(torch.cat([x, t[:, None].to(x.dtype)], 1)))
-        return self.l2(self.bn(h))
 
 
 class SpectralNet(nn.Module):
@@ -54,7 +43,7 @@ class SpectralNet(nn.Module):
 
 def _make(kind):
     torch.manual_seed(3)
-    net = {"batchnorm": BNNet, "spectral_norm": SpectralNet}[kind]().double().train()
+    net = {"batchnorm": BatchNormMLP, "spectral_norm": SpectralNet}[kind]().double().train()
     return net
 
 
@@ -463,3 +452,78 @@ def test_a_buffer_carrying_a_graph_between_evaluations_is_a_clear_error():
     # (a solve keeping every graph is plain backprop, which differentiates through the buffer)
     with pytest.raises(RuntimeError, match=r"tensor that requires grad in its buffer 'Recurrent\.prev'"):
         prg_fast.reverse(Recurrent(), torch.randn(5, 4), steps=3, method="euler", memory_budget=0)
+
+
+# -- buffers and the random stream as backprop leaves them; a large written buffer; a non-idempotent write
+
+
+def test_batchnorm_and_dropout_leave_backprops_buffers_and_random_stream():
+    class BN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.drop, self.b = (torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                                  torch.nn.Dropout(0.3), torch.nn.Linear(8, 4))
+
+        def forward(self, t, x):
+            return self.b(self.drop(self.bn(torch.tanh(self.a(x) + t[:, None]))))
+
+    results = []
+    for way in THREE_WAYS:
+        torch.manual_seed(0)
+        net = BN().double()
+        x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+        out = prg_fast.reverse(net, x, steps=2, method="midpoint", **way)
+        grads = torch.autograd.grad(out, [x] + list(net.parameters()), cotangent(out))
+        results.append((grads, [b.clone() for b in net.buffers()], torch.rand(3)))
+    for got in results[:2]:
+        assert_grads_close(got[0], results[2][0])
+        assert_grads_close(got[1][:2], results[2][1][:2])
+        assert torch.equal(got[2], results[2][2])
+
+
+def test_a_large_written_buffer_runs_when_nothing_is_rerun():
+    """A buffer too large to copy that the velocity writes (a counter table): refused where the
+    adjoint reruns or undoes evaluations, but the plain path reruns nothing -- backprop's result,
+    as the refusal's own advice (memory_budget=float('inf')) says."""
+    from prg_fast.ode.module_state import COPY_LIMIT
+
+    class Counts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("hits", torch.zeros(COPY_LIMIT + 1, dtype=torch.float64))
+            self.net = seeded_net()
+
+        def forward(self, t, x):
+            self.hits[:4].add_(1)
+            return self.net(t, x)
+
+    got = []
+    for way in (dict(memory_budget=float("inf")), dict(), dict(adjoint=False)):
+        m = Counts()
+        x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        out = prg_fast.reverse(m, x, steps=2, method="midpoint", **way)
+        got.append(torch.autograd.grad(out, [x] + list(m.parameters()), cotangent(out)) + (m.hits[:4].clone(),))
+    assert_grads_close(got[0], got[2])
+    assert_grads_close(got[1], got[2])
+    for way in (dict(memory_budget=0), dict(reversible=True)):
+        with pytest.raises(RuntimeError, match="writes its buffer 'Counts.hits'"):
+            prg_fast.reverse(Counts(), torch.randn(5, 4, dtype=torch.float64, requires_grad=True), steps=2, **way)
+
+
+class ShrinkingNet(TwoLayer):
+    """Writes its own parameter in place on every call, not idempotently."""
+
+    def forward(self, t, x):
+        with torch.no_grad():
+            self.a.bias.mul_(0.5)
+        return torch.tanh(x * self.a.bias[:3]) + self.b.bias
+
+
+def test_non_idempotent_inplace_write_inside_the_model_is_named():
+    net = ShrinkingNet(3, 5).double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = prg_fast.reverse(net, x, steps=2, method="euler", memory_budget=0)  # reruns
+    before = net.a.bias.detach().clone()
+    with pytest.raises(RuntimeError, match="writes a tensor it reads in place while it runs"):
+        out.sum().backward()
+    assert torch.equal(net.a.bias, before)  # put back as the forward left it

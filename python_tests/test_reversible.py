@@ -1,5 +1,6 @@
 """The reversible solver (prg_fast.ode.reversible): exact gradients vs plain backprop through the
-same scheme, gradcheck, order of convergence, exact inverse, and O(1) stored state in K."""
+same scheme, gradcheck, order of convergence, exact inverse, and O(1) stored state in K; a
+reconstruction that drifts (a stiff network in float32) is an error, or a warning with the figure."""
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import prg_fast
 from prg_fast.ode import reversible as rev
 from prg_fast.ode.description import describe
 from prg_fast.ode.grids import Grid
+from gradient_checks import TwoLayer, rel_err
 
 METHODS = ["euler", "midpoint", "heun", "rk4", "rk4_38"]
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rk4_38": 4}
@@ -170,3 +172,58 @@ def test_dropout_is_replayed_exactly():
         lin.zero_grad()
     for g, r in zip(res[1], res[0]):
         assert _rel(g, r) < 1e-9
+
+
+# -- the reversible adjoint checks its own reconstruction ------------------------------------------
+
+
+class SharpBatchNormNet(torch.nn.Module):
+    """A conv net with BatchNorm in train mode and weights scaled up: a large local Lipschitz
+    constant, which blows up the reversible scheme's inverse steps in float32 (timm's
+    mobilenetv3 in train mode did in the issue)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.c2 = torch.nn.Conv2d(8, 3, 3, padding=1)
+        with torch.no_grad():
+            self.c1.weight.mul_(scale)
+            self.c2.weight.mul_(scale)
+
+    def forward(self, t, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def _reversible_grad(scale, **kw):
+    net = SharpBatchNormNet(scale)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    prg_fast.reverse(net, x, steps=8, method="rk4", reversible=True, **kw).pow(2).sum().backward()
+    return x.grad
+
+
+def test_reversible_reconstruction_blowup_is_an_error():
+    with pytest.raises(RuntimeError, match=r"rebuilt the initial state .* relative error of .*reversible=False"):
+        _reversible_grad(100.0)
+
+
+def test_reversible_reconstruction_warns_with_the_figure_when_asked():
+    ref = _reversible_grad(300.0, adjoint=False)
+    with pytest.warns(RuntimeWarning, match=r"relative error of \d"):
+        got = _reversible_grad(300.0, reversible_check="warn")
+    # what the check is there for: the gradient is far from plain backprop's
+    assert rel_err(got, ref) > 1e-4
+
+
+def test_reversible_reconstruction_within_tolerance_is_silent():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _reversible_grad(1.0)
+    assert rel_err(got, _reversible_grad(1.0, adjoint=False)) < 1e-5
+
+
+def test_reversible_check_is_validated():
+    with pytest.raises(ValueError, match="reversible_check"):
+        prg_fast.reverse(TwoLayer(3, 5), torch.randn(2, 3), steps=2, reversible=True, reversible_check="loud")

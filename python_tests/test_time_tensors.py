@@ -147,13 +147,13 @@ def test_odeint_per_sample_grid_errors():
     f = lambda t, y: y  # noqa: E731
     y0 = torch.zeros(3, 2)
     with pytest.raises(ValueError, match=r"needs y0 of shape \(B, \.\.\.\) with B = 2, got \(3, 2\)"):
-        prg_fast.odeint(f, y0, torch.zeros(4, 2))
+        prg_fast.odeint(f, y0, torch.zeros(4, 2), method="rk4")
     with pytest.raises(ValueError, match="strictly increasing or strictly decreasing for every sample; sample 1"):
-        prg_fast.odeint(f, y0, torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]]))
+        prg_fast.odeint(f, y0, torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]]), method="rk4")
     with pytest.raises(ValueError, match="finite times for every sample; sample 2"):
-        prg_fast.odeint(f, y0, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, float("nan")]]))
+        prg_fast.odeint(f, y0, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, float("nan")]]), method="rk4")
     with pytest.raises(ValueError, match="not a tuple state"):
-        prg_fast.odeint(lambda t, y: y, (y0, y0), torch.zeros(2, 3))
+        prg_fast.odeint(lambda t, y: y, (y0, y0), torch.zeros(2, 3), method="rk4")
 
 
 @pytest.mark.parametrize("save_at", [None, "shared", "per_sample"])

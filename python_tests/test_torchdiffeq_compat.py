@@ -202,9 +202,9 @@ def test_closure_over_module_with_default_adjoint():
     net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     y0 = torch.randn(3, dtype=D, requires_grad=True)
     t = torch.linspace(0.0, 1.0, 5, dtype=D)
-    ys = prg_fast.odeint(lambda tt, y: net(y), y0, t)  # adjoint=True is the default
+    ys = prg_fast.odeint(lambda tt, y: net(y), y0, t, method="rk4")  # adjoint=True is the default
     grads = torch.autograd.grad(ys.sum(), [y0, *net.parameters()])
-    ys_ref = prg_fast.odeint(lambda tt, y: net(y), y0, t, adjoint=False)
+    ys_ref = prg_fast.odeint(lambda tt, y: net(y), y0, t, method="rk4", adjoint=False)
     ref = torch.autograd.grad(ys_ref.sum(), [y0, *net.parameters()])
     for g1, g2 in zip(grads, ref):
         torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
@@ -290,9 +290,9 @@ def test_complex_errors_are_named():
     y0 = torch.ones(2, dtype=torch.complex64)
     t = torch.linspace(0, 1, 3)
     with pytest.raises(ValueError, match="func must return a complex tensor shaped like y0"):
-        prg_fast.odeint(lambda t, y: y.real, y0, t)
+        prg_fast.odeint(lambda t, y: y.real, y0, t, method="rk4")
     with pytest.raises(TypeError, match="component 1 is complex"):
-        prg_fast.odeint(lambda t, y: y, (torch.ones(2), y0), t)
+        prg_fast.odeint(lambda t, y: y, (torch.ones(2), y0), t, method="rk4")
 
 
 @pytest.mark.parametrize("adjoint", [False, True])

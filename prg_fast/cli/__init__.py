@@ -2,7 +2,7 @@
 argument parsing lives in this package (one module per command); the training code below takes
 config dataclasses and knows no argparse.
 
-    prg-fast pretrain | finetune | evaluate | extract | repfusion | genrep | info
+    prg-fast pretrain | finetune | evaluate | extract | repfusion | genrep | reward | info
 
 Adding a command: write `add_<name>(subparsers)` in its own module here, creating its parser with
 `subparsers.add_parser(name, help=..., formatter_class=HelpFormatter)`, adding its options (reuse
@@ -12,7 +12,7 @@ Every command writes DIR/metrics.json and prints that object as one line on stdo
 Errors a user can fix (bad values, missing files, unusable checkpoints) are printed as one line
 and exit with status 2; set PRG_FAST_TRACEBACK=1 to see the traceback instead.
 
-Stopping a training command (pretrain, finetune, repfusion, genrep; also under torchrun): the first
+Stopping a training command (pretrain, finetune, repfusion, genrep, reward; also under torchrun): the first
 SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes a checkpoint, prints one line saying
 how to resume and exits with status 130 (SIGINT) or 143 (SIGTERM); the same command resumes the run
 bitwise. A second signal aborts at once with status 3 (nothing written since the last checkpoint).
@@ -32,6 +32,7 @@ from .evaluate import add_evaluate, add_extract
 from .finetune import add_finetune
 from .pretrain import add_pretrain
 from .related import add_genrep, add_repfusion
+from .reward import add_reward
 
 __all__ = ["main", "build_parser", "COMMANDS", "add_data_arguments", "add_run_arguments", "bounded",
            "positive_int", "nonnegative_int", "nonnegative_float", "positive_float", "HelpFormatter"]
@@ -51,7 +52,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 # the commands, in the order `prg-fast --help` lists them
 COMMANDS: List[Callable] = [add_pretrain, add_finetune, add_evaluate, add_extract, add_repfusion, add_genrep,
-                           add_info]
+                           add_reward, add_info]
 
 
 def build_parser() -> argparse.ArgumentParser:

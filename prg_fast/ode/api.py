@@ -1,7 +1,7 @@
 """Public entry points: reverse (data -> noise), generate (noise -> data), odeint (any grid).
 
-Time convention (DESIGN.md section 2): t = 0 is data, t = 1 is noise; the velocity network is called
-model(t, x) with t of shape (B,) and returns a tensor shaped like x.
+Time convention (docs/engine.md, "The calls"): t = 0 is data, t = 1 is noise; the velocity network
+is called model(t, x) with t of shape (B,) and returns a tensor shaped like x.
 
 Each entry point checks its arguments, builds the Grid (prg_fast.ode.grids) and the
 SolveDescription (prg_fast.ode.description: tableau, backend, adjoint strategy) once, and hands
@@ -17,11 +17,13 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from . import fixed_grid, states
+from . import adaptive, fixed_grid, states
 from .cuda_graphs import graphed_solve
 from .description import OPTIONS, SolveDescription, describe
+from .embedded import EmbeddedTableau, get_embedded
 from .grids import Grid, check_order, check_unit_times, time_arg, time_grid
 from .integrate import check_state
+from .solvers import SOLVERS
 
 Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 
@@ -73,7 +75,10 @@ def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tens
 def _dispatch(model, x: torch.Tensor, grid: Grid, spec: SolveDescription, cuda_graph, names: str) -> torch.Tensor:
     """Run the solve, through a captured CUDA graph when asked for. A captured graph replays fixed
     float times: time tensors (per sample, or requiring grad under grad mode) run eagerly with
-    cuda_graph="auto" and are refused with cuda_graph=True."""
+    cuda_graph="auto" and are refused with cuda_graph=True. (A fixed-step solve: an adaptive method is odeint's.)"""
+    if isinstance(spec.tableau, EmbeddedTableau):
+        raise ValueError(f"method {spec.tableau.name!r} is adaptive: reverse and generate step a fixed grid (steps=); "
+                         f"use a fixed-step method ({', '.join(sorted(SOLVERS))}), or odeint for adaptive steps")
     if grid.times is None:
         if cuda_graph:
             return graphed_solve(run, model, x, grid, spec, mode=cuda_graph)
@@ -165,16 +170,19 @@ def odeint(
     y0: torch.Tensor,
     t: torch.Tensor,
     *,
-    method: str = "rk4",
+    method: Optional[str] = None,
     adjoint: bool = True,
     backend: str = "auto",
     options: Optional[dict] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    return_stats: bool = False,
+    event_fn: Optional[Callable] = None,
     **solve_options,
 ) -> torch.Tensor:
-    """torchdiffeq-compatible fixed-grid solve: one step per interval of the 1-D grid `t`
-    (increasing or decreasing); returns the state at every grid point stacked on dim 0.
+    """torchdiffeq's odeint: method None is dopri5, adaptive (below), as torchdiffeq's default. A fixed-step
+    method takes one step per interval of the 1-D grid `t` (increasing or decreasing); the states at
+    every grid point are returned stacked on dim 0.
     As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
     classic rule; torchdiffeq's "rk4" is our "rk4_38". A grid that requires grad gets the exact
     derivative of the discrete solve. `t` may also have shape (T, B), one grid per sample
@@ -184,13 +192,22 @@ def odeint(
 
     torchdiffeq's fixed-grid options: `options=dict(step_size=h)` or `dict(grid_constructor=fn)` steps
     along a finer grid and linearly interpolates the states at t (prg_fast.ode.fixed_grid; the same
-    grid and interpolation as torchdiffeq). `rtol`/`atol` are accepted for drop-in use and ignored
-    with a warning: every method here is fixed-step (torchdiffeq's fixed-grid solvers drop them too)."""
+    grid and interpolation as torchdiffeq). A fixed-step method ignores `rtol`/`atol` with a warning.
+
+    Adaptive methods ("dopri5", "bosh3", "adaptive_heun", "fehlberg2", "dopri8", "tsit5" or an
+    EmbeddedTableau; prg_fast.ode.adaptive): torchdiffeq's rtol/atol (default 1e-7/1e-9) and options
+    (first_step, safety, ifactor, dfactor, max_num_steps, min_step, max_step, step_t, jump_t, norm,
+    dtype), the states at t by dense output; `return_stats=True` returns (ys, SolveStats)."""
+    if get_embedded(method) is not None:
+        spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("odeint", solve_options))
+        return adaptive.odeint(func, y0, t, dataclasses.replace(spec, batch_time=False), rtol, atol, options,
+                               return_stats, event_fn)
+    if return_stats or event_fn is not None:
+        raise ValueError(f"{'return_stats=True' if return_stats else 'event_fn'} needs an adaptive method; "
+                         f"{method!r} is fixed-step")
     if rtol is not None or atol is not None:
-        warnings.warn(
-            "odeint: rtol/atol are ignored; every method here is fixed-step (choose the grid t, or "
-            "options=dict(step_size=...))", UserWarning, stacklevel=2,
-        )
+        warnings.warn(f"odeint: rtol/atol are ignored by the fixed-step method {method!r} (choose the grid t or "
+                      "options=dict(step_size=...); an adaptive method such as dopri5 reads them)", UserWarning, stacklevel=2)
     options = fixed_grid.check_options(options)
     spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("odeint", solve_options))
     # odeint's own: t passed 0-dim, and torchdiffeq's perturb (fixed_grid) from its options
@@ -206,3 +223,35 @@ def _odeint(func, y0, t, spec: SolveDescription, options: dict):
     _check_model(func, "func")
     grid, outputs = fixed_grid.odeint_grid(func, y0, t, options)
     return outputs(run(func, y0, grid, spec))
+
+
+_WARNED: set = set()
+
+
+def odeint_adjoint(func: Callable, y0, t, *, rtol=None, atol=None, method=None, options=None, event_fn=None,
+                   adjoint_rtol=None, adjoint_atol=None, adjoint_method=None, adjoint_options=None,
+                   adjoint_params=None, **solve_options):
+    """torchdiffeq's odeint_adjoint, so `from prg_fast import odeint_adjoint as odeint` works: the same
+    solve and exact discrete adjoint as odeint (its gradient is the derivative of the solve the
+    forward took). No second ODE runs backwards, so adjoint_rtol, adjoint_atol, adjoint_method and
+    adjoint_options do not apply (warned about once); adjoint_params are odeint's."""
+    unused = [n for n, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol),
+                             ("adjoint_method", adjoint_method), ("adjoint_options", adjoint_options)) if v is not None]
+    unused += [n for n in ("callback_step_adjoint", "callback_accept_step_adjoint", "callback_reject_step_adjoint")
+               if hasattr(func, n)]
+    if unused and not set(unused) <= _WARNED:
+        _WARNED.update(unused)
+        warnings.warn(f"odeint_adjoint: {unused} do not apply here: the gradient is the exact derivative of the forward "
+                      "solve (no adjoint ODE is solved backwards)", UserWarning, stacklevel=2)
+    return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
+                  adjoint_params=adjoint_params, **solve_options)
+
+
+def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False, odeint_interface=None,
+                 **odeint_kwargs):
+    """torchdiffeq's odeint_event: solve from t0 (forwards, or backwards with reverse_time) until
+    event_fn(t, y) reaches 0; returns (event time, the states at t0 and at the event)."""
+    t0 = torch.as_tensor(t0, dtype=torch.float64).reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    solve = odeint if odeint_interface is None else odeint_interface
+    return solve(func, y0, t, event_fn=event_fn, **{"method": None, **odeint_kwargs})

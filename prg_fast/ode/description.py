@@ -25,6 +25,7 @@ from .grids import Grid
 from .integrate import FLOAT_DTYPES, Problem, Velocity, check_choice, check_flag
 from .reversible import DEFAULT_COUPLING, RECONSTRUCTION_CHECKS
 from .reversible_adjoint import ReversibleAdjoint
+from .embedded import get_embedded
 from .solvers import ButcherTableau, get_tableau
 from .stored_adjoint import AUTO, STORES, StoredAdjoint, check_memory_budget
 
@@ -135,6 +136,7 @@ def describe(*, method="rk4", backend="auto", adjoint=True, **options) -> SolveD
         for i, p in enumerate(adjoint_params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"adjoint_params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-    return SolveDescription(tableau=get_tableau(method), backend=backend, strategy=strategy_from_keywords(adjoint, **o),
+    tableau = get_embedded(method) or get_tableau(method)  # an adaptive pair (odeint), or a fixed-step tableau
+    return SolveDescription(tableau=tableau, backend=backend, strategy=strategy_from_keywords(adjoint, **o),
                             check_finite=bool(o["check_finite"]), model_dtype=o["model_dtype"],
                             adjoint_params=adjoint_params)

@@ -6,7 +6,7 @@ A time argument that is a tensor requiring grad (under grad mode) or holding one
 makes the grid a float64 tensor ((P,) shared, (P, B) per sample) that the solve takes as an input.
 (odeint's grids: prg_fast.ode.fixed_grid.) Every message names the argument and what was expected.
 
-The unit time interval of reverse/generate: t = 0 is data, t = 1 is noise (DESIGN.md section 2). A
+The unit time interval of reverse/generate: t = 0 is data, t = 1 is noise (docs/engine.md, "The calls"). A
 trajectory read past either end runs the network on times it was never trained on, silently;
 reverse and generate refuse it, and so does every layer above through the one parser of times
 (prg_fast.classifier.parse_time / parse_times: the segment, the trainers' time fields, the command
@@ -32,6 +32,10 @@ class Grid:
     # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b (the
     # save times sit at different grid positions per sample); out_index is then sample 0's
     out_rows: Optional[List[List[int]]] = None
+    # an adaptive solve's accepted grid (prg_fast.ode.adaptive): the times each step's stages read,
+    # and per output (step, theta) of the dense output holding it, or None for the grid point out_index
+    stage_times: Optional[List[List[float]]] = None
+    dense: Optional[List[Optional[tuple]]] = None
 
     def output_points(self) -> set:
         """Grid indices whose state goes into some output."""
@@ -62,6 +66,8 @@ class Grid:
         twice; on a per-sample grid each output's rows arrive at their own indices)."""
         arriving = {}
         for pos in range(grad_out.shape[0]):
+            if self.dense is not None and self.dense[pos] is not None:
+                continue  # a dense output's cotangent enters its step's stages (stored_adjoint.BackwardWalk)
             g = grad_out[pos]
             if self.out_rows is None:
                 parts = [(self.out_index[pos], g)]

@@ -16,6 +16,7 @@ evaluation reads (autocast; the random generators, captured and set by the adjoi
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -183,6 +184,9 @@ class Problem:
     # floating-point step inside their step (see stage_time)
     perturb: bool = False
     adjoint_params: Optional[Tuple[torch.Tensor, ...]] = None  # the tensors passed as adjoint_params=
+    # an adaptive controller (prg_fast.ode.adaptive) that picks the grid as it runs: `run` is then its
+    # run, and the problem on the grid it accepted (controller.accepted) is what a backward walks
+    controller: Optional[object] = None
     # what discovery finds (prg_fast.ode.discovery), for an adjoint
     reads: Reads = Reads()
 
@@ -197,6 +201,11 @@ class Problem:
     @property
     def steps(self) -> int:
         return len(self.grid.points) - 1
+
+    @property
+    def evaluations(self) -> float:
+        """The solve's evaluations: steps x stages; unknown (inf) while a controller picks the grid."""
+        return self.steps * self.tableau.stages if self.controller is None else math.inf
 
     @property
     def per_sample(self) -> bool:
@@ -218,7 +227,7 @@ class Problem:
         once per step (the forward, the adjoint's backward and first evaluation all read these)."""
         t, end = self.point(n), self.point(n + 1)
         h = end - t
-        return t, h, self.stage_times(t, h, end)
+        return t, h, self.stage_times(t, h, end) if self.grid.stage_times is None else self.grid.stage_times[n]
 
     def stage_times(self, t, h, end) -> list:
         """The time each stage of the step from t of size h (ending at the grid point `end`) reads:
@@ -318,6 +327,8 @@ def walk(p: Problem, x: torch.Tensor, first: int, last: int, stage_inputs: Optio
 
 def run(p: Problem, x: torch.Tensor, **walked) -> List[torch.Tensor]:
     """The states at the grid's outputs (`walk`'s keywords: what to record, which evaluator)."""
+    if p.controller is not None:
+        return p.controller.run(p, x, **walked)
     return p.grid.gather_outputs(walk(p, x, 0, p.steps, **walked)[1])
 
 

@@ -90,7 +90,7 @@ class EvaluationGraphs:
         self.problem, self.first, self.store, self.time_grad = problem, first, strategy.store, time_grad
         self.graph_bytes = first.nbytes if first is not None else None  # of one evaluation
         self.budget = strategy.budget_bytes(device)
-        self.total = problem.steps * problem.tableau.stages
+        self.total = problem.evaluations  # (unbounded while an adaptive controller picks the grid)
         # a graph that a later evaluation invalidates is recomputed instead (FirstEvaluation.unkeepable)
         self.unkeepable = first.unkeepable if first is not None else None
         self._keep(strategy.graphs_to_keep(self.total, self.graph_bytes, self.budget) if self.unkeepable is None else 0)
@@ -154,14 +154,14 @@ class EvaluationGraphs:
         first = self.first
         if e == 0 and first is not None and first.k is not None:
             state = self.replay.state  # the written buffers, as they were before it
-            self.replay.record(first.rng, state.first if state is not None else None)
+            self.replay.record(e, first.rng, state.first if state is not None else None)
             k = first.take()
             # its graph is kept only from a leaf of ours (the backward's VJP stops there): under time
             # gradients, the one case that keeps evaluation 0 here (else it runs as_backprop)
             if e >= self.keep_from and first.start is None and first.leaf.requires_grad:
                 self.kept[e] = (first.leaf, first.tau, k)
             return k.detach()
-        self.replay.record()
+        self.replay.record(e)
         if e < self.keep_from:
             return problem.evaluate(t, xi)
         leaf = xi.detach().requires_grad_(True)
@@ -176,7 +176,7 @@ class EvaluationGraphs:
         """An evaluation of the tail (grad mode on: its graph joins the tail's)."""
         e = n * problem.tableau.stages + i
         # the tail is rerun as a whole (take_tail): one random state, its first evaluation's
-        self.replay.record(chained=e > self.tail_from * problem.tableau.stages)
+        self.replay.record(e, chained=e > self.tail_from * problem.tableau.stages)
         return problem.evaluate(t, xi)
 
     def take_tail(self) -> Optional[Tail]:

@@ -53,10 +53,12 @@ class ReplayRecord:
 
     def __init__(self, problem, device: torch.device, preserve_rng: bool):
         self.device = device
-        self.rng: Optional[list] = [] if preserve_rng else None
+        # evaluation e -> its record (an adaptive forward records out of order and retries rejected steps)
+        self.rng: Optional[dict] = {} if preserve_rng else None
         # the buffers the velocity reaches; for the written ones, their values before each evaluation
         self.watch: Optional[ModuleState] = problem.reads.module_state
-        self.snapshots: List[list] = []
+        self.snapshots: dict = {}
+        self.recorded = 0
         self.cannot_rerun: Optional[str] = None  # why a rerun would not be exact (see finish)
         # reruns run under the forward's autocast state (as torch.utils.checkpoint does), so a
         # network run in bf16 autocast is differentiated as run, under its train/eval flags, and
@@ -73,22 +75,31 @@ class ReplayRecord:
         """The watched buffers when the first evaluation wrote some (else None: nothing to keep)."""
         return self.watch if self.watch is not None and self.watch.written else None
 
-    def record(self, rng=None, buffers=None, chained: bool = False) -> None:
+    def record(self, e: Optional[int] = None, rng=None, buffers=None, chained: bool = False) -> None:
         """Before a rerunnable evaluation: its random state and written buffers (given when already
         captured, as for the solve's first evaluation). `chained`: the evaluation is only ever rerun
         right after the one recorded before it, inside `chain` (the kept tail, rerun as a whole):
         its random state is where the previous evaluation's draws left the generators, as nothing
         between two evaluations draws, so none is captured (a capture costs ~2-10 us, per evaluation)."""
+        e = self.recorded if e is None else e  # by default, the evaluations in their order
+        self.recorded = e + 1
         if self.rng is not None:
-            self.rng.append(None if chained else capture_rng(self.device) if rng is None else rng)
+            self.rng[e] = None if chained else capture_rng(self.device) if rng is None else rng
         if self.state is not None:
-            self.snapshots.append(self.state.snapshot() if buffers is None else buffers)
+            self.snapshots[e] = self.state.snapshot() if buffers is None else buffers
+
+    def alias(self, e: int, same: int) -> None:
+        """Evaluation e is evaluation `same` (a step's first stage, its previous step's last: FSAL)."""
+        if self.rng is not None:
+            self.rng[e] = self.rng[same]
+        if self.state is not None:
+            self.snapshots[e] = self.snapshots[same]
 
     def clear(self) -> None:
         """Forget every evaluation recorded: the forward starts over (kept_graphs.EvaluationGraphs)."""
         if self.rng is not None:
-            self.rng = []
-        self.snapshots = []
+            self.rng = {}
+        self.snapshots, self.recorded = {}, 0
 
     def finish(self, reruns: bool) -> None:
         """After the forward. Generators that did not move: nothing random ran, nothing to replay.

@@ -75,8 +75,9 @@ _TORCHDIFFEQ_NAMES = {
     "heun3": "Heun's third-order method is not provided (pass a ButcherTableau)",
     "explicit_adams": "multistep methods are not provided",
     "implicit_adams": "multistep methods are not provided",
+    "scipy_solver": "torchdiffeq's scipy wrapper is not provided (odeint's dopri8 is the high-order adaptive method)",
 }
-_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5", "scipy_solver")
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
 
 
 def get_tableau(method) -> ButcherTableau:
@@ -89,7 +90,6 @@ def get_tableau(method) -> ButcherTableau:
         if method in _TORCHDIFFEQ_NAMES:
             hint = f"; {_TORCHDIFFEQ_NAMES[method]}"
         elif method in _ADAPTIVE:
-            hint = ("; adaptive solvers are not provided (every solve here is fixed-step and exactly "
-                    "differentiable): pick a grid, or odeint(..., options=dict(step_size=h))")
+            hint = "; it is an adaptive method: odeint runs it (prg_fast.ode.embedded)"
         raise ValueError(f"method must be one of {sorted(SOLVERS)} (or a ButcherTableau), got {method!r}{hint}")
     return SOLVERS[method]

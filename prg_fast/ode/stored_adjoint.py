@@ -102,8 +102,10 @@ class StoredAdjoint:
         times, (problem, first, time_grad, differentiated) = problem.grid.times, discover(problem, x)
         if not differentiated:  # nothing to differentiate: the first evaluation is reused all the same
             return solve(problem, x, first.evaluator() if first is not None else None)
-        graphs = EvaluationGraphs(problem, self, first, x.device, time_grad)
-        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
+        # an adaptive solve's forward is its controller's (prg_fast.ode.adaptive.AcceptedGraphs)
+        graphs = (problem.controller.graphs if problem.controller else EvaluationGraphs)(problem, self, first,
+                                                                                         x.device, time_grad)
+        log.debug("adjoint: %s of %s evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
                   graphs.kept_count, graphs.total, graphs.graph_bytes, graphs.budget, self.memory_budget,
                   "" if graphs.unkeepable is None else f"; none can be kept: {graphs.unkeepable}")
         if graphs.as_backprop:
@@ -160,7 +162,8 @@ class AdjointSolve(torch.autograd.Function):
         # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
         # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
         ctx.save_for_backward(*stored)
-        ctx.problem, ctx.evals, ctx.rng = problem, evals, evals.replay.rng
+        # the problem the forward walked (an adaptive controller's accepted grid: kept_graphs)
+        ctx.problem, ctx.evals, ctx.rng = evals.problem, evals, evals.replay.rng
         ctx.x_dtype = x.dtype
         ctx.differentiated = (x, *params)  # what a second derivative would reach (once_differentiable)
         return torch.stack(outs)
@@ -195,6 +198,16 @@ def _backward(ctx, grad_out: torch.Tensor):
     return (None, None, walk.gtimes, walk.lam.to(ctx.x_dtype), *walk.grads.totals())
 
 
+def dense_cotangents(p: Problem, grad_out: torch.Tensor) -> dict:
+    """An adaptive solve's dense outputs y_n + h sum_i b_i(theta) k_i (prg_fast.ode.adaptive): step n ->
+    [(b(theta), the output's cotangent)]."""
+    dense: dict = {}
+    for pos, place in enumerate(p.grid.dense or ()):
+        if place is not None:
+            dense.setdefault(place[0], []).append((p.tableau.weights(place[1]), grad_out[pos].to(p.state_dtype)))
+    return dense
+
+
 class BackwardWalk:
     """The backward's running cotangents, walked step by step in reverse: lam (the state's), the
     parameters' (GradientSum) and the grid's; each evaluation with its graph comes from the
@@ -210,6 +223,7 @@ class BackwardWalk:
         self.grads = GradientSum(self.params)
         self.gt = self.gh = None
         self.hooks = StateHooks(skip_x=not x_grad or (evals.first is not None and evals.first.read_x))
+        self.dense = dense_cotangents(p, grad_out)
 
     def arrive(self, m: int) -> None:
         if m in self.arriving:
@@ -235,7 +249,7 @@ class BackwardWalk:
     def step(self, n: int, inputs: List[torch.Tensor]) -> None:
         p = self.p
         t, h, taus = p.step_at(n)
-        mus: List[Optional[torch.Tensor]] = [None] * p.tableau.stages
+        mus, self.now = [None] * p.tableau.stages, self.dense.pop(n, [])  # (the step's dense outputs)
         if self.want_tgrad:
             self.gt, self.gh = torch.zeros_like(t), torch.zeros_like(t)
         for i in reversed(range(p.tableau.stages)):
@@ -243,7 +257,7 @@ class BackwardWalk:
         if self.want_tgrad:
             self.gtimes[n] += self.gt - self.gh
             self.gtimes[n + 1] += self.gh
-        live = [mu for mu in mus if mu is not None]
+        live = [mu for mu in mus if mu is not None] + [g for _, g in self.now]
         if live:
             self.lam = p.backend.combine(self.lam, live, [1.0] * len(live), 1.0, p.state_dtype)
 
@@ -251,11 +265,12 @@ class BackwardWalk:
         """(g_i, e_i): the cotangent of k_i, g_i = h e_i with e_i = b_i lam + sum_m a_mi mu_m (e_i kept on a
         tensor grid, where g_i is formed per row and h may be 0); (None, None) if k_i influences nothing."""
         p, tab = self.p, self.p.tableau
-        later = [m for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
-        if tab.b[i] == 0.0 and not later:
+        terms = [(mus[m], tab.a[m][i]) for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
+        terms += [(g, w[i]) for w, g in self.now if w[i] != 0.0]  # the step's dense outputs read k_i too
+        if tab.b[i] == 0.0 and not terms:
             return None, None
-        return p.backend.scaled(self.lam, [mus[m] for m in later], [tab.a[m][i] for m in later], tab.b[i], h,
-                                p.net_dtype, p.state_dtype)
+        return p.backend.scaled(self.lam, [g for g, _ in terms], [w for _, w in terms], tab.b[i], h, p.net_dtype,
+                                p.state_dtype)
 
     def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
         """(k, leaf, tau): evaluation (n, i) with its graph from the stage-input leaf (and from the time

@@ -1,0 +1,216 @@
+"""Adaptive odeint against torchdiffeq (and torchode when installed), side by side in one run.
+
+Rows: Van der Pol (mu 1 and 5), Lotka-Volterra, a neural ODE (MLP velocity 2-64-64-2, batch 64)
+and a CNF-sized one (16-256-256-16 on a batch of 512), each with dopri5 at the same rtol/atol for
+every solver (the MLPs' initial weights scaled by 3: some 200-300 evaluations on t in [0, 10]). Per row and solver:
+    err        max |y - y_ref| over the output times, y_ref from scipy's DOP853 at rtol = atol = 1e-13
+    nfe        function evaluations
+    nograd     no-grad solve time (s), and its ratio to torchdiffeq's odeint
+    train      forward + backward time (s) of sum(ys**2) w.r.t. y0 and the parameters, and its ratio:
+               ours by default (adjoint, memory_budget="auto"), ours with memory_budget=0, ours
+               with adjoint=False; torchdiffeq's odeint (backprop) and odeint_adjoint
+    held_mb    MB autograd holds for the backward at the end of the forward (unique saved storages)
+    grad_err   relative error of the gradient against a tight-tolerance reference (ours, float64,
+               rtol = atol = 1e-12, dopri8, memory_budget=0: exact for its accepted steps)
+
+Time: harness.interleaved (every solver of a row in turn, per round; thread CPU time with one thread);
+results: OUT/adaptive.jsonl (harness.Results: an interrupted run resumes).
+
+    OMP_NUM_THREADS=1 python benchmarks/adaptive.py              # every row (the cnf row alone is long)
+    OMP_NUM_THREADS=1 python benchmarks/adaptive.py --rows vdp1 mlp --no-train
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+import harness
+import prg_fast
+
+D = torch.float64
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.n = f, 0
+
+    def forward(self, t, y):
+        self.n += 1
+        return self.f(t, y)
+
+
+class MLP(torch.nn.Module):
+    """A velocity MLP on [y, t]; `gain` scales the initial weights (livelier dynamics than at init)."""
+
+    def __init__(self, dim, width, depth=2, gain=3.0):
+        super().__init__()
+        layers, d = [], dim + 1
+        for _ in range(depth):
+            layers += [torch.nn.Linear(d, width), torch.nn.Tanh()]
+            d = width
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(d, dim))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.mul_(gain if p.dim() > 1 else 1.0)
+
+    def forward(self, t, y):
+        return self.net(torch.cat([y, t.expand(y.shape[0], 1).to(y.dtype)], 1))
+
+
+def _vdp(mu):
+    return lambda t, y: torch.stack([y[..., 1], mu * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
+
+
+def _lotka(t, y):
+    return torch.stack([1.5 * y[..., 0] - y[..., 0] * y[..., 1], -3 * y[..., 1] + y[..., 0] * y[..., 1]], -1)
+
+
+def rows():
+    """name -> (velocity, y0, t, rtol, atol); a velocity module's parameters are trained."""
+    torch.manual_seed(0)
+    lin = lambda n, a, b: torch.linspace(a, b, n, dtype=D)  # noqa: E731
+    return {
+        "vdp1": (_vdp(1.0), torch.tensor([2.0, 0.0], dtype=D), lin(11, 0, 10), 1e-7, 1e-9),
+        "vdp5": (_vdp(5.0), torch.tensor([2.0, 0.0], dtype=D), lin(11, 0, 10), 1e-7, 1e-9),
+        "lotka": (_lotka, torch.tensor([1.0, 1.0], dtype=D), lin(21, 0, 10), 1e-7, 1e-9),
+        "mlp": (MLP(2, 64), torch.randn(64, 2), torch.linspace(0, 10, 11), 1e-6, 1e-8),
+        "cnf": (MLP(16, 256), torch.randn(512, 16), torch.linspace(0, 10, 5), 1e-6, 1e-8),
+    }
+
+
+def reference(f, y0, t):
+    from scipy.integrate import solve_ivp
+
+    f64 = copy.deepcopy(f).double() if isinstance(f, torch.nn.Module) else f
+    shape = y0.shape
+
+    def fun(s, y):
+        with torch.no_grad():
+            return f64(torch.tensor(s, dtype=D), torch.tensor(y, dtype=D).reshape(shape)).reshape(-1).numpy()
+
+    sol = solve_ivp(fun, (float(t[0]), float(t[-1])), y0.double().reshape(-1).numpy(), method="DOP853", rtol=1e-13,
+                    atol=1e-13, t_eval=t.double().numpy())
+    return torch.tensor(sol.y.T, dtype=D).reshape((len(t),) + tuple(shape))
+
+
+def solvers(name, f):
+    """solver name -> solve(velocity, y0) for one row (f: the row's velocity, whose parameters train)."""
+    import torchdiffeq
+
+    _, _, t, rtol, atol = rows()[name]
+    tol = dict(rtol=rtol, atol=atol)
+    ours = lambda **kw: (lambda g, y: prg_fast.odeint(g, y, t, method="dopri5", **tol, **kw))  # noqa: E731
+    return {
+        "prg_fast": ours(),
+        "prg_fast_budget0": ours(memory_budget=0),
+        "prg_fast_backprop": ours(adjoint=False),
+        "torchdiffeq": lambda g, y: torchdiffeq.odeint(g, y, t, method="dopri5", **tol),
+        "torchdiffeq_adjoint": lambda g, y: torchdiffeq.odeint_adjoint(g, y, t, method="dopri5", **tol,
+                                                                       adjoint_params=tuple(_params(f))),
+    }
+
+
+def _params(f):
+    return list(f.parameters()) if isinstance(f, torch.nn.Module) else []
+
+
+def train_step(solve, f, y0):
+    y = y0.clone().requires_grad_()
+    wrapped = f if isinstance(f, torch.nn.Module) else Counting(f)
+    ys = solve(wrapped, y)
+    inputs = [y] + _params(f)
+    return torch.autograd.grad((ys ** 2).sum(), inputs)
+
+
+def grad_reference(name):
+    f, y0, t, _, _ = rows()[name]
+    f = copy.deepcopy(f).double() if isinstance(f, torch.nn.Module) else f
+    y = y0.double().requires_grad_()
+    # the recomputing adjoint (equal to plain backprop: test_adaptive), so memory stays flat in the steps
+    ys = prg_fast.odeint(f, y, t.double(), method="dopri8", rtol=1e-12, atol=1e-12, memory_budget=0,
+                         options=dict(max_num_steps=10 ** 6))
+    return torch.autograd.grad((ys ** 2).sum(), [y] + _params(f))
+
+
+def held_mb(solve, f, y0):
+    """MB that autograd holds for the backward at the end of the forward: the unique storages saved
+    (saved-tensor hooks see autograd's saved tensors and save_for_backward alike), the memory a
+    training step keeps between forward and backward, independent of the allocator."""
+    seen = {}
+
+    def pack(x):
+        seen[(x.untyped_storage().data_ptr(), x.device)] = x.untyped_storage().nbytes()
+        return x
+
+    y = y0.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        ys = solve(f, y)
+    del ys
+    return sum(seen.values()) / 2 ** 20
+
+
+def bench_row(name, args, log):
+    """One row's cells, each solver a line of the results file (already measured ones are kept)."""
+    f, y0, t, _, _ = rows()[name]
+    fns, keys = solvers(name, f), [dict(row=name, solver=solver) for solver in solvers(name, f)]
+
+    def accuracy():
+        exact, cells = reference(f, y0, t), []
+        for solve in fns.values():
+            counted = Counting(f)
+            with torch.no_grad():
+                ys = solve(counted, y0)
+            cells.append(dict(err=(ys.double() - exact).abs().max().item(), nfe=counted.n))
+        return cells
+
+    def gradients():
+        g_ref, cells = grad_reference(name), []
+        for solve in fns.values():
+            grads = train_step(solve, f, y0)
+            num = sum(((a.double() - b) ** 2).sum() for a, b in zip(grads, g_ref)) ** 0.5
+            cells.append(dict(grad_err=(num / sum((b ** 2).sum() for b in g_ref) ** 0.5).item(),
+                              held_mb=held_mb(solve, f, y0)))
+        return cells
+
+    def times(field, make):
+        timed = harness.interleaved({s: make(solve) for s, solve in fns.items()}, args.reps, anchor="torchdiffeq",
+                                    min_run_time=args.min_run_time)
+        return [{field: timed[s]["seconds"], field + "_ratio": timed[s]["ratio"]} for s in fns]
+
+    log.measure(keys, "err", accuracy)
+    log.measure(keys, "nograd", lambda: times("nograd", lambda solve: torch.no_grad()(lambda: solve(f, y0))))
+    if not args.no_train:
+        log.measure(keys, "grad_err", gradients)
+        log.measure(keys, "train", lambda: times("train", lambda solve: lambda: train_step(solve, f, y0)))
+    for key in keys:
+        print(json.dumps(log.get(key)), flush=True)
+    return log.rows(keys)
+
+
+COLUMNS = [("row", "row"), ("solver", "solver"), ("error vs DOP853", "err", ".3g"), ("evaluations", "nfe"),
+           ("no-grad s", "nograd", ".3g"), ("/ torchdiffeq", "nograd_ratio", ".2f"),
+           ("training step s", "train", ".3g"), ("/ torchdiffeq", "train_ratio", ".2f"),
+           ("held MB", "held_mb", ".3g"), ("gradient error", "grad_err", ".3g")]
+
+
+def main(argv=None):
+    p = harness.parser("adaptive", __doc__)
+    p.add_argument("--rows", nargs="+", default=list(rows()), choices=list(rows()))
+    p.add_argument("--reps", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed block (harness.interleaved)")
+    p.add_argument("--no-train", action="store_true", help="no-grad columns only")
+    args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    print(f"{harness.machine()}\ntime: {harness.clock_name(torch.device('cpu'), threads)}, median of {args.reps} "
+          "interleaved rounds; ratios: median of the per-round ratios to torchdiffeq's odeint", flush=True)
+    log = harness.Results(args, "adaptive", dict(reps=args.reps, min_run_time=args.min_run_time, threads=threads),
+                          key=("row", "solver"))
+    results = [cell for name in args.rows for cell in bench_row(name, args, log)]
+    print(harness.table(results, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
