@@ -210,8 +210,7 @@ def dense_cotangents(p: Problem, grad_out: torch.Tensor) -> dict:
 
 class BackwardWalk:
     """The backward's running cotangents, walked step by step in reverse: lam (the state's), the
-    parameters' (GradientSum) and the grid's; each evaluation with its graph comes from the
-    forward's kept graphs (prg_fast.ode.kept_graphs) or is recomputed under the replay record."""
+    parameters' (GradientSum) and the grid's; each evaluation kept (kept_graphs) or recomputed."""
 
     def __init__(self, p: Problem, evals: EvaluationGraphs, grad_out: torch.Tensor, want_tgrad: bool, x_grad: bool):
         self.p, self.evals, self.want_tgrad = p, evals, want_tgrad
@@ -273,9 +272,8 @@ class BackwardWalk:
                                 p.state_dtype)
 
     def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
-        """(k, leaf, tau): evaluation (n, i) with its graph from the stage-input leaf (and from the time
-        tau, when a leaf requiring grad) -- the forward's kept graph (handed over once: its VJP frees
-        it; a second backward recomputes), else recomputed from the stored stage input `xi` at `tau`."""
+        """(k, leaf, tau): evaluation (n, i) with its graph -- the forward's kept graph (handed over once:
+        its VJP frees it), else recomputed from the stored stage input `xi` at `tau`."""
         e = n * self.p.tableau.stages + i
         got = self.evals.kept.pop(e, None)
         if got is not None:
