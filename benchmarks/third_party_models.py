@@ -64,7 +64,7 @@ def diffusers_cases(dtype):
             net.enable_gradient_checkpointing()
         # an epsilon-prediction UNet on a discrete schedule: its probability-flow ODE (prg_fast.diffusion),
         # not its output fed to the solver as a velocity; DDIM's 2 trailing timesteps (999, 499) as levels
-        scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+        scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", clip_sample=False)
         return prg_fast.from_diffusers(net, scheduler, steps=2), list(net.parameters())
 
     yield "diffusers UNet2DModel (attention, dropout 0.1)", lambda: build(False)

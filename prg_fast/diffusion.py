@@ -394,6 +394,11 @@ def from_diffusers(model: torch.nn.Module, scheduler, *, steps: Optional[int] = 
     if table is None or not hasattr(scheduler, "config"):
         raise TypeError(f"scheduler must be a diffusers scheduler with alphas_cumprod (DDIMScheduler, DDPMScheduler, "
                         f"...), got {type(scheduler).__name__}")
+    for setting in ("clip_sample", "thresholding"):  # clip_sample=True is diffusers' DDIM/DDPM default
+        if getattr(scheduler.config, setting, False):
+            raise ValueError(f"scheduler has {setting}=True: it clips each predicted x0, which no ODE does, so "
+                             f"generate would not equal its sampler; pass type(scheduler).from_config("
+                             f"scheduler.config, {setting}=False) (the same schedule, unclipped)")
     if prediction is None:
         prediction = getattr(scheduler.config, "prediction_type", "epsilon")
     final = getattr(scheduler, "final_alpha_cumprod", getattr(scheduler, "initial_alpha_cumprod", 1.0))
