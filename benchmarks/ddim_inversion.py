@@ -13,24 +13,19 @@ steps_offset=1 (see GaussianDenoiserPlus: no trained weights can be downloaded h
    m = 1 is DDIM inversion then DDIM sampling, exactly).
 2. Exact gradient of an inversion, d<w, z_T>/d(x, every parameter): prg_fast.reverse(adjoint=True)
    (euler, N steps: the same computation as DDIM inversion) against autograd through diffusers'
-   DDIMInverseScheduler loop. Memory: peak above the baseline during forward + backward (CPU: peak
-   RSS of one fresh worker process, its high-water mark reset before each cell, glibc returning freed
-   memory at once; CUDA: max_memory_allocated). Time: forward + backward relative to diffusers' loop,
-   median over repeats that run both back to back (thread CPU time on the CPU). The gradients'
-   relative L2 difference says both compute the same thing (float32 rounding).
+   DDIMInverseScheduler loop. Memory: harness peaks, on the CPU in a fresh process per cell (memory
+   one cell freed and the allocator kept would hide the next cell's growth). Time: forward + backward
+   relative to diffusers' loop, harness.interleaved. The gradients' relative L2 difference says both
+   compute the same thing (float32 rounding).
+
+Results: OUT/ddim_inversion.jsonl (harness.Results, resumable) and the two tables.
 """
 import argparse
-import gc
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
+import harness
 import prg_fast
 
 
@@ -91,96 +86,55 @@ def gradient(impl, unet, scheduler, inverse, x, steps):
     return torch.autograd.grad((z * w).sum(), [xx] + list(unet.parameters()))
 
 
-def reconstruction(args, unet, scheduler, x):
-    rows = []
+def reconstruction(args, log, unet, scheduler, x):
     with torch.no_grad():
         flow = prg_fast.from_diffusers(unet, scheduler, steps=args.levels)
         for method, evals in (("euler", 1), ("heun", 2), ("rk4", 4)):
             for m in args.refine:
-                k = args.levels * m
-                z = prg_fast.reverse(flow, x, steps=k, method=method)
-                back = prg_fast.generate(flow, z, steps=k, method=method)
-                rows.append((method, k, 2 * k * evals, ((back - x).norm() / x.norm()).item()))
-                print(f"| {method} | {k} | {2 * k * evals} | {rows[-1][3]:.2e} |", flush=True)
-    return rows
+                key = dict(table="reconstruction", method=method, steps=args.levels * m)
+                if "rel_err" not in log.get(key):
+                    k = key["steps"]
+                    back = prg_fast.generate(flow, prg_fast.reverse(flow, x, steps=k, method=method), steps=k,
+                                             method=method)
+                    log.add(key, evaluations=2 * k * evals, rel_err=((back - x).norm() / x.norm()).item())
+                print("  " + str(log.get(key)), flush=True)
 
 
-def _clock(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return time.thread_time()
+def gradient_table(args, log, unet, scheduler, inverse, x, device):
+    def fns(steps):
+        return {impl: (lambda impl=impl: gradient(impl, unet, scheduler, inverse, x, steps))
+                for impl in ("diffusers", "prg_fast")}
 
-
-def time_ratio(args, unet, scheduler, inverse, x, steps, device):
-    ratios = []
-    for r in range(args.repeats):
-        seconds = {}
-        for impl in (("diffusers", "prg_fast") if r % 2 == 0 else ("prg_fast", "diffusers")):
-            start = _clock(device)
-            gradient(impl, unet, scheduler, inverse, x, steps)
-            seconds[impl] = _clock(device) - start
-        ratios.append(seconds["prg_fast"] / seconds["diffusers"])
-    return statistics.median(ratios)
-
-
-def proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peaks(args, unet, scheduler, inverse, x, device):
-    """{(impl, steps): peak bytes}, measured here on CUDA, on the CPU in a fresh worker process per
-    cell (memory one cell freed and the allocator kept would hide the next cell's growth)."""
-    if device.type == "cpu" and args.worker is None:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
-        cells = {}
-        for steps in args.levels_list:
-            for impl in ("diffusers", "prg_fast"):
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{impl}:{steps}"] + sys.argv[1:]
-                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if res.returncode != 0:
-                    raise RuntimeError(f"memory worker failed:\n{res.stderr[-3000:]}")
-                cells.update({(i, k): v for i, k, v in json.loads(res.stdout.strip().splitlines()[-1])})
-        return cells
-    cells = []
-    todo = [(i, k) for k in args.levels_list for i in ("diffusers", "prg_fast")]
-    if args.worker is not None:
-        impl, steps = args.worker.split(":")
-        todo = [(impl, int(steps))]
-    for impl, steps in todo:
-        gradient(impl, unet, scheduler, inverse, x, steps)  # warm-up: one-time allocations are not the cell's
-    for impl, steps in todo:
-        gc.collect()
+    for steps in args.levels_list:
+        key = dict(table="gradient", steps=steps)
+        if "time_ratio" in log.get(key):
+            continue
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            gradient(impl, unet, scheduler, inverse, x, steps)
-            cells.append((impl, steps, torch.cuda.max_memory_allocated() - base))
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            base = proc_status_kib("VmHWM")
-            gradient(impl, unet, scheduler, inverse, x, steps)
-            cells.append((impl, steps, (proc_status_kib("VmHWM") - base) * 1024))
-    if args.worker is not None:
-        print(json.dumps(cells))
-    return {(i, k): v for i, k, v in cells}
+            peak = harness.peaks(fns(steps), device)
+        else:  # a fresh process per cell
+            argv = [a for a in sys.argv[1:] if a not in ("--fresh", harness.PEAK_FLAG)]
+            peak = {impl: harness.peaks_in_fresh_process(argv + ["--worker", f"{impl}:{steps}"])[impl]
+                    for impl in ("diffusers", "prg_fast")}
+        a, b = (torch.cat([g.flatten() for g in gradient(i, unet, scheduler, inverse, x, steps)])
+                for i in ("prg_fast", "diffusers"))
+        t = harness.interleaved(fns(steps), args.repeats, anchor="diffusers", device=device)
+        log.add(key, peak_diffusers=peak["diffusers"], peak_prg_fast=peak["prg_fast"],
+                time_ratio=t["prg_fast"]["ratio"], grad_rel_diff=((a - b).norm() / b.norm()).item())
+        print("  " + str(log.get(key)), flush=True)
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser("ddim_inversion", __doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (CI)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--grad-steps", type=int, nargs="+", default=None, help="N of the gradient table (default 10 25 50)")
-    ap.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="timing rounds (default 5)")
     ap.add_argument("--skip-reconstruction", action="store_true", help="only the gradient table")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "impl:steps": one memory cell
     args = ap.parse_args(argv)
     args.size, args.width, args.batch = (16, 16, 1) if args.quick else (32, 32, 2)
     args.levels, args.refine = (5, (1, 2)) if args.quick else (10, (1, 2, 4))
-    args.levels_list = (5, 10) if args.quick else (10, 25, 50)
-    args.levels_list = tuple(args.grad_steps) if args.grad_steps else args.levels_list
+    args.levels_list = tuple(args.grad_steps) if args.grad_steps else (5, 10) if args.quick else (10, 25, 50)
     args.repeats = args.repeats or (2 if args.quick else 5)
     return args
 
@@ -195,28 +149,27 @@ def main(argv=None):
     except ImportError as e:
         print(f"diffusers is not installed ({e}): nothing to compare against")
         return 0
-    if args.worker is not None:
-        peaks(args, unet, scheduler, inverse, x, device)
+    if args.peak_worker:
+        impl, steps = args.worker.split(":")
+        harness.peak_worker({impl: lambda: gradient(impl, unet, scheduler, inverse, x, int(steps))})
         return 0
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, one thread"
     print(f"DDIM inversion, UNet2DModel {args.size}x{args.size} width {args.width}, batch {args.batch}, float32; "
-          f"torch {torch.__version__}, {name}")
+          f"{harness.machine(device)}; time: {harness.clock_name(device, torch.get_num_threads())}")
+    config = dict(size=args.size, width=args.width, batch=args.batch, repeats=args.repeats, device=device.type)
+    log = harness.Results(args, "ddim_inversion", config, key=("table", "method", "steps"), device=device)
     if not args.skip_reconstruction:
+        reconstruction(args, log, unet, scheduler, x)
         print(f"\nReconstruction x -> reverse -> generate on the {args.levels}-level flow\n")
-        print("| method | solver steps | network evaluations (both ways) | rel. L2 error |\n|---|---|---|---|")
-        reconstruction(args, unet, scheduler, x)
+        print(harness.table([r for r in log.rows() if r["table"] == "reconstruction"], [
+            ("method", "method"), ("solver steps", "steps"), ("network evaluations (both ways)", "evaluations"),
+            ("rel. L2 error", "rel_err", ".2e")]))
+    gradient_table(args, log, unet, scheduler, inverse, x, device)
     print("\nExact gradient of an inversion (euler, N steps): prg_fast adjoint vs autograd through diffusers' loop\n")
-    print("| N | peak, diffusers loop (MiB) | peak, prg_fast adjoint (MiB) | memory ratio | time ratio (prg/diffusers) | grad rel. diff |")
-    print("|---|---|---|---|---|---|")
-    peak = peaks(args, unet, scheduler, inverse, x, device)
-    for steps in args.levels_list:
-        a = gradient("prg_fast", unet, scheduler, inverse, x, steps)
-        b = gradient("diffusers", unet, scheduler, inverse, x, steps)
-        diff = (torch.cat([u.flatten() for u in a]) - torch.cat([v.flatten() for v in b])).norm() / torch.cat(
-            [v.flatten() for v in b]).norm()
-        ratio = time_ratio(args, unet, scheduler, inverse, x, steps, device)
-        mem_d, mem_p = peak[("diffusers", steps)] / 2 ** 20, peak[("prg_fast", steps)] / 2 ** 20
-        print(f"| {steps} | {mem_d:.1f} | {mem_p:.1f} | {mem_p / mem_d:.2f} | {ratio:.2f} | {diff.item():.1e} |", flush=True)
+    print(harness.table([log.get(dict(table="gradient", steps=k)) for k in args.levels_list], [
+        ("N", "steps"), ("peak, diffusers loop (MiB)", lambda r: r["peak_diffusers"] / 2 ** 20, ".1f"),
+        ("peak, prg_fast adjoint (MiB)", lambda r: r["peak_prg_fast"] / 2 ** 20, ".1f"),
+        ("memory ratio", lambda r: r["peak_prg_fast"] / r["peak_diffusers"], ".2f"),
+        ("time ratio (prg/diffusers)", "time_ratio", ".2f"), ("grad rel. diff", "grad_rel_diff", ".1e")]))
     return 0
 
 

@@ -4,11 +4,12 @@ global deadline): what each measures, in order of value, and the Context a part'
     info         the build: CUDA ops for this GPU, Triton usable (prg_fast.info())
     correctness  pytest -m cuda_quick (python_tests/cuda_selection.py) over the files that mark cuda
     adjoint      P1-P3 through benchmarks/adjoint_memory.py (cifar, K = 4 and 16)
-    kernels      P5 through benchmarks/kernel_speed.py --device D --quick --out DIR
-    reverse      P4 through benchmarks/reverse_speed.py --no-backward, and the CUDA-graph crossover
+    kernels      P5 through benchmarks/kernel_speed.py --device D --quick
+    reverse      P4 through benchmarks/reverse_speed.py (no-grad solves), and the CUDA-graph crossover
     finetune     P7, P8 through benchmarks/finetune_step.py
     sanitizer    compute-sanitizer memcheck/racecheck, only if a probe answers within 45 s
 
+The benchmark parts run their script and read its harness results file (JSON lines) as it grows.
 A part returns a dict (rows, figures, "ok": False with a "reason" when its check fails), raises
 Skip with the reason it cannot run here, and calls ctx.progress() with what it has measured so far
 (a part killed by the deadline keeps that).
@@ -225,35 +226,53 @@ def cuda_test_files() -> List[str]:
             if "mark.cuda" in open(os.path.join(folder, n), encoding="utf-8").read()]
 
 
-def _adjoint_impls():
-    import adjoint_memory
+def run_bench(ctx: Context, script: str, args: List[str], name: str, key: tuple, res: dict) -> int:
+    """benchmarks/SCRIPT ARGS --out FOLDER; after every line it prints, the rows of its results file
+    FOLDER/NAME.jsonl so far become res["rows"] (times in ms, peaks in MiB, figures rounded) and are
+    saved as progress: a part cut by the deadline keeps every row measured. Returns the exit status."""
+    import harness  # (torch with it: not in the supervisor's process)
 
-    want = ("backprop", "budget_0", "auto", "budget_inf", "reversible", "tdq", "tdq_adjoint")
-    return [i for i in want if i in adjoint_memory.IMPLS]
+    folder = os.path.join(ctx.scratch, name)
+    path = os.path.join(folder, name + ".jsonl")
+
+    def collect(line=None):
+        rows = harness.read_rows(path, key)
+        if rows or line is None:
+            res["rows"] = [shown(r) for r in rows]
+            if os.path.exists(path):
+                res["settings"] = harness.read_lines(path)[0]
+            ctx.progress(res)
+
+    rc = ctx.run_logged([sys.executable, os.path.join(HERE, script), *args, "--out", folder], on_line=collect)
+    collect()
+    return rc
+
+
+def shown(row: dict) -> dict:
+    """A results row as the report shows it: solve times in ms, bytes as MiB, 4 significant digits."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            continue
+        if k in ("net", "prg", "prg_graph", "tdq"):
+            k, v = k + "_ms", 1e3 * v
+        elif k.startswith("peak_bytes"):
+            k, v = "peak_mib", v / 2 ** 20
+        out[k] = float(f"{v:.4g}") if isinstance(v, float) and k != "grad_rel_err" else v
+    return out
 
 
 def part_adjoint(ctx: Context) -> dict:
-    """P1-P3 through benchmarks/adjoint_memory.py, one call per K so each K is kept once measured."""
+    """P1-P3 through benchmarks/adjoint_memory.py (its results file keeps each K once measured)."""
     dev = ctx.device()
-    size = ["--model", "tiny", "--batch", "2", "--size", "8", "--reps", "1"] if ctx.smoke else \
-        ["--model", "cifar", "--batch", "32", "--size", "32", "--reps", "3"]
-    res = {"claim": "adjoint peak flat in K; time vs plain backprop; exact gradients (torchdiffeq's adjoint is not)",
-           "rows": []}
-    for k in ([1, 2] if ctx.smoke else [4, 16]):
-        folder = os.path.join(ctx.scratch, f"adjoint_k{k}")
-        cmd = [sys.executable, os.path.join(HERE, "adjoint_memory.py"), "--device", dev.type, "--method", "euler",
-               "--steps", str(k), "--impls", *_adjoint_impls(), "--grad-batch", "2", "--out", folder,
-               "--figures", folder, *size]
-        if ctx.run_logged(cmd) != 0:
-            raise RuntimeError(f"adjoint_memory.py failed at K={k} (parts.log has its output)")
-        for path in sorted(os.listdir(folder)):
-            if path.endswith(".json"):
-                with open(os.path.join(folder, path)) as f:
-                    data = json.load(f)
-                res["device"] = data["device"]
-                res["rows"] += [{k2: (round(v, 4) if isinstance(v, float) and k2 != "grad_rel_err" else v)
-                                 for k2, v in r.items()} for r in data["rows"]]
-        ctx.progress(res)
+    size = ["--model", "tiny", "--batch", "2", "--size", "8", "--reps", "1", "--steps", "1", "2"] if ctx.smoke else \
+        ["--model", "cifar", "--batch", "32", "--size", "32", "--reps", "3", "--steps", "4", "16"]
+    impls = ["backprop", "budget_0", "auto", "budget_inf", "reversible", "tdq", "tdq_adjoint"]
+    res = {"claim": "adjoint peak flat in K; time vs plain backprop; exact gradients (torchdiffeq's adjoint is not)"}
+    rc = run_bench(ctx, "adjoint_memory.py", ["--device", dev.type, "--methods", "euler", "--impls", *impls, *size],
+                   f"adjoint_memory_{dev.type}_{size[1]}", ("method", "steps", "impl"), res)
+    if rc != 0:
+        raise RuntimeError(f"adjoint_memory.py exited {rc} (parts.log has its output)")
     res["ratios"] = adjoint_ratios(res["rows"])
     return res
 
@@ -277,69 +296,43 @@ def adjoint_ratios(rows: List[dict]) -> dict:
 
 
 def part_kernels(ctx: Context) -> dict:
-    """P5 through benchmarks/kernel_speed.py --device D --quick --out DIR."""
+    """P5 through benchmarks/kernel_speed.py --device D --quick; its rows also go to DIR/kernels.json."""
+    import harness
+
     dev = ctx.device()
+    res = {"claim": "fused op bandwidth / copy_ >= 0.85, and faster than the best torch formulation"}
     folder = os.path.join(ctx.scratch, "kernels")
-    os.makedirs(folder, exist_ok=True)
-    lines: List[str] = []
-    cmd = [sys.executable, os.path.join(HERE, "kernel_speed.py"), "--device", dev.type, "--quick", "--out", folder]
-    rc = ctx.run_logged(cmd, on_line=lines.append)
-    produced = os.path.join(folder, "kernels.json")
-    if not os.path.exists(produced):
-        tail = "".join(lines[-3:]).strip()
-        raise Skip(f"benchmarks/kernel_speed.py wrote no kernels.json (exit {rc}): {tail[-300:]}")
-    shutil.copy(produced, os.path.join(ctx.out, "kernels.json"))
-    with open(produced) as f:
-        data = json.load(f)
-    rows = (data.get("rows") or data.get("results") or []) if isinstance(data, dict) else data
-    rows = flat_rows([r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else [])
-    return {"claim": "fused op bandwidth / copy_ >= 0.85, and faster than the best torch formulation",
-            "device": data.get("device") if isinstance(data, dict) else None, "rows": rows[:40],
-            "file": "kernels.json", "rc": rc}
+    # the smoke run (a CPU) stops below 2^20: there every call of every formulation takes milliseconds
+    size = ["--sizes", "12,16", "--reps", "3"] if ctx.smoke else []
+    res["rc"] = run_bench(ctx, "kernel_speed.py", ["--device", dev.type, "--quick", *size], "kernels",
+                          ("dtype", "log2n", "terms"), res)
+    rows = harness.read_rows(os.path.join(folder, "kernels.jsonl"), ("dtype", "log2n", "terms"))
+    if not rows:
+        raise Skip(f"benchmarks/kernel_speed.py measured nothing (exit {res['rc']}; parts.log has its output)")
+    with open(os.path.join(ctx.out, "kernels.json"), "w") as f:
+        json.dump({"settings": res.get("settings"), "rows": rows}, f, indent=1)
+    res.update(rows=flat_rows(rows)[:40], file="kernels.json")
+    return res
 
 
 def flat_rows(rows: List[dict]) -> List[dict]:
-    """Rows nested one level (per device: {"name": ..., "rows": [...]}) as flat table rows, each
-    with its parent's plain fields; a dict of figures ({"GBps": {"cuda": ...}}) as "GBps:cuda"."""
-    def plain(row):
-        out = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
-        for k, v in row.items():
-            if isinstance(v, dict):
-                out.update({f"{k}:{sub}": x for sub, x in v.items() if not isinstance(x, (dict, list))})
-        return out
-
-    out = []
-    for row in rows:
-        nested = [v for v in row.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-        out += [{**plain(row), **plain(x)} for v in nested for x in v] if nested else [plain(row)]
-    return out
+    """Table rows of results rows whose figures are dicts ({"us": {"cuda": ...}} as "us:cuda")."""
+    return [{**{k: v for k, v in row.items() if not isinstance(v, (dict, list))},
+             **{f"{k}:{sub}": x for k, v in row.items() if isinstance(v, dict) for sub, x in v.items()
+                if not isinstance(x, (dict, list))}} for row in rows]
 
 
 def part_reverse(ctx: Context) -> dict:
-    """P4 through benchmarks/reverse_speed.py --no-backward: eager vs CUDA graph vs torchdiffeq."""
+    """P4 through benchmarks/reverse_speed.py (no-grad solves): eager vs CUDA graph vs torchdiffeq."""
     import reverse_speed
 
     dev = ctx.device()
-    folder = os.path.join(ctx.scratch, "reverse")
     sizes = ["--presets", "tiny", "--batches", "1", "2", "--size", "8", "--steps", "2", "--reps", "1"] if ctx.smoke \
         else ["--presets", "tiny", "cifar", "--batches", "1", "4", "16", "64", "--size", "32", "--steps", "10",
               "--reps", "5"]
-    res = {"claim": "no-grad reverse: tdq/prg >= 2 at batch <= 8; graphs pay where launch-bound", "rows": []}
-
-    def on_line(line):
-        if line.startswith("{"):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                return
-            # reverse_speed.py prints times in ms
-            res["rows"].append({(k + "_ms" if k in ("net", "prg", "prg_graph", "tdq") else k): v
-                                for k, v in row.items()})
-            ctx.progress(res)
-
-    cmd = [sys.executable, os.path.join(HERE, "reverse_speed.py"), "--device", dev.type, "--no-backward",
-           "--out", folder, *sizes]
-    if ctx.run_logged(cmd, on_line=on_line) != 0:
+    res = {"claim": "no-grad reverse: tdq/prg >= 2 at batch <= 8; graphs pay where launch-bound"}
+    if run_bench(ctx, "reverse_speed.py", ["--device", dev.type, *sizes], f"reverse_speed_{dev.type}",
+                 ("case", "preset", "batch", "method"), res) != 0:
         raise RuntimeError("reverse_speed.py failed (parts.log has its output)")
     for r in res["rows"]:
         r["tdq/prg"] = round(r["tdq_ms"] / r["prg_ms"], 3)
@@ -358,25 +351,14 @@ def part_reverse(ctx: Context) -> dict:
 def part_finetune(ctx: Context) -> dict:
     """P7, P8 through benchmarks/finetune_step.py: one PRG finetuning step vs the released way."""
     dev = ctx.device()
-    path = os.path.join(ctx.scratch, "finetune_step.json")
     sizes = ["--quick", "--reps", "1"] if ctx.smoke else ["--batch", "64", "--steps", "31", "--reps", "3"]
-    cmd = [sys.executable, os.path.join(HERE, "finetune_step.py"), "--device", dev.type, "--json", path, *sizes]
-
-    def collect():
-        with open(path) as f:
-            data = json.load(f)
-        rows = [{k: (round(v, 4) if isinstance(v, float) and k != "grad_rel_err" else v) for k, v in r.items()}
-                for r in data["rows"]]
-        return {"claim": "finetuning step: memory and images/s vs the released pipeline (odeint_adjoint, fp32); "
-                         "goal 3x with bf16 autocast", "device": data["device"], "args": data["args"],
-                "default_memory_budget": data.get("default_memory_budget"), "rows": rows,
-                "ratios": finetune_ratios(data["rows"])}
-
-    # finetune_step.py saves after its timing, memory and gradient phases: keep each as it comes
-    rc = ctx.run_logged(cmd, on_line=lambda line: ctx.progress(collect()) if line.startswith("saved: ") else None)
-    if not os.path.exists(path):
+    res = {"claim": "finetuning step: memory and images/s vs the released pipeline (odeint_adjoint, fp32); "
+                    "goal 3x with bf16 autocast"}
+    rc = run_bench(ctx, "finetune_step.py", ["--device", dev.type, *sizes], "finetune_step", ("impl",), res)
+    if not res.get("rows"):
         raise RuntimeError(f"finetune_step.py failed (exit {rc}; parts.log has its output)")
-    res = collect()
+    res["default_memory_budget"] = res.get("settings", {}).get("config", {}).get("default_memory_budget")
+    res["ratios"] = finetune_ratios(res["rows"])
     if rc != 0:
         res.update(ok=False, reason=f"finetune_step.py exited {rc} (parts.log); rows are those it had saved")
     return res
@@ -393,7 +375,8 @@ def finetune_ratios(rows: List[dict]) -> dict:
     for impl, r in by.items():
         if impl == "released":
             continue
-        out[f"{impl} images/s vs released"] = round(1.0 / r["time_vs_released"], 3)
+        if r.get("time_vs_released"):
+            out[f"{impl} images/s vs released"] = round(1.0 / r["time_vs_released"], 3)
         if r.get("peak_mib") is not None and released.get("peak_mib"):
             out[f"{impl} peak vs released"] = round(r["peak_mib"] / released["peak_mib"], 3)
     return out

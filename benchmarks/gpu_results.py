@@ -13,6 +13,10 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import harness  # noqa: E402  (the one table renderer; it imports torch only where it measures)
+
 BEGIN = "<!-- gpu-check:begin (written by benchmarks/gpu_results.py from report.json; do not edit) -->"
 END = "<!-- gpu-check:end -->"
 COMMAND = "bash benchmarks/gpu_check.sh --out $OUT/gpu"
@@ -22,13 +26,11 @@ FIELDS = ("claim", "reason", "device", "selection", "counts", "failed", "skip_re
 
 
 def table(rows) -> str:
+    """The part's rows as one table: every plain field any row has, in order of appearance."""
     if not rows:
         return "(no rows)\n"
     cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return harness.table(rows, [(c, lambda r, c=c: _cell(r.get(c, ""))) for c in cols]) + "\n"
 
 
 def _cell(v) -> str:

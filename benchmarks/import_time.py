@@ -2,18 +2,19 @@
 
     python benchmarks/import_time.py [--repeats 9]
 
-Each figure is a fresh interpreter (subprocess) timing its own import with time.perf_counter, torch
+An import runs once per interpreter, so it cannot go through torch.utils.benchmark's Timer: each
+figure is a fresh interpreter (subprocess) timing its own import with time.perf_counter, torch
 already imported (untimed: every row would pay it, and its ~1-2 s of noise on a busy machine hides
 the rest); the first row is torch's own import for scale. The cases are interleaved, so a change of
 machine load hits them alike; the table gives the median and the spread over the repeats."""
-import argparse
-import json
 import statistics
 import subprocess
 import sys
 
+import harness
+
 CASES = {
-    "import torch": "import torch",
+    "import torch (for scale)": "import torch",
     "import prg_fast (engine only)": "import prg_fast",
     "import prg_fast + prg_fast.training.finetune (training stack)": "import prg_fast, prg_fast.training.finetune",
     "import prg_fast + prg_fast.cli (command line, parsers only)": "import prg_fast, prg_fast.cli",
@@ -29,38 +30,36 @@ print((t1 - t0) * 1000, len([m for m in sys.modules if m.startswith("prg_fast")]
 """
 
 
-def measure(stmt: str, repeats: int):
-    times, modules = [], None
+def measure(stmt: str):
+    """(milliseconds, prg_fast modules loaded) of one import in a fresh interpreter."""
+    pre = "" if stmt == "import torch" else "import torch"
+    out = subprocess.run([sys.executable, "-c", SNIPPET.format(pre=pre, stmt=stmt)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return float(out[0]), int(out[1])
+
+
+def measure_all(repeats: int):
+    """Every case `repeats` times, interleaved: one dict of figures per case."""
+    samples, modules = {name: [] for name in CASES}, {}
     for _ in range(repeats):
-        pre = "" if stmt == "import torch" else "import torch"
-        out = subprocess.run([sys.executable, "-c", SNIPPET.format(pre=pre, stmt=stmt)], capture_output=True,
-                             text=True, check=True).stdout.split()
-        times.append(float(out[0]))
-        modules = int(out[1])
-    return times, modules
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args()
-    rows = []
-    results = {name: [] for name in CASES}
-    mods = {}
-    for _ in range(args.repeats):
         for name, stmt in CASES.items():
-            t, m = measure(stmt, 1)
-            results[name] += t
-            mods[name] = m
-    for name in CASES:
-        t = sorted(results[name])
-        rows.append({"case": name, "median_ms": round(statistics.median(t), 1), "min_ms": round(t[0], 1),
-                     "max_ms": round(t[-1], 1), "prg_fast_modules": mods[name]})
-    print("| case | median ms | min-max ms | prg_fast modules loaded |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['median_ms']} | {r['min_ms']}-{r['max_ms']} | {r['prg_fast_modules']} |")
-    print(json.dumps(rows))
+            ms, modules[name] = measure(stmt)
+            samples[name].append(ms)
+    return [dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), prg_fast_modules=modules[name])
+            for name, t in samples.items()]
+
+
+def main(argv=None) -> None:
+    p = harness.parser("import_time", __doc__)
+    p.add_argument("--repeats", type=int, default=9)
+    args = p.parse_args(argv)
+    log = harness.Results(args, "import_time", dict(repeats=args.repeats), key=("case",))
+    keys = [{"case": n} for n in CASES]
+    log.measure(keys, "median_ms", lambda: measure_all(args.repeats))
+    print(harness.machine())
+    print(harness.table(log.rows(keys), [
+        ("case", "case"), ("median ms", "median_ms", ".0f"), ("min-max ms", lambda r: f"{r['min_ms']:.0f}-{r['max_ms']:.0f}"),
+        ("prg_fast modules loaded", "prg_fast_modules")]))
 
 
 if __name__ == "__main__":

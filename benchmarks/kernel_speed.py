@@ -15,10 +15,9 @@ elements) and number of terms (1 .. 8), this times, interleaved, in one run:
     copy_               tensor.copy_ moving the same number of bytes (read + write): the ceiling
 
 For bf16 every formulation accumulates in float32 like the kernels and casts once at the end.
-Timing is robust to a busy machine: every implementation is timed in turn within each repetition
-(interleaved), each repetition a batch of calls lasting about --batch-ms, on the CPU with the
-calling thread's CPU time (time.thread_time; with one thread, so nothing runs elsewhere) and on a
-GPU with CUDA events; the median is reported with the spread (interquartile range / median).
+Time: harness.interleaved, each round a blocked_autorange of about --batch-ms per implementation
+(thread CPU time with one thread on the CPU, synchronised wall time on a GPU); the median is
+reported with the spread (interquartile range / median over the rounds).
 
 Each cell also names the bound the bytes moved put on the speed-up over the best formulation
 (`bytes_per_element`): one pass moves k + 2 streams, the add chains 3k, so against them at most
@@ -35,15 +34,13 @@ call at the smallest size against one torch.add (goal <= 2x).
     python benchmarks/kernel_speed.py --device cuda --quick --out DIR     # the GPU check
     python benchmarks/kernel_speed.py --device cpu --out DIR                # every size, 1-8 terms
 
-Writes DIR/kernels.json, DIR/kernels.md (the tables) and DIR/kernels.png (bandwidth vs size);
-without --out it only prints.
+Writes OUT/kernels.jsonl (harness.Results: resumable, a row per dtype, size and k), OUT/kernels.md
+(the tables) and OUT/kernels.png (bandwidth vs size).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,69 +48,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-try:
-    import prg_fast  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prg_fast.ode import backends, ops  # noqa: E402
+import harness
+from prg_fast.ode import backends, ops
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 TORCH_FORMULATIONS = ("add_chain", "add_chain_out", "foreach", "compile")
 SPEEDUP_GOAL, COPY_GOAL, FIXED_COST_GOAL = 1.5, 0.85, 2.0
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-
-
-class Timer:
-    """Seconds per call of several functions, interleaved: each repetition times one batch of
-    every function in turn, so load that comes and goes hits all of them alike."""
-
-    def __init__(self, device: torch.device, reps: int, batch_s: float):
-        self.device, self.reps, self.batch_s = device, reps, batch_s
-        # thread CPU time only counts this thread: right when the work runs on it alone
-        self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-        self.clock_name = "CUDA events" if device.type == "cuda" else (
-            "thread CPU time" if self.clock is time.thread_time else "wall time (several threads)")
-
-    def _batch(self, fn: Callable[[], object], inner: int) -> float:
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / inner
-        t0 = self.clock()
-        for _ in range(inner):
-            fn()
-        return (self.clock() - t0) / inner
-
-    def __call__(self, fns: Dict[str, Callable[[], object]]) -> Dict[str, dict]:
-        inner = {}
-        for name, fn in fns.items():
-            fn()  # warm-up (and compilation)
-            one = min(self._batch(fn, 1) for _ in range(2))
-            inner[name] = max(1, min(2000, int(self.batch_s / max(one, 1e-7))))
-        samples: Dict[str, List[float]] = {name: [] for name in fns}
-        for _ in range(self.reps):
-            for name, fn in fns.items():
-                samples[name].append(self._batch(fn, inner[name]))
-        out = {}
-        for name, xs in samples.items():
-            q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-            out[name] = {"s": statistics.median(xs), "spread": (q[2] - q[0]) / max(q[1], 1e-12)}
-        return out
 
 
 def torch_formulations(base, terms, coeffs, out_dtype, compiled: Optional[Callable]) -> Dict[str, Callable]:
@@ -164,7 +104,7 @@ def fused_ops(device: torch.device, base, terms, coeffs, out_dtype) -> Dict[str,
     """Every prg_fast backend that runs here: the engine's call, and the into variant."""
     fns: Dict[str, Callable] = {}
     for name in ("cuda", "triton", "cpu"):
-        if backends.unavailable_reason(name, device) is not None or (name == "triton" and device.type == "cpu"):
+        if name in skipped_backends(device):
             continue
         combine = backends.resolve(name, device)[1]
         fns[name] = lambda combine=combine: combine(base, terms, coeffs, 1.0, out_dtype)
@@ -175,14 +115,10 @@ def fused_ops(device: torch.device, base, terms, coeffs, out_dtype) -> Dict[str,
 
 
 def skipped_backends(device: torch.device) -> Dict[str, str]:
-    why = {}
-    for name in ("cuda", "triton", "cpu"):
-        reason = backends.unavailable_reason(name, device)
-        if reason is None and name == "triton" and device.type == "cpu":
-            reason = "interpreted Triton on the CPU is for tests, not timing"
-        if reason is not None:
-            why[name] = reason
-    return why
+    why = {name: backends.unavailable_reason(name, device) for name in ("cuda", "triton", "cpu")}
+    if why["triton"] is None and device.type == "cpu":
+        why["triton"] = "interpreted Triton on the CPU is for tests, not timing"
+    return {name: reason for name, reason in why.items() if reason is not None}
 
 
 def free_bytes(device: torch.device) -> int:
@@ -192,7 +128,7 @@ def free_bytes(device: torch.device) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def measure(device, timer, log2n, k, dname, compiled, with_compile) -> Optional[dict]:
+def measure(device, timing, log2n, k, dname, compiled, with_compile) -> Optional[dict]:
     n, out_dtype = 1 << log2n, DTYPES[dname]
     esize = torch.empty(0, dtype=out_dtype).element_size()
     moved = n * 4 + k * n * esize + n * esize  # base read, terms read, out written
@@ -211,28 +147,33 @@ def measure(device, timer, log2n, k, dname, compiled, with_compile) -> Optional[
     fns.update(torch_formulations(base, terms, coeffs, out_dtype, compiled.get((k, dname))))
     fns["copy_"] = lambda: dst.copy_(src)
     fns["torch.add"] = lambda: torch.add(base, base, alpha=0.5)  # one plain op: the fixed-cost yardstick
-    times = timer(fns)
+    for fn in fns.values():
+        fn()  # compilation, first-touch allocations
+    times = harness.interleaved(fns, **timing)
     return {"log2n": log2n, "n": n, "dtype": dname, "terms": k, "bytes": moved,
-            "us": {name: t["s"] * 1e6 for name, t in times.items()},
+            "us": {name: t["seconds"] * 1e6 for name, t in times.items()},
             "spread": {name: t["spread"] for name, t in times.items()}}
 
 
-def run(device: torch.device, sizes: List[int], terms: List[int], dtypes: List[str], timer: Timer,
-        with_compile: bool = True, echo: bool = True, compile_terms: Optional[List[int]] = None) -> List[dict]:
-    """One row per (dtype, size, k): microseconds per call and spread of every implementation
-    (torch.compile for the term counts in compile_terms, default all: each is a compilation)."""
-    rows, compiled = [], {}
-    for dname in dtypes:
-        for log2n in sizes:
-            for k in terms:
-                want_compile = with_compile and (compile_terms is None or k in compile_terms)
-                row = measure(device, timer, log2n, k, dname, compiled, want_compile)
+def run(args, device: torch.device, log: harness.Results) -> List[dict]:
+    """One row per (dtype, size, k): microseconds per call and spread of every implementation, each
+    kept as it is measured (torch.compile for 4 terms only with --quick: each is a compilation)."""
+    compiled: dict = {}
+    timing = dict(rounds=args.reps, device=device, threads=args.threads, min_run_time=args.batch_ms / 1e3)
+    for dname in args.dtypes:
+        for log2n in args.sizes:
+            for k in args.terms:
+                key = dict(dtype=dname, log2n=log2n, terms=k)
+                if "us" in log.get(key):
+                    continue
+                with_compile = not args.no_compile and (not args.quick or k == 4)
+                row = measure(device, timing, log2n, k, dname, compiled, with_compile)
                 if row is not None:
-                    rows.append(row)
-                    if echo:
-                        print(f"  2^{log2n} {dname} k={k}: "
-                              + ", ".join(f"{b} {us:.1f}" for b, us in row["us"].items()) + " us", flush=True)
-    return rows
+                    log.add(key, **row)
+                    print(f"  2^{log2n} {dname} k={k}: "
+                          + ", ".join(f"{b} {us:.1f}" for b, us in row["us"].items()) + " us", flush=True)
+    keys = [dict(dtype=d, log2n=n, terms=k) for d in args.dtypes for n in args.sizes for k in args.terms]
+    return [r for r in log.rows(keys) if r]
 
 
 def fused_names(row: dict) -> List[str]:
@@ -269,19 +210,16 @@ def table(rows: List[dict], title: str) -> List[str]:
     fraction of copy_ and their speed-up over the best PyTorch formulation, with the bound the
     bytes both move put on that speed-up."""
     names = [b for b in rows[0]["us"] if b != "torch.add"]
-    lines = [f"### {title}", "",
-             "| size | k | " + " | ".join(f"{b} us" for b in names) + " | best torch (bytes bound) | "
-             + " | ".join(f"{b} GB/s, /copy, x best" for b in fused_names(rows[0])) + " |",
-             "|" + "---|" * (len(names) + 3 + len(fused_names(rows[0])))]
-    for r in rows:
-        cells = [f"{r['us'][b]:.1f} ±{100 * r['spread'][b]:.0f}%" for b in names]
-        bname, bus = best_torch(r)
-        copy_us = r["us"]["copy_"]
-        fused = [f"{r['bytes'] / r['us'][b] / 1e3:.1f}, {copy_us / r['us'][b]:.0%}, {bus / r['us'][b]:.2f}x"
-                 for b in fused_names(r)]
-        lines.append(f"| 2^{r['log2n']} | {r['terms']} | " + " | ".join(cells)
-                     + f" | {bname} ({speedup_bound(r, bname):.2f}x) | " + " | ".join(fused) + " |")
-    return lines + [""]
+
+    def fused(b):
+        return lambda r: (f"{r['bytes'] / r['us'][b] / 1e3:.1f}, {r['us']['copy_'] / r['us'][b]:.0%}, "
+                          f"{best_torch(r)[1] / r['us'][b]:.2f}x")
+
+    columns = [("size", lambda r: f"2^{r['log2n']}"), ("k", "terms")]
+    columns += [(f"{b} us", lambda r, b=b: f"{r['us'][b]:.1f} ±{100 * r['spread'][b]:.0f}%") for b in names]
+    columns += [("best torch (bytes bound)", lambda r: f"{best_torch(r)[0]} ({speedup_bound(r, best_torch(r)[0]):.2f}x)")]
+    columns += [(f"{b} GB/s, /copy, x best", fused(b)) for b in fused_names(rows[0])]
+    return [f"### {title}", "", harness.table(rows, columns), ""]
 
 
 def verdicts(rows: List[dict], device: torch.device) -> List[str]:
@@ -356,11 +294,10 @@ def plot(rows: List[dict], title: str, path: str) -> Optional[str]:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser("kernel_speed", __doc__)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true",
                    help="sizes 2^12,16,20,24, 1 and 4 terms (torch.compile for 4 only), fewer repetitions")
-    p.add_argument("--out", default=None, help="folder for kernels.json / .md / .png (default: print only)")
     p.add_argument("--sizes", default=None, help="log2 sizes, comma-separated (default 12,14,...,24)")
     p.add_argument("--terms", default=None, help="term counts (default 1,2,4,8; --quick 1,4)")
     p.add_argument("--dtypes", default="float32,bf16", help=f"out/term dtypes from {sorted(DTYPES)}")
@@ -391,35 +328,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    timer = Timer(device, args.reps, args.batch_ms / 1e3)
-    name = device_name(device)
-    print(f"stage_combine vs PyTorch on {name}; torch {torch.__version__}; {timer.clock_name}, "
-          f"median of {args.reps} interleaved repetitions (± interquartile range / median)")
+    name, clock = harness.machine(device), harness.clock_name(device, args.threads)
+    print(f"stage_combine vs PyTorch on {name}; {clock}, median of {args.reps} interleaved rounds "
+          "(± interquartile range / median)")
     for b, why in skipped_backends(device).items():
         print(f"  backend {b!r} not measured: {why}")
-    # --quick compiles the 4-term sum only (a compilation takes seconds; 1 term is one torch.add)
-    rows = run(device, args.sizes, args.terms, args.dtypes, timer, not args.no_compile,
-               compile_terms=[4] if args.quick else None)
+    config = {k: getattr(args, k) for k in ("reps", "batch_ms", "no_compile", "threads", "quick")}
+    rows = run(args, device, harness.Results(args, "kernels", dict(config, device=device.type),
+                                             key=("dtype", "log2n", "terms"), device=device))
     lines = [f"## stage_combine vs PyTorch: {name}", "",
-             f"torch {torch.__version__}, {timer.clock_name}, median of {args.reps} interleaved repetitions "
-             "(± interquartile range / median); base float32, terms and output in the dtype named; "
-             "GB/s counts base + terms read and out written once.", ""]
+             f"{clock}, median of {args.reps} interleaved rounds (± interquartile range / median); base float32, "
+             "terms and output in the dtype named; GB/s counts base + terms read and out written once.", ""]
     for dname in args.dtypes:
         sel = [r for r in rows if r["dtype"] == dname]
         if sel:
             lines += table(sel, f"{dname} terms and output")
     lines += ["Verdicts:", ""] + [f"- {v}" for v in verdicts(rows, device)] if rows else []
     print("\n" + "\n".join(lines))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "kernels.json"), "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "clock": timer.clock_name,
-                       "args": vars(args), "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out, "kernels.md"), "w") as f:
-            f.write("\n".join(lines) + f"\n\nCommand: python benchmarks/kernel_speed.py {' '.join(argv or sys.argv[1:])}\n")
-        why = plot(rows, name, os.path.join(args.out, "kernels.png")) if rows else "no rows"
-        print(f"\nwrote kernels.json, kernels.md" + (" and kernels.png" if why is None else f" ({why})")
-              + f" to {args.out}")
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write("\n".join(lines) + f"\n\nCommand: python benchmarks/kernel_speed.py {' '.join(argv or sys.argv[1:])}\n")
+    why = plot(rows, name, os.path.join(args.out, "kernels.png")) if rows else "no rows"
+    print("\nwrote kernels.jsonl, kernels.md" + (" and kernels.png" if why is None else f" ({why})") + f" to {args.out}")
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -21,88 +21,79 @@ scratch, a PNG (benchmarks/figures/prg_label_scarce.png):
     python benchmarks/prg_tables.py --table scarce        # digits, CPU (~45 min on a busy 2-core VM)
     python benchmarks/prg_tables.py --table scarce --quick
 
-The same table in a time budget on one GPU (CIFAR-10 as an image folder): a short calibration
-measures steps/s, plan_budget picks step counts and the levels that fit (all first, then 10, 100),
-OUT/budget.json keeps the plan; run the same command again after a cut-off (each command stops
-itself after --session-minutes, exit code 3) until it prints the table:
+Two ablations on the same machinery (defaults: digits, tiny UNet, one thread per worker):
 
-    python benchmarks/prg_tables.py --data folder:../shared/data/cifar10 --budget-minutes 20 \
-        --session-minutes 9 --preset cifar --device cuda --batch-size 128 --pretrain-batch-size 128 \
-        --pretrain-lr 2e-4 --lr 2.5e-4 --ode-steps 4 --out benchmarks/out/prg_budget_cifar10
+    python benchmarks/prg_tables.py --table learn-t       # fixed t (1.0, 0.5) vs t learned from 0.5 (issue 11)
+    python benchmarks/prg_tables.py --table prediction    # GVP pretrained to predict velocity / epsilon / v (issue 23)
+
+--table learn-t: one OTCFM pretraining run (750 steps of batch 128), then PRG finetuning on every
+labelled image with the segment's end t fixed at 1.0 (the paper's choice) or 0.5, or learned jointly
+with the flow and head (`finetune --learn-t --t 0.5 --t-lr`), 150 steps of batch 64, 4 Euler steps,
+over --seeds. --table prediction: the UNet pretrained on the GVP path to predict the velocity (flow
+matching), the noise (epsilon) or v, each finetuned as Table 1's PRG classifier (4 Euler steps, beta
+0.1, AdamW 1e-3, batch 64, seed 0); the pretraining losses are each prediction's own and not
+comparable across rows.
 
 Every run is a prg_fast run directory under --out (pretrain-*, ft-*, ...), so an interrupted
 invocation resumes where it stopped and a finished run is reused (delete --out to start over). The
 runs are spread over --jobs worker processes (one torch thread each on the CPU: on a small shared
 machine two one-thread processes beat one two-thread process by far, since OpenMP threads of tiny
-networks mostly wait for each other). Writes OUT/results.json (every number, arguments, wall times)
-and OUT/table.md (the tables in Markdown).
+networks mostly wait for each other). Every job's numbers go to OUT/prg_tables.jsonl as it finishes
+(harness.Results), the tables to OUT/table.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Dict, List, Optional
 
+import harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT_ROOT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks")  # git-ignored: nothing lands in the source tree
-sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+OUT_ROOT = harness.OUT_ROOT
 
 
 # -------------------------------------------------------------------------------------------------
 # the jobs (run in worker processes)
 
 
-def _setup_worker(threads: int) -> None:
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
+PRETRAIN_FIELDS = ("loss", "loss_start", "step", "train_time_total_s")
+FINETUNE_FIELDS = ("top1", "train_top1", "loss", "ce", "fm", "t_final", "step", "train_time_total_s")
 
 
 def job_pretrain(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.training.pretrain import pretrain
 
-    t = time.perf_counter()
-    r = pretrain(**spec)
-    return {"loss": r.metrics["loss"], "loss_start": r.metrics["loss_start"], "step": r.step,
-            "wall_time_s": time.perf_counter() - t, "train_time_total_s": r.metrics["train_time_total_s"]}
+    m = pretrain(**spec).metrics
+    return {k: m[k] for k in PRETRAIN_FIELDS}
 
 
 def job_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.training.finetune import finetune
 
-    t = time.perf_counter()
-    r = finetune(**spec)
-    m = r.metrics
-    return {"top1": m["top1"], "train_top1": m["train_top1"], "loss": m["loss"], "ce": m["ce"], "fm": m["fm"],
-            "step": r.step, "wall_time_s": time.perf_counter() - t, "train_time_total_s": m["train_time_total_s"]}
+    m = finetune(**spec).metrics
+    return {k: m[k] for k in FINETUNE_FIELDS}
 
 
 def job_evaluate(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.training.finetune import evaluate
+    from prg_fast.training.evaluate import evaluate
 
-    out = {}
-    t = time.perf_counter()
-    for steps in spec["eval_steps"]:
-        m = evaluate(spec["checkpoint"], spec["data"], ode_steps=steps, method=spec["method"],
-                     device=spec["device"], out=os.path.join(spec["checkpoint"], f"evaluate-{spec['method']}-{steps}"))
-        out[str(steps)] = m["top1"]
-    return {"top1_by_steps": out, "wall_time_s": time.perf_counter() - t}
+    return {"top1_by_steps": {str(steps): evaluate(
+        spec["checkpoint"], spec["data"], ode_steps=steps, method=spec["method"], device=spec["device"],
+        out=os.path.join(spec["checkpoint"], f"evaluate-{spec['method']}-{steps}"))["top1"] for steps in spec["eval_steps"]}}
 
 
 def job_probe(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.training.finetune import extract
+    from prg_fast.training.evaluate import extract
 
-    t = time.perf_counter()
     meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
                    method=spec["method"], device=spec["device"], probe=True)
-    return {"linear_probe_top1": meta["linear_probe_top1"], "knn_top1": meta["knn_top1"],
-            "wall_time_s": time.perf_counter() - t}
+    return {"linear_probe_top1": meta["linear_probe_top1"], "knn_top1": meta["knn_top1"]}
 
 
 def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -111,15 +102,14 @@ def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
     from prg_fast.data import load_data
     from prg_fast.training.evaluate import knn_accuracy, linear_probe
 
-    t = time.perf_counter()
     train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
     xs = [d.to_float(d.images).flatten(1).numpy() for d in (train, test)]
     args = (xs[0], train.labels.numpy(), xs[1], test.labels.numpy())
-    return {"linear_probe_top1": linear_probe(*args)["top1"], "knn_top1": knn_accuracy(*args)["top1"],
-            "wall_time_s": time.perf_counter() - t}
+    return {"linear_probe_top1": linear_probe(*args)["top1"], "knn_top1": knn_accuracy(*args)["top1"]}
 
 
-JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate, "probe": job_probe}
+JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate,
+        "probe": job_probe}
 
 
 def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -138,20 +128,34 @@ def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]
                for k, v in spec.items() if k not in ignore)
     if not same or m.get("step") != spec["steps"]:
         return None
-    if kind == "pretrain":
-        return {"loss": m["loss"], "loss_start": m["loss_start"], "step": m["step"], "wall_time_s": 0.0,
-                "train_time_total_s": m["train_time_total_s"], "reused": True}
-    return {"top1": m["top1"], "train_top1": m["train_top1"], "loss": m["loss"], "ce": m["ce"], "fm": m["fm"],
-            "step": m["step"], "wall_time_s": 0.0, "train_time_total_s": m["train_time_total_s"], "reused": True}
+    fields = PRETRAIN_FIELDS if kind == "pretrain" else FINETUNE_FIELDS
+    return {**{k: m[k] for k in fields}, "wall_time_s": 0.0, "reused": True}
 
 
 def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
-    _setup_worker(threads)
-    return JOBS[kind](spec)
+    """In a worker process: the job's numbers and its wall time."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t = time.perf_counter()
+    return {**JOBS[kind](spec), "wall_time_s": time.perf_counter() - t}
 
 
 # -------------------------------------------------------------------------------------------------
 # the plan
+
+
+def _job(name: str, kind: str, spec: Dict[str, Any], after=()) -> Dict[str, Any]:
+    return {"name": name, "kind": kind, "spec": spec, "after": list(after)}
+
+
+def pretrain_spec(a: argparse.Namespace, path: str, **kw) -> Dict[str, Any]:
+    """The tables' pretraining run on `path` (into OUT/pretrain-PATH)."""
+    return dict(dict(data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
+                     lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=os.path.join(a.out, f"pretrain-{path}"),
+                     device=a.device, seed=a.seed, progress=a.progress, num_samples=16,
+                     log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)), **kw)
 
 
 def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -163,8 +167,8 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
                      ckpt_every=max(1, a.finetune_steps // 4))
     plan: List[Dict[str, Any]] = []
 
-    def add(name, kind, spec, after=()):
-        plan.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
+    def add(*job, after=()):
+        plan.append(_job(*job, after))
 
     if a.probes:
         add("probe-pixels", "probe_pixels", dict(data=a.data))
@@ -175,10 +179,7 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
                                    beta=a.beta, path=a.segment_path, seed=seed))
     for path in a.paths:
         pre = os.path.join(out, f"pretrain-{path}")
-        add(f"pretrain-{path}", "pretrain", dict(
-            data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
-            lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=a.progress,
-            num_samples=16, log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)))
+        add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
         ft = os.path.join(out, f"ft-{path}")
         add(f"ft-{path}", "finetune", dict(common_ft, checkpoint=pre, out=ft, beta=a.beta), after=[f"pretrain-{path}"])
         add(f"head-{path}", "finetune", dict(common_ft, checkpoint=pre, out=os.path.join(out, f"head-{path}"),
@@ -203,6 +204,72 @@ def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
                     dict(common_ft, checkpoint=pre, out=os.path.join(out, f"ft-{path}-t0_{t0:g}"), beta=a.beta, t0=t0),
                     after=[f"pretrain-{path}"])
     return plan
+
+
+# -------------------------------------------------------------------------------------------------
+# two ablations: --table learn-t, --table prediction
+
+LEARN_T_ROWS = {"fixed t = 1.0 (PRG)": dict(t=1.0), "fixed t = 0.5": dict(t=0.5),
+                "learned t (from 0.5)": dict(t=0.5, learn_t=True)}
+PREDICTIONS = ("velocity", "epsilon", "v")
+
+
+def learn_t_job(row: str, seed: int) -> str:
+    return f"ft-{row.split()[0]}-t{LEARN_T_ROWS[row]['t']:g}-s{seed}"
+
+
+def build_learn_t_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """One OTCFM pretraining run, then a finetuning run per row and seed."""
+    pre = os.path.join(a.out, "pretrain-otcfm")
+    plan = [_job("pretrain-otcfm", "pretrain", dict(data=a.data, path="otcfm", model=a.preset, steps=a.pretrain_steps,
+                                                    batch_size=128, out=pre, progress=a.progress, seed=a.seed))]
+    for row, extra in LEARN_T_ROWS.items():
+        for seed in a.seeds:
+            name = learn_t_job(row, seed)
+            plan.append(_job(name, "finetune", dict(
+                data=a.data, checkpoint=pre, steps=a.finetune_steps, batch_size=a.batch_size, ode_steps=a.ode_steps,
+                method=a.method, t_lr=a.t_lr, seed=seed, out=os.path.join(a.out, name), progress=a.progress,
+                device=a.device, **extra), after=["pretrain-otcfm"]))
+    return plan
+
+
+def learn_t_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
+    rows = [dict(row=row, runs=[r[learn_t_job(row, s)] for s in a.seeds]) for row in LEARN_T_ROWS]
+
+    def top1(x):
+        return [100 * run["top1"] for run in x["runs"]]
+
+    return harness.table(rows, [
+        ("finetuning", "row"), ("top-1 % (mean +- sd)", lambda x: f"{statistics.mean(top1(x)):.1f} +- "
+                                                             f"{statistics.stdev(top1(x)) if len(top1(x)) > 1 else float('nan'):.1f}"),
+        ("per seed", lambda x: ", ".join(f"{v:.1f}" for v in top1(x))),
+        ("t where features are read", lambda x: ", ".join(f"{run['t_final']:.3f}" for run in x["runs"]))]) + \
+        f"\n\n{len(a.seeds) * len(LEARN_T_ROWS)} finetuning runs + 1 pretraining, wall time {wall / 60:.1f} min\n"
+
+
+def build_prediction_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Per prediction target: a GVP pretraining run, then Table 1's PRG finetuning of it."""
+    plan = []
+    for prediction in PREDICTIONS:
+        pre = os.path.join(a.out, f"pretrain-gvp-{prediction}")
+        plan.append(_job(f"pretrain-gvp-{prediction}", "pretrain", pretrain_spec(
+            a, "gvp", prediction=prediction, warmup=min(a.pretrain_warmup, a.pretrain_steps // 2), out=pre)))
+        plan.append(_job(f"ft-gvp-{prediction}", "finetune", dict(
+            checkpoint=pre, out=os.path.join(a.out, f"ft-gvp-{prediction}"), data=a.data, batch_size=a.batch_size,
+            ode_steps=a.ode_steps, method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1,
+            steps=a.finetune_steps, device=a.device, seed=a.seed, progress=a.progress, beta=a.beta,
+            log_every=max(1, a.finetune_steps // 20), ckpt_every=max(1, a.finetune_steps // 4)),
+            after=[f"pretrain-gvp-{prediction}"]))
+    return plan
+
+
+def prediction_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
+    return harness.table([dict(p=p, pre=r[f"pretrain-gvp-{p}"], ft=r[f"ft-gvp-{p}"]) for p in PREDICTIONS], [
+        ("pretrained to predict", "p"), ("PRG finetuned top-1 (%)", lambda x: 100 * x["ft"]["top1"], ".2f"),
+        ("pretrain loss (own target; not comparable across rows)", lambda x: x["pre"]["loss"], ".4f"),
+        ("wall, pretrain + finetune (min)",
+         lambda x: (x["pre"]["train_time_total_s"] + x["ft"]["train_time_total_s"]) / 60, ".1f")]) + \
+        f"\n\npretraining {a.pretrain_steps} steps, finetuning {a.finetune_steps} steps; wall time {wall / 60:.1f} min\n"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -235,16 +302,15 @@ def parse_levels(text: str) -> List[Optional[int]]:
 
 
 def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Linear probes (scikit-learn LogisticRegression, prg_fast.eval.linear_probe) on N labelled
+    """Linear probes (scikit-learn LogisticRegression, prg_fast.training.evaluate.linear_probe) on N labelled
     training images per class, for every level and seed, on raw pixels (spec["features"] None)
     or on a feature file written by `extract`. The test split is always whole."""
     import numpy as np
     import torch
 
     from prg_fast.data import class_balanced_subset, load_data
-    from prg_fast.eval import linear_probe, load_features
+    from prg_fast.training.evaluate import linear_probe, load_features
 
-    t = time.perf_counter()
     if spec["features"] is None:
         train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
         tx, ty = train.to_float(train.images).flatten(1).numpy(), train.labels.numpy()
@@ -262,7 +328,7 @@ def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
                 idx = class_balanced_subset(torch.as_tensor(ty), n, seed).numpy()
             r = linear_probe(tx[idx], ty[idx], vx, vy, seed=seed)
             out[f"{level_name(n)}/{seed}"] = r["top1"]
-    return {"top1": out, "wall_time_s": time.perf_counter() - t}
+    return {"top1": out}
 
 
 JOBS["probe_scarce"] = job_probe_scarce
@@ -282,25 +348,21 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str,
     out = a.out
     plan: List[Dict[str, Any]] = []
 
-    def add(name, kind, spec, after=()):
-        plan.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
+    def add(*job, after=()):
+        plan.append(_job(*job, after))
 
     def ft(n, seed, **kw):
         return dict(data=a.data, batch_size=scarce_batch(a.batch_size, n, num_classes), ode_steps=a.ode_steps,
                     method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1, steps=a.finetune_steps,
                     device=a.device, seed=seed, labels_per_class=n, labels_seed=None if n is None else seed,
                     progress=a.progress, log_every=max(1, a.finetune_steps // 10),
-                    ckpt_every=getattr(a, "finetune_ckpt_every", None) or max(1, a.finetune_steps // 2), **kw)
+                    ckpt_every=max(1, a.finetune_steps // 2), **kw)
 
     if a.probes:
         add("probe-pixels", "probe_scarce", dict(data=a.data, features=None, levels=a.levels, seeds=a.seeds))
     for path in a.paths:
         pre = os.path.join(out, f"pretrain-{path}")
-        add(f"pretrain-{path}", "pretrain", dict(
-            data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
-            lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=a.progress,
-            num_samples=16, log_every=max(1, a.pretrain_steps // 20),
-            ckpt_every=getattr(a, "pretrain_ckpt_every", None) or max(1, a.pretrain_steps // 4)))
+        add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
         if a.probes:
             feats = os.path.join(out, f"features-{path}.npz")
             add(f"features-{path}", "features", dict(checkpoint=pre, data=a.data, out=feats, ode_steps=a.ode_steps,
@@ -327,12 +389,11 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str,
 
 
 def job_features(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.finetune import extract
+    from prg_fast.training.evaluate import extract
 
-    t = time.perf_counter()
     meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
                    method=spec["method"], device=spec["device"], probe=False)
-    return {"feature_shape": meta["feature_shape"], "wall_time_s": time.perf_counter() - t}
+    return {"feature_shape": meta["feature_shape"]}
 
 
 JOBS["features"] = job_features
@@ -364,8 +425,7 @@ def display_levels(a: argparse.Namespace) -> List[Optional[int]]:
 
 def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One entry per table row: label, per level the top-1 of every seed (in --seeds order)."""
-    names = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
-    rows = []
+    names, rows = NAMES, []
 
     def runs(prefix):
         return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in display_levels(a)}
@@ -396,23 +456,19 @@ def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
              f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch min({a.batch_size}, labelled "
              f"images)), {a.ode_steps} `{a.method}` steps, beta = {a.beta:g}; seeds {a.seeds} (seed s picks the "
              "labelled subset and the finetuning randomness; every row at (N, s) sees the same labelled images).")
-    L.append("")
-    L.append("**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
-             "`*` = resolved at two standard errors of the paired difference)")
-    L.append("")
-    L.append("| labels per class | " + " | ".join(level_name(n) for n in display_levels(a)) + " |")
-    L.append("|---|" + "---|" * len(display_levels(a)))
-    for row in rows:
-        cells = []
-        for n in display_levels(a):
-            k = level_name(n)
-            m, sd = mean_sd(row["values"][k])
-            cell = f"{100 * m:.1f}" + (f" +- {100 * sd:.1f}" if sd == sd else "")
-            if row is not scratch:
-                d, se, ok = paired_difference(row["values"][k], scratch["values"][k])
-                cell += f" ({100 * d:+.1f}{'*' if ok else ''})" if len(a.seeds) > 1 else f" ({100 * d:+.1f})"
-            cells.append(cell)
-        L.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+
+    def cell(row, k):
+        m, sd = mean_sd(row["values"][k])
+        text = f"{100 * m:.1f}" + (f" +- {100 * sd:.1f}" if sd == sd else "")
+        if row is scratch:
+            return text
+        d, se, ok = paired_difference(row["values"][k], scratch["values"][k])
+        return text + f" ({100 * d:+.1f}{'*' if ok and len(a.seeds) > 1 else ''})"
+
+    L += ["", "**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
+          "`*` = resolved at two standard errors of the paired difference)", "",
+          harness.table(rows, [("labels per class", "label")] + [
+              (level_name(n), lambda row, k=level_name(n): cell(row, k)) for n in display_levels(a)])]
     L.append("")
     times = [v.get("train_time_total_s", v["wall_time_s"]) for v in r.values()]
     L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s) "
@@ -448,237 +504,8 @@ def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: 
     plt.close(fig)
 
 
-# -------------------------------------------------------------------------------------------------
-# a time budget (--budget-minutes): calibrate, plan step counts, run resumably across commands
-
-# the paper's CIFAR-10 numbers (arXiv 2412.01787, Table 1): PRG finetuned vs. the same network trained
-# from scratch, with every label
-PAPER_CIFAR10 = {"prg": 97.4, "scratch": 73.5}
-
-
-def plan_budget(budget_s: float, *, pretrain_rate: float, finetune_rate: float, eval_s: float, overhead_s: float,
-                levels: List[Optional[int]], seeds: List[int], rows: List[str], pretrain_fraction: float = 0.5,
-                min_pretrain_steps: int = 50, min_finetune_steps: int = 20) -> Dict[str, Any]:
-    """Step counts that fit `budget_s` seconds of one device, from measured rates (optimizer steps
-    per second of pretraining and of PRG finetuning at the full batch; a smaller label-scarce batch
-    is charged as a full one, which errs on the safe side), the time to evaluate the test split
-    once (`eval_s`) and the fixed cost of starting one run (`overhead_s`: process, data, model).
-
-    A share `pretrain_fraction` of what is left after the fixed costs pretrains (every path in
-    `rows` starting with "ft-" needs one pretraining); the rest is split evenly over the finetuning
-    runs (rows x levels x seeds). Levels are admitted in the order given (put 'all' first to make
-    sure of the full-label rows) while every finetuning run still gets `min_finetune_steps`.
-    Returns {"pretrain_steps", "finetune_steps", "levels", "seeds", "rows", "predicted_s", ...};
-    raises ValueError when not even one level fits."""
-    for name, v in (("budget_s", budget_s), ("pretrain_rate", pretrain_rate), ("finetune_rate", finetune_rate)):
-        if not (isinstance(v, (int, float)) and v > 0):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
-    if eval_s < 0 or overhead_s < 0:
-        raise ValueError(f"eval_s and overhead_s must be >= 0, got {eval_s!r}, {overhead_s!r}")
-    if not 0 < pretrain_fraction < 1:
-        raise ValueError(f"pretrain_fraction must lie in (0, 1), got {pretrain_fraction!r}")
-    if not levels or not seeds or not rows:
-        raise ValueError("levels, seeds and rows must be non-empty")
-    n_pre = len({r.split("-", 1)[1] for r in rows if r.startswith("ft-")})
-    chosen: Optional[Dict[str, Any]] = None
-    for k in range(1, len(levels) + 1):
-        n_ft = len(rows) * k * len(seeds)
-        fixed = (n_pre + n_ft) * overhead_s + n_ft * eval_s
-        left = budget_s - fixed
-        if left <= 0:
-            break
-        pre_s = pretrain_fraction * left if n_pre else 0.0
-        pre_steps = int(pre_s / n_pre * pretrain_rate) if n_pre else 0  # per pretraining run (path)
-        ft_steps = int((left - pre_s) * finetune_rate / n_ft)
-        if (n_pre and pre_steps < min_pretrain_steps) or ft_steps < min_finetune_steps:
-            break
-        predicted = fixed + n_pre * pre_steps / pretrain_rate + n_ft * ft_steps / finetune_rate
-        chosen = {"pretrain_steps": pre_steps, "finetune_steps": ft_steps, "levels": list(levels[:k]),
-                  "seeds": list(seeds), "rows": list(rows), "pretrain_runs": n_pre, "finetune_runs": n_ft,
-                  "predicted_s": predicted, "budget_s": float(budget_s), "dropped_levels": list(levels[k:])}
-    if chosen is None:
-        raise ValueError(f"a budget of {budget_s / 60:.1f} min does not fit even one level: each of the "
-                         f"{len(rows) * len(seeds)} finetuning runs needs {min_finetune_steps} steps at "
-                         f"{finetune_rate:.3g} steps/s plus {eval_s + overhead_s:.0f} s to start and evaluate, and "
-                         f"pretraining {min_pretrain_steps} steps at {pretrain_rate:.3g} steps/s; raise "
-                         f"--budget-minutes or lower --batch-size / --ode-steps")
-    return chosen
-
-
-def calibrate(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
-    """Measure pretraining and PRG finetuning steps/s, one test-split evaluation and the start-up
-    cost of a run, on this device with this data and network, in short runs under OUT/calibrate.
-    The rates come from resumed segments (the first segment pays for warm-up, autotuning and
-    allocation), so they are the steady-state speeds the real runs will see."""
-    from prg_fast.finetune import evaluate, finetune
-    from prg_fast.train import pretrain
-
-    k = a.calibration_steps
-    root = os.path.join(a.out, "calibrate")
-    pre = os.path.join(root, "pretrain")
-    common = dict(data=a.data, path=a.paths[0], model=a.preset, batch_size=a.pretrain_batch_size, lr=a.pretrain_lr,
-                  warmup=a.pretrain_warmup, out=pre, device=a.device, seed=a.seed, progress=False, num_samples=4,
-                  sample_steps=2, ckpt_every=10 ** 9, log_every=k)
-    t = time.perf_counter()
-    pretrain(steps=k, **common)
-    first_pre = time.perf_counter() - t
-    r = pretrain(steps=2 * k, **common)
-    pretrain_rate = k / r.metrics["wall_time_s"]
-    ft = os.path.join(root, "finetune")
-    fcommon = dict(data=a.data, checkpoint=pre, out=ft, batch_size=a.batch_size, ode_steps=a.ode_steps,
-                   method=a.method, lr=a.lr, beta=a.beta, device=a.device, seed=a.seed, progress=False,
-                   ckpt_every=10 ** 9, log_every=k)
-    t = time.perf_counter()
-    finetune(steps=k, **fcommon)
-    first_ft = time.perf_counter() - t
-    t = time.perf_counter()
-    r = finetune(steps=2 * k, **fcommon)
-    second_ft = time.perf_counter() - t
-    finetune_rate = k / r.metrics["wall_time_s"]
-    t = time.perf_counter()
-    evaluate(ft, a.data, device=a.device)
-    eval_s = time.perf_counter() - t
-    # start-up: what a resumed run costs beyond its steps and its evaluation, plus starting the
-    # fresh process every job runs in (interpreter, torch, prg_fast)
-    import multiprocessing as mp
-
-    t = time.perf_counter()
-    proc = mp.get_context("spawn").Process(target=_import_only)
-    proc.start()
-    proc.join()
-    spawn_s = time.perf_counter() - t
-    overhead_s = max(0.0, second_ft - r.metrics["wall_time_s"] - eval_s) + spawn_s
-    return {"pretrain_steps_per_s": pretrain_rate, "finetune_steps_per_s": finetune_rate, "eval_s": eval_s,
-            "overhead_s": overhead_s, "calibration_steps": k, "first_segment_s": {"pretrain": first_pre,
-                                                                                   "finetune": first_ft}}
-
-
-def _import_only() -> None:
-    import prg_fast.finetune  # noqa: F401  (what every job imports)
-
-
-def budget_rows(a: argparse.Namespace) -> List[str]:
-    return [f"ft-{p}" for p in a.paths] + ["scratch"] + ([f"head-{p}" for p in a.paths] if a.head_only else [])
-
-
-def load_or_make_budget(a: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
-    """OUT/budget.json: made once (calibration + plan) and reused by every later command, so the
-    runs of one protocol keep the same arguments and resume from their checkpoints."""
-    file = os.path.join(a.out, "budget.json")
-    if os.path.isfile(file):
-        with open(file) as f:
-            plan = json.load(f)
-        same = {k: plan["args"].get(k) for k in ("data", "preset", "budget_minutes", "batch_size", "ode_steps")}
-        now = {k: getattr(a, k) for k in same}
-        if same != now:
-            raise SystemExit(f"{file} was planned for {same}, but this command asks for {now}; use the same arguments "
-                             f"or another --out")
-        print(f"[prg_tables] budget: reusing the plan in {file}", flush=True)
-        return plan
-    t = time.perf_counter()
-    cal = calibrate(a, num_classes)
-    cal_s = time.perf_counter() - t
-    budget_s = a.budget_minutes * 60 - cal_s
-    plan = plan_budget(budget_s, pretrain_rate=cal["pretrain_steps_per_s"], finetune_rate=cal["finetune_steps_per_s"],
-                       eval_s=cal["eval_s"], overhead_s=cal["overhead_s"], levels=a.levels, seeds=a.seeds,
-                       rows=budget_rows(a), pretrain_fraction=a.pretrain_fraction)
-    plan.update(calibration=cal, calibration_s=cal_s, device=machine(),
-                args={k: getattr(a, k) for k in ("data", "preset", "budget_minutes", "batch_size", "ode_steps")})
-    # checkpoints about once a minute: a command cut off at its time limit loses at most that much
-    plan["pretrain_ckpt_every"] = max(1, int(60 * cal["pretrain_steps_per_s"]))
-    plan["finetune_ckpt_every"] = max(1, int(60 * cal["finetune_steps_per_s"]))
-    os.makedirs(a.out, exist_ok=True)
-    with open(file, "w") as f:
-        json.dump(plan, f, indent=1)
-    return plan
-
-
-def apply_budget(a: argparse.Namespace, plan: Dict[str, Any]) -> None:
-    a.pretrain_steps, a.finetune_steps = plan["pretrain_steps"], plan["finetune_steps"]
-    a.levels, a.seeds = [None if n is None else int(n) for n in plan["levels"]], list(plan["seeds"])
-    a.pretrain_warmup = min(a.pretrain_warmup, max(1, a.pretrain_steps // 10))
-    a.pretrain_ckpt_every, a.finetune_ckpt_every = plan["pretrain_ckpt_every"], plan["finetune_ckpt_every"]
-
-
-def budget_report(a: argparse.Namespace, plan: Dict[str, Any], r: Dict[str, Dict[str, Any]], n_train: int) -> str:
-    """What the budget bought, and which paper numbers it does not reach and why."""
-    L = [f"Budget {a.budget_minutes:g} min on {plan.get('device', a.device)}: calibration "
-         f"{plan['calibration_s']:.0f} s (pretraining {plan['calibration']['pretrain_steps_per_s']:.2f} steps/s, "
-         f"PRG finetuning {plan['calibration']['finetune_steps_per_s']:.2f} steps/s at batch {a.batch_size}, "
-         f"test evaluation {plan['calibration']['eval_s']:.1f} s); planned {plan['pretrain_runs']} pretraining "
-         f"run(s) of {plan['pretrain_steps']} steps and {plan['finetune_runs']} finetuning runs of "
-         f"{plan['finetune_steps']} steps, predicted {plan['predicted_s'] / 60:.1f} min."]
-    if plan["dropped_levels"]:
-        L.append(f"Levels not affordable in this budget: {', '.join(level_name(n) for n in plan['dropped_levels'])}.")
-    spent = sum(v.get("train_time_total_s", v["wall_time_s"]) for v in r.values())
-    L.append(f"Training time actually spent (sum over runs, all commands): {spent / 60:.1f} min.")
-    if "all" in [level_name(n) for n in a.levels] and a.paths:
-        import statistics
-
-        prg = statistics.fmean(r[f"ft-{a.paths[0]}-nall-s{s}"]["top1"] for s in a.seeds) * 100
-        scr = statistics.fmean(r[f"scratch-nall-s{s}"]["top1"] for s in a.seeds) * 100
-        L.append(f"Full labels: PRG finetuned {prg:.1f}% vs. from scratch {scr:.1f}%; the paper reports "
-                 f"{PAPER_CIFAR10['prg']}% vs. {PAPER_CIFAR10['scratch']}% on CIFAR-10.")
-    L.append(f"Not reached, and why: the paper's 97.4% rests on a flow pretrained for hundreds of thousands of "
-             f"steps (torchcfm's CIFAR-10 recipe, which PRG starts from, trains 400,001 steps of batch 128) and "
-             f"finetuned for many epochs; this budget affords {plan['pretrain_steps']} pretraining steps "
-             f"({100 * plan['pretrain_steps'] / 400001:.2f}% of that) and {plan['finetune_steps']} finetuning steps "
-             f"of batch {a.batch_size} ({plan['finetune_steps'] * a.batch_size / n_train:.2f} epochs of the {n_train} "
-             "training images), so "
-             "neither the pretrained flow nor the finetuned classifier is near convergence; the numbers say how "
-             "much of the gap this much compute closes, not what PRG reaches.")
-    return "\n".join(L) + "\n"
-
-
-def _job_to_file(kind: str, spec: Dict[str, Any], threads: int, file: str) -> None:
-    result = _run_job(kind, spec, threads)
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, file)
-
-
-class OutOfTime(Exception):
-    """The command's --session-minutes ran out; the same command continues the protocol."""
-
-
-def run_plan_sessions(plan: List[Dict[str, Any]], threads: int, out: str,
-                      deadline: Optional[float]) -> Dict[str, Dict[str, Any]]:
-    """The jobs one after another, each in its own process, with its result kept in
-    OUT/results/NAME.json: a later command skips what is done and resumes the run in progress
-    from its checkpoint. At `deadline` (time.monotonic()) the running job is stopped (it loses
-    at most its last checkpoint interval) and OutOfTime is raised."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    folder = os.path.join(out, "results")
-    os.makedirs(folder, exist_ok=True)
-    results: Dict[str, Dict[str, Any]] = {}
-    for j in plan:  # the plan lists every job after the jobs it needs
-        file = os.path.join(folder, j["name"] + ".json")
-        if os.path.isfile(file):
-            with open(file) as f:
-                results[j["name"]] = json.load(f)
-            continue
-        if deadline is not None and time.monotonic() >= deadline:
-            raise OutOfTime(j["name"])
-        print(f"[prg_tables] start {j['name']}", flush=True)
-        proc = ctx.Process(target=_job_to_file, args=(j["kind"], j["spec"], threads, file))
-        proc.start()
-        proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
-            raise OutOfTime(j["name"])
-        if proc.exitcode != 0 or not os.path.isfile(file):
-            raise RuntimeError(f"job {j['name']} failed (exit code {proc.exitcode}); its output is above")
-        with open(file) as f:
-            results[j["name"]] = json.load(f)
-        print(f"[prg_tables] done  {j['name']}: {results[j['name']]}", flush=True)
-    return results
-
-
-def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, Dict[str, Any]]:
+def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int,
+             log: Optional[harness.Results] = None) -> Dict[str, Dict[str, Any]]:
     import multiprocessing as mp
 
     results: Dict[str, Dict[str, Any]] = {}
@@ -697,6 +524,8 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, D
             for j in reused:  # finished earlier with the same arguments: read back, not re-run
                 del pending[j["name"]]
                 results[j["name"]] = finished_result(j["kind"], j["spec"])
+                if log is not None:
+                    log.add({"job": j["name"]}, **results[j["name"]])
             if reused:
                 continue
             for j in ready[:max(0, jobs - len(running))]:
@@ -709,6 +538,8 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, D
             for fut in done:
                 j = running.pop(fut)
                 results[j["name"]] = fut.result()  # a failed job stops the table with its error
+                if log is not None:
+                    log.add({"job": j["name"]}, **results[j["name"]])
                 r = results[j["name"]]
                 shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                 print(f"[prg_tables] done  {j['name']}: {shown}", flush=True)
@@ -719,110 +550,70 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int) -> Dict[str, D
 # the tables
 
 
-def _pct(v: Optional[float]) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+NAMES = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
 
 
 def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
-    L: List[str] = []
-    names = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
-    n_test = 360 if a.data == "digits" else None
-    L.append(f"Data `{a.data}`, UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
-             f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch {a.batch_size}), "
-             f"{a.ode_steps} `{a.method}` steps from t0 to t = 1, beta = {a.beta:g}. Top-1 on the test split"
-             + (f" ({n_test} images: one image = {100 / n_test:.2f} points)." if n_test else "."))
-    L.append("")
-    L.append("**Table 1: pretraining path vs. what is trained** (top-1 %)")
-    L.append("")
-    L.append("| pretraining | PRG finetuned (head + flow) | head only (flow frozen) | linear probe, frozen x_1 | "
-             "20-NN, frozen x_1 | pretrain loss |")
-    L.append("|---|---|---|---|---|---|")
-    none = {"linear_probe_top1": None, "knn_top1": None}
-    for p in a.paths:
-        pr = r.get(f"probe-{p}", none)
-        L.append(f"| {names[p]} | {_pct(r[f'ft-{p}']['top1'])} | {_pct(r[f'head-{p}']['top1'])} | "
-                 f"{_pct(pr['linear_probe_top1'])} | {_pct(pr['knn_top1'])} | {r[f'pretrain-{p}']['loss']:.4f} |")
-    L.append(f"| none (from scratch, same architecture) | {_pct(r['scratch']['top1'])} | - | - | - | - |")
-    px = r.get("probe-pixels", none)
-    L.append(f"| none (raw pixels, t = 0: no flow) | - | - | {_pct(px['linear_probe_top1'])} | "
-             f"{_pct(px['knn_top1'])} | - |")
-    L.append("")
-    sp = a.segment_path
+    pct, sp, n_test = ".2f", a.segment_path, 360 if a.data == "digits" else None
+    L = [f"Data `{a.data}`, UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
+         f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch {a.batch_size}), {a.ode_steps} "
+         f"`{a.method}` steps from t0 to t = 1, beta = {a.beta:g}. Top-1 on the test split"
+         + (f" ({n_test} images: one image = {100 / n_test:.2f} points)." if n_test else "."), "",
+         "**Table 1: pretraining path vs. what is trained** (top-1 %)", ""]
+    rows = [dict(label=NAMES[p], ft=r[f"ft-{p}"]["top1"], head=r[f"head-{p}"]["top1"], loss=r[f"pretrain-{p}"]["loss"],
+                 **r.get(f"probe-{p}", {})) for p in a.paths]
+    rows += [dict(label="none (from scratch, same architecture)", ft=r["scratch"]["top1"]),
+             dict(label="none (raw pixels, t = 0: no flow)", **r.get("probe-pixels", {}))]
+    L += [harness.table(rows, [("pretraining", "label"), ("PRG finetuned (head + flow)", lambda x: 100 * x["ft"], pct),
+                               ("head only (flow frozen)", lambda x: 100 * x["head"], pct),
+                               ("linear probe, frozen x_1", lambda x: 100 * x["linear_probe_top1"], pct),
+                               ("20-NN, frozen x_1", lambda x: 100 * x["knn_top1"], pct),
+                               ("pretrain loss", "loss", ".4f")]), ""]
     if len(a.seeds) > 1:
-        def seeds_row(label, prefix):
-            vals = [r[prefix if seed == a.seed else f"{prefix}-seed{seed}"]["top1"] for seed in a.seeds]
-            mean = sum(vals) / len(vals)
-            return f"| {label} | " + " | ".join(_pct(v) for v in vals) + f" | {_pct(mean)} | {_pct(min(vals))}-{_pct(max(vals))} |"
-
-        L.append(f"**Table 1b: PRG ({names[sp]}) vs. from scratch over finetuning seeds** (head init, data order, "
-                 f"noise; same pretrained checkpoint) (top-1 %)")
-        L.append("")
-        L.append("| run | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean | range |")
-        L.append("|---|" + "---|" * (len(a.seeds) + 2))
-        L.append(seeds_row(f"PRG finetuned ({names[sp]})", f"ft-{sp}"))
-        L.append(seeds_row("from scratch", "scratch"))
-        L.append("")
-    L.append(f"**Table 2: trajectory segment** ({names[sp]}; the image is the state at t0, reversed to t = 1; "
-             f"{a.ode_steps} steps over the segment)")
-    L.append("")
-    L.append("| t0 | " + " | ".join(f"{t0:g}" for t0 in a.t0s) + " |")
-    L.append("|---|" + "---|" * len(a.t0s))
-    row = [r[f"ft-{sp}"]["top1"] if t0 == 0.0 else r[f"ft-{sp}-t0={t0:g}"]["top1"] for t0 in a.t0s]
-    L.append("| top-1 % | " + " | ".join(_pct(v) for v in row) + " |")
-    L.append("")
-    L.append(f"**Table 3: step invariance** (trained with {a.ode_steps} `{a.method}` steps, evaluated with others; "
-             "`prg-fast evaluate --ode-steps K`)")
-    L.append("")
-    L.append("| pretraining | " + " | ".join(f"{k} steps" for k in a.eval_steps) + " |")
-    L.append("|---|" + "---|" * len(a.eval_steps))
-    for p in a.paths:
-        by = r[f"eval-{p}"]["top1_by_steps"]
-        L.append(f"| {names[p]} | " + " | ".join(_pct(by[str(k)]) for k in a.eval_steps) + " |")
-    L.append("")
+        runs = [dict(label=label, v=[100 * r[prefix if s == a.seed else f"{prefix}-seed{s}"]["top1"] for s in a.seeds])
+                for label, prefix in ((f"PRG finetuned ({NAMES[sp]})", f"ft-{sp}"), ("from scratch", "scratch"))]
+        L += [f"**Table 1b: PRG ({NAMES[sp]}) vs. from scratch over finetuning seeds** (head init, data order, "
+              "noise; same pretrained checkpoint) (top-1 %)", "",
+              harness.table(runs, [("run", "label")] + [(f"seed {s}", lambda x, i=i: x["v"][i], pct)
+                                                        for i, s in enumerate(a.seeds)] + [
+                  ("mean", lambda x: statistics.fmean(x["v"]), pct),
+                  ("range", lambda x: f"{min(x['v']):.2f}-{max(x['v']):.2f}")]), ""]
+    segment = {f"{t0:g}": 100 * r[f"ft-{sp}" if t0 == 0.0 else f"ft-{sp}-t0={t0:g}"]["top1"] for t0 in a.t0s}
+    L += [f"**Table 2: trajectory segment** ({NAMES[sp]}; the image is the state at t0, reversed to t = 1; "
+          f"{a.ode_steps} steps over the segment)", "",
+          harness.table([dict(segment, label="top-1 %")], [("t0", "label")] + [(t, t, pct) for t in segment]), "",
+          f"**Table 3: step invariance** (trained with {a.ode_steps} `{a.method}` steps, evaluated with others; "
+          "`prg-fast evaluate --ode-steps K`)", "",
+          harness.table([dict(label=NAMES[p], **r[f"eval-{p}"]["top1_by_steps"]) for p in a.paths],
+                        [("pretraining", "label")] + [(f"{k} steps", lambda x, k=k: 100 * x[str(k)], pct)
+                                                      for k in a.eval_steps]), ""]
     times = {k: v.get("train_time_total_s", v["wall_time_s"]) for k, v in r.items()}
     L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s); "
              "per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".")
     return "\n".join(L) + "\n"
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+# step counts, batch and solver steps per table (each flag overrides its entry)
+TABLE_DEFAULTS = {
+    "main": dict(pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
+    "scarce": dict(pretrain_steps=750, finetune_steps=80, batch_size=32, ode_steps=2),
+    "learn-t": dict(pretrain_steps=750, finetune_steps=150, batch_size=64, ode_steps=4),
+    "prediction": dict(pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
+}
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = harness.parser("prg_tables", __doc__)
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
     p.add_argument("--preset", default="tiny", help="UNet preset (tiny | cifar | prg32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--out", default=os.path.join(OUT_ROOT, "prg_tables"))
     p.add_argument("--quick", action="store_true", help="reduced smoke version (few steps; numbers not meaningful)")
-    p.add_argument("--table", choices=("main", "scarce"), default="main",
+    p.add_argument("--table", choices=tuple(TABLE_DEFAULTS), default="main",
                    help="main: the paper's tables (paths, head only, probes, segments, step invariance); scarce: "
                         "the label-scarce table (N labelled images per class, --levels; default paths gvp,otcfm, "
-                        "pretraining 750 steps, finetuning 80 steps of batch 32 with 2 Euler steps)")
-    p.add_argument("--levels", default=None, help="--table scarce: labelled images per class (default 1,2,5,10,all; "
-                   "with --budget-minutes all,10,100: the levels are admitted in this order while they fit)")
-    p.add_argument("--budget-minutes", type=float, default=None,
-                   help="label-scarce protocol in a time budget (implies --table scarce, one run at a time): "
-                        "calibrate steps/s, choose pretraining and finetuning step counts that fit, write the plan to "
-                        "OUT/budget.json and run it; repeat the same command until it prints the table")
-    p.add_argument("--session-minutes", type=float, default=None,
-                   help="stop this command after this long (the next one resumes); e.g. 9 under a 10-minute limit")
-    p.add_argument("--pretrain-fraction", type=float, default=0.5, help="--budget-minutes: share of pretraining")
-    p.add_argument("--calibration-steps", type=int, default=10, help="--budget-minutes: steps per calibration segment")
-    p.add_argument("--plan-only", action="store_true", help="--budget-minutes: calibrate, print the plan, run nothing")
+                        "pretraining 750 steps, finetuning 80 steps of batch 32 with 2 Euler steps); learn-t, "
+                        "prediction: the two ablations (see the module doc)")
+    p.add_argument("--levels", default=None, help="--table scarce: labelled images per class (default 1,2,5,10,all)")
     p.add_argument("--no-head-only", dest="head_only", action="store_false", help="--table scarce: skip head only")
     p.add_argument("--figure", default=None,
                    help="--table scarce: where the PNG of top-1 against labels per class goes (default: OUT/label_scarce.png; "
@@ -831,11 +622,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--segment-path", default="otcfm", help="the path of the trajectory-segment table")
     p.add_argument("--t0s", default="0,0.25,0.5")
     p.add_argument("--eval-steps", default="4,20,100")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; --table scarce: 750)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; --table scarce, learn-t: 750)")
     p.add_argument("--pretrain-batch-size", type=int, default=64)
     p.add_argument("--pretrain-lr", type=float, default=5e-4)
     p.add_argument("--pretrain-warmup", type=int, default=100)
-    p.add_argument("--finetune-steps", type=int, default=None, help="(default 250; --table scarce: 80)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="(default 250; scarce: 80; learn-t: 150)")
+    p.add_argument("--t-lr", type=float, default=0.05, help="--table learn-t: learning rate of the learned t")
     p.add_argument("--batch-size", type=int, default=None, help="finetuning batch (default 64; --table scarce: 32)")
     p.add_argument("--ode-steps", type=int, default=None, help="finetuning solver steps (default 4; --table scarce: 2)")
     p.add_argument("--method", default="euler")
@@ -851,35 +643,21 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: 1 on the CPU, "
                    "unchanged on a GPU)")
     p.add_argument("--progress", action="store_true", help="progress bars of every run (interleaved)")
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The arguments, with each table's defaults and the --quick sizes filled in."""
+    p = parser()
     a = p.parse_args(argv)
-    budget = a.budget_minutes is not None
-    if budget:
-        if a.budget_minutes <= 0:
-            p.error(f"--budget-minutes must be > 0, got {a.budget_minutes:g}")
-        if a.quick:
-            p.error("--quick and --budget-minutes do not mix: a small budget is the quick version")
-        a.table = "scarce"
-        if a.paths is None:
-            a.paths = "otcfm"
-        if a.levels is None:
-            a.levels = "all,10,100"
-        if a.seeds == "0,1,2":
-            a.seeds = "0"
-        # one run at a time on one device; head only and the sklearn probes are left to the digits table
-        a.head_only, a.probes, a.jobs = False, False, 1
     if a.levels is None:
         a.levels = "1,2,5,10,all"
     scarce = a.table == "scarce"
     if a.paths is None:
         a.paths = "otcfm,gvp" if scarce else "gvp,icfm,otcfm"
-    if a.finetune_steps is None:
-        a.finetune_steps = 80 if scarce else 250
-    if a.pretrain_steps is None:
-        a.pretrain_steps = 750 if scarce else 1500
-    if a.ode_steps is None:
-        a.ode_steps = 2 if scarce else 4
-    if a.batch_size is None:
-        a.batch_size = 32 if scarce else 64
+    for name, value in TABLE_DEFAULTS[a.table].items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
     a.paths = [s for s in a.paths.split(",") if s]
     try:
         a.levels = parse_levels(a.levels)
@@ -897,16 +675,23 @@ def parse(argv=None) -> argparse.Namespace:
         if scarce:
             a.levels = [n for n in a.levels if n in (1, None)] or a.levels[:1]
             a.finetune_steps, a.paths = 6, a.paths[:1]
-        a.out = a.out.rstrip("/") + "_quick" if a.out == os.path.join(OUT_ROOT, "prg_tables") else a.out
-    if scarce and a.out == os.path.join(OUT_ROOT, "prg_tables"):
-        a.out = os.path.join(OUT_ROOT, "prg_budget" if budget else "prg_scarce")
+        if a.table == "learn-t":
+            a.seeds, a.pretrain_steps, a.finetune_steps = a.seeds[:1], 20, 4
+        if a.table == "prediction":
+            a.pretrain_steps, a.finetune_steps, a.ode_steps = 4, 2, 4
+    if a.out == os.path.join(OUT_ROOT, "prg_tables"):  # each table its own default folder
+        folder = {"scarce": "prg_scarce", "learn-t": "learn_t",
+                  "prediction": "prediction_prg"}.get(a.table, "prg_tables")
+        a.out = os.path.join(OUT_ROOT, folder + ("_quick" if a.quick else ""))
     if a.figure is None and not a.quick:
         a.figure = os.path.join(a.out, "label_scarce.png")  # the recorded figure is copied into benchmarks/figures by hand
     if a.threads is None:
         a.threads = 1 if a.device == "cpu" else 0
     if a.head_lr is None:
         a.head_lr = a.lr
-    if not scarce and a.segment_path not in a.paths:
+    if a.table == "prediction":
+        a.seeds = [a.seed]
+    if a.table == "main" and a.segment_path not in a.paths:
         p.error(f"--segment-path {a.segment_path} must be one of --paths {a.paths}")
     return a
 
@@ -915,46 +700,28 @@ def main(argv=None) -> int:
     a = parse(argv)
     os.makedirs(a.out, exist_ok=True)
     t = time.perf_counter()
+    config = {k: getattr(a, k) for k in ("table", "data", "preset", "pretrain_steps", "finetune_steps", "batch_size",
+                                         "ode_steps", "method", "lr", "beta", "seed", "seeds", "paths")}
+    log = harness.Results(a, "prg_tables", config, key=("job",))
     if a.table == "scarce":
         from prg_fast.data import load_data
 
         train, test = load_data(a.data, "train", augment=None), load_data(a.data, "test", augment=None)
-        plan = None
-        if a.budget_minutes is not None:
-            deadline = None if a.session_minutes is None else time.monotonic() + 60 * a.session_minutes
-            _setup_worker(a.threads)
-            plan = load_or_make_budget(a, train.num_classes)
-            apply_budget(a, plan)
-            print(f"[prg_tables] budget plan: {json.dumps({k: plan[k] for k in ('pretrain_steps', 'finetune_steps', 'levels', 'seeds', 'rows', 'predicted_s', 'dropped_levels')})}", flush=True)
-            if a.plan_only:
-                return 0
-            try:
-                results = run_plan_sessions(build_scarce_plan(a, train.num_classes), a.threads, a.out, deadline)
-            except OutOfTime as e:
-                print(f"[prg_tables] --session-minutes {a.session_minutes:g} is up during {e}; run the same command "
-                      "again to continue from the checkpoints", flush=True)
-                return 3
-        else:
-            results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads)
-        wall = time.perf_counter() - t
-        md = scarce_tables(a, results, wall, len(train), len(test))
-        if plan is not None:
-            md += "\n" + budget_report(a, plan, results, len(train))
+        results = run_plan(build_scarce_plan(a, train.num_classes), a.jobs, a.threads, log)
+        md = scarce_tables(a, results, time.perf_counter() - t, len(train), len(test))
         if a.figure:
             scarce_figure(a, results, len(train), train.num_classes, a.figure)
             md += f"\nFigure: {os.path.relpath(a.figure, os.path.dirname(HERE))}\n"
     else:
-        results = run_plan(build_plan(a), a.jobs, a.threads)
-        wall = time.perf_counter() - t
-        md = tables(a, results, wall)
-    info = {"args": vars(a), "results": results, "wall_time_s": wall, "machine": machine(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(info, f, indent=1)
+        build, render = {"main": (build_plan, tables), "learn-t": (build_learn_t_plan, learn_t_table),
+                         "prediction": (build_prediction_plan, prediction_table)}[a.table]
+        results = run_plan(build(a), a.jobs, a.threads, log)
+        md = render(a, results, time.perf_counter() - t)
+    md += f"\nMachine: {harness.machine()}; {a.jobs} worker process(es) x {a.threads} thread(s).\n"
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
     print(md)
-    print(f"[prg_tables] {info['machine']}; wrote {a.out}/results.json and table.md")
+    print(f"[prg_tables] wrote {log.path} and {a.out}/table.md")
     return 0
 
 

@@ -16,46 +16,27 @@ Rows (each a `prg-fast` command run as a subprocess; its wall time is measured a
 Protocols differ as in the papers: PRG and RepFusion are finetuned with labels; GenRep learns without
 labels and is read out by a linear probe (logistic regression, C by CV on the training split).
 
-Results: OUT/related.json (OUT defaults to runs/benchmarks/related, git-ignored) and a markdown
-table; with --results benchmarks/RESULTS.md it is also written there as the section "Related
-systems on <data>" (only that section is replaced). Finished rows are cached in
+Results: OUT/related.jsonl (harness.Results; OUT defaults to runs/benchmarks/related, git-ignored)
+and a markdown table; with --results benchmarks/RESULTS.md it is also written there as the section
+"Related systems on <data>" (only that section is replaced). Finished rows are cached in
 OUT/<row>/row.json; --fresh reruns everything.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
 
-def finetune_command() -> Optional[List[str]]:
-    """argv prefix running `prg-fast finetune`."""
-    return [sys.executable, "-m", "prg_fast", "finetune"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+ROOT = harness.ROOT
 
 
 def load_average() -> Optional[str]:
@@ -103,8 +84,69 @@ def pixel_probe(data: str) -> Dict[str, Any]:
             "metrics": res}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def systems(args, ckpt: str) -> Dict[str, tuple]:
+    """--rows key -> (table row, protocol, run folder, the prg-fast command line of one seed without
+    its common flags): the matched budget, RepFusion's split in half."""
+    half, rest, b = args.budget // 2, args.budget - args.budget // 2, str(args.batch_size)
+    rep = ["repfusion", "--checkpoint", ckpt, "--finetune-steps", str(rest), "--batch-size", b, "--student",
+           args.student]
+    gen = ["genrep", "--checkpoint", ckpt, "--batch-size", b, "--encoder", args.encoder, "--sigma", str(args.sigma),
+           "--pool", str(args.gen_pool), "--neighbors", str(args.gen_neighbors), "--ode-steps", str(args.gen_ode_steps),
+           "--method", args.gen_method]
+    return {
+        "prg": ("PRG finetune (flow + head, reversed ODE)", f"{args.budget} CE steps through {args.ode_steps} euler "
+                "steps, t 0 -> 1", "prg", ["finetune", "--checkpoint", ckpt, "--steps", str(args.budget), "--batch-size",
+                                            b, "--ode-steps", str(args.ode_steps), "--method", "euler"]),
+        "repfusion": (f"RepFusion, fixed t = {args.teacher_t:g}", f"{half} distillation + {rest} CE steps", "repfusion",
+                      rep + ["--steps", str(half), "--t", str(args.teacher_t)]),
+        "repfusion-policy": ("RepFusion, REINFORCE policy over t", f"{half} distillation + {rest} CE steps",
+                             "repfusion_policy", rep + ["--steps", str(half), "--policy"]),
+        "student": ("control: same student, CE only", f"0 distillation + {rest} CE steps", "student",
+                    rep + ["--steps", "0"]),
+        "genrep": (f"GenRep, sigma = {args.sigma:g}", f"{args.budget} NT-Xent steps on {args.gen_pool} x (1 + "
+                   f"{args.gen_neighbors}) generated images ({args.gen_ode_steps} {args.gen_method} steps), then "
+                   "linear probe", "genrep", gen + ["--steps", str(args.budget)]),
+        "random": ("control: GenRep encoder untrained", "0 steps, linear probe", "random_encoder", gen + ["--steps", "0"]),
+    }
+
+
+def pretrained(args, env) -> tuple:
+    """The shared pretrained flow: --checkpoint, or one pretrained into OUT/pretrain (reused)."""
+    if args.checkpoint is not None:
+        return os.path.abspath(args.checkpoint), None
+    ckpt = os.path.join(args.out, "pretrain")
+    argv = [sys.executable, "-m", "prg_fast", "pretrain", "--data", args.data, "--path", args.pretrain_path, "--model",
+            args.pretrain_model, "--steps", str(args.pretrain_steps), "--batch-size", "128", "--out", ckpt, "--seed",
+            "0", "--device", args.device, "--ckpt-every", "250", "--num-samples", "64"] + \
+        (["--no-progress"] if args.no_progress else [])
+    if not os.path.isfile(os.path.join(ckpt, "metrics.json")):
+        subprocess.run(argv, env=env, cwd=ROOT, check=True)
+    with open(os.path.join(ckpt, "metrics.json")) as f:
+        pm = json.load(f)
+    return os.path.abspath(ckpt), {"argv": argv[1:], "loss": pm["loss"], "step": pm["step"],
+                                   "train_time_total_s": pm.get("train_time_total_s")}
+
+
+def run_seeds(args, env, name: str, folder: str, command: List[str], seeds: List[int]) -> Dict[str, Any]:
+    """One table row: the command once per seed (seed s > 0 in OUT/FOLDER_seed<s>)."""
+    runs = []
+    for seed in seeds:
+        out = os.path.join(args.out, folder if seed == 0 else f"{folder}_seed{seed}")
+        common = ["--data", args.data, "--seed", str(seed), "--device", args.device] + \
+            (["--no-progress"] if args.no_progress else [])
+        run = run_row(name, [sys.executable, "-m", "prg_fast", *command[:1], *common, *command[1:], "--out", out], out,
+                      env, args.fresh)
+        if "error" in run:
+            return run
+        runs.append(run)
+    top = [r["top1"] for r in runs]
+    return {"name": name, "top1": statistics.mean(top), "top1_std": statistics.stdev(top) if len(top) > 1 else None,
+            "top1_runs": top, "seeds": seeds, "wall_s": round(statistics.mean(r["wall_s"] for r in runs), 1),
+            "metrics": runs[0]["metrics"], "runs": runs}
+
+
+def parse(argv=None):
+    p = harness.parser("related", __doc__)
     p.add_argument("--data", default="digits")
     p.add_argument("--checkpoint", default=None, help="pretraining run directory (default: pretrain one into OUT)")
     p.add_argument("--pretrain-steps", type=int, default=1500)
@@ -126,129 +168,49 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads per run (OMP_NUM_THREADS; 1 is fastest on a shared 2-core machine)")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "benchmarks", "related"))  # git-ignored
     p.add_argument("--results", default="",
                    help="markdown file whose 'Related systems on DATA' section is (re)written, for example "
-                        "benchmarks/RESULTS.md (default: none; the table is printed and in OUT/related.json)")
+                        "benchmarks/RESULTS.md (default: none; the table is printed and in OUT/related.jsonl)")
     p.add_argument("--rows", default="prg,repfusion,repfusion-policy,student,genrep,random,pixels",
                    help="comma-separated subset of prg,repfusion,repfusion-policy,student,genrep,random,pixels")
-    p.add_argument("--fresh", action="store_true", help="ignore cached rows")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.budget < 2:
         p.error("--budget must be >= 2")
-    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    py = [sys.executable, "-m", "prg_fast"]
     load_start = load_average()
-
-    # the shared pretrained flow
-    ckpt = args.checkpoint
-    pretrain_row = None
-    if ckpt is None:
-        ckpt = os.path.join(args.out, "pretrain")
-        argv_pre = py + ["pretrain", "--data", args.data, "--path", args.pretrain_path, "--model", args.pretrain_model,
-                         "--steps", str(args.pretrain_steps), "--batch-size", "128", "--out", ckpt, "--seed",
-                         "0", "--device", args.device, "--ckpt-every", "250", "--num-samples", "64"]
-        if args.no_progress:
-            argv_pre.append("--no-progress")
-        if not os.path.isfile(os.path.join(ckpt, "metrics.json")):
-            t0 = time.perf_counter()
-            subprocess.run(argv_pre, env=env, cwd=ROOT, check=True)
-            print(f"[related] pretraining took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        with open(os.path.join(ckpt, "metrics.json")) as f:
-            pm = json.load(f)
-        pretrain_row = {"argv": argv_pre[1:], "loss": pm["loss"], "step": pm["step"],
-                        "train_time_total_s": pm.get("train_time_total_s")}
-    ckpt = os.path.abspath(ckpt)
-
-    half = args.budget // 2
+    ckpt, pretrain_row = pretrained(args, env)
+    log = harness.Results(args, "related", dict(data=args.data, checkpoint=ckpt, budget=args.budget,
+                                                batch_size=args.batch_size), key=("name",))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     prg_seeds = [int(x) for x in args.prg_seeds.split(",") if x.strip()] if args.prg_seeds else seeds
     rows: List[Dict[str, Any]] = []
-    protocol: Dict[str, str] = {}
-
-    def common(seed):
-        c = ["--data", args.data, "--seed", str(seed), "--device", args.device]
-        return c + (["--no-progress"] if args.no_progress else [])
-
-    def run_seeds(key, name, build, seed_list):
-        """One table row: the command build(seed, out) for every seed (seed s > first in OUT/key_seed<s>)."""
-        runs = []
-        for seed in seed_list:
-            out = os.path.join(args.out, key if seed == 0 else f"{key}_seed{seed}")
-            run = run_row(name, build(seed, out), out, env, args.fresh)
-            if "error" in run:
-                return run
-            runs.append(run)
-        top = [r["top1"] for r in runs]
-        mean = sum(top) / len(top)
-        std = math.sqrt(sum((t - mean) ** 2 for t in top) / (len(top) - 1)) if len(top) > 1 else None
-        return {"name": name, "top1": mean, "top1_std": std, "top1_runs": top, "seeds": seed_list,
-                "wall_s": round(sum(r["wall_s"] for r in runs) / len(runs), 1), "metrics": runs[0]["metrics"],
-                "runs": runs}
-
-    if "prg" in rows_wanted:
-        cmd = finetune_command()
-        name = "PRG finetune (flow + head, reversed ODE)"
-        protocol[name] = f"{args.budget} CE steps through {args.ode_steps} euler steps, t 0 -> 1"
-        if cmd is None:
-            rows.append({"name": name, "error": "not available: prg_fast.training.finetune / `prg-fast finetune` is missing"})
-        else:
-            rows.append(run_seeds("prg", name, lambda seed, out: cmd + common(seed) + [
-                "--checkpoint", ckpt, "--steps", str(args.budget), "--batch-size", str(args.batch_size),
-                "--ode-steps", str(args.ode_steps), "--method", "euler", "--out", out], prg_seeds))
-    if "repfusion" in rows_wanted:
-        name = f"RepFusion, fixed t = {args.teacher_t:g}"
-        protocol[name] = f"{half} distillation + {args.budget - half} CE steps"
-        rows.append(run_seeds("repfusion", name, lambda seed, out: py + ["repfusion"] + common(seed) + [
-            "--checkpoint", ckpt, "--steps", str(half), "--finetune-steps", str(args.budget - half), "--t",
-            str(args.teacher_t), "--batch-size", str(args.batch_size), "--student", args.student, "--out", out], seeds))
-    if "repfusion-policy" in rows_wanted:
-        name = "RepFusion, REINFORCE policy over t"
-        protocol[name] = f"{half} distillation + {args.budget - half} CE steps"
-        rows.append(run_seeds("repfusion_policy", name, lambda seed, out: py + ["repfusion"] + common(seed) + [
-            "--checkpoint", ckpt, "--steps", str(half), "--finetune-steps", str(args.budget - half), "--policy",
-            "--batch-size", str(args.batch_size), "--student", args.student, "--out", out], seeds))
-    if "student" in rows_wanted:
-        name = "control: same student, CE only"
-        protocol[name] = f"0 distillation + {args.budget - half} CE steps"
-        rows.append(run_seeds("student", name, lambda seed, out: py + ["repfusion"] + common(seed) + [
-            "--checkpoint", ckpt, "--steps", "0", "--finetune-steps", str(args.budget - half),
-            "--batch-size", str(args.batch_size), "--student", args.student, "--out", out], seeds))
-    gen_common = ["--checkpoint", ckpt, "--batch-size", str(args.batch_size), "--encoder", args.encoder,
-                  "--sigma", str(args.sigma), "--pool", str(args.gen_pool), "--neighbors", str(args.gen_neighbors),
-                  "--ode-steps", str(args.gen_ode_steps), "--method", args.gen_method]
-    if "genrep" in rows_wanted:
-        name = f"GenRep, sigma = {args.sigma:g}"
-        protocol[name] = (f"{args.budget} NT-Xent steps on {args.gen_pool} x (1 + {args.gen_neighbors}) generated "
-                          f"images ({args.gen_ode_steps} {args.gen_method} steps), then linear probe")
-        rows.append(run_seeds("genrep", name, lambda seed, out: py + ["genrep"] + common(seed) + gen_common + [
-            "--steps", str(args.budget), "--out", out], seeds))
-    if "random" in rows_wanted:
-        name = "control: GenRep encoder untrained"
-        protocol[name] = "0 steps, linear probe"
-        rows.append(run_seeds("random_encoder", name, lambda seed, out: py + ["genrep"] + common(seed) + gen_common + [
-            "--steps", "0", "--out", out], seeds))
-    if "pixels" in rows_wanted:
-        row = pixel_probe(args.data)
-        row["seeds"] = [0]
-        protocol[row["name"]] = "linear probe on the raw pixels (deterministic)"
-        rows.append(row)
+    protocol: Dict[str, str] = {"raw pixels + linear probe": "linear probe on the raw pixels (deterministic)"}
+    for key, (name, proto, folder, command) in systems(args, ckpt).items():
+        if key in args.rows.split(","):
+            protocol[name] = proto
+            rows.append(run_seeds(args, env, name, folder, command, prg_seeds if key == "prg" else seeds))
+            log.add({"name": name}, **{k: v for k, v in rows[-1].items() if k != "name"})  # kept as it finishes
+    if "pixels" in args.rows.split(","):
+        rows.append(dict(pixel_probe(args.data), seeds=[0]))
+        log.add({"name": rows[-1]["name"]}, **{k: v for k, v in rows[-1].items() if k != "name"})
 
     from prg_fast.data import load_data
 
-    n_test = len(load_data(args.data, "test", augment=None))
     # the runs' own wall times (cached rows keep the time they took when they ran)
     total = sum(sum(run["wall_s"] for run in row.get("runs", [row])) for row in rows if "error" not in row)
     report = {"data": args.data, "checkpoint": ckpt, "pretrain": pretrain_row, "budget": args.budget,
-              "batch_size": args.batch_size, "rows": rows, "protocol": protocol, "n_test": n_test,
-              "machine": machine(), "threads": args.threads, "load_average_start": load_start,
-              "load_average_end": load_average(), "total_wall_s": round(total, 1),
+              "batch_size": args.batch_size, "rows": rows, "protocol": protocol,
+              "n_test": len(load_data(args.data, "test", augment=None)), "machine": harness.machine(),
+              "threads": args.threads, "load_average_start": load_start, "load_average_end": load_average(),
+              "total_wall_s": round(total, 1),
               "command": "python benchmarks/related.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    with open(os.path.join(args.out, "related.json"), "w") as f:
-        json.dump(report, f, indent=1)
     table = markdown(report)
     print(table)
     if args.results:
@@ -289,17 +251,17 @@ def markdown(r: Dict[str, Any]) -> str:
               f"them between distillation and finetuning). Top-1 on the {n} test images (mean ± standard deviation "
               f"over seeds where there are several); at 95% accuracy one run's binomial standard error is about "
               f"{100 * math.sqrt(0.95 * 0.05 / n):.1f} points, so differences of 1-2 points are not resolved.", ""]
-    lines += ["| system | protocol | test top-1 | seeds (runs) | wall time per run (s) |", "|---|---|---|---|---|"]
-    for row in r["rows"]:
-        proto = r["protocol"].get(row["name"], "")
+    def top1(row):
         if "error" in row:
-            lines.append(f"| {row['name']} | {proto} | {row['error']} | - | - |")
-            continue
-        top = f"{100 * row['top1']:.1f}%"
-        if row.get("top1_std") is not None:
-            top += f" ± {100 * row['top1_std']:.1f}"
-        runs = ", ".join(f"{100 * t:.1f}" for t in row.get("top1_runs", [row["top1"]]))
-        lines.append(f"| {row['name']} | {proto} | {top} | {len(row.get('seeds', [0]))} ({runs}) | {row['wall_s']:.0f} |")
+            return row["error"]
+        std = f" ± {100 * row['top1_std']:.1f}" if row.get("top1_std") is not None else ""
+        return f"{100 * row['top1']:.1f}%{std}"
+
+    lines.append(harness.table(r["rows"], [
+        ("system", "name"), ("protocol", lambda row: r["protocol"].get(row["name"], "")), ("test top-1", top1),
+        ("seeds (runs)", lambda row: f"{len(row.get('seeds', [0]))} (" + ", ".join(
+            f"{100 * t:.1f}" for t in row.get("top1_runs", [row["top1"]])) + ")"),
+        ("wall time per run (s)", "wall_s", ".0f")]))
     extra = []
     for row in r["rows"]:
         m = row.get("metrics") or {}

@@ -10,9 +10,6 @@ Only the engine (`prg_fast.ode`) is imported eagerly; the PRG layer (paths, mode
 is imported on first use, so `import prg_fast` costs an engine-only user nothing more.
 """
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 
 from .ode import SOLVERS, ButcherTableau, __version__, generate, info, odeint, reverse, time_reversed
 
@@ -36,28 +33,6 @@ _LAZY = {
 }
 
 __all__ = ["reverse", "generate", "odeint", "time_reversed", "info", "SOLVERS", "ButcherTableau", *_LAZY]
-
-
-# modules that moved into prg_fast.training: the old names stay importable (users' scripts say
-# `from prg_fast.finetune import ...`); importing one binds the old name to the new module itself
-MOVED = {"prg_fast.train": "prg_fast.training.pretrain", "prg_fast.finetune": "prg_fast.training.finetune",
-         "prg_fast.eval": "prg_fast.training.evaluate"}
-
-
-class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path=None, target=None):
-        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        # the import system returns whatever sys.modules holds under the name after exec_module
-        sys.modules[module.__name__] = importlib.import_module(MOVED[module.__name__])
-
-
-if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
-    sys.meta_path.insert(0, _MovedModuleFinder())
 
 
 def __getattr__(name):

@@ -4,6 +4,10 @@
                     a fixed seeded, stratified split of 1,437 train / 360 test
     cifar10:PATH    the standard `cifar-10-batches-py` pickles (PATH is that folder or its parent)
     folder:PATH     an image-folder tree PATH/{train,test}/<class>/*.png|jpg|jpeg, read with Pillow
+    fashion-mnist   Fashion-MNIST's IDX files (60,000 train / 10,000 test, 28x28 grey, 10 classes),
+                    read with numpy; `fashion-mnist:DIR` names their folder, else $PRG_FAST_DATA and
+                    the Debian package's folder are searched (prg_fast.idx_files)
+    mnist           MNIST, the same way (`mnist:DIR`)
 
 Every split is decoded once into a uint8 tensor (N, C, H, W) and kept in memory (also cached per
 process), so a training step only indexes, converts to float in [-1, 1] and augments a batch,
@@ -11,7 +15,8 @@ vectorised; nothing is decoded per sample and no loader workers are needed on a 
 On a GPU the uint8 batch goes over in one asynchronous copy from pinned memory and is converted and
 augmented there, random numbers included (drawn from the device's generator, which the trainers
 seed per rank and save in their checkpoints, so a resumed run continues the same augmentations).
-`class_balanced_subset` picks the seeded labelled subset of a label-scarce finetuning run.
+`class_balanced_subset` picks the seeded labelled subset of a label-scarce finetuning run,
+`validation_split` a seeded, stratified validation set carved from a training split.
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .idx_files import IDX_DATA_SETS, find_idx_dir, read_idx_split
+
 __all__ = ["Augment", "ImageData", "load_data", "parse_spec", "default_augment", "cache_dir", "class_balanced_subset",
-           "SPLITS", "DIGITS_SPLIT_SEED"]
+           "validation_split", "with_data_dir", "SPLITS", "DIGITS_SPLIT_SEED", "IDX_DATA_SETS"]
 
 SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0  # the fixed digits split: part of the data definition, never a run's seed
@@ -203,30 +210,89 @@ def class_balanced_subset(labels, n_per_class: int, seed: int, num_classes: Opti
     return torch.sort(torch.cat(picked)).values
 
 
+def validation_split(labels, size: int, seed: int, num_classes: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices), both sorted int64: `size` images carved out of a
+    training split, stratified (each class gets its share of `size`, the remainder going to the
+    first classes in order of their fractional share) and drawn by a CPU generator seeded with
+    `seed`, so the same (labels, size, seed) gives the same split everywhere. Every class keeps at
+    least one training image."""
+    import numbers
+
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"validation size must be an integer >= 1, got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    y = torch.as_tensor(labels).long()
+    if y.dim() != 1 or y.numel() == 0:
+        raise ValueError(f"labels must be a non-empty 1-D integer tensor, got shape {tuple(y.shape)}")
+    k = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    counts = torch.bincount(y, minlength=k)
+    if size >= len(y):
+        raise ValueError(f"a validation split of {size} images leaves no training images ({len(y)} in all)")
+    share = counts.double() * size / len(y)
+    per_class = share.floor().long()
+    order = torch.argsort(share - per_class, descending=True, stable=True)
+    per_class[order[:size - int(per_class.sum())]] += 1
+    short = torch.nonzero((per_class >= counts) & (counts > 0)).flatten()
+    if len(short):
+        c = int(short[0])
+        raise ValueError(f"a validation split of {size} images takes all {int(counts[c])} images of class {c}; "
+                         f"choose a smaller validation size")
+    gen = torch.Generator().manual_seed(int(seed))
+    picked = []
+    for c in range(k):
+        members = torch.nonzero(y == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=gen)[:int(per_class[c])]])
+    val = torch.sort(torch.cat(picked)).values
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    return torch.nonzero(keep).flatten(), val
+
+
 # -------------------------------------------------------------------------------------------------
 # spec parsing
 
 
 def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
-    """'digits' -> ('digits', None); 'cifar10:PATH' / 'folder:PATH' -> (kind, expanded PATH)."""
+    """'digits' -> ('digits', None); 'cifar10:PATH' / 'folder:PATH' -> (kind, expanded PATH);
+    'fashion-mnist' / 'mnist' -> (kind, None), with ':DIR' -> (kind, expanded DIR)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"DATA spec must be a non-empty string, got {spec!r}")
     kind, sep, path = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "digits" and not sep:
         return "digits", None
-    if kind in ("cifar10", "folder"):
+    if kind in ("cifar10", "folder") or (kind in IDX_DATA_SETS and sep):
         if not path:
             raise ValueError(f"DATA spec {spec!r}: {kind} needs a path, as in {kind}:PATH")
         return kind, os.path.abspath(os.path.expanduser(path))
-    raise ValueError(f"unknown DATA spec {spec!r}: expected 'digits', 'cifar10:PATH' or 'folder:PATH'")
+    if kind in IDX_DATA_SETS:
+        return kind, None
+    raise ValueError(f"unknown DATA spec {spec!r}: expected 'digits', 'fashion-mnist[:DIR]', 'mnist[:DIR]', "
+                     f"'cifar10:PATH' or 'folder:PATH'")
+
+
+def with_data_dir(spec: str, data_dir: Optional[str]) -> str:
+    """The spec with the folder of a --data-dir option folded in: ('fashion-mnist', DIR) ->
+    'fashion-mnist:DIR'; None leaves the spec as it is. Only the IDX data sets take a --data-dir
+    (the others name their path in the spec)."""
+    if data_dir is None:
+        return spec
+    kind, path = parse_spec(spec)
+    if kind not in IDX_DATA_SETS:
+        raise ValueError(f"--data-dir is for {' and '.join(IDX_DATA_SETS)} (where their IDX files are); "
+                         f"{spec!r} names its own path or needs none")
+    if path is not None:
+        raise ValueError(f"--data-dir {data_dir} and the spec {spec!r} both name a folder; give it once")
+    return f"{kind}:{data_dir}"
 
 
 def default_augment(spec: str, split: str = "train") -> Augment:
-    """Horizontal flips for natural-image training splits (torchcfm's CIFAR recipe); nothing for
-    digits (a mirrored digit is not the same digit) and nothing for test splits."""
+    """Horizontal flips for natural-image training splits (torchcfm's CIFAR recipe; a mirrored
+    garment is still the same garment, so Fashion-MNIST too); nothing for digits and MNIST (a
+    mirrored digit is not the same digit) and nothing for test splits."""
     kind, _ = parse_spec(spec)
-    return Augment(hflip=(split == "train" and kind != "digits"))
+    return Augment(hflip=(split == "train" and kind not in ("digits", "mnist")))
 
 
 _CACHE: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor, List[str], int]] = {}
@@ -247,9 +313,11 @@ def load_data(spec: str, split: str = "train", *, augment: Union[Augment, str, N
         augment = default_augment(spec, split)
     elif augment is not None and not isinstance(augment, Augment):
         raise TypeError(f"augment must be 'auto', None or an Augment, got {type(augment).__name__}")
+    if kind in IDX_DATA_SETS:  # found now: the environment decides where, and the cache is keyed by that
+        path = find_idx_dir(kind, path)
     key = (kind, path, split, _stamp(path))
     if not cache or key not in _CACHE:
-        loader = {"digits": _load_digits, "cifar10": _load_cifar10, "folder": _load_folder}[kind]
+        loader = _load_idx(kind) if kind in IDX_DATA_SETS else LOADERS[kind]
         _CACHE[key] = loader(path, split)
     images, labels, classes, levels = _CACHE[key]
     return ImageData(images, labels, classes, levels=levels, spec=spec, split=split, augment=augment)
@@ -279,6 +347,15 @@ def _load_digits(_path, split):
     images = torch.from_numpy(bunch.images[idx].astype(np.uint8))[:, None]  # values 0..16
     labels = torch.from_numpy(bunch.target[idx].astype(np.int64))
     return images, labels, [str(c) for c in range(10)], 16
+
+
+def _load_idx(kind):
+    def load(folder, split):
+        images, labels = read_idx_split(kind, folder, split)
+        return (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels), list(IDX_DATA_SETS[kind].classes),
+                255)
+
+    return load
 
 
 def _load_cifar10(path, split):
@@ -355,6 +432,9 @@ def _load_folder(path, split):
         _cache_write(entry, out)
     images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(labels, dtype=torch.int64), classes, 255
+
+
+LOADERS = {"digits": _load_digits, "cifar10": _load_cifar10, "folder": _load_folder}
 
 
 def _stack(split_dir, files, arrays) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Probability paths for flow-matching pretraining: GVP, ICFM and OTCFM.
 
-Project convention (DESIGN.md section 2): t = 0 is data (x0), t = 1 is noise (x1 ~ N(0, I)).
+The project's time convention, everywhere: t = 0 is data (x0), t = 1 is noise (x1 ~ N(0, I)).
 Every path has `sample(x0, x1, t) -> (x_t, u_t)` where u_t = d x_t / d t is the regression target
 of the velocity network v_theta(t, x_t).
 

@@ -82,7 +82,7 @@ def test_auto_keeps_what_fits_in_half_the_free_memory(monkeypatch, method, store
 def test_auto_with_unknown_free_memory_recomputes_everything(monkeypatch, caplog):
     model = Net().double()
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr("prg_fast.ode.description.free_bytes", lambda device: None)
+    monkeypatch.setattr("prg_fast.ode.stored_adjoint.free_bytes", lambda device: None)
     with caplog.at_level(logging.DEBUG, logger="prg_fast.ode.strategies"):
         out = prg_fast.reverse(model, x, steps=2, method="rk4")
     assert adjoint_node(out).evals.kept_count == 0

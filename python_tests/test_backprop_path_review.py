@@ -1,5 +1,5 @@
 """Review of the plain-backprop solve (memory_budget="auto" keeping every graph runs as one autograd
-graph from x: strategies.EvaluationGraphs.as_backprop). Each case is solved three ways in float64 --
+graph from x: kept_graphs.EvaluationGraphs.as_backprop). Each case is solved three ways in float64 --
 the default (auto, which keeps everything here), memory_budget=0 (the per-evaluation adjoint) and
 adjoint=False (the oracle) -- and their gradients, errors and side effects must agree."""
 import gc
@@ -67,7 +67,7 @@ def test_non_leaf_x_from_an_encoder_gets_backprops_gradients():
         x = enc(data)
         out = prg_fast.reverse(net, x, steps=2, **kw)
         if kw == {}:  # the encoder's parameters are x's history, not the velocity's inputs
-            ids = {id(p) for p in adjoint_node(out).evals.problem.params}
+            ids = {id(p) for p in adjoint_node(out).evals.problem.reads.params}
             assert not ids & {id(p) for p in enc.parameters()}
         return out, list(enc.parameters()) + list(net.parameters())
 

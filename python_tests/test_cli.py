@@ -1,8 +1,9 @@
 """prg_fast.cli: one bounded-number type for every flag, every default shown by --help, the
-commands' registry, and the old module paths (prg_fast.train / finetune / eval) still importable."""
+commands' registry, and the old module paths (prg_fast.train / finetune / eval) failing with the new path named."""
 import argparse
 import importlib
 import re
+import sys
 
 import pytest
 
@@ -66,9 +67,16 @@ def test_every_command_is_registered():
 @pytest.mark.parametrize("old, new, name", [("prg_fast.train", "prg_fast.training.pretrain", "PretrainConfig"),
                                             ("prg_fast.finetune", "prg_fast.training.finetune", "FinetuneConfig"),
                                             ("prg_fast.eval", "prg_fast.training.evaluate", "linear_probe")])
-def test_old_module_paths_are_the_new_modules(old, new, name):
-    assert importlib.import_module(old) is importlib.import_module(new)
-    assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)
+def test_old_module_paths_fail_naming_the_new_ones(old, new, name):
+    """The modules that moved into prg_fast.training: importing an old path is an error that says
+    where the module is now (every time, not only the first); the new path works."""
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {new}") as e:
+            importlib.import_module(old)
+        assert e.value.name == old and old not in sys.modules
+    assert hasattr(importlib.import_module(new), name)
+    with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {new}"):
+        exec(f"from {old} import {name}", {})
 
 
 @pytest.mark.parametrize("text, value", [("auto", "auto"), ("none", None), ("0", 0.0), ("1e9", 1e9),

@@ -142,8 +142,8 @@ def test_parse_spec():
 
 
 def test_bad_specs_and_paths(tmp_path):
-    with pytest.raises(ValueError, match="unknown DATA spec 'mnist'"):
-        load_data("mnist")
+    with pytest.raises(ValueError, match="unknown DATA spec 'svhn'"):
+        load_data("svhn")
     with pytest.raises(ValueError, match="cifar10 needs a path"):
         load_data("cifar10")
     with pytest.raises(ValueError, match="split must be one of"):

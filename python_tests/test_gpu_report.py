@@ -209,11 +209,11 @@ def test_finetune_ratios():
     assert finetune_ratios(rows[:1]) == {}
 
 
-def test_flat_rows_of_a_nested_benchmark_json():
-    rows = [{"device": "cuda", "rows": [{"n": 1, "GBps": {"cuda": 2.0, "triton": 3.0}}, {"n": 2, "GBps": {}}]},
-            {"device": "cpu", "note": {"a": 1}}]
-    assert flat_rows(rows) == [{"device": "cuda", "n": 1, "GBps:cuda": 2.0, "GBps:triton": 3.0},
-                               {"device": "cuda", "n": 2}, {"device": "cpu", "note:a": 1}]
+def test_flat_rows_of_a_benchmark_results_file():
+    rows = [{"n": 1, "us": {"cuda": 2.0, "triton": 3.0}, "spread": {"cuda": 0.1}}, {"n": 2, "us": {}},
+            {"device": "cpu", "note": {"a": 1, "nested": {"b": 2}}, "list": [1]}]
+    assert flat_rows(rows) == [{"n": 1, "us:cuda": 2.0, "us:triton": 3.0, "spread:cuda": 0.1}, {"n": 2},
+                               {"device": "cpu", "note:a": 1}]
 
 
 def test_a_silent_command_and_its_children_are_stopped_at_their_limit(tmp_path):

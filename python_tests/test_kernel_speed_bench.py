@@ -1,6 +1,5 @@
 """benchmarks/kernel_speed.py: the bytes model behind its speed-up bounds, and a tiny run of the whole
 script (tables, verdicts, files) on the CPU."""
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # as test_gpu_report imports the benchmark scripts
 
+import harness  # noqa: E402
 import kernel_speed as kb  # noqa: E402
 
 
@@ -34,6 +34,8 @@ def test_tiny_run_writes_tables_and_verdicts(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "best torch (bytes bound)" in res.stdout and "where the bytes moved allow it" in res.stdout
-    rows = json.load(open(tmp_path / "kernels.json"))["rows"]
-    assert {(r["log2n"], r["terms"], r["dtype"]) for r in rows} == {
-        (n, k, d) for n in (12, 16) for k in (1, 2) for d in ("float32", "bf16")}
+    rows = harness.read_rows(str(tmp_path / "kernels.jsonl"), ("dtype", "log2n", "terms"))
+    assert sorted((r["log2n"], r["terms"], r["dtype"]) for r in rows) == sorted(
+        (n, k, d) for n in (12, 16) for k in (1, 2) for d in ("float32", "bf16"))  # each cell once
+    assert all(r["us"]["copy_"] > 0 and r["us"]["cpu"] > 0 for r in rows)
+    assert (tmp_path / "kernels.md").read_text().count("### ") == 2

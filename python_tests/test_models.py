@@ -135,3 +135,22 @@ def test_bad_inputs():
         model(torch.rand(3), torch.randn(2, 1, 8, 8))
     with pytest.raises(ValueError, match="divisible by 2"):
         model(torch.rand(2), torch.randn(2, 1, 7, 7))
+
+
+def test_patch_size_is_a_unet_on_stacked_patches():
+    # patch_size p: the network is the UNet of the (p*p*C, H/p, W/p) patch stack, its output put back
+    torch.manual_seed(0)
+    model = UNet.preset("mnist28", in_channels=1, image_size=28)
+    assert model.config["patch_size"] == 2 and "patch_size" not in UNet.preset("tiny", in_channels=1, image_size=8).config
+    inner = UNet(**{**model.config, "in_channels": 4, "out_channels": 4, "image_size": 14, "patch_size": 1})
+    for p in model.parameters():  # the zero-initialised output conv too, so the comparison means something
+        torch.nn.init.normal_(p, std=0.1)
+    inner.load_state_dict(model.state_dict())
+    x, t = torch.randn(3, 1, 28, 28), torch.rand(3)
+    want = torch.nn.functional.pixel_shuffle(inner(t, torch.nn.functional.pixel_unshuffle(x, 2)), 2)
+    torch.testing.assert_close(model(t, x), want, rtol=0, atol=0)
+    assert UNet(**model.config).config == model.config  # checkpoints rebuild it
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        UNet(in_channels=1, image_size=27, patch_size=2, channel_mult=(1,), norm_groups=8, model_channels=16)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(t, torch.randn(3, 1, 26, 26))

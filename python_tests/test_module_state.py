@@ -72,7 +72,7 @@ def _run(net, fn, kw, method, steps=3):
 
 
 def _half_budget(fn, x, method, steps):
-    from prg_fast.ode.strategies import SavedBytes
+    from prg_fast.ode.discovery import SavedBytes
 
     fn = copy.deepcopy(fn)  # measuring must not move the network's buffers
     counter = SavedBytes(exclude=[x])
@@ -179,9 +179,9 @@ def _wrap(kind, net):
 
 
 def test_networks_without_written_buffers_keep_nothing():
-    assert ModuleState.of(list(UNet.preset("tiny", image_size=8).modules())) is None  # no buffers at all
+    assert reachable(UNet.preset("tiny", image_size=8)).buffers == []  # no buffers at all: no ModuleState
     net = _make("batchnorm").eval()  # buffers, but eval mode writes none
-    state = ModuleState.of(list(net.modules()))
+    state = ModuleState(reachable(net).buffers)
     assert state is not None
     state.before_first_evaluation()
     net(torch.zeros(5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64))
@@ -338,7 +338,7 @@ class _BigTable(nn.Module):
 def test_large_read_only_buffers_are_not_copied_and_large_written_ones_are_refused():
     net = _BigTable(write=False)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    state = ModuleState.of(list(net.modules()))
+    state = ModuleState(reachable(net).buffers)
     state.before_first_evaluation()
     assert state.before_first == [None]  # nothing copied
     out = prg_fast.reverse(net, x, steps=2, method="rk4")

@@ -163,8 +163,8 @@ def test_cli(tmp_path, capsys):
     assert code == 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["step"] == 3 and metrics["path"] == "icfm" and metrics["batch_size"] == 16
-    assert main(["pretrain", "--data", "mnist", "--out", out]) == 2
-    assert "unknown DATA spec 'mnist'" in capsys.readouterr().err
+    assert main(["pretrain", "--data", "svhn", "--out", out]) == 2
+    assert "unknown DATA spec 'svhn'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--data", "digits", "--out", out, "--steps", "0"])
     assert e.value.code == 2

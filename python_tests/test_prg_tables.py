@@ -1,14 +1,10 @@
-"""benchmarks/prg_tables.py: the label-scarce plan (--table scarce, --quick), the time-budget
-planner and its calibration (--budget-minutes, on a tiny image folder built here), and the
-resumable one-job-at-a-time runner."""
+"""benchmarks/prg_tables.py: the label-scarce plan (--table scarce, --quick), the paired
+differences of its table, and the ablations' plans (--table learn-t, --table prediction)."""
 import importlib
-import json
 import os
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,23 +19,6 @@ def tables():
         yield importlib.import_module("prg_tables")
     finally:
         sys.path.remove(folder)
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, monkeypatch):
-    """3 classes of 8x8 RGB PNGs: 12 training and 5 test images each (built here, never copied)."""
-    from PIL import Image
-
-    monkeypatch.setenv("PRG_FAST_CACHE", "0")
-    rng = np.random.default_rng(0)
-    root = tmp_path / "folder"
-    for split, n in (("train", 12), ("test", 5)):
-        for c in range(3):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((rng.random((8, 8, 3)) * 80 + 80 * c).astype(np.uint8)).save(d / f"{i}.png")
-    return str(root)
 
 
 def test_levels_parse(tables):
@@ -87,72 +66,21 @@ def test_paired_difference(tables):
     assert d == pytest.approx(0.1 / 3) and not ok  # sd of (-0.1, 0.2, 0) is large against the mean
 
 
-def test_plan_budget_fits_and_scales(tables):
-    kw = dict(pretrain_rate=10.0, finetune_rate=4.0, eval_s=5.0, overhead_s=10.0, levels=[None, 10, 100], seeds=[0],
-              rows=["ft-otcfm", "scratch"])
-    small = tables.plan_budget(600, **kw)
-    big = tables.plan_budget(1200, **kw)
-    for p in (small, big):
-        assert p["predicted_s"] <= p["budget_s"] + 1e-9
-        assert p["pretrain_runs"] == 1 and p["finetune_runs"] == 2 * len(p["levels"])
-        # what the plan predicts is what its step counts cost at the measured rates
-        fixed = (p["pretrain_runs"] + p["finetune_runs"]) * 10.0 + p["finetune_runs"] * 5.0
-        cost = fixed + p["pretrain_steps"] / 10.0 + p["finetune_runs"] * p["finetune_steps"] / 4.0
-        assert cost <= p["budget_s"] and cost == pytest.approx(p["predicted_s"], abs=1.0)
-        assert p["levels"] + p["dropped_levels"] == [None, 10, 100]  # admitted in the order given
-    assert big["pretrain_steps"] > small["pretrain_steps"]
-    assert len(big["levels"]) >= len(small["levels"])
-    # with little time the label-scarce levels are dropped first, the full-label rows kept
-    tight = tables.plan_budget(90, **kw)
-    assert tight["levels"] == [None] and tight["dropped_levels"] == [10, 100]
-    # two paths share the pretraining time
-    two = tables.plan_budget(1200, **{**kw, "rows": ["ft-otcfm", "ft-gvp", "scratch"]})
-    assert two["pretrain_runs"] == 2 and two["predicted_s"] <= 1200 + 1e-9
-    with pytest.raises(ValueError, match="does not fit even one level"):
-        tables.plan_budget(30, **kw)
-    with pytest.raises(ValueError, match="pretrain_rate"):
-        tables.plan_budget(600, **{**kw, "pretrain_rate": 0.0})
-
-
-@pytest.mark.slow
-def test_budget_calibrates_once_and_plans_within_the_budget(tables, tiny_folder, tmp_path, capsys):
-    torch.set_num_threads(1)
-    out = str(tmp_path / "budget")
-    args = ["--data", f"folder:{tiny_folder}", "--budget-minutes", "3", "--batch-size", "8", "--pretrain-batch-size",
-            "8", "--ode-steps", "1", "--calibration-steps", "2", "--levels", "all,2,4", "--device", "cpu", "--out", out,
-            "--plan-only"]
-    assert tables.main(args) == 0
-    plan = json.load(open(os.path.join(out, "budget.json")))
-    cal = plan["calibration"]
-    assert cal["pretrain_steps_per_s"] > 0 and cal["finetune_steps_per_s"] > 0 and cal["eval_s"] > 0
-    assert plan["predicted_s"] <= 3 * 60 - plan["calibration_s"] + 1e-6
-    assert plan["pretrain_steps"] >= 50 and plan["finetune_steps"] >= 20 and plan["levels"][0] is None
-    assert plan["rows"] == ["ft-otcfm", "scratch"] and plan["seeds"] == [0]
-    # calibration leaves real runs behind (a resumed segment each)
-    assert json.load(open(os.path.join(out, "calibrate", "finetune", "metrics.json")))["resumed_from_step"] == 2
-    # a later command reuses the plan (same step counts for the resumed runs) ...
-    mtime = os.path.getmtime(os.path.join(out, "budget.json"))
-    capsys.readouterr()
-    assert tables.main(args) == 0
-    assert "reusing the plan" in capsys.readouterr().out
-    assert os.path.getmtime(os.path.join(out, "budget.json")) == mtime
-    # ... and refuses other arguments
-    with pytest.raises(SystemExit, match="was planned for"):
-        tables.main([x if x != "3" else "5" for x in args])
-
-
-@pytest.mark.slow
-def test_session_runner_resumes_and_stops_at_the_deadline(tables, tiny_folder, tmp_path):
-    import time
-
-    out = str(tmp_path / "sessions")
-    plan = [{"name": "probe-pixels", "kind": "probe_scarce", "after": [],
-             "spec": dict(data=f"folder:{tiny_folder}", features=None, levels=[1, None], seeds=[0, 1])}]
-    with pytest.raises(tables.OutOfTime):  # no time left: nothing starts
-        tables.run_plan_sessions(plan, 1, out, deadline=time.monotonic() - 1)
-    assert not os.listdir(os.path.join(out, "results"))
-    r = tables.run_plan_sessions(plan, 1, out, deadline=None)
-    assert set(r["probe-pixels"]["top1"]) == {"1/0", "1/1", "all/0", "all/1"}
-    # done jobs are read back, not run again (even when the time is up)
-    again = tables.run_plan_sessions(plan, 1, out, deadline=time.monotonic() - 1)
-    assert again == r
+def test_ablation_plans_keep_the_recorded_settings(tables, tmp_path):
+    """--table learn-t and --table prediction run what learn_t.py and prediction_prg.py ran for
+    RESULTS.md (the same finetune / pretrain arguments), now on the tables' job runner."""
+    a = tables.parse(["--table", "learn-t", "--out", str(tmp_path)])
+    plan = {j["name"]: j for j in tables.build_learn_t_plan(a)}
+    assert plan["pretrain-otcfm"]["spec"]["steps"] == 750 and plan["pretrain-otcfm"]["spec"]["batch_size"] == 128
+    assert len(plan) == 1 + 3 * 3 and a.seeds == [0, 1, 2]
+    learned = plan["ft-learned-t0.5-s2"]
+    assert learned["after"] == ["pretrain-otcfm"] and learned["spec"]["learn_t"] and learned["spec"]["seed"] == 2
+    assert {k: learned["spec"][k] for k in ("steps", "batch_size", "ode_steps", "method", "t", "t_lr")} == dict(
+        steps=150, batch_size=64, ode_steps=4, method="euler", t=0.5, t_lr=0.05)
+    assert plan["ft-fixed-t1-s0"]["spec"]["t"] == 1.0 and "learn_t" not in plan["ft-fixed-t1-s0"]["spec"]
+    b = tables.parse(["--table", "prediction", "--pretrain-steps", "400", "--finetune-steps", "80", "--out", str(tmp_path)])
+    plan = {j["name"]: j["spec"] for j in tables.build_prediction_plan(b)}
+    assert [plan[f"pretrain-gvp-{p}"]["prediction"] for p in ("velocity", "epsilon", "v")] == ["velocity", "epsilon", "v"]
+    pre, ft = plan["pretrain-gvp-epsilon"], plan["ft-gvp-epsilon"]
+    assert (pre["steps"], pre["batch_size"], pre["lr"], pre["warmup"], pre["path"]) == (400, 64, 5e-4, 100, "gvp")
+    assert (ft["steps"], ft["batch_size"], ft["ode_steps"], ft["lr"], ft["beta"], ft["seed"]) == (80, 64, 4, 1e-3, 0.1, 0)

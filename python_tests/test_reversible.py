@@ -7,9 +7,8 @@ import torch
 
 import prg_fast
 from prg_fast.ode import reversible as rev
-from prg_fast.ode.integrate import Problem
-from prg_fast.ode.reference import stage_combine
-from prg_fast.ode.solvers import get_tableau
+from prg_fast.ode.description import describe
+from prg_fast.ode.grids import Grid
 
 METHODS = ["euler", "midpoint", "heun", "rk4", "rk4_38"]
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rk4_38": 4}
@@ -89,21 +88,23 @@ def test_measured_order_equals_base_tableau_order(method):
     assert ORDERS[method] - 0.2 < slope[-1].item() < ORDERS[method] + 0.5, slope
 
 
-def _problem(func, method, steps, out_index=None):
-    grid = [k / steps for k in range(steps + 1)]
-    return Problem(func=func, tableau=get_tableau(method), grid=grid,
-                   out_index=out_index or [steps], combine=stage_combine,
-                   state_dtype=torch.float64, net_dtype=torch.float64)
+def _problem(func, method, steps, x, out_index=None):
+    grid = Grid([k / steps for k in range(steps + 1)], out_index or [steps])
+    return describe(method=method, backend="reference").problem(func, x, grid)
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 def test_exact_inverse_recovers_the_initial_state(method):
     net = Net()
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    p = _problem(net, method, 40)
-    y, z = rev.final_pair(p, x)
-    assert (y - x).abs().max() > 0.1  # the solve moved the state
-    y0, z0 = rev.invert(p, y, z)
+    p = _problem(net, method, 40, x)
+    lam = rev.DEFAULT_COUPLING
+    with torch.no_grad():
+        _, y, z = rev.run(p, x, lam)  # the final pair
+        assert (y - x).abs().max() > 0.1  # the solve moved the state
+        y0, z0 = y, z
+        for n in reversed(range(p.steps)):
+            y0, z0 = rev.inverse_step(p, lam, n, y0, z0)
     assert (y0 - x).abs().max() < 1e-12
     assert (z0 - x).abs().max() < 1e-12
 

@@ -56,3 +56,55 @@ def test_no_module_on_the_first_paths_shadows_an_importable_one():
                                       capture_output=True, text=True, check=True).stdout)
     clashes = sorted(set(found) | (KNOWN_INSTALLED_NAMES & set(names)))
     assert not clashes, {n: str(names[n].relative_to(ROOT)) for n in clashes}
+
+
+# -- the engine's shape (issue 35): strategies side by side, short chains, short functions -----------
+
+import ast  # noqa: E402
+import functools  # noqa: E402
+
+ENGINE = ROOT / "prg_fast" / "ode"
+STRATEGIES = ("stored_adjoint", "reversible_adjoint", "backprop")  # each runs its own forward and backward
+
+
+def _engine_imports():
+    """{module: the engine modules it imports} for prg_fast/ode (relative imports, at any depth)."""
+    modules = {p.stem: p for p in ENGINE.glob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+                found |= {t for t in targets if t in modules and t != name}
+        edges[name] = found
+    return edges
+
+
+def test_no_strategy_module_imports_another():
+    edges = _engine_imports()
+    for name in STRATEGIES:
+        assert not edges[name] & set(STRATEGIES), (name, edges[name] & set(STRATEGIES))
+
+
+def test_the_engines_longest_import_chain_is_at_most_7_modules():
+    edges = _engine_imports()
+
+    @functools.lru_cache(maxsize=None)
+    def depth(name):  # the longest chain of imports starting at `name`, counted in modules
+        return 1 + max((depth(t) for t in edges[name]), default=0)
+
+    longest = max((depth(n), n) for n in edges if n != "__init__")  # the package face only hands names on
+    assert longest[0] <= 7, longest
+
+
+def test_engine_functions_fit_a_screen_and_classes_stay_small():
+    too_long = []
+    for path in sorted(ENGINE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and lines > 50:
+                too_long.append(f"{path.name}:{node.name} (function, {lines} lines)")
+            if isinstance(node, ast.ClassDef) and lines > 120:
+                too_long.append(f"{path.name}:{node.name} (class, {lines} lines)")
+    assert not too_long, too_long

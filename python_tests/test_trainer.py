@@ -239,3 +239,28 @@ def test_genrep_stopped_while_generating_views_continues_the_pool(tiny_flow_chec
     assert torch.load(e.value.checkpoint, weights_only=True)["done"] == 8  # the chunk in progress finished
     monkeypatch.setattr(gr._GenRep, "_generate_chunk", original)
     assert gr.genrep(**args).metrics["step"] == 2  # the same --out continues: its metrics.json names genrep
+
+
+@pytest.mark.parametrize("system", ["pretrain", "genrep"])
+def test_a_log_interval_cut_by_a_checkpoint_adds_up_as_the_uninterrupted_one(system, tiny_flow_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    """Stopped after the 2nd step of a 5-step log interval: the resumed run sums the interval's other
+    three steps onto the saved partial sum in the uninterrupted run's order, so its log row is the
+    same to the bit (not (l0 + l1) + (l2 + l3 + l4), which rounds differently)."""
+    import prg_fast.training.pretrain as pt
+
+    if system == "pretrain":
+        run_fn, cls, args = pretrain, pt._Pretrainer, dict(PRETRAIN, steps=5, log_every=5)
+    else:
+        run_fn, cls = gr.genrep, gr._GenRep
+        args = dict(data="digits", batch_size=8, encoder="resnet-tiny", pool=16, neighbors=1, ode_steps=1,
+                    method="euler", probe_C=1.0, steps=5, log_every=5, checkpoint=tiny_flow_checkpoint,
+                    progress=False, device="cpu", ckpt_every=1000)
+    run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+    original = _signal_at(monkeypatch, cls, 1)
+    with pytest.raises(Interrupted):
+        run_fn(**args, out=run)
+    monkeypatch.setattr(cls, "train_step", original)
+    resumed, full = run_fn(**args, out=run), run_fn(**args, out=ref)
+    assert resumed.metrics["resumed_from_step"] == 2 and len(full.history) == 1
+    assert resumed.history == full.history  # floats compared exactly

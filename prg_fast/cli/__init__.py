@@ -1,4 +1,4 @@
-"""Command line: `prg-fast <command> ...` (also `python -m prg_fast ...`); DESIGN.md section 4. All
+"""Command line: `prg-fast <command> ...` (also `python -m prg_fast ...`; docs/cli.md). All
 argument parsing lives in this package (one module per command); the training code below takes
 config dataclasses and knows no argparse.
 
@@ -26,8 +26,8 @@ import signal
 import sys
 from typing import Callable, List, Optional
 
-from .args import (HelpFormatter, add_data_arguments, add_run_arguments, bounded, nonnegative_float, nonnegative_int,
-                   positive_float, positive_int)
+from .args import (HelpFormatter, add_data_arguments, add_run_arguments, bounded, fold_data_dir, nonnegative_float,
+                   nonnegative_int, positive_float, positive_int)
 from .evaluate import add_evaluate, add_extract
 from .finetune import add_finetune
 from .pretrain import add_pretrain
@@ -86,6 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     try:
+        fold_data_dir(args)
         return int(args.func(args) or 0)
     except Interrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -10,12 +10,12 @@ import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, List, Optional
 
-from ..ode.unit_time import UNIT_TIME
+from ..ode.grids import UNIT_TIME
 
 __all__ = ["bounded", "positive_int", "nonnegative_int", "nonnegative_float", "positive_float", "unit_time",
            "time_list", "add_data_arguments", "add_run_arguments", "add_solver_arguments", "config_from_args",
            "print_metrics", "HelpFormatter", "add_model_arguments", "user_model", "add_interval_arguments",
-           "run_options"]
+           "run_options", "DATA_HELP", "add_data_dir_argument", "fold_data_dir"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,13 +98,36 @@ def time_list(text: str) -> List[float]:
     return _unit_times(text, "comma-separated times in [0, 1] (0 = data, 1 = noise)")
 
 
+DATA_HELP = ("digits | fashion-mnist | mnist (IDX files: --data-dir, $PRG_FAST_DATA or the Debian package's folder) | "
+             "cifar10:PATH (cifar-10-batches-py) | folder:PATH (PATH/{train,test}/<class>/*.png|jpg)")
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="folder of the fashion-mnist / mnist IDX files (DIR, DIR/raw or torchvision's "
+                             "DIR/FashionMNIST/raw; None: $PRG_FAST_DATA/<name>, then /usr/share/datasets/fashion-mnist)")
+
+
+def fold_data_dir(args: argparse.Namespace) -> None:
+    """--data-dir DIR becomes part of the DATA spec (fashion-mnist -> fashion-mnist:DIR), which is
+    what the training code, checkpoints and metrics carry."""
+    from ..data import with_data_dir
+
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is None:
+        return
+    if getattr(args, "data", None) is None:
+        raise ValueError("--data-dir needs --data fashion-mnist or --data mnist")
+    args.data = with_data_dir(args.data, data_dir)
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True, augment: bool = True) -> None:
     """--data (and the augmentation flags), shared by every command that reads a data set."""
-    parser.add_argument("--data", required=required, metavar="DATA",
-                        help="digits | cifar10:PATH (cifar-10-batches-py) | folder:PATH (PATH/{train,test}/<class>/*.png|jpg)")
+    parser.add_argument("--data", required=required, metavar="DATA", help=DATA_HELP)
+    add_data_dir_argument(parser)
     if augment:
         parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                            help="random horizontal flips (None: on for cifar10/folder, off for digits)")
+                            help="random horizontal flips (None: on for fashion-mnist/cifar10/folder, off for digits/mnist)")
         parser.add_argument("--crop-padding", type=nonnegative_int, default=0, metavar="P",
                             help="random crops after reflect-padding by P pixels (0: off)")
 
@@ -147,7 +170,8 @@ def add_solver_arguments(parser: argparse.ArgumentParser, steps_default, method_
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, presets: bool, weights: bool, preset_help: str = "",
-                        default=None) -> None:
+                        default=None, weights_help: str = "with --model MODULE:FACTORY: a state_dict (torch.save) "
+                                                           "loaded into the network") -> None:
     """--model (a UNet preset and/or package.module:factory: bring your own flow), --weights and
     --time-convention."""
     if presets:
@@ -168,8 +192,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, presets: bool, weights:
                             help="for a checkpoint of a network prg_fast did not build: package.module:factory, "
                                  "the callable that builds it")
     if weights:
-        parser.add_argument("--weights", default=None, metavar="FILE",
-                            help="with --model MODULE:FACTORY: a state_dict (torch.save) loaded into the network")
+        parser.add_argument("--weights", default=None, metavar="FILE", help=weights_help)
         parser.add_argument("--time-convention", choices=("prg", "torchcfm"), default="prg",
                             help="of a --model MODULE:FACTORY network: prg (t = 0 is data) or torchcfm (t = 0 is "
                                  "noise; run through prg_fast.time_reversed)")

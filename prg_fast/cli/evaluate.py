@@ -45,7 +45,8 @@ def add_extract(subparsers) -> None:
                     "test_features, test_labels, feature_shape, classes, meta) and DIR/metrics.json. --out FILE.npz "
                     "writes that file alone (and FILE.probe.json with --probe). --probe adds linear-probe and k-NN top-1.")
     add_data_arguments(p, augment=False)
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="pretraining or finetuning run directory")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="pretraining or finetuning run directory, or a flow weights file (prg_fast.flow)")
     p.add_argument("--t", type=unit_time, default=None, help="feature time (None: 1, or the finetuned t)")
     p.add_argument("--t0", type=unit_time, default=None, help="start time; the image is the state there (None: 0)")
     p.add_argument("--save-at", type=time_list, default=None, metavar="T1,T2,...",

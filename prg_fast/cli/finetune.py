@@ -48,7 +48,10 @@ def add_finetune(subparsers) -> None:
     p.add_argument("--from-scratch", action="store_true",
                    help="same architecture with random initial weights (no pretraining)")
     add_model_arguments(p, presets=True, weights=True,
-                        preset_help=f"for --from-scratch without --checkpoint: {PRESET_HELP}")
+                        preset_help=f"for --from-scratch without --checkpoint: {PRESET_HELP}",
+                        weights_help="a pretrained flow's published weights (a prg_fast.flow file, such as "
+                                     "weights/fashion_mnist_flow.pt), in place of --checkpoint; with --model "
+                                     "MODULE:FACTORY: a state_dict (torch.save) loaded into that network")
     p.add_argument("--path", choices=sorted(PATHS), default=None,
                    help="flow-matching path of the beta term (None: the checkpoint's, else otcfm)")
     p.add_argument("--raw-weights", action="store_true", help="start from the raw weights instead of the EMA")
@@ -58,6 +61,9 @@ def add_finetune(subparsers) -> None:
                         "(None: every one); evaluation still uses the whole test split")
     p.add_argument("--labels-seed", type=nonnegative_int, default=None,
                    help="seed of that subset (None: --seed); written to metrics.json")
+    p.add_argument("--val-size", type=nonnegative_int, default=d.val_size, metavar="N",
+                   help="hold out N training images (class-stratified, drawn by --seed) before the labelled subset "
+                        "is drawn, and report their top-1 as val_top1 in metrics.json (0: none)")
     add_run_arguments(p)
     p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
     p.add_argument("--head-lr", type=positive_float, default=None, help="peak learning rate of the head (None: --lr)")
@@ -89,11 +95,16 @@ def memory_budget(text: str):
 
 def run_finetune(args) -> int:
     from ..training.finetune import FinetuneConfig, finetune
+    from ..training.flows import is_factory_spec
 
+    flow_file = None
+    if args.weights is not None and not is_factory_spec(args.model):  # a flow file, not a state_dict for --model
+        flow_file, args.weights = args.weights, None
     model = user_model(args)
     if model is not None:
         args.model = None  # FinetuneConfig.model is a preset; the network itself goes as model=
-    result = finetune(config_from_args(FinetuneConfig, args), model=model, time_convention=args.time_convention,
-                      **run_options(args))
+    config = config_from_args(FinetuneConfig, args)
+    config.weights = flow_file  # the --weights of a factory went into the network above
+    result = finetune(config, model=model, time_convention=args.time_convention, **run_options(args))
     print_metrics(result.metrics)
     return 0

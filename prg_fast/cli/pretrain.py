@@ -7,7 +7,8 @@ from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, ad
                    config_from_args, nonnegative_float, nonnegative_int, positive_float, positive_int, print_metrics,
                    run_options, user_model)
 
-PRESET_HELP = ("UNet preset: tiny for 8x8 images (digits; 2 levels, CPU-sized), cifar or prg32 for 32x32 (4 levels, "
+PRESET_HELP = ("UNet preset: tiny for 8x8 images (digits; 2 levels, CPU-sized), mnist28 for 28x28 grey images (fashion-mnist, "
+               "mnist; 2x2 patches, CPU-sized), cifar or prg32 for 32x32 (4 levels, "
                "attention at 16x16, and prg32 also at 8x8; GPU-sized)")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .args import (HelpFormatter, add_data_arguments, add_interval_arguments, add_run_arguments, bounded,
-                   config_from_args, nonnegative_float, nonnegative_int, positive_float, positive_int, print_metrics,
-                   run_options, unit_time)
+from .args import (DATA_HELP, HelpFormatter, add_data_arguments, add_data_dir_argument, add_interval_arguments,
+                   add_run_arguments, bounded, config_from_args, nonnegative_float, nonnegative_int, positive_float,
+                   positive_int, print_metrics, run_options, unit_time)
 
 latent_scale = bounded(float, 0.0, 10.0, what="a latent perturbation scale in [0, 10]")
 
@@ -73,8 +73,8 @@ def add_genrep(subparsers) -> None:
                     "(eps truncated at 2) are integrated noise -> data with prg_fast.generate; an encoder learns from "
                     "these generated pairs alone with the SimCLR NT-Xent loss (temperature 0.1) and the usual "
                     "augmentations; a linear probe on the real training split gives the test top-1 in DIR/metrics.json.")
-    p.add_argument("--data", required=True, metavar="DATA",
-                   help="digits | cifar10:PATH | folder:PATH (real data: image shape and the linear probe)")
+    p.add_argument("--data", required=True, metavar="DATA", help=f"{DATA_HELP} (real data: image shape and the linear probe)")
+    add_data_dir_argument(p)
     p.add_argument("--checkpoint", required=True, metavar="PRETRAIN_DIR", help="pretraining run directory (generator)")
     p.add_argument("--steps", type=nonnegative_int, default=d.steps,
                    help="contrastive steps (0: untrained encoder, the random-feature baseline)")

@@ -106,9 +106,9 @@ def split_coefficient(c: float) -> Tuple[float, float, float]:
 
 
 if IMPORT_ERROR is None:
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
     from torch.library import triton_op, wrap_triton
+
+    from ..compat import functional_tensor_mode, is_traced
 
     try:
         from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
@@ -200,7 +200,7 @@ if IMPORT_ERROR is None:
             base.device.type == "cuda"
             and base.device.index is not None
             and not INTERPRETED
-            and not isinstance(base, (FakeTensor, FunctionalTensor))
+            and not is_traced(base)
         ):
             return torch.cuda.device(base.device)
         return contextlib.nullcontext()
@@ -261,11 +261,11 @@ if IMPORT_ERROR is None:
         # on fake tensors, which only works for compiled (not interpreted) Triton.
         register_combine_op(QUALNAME)
 
-        if INTERPRETED:
+        if INTERPRETED and functional_tensor_mode() is not None:
             # triton_op decomposes the operator into its kernel when it is functionalized
             # (torch.compile, AOTAutograd). An interpreted kernel cannot be traced, so keep the
             # operator opaque there, as torch.export does: it then runs eagerly inside the graph.
-            _stage_combine_triton.register_torch_dispatch(FunctionalTensorMode, _opaque)
+            _stage_combine_triton.register_torch_dispatch(functional_tensor_mode(), _opaque)
 
     _op = _existing_op()
 
@@ -404,8 +404,8 @@ if IMPORT_ERROR is None:
 
         register_rows_op(ROWS_QUALNAME)
 
-        if INTERPRETED:
-            _stage_combine_rows_triton.register_torch_dispatch(FunctionalTensorMode, _opaque)
+        if INTERPRETED and functional_tensor_mode() is not None:
+            _stage_combine_rows_triton.register_torch_dispatch(functional_tensor_mode(), _opaque)
 
     _rows_op = _existing_rows_op()
 

@@ -141,10 +141,15 @@ class AttentionBlock(nn.Module):
 
 
 # Presets. "cifar" is torchcfm's CIFAR-10 model (examples/images/cifar10), "prg32" the PRG
-# release's 32x32 model; "tiny" is for CPU tests and the 8x8 digits.
+# release's 32x32 model; "tiny" is for CPU tests and the 8x8 digits; "mnist28" for 28x28 grey images
+# (Fashion-MNIST, MNIST) on a CPU: 2x2 patches (so the first level is 14x14, at 16 channels, the second
+# 7x7 at 32, attention only in the middle block), 0.18M parameters, sized by measurement: a 28x28 UNet
+# of the same widths costs 3.4x more per evaluation on one CPU core (benchmarks/RESULTS.md)
 PRESETS: Dict[str, Dict] = {
     "tiny": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                  num_heads=2, dropout=0.0, use_scale_shift_norm=True, norm_groups=8),
+    "mnist28": dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                    num_heads=2, dropout=0.0, use_scale_shift_norm=True, norm_groups=8, patch_size=2),
     "cifar": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
                   num_heads=4, num_head_channels=64, dropout=0.1, use_scale_shift_norm=False),
     "prg32": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_resolutions=(16, 8),
@@ -183,6 +188,7 @@ class UNet(nn.Module):
         preset: Optional[str] = None,
         prediction: str = "velocity",
         prediction_path: Optional[str] = None,
+        patch_size: int = 1,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -192,14 +198,18 @@ class UNet(nn.Module):
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         for name, value in (("in_channels", in_channels), ("image_size", image_size),
-                            ("model_channels", model_channels), ("num_res_blocks", num_res_blocks)):
+                            ("model_channels", model_channels), ("num_res_blocks", num_res_blocks),
+                            ("patch_size", patch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
         if not channel_mult or min(channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty sequence of positive integers, got {channel_mult!r}")
         factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor:
-            raise ValueError(f"image_size must be divisible by 2^(levels-1) = {factor} for channel_mult={channel_mult}, got {image_size}")
+        if image_size % (patch_size * factor):
+            raise ValueError(f"image_size must be divisible by {'patch_size x ' if patch_size > 1 else ''}2^(levels-1) = "
+                             f"{patch_size * factor} for channel_mult={channel_mult}, got {image_size}")
         widths = {model_channels * m for m in channel_mult}
         if any(w % norm_groups for w in widths):
             raise ValueError(f"every level width {sorted(widths)} must be divisible by norm_groups={norm_groups}")
@@ -214,15 +224,24 @@ class UNet(nn.Module):
                            norm_groups=norm_groups, max_period=float(max_period), preset=preset)
         if prediction != "velocity":  # recorded only when used: older checkpoints' configs stay equal
             self.config.update(prediction=prediction, prediction_path=prediction_path)
+        if patch_size != 1:  # likewise
+            self.config.update(patch_size=patch_size)
         self.prediction, self.prediction_path = prediction, prediction_path
         self.in_channels, self.image_size, self.model_channels = in_channels, image_size, model_channels
         self.max_period = max_period
-        self._downsample_factor = factor
-        attention_ds = {image_size // r for r in attention_resolutions if r > 0 and image_size % r == 0}
-        unknown = [r for r in attention_resolutions if r <= 0 or image_size % r or (image_size // r) > factor]
+        # patch_size p > 1: the network runs on (p*p*C, H/p, W/p), the image's p x p patches stacked on
+        # the channel dim (pixel_unshuffle; pixel_shuffle puts the output back): p*p times fewer
+        # positions at the first level, which is what a CPU pays for at these widths
+        self.patch_size = patch_size
+        self._downsample_factor = factor * patch_size
+        grid = image_size // patch_size  # the first level's feature-map size
+        net_in, net_out = in_channels * patch_size ** 2, out_channels * patch_size ** 2
+        attention_ds = {grid // r for r in attention_resolutions if r > 0 and grid % r == 0}
+        unknown = [r for r in attention_resolutions if r <= 0 or grid % r or (grid // r) > factor]
         if unknown:
             raise ValueError(f"attention_resolutions {unknown} are not feature-map sizes of this UNet "
-                             f"(image_size={image_size}, levels: {[image_size >> i for i in range(len(channel_mult))]})")
+                             f"(image_size={image_size}, patch_size={patch_size}, levels: "
+                             f"{[grid >> i for i in range(len(channel_mult))]})")
 
         def res(ch_in, ch_out):
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, norm_groups)
@@ -234,7 +253,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         ch = input_ch = model_channels * channel_mult[0]
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(net_in, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -261,11 +280,12 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(norm_groups, ch), nn.SiLU(),
-                                 _zero(nn.Conv2d(input_ch, out_channels, 3, padding=1)))
+                                 _zero(nn.Conv2d(input_ch, net_out, 3, padding=1)))
 
     @classmethod
     def preset(cls, name: str, in_channels: int = 3, image_size: int = 32, **overrides) -> "UNet":
-        """A preset architecture: "tiny" (~0.5M parameters; CPU tests, 8x8 digits), "cifar"
+        """A preset architecture: "tiny" (~0.5M parameters; CPU tests, 8x8 digits), "mnist28" (0.18M;
+        28x28 grey images on a CPU, 2x2 patches), "cifar"
         (torchcfm CIFAR-10, ~35.7M), "prg32" (PRG 32x32, ~52.5M). Keyword overrides replace any
         constructor argument (for example dropout=0.0)."""
         if name not in PRESETS:
@@ -289,7 +309,7 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
         emb = self.time_embed(timestep_embedding(t, self.model_channels, self.max_period).to(x.dtype))
-        h, skips = x, []
+        h, skips = (x if self.patch_size == 1 else F.pixel_unshuffle(x, self.patch_size)), []
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
@@ -297,6 +317,8 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         out = self.out(h).type(x.dtype)
+        if self.patch_size != 1:
+            out = F.pixel_shuffle(out, self.patch_size)
         if self.prediction == "velocity":
             return out
         # a network trained to predict epsilon or v on a path: its velocity on that path, so every user of

@@ -5,10 +5,12 @@ model(t, x) with t of shape (B,) and returns a tensor shaped like x.
 
 Each entry point checks its arguments, builds the Grid (prg_fast.ode.grids) and the
 SolveDescription (prg_fast.ode.description: tableau, backend, adjoint strategy) once, and hands
-both to prg_fast.ode.run (or to the CUDA-graph cache, which keys on them).
+both to `run` (or to the CUDA-graph cache, which keys on them): the description makes the call's
+Problem, and its strategy runs it.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 from typing import Callable, Optional, Sequence, Union
@@ -17,10 +19,9 @@ import torch
 
 from . import fixed_grid, states
 from .cuda_graphs import graphed_solve
-from .description import SolveDescription, describe
-from .grids import Grid, check_order, odeint_per_sample_grid, odeint_values, time_arg, time_grid
-from .run import run
-from .unit_time import check_unit_times
+from .description import OPTIONS, SolveDescription, describe
+from .grids import Grid, check_order, check_unit_times, time_arg, time_grid
+from .integrate import check_state
 
 Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 
@@ -52,20 +53,21 @@ def _check_model(model, name: str = "model") -> None:
         raise TypeError(f"{name} must be callable as {name}(t, x), got {type(model).__name__}")
 
 
-# the options only the engine sets (odeint's grid kind, torchdiffeq's perturb): no entry point takes them
-_INTERNAL = ("batch_time", "perturb")
-
-
 def _solve_options(entry: str, options: dict) -> dict:
-    """An entry point's solve options, checked by name. The options (adjoint_params, check_finite,
-    model_dtype, preserve_rng_state, reversible, reversible_coupling, reversible_check,
-    memory_budget, store) are named twice only: describe()'s signature, with their defaults, and the
-    description's fields; the entry points take them as **options and forward them to describe(),
-    a name it does not take refused here as Python would refuse it, naming the entry point."""
-    unknown = sorted(set(options) - set(describe.__kwdefaults__) | set(_INTERNAL) & set(options))
+    """An entry point's solve options (prg_fast.ode.description.OPTIONS, where they are named with
+    their defaults; generate takes describe's method, backend and adjoint here too), a name that is
+    none of them refused as Python would refuse it, naming the entry point."""
+    unknown = sorted(set(options) - set(OPTIONS) - {"method", "backend", "adjoint"})
     if unknown:
         raise TypeError(f"{entry}() got unexpected keyword arguments {unknown}")
     return options
+
+
+def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tensor:
+    """The states at the grid's outputs stacked on dim 0, in x's dtype: the call's Problem, run by
+    the description's strategy (prg_fast.ode.stored_adjoint, reversible_adjoint, backprop)."""
+    out = spec.strategy.run(spec.problem(func, x, grid), x)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _dispatch(model, x: torch.Tensor, grid: Grid, spec: SolveDescription, cuda_graph, names: str) -> torch.Tensor:
@@ -114,23 +116,11 @@ def reverse(
     `adjoint=True` (default): the exact discrete adjoint; `adjoint=False`: plain autograd through
     the same solver; or a strategy object (StoredAdjoint, ReversibleAdjoint, Backprop).
 
-    **options, the solve options (checked by prg_fast.ode.description.describe, defaults there):
-        memory_budget="auto"   bytes of evaluation graphs the adjoint keeps to skip their
-                               recomputation; "auto": what fits in half the memory free on x's device
-                               when the call starts, recomputing them instead when keeping them meets
-                               an allocation failure; None or 0: recompute all; float("inf"): keep all
-        store="stages"         what the adjoint's forward stores ("steps": one state per step)
-        reversible=False       McCallum & Foster's algebraically reversible scheme on `method`, with
-        reversible_coupling=0.999 in (0, 1]; nothing stored; its backward checks the state it
-        reversible_check="error"  rebuilds ("error", "warn", "off": prg_fast.ode.reversible)
-        preserve_rng_state=True   replay dropout exactly in recomputed evaluations
-        adjoint_params=None    tensors the velocity reads to differentiate besides what is found
-        model_dtype=None       the dtype the network reads (default: its parameters'); the state
-                               stays float32 (float64 for float64 x)
-        check_finite=False     stop at the first step that produced NaN/Inf, naming it
-    (costs of the strategies: prg_fast.ode.description, docs/engine.md).
+    **options: the solve options -- memory_budget, store, reversible and its coupling and check,
+    preserve_rng_state, adjoint_params, model_dtype, check_finite -- each with its default and
+    meaning in prg_fast.ode.description.OPTIONS (costs of the strategies: docs/engine.md).
     """
-    states.check_state(x)
+    check_state(x)
     steps = _check_steps(steps)
     t1, t0 = time_arg(t, "t", x), time_arg(t0, "t0", x)
     check_unit_times(t=t1, t0=t0, save_at=save_at)
@@ -156,7 +146,7 @@ def generate(
     Differentiable like `reverse`, with the same keyword arguments (method, adjoint, backend, the
     strategy keywords, ...). `t` and `t_end` may be tensors that require grad and/or have shape
     (B,) (per-sample intervals), as `reverse`'s t0 and t."""
-    states.check_state(z, "z")
+    check_state(z, "z")
     steps = _check_steps(steps)
     t1, t_end = time_arg(t, "t", z), time_arg(t_end, "t_end", z)
     check_unit_times(t=t1, t_end=t_end)
@@ -202,8 +192,9 @@ def odeint(
             "options=dict(step_size=...))", UserWarning, stacklevel=2,
         )
     options = fixed_grid.check_options(options)
-    spec = describe(method=method, adjoint=adjoint, backend=backend, batch_time=False,
-                    perturb=bool(options.get("perturb", False)), **_solve_options("odeint", solve_options))
+    spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("odeint", solve_options))
+    # odeint's own: t passed 0-dim, and torchdiffeq's perturb (fixed_grid) from its options
+    spec = dataclasses.replace(spec, batch_time=False, perturb=bool(options.get("perturb", False)))
     return _odeint(func, y0, t, spec, options)
 
 
@@ -211,30 +202,7 @@ def _odeint(func, y0, t, spec: SolveDescription, options: dict):
     adapted = states.adapt(func, y0, t, spec, options)
     if adapted is not None:
         return adapted.unwrap(_odeint(adapted.func, adapted.y0, t, adapted.spec, adapted.options))
-    states.check_state(y0, "y0", batched=False)
-    if isinstance(t, torch.Tensor) and t.dim() == 2:
-        if options:
-            raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
-        grid = odeint_per_sample_grid(t, y0)
-        _check_model(func, "func")
-        return run(func, y0, grid, spec)
-    t, values = odeint_values(t)
+    check_state(y0, "y0", batched=False)
     _check_model(func, "func")
-    differentiable = t.requires_grad and torch.is_grad_enabled()
-    if spec.perturb and differentiable:
-        raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
-                         "for float grids: t must not require grad")
-    fine = fixed_grid.solver_grid(options, func, y0, t, values) if options else None
-    if fine is None:
-        # a grid that requires grad is the solve's tensor grid (its gradient is returned); else floats
-        times = t.to(device=y0.device, dtype=torch.float64) if differentiable else None
-        return run(func, y0, Grid(values, list(range(len(values))), times), spec)
-    # step along the finer grid, return only the states the interpolation reads
-    fine_values = fine.detach().cpu().tolist()
-    needed, plan = fixed_grid.interpolation_plan(fine_values, values)
-    fine_differentiable = fine.requires_grad and torch.is_grad_enabled()
-    if spec.perturb and fine_differentiable:
-        raise ValueError("options['perturb']=True is for float grids: the grid_constructor's grid must not "
-                         "require grad")
-    states_at = run(func, y0, Grid(fine_values, needed, fine.to(y0.device) if fine_differentiable else None), spec)
-    return fixed_grid.interpolate(states_at, needed, plan, fine if fine_differentiable else fine.detach(), t)
+    grid, outputs = fixed_grid.odeint_grid(func, y0, t, options)
+    return outputs(run(func, y0, grid, spec))

@@ -160,7 +160,7 @@ def _pool(device: torch.device):
 
 
 def graphed_solve(run, model, x: torch.Tensor, grid, spec, mode=True) -> torch.Tensor:
-    """`run(model, x, grid, spec)` (prg_fast.ode.run.run; grid a float Grid, spec its description)
+    """`run(model, x, grid, spec)` (prg_fast.ode.api.run; grid a float Grid, spec its description)
     through a captured graph, or eagerly when `mode="auto"` judges a graph does not pay (see
     `should_graph`)."""
     if not should_graph(model, x, mode, spec.check_finite):

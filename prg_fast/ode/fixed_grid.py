@@ -1,4 +1,5 @@
-"""torchdiffeq's fixed-grid options for `odeint`: a solver grid finer than the output times.
+"""odeint's grids: the 1-D grid t (checked), a per-sample (T, B) grid, and torchdiffeq's fixed-grid
+options, a solver grid finer than the output times.
 
 torchdiffeq lets a fixed-step solve take `options=dict(step_size=h)` or
 `options=dict(grid_constructor=fn)`: the solver steps along that grid and the state at each
@@ -31,6 +32,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .grids import Grid
+
 SUPPORTED = ("step_size", "grid_constructor", "interp", "perturb")
 
 
@@ -62,6 +65,34 @@ def check_options(options) -> dict:
     if ctor is not None and not callable(ctor):
         raise TypeError(f"options['grid_constructor'] must be callable as fn(func, y0, t), got {type(ctor).__name__}")
     return {k: v for k, v in options.items() if v is not None}
+
+
+def odeint_grid(func: Callable, y0: torch.Tensor, t, options: dict) -> Tuple[Grid, Callable]:
+    """The Grid odeint(func, y0, t, options=...) solves on -- t itself (1-D, or (T, B) per sample),
+    or the finer solver grid of step_size / grid_constructor, returning only the states the
+    interpolation reads -- and what turns the solve's states into the outputs at t. A grid that
+    requires grad is the solve's tensor grid (its gradient is returned); else floats."""
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        if options:
+            raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
+        return odeint_per_sample_grid(t, y0), lambda states: states
+    t, values = odeint_values(t)
+    perturb = options.get("perturb", False)
+    if perturb and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
+                         "for float grids: t must not require grad")
+    fine = solver_grid(options, func, y0, t, values) if options else None
+    if fine is None:
+        times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
+        return Grid(values, list(range(len(values))), times), lambda states: states
+    fine_values = fine.detach().cpu().tolist()
+    needed, plan = interpolation_plan(fine_values, values)
+    differentiable = fine.requires_grad and torch.is_grad_enabled()
+    if perturb and differentiable:
+        raise ValueError("options['perturb']=True is for float grids: the grid_constructor's grid must not "
+                         "require grad")
+    grid = Grid(fine_values, needed, fine.to(y0.device) if differentiable else None)
+    return grid, lambda states: interpolate(states, needed, plan, fine if differentiable else fine.detach(), t)
 
 
 def solver_grid(options: dict, func: Callable, y0, t: torch.Tensor, values: List[float]) -> Optional[torch.Tensor]:
@@ -130,3 +161,52 @@ def interpolate(states: torch.Tensor, needed: List[int], plan: Plan, grid: torch
         w = ((t64[j] - grid[i0]) / (grid[i1] - grid[i0])).to(device=y0.device, dtype=y0.dtype)
         outs.append(y0 + w * (y1 - y0))
     return torch.stack(outs)
+
+
+def odeint_values(t) -> Tuple[torch.Tensor, List[float]]:
+    """odeint's 1-D grid t (a tensor, or a list of numbers) and its values, checked: finite,
+    strictly increasing or strictly decreasing."""
+    if not isinstance(t, torch.Tensor):
+        if not isinstance(t, (list, tuple)):
+            raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+        t = torch.tensor(t, dtype=torch.float64)
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"t must be a 1-D tensor with at least one time (or (T, B) per sample), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
+    values = [float(v) for v in t.detach().cpu().double().tolist()]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("t must hold finite times")
+    diffs = [b - a for a, b in zip(values[:-1], values[1:])]
+    if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        raise ValueError("t must be strictly increasing or strictly decreasing")
+    return t, values
+
+
+def odeint_per_sample_grid(t: torch.Tensor, y0: torch.Tensor) -> Grid:
+    """odeint's per-sample grid t of shape (T, B), checked against y0 (B, ...): sample b is
+    stepped along t[:, b]."""
+    if y0.dim() < 1 or y0.shape[0] != t.shape[1]:
+        raise ValueError(
+            f"a per-sample grid t of shape (T, B) = {tuple(t.shape)} needs y0 of shape (B, ...) with "
+            f"B = {t.shape[1]}, got {tuple(y0.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
+    if t.shape[0] < 1:
+        raise ValueError(f"t must hold at least one time per sample, got shape {tuple(t.shape)}")
+    if t.device != y0.device:
+        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}: a per-sample grid must be on y0's device")
+    values = t.detach().cpu().double()
+    finite = torch.isfinite(values).all(0)
+    if not bool(finite.all()):
+        b = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"t must hold finite times for every sample; sample {b} has {values[:, b].tolist()}")
+    d = values[1:] - values[:-1]
+    monotone = (d > 0).all(0) | (d < 0).all(0)
+    if not bool(monotone.all()):
+        b = int((~monotone).nonzero()[0, 0])
+        raise ValueError(
+            f"t must be strictly increasing or strictly decreasing for every sample; sample {b} has {values[:, b].tolist()}"
+        )
+    return Grid(values[:, 0].tolist(), list(range(t.shape[0])), t.to(torch.float64))

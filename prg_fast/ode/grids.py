@@ -1,9 +1,16 @@
 """Time grids of reverse / generate: a uniform grid of `steps` steps with the save_at times
-inserted, as floats (the fast path) or as a float64 tensor built with differentiable ops.
+inserted, as floats (the fast path) or as a float64 tensor built with differentiable ops, and which
+of its states a solve returns (`Grid`: the outputs gathered, their cotangents spread back).
 
 A time argument that is a tensor requiring grad (under grad mode) or holding one time per sample
 makes the grid a float64 tensor ((P,) shared, (P, B) per sample) that the solve takes as an input.
-Also odeint's grids. Every message names the argument and what was expected.
+(odeint's grids: prg_fast.ode.fixed_grid.) Every message names the argument and what was expected.
+
+The unit time interval of reverse/generate: t = 0 is data, t = 1 is noise (DESIGN.md section 2). A
+trajectory read past either end runs the network on times it was never trained on, silently;
+reverse and generate refuse it, and so does every layer above through the one parser of times
+(prg_fast.classifier.parse_time / parse_times: the segment, the trainers' time fields, the command
+line's --t / --t0 / --save-at), which calls check_unit_times. odeint takes any grid.
 """
 from __future__ import annotations
 
@@ -22,8 +29,48 @@ class Grid:
     points: List[float]  # the grid's values, strictly monotone (sample 0's on a per-sample grid)
     out_index: List[int]  # grid indices whose states are returned, in output order
     times: Optional[torch.Tensor] = None  # the float64 tensor grid, (P,) or (P, B); None: floats
-    # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b
+    # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b (the
+    # save times sit at different grid positions per sample); out_index is then sample 0's
     out_rows: Optional[List[List[int]]] = None
+
+    def output_points(self) -> set:
+        """Grid indices whose state goes into some output."""
+        if self.out_rows is None:
+            return set(self.out_index)
+        return {m for row in self.out_rows for m in row}
+
+    def _rows_at(self, j: int, m: int, like: torch.Tensor) -> torch.Tensor:
+        hit = torch.tensor([r == m for r in self.out_rows[j]], device=like.device)
+        return hit.reshape((-1,) + (1,) * (like.dim() - 1))
+
+    def gather_outputs(self, saved: dict) -> List[torch.Tensor]:
+        """The outputs from the states at output_points(): per sample, each row from its own
+        grid index."""
+        if self.out_rows is None:
+            return [saved[i] for i in self.out_index]
+        outs = []
+        for j, row in enumerate(self.out_rows):
+            points = sorted(set(row))
+            out = saved[points[0]]
+            for m in points[1:]:
+                out = torch.where(self._rows_at(j, m, out), saved[m], out)
+            outs.append(out)
+        return outs
+
+    def output_cotangents(self, grad_out: torch.Tensor) -> dict:
+        """grid index -> the cotangent arriving there from the outputs (an index may be output
+        twice; on a per-sample grid each output's rows arrive at their own indices)."""
+        arriving = {}
+        for pos in range(grad_out.shape[0]):
+            g = grad_out[pos]
+            if self.out_rows is None:
+                parts = [(self.out_index[pos], g)]
+            else:
+                parts = [(m, torch.where(self._rows_at(pos, m, g), g, torch.zeros_like(g)))
+                         for m in sorted(set(self.out_rows[pos]))]
+            for idx, part in parts:
+                arriving[idx] = part if idx not in arriving else arriving[idx] + part
+        return arriving
 
 
 def as_time(value, name: str) -> float:
@@ -202,50 +249,29 @@ def per_sample_save_grid(uniform: torch.Tensor, save_at, x: torch.Tensor):
     return Grid(times[:, 0].tolist(), [row[0] for row in out_rows], times, out_rows)
 
 
-def odeint_values(t) -> Tuple[torch.Tensor, List[float]]:
-    """odeint's 1-D grid t (a tensor, or a list of numbers) and its values, checked: finite,
-    strictly increasing or strictly decreasing."""
-    if not isinstance(t, torch.Tensor):
-        if not isinstance(t, (list, tuple)):
-            raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
-        t = torch.tensor(t, dtype=torch.float64)
-    if t.dim() != 1 or t.numel() < 1:
-        raise ValueError(f"t must be a 1-D tensor with at least one time (or (T, B) per sample), got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
-    values = [float(v) for v in t.detach().cpu().double().tolist()]
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError("t must hold finite times")
-    diffs = [b - a for a, b in zip(values[:-1], values[1:])]
-    if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
-        raise ValueError("t must be strictly increasing or strictly decreasing")
-    return t, values
+UNIT_TIME = "a time in [0, 1] (0 = data, 1 = noise)"
 
 
-def odeint_per_sample_grid(t: torch.Tensor, y0: torch.Tensor) -> Grid:
-    """odeint's per-sample grid t of shape (T, B), checked against y0 (B, ...): sample b is
-    stepped along t[:, b]."""
-    if y0.dim() < 1 or y0.shape[0] != t.shape[1]:
-        raise ValueError(
-            f"a per-sample grid t of shape (T, B) = {tuple(t.shape)} needs y0 of shape (B, ...) with "
-            f"B = {t.shape[1]}, got {tuple(y0.shape)}"
-        )
-    if not t.is_floating_point():
-        raise TypeError(f"t must be a floating-point tensor of times, got {t.dtype}")
-    if t.shape[0] < 1:
-        raise ValueError(f"t must hold at least one time per sample, got shape {tuple(t.shape)}")
-    if t.device != y0.device:
-        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}: a per-sample grid must be on y0's device")
-    values = t.detach().cpu().double()
-    finite = torch.isfinite(values).all(0)
-    if not bool(finite.all()):
-        b = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"t must hold finite times for every sample; sample {b} has {values[:, b].tolist()}")
-    d = values[1:] - values[:-1]
-    monotone = (d > 0).all(0) | (d < 0).all(0)
-    if not bool(monotone.all()):
-        b = int((~monotone).nonzero()[0, 0])
-        raise ValueError(
-            f"t must be strictly increasing or strictly decreasing for every sample; sample {b} has {values[:, b].tolist()}"
-        )
-    return Grid(values[:, 0].tolist(), list(range(t.shape[0])), t.to(torch.float64))
+def check_unit_times(**times) -> None:
+    """Every given time (a number, a sequence of numbers or a tensor of any shape; None skips) lies
+    in [0, 1], else ValueError naming the argument and the first value outside. Numbers cost nothing;
+    a tensor costs one host synchronisation (the bool of its range test) -- on CUDA the only one this
+    adds, and reverse/generate already synchronise on a time tensor to check that it is finite."""
+    for name, value in times.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            values = value.detach().reshape(-1)
+        elif isinstance(value, numbers.Real):
+            if not 0.0 <= float(value) <= 1.0:  # in Python: a tensor per number cost ~50 us a call (NaN fails too)
+                raise ValueError(f"{name}: expected {UNIT_TIME}, got {float(value):g}")
+            continue
+        else:  # a sequence of times; one that is not numbers is refused by the caller's own parsing
+            try:
+                values = torch.tensor([float(v) for v in value], dtype=torch.float64)
+            except (TypeError, ValueError):
+                continue
+        outside = ~((values >= 0) & (values <= 1))  # NaN is outside too
+        if bool(outside.any()):
+            first = values[outside][0].item()
+            raise ValueError(f"{name}: expected {UNIT_TIME}, got {first:g}")

@@ -1,4 +1,5 @@
-"""Module state a velocity writes while it runs, kept as plain backprop would leave it.
+"""State a velocity writes while it runs, kept as plain backprop would leave it: module buffers
+(ModuleState), train/eval flags (TrainingModes) and its inputs written in place (ParamVersions).
 
 Some networks update buffers in their forward: BatchNorm's running statistics in train mode,
 spectral_norm's power-iteration vectors, a user's own EMA or counters. Plain backprop runs every
@@ -7,7 +8,7 @@ left. An adjoint runs evaluations *again* in the backward; left alone, every rer
 state once more (BatchNorm's momentum applied twice, its statistics weighted towards early times)
 and would read a state the forward had already moved on (spectral_norm's recomputed weight is not
 the one the forward used, so the gradient is not the forward's). Here the adjoints handle it
-(through prg_fast.ode.replay):
+(through prg_fast.ode.rerun):
 
 - Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach). A state
   held elsewhere is not seen.
@@ -34,27 +35,17 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..compat import version
+
 Stamp = Tuple[int, int]  # (id, version) of the tensor a slot holds
 COPY_LIMIT = 1 << 20  # elements: buffers up to this size are copied before the first evaluation
 
 
-class ModuleState:
-    """The written buffers of one solve: found by the first evaluation, copied before each
-    evaluation by the forward, loaded back by the backward."""
+class BufferSlots:
+    """The buffers a velocity reaches, by slot (module, buffer name): read, copied and put back."""
 
     def __init__(self, slots: Sequence[Tuple[torch.nn.Module, str]]):
-        self.slots = list(slots)  # (module, buffer name), every buffer the velocity reaches
-        self.written: List[int] = []  # indices into slots: written by the first evaluation
-        self.before_first: Optional[list] = None  # small buffers' values before the first evaluation
-        self._first: Optional[list] = None  # the written buffers' values before the first evaluation
-        self.uncopied: Optional[str] = None  # why `first` is not there (a written buffer too large to copy)
-        self._stamps: List[Optional[Stamp]] = []
-
-    @classmethod
-    def of(cls, modules: Sequence[torch.nn.Module]) -> Optional["ModuleState"]:
-        """For the modules a velocity reaches; None when they hold no buffer (nothing to keep)."""
-        slots = [(m, name) for m in modules for name, b in m.named_buffers(recurse=False) if b is not None]
-        return cls(slots) if slots else None
+        self.slots = list(slots)
 
     def _value(self, j: int) -> Optional[torch.Tensor]:
         module, name = self.slots[j]
@@ -62,11 +53,58 @@ class ModuleState:
 
     def _stamp(self, j: int) -> Optional[Stamp]:
         b = self._value(j)
-        return None if b is None else (id(b), b._version)
+        return None if b is None else (id(b), version(b))
 
     def _name(self, j: int) -> str:
         module, name = self.slots[j]
         return f"{type(module).__name__}.{name}"
+
+    def _copies(self, indices: Sequence[int]) -> list:
+        """Copies of the buffers of `indices` as they are now."""
+        values = [self._value(j) for j in indices]
+        for j, b in zip(indices, values):
+            if b is not None and b.requires_grad:
+                # state carried from one evaluation into the next with its graph (self.prev = y):
+                # plain backprop differentiates through it, reruns from copies cannot
+                raise RuntimeError(
+                    f"model stores a tensor that requires grad in its buffer {self._name(j)!r} while it runs, so "
+                    "later evaluations depend on earlier ones through it; the adjoint reruns evaluations from "
+                    "copies and cannot differentiate that: store it detached, or use adjoint=False"
+                )
+        with torch.no_grad():
+            return [None if b is None else b.clone() for b in values]
+
+    def _load(self, indices: Sequence[int], snap: list, keep: Sequence[torch.nn.Module] = ()) -> None:
+        """Put the buffers of `indices` back to `snap`: in place when the module still holds a tensor
+        of the same kind (so other references see it), through .data so the version counter does not
+        move (a kept graph that saved the buffer stays valid); else by assignment. The buffers of
+        the modules in `keep` are left as they are."""
+        kept = {id(m) for m in keep}
+        with torch.no_grad():
+            for j, value in zip(indices, snap):
+                module, name = self.slots[j]
+                if id(module) in kept:
+                    continue
+                cur = getattr(module, name, None)
+                if value is None:
+                    setattr(module, name, None)
+                elif cur is not None and cur.shape == value.shape and cur.dtype == value.dtype and cur.device == value.device:
+                    cur.data.copy_(value)
+                else:
+                    setattr(module, name, value.clone())
+
+
+class ModuleState(BufferSlots):
+    """The written buffers of one solve: found by the first evaluation, copied before each
+    evaluation by the forward, loaded back by the backward."""
+
+    def __init__(self, slots: Sequence[Tuple[torch.nn.Module, str]]):
+        super().__init__(slots)
+        self.written: List[int] = []  # indices into slots: written by the first evaluation
+        self.before_first: Optional[list] = None  # small buffers' values before the first evaluation
+        self._first: Optional[list] = None  # the written buffers' values before the first evaluation
+        self.uncopied: Optional[str] = None  # why `first` is not there (a written buffer too large to copy)
+        self._stamps: List[Optional[Stamp]] = []
 
     # -- the first evaluation -----------------------------------------------------------------
 
@@ -78,13 +116,10 @@ class ModuleState:
 
     def restore_before_first(self) -> None:
         """Put back the buffers copied before the first evaluation (which is run again: see
-        prg_fast.ode.strategies.first_evaluation); one written beyond the copy limit is then found
+        prg_fast.ode.discovery.first_evaluation); one written beyond the copy limit is then found
         written by after_first_evaluation, and refused there."""
-        with torch.no_grad():
-            for j, value in enumerate(self.before_first or ()):
-                b = self._value(j)
-                if value is not None and b is not None and b.shape == value.shape and b.dtype == value.dtype:
-                    b.data.copy_(value)
+        copied = [j for j, value in enumerate(self.before_first or ()) if value is not None]
+        self._load(copied, [self.before_first[j] for j in copied])
 
     def _moved(self, indices: Sequence[int]) -> List[int]:
         """Those of `indices` whose buffer is not what it was before the first evaluation: another
@@ -115,7 +150,7 @@ class ModuleState:
         if missing:
             j = missing[0]
             # refused only where the solve reruns or undoes its first evaluation (`first`): a solve
-            # run as plain backprop (every graph kept, strategies.EvaluationGraphs.as_backprop) does neither
+            # run as plain backprop (every graph kept, kept_graphs.EvaluationGraphs.as_backprop) does neither
             self.uncopied = (
                 f"model writes its buffer {self._name(j)!r} ({self._value(j).numel()} elements) while it runs; the "
                 f"adjoint keeps copies of written buffers of up to {COPY_LIMIT} elements to rerun evaluations "
@@ -142,45 +177,17 @@ class ModuleState:
         for j in self.written:
             b, before = self._value(j), self._stamps[j]
             same_tensor = before is not None and b is not None and before[0] == id(b)
-            if same_tensor and b._version != before[1] and saved(b):
+            if same_tensor and version(b) != before[1] and saved(b):
                 return self._name(j)
         return None
 
-    # -- snapshots ----------------------------------------------------------------------------
-
     def snapshot(self) -> list:
         """A copy of the written buffers as they are now."""
-        values = [self._value(j) for j in self.written]
-        for j, b in zip(self.written, values):
-            if b is not None and b.requires_grad:
-                # state carried from one evaluation into the next with its graph (self.prev = y):
-                # plain backprop differentiates through it, reruns from copies cannot
-                raise RuntimeError(
-                    f"model stores a tensor that requires grad in its buffer {self._name(j)!r} while it runs, so "
-                    "later evaluations depend on earlier ones through it; the adjoint reruns evaluations from "
-                    "copies and cannot differentiate that: store it detached, or use adjoint=False"
-                )
-        with torch.no_grad():
-            return [None if b is None else b.clone() for b in values]
+        return self._copies(self.written)
 
     def load(self, snap: list, keep: Sequence[torch.nn.Module] = ()) -> None:
-        """Put the written buffers back to `snap`: in place when the module still holds a tensor of
-        the same kind (so other references see it), through .data so the version counter does not
-        move (a kept graph that saved the buffer stays valid); else by assignment. The buffers of
-        the modules in `keep` are left as they are."""
-        kept = {id(m) for m in keep}
-        with torch.no_grad():
-            for j, value in zip(self.written, snap):
-                module, name = self.slots[j]
-                if id(module) in kept:
-                    continue
-                cur = getattr(module, name, None)
-                if value is None:
-                    setattr(module, name, None)
-                elif cur is not None and cur.shape == value.shape and cur.dtype == value.dtype and cur.device == value.device:
-                    cur.data.copy_(value)
-                else:
-                    setattr(module, name, value.clone())
+        """Put the written buffers back to `snap` (those of the modules in `keep` left as they are)."""
+        self._load(self.written, snap, keep)
 
     def untracked(self) -> Optional[str]:
         """After the forward: why reruns cannot be exact, if a buffer the first evaluation left
@@ -198,6 +205,8 @@ class ModuleState:
             "evaluation writes, so it cannot reproduce this one: use adjoint=False, or memory_budget=float('inf') "
             "with a single backward (nothing is rerun), or update that buffer on every call"
         )
+
+
 
 
 @contextmanager
@@ -235,3 +244,57 @@ class TrainingModes:
             for m, flag in zip(self.modules, self.now):
                 m.training = flag
         return False
+
+
+class ParamVersions:
+    """What happened to the solve's parameters in place, for the adjoints' backward.
+
+    - Between the forward and the backward (optimizer.step() before backward): the reruns would
+      differentiate another network. Plain backprop raises for this; so do the adjoints, for the
+      tensors the reruns actually read (a gradient came back). Checked against the versions at the
+      end of the forward, before the backward reruns anything.
+    - During the forward, by the model itself (nn.Embedding(max_norm=...) renormalises the rows
+      it reads, in place, inside its own forward): the reruns do the same again. Exact when that
+      write leaves the values the forward read as they were (a renorm of rows already within the
+      norm does); the written tensors are copied at the start of the backward and compared at its
+      end, and a rerun that changed them is an error that names the in-place write (the values are
+      put back first)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], at_forward_start: Sequence[int]):
+        self.params = list(params)
+        self.versions = [version(q) for q in self.params]  # at the end of the forward
+        self.written = [i for i, (a, b) in enumerate(zip(at_forward_start, self.versions)) if a != b]
+        self.moved: List[int] = []
+        self.copies: dict = {}
+
+    def before_backward(self) -> None:
+        self.moved = [i for i, (q, v) in enumerate(zip(self.params, self.versions)) if version(q) != v]
+        with torch.no_grad():
+            self.copies = {i: self.params[i].detach().clone() for i in self.written if i not in self.moved}
+
+    def after_backward(self, grads: Sequence) -> None:
+        params = self.params
+        for i in self.moved:
+            if grads[i] is not None:
+                q = params[i]
+                raise RuntimeError(
+                    f"a tensor the velocity reads (input {i} of the solve's {len(params)} parameters, shape "
+                    f"{tuple(q.shape)}) was modified by an inplace operation between the forward and the backward "
+                    f"(version {self.versions[i]} -> {version(q)}): the adjoint recomputes the network from its current "
+                    "tensors, so its gradient would not be the forward's. Call backward before changing the parameters "
+                    "(e.g. before optimizer.step()), or use adjoint=False"
+                )
+        changed = [i for i, c in self.copies.items() if not torch.equal(params[i], c)]
+        with torch.no_grad():
+            for i in changed:
+                params[i].data.copy_(self.copies[i])
+        self.copies = {}
+        if changed:
+            i = changed[0]
+            raise RuntimeError(
+                f"the model writes a tensor it reads in place while it runs (input {i} of the solve's {len(params)} "
+                f"parameters, shape {tuple(params[i].shape)}; e.g. nn.Embedding(max_norm=...) renormalises its weight "
+                "inside its own forward), and rerunning it in the backward changed that tensor again, so the adjoint's "
+                "reruns do not read what the forward read (its values are put back). Use adjoint=False, or "
+                "memory_budget=float('inf') (nothing is rerun)"
+            )

@@ -1,5 +1,7 @@
-"""The torch.library layer: loads the compiled operators and gives them fake (meta) kernels and an
-autograd formula, so they work under torch.compile and inside plain backprop.
+"""The stage arithmetic as the engine calls it: the compiled operators (the torch.library layer,
+which loads them and gives them fake (meta) kernels and an autograd formula, so they work under
+torch.compile and inside plain backprop), and `Backend`, one implementation's functions behind the
+methods every loop calls (prg_fast.ode.backends picks the implementation).
 
     torch.ops.prg_fast.stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None)
         = alpha * base + sum_j coeffs[j] * terms[j]   (float32/float64 accumulation)
@@ -11,16 +13,21 @@ autograd formula, so they work under torch.compile and inside plain backprop.
         out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j+1] * terms[j][b]   (r = b, or 0 if R == 1)
 
 The package imports without the compiled part; `CPU_ERROR` / `CUDA_ERROR` say why it is missing.
+Kernels take at most `MAX_TERMS` terms per call; `Backend` chains longer sums, for every
+implementation, through a partial sum kept in the accumulation dtype (so the result is the one long
+sum's), and hides whether a step size is a float (the fast path) or a tensor (time tensors).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from prg_fast.kernels.op_rules import register_combine_op, register_into_op, register_rows_op  # the layer below
+from prg_fast.kernels.op_rules import (  # the layer below
+    accumulate_dtype, register_combine_op, register_into_op, register_rows_op)
 
 CPU_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
@@ -96,3 +103,68 @@ if HAS_OPS:
     register_combine_op("prg_fast::stage_combine", python_autograd=False)
     register_into_op("prg_fast::stage_combine_into")
     register_rows_op("prg_fast::stage_combine_rows")
+
+
+MAX_TERMS = 8  # the kernels' limit (csrc/stage_combine.h, kernels/stage_combine.py)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The stage arithmetic of one solve, any number of terms, by one implementation: `fn` with the
+    signature of prg_fast.ode.reference.stage_combine, `rows_fn` with that of stage_combine_rows
+    (per-row tensor coefficients, for time tensors), `into` with that of stage_combine_into (or
+    None: the no-grad loop then allocates its outputs). `weighted` and `scaled` are where a float
+    step size and a tensor one part."""
+
+    name: str
+    fn: Callable
+    rows_fn: Callable
+    into: Optional[Callable] = None
+
+    def combine(self, base, terms, coeffs, alpha=1.0, out_dtype=None):
+        """alpha base + sum_j coeffs[j] terms[j]; past MAX_TERMS terms the first ones go into a
+        partial sum in the accumulation dtype, which is the next call's base."""
+        if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
+            return self.fn(base, terms, coeffs, alpha, out_dtype)
+        terms, coeffs = list(terms), list(coeffs)
+        final = base.dtype if out_dtype is None else out_dtype
+        acc = accumulate_dtype(base, terms, final)
+        while len(terms) > MAX_TERMS:
+            base = self.fn(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
+            terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
+        return self.fn(base, terms, coeffs, alpha, final)
+
+    def combine_rows(self, base, terms, coeffs, out_dtype=None):
+        """Per-row coefficients (coeffs (R, 1 + len(terms))), chained as `combine`: the partial sum
+        enters the next call with coefficient 1 in every row."""
+        terms = list(terms)
+        if len(terms) <= MAX_TERMS or not isinstance(coeffs, torch.Tensor) or coeffs.dim() != 2 \
+                or coeffs.shape[1] != 1 + len(terms):
+            return self.rows_fn(base, terms, coeffs, out_dtype)  # the kernel reports bad input
+        final = base.dtype if out_dtype is None else out_dtype
+        acc = accumulate_dtype(base, terms, final, coeffs)
+        ones = torch.ones(coeffs.shape[0], 1, dtype=coeffs.dtype, device=coeffs.device)
+        base = self.rows_fn(base, terms[:MAX_TERMS], coeffs[:, : 1 + MAX_TERMS], acc)
+        terms, coeffs = terms[MAX_TERMS:], coeffs[:, 1 + MAX_TERMS:]
+        while len(terms) > MAX_TERMS:
+            base = self.rows_fn(base, terms[:MAX_TERMS], torch.cat([ones, coeffs[:, :MAX_TERMS]], 1), acc)
+            terms, coeffs = terms[MAX_TERMS:], coeffs[:, MAX_TERMS:]
+        return self.rows_fn(base, terms, torch.cat([ones, coeffs], 1), final)
+
+    def weighted(self, base, terms, weights, h, out_dtype, state_dtype):
+        """base + h sum_j w_j terms_j. A float h folds into the coefficients (one fused call); a
+        tensor h (shared, or (B,) per row) gives per-row coefficients [1, h w_0, ...] computed in
+        float64 and rounded once to the state dtype, as the float path rounds h * w once."""
+        if not isinstance(h, torch.Tensor):
+            return self.combine(base, terms, [h * w for w in weights], 1.0, out_dtype)
+        h = h.reshape(-1)
+        rows = torch.stack([torch.ones_like(h)] + [h * w for w in weights], 1).to(state_dtype)
+        return self.combine_rows(base, terms, rows, out_dtype)
+
+    def scaled(self, base, terms, weights, alpha, h, out_dtype, state_dtype):
+        """(h (alpha base + sum_j w_j terms_j), and on a tensor h the unscaled sum e (state
+        dtype), which time gradients read; None on a float h, folded into the coefficients)."""
+        if not isinstance(h, torch.Tensor):
+            return self.combine(base, terms, [h * w for w in weights], h * alpha, out_dtype), None
+        e = self.combine(base, terms, weights, alpha, state_dtype)
+        return self.combine_rows(e, [], h.reshape(-1, 1).to(state_dtype), out_dtype), e

@@ -11,38 +11,35 @@ fresh tensor (spectral_norm: another power iteration) instead of the forward's.
 So the cached tensors the first evaluation finds are treated as inputs of the solve
 (`SharedParametrizations.tensors`): each VJP stops at them, the solve returns their summed
 gradient and autograd runs their own graph once, as in plain backprop (the originals they are
-computed from are then reached only through them: api drops them from the solve's inputs). And the
+computed from are then reached only through them: discovery drops them from the solve's inputs). And the
 backward's reruns read exactly those tensors (`SharedParametrizations.kept`), whether the backward
 runs inside the block or after it.
 
-This reads and writes torch.nn.utils.parametrize's module-level cache (`_cache`, `_cache_enabled`,
-what parametrize.cached() itself sets): there is no public API to hand a cache to a rerun.
+The cache itself is torch.nn.utils.parametrize's module-level one, which only prg_fast.compat reads
+and writes: there is no public API to hand a cache to a rerun.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.nn.utils import parametrize
 
-Key = Tuple[int, str]  # (id(module), tensor name): parametrize's own cache key
+from ..compat import cached_parametrizations, parametrizations_cached_as
 
 
 class SharedParametrizations:
-    def __init__(self, entries: Dict[Key, torch.Tensor]):
+    def __init__(self, entries: Dict[object, torch.Tensor]):
         self.entries = entries
 
     @classmethod
-    def of_now(cls) -> Optional["SharedParametrizations"]:
+    def of_now(cls, modules: Sequence[torch.nn.Module]) -> Optional["SharedParametrizations"]:
         """After the solve's first evaluation: the cached parametrized tensors, None when caching
         is off or nothing is cached. Every entry, not only those of the modules the velocity
-        reaches: the cache is keyed by the id of the module a parametrization was registered on,
-        which a deep copy of the module still shares (the copy keeps the original's property)."""
-        if not getattr(parametrize, "_cache_enabled", 0):
-            return None
-        cache = getattr(parametrize, "_cache", {})
-        entries = {k: v for k, v in cache.items() if isinstance(v, torch.Tensor)}
+        reaches (`modules`): the cache is keyed by the id of the module a parametrization was
+        registered on, which a deep copy of the module still shares (the copy keeps the original's
+        property)."""
+        entries = cached_parametrizations(modules)
         return cls(entries) if entries else None
 
     def tensors(self) -> List[torch.Tensor]:
@@ -56,31 +53,6 @@ class SharedParametrizations:
         lists = [m for m in modules if isinstance(m, parametrize.ParametrizationList)]
         return [sub for m in lists for sub in m.modules()]
 
-    @contextmanager
-    def kept(self) -> Iterator[None]:
+    def kept(self):
         """Inside: caching is on and the cache holds the forward's tensors; after: as it was."""
-        parametrize._cache_enabled += 1
-        previous = {k: parametrize._cache.get(k) for k in self.entries}
-        parametrize._cache.update(self.entries)
-        try:
-            yield
-        finally:
-            parametrize._cache_enabled -= 1
-            if not parametrize._cache_enabled:
-                parametrize._cache = {}  # as parametrize.cached() leaves it
-            else:
-                for k, v in previous.items():
-                    if v is None:
-                        parametrize._cache.pop(k, None)
-                    else:
-                        parametrize._cache[k] = v
-
-
-@contextmanager
-def kept(shared: Optional[SharedParametrizations]) -> Iterator[None]:
-    """SharedParametrizations.kept, or nothing when the solve found none."""
-    if shared is None:
-        yield
-    else:
-        with shared.kept():
-            yield
+        return parametrizations_cached_as(self.entries)

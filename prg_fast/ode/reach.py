@@ -18,9 +18,11 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+
+from ..compat import sequence_nr
 
 MAX_DEPTH = 6
 MAX_ITEMS = 256  # larger containers (datasets, caches) are not searched
@@ -31,8 +33,10 @@ class Reach:
     modules: List[torch.nn.Module] = field(default_factory=list)  # each once, submodules included
     tensors: List[torch.Tensor] = field(default_factory=list)  # leaves requiring grad held outside modules
     # non-leaf tensors requiring grad it holds (W = 2 * A): not inputs of the solve (see visit), but
-    # an adjoint's VJPs watch them (prg_fast.ode.vjp: read after the first evaluation, an error)
+    # an adjoint's VJPs watch them (prg_fast.ode.rerun: read after the first evaluation, an error)
     computed: List[torch.Tensor] = field(default_factory=list)
+    # (module, name) of every buffer of those modules: the state it may write (prg_fast.ode.module_state)
+    buffers: List[Tuple[torch.nn.Module, str]] = field(default_factory=list)
 
 
 def _global_names(code: types.CodeType) -> List[str]:
@@ -92,7 +96,7 @@ class _Search:
             # leaves are inputs; a non-leaf (W = A @ B, a loss kept from an earlier step) made an
             # input would be differentiated through its own graph as well as by the solve, and may
             # belong to a graph long freed: one the first evaluation reads is discovery's error, one
-            # read later the adjoints' VJPs' (Reach.computed, prg_fast.ode.vjp.graph_vjp)
+            # read later the adjoints' VJPs' (Reach.computed, prg_fast.ode.rerun.graph_vjp)
             if o.requires_grad:
                 (self.out.tensors if o.is_leaf else self.out.computed).append(o)
         elif not isinstance(o, (types.ModuleType, type, str, bytes, int, float, bool, complex)):
@@ -123,8 +127,10 @@ class _Search:
 def reachable(obj) -> Reach:
     search = _Search()
     search.visit(obj, 0)
-    search.out.modules = list(search.modules.values())
-    return search.out
+    out = search.out
+    out.modules = list(search.modules.values())
+    out.buffers = [(m, name) for m in out.modules for name, b in m.named_buffers(recurse=False) if b is not None]
+    return out
 
 
 def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List[torch.Tensor]:
@@ -154,6 +160,17 @@ def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List
     return params
 
 
+REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+def has_reentrant_checkpoint(node_types) -> bool:
+    """Whether a graph whose autograd nodes have these types runs a reentrant checkpoint
+    (torch.utils.checkpoint(..., use_reentrant=True): its adjoint VJPs then go through
+    torch.autograd.backward, prg_fast.ode.rerun). The types are collected by the one walk of the first
+    evaluation's graph (discover_params); a Python Function's node type is named after it."""
+    return any(t.__name__ == REENTRANT_NODE for t in node_types)
+
+
 def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None,
                     node_types: Optional[set] = None) -> List[torch.Tensor]:
     """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
@@ -161,7 +178,7 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
     time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
     but reads only later is in `params` already: collect_params adds what prg_fast.ode.reach finds.)
 
-    `first`, the solve's first evaluation, is run with a graph (strategies.first_evaluation, under the
+    `first`, the solve's first evaluation, is run with a graph (discovery.first_evaluation, under the
     caller's random state; the solve then reuses its output, so discovery costs no extra network
     evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
     requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
@@ -194,7 +211,7 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
             continue
         # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
         # region; it saves no tensors, so walking through it once per evaluation is exact.
-        if node._sequence_nr() < first.sequence_nr and node.name() != "ToCopyBackward0":
+        if sequence_nr(node) < first.sequence_nr and node.name() != "ToCopyBackward0":
             raise ValueError(
                 f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "

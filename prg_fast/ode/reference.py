@@ -10,7 +10,7 @@ import torch
 
 from prg_fast.kernels.op_rules import accumulate_dtype  # noqa: F401  (re-exported: the dtype rule every backend follows)
 
-from .solvers import get_tableau
+from .solvers import SOLVERS, ButcherTableau
 
 
 def stage_combine(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: Sequence[float], alpha: float = 1.0,
@@ -47,7 +47,7 @@ def rk_solve(
 ) -> torch.Tensor:
     """States at every point of `grid` (stacked on dim 0) by the explicit RK method `method`,
     differentiated by ordinary autograd. The textbook loop, one line per formula."""
-    tab = get_tableau(method)
+    tab = method if isinstance(method, ButcherTableau) else SOLVERS[method]
     states = [x]
     for t0, t1 in zip(grid[:-1], grid[1:]):
         h = t1 - t0

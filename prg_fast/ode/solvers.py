@@ -1,6 +1,6 @@
 """Fixed-step explicit Runge-Kutta solvers, as data.
 
-A solver is its Butcher tableau; one integration loop (prg_fast/integrate.py) serves them all.
+A solver is its Butcher tableau; one integration loop (prg_fast/ode/integrate.py) serves them all.
 For a step from t to t + h with s stages:
 
     X_i = x + h * sum_{j<i} a[i][j] * k_j,      k_i = f(t + c[i] * h, X_i)
@@ -11,7 +11,7 @@ Cost per step is s network evaluations (forward), and with the adjoint, s vector
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Tuple
 
 
@@ -22,13 +22,12 @@ class ButcherTableau:
     a: Tuple[Tuple[float, ...], ...]  # strictly lower triangular, row i has i entries
     b: Tuple[float, ...]
     c: Tuple[float, ...]
-
-    @property
-    def stages(self) -> int:
-        return len(self.b)
+    # s, read on every stage of every loop: a field (len(b)), not a property call
+    stages: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         s = len(self.b)
+        object.__setattr__(self, "stages", s)
         if len(self.c) != s or len(self.a) != s:
             raise ValueError(f"tableau {self.name}: a, b and c must have {s} rows")
         for i, row in enumerate(self.a):
@@ -81,6 +80,8 @@ _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5",
 
 
 def get_tableau(method) -> ButcherTableau:
+    """The tableau `method` names (a ButcherTableau passes as it is); an unknown name is refused,
+    saying what torchdiffeq's names mean here."""
     if isinstance(method, ButcherTableau):
         return method
     if not isinstance(method, str) or method not in SOLVERS:

@@ -1,5 +1,5 @@
-"""The state of a solve: what it may be (check_state), and odeint's adapters that solve a scalar,
-complex or (nested) tuple state as one flat real tensor, as torchdiffeq allows.
+"""odeint's states: adapters that solve a scalar, complex or (nested) tuple state as one flat real
+tensor, as torchdiffeq allows.
 
 `adapt` returns the equivalent real-tensor solve and the function that turns its result back (the
 stage arithmetic is real-linear: stepping the flat real view is stepping the original state).
@@ -7,37 +7,22 @@ stage arithmetic is real-linear: stepping the flat real view is stepping the ori
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Callable, List, NamedTuple, Optional
 
 import torch
 
-from .description import FLOAT_DTYPES, SolveDescription
-
-
-def check_state(x, name: str = "x", batched: bool = True) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
-    if batched and x.dim() < 1:
-        raise ValueError(f"{name} must have a batch dimension (shape (B, ...)), got a 0-dim tensor")
-    if x.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device (a shape without values); the solve computes values: "
-                         "pass a tensor on the CPU or a GPU")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+from .integrate import check_state
 
 
 class Adapted(NamedTuple):
     func: Callable
     y0: torch.Tensor
-    spec: SolveDescription
+    spec: object  # the SolveDescription (prg_fast.ode.description), adapted
     options: dict
     unwrap: Callable[[torch.Tensor], object]
 
 
-def adapt(func, y0, t, spec: SolveDescription, options: dict) -> Optional[Adapted]:
+def adapt(func, y0, t, spec, options: dict) -> Optional[Adapted]:
     """The real-tensor solve equivalent to odeint(func, y0, t) for a complex, tuple or 0-dim y0;
     None for a state that needs no adapter."""
     if isinstance(y0, torch.Tensor) and y0.is_complex():
@@ -84,7 +69,7 @@ class ComplexAsReal(torch.nn.Module):
         return torch.view_as_real(out.to(self.dtype))
 
 
-def _complex(func, y0: torch.Tensor, spec: SolveDescription, options: dict) -> Adapted:
+def _complex(func, y0: torch.Tensor, spec, options: dict) -> Adapted:
     """A complex64/complex128 state, solved as its real view."""
     if y0.dtype not in (torch.complex64, torch.complex128):
         raise TypeError(f"y0 must be float32, float64, float16, bfloat16, complex64 or complex128, got {y0.dtype}")
@@ -115,7 +100,7 @@ def _tuple_rebuild(structure, leaves):
     return tuple(_tuple_rebuild(part, leaves) for part in structure)
 
 
-def _tuple(func, y0: tuple, t, spec: SolveDescription, options: dict) -> Adapted:
+def _tuple(func, y0: tuple, t, spec, options: dict) -> Adapted:
     """A (nested) tuple of tensors, solved as one flat state."""
     if isinstance(t, torch.Tensor) and t.dim() == 2:
         raise ValueError("a per-sample grid t of shape (T, B) needs a tensor y0 (B, ...), not a tuple state")

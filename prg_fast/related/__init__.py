@@ -5,11 +5,11 @@ layer of the frozen velocity network into a ResNet student, then finetunes it; G
 """
 from . import common, genrep, repfusion
 from .common import ENCODERS, ResNet, ViewAugment, build_encoder
-from .genrep import GenRepConfig, GenRepResult, generate_views, neighbour_latents, nt_xent_loss
-from .repfusion import (FeatureHook, RepFusionConfig, RepFusionResult, TeacherFeatures, TimestepPolicy, distill_loss,
+from .genrep import GenRepConfig, generate_views, neighbour_latents, nt_xent_loss
+from .repfusion import (FeatureHook, RepFusionConfig, TeacherFeatures, TimestepPolicy, distill_loss,
                         entropy_weight, reinforce_loss)
 
-__all__ = ["repfusion", "genrep", "RepFusionConfig", "RepFusionResult", "FeatureHook", "TeacherFeatures",
+__all__ = ["repfusion", "genrep", "RepFusionConfig", "FeatureHook", "TeacherFeatures",
            "TimestepPolicy", "reinforce_loss", "distill_loss", "entropy_weight",
-           "GenRepConfig", "GenRepResult", "nt_xent_loss", "neighbour_latents", "generate_views",
+           "GenRepConfig", "nt_xent_loss", "neighbour_latents", "generate_views",
            "ResNet", "ENCODERS", "build_encoder", "ViewAugment"]

@@ -22,14 +22,15 @@ Run directory (--out DIR): the skeleton's (prg_fast.training.trainer), and DIR/v
 generated pool, atomic, reused on resume) and DIR/views.png (some anchor/neighbour pairs).
 Checkpoint entries (format "prg_fast.genrep", version 1), besides the skeleton's: encoder,
 encoder_config (ResNet(**encoder_config)), projector, optimizer, pretrain ({checkpoint, step, path,
-preset, data}), data, loss_first, window (the log interval in progress), top1.
+preset, data}), data, loss_first, running ([NT-Xent sum, steps] of the log interval in progress;
+"window", its list of losses, in checkpoints written before), top1.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,12 +42,12 @@ from ..ode.solvers import get_tableau
 from ..training.evaluate import knn_accuracy, linear_probe, map_batches
 from ..training.distributed import single_process
 from ..training.rundir import CheckpointError, atomic_write, read_checkpoint
-from ..training.runs import check_int, check_number, cosine_factor, seed_everything
-from ..training.trainer import (Interrupted, RunOptions, StopRequests, TrainConfig, Trainer, configure,
-                                one_of, ranged)
+from ..training.runs import check_int, check_number
+from ..training.trainer import (Interrupted, Result, RunOptions, Schedule, StopRequests, TrainConfig, Trainer,
+                                configure, one_of, ranged)
 from .common import ENCODERS, ViewAugment, build_encoder, load_flow, pretrain_info
 
-__all__ = ["GenRepConfig", "GenRepResult", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
+__all__ = ["GenRepConfig", "genrep", "nt_xent_loss", "neighbour_latents", "generate_views",
            "GENREP_FORMAT"]
 
 GENREP_FORMAT = "prg_fast.genrep"
@@ -155,21 +156,13 @@ class GenRepConfig(TrainConfig):
         return self
 
 
-@dataclass
-class GenRepResult:
-    encoder: nn.Module
-    metrics: Dict[str, Any]
-    out: str
-    history: List[List[Any]] = field(default_factory=list)
-
-
 # -------------------------------------------------------------------------------------------------
 # training
 
 
-def genrep(config: Optional[GenRepConfig] = None, **kwargs) -> GenRepResult:
+def genrep(config: Optional[GenRepConfig] = None, **kwargs) -> Result:
     """Contrastive learning on generated anchor / neighbour views, then a linear probe on real data
-    (see the module doc). Call with a GenRepConfig or its fields (and RunOptions' fields:
+    (see the module doc); the Result's network: encoder. Call with a GenRepConfig or its fields (and RunOptions' fields:
     ckpt_minutes, force); resumes from `out`."""
     cfg, options = configure(GenRepConfig, config, kwargs)
     return _GenRep(cfg, options).run()
@@ -191,16 +184,24 @@ class _GenRep(Trainer):
         hflip = default_augment(cfg.data).hflip if cfg.hflip is None else bool(cfg.hflip)
         lo = cfg.crop_scale if cfg.crop_scale is not None else (0.2 if min(h, w) >= 32 else 0.5)
         self.augment = ViewAugment(crop_scale=(lo, 1.0), hflip=hflip)
-        seed_everything(cfg.seed)
-        self.encoder = build_encoder(cfg.encoder, c).to(self.device)
+        self.gen_time = 0.0
+        self.pool: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.begin(existing)
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.encoder = build_encoder(cfg.encoder, self.train_data.shape[0]).to(self.device)
         d = self.encoder.feature_dim
         self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.proj_dim)).to(self.device)
         self.opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.projector.parameters()), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
-        self.gen_time = 0.0
-        self.pool: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self.window: List[float] = []
-        self.begin(existing, cfg.seed + 1)
+        self.running = [0.0, 0]
+
+    def stream_seed(self) -> int:
+        return self.cfg.seed + 1  # the streams this command has drawn since its first release
+
+    def lr_schedules(self):
+        return [Schedule(self.opt, self.cfg.lr, self.cfg.steps, int(0.05 * self.cfg.steps))]
 
     def load_state(self, ckpt: Dict[str, Any]) -> None:
         self.encoder.load_state_dict(ckpt["encoder"])
@@ -208,13 +209,16 @@ class _GenRep(Trainer):
         self.opt.load_state_dict(ckpt["optimizer"])
         history = ckpt.get("history", [])
         self.loss_first = ckpt.get("loss_first", history[0][2] if history else None)
-        self.window = [float(v) for v in ckpt.get("window", [])]
+        window = [float(v) for v in ckpt.get("window", [])]  # the interval in progress, as first saved
+        running = ckpt.get("running", [sum(window), len(window)])
+        self.running = [float(running[0]), int(running[1])]
+        self.continue_window(self.running[:1], self.running[1])
 
     def state(self) -> Dict[str, Any]:
         return {"encoder": self.encoder.state_dict(), "encoder_config": dict(self.encoder.config),
                 "projector": self.projector.state_dict(), "optimizer": self.opt.state_dict(),
                 "pretrain": pretrain_info(self.cfg.checkpoint, self.pre_ckpt), "data": self.cfg.data,
-                "loss_first": self.loss_first, "window": list(self.window), "top1": None}
+                "loss_first": self.loss_first, "running": list(self.running), "top1": None}
 
     # -- the generated pool ----------------------------------------------------------------------
     def _load_or_generate_pool(self) -> None:
@@ -308,37 +312,33 @@ class _GenRep(Trainer):
                       lambda f: save_image_grid(_dequantise(rows, "cpu"), f, nrow=1 + k))
 
     # -- the skeleton's step ------------------------------------------------------------------
-    def run(self) -> GenRepResult:
+    def run(self) -> Result:
         self.t_run = time.perf_counter()
         if self.cfg.pool > 0 and self.cfg.steps > 0:
             self._load_or_generate_pool()
             self._save_examples()
         self.encoder.train()
         metrics = super().run()
-        return GenRepResult(self.encoder, metrics, self.cfg.out, self.history)
+        return Result(metrics, self.cfg.out, self.step, self.history, {"encoder": self.encoder})
 
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> torch.Tensor:
         cfg = self.cfg
-        self.lr = cfg.lr * cosine_factor(step, cfg.steps, int(0.05 * cfg.steps))
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr
         a, p = self._pairs(step)
         z = self.projector(self.encoder(torch.cat([self.augment(a), self.augment(p)])))
         loss = nt_xent_loss(z[:cfg.batch_size], z[cfg.batch_size:], cfg.temperature)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite NT-Xent loss at step {step}; lower --lr (now {cfg.lr:g})")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        self.window.append(float(loss.detach()))
-        return self.window[-1]
+        self.record(loss.detach().reshape(1))  # a non-finite loss stops the run at the interval's end
+        return loss.detach()
 
     def flush(self, step: int, row: bool, bar) -> None:
-        if not row:  # the interval in progress is saved with the checkpoint (state()["window"])
-            return
-        self.history.append([step, self.lr, sum(self.window) / len(self.window)])
-        bar.set_postfix(loss=f"{self.history[-1][2]:.4f}", refresh=False)
-        self.window = []
+        (loss_sum,), steps = self.take_window(step, end=row)
+        self.running = [loss_sum, steps]  # the interval so far (saved with a checkpoint)
+        if row:
+            self.history.append([step, self.lr, self.running[0] / self.running[1]])
+            bar.set_postfix(loss=f"{self.history[-1][2]:.4f}", refresh=False)
+            self.running = [0.0, 0]
 
     def finish(self, start_step: int, elapsed: float) -> Dict[str, Any]:
         cfg = self.cfg

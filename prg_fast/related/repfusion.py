@@ -30,13 +30,13 @@ Checkpoint entries (format "prg_fast.repfusion", version 1), besides the skeleto
 student_config (ResNet(**student_config)), projection, classifier, policy, aux_head (None without
 --policy), distill_optimizer, finetune_optimizer, policy_optimizer, teacher_dim, times (candidate
 policy times), pretrain ({checkpoint, step, path, preset, data}), data, num_classes, distill_first,
-loss_first, window (the log interval in progress), top1 (None until finished).
+loss_first, running (the log interval in progress: sums of the log's statistics and the steps; "window",
+their lists, in checkpoints written before), top1 (None until finished).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,11 +46,11 @@ from ..classifier import parse_time
 from ..data import load_data
 from ..training.distributed import single_process
 from ..training.evaluate import map_batches, top1_accuracy
-from ..training.runs import check_number, cosine_factor, load_train_data, seed_everything
-from ..training.trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
+from ..training.runs import check_number, load_train_data
+from ..training.trainer import Result, RunOptions, Schedule, TrainConfig, Trainer, configure, one_of, ranged
 from .common import ENCODERS, build_encoder, load_flow, pretrain_info
 
-__all__ = ["RepFusionConfig", "RepFusionResult", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
+__all__ = ["RepFusionConfig", "repfusion", "FeatureHook", "TeacherFeatures", "TimestepPolicy",
            "reinforce_loss", "distill_loss", "entropy_weight", "REPFUSION_FORMAT"]
 
 REPFUSION_FORMAT = "prg_fast.repfusion"
@@ -291,21 +291,13 @@ class RepFusionConfig(TrainConfig):
         return torch.linspace(0.0, float(self.policy_t_max), int(self.policy_times))
 
 
-@dataclass
-class RepFusionResult:
-    student: nn.Module
-    classifier: nn.Module
-    metrics: Dict[str, Any]
-    out: str
-    history: List[List[Any]] = field(default_factory=list)
-
-
 # -------------------------------------------------------------------------------------------------
 # training
 
 
-def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> RepFusionResult:
-    """Distil the pretrained flow's features into a student, then finetune it (see the module doc).
+def repfusion(config: Optional[RepFusionConfig] = None, **kwargs) -> Result:
+    """Distil the pretrained flow's features into a student, then finetune it (see the module doc;
+    the Result's networks: student and classifier).
     Call with a RepFusionConfig or with its fields as keyword arguments (and RunOptions' fields:
     ckpt_minutes, force); resumes from `out`."""
     cfg, options = configure(RepFusionConfig, config, kwargs)
@@ -325,12 +317,13 @@ class _RepFusion(Trainer):
         self._indices = self.step_batches(self.train_data)
         self.pre_ckpt, flow = load_flow(cfg.checkpoint, self.train_data, raw_weights=cfg.raw_weights)
         self.teacher = TeacherFeatures(flow.to(self.device), cfg.layer)
-        c = self.train_data.shape[0]
         x0, _ = self.train_data.batch([0], augment=False, device=self.device)
         self.teacher_dim = int(self.teacher(x0, 0.0).shape[1])  # the hooked layer's width
-        classes = self.train_data.num_classes
+        self.distill_first: Optional[float] = None
+        self.begin(existing)
 
-        seed_everything(cfg.seed)
+    def build(self) -> None:
+        cfg, c, classes = self.cfg, self.train_data.shape[0], self.train_data.num_classes
         self.student = build_encoder(cfg.student, c).to(self.device)
         self.projection = nn.Linear(self.student.feature_dim, self.teacher_dim).to(self.device)
         self.classifier = nn.Linear(self.student.feature_dim, classes).to(self.device)
@@ -348,9 +341,17 @@ class _RepFusion(Trainer):
                                             weight_decay=cfg.weight_decay)
         self.opt_policy = (torch.optim.Adam(list(self.policy.parameters()) + list(self.aux.parameters()),
                                             lr=cfg.policy_lr) if cfg.policy else None)
-        self.distill_first: Optional[float] = None
-        self.window: Dict[str, List[float]] = {}
-        self.begin(existing, cfg.seed + 1)
+        self.running = [0.0] * len(_LOG_KEYS) + [0]
+
+    def stream_seed(self) -> int:
+        return self.cfg.seed + 1  # the streams this command has drawn since its first release
+
+    def lr_schedules(self):
+        """Each phase has its own warm-up and cosine over its own steps."""
+        cfg = self.cfg
+        return [Schedule(self.opt_distill, cfg.lr, cfg.steps, int(cfg.warmup_frac * cfg.steps)),
+                Schedule(self.opt_finetune, cfg.finetune_lr, cfg.finetune_steps,
+                         int(cfg.warmup_frac * cfg.finetune_steps), start=cfg.steps)]
 
     @torch.no_grad()
     def _teacher_stats(self, max_images: int = 512):
@@ -392,7 +393,10 @@ class _RepFusion(Trainer):
             self.opt_policy.load_state_dict(ckpt["policy_optimizer"])
         self.distill_first = ckpt.get("distill_first")
         self.loss_first = ckpt.get("loss_first", self.distill_first)
-        self.window = {k: list(v) for k, v in (ckpt.get("window") or {}).items()}
+        window = ckpt.get("window") or {}  # the interval in progress, as first saved: its values per statistic
+        self.running = list(ckpt.get("running") or [sum(window.get(k, [])) for k in _LOG_KEYS] +
+                            [max(map(len, window.values()), default=0)])
+        self.continue_window(self.running[:-1], self.running[-1])
 
     def state(self) -> Dict[str, Any]:
         return {
@@ -415,14 +419,14 @@ class _RepFusion(Trainer):
             "num_classes": self.train_data.num_classes,
             "distill_first": self.distill_first,
             "loss_first": self.loss_first,
-            "window": {k: list(v) for k, v in self.window.items()},
+            "running": list(self.running),
             "top1": None,
         }
 
     # -- one step of each phase ------------------------------------------------------------------
-    def _distill_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    def _distill_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
-        stats: Dict[str, float] = {}
+        stats: Dict[str, torch.Tensor] = {}
         if self.policy is not None:
             logits = self.policy(x)
             actions = torch.distributions.Categorical(logits=logits.float()).sample()
@@ -432,16 +436,16 @@ class _RepFusion(Trainer):
         target = self.teacher_target(x, actions)
         pred = self.projection(self.student(x))
         loss = distill_loss(pred, target)
-        stats["distill"] = float(loss.detach())
+        stats["distill"] = loss.detach()
         if self.policy is not None:
             ce = F.cross_entropy(self.aux(target), y, reduction="none")
             w = entropy_weight(step, cfg.steps, cfg.entropy_coef)
             pol = reinforce_loss(logits, actions, -ce.detach(), entropy_coef=w)
             loss = loss + ce.mean() + pol
-            stats.update(aux_ce=float(ce.mean().detach()), mean_t=float(t.mean()), entropy_w=w)
+            stats.update(aux_ce=ce.mean().detach(), mean_t=t.mean(), entropy_w=self._scalar(w))
             self.opt_policy.zero_grad(set_to_none=True)
         else:
-            stats["mean_t"] = cfg.fixed_t
+            stats["mean_t"] = self._scalar(cfg.fixed_t)
         self.opt_distill.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_distill.step()
@@ -449,25 +453,23 @@ class _RepFusion(Trainer):
             self.opt_policy.step()
         return stats
 
-    def _finetune_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    def _finetune_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = self.classifier(self.student(x))
         loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         self.opt_finetune.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_finetune.step()
-        return {"ce": float(loss.detach()), "correct": float((logits.argmax(1) == y).float().mean())}
+        return {"ce": loss.detach(), "correct": (logits.argmax(1) == y).float().mean()}
 
-    def _set_lr(self, step: int) -> float:
-        """Each phase has its own warm-up and cosine over its own steps."""
-        cfg = self.cfg
-        if step < cfg.steps:
-            opt, peak, at, total = self.opt_distill, cfg.lr, step, cfg.steps
-        else:
-            opt, peak, at, total = self.opt_finetune, cfg.finetune_lr, step - cfg.steps, cfg.finetune_steps
-        lr = peak * cosine_factor(at, total, int(cfg.warmup_frac * total))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        return lr
+    def _scalar(self, value: float) -> torch.Tensor:
+        """A number as a device tensor without a host round trip (a fill, not a copy)."""
+        return torch.full((), float(value), dtype=torch.float64, device=self.device)
+
+    def _logged(self, phase: str) -> Sequence[str]:
+        """The statistics a step of `phase` records (the others are None in its log rows)."""
+        if phase == "finetune":
+            return ("ce", "correct")
+        return ("distill", "mean_t") + (("aux_ce", "entropy_w") if self.policy is not None else ())
 
     # -- the skeleton's step ------------------------------------------------------------------
     def is_row(self, step: int) -> bool:
@@ -476,36 +478,38 @@ class _RepFusion(Trainer):
     def is_checkpoint(self, step: int) -> bool:
         return super().is_checkpoint(step) or step == self.cfg.steps  # and on a checkpoint
 
-    def train_step(self, step: int) -> float:
-        self.lr = self._set_lr(step)
+    def train_step(self, step: int) -> torch.Tensor:
         x, y = self.train_data.batch(self._indices(step), device=self.device)
         if step < self.cfg.steps:
             self.phase = "distill"
             stats = self._distill_step(step, x, y)
             if self.distill_first is None:
-                self.distill_first = stats["distill"]
+                self.distill_first = float(stats["distill"])  # once, at the first step
         else:
             self.phase = "finetune"
             stats = self._finetune_step(x, y)
-        if not all(math.isfinite(v) for v in stats.values()):
-            raise FloatingPointError(f"non-finite loss at step {step} ({self.phase}): {stats}; lower the learning rate")
-        for k, v in stats.items():
-            self.window.setdefault(k, []).append(v)
+        # every statistic of the log, on the device (0 where this phase has none); a non-finite one
+        # stops the run at the end of the log interval
+        self.record(torch.stack([stats[k].double() if k in stats else self._scalar(0.0) for k in _LOG_KEYS]))
         return stats.get("distill", stats.get("ce"))
 
     def flush(self, step: int, row: bool, bar) -> None:
-        if not row:  # the interval in progress is saved with the checkpoint (state()["window"])
+        sums, steps = self.take_window(step, end=row)
+        self.running = sums + [steps]  # the interval so far (saved with a checkpoint)
+        if not row:  # the interval in progress is saved with the checkpoint (state()["running"])
             return
-        mean = {k: sum(v) / len(v) for k, v in self.window.items()}
+        logged = self._logged(self.phase)
+        mean = {k: v / self.running[-1] for k, v in zip(_LOG_KEYS, self.running) if k in logged}
         self.history.append([step, self.phase, self.lr] + [mean.get(k) for k in _LOG_KEYS])
         bar.set_postfix({k: f"{v:.4f}" for k, v in mean.items() if k in ("distill", "ce", "aux_ce", "mean_t")},
                         refresh=False)
-        self.window = {}
+        self.running = [0.0] * len(_LOG_KEYS) + [0]
 
-    def run(self) -> RepFusionResult:
+    def run(self) -> Result:
         self.student.train()
         metrics = super().run()
-        return RepFusionResult(self.student, self.classifier, metrics, self.cfg.out, self.history)
+        return Result(metrics, self.cfg.out, self.step, self.history,
+                      {"student": self.student, "classifier": self.classifier})
 
     @torch.no_grad()
     def _policy_stats(self) -> Dict[str, Any]:

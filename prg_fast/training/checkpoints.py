@@ -1,6 +1,9 @@
-"""The two checkpoint formats of prg_fast's models: pretraining ("prg_fast.pretrain", written by
-`prg-fast pretrain`; layout in prg_fast.training.pretrain's module doc) and finetuning
-("prg_fast.finetune", written by `prg-fast finetune`; layout in prg_fast.training.finetune's).
+"""The checkpoint formats of prg_fast's models: pretraining ("prg_fast.pretrain", written by
+`prg-fast pretrain`; layout in prg_fast.training.pretrain's module doc), finetuning
+("prg_fast.finetune", written by `prg-fast finetune`; layout in prg_fast.training.finetune's), and
+a pretrained flow's published weights ("prg_fast.flow", written by `save_flow_weights` from a
+pretraining checkpoint: its EMA weights and what rebuilds the network, without the optimizer and
+random state; `finetune --weights FILE` and `extract --checkpoint FILE` read it).
 Reading each file once and validating it, rebuilding its network or classifier, and the checks
 shared by the commands that read them (finetune, evaluate, extract, repfusion, genrep)."""
 from __future__ import annotations
@@ -17,7 +20,8 @@ from .rundir import CheckpointError, check_checkpoint, checkpoint_file, read_che
 
 __all__ = ["PRETRAIN_FORMAT", "PRETRAIN_VERSION", "PRETRAIN_KEYS", "FINETUNE_FORMAT", "FINETUNE_VERSION",
            "REQUIRED_KEYS", "load_checkpoint", "load_finetune_checkpoint",
-           "load_model_checkpoint", "build_model", "build_classifier", "check_data_fits"]
+           "load_model_checkpoint", "build_model", "build_classifier", "check_data_fits", "FLOW_FORMAT",
+           "FLOW_VERSION", "FLOW_KEYS", "save_flow_weights"]
 
 SKELETON_KEYS = ("format", "version", "step", "args", "world_size", "rng", "history")  # every trainer's
 PRETRAIN_FORMAT = "prg_fast.pretrain"
@@ -28,17 +32,25 @@ FINETUNE_FORMAT = "prg_fast.finetune"
 FINETUNE_VERSION = 1
 REQUIRED_KEYS = SKELETON_KEYS + ("flow", "head", "optimizer", "model_config", "head_config", "in_channels",
                                  "image_size", "data", "num_classes", "classifier")
-
+FLOW_FORMAT = "prg_fast.flow"
+FLOW_VERSION = 1
+# a pretraining checkpoint's entries that a published flow keeps ("ema": the weights), and "trained":
+# how it was trained (the pretraining arguments but the output folder)
+FLOW_KEYS = ("format", "version", "step", "ema", "model_config", "preset", "in_channels", "image_size", "path", "data",
+             "num_classes", "trained")
 
 FORMATS = {"pretrain": (PRETRAIN_FORMAT, PRETRAIN_VERSION, PRETRAIN_KEYS, "pretraining"),
-           "finetune": (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning")}
+           "finetune": (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, "finetuning"),
+           "flow": (FLOW_FORMAT, FLOW_VERSION, FLOW_KEYS, "flow weights")}
 # a checkpoint of the other kind than asked for: what it is and what to do instead
 OTHER_KIND = {
     "pretrain": f"{{where}} is not a prg_fast pretraining checkpoint ({PRETRAIN_FORMAT!r}, written by "
                 f"prg-fast pretrain): it is a finetuned classifier ({FINETUNE_FORMAT!r}). Use prg-fast "
                 f"evaluate / extract for finetuned checkpoints",
     "finetune": "{where} is a pretraining checkpoint: it has no classifier head. Finetune it first (prg-fast "
-                "finetune --checkpoint {path} ...) and evaluate that run's directory"}
+                "finetune --checkpoint {path} ...) and evaluate that run's directory",
+    "flow": f"{{where}} is a finetuned classifier ({FINETUNE_FORMAT!r}), not a pretrained flow's weights "
+            f"({FLOW_FORMAT!r}) or pretraining checkpoint; use prg-fast evaluate / extract for it"}
 
 
 def load_model_checkpoint(path: str, kinds=("pretrain", "finetune"),
@@ -58,6 +70,28 @@ def load_model_checkpoint(path: str, kinds=("pretrain", "finetune"),
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     """Read and validate a pretraining checkpoint (a file, or a run directory holding one)."""
     return load_model_checkpoint(path, ("pretrain",), map_location)[1]
+
+
+def save_flow_weights(checkpoint: str, file: str, *, force: bool = False) -> Dict[str, Any]:
+    """Write the published weights of a pretraining checkpoint (run directory or file) to `file`
+    ("prg_fast.flow": its EMA weights, the network's config, path, data and pretraining arguments;
+    no optimizer or random state, so about a third of the checkpoint). An existing `file` is
+    replaced only with force=True. Returns what was written."""
+    from .rundir import atomic_write, claim_file
+
+    claim_file(file, force)
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt["model_config"] is None:
+        raise CheckpointError(f"{checkpoint_file(checkpoint)} holds a network prg_fast did not build; publish its "
+                              f"state_dict instead (finetune --model MODULE:FACTORY --weights FILE reads that)")
+    trained = {k: v for k, v in dict(ckpt["args"]).items() if k not in ("out", "device")}
+    flow = {"format": FLOW_FORMAT, "version": FLOW_VERSION, "step": int(ckpt["step"]),
+            "ema": {k: v.detach().to("cpu", torch.float32).clone() for k, v in ckpt["ema"].items()},
+            **{k: ckpt[k] for k in ("model_config", "preset", "in_channels", "image_size", "path", "data",
+                                   "num_classes")},
+            "trained": trained}
+    atomic_write(file, lambda f: torch.save(flow, f))
+    return flow
 
 
 def load_finetune_checkpoint(path: str) -> Dict[str, Any]:
@@ -94,6 +128,8 @@ def build_model(ckpt: Dict[str, Any], ema: bool = True, model: Optional[torch.nn
     ones (fresh=True: neither, as initialised). A network prg_fast did not build (model_config None)
     is the `model` given, its weights loaded; the network is returned as trained, in its own time
     convention (ckpt.get("time_convention"))."""
+    if not ema and not fresh and "model" not in ckpt:
+        raise CheckpointError(f"this file holds the EMA weights only ({ckpt.get('format')!r}); drop --raw-weights")
     return _load_weights(ckpt, model, None if fresh else ckpt["ema" if ema else "model"], "model_config")
 
 

@@ -320,7 +320,7 @@ def extract(checkpoint: str, data: str, out: str, *, t: Optional[float] = None, 
         claim_file(out, force)
         if probe:
             claim_file(out[:-len(".npz")] + ".probe.json", force, what="the probe file")
-    kind, ckpt = load_model_checkpoint(checkpoint)  # the file is read once
+    kind, ckpt = load_model_checkpoint(checkpoint, ("pretrain", "finetune", "flow"))  # the file is read once
     where = checkpoint_file(checkpoint)
     flow, defaults, weights = _flow_to_extract(kind, ckpt, raw_weights, model)
     t, t0, steps, method = (d if v is None else v for v, d in zip((t, t0, ode_steps, method), defaults))

@@ -1,8 +1,9 @@
-"""PRG finetuning (`prg-fast finetune`); DESIGN.md section 4. Re-evaluation and feature extraction
+"""PRG finetuning (`prg-fast finetune`, docs/cli.md). Re-evaluation and feature extraction
 (`prg-fast evaluate` / `extract`) are in prg_fast.training.evaluate, the checkpoint's reading and
 rebuilding in prg_fast.training.checkpoints (both still importable from here).
 
-Finetuning loads a pretraining checkpoint (EMA weights by default), puts a ClassifierHead on the end
+Finetuning loads a pretraining checkpoint (EMA weights by default; or `weights`, a pretrained flow's
+published weights file, prg_fast.training.checkpoints.save_flow_weights), puts a ClassifierHead on the end
 state of the reversed trajectory (PRGClassifier: reverse from t0 to t, then the head) and trains
 head and flow jointly through prg_fast's exact adjoint with
 
@@ -11,7 +12,9 @@ head and flow jointly through prg_fast's exact adjoint with
 on the same batch (the paper's objective; beta = 0 is the released code's cross-entropy only).
 AdamW, linear warm-up then cosine decay or constant (torch's LambdaLR); --freeze-flow trains the
 head only (the flow runs without a graph), --from-scratch trains the same architecture without
-pretraining. One process, or many under torchrun (DistributedDataParallel; the test split is
+pretraining. `val_size` holds out that many training images (stratified, drawn by the seed:
+prg_fast.data.validation_split) before any labelled subset is drawn and reports their top-1 as
+val_top1. One process, or many under torchrun (DistributedDataParallel; the test split is
 classified in shards, one per process), on the skeleton of prg_fast.training.trainer. Any
 nn.Module called as model(t, x) can be the flow (finetune(model=...), see `finetune`).
 
@@ -32,7 +35,7 @@ finished).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -40,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..classifier import PRGClassifier, check_segment, feature_shape
-from ..data import ImageData, class_balanced_subset, load_data
+from ..data import ImageData, class_balanced_subset, load_data, validation_split
 from ..losses import flow_matching_loss
 from ..models import UNet
 from ..models.heads import ClassifierHead
@@ -48,23 +51,23 @@ from ..models.unet import PRESETS
 from ..ode.solvers import get_tableau
 from ..paths import PATHS, get_path
 from .checkpoints import (FINETUNE_FORMAT, FINETUNE_VERSION, REQUIRED_KEYS, build_classifier, build_model,
-                          check_data_fits, load_checkpoint, load_finetune_checkpoint)
+                          check_data_fits, load_finetune_checkpoint, load_model_checkpoint)
 from .distributed import Dist, run_on_ranks, wrap_ddp
 from .evaluate import evaluate, extract, sharded_correct
 from .flows import check_flow, check_model_reads, foreign_model_entries, prg_velocity
 from .rundir import CheckpointError, checkpoint_file
-from .runs import load_train_data, lr_schedule, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
+from .runs import load_train_data
+from .trainer import Result, RunOptions, Schedule, TrainConfig, Trainer, configure, one_of, ranged
 
 # evaluate, extract, load_finetune_checkpoint, build_classifier and the format constants live in
 # evaluate.py / checkpoints.py; they stay importable from here, where they were first
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
+__all__ = ["FinetuneConfig", "finetune", "evaluate", "extract", "load_finetune_checkpoint",
            "build_classifier", "FINETUNE_FORMAT", "FINETUNE_VERSION"]
 
 # arguments that define what a finetuning run is; resuming with other values is refused
-RESUME_MUST_MATCH = ("data", "checkpoint", "t0", "t", "learn_t", "learn_t0", "save_at", "ode_steps", "method",
-                     "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch", "model", "path",
-                     "hidden", "raw_weights", "labels_per_class", "labels_seed")
+RESUME_MUST_MATCH = ("data", "checkpoint", "weights", "val_size", "t0", "t", "learn_t", "learn_t0", "save_at",
+                     "ode_steps", "method", "batch_size", "beta", "label_smoothing", "freeze_flow", "from_scratch",
+                     "model", "path", "hidden", "raw_weights", "labels_per_class", "labels_seed")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class FinetuneConfig(TrainConfig):
     """Arguments of `prg-fast finetune` (the command line maps one flag to each field)."""
 
     checkpoint: Optional[str] = None  # pretraining checkpoint (file or run directory)
+    weights: Optional[str] = None  # or a pretrained flow's published weights (prg_fast.flow file)
     out: str = "runs/finetune"
     steps: int = 1000
     ode_steps: int = ranged(20, 1)
@@ -99,6 +103,7 @@ class FinetuneConfig(TrainConfig):
     t_lr: float = ranged(0.05, 0.0, 10.0, lo_open=True)  # peak lr of the raw time parameters; no decay
     labels_per_class: Optional[int] = ranged(None, 1)  # finetune on N labelled images per class (None: all)
     labels_seed: Optional[int] = ranged(None, 0)  # seed of that class-balanced subset (None: seed)
+    val_size: int = ranged(0, 0)  # hold out this many training images (stratified, by seed) and report val_top1
     crop_padding: int = ranged(0, 0)
     fm_eps: float = ranged(1e-5, 0.0, 0.5)
     ckpt_every: int = 500
@@ -117,33 +122,36 @@ class FinetuneConfig(TrainConfig):
         if self.freeze_flow and self.from_scratch:
             raise ValueError("freeze_flow with from_scratch would train a head on an untrained, frozen flow; "
                              "choose one of them")
-        if self.checkpoint is None and not self.from_scratch and not external_model:
-            raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt); "
-                             "only --from-scratch runs without one")
+        if self.checkpoint is not None and self.weights is not None:
+            raise ValueError("give the pretrained flow once: --checkpoint (a pretraining run) or --weights (a flow "
+                             "weights file), not both")
+        if self.weights is not None:
+            if not isinstance(self.weights, str) or not self.weights:
+                raise ValueError(f"weights must be a file path, got {self.weights!r}")
+            self.weights = os.path.abspath(os.path.expanduser(self.weights))
+        if self.pretrained is None and not self.from_scratch and not external_model:
+            raise ValueError("finetune needs --checkpoint (a pretraining run directory or checkpoint.pt) or --weights "
+                             "(a pretrained flow's weights file); only --from-scratch runs without one")
         if self.checkpoint is not None:
             self.checkpoint = self.pretrained_checkpoint("finetune")
         if self.model is not None:
             if external_model:
                 raise ValueError("model (a UNet preset) and a network passed as model= exclude each other")
-            if self.checkpoint is not None:
-                raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint; with a "
-                                 "checkpoint the architecture is the checkpoint's")
-        elif self.checkpoint is None and not external_model:
+            if self.pretrained is not None:
+                raise ValueError("model (a UNet preset) is only for --from-scratch without --checkpoint / --weights; "
+                                 "with a pretrained flow the architecture is its own")
+        elif self.pretrained is None and not external_model:
             raise ValueError("--from-scratch without --checkpoint needs --model PRESET for the architecture")
         return self
 
     @property
+    def pretrained(self) -> Optional[str]:
+        """The pretrained flow's file or run directory: --checkpoint or --weights (None: neither)."""
+        return self.checkpoint if self.checkpoint is not None else self.weights
+
+    @property
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else int(round(0.05 * self.steps))
-
-
-@dataclass
-class FinetuneResult:
-    classifier: PRGClassifier  # the finetuned classifier (unwrapped)
-    metrics: Dict[str, Any]
-    out: str
-    step: int
-    history: List[List[float]] = field(default_factory=list)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -173,8 +181,9 @@ class _FinetuneNet(nn.Module):
 
 
 def finetune(config: Optional[FinetuneConfig] = None, *, model: Optional[nn.Module] = None,
-             time_convention: str = "prg", **kwargs) -> FinetuneResult:
-    """Finetune (or resume finetuning) a PRG classifier; see the module doc. Call with a
+             time_convention: str = "prg", **kwargs) -> Result:
+    """Finetune (or resume finetuning) a PRG classifier (the Result's network: classifier, the
+    finetuned PRGClassifier, unwrapped); see the module doc. Call with a
     FinetuneConfig or with its fields as keyword arguments. Every process of a torchrun job calls
     it; only rank 0 writes files.
 
@@ -198,6 +207,11 @@ class _Finetuner(Trainer):
         existing = self.open_run(cfg, ctx, options, FINETUNE_FORMAT, FINETUNE_VERSION, "finetune", "finetuning",
                                  REQUIRED_KEYS)
         self.data: ImageData = load_train_data(cfg.data, cfg.hflip, cfg.crop_padding)
+        self.val: Optional[ImageData] = None
+        if cfg.val_size:  # carved out first, so the labelled images never include a validation image
+            train_idx, val_idx = validation_split(self.data.labels, cfg.val_size, cfg.seed, self.data.num_classes)
+            self.val = load_data(cfg.data, "train", augment=None).subset(val_idx)
+            self.data = self.data.subset(train_idx)
         self.labels_seed = None
         if cfg.labels_per_class is not None:  # label-scarce: a seeded class-balanced subset; test stays whole
             self.labels_seed = cfg.seed if cfg.labels_seed is None else cfg.labels_seed
@@ -212,9 +226,18 @@ class _Finetuner(Trainer):
             raise ValueError(f"{cfg.data}: the test split has {self.test.num_classes} classes, the train split "
                              f"{self.data.num_classes}")
         self._indices = self.step_batches(self.data)
+        self._given, self.time_convention = user_model, time_convention
+        self.begin(existing)
+        self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
+        self.net = wrap_ddp(self.module, ctx)
+        self.params = [p for p in self.classifier.parameters() if p.requires_grad]
+        mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
+        self.bar_desc = f"finetune ({mode})"
 
-        seed_everything(cfg.seed)  # identical initial head (and scratch flow) on every rank
-        flow = self._build_flow(user_model, time_convention)
+    def build(self) -> None:
+        """The classifier (the head, and a scratch flow, initialised alike on every rank) and AdamW."""
+        cfg = self.cfg
+        flow = self._build_flow(self._given, self.time_convention)
         self.beta = 0.0 if cfg.freeze_flow else cfg.beta  # a frozen flow gets nothing from the FM term
         head = ClassifierHead(feature_shape(self.data.shape, cfg.save_at), self.data.num_classes, hidden=cfg.hidden)
         self.classifier = PRGClassifier(flow, head, t=cfg.t, t0=cfg.t0, steps=cfg.ode_steps, method=cfg.method,
@@ -231,18 +254,11 @@ class _Finetuner(Trainer):
             groups.append({"params": list(segment.values()), "lr": cfg.t_lr, "weight_decay": 0.0, "name": "time"})
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.running = [0.0, 0.0, 0.0, 0.0, 0]
-        self.begin(existing, rank_seed(cfg.seed, ctx.rank))
-        peaks = {"head": cfg.head_lr or cfg.lr, "time": cfg.t_lr}
-        for group in self.opt.param_groups:  # this run's peaks, also over a resumed optimizer's saved groups
-            group["initial_lr"] = peaks.get(group.get("name"), cfg.lr)
-            group.pop("peak_lr", None)  # what checkpoints of the first release called initial_lr
-        self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup_steps, schedule=cfg.schedule, floor=cfg.min_lr,
-                                 step=self.step)
-        self.module = _FinetuneNet(self.classifier, self.path, self.beta, cfg.label_smoothing, cfg.fm_eps)
-        self.net = wrap_ddp(self.module, ctx)
-        self.params = [p for p in self.classifier.parameters() if p.requires_grad]
-        mode = "head only" if cfg.freeze_flow else ("from scratch" if cfg.from_scratch else "PRG")
-        self.bar_desc = f"finetune ({mode})"
+
+    def lr_schedules(self):
+        cfg = self.cfg
+        return [Schedule(self.opt, cfg.lr, cfg.steps, cfg.warmup_steps, kind=cfg.schedule, floor=cfg.min_lr,
+                         peaks={"head": cfg.head_lr or cfg.lr, "time": cfg.t_lr})]
 
     def _build_flow(self, user_model: Optional[nn.Module], time_convention: str) -> nn.Module:
         """The flow: pretrained weights (EMA by default), or the same architecture freshly
@@ -250,17 +266,19 @@ class _Finetuner(Trainer):
         cfg, (c, h, w) = self.cfg, self.data.shape
         self.pretrain_info = None
         path_name, sigma = cfg.path, 0.0
-        if cfg.checkpoint is not None:
-            pre = load_checkpoint(cfg.checkpoint)
-            check_data_fits(self.data, pre, checkpoint_file(cfg.checkpoint), "was pretrained on")
+        if cfg.pretrained is not None:
+            # --checkpoint: a pretraining run; --weights: a published flow file (or a pretraining checkpoint)
+            kinds = ("pretrain", "flow") if cfg.checkpoint is not None else ("flow", "pretrain")
+            pre = load_model_checkpoint(cfg.pretrained, kinds)[1]
+            check_data_fits(self.data, pre, checkpoint_file(cfg.pretrained), "was pretrained on")
             if user_model is not None and pre.get("time_convention", time_convention) != time_convention:
-                raise ValueError(f"{cfg.checkpoint} trained its network with time_convention="
+                raise ValueError(f"{cfg.pretrained} trained its network with time_convention="
                                  f"{pre['time_convention']!r}, not {time_convention!r}")
             if cfg.from_scratch:  # the same architecture, freshly initialised
                 flow = build_model(pre, model=user_model, fresh=True)
             else:
                 flow = build_model(pre, ema=not cfg.raw_weights, model=user_model)
-                self.pretrain_info = {"checkpoint": cfg.checkpoint, "step": int(pre["step"]),
+                self.pretrain_info = {"checkpoint": cfg.pretrained, "step": int(pre["step"]),
                                       "weights": "raw" if cfg.raw_weights else "ema"}
             self.preset = pre.get("preset")
             if path_name is None:
@@ -302,6 +320,8 @@ class _Finetuner(Trainer):
             group["weight_decay"] = 0.0 if group.get("name") == "time" else cfg.weight_decay
         running = ckpt.get("running") or [0.0, 0.0, 0.0, 0.0, 0]
         self.running = [float(v) for v in running[:4]] + [int(running[4])]
+        world = self.ctx.world
+        self.continue_window([v * world for v in self.running[:3]] + [self.running[3]], self.running[4])
         history = ckpt["history"]
         self.loss_first = ckpt.get("loss_first", history[0][1] if history else None)
         if ckpt.get("pretrain") is not None:
@@ -340,13 +360,12 @@ class _Finetuner(Trainer):
         return super().is_row(step) or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
 
     # -- the step ---------------------------------------------------------------------------------
-    def run(self) -> FinetuneResult:
+    def run(self) -> Result:
         self._train_mode()
         metrics = super().run()
-        return FinetuneResult(self.classifier, metrics, self.cfg.out, self.step, self.history)
+        return Result(metrics, self.cfg.out, self.step, self.history, {"classifier": self.classifier})
 
     def train_step(self, step: int) -> torch.Tensor:
-        self.lr = self.sched.lr_lambdas[0](step) * self.cfg.lr
         x, y = self.data.batch(self._indices(step), device=self.device)
         loss, stats = self.net(x, y)
         self.opt.zero_grad(set_to_none=True)
@@ -354,17 +373,14 @@ class _Finetuner(Trainer):
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
-        self.sched.step()
         self.record(stats)
         return stats[0]
 
     def flush(self, step: int, row: bool, bar) -> None:
-        (loss_sum, ce_sum, fm_sum, correct), steps = self.take_window(step)
+        (loss_sum, ce_sum, fm_sum, correct), steps = self.take_window(step, end=row)
         world = self.ctx.world
         # per-rank sums of per-batch means -> divide by world; correct counts -> divide by images
-        for i, v in enumerate((loss_sum / world, ce_sum / world, fm_sum / world, correct)):
-            self.running[i] += v
-        self.running[4] += steps
+        self.running = [loss_sum / world, ce_sum / world, fm_sum / world, correct, steps]
         if not row:
             return
         count = max(self.running[4], 1)
@@ -401,6 +417,11 @@ class _Finetuner(Trainer):
             "train_size": len(self.data),
             "labels_seed_used": self.labels_seed,
         }
+        if self.val is not None:
+            metrics["val_top1"] = sharded_correct(self.classifier, self.val, self.ctx,
+                                                  batch_size=cfg.eval_batch_size) / len(self.val)
+            metrics["val_size"] = len(self.val)
+            self._train_mode()
         return self.write_metrics(
             metrics, f"step {self.step}: test top-1 {acc:.4f} ({cfg.ode_steps} {cfg.method} steps); wrote "
                      f"{cfg.out}/checkpoint.pt, metrics.json")

@@ -50,8 +50,13 @@ def prg_velocity(model: torch.nn.Module, time_convention: str) -> torch.nn.Modul
     return model
 
 
+# every convolution with in_channels (torch's public classes; the lazy ones subclass them)
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+          torch.nn.ConvTranspose3d)
+
+
 def _first_conv_channels(model: torch.nn.Module):
-    conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    conv = next((m for m in model.modules() if isinstance(m, _CONVS)), None)
     return None if conv is None else conv.in_channels
 
 

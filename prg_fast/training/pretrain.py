@@ -32,8 +32,8 @@ a resumed run reproduces an uninterrupted one exactly (same arguments, same worl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -50,13 +50,12 @@ from .distributed import Dist, run_on_ranks, wrap_ddp
 from .flows import (check_flow, check_model_reads, foreign_model_entries, import_factory, is_factory_spec,
                     prg_velocity)
 from .rundir import CheckpointError, atomic_write
-from .runs import load_train_data, lr_schedule, rank_seed, seed_everything
-from .trainer import RunOptions, TrainConfig, Trainer, configure, one_of, ranged
+from .runs import load_train_data
+from .trainer import Result, RunOptions, Schedule, TrainConfig, Trainer, configure, one_of, ranged
 
 # load_checkpoint and build_model live in checkpoints.py; they stay
 # importable from here, where they were first
-__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "load_checkpoint", "build_model", "CheckpointError",
-           "save_image_grid"]
+__all__ = ["PretrainConfig", "pretrain", "load_checkpoint", "build_model", "CheckpointError", "save_image_grid"]
 
 # arguments that define what a checkpoint is; resuming with different values is refused
 RESUME_MUST_MATCH = ("data", "path", "sigma", "model", "dropout", "batch_size", "optimizer")
@@ -102,23 +101,14 @@ class PretrainConfig(TrainConfig):
         return self
 
 
-@dataclass
-class PretrainResult:
-    model: torch.nn.Module  # the trained network (unwrapped)
-    ema: torch.nn.Module  # its EMA weights
-    metrics: Dict[str, Any]
-    out: str
-    step: int
-    history: List[List[float]] = field(default_factory=list)
-
-
 # -------------------------------------------------------------------------------------------------
 # training
 
 
 def pretrain(config: Optional[PretrainConfig] = None, *, model: Optional[torch.nn.Module] = None,
-             time_convention: str = "prg", **kwargs) -> PretrainResult:
-    """Train (or resume training of) a velocity network by flow matching; see the module doc.
+             time_convention: str = "prg", **kwargs) -> Result:
+    """Train (or resume training of) a velocity network by flow matching; see the module doc. The
+    Result's networks: model (the trained network, unwrapped) and ema (its EMA weights).
     Call with a PretrainConfig or with its fields as keyword arguments (and RunOptions' fields:
     ckpt_minutes, force). Every process of a torchrun job calls it; only rank 0 writes files.
 
@@ -152,18 +142,22 @@ class _Pretrainer(Trainer):
             raise ValueError(f"the UNet presets need square images; {cfg.data} has {h}x{w}")
         self._indices = self.step_batches(self.data)
         self.path = get_path(cfg.path, cfg.sigma)
+        if cfg.prediction != "velocity" and user_model is not None:
+            raise ValueError("prediction epsilon / v is for the UNet presets; a network of your own returns a velocity")
+        self.user_model, self.time_convention, self._given = user_model is not None, time_convention, user_model
+        self.begin(existing)
+        self.net = wrap_ddp(self.model, ctx)
+        self.velocity = prg_velocity(self.net, time_convention)  # what the loss trains, in prg_fast's time
 
+    def build(self) -> None:
+        cfg, (c, h, _) = self.cfg, self.data.shape
         overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
         if cfg.prediction != "velocity":  # the UNet converts its prediction to the velocity itself
-            if user_model is not None:
-                raise ValueError("prediction epsilon / v is for the UNet presets; a network of your own returns a velocity")
             overrides.update(prediction=cfg.prediction, prediction_path=cfg.path)
-        seed_everything(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
-        self.user_model, self.time_convention = user_model is not None, time_convention
-        if user_model is None:
+        if self._given is None:
             self.model = UNet.preset(cfg.model, in_channels=c, image_size=h, **overrides).to(self.device)
         else:
-            self.model = user_model.to(self.device)
+            self.model = self._given.to(self.device)
             check_model_reads(self.model, self.data.shape, cfg.data, self.device)
         # the copy of the initial weights counts as one average (n_averaged = 1), so the first update
         # already averages (decay 0.1 at step 0) instead of AveragedModel's plain copy
@@ -173,13 +167,10 @@ class _Pretrainer(Trainer):
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.running = [0.0, 0]
-        self.begin(existing, rank_seed(cfg.seed, ctx.rank))
-        for group in self.opt.param_groups:
-            group["initial_lr"] = cfg.lr  # this run's peak, also over a resumed optimizer's saved groups
+
+    def lr_schedules(self):
         # a warm-up, then the peak (pretraining has no decay)
-        self.sched = lr_schedule(self.opt, cfg.steps, cfg.warmup, schedule="constant", step=self.step)
-        self.net = wrap_ddp(self.model, ctx)
-        self.velocity = prg_velocity(self.net, time_convention)  # what the loss trains, in prg_fast's time
+        return [Schedule(self.opt, self.cfg.lr, self.cfg.steps, self.cfg.warmup, kind="constant")]
 
     # -- checkpoint entries -------------------------------------------------------------------
     def load_state(self, ckpt: Dict[str, Any]) -> None:
@@ -192,6 +183,7 @@ class _Pretrainer(Trainer):
         self.opt.load_state_dict(ckpt["optimizer"])
         running = ckpt.get("running") or {"sum": 0.0, "count": 0}
         self.running = [float(running["sum"]), int(running["count"])]
+        self.continue_window([self.running[0] * self.ctx.world], self.running[1])
         history = ckpt["history"]
         self.loss_first = running.get("first", history[0][1] if history else None)
         self.averaged.n_averaged.fill_(int(ckpt["step"]) + 1)
@@ -225,20 +217,19 @@ class _Pretrainer(Trainer):
             b_ema.copy_(b)
 
     # -- the step -----------------------------------------------------------------------------------
-    def run(self) -> PretrainResult:
+    def run(self) -> Result:
         cfg = self.cfg
         if self.step < cfg.steps and cfg.warmup > cfg.steps:
             # the warm-up is a fixed step count, not a fraction of the run: say so rather than let a
             # short run train quietly below the learning rate it was given
-            peak = cfg.lr * self.sched.lr_lambdas[0](cfg.steps - 1)
+            peak = cfg.lr * self.schedules[0][1].lr_lambdas[0](cfg.steps - 1)
             self.files.say(f"note: warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} steps); the "
                            f"learning rate peaks at {peak:.3g}, not --lr {cfg.lr:g} (use --warmup to shorten it)")
         self.model.train()
         metrics = super().run()
-        return PretrainResult(self.model, self.ema, metrics, cfg.out, self.step, self.history)
+        return Result(metrics, cfg.out, self.step, self.history, {"model": self.model, "ema": self.ema})
 
     def train_step(self, step: int) -> torch.Tensor:
-        self.lr = self.opt.param_groups[0]["lr"]
         x, _ = self.data.batch(self._indices(step), device=self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16):
             loss = flow_matching_loss(self.velocity, x, self.path, eps=self.cfg.eps,
@@ -248,15 +239,13 @@ class _Pretrainer(Trainer):
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        self.sched.step()
         self._update_ema()
         self.record(loss.reshape(1))
         return loss.detach()
 
     def flush(self, step: int, row: bool, bar) -> None:
-        (loss_sum,), steps = self.take_window(step)
-        self.running[0] += loss_sum / self.ctx.world  # every rank's loss, averaged: the global batch's
-        self.running[1] += steps
+        (loss_sum,), steps = self.take_window(step, end=row)
+        self.running = [loss_sum / self.ctx.world, steps]  # every rank's loss, averaged: the global batch's
         if row:
             mean = self.running[0] / max(self.running[1], 1)
             self.history.append([step, mean, self.lr])

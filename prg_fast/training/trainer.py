@@ -1,14 +1,20 @@
 """The one training skeleton of pretrain, finetune, repfusion and genrep: claiming the run directory,
-resuming, the step loop, streaming logs, checkpoints by step count and by wall time, and stopping
-cleanly on SIGINT / SIGTERM. Each trainer keeps only its own step, state and metrics.
+seeding, resuming, the learning-rate schedules, the step loop, streaming logs, checkpoints by step
+count and by wall time, and stopping cleanly on SIGINT / SIGTERM. Each trainer keeps only its own
+networks, step, state and metrics, and returns the one Result.
 
 A trainer subclasses Trainer and supplies
-    train_step(step) -> loss        one optimizer step (the loss of step 0 becomes loss_start)
-    flush(step, row, bar)           fold the interval's statistics in (those a step record()ed come
-                                    back from take_window()); append a log row when `row`
+    build()                         its networks and optimizers (the skeleton seeds the global random
+                                    state with --seed first: the same initial weights on every rank)
+    lr_schedules() -> [Schedule]    its optimizers' learning rates over the run (default none)
+    train_step(step) -> loss        one optimizer step; its statistics go to record() (a tensor, on
+                                    the device: the host reads them once per log interval)
+    flush(step, row, bar)           the interval's statistics so far (take_window(), ending the
+                                    interval when `row`), kept for a checkpoint; a log row when `row`
     state() / load_state(ckpt)      its own checkpoint entries (networks, optimizers, running sums)
     finish(start_step, elapsed)     final numbers -> metrics.json
-and calls open_run(...) then begin(ckpt) in its __init__; Trainer.run() does the rest.
+and calls open_run(...) then begin(ckpt) in its __init__; Trainer.run() does the rest (the
+learning rate of the step about to run is self.lr; the schedules step after each step).
 
 The run directory (--out DIR) of every trainer:
     DIR/checkpoint.pt   written atomically every --ckpt-every steps, every --ckpt-minutes, on SIGINT /
@@ -46,7 +52,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,11 +60,51 @@ from tqdm.auto import tqdm
 
 from .distributed import Dist
 from .rundir import CheckpointError, RunDir
-from .runs import (StepBatches, check_int, check_number, gather_rng_states, restore_rng_on_resume,
-                   seed_everything)
+from .runs import (StepBatches, check_int, check_number, gather_rng_states, lr_schedule, rank_seed,
+                   restore_rng_on_resume, seed_everything)
 
-__all__ = ["Trainer", "TrainConfig", "RunOptions", "Interrupted", "StopRequests", "configure",
+__all__ = ["Trainer", "TrainConfig", "RunOptions", "Result", "Schedule", "Interrupted", "StopRequests", "configure",
            "ranged", "one_of"]
+
+
+@dataclass
+class Result:
+    """What every trainer returns: its final metrics (those of metrics.json), its run directory, the
+    optimizer steps completed, the log rows, and the trained networks by name, which read as
+    attributes too: r.model and r.ema (pretrain), r.classifier (finetune), r.encoder (genrep),
+    r.student and r.classifier (repfusion)."""
+
+    metrics: Dict[str, Any]
+    out: str
+    step: int
+    history: List[List[Any]] = field(default_factory=list)
+    networks: Dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    def __getattr__(self, name: str):  # called only for names that are not fields
+        networks = self.__dict__.get("networks", {})
+        if name in networks:
+            return networks[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (networks: {sorted(networks)})")
+
+
+@dataclass
+class Schedule:
+    """The learning rate of one optimizer over the run's steps [start, start + total): a linear
+    warm-up over `warmup` steps, then a cosine down to floor x the peak ("cosine") or the peak
+    ("constant"), through torch's LambdaLR (runs.lr_schedule). A param group's peak is peaks[its
+    "name"], else `peak`, which is also the rate the log shows."""
+
+    optimizer: torch.optim.Optimizer
+    peak: float
+    total: int
+    warmup: int
+    kind: str = "cosine"
+    floor: float = 0.0
+    start: int = 0
+    peaks: Dict[str, float] = field(default_factory=dict)
+
+    def covers(self, step: int) -> bool:
+        return self.start <= step < self.start + self.total
 
 
 class Interrupted(KeyboardInterrupt):
@@ -190,8 +236,8 @@ def configure(cls, config, kwargs: Dict[str, Any], **validate_kwargs) -> Tuple[A
 
 
 class Trainer(ABC):
-    """The skeleton (see the module doc); a subclass's __init__ calls open_run(), builds its
-    networks and optimizers, then calls begin()."""
+    """The skeleton (see the module doc); a subclass's __init__ calls open_run(), loads what it needs
+    before its networks are built, then calls begin()."""
 
     clock = staticmethod(time.perf_counter)  # seconds; what wall-time checkpoints and timings read
     log_header: Sequence[str] = ()
@@ -213,18 +259,48 @@ class Trainer(ABC):
         self.step, self.resumed_from, self.history, self.elapsed_prev = 0, 0, [], 0.0
         self.loss_first: Optional[float] = None
         self.window_steps, self.window_sum = 0, None
+        self.lr: Optional[float] = None
         return self.files.claim(force=options.force)
 
     def step_batches(self, data) -> StepBatches:
         """This rank's sample indices of each step, a function of (seed, step) alone."""
         return StepBatches(data, self.ctx, self.cfg.seed, self.local_batch, self.cfg.batch_size)
 
-    def begin(self, ckpt: Optional[Dict[str, Any]], fresh_seed: int) -> None:
-        """Continue from `ckpt` (arguments checked, state and random streams restored), or seed the
-        fresh run's random streams with `fresh_seed`."""
+    def begin(self, ckpt: Optional[Dict[str, Any]]) -> None:
+        """build() with the global random state seeded by --seed (the same initial weights on every
+        rank and in every run); continue from `ckpt` (arguments checked, state and random streams
+        restored) or seed the fresh run's streams (stream_seed()); then the learning-rate schedules,
+        at this run's peaks (also over a resumed optimizer's saved groups)."""
+        seed_everything(self.cfg.seed)
+        self.build()
         if ckpt is None:
-            seed_everything(fresh_seed)
-            return
+            seed_everything(self.stream_seed())
+        else:
+            self._resume(ckpt)
+        self.schedules = []
+        for s in self.lr_schedules():
+            for group in s.optimizer.param_groups:
+                group["initial_lr"] = s.peaks.get(group.get("name"), s.peak)
+                group.pop("peak_lr", None)  # what finetuning checkpoints of the first release called initial_lr
+            self.schedules.append((s, lr_schedule(s.optimizer, s.total, s.warmup, schedule=s.kind, floor=s.floor,
+                                                  step=max(self.step - s.start, 0))))
+
+    def stream_seed(self) -> int:
+        """The seed of a fresh run's random streams: one stream per rank, apart from the initial
+        weights' seed."""
+        return rank_seed(self.cfg.seed, self.ctx.rank)
+
+    def lr_schedules(self) -> Sequence[Schedule]:
+        return ()
+
+    def lr_at(self, step: int) -> Optional[float]:
+        """The logged learning rate of 0-based step `step`: its schedule's peak x factor."""
+        for s, sched in self.schedules:
+            if s.covers(step):
+                return sched.lr_lambdas[0](step - s.start) * s.peak
+        return self.lr
+
+    def _resume(self, ckpt: Dict[str, Any]) -> None:
         self.files.check_resume(ckpt, asdict(self.cfg), self.must_match)
         try:
             self.load_state(ckpt)
@@ -253,6 +329,9 @@ class Trainer(ABC):
     def is_checkpoint(self, step: int) -> bool:
         """Whether step `step` (1-based count) is checkpointed by step count."""
         return step % self.cfg.ckpt_every == 0 or step == self.total_steps
+
+    @abstractmethod
+    def build(self) -> None: ...
 
     @abstractmethod
     def train_step(self, step: int): ...
@@ -285,9 +364,13 @@ class Trainer(ABC):
         last_save = self.t_start
         with StopRequests(self.files.say) as stop:
             while self.step < self.total_steps:
+                self.lr = self.lr_at(self.step)
                 loss = self.train_step(self.step)
+                for s, sched in self.schedules:
+                    if s.covers(self.step):
+                        sched.step()
                 if self.loss_first is None:
-                    self.loss_first = float(loss)
+                    self.loss_first = float(loss)  # the one host read outside the log intervals
                 self.step += 1
                 bar.update(1)
                 minutes = self.options.ckpt_minutes
@@ -324,21 +407,40 @@ class Trainer(ABC):
 
     def record(self, stats: torch.Tensor) -> None:
         """Add one step's statistics (a 1-D tensor on the device, the loss first) to the log
-        interval in progress: summed on the device, so a step costs no host synchronisation."""
-        self.window_sum = stats.detach() if not self.window_steps else self.window_sum + stats.detach()
+        interval in progress: summed on the device, so a step costs no host synchronisation, in
+        float64, so the sum is the one a float64 sum of the steps' values gives on the host."""
+        stats = stats.detach().to(self._sum_dtype())
+        self.window_sum = stats if self.window_sum is None else self.window_sum + stats
         self.window_steps += 1
 
-    def take_window(self, step: int):
-        """(the interval's recorded statistics summed over its steps and over the ranks, its steps
-        per rank); the next interval starts empty. A non-finite loss stops the run with what to do."""
-        sums = self.window_sum.double()
+    def _sum_dtype(self) -> torch.dtype:
+        return torch.float32 if self.device.type == "mps" else torch.float64  # (MPS has no float64)
+
+    def continue_window(self, sums: Sequence[float], steps: int) -> None:
+        """A resumed run's log interval in progress (its sums over the steps and the ranks so far, as
+        take_window gave them at the checkpoint): the next steps add to them in the order the
+        uninterrupted run adds them, so the interval's figures come out the same (rank 0 holds the
+        sums, the other ranks start from zero)."""
+        if steps:
+            sums = torch.tensor([float(v) for v in sums], dtype=self._sum_dtype(), device=self.device)
+            self.window_sum = sums if self.ctx.rank == 0 else torch.zeros_like(sums)
+        self.window_steps = int(steps)
+
+    def take_window(self, step: int, end: bool = True):
+        """(the log interval's recorded statistics so far, summed over its steps and over the ranks,
+        its steps per rank). `end`: the interval ends here and the next starts empty; else (a
+        checkpoint inside the interval) it goes on summing. A non-finite statistic stops the run
+        with what to do."""
+        sums, steps = self.window_sum.double().clone(), self.window_steps
         if self.ctx.world > 1:
             dist.all_reduce(sums)
-        steps, self.window_steps = self.window_steps, 0
-        if not math.isfinite(float(sums[0])):
-            raise FloatingPointError(f"the loss became non-finite between steps {step - steps} and {step}; "
-                                     f"lower --lr (now {self.cfg.lr:g}) or keep --grad-clip on")
-        return [float(v) for v in sums], steps
+        if end:
+            self.window_sum, self.window_steps = None, 0
+        values = [float(v) for v in sums.cpu()]  # the interval's host read
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"the loss became non-finite between steps {step - steps} and {step} "
+                                     f"(statistics {values}); lower the learning rate (--lr {self.cfg.lr:g})")
+        return values, steps
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, **final) -> None:

@@ -1,0 +1,667 @@
+"""PRG on Fashion-MNIST on a CPU (issue 33): label-scarce and all-label tables over three seeds.
+
+    python benchmarks/fashion_mnist.py            # the tables (hours on a shared 2-core machine; resumable)
+    python benchmarks/fashion_mnist.py --quick    # every row at small scale (a few minutes)
+    python benchmarks/fashion_mnist.py --report   # the Markdown tables and the figures from the results file
+
+One pretrained flow (the `mnist28` UNet preset, OT-CFM, seed 0) is shared by every row; it is
+published as weights/fashion_mnist_flow.pt (prg_fast.flow: its EMA weights) and every pretrained row
+finetunes from that file, exactly as `prg-fast finetune --weights weights/fashion_mnist_flow.pt` does.
+For N labelled images per class (N = 10, 100, all) and seeds 0, 1, 2 (seed s draws the labelled
+subset and seeds the finetuning), the rows are:
+
+  prg       the pretrained flow reversed (t = 0 -> 1 in K euler steps), head + flow trained with
+            cross-entropy + beta x flow matching (prg-fast finetune --weights)
+  scratch   the same network, solver and recipe from a random initialisation (--from-scratch)
+  head      the head alone on the frozen reversed flow (--freeze-flow)
+  linear / knn   a linear probe (logistic regression, C chosen on held-out training images) and
+            20-NN (cosine) on the frozen features at t = 1 of the labelled images (prg-fast extract)
+
+Every trained row is evaluated on the 10,000 test images with the step count it was trained with (K)
+and with K/2 and 4K (prg-fast evaluate --ode-steps). Each step of the work is a `prg-fast` command
+run as a subprocess (one torch thread each, --jobs of them at a time), whose CPU seconds and peak
+memory are read from the kernel (os.wait4); a finished cell is appended as one JSON line to the
+results file (benchmarks/results/fashion_mnist.jsonl, or fashion_mnist_quick.jsonl), and a rerun
+skips the cells already there (run directories under runs/benchmarks/ resume an interrupted
+command). --quick runs the same rows on 6,000 / 1,000 images of the real files (an IDX copy written
+under the run folder and read with --data-dir), fewer steps and two seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+WEIGHTS = "weights/fashion_mnist_flow.pt"  # relative to the repository root
+# The all-label scratch rows run at niceness +10: the kernel shares the CPU between sessions (autogroups)
+# first, so the parallel cells only split this run's part of the machine, and the pretraining and
+# the pretrained rows (which wait for it) take most of that; those long rows, needing nothing, fill in.
+NICE = 10
+LABELS = (10, 100, None)  # None: every training image
+
+# The protocol. Scale choices (why these): the CPU budget of issue 33 -- the whole table within a few
+# hours on a 2-core machine that other jobs shared (load average 10-14 while it ran: each of our
+# one-thread processes got 7-15% of a core); K = 2 euler steps because a finetuning step costs
+# ~(K + 1) network forward+backward passes per image; pretraining 2000 x 128 images (4.3 epochs);
+# all-label finetuning 470 x 128 (1 epoch), label-scarce 100 x 50 (10 per class, 50 epochs of the
+# subset) and 200 x 100 (100 per class, 20 epochs). The learning curve (test top-1 every quarter)
+# only for all-label rows, and the step sweep (K/2, 4K) for PRG and scratch: each test evaluation
+# costs 10,000 x steps forward passes.
+SCALES: Dict[str, Dict[str, Any]] = {
+    "full": dict(seeds=(0, 1, 2), ode_steps=2, method="euler", beta=0.1, lr=2e-3, model="mnist28",
+                 pretrain=dict(steps=2000, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.999),
+                 finetune={10: dict(steps=100, batch_size=50), 100: dict(steps=200, batch_size=100),
+                           None: dict(steps=470, batch_size=128)},
+                 subset=None),
+    "quick": dict(seeds=(0, 1), ode_steps=2, method="euler", beta=0.1, lr=2e-3, model="mnist28",
+                  pretrain=dict(steps=150, batch_size=64, lr=2e-3, warmup=20, ema_decay=0.99),
+                  finetune={10: dict(steps=20, batch_size=50), 100: dict(steps=20, batch_size=100),
+                            None: dict(steps=30, batch_size=128)},
+                  subset=(6000, 1000)),
+}
+
+
+def labels_name(n: Optional[int]) -> str:
+    return "all" if n is None else str(n)
+
+
+# -------------------------------------------------------------------------------------------------
+# measuring one command
+
+
+def run_command(argv: List[str], log: str, nice: int = 0) -> Dict[str, Any]:
+    """Run `argv` (from the repository root, one torch thread, at niceness +`nice`), its output
+    appended to `log`; returns its wall seconds, CPU seconds (user + system, from the kernel) and
+    peak resident memory, and its last stdout line parsed as JSON (every prg-fast command prints its
+    metrics so)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    with open(log, "a") as err:
+        err.write(f"$ {shlex.join(argv)}\n")
+        err.flush()
+        # nice execs the command in its own process: wait4 below still measures the command
+        proc = subprocess.Popen((["nice", "-n", str(nice)] if nice else []) + argv, cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time and peak memory
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f"command failed with status {rc} (log: {log}): {shlex.join(argv)}")
+    lines = [s for s in out.splitlines() if s.strip()]
+    return {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": usage.ru_maxrss / 1024, "metrics": json.loads(lines[-1]) if lines else {}}
+
+
+def python_cmd(*args: str) -> List[str]:
+    return [sys.executable, *args]
+
+
+def prg_fast_cmd(command: str, *args) -> List[str]:
+    return python_cmd("-m", "prg_fast", command, *[str(a) for a in args])
+
+
+def internal_cmd(task: str, *args) -> List[str]:
+    """This script's own small tasks (publishing the weights, probes, figures), run as subprocesses
+    so that their CPU time and memory are measured as the prg-fast commands' are."""
+    return python_cmd(os.path.abspath(__file__), "--internal", task, *[str(a) for a in args])
+
+
+# -------------------------------------------------------------------------------------------------
+# the cells
+
+
+class Plan:
+    """The cells of one scale, in the order they are started (dependencies permitting)."""
+
+    def __init__(self, scale: str, run_root: str, jobs: int):
+        self.scale, self.p = scale, SCALES[scale]
+        self.root = run_root
+        self.flow = os.path.join(ROOT, WEIGHTS) if scale == "full" else os.path.join(run_root, "flow.pt")
+        self.data = ["--data", "fashion-mnist"]
+        if self.p["subset"]:
+            self.data += ["--data-dir", os.path.join(run_root, "data")]
+        self.spec = "fashion-mnist" + (f":{os.path.join(run_root, 'data')}" if self.p["subset"] else "")
+        self.cells: List[Dict[str, Any]] = []
+        self._build()
+
+    def add(self, key: str, after: List[str], run, **info) -> None:
+        self.cells.append({"key": key, "after": after, "run": run, **info})
+
+    def _build(self) -> None:
+        """The cells in the order they start as slots free up (and dependencies allow): the
+        pretraining, the label-scarce scratch rows beside it, then the pretrained rows row by row
+        (10 labels per class first, one all-label PRG seed early), the other scratch rows where a
+        slot is free."""
+        seeds = self.p["seeds"]
+        base = [] if not self.p["subset"] else ["data"]
+        if self.p["subset"]:
+            self.add("data", [], lambda: self.steps([internal_cmd("subset", *self.p["subset"], self.path("data"))]),
+                     kind="data")
+        self.add("pretrain", base, self.pretrain, kind="pretrain")
+        ten, hundred, every = LABELS
+        for s in seeds:
+            self.add_finetune("scratch", ten, s, base)
+        self.add("publish", ["pretrain"], lambda: self.steps([internal_cmd("publish", self.path("pretrain"), self.flow)]),
+                 kind="publish")
+        self.add("figure-flow", ["publish"], lambda: self.steps(
+            [internal_cmd("figure-flow", self.flow, self.figure("fashion_mnist_flow.png"), self.spec)]), kind="figure")
+        self.add("features", ["publish"], self.features, kind="features")
+        order = ([("prg", ten, s) for s in seeds] + [("head", ten, s) for s in seeds] + [("probe", ten, s) for s in seeds]
+                 + [("scratch", hundred, s) for s in seeds] + [("prg", every, seeds[0])]
+                 + [(m, hundred, s) for m in ("prg", "head", "probe") for s in seeds]
+                 + [("scratch", every, s) for s in seeds]
+                 + [("probe", every, seeds[0])]  # all labels: the probe has nothing random, one run
+                 + [("prg", every, s) for s in seeds[1:]] + [("head", every, s) for s in seeds])
+        for method, n, s in order:
+            if method == "probe":
+                self.add(f"probe-{labels_name(n)}-s{s}", ["features"], lambda n=n, s=s: self.probe(n, s),
+                         kind="probe", method="probe", labels_per_class=n, seed=s)
+            else:
+                self.add_finetune(method, n, s, ["publish"] if method != "scratch" else base)
+
+    def path(self, *names: str) -> str:
+        return os.path.join(self.root, *names)
+
+    def figure(self, name: str) -> str:
+        return os.path.join(HERE, "figures", name) if self.scale == "full" else self.path(name)
+
+    def steps(self, argvs: List[List[str]], nice: int = 0) -> Dict[str, Any]:
+        """Run the commands one after the other; their measurements summed (peak: the largest)."""
+        out = {"commands": [], "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mib": 0.0, "metrics": []}
+        log = self.path("commands.log")
+        for argv in argvs:
+            r = run_command(argv, log, nice)
+            out["commands"].append(shlex.join([os.path.relpath(a, ROOT) if a.startswith(ROOT) else a
+                                               for a in (["python"] + argv[1:])]))
+            out["wall_s"] += r["wall_s"]
+            out["cpu_s"] += r["cpu_s"]
+            out["peak_rss_mib"] = max(out["peak_rss_mib"], r["peak_rss_mib"])
+            out["metrics"].append(r["metrics"])
+        return out
+
+    def pretrain(self) -> Dict[str, Any]:
+        q = self.p["pretrain"]
+        r = self.steps([prg_fast_cmd("pretrain", *self.data, "--model", self.p["model"], "--path", "otcfm",
+                                     "--steps", q["steps"], "--batch-size", q["batch_size"], "--lr", q["lr"],
+                                     "--warmup", q["warmup"], "--ema-decay", q["ema_decay"], "--seed", 0,
+                                     "--ckpt-minutes", 5, "--no-progress", "--out", self.path("pretrain"))])
+        m = r.pop("metrics")[0]
+        return {**r, "loss": m.get("loss"), "loss_start": m.get("loss_start"), "steps": m.get("step"),
+                "resumed_from_step": m.get("resumed_from_step"), "train_time_total_s": m.get("train_time_total_s")}
+
+    def features(self) -> Dict[str, Any]:
+        r = self.steps([prg_fast_cmd("extract", *self.data, "--checkpoint", self.flow, "--t", 1.0, "--ode-steps",
+                                     self.p["ode_steps"], "--method", self.p["method"], "--batch-size", 500,
+                                     "--no-progress", "--force", "--out", self.path("features"))])
+        m = r.pop("metrics")[0]
+        return {**r, "feature_shape": m.get("feature_shape"), "n_train": m.get("n_train"), "n_test": m.get("n_test")}
+
+    def probe(self, n: Optional[int], seed: int) -> Dict[str, Any]:
+        r = self.steps([internal_cmd("probe", self.path("features", "features.npz"), labels_name(n), seed)])
+        return {**r, **r.pop("metrics")[0]}
+
+    def add_finetune(self, method: str, n: Optional[int], seed: int, after: List[str]) -> None:
+        self.add(f"{method}-{labels_name(n)}-s{seed}", after, lambda: self.finetune(method, n, seed), kind="finetune",
+                 method=method, labels_per_class=n, seed=seed)
+
+    def finetune(self, method: str, n: Optional[int], seed: int) -> Dict[str, Any]:
+        p, f = self.p, self.p["finetune"][n]
+        out = self.path(f"{method}-{labels_name(n)}-s{seed}")
+        k = p["ode_steps"]
+        argv = prg_fast_cmd("finetune", *self.data, "--steps", f["steps"], "--batch-size", f["batch_size"],
+                            "--ode-steps", k, "--method", p["method"], "--lr", p["lr"], "--seed", seed,
+                            "--eval-every", max(f["steps"] // 4, 1) if n is None else 0,  # the learning curve
+                            "--log-every", max(f["steps"] // 20, 1),
+                            "--ckpt-minutes", 5, "--no-progress", "--out", out)
+        if n is not None:
+            argv += ["--labels-per-class", str(n), "--labels-seed", str(seed)]
+        argv += {"prg": ["--weights", self.flow, "--beta", str(p["beta"])],
+                 "scratch": ["--from-scratch", "--model", p["model"], "--beta", str(p["beta"])],
+                 "head": ["--weights", self.flow, "--freeze-flow"]}[method]
+        evals = [prg_fast_cmd("evaluate", *self.data, "--checkpoint", out, "--ode-steps", steps, "--no-progress",
+                              "--force", "--out", os.path.join(out, f"evaluate-{steps}"))
+                 for steps in ((max(k // 2, 1), 4 * k) if method != "head" else ())]
+        r = self.steps([argv] + evals, nice=NICE if (method, n) == ("scratch", None) else 0)
+        ft, *ev = r.pop("metrics")
+        by_steps = {str(k): ft["top1"], **{str(m["ode_steps"]): m["top1"] for m in ev}}
+        return {**r, "top1": ft["top1"], "top1_by_steps": by_steps, "train_top1": ft.get("train_top1"),
+                "train_size": ft.get("train_size"), "steps": ft.get("step"), "curve": learning_curve(out),
+                "num_params_flow": ft.get("num_params_flow"), "num_params_head": ft.get("num_params_head"),
+                "resumed_from_step": ft.get("resumed_from_step")}
+
+
+def learning_curve(out: str) -> List[List[float]]:
+    """[step, test top-1] of the evaluations during finetuning (log.csv), the final one included."""
+    import csv
+
+    rows = []
+    with open(os.path.join(out, "log.csv")) as f:
+        for row in csv.DictReader(f):
+            if row.get("test_top1") not in (None, ""):
+                rows.append([int(float(row["step"])), float(row["test_top1"])])
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    return rows + [[int(m["step"]), float(m["top1"])]]
+
+
+# -------------------------------------------------------------------------------------------------
+# the results file and the scheduler
+
+
+def protocol_id(scale: str) -> str:
+    import hashlib
+
+    text = repr(SCALES[scale])  # dicts keep their written order: the same settings give the same text
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def read_results(path: str) -> List[Dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_result(path: str, row: Dict[str, Any], lock: threading.Lock) -> None:
+    """One JSON line per finished cell, flushed and synced: an interrupted run loses no finished cell."""
+    with lock:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_plan(plan: Plan, results: str, jobs: int) -> int:
+    pid = protocol_id(plan.scale)
+    done = {}
+    for row in read_results(results):
+        if row.get("protocol") != pid:
+            raise SystemExit(f"{results} holds cells of another protocol ({row.get('protocol')}, this one is {pid}): "
+                             f"the settings changed; name another --results file")
+        done[row["cell"]] = row
+    pending = [c for c in plan.cells if c["key"] not in done]
+    print(f"fashion_mnist ({plan.scale}): {len(done)} cells done, {len(pending)} to run; results -> {results}",
+          flush=True)
+    os.makedirs(plan.root, exist_ok=True)
+    lock, failed, running = threading.Lock(), set(), {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            blocked = [c for c in pending if any(a in failed for a in c["after"])]
+            for c in blocked:  # a cell after a failed one cannot run
+                failed.add(c["key"])
+                pending.remove(c)
+            for c in [c for c in pending if all(a in done for a in c["after"])]:
+                if len(running) >= jobs:
+                    break
+                pending.remove(c)
+                print(f"  start {c['key']}  ({time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f})", flush=True)
+                running[pool.submit(c["run"])] = (c, os.getloadavg()[0])
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                c, load = running.pop(fut)
+                try:
+                    r = fut.result()
+                except Exception as e:  # reported, and the cells after it skipped; the rest go on
+                    print(f"  FAILED {c['key']}: {e}", flush=True)
+                    failed.add(c["key"])
+                    continue
+                row = {"cell": c["key"], "protocol": pid, "scale": plan.scale,
+                       **{k: c[k] for k in ("kind", "method", "labels_per_class", "seed") if k in c},
+                       **{k: (round(v, 3) if k.endswith(("_s", "_mib")) else v) for k, v in r.items()},
+                       "load_avg_start": round(load, 2), "load_avg_end": round(os.getloadavg()[0], 2),
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                append_result(results, row, lock)
+                done[c["key"]] = row
+                top = f" top-1 {r['top1']:.4f}" if isinstance(r.get("top1"), float) else ""
+                print(f"  done  {c['key']}:{top} {r['cpu_s']:.0f} CPU s, {r['wall_s']:.0f} s wall, "
+                      f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+    if failed:
+        print(f"fashion_mnist: {len(failed)} cells failed or were skipped after a failure: {sorted(failed)}",
+              flush=True)
+        return 1
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------
+# internal tasks (each run as a subprocess by a cell)
+
+
+def task_subset(n_train: str, n_test: str, folder: str) -> Dict[str, Any]:
+    """The first n_train / n_test images of the real files, written as IDX files into `folder` (the
+    --quick data set, read back through --data-dir)."""
+    import gzip
+
+    from prg_fast.data import load_data
+
+    os.makedirs(folder, exist_ok=True)
+    for split, prefix, n in (("train", "train", int(n_train)), ("test", "t10k", int(n_test))):
+        d = load_data("fashion-mnist", split, augment=None)
+        images, labels = d.images[:n, 0].numpy(), d.labels[:n].numpy().astype("uint8")
+        for name, arr, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
+            header = magic.to_bytes(4, "big") + b"".join(int(x).to_bytes(4, "big") for x in arr.shape)
+            with gzip.open(os.path.join(folder, f"{prefix}-{name}-ubyte.gz"), "wb") as f:
+                f.write(header + arr.tobytes())
+    return {"n_train": int(n_train), "n_test": int(n_test)}
+
+
+def task_publish(pretrain_dir: str, file: str) -> Dict[str, Any]:
+    from prg_fast.training.checkpoints import save_flow_weights
+
+    flow = save_flow_weights(pretrain_dir, file)
+    return {"file": os.path.relpath(file, ROOT), "bytes": os.path.getsize(file), "step": flow["step"],
+            "params": sum(v.numel() for v in flow["ema"].values())}
+
+
+def task_probe(features: str, labels: str, seed: str) -> Dict[str, Any]:
+    """Linear probe and 20-NN on the frozen features of the labelled training images (all, or N per
+    class drawn as finetune --labels-per-class N --labels-seed SEED draws them), scored on the test
+    features. The probe's C: 5-fold cross-validation on the labelled images (prg_fast's
+    linear_probe), or for every image one held-out split of 5,000 (five folds of 60,000 would cost
+    more than the rest of the row)."""
+    import numpy as np
+    import torch
+
+    from prg_fast.data import class_balanced_subset, validation_split
+    from prg_fast.training.evaluate import knn_accuracy, linear_probe, load_features
+
+    f = load_features(features)
+    tx, ty, vx, vy = f["train_features"], f["train_labels"], f["test_features"], f["test_labels"]
+    if labels != "all":
+        idx = class_balanced_subset(torch.from_numpy(ty), int(labels), int(seed), 10).numpy()
+        tx, ty = tx[idx], ty[idx]
+        lin = linear_probe(tx, ty, vx, vy, seed=int(seed))
+    else:
+        fit, held = (i.numpy() for i in validation_split(torch.from_numpy(ty), 5000, int(seed), 10))
+        scores = {c: linear_probe(tx[fit], ty[fit], tx[held], ty[held], C=c)["top1"] for c in (0.01, 0.1, 1.0)}
+        lin = linear_probe(tx, ty, vx, vy, C=max(scores, key=scores.get))
+    knn = knn_accuracy(tx, ty, vx, vy, k=20)
+    return {"linear_top1": lin["top1"], "linear_C": lin["C"], "knn_top1": knn["top1"], "train_size": int(len(ty)),
+            "top1": lin["top1"], "dim": int(np.prod(tx.shape[1:]))}
+
+
+def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
+    """Samples from the pretrained flow (20 rk4 steps from noise) and test images along their reversed
+    trajectory (20 euler steps, states at t = 0, 0.25, 0.5, 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    import prg_fast
+    from prg_fast.data import load_data
+    from prg_fast.training.checkpoints import build_model, load_model_checkpoint
+
+    torch.manual_seed(0)
+    flow = build_model(load_model_checkpoint(flow_file, ("flow",))[1]).eval()
+    test = load_data(spec, "test", augment=None)
+    with torch.no_grad():
+        samples = prg_fast.generate(flow, torch.randn(40, 1, 28, 28), steps=20, method="rk4")
+        picks = [int(torch.nonzero(test.labels == c)[0]) for c in range(0, 10, 2)]
+        x, _ = test.batch(picks, augment=False)
+        path = prg_fast.reverse(flow, x, save_at=[0.25, 0.5, 1.0], steps=20, method="euler")
+    fig, axes = plt.subplots(5, 12, figsize=(12, 5.4))
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(40):
+        r, c = divmod(i, 8)
+        axes[r, c].imshow(samples[i, 0].clamp(-1, 1), cmap="gray", vmin=-1, vmax=1)
+    for row, img in enumerate(picks[:5]):
+        states = [x[row, 0]] + [path[j, row, 0] for j in range(3)]
+        for j, s in enumerate(states):
+            ax = axes[row, 8 + j]
+            ax.imshow(s, cmap="gray", vmin=-1 if j == 0 else float(s.min()), vmax=1 if j == 0 else float(s.max()))
+            if row == 0:
+                ax.set_title(f"t = {[0, 0.25, 0.5, 1][j]:g}", fontsize=9)
+    fig.suptitle("left: samples of the pretrained flow (20 rk4 steps from noise); right: test images along their "
+                 "reversed trajectory (20 euler steps; panels at t > 0 contrast-stretched)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    return {"figure": os.path.relpath(png, ROOT) if png.startswith(ROOT) else png}
+
+
+PRESET_CANDIDATES = {  # what the mnist28 preset was chosen against (same widths, no patches; the digits preset)
+    "mnist28": dict(preset="mnist28"),
+    "mnist28 without patches (28x28 UNet)": dict(preset="mnist28", patch_size=1),
+    "tiny at 28x28": dict(preset="tiny"),
+}
+
+
+def task_preset(name: str) -> Dict[str, Any]:
+    """Parameters and one-thread throughput of a candidate network on 28x28 grey images: network
+    evaluations per second (images) without gradients (batch 256) and forward + backward (batch 128),
+    the best of 5 timings each; peak memory is the process's, read by the caller."""
+    import torch
+
+    from prg_fast.models import UNet
+
+    torch.set_num_threads(1)
+    kw = dict(PRESET_CANDIDATES[name])
+    model = UNet.preset(kw.pop("preset"), in_channels=1, image_size=28, **kw)
+    out = {"name": name, "params": sum(p.numel() for p in model.parameters())}
+    for what, batch in (("forward", 256), ("forward_backward", 128)):
+        x, t = torch.randn(batch, 1, 28, 28), torch.rand(batch)
+        times = []
+        for rep in range(6):
+            start = time.process_time()
+            if what == "forward":
+                with torch.no_grad():
+                    model(t, x)
+            else:
+                model(t, x).square().mean().backward()
+            if rep:  # the first is a warm-up
+                times.append(time.process_time() - start)
+        out[f"{what}_images_per_cpu_s"] = round(batch / min(times), 1)
+    return out
+
+
+def measure_presets() -> None:
+    print("| network (28x28 grey, one thread) | parameters | forward, images / CPU s | forward + backward, "
+          "images / CPU s | peak memory MiB |\n|---|---|---|---|---|")
+    base = run_command(python_cmd("-c", "import torch, prg_fast.models, json; print(json.dumps({}))"), os.devnull)
+    print(f"| (python with torch and prg_fast imported, no network) | -- | -- | -- | {base['peak_rss_mib']:.0f} |")
+    for name in PRESET_CANDIDATES:
+        r = run_command(internal_cmd("preset", name), os.devnull)
+        m = r["metrics"]
+        print(f"| {name} | {m['params'] / 1e6:.3f}M | {m['forward_images_per_cpu_s']:.0f} | "
+              f"{m['forward_backward_images_per_cpu_s']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
+    print(f"(host load average {os.getloadavg()[0]:.1f}; CPU seconds, so the share of the cores the process got "
+          f"does not enter, but a loaded host's caches do)")
+
+
+TASKS = {"preset": task_preset, "subset": task_subset, "publish": task_publish, "probe": task_probe, "figure-flow": task_figure_flow}
+
+
+# -------------------------------------------------------------------------------------------------
+# the report: Markdown tables and the accuracy figure from the results file
+
+
+METHODS = (("prg", "PRG finetuned"), ("scratch", "from scratch"), ("head", "head only (frozen flow)"),
+           ("linear", "linear probe (frozen, t = 1)"), ("knn", "20-NN (frozen, t = 1)"))
+
+
+def _stats(values: List[float]) -> Optional[tuple]:
+    import statistics
+
+    if not values:
+        return None
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
+
+
+def _fmt(st, scale: float = 100.0) -> str:
+    if st is None:
+        return "--"
+    mean, sd, n = st
+    sd_text = "" if sd != sd else f" ± {sd * scale:.1f}"
+    return f"{mean * scale:.1f}{sd_text}" + (f" (n={n})" if n != 3 else "")
+
+
+def top1(row: Dict[str, Any]) -> float:
+    """A finetuning cell's test top-1 at its training step count, unrounded (the first results were
+    written with top-level floats rounded to 3 decimals; top1_by_steps holds the exact values)."""
+    by_steps = row.get("top1_by_steps") or {}
+    return by_steps.get(str(SCALES[row["scale"]]["ode_steps"]), row["top1"])
+
+
+def collect(rows: List[Dict[str, Any]]) -> Dict[tuple, List[float]]:
+    """(method, labels) -> test top-1 per seed; linear / knn from the probe cells."""
+    out: Dict[tuple, List[float]] = {}
+    for r in rows:
+        n = labels_name(r.get("labels_per_class"))
+        if r.get("kind") == "finetune":
+            out.setdefault((r["method"], n), []).append(top1(r))
+        elif r.get("kind") == "probe":
+            out.setdefault(("linear", n), []).append(r["linear_top1"])
+            out.setdefault(("knn", n), []).append(r["knn_top1"])
+    return out
+
+
+def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
+    p = SCALES[scale]
+    acc = collect(rows)
+    k = p["ode_steps"]
+    lines = ["| labels per class | " + " | ".join(labels_name(n) for n in LABELS) + " |",
+             "|---|" + "---|" * len(LABELS)]
+    for key, name in METHODS:
+        lines.append(f"| {name} | " + " | ".join(_fmt(_stats(acc.get((key, labels_name(n)), []))) for n in LABELS)
+                     + " |")
+    diff = []
+    for n in LABELS:
+        by_seed = {(r["method"], r["seed"]): top1(r) for r in rows
+                   if r.get("kind") == "finetune" and r.get("labels_per_class") == n}
+        pairs = [by_seed[("prg", s)] - by_seed[("scratch", s)] for s in p["seeds"]
+                 if ("prg", s) in by_seed and ("scratch", s) in by_seed]
+        diff.append(_fmt(_stats(pairs)))
+    lines.append("| PRG - scratch (paired by seed) | " + " | ".join(diff) + " |")
+    steps = [max(k // 2, 1), k, 4 * k]
+    lines += ["", f"Step count at evaluation (trained with K = {k} {p['method']} steps; test top-1 %):", "",
+              "| row | labels per class | " + " | ".join(f"{s} steps" for s in steps) + " |",
+              "|---|---|" + "---|" * len(steps)]
+    for key, name in METHODS[:2]:  # the head-only rows are evaluated at K only
+        for n in LABELS:
+            cells = [r for r in rows if r.get("kind") == "finetune" and r["method"] == key
+                     and r.get("labels_per_class") == n]
+            if cells:
+                lines.append(f"| {name} | {labels_name(n)} | " + " | ".join(
+                    _fmt(_stats([r["top1_by_steps"][str(s)] for r in cells])) for s in steps) + " |")
+    lines += ["", "Cost per row (per seed: CPU seconds of its commands, user + system, and wall minutes on the "
+              "shared machine; peak resident memory of its largest command):", "",
+              "| row | labels per class | CPU s per seed | wall min per seed | peak MiB | host load (1-min avg) |",
+              "|---|---|---|---|---|---|"]
+    for r_kind, key, name in [("pretrain", None, "pretraining (shared)"), ("features", None, "feature extraction (shared)")] + \
+            [("finetune", k_, n_) for k_, n_ in METHODS[:3]] + [("probe", "probe", "linear probe + 20-NN")]:
+        for n in (LABELS if r_kind in ("finetune", "probe") else (None,)):
+            cells = [r for r in rows if r.get("kind") == r_kind and (key is None or r.get("method") == key)
+                     and (r_kind not in ("finetune", "probe") or r.get("labels_per_class") == n)]
+            if cells:
+                cpu = sum(r["cpu_s"] for r in cells) / len(cells)
+                wall = sum(r["wall_s"] for r in cells) / len(cells) / 60
+                peak = max(r["peak_rss_mib"] for r in cells)
+                loads = [r["load_avg_start"] for r in cells] + [r["load_avg_end"] for r in cells]
+                label = labels_name(n) if r_kind in ("finetune", "probe") else "--"
+                lines.append(f"| {name} | {label} | {cpu:.0f} | {wall:.1f} | {peak:.0f} | "
+                             f"{min(loads):.1f}-{max(loads):.1f} |")
+    total_cpu = sum(r["cpu_s"] for r in rows)
+    total_wall = sum(r["wall_s"] for r in rows)
+    lines += ["", f"All {len(rows)} cells: {total_cpu / 3600:.2f} CPU hours, {total_wall / 3600:.2f} hours of "
+              f"command wall time (summed over the cells, several of which ran at a time)."]
+    return "\n".join(lines)
+
+
+def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
+    """Test top-1 vs labels per class (PRG / scratch / head only, mean +- sd over seeds) and, once
+    all-label rows exist, their learning curves (test top-1 during finetuning, each seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = collect(rows)
+    xs = {"10": 10, "100": 100, "all": 6000}
+    curves = [r for r in rows if r.get("kind") == "finetune" and r.get("labels_per_class") is None and r.get("curve")]
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(10.5 if curves else 5.6, 3.9), squeeze=False)
+    ax = axes[0, 0]
+    for key, name in METHODS[:3]:
+        pts = [(xs[n], _stats(acc.get((key, n), []))) for n in xs]
+        pts = [(x, st) for x, st in pts if st is not None]
+        if pts:
+            ax.errorbar([x for x, _ in pts], [st[0] * 100 for _, st in pts],
+                        yerr=[0 if st[1] != st[1] else st[1] * 100 for _, st in pts], marker="o", capsize=3,
+                        label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(list(xs.values()), ["10", "100", "all (6,000)"])
+    ax.set_xlabel("labelled training images per class")
+    ax.set_ylabel("test top-1 (%), 10,000 images")
+    ax.set_title("Fashion-MNIST, mnist28 flow, mean ± sd over seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if curves:
+        ax = axes[0, 1]
+        colors = {"prg": "C0", "scratch": "C1", "head": "C2"}
+        for r in sorted(curves, key=lambda r: (r["method"], r["seed"])):
+            steps, top = zip(*r["curve"])
+            ax.plot(steps, [t * 100 for t in top], marker=".", color=colors[r["method"]], alpha=0.8,
+                    label=f"{dict(METHODS)[r['method']]}" if r["seed"] == 0 else None)
+        ax.axhline(91.6, color="gray", ls="--", lw=1)
+        ax.text(min(r["curve"][0][0] for r in curves), 91.0, "goal 91.6%", fontsize=8, color="gray")
+        ax.set_xlabel("finetuning step (batch 128; 470 steps = 1 epoch)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title("all labels: learning curves, every seed", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="every row at small scale (minutes)")
+    ap.add_argument("--jobs", type=int, default=2, help="cells run at a time (each one torch thread)")
+    ap.add_argument("--results", default=None, help="JSON-lines results file (default benchmarks/results/"
+                                                    "fashion_mnist[_quick].jsonl)")
+    ap.add_argument("--out", default=None, help="run folder (default runs/benchmarks/fashion_mnist[_quick])")
+    ap.add_argument("--report", action="store_true", help="only print the tables and redraw the accuracy figure")
+    ap.add_argument("--presets", action="store_true", help="only measure the mnist28 preset against the candidates")
+    ap.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.internal:
+        print(json.dumps(TASKS[a.internal[0]](*a.internal[1:])), flush=True)
+        return 0
+    if a.presets:
+        measure_presets()
+        return 0
+    scale = "quick" if a.quick else "full"
+    suffix = "_quick" if a.quick else ""
+    results = a.results or os.path.join(HERE, "results", f"fashion_mnist{suffix}.jsonl")
+    out = a.out or os.path.join(ROOT, "runs", "benchmarks", f"fashion_mnist{suffix}")
+    plan = Plan(scale, os.path.abspath(out), a.jobs)
+    rc = 0 if a.report else run_plan(plan, results, a.jobs)
+    rows = [r for r in read_results(results) if r.get("protocol") == protocol_id(scale)]
+    if any(r.get("kind") == "finetune" for r in rows):
+        figure_accuracy(rows, plan.figure("fashion_mnist_accuracy.png"))
+    print(markdown(rows, scale), flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

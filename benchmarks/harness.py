@@ -1,0 +1,287 @@
+"""The one harness every benchmark script runs on: how a time, a peak and the machine are measured,
+how results are kept and how they become the tables of benchmarks/RESULTS.md. A script is the
+description of its table: its rows, its columns and the function measured per row.
+
+(docs/benchmarks.md shows a new benchmark in a few lines.)
+
+Time: torch.utils.benchmark.Timer with blocked_autorange, in interleaved rounds: every round times
+each row in turn (order rotated), so load that comes and goes on a shared machine hits all rows
+alike; a row's figure is the median over rounds, its ratio the median of the per-round ratios to the
+anchor row. The clock is the calling thread's CPU time on the CPU with one torch thread (robust to
+other processes), else torch.utils.benchmark's wall clock (which synchronises CUDA). A
+blocked_autorange call first sizes its block by running the row at least once (its warm-up); a row
+faster than min_run_time is timed from the second round on with Timer.timeit over a block of about
+min_run_time (warm-up: 1% of the block, at least 2 calls), so its rounds stay about min_run_time long.
+
+Peak memory: CUDA max_memory_allocated above the memory allocated before; on the CPU the peak RSS of
+a fresh process (this script again, with --peak-worker) above its RSS before the call, the
+high-water mark reset (/proc/self/clear_refs) before each row and glibc told to return freed memory
+at once, so that RSS follows live memory: everything allocated counts, not only saved tensors.
+
+Results: OUT/NAME.jsonl, a first line with the settings and the machine, then one line per
+measurement, appended and flushed as it is taken: an interrupted run keeps what it measured and the
+same command resumes it (rows already measured are skipped); other settings in the same file are
+refused (--fresh starts over).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+# torch is imported where it is used: the GPU report's supervisor reads results files and renders
+# tables with this module without paying torch's import
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_ROOT = os.path.join(ROOT, "runs", "benchmarks")  # git-ignored: nothing lands in the source tree
+PEAK_FLAG = "--peak-worker"
+MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
+
+
+# -------------------------------------------------------------------------------------------------
+# the machine
+
+
+def machine(device=None) -> str:
+    """One line: CPU model and cores, the GPU (when `device` is CUDA or any is visible), torch and
+    Python versions, torch's thread count, the load average."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(device if device is not None and device.type == "cuda" else 0) if cuda else "no GPU"
+    try:
+        load = "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        load = "load average unknown"
+    return (f"{cpu} ({os.cpu_count()} cores), {gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
+            f"{torch.get_num_threads()} torch thread(s); {load}")
+
+
+# -------------------------------------------------------------------------------------------------
+# time
+
+
+def clock(device, threads: int) -> Dict[str, Any]:
+    """Timer keyword arguments: the thread's CPU time on a one-thread CPU, else the default clock."""
+    return {"timer": time.thread_time} if device.type == "cpu" and threads == 1 else {}
+
+
+def clock_name(device, threads: int) -> str:
+    kind = "thread CPU time" if clock(device, threads) else "wall time" + (" (CUDA synchronised)" if
+                                                                           device.type == "cuda" else "")
+    return f"{kind}, {threads} torch thread(s), torch.utils.benchmark blocked_autorange"
+
+
+def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, *, anchor: Optional[str] = None, device=None,
+                threads: Optional[int] = None, min_run_time: float = 0.0,
+                before_round: Optional[Callable[[int], None]] = None) -> Dict[str, dict]:
+    """{row: {"seconds": median per call, "ratio": median over rounds of row / anchor, "spread":
+    interquartile range / median over rounds}}; each round runs blocked_autorange(min_run_time) on
+    every row (device: the CPU unless given), the order rotated by one per round; before_round(r)
+    may change the rows' inputs."""
+    import torch
+    import torch.utils.benchmark as tub
+
+    device = device or torch.device("cpu")
+    threads = threads or torch.get_num_threads()
+    timers = {name: tub.Timer("fn()", globals={"fn": fn}, num_threads=threads, **clock(device, threads))
+              for name, fn in fns.items()}
+    names = list(fns)
+    secs: Dict[str, List[float]] = {name: [] for name in names}
+    block: Dict[str, int] = {}  # calls per timed block of the rows faster than min_run_time
+    for r in range(rounds):
+        if before_round is not None:
+            before_round(r)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in block:
+                secs[name].append(timers[name].timeit(block[name]).median)
+                continue
+            secs[name].append(timers[name].blocked_autorange(min_run_time=min_run_time).median)
+            if secs[name][-1] < min_run_time:
+                block[name] = math.ceil(min_run_time / secs[name][-1])
+    out = {}
+    for name, xs in secs.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        ratio = statistics.median(a / b for a, b in zip(xs, secs[anchor])) if anchor else None
+        out[name] = {"seconds": statistics.median(xs), "ratio": ratio, "spread": (q[2] - q[0]) / max(q[1], 1e-12)}
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# peak memory
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_bytes(fn: Callable[[], Any], device) -> int:
+    """Peak memory of fn() above what was allocated before it (see the module doc)."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    # reset the high-water mark to the live memory now, then read its growth from that mark (not
+    # from a later VmRSS read: RSS can move between the two)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _kib("VmHWM")
+    fn()
+    return (_kib("VmHWM") - base) * 1024
+
+
+def peaks(fns: Dict[str, Callable[[], Any]], device) -> Dict[str, int]:
+    """{row: peak bytes}, every row run once first (allocator and library warm-up)."""
+    for fn in fns.values():
+        fn()
+    return {name: peak_bytes(fn, device) for name, fn in fns.items()}
+
+
+def peaks_in_fresh_process(argv: Sequence[str]) -> Dict[str, int]:
+    """The calling script run again as `script ARGV --peak-worker` in a fresh process (glibc returning
+    freed memory at once); that process calls peak_worker and prints {row: bytes}."""
+    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *map(str, argv), PEAK_FLAG]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV))
+    if res.returncode != 0:
+        raise RuntimeError(f"memory worker failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def peak_worker(fns: Dict[str, Callable[[], Any]]) -> None:
+    """In the fresh process of peaks_in_fresh_process: measure and print the peaks."""
+    import torch
+
+    print(json.dumps(peaks(fns, torch.device("cpu"))))
+
+
+# -------------------------------------------------------------------------------------------------
+# results
+
+
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The script's argument parser with the harness's own options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(OUT_ROOT, name), help="folder of the results (JSON lines)")
+    p.add_argument("--fresh", action="store_true", help="discard what an earlier run of these settings measured")
+    p.add_argument(PEAK_FLAG, dest="peak_worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+class Results:
+    """OUT/NAME.jsonl (see the module doc). A row is identified by its `key` fields; the lines of one
+    row (several measurements of it) are merged in the order they were written."""
+
+    def __init__(self, args, name: str, config: Dict[str, Any], key: Sequence[str], device=None):
+        self.path, self.key, self._rows = os.path.join(args.out, name + ".jsonl"), tuple(key), {}
+        if getattr(args, "fresh", False) and os.path.exists(self.path):
+            os.remove(self.path)
+        config = json.loads(json.dumps(config))  # as it reads back
+        if os.path.exists(self.path):
+            lines = read_lines(self.path)
+            if lines and lines[0].get("config") != config:
+                raise SystemExit(f"{self.path} holds a run with other settings ({lines[0].get('config')}); pass "
+                                 "--fresh to start over or another --out")
+            for line in lines[1:]:
+                self._merge(line)
+            print(f"resuming from {self.path}: {len(self._rows)} rows measured before", flush=True)
+        else:
+            os.makedirs(args.out, exist_ok=True)
+            self._write({"config": config, "machine": machine(device)})
+
+    def _id(self, row: Dict[str, Any]):
+        return tuple(json.dumps(row.get(k)) for k in self.key)
+
+    def _merge(self, line: Dict[str, Any]) -> None:
+        self._rows.setdefault(self._id(line), {}).update(line)
+
+    def _write(self, line: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def get(self, key: Dict[str, Any]) -> Dict[str, Any]:
+        return self._rows.get(self._id(key), {})
+
+    def has(self, keys: Iterable[Dict[str, Any]], field: str) -> bool:
+        return all(field in self.get(k) for k in keys)
+
+    def add(self, key: Dict[str, Any], **values) -> Dict[str, Any]:
+        line = {**key, **values}
+        self._merge(line)
+        self._write(line)
+        return self.get(key)
+
+    def measure(self, keys: List[Dict[str, Any]], field: str, fn: Callable[[], List[Dict[str, Any]]]) -> None:
+        """Unless every row of `keys` has `field` already: fn() -> one dict of values per key, added."""
+        if not self.has(keys, field):
+            for key, values in zip(keys, fn()):
+                self.add(key, **values)
+
+    def rows(self, keys: Optional[Iterable[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+        return list(self._rows.values()) if keys is None else [self.get(k) for k in keys]
+
+
+def read_lines(path: str) -> List[Dict[str, Any]]:
+    """Every JSON line of a results file (the settings first); a line cut by a kill is left out."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def read_rows(path: str, key: Sequence[str]) -> List[Dict[str, Any]]:
+    """The merged rows of a results file, as Results.rows() gives them (empty when it is absent)."""
+    rows: Dict[tuple, Dict[str, Any]] = {}
+    for line in read_lines(path)[1:] if os.path.exists(path) else []:
+        rows.setdefault(tuple(json.dumps(line.get(k)) for k in key), {}).update(line)
+    return list(rows.values())
+
+
+# -------------------------------------------------------------------------------------------------
+# tables
+
+
+def cell(value, fmt: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt) if fmt and isinstance(value, (int, float)) else str(value)
+
+
+def table(rows: Iterable[Dict[str, Any]], columns: Sequence[tuple]) -> str:
+    """Markdown: columns are (header, key or function of the row[, format spec])."""
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        vals = []
+        for c in columns:
+            try:
+                v = c[1](r) if callable(c[1]) else r.get(c[1])
+            except (KeyError, TypeError, ZeroDivisionError):
+                v = None
+            vals.append(cell(v, c[2] if len(c) > 2 else ""))
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)

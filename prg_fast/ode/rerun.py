@@ -1,0 +1,317 @@
+"""An evaluation rerun in the backward: what it must see to be the forward's, and its one VJP.
+
+Both adjoints (prg_fast.ode.stored_adjoint, prg_fast.ode.reversible_adjoint) rerun evaluations in
+the backward; a rerun is exact when it sees what the forward's evaluation saw. The forward records
+(`ReplayRecord`), per rerunnable evaluation (a network evaluation, or a reversible base step), the
+random state (dropout) and the written buffers (module_state); per solve, the autocast state, the
+modules' train/eval flags, the cached parametrizations and the parameters' versions. Random states
+(~2 us, no device sync) are dropped when the generators did not move over the forward (the
+replay's fork/restore costs ~15 us per evaluation).
+
+Each rerun (or kept) evaluation is then differentiated on its own (`evaluation_vjp`, `graph_vjp`)
+and the adjoint returns the *sum* over evaluations as the parameters' gradient (`accumulate`),
+through its autograd Function; autograd then runs the parameters' hooks on that total, once, as
+plain backprop does. So the per-evaluation VJPs here must not run them:
+
+- tensor hooks (`p.register_hook`) run on every gradient autograd captures for `p`, also inside
+  `torch.autograd.grad(..., inputs=[p])`: they are muted for the duration of the VJP (the hooks'
+  dict is emptied and refilled in order; autograd reads it through the same object: prg_fast.compat);
+- post-accumulate-grad hooks run only when a gradient is accumulated into `.grad`, which
+  `torch.autograd.grad` never does -- except through a reentrant checkpoint inside the velocity
+  (below), so they are muted as well.
+
+Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
+`torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
+parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
+velocity's graph holds one (prg_fast.ode.reach.has_reentrant_checkpoint), the VJP is a plain
+`torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
+accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
+is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
+prg_fast.ode.reach finds and what graph discovery adds.)
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import torch
+
+from ..compat import foreach_add_, tensor_hook_dicts, version, view_base
+from .integrate import autocast_state, capture_rng, restore_rng
+from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
+
+
+def _same_rng(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and ((a[1] is None and b[1] is None) or (a[1] is not None and b[1] is not None and torch.equal(a[1], b[1])))
+
+
+class ReplayRecord:
+    """Recorded by a forward (`record` before each rerunnable evaluation, `finish` at its end),
+    read by its backward (`backward` runs it, `rerun(e)` is around each rerun of evaluation e)."""
+
+    def __init__(self, problem, device: torch.device, preserve_rng: bool):
+        self.device = device
+        self.rng: Optional[list] = [] if preserve_rng else None
+        # the buffers the velocity reaches; for the written ones, their values before each evaluation
+        self.watch: Optional[ModuleState] = problem.reads.module_state
+        self.snapshots: List[list] = []
+        self.cannot_rerun: Optional[str] = None  # why a rerun would not be exact (see finish)
+        # reruns run under the forward's autocast state (as torch.utils.checkpoint does), so a
+        # network run in bf16 autocast is differentiated as run, under its train/eval flags, and
+        # read the parametrized tensors cached around the solve (prg_fast.ode.parametrize_cache)
+        self.autocast = autocast_state(device.type)
+        self.modes = TrainingModes(problem.reads.modules)
+        self.shared = problem.reads.shared
+        params = problem.reads.params
+        self.params, self.at_start = params, [version(q) for q in params]  # a model may write its own
+        self.versions: Optional[ParamVersions] = None
+
+    @property
+    def state(self) -> Optional[ModuleState]:
+        """The watched buffers when the first evaluation wrote some (else None: nothing to keep)."""
+        return self.watch if self.watch is not None and self.watch.written else None
+
+    def record(self, rng=None, buffers=None, chained: bool = False) -> None:
+        """Before a rerunnable evaluation: its random state and written buffers (given when already
+        captured, as for the solve's first evaluation). `chained`: the evaluation is only ever rerun
+        right after the one recorded before it, inside `chain` (the kept tail, rerun as a whole):
+        its random state is where the previous evaluation's draws left the generators, as nothing
+        between two evaluations draws, so none is captured (a capture costs ~2-10 us, per evaluation)."""
+        if self.rng is not None:
+            self.rng.append(None if chained else capture_rng(self.device) if rng is None else rng)
+        if self.state is not None:
+            self.snapshots.append(self.state.snapshot() if buffers is None else buffers)
+
+    def clear(self) -> None:
+        """Forget every evaluation recorded: the forward starts over (kept_graphs.EvaluationGraphs)."""
+        if self.rng is not None:
+            self.rng = []
+        self.snapshots = []
+
+    def finish(self, reruns: bool) -> None:
+        """After the forward. Generators that did not move: nothing random ran, nothing to replay.
+        A buffer written after the first evaluation only cannot be replayed: refused now if the
+        backward will rerun something (`reruns`), else when a later backward tries."""
+        self.versions = ParamVersions(self.params, self.at_start)
+        if self.rng and _same_rng(self.rng[0], capture_rng(self.device)):
+            self.rng = None
+        if self.watch is not None:
+            why = self.watch.untracked()
+            if why is not None and reruns:
+                raise RuntimeError(why)
+            self.cannot_rerun = why
+
+    def backward(self, compute: Callable[[], tuple]) -> tuple:
+        """A whole backward, `compute()`: an adjoint Function's gradients (None, None, the grid's,
+        x's, then the parameters'). Parameters changed in place since the forward are found before
+        anything is rerun, the written buffers end as they were found, and the forward's train/eval
+        flags and cached parametrizations hold while it runs; after it, the parameters' in-place
+        checks (ParamVersions)."""
+        self.versions.before_backward()
+        with left_as_found(self.state), self.modes, self.shared.kept() if self.shared is not None else nullcontext():
+            grads = compute()
+        self.versions.after_backward(grads[4:])
+        return grads
+
+    @contextmanager
+    def chain(self, e: int) -> Iterator[None]:
+        """Around the reruns, in order, of evaluation e and the chained evaluations recorded after
+        it (`record(chained=True)`; each rerun with `rerun(..., chained=True)`): the random state is
+        set once, to e's, and the draws follow on as in the forward; the caller's is put back."""
+        if self.rng is None:
+            yield
+            return
+        with restore_rng(self.rng[e], self.device):
+            yield
+
+    @contextmanager
+    def rerun(self, e: int, chained: bool = False) -> Iterator[None]:
+        """Around the rerun of evaluation e: its buffers, random state (inside `chain`: the
+        chain's) and autocast state."""
+        if self.cannot_rerun is not None:
+            raise RuntimeError(self.cannot_rerun)
+        if self.state is not None:
+            self.state.load(self.snapshots[e])
+        on, dtype = self.autocast
+        with ExitStack() as stack:
+            stack.enter_context(torch.autocast(self.device.type, dtype=dtype, enabled=on))
+            if self.rng is not None and not chained:
+                stack.enter_context(restore_rng(self.rng[e], self.device))
+            yield
+
+
+@contextmanager
+def hooks_muted(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The tensor hooks of `tensors` do not run inside the block; they are back, in their order,
+    after it (however it ends)."""
+    saved = [(d, list(d.items())) for d in tensor_hook_dicts(tensors)]
+    for d, _ in saved:
+        d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.update(items)
+
+
+def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor,
+                   reentrant: bool = False, unlisted: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
+    """cotangent^T d output / d inputs (None for an input the output does not read), with the
+    inputs' hooks muted (see the module docstring)."""
+    return graph_vjp([output], inputs, [cotangent], reentrant, unlisted)
+
+
+def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
+              reentrant: bool = False, unlisted: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
+    """sum_j cotangents[j]^T d outputs[j] / d inputs, one backward through the graph they share (the
+    kept tail of a solve: prg_fast.ode.kept_graphs), with the inputs' hooks muted.
+
+    `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
+    as inputs (prg_fast.ode.reach.Reach.computed; discovery refuses one its first evaluation reads).
+    One read by a later evaluation would get no gradient from the solve -- silently, since the
+    adjoint returns gradients only for its inputs -- so the VJP asks for theirs too: one that is
+    not None is an error naming the fix (it costs nothing when there is none)."""
+    inputs = list(inputs)
+    # an output that reads neither the state nor a parameter (a zero velocity, a function of t
+    # only) has no graph: it contributes nothing
+    live = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not live:
+        return [None] * len(inputs)
+    outs, cots = [o for o, _ in live], [c for _, c in live]
+    watched = [] if reentrant else list(unlisted)  # (backward() cannot stop at a computed tensor)
+    with hooks_muted(inputs + watched), torch.enable_grad():
+        if reentrant:
+            return _backward_into_fresh(outs, inputs, cots)
+        grads = list(torch.autograd.grad(outs, inputs + watched, cots, allow_unused=True))
+    for w, g in zip(watched, grads[len(inputs):]):
+        if g is not None:
+            raise RuntimeError(
+                f"model reads a tensor that requires grad and was computed outside it (shape {tuple(w.shape)}, "
+                f"from {w.grad_fn.name()}) in an evaluation after its first, where the solve did not see it: the "
+                "adjoint differentiates only its inputs, so that tensor's gradient would be missing. Pass it as "
+                "adjoint_params, compute it inside the model, or use adjoint=False"
+            )
+    return grads[:len(inputs)]
+
+
+def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
+    """The VJP through torch.autograd.backward, for graphs with a reentrant checkpoint (which
+    refuses torch.autograd.grad and backward(inputs=...)): every input's .grad is set aside, the
+    backward accumulates into empty ones, they are this evaluation's share, and the user's .grad
+    is put back."""
+    computed = [i for i, q in enumerate(inputs) if not q.is_leaf]
+    if computed:
+        # backward without inputs= would run on through such an input's own graph
+        raise RuntimeError(
+            "the velocity runs torch.utils.checkpoint(..., use_reentrant=True) and the solve's input "
+            f"{computed[0]} (adjoint_params) is computed outside the model: use use_reentrant=False in the "
+            "checkpoint, or adjoint=False"
+        )
+    stash = [q.grad for q in inputs]
+    for q in inputs:
+        q.grad = None
+    try:
+        torch.autograd.backward(outputs, cotangents)
+        return [q.grad for q in inputs]
+    finally:
+        for q, g in zip(inputs, stash):
+            q.grad = g
+
+
+ONCE_DIFFERENTIABLE = "trying to differentiate twice a function that was marked with @once_differentiable"
+
+
+class _SecondDerivativeError(torch.autograd.Function):
+    """The identity, whose backward is torch's once_differentiable error (as its DelayedError node)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(ONCE_DIFFERENTIABLE)
+
+
+def once_differentiable(backward):
+    """torch's once_differentiable for an adjoint's backward, whose second derivative error cannot
+    be missed: ctx.differentiated holds the Function's tensor inputs (x, the parameters).
+
+    torch's error node (its DelayedError) sits only on the path through the incoming cotangent, and
+    torch.autograd.grad(..., inputs) prunes it when that path does not lead to the inputs asked
+    for: gx = grad(out.square().sum(), x, create_graph=True) then grad(gx.square().sum() +
+    x.square().sum(), x) silently lacked the solve's second-order term. Under create_graph every
+    gradient returned here also reaches the inputs through one error node (an added exact zero:
+    the sum of an empty slice of each input), so any second derivative through them is the error."""
+    once = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads_out):
+        grads = once(ctx, *grads_out)
+        if not torch.is_grad_enabled():  # no create_graph: nothing to guard (the common case, free)
+            return grads
+        reach = [q for q in ctx.differentiated if q.requires_grad]
+        if not reach:
+            return grads
+        # real, 0-dim: adding it changes no gradient's value or dtype (a 0-dim operand does not promote)
+        empty = [q.reshape(-1)[:0].sum() for q in reach]
+        zero = _SecondDerivativeError.apply(sum(e.real if e.is_complex() else e for e in empty))
+        return tuple(g + zero if isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex()) else g
+                     for g in grads)
+
+    return wrapper
+
+
+def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
+    """Parameter gradients accumulate over evaluations in float32 (float64 for float64 parameters;
+    complex64/complex128 for complex ones), whatever the network's own dtype."""
+    if q.dtype in (torch.float64, torch.complex64, torch.complex128):
+        return q.dtype
+    return torch.float32
+
+
+class GradientSum:
+    """The parameters' gradients summed over the evaluations' VJPs, in their accumulation dtype
+    (None until an evaluation reads the parameter: an unread one gets None, as in plain backprop)."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.acc: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        self.dtypes = [accumulator_dtype(q) for q in self.params]
+
+    def add(self, grads, returned=(), given=()) -> None:
+        """acc[q] += grads[q] for every parameter gradient present, in one fused foreach call where
+        the accumulators exist (a per-parameter Python loop costs ~1 ms per evaluation for a UNet).
+
+        The accumulator is a buffer of our own, never a tensor someone else holds: autograd may hand
+        back one tensor for several inputs (x and a parameter), a view, or a tensor it was given (the
+        cotangent, passed through). A first gradient that is none of these -- not a view, returned
+        once among everything the VJP returned (`returned`), not one of the tensors given to it
+        (`given`) -- is fresh, and becomes the accumulator as it is (a copy per parameter per solve
+        otherwise: ~10% of a small network's step)."""
+        counts: dict = {}
+        for r in returned:
+            if r is not None:
+                counts[id(r)] = counts.get(id(r), 0) + 1
+        given_ids = {id(t) for t in given}
+        into, add = [], []
+        for q, gq in enumerate(grads):
+            if gq is None:
+                continue
+            acc = self.acc[q]
+            if acc is None:
+                fresh = (gq.dtype == self.dtypes[q] and view_base(gq) is None and counts.get(id(gq)) == 1
+                         and id(gq) not in given_ids)
+                self.acc[q] = gq if fresh else gq.to(self.dtypes[q], copy=True)
+            elif acc.dtype == gq.dtype:
+                into.append(acc)
+                add.append(gq)
+            else:
+                acc.add_(gq)
+        if into:
+            foreach_add_(into, add)
+
+    def totals(self) -> List[Optional[torch.Tensor]]:
+        """Each parameter's summed gradient in its own dtype (None for one no evaluation read)."""
+        return [None if g is None else g.to(q.dtype) for g, q in zip(self.acc, self.params)]

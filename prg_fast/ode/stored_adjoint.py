@@ -1,0 +1,312 @@
+"""The stored adjoint (StoredAdjoint, the default): the exact gradient of the fixed-step solve
+itself, not of the ODE, from stored stage inputs and the evaluation graphs a memory budget keeps.
+
+Forward: the loop of prg_fast.ode.integrate without a graph, keeping only each network input
+(K steps x s stages state-sized buffers) and the graphs prg_fast.ode.kept_graphs keeps. Backward,
+for step n with output cotangent lam:
+
+    for i = s-1 .. 0:   g_i  = h b_i lam + h sum_{m>i} a_mi mu_m     (cotangent of k_i; fused)
+                        mu_i = g_i^T df/dX (t_i, X_i)                 (one kept or recomputed evaluation)
+                        params.grad += g_i^T df/dtheta
+    lam <- lam + sum_i mu_i                                           (fused)
+
+which is reverse-mode differentiation of exactly the forward's arithmetic, so gradients equal plain
+backprop through the same solver to rounding. Recomputing every evaluation (memory_budget=0), only
+one evaluation's activations are alive at a time: peak memory = one network evaluation + K*s
+state-sized buffers, flat in K beyond those buffers. Whole kept steps at the end are one graph, one
+VJP (BackwardWalk.tail). A solve that keeps every evaluation's graph is not differentiated here at
+all: it runs as plain backprop from x (AdjointSolveKept).
+
+Time gradients (the grid is a tensor input `times` that requires grad): with e_i = b_i lam +
+sum_{m>i} a_mi mu_m (so g_i = h e_i) and tau_i = t_n + c_i h the time the network reads,
+
+    dL/dtau_i = g_i^T df/dtau (t_i, X_i)        (the same VJP, one more input)
+    dL/dh    += c_i dL/dtau_i + <e_i, k_i>       (k_i: the (recomputed or kept) evaluation itself)
+    dL/dt_n  += dL/dtau_i
+
+and dL/dG[n] += dL/dt_n - dL/dh, dL/dG[n+1] += dL/dh. Nothing divides by h, so zero-length steps
+(save_at points on a per-sample grid) are differentiated exactly too. On a per-sample grid every
+quantity here is per sample ((B,)), on a shared grid summed over the batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+
+from .discovery import discover
+from .free_memory import AUTO_FRACTION, free_bytes
+from .integrate import Problem, check_choice, check_flag, run, solve
+from .kept_graphs import EvaluationGraphs, Tail, unless_out_of_memory
+from .rerun import GradientSum, evaluation_vjp, graph_vjp, once_differentiable
+
+log = logging.getLogger("prg_fast.ode.strategies")  # what the strategy chose, at DEBUG (docs/engine.md)
+AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
+STORES = ("stages", "steps")
+
+
+def check_memory_budget(value) -> Union[None, float, str]:
+    if value is None or (isinstance(value, str) and value == AUTO):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
+        raise ValueError(
+            f'memory_budget must be "auto" (what fits in {AUTO_FRACTION:g} of the free memory), None '
+            "(recompute every evaluation) or a number of bytes >= 0 (float('inf') keeps every evaluation's "
+            f"graph), got {value!r}"
+        )
+    return float(value)
+
+
+@dataclass(frozen=True)
+class StoredAdjoint:
+    """The exact discrete adjoint from stored stage inputs (or step states), keeping the graphs of
+    the last evaluations that fit in `memory_budget` bytes ("auto": a share of the free memory,
+    prg_fast.ode.free_memory; None: recompute all)."""
+
+    memory_budget: Union[None, float, str] = AUTO
+    store: str = "stages"
+    preserve_rng_state: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget))
+        check_choice(self.store, "store", STORES)
+        check_flag(self.preserve_rng_state, "preserve_rng_state")
+
+    def budget_bytes(self, device: torch.device) -> Optional[float]:
+        """The budget in bytes for a solve on `device` starting now: "auto" resolved against the
+        free memory (None when unknown: keep nothing)."""
+        if self.memory_budget != AUTO:
+            return self.memory_budget
+        free = free_bytes(device)
+        return None if free is None else AUTO_FRACTION * free
+
+    def graphs_to_keep(self, evaluations: int, graph_bytes: Optional[int], budget: Optional[float]) -> int:
+        """How many of the forward's `evaluations` keep their graphs, each `graph_bytes` (measured
+        on the first evaluation; None when it did not run with a graph), within `budget` bytes
+        (budget_bytes)."""
+        if budget is None or graph_bytes is None:
+            return 0
+        if math.isinf(budget):
+            return evaluations
+        return min(evaluations, int(budget // max(graph_bytes, 1)))
+
+    def run(self, problem: Problem, x: torch.Tensor) -> torch.Tensor:
+        """The states at the grid's outputs, stacked, differentiated by this adjoint (the run of
+        every strategy: prg_fast.ode.api.run)."""
+        if not torch.is_grad_enabled():
+            return solve(problem, x)
+        times, (problem, first, time_grad, differentiated) = problem.grid.times, discover(problem, x)
+        if not differentiated:  # nothing to differentiate: the first evaluation is reused all the same
+            return solve(problem, x, first.evaluator() if first is not None else None)
+        graphs = EvaluationGraphs(problem, self, first, x.device, time_grad)
+        log.debug("adjoint: %d of %d evaluation graphs kept (%s bytes each, budget %s bytes, memory_budget=%r%s)",
+                  graphs.kept_count, graphs.total, graphs.graph_bytes, graphs.budget, self.memory_budget,
+                  "" if graphs.unkeepable is None else f"; none can be kept: {graphs.unkeepable}")
+        if graphs.as_backprop:
+            outs = _as_backprop(graphs, x)
+            if outs is not None:
+                return AdjointSolveKept.apply(graphs, *outs)
+        return AdjointSolve.apply(problem, graphs, times, x, *problem.reads.params)
+
+
+def _as_backprop(graphs: EvaluationGraphs, x: torch.Tensor) -> Optional[List[torch.Tensor]]:
+    """The solve's outputs with their graph, by plain backprop's one path (integrate.run), its first
+    evaluation the one discovery ran (whose input has x's graph); None after an allocation failure
+    (nothing is kept any more: kept_count 0, fell_back), to run the adjoint's forward instead."""
+    p, first = graphs.problem, graphs.first
+
+    def attempt() -> List[torch.Tensor]:
+        with torch.enable_grad():
+            return run(p, x.to(p.state_dtype), evaluator=first.evaluator(with_graph=True) if first else None)
+
+    return unless_out_of_memory(graphs, attempt)
+
+
+class AdjointSolveKept(torch.autograd.Function):
+    """The outputs of a solve that kept every evaluation's graph: they were computed by plain
+    autograd from x (_as_backprop), so their backward is plain backprop's, with no nested VJP. This
+    node only stacks them and carries `.evals` (what the strategy chose, as AdjointSolve's does).
+    Its backward (unbind) is differentiable, so a second derivative (create_graph=True) is plain
+    backprop's too: once_differentiable here cut the path through the cotangent silently under
+    torch.autograd.grad(..., inputs), which prunes its error node while the graph around it still
+    reaches the inputs."""
+
+    @staticmethod
+    def forward(ctx, evals: EvaluationGraphs, *outs: torch.Tensor):
+        ctx.evals = evals
+        return torch.stack(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return (None, *grad_out.unbind(0))
+
+
+class AdjointSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, problem: Problem, evals: EvaluationGraphs, times: Optional[torch.Tensor], x: torch.Tensor,
+                *params: torch.Tensor):
+        stored: list = []
+        x0 = x.to(problem.state_dtype)
+        outs = unless_out_of_memory(evals, lambda: evals.run_forward(x0, stored))
+        if outs is None:  # the kept graphs met an allocation failure: again, keeping none
+            stored.clear()
+            outs = evals.run_forward(x0, stored)
+        # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
+        # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
+        ctx.save_for_backward(*stored)
+        ctx.problem, ctx.evals, ctx.rng = problem, evals, evals.replay.rng
+        ctx.x_dtype = x.dtype
+        ctx.differentiated = (x, *params)  # what a second derivative would reach (once_differentiable)
+        return torch.stack(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        return ctx.evals.replay.backward(lambda: _backward(ctx, grad_out))
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    p: Problem = ctx.problem
+    s = p.tableau.stages
+    walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.grid.times is not None and ctx.needs_input_grad[2])
+    stored = list(ctx.saved_tensors)  # the steps before the tail's
+    start = p.steps
+    tail = ctx.evals.take_tail()
+    if tail is not None:
+        # the whole steps kept as one graph: one VJP
+        walk.tail(tail)
+        start = tail.start
+    for n in reversed(range(start)):
+        walk.arrive(n + 1)
+        if ctx.evals.store == "steps":
+            # the saved tensors are step start states: the step's stage inputs are recomputed now
+            inputs = walk.step_stage_inputs(n, stored.pop())
+        else:
+            inputs, stored = stored[-s:], stored[:-s]
+        walk.step(n, inputs)
+    walk.arrive(0)
+    return (None, None, walk.gtimes, walk.lam.to(ctx.x_dtype), *walk.grads.totals())
+
+
+class BackwardWalk:
+    """The backward's running cotangents, walked step by step in reverse: lam (the state's), the
+    parameters' (GradientSum) and the grid's; each evaluation with its graph comes from the
+    forward's kept graphs (prg_fast.ode.kept_graphs) or is recomputed under the replay record."""
+
+    def __init__(self, p: Problem, evals: EvaluationGraphs, grad_out: torch.Tensor, want_tgrad: bool):
+        self.p, self.evals, self.want_tgrad = p, evals, want_tgrad
+        # cotangent arriving at each grid index from the outputs (an index may be output twice)
+        self.arriving = p.grid.output_cotangents(grad_out)
+        self.lam = torch.zeros(grad_out.shape[1:], dtype=p.state_dtype, device=grad_out.device)
+        self.gtimes = torch.zeros_like(p.grid.times) if want_tgrad else None
+        self.params = list(p.reads.params)
+        self.grads = GradientSum(self.params)
+        self.gt = self.gh = None
+
+    def arrive(self, m: int) -> None:
+        if m in self.arriving:
+            self.lam = self.p.backend.combine(self.lam, [self.arriving.pop(m)], [1.0], 1.0, self.p.state_dtype)
+
+    def tail(self, tail: Tail) -> None:
+        """The VJP of the forward's tail (steps tail.start .. K-1, one graph): from the cotangents
+        arriving at its output points to lam at tail.start and the parameters' gradients."""
+        outputs, cotangents = [], []
+        for m, state in tail.states.items():
+            g = self.arriving.pop(m, None)
+            if g is not None:
+                outputs.append(state)
+                cotangents.append(g.to(state.dtype))
+        reads = self.p.reads
+        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, reads.reentrant, reads.unlisted)
+        if grads[0] is not None:
+            self.lam = self.lam + grads[0].to(self.lam.dtype)
+        self.grads.add(grads[1:], returned=grads, given=cotangents)
+
+    def step(self, n: int, inputs: List[torch.Tensor]) -> None:
+        p = self.p
+        t, h, taus = p.step_at(n)
+        mus: List[Optional[torch.Tensor]] = [None] * p.tableau.stages
+        if self.want_tgrad:
+            self.gt, self.gh = torch.zeros_like(t), torch.zeros_like(t)
+        for i in reversed(range(p.tableau.stages)):
+            self.stage(n, i, h, taus[i], inputs[i], mus)
+        if self.want_tgrad:
+            self.gtimes[n] += self.gt - self.gh
+            self.gtimes[n + 1] += self.gh
+        live = [mu for mu in mus if mu is not None]
+        if live:
+            self.lam = p.backend.combine(self.lam, live, [1.0] * len(live), 1.0, p.state_dtype)
+
+    def cotangent(self, i: int, h, mus: list):
+        """(g_i, e_i): the cotangent of k_i, g_i = h e_i with e_i = b_i lam + sum_m a_mi mu_m (e_i
+        is kept on a tensor grid, where g_i is formed per row and h may be 0), or (None, None)
+        when k_i influences nothing downstream."""
+        p, tab = self.p, self.p.tableau
+        later = [m for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
+        if tab.b[i] == 0.0 and not later:
+            return None, None
+        return p.backend.scaled(self.lam, [mus[m] for m in later], [tab.a[m][i] for m in later], tab.b[i], h,
+                                p.net_dtype, p.state_dtype)
+
+    def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
+        """(k, leaf, tau): evaluation (n, i) with its graph from the stage-input leaf (and from the
+        time tau, when it is a leaf requiring grad) -- the forward's kept graph (handed over once:
+        its VJP frees it; a second backward recomputes), else recomputed from the stored stage
+        input `xi` at time `tau`."""
+        e = n * self.p.tableau.stages + i
+        got = self.evals.kept.pop(e, None)
+        if got is not None:
+            leaf, tau, k = got
+            return k, leaf, tau
+        leaf = xi.detach().requires_grad_(True)
+        with torch.enable_grad(), self.evals.replay.rerun(e):
+            return self.p.evaluate(tau, leaf), leaf, tau
+
+    def stage(self, n: int, i: int, h, tau, xi: torch.Tensor, mus: list) -> None:
+        """mu_i = g_i^T df/dX (and the parameters' and the time's shares) for evaluation (n, i)."""
+        g, e = self.cotangent(i, h, mus)
+        if g is None:
+            return
+        if isinstance(tau, torch.Tensor):
+            tau = tau.requires_grad_(self.want_tgrad)
+        k, xi, tau = self.evaluation(n, i, tau, xi)
+        timed_leaf = self.want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
+        inputs = [xi] + ([tau] if timed_leaf else []) + self.params
+        # the parameters' hooks do not run here: autograd runs them once on the returned total
+        grads = evaluation_vjp(k, inputs, g, self.p.reads.reentrant, self.p.reads.unlisted)
+        if not timed_leaf:
+            grads.insert(1, None)
+        if self.want_tgrad:
+            # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
+            self.gh += self.p.row_dot(e, k.detach())
+            if grads[1] is not None:
+                self.gt += grads[1]
+                self.gh += self.p.tableau.c[i] * grads[1]
+        del k
+        mus[i] = grads[0] if grads[0] is not None else torch.zeros_like(xi)
+        self.grads.add(grads[2:], returned=grads, given=(g,))
+
+    def step_stage_inputs(self, n: int, x: torch.Tensor) -> List[torch.Tensor]:
+        """store="steps": the stage inputs of step n from its start state x, recomputed exactly as
+        the forward made them (s-1 evaluations without a graph; kept outputs are reused)."""
+        p, s = self.p, self.p.tableau.stages
+        _, h, taus = p.step_at(n)
+        inputs: List[torch.Tensor] = []
+
+        def evaluate(i: int, tau, xi: torch.Tensor) -> Optional[torch.Tensor]:
+            inputs.append(xi)
+            if i == s - 1:
+                return None  # the last stage's output is not needed for any input
+            kept = self.evals.kept.get(n * s + i)
+            if kept is not None:
+                return kept[2].detach()
+            with self.evals.replay.rerun(n * s + i):
+                return p.evaluate(tau, xi)
+
+        with torch.no_grad():
+            p.stages(x, h, taus, evaluate)
+        return inputs
