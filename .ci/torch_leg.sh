@@ -44,7 +44,8 @@ mark "installing torch==$VERSION with its dependencies (uv; cached after the fir
 "$UV" pip install -q -p "$VENV/bin/python" "torch==$VERSION" numpy ninja pybind11 setuptools wheel
 if [ "$EXTRAS" = 1 ]; then
   mark "the optional third-party networks (their tests skip without them)"
-  "$UV" pip install -q -p "$VENV/bin/python" "torch==$VERSION" diffusers peft torchode
+  # torchdiffeq: torchdyn imports it (through torchcde); the test extra would bring it only later
+  "$UV" pip install -q -p "$VENV/bin/python" "torch==$VERSION" diffusers peft torchode torchdiffeq
   # torchdyn and torchcfm declare torchvision, jupyter and lightning's whole tree: their import-time needs only
   "$UV" pip install -q -p "$VENV/bin/python" --no-deps torchdyn torchcfm pot torchcde torchsde trampoline \
     pytorch_lightning lightning_utilities torchmetrics attrs
