@@ -95,7 +95,12 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "einops", "scipy", "scikit-learn", "pillow", "tqdm"],
+    # the floor: torch.library.register_vmap (the operators' vmap rules, prg_fast/kernels/op_rules.py)
+    # is new in torch 2.5 (2.4 fails at import; 2.5.1 is the release tested). The Triton kernels need
+    # 2.6 (torch.library.triton_op).
+    # .ci/run tests the floor, 2.11 and the newest release (.ci/torch_leg.sh) and checks that
+    # pyproject.toml's build requirement says the same.
+    install_requires=["torch>=2.5.1", "numpy", "einops", "scipy", "scikit-learn", "pillow", "tqdm"],
     extras_require={
         "test": ["pytest", "torchdiffeq", "matplotlib"],
         "triton": ["triton"],

@@ -99,20 +99,48 @@ class Context:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a command and what it started (compute-sanitizer runs its target as a child, which
-    would otherwise keep the output pipe open); the process group stays the part's own."""
-    try:
-        import psutil
+    """Kill a command and every process it started, however deep: compute-sanitizer runs its target
+    as a child, and any descendant left alive keeps the output pipe open, so the reader would wait
+    for it past the limit. Each process is stopped before its children are listed, so none can start
+    another unseen; then all are killed. The process group stays the part's own (a kill of the part
+    by the global deadline reaches them too). Linux's /proc lists the children: the GPU check runs
+    on Linux; elsewhere only the command itself is killed."""
+    stopped: List[int] = []
+    frontier = [proc.pid]
+    while frontier:
+        for pid in frontier:
+            signal_quietly(pid, signal.SIGSTOP)
+        stopped += frontier
+        frontier = [pid for pid in children_of(frontier) if pid not in stopped]
+    for pid in stopped:
+        signal_quietly(pid, signal.SIGKILL)
 
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except Exception:  # psutil missing, or the process already gone: the command itself still goes
-        children = []
-    proc.kill()  # the command first, so that it cannot react to its children's deaths
-    for child in children:
+
+def signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):  # gone already (or reused by another user's process)
+        pass
+
+
+def children_of(parents: List[int]) -> List[int]:
+    """The processes whose parent is one of `parents`, from /proc/PID/stat (empty without /proc)."""
+    wanted, found = set(parents), []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
         try:
-            child.kill()
-        except Exception:  # gone already
-            pass
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split at the last ")"
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid in wanted:
+            found.append(int(entry))
+    return found
 
 
 def child_env() -> dict:

@@ -94,7 +94,7 @@ def diffusers_cases():
         if checkpointing:
             net.enable_gradient_checkpointing()
         # an epsilon-prediction UNet on a discrete schedule: its probability-flow ODE (prg_fast.diffusion)
-        scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+        scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", clip_sample=False)
         return prg_fast.from_diffusers(net, scheduler, steps=2), list(net.parameters())
 
     return {"diffusers UNet2DModel (attention, dropout 0.1)": lambda: build(False),

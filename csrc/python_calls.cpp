@@ -19,6 +19,7 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
 
 #include <optional>
 
@@ -70,9 +71,15 @@ bool read_sequence(PyObject* seq, c10::SmallVector<T, kMaxTerms>& out, Read read
 }
 
 // __torch_function__ modes (and the one-hop skip flag) are handled in torch.ops' Python layer.
+// The skip flag is new in torch 2.13 (PythonTorchFunctionTLS::peek_skip_next); before it there is
+// no such flag, and an active mode is the whole condition.
 bool torch_function_active() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
   return at::impl::torch_function_mode_enabled() ||
          at::impl::PythonTorchFunctionTLS::peek_skip_next();
+#else
+  return at::impl::torch_function_mode_enabled();
+#endif
 }
 
 struct CombineArgs {

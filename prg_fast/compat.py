@@ -5,8 +5,9 @@ Each function says what it reads, the torch versions it was checked on and what 
 internal is missing: a fallback that stays exact (slower), or a clear error naming the internal --
 never a silent change. Each has a canary in python_tests/test_compat.py that fails loudly when a
 torch release changes the internal's behaviour (CI runs them on the declared floor, 2.11 and the
-newest release). The bottom layer: it imports nothing of prg_fast, and both prg_fast.kernels and
-prg_fast.ode import it.
+newest release). "Checked on torch 2.5.1-2.15.0": the canaries and the engine's tests passed on
+2.5.1, 2.11.0, 2.13.0 and 2.15.0. The bottom layer: it imports nothing of prg_fast, and both
+prg_fast.kernels and prg_fast.ode import it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.nn.utils import parametrize
 def _missing(what: str, use: str) -> RuntimeError:
     return RuntimeError(
         f"torch {torch.__version__} has no {what}, which prg_fast reads to {use} (prg_fast.compat, checked on "
-        "torch 2.13): use adjoint=False, or a torch version prg_fast supports"
+        "torch 2.5.1-2.15.0): use adjoint=False, or a torch version prg_fast supports"
     )
 
 
@@ -35,7 +36,7 @@ def tensor_hook_dicts(tensors: Sequence[torch.Tensor]) -> List[dict]:
     """The non-empty dicts autograd reads these tensors' Python hooks from (Tensor.register_hook
     and register_post_accumulate_grad_hook keep them in Tensor._backward_hooks and
     Tensor._post_accumulate_grad_hooks; autograd calls what the dict holds when it runs, so
-    emptying it mutes them and refilling it restores them, in order). Checked on torch 2.13.
+    emptying it mutes them and refilling it restores them, in order). Checked on torch 2.5.1-2.15.0.
     Missing: an error (the adjoints could not keep a hook from running once per evaluation)."""
     if not _HAS_HOOK_DICTS:
         raise _missing("Tensor._backward_hooks / _post_accumulate_grad_hooks",
@@ -57,7 +58,7 @@ _HAS_VERSION = hasattr(torch.Tensor, "_version")
 
 def version(t: torch.Tensor) -> Optional[int]:
     """t's version counter (Tensor._version: bumped by every in-place write), or None for a tensor
-    made under torch.inference_mode, which has none. Checked on torch 2.13. Missing: an error (an
+    made under torch.inference_mode, which has none. Checked on torch 2.5.1-2.15.0. Missing: an error (an
     in-place write between the forward and its reruns would go unseen)."""
     if not _HAS_VERSION:
         raise _missing("Tensor._version", "see in-place writes to what a rerun reads")
@@ -68,7 +69,7 @@ _HAS_BASE = hasattr(torch.Tensor, "_base")
 
 
 def view_base(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """The tensor `t` is a view of, None when it is no view (Tensor._base). Checked on torch 2.13.
+    """The tensor `t` is a view of, None when it is no view (Tensor._base). Checked on torch 2.5.1-2.15.0.
     Missing: `t` itself, read by every caller as "possibly a view" (a gradient then gets copied
     once; a graph's bytes may be over-counted, which keeps fewer graphs): exact, slower."""
     return t._base if _HAS_BASE else t
@@ -79,7 +80,7 @@ _foreach_add_ = getattr(torch, "_foreach_add_", None)
 
 def foreach_add_(tensors: List[torch.Tensor], others: List[torch.Tensor]) -> None:
     """tensors[i] += others[i] for every i, fused (torch._foreach_add_: one call instead of a Python
-    loop, ~1 ms per evaluation for a UNet's parameters). Checked on torch 2.13. Missing: the loop
+    loop, ~1 ms per evaluation for a UNet's parameters). Checked on torch 2.5.1-2.15.0. Missing: the loop
     (the same sums, slower)."""
     if _foreach_add_ is not None:
         _foreach_add_(tensors, others)
@@ -125,7 +126,7 @@ _peek_sequence_nr = getattr(getattr(torch._C, "_autograd", None), "_get_sequence
 
 def sequence_nr(node) -> int:
     """The sequence number of an autograd node (Node._sequence_nr(): nodes get increasing numbers
-    per thread as they are made). Checked on torch 2.13. Missing: an error (a tensor computed
+    per thread as they are made). Checked on torch 2.5.1-2.15.0. Missing: an error (a tensor computed
     outside the model could not be told from one computed inside it)."""
     read = getattr(node, "_sequence_nr", None)
     if read is None:
@@ -136,7 +137,7 @@ def sequence_nr(node) -> int:
 def next_sequence_nr() -> int:
     """The sequence number the next autograd node made on this thread gets: torch's own peek
     (torch._C._autograd._get_sequence_nr, ~0.1 us) where it exists, else a throwaway node's number
-    plus one (~20 us, the same number). Checked on torch 2.13."""
+    plus one (~20 us, the same number). Checked on torch 2.5.1-2.15.0."""
     if _peek_sequence_nr is not None:
         return _peek_sequence_nr()
     return sequence_nr((torch.zeros((), requires_grad=True) * 1).grad_fn) + 1
@@ -151,7 +152,7 @@ def under_transform() -> bool:
     forward_ad._current_level). PyTorch gives a compiled operator with a backward formula no
     forward-mode derivative -- the tangent silently comes out zero -- and functorch's grad
     transforms refuse it, so there the engine runs its pure-PyTorch reference arithmetic.
-    Checked on torch 2.13. Missing: True (the reference everywhere: exact, slower)."""
+    Checked on torch 2.5.1-2.15.0. Missing: True (the reference everywhere: exact, slower)."""
     level = getattr(forward_ad, "_current_level", None)
     if _functorch_level is None or level is None:
         return True
@@ -167,7 +168,7 @@ def cached_parametrizations(modules: Sequence[torch.nn.Module]) -> Optional[Dict
     """The parametrized tensors cached now by parametrize.cached() (the module-level
     parametrize._cache, switched on by _cache_enabled), keyed as parametrize keys them; None when
     caching is off or nothing is cached. There is no public API to read the cache. Checked on torch
-    2.13. Missing: None when `modules` (what a velocity reaches) hold no parametrization, else an
+    2.5.1-2.15.0. Missing: None when `modules` (what a velocity reaches) hold no parametrization, else an
     error (a cached tensor would be differentiated once per evaluation)."""
     if not _HAS_PARAMETRIZE_CACHE:
         if any(isinstance(m, parametrize.ParametrizationList) for m in modules):
@@ -184,7 +185,7 @@ def parametrizations_cached_as(entries: Dict[object, torch.Tensor]) -> Iterator[
     """Inside: parametrize's caching is on and its cache holds `entries` (from
     cached_parametrizations), so a rerun reads the forward's tensors; after: caching and the cache
     as they were (parametrize.cached() empties the cache when the outermost block ends). There is
-    no public API to hand a cache over. Checked on torch 2.13. Only reached where
+    no public API to hand a cache over. Checked on torch 2.5.1-2.15.0. Only reached where
     cached_parametrizations found entries."""
     parametrize._cache_enabled += 1
     previous = {k: parametrize._cache.get(k) for k in entries}
@@ -215,7 +216,7 @@ except ImportError:  # pragma: no cover - a torch that moved them
 
 def is_traced(t: torch.Tensor) -> bool:
     """Whether `t` is a tracing stand-in (torch._subclasses' FakeTensor or FunctionalTensor: no
-    data, the compiler places the kernel launch itself). Checked on torch 2.13. Missing:
+    data, the compiler places the kernel launch itself). Checked on torch 2.5.1-2.15.0. Missing:
     torch.compiler.is_compiling(), which holds wherever the compiler traces."""
     if _FakeTensor is None:
         return torch.compiler.is_compiling()
@@ -225,6 +226,6 @@ def is_traced(t: torch.Tensor) -> bool:
 def functional_tensor_mode() -> Optional[type]:
     """torch._subclasses' FunctionalTensorMode, the mode under which torch.compile and AOTAutograd
     functionalize an operator (prg_fast.kernels keeps an interpreted Triton operator opaque there).
-    Checked on torch 2.13. Missing: None (nothing is registered; compiling an interpreted Triton
+    Checked on torch 2.5.1-2.15.0. Missing: None (nothing is registered; compiling an interpreted Triton
     kernel then fails with torch's own error)."""
     return _FunctionalTensorMode

@@ -14,7 +14,8 @@ project's time convention (t = 0 data, t = 1 noise) and in the variables in whic
 - time   t in [0, 1] <-> sigma: piecewise linear through the sampler's noise levels, the k-th level
   from the data end at t = k / N (N = `steps`, the sampler's number of steps). On that grid a
   fixed-step solve with `steps = N` (or a multiple) steps from one level to the next exactly:
-  `reverse(flow, x, steps=N, method="euler")` is DDIM inversion, `generate(flow, z, steps=N,
+  `reverse(flow, x, steps=N, method="euler")` is DDIM inversion (in the state: its latent is
+  `flow.from_state(y, 1.0)`), `generate(flow, z, steps=N,
   method="euler")` is DDIM sampling, `method="heun"` on EDM's levels is EDM's deterministic sampler.
   dsigma/dt jumps at the knots, so the flow declares `jumps_at_grid_points`: the engine then reads
   every stage on a knot from inside its own step (torchdiffeq's perturb), which picks the right piece
@@ -369,15 +370,17 @@ def from_diffusers(model: torch.nn.Module, scheduler, *, steps: Optional[int] = 
                    prediction: Optional[str] = None, **conditioning) -> ProbabilityFlow:
     """The probability-flow ODE of a diffusers model on a diffusers scheduler's discrete schedule:
 
-        flow = prg_fast.from_diffusers(unet, scheduler, steps=50)     # DDIMScheduler, DDPMScheduler, ...
-        z = prg_fast.reverse(flow, x, steps=50, method="euler")       # == DDIM inversion (DDIMInverseScheduler)
+        flow = prg_fast.from_diffusers(unet, scheduler, steps=50)     # DDIMScheduler(clip_sample=False), ...
+        z = flow.from_state(prg_fast.reverse(flow, x, steps=50, method="euler"), 1.0)  # == DDIM inversion
         x = flow.from_state(prg_fast.generate(flow, flow.to_state(noise, 1.0), steps=50, method="euler"), 0.0)
 
     Reads `alphas_cumprod`, the prediction type (`config.prediction_type`, or `prediction=`), the
     timesteps (after set_timesteps(steps) on a copy, with the scheduler's timestep_spacing and
     steps_offset) and the final level (`final_alpha_cumprod` / `initial_alpha_cumprod`, else 1).
     `conditioning` (class_labels=..., encoder_hidden_states=..., added_cond_kwargs=...) is passed to
-    every call; tensors in it that require grad get exact gradients.
+    every call; tensors in it that require grad get exact gradients. A scheduler that clips the
+    predicted x0 (clip_sample=True, diffusers' default for DDIM and DDPM, or thresholding=True) is
+    refused: no ODE clips, so its sampler and the flow would differ.
 
     diffusers' DDIMScheduler.step goes from timestep t to t - T // N (T training timesteps), which is
     the next timestep of its own list for "leading" spacing and for "trailing" when N divides T; with
@@ -394,6 +397,11 @@ def from_diffusers(model: torch.nn.Module, scheduler, *, steps: Optional[int] = 
     if table is None or not hasattr(scheduler, "config"):
         raise TypeError(f"scheduler must be a diffusers scheduler with alphas_cumprod (DDIMScheduler, DDPMScheduler, "
                         f"...), got {type(scheduler).__name__}")
+    for setting in ("clip_sample", "thresholding"):  # clip_sample=True is diffusers' DDIM/DDPM default
+        if getattr(scheduler.config, setting, False):
+            raise ValueError(f"scheduler has {setting}=True: it clips each predicted x0, which no ODE does, so "
+                             f"generate would not equal its sampler; pass type(scheduler).from_config("
+                             f"scheduler.config, {setting}=False) (the same schedule, unclipped)")
     if prediction is None:
         prediction = getattr(scheduler.config, "prediction_type", "epsilon")
     final = getattr(scheduler, "final_alpha_cumprod", getattr(scheduler, "initial_alpha_cumprod", 1.0))

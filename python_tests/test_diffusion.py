@@ -255,9 +255,28 @@ def test_bad_arguments_are_named():
         ProbabilityFlow(TinyNet(), VP(), "epsilon")
     with pytest.raises(ValueError, match="network_time"):
         ProbabilityFlow(TinyNet(), VP(), "epsilon", steps=3, network_time="late")
+
+
+def test_from_diffusers_names_what_is_not_a_scheduler():
+    pytest.importorskip("diffusers", reason="diffusers is not installed: from_diffusers says so first")
     with pytest.raises(TypeError, match="scheduler"):
         from_diffusers(torch.nn.Identity(), object())
 
+
+@pytest.mark.parametrize("scheduler,setting", [("DDIMScheduler", "clip_sample"), ("DDIMInverseScheduler", "clip_sample"),
+                                               ("DDPMScheduler", "clip_sample"), ("DDIMScheduler", "thresholding")])
+def test_from_diffusers_refuses_a_scheduler_that_clips_x0(scheduler, setting):
+    # clip_sample=True is diffusers' default for its DDIM and DDPM schedulers; the ODE has no clipping,
+    # so the flow's generate would silently differ from the scheduler's sampler: refused, the fix named
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: its schedulers are the subject")
+    cls = getattr(diffusers, scheduler)
+    sch = cls(num_train_timesteps=T, **{"clip_sample": False, setting: True})
+    with pytest.raises(ValueError, match=rf"{setting}=True.*from_config\(scheduler.config, {setting}=False\)"):
+        from_diffusers(torch.nn.Identity(), sch, steps=4)
+    if setting == "clip_sample":
+        with pytest.raises(ValueError, match="clip_sample"):
+            from_diffusers(torch.nn.Identity(), cls(num_train_timesteps=T), steps=4)  # diffusers' default
+    from_diffusers(torch.nn.Identity(), cls.from_config(sch.config, **{setting: False}), steps=4)  # the fix works
 
 def test_from_diffusers_without_diffusers_says_what_to_install(monkeypatch):
     import sys

@@ -181,6 +181,13 @@ if IMPORT_ERROR is None:
 
     INTERPRETED = isinstance(_stage_combine_kernel, _InterpretedFunction) if _InterpretedFunction else False
 
+    def _launcher(kernel):
+        # An interpreted kernel (TRITON_INTERPRET=1) launches eagerly as it is: torch >= 2.13's
+        # wrap_triton hands it back unchanged, torch 2.6-2.12's refuses it ("wrap_triton only
+        # works on functions annotated with triton.jit"). It is never traced: the operator stays
+        # opaque under functionalization (below).
+        return kernel if INTERPRETED else wrap_triton(kernel)
+
     def _check_device(base: torch.Tensor) -> None:
         if base.device.type == "cuda":
             return
@@ -249,7 +256,7 @@ if IMPORT_ERROR is None:
                 scalars += split_coefficient(c)
             scalars += [0.0] * (3 * (MAX_TERMS - len(coeffs)))
             with _device_guard(base):
-                wrap_triton(_stage_combine_kernel)[(triton.cdiv(n, BLOCK),)](
+                _launcher(_stage_combine_kernel)[(triton.cdiv(n, BLOCK),)](
                     base, *ptrs, out, n, *scalars,
                     NUM_TERMS=len(terms), ACC_F64=acc_f64, OUT_KIND=_out_kind(out_dtype),
                     BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -395,7 +402,7 @@ if IMPORT_ERROR is None:
                 return out
             ptrs = terms + [base] * (MAX_TERMS - len(terms))
             with _device_guard(base):
-                wrap_triton(_stage_combine_rows_kernel)[(triton.cdiv(n, BLOCK),)](
+                _launcher(_stage_combine_rows_kernel)[(triton.cdiv(n, BLOCK),)](
                     base, *ptrs, out, c, n, n // base.shape[0], 0 if c.shape[0] == 1 else 1,
                     NUM_TERMS=len(terms), ACC_F64=acc_f64, OUT_KIND=_out_kind(out_dtype),
                     BLOCK=BLOCK, num_warps=NUM_WARPS,
