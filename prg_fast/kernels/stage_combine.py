@@ -181,13 +181,6 @@ if IMPORT_ERROR is None:
 
     INTERPRETED = isinstance(_stage_combine_kernel, _InterpretedFunction) if _InterpretedFunction else False
 
-    def _launcher(kernel):
-        # An interpreted kernel (TRITON_INTERPRET=1) launches eagerly as it is: torch >= 2.13's
-        # wrap_triton hands it back unchanged, torch 2.6-2.12's refuses it ("wrap_triton only
-        # works on functions annotated with triton.jit"). It is never traced: the operator stays
-        # opaque under functionalization (below).
-        return kernel if INTERPRETED else wrap_triton(kernel)
-
     def _check_device(base: torch.Tensor) -> None:
         if base.device.type == "cuda":
             return
@@ -255,8 +248,13 @@ if IMPORT_ERROR is None:
             for c in coeffs:
                 scalars += split_coefficient(c)
             scalars += [0.0] * (3 * (MAX_TERMS - len(coeffs)))
+            # An interpreted kernel (TRITON_INTERPRET=1) launches eagerly as it is (torch 2.6-2.12's
+            # wrap_triton refuses one; it is never traced: opaque under functionalization, below).
+            # wrap_triton(kernel) stays written out here: triton_op finds the kernel for
+            # torch.compile by reading this function's source.
+            kernel = _stage_combine_kernel if INTERPRETED else wrap_triton(_stage_combine_kernel)
             with _device_guard(base):
-                _launcher(_stage_combine_kernel)[(triton.cdiv(n, BLOCK),)](
+                kernel[(triton.cdiv(n, BLOCK),)](
                     base, *ptrs, out, n, *scalars,
                     NUM_TERMS=len(terms), ACC_F64=acc_f64, OUT_KIND=_out_kind(out_dtype),
                     BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -401,8 +399,9 @@ if IMPORT_ERROR is None:
             if n == 0:
                 return out
             ptrs = terms + [base] * (MAX_TERMS - len(terms))
-            with _device_guard(base):
-                _launcher(_stage_combine_rows_kernel)[(triton.cdiv(n, BLOCK),)](
+            kernel = _stage_combine_rows_kernel if INTERPRETED else wrap_triton(_stage_combine_rows_kernel)
+            with _device_guard(base):  # (the launch as in _stage_combine_triton)
+                kernel[(triton.cdiv(n, BLOCK),)](
                     base, *ptrs, out, c, n, n // base.shape[0], 0 if c.shape[0] == 1 else 1,
                     NUM_TERMS=len(terms), ACC_F64=acc_f64, OUT_KIND=_out_kind(out_dtype),
                     BLOCK=BLOCK, num_warps=NUM_WARPS,
