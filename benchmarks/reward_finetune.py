@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import statistics
@@ -55,7 +54,8 @@ import time
 
 import torch
 
-import harness  # benchmarks/harness.py: the one machine line
+import harness  # benchmarks/harness.py: the machine line, peak memory
+from adjoint_memory import TorchdiffeqFunc
 
 from prg_fast.data import load_data
 from prg_fast.models import ImageClassifier, add_lora, lora_disabled
@@ -79,20 +79,9 @@ class TorchdiffeqAdjoint:
 
         grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).to(z)
         params = [p for p in model.parameters() if p.requires_grad]
-        func = _TimeBatched(model)
+        func = TorchdiffeqFunc(model)
         x = torchdiffeq.odeint_adjoint(func, z, grid, method=method, adjoint_params=params)[-1]
         return RewardSample(x, steps, 1.0)
-
-
-class _TimeBatched(torch.nn.Module):
-    """torchdiffeq calls func(t, y) with a 0-dim t; the UNet takes t of shape (B,)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, t, y):
-        return self.model(t.expand(y.shape[0]), y)
 
 
 METHODS = {
@@ -179,11 +168,6 @@ def noise(args, step, n=None):
 # memory: one training step in a fresh process per method
 
 
-def proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def memory_worker(args):
     net, reference = flow_net(args, lora=True)
     reward = reward_fn(args)
@@ -192,17 +176,13 @@ def memory_worker(args):
     peaks = []
     for step in range(4):  # the first one warms up (allocator, lazy initialisation, AdamW state)
         z, gen = noise(args, step)
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = proc_status_kib("VmHWM")
-        train_step(net, reference, reward, opt, mode, z, args.steps_k, gen, args.kl_weight)
-        peaks.append((proc_status_kib("VmHWM") - base) * 1024)
+        peaks.append(harness.peak_bytes(lambda: train_step(net, reference, reward, opt, mode, z, args.steps_k, gen,
+                                                           args.kl_weight), torch.device("cpu")))
     print(json.dumps({"peak_bytes": statistics.median(peaks[1:])}))  # the allocator's state moves it by ~1 MiB
 
 
 def peak_memory(args, method, k) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
+    env = dict(os.environ, **harness.MALLOC_ENV)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--steps-k", str(k), "--flow", args.flow]
     for name in ("out", "batch", "kl_weight", "lr", "lora_rank", "target", "seed"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
