@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.utils.checkpoint  # (torch < 2.6 does not import it with torch)
 
 import prg_fast
 from prg_fast.ode import ops, reference

@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 import torch
+import torch.utils.checkpoint  # (torch < 2.6 does not import it with torch)
 import torch.nn as nn
 
 import prg_fast

@@ -6,6 +6,7 @@ velocity, a layer's output kept by a forward hook. Float64; the oracle is plain 
 the same solver (adjoint=False; through the same reversible scheme for reversible=True)."""
 import pytest
 import torch
+import torch.utils.checkpoint  # (torch < 2.6 does not import it with torch)
 
 import prg_fast
 from gradient_checks import THREE_WAYS, TwoLayer, assert_grads_close, cotangent, rel_err, seeded_net, three_ways
