@@ -249,24 +249,61 @@ class Hidden:
     __slots__ = ("p",)  # no __dict__: the search of the velocity cannot see into it
 
 
-def test_a_leaf_only_a_later_evaluation_reads_is_an_error_naming_adjoint_params():
+def _hidden_parameter():
+    """A parameter in a __slots__ box (the search cannot see it), added by a pre-hook once t > 0.3."""
     torch.manual_seed(0)
     box, extra = Hidden(), nn.Parameter(torch.randn(3, dtype=torch.float64))
     box.p = extra
     net = Base().double()
     net.register_forward_pre_hook(lambda m, args: (args[0], args[1] + box.p) if _late(args[0]) else None)
+    return net, extra, [extra], r"parameter that requires grad \(shape \(3,\).*adjoint_params="
+
+
+def _hidden_parameter_in_a_closure():
+    torch.manual_seed(0)
+    box, net = Hidden(), Base().double()
+    box.p = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    return (lambda t, x: net(t, x + box.p if _late(t) else x)), box.p, [*net.parameters(), box.p], r"parameter that requires grad.*adjoint_params="
+
+
+def _late_computed_tensor():
+    """A computed tensor (W = A + 1, A trained) the closure holds and reads only once t > 0.3 (its
+    graph saves nothing, so the test may backpropagate through it more than once)."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    w, net = a + 1, Base().double()
+    return (lambda t, x: net(t, x @ w if _late(t) else x)), a, [*net.parameters(), w], r"computed outside it \(shape \(3, 3\).*adjoint_params"
+
+
+def _every_budget(monkeypatch, graph_bytes):
+    yield "budget0", dict(memory_budget=0)
+    yield "inf", dict(memory_budget=float("inf"))
+    for kept in (1, 5, 11):
+        monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(int((kept + 0.5) * graph_bytes / free_memory.AUTO_FRACTION)))
+        yield f"auto_keep{kept}", {}
+    monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(2 ** 50))
+
+
+@pytest.mark.parametrize("case", [_hidden_parameter, _hidden_parameter_in_a_closure, _late_computed_tensor])
+def test_a_tensor_only_a_later_evaluation_reads_is_the_same_error_under_every_budget(case, monkeypatch):
+    """The solve cannot take what it never saw as an input: under every budget (kept graphs, plain
+    backprop when all fit, reruns) the same error naming adjoint_params -- the budget never changes
+    the answer -- while adjoint=False (plain autograd) and adjoint_params=[...] are exact."""
+    fn, extra, named, message = case()
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    out = prg_fast.reverse(net, x, steps=3, method="rk4", memory_budget=0)
-    with pytest.raises(RuntimeError, match=r"parameter that requires grad \(shape \(3,\).*adjoint_params="):
-        out.sum().backward()
-    # named, it is exact
-    x.grad = None
-    out = prg_fast.reverse(net, x, steps=3, method="rk4", memory_budget=0, adjoint_params=[*net.parameters(), extra])
-    got = torch.autograd.grad(out.sum(), [x, extra])
-    out = prg_fast.reverse(net, x, steps=3, method="rk4", adjoint=False)
+    monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(2 ** 50))
+    graph = adjoint_node(prg_fast.reverse(fn, x, steps=3, method="rk4", memory_budget=0)).evals.graph_bytes
+    for name, kw in _every_budget(monkeypatch, graph):
+        out = prg_fast.reverse(fn, x, steps=3, method="rk4", **kw)
+        with pytest.raises(RuntimeError, match=message):
+            out.sum().backward()
+    out = prg_fast.reverse(fn, x, steps=3, method="rk4", adjoint=False)
     want = torch.autograd.grad(out.sum(), [x, extra])
-    for g, w in zip(got, want):
-        assert ((g - w).norm() / w.norm()).item() < RTOL
+    for kw in (dict(memory_budget=0), dict(memory_budget=float("inf"))):
+        out = prg_fast.reverse(fn, x, steps=3, method="rk4", adjoint_params=[*(fn.parameters() if isinstance(fn, nn.Module) else ()), *named], **kw)
+        got = torch.autograd.grad(out.sum(), [x, extra])
+        for g, w in zip(got, want):
+            assert ((g - w).norm() / w.norm()).item() < RTOL
 
 
 @pytest.mark.parametrize("x_grad", [True, False])

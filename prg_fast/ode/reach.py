@@ -266,22 +266,26 @@ def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set
     return [p for j, p in enumerate(params) if j not in drop]
 
 
-def unknown_leaf(outputs, inputs, unlisted=()) -> Optional[torch.Tensor]:
-    """An nn.Parameter that the graph of `outputs` (an evaluation rerun or kept for the backward)
-    reaches and that is none of `inputs`, or None. The adjoint differentiates only its inputs, so
-    such a parameter -- read by a later evaluation through something the search could not see --
-    would silently get no gradient (prg_fast.ode.rerun.graph_vjp makes it an error). Plain leaf
-    tensors are not asked about: a velocity may make its own (x.detach().requires_grad_() for an
-    energy's gradient), which no gradient is owed to. The walk stops at the inputs and at the
-    computed tensors the velocity holds (`unlisted`: their own check); one pass over the graph's
-    nodes, no tensor is touched."""
+def unknown_read(roots, inputs, unlisted=()) -> Optional[torch.Tensor]:
+    """What the graph under the autograd nodes `roots` (an evaluation rerun or kept for the backward,
+    or a whole solve run as plain backprop) reads that the solve does not take as an input, or None:
+    an nn.Parameter that is none of `inputs`, or one of the computed tensors the velocity holds
+    (`unlisted`, whose node the walk reaches). The adjoint differentiates only its inputs, so such a
+    tensor -- read by a later evaluation through something the search could not see -- would
+    silently get no gradient (prg_fast.ode.rerun.refuse_unknown_reads makes it an error, under every
+    budget). Plain leaf tensors are not asked about: a velocity may make its own
+    (x.detach().requires_grad_() for an energy's gradient), which no gradient is owed to. The walk
+    stops at the inputs; one pass over the graph's nodes, no tensor is touched."""
     known = {id(q) for q in inputs}
-    stops = {q.grad_fn for q in list(inputs) + list(unlisted) if q.grad_fn is not None}
-    seen, stack = set(), [o.grad_fn for o in outputs]
+    stops = {q.grad_fn for q in inputs if q.grad_fn is not None}
+    computed = {q.grad_fn: q for q in unlisted if q.grad_fn not in stops}
+    seen, stack = set(), list(roots)
     while stack:
         node = stack.pop()
         if node is None or node in seen or node in stops:
             continue
+        if node in computed:
+            return computed[node]
         seen.add(node)
         leaf = getattr(node, "variable", None)
         if leaf is not None:

@@ -40,7 +40,7 @@ import torch
 from ..compat import foreach_add_, gradient_hooks, tensor_hook_dicts, version, view_base
 from .integrate import autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
-from .reach import unknown_leaf
+from .reach import unknown_read
 
 
 def _same_rng(a, b) -> bool:
@@ -231,8 +231,7 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
     as inputs (prg_fast.ode.reach.Reach.computed; discovery refuses one its first evaluation reads).
     One read by a later evaluation would get no gradient from the solve -- silently, since the
-    adjoint returns gradients only for its inputs -- so the VJP asks for theirs too: one that is
-    not None is an error naming the fix (it costs nothing when there is none)."""
+    adjoint returns gradients only for its inputs -- so it is an error (refuse_unknown_reads)."""
     inputs = list(inputs)
     # an output that reads neither the state nor a parameter (a zero velocity, a function of t
     # only) has no graph: it contributes nothing
@@ -240,36 +239,37 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     if not live:
         return [None] * len(inputs)
     outs, cots = [o for o, _ in live], [c for _, c in live]
-    _check_all_read(outs, inputs, unlisted)
-    watched = [] if reentrant else list(unlisted)  # (backward() cannot stop at a computed tensor)
+    refuse_unknown_reads([o.grad_fn for o in outs], inputs, unlisted)
     muted = [q for q in inputs if all(q is not h for h in hooked)]
-    with hooks_muted(muted + watched), torch.enable_grad():
+    with hooks_muted(muted), torch.enable_grad():
         if reentrant:
             return _backward_into_fresh(outs, inputs, cots)
-        grads = list(torch.autograd.grad(outs, inputs + watched, cots, allow_unused=True))
-    for w, g in zip(watched, grads[len(inputs):]):
-        if g is not None:
-            raise RuntimeError(
-                f"model reads a tensor that requires grad and was computed outside it (shape {tuple(w.shape)}, "
-                f"from {w.grad_fn.name()}) in an evaluation after its first, where the solve did not see it: the "
-                "adjoint differentiates only its inputs, so that tensor's gradient would be missing. Pass it as "
-                "adjoint_params, compute it inside the model, or use adjoint=False"
-            )
-    return grads[:len(inputs)]
+        return list(torch.autograd.grad(outs, inputs, cots, allow_unused=True))
 
 
-def _check_all_read(outputs: List[torch.Tensor], inputs: List[torch.Tensor], unlisted: Sequence[torch.Tensor]) -> None:
-    """Every parameter this evaluation's graph reaches is an input of the solve: one read only
-    after the first evaluation, through something the search of the velocity could not see, would
-    otherwise get no gradient (the adjoint returns gradients for its inputs only)."""
-    leaf = unknown_leaf(outputs, inputs, unlisted)
-    if leaf is not None:
+def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequence[torch.Tensor]) -> None:
+    """Every tensor requiring grad that the graph under `roots` reads is an input of the solve, or
+    an error: a parameter or a computed tensor read only after the first evaluation, through
+    something the search of the velocity could not see, would otherwise get no gradient (the
+    adjoint returns gradients for its inputs only). Every adjoint path asks, whatever the budget
+    kept (a rerun's VJP, a kept graph's, a solve run as plain backprop: AdjointSolveKept), so the
+    budget never changes the answer."""
+    read = unknown_read(roots, inputs, unlisted)
+    if read is None:
+        return
+    if read.grad_fn is not None:
         raise RuntimeError(
-            f"model reads a parameter that requires grad (shape {tuple(leaf.shape)}, {leaf.dtype}) in an evaluation "
-            "after its first, and the solve did not find it among its inputs (it looked through the model, its "
-            "modules and their hooks, closures and globals): its gradient would be missing. Pass it in "
-            "adjoint_params=[...] (with the model's parameters), or use adjoint=False"
+            f"model reads a tensor that requires grad and was computed outside it (shape {tuple(read.shape)}, "
+            f"from {read.grad_fn.name()}) in an evaluation after its first, where the solve did not see it: the "
+            "adjoint differentiates only its inputs, so that tensor's gradient would be missing. Pass it as "
+            "adjoint_params, compute it inside the model, or use adjoint=False"
         )
+    raise RuntimeError(
+        f"model reads a parameter that requires grad (shape {tuple(read.shape)}, {read.dtype}) in an evaluation "
+        "after its first, and the solve did not find it among its inputs (it looked through the model, its "
+        "modules and their hooks, closures and globals): its gradient would be missing. Pass it in "
+        "adjoint_params=[...] (with the model's parameters), or use adjoint=False"
+    )
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):

@@ -42,7 +42,7 @@ from .discovery import discover
 from .free_memory import AUTO_FRACTION, free_bytes
 from .integrate import Problem, check_choice, check_flag, run, solve
 from .kept_graphs import EvaluationGraphs, Tail, unless_out_of_memory
-from .rerun import GradientSum, StateHooks, evaluation_vjp, graph_vjp, once_differentiable
+from .rerun import GradientSum, StateHooks, evaluation_vjp, graph_vjp, once_differentiable, refuse_unknown_reads
 
 log = logging.getLogger("prg_fast.ode.strategies")  # what the strategy chose, at DEBUG (docs/engine.md)
 AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
@@ -111,7 +111,7 @@ class StoredAdjoint:
         if graphs.as_backprop:
             outs = _as_backprop(graphs, x)
             if outs is not None:
-                return AdjointSolveKept.apply(graphs, *outs)
+                return AdjointSolveKept.apply(graphs, x, *outs)
         return AdjointSolve.apply(problem, graphs, times, x, *problem.reads.params)
 
 
@@ -140,13 +140,16 @@ class AdjointSolveKept(torch.autograd.Function):
     reaches the inputs."""
 
     @staticmethod
-    def forward(ctx, evals: EvaluationGraphs, *outs: torch.Tensor):
-        ctx.evals = evals
+    def forward(ctx, evals: EvaluationGraphs, x: torch.Tensor, *outs: torch.Tensor):
+        # what the graph may read: x (where the walk stops) and the solve's inputs; anything else
+        # requiring grad is refused at the backward, as a rerun's VJP refuses it (refuse_unknown_reads)
+        ctx.evals, ctx.roots, ctx.inputs = evals, [o.grad_fn for o in outs], (x, *evals.problem.reads.params)
         return torch.stack(outs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return (None, *grad_out.unbind(0))
+        refuse_unknown_reads(ctx.roots, ctx.inputs, ctx.evals.problem.reads.unlisted)
+        return (None, None, *grad_out.unbind(0))
 
 
 class AdjointSolve(torch.autograd.Function):
