@@ -1,4 +1,4 @@
-"""Adaptive steps for odeint: an embedded pair (prg_fast.ode.embedded) under torchdiffeq's controller.
+"""Adaptive steps for odeint: an embedded pair (prg_fast.ode.solvers) under torchdiffeq's controller.
 
 Internally time increases (tau = sign * t). Per attempted step the stages, y1 and the error estimate
 err = h sum_i (b_i - b_hat_i) k_i are fused stage combinations, and the step's one host
@@ -35,12 +35,12 @@ import torch
 
 from . import states
 from .backprop import Backprop
-from .embedded import EmbeddedTableau
 from .fixed_grid import odeint_values
 from .grids import Grid
 from .integrate import check_state
 from .kept_graphs import EvaluationGraphs
 from .ops import MAX_TERMS
+from .solvers import EmbeddedTableau
 from .stored_adjoint import StoredAdjoint
 
 # torchdiffeq's options and defaults; numbers as (lowest value, whether it is excluded)

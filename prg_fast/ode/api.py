@@ -20,10 +20,9 @@ import torch
 from . import adaptive, fixed_grid, states
 from .cuda_graphs import graphed_solve
 from .description import OPTIONS, SolveDescription, describe
-from .embedded import EmbeddedTableau, get_embedded
 from .grids import Grid, check_order, check_unit_times, time_arg, time_grid
 from .integrate import check_state
-from .solvers import SOLVERS
+from .solvers import SOLVERS, EmbeddedTableau, get_embedded
 
 Time = Union[float, torch.Tensor]  # a number, a one-element tensor, or shape (B,): one time per sample
 
