@@ -36,8 +36,7 @@ import torch
 from . import states
 from .backprop import Backprop
 from .fixed_grid import odeint_values
-from .grids import Grid
-from .integrate import check_state
+from .integrate import Grid, check_state
 from .kept_graphs import EvaluationGraphs
 from .ops import MAX_TERMS
 from .solvers import EmbeddedTableau

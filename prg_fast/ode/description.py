@@ -21,8 +21,7 @@ import torch
 
 from . import backends
 from .backprop import Backprop
-from .grids import Grid
-from .integrate import FLOAT_DTYPES, Problem, Velocity, check_choice, check_flag
+from .integrate import FLOAT_DTYPES, Grid, Problem, Velocity, check_choice, check_flag
 from .reversible import DEFAULT_COUPLING, RECONSTRUCTION_CHECKS
 from .reversible_adjoint import ReversibleAdjoint
 from .solvers import ButcherTableau, get_embedded, get_tableau

@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .grids import Grid
+from .integrate import Grid
 
 SUPPORTED = ("step_size", "grid_constructor", "interp", "perturb")
 
