@@ -1,8 +1,6 @@
-"""Which implementation of the fused stage arithmetic runs, and why the others cannot.
-
-`select` gives a solve its `Backend` (prg_fast.ode.ops: the functions of one implementation behind
-the methods every loop calls, chaining sums longer than the kernels' MAX_TERMS). "auto" picks cuda > triton > cpu > reference among those that are built and fit the tensor's
-device (interpreted Triton on the CPU is for tests only and is never picked by "auto").
+"""Which implementation of the fused stage arithmetic runs (`select`: the solve's ops.Backend), and
+why the others cannot. "auto" picks cuda > triton > cpu > reference among those that are built and
+fit the tensor's device (interpreted Triton on the CPU is for tests only, never picked by "auto").
 """
 from __future__ import annotations
 
@@ -104,19 +102,7 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
     return chosen.name, chosen.combine
 
 
-def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """(name, fn) with fn(base, terms, coeffs, out_dtype=None) the per-row combination
-    (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend (see `select`)."""
-    chosen = select(backend, device)
-    return chosen.name, chosen.combine_rows
-
-
 def status() -> Dict[str, Optional[str]]:
     """Each backend -> None if built, else why not (independent of any tensor's device)."""
     _load_triton()
-    return {
-        "cpu": ops.CPU_ERROR,
-        "cuda": ops.CUDA_ERROR,
-        "triton": _TRITON_ERROR,
-        "reference": None,
-    }
+    return {"cpu": ops.CPU_ERROR, "cuda": ops.CUDA_ERROR, "triton": _TRITON_ERROR, "reference": None}

@@ -1,17 +1,16 @@
 """An evaluation rerun in the backward: what it must see to be the forward's, and its one VJP.
 
-Both adjoints (prg_fast.ode.stored_adjoint, prg_fast.ode.reversible_adjoint) rerun evaluations in
-the backward; a rerun is exact when it sees what the forward's evaluation saw. The forward records
-(`ReplayRecord`), per rerunnable evaluation (a network evaluation, or a reversible base step), the
-random state (dropout) and the written buffers (module_state); per solve, the autocast state, the
-modules' train/eval flags, the cached parametrizations and the parameters' versions. Random states
-(~2 us, no device sync) are dropped when the generators did not move over the forward (the
-replay's fork/restore costs ~15 us per evaluation).
+Both adjoints rerun evaluations in the backward; a rerun is exact when it sees what the forward's
+evaluation saw. The forward records (`ReplayRecord`), per rerunnable evaluation (a network
+evaluation, or a reversible base step), the random state (dropout) and the written buffers
+(module_state); per solve, the autocast state, the modules' train/eval flags, the cached
+parametrizations and the parameters' versions. Random states (~2 us, no device sync) are dropped
+when the generators did not move over the forward (the fork/restore costs ~15 us per evaluation).
 
-Each rerun (or kept) evaluation is then differentiated on its own (`evaluation_vjp`, `graph_vjp`)
-and the adjoint returns the *sum* over evaluations as the parameters' gradient (`accumulate`),
-through its autograd Function; autograd then runs the parameters' hooks on that total, once, as
-plain backprop does. So the per-evaluation VJPs here must not run them:
+Each rerun (or kept) evaluation is differentiated on its own (`graph_vjp`) and the adjoint returns
+the *sum* over evaluations as the parameters' gradient (`GradientSum`) through its autograd
+Function; autograd then runs the parameters' hooks on that total, once, as plain backprop does. So
+the per-evaluation VJPs here must not run them:
 
 - tensor hooks (`p.register_hook`) run on every gradient autograd captures for `p`, also inside
   `torch.autograd.grad(..., inputs=[p])`: they are muted for the duration of the VJP (the hooks'
@@ -44,7 +43,8 @@ from .reach import unknown_leaf
 
 
 def _same_rng(a, b) -> bool:
-    return torch.equal(a[0], b[0]) and ((a[1] is None and b[1] is None) or (a[1] is not None and b[1] is not None and torch.equal(a[1], b[1])))
+    """Two capture_rng states (CPU, CUDA or None) are equal."""
+    return all(u is v or u is not None and v is not None and torch.equal(u, v) for u, v in zip(a, b))
 
 
 class ReplayRecord:
@@ -214,19 +214,12 @@ def refuse_input_hooks(hooks: Sequence[Callable], where: str) -> None:
         )
 
 
-def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor,
-                   reentrant: bool = False, unlisted: Sequence[torch.Tensor] = (),
-                   hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
-    """cotangent^T d output / d inputs (None for an input the output does not read), with the
-    inputs' hooks muted (see the module docstring) except those of `hooked` (StateHooks)."""
-    return graph_vjp([output], inputs, [cotangent], reentrant, unlisted, hooked)
-
-
 def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
               reentrant: bool = False, unlisted: Sequence[torch.Tensor] = (),
               hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
-    """sum_j cotangents[j]^T d outputs[j] / d inputs, one backward through the graph they share (the
-    kept tail of a solve: prg_fast.ode.kept_graphs), with the inputs' hooks muted but `hooked`'s.
+    """sum_j cotangents[j]^T d outputs[j] / d inputs (None for an input they do not read), one
+    backward through the graph they share (an evaluation's, or the kept tail's), with the inputs'
+    hooks muted (see the module docstring) but `hooked`'s (StateHooks).
 
     `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
     as inputs (prg_fast.ode.reach.Reach.computed; discovery refuses one its first evaluation reads).
@@ -340,22 +333,16 @@ def once_differentiable(backward):
     return wrapper
 
 
-def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
-    """Parameter gradients accumulate over evaluations in float32 (float64 for float64 parameters;
-    complex64/complex128 for complex ones), whatever the network's own dtype."""
-    if q.dtype in (torch.float64, torch.complex64, torch.complex128):
-        return q.dtype
-    return torch.float32
-
-
 class GradientSum:
-    """The parameters' gradients summed over the evaluations' VJPs, in their accumulation dtype
-    (None until an evaluation reads the parameter: an unread one gets None, as in plain backprop)."""
+    """The parameters' gradients summed over the evaluations' VJPs (None until an evaluation reads
+    the parameter, as in plain backprop), in float32 whatever the network's dtype (float64,
+    complex64 and complex128 parameters in their own)."""
 
     def __init__(self, params):
         self.params = list(params)
         self.acc: List[Optional[torch.Tensor]] = [None] * len(self.params)
-        self.dtypes = [accumulator_dtype(q) for q in self.params]
+        wide = (torch.float64, torch.complex64, torch.complex128)
+        self.dtypes = [q.dtype if q.dtype in wide else torch.float32 for q in self.params]
 
     def add(self, grads, returned=(), given=()) -> None:
         """acc[q] += grads[q] for every parameter gradient present, in one fused foreach call where
