@@ -10,7 +10,7 @@ and would read a state the forward had already moved on (spectral_norm's recompu
 the one the forward used, so the gradient is not the forward's). Here the adjoints handle it
 (through prg_fast.ode.rerun):
 
-- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach). A state
+- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.discovery.reachable). A state
   held elsewhere is not seen.
 - Which of them are written: the solve's first evaluation tells, by identity, version counter and
   value (BatchNorm's kernel writes `running_mean`/`running_var` without bumping their version, and

@@ -22,11 +22,11 @@ the per-evaluation VJPs here must not run them:
 Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
 `torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
 parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
-velocity's graph holds one (prg_fast.ode.reach.has_reentrant_checkpoint), the VJP is a plain
+velocity's graph holds one (prg_fast.ode.discovery.has_reentrant_checkpoint), the VJP is a plain
 `torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
 accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
 is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
-prg_fast.ode.reach finds and what graph discovery adds.)
+discovery's search finds and what graph discovery adds.)
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ import torch
 from ..compat import foreach_add_, gradient_hooks, tensor_hook_dicts, version, view_base
 from .integrate import autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
-from .reach import unknown_leaf
 
 
 def _same_rng(a, b) -> bool:
@@ -222,7 +221,7 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     hooks muted (see the module docstring) but `hooked`'s (StateHooks).
 
     `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
-    as inputs (prg_fast.ode.reach.Reach.computed; discovery refuses one its first evaluation reads).
+    as inputs (prg_fast.ode.discovery.Reach.computed; discovery refuses one its first evaluation reads).
     One read by a later evaluation would get no gradient from the solve -- silently, since the
     adjoint returns gradients only for its inputs -- so the VJP asks for theirs too: one that is
     not None is an error naming the fix (it costs nothing when there is none)."""
@@ -263,6 +262,32 @@ def _check_all_read(outputs: List[torch.Tensor], inputs: List[torch.Tensor], unl
             "modules and their hooks, closures and globals): its gradient would be missing. Pass it in "
             "adjoint_params=[...] (with the model's parameters), or use adjoint=False"
         )
+
+
+def unknown_leaf(outputs, inputs, unlisted=()) -> Optional[torch.Tensor]:
+    """An nn.Parameter that the graph of `outputs` (an evaluation rerun or kept for the backward)
+    reaches and that is none of `inputs`, or None. The adjoint differentiates only its inputs, so
+    such a parameter -- read by a later evaluation through something the search could not see --
+    would silently get no gradient (prg_fast.ode.rerun.graph_vjp makes it an error). Plain leaf
+    tensors are not asked about: a velocity may make its own (x.detach().requires_grad_() for an
+    energy's gradient), which no gradient is owed to. The walk stops at the inputs and at the
+    computed tensors the velocity holds (`unlisted`: their own check); one pass over the graph's
+    nodes, no tensor is touched."""
+    known = {id(q) for q in inputs}
+    stops = {q.grad_fn for q in list(inputs) + list(unlisted) if q.grad_fn is not None}
+    seen, stack = set(), [o.grad_fn for o in outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            if id(leaf) not in known and isinstance(leaf, torch.nn.Parameter):
+                return leaf
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return None
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
