@@ -102,6 +102,13 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, Callable]:
     return chosen.name, chosen.combine
 
 
+def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """(name, fn) with fn(base, terms, coeffs, out_dtype=None) the per-row combination
+    (`prg_fast.ode.reference.stage_combine_rows`) of the requested backend (see `select`)."""
+    chosen = select(backend, device)
+    return chosen.name, chosen.combine_rows
+
+
 def status() -> Dict[str, Optional[str]]:
     """Each backend -> None if built, else why not (independent of any tensor's device)."""
     _load_triton()
