@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .ode import reverse
 from .ode.solvers import get_tableau
-from .ode.grids import check_unit_times
+from .ode.api import check_unit_times
 
 __all__ = ["PRGClassifier", "feature_shape", "check_segment", "parse_time", "parse_times"]
 

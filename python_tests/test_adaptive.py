@@ -1,4 +1,4 @@
-"""Adaptive odeint (prg_fast.ode.embedded, prg_fast.ode.adaptive): the embedded pairs' order
+"""Adaptive odeint (prg_fast.ode.solvers, prg_fast.ode.adaptive): the embedded pairs' order
 conditions and measured orders, the controller against torchdiffeq (evaluations, errors, callbacks,
 options) on Van der Pol, Lotka-Volterra, exponential decay and a neural ODE, the states torchdiffeq
 allows, jump_t, and the errors that replace silent NaNs."""
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import prg_fast
-from prg_fast.ode.embedded import EMBEDDED, EmbeddedTableau
+from prg_fast.ode.solvers import EMBEDDED, EmbeddedTableau
 from test_solvers import _density, _elementary_weight, _rooted_trees
 
 D = torch.float64
 ORDERS = {"dopri5": (5, 4), "bosh3": (3, 2), "adaptive_heun": (2, 1), "fehlberg2": (2, 1), "dopri8": (8, 7),
           "tsit5": (5, 4)}  # (order of b, order of b_hat)
-THEIRS = ["dopri5", "bosh3", "dopri8"]  # the pairs whose evaluations torchdiffeq counts as we do (see embedded.py)
+THEIRS = ["dopri5", "bosh3", "dopri8"]  # the pairs whose evaluations torchdiffeq counts as we do (see solvers.py)
 
 
 def _satisfied_order(tab, weights, up_to):

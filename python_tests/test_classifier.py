@@ -213,7 +213,7 @@ def test_every_layer_checks_times_with_the_engines_one_check():
 
     from prg_fast.classifier import check_segment, parse_times
     from prg_fast.cli.args import time_list, unit_time
-    from prg_fast.ode.grids import UNIT_TIME
+    from prg_fast.ode.api import UNIT_TIME
     from prg_fast.related.repfusion import RepFusionConfig
     from prg_fast.training.finetune import FinetuneConfig
 

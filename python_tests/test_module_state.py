@@ -16,7 +16,7 @@ import torch.nn as nn
 import prg_fast
 from prg_fast.models import UNet
 from prg_fast.ode.module_state import ModuleState
-from prg_fast.ode.reach import reachable
+from prg_fast.ode.discovery import reachable
 from gradient_checks import THREE_WAYS, BatchNormMLP, TwoLayer, assert_grads_close, cotangent, seeded_net
 
 METHODS = sorted(prg_fast.SOLVERS)

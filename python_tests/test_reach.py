@@ -1,4 +1,4 @@
-"""What a velocity reaches (prg_fast/ode/reach.py), and why it matters: a velocity may read tensors
+"""What a velocity reaches (prg_fast/ode/discovery.py: reachable), and why it matters: a velocity may read tensors
 requiring grad only after its first evaluation (an expert chosen by time, a tensor used for t >= 1/2),
 which graph discovery on the first evaluation cannot see. Without the search their gradients were
 silently missing (None) under the adjoint; plain backprop is the oracle."""
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import prg_fast
-from prg_fast.ode import reach
+from prg_fast.ode import discovery as reach
 
 D = torch.float64
 # the default ("auto": every graph kept at these sizes), recompute all, keep all, steps, reversible

@@ -9,7 +9,7 @@ import torch
 import prg_fast
 from prg_fast.ode import reversible as rev
 from prg_fast.ode.description import describe
-from prg_fast.ode.grids import Grid
+from prg_fast.ode.integrate import Grid
 from gradient_checks import TwoLayer, rel_err
 
 METHODS = ["euler", "midpoint", "heun", "rk4", "rk4_38"]

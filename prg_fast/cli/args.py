@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, List, Optional
 
-from ..ode.grids import UNIT_TIME
+from ..ode.api import UNIT_TIME
 
 __all__ = ["bounded", "positive_int", "nonnegative_int", "nonnegative_float", "positive_float", "unit_time",
            "time_list", "add_data_arguments", "add_run_arguments", "add_solver_arguments", "config_from_args",

@@ -1,4 +1,4 @@
-"""Adaptive steps for odeint: an embedded pair (prg_fast.ode.embedded) under torchdiffeq's controller.
+"""Adaptive steps for odeint: an embedded pair (prg_fast.ode.solvers) under torchdiffeq's controller.
 
 Internally time increases (tau = sign * t). Per attempted step the stages, y1 and the error estimate
 err = h sum_i (b_i - b_hat_i) k_i are fused stage combinations, and the step's one host
@@ -12,16 +12,12 @@ Outputs are the dense output of the accepted step holding them (steps are not fo
 whose error estimate ignores its last (FSAL) stage evaluates it only on acceptance.
 
 Never a silent NaN: a non-finite error estimate rejects the step; an underflowing step size,
-max_num_steps steps between two output times (torchdiffeq's count) or a non-finite state forced
-through by min_step raise an error naming the time, the step size and the option. Without grad
-mode the loop writes into buffers it owns.
-
-Gradients: the exact derivative of the discrete solve on the accepted steps, the step sizes held
-constant (the controller is not differentiated). The Controller is the Problem's (integrate), so
-every strategy runs it: plain backprop builds the graph as it steps (a rejected step's graph is
-dropped); the stored adjoint's forward records the accepted steps' stage inputs through its
-evaluator, and its backward walks the problem on the accepted grid (`Controller.accepted`: the
-forward's stage times, the dense outputs' places, FSAL stages as one evaluation).
+max_num_steps or a non-finite state forced through by min_step raise an error naming the time,
+the step size and the option. Gradients (docs/engine.md): the exact derivative of the discrete
+solve on the accepted steps, the controller not differentiated. The Controller is the Problem's,
+so every strategy runs it; the stored adjoint's backward walks the problem on the accepted grid
+(`Controller.accepted`: the forward's stage times, the dense outputs' places, FSAL stages as one
+evaluation).
 """
 from __future__ import annotations
 
@@ -35,12 +31,11 @@ import torch
 
 from . import states
 from .backprop import Backprop
-from .embedded import EmbeddedTableau
 from .fixed_grid import odeint_values
-from .grids import Grid
-from .integrate import check_state
+from .integrate import Grid, check_state
 from .kept_graphs import EvaluationGraphs
 from .ops import MAX_TERMS
+from .solvers import EmbeddedTableau
 from .stored_adjoint import StoredAdjoint
 
 # torchdiffeq's options and defaults; numbers as (lowest value, whether it is excluded)

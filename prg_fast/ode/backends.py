@@ -1,8 +1,6 @@
-"""Which implementation of the fused stage arithmetic runs, and why the others cannot.
-
-`select` gives a solve its `Backend` (prg_fast.ode.ops: the functions of one implementation behind
-the methods every loop calls, chaining sums longer than the kernels' MAX_TERMS). "auto" picks cuda > triton > cpu > reference among those that are built and fit the tensor's
-device (interpreted Triton on the CPU is for tests only and is never picked by "auto").
+"""Which implementation of the fused stage arithmetic runs (`select`: the solve's ops.Backend), and
+why the others cannot. "auto" picks cuda > triton > cpu > reference among those that are built and
+fit the tensor's device (interpreted Triton on the CPU is for tests only, never picked by "auto").
 """
 from __future__ import annotations
 
@@ -114,9 +112,4 @@ def resolve_rows(backend: str, device: torch.device) -> Tuple[str, Callable]:
 def status() -> Dict[str, Optional[str]]:
     """Each backend -> None if built, else why not (independent of any tensor's device)."""
     _load_triton()
-    return {
-        "cpu": ops.CPU_ERROR,
-        "cuda": ops.CUDA_ERROR,
-        "triton": _TRITON_ERROR,
-        "reference": None,
-    }
+    return {"cpu": ops.CPU_ERROR, "cuda": ops.CUDA_ERROR, "triton": _TRITON_ERROR, "reference": None}

@@ -1,12 +1,10 @@
 """CUDA-graph replay of a whole no-grad fixed-step solve (reverse/generate with cuda_graph=...).
 
-A fixed-step solve launches s network evaluations and s+1 small fused kernels per step; for small
-batches the GPU waits on the CPU launching them. Capturing the loop once and replaying it removes
-that overhead. The graph reads the model's parameters in place, so optimizer steps between calls
-are seen; anything that changes *which* memory or kernels the solve uses is in the cache key
-(`cache_key`): shapes, grid, the solve's description, the training mode of every submodule, the
-autocast state and every parameter's and buffer's storage pointer and dtype (so `model.eval()` or
-`.half()` after a capture re-captures instead of replaying a stale graph or reading freed memory).
+For small batches the GPU waits on the CPU launching s evaluations and s+1 small kernels per step;
+capturing the loop once and replaying it removes that overhead. The graph reads the parameters in
+place, so optimizer steps between calls are seen; anything that changes *which* memory or kernels
+the solve uses is in `cache_key` (shapes, grid, description, train flags, autocast state, every
+parameter's and buffer's storage and dtype: `model.eval()` or `.half()` after a capture re-captures).
 
 All captures share one memory pool per device and the cache is an LRU of `max_size()` entries
 (default 16, env PRG_FAST_CUDA_GRAPH_CACHE or `set_max_size`).

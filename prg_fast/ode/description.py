@@ -21,12 +21,10 @@ import torch
 
 from . import backends
 from .backprop import Backprop
-from .grids import Grid
-from .integrate import FLOAT_DTYPES, Problem, Velocity, check_choice, check_flag
+from .integrate import FLOAT_DTYPES, Grid, Problem, Velocity, check_choice, check_flag
 from .reversible import DEFAULT_COUPLING, RECONSTRUCTION_CHECKS
 from .reversible_adjoint import ReversibleAdjoint
-from .embedded import get_embedded
-from .solvers import ButcherTableau, get_tableau
+from .solvers import ButcherTableau, get_embedded, get_tableau
 from .stored_adjoint import AUTO, STORES, StoredAdjoint, check_memory_budget
 
 # The solve options of reverse / generate / odeint (their **options), with their defaults.

@@ -1,12 +1,10 @@
 """odeint's grids: the 1-D grid t (checked), a per-sample (T, B) grid, and torchdiffeq's fixed-grid
 options, a solver grid finer than the output times.
 
-torchdiffeq lets a fixed-step solve take `options=dict(step_size=h)` or
-`options=dict(grid_constructor=fn)`: the solver steps along that grid and the state at each
-requested time t[j] is linearly interpolated between the two grid points around it (exactly the
-grid state where t[j] is a grid point). This module builds that grid and the interpolation, so code
-written for torchdiffeq's fixed-grid solvers gives the same numbers here (with its method names:
-torchdiffeq's "rk4" is the 3/8 rule, "rk4_38" here; its "heun2" is "heun"):
+With `options=dict(step_size=h)` or `dict(grid_constructor=fn)` the solver steps along that grid
+and the state at each requested time t[j] is linearly interpolated between the grid points around
+it, as torchdiffeq's fixed-grid solvers do, so their code gives the same numbers here (with its
+method names: torchdiffeq's "rk4" is "rk4_38" here, its "heun2" "heun"):
 
 - step_size h: the points t[0] + k h (k = 0, 1, ...) while before t[-1], then t[-1] itself, as
   torchdiffeq counts them (a last step shorter than h where h does not divide the span), except that
@@ -32,7 +30,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .grids import Grid
+from .integrate import Grid
 
 SUPPORTED = ("step_size", "grid_constructor", "interp", "perturb")
 

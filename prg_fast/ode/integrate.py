@@ -1,7 +1,8 @@
 """The one stage loop behind reverse, generate and odeint, for every tableau and backend.
 
 A `Problem` is a solve as data, immutable: what the call fixes (the velocity and how it is called,
-the tableau, the Grid, the Backend, the dtypes and switches) and, for an adjoint, what discovery
+the tableau, the Grid -- its times and which of its states are returned --, the Backend, the
+dtypes and switches) and, for an adjoint, what discovery
 found the velocity reads (`Reads`: prg_fast.ode.discovery returns a new Problem with them). Its
 methods are the arithmetic of one step: `step_at` gives a step's times, `stages` runs its stages;
 `walk` runs steps, `solve` the whole loop with plain autograd (or under no_grad). The stage
@@ -24,7 +25,6 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..compat import version
-from .grids import Grid
 from .ops import Backend
 from .solvers import ButcherTableau
 from .step_buffers import StepBuffers
@@ -98,6 +98,63 @@ def restore_rng(state, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         set_rng(state, device)
         yield
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The times a solve steps through and which of its states it returns."""
+
+    points: List[float]  # the grid's values, strictly monotone (sample 0's on a per-sample grid)
+    out_index: List[int]  # grid indices whose states are returned, in output order
+    times: Optional[torch.Tensor] = None  # the float64 tensor grid, (P,) or (P, B); None: floats
+    # save_at on a per-sample grid: out_rows[j][b] is the grid index of output j for sample b (the
+    # save times sit at different grid positions per sample); out_index is then sample 0's
+    out_rows: Optional[List[List[int]]] = None
+    # an adaptive solve's accepted grid (prg_fast.ode.adaptive): the times each step's stages read,
+    # and per output (step, theta) of the dense output holding it, or None for the grid point out_index
+    stage_times: Optional[List[List[float]]] = None
+    dense: Optional[List[Optional[tuple]]] = None
+
+    def output_points(self) -> set:
+        """Grid indices whose state goes into some output."""
+        if self.out_rows is None:
+            return set(self.out_index)
+        return {m for row in self.out_rows for m in row}
+
+    def _rows_at(self, j: int, m: int, like: torch.Tensor) -> torch.Tensor:
+        hit = torch.tensor([r == m for r in self.out_rows[j]], device=like.device)
+        return hit.reshape((-1,) + (1,) * (like.dim() - 1))
+
+    def gather_outputs(self, saved: dict) -> List[torch.Tensor]:
+        """The outputs from the states at output_points(): per sample, each row from its own
+        grid index."""
+        if self.out_rows is None:
+            return [saved[i] for i in self.out_index]
+        outs = []
+        for j, row in enumerate(self.out_rows):
+            points = sorted(set(row))
+            out = saved[points[0]]
+            for m in points[1:]:
+                out = torch.where(self._rows_at(j, m, out), saved[m], out)
+            outs.append(out)
+        return outs
+
+    def output_cotangents(self, grad_out: torch.Tensor) -> dict:
+        """grid index -> the cotangent arriving there from the outputs (an index may be output
+        twice; on a per-sample grid each output's rows arrive at their own indices)."""
+        arriving = {}
+        for pos in range(grad_out.shape[0]):
+            if self.dense is not None and self.dense[pos] is not None:
+                continue  # a dense output's cotangent enters its step's stages (stored_adjoint.BackwardWalk)
+            g = grad_out[pos]
+            if self.out_rows is None:
+                parts = [(self.out_index[pos], g)]
+            else:
+                parts = [(m, torch.where(self._rows_at(pos, m, g), g, torch.zeros_like(g)))
+                         for m in sorted(set(self.out_rows[pos]))]
+            for idx, part in parts:
+                arriving[idx] = part if idx not in arriving else arriving[idx] + part
+        return arriving
 
 
 @dataclass(frozen=True)

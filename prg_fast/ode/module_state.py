@@ -1,16 +1,14 @@
 """State a velocity writes while it runs, kept as plain backprop would leave it: module buffers
 (ModuleState), train/eval flags (TrainingModes) and its inputs written in place (ParamVersions).
 
-Some networks update buffers in their forward: BatchNorm's running statistics in train mode,
-spectral_norm's power-iteration vectors, a user's own EMA or counters. Plain backprop runs every
-evaluation once, so the state moves K*s times and each evaluation reads the state the previous one
-left. An adjoint runs evaluations *again* in the backward; left alone, every rerun would move the
-state once more (BatchNorm's momentum applied twice, its statistics weighted towards early times)
-and would read a state the forward had already moved on (spectral_norm's recomputed weight is not
-the one the forward used, so the gradient is not the forward's). Here the adjoints handle it
-(through prg_fast.ode.rerun):
+Some networks update buffers in their forward (BatchNorm's running statistics in train mode,
+spectral_norm's power-iteration vectors, a user's EMA). Plain backprop runs every evaluation once;
+an adjoint runs evaluations *again* in the backward, and left alone every rerun would move the
+state once more (BatchNorm's momentum applied twice) and read a state the forward had already moved
+on (spectral_norm's recomputed weight is not the one the forward used). The adjoints handle it
+through prg_fast.ode.rerun:
 
-- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.reach). A state
+- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.discovery.reachable). A state
   held elsewhere is not seen.
 - Which of them are written: the solve's first evaluation tells, by identity, version counter and
   value (BatchNorm's kernel writes `running_mean`/`running_var` without bumping their version, and
@@ -21,12 +19,10 @@ the one the forward used, so the gradient is not the forward's). Here the adjoin
   and one that the first evaluation writes is an error, as is a buffer written by a later evaluation
   but not by the first (if anything is rerun): never a silent difference.
 - What is kept: before every evaluation (every base step for the reversible scheme) a copy of the
-  written buffers. The backward loads the copy before rerunning that evaluation, and when it is done
-  it puts every written buffer back to what it held when the backward began. Loads do not bump the
-  buffers' version counters (as BatchNorm's own writes do not), so graphs kept by memory_budget that
-  saved a buffer stay usable. The forward's updates happen exactly as in plain backprop and the
-  backward changes no state. Cost: one copy of the written buffers per evaluation, none for a
-  network that writes none.
+  written buffers, loaded before that evaluation's rerun; a backward ends with every written buffer
+  as it found it. Loads do not bump the version counters (as BatchNorm's own writes do not), so
+  kept graphs that saved a buffer stay usable. Cost: one copy of the written buffers per
+  evaluation, none for a network that writes none.
 """
 from __future__ import annotations
 
@@ -205,8 +201,6 @@ class ModuleState(BufferSlots):
             "evaluation writes, so it cannot reproduce this one: use adjoint=False, or memory_budget=float('inf') "
             "with a single backward (nothing is rerun), or update that buffer on every call"
         )
-
-
 
 
 @contextmanager

@@ -34,11 +34,9 @@ class SharedParametrizations:
 
     @classmethod
     def of_now(cls, modules: Sequence[torch.nn.Module]) -> Optional["SharedParametrizations"]:
-        """After the solve's first evaluation: the cached parametrized tensors, None when caching
-        is off or nothing is cached. Every entry, not only those of the modules the velocity
-        reaches (`modules`): the cache is keyed by the id of the module a parametrization was
-        registered on, which a deep copy of the module still shares (the copy keeps the original's
-        property)."""
+        """After the solve's first evaluation: every cached parametrized tensor (the cache is keyed
+        by the module a parametrization was registered on, which a deep copy still shares), None
+        when caching is off or nothing is cached."""
         entries = cached_parametrizations(modules)
         return cls(entries) if entries else None
 

@@ -1,17 +1,16 @@
 """An evaluation rerun in the backward: what it must see to be the forward's, and its one VJP.
 
-Both adjoints (prg_fast.ode.stored_adjoint, prg_fast.ode.reversible_adjoint) rerun evaluations in
-the backward; a rerun is exact when it sees what the forward's evaluation saw. The forward records
-(`ReplayRecord`), per rerunnable evaluation (a network evaluation, or a reversible base step), the
-random state (dropout) and the written buffers (module_state); per solve, the autocast state, the
-modules' train/eval flags, the cached parametrizations and the parameters' versions. Random states
-(~2 us, no device sync) are dropped when the generators did not move over the forward (the
-replay's fork/restore costs ~15 us per evaluation).
+Both adjoints rerun evaluations in the backward; a rerun is exact when it sees what the forward's
+evaluation saw. The forward records (`ReplayRecord`), per rerunnable evaluation (a network
+evaluation, or a reversible base step), the random state (dropout) and the written buffers
+(module_state); per solve, the autocast state, the modules' train/eval flags, the cached
+parametrizations and the parameters' versions. Random states (~2 us, no device sync) are dropped
+when the generators did not move over the forward (the fork/restore costs ~15 us per evaluation).
 
-Each rerun (or kept) evaluation is then differentiated on its own (`evaluation_vjp`, `graph_vjp`)
-and the adjoint returns the *sum* over evaluations as the parameters' gradient (`accumulate`),
-through its autograd Function; autograd then runs the parameters' hooks on that total, once, as
-plain backprop does. So the per-evaluation VJPs here must not run them:
+Each rerun (or kept) evaluation is differentiated on its own (`graph_vjp`) and the adjoint returns
+the *sum* over evaluations as the parameters' gradient (`GradientSum`) through its autograd
+Function; autograd then runs the parameters' hooks on that total, once, as plain backprop does. So
+the per-evaluation VJPs here must not run them:
 
 - tensor hooks (`p.register_hook`) run on every gradient autograd captures for `p`, also inside
   `torch.autograd.grad(..., inputs=[p])`: they are muted for the duration of the VJP (the hooks'
@@ -23,11 +22,11 @@ plain backprop does. So the per-evaluation VJPs here must not run them:
 Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
 `torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
 parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
-velocity's graph holds one (prg_fast.ode.reach.has_reentrant_checkpoint), the VJP is a plain
+velocity's graph holds one (prg_fast.ode.discovery.has_reentrant_checkpoint), the VJP is a plain
 `torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
 accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
 is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
-prg_fast.ode.reach finds and what graph discovery adds.)
+discovery's search finds and what graph discovery adds.)
 """
 from __future__ import annotations
 
@@ -40,11 +39,11 @@ import torch
 from ..compat import foreach_add_, gradient_hooks, tensor_hook_dicts, version, view_base
 from .integrate import autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
-from .reach import unknown_read
 
 
 def _same_rng(a, b) -> bool:
-    return torch.equal(a[0], b[0]) and ((a[1] is None and b[1] is None) or (a[1] is not None and b[1] is not None and torch.equal(a[1], b[1])))
+    """Two capture_rng states (CPU, CUDA or None) are equal."""
+    return all(u is v or u is not None and v is not None and torch.equal(u, v) for u, v in zip(a, b))
 
 
 class ReplayRecord:
@@ -214,22 +213,15 @@ def refuse_input_hooks(hooks: Sequence[Callable], where: str) -> None:
         )
 
 
-def evaluation_vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor,
-                   reentrant: bool = False, unlisted: Sequence[torch.Tensor] = (),
-                   hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
-    """cotangent^T d output / d inputs (None for an input the output does not read), with the
-    inputs' hooks muted (see the module docstring) except those of `hooked` (StateHooks)."""
-    return graph_vjp([output], inputs, [cotangent], reentrant, unlisted, hooked)
-
-
 def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
               reentrant: bool = False, unlisted: Sequence[torch.Tensor] = (),
               hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
-    """sum_j cotangents[j]^T d outputs[j] / d inputs, one backward through the graph they share (the
-    kept tail of a solve: prg_fast.ode.kept_graphs), with the inputs' hooks muted but `hooked`'s.
+    """sum_j cotangents[j]^T d outputs[j] / d inputs (None for an input they do not read), one
+    backward through the graph they share (an evaluation's, or the kept tail's), with the inputs'
+    hooks muted (see the module docstring) but `hooked`'s (StateHooks).
 
     `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
-    as inputs (prg_fast.ode.reach.Reach.computed; discovery refuses one its first evaluation reads).
+    as inputs (prg_fast.ode.discovery.Reach.computed; discovery refuses one its first evaluation reads).
     One read by a later evaluation would get no gradient from the solve -- silently, since the
     adjoint returns gradients only for its inputs -- so it is an error (refuse_unknown_reads)."""
     inputs = list(inputs)
@@ -270,6 +262,36 @@ def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequen
         "modules and their hooks, closures and globals): its gradient would be missing. Pass it in "
         "adjoint_params=[...] (with the model's parameters), or use adjoint=False"
     )
+
+
+def unknown_read(roots, inputs, unlisted=()) -> Optional[torch.Tensor]:
+    """What the graph under the autograd nodes `roots` (an evaluation rerun or kept for the backward,
+    or a whole solve run as plain backprop) reads that the solve does not take as an input, or None:
+    an nn.Parameter that is none of `inputs`, or one of the computed tensors the velocity holds
+    (`unlisted`, whose node the walk reaches). The adjoint differentiates only its inputs, so such a
+    tensor -- read by a later evaluation through something the search could not see -- would
+    silently get no gradient (prg_fast.ode.rerun.refuse_unknown_reads makes it an error, under every
+    budget). Plain leaf tensors are not asked about: a velocity may make its own
+    (x.detach().requires_grad_() for an energy's gradient), which no gradient is owed to. The walk
+    stops at the inputs; one pass over the graph's nodes, no tensor is touched."""
+    known = {id(q) for q in inputs}
+    stops = {q.grad_fn for q in inputs if q.grad_fn is not None}
+    computed = {q.grad_fn: q for q in unlisted if q.grad_fn not in stops}
+    seen, stack = set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        if node in computed:
+            return computed[node]
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            if id(leaf) not in known and isinstance(leaf, torch.nn.Parameter):
+                return leaf
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return None
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
@@ -340,22 +362,16 @@ def once_differentiable(backward):
     return wrapper
 
 
-def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
-    """Parameter gradients accumulate over evaluations in float32 (float64 for float64 parameters;
-    complex64/complex128 for complex ones), whatever the network's own dtype."""
-    if q.dtype in (torch.float64, torch.complex64, torch.complex128):
-        return q.dtype
-    return torch.float32
-
-
 class GradientSum:
-    """The parameters' gradients summed over the evaluations' VJPs, in their accumulation dtype
-    (None until an evaluation reads the parameter: an unread one gets None, as in plain backprop)."""
+    """The parameters' gradients summed over the evaluations' VJPs (None until an evaluation reads
+    the parameter, as in plain backprop), in float32 whatever the network's dtype (float64,
+    complex64 and complex128 parameters in their own)."""
 
     def __init__(self, params):
         self.params = list(params)
         self.acc: List[Optional[torch.Tensor]] = [None] * len(self.params)
-        self.dtypes = [accumulator_dtype(q) for q in self.params]
+        wide = (torch.float64, torch.complex64, torch.complex128)
+        self.dtypes = [q.dtype if q.dtype in wide else torch.float32 for q in self.params]
 
     def add(self, grads, returned=(), given=()) -> None:
         """acc[q] += grads[q] for every parameter gradient present, in one fused foreach call where

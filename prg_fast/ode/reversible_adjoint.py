@@ -19,7 +19,7 @@ import torch
 from ..compat import gradient_hooks, version
 from .discovery import discover
 from .integrate import Problem, check_choice, check_flag
-from .rerun import GradientSum, ReplayRecord, evaluation_vjp, once_differentiable, refuse_input_hooks
+from .rerun import GradientSum, ReplayRecord, graph_vjp, once_differentiable, refuse_input_hooks
 from .reversible import (DEFAULT_COUPLING, RECONSTRUCTION_CHECKS, base_step, check_coupling, check_reconstruction,
                          inverse_step, reconstruction_error, run, solve_reversible)
 
@@ -135,7 +135,7 @@ class BackwardWalk:
             refuse_input_hooks(list((gradient_hooks(xg) or {}).values()), f"in base step {e}'s rerun")
             # the parameters' hooks do not run here: autograd runs them once on the returned total
             reads = self.p.reads
-            grads = (evaluation_vjp(out, inputs, cot, reads.reentrant, reads.unlisted) if cot is not None
+            grads = (graph_vjp([out], inputs, [cot], reads.reentrant, reads.unlisted) if cot is not None
                      else [None] * len(inputs))
         tgrads = [None, None]
         if self.want_tgrad:

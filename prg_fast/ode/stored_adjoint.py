@@ -42,7 +42,7 @@ from .discovery import discover
 from .free_memory import AUTO_FRACTION, free_bytes
 from .integrate import Problem, check_choice, check_flag, run, solve
 from .kept_graphs import EvaluationGraphs, Tail, unless_out_of_memory
-from .rerun import GradientSum, StateHooks, evaluation_vjp, graph_vjp, once_differentiable, refuse_unknown_reads
+from .rerun import GradientSum, StateHooks, graph_vjp, once_differentiable, refuse_unknown_reads
 
 log = logging.getLogger("prg_fast.ode.strategies")  # what the strategy chose, at DEBUG (docs/engine.md)
 AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
@@ -298,7 +298,7 @@ class BackwardWalk:
         inputs = [xi] + ([tau] if timed_leaf else []) + self.params
         # the parameters' hooks run once on the returned total (autograd), the velocity's on x: StateHooks
         self.hooks.take(n, xi, StateHooks.reads_state(self.p, i))
-        grads = evaluation_vjp(k, inputs, g, self.p.reads.reentrant, self.p.reads.unlisted, hooked=[xi])
+        grads = graph_vjp([k], inputs, [g], self.p.reads.reentrant, self.p.reads.unlisted, hooked=[xi])
         if not timed_leaf:
             grads.insert(1, None)
         if self.want_tgrad:
