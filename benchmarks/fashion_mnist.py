@@ -570,17 +570,24 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
             cells = [r for r in rows if r.get("kind") == r_kind and (key is None or r.get("method") == key)
                      and (r_kind not in ("finetune", "probe") or r.get("labels_per_class") == n)]
             if cells:
-                cpu = sum(r["cpu_s"] for r in cells) / len(cells)
-                wall = sum(r["wall_s"] for r in cells) / len(cells) / 60
+                # a cell resumed after an interruption recorded only the commands after the resume
+                whole = [r for r in cells if not r.get("resumed_from_step")]
+                cpu = f"{sum(r['cpu_s'] for r in whole) / len(whole):.0f}" if whole else "--"
+                if whole and len(whole) < len(cells):
+                    cpu += f" (n={len(whole)})"
+                wall = sum(r["wall_s"] for r in whole or cells) / len(whole or cells) / 60
                 peak = max(r["peak_rss_mib"] for r in cells)
                 loads = [r["load_avg_start"] for r in cells] + [r["load_avg_end"] for r in cells]
                 label = labels_name(n) if r_kind in ("finetune", "probe") else "--"
-                lines.append(f"| {name} | {label} | {cpu:.0f} | {wall:.1f} | {peak:.0f} | "
+                lines.append(f"| {name} | {label} | {cpu} | {wall:.1f}{'' if whole else ' (resumed)'} | {peak:.0f} | "
                              f"{min(loads):.1f}-{max(loads):.1f} |")
     total_cpu = sum(r["cpu_s"] for r in rows)
     total_wall = sum(r["wall_s"] for r in rows)
+    resumed = [r["cell"] for r in rows if r.get("resumed_from_step")]
     lines += ["", f"All {len(rows)} cells: {total_cpu / 3600:.2f} CPU hours, {total_wall / 3600:.2f} hours of "
-              f"command wall time (summed over the cells, several of which ran at a time)."]
+              f"command wall time (summed over the cells, several of which ran at a time)" +
+              (f"; a lower bound: {len(resumed)} cells ({', '.join(resumed)}) resumed after an interruption, and "
+               "their CPU time before it was not recorded (the per-seed figures above leave them out)." if resumed else ".")]
     return "\n".join(lines)
 
 
