@@ -1,17 +1,6 @@
-"""Public entry points: reverse (data -> noise), generate (noise -> data), odeint (any grid).
-Time convention (docs/engine.md, "The calls"): t = 0 is data, t = 1 is noise; the velocity is
-called model(t, x) with t of shape (B,). Each entry point checks its arguments and hands the Grid
-and the SolveDescription to `run` (or to the CUDA-graph cache, which keys on them).
-
-reverse / generate's times: a uniform grid of `steps` steps with the save_at times inserted, as
-floats (the fast path), or -- when a time is a tensor requiring grad (under grad mode) or holding one
-time per sample -- a float64 tensor built with differentiable ops ((P,) shared, (P, B) per sample)
-that the solve takes as an input. (odeint's grids: prg_fast.ode.fixed_grid.) They lie in [0, 1]: a
-trajectory read past either end runs the network on times it was never trained on, silently;
-reverse and generate refuse it, and so does every layer above through the one parser of times
-(prg_fast.classifier.parse_time / parse_times: the segment, the trainers' time fields, the command
-line's --t / --t0 / --save-at), which calls check_unit_times. odeint takes any grid.
-"""
+"""Public entry points: reverse (data -> noise), generate (noise -> data), odeint (any grid). Each
+checks its arguments and hands the Grid and the SolveDescription to `run`; reverse / generate's
+times (the unit interval, float or tensor grids) are built here. Details: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,32 +1,6 @@
-"""Discovery: what a velocity reads, found for an adjoint before its forward.
-
-`discover` returns a new Problem whose `Reads` hold everything the adjoint needs
-(prg_fast.ode.integrate.Reads): the tensors requiring grad the velocity reads, the modules it
-reaches and their written buffers (prg_fast.ode.module_state), a reentrant checkpoint in its graph,
-and the parametrized tensors cached around the solve (prg_fast.ode.parametrize_cache). The tensors
-come from three sources, merged in order (collect_params, discover_params): the model's own
-parameters; what the callable reaches (`reachable`: modules, leaf tensors, for what it may read
-only after its first evaluation); and what its first evaluation's graph actually reads. Then the
-computed-input check: a tensor computed from another input of the solve is not differentiated
-twice (check_computed_inputs). The first evaluation, (0, 0), runs with a graph before the solve,
-which reuses its output (`FirstEvaluation`): discovery costs no extra network evaluation (the
-reversible scheme, which runs its own, discards it).
-
-Why search: a velocity may read more after its first evaluation (an expert chosen by time), so
-the callable is searched the way cloudpickle finds what a function needs: an nn.Module and its
-submodules (with what user-written modules hold as plain attributes, and the globals their forward
-names), what functools.partial, bound methods, closures and callable objects hold, the globals a
-function names, defaults, the functions hooked on its modules (and on every module), and the items
-of small containers. Depth and container sizes are bounded, so a velocity that closes over a
-dataset or a trainer costs a bounded walk, not a scan of everything.
-
-Bytes of one evaluation's graph, which size the stored adjoint's memory budget, are measured on
-that evaluation by `SavedBytes`: saved-tensor hooks sum the nbytes of the unique storages autograd
-saves during it, excluding storages that exist anyway (the parameters, frozen or not, closed-over
-leaves requiring grad, and the stage input; a closed-over plain tensor that does not require grad
-is counted, erring on the side of the budget), plus the output k (which a kept graph holds): what a
-kept graph keeps alive, on CPU and CUDA alike.
-"""
+"""Discovery: what a velocity reads, found for an adjoint before its forward -- the search of the
+callable (`reachable`), the first evaluation and the walks of its graph, the bytes of its graph
+(`SavedBytes`); `discover` returns a new Problem with its `Reads`. Why so: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import dataclasses

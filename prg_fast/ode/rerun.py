@@ -1,33 +1,7 @@
-"""An evaluation rerun in the backward: what it must see to be the forward's, and its one VJP.
-
-Both adjoints rerun evaluations in the backward; a rerun is exact when it sees what the forward's
-evaluation saw. The forward records (`ReplayRecord`), per rerunnable evaluation (a network
-evaluation, or a reversible base step), the random state (dropout) and the written buffers
-(module_state); per solve, the autocast state, the modules' train/eval flags, the cached
-parametrizations and the parameters' versions. Random states (~2 us, no device sync) are dropped
-when the generators did not move over the forward (the fork/restore costs ~15 us per evaluation).
-
-Each rerun (or kept) evaluation is differentiated on its own (`graph_vjp`) and the adjoint returns
-the *sum* over evaluations as the parameters' gradient (`GradientSum`) through its autograd
-Function; autograd then runs the parameters' hooks on that total, once, as plain backprop does. So
-the per-evaluation VJPs here must not run them:
-
-- tensor hooks (`p.register_hook`) run on every gradient autograd captures for `p`, also inside
-  `torch.autograd.grad(..., inputs=[p])`: they are muted for the duration of the VJP (the hooks'
-  dict is emptied and refilled in order; autograd reads it through the same object: prg_fast.compat);
-- post-accumulate-grad hooks run only when a gradient is accumulated into `.grad`, which
-  `torch.autograd.grad` never does -- except through a reentrant checkpoint inside the velocity
-  (below), so they are muted as well.
-
-Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
-`torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
-parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
-velocity's graph holds one (prg_fast.ode.discovery.has_reentrant_checkpoint), the VJP is a plain
-`torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
-accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
-is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
-discovery's search finds and what graph discovery adds.)
-"""
+"""An evaluation rerun in the backward: what it must see to be the forward's (`ReplayRecord`: random
+state, written buffers, autocast, train flags, cached parametrizations, parameter versions) and its
+one VJP, with the parameters' hooks muted (they run once, on the sum) and reentrant checkpoints
+handled. Why so: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import functools
