@@ -14,6 +14,7 @@ import torch
 
 from ..compat import (gradient_hooks, global_module_hooks, module_hooks, next_sequence_nr, sequence_nr, version,
                       view_base)
+from .graph_walk import graph_nodes
 from .integrate import Problem, Reads, capture_rng, set_rng
 from .module_state import ModuleState
 from .parametrize_cache import SharedParametrizations
@@ -235,12 +236,7 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
     known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
     if first.leaf.grad_fn is not None:  # the stage input with x's graph: x's history is not the velocity's
         known_nodes.add(first.leaf.grad_fn)
-    seen, stack = set(), [first.k.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in known_nodes:
-            continue
-        seen.add(node)
+    for node in graph_nodes([first.k.grad_fn], stops=known_nodes):
         if node_types is not None:
             node_types.add(type(node))
         leaf = getattr(node, "variable", None)
@@ -250,16 +246,14 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
             if leaf is not first.leaf and id(leaf) not in found_ids:
                 found.append(leaf)
                 found_ids.add(id(leaf))
-            continue
         # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
         # region; it saves no tensors, so walking through it once per evaluation is exact.
-        if sequence_nr(node) < first.sequence_nr and node.name() != "ToCopyBackward0":
+        elif sequence_nr(node) < first.sequence_nr and node.name() != "ToCopyBackward0":
             raise ValueError(
                 f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
                 "(or compute it inside the model, or use adjoint=False)"
             )
-        stack.extend(fn for fn, _ in node.next_functions)
     return found
 
 
@@ -279,27 +273,20 @@ def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set
     nodes = {p.grad_fn: i for i, p in computed}
     drop: set = set()
     for i, p in computed:
-        seen, stack = set(), [fn for fn, _ in p.grad_fn.next_functions]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
+        for node in graph_nodes([fn for fn, _ in p.grad_fn.next_functions], ends=nodes):
             var = getattr(node, "variable", None)
             j = leaves.get(id(var)) if var is not None else nodes.get(node)
-            if j is not None:
-                a = params[j]
-                if id(a) in explicit or id(a) in direct or a.grad_fn is not None:
-                    raise ValueError(
-                        f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed "
-                        f"from its input {j} (shape {tuple(a.shape)}), which the solve also differentiates directly: "
-                        "its gradient would be counted twice. Compute the tensor inside the model from what it is "
-                        "made of, or use adjoint=False"
-                    )
-                drop.add(j)
+            if j is None:
                 continue
-            if var is None:
-                stack.extend(fn for fn, _ in node.next_functions)
+            a = params[j]
+            if id(a) in explicit or id(a) in direct or a.grad_fn is not None:
+                raise ValueError(
+                    f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed "
+                    f"from its input {j} (shape {tuple(a.shape)}), which the solve also differentiates directly: "
+                    "its gradient would be counted twice. Compute the tensor inside the model from what it is "
+                    "made of, or use adjoint=False"
+                )
+            drop.add(j)
     return [p for j, p in enumerate(params) if j not in drop]
 
 
