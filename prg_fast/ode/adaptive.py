@@ -400,15 +400,11 @@ def _first(tree):
     return tree[0] if isinstance(tree, torch.Tensor) else tuple(_first(part) for part in tree)
 
 
-def _leaves(tree) -> list:
-    return [tree] if isinstance(tree, torch.Tensor) else [leaf for part in tree for leaf in _leaves(part)]
-
-
 def _tolerance(value, name: str, structure, y: torch.Tensor):
     """rtol / atol (a number, a tensor per component, for a tuple y0 a tuple of these) in the
     layout of the solved state y (a complex y0 solved as its real view, a tuple one flat tensor)."""
     if isinstance(structure, tuple) and isinstance(value, (tuple, list)):
-        leaves = _leaves(structure)
+        leaves = states.tuple_leaves(structure)
         if len(value) != len(leaves):
             raise ValueError(f"{name}: a tuple of tolerances needs one per component of y0 ({len(leaves)}), got {len(value)}")
         return torch.cat([torch.as_tensor(_tolerance(v, name, leaf, leaf), dtype=y.dtype, device=y.device)
@@ -435,7 +431,7 @@ def _norm(user_norm, structure, one: Callable) -> Callable:
     if user_norm is not None:
         return lambda flat: user_norm(one(flat))
     if isinstance(structure, tuple):
-        sizes = [leaf.numel() for leaf in _leaves(structure)]
+        sizes = [leaf.numel() for leaf in states.tuple_leaves(structure)]
         return lambda flat: torch.stack([torch.linalg.vector_norm(p) / math.sqrt(p.numel())
                                          for p in flat.split(sizes) if p.numel()]).amax()
     scale = 1 / math.sqrt(structure.numel())

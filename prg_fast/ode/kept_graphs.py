@@ -57,12 +57,8 @@ def unless_out_of_memory(graphs: "EvaluationGraphs", attempt: Callable[[], T]) -
 class EvaluationGraphs:
     """For one stored-adjoint solve: runs the forward's evaluations, keeping the graphs the budget
     allows and recording what their reruns need; the backward (stored_adjoint.BackwardWalk) takes
-    them from `kept` and `take_tail`.
-
-    Observable on the solve's backward node (`out.grad_fn`, AdjointSolveBackward, `.evals`) and in
-    the debug log "prg_fast.ode.strategies": `budget` (the bytes assumed, "auto" resolved),
-    `graph_bytes`, `kept_count`, `as_backprop`, `fell_back` (an allocation failure made the forward
-    start over keeping none), `unkeepable` (why no graph could be kept, or None)."""
+    them from `kept` and `take_tail`. Observable as the backward node's `.evals` and in the debug
+    log (`budget`, `graph_bytes`, `kept_count`, ...: docs/engine.md, "Adjoint strategies")."""
 
     def __init__(self, problem: Problem, strategy, first: Optional[FirstEvaluation], device: torch.device,
                  time_grad: bool):
