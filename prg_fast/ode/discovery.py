@@ -216,19 +216,12 @@ def has_reentrant_checkpoint(node_types) -> bool:
 
 def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None,
                     node_types: Optional[set] = None) -> List[torch.Tensor]:
-    """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
-    module parameters, tensors closed over by a plain function, modules inside wrappers such as
-    time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
-    but reads only later is in `params` already: collect_params adds what `reachable` finds.)
-
-    `first`, the solve's first evaluation, is run with a graph (first_evaluation, under the
-    caller's random state; the solve then reuses its output, so discovery costs no extra network
-    evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
-    requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
-    a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
-    error that says to pass it as adjoint_params (then the walk stops at its node, and
-    check_computed_inputs refuses it if its graph reaches another input). `node_types` receives the
-    types of the nodes walked: every node the evaluation made (the one walk of its graph)."""
+    """`params` and every leaf requiring grad that the first evaluation's graph reads (module
+    parameters, tensors closed over, modules inside wrappers, the rest of a partial adjoint_params
+    list), so the adjoint differentiates them exactly. A non-leaf made outside the velocity (W = A @ B
+    closed over) cannot be a leaf and would be differentiated through its graph once per evaluation:
+    an error asking for it in adjoint_params (the walk then stops at its node, and
+    check_computed_inputs looks at its graph). `node_types` receives the types of the nodes walked."""
     found = list(params)
     found_ids = {id(p) for p in found}
     if first is None or first.k is None or not first.k.requires_grad:
@@ -258,14 +251,9 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
 
 
 def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set) -> List[torch.Tensor]:
-    """A tensor computed from others (adjoint_params=[W], W = A @ B) is differentiated by the solve
-    and then, through its own graph, by autograd. If that graph reaches another input A of the
-    solve, the solve's VJP for A would run through W too and A would be counted twice. When A was
-    only found implicitly (a parameter of the model, reached by the search) and the first
-    evaluation does not read it directly -- MAML-style fast weights `p - lr * g` through
-    functional_call, a hypernetwork's output -- A is dropped from the solve's inputs: its gradient
-    arrives through W's graph, as in plain backprop. Otherwise (A passed explicitly, or read
-    directly as well) it is refused, rather than silently doubled. Returns the inputs to keep."""
+    """The inputs to keep when one is computed from another (adjoint_params=[W], W = A @ B, its graph
+    reaching the input A): A dropped when only found implicitly and not read directly by the first
+    evaluation, else an error (A would be counted twice). Why: docs/engine.md, "Inside the engine"."""
     computed = [(i, p) for i, p in enumerate(params) if p.grad_fn is not None]
     if not computed:
         return params

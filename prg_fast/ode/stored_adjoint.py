@@ -3,7 +3,6 @@ itself, from stored stage inputs and the evaluation graphs a memory budget keeps
 its backward walk. The backward's arithmetic (time gradients included): docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -14,10 +13,9 @@ import torch
 from .discovery import discover
 from .free_memory import AUTO_FRACTION, free_bytes
 from .integrate import Problem, check_choice, check_flag, run, solve
-from .kept_graphs import EvaluationGraphs, Tail, unless_out_of_memory
+from .kept_graphs import EvaluationGraphs, Tail, log, unless_out_of_memory
 from .rerun import GradientSum, StateHooks, graph_vjp, once_differentiable, refuse_unknown_reads
 
-log = logging.getLogger("prg_fast.ode.strategies")  # what the strategy chose, at DEBUG (docs/engine.md)
 AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
 STORES = ("stages", "steps")
 
