@@ -62,7 +62,6 @@ RK4_38 = ButcherTableau(
 SOLVERS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, RK4_38)}
 
 
-
 def _numbers(values) -> list:
     """'35/384 0 -1/8' (or a sequence of numbers / strings) as exact Fractions."""
     return [Fraction(v) for v in (values.split() if isinstance(values, str) else values)]
