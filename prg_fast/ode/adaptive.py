@@ -1,24 +1,7 @@
-"""Adaptive steps for odeint: an embedded pair (prg_fast.ode.solvers) under torchdiffeq's controller.
-
-Internally time increases (tau = sign * t). Per attempted step the stages, y1 and the error estimate
-err = h sum_i (b_i - b_hat_i) k_i are fused stage combinations, and the step's one host
-synchronisation reads ratio = norm(err / (atol + rtol max(|y0|, |y1|))) (the RMS by default; over
-each component of a tuple, then the largest): accepted when <= 1. The next step is h min(ifactor,
-max(safety / ratio^(1/order), dfactor)) (no shrinking after an accepted one) clamped to [min_step,
-max_step]; the first is Hairer's estimate (one probe evaluation) unless first_step is given. A step
-ends exactly on the next step_t / jump_t point it reaches; at a jump point the stages at the step's
-end read the float before it and the next step's first stage is evaluated afresh on the float after.
-Outputs are the dense output of the accepted step holding them (steps are not forced onto t). A pair
-whose error estimate ignores its last (FSAL) stage evaluates it only on acceptance.
-
-Never a silent NaN: a non-finite error estimate rejects the step; an underflowing step size,
-max_num_steps or a non-finite state forced through by min_step raise an error naming the time,
-the step size and the option. Gradients (docs/engine.md): the exact derivative of the discrete
-solve on the accepted steps, the controller not differentiated. The Controller is the Problem's,
-so every strategy runs it; the stored adjoint's backward walks the problem on the accepted grid
-(`Controller.accepted`: the forward's stage times, the dense outputs' places, FSAL stages as one
-evaluation).
-"""
+"""Adaptive steps for odeint: an embedded pair (prg_fast.ode.solvers) under torchdiffeq's controller,
+as Problem.controller, so every strategy runs it and the stored adjoint's backward walks the grid
+it accepted (`Controller.accepted`). Semantics: docs/engine.md, "Adaptive odeint"; inside: docs/engine.md,
+"Inside the engine"."""
 from __future__ import annotations
 
 import dataclasses
@@ -417,15 +400,11 @@ def _first(tree):
     return tree[0] if isinstance(tree, torch.Tensor) else tuple(_first(part) for part in tree)
 
 
-def _leaves(tree) -> list:
-    return [tree] if isinstance(tree, torch.Tensor) else [leaf for part in tree for leaf in _leaves(part)]
-
-
 def _tolerance(value, name: str, structure, y: torch.Tensor):
     """rtol / atol (a number, a tensor per component, for a tuple y0 a tuple of these) in the
     layout of the solved state y (a complex y0 solved as its real view, a tuple one flat tensor)."""
     if isinstance(structure, tuple) and isinstance(value, (tuple, list)):
-        leaves = _leaves(structure)
+        leaves = states.tuple_leaves(structure)
         if len(value) != len(leaves):
             raise ValueError(f"{name}: a tuple of tolerances needs one per component of y0 ({len(leaves)}), got {len(value)}")
         return torch.cat([torch.as_tensor(_tolerance(v, name, leaf, leaf), dtype=y.dtype, device=y.device)
@@ -452,7 +431,7 @@ def _norm(user_norm, structure, one: Callable) -> Callable:
     if user_norm is not None:
         return lambda flat: user_norm(one(flat))
     if isinstance(structure, tuple):
-        sizes = [leaf.numel() for leaf in _leaves(structure)]
+        sizes = [leaf.numel() for leaf in states.tuple_leaves(structure)]
         return lambda flat: torch.stack([torch.linalg.vector_norm(p) / math.sqrt(p.numel())
                                          for p in flat.split(sizes) if p.numel()]).amax()
     scale = 1 / math.sqrt(structure.numel())

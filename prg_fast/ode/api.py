@@ -1,17 +1,6 @@
-"""Public entry points: reverse (data -> noise), generate (noise -> data), odeint (any grid).
-Time convention (docs/engine.md, "The calls"): t = 0 is data, t = 1 is noise; the velocity is
-called model(t, x) with t of shape (B,). Each entry point checks its arguments and hands the Grid
-and the SolveDescription to `run` (or to the CUDA-graph cache, which keys on them).
-
-reverse / generate's times: a uniform grid of `steps` steps with the save_at times inserted, as
-floats (the fast path), or -- when a time is a tensor requiring grad (under grad mode) or holding one
-time per sample -- a float64 tensor built with differentiable ops ((P,) shared, (P, B) per sample)
-that the solve takes as an input. (odeint's grids: prg_fast.ode.fixed_grid.) They lie in [0, 1]: a
-trajectory read past either end runs the network on times it was never trained on, silently;
-reverse and generate refuse it, and so does every layer above through the one parser of times
-(prg_fast.classifier.parse_time / parse_times: the segment, the trainers' time fields, the command
-line's --t / --t0 / --save-at), which calls check_unit_times. odeint takes any grid.
-"""
+"""Public entry points: reverse (data -> noise), generate (noise -> data), odeint (any grid). Each
+checks its arguments and hands the Grid and the SolveDescription to `run`; reverse / generate's
+times (the unit interval, float or tensor grids) are built here. Details: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import dataclasses
@@ -298,6 +287,16 @@ def check_unit_times(**times) -> None:
             raise ValueError(f"{name}: expected {UNIT_TIME}, got {first:g}")
 
 
+def _unit_grid(x: torch.Tensor, steps, t, start, start_name: str, save_at, order: str) -> Grid:
+    """reverse / generate's checks of their times, said once, and their Grid from `start` (t0 or
+    t_end) up to t; `order` is the message for a start not before t."""
+    steps = _check_steps(steps)
+    t1, t0 = time_arg(t, "t", x), time_arg(start, start_name, x)
+    check_unit_times(**{"t": t1, start_name: t0, "save_at": save_at})
+    check_order(t0, t1, order, start_name, "t")
+    return time_grid(t0, t1, steps, save_at, x)
+
+
 def reverse(
     model: Callable,
     x: torch.Tensor,
@@ -331,11 +330,7 @@ def reverse(
     meaning in prg_fast.ode.description.OPTIONS (costs of the strategies: docs/engine.md).
     """
     check_state(x)
-    steps = _check_steps(steps)
-    t1, t0 = time_arg(t, "t", x), time_arg(t0, "t0", x)
-    check_unit_times(t=t1, t0=t0, save_at=save_at)
-    check_order(t0, t1, "reverse integrates from t0 up to t, so t must be > t0", "t0", "t")
-    grid = time_grid(t0, t1, steps, save_at, x)
+    grid = _unit_grid(x, steps, t, t0, "t0", save_at, "reverse integrates from t0 up to t, so t must be > t0")
     _check_model(model)
     spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("reverse", options))
     out = _dispatch(model, x, grid, spec, cuda_graph, "t, t0")
@@ -357,14 +352,10 @@ def generate(
     strategy keywords, ...). `t` and `t_end` may be tensors that require grad and/or have shape
     (B,) (per-sample intervals), as `reverse`'s t0 and t."""
     check_state(z, "z")
-    steps = _check_steps(steps)
-    t1, t_end = time_arg(t, "t", z), time_arg(t_end, "t_end", z)
-    check_unit_times(t=t1, t_end=t_end)
-    check_order(t_end, t1, "generate integrates from t down to t_end, so t must be > t_end", "t_end", "t")
     # reverse's grid over [t_end, t], walked backwards: a round trip generate(reverse(x)) visits the same
     # time points bit for bit (t_end + (t - t_end) k / steps, not t - (t - t_end) k / steps, which rounds
     # differently), so a velocity with knots on reverse's grid sees them in both directions
-    up = time_grid(t_end, t1, steps, None, z)
+    up = _unit_grid(z, steps, t, t_end, "t_end", None, "generate integrates from t down to t_end, so t must be > t_end")
     grid = Grid(up.points[::-1], up.out_index, None if up.times is None else up.times.flip(0))
     _check_model(model)
     return _dispatch(model, z, grid, describe(**_solve_options("generate", options)), cuda_graph, "t, t_end")[0]

@@ -1,21 +1,6 @@
-"""CUDA-graph replay of a whole no-grad fixed-step solve (reverse/generate with cuda_graph=...).
-
-For small batches the GPU waits on the CPU launching s evaluations and s+1 small kernels per step;
-capturing the loop once and replaying it removes that overhead. The graph reads the parameters in
-place, so optimizer steps between calls are seen; anything that changes *which* memory or kernels
-the solve uses is in `cache_key` (shapes, grid, description, train flags, autocast state, every
-parameter's and buffer's storage and dtype: `model.eval()` or `.half()` after a capture re-captures).
-
-All captures share one memory pool per device and the cache is an LRU of `max_size()` entries
-(default 16, env PRG_FAST_CUDA_GRAPH_CACHE or `set_max_size`).
-
-`cuda_graph=True` always captures (and refuses CPU tensors, grad mode, check_finite).
-`cuda_graph="auto"` captures only where it pays: CUDA, no grad, no check_finite, and at most
-`auto_max_numel()` state elements (default 2**18, env PRG_FAST_CUDA_GRAPH_MAX_NUMEL); otherwise it
-runs the solve eagerly (graphs pay while launch overhead dominates). Measure the crossover on a
-GPU with `bash benchmarks/gpu_check.sh --out DIR` (part "reverse": its "crossover" is the first
-state size where graphed/eager >= 0.95) and set the env var.
-"""
+"""CUDA-graph replay of a whole no-grad fixed-step solve (reverse/generate with cuda_graph=...): one
+capture replayed removes the per-step launch overhead of small batches. What the cache keys on and
+when "auto" captures: docs/engine.md, "Inside the engine"; docs/gpu.md."""
 from __future__ import annotations
 
 import os

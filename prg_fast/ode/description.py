@@ -1,16 +1,6 @@
-"""A solve, described once: the tableau, the backend, the adjoint strategy and the few switches
-every layer reads, built and validated by `describe` (called by reverse / generate / odeint) and
-passed down whole; the CUDA-graph cache keys on it, and a call's Problem is built from it
-(`SolveDescription.problem`). Immutable: nothing below changes it.
-
-The solve options the entry points take as **options are named once, in OPTIONS, with their
-defaults. Adjoint strategies are documented objects (as diffrax's adjoints), every one exact, each
-of which runs its own forward and backward (`strategy.run(problem, x)`): StoredAdjoint (the
-default, prg_fast.ode.stored_adjoint), ReversibleAdjoint (prg_fast.ode.reversible_adjoint) and
-Backprop (prg_fast.ode.backprop); their costs side by side: docs/engine.md. The keywords are their
-short spelling, `strategy_from_keywords` the one place that maps them and rejects invalid
-combinations, and `adjoint=` also takes an object.
-"""
+"""A solve, described once (`SolveDescription`, immutable): the tableau, the backend, the adjoint
+strategy object and the switches every layer reads, built and validated by `describe`; the solve
+options named once, in OPTIONS. Why so: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,32 +1,6 @@
-"""Discovery: what a velocity reads, found for an adjoint before its forward.
-
-`discover` returns a new Problem whose `Reads` hold everything the adjoint needs
-(prg_fast.ode.integrate.Reads): the tensors requiring grad the velocity reads, the modules it
-reaches and their written buffers (prg_fast.ode.module_state), a reentrant checkpoint in its graph,
-and the parametrized tensors cached around the solve (prg_fast.ode.parametrize_cache). The tensors
-come from three sources, merged in order (collect_params, discover_params): the model's own
-parameters; what the callable reaches (`reachable`: modules, leaf tensors, for what it may read
-only after its first evaluation); and what its first evaluation's graph actually reads. Then the
-computed-input check: a tensor computed from another input of the solve is not differentiated
-twice (check_computed_inputs). The first evaluation, (0, 0), runs with a graph before the solve,
-which reuses its output (`FirstEvaluation`): discovery costs no extra network evaluation (the
-reversible scheme, which runs its own, discards it).
-
-Why search: a velocity may read more after its first evaluation (an expert chosen by time), so
-the callable is searched the way cloudpickle finds what a function needs: an nn.Module and its
-submodules (with what user-written modules hold as plain attributes, and the globals their forward
-names), what functools.partial, bound methods, closures and callable objects hold, the globals a
-function names, defaults, the functions hooked on its modules (and on every module), and the items
-of small containers. Depth and container sizes are bounded, so a velocity that closes over a
-dataset or a trainer costs a bounded walk, not a scan of everything.
-
-Bytes of one evaluation's graph, which size the stored adjoint's memory budget, are measured on
-that evaluation by `SavedBytes`: saved-tensor hooks sum the nbytes of the unique storages autograd
-saves during it, excluding storages that exist anyway (the parameters, frozen or not, closed-over
-leaves requiring grad, and the stage input; a closed-over plain tensor that does not require grad
-is counted, erring on the side of the budget), plus the output k (which a kept graph holds): what a
-kept graph keeps alive, on CPU and CUDA alike.
-"""
+"""Discovery: what a velocity reads, found for an adjoint before its forward -- the search of the
+callable (`reachable`), the first evaluation and the walks of its graph, the bytes of its graph
+(`SavedBytes`); `discover` returns a new Problem with its `Reads`. Why so: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +14,7 @@ import torch
 
 from ..compat import (gradient_hooks, global_module_hooks, module_hooks, next_sequence_nr, sequence_nr, version,
                       view_base)
+from .graph_walk import graph_nodes
 from .integrate import Problem, Reads, capture_rng, set_rng
 from .module_state import ModuleState
 from .parametrize_cache import SharedParametrizations
@@ -241,19 +216,12 @@ def has_reentrant_checkpoint(node_types) -> bool:
 
 def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None,
                     node_types: Optional[set] = None) -> List[torch.Tensor]:
-    """Everything the velocity reads that requires grad, so the adjoint differentiates it exactly:
-    module parameters, tensors closed over by a plain function, modules inside wrappers such as
-    time_reversed(lambda ...), the rest of a partial adjoint_params list. (What the callable holds
-    but reads only later is in `params` already: collect_params adds what `reachable` finds.)
-
-    `first`, the solve's first evaluation, is run with a graph (first_evaluation, under the
-    caller's random state; the solve then reuses its output, so discovery costs no extra network
-    evaluation) and its graph is walked: every leaf that requires grad is added. A non-leaf tensor
-    requiring grad that was made outside the velocity (say W = A @ B closed over) cannot be added as
-    a leaf, and differentiating through its graph once per evaluation would be wrong, so it is an
-    error that says to pass it as adjoint_params (then the walk stops at its node, and
-    check_computed_inputs refuses it if its graph reaches another input). `node_types` receives the
-    types of the nodes walked: every node the evaluation made (the one walk of its graph)."""
+    """`params` and every leaf requiring grad that the first evaluation's graph reads (module
+    parameters, tensors closed over, modules inside wrappers, the rest of a partial adjoint_params
+    list), so the adjoint differentiates them exactly. A non-leaf made outside the velocity (W = A @ B
+    closed over) cannot be a leaf and would be differentiated through its graph once per evaluation:
+    an error asking for it in adjoint_params (the walk then stops at its node, and
+    check_computed_inputs looks at its graph). `node_types` receives the types of the nodes walked."""
     found = list(params)
     found_ids = {id(p) for p in found}
     if first is None or first.k is None or not first.k.requires_grad:
@@ -261,12 +229,7 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
     known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
     if first.leaf.grad_fn is not None:  # the stage input with x's graph: x's history is not the velocity's
         known_nodes.add(first.leaf.grad_fn)
-    seen, stack = set(), [first.k.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in known_nodes:
-            continue
-        seen.add(node)
+    for node in graph_nodes([first.k.grad_fn], stops=known_nodes):
         if node_types is not None:
             node_types.add(type(node))
         leaf = getattr(node, "variable", None)
@@ -276,28 +239,21 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
             if leaf is not first.leaf and id(leaf) not in found_ids:
                 found.append(leaf)
                 found_ids.add(id(leaf))
-            continue
         # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
         # region; it saves no tensors, so walking through it once per evaluation is exact.
-        if sequence_nr(node) < first.sequence_nr and node.name() != "ToCopyBackward0":
+        elif sequence_nr(node) < first.sequence_nr and node.name() != "ToCopyBackward0":
             raise ValueError(
                 f"model reads a tensor that requires grad and was computed outside it (from {node.name()}); "
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
                 "(or compute it inside the model, or use adjoint=False)"
             )
-        stack.extend(fn for fn, _ in node.next_functions)
     return found
 
 
 def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set) -> List[torch.Tensor]:
-    """A tensor computed from others (adjoint_params=[W], W = A @ B) is differentiated by the solve
-    and then, through its own graph, by autograd. If that graph reaches another input A of the
-    solve, the solve's VJP for A would run through W too and A would be counted twice. When A was
-    only found implicitly (a parameter of the model, reached by the search) and the first
-    evaluation does not read it directly -- MAML-style fast weights `p - lr * g` through
-    functional_call, a hypernetwork's output -- A is dropped from the solve's inputs: its gradient
-    arrives through W's graph, as in plain backprop. Otherwise (A passed explicitly, or read
-    directly as well) it is refused, rather than silently doubled. Returns the inputs to keep."""
+    """The inputs to keep when one is computed from another (adjoint_params=[W], W = A @ B, its graph
+    reaching the input A): A dropped when only found implicitly and not read directly by the first
+    evaluation, else an error (A would be counted twice). Why: docs/engine.md, "Inside the engine"."""
     computed = [(i, p) for i, p in enumerate(params) if p.grad_fn is not None]
     if not computed:
         return params
@@ -305,27 +261,20 @@ def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set
     nodes = {p.grad_fn: i for i, p in computed}
     drop: set = set()
     for i, p in computed:
-        seen, stack = set(), [fn for fn, _ in p.grad_fn.next_functions]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
+        for node in graph_nodes([fn for fn, _ in p.grad_fn.next_functions], ends=nodes):
             var = getattr(node, "variable", None)
             j = leaves.get(id(var)) if var is not None else nodes.get(node)
-            if j is not None:
-                a = params[j]
-                if id(a) in explicit or id(a) in direct or a.grad_fn is not None:
-                    raise ValueError(
-                        f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed "
-                        f"from its input {j} (shape {tuple(a.shape)}), which the solve also differentiates directly: "
-                        "its gradient would be counted twice. Compute the tensor inside the model from what it is "
-                        "made of, or use adjoint=False"
-                    )
-                drop.add(j)
+            if j is None:
                 continue
-            if var is None:
-                stack.extend(fn for fn, _ in node.next_functions)
+            a = params[j]
+            if id(a) in explicit or id(a) in direct or a.grad_fn is not None:
+                raise ValueError(
+                    f"the solve's input {i} (shape {tuple(p.shape)}, computed by {p.grad_fn.name()}) is computed "
+                    f"from its input {j} (shape {tuple(a.shape)}), which the solve also differentiates directly: "
+                    "its gradient would be counted twice. Compute the tensor inside the model from what it is "
+                    "made of, or use adjoint=False"
+                )
+            drop.add(j)
     return [p for j, p in enumerate(params) if j not in drop]
 
 

@@ -1,26 +1,6 @@
 """odeint's grids: the 1-D grid t (checked), a per-sample (T, B) grid, and torchdiffeq's fixed-grid
-options, a solver grid finer than the output times.
-
-With `options=dict(step_size=h)` or `dict(grid_constructor=fn)` the solver steps along that grid
-and the state at each requested time t[j] is linearly interpolated between the grid points around
-it, as torchdiffeq's fixed-grid solvers do, so their code gives the same numbers here (with its
-method names: torchdiffeq's "rk4" is "rk4_38" here, its "heun2" "heun"):
-
-- step_size h: the points t[0] + k h (k = 0, 1, ...) while before t[-1], then t[-1] itself, as
-  torchdiffeq counts them (a last step shorter than h where h does not divide the span), except that
-  a last step of rounding size (h dividing the span up to 1e-9 relative) is not taken; a
-  decreasing t steps downwards.
-- grid_constructor(func, y0, t) -> 1-D grid from t[0] to t[-1], strictly monotone like t.
-- interp="linear" (the default, the only one here; torchdiffeq's "cubic" needs an extra evaluation
-  per output and is refused with a clear error, as are unknown keys).
-- perturb=True: a stage on a grid point reads a time one floating-point step inside its step (the
-  first stage just after the step's start, a c = 1 stage just before its end), as torchdiffeq does
-  for forcing that jumps at grid points (integrate.Problem.stage_time; float grids only).
-
-Everything is differentiable: the grid's ends are t[0] and t[-1] themselves (so a t that requires
-grad differentiates through the grid and through the interpolation weights), and the solve returns
-only the grid states the interpolation needs (memory: those states, not the whole grid's).
-"""
+options (step_size, grid_constructor, interp, perturb), a solver grid finer than the output times
+read by linear interpolation, as torchdiffeq. Details: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import bisect

@@ -1,18 +1,6 @@
-"""How much memory a solve may spend on kept evaluation graphs under memory_budget="auto", and
-how an allocation failure looks.
-
-"auto" keeps graphs within AUTO_FRACTION of the memory free when the solve starts, so the rest of
-the step (the head, the loss, the optimizer, other solves) keeps the other half:
-
-- CUDA: torch.cuda.mem_get_info on the state's device (free on the device) plus what PyTorch's
-  caching allocator holds reserved but unused there (free to PyTorch, invisible to the driver);
-- CPU: the kernel's MemAvailable (/proc/meminfo; psutil's virtual_memory().available where
-  /proc is missing and psutil is installed);
-- unknown (another device type, no /proc, no psutil): nothing is kept (recompute everything).
-
-The environment variable PRG_FAST_FREE_MEMORY_BYTES, when set, replaces the measurement (bytes,
-any device): tests force a tiny or a huge free memory with it.
-"""
+"""How much memory a solve may spend on kept evaluation graphs under memory_budget="auto" (half the
+memory free when it starts), and how an allocation failure looks. How free memory is measured:
+docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import os

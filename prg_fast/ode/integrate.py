@@ -1,19 +1,6 @@
-"""The one stage loop behind reverse, generate and odeint, for every tableau and backend.
-
-A `Problem` is a solve as data, immutable: what the call fixes (the velocity and how it is called,
-the tableau, the Grid -- its times and which of its states are returned --, the Backend, the
-dtypes and switches) and, for an adjoint, what discovery
-found the velocity reads (`Reads`: prg_fast.ode.discovery returns a new Problem with them). Its
-methods are the arithmetic of one step: `step_at` gives a step's times, `stages` runs its stages;
-`walk` runs steps, `solve` the whole loop with plain autograd (or under no_grad). The stage
-arithmetic goes through `problem.backend` (prg_fast.ode.ops.Backend), which hides whether the step
-size is a float (the fast path) or a tensor (time tensors: the Grid's `times`, (P,) shared or
-(P, B) per sample). Another grid for the same solve (an adaptive controller's, say) is
-`problem.on(grid)`: nothing here depends on the grid but the times it is read at.
-
-`Velocity` is one evaluation: the call of the network with its checks, under the global state an
-evaluation reads (autocast; the random generators, captured and set by the adjoints' reruns).
-"""
+"""The one stage loop behind reverse, generate and odeint, for every tableau and backend: `Problem`,
+a solve as immutable data (what the call fixes, and what discovery found it reads), whose methods
+are the arithmetic of one step; `Velocity`, one evaluation. Why so: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import dataclasses

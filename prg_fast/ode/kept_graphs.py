@@ -1,25 +1,6 @@
-"""The stored adjoint's forward: which evaluation graphs it keeps, and what it stores (the costs
-and the observable choice, for users: docs/engine.md, "Adjoint strategies").
-
-The backward (prg_fast.ode.stored_adjoint) takes each evaluation's VJP from the evaluation *with
-its autograd graph*: kept by the forward (grad enabled, from a stage-input leaf of ours; no
-recomputation, the graph's memory held until the VJP frees it), or recomputed from the stored stage
-input (one graph alive at a time). The budget keeps the graphs of the *last* evaluations, which the
-backward needs first, so the peak never exceeds budget + one evaluation. Kept evaluations that make
-up whole steps at the end (the tail, `Tail`) run as one plain autograd graph from a leaf at the
-tail's first state and take one VJP: per evaluation that spares the leaf, the VJP call and the
-cotangent arithmetic in Python (~1.35x plain backprop for a small network), and its arithmetic is
-plain backprop's. When every graph fits and no time gradient is asked for, the solve is plain
-backprop from x itself (`EvaluationGraphs.as_backprop`), with no Function of ours and no nested
-VJP. A step kept only in part, time leaves (per evaluation) and a reentrant checkpoint keep one
-graph per evaluation; no graph is kept when the first evaluation's graph saves a buffer it writes in
-place (every later write would invalidate the earlier graphs, as in plain backprop, where rerunning
-from the buffer's snapshot is exact: `FirstEvaluation.unkeepable`). An allocation failure while
-graphs are kept frees them and starts the forward over keeping none (`unless_out_of_memory`).
-store="steps" keeps each step's start state before the tail instead of its stage inputs (the
-backward recomputes them, reusing kept outputs); the tail stores nothing (a second backward reruns
-it from its start state). What a rerun needs to be exact: prg_fast.ode.rerun.ReplayRecord.
-"""
+"""The stored adjoint's forward: which evaluation graphs it keeps (the last ones, which the
+backward needs first), the tail run as one graph, plain backprop when all fit, and the fall back on
+an allocation failure. Why so: docs/engine.md, "Inside the engine"; costs: "Adjoint strategies"."""
 from __future__ import annotations
 
 import logging
@@ -76,12 +57,8 @@ def unless_out_of_memory(graphs: "EvaluationGraphs", attempt: Callable[[], T]) -
 class EvaluationGraphs:
     """For one stored-adjoint solve: runs the forward's evaluations, keeping the graphs the budget
     allows and recording what their reruns need; the backward (stored_adjoint.BackwardWalk) takes
-    them from `kept` and `take_tail`.
-
-    Observable on the solve's backward node (`out.grad_fn`, AdjointSolveBackward, `.evals`) and in
-    the debug log "prg_fast.ode.strategies": `budget` (the bytes assumed, "auto" resolved),
-    `graph_bytes`, `kept_count`, `as_backprop`, `fell_back` (an allocation failure made the forward
-    start over keeping none), `unkeepable` (why no graph could be kept, or None)."""
+    them from `kept` and `take_tail`. Observable as the backward node's `.evals` and in the debug
+    log (`budget`, `graph_bytes`, `kept_count`, ...: docs/engine.md, "Adjoint strategies")."""
 
     def __init__(self, problem: Problem, strategy, first: Optional[FirstEvaluation], device: torch.device,
                  time_grad: bool):

@@ -1,29 +1,6 @@
 """State a velocity writes while it runs, kept as plain backprop would leave it: module buffers
 (ModuleState), train/eval flags (TrainingModes) and its inputs written in place (ParamVersions).
-
-Some networks update buffers in their forward (BatchNorm's running statistics in train mode,
-spectral_norm's power-iteration vectors, a user's EMA). Plain backprop runs every evaluation once;
-an adjoint runs evaluations *again* in the backward, and left alone every rerun would move the
-state once more (BatchNorm's momentum applied twice) and read a state the forward had already moved
-on (spectral_norm's recomputed weight is not the one the forward used). The adjoints handle it
-through prg_fast.ode.rerun:
-
-- Which tensors: the buffers of every module the velocity reaches (prg_fast.ode.discovery.reachable). A state
-  held elsewhere is not seen.
-- Which of them are written: the solve's first evaluation tells, by identity, version counter and
-  value (BatchNorm's kernel writes `running_mean`/`running_var` without bumping their version, and
-  so does a write through `.data`). A module with one written buffer has all its buffers treated as
-  written (a running mean that stays 0 on a zero-mean batch is still BatchNorm's state). Buffers of
-  up to 2^20 elements are copied before the first evaluation (its state is needed for its rerun)
-  and compared after it (one device sync); a larger buffer is only watched by identity and version,
-  and one that the first evaluation writes is an error, as is a buffer written by a later evaluation
-  but not by the first (if anything is rerun): never a silent difference.
-- What is kept: before every evaluation (every base step for the reversible scheme) a copy of the
-  written buffers, loaded before that evaluation's rerun; a backward ends with every written buffer
-  as it found it. Loads do not bump the version counters (as BatchNorm's own writes do not), so
-  kept graphs that saved a buffer stay usable. Cost: one copy of the written buffers per
-  evaluation, none for a network that writes none.
-"""
+Which buffers, how writes are detected, what is kept and why: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -1,22 +1,6 @@
-"""The stage arithmetic as the engine calls it: the compiled operators (the torch.library layer,
-which loads them and gives them fake (meta) kernels and an autograd formula, so they work under
-torch.compile and inside plain backprop), and `Backend`, one implementation's functions behind the
-methods every loop calls (prg_fast.ode.backends picks the implementation).
-
-    torch.ops.prg_fast.stage_combine(base, terms, coeffs, alpha=1.0, out_dtype=None)
-        = alpha * base + sum_j coeffs[j] * terms[j]   (float32/float64 accumulation)
-
-    torch.ops.prg_fast.stage_combine_into(base, terms, coeffs, alpha, out)
-        the same sum written into `out` (a tensor the caller owns; its dtype is the output dtype)
-
-    torch.ops.prg_fast.stage_combine_rows(base, terms, coeffs, out_dtype=None)
-        out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j+1] * terms[j][b]   (r = b, or 0 if R == 1)
-
-The package imports without the compiled part; `CPU_ERROR` / `CUDA_ERROR` say why it is missing.
-Kernels take at most `MAX_TERMS` terms per call; `Backend` chains longer sums, for every
-implementation, through a partial sum kept in the accumulation dtype (so the result is the one long
-sum's), and hides whether a step size is a float (the fast path) or a tensor (time tensors).
-"""
+"""The stage arithmetic as the engine calls it: the compiled operators (torch.ops.prg_fast.stage_combine,
+stage_combine_into, stage_combine_rows) and `Backend`, one implementation's functions behind the
+methods every loop calls (prg_fast.ode.backends picks it). The operators' contracts: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import json

@@ -1,23 +1,6 @@
-"""Parametrizations cached around a solve (`with torch.nn.utils.parametrize.cached(): ...`).
-
-Under parametrize.cached() a parametrized tensor (weight_norm's, spectral_norm's, orthogonal's
-weight) is computed once, on its first access, and every later access returns that same tensor
-with its graph. Plain backprop then differentiates the velocity's evaluations into it and its
-graph once, on the total. The adjoints differentiate each evaluation on its own, so a VJP that ran
-on through the shared tensor's graph would consume it ("backward through the graph a second
-time") and count it once per evaluation; and a rerun after the block has ended would compute a
-fresh tensor (spectral_norm: another power iteration) instead of the forward's.
-
-So the cached tensors the first evaluation finds are treated as inputs of the solve
-(`SharedParametrizations.tensors`): each VJP stops at them, the solve returns their summed
-gradient and autograd runs their own graph once, as in plain backprop (the originals they are
-computed from are then reached only through them: discovery drops them from the solve's inputs). And the
-backward's reruns read exactly those tensors (`SharedParametrizations.kept`), whether the backward
-runs inside the block or after it.
-
-The cache itself is torch.nn.utils.parametrize's module-level one, which only prg_fast.compat reads
-and writes: there is no public API to hand a cache to a rerun.
-"""
+"""Parametrizations cached around a solve (`with torch.nn.utils.parametrize.cached(): ...`): the
+cached tensors are inputs of the solve, so each VJP stops at them and every rerun reads the
+forward's. Why: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence

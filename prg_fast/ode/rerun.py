@@ -1,33 +1,7 @@
-"""An evaluation rerun in the backward: what it must see to be the forward's, and its one VJP.
-
-Both adjoints rerun evaluations in the backward; a rerun is exact when it sees what the forward's
-evaluation saw. The forward records (`ReplayRecord`), per rerunnable evaluation (a network
-evaluation, or a reversible base step), the random state (dropout) and the written buffers
-(module_state); per solve, the autocast state, the modules' train/eval flags, the cached
-parametrizations and the parameters' versions. Random states (~2 us, no device sync) are dropped
-when the generators did not move over the forward (the fork/restore costs ~15 us per evaluation).
-
-Each rerun (or kept) evaluation is differentiated on its own (`graph_vjp`) and the adjoint returns
-the *sum* over evaluations as the parameters' gradient (`GradientSum`) through its autograd
-Function; autograd then runs the parameters' hooks on that total, once, as plain backprop does. So
-the per-evaluation VJPs here must not run them:
-
-- tensor hooks (`p.register_hook`) run on every gradient autograd captures for `p`, also inside
-  `torch.autograd.grad(..., inputs=[p])`: they are muted for the duration of the VJP (the hooks'
-  dict is emptied and refilled in order; autograd reads it through the same object: prg_fast.compat);
-- post-accumulate-grad hooks run only when a gradient is accumulated into `.grad`, which
-  `torch.autograd.grad` never does -- except through a reentrant checkpoint inside the velocity
-  (below), so they are muted as well.
-
-Reentrant checkpoint (`torch.utils.checkpoint(..., use_reentrant=True)`) refuses
-`torch.autograd.grad` and `backward(inputs=...)`, and inside its own backward accumulates the
-parameters' gradients into their `.grad` with a nested `torch.autograd.backward`. When the
-velocity's graph holds one (prg_fast.ode.discovery.has_reentrant_checkpoint), the VJP is a plain
-`torch.autograd.backward` into fresh accumulators: every input's `.grad` is set aside, the VJP
-accumulates into empty ones, they are read off as this evaluation's share and the user's `.grad`
-is put back. (Every leaf the graph reaches is an input of the solve: the model's parameters, what
-discovery's search finds and what graph discovery adds.)
-"""
+"""An evaluation rerun in the backward: what it must see to be the forward's (`ReplayRecord`: random
+state, written buffers, autocast, train flags, cached parametrizations, parameter versions) and its
+one VJP, with the parameters' hooks muted (they run once, on the sum) and reentrant checkpoints
+handled. Why so: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import functools
@@ -37,6 +11,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 
 from ..compat import foreach_add_, gradient_hooks, tensor_hook_dicts, version, view_base
+from .graph_walk import graph_nodes
 from .integrate import autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
 
@@ -218,12 +193,9 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
               hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
     """sum_j cotangents[j]^T d outputs[j] / d inputs (None for an input they do not read), one
     backward through the graph they share (an evaluation's, or the kept tail's), with the inputs'
-    hooks muted (see the module docstring) but `hooked`'s (StateHooks).
-
-    `unlisted`: computed tensors requiring grad that the velocity holds but the solve does not take
-    as inputs (prg_fast.ode.discovery.Reach.computed; discovery refuses one its first evaluation reads).
-    One read by a later evaluation would get no gradient from the solve -- silently, since the
-    adjoint returns gradients only for its inputs -- so it is an error (refuse_unknown_reads)."""
+    hooks muted (docs/engine.md, "Inside the engine": rerun) but `hooked`'s (StateHooks). A read of
+    one of `unlisted` (discovery.Reach.computed) or of a parameter that is no input is an error
+    (refuse_unknown_reads)."""
     inputs = list(inputs)
     # an output that reads neither the state nor a parameter (a zero velocity, a function of t
     # only) has no graph: it contributes nothing
@@ -265,32 +237,20 @@ def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequen
 
 
 def unknown_read(roots, inputs, unlisted=()) -> Optional[torch.Tensor]:
-    """What the graph under the autograd nodes `roots` (an evaluation rerun or kept for the backward,
-    or a whole solve run as plain backprop) reads that the solve does not take as an input, or None:
-    an nn.Parameter that is none of `inputs`, or one of the computed tensors the velocity holds
-    (`unlisted`, whose node the walk reaches). The adjoint differentiates only its inputs, so such a
-    tensor -- read by a later evaluation through something the search could not see -- would
-    silently get no gradient (prg_fast.ode.rerun.refuse_unknown_reads makes it an error, under every
-    budget). Plain leaf tensors are not asked about: a velocity may make its own
-    (x.detach().requires_grad_() for an energy's gradient), which no gradient is owed to. The walk
-    stops at the inputs; one pass over the graph's nodes, no tensor is touched."""
+    """What the graph under the autograd nodes `roots` reads that the solve does not take as an
+    input (refuse_unknown_reads says why that is an error), or None: an nn.Parameter that is none of
+    `inputs`, or one of the computed tensors the velocity holds (`unlisted`). Plain leaf tensors are
+    not asked about: a velocity may make its own (x.detach().requires_grad_() for an energy's
+    gradient), which no gradient is owed to. The walk stops at the inputs and touches no tensor."""
     known = {id(q) for q in inputs}
     stops = {q.grad_fn for q in inputs if q.grad_fn is not None}
     computed = {q.grad_fn: q for q in unlisted if q.grad_fn not in stops}
-    seen, stack = set(), list(roots)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stops:
-            continue
+    for node in graph_nodes(roots, stops=stops):
         if node in computed:
             return computed[node]
-        seen.add(node)
         leaf = getattr(node, "variable", None)
-        if leaf is not None:
-            if id(leaf) not in known and isinstance(leaf, torch.nn.Parameter):
-                return leaf
-            continue
-        stack.extend(fn for fn, _ in node.next_functions)
+        if leaf is not None and id(leaf) not in known and isinstance(leaf, torch.nn.Parameter):
+            return leaf
     return None
 
 

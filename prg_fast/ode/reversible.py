@@ -1,38 +1,6 @@
-"""Algebraically reversible Runge-Kutta (McCallum & Foster 2024, arXiv 2410.11648): exact gradients
-at memory O(1) in the number of steps K.
-
-Any explicit tableau gives a base step x -> x + Psi_h(t, x) (Psi_h = h sum_i b_i k_i). The reversible
-scheme carries two states (y, z), both starting at x0, and steps
-
-    y_{n+1} = lam y_n + (1 - lam) z_n + Psi_h(t_n, z_n)
-    z_{n+1} = z_n - Psi_{-h}(t_{n+1}, y_{n+1})
-
-whose exact algebraic inverse is
-
-    z_n = z_{n+1} + Psi_{-h}(t_{n+1}, y_{n+1})
-    y_n = (y_{n+1} - (1 - lam) z_n - Psi_h(t_n, z_n)) / lam.
-
-The returned solution is y. The scheme has the order of its base tableau (tested). This is the
-step of the paper's reference implementation (github.com/sammccallum/reversible-solvers, the
-`Reversible` wrapper: y1 = l y0 + (1 - l) z0 + step(h, t0, z0), z1 = z0 - step(-h, t1, y1), with
-`step` the increment Psi), read and checked against this module on 2026-11-24.
-
-Coupling `lam` (`reversible_coupling=`, in (0, 1]; the paper recommends 0.999): lam = 1 has an
-empty region of linear stability (y and z decouple into a never-decaying leapfrog oscillation);
-lam < 1 damps y towards z. The inverse divides by lam, amplifying the reconstruction's rounding by
-1/lam per step; lam near 1 keeps it exact to rounding.
-
-Cost, s stages: forward 2s evaluations per step (Psi_h and Psi_{-h}); backward 2s evaluations
-recomputed with graph (the inverse step's recomputation doubles as the VJPs') and their 2s VJPs.
-Stored: the final pair (y_K, z_K) whatever K, plus the replay record (prg_fast.ode.rerun) of each
-base step. This module is the scheme (its steps forward and back, the reconstruction check); its
-adjoint is prg_fast.ode.reversible_adjoint, plain backprop through it prg_fast.ode.backprop.
-
-Gradients are exact for this scheme's arithmetic up to the rounding of the reconstruction: they
-equal plain backprop through the same reversible scheme (`reversible=True, adjoint=False`, which
-runs `solve_reversible` below under ordinary autograd) to ~1e-12 relative in float64 (measured
-~1e-15 on small MLPs); in float32 the reconstruction's rounding shows, ~5e-7 relative measured.
-"""
+"""Algebraically reversible Runge-Kutta (McCallum & Foster 2024, arXiv 2410.11648): the scheme's
+steps forward and back and the reconstruction check; its adjoint is prg_fast.ode.reversible_adjoint.
+The scheme, its coupling, costs and exactness: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 import math

@@ -1,14 +1,6 @@
 """The reversible scheme's adjoint (ReversibleAdjoint): gradients at memory O(1) in the number of
-steps, from the final pair alone.
-
-The forward runs the algebraically reversible scheme (prg_fast.ode.reversible) without a graph and
-keeps (y_K, z_K) and the replay record of each base step (prg_fast.ode.rerun). The backward walks
-the steps in reverse: each base step is rerun with its graph from the state the exact inverse step
-rebuilds, and that rerun doubles as its VJP (BackwardWalk) -- 2s recomputed evaluations and 2s VJPs
-per step. The gradients equal plain backprop through the same scheme (prg_fast.ode.backprop with a
-coupling) up to the rounding of the reconstruction, which the backward checks: the initial state
-it rebuilds against the one passed (prg_fast.ode.reversible.check_reconstruction).
-"""
+steps, from the final pair alone, each base step rerun from the state the exact inverse rebuilds
+(its rerun doubles as its VJP). Details: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,28 +1,6 @@
-"""Explicit Runge-Kutta solvers, as data: the fixed-step tableaus and the embedded pairs of the
-adaptive methods.
-
-A solver is its Butcher tableau; one integration loop (prg_fast/ode/integrate.py) serves them all.
-For a step from t to t + h with s stages:
-
-    X_i = x + h * sum_{j<i} a[i][j] * k_j,      k_i = f(t + c[i] * h, X_i)
-    x'  = x + h * sum_i b[i] * k_i
-
-Cost per step is s network evaluations (forward), and with the adjoint, s vector-Jacobian products
-(backward) plus s stored stage inputs per step.
-
-An `EmbeddedTableau` (adaptive, odeint) adds the weights b_hat of the embedded solution, whose
-difference estimates the local error (err = h sum_i (b_i - b_hat_i) k_i), and the dense output:
-polynomial stage weights b_i(theta), y(t + theta h) = y + h sum_i b_i(theta) k_i, `dense[i][p]` the
-coefficient of theta^(p+1). Every pair here is FSAL: its last stage is f(t + h, y1) (a last row
-equal to b, c = 1), the next step's first stage; a pair without that property gets the stage
-appended (one more evaluation per step, the honest count: torchdiffeq's adaptive_heun and fehlberg2
-reuse a last stage that was not evaluated at y1). Interpolation: tsit5's own dense output; for the
-others torchdiffeq's quartic through y0, y1, f0, f1 and a mid-point estimate sum_i m_i k_i (for
-bosh3, adaptive_heun and fehlberg2 the mid-point of the cubic Hermite through y0, y1, f0, f1 --
-third order, where torchdiffeq's mid-points are first order), rewritten as stage weights so that
-dense output is one more fused stage combination. Their coefficients are exact rationals where the
-method has them, parsed once from strings.
-"""
+"""Explicit Runge-Kutta solvers, as data: the fixed-step Butcher tableaus and the embedded pairs of
+the adaptive methods (error weights, dense output, FSAL). One loop serves them all (integrate).
+The pairs' conventions: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -82,7 +60,6 @@ RK4_38 = ButcherTableau(
 """Kutta's 3/8 rule (what torchdiffeq calls "rk4"). Order 4, 4 evaluations per step."""
 
 SOLVERS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, RK4_38)}
-
 
 
 def _numbers(values) -> list:

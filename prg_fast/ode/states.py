@@ -85,11 +85,11 @@ def _complex(func, y0: torch.Tensor, spec, options: dict) -> Adapted:
                    lambda ys: torch.view_as_complex(ys.contiguous()))
 
 
-def _tuple_leaves(y, name: str) -> List[torch.Tensor]:
+def tuple_leaves(y, name: str = "y0") -> List[torch.Tensor]:
     if isinstance(y, torch.Tensor):
         return [y]
     if isinstance(y, tuple):
-        return [leaf for i, part in enumerate(y) for leaf in _tuple_leaves(part, f"{name}[{i}]")]
+        return [leaf for i, part in enumerate(y) for leaf in tuple_leaves(part, f"{name}[{i}]")]
     raise TypeError(f"{name} must be a tensor or a (nested) tuple of tensors, got {type(y).__name__}")
 
 
@@ -104,7 +104,7 @@ def _tuple(func, y0: tuple, t, spec, options: dict) -> Adapted:
     """A (nested) tuple of tensors, solved as one flat state."""
     if isinstance(t, torch.Tensor) and t.dim() == 2:
         raise ValueError("a per-sample grid t of shape (T, B) needs a tensor y0 (B, ...), not a tuple state")
-    leaves = _tuple_leaves(y0, "y0")
+    leaves = tuple_leaves(y0, "y0")
     for i, leaf in enumerate(leaves):
         if leaf.is_complex():
             raise TypeError(f"y0 component {i} is complex: complex states are solved as a single tensor y0, not in a tuple")
@@ -123,7 +123,7 @@ def _tuple(func, y0: tuple, t, spec, options: dict) -> Adapted:
 
     def flat_func(tt, y_flat):
         out = func(tt, unflatten(y_flat))
-        out_leaves = _tuple_leaves(out, "func's output")
+        out_leaves = tuple_leaves(out, "func's output")
         if len(out_leaves) != len(leaves) or any(o.shape != s for o, s in zip(out_leaves, shapes)):
             raise ValueError(
                 "func must return the structure of y0 (a tuple of tensors shaped like its components), got "

@@ -1,36 +1,8 @@
 """The stored adjoint (StoredAdjoint, the default): the exact gradient of the fixed-step solve
-itself, not of the ODE, from stored stage inputs and the evaluation graphs a memory budget keeps.
-
-Forward: the loop of prg_fast.ode.integrate without a graph, keeping only each network input
-(K steps x s stages state-sized buffers) and the graphs prg_fast.ode.kept_graphs keeps. Backward,
-for step n with output cotangent lam:
-
-    for i = s-1 .. 0:   g_i  = h b_i lam + h sum_{m>i} a_mi mu_m     (cotangent of k_i; fused)
-                        mu_i = g_i^T df/dX (t_i, X_i)                 (one kept or recomputed evaluation)
-                        params.grad += g_i^T df/dtheta
-    lam <- lam + sum_i mu_i                                           (fused)
-
-which is reverse-mode differentiation of exactly the forward's arithmetic, so gradients equal plain
-backprop through the same solver to rounding. Recomputing every evaluation (memory_budget=0), only
-one evaluation's activations are alive at a time: peak memory = one network evaluation + K*s
-state-sized buffers, flat in K beyond those buffers. Whole kept steps at the end are one graph, one
-VJP (BackwardWalk.tail). A solve that keeps every evaluation's graph is not differentiated here at
-all: it runs as plain backprop from x (AdjointSolveKept).
-
-Time gradients (the grid is a tensor input `times` that requires grad): with e_i = b_i lam +
-sum_{m>i} a_mi mu_m (so g_i = h e_i) and tau_i = t_n + c_i h the time the network reads,
-
-    dL/dtau_i = g_i^T df/dtau (t_i, X_i)        (the same VJP, one more input)
-    dL/dh    += c_i dL/dtau_i + <e_i, k_i>       (k_i: the (recomputed or kept) evaluation itself)
-    dL/dt_n  += dL/dtau_i
-
-and dL/dG[n] += dL/dt_n - dL/dh, dL/dG[n+1] += dL/dh. Nothing divides by h, so zero-length steps
-(save_at points on a per-sample grid) are differentiated exactly too. On a per-sample grid every
-quantity here is per sample ((B,)), on a shared grid summed over the batch.
-"""
+itself, from stored stage inputs and the evaluation graphs a memory budget keeps -- AdjointSolve and
+its backward walk. The backward's arithmetic (time gradients included): docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -41,10 +13,9 @@ import torch
 from .discovery import discover
 from .free_memory import AUTO_FRACTION, free_bytes
 from .integrate import Problem, check_choice, check_flag, run, solve
-from .kept_graphs import EvaluationGraphs, Tail, unless_out_of_memory
+from .kept_graphs import EvaluationGraphs, Tail, log, unless_out_of_memory
 from .rerun import GradientSum, StateHooks, graph_vjp, once_differentiable, refuse_unknown_reads
 
-log = logging.getLogger("prg_fast.ode.strategies")  # what the strategy chose, at DEBUG (docs/engine.md)
 AUTO = "auto"  # memory_budget: what fits in AUTO_FRACTION of the free memory (the default)
 STORES = ("stages", "steps")
 
