@@ -169,10 +169,7 @@ def bench_row(name, args, log):
     def gradients():
         g_ref, cells = grad_reference(name), []
         for solve in fns.values():
-            grads = train_step(solve, f, y0)
-            num = sum(((a.double() - b) ** 2).sum() for a, b in zip(grads, g_ref)) ** 0.5
-            cells.append(dict(grad_err=(num / sum((b ** 2).sum() for b in g_ref) ** 0.5).item(),
-                              held_mb=held_mb(solve, f, y0)))
+            cells.append(dict(grad_err=harness.rel_err(train_step(solve, f, y0), g_ref), held_mb=held_mb(solve, f, y0)))
         return cells
 
     def times(field, make):

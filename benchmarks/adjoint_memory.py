@@ -145,24 +145,17 @@ def grad_errors(args, impls, steps, method, device):
     x.data = x.data[: args.grad_batch]
     truth = {ref: run_once(ref, model, x, steps, method, reference=True) for ref in ("backprop", "reversible")
              if ref == "backprop" or "reversible" in impls}
-    out = []
-    for impl in impls:
-        ref = truth["reversible" if impl == "reversible" else "backprop"]
-        grads = run_once(impl, model, x, steps, method)
-        num = sum(((a - b) ** 2).sum() for a, b in zip(grads, ref)).sqrt()
-        out.append({"grad_rel_err": (num / sum((b ** 2).sum() for b in ref).sqrt()).item()})
-    return out
+    return [{"grad_rel_err": harness.rel_err(run_once(impl, model, x, steps, method),
+                                             truth["reversible" if impl == "reversible" else "backprop"])}
+            for impl in impls]
 
 
 def measure_cell(args, log, impls, method, steps, device):
     keys = [dict(method=method, steps=steps, impl=i) for i in impls]
     if "peak" in args.measures:
         def peak():
-            if device.type == "cuda":
-                got = harness.peaks(cell_fns(args, impls, steps, method, device), device)
-            else:
-                got = harness.peaks_in_fresh_process(args.worker_argv + ["--methods", method, "--steps", steps,
-                                                                         "--impls", *impls])
+            got = harness.peaks_here_or_fresh(lambda: cell_fns(args, impls, steps, method, device), device,
+                                              args.worker_argv + ["--methods", method, "--steps", steps, "--impls", *impls])
             return [{"peak_bytes": got[i]} for i in impls]
         log.measure(keys, "peak_bytes", peak)
     if "grad" in args.measures:
@@ -180,13 +173,8 @@ def measure_cell(args, log, impls, method, steps, device):
 
 
 def plot(rows, impls, method, title, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for j, impl in enumerate(impls):
@@ -201,10 +189,7 @@ def plot(rows, impls, method, title, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
     print(f"wrote {path}")
 
 
@@ -250,10 +235,7 @@ def main(argv=None):
     if args.peak_worker:
         harness.peak_worker(cell_fns(args, args.impls, args.steps[0], args.methods[0], device))
         return
-    try:
-        import torchdiffeq  # noqa: F401
-    except ImportError:
-        print("torchdiffeq not importable: its rows are left out")
+    if not harness.importable("torchdiffeq", "its rows are"):
         args.impls = [i for i in args.impls if not i.startswith("tdq")]
     what = f"UNet '{args.model}', x ({args.batch}, 3, {args.size}, {args.size})" if args.model else \
         f"MLP {args.dim}->{args.hidden}->{args.dim}, batch {args.batch}"

@@ -111,10 +111,7 @@ def grad_errors(args, device):
     impls = [i for i in args.impls if i != "default_bf16"]
     setup = Setup(args, device, torch.float64, batch=args.grad_batch, impls=set(impls) | {"backprop"})
     truth = setup.grads("backprop")
-    errs = {}
-    for impl in impls:
-        num = sum(((a - b) ** 2).sum() for a, b in zip(setup.grads(impl), truth)).sqrt()
-        errs[impl] = (num / sum((b ** 2).sum() for b in truth).sqrt()).item()
+    errs = {impl: harness.rel_err(setup.grads(impl), truth) for impl in impls}
     return [{"grad_rel_err": errs.get(i)} for i in args.impls]
 
 
@@ -172,10 +169,7 @@ def parse(argv=None):
     args.steps = args.steps or (31 if cuda else (2 if args.quick else 10))
     args.reps = args.reps or (9 if args.parts else 5 if cuda else (2 if args.quick else 5))
     args.impls = args.impls or [i for i in IMPLS if cuda or i != "default_bf16"]
-    try:
-        import torchdiffeq  # noqa: F401
-    except ImportError:
-        print("torchdiffeq not importable: the released row is left out")
+    if not harness.importable("torchdiffeq", "the released row is"):
         args.impls = [i for i in args.impls if i != "released"]
     return args
 
@@ -223,8 +217,7 @@ def main(argv=None):
     def memory():
         worker = ["--device", "cpu", "--preset", a.preset, "--size", a.size, "--batch", a.batch, "--steps", a.steps,
                   "--beta", a.beta, "--impls", *a.impls]
-        got = harness.peaks(Setup(args, device).fns(), device) if device.type == "cuda" else \
-            harness.peaks_in_fresh_process(worker)
+        got = harness.peaks_here_or_fresh(lambda: Setup(args, device).fns(), device, worker)
         return [{"peak_bytes": got[i]} for i in args.impls]
 
     log.measure(keys, "seconds", times)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import math
 import os
@@ -62,12 +63,15 @@ def machine(device=None) -> str:
         pass
     cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(device if device is not None and device.type == "cuda" else 0) if cuda else "no GPU"
-    try:
-        load = "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        load = "load average unknown"
     return (f"{cpu} ({os.cpu_count()} cores), {gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
-            f"{torch.get_num_threads()} torch thread(s); {load}")
+            f"{torch.get_num_threads()} torch thread(s); load average {load_average() or 'unknown'}")
+
+
+def load_average() -> Optional[str]:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -150,11 +154,12 @@ def peak_bytes(fn: Callable[[], Any], device) -> int:
     return (_kib("VmHWM") - base) * 1024
 
 
-def peaks(fns: Dict[str, Callable[[], Any]], device) -> Dict[str, int]:
-    """{row: peak bytes}, every row run once first (allocator and library warm-up)."""
+def peaks(fns: Dict[str, Callable[[], Any]], device, repeats: int = 1) -> Dict[str, int]:
+    """{row: peak bytes, the median of `repeats` calls}, every row run once first (allocator and
+    library warm-up)."""
     for fn in fns.values():
         fn()
-    return {name: peak_bytes(fn, device) for name, fn in fns.items()}
+    return {name: statistics.median(peak_bytes(fn, device) for _ in range(repeats)) for name, fn in fns.items()}
 
 
 def peaks_in_fresh_process(argv: Sequence[str]) -> Dict[str, int]:
@@ -167,22 +172,70 @@ def peaks_in_fresh_process(argv: Sequence[str]) -> Dict[str, int]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def peak_worker(fns: Dict[str, Callable[[], Any]]) -> None:
+def peaks_here_or_fresh(fns: Callable[[], Dict[str, Callable[[], Any]]], device, argv: Sequence[str]) -> Dict[str, int]:
+    """peaks(fns(), device) on a GPU; on the CPU peaks_in_fresh_process(argv), whose worker builds fns()."""
+    return peaks(fns(), device) if device.type == "cuda" else peaks_in_fresh_process(argv)
+
+
+def peak_worker(fns: Dict[str, Callable[[], Any]], repeats: int = 1) -> None:
     """In the fresh process of peaks_in_fresh_process: measure and print the peaks."""
     import torch
 
-    print(json.dumps(peaks(fns, torch.device("cpu"))))
+    print(json.dumps(peaks(fns, torch.device("cpu"), repeats)))
+
+
+# -------------------------------------------------------------------------------------------------
+# what the scripts' rows share
+
+
+def rel_err(got: Sequence, ref: Sequence) -> float:
+    """Relative L2 error of the tensors `got` against `ref`, all of them together, in float64."""
+    num = sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(got, ref)) ** 0.5
+    return float(num / sum((b.double() ** 2).sum() for b in ref) ** 0.5)
+
+
+def importable(module: str, left_out: str) -> bool:
+    """Whether an optional library imports; when it does not, says what is left out."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        print(f"{module} not importable: {left_out} left out")
+        return False
+    return True
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (said) when matplotlib does not import."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"matplotlib not importable ({e}): no figure")
+        return None
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------
 # results
 
 
-def parser(name: str, doc: str) -> argparse.ArgumentParser:
-    """The script's argument parser with the harness's own options."""
+def parser(name: str, doc: str, resumable: bool = True) -> argparse.ArgumentParser:
+    """The script's argument parser with the harness's own options (--fresh where it keeps Results)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(OUT_ROOT, name), help="folder of the results (JSON lines)")
-    p.add_argument("--fresh", action="store_true", help="discard what an earlier run of these settings measured")
+    p.add_argument("--out", default=os.path.join(OUT_ROOT, name), help="folder of the results")
+    if resumable:
+        p.add_argument("--fresh", action="store_true", help="discard what an earlier run of these settings measured")
     p.add_argument(PEAK_FLAG, dest="peak_worker", action="store_true", help=argparse.SUPPRESS)
     return p
 

@@ -263,13 +263,10 @@ def _span(xs: List[float]) -> str:
 
 
 def plot(rows: List[dict], title: str, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return f"no plot: matplotlib not importable ({e})"
+    plt = harness.pyplot()
+    if plt is None:
+        return "no plot: matplotlib not importable"
+    from matplotlib.ticker import FuncFormatter
     panels = sorted({(r["dtype"], r["terms"]) for r in rows})
     ncols = min(4, len(panels))
     nrows = (len(panels) + ncols - 1) // ncols
@@ -281,15 +278,13 @@ def plot(rows: List[dict], title: str, path: str) -> Optional[str]:
             style = dict(ls="--", color="k", lw=1) if b == "copy_" else dict(marker="o", ms=3)
             ax.plot(*zip(*pts), label=b, **style)
         ax.set(xscale="log", yscale="log", xlabel="elements", ylabel="GB/s", title=f"{d}, {k} term(s)")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"2^{int(x).bit_length() - 1}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"2^{int(x).bit_length() - 1}"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"stage_combine vs PyTorch: {title}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
     return None
 
 

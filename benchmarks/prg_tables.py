@@ -44,7 +44,9 @@ networks mostly wait for each other). Every job's numbers go to OUT/prg_tables.j
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -88,28 +90,38 @@ def job_evaluate(spec: Dict[str, Any]) -> Dict[str, Any]:
         out=os.path.join(spec["checkpoint"], f"evaluate-{spec['method']}-{steps}"))["top1"] for steps in spec["eval_steps"]}}
 
 
-def job_probe(spec: Dict[str, Any]) -> Dict[str, Any]:
+def job_features(spec: Dict[str, Any], probe: bool = False) -> Dict[str, Any]:
+    """The frozen reversed features at t = 1 written to spec["out"]; with `probe` the linear probe
+    and k-NN top-1 on them."""
     from prg_fast.training.evaluate import extract
 
     meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
-                   method=spec["method"], device=spec["device"], probe=True)
-    return {"linear_probe_top1": meta["linear_probe_top1"], "knn_top1": meta["knn_top1"]}
+                   method=spec["method"], device=spec["device"], probe=probe)
+    return {k: meta[k] for k in (("linear_probe_top1", "knn_top1") if probe else ("feature_shape",))}
+
+
+def pixels(data: str) -> list:
+    """[train images, train labels, test images, test labels] as numpy, the images flattened."""
+    from prg_fast.data import load_data
+
+    out = []
+    for split in ("train", "test"):
+        d = load_data(data, split, augment=None)
+        out += [d.to_float(d.images).flatten(1).numpy(), d.labels.numpy()]
+    return out
 
 
 def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
     """The same probes on the raw images (the state at t = 0, no flow at all): the baseline that
     frozen trajectory features are compared with."""
-    from prg_fast.data import load_data
     from prg_fast.training.evaluate import knn_accuracy, linear_probe
 
-    train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
-    xs = [d.to_float(d.images).flatten(1).numpy() for d in (train, test)]
-    args = (xs[0], train.labels.numpy(), xs[1], test.labels.numpy())
-    return {"linear_probe_top1": linear_probe(*args)["top1"], "knn_top1": knn_accuracy(*args)["top1"]}
+    xy = pixels(spec["data"])
+    return {"linear_probe_top1": linear_probe(*xy)["top1"], "knn_top1": knn_accuracy(*xy)["top1"]}
 
 
 JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate,
-        "probe": job_probe}
+        "probe": functools.partial(job_features, probe=True), "features": job_features}
 
 
 def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -146,63 +158,65 @@ def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
 # the plan
 
 
-def _job(name: str, kind: str, spec: Dict[str, Any], after=()) -> Dict[str, Any]:
-    return {"name": name, "kind": kind, "spec": spec, "after": list(after)}
+class Plan(list):
+    """Jobs with names and dependencies: [{"name", "kind", "spec", "after": [names]}]. A pretraining
+    or finetuning job runs in OUT/NAME unless its spec names its folder."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out = out
+
+    def add(self, name: str, kind: str, spec: Dict[str, Any], after=()) -> None:
+        if kind in ("pretrain", "finetune"):
+            spec = {"out": os.path.join(self.out, name), **spec}
+        self.append({"name": name, "kind": kind, "spec": spec, "after": list(after)})
 
 
 def pretrain_spec(a: argparse.Namespace, path: str, **kw) -> Dict[str, Any]:
-    """The tables' pretraining run on `path` (into OUT/pretrain-PATH)."""
+    """The tables' pretraining run on `path`."""
     return dict(dict(data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
-                     lr=a.pretrain_lr, warmup=a.pretrain_warmup, out=os.path.join(a.out, f"pretrain-{path}"),
-                     device=a.device, seed=a.seed, progress=a.progress, num_samples=16,
-                     log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)), **kw)
+                     lr=a.pretrain_lr, warmup=a.pretrain_warmup, device=a.device, seed=a.seed, progress=a.progress,
+                     num_samples=16, log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)),
+                **kw)
 
 
-def build_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Jobs with names and dependencies: [{"name", "kind", "spec", "after": [names]}]."""
-    out = a.out
-    common_ft = dict(data=a.data, batch_size=a.batch_size, ode_steps=a.ode_steps, method=a.method, lr=a.lr,
+def finetune_spec(a: argparse.Namespace, **kw) -> Dict[str, Any]:
+    """Table 1's finetuning run (every table's but the learned-t ablation's), `kw` on top."""
+    return dict(dict(data=a.data, batch_size=a.batch_size, ode_steps=a.ode_steps, method=a.method, lr=a.lr,
                      weight_decay=0.05, label_smoothing=0.1, steps=a.finetune_steps, device=a.device, seed=a.seed,
                      progress=a.progress, log_every=max(1, a.finetune_steps // 20),
-                     ckpt_every=max(1, a.finetune_steps // 4))
-    plan: List[Dict[str, Any]] = []
+                     ckpt_every=max(1, a.finetune_steps // 4)), **kw)
 
-    def add(*job, after=()):
-        plan.append(_job(*job, after))
 
+def build_plan(a: argparse.Namespace) -> Plan:
+    plan = Plan(a.out)
     if a.probes:
-        add("probe-pixels", "probe_pixels", dict(data=a.data))
+        plan.add("probe-pixels", "probe_pixels", dict(data=a.data))
     # from scratch needs no pretraining: it starts at once (from the preset's architecture)
     for seed in a.seeds:
-        name = "scratch" if seed == a.seed else f"scratch-seed{seed}"
-        add(name, "finetune", dict(common_ft, out=os.path.join(out, name), from_scratch=True, model=a.preset,
-                                   beta=a.beta, path=a.segment_path, seed=seed))
+        plan.add("scratch" if seed == a.seed else f"scratch-seed{seed}", "finetune", finetune_spec(
+            a, from_scratch=True, model=a.preset, beta=a.beta, path=a.segment_path, seed=seed))
     for path in a.paths:
-        pre = os.path.join(out, f"pretrain-{path}")
-        add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
-        ft = os.path.join(out, f"ft-{path}")
-        add(f"ft-{path}", "finetune", dict(common_ft, checkpoint=pre, out=ft, beta=a.beta), after=[f"pretrain-{path}"])
-        add(f"head-{path}", "finetune", dict(common_ft, checkpoint=pre, out=os.path.join(out, f"head-{path}"),
-                                             freeze_flow=True, beta=0.0, lr=a.head_lr),
-            after=[f"pretrain-{path}"])
+        pre, after = os.path.join(a.out, f"pretrain-{path}"), [f"pretrain-{path}"]
+        plan.add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
+        plan.add(f"ft-{path}", "finetune", finetune_spec(a, checkpoint=pre, beta=a.beta), after)
+        plan.add(f"head-{path}", "finetune", finetune_spec(a, checkpoint=pre, freeze_flow=True, beta=0.0, lr=a.head_lr),
+                 after)
         if a.probes:
-            add(f"probe-{path}", "probe", dict(checkpoint=pre, data=a.data, out=os.path.join(out, f"features-{path}.npz"),
-                                               ode_steps=a.ode_steps, method=a.method, device=a.device),
-                after=[f"pretrain-{path}"])
-        add(f"eval-{path}", "evaluate", dict(checkpoint=ft, data=a.data, eval_steps=a.eval_steps, method=a.method,
-                                             device=a.device), after=[f"ft-{path}"])
+            plan.add(f"probe-{path}", "probe", dict(checkpoint=pre, data=a.data, out=os.path.join(
+                a.out, f"features-{path}.npz"), ode_steps=a.ode_steps, method=a.method, device=a.device), after)
+        plan.add(f"eval-{path}", "evaluate", dict(checkpoint=os.path.join(a.out, f"ft-{path}"), data=a.data,
+                                                  eval_steps=a.eval_steps, method=a.method, device=a.device),
+                 [f"ft-{path}"])
         if path == a.segment_path:
             for seed in a.seeds:  # the PRG vs. from-scratch comparison, repeated over finetuning seeds
                 if seed != a.seed:
-                    add(f"ft-{path}-seed{seed}", "finetune",
-                        dict(common_ft, checkpoint=pre, out=os.path.join(out, f"ft-{path}-seed{seed}"), beta=a.beta,
-                             seed=seed), after=[f"pretrain-{path}"])
+                    plan.add(f"ft-{path}-seed{seed}", "finetune", finetune_spec(a, checkpoint=pre, beta=a.beta,
+                                                                                seed=seed), after)
             for t0 in a.t0s:
-                if t0 == 0.0:
-                    continue  # the full trajectory: ft-{path} itself
-                add(f"ft-{path}-t0={t0:g}", "finetune",
-                    dict(common_ft, checkpoint=pre, out=os.path.join(out, f"ft-{path}-t0_{t0:g}"), beta=a.beta, t0=t0),
-                    after=[f"pretrain-{path}"])
+                if t0 != 0.0:  # t0 = 0, the full trajectory, is ft-{path} itself
+                    plan.add(f"ft-{path}-t0={t0:g}", "finetune", finetune_spec(
+                        a, checkpoint=pre, out=os.path.join(a.out, f"ft-{path}-t0_{t0:g}"), beta=a.beta, t0=t0), after)
     return plan
 
 
@@ -218,18 +232,17 @@ def learn_t_job(row: str, seed: int) -> str:
     return f"ft-{row.split()[0]}-t{LEARN_T_ROWS[row]['t']:g}-s{seed}"
 
 
-def build_learn_t_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
+def build_learn_t_plan(a: argparse.Namespace) -> Plan:
     """One OTCFM pretraining run, then a finetuning run per row and seed."""
-    pre = os.path.join(a.out, "pretrain-otcfm")
-    plan = [_job("pretrain-otcfm", "pretrain", dict(data=a.data, path="otcfm", model=a.preset, steps=a.pretrain_steps,
-                                                    batch_size=128, out=pre, progress=a.progress, seed=a.seed))]
+    plan, pre = Plan(a.out), os.path.join(a.out, "pretrain-otcfm")
+    plan.add("pretrain-otcfm", "pretrain", dict(data=a.data, path="otcfm", model=a.preset, steps=a.pretrain_steps,
+                                                batch_size=128, progress=a.progress, seed=a.seed))
     for row, extra in LEARN_T_ROWS.items():
         for seed in a.seeds:
-            name = learn_t_job(row, seed)
-            plan.append(_job(name, "finetune", dict(
+            plan.add(learn_t_job(row, seed), "finetune", dict(
                 data=a.data, checkpoint=pre, steps=a.finetune_steps, batch_size=a.batch_size, ode_steps=a.ode_steps,
-                method=a.method, t_lr=a.t_lr, seed=seed, out=os.path.join(a.out, name), progress=a.progress,
-                device=a.device, **extra), after=["pretrain-otcfm"]))
+                method=a.method, t_lr=a.t_lr, seed=seed, progress=a.progress, device=a.device, **extra),
+                ["pretrain-otcfm"])
     return plan
 
 
@@ -247,19 +260,15 @@ def learn_t_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
         f"\n\n{len(a.seeds) * len(LEARN_T_ROWS)} finetuning runs + 1 pretraining, wall time {wall / 60:.1f} min\n"
 
 
-def build_prediction_plan(a: argparse.Namespace) -> List[Dict[str, Any]]:
+def build_prediction_plan(a: argparse.Namespace) -> Plan:
     """Per prediction target: a GVP pretraining run, then Table 1's PRG finetuning of it."""
-    plan = []
+    plan = Plan(a.out)
     for prediction in PREDICTIONS:
-        pre = os.path.join(a.out, f"pretrain-gvp-{prediction}")
-        plan.append(_job(f"pretrain-gvp-{prediction}", "pretrain", pretrain_spec(
-            a, "gvp", prediction=prediction, warmup=min(a.pretrain_warmup, a.pretrain_steps // 2), out=pre)))
-        plan.append(_job(f"ft-gvp-{prediction}", "finetune", dict(
-            checkpoint=pre, out=os.path.join(a.out, f"ft-gvp-{prediction}"), data=a.data, batch_size=a.batch_size,
-            ode_steps=a.ode_steps, method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1,
-            steps=a.finetune_steps, device=a.device, seed=a.seed, progress=a.progress, beta=a.beta,
-            log_every=max(1, a.finetune_steps // 20), ckpt_every=max(1, a.finetune_steps // 4)),
-            after=[f"pretrain-gvp-{prediction}"]))
+        pre = f"pretrain-gvp-{prediction}"
+        plan.add(pre, "pretrain", pretrain_spec(a, "gvp", prediction=prediction,
+                                                warmup=min(a.pretrain_warmup, a.pretrain_steps // 2)))
+        plan.add(f"ft-gvp-{prediction}", "finetune", finetune_spec(a, checkpoint=os.path.join(a.out, pre), beta=a.beta),
+                 [pre])
     return plan
 
 
@@ -283,18 +292,10 @@ def level_name(n: Optional[int]) -> str:
 def parse_levels(text: str) -> List[Optional[int]]:
     """'1,2,5,10,all' -> [1, 2, 5, 10, None] (None: every labelled training image)."""
     out: List[Optional[int]] = []
-    for s in (s.strip().lower() for s in text.split(",")):
-        if not s:
-            continue
-        if s == "all":
-            out.append(None)
-            continue
-        try:
-            n = int(s)
-        except ValueError:
-            raise ValueError(f"--levels must be comma-separated integers >= 1 or 'all', got {s!r}") from None
-        if n < 1:
-            raise ValueError(f"--levels must be integers >= 1 or 'all', got {n}")
+    for s in filter(None, (s.strip().lower() for s in text.split(","))):
+        n = None if s == "all" else int(s) if s.isdigit() else 0
+        if n == 0:
+            raise ValueError(f"--levels must be comma-separated integers >= 1 or 'all', got {s!r}")
         out.append(n)
     if not out:
         raise ValueError("--levels is empty")
@@ -308,13 +309,11 @@ def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
     import numpy as np
     import torch
 
-    from prg_fast.data import class_balanced_subset, load_data
+    from prg_fast.data import class_balanced_subset
     from prg_fast.training.evaluate import linear_probe, load_features
 
     if spec["features"] is None:
-        train, test = load_data(spec["data"], "train", augment=None), load_data(spec["data"], "test", augment=None)
-        tx, ty = train.to_float(train.images).flatten(1).numpy(), train.labels.numpy()
-        vx, vy = test.to_float(test.images).flatten(1).numpy(), test.labels.numpy()
+        tx, ty, vx, vy = pixels(spec["data"])
     else:
         f = load_features(spec["features"])
         tx, ty = np.asarray(f["train_features"]).reshape(len(f["train_labels"]), -1), np.asarray(f["train_labels"])
@@ -322,86 +321,53 @@ def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for n in spec["levels"]:
         for seed in spec["seeds"]:
-            if n is None:
-                idx = np.arange(len(ty))
-            else:
-                idx = class_balanced_subset(torch.as_tensor(ty), n, seed).numpy()
-            r = linear_probe(tx[idx], ty[idx], vx, vy, seed=seed)
-            out[f"{level_name(n)}/{seed}"] = r["top1"]
+            idx = np.arange(len(ty)) if n is None else class_balanced_subset(torch.as_tensor(ty), n, seed).numpy()
+            out[f"{level_name(n)}/{seed}"] = linear_probe(tx[idx], ty[idx], vx, vy, seed=seed)["top1"]
     return {"top1": out}
 
 
 JOBS["probe_scarce"] = job_probe_scarce
 
 
-def scarce_batch(batch_size: int, n: Optional[int], num_classes: int) -> int:
-    """The finetuning batch at a level: the usual batch, or the whole labelled subset when smaller
-    (N = 1 on 10 classes: full-batch training on 10 images)."""
-    return batch_size if n is None else min(batch_size, n * num_classes)
-
-
-def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> List[Dict[str, Any]]:
+def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> Plan:
     """The label-scarce jobs: pretraining on every training image (no labels) per path, then per
     level N and seed s (the seed picks the labelled subset and the finetuning randomness, so every
     row at (N, s) sees the same labelled images): PRG finetuned per path, from scratch, head only
     per path, linear probes on raw pixels and on frozen reversed features (t = 1) per path."""
-    out = a.out
-    plan: List[Dict[str, Any]] = []
-
-    def add(*job, after=()):
-        plan.append(_job(*job, after))
+    plan = Plan(a.out)
 
     def ft(n, seed, **kw):
-        return dict(data=a.data, batch_size=scarce_batch(a.batch_size, n, num_classes), ode_steps=a.ode_steps,
-                    method=a.method, lr=a.lr, weight_decay=0.05, label_smoothing=0.1, steps=a.finetune_steps,
-                    device=a.device, seed=seed, labels_per_class=n, labels_seed=None if n is None else seed,
-                    progress=a.progress, log_every=max(1, a.finetune_steps // 10),
-                    ckpt_every=max(1, a.finetune_steps // 2), **kw)
+        # the batch: the whole labelled subset when smaller (N = 1 on 10 classes: 10 images)
+        return finetune_spec(a, batch_size=a.batch_size if n is None else min(a.batch_size, n * num_classes),
+                             seed=seed, labels_per_class=n, labels_seed=None if n is None else seed,
+                             log_every=max(1, a.finetune_steps // 10), ckpt_every=max(1, a.finetune_steps // 2), **kw)
 
     if a.probes:
-        add("probe-pixels", "probe_scarce", dict(data=a.data, features=None, levels=a.levels, seeds=a.seeds))
+        plan.add("probe-pixels", "probe_scarce", dict(data=a.data, features=None, levels=a.levels, seeds=a.seeds))
     for path in a.paths:
-        pre = os.path.join(out, f"pretrain-{path}")
-        add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
+        plan.add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
         if a.probes:
-            feats = os.path.join(out, f"features-{path}.npz")
-            add(f"features-{path}", "features", dict(checkpoint=pre, data=a.data, out=feats, ode_steps=a.ode_steps,
-                                                      method=a.method, device=a.device), after=[f"pretrain-{path}"])
-            add(f"probe-{path}", "probe_scarce", dict(data=a.data, features=feats, levels=a.levels, seeds=a.seeds),
-                after=[f"features-{path}"])
+            feats = os.path.join(a.out, f"features-{path}.npz")
+            plan.add(f"features-{path}", "features", dict(checkpoint=os.path.join(a.out, f"pretrain-{path}"),
+                                                          data=a.data, out=feats, ode_steps=a.ode_steps,
+                                                          method=a.method, device=a.device), [f"pretrain-{path}"])
+            plan.add(f"probe-{path}", "probe_scarce", dict(data=a.data, features=feats, levels=a.levels, seeds=a.seeds),
+                     [f"features-{path}"])
     for n in a.levels:
         for seed in a.seeds:
             tag = f"n{level_name(n)}-s{seed}"
             for path in a.paths:
-                pre = os.path.join(out, f"pretrain-{path}")
-                add(f"ft-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, out=os.path.join(out, f"ft-{path}-{tag}"),
-                                                       beta=a.beta), after=[f"pretrain-{path}"])
+                pre, after = os.path.join(a.out, f"pretrain-{path}"), [f"pretrain-{path}"]
+                plan.add(f"ft-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, beta=a.beta), after)
                 if a.head_only:
-                    add(f"head-{path}-{tag}", "finetune",
-                        ft(n, seed, checkpoint=pre, out=os.path.join(out, f"head-{path}-{tag}"), freeze_flow=True,
-                           beta=0.0, lr_override=a.head_lr), after=[f"pretrain-{path}"])
-            add(f"scratch-{tag}", "finetune", ft(n, seed, out=os.path.join(out, f"scratch-{tag}"), from_scratch=True,
-                                                 model=a.preset, beta=a.beta, path=a.paths[0]))
-    for j in plan:  # head-only runs may have their own learning rate
-        if "lr_override" in j["spec"]:
-            j["spec"]["lr"] = j["spec"].pop("lr_override")
+                    plan.add(f"head-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, freeze_flow=True, beta=0.0,
+                                                                  lr=a.head_lr), after)
+            plan.add(f"scratch-{tag}", "finetune", ft(n, seed, from_scratch=True, model=a.preset, beta=a.beta,
+                                                      path=a.paths[0]))
     return plan
 
 
-def job_features(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.training.evaluate import extract
-
-    meta = extract(spec["checkpoint"], spec["data"], spec["out"], t=1.0, ode_steps=spec["ode_steps"],
-                   method=spec["method"], device=spec["device"], probe=False)
-    return {"feature_shape": meta["feature_shape"]}
-
-
-JOBS["features"] = job_features
-
-
 def mean_sd(values: List[float]):
-    import statistics
-
     m = statistics.fmean(values)
     return m, (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
@@ -409,8 +375,6 @@ def mean_sd(values: List[float]):
 def paired_difference(a_vals: List[float], b_vals: List[float]):
     """Mean of the paired differences a - b (same seed = same labelled subset), its standard error
     (sd of the differences / sqrt(n)), and whether |mean| > 2 standard errors."""
-    import math
-
     d = [x - y for x, y in zip(a_vals, b_vals)]
     m, sd = mean_sd(d)
     se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
@@ -478,11 +442,9 @@ def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
 
 def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: int, num_classes: int, file: str) -> None:
     """Top-1 against labels per class (log axis; 'all' at the mean class size), mean +- sd."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
+    if plt is None:
+        return
     xs = [n if n is not None else n_train / num_classes for n in display_levels(a)]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for row in scarce_rows(a, r):
@@ -490,42 +452,36 @@ def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: 
         ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * (sd if sd == sd else 0) for _, sd in stats],
                     marker="o", capsize=3, label=row["label"], linestyle="--" if "probe" in row["key"] or
                     "head" in row["key"] else "-")
-    ax.set_xscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([level_name(n) for n in display_levels(a)])
-    ax.set_xlabel("labelled training images per class")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{a.data}: label-scarce finetuning ({len(a.seeds)} seeds, mean +- sd)")
+    ax.set(xscale="log", xticks=xs, xticklabels=[level_name(n) for n in display_levels(a)],
+           xlabel="labelled training images per class", ylabel="test top-1 (%)",
+           title=f"{a.data}: label-scarce finetuning ({len(a.seeds)} seeds, mean +- sd)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, file, dpi=120)
 
 
-def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int,
-             log: Optional[harness.Results] = None) -> Dict[str, Dict[str, Any]]:
+def run_plan(plan: Plan, jobs: int, threads: int, log: harness.Results) -> Dict[str, Dict[str, Any]]:
     import multiprocessing as mp
 
     results: Dict[str, Dict[str, Any]] = {}
-    pending = {j["name"]: j for j in plan}
+    pending, running = {j["name"]: j for j in plan}, {}
     priority = {"pretrain": 0, "features": 1, "finetune": 2, "evaluate": 3, "probe": 4, "probe_pixels": 4,
                 "probe_scarce": 4}
-    running = {}
-    ctx = mp.get_context("spawn")
+
+    def finish(j, result):
+        results[j["name"]] = result
+        log.add({"job": j["name"]}, **result)
+
     # a fresh process per job: whatever a run leaves allocated (the adjoint currently keeps about one
     # network evaluation's activations per finetuning step alive, see RESULTS.md) goes with it
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
         while pending or running:
-            ready = [j for j in pending.values() if all(d in results for d in j["after"])]
-            ready.sort(key=lambda j: (priority[j["kind"]], plan.index(j)))
-            reused = [j for j in ready if finished_result(j["kind"], j["spec"]) is not None]
-            for j in reused:  # finished earlier with the same arguments: read back, not re-run
+            ready = sorted((j for j in pending.values() if all(d in results for d in j["after"])),
+                           key=lambda j: (priority[j["kind"]], plan.index(j)))
+            reused = [(j, r) for j in ready if (r := finished_result(j["kind"], j["spec"])) is not None]
+            for j, r in reused:  # finished earlier with the same arguments: read back, not re-run
                 del pending[j["name"]]
-                results[j["name"]] = finished_result(j["kind"], j["spec"])
-                if log is not None:
-                    log.add({"job": j["name"]}, **results[j["name"]])
+                finish(j, r)
             if reused:
                 continue
             for j in ready[:max(0, jobs - len(running))]:
@@ -534,14 +490,10 @@ def run_plan(plan: List[Dict[str, Any]], jobs: int, threads: int,
                 running[pool.submit(_run_job, j["kind"], j["spec"], threads)] = j
             if not running:
                 raise RuntimeError(f"jobs with unmet dependencies: {sorted(pending)}")
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
+            for fut in wait(list(running), return_when=FIRST_COMPLETED)[0]:
                 j = running.pop(fut)
-                results[j["name"]] = fut.result()  # a failed job stops the table with its error
-                if log is not None:
-                    log.add({"job": j["name"]}, **results[j["name"]])
-                r = results[j["name"]]
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                finish(j, fut.result())  # a failed job stops the table with its error
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[j["name"]].items()}
                 print(f"[prg_tables] done  {j['name']}: {shown}", flush=True)
     return results
 
@@ -593,12 +545,13 @@ def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> 
     return "\n".join(L) + "\n"
 
 
-# step counts, batch and solver steps per table (each flag overrides its entry)
+# paths, step counts, batch and solver steps per table (each flag overrides its entry)
+ALL_PATHS = "gvp,icfm,otcfm"
 TABLE_DEFAULTS = {
-    "main": dict(pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
-    "scarce": dict(pretrain_steps=750, finetune_steps=80, batch_size=32, ode_steps=2),
-    "learn-t": dict(pretrain_steps=750, finetune_steps=150, batch_size=64, ode_steps=4),
-    "prediction": dict(pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
+    "main": dict(paths=ALL_PATHS, pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
+    "scarce": dict(paths="otcfm,gvp", pretrain_steps=750, finetune_steps=80, batch_size=32, ode_steps=2),
+    "learn-t": dict(paths=ALL_PATHS, pretrain_steps=750, finetune_steps=150, batch_size=64, ode_steps=4),
+    "prediction": dict(paths=ALL_PATHS, pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
 }
 
 
@@ -609,11 +562,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--quick", action="store_true", help="reduced smoke version (few steps; numbers not meaningful)")
     p.add_argument("--table", choices=tuple(TABLE_DEFAULTS), default="main",
-                   help="main: the paper's tables (paths, head only, probes, segments, step invariance); scarce: "
-                        "the label-scarce table (N labelled images per class, --levels; default paths gvp,otcfm, "
-                        "pretraining 750 steps, finetuning 80 steps of batch 32 with 2 Euler steps); learn-t, "
-                        "prediction: the two ablations (see the module doc)")
-    p.add_argument("--levels", default=None, help="--table scarce: labelled images per class (default 1,2,5,10,all)")
+                   help="main: the paper's tables; scarce: the label-scarce table (N labelled images per class, "
+                        "--levels); learn-t, prediction: the two ablations (see the module doc)")
+    p.add_argument("--levels", default="1,2,5,10,all", help="--table scarce: labelled images per class")
     p.add_argument("--no-head-only", dest="head_only", action="store_false", help="--table scarce: skip head only")
     p.add_argument("--figure", default=None,
                    help="--table scarce: where the PNG of top-1 against labels per class goes (default: OUT/label_scarce.png; "
@@ -650,11 +601,7 @@ def parse(argv=None) -> argparse.Namespace:
     """The arguments, with each table's defaults and the --quick sizes filled in."""
     p = parser()
     a = p.parse_args(argv)
-    if a.levels is None:
-        a.levels = "1,2,5,10,all"
     scarce = a.table == "scarce"
-    if a.paths is None:
-        a.paths = "otcfm,gvp" if scarce else "gvp,icfm,otcfm"
     for name, value in TABLE_DEFAULTS[a.table].items():
         if getattr(a, name) is None:
             setattr(a, name, value)

@@ -32,18 +32,11 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import harness
 
 ROOT = harness.ROOT
-
-
-def load_average() -> Optional[str]:
-    try:
-        return " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return None
 
 
 def run_row(name: str, argv: List[str], out: str, env: Dict[str, str], fresh: bool) -> Dict[str, Any]:
@@ -67,7 +60,7 @@ def run_row(name: str, argv: List[str], out: str, env: Dict[str, str], fresh: bo
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     row = {"name": name, "top1": metrics["top1"], "wall_s": round(wall, 1), "metrics": metrics, "argv": argv[1:],
-           "load_average_after": load_average()}
+           "load_average_after": harness.load_average()}
     with open(row_file, "w") as f:
         json.dump(row, f, indent=1)
     return row
@@ -184,7 +177,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    load_start = load_average()
+    load_start = harness.load_average()
     ckpt, pretrain_row = pretrained(args, env)
     log = harness.Results(args, "related", dict(data=args.data, checkpoint=ckpt, budget=args.budget,
                                                 batch_size=args.batch_size), key=("name",))
@@ -192,14 +185,15 @@ def main(argv=None) -> int:
     prg_seeds = [int(x) for x in args.prg_seeds.split(",") if x.strip()] if args.prg_seeds else seeds
     rows: List[Dict[str, Any]] = []
     protocol: Dict[str, str] = {"raw pixels + linear probe": "linear probe on the raw pixels (deterministic)"}
+    wanted = args.rows.split(",")
     for key, (name, proto, folder, command) in systems(args, ckpt).items():
-        if key in args.rows.split(","):
+        if key in wanted:
             protocol[name] = proto
             rows.append(run_seeds(args, env, name, folder, command, prg_seeds if key == "prg" else seeds))
-            log.add({"name": name}, **{k: v for k, v in rows[-1].items() if k != "name"})  # kept as it finishes
-    if "pixels" in args.rows.split(","):
+            log.add({"name": name}, **rows[-1])  # kept as it finishes
+    if "pixels" in wanted:
         rows.append(dict(pixel_probe(args.data), seeds=[0]))
-        log.add({"name": rows[-1]["name"]}, **{k: v for k, v in rows[-1].items() if k != "name"})
+        log.add({"name": rows[-1]["name"]}, **rows[-1])
 
     from prg_fast.data import load_data
 
@@ -208,7 +202,7 @@ def main(argv=None) -> int:
     report = {"data": args.data, "checkpoint": ckpt, "pretrain": pretrain_row, "budget": args.budget,
               "batch_size": args.batch_size, "rows": rows, "protocol": protocol,
               "n_test": len(load_data(args.data, "test", augment=None)), "machine": harness.machine(),
-              "threads": args.threads, "load_average_start": load_start, "load_average_end": load_average(),
+              "threads": args.threads, "load_average_start": load_start, "load_average_end": harness.load_average(),
               "total_wall_s": round(total, 1),
               "command": "python benchmarks/related.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
     table = markdown(report)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -65,8 +66,6 @@ from prg_fast.reward import (ClassLogProb, FullChain, LastSteps, OneStep, Random
 from prg_fast.training.checkpoints import build_model, load_checkpoint
 from prg_fast.training.image_classifier import train_image_classifier
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "runs", "benchmarks", "reward_finetune")  # git-ignored
 EXACT = ("full_0", "full_auto", "backprop")
 
 
@@ -169,27 +168,25 @@ def noise(args, step, n=None):
 
 
 def memory_worker(args):
+    """In the fresh process of harness.peaks_in_fresh_process: one method's training step, the
+    median of 3 steps after a warm-up step (allocator, lazy initialisation, AdamW state)."""
     net, reference = flow_net(args, lora=True)
     reward = reward_fn(args)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr)
-    mode = METHODS[args.worker](args)
-    peaks = []
-    for step in range(4):  # the first one warms up (allocator, lazy initialisation, AdamW state)
-        z, gen = noise(args, step)
-        peaks.append(harness.peak_bytes(lambda: train_step(net, reference, reward, opt, mode, z, args.steps_k, gen,
-                                                           args.kl_weight), torch.device("cpu")))
-    print(json.dumps({"peak_bytes": statistics.median(peaks[1:])}))  # the allocator's state moves it by ~1 MiB
+    mode, steps = METHODS[args.worker](args), itertools.count()
+
+    def step():
+        z, gen = noise(args, next(steps))
+        train_step(net, reference, reward, opt, mode, z, args.ks[0], gen, args.kl_weight)
+
+    harness.peak_worker({args.worker: step}, repeats=3)
 
 
 def peak_memory(args, method, k) -> int:
-    env = dict(os.environ, **harness.MALLOC_ENV)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--steps-k", str(k), "--flow", args.flow]
+    worker = ["--worker", method, "--ks", k, "--checkpoint", args.flow]
     for name in ("out", "batch", "kl_weight", "lr", "lora_rank", "target", "seed"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory worker {method} K={k} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
+        worker += [f"--{name.replace('_', '-')}", getattr(args, name)]
+    return harness.peaks_in_fresh_process(worker)[method]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -311,11 +308,9 @@ def train_interleaved(args, k, reward):
 
 
 def plot(results, path, ks):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
+    if plt is None:
+        return
     k = ks[-1]
     res = results[str(k)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw=dict(width_ratios=[1.2, 1]))
@@ -332,30 +327,26 @@ def plot(results, path, ks):
     grid = torch.cat([torch.cat(list(f), dim=1) for f in framed], dim=0)  # 10x10 cells, white borders
     axes[1].imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
     axes[1].set_yticks([5 + 10 * i for i in range(len(rows))], [r[0] for r in rows])
-    axes[1].set_xticks([])
-    axes[1].set_title(f"samples from the same noise after {res['train_steps']} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[1].set(xticks=[], title=f"samples from the same noise after {res['train_steps']} steps")
+    harness.save_figure(fig, path)
 
 
 def table(res, k):
     print(f"\nK = {k} (euler), batch {res['batch']}, {res['train_steps']} steps; pretrained: reward "
           f"{res['before']['reward']:.2f}, target {res['before']['target_fraction']:.2f}, diversity "
           f"{res['before']['diversity']:.3f}")
-    print("| method | peak MiB | s/step | floor s | / floor | cos to exact | err vs backprop | reward | target | "
-          "KL | diversity |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for m in METHODS:
-        a, fl = res["after"][m], res["floors"].get(m)
-        ratio = f"{res['secs'][m] / fl:.2f}" if fl else ""
-        print(f"| {m} | {res['peak_mib'][m]:.1f} | {res['secs'][m]:.3f} | {f'{fl:.3f}' if fl else ''} | {ratio} | "
-              f"{res['cos'][m][0]:.4f} | {res['cos'][m][1]:.1e} | {a['reward']:.2f} | {a['target_fraction']:.2f} | "
-              f"{a['kl']:.4f} | {a['diversity']:.3f} |")
+    rows = [dict(res["after"][m], method=m, peak=res["peak_mib"][m], secs=res["secs"][m], floor=res["floors"].get(m),
+                 cos=res["cos"][m][0], err=res["cos"][m][1]) for m in METHODS]
+    print(harness.table(rows, [
+        ("method", "method"), ("peak MiB", "peak", ".1f"), ("s/step", "secs", ".3f"),
+        ("floor s", lambda r: f"{r['floor']:.3f}" if r["floor"] else ""),
+        ("/ floor", lambda r: f"{r['secs'] / r['floor']:.2f}" if r["floor"] else ""), ("cos to exact", "cos", ".4f"),
+        ("err vs backprop", "err", ".1e"), ("reward", "reward", ".2f"), ("target", "target_fraction", ".2f"),
+        ("KL", "kl", ".4f"), ("diversity", "diversity", ".3f")]))
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser("reward_finetune", __doc__, resumable=False)
     p.add_argument("--quick", action="store_true", help="K = 4, 8, 4 training steps (a smoke run)")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="sampler steps (default 20 50)")
     p.add_argument("--checkpoint", default=None,
@@ -370,10 +361,7 @@ def parse_args():
     p.add_argument("--grad-batches", type=int, default=3)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--steps-k", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--flow", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # the method of a --peak-worker process
     args = p.parse_args()
     args.ks = args.ks or ([4, 8] if args.quick else [20, 50])
     args.train_steps = args.train_steps or (4 if args.quick else 8)
@@ -382,16 +370,13 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.worker:
+    args.flow = os.path.abspath(ensure_flow(args))
+    if args.peak_worker:
         memory_worker(args)
         return
-    try:
-        import torchdiffeq  # noqa: F401
-    except ImportError:
-        print("torchdiffeq not importable: its row is left out")
+    if not harness.importable("torchdiffeq", "its row is"):
         METHODS.pop("tdq_adjoint")
     t_start = time.perf_counter()
-    args.flow = os.path.abspath(ensure_flow(args))
     reward = reward_fn(args)
     top1 = ensure_classifier(args)[1]
     print(f"flow: {args.flow}; reward: log p(class {args.target}) under a classifier of test top-1 {top1:.4f}\n"
