@@ -42,6 +42,9 @@ from typing import Any, Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, HERE)
+
+import harness  # noqa: E402  (the figures, the results file's lines, the load average)
 
 WEIGHTS = "weights/fashion_mnist_flow.pt"  # relative to the repository root
 # The all-label scratch rows run at niceness +10: the kernel shares the CPU between sessions (autogroups)
@@ -268,10 +271,7 @@ def protocol_id(scale: str) -> str:
 
 
 def read_results(path: str) -> List[Dict[str, Any]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return harness.read_lines(path) if os.path.isfile(path) else []
 
 
 def append_result(path: str, row: Dict[str, Any], lock: threading.Lock) -> None:
@@ -397,16 +397,15 @@ def task_probe(features: str, labels: str, seed: str) -> Dict[str, Any]:
 def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
     """Samples from the pretrained flow (20 rk4 steps from noise) and test images along their reversed
     trajectory (20 euler steps, states at t = 0, 0.25, 0.5, 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     import prg_fast
     from prg_fast.data import load_data
     from prg_fast.training.checkpoints import build_model, load_model_checkpoint
 
+    plt = harness.pyplot()
+    if plt is None:
+        raise RuntimeError("the flow figure needs matplotlib")
     torch.manual_seed(0)
     flow = build_model(load_model_checkpoint(flow_file, ("flow",))[1]).eval()
     test = load_data(spec, "test", augment=None)
@@ -430,9 +429,7 @@ def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
                 ax.set_title(f"t = {[0, 0.25, 0.5, 1][j]:g}", fontsize=9)
     fig.suptitle("left: samples of the pretrained flow (20 rk4 steps from noise); right: test images along their "
                  "reversed trajectory (20 euler steps; panels at t > 0 contrast-stretched)", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=110)
+    harness.save_figure(fig, png, dpi=110)
     return {"figure": os.path.relpath(png, ROOT) if png.startswith(ROOT) else png}
 
 
@@ -594,11 +591,9 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
 def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
     """Test top-1 vs labels per class (PRG / scratch / head only, mean +- sd over seeds) and, once
     all-label rows exist, their learning curves (test top-1 during finetuning, each seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
+    if plt is None:
+        return
     acc = collect(rows)
     xs = {"10": 10, "100": 100, "all": 6000}
     curves = [r for r in rows if r.get("kind") == "finetune" and r.get("labels_per_class") is None and r.get("curve")]
@@ -632,9 +627,7 @@ def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
         ax.set_title("all labels: learning curves, every seed", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=120)
+    harness.save_figure(fig, png, dpi=120)
 
 
 # -------------------------------------------------------------------------------------------------
