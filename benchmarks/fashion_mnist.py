@@ -29,9 +29,12 @@ under the run folder and read with --data-dir), fewer steps and two seeds.
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -247,8 +250,6 @@ class Plan:
 
 def learning_curve(out: str) -> List[List[float]]:
     """[step, test top-1] of the evaluations during finetuning (log.csv), the final one included."""
-    import csv
-
     rows = []
     with open(os.path.join(out, "log.csv")) as f:
         for row in csv.DictReader(f):
@@ -264,8 +265,6 @@ def learning_curve(out: str) -> List[List[float]]:
 
 
 def protocol_id(scale: str) -> str:
-    import hashlib
-
     text = repr(SCALES[scale])  # dicts keep their written order: the same settings give the same text
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -494,8 +493,6 @@ METHODS = (("prg", "PRG finetuned"), ("scratch", "from scratch"), ("head", "head
 
 
 def _stats(values: List[float]) -> Optional[tuple]:
-    import statistics
-
     if not values:
         return None
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
