@@ -110,18 +110,14 @@ def run_command(argv: List[str], log: str, nice: int = 0) -> Dict[str, Any]:
             "peak_rss_mib": usage.ru_maxrss / 1024, "metrics": json.loads(lines[-1]) if lines else {}}
 
 
-def python_cmd(*args: str) -> List[str]:
-    return [sys.executable, *args]
-
-
 def prg_fast_cmd(command: str, *args) -> List[str]:
-    return python_cmd("-m", "prg_fast", command, *[str(a) for a in args])
+    return [sys.executable, "-m", "prg_fast", command, *[str(a) for a in args]]
 
 
 def internal_cmd(task: str, *args) -> List[str]:
     """This script's own small tasks (publishing the weights, probes, figures), run as subprocesses
     so that their CPU time and memory are measured as the prg-fast commands' are."""
-    return python_cmd(os.path.abspath(__file__), "--internal", task, *[str(a) for a in args])
+    return [sys.executable, os.path.abspath(__file__), "--internal", task, *[str(a) for a in args]]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -470,7 +466,8 @@ def task_preset(name: str) -> Dict[str, Any]:
 def measure_presets() -> None:
     print("| network (28x28 grey, one thread) | parameters | forward, images / CPU s | forward + backward, "
           "images / CPU s | peak memory MiB |\n|---|---|---|---|---|")
-    base = run_command(python_cmd("-c", "import torch, prg_fast.models, json; print(json.dumps({}))"), os.devnull)
+    base = run_command([sys.executable, "-c", "import torch, prg_fast.models, json; print(json.dumps({}))"],
+                       os.devnull)
     print(f"| (python with torch and prg_fast imported, no network) | -- | -- | -- | {base['peak_rss_mib']:.0f} |")
     for name in PRESET_CANDIDATES:
         r = run_command(internal_cmd("preset", name), os.devnull)
