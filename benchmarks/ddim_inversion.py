@@ -61,9 +61,8 @@ def build(args, device):
         for p in unet.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     unet = GaussianDenoiserPlus(unet.to(device).eval(), DDIMScheduler(**CONFIG).alphas_cumprod)
-    config = CONFIG
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(5)).to(device)
-    return unet, DDIMScheduler(**config), DDIMInverseScheduler(**config), x
+    return unet, DDIMScheduler(**CONFIG), DDIMInverseScheduler(**CONFIG), x
 
 
 def invert_diffusers(unet, inverse, x, steps):

@@ -29,9 +29,12 @@ under the run folder and read with --data-dir), fewer steps and two seeds.
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -42,6 +45,9 @@ from typing import Any, Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, HERE)
+
+import harness  # noqa: E402  (the figures, the results file's lines, the load average)
 
 WEIGHTS = "weights/fashion_mnist_flow.pt"  # relative to the repository root
 # The all-label scratch rows run at niceness +10: the kernel shares the CPU between sessions (autogroups)
@@ -104,18 +110,14 @@ def run_command(argv: List[str], log: str, nice: int = 0) -> Dict[str, Any]:
             "peak_rss_mib": usage.ru_maxrss / 1024, "metrics": json.loads(lines[-1]) if lines else {}}
 
 
-def python_cmd(*args: str) -> List[str]:
-    return [sys.executable, *args]
-
-
 def prg_fast_cmd(command: str, *args) -> List[str]:
-    return python_cmd("-m", "prg_fast", command, *[str(a) for a in args])
+    return [sys.executable, "-m", "prg_fast", command, *[str(a) for a in args]]
 
 
 def internal_cmd(task: str, *args) -> List[str]:
     """This script's own small tasks (publishing the weights, probes, figures), run as subprocesses
     so that their CPU time and memory are measured as the prg-fast commands' are."""
-    return python_cmd(os.path.abspath(__file__), "--internal", task, *[str(a) for a in args])
+    return [sys.executable, os.path.abspath(__file__), "--internal", task, *[str(a) for a in args]]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -244,8 +246,6 @@ class Plan:
 
 def learning_curve(out: str) -> List[List[float]]:
     """[step, test top-1] of the evaluations during finetuning (log.csv), the final one included."""
-    import csv
-
     rows = []
     with open(os.path.join(out, "log.csv")) as f:
         for row in csv.DictReader(f):
@@ -261,17 +261,12 @@ def learning_curve(out: str) -> List[List[float]]:
 
 
 def protocol_id(scale: str) -> str:
-    import hashlib
-
     text = repr(SCALES[scale])  # dicts keep their written order: the same settings give the same text
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def read_results(path: str) -> List[Dict[str, Any]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return harness.read_lines(path) if os.path.isfile(path) else []
 
 
 def append_result(path: str, row: Dict[str, Any], lock: threading.Lock) -> None:
@@ -397,16 +392,15 @@ def task_probe(features: str, labels: str, seed: str) -> Dict[str, Any]:
 def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
     """Samples from the pretrained flow (20 rk4 steps from noise) and test images along their reversed
     trajectory (20 euler steps, states at t = 0, 0.25, 0.5, 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     import prg_fast
     from prg_fast.data import load_data
     from prg_fast.training.checkpoints import build_model, load_model_checkpoint
 
+    plt = harness.pyplot()
+    if plt is None:
+        raise RuntimeError("the flow figure needs matplotlib")
     torch.manual_seed(0)
     flow = build_model(load_model_checkpoint(flow_file, ("flow",))[1]).eval()
     test = load_data(spec, "test", augment=None)
@@ -430,9 +424,7 @@ def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
                 ax.set_title(f"t = {[0, 0.25, 0.5, 1][j]:g}", fontsize=9)
     fig.suptitle("left: samples of the pretrained flow (20 rk4 steps from noise); right: test images along their "
                  "reversed trajectory (20 euler steps; panels at t > 0 contrast-stretched)", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=110)
+    harness.save_figure(fig, png, dpi=110)
     return {"figure": os.path.relpath(png, ROOT) if png.startswith(ROOT) else png}
 
 
@@ -474,7 +466,8 @@ def task_preset(name: str) -> Dict[str, Any]:
 def measure_presets() -> None:
     print("| network (28x28 grey, one thread) | parameters | forward, images / CPU s | forward + backward, "
           "images / CPU s | peak memory MiB |\n|---|---|---|---|---|")
-    base = run_command(python_cmd("-c", "import torch, prg_fast.models, json; print(json.dumps({}))"), os.devnull)
+    base = run_command([sys.executable, "-c", "import torch, prg_fast.models, json; print(json.dumps({}))"],
+                       os.devnull)
     print(f"| (python with torch and prg_fast imported, no network) | -- | -- | -- | {base['peak_rss_mib']:.0f} |")
     for name in PRESET_CANDIDATES:
         r = run_command(internal_cmd("preset", name), os.devnull)
@@ -497,8 +490,6 @@ METHODS = (("prg", "PRG finetuned"), ("scratch", "from scratch"), ("head", "head
 
 
 def _stats(values: List[float]) -> Optional[tuple]:
-    import statistics
-
     if not values:
         return None
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
@@ -594,11 +585,9 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
 def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
     """Test top-1 vs labels per class (PRG / scratch / head only, mean +- sd over seeds) and, once
     all-label rows exist, their learning curves (test top-1 during finetuning, each seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
+    if plt is None:
+        return
     acc = collect(rows)
     xs = {"10": 10, "100": 100, "all": 6000}
     curves = [r for r in rows if r.get("kind") == "finetune" and r.get("labels_per_class") is None and r.get("curve")]
@@ -632,9 +621,7 @@ def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
         ax.set_title("all labels: learning curves, every seed", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=120)
+    harness.save_figure(fig, png, dpi=120)
 
 
 # -------------------------------------------------------------------------------------------------

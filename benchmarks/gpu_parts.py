@@ -1,13 +1,6 @@
 """The parts of the GPU check (benchmarks/gpu_report.py runs each in its own process under the
-global deadline): what each measures, in order of value, and the Context a part's process gets.
-
-    info         the build: CUDA ops for this GPU, Triton usable (prg_fast.info())
-    correctness  pytest -m cuda_quick (python_tests/cuda_selection.py) over the files that mark cuda
-    adjoint      P1-P3 through benchmarks/adjoint_memory.py (cifar, K = 4 and 16)
-    kernels      P5 through benchmarks/kernel_speed.py --device D --quick
-    reverse      P4 through benchmarks/reverse_speed.py (no-grad solves), and the CUDA-graph crossover
-    finetune     P7, P8 through benchmarks/finetune_step.py
-    sanitizer    compute-sanitizer memcheck/racecheck, only if a probe answers within 45 s
+global deadline): what each measures, in order of value (PARTS below; docs/gpu.md has their table),
+and the Context a part's process gets.
 
 The benchmark parts run their script and read its harness results file (JSON lines) as it grows.
 A part returns a dict (rows, figures, "ok": False with a "reason" when its check fails), raises

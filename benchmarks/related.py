@@ -311,27 +311,19 @@ def comparisons(r: Dict[str, Any]) -> List[str]:
 
 
 def write_section(path: str, title: str, body: str) -> None:
-    """Replace (or append) the section `## title` of a markdown file, leaving the rest untouched."""
-    text = open(path).read() if os.path.isfile(path) else "# Measured results\n"
+    """Replace (or append, after a blank line) the section `## title` of a markdown file, leaving the
+    rest untouched; written atomically."""
+    lines = (open(path).read() if os.path.isfile(path) else "# Measured results\n").split("\n")
     header = f"## {title}"
-    lines = text.split("\n")
     start = next((i for i, l in enumerate(lines) if l.strip() == header), None)
-    block = [header, ""] + body.rstrip("\n").split("\n") + [""]
     if start is None:
-        if lines and lines[-1] != "":
-            lines.append("")
-        lines += block
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines = lines[:start] + block + lines[end:]
-    new = "\n".join(lines)
-    if not new.endswith("\n"):
-        new += "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
-
+        lines += [""] if lines[-1] != "" else []
+        start = len(lines)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new = "\n".join(lines[:start] + [header, ""] + body.rstrip("\n").split("\n") + [""] + lines[end:])
+    with open(path + ".tmp", "w") as f:
+        f.write(new if new.endswith("\n") else new + "\n")
+    os.replace(path + ".tmp", path)
 
 if __name__ == "__main__":
     sys.exit(main())
