@@ -6,6 +6,8 @@ forward hook, global module hook), a LazyLinear materialised inside the solve --
 and one more evaluation, all but one), float("inf") and adjoint=False give the same gradients
 (float64, 1e-10 relative) or the same error. A small slice runs by default, the sweep is slow."""
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -321,3 +323,78 @@ def test_an_input_hook_under_time_gradients_and_stored_steps_is_plain_backprops(
     (got, calls), (want, want_calls) = run(**kw), run(adjoint=False)
     assert calls == want_calls
     assert ((got - want).norm() / want.norm()).item() < RTOL
+
+
+class PlainLeafHook(nn.Module):
+    """A module whose forward pre-hook adds a plain leaf tensor (requires_grad, not a parameter)
+    from a __slots__ box once t > 0.3: hidden from the search, read only after the first evaluation."""
+
+    def __init__(self, box):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_forward_pre_hook(lambda m, args: (args[0], args[1] + box.p) if _late(args[0]) else None)
+
+    def forward(self, t, x):
+        return torch.tanh(self.lin(x)) * (1 + t[:, None])
+
+
+def _plain_leaf_velocities(box):
+    """name -> velocity reading box.p only after its first evaluation: a module through its hook, a
+    closure, and a functools.partial wrapper around a plain function."""
+    torch.manual_seed(0)
+    net = Base().double()
+
+    def late(lin, t, x):
+        return torch.tanh(lin(x + box.p if _late(t) else x))
+    return {"module_hook": PlainLeafHook(box).double(), "closure": lambda t, x: net(t, x + box.p if _late(t) else x),
+            "partial": functools.partial(late, nn.Linear(3, 3).double())}
+
+
+PLAIN_LEAF_STRATEGIES = {"budget0": dict(memory_budget=0), "inf": dict(memory_budget=float("inf")),
+                         "auto": {}, "store_steps": dict(store="steps", memory_budget=0),
+                         "reversible": dict(reversible=True)}
+
+
+@pytest.mark.parametrize("velocity", ["module_hook", "closure", "partial"])
+def test_a_plain_leaf_only_a_later_evaluation_reads_gets_plain_backprops_gradient_under_every_budget(velocity,
+                                                                                                    monkeypatch):
+    """A plain leaf tensor the search cannot see and only a later evaluation reads is no input of the
+    solve; loss.backward() still accumulates into its .grad what plain backprop does, its hook running
+    once on the total, whatever the budget kept -- as when every graph fit and the solve ran as plain
+    backprop (it used to get nothing from a solve that reran evaluations)."""
+    box = Hidden()
+    box.p = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = _plain_leaf_velocities(box)[velocity]
+    calls = []
+    box.p.register_hook(lambda g: calls.append(1))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def grads(**kw):
+        box.p.grad = x.grad = None
+        calls.clear()
+        prg_fast.reverse(fn, x, steps=3, method="rk4", **kw).square().sum().backward()
+        assert box.p.grad is not None and len(calls) == 1, kw
+        return box.p.grad.clone(), x.grad.clone()
+
+    monkeypatch.setenv(free_memory.FREE_MEMORY_ENV, str(2 ** 50))
+    want = grads(adjoint=False)
+    graph = adjoint_node(prg_fast.reverse(fn, x, steps=3, method="rk4", memory_budget=0)).evals.graph_bytes
+    every = [*PLAIN_LEAF_STRATEGIES.items(), *_every_budget(monkeypatch, graph)]
+    for name, kw in every:
+        # the reversible scheme is another solver: its plain backprop is the truth for it
+        truth = grads(reversible=True, adjoint=False) if kw.get("reversible") else want
+        for g, w in zip(grads(**kw), truth):
+            assert ((g - w).norm() / w.norm()).item() < RTOL, (velocity, name)
+
+
+def test_a_plain_leaf_only_a_later_step_reads_gets_its_gradient_from_an_adaptive_solve():
+    box = Hidden()
+    box.p = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = _plain_leaf_velocities(box)["partial"]  # (odeint's t is 0-dim)
+    y0, t = torch.randn(4, 3, dtype=torch.float64), torch.linspace(0, 1, 3, dtype=torch.float64)
+    got = {}
+    for name, kw in {"backprop": dict(adjoint=False), "budget0": dict(memory_budget=0)}.items():
+        box.p.grad = None
+        prg_fast.odeint(fn, y0, t, method="dopri5", rtol=1e-9, atol=1e-9, **kw).square().sum().backward()
+        got[name] = box.p.grad.clone()
+    assert ((got["budget0"] - got["backprop"]).norm() / got["backprop"].norm()).item() < RTOL

@@ -1,5 +1,5 @@
 """The one walk over an autograd graph that discovery and the adjoints' checks share (what a graph
-reads: discovery.discover_params, discovery.check_computed_inputs, rerun.unknown_read)."""
+reads: discovery.discover_params, discovery.check_computed_inputs, rerun.unknown_reads)."""
 
 
 def graph_nodes(roots, stops=(), ends=()):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,8 +95,10 @@ class ReplayRecord:
         flags and cached parametrizations hold while it runs; after it, the parameters' in-place
         checks (ParamVersions)."""
         self.versions.before_backward()
+        self.hidden = HiddenLeaves()  # what this backward's VJPs owe plain leaves no input holds
         with left_as_found(self.state), self.modes, self.shared.kept() if self.shared is not None else nullcontext():
             grads = compute()
+        self.hidden.accumulate()
         self.versions.after_backward(grads[4:])
         return grads
 
@@ -189,13 +191,13 @@ def refuse_input_hooks(hooks: Sequence[Callable], where: str) -> None:
 
 
 def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
-              reentrant: bool = False, unlisted: Sequence[torch.Tensor] = (),
-              hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
+              reads, hidden: "HiddenLeaves", hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
     """sum_j cotangents[j]^T d outputs[j] / d inputs (None for an input they do not read), one
     backward through the graph they share (an evaluation's, or the kept tail's), with the inputs'
     hooks muted (docs/engine.md, "Inside the engine": rerun) but `hooked`'s (StateHooks). A read of
-    one of `unlisted` (discovery.Reach.computed) or of a parameter that is no input is an error
-    (refuse_unknown_reads)."""
+    one of the computed tensors the velocity holds (`reads.unlisted`) or of a parameter that is no
+    input is an error (refuse_unknown_reads); a plain leaf that is no input gets its share in
+    `hidden`, accumulated into its .grad at the end of the backward, as plain backprop does."""
     inputs = list(inputs)
     # an output that reads neither the state nor a parameter (a zero velocity, a function of t
     # only) has no graph: it contributes nothing
@@ -203,24 +205,28 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     if not live:
         return [None] * len(inputs)
     outs, cots = [o for o, _ in live], [c for _, c in live]
-    refuse_unknown_reads([o.grad_fn for o in outs], inputs, unlisted)
-    muted = [q for q in inputs if all(q is not h for h in hooked)]
+    leaves = refuse_unknown_reads([o.grad_fn for o in outs], inputs, reads.unlisted)
+    every = inputs + leaves
+    muted = [q for q in every if all(q is not h for h in hooked)]
     with hooks_muted(muted), torch.enable_grad():
-        if reentrant:
-            return _backward_into_fresh(outs, inputs, cots)
-        return list(torch.autograd.grad(outs, inputs, cots, allow_unused=True))
+        if reads.reentrant:
+            grads = _backward_into_fresh(outs, every, cots)
+        else:
+            grads = list(torch.autograd.grad(outs, every, cots, allow_unused=True))
+    hidden.add(leaves, grads[len(inputs):])
+    return grads[:len(inputs)]
 
 
-def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequence[torch.Tensor]) -> None:
-    """Every tensor requiring grad that the graph under `roots` reads is an input of the solve, or
-    an error: a parameter or a computed tensor read only after the first evaluation, through
-    something the search of the velocity could not see, would otherwise get no gradient (the
-    adjoint returns gradients for its inputs only). Every adjoint path asks, whatever the budget
-    kept (a rerun's VJP, a kept graph's, a solve run as plain backprop: AdjointSolveKept), so the
-    budget never changes the answer."""
-    read = unknown_read(roots, inputs, unlisted)
+def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Every tensor requiring grad that the graph under `roots` reads is an input of the solve, a
+    plain leaf tensor (returned: HiddenLeaves), or an error: a parameter or a computed tensor read
+    only after the first evaluation, through something the search of the velocity could not see,
+    would otherwise get no gradient (the adjoint returns gradients for its inputs only). Every
+    adjoint path asks, whatever the budget kept (a rerun's VJP, a kept graph's, a solve run as plain
+    backprop: AdjointSolveKept), so the budget never changes the answer."""
+    read, leaves = unknown_reads(roots, inputs, unlisted)
     if read is None:
-        return
+        return leaves
     if read.grad_fn is not None:
         raise RuntimeError(
             f"model reads a tensor that requires grad and was computed outside it (shape {tuple(read.shape)}, "
@@ -236,22 +242,50 @@ def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequen
     )
 
 
-def unknown_read(roots, inputs, unlisted=()) -> Optional[torch.Tensor]:
+def unknown_reads(roots, inputs, unlisted=()) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
     """What the graph under the autograd nodes `roots` reads that the solve does not take as an
-    input (refuse_unknown_reads says why that is an error), or None: an nn.Parameter that is none of
-    `inputs`, or one of the computed tensors the velocity holds (`unlisted`). Plain leaf tensors are
-    not asked about: a velocity may make its own (x.detach().requires_grad_() for an energy's
-    gradient), which no gradient is owed to. The walk stops at the inputs and touches no tensor."""
+    input: (the first to refuse, or None; the plain leaves, which HiddenLeaves serves). Refused
+    (refuse_unknown_reads says why): an nn.Parameter none of `inputs`, or a computed tensor the
+    velocity holds (`unlisted`). The walk stops at the inputs and touches no tensor."""
     known = {id(q) for q in inputs}
     stops = {q.grad_fn for q in inputs if q.grad_fn is not None}
     computed = {q.grad_fn: q for q in unlisted if q.grad_fn not in stops}
+    leaves: List[torch.Tensor] = []
     for node in graph_nodes(roots, stops=stops):
         if node in computed:
-            return computed[node]
+            return computed[node], leaves
         leaf = getattr(node, "variable", None)
-        if leaf is not None and id(leaf) not in known and isinstance(leaf, torch.nn.Parameter):
-            return leaf
-    return None
+        if leaf is not None and id(leaf) not in known:
+            if isinstance(leaf, torch.nn.Parameter):
+                return leaf, leaves
+            leaves.append(leaf)
+    return None, leaves
+
+
+class HiddenLeaves:
+    """What a backward's VJPs owe plain leaf tensors (not parameters) that no input of the solve
+    holds: hidden from the search and read only later, or made by the velocity. As plain backprop,
+    accumulated into .grad once, on their sum (docs/engine.md: also under torch.autograd.grad)."""
+
+    def __init__(self):
+        self.sums: dict = {}  # id -> [leaf, summed gradient]
+
+    def add(self, leaves: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> None:
+        for leaf, g in zip(leaves, grads):
+            if g is None:
+                continue
+            got = self.sums.get(id(leaf))
+            if got is None:
+                self.sums[id(leaf)] = [leaf, g.detach().clone()]
+            else:
+                got[1] = got[1] + g.detach()
+
+    def accumulate(self) -> None:
+        """Into each leaf's .grad through its own AccumulateGrad, hooks and all, once."""
+        if self.sums:
+            leaves, totals = zip(*self.sums.values())
+            self.sums = {}
+            torch.autograd.backward(list(leaves), [g.to(q.dtype) for q, g in zip(leaves, totals)])
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):

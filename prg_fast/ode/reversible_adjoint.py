@@ -127,7 +127,7 @@ class BackwardWalk:
             refuse_input_hooks(list((gradient_hooks(xg) or {}).values()), f"in base step {e}'s rerun")
             # the parameters' hooks do not run here: autograd runs them once on the returned total
             reads = self.p.reads
-            grads = (graph_vjp([out], inputs, [cot], reads.reentrant, reads.unlisted) if cot is not None
+            grads = (graph_vjp([out], inputs, [cot], reads, self.replay.hidden) if cot is not None
                      else [None] * len(inputs))
         tgrads = [None, None]
         if self.want_tgrad:

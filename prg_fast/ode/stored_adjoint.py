@@ -214,7 +214,7 @@ class BackwardWalk:
                 cotangents.append(g.to(state.dtype))
         reads = self.p.reads
         self.hooks.take(tail.start, tail.leaf)
-        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, reads.reentrant, reads.unlisted)
+        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, reads, self.evals.replay.hidden)
         if grads[0] is not None:
             self.lam = self.lam + grads[0].to(self.lam.dtype)
         self.grads.add(grads[1:], returned=grads, given=cotangents)
@@ -269,7 +269,7 @@ class BackwardWalk:
         inputs = [xi] + ([tau] if timed_leaf else []) + self.params
         # the parameters' hooks run once on the returned total (autograd), the velocity's on x: StateHooks
         self.hooks.take(n, xi, StateHooks.reads_state(self.p, i))
-        grads = graph_vjp([k], inputs, [g], self.p.reads.reentrant, self.p.reads.unlisted, hooked=[xi])
+        grads = graph_vjp([k], inputs, [g], self.p.reads, self.evals.replay.hidden, hooked=[xi])
         if not timed_leaf:
             grads.insert(1, None)
         if self.want_tgrad:
