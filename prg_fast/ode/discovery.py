@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import types
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -48,14 +49,11 @@ def _reads(problem: Problem, x: torch.Tensor, time_grad: bool) -> Tuple[Reads, O
     first = first_evaluation(problem, x, time_grad, params, state)
     if first is None:
         return Reads(tuple(params), unlisted, tuple(reach.modules), state), None
-    # parametrizations cached around the solve (parametrize.cached()): their shared tensors are
-    # inputs of the solve, the originals reached only through them (prg_fast.ode.parametrize_cache)
+    # cached parametrizations are inputs of the solve: docs/engine.md, "Inside the engine": parametrize_cache
     shared = SharedParametrizations.of_now(reach.modules)
     if shared is not None:
         params += [w for w in shared.tensors() if all(w is not q for q in params)]
-    direct: set = set()
-    node_types: set = set()
-    params = discover_params(first, params, direct, node_types)
+    params, direct, node_types = discover_params(first, params)
     params = check_computed_inputs(params, {id(p) for p in problem.adjoint_params or ()}, direct)
     return Reads(tuple(params), unlisted, tuple(reach.modules), state, has_reentrant_checkpoint(node_types),
                  shared), first
@@ -176,66 +174,45 @@ def reachable(obj) -> Reach:
     return out
 
 
-def collect_params(model, adjoint_params, reach: Optional[Reach] = None) -> List[torch.Tensor]:
+def collect_params(model, adjoint_params, reach: Reach) -> List[torch.Tensor]:
     """The model's parameters, then those of every module and every leaf tensor requiring grad the
     model reaches (`reachable`: what it may read after its first evaluation, which graph
-    discovery cannot see), then adjoint_params."""
+    discovery cannot see), then adjoint_params (checked by prg_fast.ode.description.describe)."""
+    own = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    reached = [p for m in reach.modules for p in m.parameters(recurse=False)] + reach.tensors
     params: List[torch.Tensor] = []
     seen: set = set()
-
-    def add(p: torch.Tensor) -> None:
+    for p in itertools.chain(own, reached, adjoint_params or ()):
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
-
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            add(p)
-    if reach is not None:
-        for m in reach.modules:
-            for p in m.parameters(recurse=False):
-                add(p)
-        for p in reach.tensors:
-            add(p)
-    if adjoint_params is not None:
-        for p in adjoint_params:  # checked by prg_fast.ode.description.describe
-            add(p)
     return params
 
 
-REENTRANT_NODE = "CheckpointFunctionBackward"
-
-
 def has_reentrant_checkpoint(node_types) -> bool:
-    """Whether a graph whose autograd nodes have these types runs a reentrant checkpoint
-    (torch.utils.checkpoint(..., use_reentrant=True): its adjoint VJPs then go through
-    torch.autograd.backward, prg_fast.ode.rerun). The types are collected by the one walk of the first
-    evaluation's graph (discover_params); a Python Function's node type is named after it."""
-    return any(t.__name__ == REENTRANT_NODE for t in node_types)
+    """Whether a graph with autograd nodes of these types runs a reentrant checkpoint (a Python
+    Function's node type is named after it). Why it matters: docs/engine.md, "Inside the engine": rerun."""
+    return any(t.__name__ == "CheckpointFunctionBackward" for t in node_types)
 
 
-def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = None,
-                    node_types: Optional[set] = None) -> List[torch.Tensor]:
-    """`params` and every leaf requiring grad that the first evaluation's graph reads (module
-    parameters, tensors closed over, modules inside wrappers, the rest of a partial adjoint_params
-    list), so the adjoint differentiates them exactly. A non-leaf made outside the velocity (W = A @ B
-    closed over) cannot be a leaf and would be differentiated through its graph once per evaluation:
-    an error asking for it in adjoint_params (the walk then stops at its node, and
-    check_computed_inputs looks at its graph). `node_types` receives the types of the nodes walked."""
+def discover_params(first: "FirstEvaluation", params: List[torch.Tensor]) -> Tuple[List[torch.Tensor], set, set]:
+    """(`params` and every leaf requiring grad that the first evaluation's graph reads, the ids of
+    the leaves it reads, the types of the nodes walked); a non-leaf made outside the velocity is an
+    error. Why: docs/engine.md, "Inside the engine": discovery."""
     found = list(params)
     found_ids = {id(p) for p in found}
-    if first is None or first.k is None or not first.k.requires_grad:
-        return found
+    direct: set = set()
+    node_types: set = set()
+    if not first.k.requires_grad:
+        return found, direct, node_types
     known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
     if first.leaf.grad_fn is not None:  # the stage input with x's graph: x's history is not the velocity's
         known_nodes.add(first.leaf.grad_fn)
     for node in graph_nodes([first.k.grad_fn], stops=known_nodes):
-        if node_types is not None:
-            node_types.add(type(node))
+        node_types.add(type(node))
         leaf = getattr(node, "variable", None)
         if leaf is not None:  # AccumulateGrad: a leaf that requires grad
-            if direct is not None:
-                direct.add(id(leaf))  # read by the first evaluation itself, not through a computed input
+            direct.add(id(leaf))  # read by the first evaluation itself, not through a computed input
             if leaf is not first.leaf and id(leaf) not in found_ids:
                 found.append(leaf)
                 found_ids.add(id(leaf))
@@ -247,7 +224,7 @@ def discover_params(first, params: List[torch.Tensor], direct: Optional[set] = N
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
                 "(or compute it inside the model, or use adjoint=False)"
             )
-    return found
+    return found, direct, node_types
 
 
 def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set) -> List[torch.Tensor]:
@@ -290,22 +267,9 @@ def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
 
 class SavedBytes:
     """Saved-tensor hooks that sum the bytes of the unique storages autograd saves, except those of
-    `exclude` (tensors alive anyway). The graph's values are unchanged: pack keeps a detached alias.
-
-    Why detached: a pack hook that returns the very tensor it is given makes a node that saves its
-    own output (relu, exp, sigmoid, ...) hold a Python reference to a tensor whose grad_fn is that
-    node -- a reference cycle through C++ that Python's gc cannot see, so the whole graph (every
-    activation of the evaluation) leaked on every differentiated call. A detached alias shares the
-    storage and the version counter but has no grad_fn.
-
-    Autograd skips its in-place check (saved version against the tensor's version now) for a tensor
-    saved through hooks, and this graph is the user's own when the solve runs as plain backprop (or
-    a kept evaluation 0): pack records the version and unpack makes the check itself, with
-    autograd's message, so a tensor the first evaluation saved and something wrote in place before
-    the backward (a closed-over tensor, a parameter stepped too early) is backprop's error, not a
-    gradient from the new values. `stand_in` (copy, original): the copy is saved in the original's
-    place, so its check is the original's version (the first evaluation reads a copy of x's stage
-    input; backprop saves that input itself, and writing x in place before the backward is its error)."""
+    `exclude` (tensors alive anyway); pack keeps a detached alias and its version, unpack checks it
+    (`stand_in` (copy, original): the copy checked by the original's version). Why so:
+    docs/engine.md, "Inside the engine": discovery."""
 
     def __init__(self, exclude: Sequence[torch.Tensor] = (),
                  stand_in: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
@@ -408,14 +372,10 @@ class FirstEvaluation:
 def _saved_tensors_hooks_allowed() -> bool:
     """False inside torch.autograd.graph.disable_saved_tensors_hooks, which refuses any hooks."""
     try:
-        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             return True
     except RuntimeError:
         return False
-
-
-def _same(t):
-    return t
 
 
 def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list, rng, state: Optional[ModuleState],
@@ -440,13 +400,9 @@ def _measured_evaluation(problem: Problem, tau, inp: torch.Tensor, exclude: list
 
 
 def _first_inputs(problem: Problem, x: torch.Tensor, time_grad: bool):
-    """(stage-input leaf, time, start state) of evaluation (0, 0). c[0] = 0 for every explicit tableau
-    (checked in ButcherTableau): stage 0 reads (t_0, x). X_0 has x's graph (a solve whose graphs all
-    fit runs as plain backprop from `start` and reaches x through this evaluation) and is the very
-    tensor plain backprop's evaluation reads (x itself when its dtype is the solve's: a hook the
-    velocity registers on it sees x's whole gradient, as there); without grad for an x without grad
-    (backprop computes no gradient for it either); under time gradients (always the adjoint's
-    Function, which keeps this graph only then) a leaf, and no start."""
+    """(stage-input leaf, time, start state) of evaluation (0, 0): stage 0 reads (t_0, x) (c[0] = 0,
+    checked in ButcherTableau). Which tensor the leaf is, and why: docs/engine.md, "Inside the
+    engine": discovery."""
     t0, h, taus = problem.step_at(0)
     with torch.set_grad_enabled(not time_grad):
         start = x.to(problem.state_dtype)

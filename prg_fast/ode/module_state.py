@@ -32,26 +32,10 @@ class BufferSlots:
         module, name = self.slots[j]
         return f"{type(module).__name__}.{name}"
 
-    def _copies(self, indices: Sequence[int]) -> list:
-        """Copies of the buffers of `indices` as they are now."""
-        values = [self._value(j) for j in indices]
-        for j, b in zip(indices, values):
-            if b is not None and b.requires_grad:
-                # state carried from one evaluation into the next with its graph (self.prev = y):
-                # plain backprop differentiates through it, reruns from copies cannot
-                raise RuntimeError(
-                    f"model stores a tensor that requires grad in its buffer {self._name(j)!r} while it runs, so "
-                    "later evaluations depend on earlier ones through it; the adjoint reruns evaluations from "
-                    "copies and cannot differentiate that: store it detached, or use adjoint=False"
-                )
-        with torch.no_grad():
-            return [None if b is None else b.clone() for b in values]
-
     def _load(self, indices: Sequence[int], snap: list, keep: Sequence[torch.nn.Module] = ()) -> None:
-        """Put the buffers of `indices` back to `snap`: in place when the module still holds a tensor
-        of the same kind (so other references see it), through .data so the version counter does not
-        move (a kept graph that saved the buffer stays valid); else by assignment. The buffers of
-        the modules in `keep` are left as they are."""
+        """Put the buffers of `indices` (not those of the modules in `keep`) back to `snap`, in place
+        through .data where the module still holds a tensor of the same kind (docs/engine.md, "Inside
+        the engine": module_state), else by assignment."""
         kept = {id(m) for m in keep}
         with torch.no_grad():
             for j, value in zip(indices, snap):
@@ -88,16 +72,14 @@ class ModuleState(BufferSlots):
                                  for b in map(self._value, range(len(self.slots)))]
 
     def restore_before_first(self) -> None:
-        """Put back the buffers copied before the first evaluation (which is run again: see
-        prg_fast.ode.discovery.first_evaluation); one written beyond the copy limit is then found
-        written by after_first_evaluation, and refused there."""
+        """Put back the buffers copied before the first evaluation, which is run again (one written
+        beyond the copy limit is then refused by after_first_evaluation)."""
         copied = [j for j, value in enumerate(self.before_first or ()) if value is not None]
         self._load(copied, [self.before_first[j] for j in copied])
 
     def _moved(self, indices: Sequence[int]) -> List[int]:
         """Those of `indices` whose buffer is not what it was before the first evaluation: another
-        tensor, a new version, or other values (written through .data or by a kernel that does not
-        bump the version, as BatchNorm's; one sync for all)."""
+        tensor, a new version, or other values (one sync for all)."""
         moved, compare = [], []
         for j in indices:
             b, old = self._value(j), self.before_first[j]
@@ -143,10 +125,8 @@ class ModuleState(BufferSlots):
 
     def rewritten(self, saved: Callable[[torch.Tensor], bool]) -> Optional[str]:
         """After the first evaluation: the name of a written buffer that it wrote in place with its
-        version moving (the same tensor, a new version) and whose storage its graph saved (`saved`),
-        else None. Every later evaluation writes it again, so a graph kept from an earlier one
-        would meet autograd's "modified by an inplace operation" in the backward (as plain
-        backprop does), while rerunning that evaluation from its snapshot is exact."""
+        version moving and whose storage its graph saved (`saved`), else None: no graph can be kept
+        (docs/engine.md, "Inside the engine": kept_graphs)."""
         for j in self.written:
             b, before = self._value(j), self._stamps[j]
             same_tensor = before is not None and b is not None and before[0] == id(b)
@@ -156,7 +136,18 @@ class ModuleState(BufferSlots):
 
     def snapshot(self) -> list:
         """A copy of the written buffers as they are now."""
-        return self._copies(self.written)
+        values = [self._value(j) for j in self.written]
+        for j, b in zip(self.written, values):
+            if b is not None and b.requires_grad:
+                # state carried from one evaluation into the next with its graph (self.prev = y):
+                # plain backprop differentiates through it, reruns from copies cannot
+                raise RuntimeError(
+                    f"model stores a tensor that requires grad in its buffer {self._name(j)!r} while it runs, so "
+                    "later evaluations depend on earlier ones through it; the adjoint reruns evaluations from "
+                    "copies and cannot differentiate that: store it detached, or use adjoint=False"
+                )
+        with torch.no_grad():
+            return [None if b is None else b.clone() for b in values]
 
     def load(self, snap: list, keep: Sequence[torch.nn.Module] = ()) -> None:
         """Put the written buffers back to `snap` (those of the modules in `keep` left as they are)."""
@@ -167,8 +158,7 @@ class ModuleState(BufferSlots):
         alone has moved since (None if not)."""
         if self.before_first is None:
             return None
-        written = set(self.written)
-        moved = self._moved([j for j in range(len(self.slots)) if j not in written])
+        moved = self._moved([j for j in range(len(self.slots)) if j not in self.written])
         self.before_first = None
         if not moved:
             return None
@@ -193,11 +183,8 @@ def left_as_found(state: Optional[ModuleState]) -> Iterator[None]:
 
 
 class TrainingModes:
-    """The train/eval flags of the modules a velocity reaches, as the forward ran them. A backward
-    that reruns the network after `model.eval()` (an evaluation between forward and backward, say)
-    would otherwise differentiate another function (no dropout, BatchNorm's running statistics);
-    plain backprop's graph is fixed at the forward, so the adjoints rerun under the forward's flags
-    and put the current ones back afterwards."""
+    """The train/eval flags of the modules a velocity reaches, as the forward ran them, set for a
+    rerun and put back after it. Why: docs/engine.md, "Inside the engine": module_state."""
 
     def __init__(self, modules: Sequence[torch.nn.Module]):
         self.modules = list(modules)
@@ -218,18 +205,9 @@ class TrainingModes:
 
 
 class ParamVersions:
-    """What happened to the solve's parameters in place, for the adjoints' backward.
-
-    - Between the forward and the backward (optimizer.step() before backward): the reruns would
-      differentiate another network. Plain backprop raises for this; so do the adjoints, for the
-      tensors the reruns actually read (a gradient came back). Checked against the versions at the
-      end of the forward, before the backward reruns anything.
-    - During the forward, by the model itself (nn.Embedding(max_norm=...) renormalises the rows
-      it reads, in place, inside its own forward): the reruns do the same again. Exact when that
-      write leaves the values the forward read as they were (a renorm of rows already within the
-      norm does); the written tensors are copied at the start of the backward and compared at its
-      end, and a rerun that changed them is an error that names the in-place write (the values are
-      put back first)."""
+    """What happened to the solve's parameters in place (between the forward and the backward, or
+    by the model during the forward), checked by the adjoints' backward. Why and how: docs/engine.md,
+    "Inside the engine": module_state."""
 
     def __init__(self, params: Sequence[torch.Tensor], at_forward_start: Sequence[int]):
         self.params = list(params)
