@@ -167,9 +167,7 @@ def check_order(lo, hi, message: str, lo_name: str, hi_name: str) -> None:
         if hi > lo:  # floats: no tensors (~100 us a call); NaN was refused by time_arg
             return
         raise ValueError(f"{message}; got {lo_name}={lo:g}, {hi_name}={hi:g}")
-    a = lo.detach().cpu() if isinstance(lo, torch.Tensor) else torch.tensor(lo, dtype=torch.float64)
-    b = hi.detach().cpu() if isinstance(hi, torch.Tensor) else torch.tensor(hi, dtype=torch.float64)
-    a, b = torch.broadcast_tensors(a.double(), b.double())
+    a, b = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in (lo, hi)))
     bad = ~(b > a)
     if not bool(bad.any()):
         return
@@ -203,11 +201,8 @@ def time_grid(start, end, steps: int, save_at, x: torch.Tensor):
     save = None if save_at is None else save_times(save_at)
     grid, index, sources = merge_plan(a.item(), b.item(), steps, save)
     if save is not None:
-        if isinstance(save_at, torch.Tensor):
-            points = save_at.reshape(-1).to(device=dev, dtype=torch.float64)
-        else:
-            points = torch.tensor(save, dtype=torch.float64, device=dev)
-        uniform = torch.cat([uniform, points])
+        points = save_at.reshape(-1) if isinstance(save_at, torch.Tensor) else torch.tensor(save, dtype=torch.float64)
+        uniform = torch.cat([uniform, points.to(device=dev, dtype=torch.float64)])
     times = uniform if sources == list(range(steps + 1)) else uniform[torch.tensor(sources, device=dev)]
     return Grid(grid, index, times)
 
@@ -264,9 +259,7 @@ UNIT_TIME = "a time in [0, 1] (0 = data, 1 = noise)"
 
 def check_unit_times(**times) -> None:
     """Every given time (a number, a sequence of numbers or a tensor of any shape; None skips) lies
-    in [0, 1], else ValueError naming the argument and the first value outside. Numbers cost nothing;
-    a tensor costs one host synchronisation (the bool of its range test) -- on CUDA the only one this
-    adds, and reverse/generate already synchronise on a time tensor to check that it is finite."""
+    in [0, 1], else ValueError naming the argument and the first value outside (a tensor: one sync)."""
     for name, value in times.items():
         if value is None:
             continue
@@ -314,20 +307,11 @@ def reverse(
     """Integrate dx/dt = model(t, x) from t0 (data end) up to t (noise end) in `steps` fixed steps.
 
     Returns the state at t, shaped like x; with `save_at` (times in [t0, t]) the states at those
-    times stacked on dim 0 -- inserted into the grid, so each is an exact solver state.
-    Times may be tensors (above): `t`, `t0`, `save_at` that require grad get the exact
-    derivative of the discrete solve; `t`, `t0` of shape (B,) give each sample its own interval in
-    the same `steps` steps (then `save_at` is (S,) or (S, B) and the result (S, B, ...)).
-    `backend`: "auto", "cuda", "triton", "cpu", "reference".
-    `cuda_graph=True` (CUDA, no grad) captures the loop once per shape and replays it; "auto"
-    only where it pays (prg_fast.ode.cuda_graphs).
-
-    `adjoint=True` (default): the exact discrete adjoint; `adjoint=False`: plain autograd through
-    the same solver; or a strategy object (StoredAdjoint, ReversibleAdjoint, Backprop).
-
-    **options: the solve options -- memory_budget, store, reversible and its coupling and check,
-    preserve_rng_state, adjoint_params, model_dtype, check_finite -- each with its default and
-    meaning in prg_fast.ode.description.OPTIONS (costs of the strategies: docs/engine.md).
+    times stacked on dim 0. `t`, `t0`, `save_at` may be tensors that require grad, `t`, `t0` of shape
+    (B,). `backend`: "auto", "cuda", "triton", "cpu", "reference"; `cuda_graph`: True, False, "auto".
+    `adjoint`: True (the exact discrete adjoint), False (plain autograd) or a strategy object.
+    **options: prg_fast.ode.description.OPTIONS. Details: docs/engine.md, "The calls" and "Adjoint
+    strategies".
     """
     check_state(x)
     grid = _unit_grid(x, steps, t, t0, "t0", save_at, "reverse integrates from t0 up to t, so t must be > t0")
@@ -376,24 +360,12 @@ def odeint(
     event_fn: Optional[Callable] = None,
     **solve_options,
 ) -> torch.Tensor:
-    """torchdiffeq's odeint: method None is dopri5, adaptive (below), as torchdiffeq's default. A fixed-step
-    method takes one step per interval of the 1-D grid `t` (increasing or decreasing); the states at
-    every grid point are returned stacked on dim 0.
-    As in torchdiffeq, func(t, y) receives t as a 0-dim tensor. Note method="rk4" here is the
-    classic rule; torchdiffeq's "rk4" is our "rk4_38". A grid that requires grad gets the exact
-    derivative of the discrete solve. `t` may also have shape (T, B), one grid per sample
-    (torchode-style): y0 is then (B, ...), func receives t of shape (B,), the result is (T, B, ...).
-    `y0` may be complex, 0-dim or a (nested) tuple of tensors, as in torchdiffeq (prg_fast.ode.states).
-    The solve options (memory_budget, store, reversible, adjoint_params, ...) are `reverse`'s **options.
-
-    torchdiffeq's fixed-grid options: `options=dict(step_size=h)` or `dict(grid_constructor=fn)` steps
-    along a finer grid and linearly interpolates the states at t (prg_fast.ode.fixed_grid; the same
-    grid and interpolation as torchdiffeq). A fixed-step method ignores `rtol`/`atol` with a warning.
-
-    Adaptive methods ("dopri5", "bosh3", "adaptive_heun", "fehlberg2", "dopri8", "tsit5" or an
-    EmbeddedTableau; prg_fast.ode.adaptive): torchdiffeq's rtol/atol (default 1e-7/1e-9) and options
-    (first_step, safety, ifactor, dfactor, max_num_steps, min_step, max_step, step_t, jump_t, norm,
-    dtype), the states at t by dense output; `return_stats=True` returns (ys, SolveStats)."""
+    """torchdiffeq's odeint: the states at the times `t` (1-D, or (T, B) per sample), stacked on
+    dim 0; func(t, y) receives t 0-dim. method None is dopri5 (adaptive: rtol/atol, options,
+    return_stats, event_fn as torchdiffeq's); a fixed-step method steps along t, or along the finer
+    grid of options=dict(step_size=h) or dict(grid_constructor=fn). torchdiffeq's "rk4" is "rk4_38"
+    here. The solve options are `reverse`'s **options. Details: docs/engine.md, "The calls" and
+    "Adaptive `odeint`"."""
     spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("odeint", solve_options))
     spec = dataclasses.replace(spec, batch_time=False)  # odeint passes t 0-dim
     if get_embedded(method) is not None:
@@ -425,10 +397,8 @@ _WARNED: set = set()
 def odeint_adjoint(func: Callable, y0, t, *, rtol=None, atol=None, method=None, options=None, event_fn=None,
                    adjoint_rtol=None, adjoint_atol=None, adjoint_method=None, adjoint_options=None,
                    adjoint_params=None, **solve_options):
-    """torchdiffeq's odeint_adjoint, so `from prg_fast import odeint_adjoint as odeint` works: the same
-    solve and exact discrete adjoint as odeint (its gradient is the derivative of the solve the
-    forward took). No second ODE runs backwards, so adjoint_rtol, adjoint_atol, adjoint_method and
-    adjoint_options do not apply (warned about once); adjoint_params are odeint's."""
+    """torchdiffeq's odeint_adjoint: odeint's solve and exact discrete adjoint; adjoint_rtol, adjoint_atol,
+    adjoint_method and adjoint_options do not apply (warned about once; docs/engine.md, "Adaptive `odeint`")."""
     unused = [n for n, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol),
                              ("adjoint_method", adjoint_method), ("adjoint_options", adjoint_options)) if v is not None]
     unused += [n for n in ("callback_step_adjoint", "callback_accept_step_adjoint", "callback_reject_step_adjoint")

@@ -114,12 +114,8 @@ def interpolation_plan(grid: List[float], values: List[float]) -> Tuple[List[int
     keys = [sign * g for g in grid]
     plan: Plan = []
     for v in values:
-        i = bisect.bisect_left(keys, sign * v)
-        i = min(i, len(grid) - 1)
-        if keys[i] == sign * v:
-            plan.append((i, None))
-        else:  # strictly between grid points i - 1 and i
-            plan.append((i - 1, i))
+        i = min(bisect.bisect_left(keys, sign * v), len(grid) - 1)
+        plan.append((i, None) if keys[i] == sign * v else (i - 1, i))  # on grid point i, or strictly before it
     needed = sorted({i for pair in plan for i in pair if i is not None})
     return needed, plan
 
@@ -134,10 +130,9 @@ def interpolate(states: torch.Tensor, needed: List[int], plan: Plan, grid: torch
         y0 = states[row[i0]]
         if i1 is None:
             outs.append(y0)
-            continue
-        y1 = states[row[i1]]
-        w = ((t64[j] - grid[i0]) / (grid[i1] - grid[i0])).to(device=y0.device, dtype=y0.dtype)
-        outs.append(y0 + w * (y1 - y0))
+        else:
+            w = ((t64[j] - grid[i0]) / (grid[i1] - grid[i0])).to(device=y0.device, dtype=y0.dtype)
+            outs.append(y0 + w * (states[row[i1]] - y0))
     return torch.stack(outs)
 
 

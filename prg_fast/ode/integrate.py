@@ -201,12 +201,8 @@ class Velocity:
 @dataclass(frozen=True)
 class Reads:
     """What an adjoint differentiates and restores, found by prg_fast.ode.discovery (empty for plain
-    backprop, which needs none of it): the tensors requiring grad the velocity reads (its inputs),
-    computed ones it holds but the solve does not take (`unlisted`: an adjoint's VJP that finds one
-    read is an error), the modules it reaches (train/eval flags) and their written buffers
-    (module_state.ModuleState), a reentrant checkpoint in its graph (the VJPs then go through
-    torch.autograd.backward: prg_fast.ode.rerun), and the parametrized tensors cached around the
-    solve (parametrize_cache), which its reruns read."""
+    backprop); `unlisted`: computed tensors the velocity holds but the solve does not take (a VJP
+    that finds one read is an error). The rest: docs/engine.md, "Inside the engine": discovery."""
 
     params: Tuple[torch.Tensor, ...] = ()
     unlisted: Tuple[torch.Tensor, ...] = ()
@@ -275,10 +271,7 @@ class Problem:
 
     def stage_times(self, t, h, end) -> list:
         """The time each stage of the step from t of size h (ending at the grid point `end`) reads:
-        t + c_i h. With `perturb` (torchdiffeq's option for forcing that jumps at grid points; float
-        grids only) a stage on a grid point reads one floating-point step inside its own step: c_i = 0
-        towards the step's end, c_i = 1 from the end point itself (not t + h, which may round past
-        it) towards the start, so a jump at the grid point is seen from the right side."""
+        t + c_i h, or with `perturb` one float step inside (docs/engine.md, "Inside the engine": fixed_grid)."""
         if not self.perturb:
             return [t + c * h for c in self.tableau.c]
         # one step of the dtype the network reads its time in (a float64 step vanishes in float32)

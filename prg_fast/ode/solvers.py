@@ -33,13 +33,10 @@ class ButcherTableau:
 
 
 EULER = ButcherTableau("euler", order=1, a=((),), b=(1.0,), c=(0.0,))
-"""Forward Euler. Order 1, 1 evaluation per step."""
 
 MIDPOINT = ButcherTableau("midpoint", order=2, a=((), (0.5,)), b=(0.0, 1.0), c=(0.0, 0.5))
-"""Explicit midpoint. Order 2, 2 evaluations per step."""
 
 HEUN = ButcherTableau("heun", order=2, a=((), (1.0,)), b=(0.5, 0.5), c=(0.0, 1.0))
-"""Heun's method (explicit trapezoid). Order 2, 2 evaluations per step."""
 
 RK4 = ButcherTableau(
     "rk4",
@@ -48,16 +45,14 @@ RK4 = ButcherTableau(
     b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
     c=(0.0, 0.5, 0.5, 1.0),
 )
-"""Classic Runge-Kutta (weights 1/6, 1/3, 1/3, 1/6). Order 4, 4 evaluations per step."""
 
 RK4_38 = ButcherTableau(
-    "rk4_38",
+    "rk4_38",  # Kutta's 3/8 rule, what torchdiffeq calls "rk4"
     order=4,
     a=((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
     b=(1 / 8, 3 / 8, 3 / 8, 1 / 8),
     c=(0.0, 1 / 3, 2 / 3, 1.0),
 )
-"""Kutta's 3/8 rule (what torchdiffeq calls "rk4"). Order 4, 4 evaluations per step."""
 
 SOLVERS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RK4, RK4_38)}
 
@@ -136,20 +131,17 @@ DOPRI5 = EmbeddedTableau.of(
     _DOPRI5_B, "1951/21600 0 22642/50085 451/720 -12231/42400 649/6300 1/60",
     mid="6025192743/60171106304 0 51252292925/130801643196 -2691868925/90256659456 "
         "187940372067/3189068634112 -1776094331/39487288512 11237099/470086768")
-"""Dormand-Prince 5(4) with Shampine's embedded pair and mid-point (torchdiffeq's dopri5). 6
-evaluations per step."""
 
 BOSH3 = EmbeddedTableau.of("bosh3", 3, "0 1/2 3/4 1", ["", "1/2", "0 3/4", "2/9 1/3 4/9"], "2/9 1/3 4/9 0",
                            "7/24 1/4 1/3 1/8")
-"""Bogacki-Shampine 3(2). 3 evaluations per step."""
 
 ADAPTIVE_HEUN = EmbeddedTableau.of("adaptive_heun", 2, "0 1", ["", "1"], "1/2 1/2", "1 0")
-"""Heun-Euler 2(1). 2 evaluations per step (with the FSAL stage)."""
 
 FEHLBERG2 = EmbeddedTableau.of("fehlberg2", 2, "0 1/2 1", ["", "1/2", "1/256 255/256"], "1/512 255/256 1/512",
                                "1/256 255/256 0")
-"""Fehlberg 2(1). 3 evaluations per step (with the FSAL stage)."""
 
+_DOPRI8_B = ("14005451/335480064 0 0 0 0 -59238493/1068277825 181606767/758867731 561292985/797845732 "
+             "-1041891430/1371343529 760417239/1151165299 118820643/751138087 -528747749/2220607170 1/4 0")
 DOPRI8 = EmbeddedTableau.of(
     "dopri8", 8,
     "0 1/18 1/12 1/8 5/16 3/8 59/400 93/200 5490023248/9719169821 13/20 1201146811/1299019798 1 1 1",
@@ -166,18 +158,13 @@ DOPRI8 = EmbeddedTableau.of(
      "5731566787/1027545527 5232866602/850066563 -4093664535/808688257 3962137247/1805957418 65686358/487910083",
      "403863854/491063109 0 0 -5068492393/434740067 -411421997/543043805 652783627/914296604 "
      "11173962825/925320556 -13158990841/6184727034 3936647629/1978049680 -160528059/685178525 "
-     "248638103/1413531060 0",
-     "14005451/335480064 0 0 0 0 -59238493/1068277825 181606767/758867731 561292985/797845732 "
-     "-1041891430/1371343529 760417239/1151165299 118820643/751138087 -528747749/2220607170 1/4"],
-    "14005451/335480064 0 0 0 0 -59238493/1068277825 181606767/758867731 561292985/797845732 "
-    "-1041891430/1371343529 760417239/1151165299 118820643/751138087 -528747749/2220607170 1/4 0",
-    "13451932/455176623 0 0 0 0 -808719846/976000145 1757004468/5645159321 656045339/265891186 "
+     "248638103/1413531060 0", _DOPRI8_B.rsplit(" ", 1)[0]],
+    _DOPRI8_B, "13451932/455176623 0 0 0 0 -808719846/976000145 1757004468/5645159321 656045339/265891186 "
     "-3867574721/1518517206 465885868/322736535 53011238/667516719 2/45 0 0",
     # Hairer's dense-output polynomials evaluated at theta = 1/2 (as torchdiffeq does)
     mid="0.041031303607394015 0 0 0 0 0.051005628019913443 0.23889306774121999 0.30968701439961027 "
         "-0.21723254717553503 0.078334056793319243 -0.001861436971558026 0.0070728442026784522 "
         "0.0069084737320050937 -0.013838404349047484")
-"""Prince-Dormand 8(7) ("RK8(7)13M", torchdiffeq's dopri8). 12 evaluations per step."""
 
 _TSIT5_B = ("0.096460766818065229518 0.01 0.47988965041449957478 1.3790085741037418932 "
             "-3.2900695154360806799 2.3247105240997739824")
@@ -198,8 +185,6 @@ TSIT5 = EmbeddedTableau.of(
            ("0", "37.509313416511041", "-88.178904894766404", "47.379521962819283"),
            ("0", "-27.896526289197286", "65.091894674793664", "-34.870657861496611"),
            ("0", "1.5", "-4", "2.5")])
-"""Tsitouras 5(4) (not in torchdiffeq; diffrax's recommended default) with its own dense output.
-6 evaluations per step."""
 
 EMBEDDED = {t.name: t for t in (DOPRI5, BOSH3, ADAPTIVE_HEUN, FEHLBERG2, DOPRI8, TSIT5)}
 
