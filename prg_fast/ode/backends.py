@@ -63,12 +63,9 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
 def _pick(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-        for name in order:
-            if unavailable_reason(name, device) is None:
-                return name
-        raise AssertionError("the reference backend is always available")
+    if backend == "auto":  # the reference backend is always available
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        return next((name for name in order if unavailable_reason(name, device) is None), "reference")
     why = unavailable_reason(backend, device)
     if why is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable: {why}")
@@ -87,11 +84,9 @@ def _implementations(name: str) -> Tuple[Callable, Callable, Optional[Callable]]
 
 
 def select(backend: str, device: torch.device) -> Backend:
-    """The requested backend on `device` (raises if unavailable), as the Backend a solve calls.
-    Inside a torch.func transform or a forward-AD dual level (prg_fast.compat.under_transform)
-    the pure-PyTorch reference runs whatever was requested: PyTorch gives a compiled operator no
-    forward-mode rule (the tangent would silently be zero), and the transforms work on plain torch
-    arithmetic. A solve is built, and run, inside the transform it is called under."""
+    """The requested backend on `device` (raises if unavailable), as the Backend a solve calls; inside
+    a torch.func transform or a forward-AD dual level the reference's arithmetic runs (a compiled
+    operator has no forward-mode rule: docs/engine.md, "Inside the engine": ops)."""
     name = _pick(backend, device)
     return Backend(name, *_implementations("reference" if under_transform() else name))
 

@@ -45,16 +45,15 @@ class GraphCache:
     bookkeeping is testable without a GPU."""
 
     def __init__(self, max_size: int = _DEFAULT_MAX_SIZE):
-        self.set_max_size(max_size)
         self._entries: "OrderedDict[Tuple, object]" = OrderedDict()
         self.captures = 0
+        self.set_max_size(max_size)
 
     def set_max_size(self, max_size: int) -> None:
         if not isinstance(max_size, int) or max_size < 1:
             raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
         self.max_size = max_size
-        if hasattr(self, "_entries"):
-            self._trim()
+        self._trim()
 
     def _trim(self) -> None:
         while len(self._entries) > self.max_size:
@@ -148,9 +147,8 @@ def graphed_solve(run, model, x: torch.Tensor, grid, spec, mode=True) -> torch.T
     `should_graph`)."""
     if not should_graph(model, x, mode, spec.check_finite):
         return run(model, x, grid, spec)
-    if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
-        where = x.device if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"cuda_graph=True needs x on a CUDA device, got {where}")
+    if x.device.type != "cuda":  # x: a tensor (prg_fast.ode.api checked it)
+        raise ValueError(f"cuda_graph=True needs x on a CUDA device, got {x.device}")
     if spec.check_finite:
         raise ValueError("cuda_graph=True cannot be combined with check_finite=True (it needs a host sync every step)")
     if _grad_needed(model, x):

@@ -52,11 +52,7 @@ else:
 HAS_OPS = CPU_ERROR is None
 
 
-# The fixed cost of a call is most of a small state's stage arithmetic: prg_fast._C's entries read
-# plain tensors and numbers directly and call the operator through the dispatcher (about half the
-# cost of torch.ops' boxed call, csrc/python_calls.cpp); they return NotImplemented for anything
-# else (tensor subclasses, __torch_function__ modes, unusual argument types), which then goes
-# through torch.ops. torch.compile traces torch.ops (is_compiling() is constant there).
+# prg_fast._C's direct entries first, torch.ops when they decline: docs/engine.md, "Inside the engine": ops
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -94,11 +90,10 @@ MAX_TERMS = 8  # the kernels' limit (csrc/stage_combine.h, kernels/stage_combine
 
 @dataclass(frozen=True)
 class Backend:
-    """The stage arithmetic of one solve, any number of terms, by one implementation: `fn` with the
-    signature of prg_fast.ode.reference.stage_combine, `rows_fn` with that of stage_combine_rows
-    (per-row tensor coefficients, for time tensors), `into` with that of stage_combine_into (or
-    None: the no-grad loop then allocates its outputs). `weighted` and `scaled` are where a float
-    step size and a tensor one part."""
+    """The stage arithmetic of one solve, any number of terms, by one implementation: `fn`, `rows_fn`
+    and `into` with the signatures of prg_fast.ode.reference.stage_combine, stage_combine_rows (per-row
+    tensor coefficients, for time tensors) and ops.stage_combine_into (None: the no-grad loop then
+    allocates its outputs). `weighted` and `scaled` are where a float step size and a tensor one part."""
 
     name: str
     fn: Callable
@@ -127,13 +122,12 @@ class Backend:
             return self.rows_fn(base, terms, coeffs, out_dtype)  # the kernel reports bad input
         final = base.dtype if out_dtype is None else out_dtype
         acc = accumulate_dtype(base, terms, final, coeffs)
-        ones = torch.ones(coeffs.shape[0], 1, dtype=coeffs.dtype, device=coeffs.device)
-        base = self.rows_fn(base, terms[:MAX_TERMS], coeffs[:, : 1 + MAX_TERMS], acc)
-        terms, coeffs = terms[MAX_TERMS:], coeffs[:, 1 + MAX_TERMS:]
+        head, coeffs = coeffs[:, :1], coeffs[:, 1:]  # base's column: the caller's, then the partial sum's (ones)
         while len(terms) > MAX_TERMS:
-            base = self.rows_fn(base, terms[:MAX_TERMS], torch.cat([ones, coeffs[:, :MAX_TERMS]], 1), acc)
+            base = self.rows_fn(base, terms[:MAX_TERMS], torch.cat([head, coeffs[:, :MAX_TERMS]], 1), acc)
+            head = torch.ones_like(head)
             terms, coeffs = terms[MAX_TERMS:], coeffs[:, MAX_TERMS:]
-        return self.rows_fn(base, terms, torch.cat([ones, coeffs], 1), final)
+        return self.rows_fn(base, terms, torch.cat([head, coeffs], 1), final)
 
     def weighted(self, base, terms, weights, h, out_dtype, state_dtype):
         """base + h sum_j w_j terms_j. A float h folds into the coefficients (one fused call); a

@@ -1,7 +1,5 @@
-"""Pure-PyTorch oracle. Every kernel and backend is tested against these functions.
-
-Written for clarity, not speed: no fusion, no custom ops, ordinary autograd.
-"""
+"""Pure-PyTorch oracle, every kernel and backend is tested against: written for clarity, not speed
+(no fusion, no custom ops, ordinary autograd)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence

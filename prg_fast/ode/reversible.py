@@ -22,17 +22,6 @@ def check_coupling(coupling) -> float:
     return float(coupling)
 
 
-def check_grid(problem: Problem) -> None:
-    """The scheme's grids: not save_at on per-sample times, whose grid may hold zero-length steps,
-    which only the RK step maps to the identity."""
-    if problem.grid.out_rows is not None:
-        raise ValueError(
-            "reversible=True cannot be combined with save_at on per-sample times (t, t0 or save_at per sample): "
-            "a zero-length step of the reversible scheme is not the identity (its coupling mixes the two states); "
-            "use reversible=False, or shared times"
-        )
-
-
 # the rebuilt initial state's largest relative error the backward accepts (check_reconstruction)
 RECONSTRUCTION_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -46,11 +35,9 @@ def reconstruction_error(y0: torch.Tensor, z0: torch.Tensor, x: torch.Tensor) ->
 
 
 def check_reconstruction(error: float, dtype: torch.dtype, mode: str) -> None:
-    """The gradients are exact only as far as the inverse steps rebuild the forward's states; each
-    amplifies the rounding of the next by up to the local Lipschitz constant times h (and 1/lam),
-    so a sharp velocity (BatchNorm in train mode with large weights) can drift by orders of
-    magnitude. The rebuilt initial state against the one passed, above RECONSTRUCTION_TOL[state
-    dtype]: "error" raises, "warn" warns with the figure, "off" does nothing."""
+    """The rebuilt initial state's relative `error` against RECONSTRUCTION_TOL[state dtype]: above it
+    "error" raises, "warn" warns with the figure, "off" does nothing (why: docs/engine.md, "Adjoint
+    strategies", when the reversible scheme is unsafe)."""
     tol = RECONSTRUCTION_TOL.get(dtype, RECONSTRUCTION_TOL[torch.float32])
     if mode == "off" or (error <= tol and math.isfinite(error)):
         return
@@ -91,7 +78,12 @@ def _forward_step(p, lam, n, y, z, record: Optional[Callable[[], None]]):
 def run(p: Problem, x: torch.Tensor, lam: float,
         record: Optional[Callable[[], None]] = None) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(the y states at the grid's outputs, y_K, z_K), calling `record` before each base step."""
-    check_grid(p)
+    if p.grid.out_rows is not None:  # save_at on per-sample times: its grid may hold zero-length steps
+        raise ValueError(
+            "reversible=True cannot be combined with save_at on per-sample times (t, t0 or save_at per sample): "
+            "a zero-length step of the reversible scheme is not the identity (its coupling mixes the two states); "
+            "use reversible=False, or shared times"
+        )
     want = p.grid.output_points()
     y = z = x
     saved = {0: x} if 0 in want else {}

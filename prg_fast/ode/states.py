@@ -1,9 +1,6 @@
 """odeint's states: adapters that solve a scalar, complex or (nested) tuple state as one flat real
-tensor, as torchdiffeq allows.
-
-`adapt` returns the equivalent real-tensor solve and the function that turns its result back (the
-stage arithmetic is real-linear: stepping the flat real view is stepping the original state).
-"""
+tensor, as torchdiffeq allows (`adapt`: the equivalent real-tensor solve, and the function that
+turns its result back)."""
 from __future__ import annotations
 
 import dataclasses

@@ -7,12 +7,8 @@ import torch
 
 
 class StepBuffers:
-    """One stage input buffer (a stage input is dead once its evaluation returned) and one state
-    buffer, updated in place step after step (the kernel reads every element before writing it). A
-    fresh output of a few hundred KiB costs page faults whenever the allocator has handed the memory
-    back to the system, which for a small network is a sizeable share of the solve. Nothing that
-    is kept is ever overwritten: the caller's x, a saved output state (give_away), and a velocity
-    that returns its input or a view of a buffer (apart copies it)."""
+    """One stage input buffer and one state buffer, updated in place step after step; nothing kept is
+    overwritten (give_away, apart). Why: docs/engine.md, "Inside the engine": step_buffers."""
 
     def __init__(self):
         self.stage_buffer: Optional[torch.Tensor] = None
