@@ -220,9 +220,7 @@ class Problem:
     grid: Grid
     backend: Backend
     check_finite: bool = False
-    # torchdiffeq's perturb option (float grids): stages at a grid point read a time one
-    # floating-point step inside their step (see stage_time)
-    perturb: bool = False
+    perturb: bool = False  # torchdiffeq's perturb option (float grids): see stage_times
     adjoint_params: Optional[Tuple[torch.Tensor, ...]] = None  # the tensors passed as adjoint_params=
     # an adaptive controller (prg_fast.ode.adaptive) that picks the grid as it runs: `run` is then its
     # run, and the problem on the grid it accepted (controller.accepted) is what a backward walks
