@@ -472,37 +472,17 @@ def collect(rows: List[Dict[str, Any]]) -> Dict[tuple, List[float]]:
 
 
 def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
-    p = SCALES[scale]
-    acc = collect(rows)
-    k = p["ode_steps"]
-    lines = ["| labels per class | " + " | ".join(labels_name(n) for n in LABELS) + " |",
-             "|---|" + "---|" * len(LABELS)]
-    for key, name in METHODS:
-        lines.append(f"| {name} | " + " | ".join(_fmt(_stats(acc.get((key, labels_name(n)), []))) for n in LABELS)
-                     + " |")
-    diff = []
-    for n in LABELS:
-        by_seed = {(r["method"], r["seed"]): top1(r) for r in rows
-                   if r.get("kind") == "finetune" and r.get("labels_per_class") == n}
-        pairs = [by_seed[("prg", s)] - by_seed[("scratch", s)] for s in p["seeds"]
-                 if ("prg", s) in by_seed and ("scratch", s) in by_seed]
-        diff.append(_fmt(_stats(pairs)))
-    lines.append("| PRG - scratch (paired by seed) | " + " | ".join(diff) + " |")
+    p, acc, cols = SCALES[scale], collect(rows), [labels_name(n) for n in LABELS]
+    k, ft = p["ode_steps"], [r for r in rows if r.get("kind") == "finetune"]
+    top = [dict(row=name, **{c: _fmt(_stats(acc.get((key, c), []))) for c in cols}) for key, name in METHODS]
+    by_seed = {(r["method"], r.get("labels_per_class"), r["seed"]): top1(r) for r in ft}
+    top.append(dict(row="PRG - scratch (paired by seed)", **{labels_name(n): _fmt(_stats(
+        [by_seed["prg", n, s] - by_seed["scratch", n, s] for s in p["seeds"]
+         if ("prg", n, s) in by_seed and ("scratch", n, s) in by_seed])) for n in LABELS}))
     steps = [max(k // 2, 1), k, 4 * k]
-    lines += ["", f"Step count at evaluation (trained with K = {k} {p['method']} steps; test top-1 %):", "",
-              "| row | labels per class | " + " | ".join(f"{s} steps" for s in steps) + " |",
-              "|---|---|" + "---|" * len(steps)]
-    for key, name in METHODS[:2]:  # the head-only rows are evaluated at K only
-        for n in LABELS:
-            cells = [r for r in rows if r.get("kind") == "finetune" and r["method"] == key
-                     and r.get("labels_per_class") == n]
-            if cells:
-                lines.append(f"| {name} | {labels_name(n)} | " + " | ".join(
-                    _fmt(_stats([r["top1_by_steps"][str(s)] for r in cells])) for s in steps) + " |")
-    lines += ["", "Cost per row (per seed: CPU seconds of its commands, user + system, and wall minutes on the "
-              "shared machine; peak resident memory of its largest command):", "",
-              "| row | labels per class | CPU s per seed | wall min per seed | peak MiB | host load (1-min avg) |",
-              "|---|---|---|---|---|---|"]
+    sweep = [dict(row=name, n=labels_name(n), cells=cells) for key, name in METHODS[:2] for n in LABELS  # head: K only
+             if (cells := [r for r in ft if r["method"] == key and r.get("labels_per_class") == n])]
+    cost = []
     for r_kind, key, name in [("pretrain", None, "pretraining (shared)"), ("features", None, "feature extraction (shared)")] + \
             [("finetune", k_, n_) for k_, n_ in METHODS[:3]] + [("probe", "probe", "linear probe + 20-NN")]:
         for n in (LABELS if r_kind in ("finetune", "probe") else (None,)):
@@ -512,22 +492,29 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
                 # a cell resumed after an interruption recorded only the commands after the resume
                 whole = [r for r in cells if not r.get("resumed_from_step")]
                 cpu = f"{sum(r['cpu_s'] for r in whole) / len(whole):.0f}" if whole else "--"
-                if whole and len(whole) < len(cells):
-                    cpu += f" (n={len(whole)})"
                 wall = sum(r["wall_s"] for r in whole or cells) / len(whole or cells) / 60
-                peak = max(r["peak_rss_mib"] for r in cells)
                 loads = [r["load_avg_start"] for r in cells] + [r["load_avg_end"] for r in cells]
-                label = labels_name(n) if r_kind in ("finetune", "probe") else "--"
-                lines.append(f"| {name} | {label} | {cpu} | {wall:.1f}{'' if whole else ' (resumed)'} | {peak:.0f} | "
-                             f"{min(loads):.1f}-{max(loads):.1f} |")
-    total_cpu = sum(r["cpu_s"] for r in rows)
-    total_wall = sum(r["wall_s"] for r in rows)
+                cost.append(dict(row=name, n=labels_name(n) if r_kind in ("finetune", "probe") else "--",
+                                 cpu=cpu + (f" (n={len(whole)})" if whole and len(whole) < len(cells) else ""),
+                                 wall=f"{wall:.1f}{'' if whole else ' (resumed)'}",
+                                 peak=f"{max(r['peak_rss_mib'] for r in cells):.0f}",
+                                 load=f"{min(loads):.1f}-{max(loads):.1f}"))
     resumed = [r["cell"] for r in rows if r.get("resumed_from_step")]
-    lines += ["", f"All {len(rows)} cells: {total_cpu / 3600:.2f} CPU hours, {total_wall / 3600:.2f} hours of "
-              f"command wall time (summed over the cells, several of which ran at a time)" +
-              (f"; a lower bound: {len(resumed)} cells ({', '.join(resumed)}) resumed after an interruption, and "
-               "their CPU time before it was not recorded (the per-seed figures above leave them out)." if resumed else ".")]
-    return "\n".join(lines)
+    return "\n".join([
+        harness.table(top, [("labels per class", "row")] + [(c, c) for c in cols]), "",
+        f"Step count at evaluation (trained with K = {k} {p['method']} steps; test top-1 %):", "",
+        harness.table(sweep, [("row", "row"), ("labels per class", "n")] + [
+            (f"{s} steps", lambda x, s=s: _fmt(_stats([r["top1_by_steps"][str(s)] for r in x["cells"]])))
+            for s in steps]),
+        "", "Cost per row (per seed: CPU seconds of its commands, user + system, and wall minutes on the shared "
+        "machine; peak resident memory of its largest command):", "",
+        harness.table(cost, [("row", "row"), ("labels per class", "n"), ("CPU s per seed", "cpu"),
+                             ("wall min per seed", "wall"), ("peak MiB", "peak"), ("host load (1-min avg)", "load")]),
+        "", f"All {len(rows)} cells: {sum(r['cpu_s'] for r in rows) / 3600:.2f} CPU hours, "
+        f"{sum(r['wall_s'] for r in rows) / 3600:.2f} hours of command wall time (summed over the cells, several of "
+        "which ran at a time)" + (f"; a lower bound: {len(resumed)} cells ({', '.join(resumed)}) resumed after an "
+                                  "interruption, and their CPU time before it was not recorded (the per-seed figures "
+                                  "above leave them out)." if resumed else ".")])
 
 
 def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:

@@ -346,7 +346,8 @@ def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dic
         rows.append({"key": f"ft-{p}", "label": f"PRG finetuned ({names.get(p, p)} pretraining)", "values": runs(f"ft-{p}")})
     rows.append({"key": "scratch", "label": "from scratch (same network)", "values": runs("scratch")})
     for p in a.paths:
-        rows.append({"key": f"head-{p}", "label": f"head only ({names.get(p, p)}, flow frozen)", "values": runs(f"head-{p}")})
+        rows.append({"key": f"head-{p}", "label": f"head only ({names.get(p, p)}, flow frozen)",
+                     "values": runs(f"head-{p}")})
     if a.probes:
         for key, label in [("probe-pixels", "linear probe, raw pixels")] + [
                 (f"probe-{p}", f"linear probe, frozen x_1 ({names.get(p, p)})") for p in a.paths]:

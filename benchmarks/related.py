@@ -85,8 +85,8 @@ def systems(args, ckpt: str) -> Dict[str, tuple]:
                              "repfusion_policy", rep + ["--steps", str(half), "--policy"]),
         "student": ("control: same student, CE only", f"0 distillation + {rest} CE steps", "student",
                     rep + ["--steps", "0"]),
-        "genrep": (f"GenRep, sigma = {args.sigma:g}", f"{args.budget} NT-Xent steps on {args.gen_pool} x (1 + 4) generated "
-                   "images (10 rk4 steps), then linear probe", "genrep", gen + ["--steps", str(args.budget)]),
+        "genrep": (f"GenRep, sigma = {args.sigma:g}", f"{args.budget} NT-Xent steps on {args.gen_pool} x (1 + 4) "
+                   "generated images (10 rk4 steps), then linear probe", "genrep", gen + ["--steps", str(args.budget)]),
         "random": ("control: GenRep encoder untrained", "0 steps, linear probe", "random_encoder", gen + ["--steps", "0"]),
     }
 
