@@ -1,23 +1,14 @@
-"""Adaptive odeint against torchdiffeq (and torchode when installed), side by side in one run.
-
-Rows: Van der Pol (mu 1 and 5), Lotka-Volterra, a neural ODE (MLP velocity 2-64-64-2, batch 64)
-and a CNF-sized one (16-256-256-16 on a batch of 512), each with dopri5 at the same rtol/atol for
-every solver (the MLPs' initial weights scaled by 3: some 200-300 evaluations on t in [0, 10]). Per row and solver:
-    err        max |y - y_ref| over the output times, y_ref from scipy's DOP853 at rtol = atol = 1e-13
-    nfe        function evaluations
-    nograd     no-grad solve time (s), and its ratio to torchdiffeq's odeint
-    train      forward + backward time (s) of sum(ys**2) w.r.t. y0 and the parameters, and its ratio:
-               ours by default (adjoint, memory_budget="auto"), ours with memory_budget=0, ours
-               with adjoint=False; torchdiffeq's odeint (backprop) and odeint_adjoint
-    held_mb    MB autograd holds for the backward at the end of the forward (unique saved storages)
-    grad_err   relative error of the gradient against a tight-tolerance reference (ours, float64,
-               rtol = atol = 1e-12, dopri8, memory_budget=0: exact for its accepted steps)
-
-Time: harness.interleaved (every solver of a row in turn, per round; thread CPU time with one thread);
-results: OUT/adaptive.jsonl (harness.Results: an interrupted run resumes).
+"""Adaptive odeint against torchdiffeq (and torchode when installed), side by side in one run: Van
+der Pol (mu 1 and 5), Lotka-Volterra, a neural ODE and a CNF-sized one (rows()), dopri5 at the same
+tolerances for every solver. Per row and solver (COLUMNS; RESULTS.md, "Adaptive odeint against
+torchdiffeq"): the error against scipy's DOP853 at 1e-13, the evaluations, the no-grad and training
+step times and their ratios to torchdiffeq's odeint (harness.interleaved), the memory autograd holds
+for the backward, and the gradient error against a tight-tolerance float64 reference.
 
     OMP_NUM_THREADS=1 python benchmarks/adaptive.py              # every row (the cnf row alone is long)
-    OMP_NUM_THREADS=1 python benchmarks/adaptive.py --rows vdp1 mlp --no-train
+    OMP_NUM_THREADS=1 python benchmarks/adaptive.py --rows vdp1 mlp
+
+Results: OUT/adaptive.jsonl (harness.Results: an interrupted run resumes).
 """
 from __future__ import annotations
 
@@ -179,9 +170,8 @@ def bench_row(name, args, log):
 
     log.measure(keys, "err", accuracy)
     log.measure(keys, "nograd", lambda: times("nograd", lambda solve: torch.no_grad()(lambda: solve(f, y0))))
-    if not args.no_train:
-        log.measure(keys, "grad_err", gradients)
-        log.measure(keys, "train", lambda: times("train", lambda solve: lambda: train_step(solve, f, y0)))
+    log.measure(keys, "grad_err", gradients)
+    log.measure(keys, "train", lambda: times("train", lambda solve: lambda: train_step(solve, f, y0)))
     for key in keys:
         print(json.dumps(log.get(key)), flush=True)
     return log.rows(keys)
@@ -198,7 +188,6 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", default=list(rows()), choices=list(rows()))
     p.add_argument("--reps", type=int, default=5, help="interleaved rounds")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed block (harness.interleaved)")
-    p.add_argument("--no-train", action="store_true", help="no-grad columns only")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     print(f"{harness.machine()}\ntime: {harness.clock_name(torch.device('cpu'), threads)}, median of {args.reps} "

@@ -1,34 +1,19 @@
 """The headline: memory, time and gradient error of differentiating through a fixed-step reverse
-solve, for K steps, one row per strategy on the same grid:
-
-    backprop      prg_fast.reverse(adjoint=False): plain autograd through the solver (the time anchor)
-    auto          prg_fast.reverse(): the default, memory_budget="auto"
-    budget_0      memory_budget=0: exact adjoint, every evaluation recomputed
-    budget_half   memory_budget = half of the K*s evaluation graphs' bytes: the last half kept
-    budget_inf    memory_budget=float("inf"): every evaluation's graph kept, nothing recomputed
-    steps         store="steps": one state per step stored, stage inputs recomputed
-    reversible    reversible=True: McCallum-Foster reversible scheme, nothing stored
-    tdq           torchdiffeq.odeint: plain autograd through torchdiffeq's solver
-    tdq_adjoint   torchdiffeq.odeint_adjoint: continuous adjoint re-integrated backwards
-
-Velocity: the UNet preset (its zero-initialised output layers given random weights, so the flow is
-non-trivial), or with --velocity mlp the small MLP v = W2 tanh(W1 x + w t + b1) + b2, where a network
-evaluation is cheap and the adjoint's per-call bookkeeping shows (its default rows: backprop, auto,
-budget_inf, budget_0; K = 20, 100; euler and rk4; time only).
-
-Per (method, K): peak memory above the baseline during forward+backward (harness: a fresh process per
-K on the CPU), forward+backward time per strategy and its ratio to plain backprop in the same rounds
-(harness.interleaved), and the relative L2 error of all gradients (input and every parameter) against
-float64 plain backprop through the same solver (for `reversible`: through the same reversible scheme,
-a different discretisation).
+solve, for K steps, one row per strategy of IMPLS on the same grid (plain backprop, the adjoint's
+memory budgets, store="steps", reversible, torchdiffeq's odeint and odeint_adjoint): per (method,
+K) the peak memory above the baseline during forward+backward (a fresh process per K on the CPU),
+the time and its ratio to plain backprop in the same rounds (harness.interleaved), and the relative
+L2 error of all gradients against float64 plain backprop through the same scheme. The UNet's
+zero-initialised output layers get random weights (a fresh UNet's v = 0 is a trivial ODE); --velocity
+mlp is a small MLP where the adjoint's per-call bookkeeping shows. RESULTS.md, "ODE engine: adjoint
+strategies", has the rows and the method.
 
     python benchmarks/adjoint_memory.py            # UNet "tiny" 16x16, K = 4, 8, 16 on the CPU; "cifar" on a GPU
     python benchmarks/adjoint_memory.py --full     # adds K = 64 (plain backprop holds ~1.2 GB there)
     python benchmarks/adjoint_memory.py --quick    # the same claim at K = 2, 4
     python benchmarks/adjoint_memory.py --velocity mlp --reps 31   # the bookkeeping at small sizes
 
-Results: OUT/adjoint_memory_TAG.jsonl (harness.Results: resumable), the tables, and the memory-time
-plot OUT/adjoint_memory_TAG_METHOD.png (--figures DIR puts it elsewhere).
+Results: OUT/adjoint_memory_TAG.jsonl (resumable), the tables, and OUT/adjoint_memory_TAG_METHOD.png.
 """
 from __future__ import annotations
 
@@ -44,7 +29,6 @@ from prg_fast.ode.solvers import SOLVERS
 IMPLS = ("backprop", "auto", "budget_0", "budget_half", "budget_inf", "steps", "reversible", "tdq", "tdq_adjoint")
 MLP_IMPLS = ("backprop", "auto", "budget_inf", "budget_0")
 TDQ_METHOD = {"euler": "euler", "midpoint": "midpoint", "rk4_38": "rk4"}  # torchdiffeq's names (same tableaus)
-MEASURES = {"peak": "peak_bytes", "grad": "grad_rel_err", "time": "time_ratio"}
 
 
 class MLP(torch.nn.Module):
@@ -142,7 +126,7 @@ def cell_fns(args, impls, steps, method, device, dtype=torch.float32):
 def grad_errors(args, impls, steps, method, device):
     """Relative gradient error of each strategy against float64 plain backprop through its scheme."""
     model, x = build(args, device, torch.float64)
-    x.data = x.data[: args.grad_batch]
+    x.data = x.data[:2]  # a small batch: float64
     truth = {ref: run_once(ref, model, x, steps, method, reference=True) for ref in ("backprop", "reversible")
              if ref == "backprop" or "reversible" in impls}
     return [{"grad_rel_err": harness.rel_err(run_once(impl, model, x, steps, method),
@@ -152,20 +136,20 @@ def grad_errors(args, impls, steps, method, device):
 
 def measure_cell(args, log, impls, method, steps, device):
     keys = [dict(method=method, steps=steps, impl=i) for i in impls]
-    if "peak" in args.measures:
+    if args.velocity == "unet":  # the MLP rows: time only
         def peak():
             got = harness.peaks_here_or_fresh(lambda: cell_fns(args, impls, steps, method, device), device,
                                               args.worker_argv + ["--methods", method, "--steps", steps, "--impls", *impls])
             return [{"peak_bytes": got[i]} for i in impls]
         log.measure(keys, "peak_bytes", peak)
-    if "grad" in args.measures:
         log.measure(keys, "grad_rel_err", lambda: grad_errors(args, impls, steps, method, device))
-    if "time" in args.measures:
-        def times():
-            t = harness.interleaved(cell_fns(args, impls, steps, method, device), args.reps, anchor="backprop",
-                                    device=device, threads=torch.get_num_threads())
-            return [{"seconds": t[i]["seconds"], "time_ratio": t[i]["ratio"]} for i in impls]
-        log.measure(keys, "time_ratio", times)
+
+    def times():
+        t = harness.interleaved(cell_fns(args, impls, steps, method, device), args.reps, anchor="backprop",
+                                device=device, threads=torch.get_num_threads())
+        return [{"seconds": t[i]["seconds"], "time_ratio": t[i]["ratio"]} for i in impls]
+
+    log.measure(keys, "time_ratio", times)
     for r in log.rows(keys):
         print(f"  {method} K={steps:<3d} {r['impl']:<12s} " + ", ".join(
             f"{k} {r[k]:.4g}" for k in ("peak_bytes", "seconds", "time_ratio", "grad_rel_err") if k in r), flush=True)
@@ -207,9 +191,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, nargs="+", default=None)
     p.add_argument("--methods", "--method", nargs="+", default=None, choices=sorted(TDQ_METHOD) + ["rk4", "heun"])
     p.add_argument("--impls", "--rows", nargs="+", default=None, choices=IMPLS)
-    p.add_argument("--measures", nargs="+", default=None, choices=list(MEASURES))
     p.add_argument("--reps", type=int, default=None, help="interleaved timing rounds")
-    p.add_argument("--grad-batch", type=int, default=2, help="batch for the float64 gradient check")
     p.add_argument("--figures", default=None, help="folder for the PNG (default: --out)")
     args = p.parse_args(argv)
     cuda, mlp = args.device.startswith("cuda"), args.velocity == "mlp"
@@ -219,7 +201,6 @@ def parse_args(argv=None):
     args.methods = args.methods or (["euler", "rk4"] if mlp else ["euler"])
     args.steps = args.steps or ([20, 100] if mlp else [2, 4] if args.quick else [4, 8, 16] + [64] * args.full)
     args.impls = ["backprop"] + [i for i in (args.impls or (MLP_IMPLS if mlp else IMPLS)) if i != "backprop"]
-    args.measures = args.measures or (["time"] if mlp else list(MEASURES))
     args.reps = args.reps or (15 if mlp else 2 if args.quick else 3)
     args.figures = args.figures or args.out
     if any(m in ("rk4", "heun") for m in args.methods) and any(i.startswith("tdq") for i in args.impls):
@@ -243,22 +224,21 @@ def main(argv=None):
           f"time: {harness.clock_name(device, torch.get_num_threads())}, median of {args.reps} interleaved rounds")
     tag = f"{device.type}_{args.model or 'mlp'}" + ("_quick" if args.quick else "")
     config = dict(velocity=args.velocity, model=args.model, batch=args.batch, size=args.size, dim=args.dim,
-                  hidden=args.hidden, reps=args.reps, grad_batch=args.grad_batch, device=device.type)
+                  hidden=args.hidden, reps=args.reps, grad_batch=2, device=device.type)
     log = harness.Results(args, f"adjoint_memory_{tag}", config, key=("method", "steps", "impl"), device=device)
     rows = [r for m in args.methods for k in args.steps for r in measure_cell(args, log, args.impls, m, k, device)]
-    if "peak" in args.measures or "grad" in args.measures:
+    if args.velocity == "unet":
         for method in args.methods:
             print(f"\n{method}:\n" + harness.table([r for r in rows if r["method"] == method], [
                 ("K", "steps"), ("strategy", "impl"), ("peak MiB", lambda r: r["peak_bytes"] / 2 ** 20, ".1f"),
                 ("ms (median)", lambda r: 1e3 * r["seconds"], ".0f"), ("time / backprop", "time_ratio", ".2f"),
                 ("grad rel err", "grad_rel_err", ".1e")]))
-    if "time" in args.measures:
-        cells = [dict(method=m, steps=k, by={i: log.get(dict(method=m, steps=k, impl=i)) for i in args.impls})
-                 for m in args.methods for k in args.steps]
-        print("\n" + harness.table(cells, [("method", "method"), ("K", "steps")] + [
-            (f"{i} ms", lambda c, i=i: 1e3 * c["by"][i]["seconds"], ".1f") for i in args.impls] + [
-            (f"{i} / backprop", lambda c, i=i: c["by"][i]["time_ratio"], ".3f") for i in args.impls[1:]]))
-    if set(args.measures) == set(MEASURES) and len(args.steps) > 1:
+    cells = [dict(method=m, steps=k, by={i: log.get(dict(method=m, steps=k, impl=i)) for i in args.impls})
+             for m in args.methods for k in args.steps]
+    print("\n" + harness.table(cells, [("method", "method"), ("K", "steps")] + [
+        (f"{i} ms", lambda c, i=i: 1e3 * c["by"][i]["seconds"], ".1f") for i in args.impls] + [
+        (f"{i} / backprop", lambda c, i=i: c["by"][i]["time_ratio"], ".3f") for i in args.impls[1:]]))
+    if args.velocity == "unet" and len(args.steps) > 1:
         for method in args.methods:
             plot(rows, args.impls, method, harness.machine(device) + f" | {what}, {method}, K in {args.steps}",
                  os.path.join(args.figures, f"adjoint_memory_{tag}_{method}.png"))

@@ -1,24 +1,15 @@
 """DDIM inversion with prg_fast: reconstruction error vs steps, and the cost of its exact gradient
-against autograd through diffusers' own DDIM inversion loop, side by side in one run.
+against autograd through diffusers' own DDIM inversion loop, side by side in one run (RESULTS.md,
+"DDIM inversion with the diffusion adapter", has the method).
 
     python benchmarks/ddim_inversion.py            # needs diffusers (not a dependency of prg_fast)
     python benchmarks/ddim_inversion.py --quick    # smaller sizes (CI)
 
-Network: the exact noise estimate of Gaussian data plus 0.1 x a diffusers UNet2DModel (random
-weights on top of its initialisation), on DDIMScheduler's linear schedule, "leading" spacing,
-steps_offset=1 (see GaussianDenoiserPlus: no trained weights can be downloaded here).
-
-1. Reconstruction: x -> reverse (inversion) -> generate (sampling) -> x', relative L2 error
-   |x' - x| / |x| for euler / heun / rk4 with N*m solver steps on the N-level flow (euler with
-   m = 1 is DDIM inversion then DDIM sampling, exactly).
-2. Exact gradient of an inversion, d<w, z_T>/d(x, every parameter): prg_fast.reverse(adjoint=True)
-   (euler, N steps: the same computation as DDIM inversion) against autograd through diffusers'
-   DDIMInverseScheduler loop. Memory: harness peaks, on the CPU in a fresh process per cell (memory
-   one cell freed and the allocator kept would hide the next cell's growth). Time: forward + backward
-   relative to diffusers' loop, harness.interleaved. The gradients' relative L2 difference says both
-   compute the same thing (float32 rounding).
-
-Results: OUT/ddim_inversion.jsonl (harness.Results, resumable) and the two tables.
+Network: GaussianDenoiserPlus on DDIMScheduler's linear schedule. 1. x -> reverse -> generate -> x'
+for euler / heun / rk4 with N*m steps on the N-level flow: |x' - x| / |x|. 2. The exact gradient of
+an inversion, prg_fast.reverse(adjoint=True) against autograd through DDIMInverseScheduler's loop:
+peaks (on the CPU a fresh process per cell), time (harness.interleaved) and the gradients'
+difference. Results: OUT/ddim_inversion.jsonl (harness.Results, resumable) and the two tables.
 """
 import argparse
 import sys

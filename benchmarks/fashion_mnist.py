@@ -1,30 +1,17 @@
-"""PRG on Fashion-MNIST on a CPU (issue 33): label-scarce and all-label tables over three seeds.
+"""PRG on Fashion-MNIST on a CPU (issue 33): label-scarce and all-label tables over three seeds. The
+protocol, its scale and every row: benchmarks/RESULTS.md, "PRG on Fashion-MNIST on the CPU".
 
     python benchmarks/fashion_mnist.py            # the tables (hours on a shared 2-core machine; resumable)
     python benchmarks/fashion_mnist.py --quick    # every row at small scale (a few minutes)
     python benchmarks/fashion_mnist.py --report   # the Markdown tables and the figures from the results file
 
-One pretrained flow (the `mnist28` UNet preset, OT-CFM, seed 0) is shared by every row; it is
-published as weights/fashion_mnist_flow.pt (prg_fast.flow: its EMA weights) and every pretrained row
-finetunes from that file, exactly as `prg-fast finetune --weights weights/fashion_mnist_flow.pt` does.
-For N labelled images per class (N = 10, 100, all) and seeds 0, 1, 2 (seed s draws the labelled
-subset and seeds the finetuning), the rows are:
-
-  prg       the pretrained flow reversed (t = 0 -> 1 in K euler steps), head + flow trained with
-            cross-entropy + beta x flow matching (prg-fast finetune --weights)
-  scratch   the same network, solver and recipe from a random initialisation (--from-scratch)
-  head      the head alone on the frozen reversed flow (--freeze-flow)
-  linear / knn   a linear probe (logistic regression, C chosen on held-out training images) and
-            20-NN (cosine) on the frozen features at t = 1 of the labelled images (prg-fast extract)
-
-Every trained row is evaluated on the 10,000 test images with the step count it was trained with (K)
-and with K/2 and 4K (prg-fast evaluate --ode-steps). Each step of the work is a `prg-fast` command
-run as a subprocess (one torch thread each, --jobs of them at a time), whose CPU seconds and peak
-memory are read from the kernel (os.wait4); a finished cell is appended as one JSON line to the
-results file (benchmarks/results/fashion_mnist.jsonl, or fashion_mnist_quick.jsonl), and a rerun
-skips the cells already there (run directories under runs/benchmarks/ resume an interrupted
-command). --quick runs the same rows on 6,000 / 1,000 images of the real files (an IDX copy written
-under the run folder and read with --data-dir), fewer steps and two seeds.
+One pretrained flow (the `mnist28` preset, OT-CFM, seed 0), published as
+weights/fashion_mnist_flow.pt, is shared by every pretrained row. Each step of the work is a
+`prg-fast` command (or one of this script's --internal tasks) run as a subprocess, one torch thread
+each, --jobs at a time, its CPU seconds and peak memory read from the kernel (os.wait4); a finished
+cell is one JSON line of benchmarks/results/fashion_mnist[_quick].jsonl, and a rerun skips the cells
+already there (run directories under runs/benchmarks/ resume an interrupted command). --quick: the
+same rows on 6,000 / 1,000 images of the real files, fewer steps, two seeds.
 """
 from __future__ import annotations
 
@@ -37,9 +24,8 @@ import shlex
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,14 +42,9 @@ WEIGHTS = "weights/fashion_mnist_flow.pt"  # relative to the repository root
 NICE = 10
 LABELS = (10, 100, None)  # None: every training image
 
-# The protocol. Scale choices (why these): the CPU budget of issue 33 (the whole table within 4 hours of
-# a 2-core machine); K = 2 euler steps because a finetuning step costs ~(K + 1) network forward+backward
-# passes per image. A first run at a smaller scale (pretraining 2000 x 128, one all-label epoch, half the
-# label-scarce steps; results/fashion_mnist_cut.jsonl) cost 1.3 CPU hours and left every curve rising, so
-# this protocol spends the budget: pretraining 10,000 x 128 images (21 epochs), all-label finetuning
-# 940 x 128 (2 epochs), label-scarce 200 x 50 (10 per class, 100 epochs of the subset) and 400 x 100
-# (100 per class, 40 epochs). The learning curve (test top-1 every quarter) only for all-label rows, and
-# the step sweep (K/2, 4K) for PRG and scratch: each test evaluation costs 10,000 x steps forward passes.
+# The protocol (why this scale: RESULTS.md). The learning curve (test top-1 every quarter) only for
+# all-label rows, and the step sweep (K/2, 4K) for PRG and scratch: each test evaluation costs
+# 10,000 x steps forward passes.
 SCALES: Dict[str, Dict[str, Any]] = {
     "full": dict(seeds=(0, 1, 2), ode_steps=2, method="euler", beta=0.1, lr=2e-3, model="mnist28",
                  pretrain=dict(steps=10000, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.999),
@@ -87,10 +68,8 @@ def labels_name(n: Optional[int]) -> str:
 
 
 def run_command(argv: List[str], log: str, nice: int = 0) -> Dict[str, Any]:
-    """Run `argv` (from the repository root, one torch thread, at niceness +`nice`), its output
-    appended to `log`; returns its wall seconds, CPU seconds (user + system, from the kernel) and
-    peak resident memory, and its last stdout line parsed as JSON (every prg-fast command prints its
-    metrics so)."""
+    """Run `argv` (one torch thread, niceness +`nice`), stderr appended to `log`: its wall and CPU
+    seconds, peak resident memory, and its last stdout line as JSON (a prg-fast command's metrics)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     with open(log, "a") as err:
@@ -115,8 +94,7 @@ def prg_fast_cmd(command: str, *args) -> List[str]:
 
 
 def internal_cmd(task: str, *args) -> List[str]:
-    """This script's own small tasks (publishing the weights, probes, figures), run as subprocesses
-    so that their CPU time and memory are measured as the prg-fast commands' are."""
+    """This script's own small tasks, run as subprocesses: measured as the prg-fast commands are."""
     return [sys.executable, os.path.abspath(__file__), "--internal", task, *[str(a) for a in args]]
 
 
@@ -142,10 +120,8 @@ class Plan:
         self.cells.append({"key": key, "after": after, "run": run, **info})
 
     def _build(self) -> None:
-        """The cells in the order they start as slots free up (and dependencies allow): the
-        pretraining, the label-scarce scratch rows beside it, then the pretrained rows row by row
-        (10 labels per class first, one all-label PRG seed early), the other scratch rows where a
-        slot is free."""
+        """The cells in the order they start: the pretraining, the label-scarce scratch rows beside it,
+        then the pretrained rows row by row (10 labels first, one all-label PRG seed early)."""
         seeds = self.p["seeds"]
         base = [] if not self.p["subset"] else ["data"]
         if self.p["subset"]:
@@ -257,7 +233,7 @@ def learning_curve(out: str) -> List[List[float]]:
 
 
 # -------------------------------------------------------------------------------------------------
-# the results file and the scheduler
+# the results file and the runner
 
 
 def protocol_id(scale: str) -> str:
@@ -266,17 +242,7 @@ def protocol_id(scale: str) -> str:
 
 
 def read_results(path: str) -> List[Dict[str, Any]]:
-    return harness.read_lines(path) if os.path.isfile(path) else []
-
-
-def append_result(path: str, row: Dict[str, Any], lock: threading.Lock) -> None:
-    """One JSON line per finished cell, flushed and synced: an interrupted run loses no finished cell."""
-    with lock:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    return harness.read_lines(path)
 
 
 def run_plan(plan: Plan, results: str, jobs: int) -> int:
@@ -291,43 +257,31 @@ def run_plan(plan: Plan, results: str, jobs: int) -> int:
     print(f"fashion_mnist ({plan.scale}): {len(done)} cells done, {len(pending)} to run; results -> {results}",
           flush=True)
     os.makedirs(plan.root, exist_ok=True)
-    lock, failed, running = threading.Lock(), set(), {}
+    load_at_start = {}
+
+    def submit(c):
+        load_at_start[c["key"]] = os.getloadavg()[0]
+        print(f"  start {c['key']}  ({time.strftime('%H:%M:%S')}, load {load_at_start[c['key']]:.1f})", flush=True)
+        return pool.submit(c["run"])
+
+    def finished(c, r):
+        harness.append_line(results, {
+            "cell": c["key"], "protocol": pid, "scale": plan.scale,
+            **{k: c[k] for k in ("kind", "method", "labels_per_class", "seed") if k in c},
+            **{k: (round(v, 3) if k.endswith(("_s", "_mib")) else v) for k, v in r.items()},
+            "load_avg_start": round(load_at_start[c["key"]], 2), "load_avg_end": round(os.getloadavg()[0], 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, sort_keys=True)
+        top = f" top-1 {r['top1']:.4f}" if isinstance(r.get("top1"), float) else ""
+        print(f"  done  {c['key']}:{top} {r['cpu_s']:.0f} CPU s, {r['wall_s']:.0f} s wall, "
+              f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+
+    def failed(c, e):  # reported, and the cells after it skipped; the rest go on
+        print(f"  FAILED {c['key']}: {e}", flush=True)
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while pending or running:
-            blocked = [c for c in pending if any(a in failed for a in c["after"])]
-            for c in blocked:  # a cell after a failed one cannot run
-                failed.add(c["key"])
-                pending.remove(c)
-            for c in [c for c in pending if all(a in done for a in c["after"])]:
-                if len(running) >= jobs:
-                    break
-                pending.remove(c)
-                print(f"  start {c['key']}  ({time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f})", flush=True)
-                running[pool.submit(c["run"])] = (c, os.getloadavg()[0])
-            if not running:
-                break
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in finished:
-                c, load = running.pop(fut)
-                try:
-                    r = fut.result()
-                except Exception as e:  # reported, and the cells after it skipped; the rest go on
-                    print(f"  FAILED {c['key']}: {e}", flush=True)
-                    failed.add(c["key"])
-                    continue
-                row = {"cell": c["key"], "protocol": pid, "scale": plan.scale,
-                       **{k: c[k] for k in ("kind", "method", "labels_per_class", "seed") if k in c},
-                       **{k: (round(v, 3) if k.endswith(("_s", "_mib")) else v) for k, v in r.items()},
-                       "load_avg_start": round(load, 2), "load_avg_end": round(os.getloadavg()[0], 2),
-                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                append_result(results, row, lock)
-                done[c["key"]] = row
-                top = f" top-1 {r['top1']:.4f}" if isinstance(r.get("top1"), float) else ""
-                print(f"  done  {c['key']}:{top} {r['cpu_s']:.0f} CPU s, {r['wall_s']:.0f} s wall, "
-                      f"{r['peak_rss_mib']:.0f} MiB", flush=True)
-    if failed:
-        print(f"fashion_mnist: {len(failed)} cells failed or were skipped after a failure: {sorted(failed)}",
-              flush=True)
+        lost = harness.run_tasks(pending, jobs, submit, finished, failed, done=done, key="key")
+    if lost:
+        print(f"fashion_mnist: {len(lost)} cells failed or were skipped after a failure: {sorted(lost)}", flush=True)
         return 1
     return 0
 
@@ -337,8 +291,7 @@ def run_plan(plan: Plan, results: str, jobs: int) -> int:
 
 
 def task_subset(n_train: str, n_test: str, folder: str) -> Dict[str, Any]:
-    """The first n_train / n_test images of the real files, written as IDX files into `folder` (the
-    --quick data set, read back through --data-dir)."""
+    """The first n_train / n_test images of the real files as IDX files in `folder` (--quick's data)."""
     import gzip
 
     from prg_fast.data import load_data
@@ -363,11 +316,9 @@ def task_publish(pretrain_dir: str, file: str) -> Dict[str, Any]:
 
 
 def task_probe(features: str, labels: str, seed: str) -> Dict[str, Any]:
-    """Linear probe and 20-NN on the frozen features of the labelled training images (all, or N per
-    class drawn as finetune --labels-per-class N --labels-seed SEED draws them), scored on the test
-    features. The probe's C: 5-fold cross-validation on the labelled images (prg_fast's
-    linear_probe), or for every image one held-out split of 5,000 (five folds of 60,000 would cost
-    more than the rest of the row)."""
+    """Linear probe and 20-NN on the frozen features of the labelled training images (N per class
+    drawn as finetune --labels-per-class N --labels-seed SEED draws them). The probe's C: 5-fold CV
+    (linear_probe), or with every image one held-out split of 5,000 (five folds would cost more)."""
     import numpy as np
     import torch
 
@@ -390,8 +341,7 @@ def task_probe(features: str, labels: str, seed: str) -> Dict[str, Any]:
 
 
 def task_figure_flow(flow_file: str, png: str, spec: str) -> Dict[str, Any]:
-    """Samples from the pretrained flow (20 rk4 steps from noise) and test images along their reversed
-    trajectory (20 euler steps, states at t = 0, 0.25, 0.5, 1)."""
+    """Samples of the pretrained flow and test images along their reversed trajectory."""
     import torch
 
     import prg_fast
@@ -436,9 +386,8 @@ PRESET_CANDIDATES = {  # what the mnist28 preset was chosen against (same widths
 
 
 def task_preset(name: str) -> Dict[str, Any]:
-    """Parameters and one-thread throughput of a candidate network on 28x28 grey images: network
-    evaluations per second (images) without gradients (batch 256) and forward + backward (batch 128),
-    the best of 5 timings each; peak memory is the process's, read by the caller."""
+    """Parameters and one-thread images per CPU second of a candidate network on 28x28 grey images,
+    forward without gradients (batch 256) and forward + backward (batch 128), best of 5 timings."""
     import torch
 
     from prg_fast.models import UNet
@@ -504,8 +453,7 @@ def _fmt(st, scale: float = 100.0) -> str:
 
 
 def top1(row: Dict[str, Any]) -> float:
-    """A finetuning cell's test top-1 at its training step count, unrounded (the first results were
-    written with top-level floats rounded to 3 decimals; top1_by_steps holds the exact values)."""
+    """A finetuning cell's test top-1 at its training step count, unrounded (from top1_by_steps)."""
     by_steps = row.get("top1_by_steps") or {}
     return by_steps.get(str(SCALES[row["scale"]]["ode_steps"]), row["top1"])
 
@@ -524,37 +472,17 @@ def collect(rows: List[Dict[str, Any]]) -> Dict[tuple, List[float]]:
 
 
 def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
-    p = SCALES[scale]
-    acc = collect(rows)
-    k = p["ode_steps"]
-    lines = ["| labels per class | " + " | ".join(labels_name(n) for n in LABELS) + " |",
-             "|---|" + "---|" * len(LABELS)]
-    for key, name in METHODS:
-        lines.append(f"| {name} | " + " | ".join(_fmt(_stats(acc.get((key, labels_name(n)), []))) for n in LABELS)
-                     + " |")
-    diff = []
-    for n in LABELS:
-        by_seed = {(r["method"], r["seed"]): top1(r) for r in rows
-                   if r.get("kind") == "finetune" and r.get("labels_per_class") == n}
-        pairs = [by_seed[("prg", s)] - by_seed[("scratch", s)] for s in p["seeds"]
-                 if ("prg", s) in by_seed and ("scratch", s) in by_seed]
-        diff.append(_fmt(_stats(pairs)))
-    lines.append("| PRG - scratch (paired by seed) | " + " | ".join(diff) + " |")
+    p, acc, cols = SCALES[scale], collect(rows), [labels_name(n) for n in LABELS]
+    k, ft = p["ode_steps"], [r for r in rows if r.get("kind") == "finetune"]
+    top = [dict(row=name, **{c: _fmt(_stats(acc.get((key, c), []))) for c in cols}) for key, name in METHODS]
+    by_seed = {(r["method"], r.get("labels_per_class"), r["seed"]): top1(r) for r in ft}
+    top.append(dict(row="PRG - scratch (paired by seed)", **{labels_name(n): _fmt(_stats(
+        [by_seed["prg", n, s] - by_seed["scratch", n, s] for s in p["seeds"]
+         if ("prg", n, s) in by_seed and ("scratch", n, s) in by_seed])) for n in LABELS}))
     steps = [max(k // 2, 1), k, 4 * k]
-    lines += ["", f"Step count at evaluation (trained with K = {k} {p['method']} steps; test top-1 %):", "",
-              "| row | labels per class | " + " | ".join(f"{s} steps" for s in steps) + " |",
-              "|---|---|" + "---|" * len(steps)]
-    for key, name in METHODS[:2]:  # the head-only rows are evaluated at K only
-        for n in LABELS:
-            cells = [r for r in rows if r.get("kind") == "finetune" and r["method"] == key
-                     and r.get("labels_per_class") == n]
-            if cells:
-                lines.append(f"| {name} | {labels_name(n)} | " + " | ".join(
-                    _fmt(_stats([r["top1_by_steps"][str(s)] for r in cells])) for s in steps) + " |")
-    lines += ["", "Cost per row (per seed: CPU seconds of its commands, user + system, and wall minutes on the "
-              "shared machine; peak resident memory of its largest command):", "",
-              "| row | labels per class | CPU s per seed | wall min per seed | peak MiB | host load (1-min avg) |",
-              "|---|---|---|---|---|---|"]
+    sweep = [dict(row=name, n=labels_name(n), cells=cells) for key, name in METHODS[:2] for n in LABELS  # head: K only
+             if (cells := [r for r in ft if r["method"] == key and r.get("labels_per_class") == n])]
+    cost = []
     for r_kind, key, name in [("pretrain", None, "pretraining (shared)"), ("features", None, "feature extraction (shared)")] + \
             [("finetune", k_, n_) for k_, n_ in METHODS[:3]] + [("probe", "probe", "linear probe + 20-NN")]:
         for n in (LABELS if r_kind in ("finetune", "probe") else (None,)):
@@ -564,27 +492,33 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
                 # a cell resumed after an interruption recorded only the commands after the resume
                 whole = [r for r in cells if not r.get("resumed_from_step")]
                 cpu = f"{sum(r['cpu_s'] for r in whole) / len(whole):.0f}" if whole else "--"
-                if whole and len(whole) < len(cells):
-                    cpu += f" (n={len(whole)})"
                 wall = sum(r["wall_s"] for r in whole or cells) / len(whole or cells) / 60
-                peak = max(r["peak_rss_mib"] for r in cells)
                 loads = [r["load_avg_start"] for r in cells] + [r["load_avg_end"] for r in cells]
-                label = labels_name(n) if r_kind in ("finetune", "probe") else "--"
-                lines.append(f"| {name} | {label} | {cpu} | {wall:.1f}{'' if whole else ' (resumed)'} | {peak:.0f} | "
-                             f"{min(loads):.1f}-{max(loads):.1f} |")
-    total_cpu = sum(r["cpu_s"] for r in rows)
-    total_wall = sum(r["wall_s"] for r in rows)
+                cost.append(dict(row=name, n=labels_name(n) if r_kind in ("finetune", "probe") else "--",
+                                 cpu=cpu + (f" (n={len(whole)})" if whole and len(whole) < len(cells) else ""),
+                                 wall=f"{wall:.1f}{'' if whole else ' (resumed)'}",
+                                 peak=f"{max(r['peak_rss_mib'] for r in cells):.0f}",
+                                 load=f"{min(loads):.1f}-{max(loads):.1f}"))
     resumed = [r["cell"] for r in rows if r.get("resumed_from_step")]
-    lines += ["", f"All {len(rows)} cells: {total_cpu / 3600:.2f} CPU hours, {total_wall / 3600:.2f} hours of "
-              f"command wall time (summed over the cells, several of which ran at a time)" +
-              (f"; a lower bound: {len(resumed)} cells ({', '.join(resumed)}) resumed after an interruption, and "
-               "their CPU time before it was not recorded (the per-seed figures above leave them out)." if resumed else ".")]
-    return "\n".join(lines)
+    return "\n".join([
+        harness.table(top, [("labels per class", "row")] + [(c, c) for c in cols]), "",
+        f"Step count at evaluation (trained with K = {k} {p['method']} steps; test top-1 %):", "",
+        harness.table(sweep, [("row", "row"), ("labels per class", "n")] + [
+            (f"{s} steps", lambda x, s=s: _fmt(_stats([r["top1_by_steps"][str(s)] for r in x["cells"]])))
+            for s in steps]),
+        "", "Cost per row (per seed: CPU seconds of its commands, user + system, and wall minutes on the shared "
+        "machine; peak resident memory of its largest command):", "",
+        harness.table(cost, [("row", "row"), ("labels per class", "n"), ("CPU s per seed", "cpu"),
+                             ("wall min per seed", "wall"), ("peak MiB", "peak"), ("host load (1-min avg)", "load")]),
+        "", f"All {len(rows)} cells: {sum(r['cpu_s'] for r in rows) / 3600:.2f} CPU hours, "
+        f"{sum(r['wall_s'] for r in rows) / 3600:.2f} hours of command wall time (summed over the cells, several of "
+        "which ran at a time)" + (f"; a lower bound: {len(resumed)} cells ({', '.join(resumed)}) resumed after an "
+                                  "interruption, and their CPU time before it was not recorded (the per-seed figures "
+                                  "above leave them out)." if resumed else ".")])
 
 
 def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
-    """Test top-1 vs labels per class (PRG / scratch / head only, mean +- sd over seeds) and, once
-    all-label rows exist, their learning curves (test top-1 during finetuning, each seed)."""
+    """Test top-1 vs labels per class (mean +- sd over seeds) and the all-label learning curves."""
     plt = harness.pyplot()
     if plt is None:
         return

@@ -1,33 +1,14 @@
-"""One PRG finetuning step (cross-entropy + beta * flow-matching, K Euler steps), side by side:
+"""One PRG finetuning step (cross-entropy + beta * flow-matching, K Euler steps; the finetune
+command's loss), side by side: prg_fast.PRGClassifier with the default strategy (also under bf16
+autocast), memory_budget=0, memory_budget=inf and adjoint=False, against the released PRG
+pipeline's way (torchdiffeq's odeint_adjoint on linspace(0, 1, K + 1), float32: the continuous
+adjoint). Time: harness.interleaved, over the released row of the same round; memory: harness
+peaks; gradient error against float64 plain backprop, every row in float64 on a small batch.
 
-    default       prg_fast.PRGClassifier, the adjoint's default strategy (memory_budget left unset)
-    default_bf16  the same under torch.autocast(bfloat16) (state and accumulators stay float32)
-    budget_0      memory_budget=0: every evaluation recomputed in the backward
-    budget_inf    memory_budget=float("inf"): every evaluation's graph kept
-    backprop      adjoint=False: plain autograd through the solver
-    released      the released PRG pipeline's way (opendilab/PRG on GenerativeRL): torchdiffeq's
-                  odeint_adjoint, fixed-grid Euler on linspace(0, 1, K + 1), float32 -- the
-                  continuous adjoint, which is not the gradient of the discrete solve
-
-A step is forward + backward + AdamW step on one batch, the loss exactly the finetune command's
-(prg_fast.training.finetune: cross_entropy(head(z)) + beta * flow_matching_loss(flow, x, path)).
-Time: harness.interleaved, each row over the released row of the same round. Memory: harness peaks
-(a fresh process on the CPU). Gradient error: relative L2 error of all gradients (flow and head)
-against float64 plain backprop through the same solver, every row in float64 on a small batch (so
-the figure is the method's error, not rounding's; default_bf16 is left out there).
-
---parts: where the step spends its time, to bound what any exact method can gain over the released
-pipeline (the same network, batch and threads):
-
-    F0   one network evaluation without a graph (torch.no_grad)
-    F    one network evaluation with a graph
-    F+B  one evaluation and its VJP (input and parameter gradients); B = (F+B) - F
-    C    the rest of the step, common to every row: head, the flow-matching term, AdamW
-
-With K Euler steps the released step costs K*F0 + K*(F + B) + C (its adjoint integrates the augmented
-system backwards, one evaluation with its VJP per step), plain backprop K*(F + B) + C, as does
-prg_fast's default while every graph fits: no exact method that recomputes nothing beats the
-released pipeline by more than (K*F0 + K*(F + B) + C) / (K*(F + B) + C).
+--parts times the step's parts, F0 (an evaluation without a graph), F (with one), F+B (with its
+VJP) and C (the rest: head, flow-matching term, AdamW), and the bound they put on any exact method
+that recomputes nothing: (K*F0 + K*(F + B) + C) / (K*(F + B) + C) over the released pipeline. The
+rows and the reasoning: RESULTS.md, "A PRG finetuning step".
 
     python benchmarks/finetune_step.py --quick               # seconds on a 2-core CPU
     python benchmarks/finetune_step.py                       # tiny preset, 32x32, CPU
@@ -109,7 +90,7 @@ class Setup:
 def grad_errors(args, device):
     """Relative gradient error of each row against float64 plain backprop, every row in float64."""
     impls = [i for i in args.impls if i != "default_bf16"]
-    setup = Setup(args, device, torch.float64, batch=args.grad_batch, impls=set(impls) | {"backprop"})
+    setup = Setup(args, device, torch.float64, batch=2, impls=set(impls) | {"backprop"})
     truth = setup.grads("backprop")
     errs = {impl: harness.rel_err(setup.grads(impl), truth) for impl in impls}
     return [{"grad_rel_err": errs.get(i)} for i in args.impls]
@@ -160,7 +141,6 @@ def parse(argv=None):
     p.add_argument("--beta", type=float, default=0.1, help="weight of the flow-matching term")
     p.add_argument("--impls", nargs="+", default=None, choices=IMPLS, help="rows (default: all; bf16 on CUDA only)")
     p.add_argument("--reps", type=int, default=None, help="interleaved timing rounds")
-    p.add_argument("--grad-batch", type=int, default=2, help="batch of the float64 gradient check (0: skip it)")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     args.preset = args.preset or ("cifar" if cuda else "tiny")
@@ -204,7 +184,7 @@ def main(argv=None):
     if args.parts:
         return main_parts(args, device)
     config = dict(preset=a.preset, size=a.size, batch=a.batch, steps=a.steps, beta=a.beta, reps=a.reps,
-                  grad_batch=a.grad_batch, device=device.type, default_memory_budget=repr(default_memory_budget()))
+                  grad_batch=2, device=device.type, default_memory_budget=repr(default_memory_budget()))
     log = harness.Results(args, "finetune_step", config, key=("impl",), device=device)
     keys = [{"impl": i} for i in args.impls]
     anchor = "released" if "released" in args.impls else args.impls[0]
@@ -222,8 +202,7 @@ def main(argv=None):
 
     log.measure(keys, "seconds", times)
     log.measure(keys, "peak_bytes", memory)
-    if args.grad_batch > 0:
-        log.measure(keys, "grad_rel_err", lambda: grad_errors(args, device))
+    log.measure(keys, "grad_rel_err", lambda: grad_errors(args, device))
     print(harness.table(log.rows(keys), [
         ("row", "impl"), ("ms / step", lambda r: 1e3 * r["seconds"], ".1f"), ("images/s", "images_per_s", ".1f"),
         ("time / released", "time_vs_released", ".2f"), ("peak MiB", lambda r: r["peak_bytes"] / 2 ** 20, ".1f"),

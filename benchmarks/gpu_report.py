@@ -1,18 +1,14 @@
-"""Every GPU claim of the project, measured under one global deadline (issue 24).
+"""Every GPU claim of the project, measured under one global deadline (issue 24; docs/gpu.md has the
+parts, their caps and what each proves).
 
     bash benchmarks/gpu_check.sh --out $OUT/gpu       # builds for sm_90, then runs this (8 min wall)
     python benchmarks/gpu_report.py --out DIR          # this alone, on an already built checkout
     python benchmarks/gpu_report.py --out DIR --smoke  # tiny sizes on the CPU (CI)
 
-Parts (benchmarks/gpu_parts.py) run in order of value, each in its own process group: build +
-info, correctness (the quick CUDA subset of the tests), the adjoint headline (P1-P3), fused-op
-bandwidth (P5), no-grad reverse and the CUDA-graph crossover (P4), a PRG finetuning step (P7, P8),
-compute-sanitizer. A part gets min(its own cap, the time left before the global deadline); a part
-still running then is killed and reported "cut" with the rows it had already written; a part with
-no time left is "not run".
-DIR/report.json and DIR/report.md are rewritten after every part, so a crash or a kill of the
-whole run keeps everything measured before it. DIR holds at most 8 files: report.json, report.md,
-build.log (gpu_check.sh), parts.log, pytest.log, kernels.json, sanitizer.log.
+Each part (benchmarks/gpu_parts.py) runs in its own process group for min(its cap, the time left);
+one still running at the deadline is killed and reported "cut" with the rows it had written, one
+with no time left "not run". DIR/report.json and report.md are rewritten after every part; DIR
+holds at most 8 files.
 """
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 benchmarks/RESULTS.md (written from the JSON by this script, never by hand).
 
     python benchmarks/gpu_results.py DIR/report.json                 # replace RESULTS.md's GPU section
-    python benchmarks/gpu_results.py DIR/report.json --print         # show it only
     python benchmarks/gpu_results.py FIRST/report.json RERUN/report.json   # a rerun's parts replace the first's
 """
 from __future__ import annotations
@@ -99,16 +98,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("reports", nargs="+", help="report.json of benchmarks/gpu_check.sh (then of its reruns)")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
-    ap.add_argument("--print", action="store_true", help="print the section instead of writing it")
     args = ap.parse_args(argv)
     reports = []
     for path in args.reports:
         with open(path) as f:
             reports.append(json.load(f))
     section = results_section(merge(reports))
-    if args.print:
-        print(section)
-        return 0
     with open(args.results) as f:
         text = f.read()
     with open(args.results, "w") as f:

@@ -1,21 +1,11 @@
 """Exact for every model: the adjoint's gradients against plain backprop through the same solver
 (adjoint=False; for reversible=True through the same reversible scheme), one table per --tables:
-
-    zoo           the issue-9 gauntlet, python_tests/test_model_zoo.py's velocities (UNet presets, a DiT,
-                  GroupNorm, dropout, channels_last, closures, wrappers, functions of t only, aliased
-                  additive parameters, a partial adjoint_params list) x every method, float64; a cell is
-                  the worst relative error over x and every tensor the velocity reads
-    third-party   diffusers' UNet2DModel and torchcfm's UNet as their users call them, with and without
-                  the library's gradient checkpointing, train mode, dropout 0.1 (replayed), random
-                  weights on top of the initialisation: the relative L2 error of all gradients together,
-                  the worst single tensor's (tensors whose gradient is zero by symmetry left out: norm
-                  < 1e-6 of the largest) and the gradients missing on one side
-    strategies    every network of python_tests/test_third_party_models.py (diffusers, peft, torchdyn,
-                  torchcfm, torch's toolbox) x euler and rk4 x each adjoint strategy: the worst
-                  single-tensor error (float64; float32 rows: all gradients together)
-
-Neither third-party library is a dependency: its rows say "not installed" (or skipped) without it.
-Exit status 1 when any figure exceeds its tolerance.
+zoo (python_tests/test_model_zoo.py's velocities x every method, float64), third-party (diffusers'
+UNet2DModel and torchcfm's UNet as their users call them, with and without gradient checkpointing,
+train mode, dropout 0.1) and strategies (every network of python_tests/test_third_party_models.py x
+euler and rk4 x each adjoint strategy). RESULTS.md, "Exact for every model", says what each cell is.
+A library that is not installed gets a row saying so. Exit status 1 when any figure exceeds its
+tolerance.
 
     python benchmarks/gradient_exactness.py                       # zoo and third-party
     python benchmarks/gradient_exactness.py --tables strategies

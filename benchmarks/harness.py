@@ -1,27 +1,13 @@
-"""The one harness every benchmark script runs on: how a time, a peak and the machine are measured,
-how results are kept and how they become the tables of benchmarks/RESULTS.md. A script is the
-description of its table: its rows, its columns and the function measured per row.
+"""The one harness every benchmark script runs on (docs/benchmarks.md says how, with a new benchmark in
+a few lines): time through torch.utils.benchmark in interleaved rounds, peak memory, the machine,
+the resumable results file OUT/NAME.jsonl, the tables of benchmarks/RESULTS.md, and the job runner
+of the scripts that train (prg_tables.py, fashion_mnist.py).
 
-(docs/benchmarks.md shows a new benchmark in a few lines.)
-
-Time: torch.utils.benchmark.Timer with blocked_autorange, in interleaved rounds: every round times
-each row in turn (order rotated), so load that comes and goes on a shared machine hits all rows
-alike; a row's figure is the median over rounds, its ratio the median of the per-round ratios to the
-anchor row. The clock is the calling thread's CPU time on the CPU with one torch thread (robust to
-other processes), else torch.utils.benchmark's wall clock (which synchronises CUDA). A
-blocked_autorange call first sizes its block by running the row at least once (its warm-up); a row
-faster than min_run_time is timed from the second round on with Timer.timeit over a block of about
-min_run_time (warm-up: 1% of the block, at least 2 calls), so its rounds stay about min_run_time long.
-
-Peak memory: CUDA max_memory_allocated above the memory allocated before; on the CPU the peak RSS of
-a fresh process (this script again, with --peak-worker) above its RSS before the call, the
-high-water mark reset (/proc/self/clear_refs) before each row and glibc told to return freed memory
-at once, so that RSS follows live memory: everything allocated counts, not only saved tensors.
-
-Results: OUT/NAME.jsonl, a first line with the settings and the machine, then one line per
-measurement, appended and flushed as it is taken: an interrupted run keeps what it measured and the
-same command resumes it (rows already measured are skipped); other settings in the same file are
-refused (--fresh starts over).
+Beyond docs/benchmarks.md: a row faster than min_run_time is timed from its second round on with
+Timer.timeit over a block of about min_run_time (warm-up: 1% of the block, at least 2 calls), so its
+rounds stay about min_run_time long. On the CPU the peak is the growth of the high-water mark of a
+fresh process's RSS, reset (/proc/self/clear_refs) before each row, glibc told to return freed
+memory at once: everything allocated counts, not only saved tensors.
 """
 from __future__ import annotations
 
@@ -258,20 +244,13 @@ class Results:
                 self._merge(line)
             print(f"resuming from {self.path}: {len(self._rows)} rows measured before", flush=True)
         else:
-            os.makedirs(args.out, exist_ok=True)
-            self._write({"config": config, "machine": machine(device)})
+            append_line(self.path, {"config": config, "machine": machine(device)})
 
     def _id(self, row: Dict[str, Any]):
         return tuple(json.dumps(row.get(k)) for k in self.key)
 
     def _merge(self, line: Dict[str, Any]) -> None:
         self._rows.setdefault(self._id(line), {}).update(line)
-
-    def _write(self, line: Dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def get(self, key: Dict[str, Any]) -> Dict[str, Any]:
         return self._rows.get(self._id(key), {})
@@ -282,7 +261,7 @@ class Results:
     def add(self, key: Dict[str, Any], **values) -> Dict[str, Any]:
         line = {**key, **values}
         self._merge(line)
-        self._write(line)
+        append_line(self.path, line)
         return self.get(key)
 
     def measure(self, keys: List[Dict[str, Any]], field: str, fn: Callable[[], List[Dict[str, Any]]]) -> None:
@@ -295,9 +274,21 @@ class Results:
         return list(self._rows.values()) if keys is None else [self.get(k) for k in keys]
 
 
+def append_line(path: str, line: Dict[str, Any], sort_keys: bool = False) -> None:
+    """One JSON line appended, flushed and synced: an interrupted run loses nothing it wrote."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line, sort_keys=sort_keys) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_lines(path: str) -> List[Dict[str, Any]]:
-    """Every JSON line of a results file (the settings first); a line cut by a kill is left out."""
+    """Every JSON line of a results file (the settings first; none when it is absent); a line cut by
+    a kill is left out."""
     out = []
+    if not os.path.exists(path):
+        return out
     with open(path) as f:
         for line in f:
             try:
@@ -310,9 +301,52 @@ def read_lines(path: str) -> List[Dict[str, Any]]:
 def read_rows(path: str, key: Sequence[str]) -> List[Dict[str, Any]]:
     """The merged rows of a results file, as Results.rows() gives them (empty when it is absent)."""
     rows: Dict[tuple, Dict[str, Any]] = {}
-    for line in read_lines(path)[1:] if os.path.exists(path) else []:
+    for line in read_lines(path)[1:]:
         rows.setdefault(tuple(json.dumps(line.get(k)) for k in key), {}).update(line)
     return list(rows.values())
+
+
+# -------------------------------------------------------------------------------------------------
+# jobs
+
+
+def run_tasks(tasks: Sequence[Dict[str, Any]], workers: int, submit: Callable[[Dict[str, Any]], Any],
+              finished: Callable[[Dict[str, Any], Any], None],
+              failed: Optional[Callable[[Dict[str, Any], Exception], None]] = None, done: Iterable[str] = (),
+              key: str = "name") -> List[str]:
+    """Start `tasks` (dicts named by task[key], task["after"] the names they need; `done`: names
+    finished before) in list order as their needs allow, at most `workers` at a time: submit(task)
+    returns a Future, finished(task, its result) as each ends. A task that raises goes to
+    failed(task, error) and the tasks after it are skipped (the names of both are returned); without
+    `failed` its error ends the run."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, lost, pending, running = set(done), [], list(tasks), {}
+    while pending or running:
+        while blocked := [t for t in pending if any(a in lost for a in t["after"])]:
+            for t in blocked:
+                lost.append(t[key])
+                pending.remove(t)
+        for t in [t for t in pending if all(a in done for a in t["after"])][:workers - len(running)]:
+            pending.remove(t)
+            running[submit(t)] = t
+        if not running:
+            if pending:
+                raise RuntimeError(f"tasks with unmet needs: {sorted(t[key] for t in pending)}")
+            break
+        for fut in wait(list(running), return_when=FIRST_COMPLETED)[0]:
+            t = running.pop(fut)
+            try:
+                result = fut.result()
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed(t, e)
+                lost.append(t[key])
+                continue
+            done.add(t[key])
+            finished(t, result)
+    return lost
 
 
 # -------------------------------------------------------------------------------------------------

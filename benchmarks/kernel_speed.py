@@ -3,32 +3,13 @@
     out = base + sum_j c_j * terms[j]        (k terms; base float32, terms and out float32 or bf16)
 
 is one pass over memory, so its floor is the device's copy bandwidth. Per size (2^12 .. 2^24
-elements) and number of terms (1 .. 8), this times, interleaved, in one run:
-
-    prg_fast backends   every one that runs on the device: the functional op as the engine calls it
-                        (cpu / cuda / triton, Python wrappers included) and its `_into` variant
-                        writing into a buffer the caller owns (cpu_into / cuda_into)
-    add_chain           torch.add(base, t0, alpha=c0) then .add_(t_j, alpha=c_j): one temporary
-    add_chain_out       the same into a preallocated float32 buffer (out=), no allocation
-    foreach             torch._foreach_mul(terms, coeffs), then the sum of the scaled terms
-    compile             torch.compile of the same expression (dynamic shapes, one compile per k)
-    copy_               tensor.copy_ moving the same number of bytes (read + write): the ceiling
-
-For bf16 every formulation accumulates in float32 like the kernels and casts once at the end.
-Time: harness.interleaved, each round a blocked_autorange of about --batch-ms per implementation
-(thread CPU time with one thread on the CPU, synchronised wall time on a GPU); the median is
-reported with the spread (interquartile range / median over the rounds).
-
-Each cell also names the bound the bytes moved put on the speed-up over the best formulation
-(`bytes_per_element`): one pass moves k + 2 streams, the add chains 3k, so against them at most
-3k / (k + 2) (1.0 for k = 1, 1.5 for k = 2), and 1.0 against torch.compile's own fused pass.
-
-The verdict line per backend (the faster of its op and _into variant in each cell): its speed-up
-over the best PyTorch formulation from 2^16 elements up (worth its code when >= 1 for k >= 2 and
-about even for k = 1 (median >= 0.9), where the sum moves the bytes torch.add moves; the goal is >= 1.5x,
-counted also over the cells whose bound allows it), its
-fraction of copy_ bandwidth at the largest size (GPU: required >= 85%), and its fixed cost per
-call at the smallest size against one torch.add (goal <= 2x).
+elements) and number of terms (1 .. 8), this times, interleaved (harness.interleaved, each round a
+blocked_autorange of about --batch-ms per implementation), every prg_fast backend that runs here
+(the functional op and its `_into` variant) against the PyTorch formulations of torch_formulations
+(add chains, _foreach_mul, torch.compile) and copy_ moving the same bytes. For bf16 every
+formulation accumulates in float32 and casts once at the end. The bytes model of the speed-up
+bounds (bytes_per_element) and the verdicts' goals: RESULTS.md, "Fused stage_combine against
+PyTorch written well".
 
     python benchmarks/kernel_speed.py --device cpu --quick --out DIR
     python benchmarks/kernel_speed.py --device cuda --quick --out DIR     # the GPU check

@@ -1,38 +1,13 @@
-"""The PRG paper's tables at our scale (arXiv 2412.01787): pretrain with GVP / ICFM / OTCFM, then
+"""The PRG paper's tables at our scale (arXiv 2412.01787), the label-scarce table (issue 13) and two
+ablations on the same machinery: learned t (issue 11) and the prediction target (issue 23). What
+each row is and every recorded setting: benchmarks/RESULTS.md ("PRG on digits", "Label-scarce PRG
+on digits", "Learning where to read", "PRG on digits with a diffusion-parametrised network").
 
-  1. PRG finetuned top-1 (head + flow, full trajectory t0 = 0 -> t = 1)        per path
-  2. head only (flow frozen)                                                   per path
-  3. linear probe / k-NN on the frozen pretrained features at t = 1 (sklearn)  per path
-  4. from scratch (same architecture, no pretraining); PRG vs. scratch repeated over finetuning seeds
-  5. trajectory segments: the image is the state at t0, t0 in {0, 1/4, 1/2}    one path
-  6. step invariance: trained with one step count, evaluated with 4, 20, 100   per path
-
-    python benchmarks/prg_tables.py                       # digits, tiny UNet, CPU (~30-40 min on 2 cores)
-    python benchmarks/prg_tables.py --quick               # reduced smoke version (a few minutes)
-    python benchmarks/prg_tables.py --data folder:../shared/data/cifar10 --preset cifar --device cuda \\
-        --pretrain-steps 100000 --finetune-steps 20000 --batch-size 128 --ode-steps 20 --jobs 1
-
-The label-scarce table (issue 13): N labelled training images per class (N in 1,2,5,10,all; the
-same seeded class-balanced subset for every row at a seed), pretraining on every training image
-without labels; rows PRG finetuned (OTCFM, GVP), from scratch, head only, linear probes on raw
-pixels and on frozen reversed features; mean +- sd over 3 seeds, paired differences to from
-scratch, a PNG (benchmarks/figures/prg_label_scarce.png):
-
-    python benchmarks/prg_tables.py --table scarce        # digits, CPU (~45 min on a busy 2-core VM)
-    python benchmarks/prg_tables.py --table scarce --quick
-
-Two ablations on the same machinery (defaults: digits, tiny UNet, one thread per worker):
-
-    python benchmarks/prg_tables.py --table learn-t       # fixed t (1.0, 0.5) vs t learned from 0.5 (issue 11)
-    python benchmarks/prg_tables.py --table prediction    # GVP pretrained to predict velocity / epsilon / v (issue 23)
-
---table learn-t: one OTCFM pretraining run (750 steps of batch 128), then PRG finetuning on every
-labelled image with the segment's end t fixed at 1.0 (the paper's choice) or 0.5, or learned jointly
-with the flow and head (`finetune --learn-t --t 0.5 --t-lr`), 150 steps of batch 64, 4 Euler steps,
-over --seeds. --table prediction: the UNet pretrained on the GVP path to predict the velocity (flow
-matching), the noise (epsilon) or v, each finetuned as Table 1's PRG classifier (4 Euler steps, beta
-0.1, AdamW 1e-3, batch 64, seed 0); the pretraining losses are each prediction's own and not
-comparable across rows.
+    python benchmarks/prg_tables.py                         # digits, tiny UNet, CPU (~30-40 min on 2 cores)
+    python benchmarks/prg_tables.py --quick                 # reduced smoke version (a few minutes)
+    python benchmarks/prg_tables.py --table scarce          # N labelled images per class (~45 min), a PNG
+    python benchmarks/prg_tables.py --table learn-t         # fixed t (1.0, 0.5) vs t learned from 0.5
+    python benchmarks/prg_tables.py --table prediction      # GVP pretrained to predict velocity / epsilon / v
 
 Every run is a prg_fast run directory under --out (pretrain-*, ft-*, ...), so an interrupted
 invocation resumes where it stopped and a finished run is reused (delete --out to start over). The
@@ -45,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Dict, List, Optional
 
 import harness
@@ -64,22 +40,14 @@ OUT_ROOT = harness.OUT_ROOT
 # the jobs (run in worker processes)
 
 
-PRETRAIN_FIELDS = ("loss", "loss_start", "step", "train_time_total_s")
-FINETUNE_FIELDS = ("top1", "train_top1", "loss", "ce", "fm", "t_final", "step", "train_time_total_s")
+FIELDS = {"pretrain": ("loss", "loss_start", "step", "train_time_total_s"),
+          "finetune": ("top1", "train_top1", "loss", "ce", "fm", "t_final", "step", "train_time_total_s")}
 
 
-def job_pretrain(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.training.pretrain import pretrain
-
-    m = pretrain(**spec).metrics
-    return {k: m[k] for k in PRETRAIN_FIELDS}
-
-
-def job_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from prg_fast.training.finetune import finetune
-
-    m = finetune(**spec).metrics
-    return {k: m[k] for k in FINETUNE_FIELDS}
+def job_train(spec: Dict[str, Any], kind: str) -> Dict[str, Any]:
+    """A run of prg_fast.training.pretrain / .finetune (`kind`): the numbers the tables read."""
+    m = getattr(importlib.import_module(f"prg_fast.training.{kind}"), kind)(**spec).metrics
+    return {k: m[k] for k in FIELDS[kind]}
 
 
 def job_evaluate(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -120,14 +88,15 @@ def job_probe_pixels(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {"linear_probe_top1": linear_probe(*xy)["top1"], "knn_top1": knn_accuracy(*xy)["top1"]}
 
 
-JOBS = {"probe_pixels": job_probe_pixels, "pretrain": job_pretrain, "finetune": job_finetune, "evaluate": job_evaluate,
+JOBS = {"probe_pixels": job_probe_pixels, "pretrain": functools.partial(job_train, kind="pretrain"),
+        "finetune": functools.partial(job_train, kind="finetune"), "evaluate": job_evaluate,
         "probe": functools.partial(job_features, probe=True), "features": job_features}
 
 
 def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The result of a pretraining or finetuning job whose run directory already holds a finished
     run with these very arguments (its metrics.json), without starting a process; else None."""
-    if kind not in ("pretrain", "finetune"):
+    if kind not in FIELDS:
         return None
     file = os.path.join(spec["out"], "metrics.json")
     try:
@@ -140,8 +109,7 @@ def finished_result(kind: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]
                for k, v in spec.items() if k not in ignore)
     if not same or m.get("step") != spec["steps"]:
         return None
-    fields = PRETRAIN_FIELDS if kind == "pretrain" else FINETUNE_FIELDS
-    return {**{k: m[k] for k in fields}, "wall_time_s": 0.0, "reused": True}
+    return {**{k: m[k] for k in FIELDS[kind]}, "wall_time_s": 0.0, "reused": True}
 
 
 def _run_job(kind: str, spec: Dict[str, Any], threads: int) -> Dict[str, Any]:
@@ -175,7 +143,7 @@ class Plan(list):
 def pretrain_spec(a: argparse.Namespace, path: str, **kw) -> Dict[str, Any]:
     """The tables' pretraining run on `path`."""
     return dict(dict(data=a.data, path=path, model=a.preset, steps=a.pretrain_steps, batch_size=a.pretrain_batch_size,
-                     lr=a.pretrain_lr, warmup=a.pretrain_warmup, device=a.device, seed=a.seed, progress=a.progress,
+                     lr=a.pretrain_lr, warmup=a.pretrain_warmup, device=a.device, seed=a.seed, progress=False,
                      num_samples=16, log_every=max(1, a.pretrain_steps // 20), ckpt_every=max(1, a.pretrain_steps // 4)),
                 **kw)
 
@@ -184,7 +152,7 @@ def finetune_spec(a: argparse.Namespace, **kw) -> Dict[str, Any]:
     """Table 1's finetuning run (every table's but the learned-t ablation's), `kw` on top."""
     return dict(dict(data=a.data, batch_size=a.batch_size, ode_steps=a.ode_steps, method=a.method, lr=a.lr,
                      weight_decay=0.05, label_smoothing=0.1, steps=a.finetune_steps, device=a.device, seed=a.seed,
-                     progress=a.progress, log_every=max(1, a.finetune_steps // 20),
+                     progress=False, log_every=max(1, a.finetune_steps // 20),
                      ckpt_every=max(1, a.finetune_steps // 4)), **kw)
 
 
@@ -195,25 +163,24 @@ def build_plan(a: argparse.Namespace) -> Plan:
     # from scratch needs no pretraining: it starts at once (from the preset's architecture)
     for seed in a.seeds:
         plan.add("scratch" if seed == a.seed else f"scratch-seed{seed}", "finetune", finetune_spec(
-            a, from_scratch=True, model=a.preset, beta=a.beta, path=a.segment_path, seed=seed))
+            a, from_scratch=True, model=a.preset, beta=a.beta, path=SEGMENT_PATH, seed=seed))
     for path in a.paths:
         pre, after = os.path.join(a.out, f"pretrain-{path}"), [f"pretrain-{path}"]
         plan.add(f"pretrain-{path}", "pretrain", pretrain_spec(a, path))
         plan.add(f"ft-{path}", "finetune", finetune_spec(a, checkpoint=pre, beta=a.beta), after)
-        plan.add(f"head-{path}", "finetune", finetune_spec(a, checkpoint=pre, freeze_flow=True, beta=0.0, lr=a.head_lr),
-                 after)
+        plan.add(f"head-{path}", "finetune", finetune_spec(a, checkpoint=pre, freeze_flow=True, beta=0.0), after)
         if a.probes:
             plan.add(f"probe-{path}", "probe", dict(checkpoint=pre, data=a.data, out=os.path.join(
                 a.out, f"features-{path}.npz"), ode_steps=a.ode_steps, method=a.method, device=a.device), after)
         plan.add(f"eval-{path}", "evaluate", dict(checkpoint=os.path.join(a.out, f"ft-{path}"), data=a.data,
                                                   eval_steps=a.eval_steps, method=a.method, device=a.device),
                  [f"ft-{path}"])
-        if path == a.segment_path:
+        if path == SEGMENT_PATH:
             for seed in a.seeds:  # the PRG vs. from-scratch comparison, repeated over finetuning seeds
                 if seed != a.seed:
                     plan.add(f"ft-{path}-seed{seed}", "finetune", finetune_spec(a, checkpoint=pre, beta=a.beta,
                                                                                 seed=seed), after)
-            for t0 in a.t0s:
+            for t0 in T0S:
                 if t0 != 0.0:  # t0 = 0, the full trajectory, is ft-{path} itself
                     plan.add(f"ft-{path}-t0={t0:g}", "finetune", finetune_spec(
                         a, checkpoint=pre, out=os.path.join(a.out, f"ft-{path}-t0_{t0:g}"), beta=a.beta, t0=t0), after)
@@ -236,12 +203,12 @@ def build_learn_t_plan(a: argparse.Namespace) -> Plan:
     """One OTCFM pretraining run, then a finetuning run per row and seed."""
     plan, pre = Plan(a.out), os.path.join(a.out, "pretrain-otcfm")
     plan.add("pretrain-otcfm", "pretrain", dict(data=a.data, path="otcfm", model=a.preset, steps=a.pretrain_steps,
-                                                batch_size=128, progress=a.progress, seed=a.seed))
+                                                batch_size=128, progress=False, seed=a.seed))
     for row, extra in LEARN_T_ROWS.items():
         for seed in a.seeds:
             plan.add(learn_t_job(row, seed), "finetune", dict(
                 data=a.data, checkpoint=pre, steps=a.finetune_steps, batch_size=a.batch_size, ode_steps=a.ode_steps,
-                method=a.method, t_lr=a.t_lr, seed=seed, progress=a.progress, device=a.device, **extra),
+                method=a.method, t_lr=a.t_lr, seed=seed, progress=False, device=a.device, **extra),
                 ["pretrain-otcfm"])
     return plan
 
@@ -287,19 +254,6 @@ def prediction_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: 
 
 def level_name(n: Optional[int]) -> str:
     return "all" if n is None else str(n)
-
-
-def parse_levels(text: str) -> List[Optional[int]]:
-    """'1,2,5,10,all' -> [1, 2, 5, 10, None] (None: every labelled training image)."""
-    out: List[Optional[int]] = []
-    for s in filter(None, (s.strip().lower() for s in text.split(","))):
-        n = None if s == "all" else int(s) if s.isdigit() else 0
-        if n == 0:
-            raise ValueError(f"--levels must be comma-separated integers >= 1 or 'all', got {s!r}")
-        out.append(n)
-    if not out:
-        raise ValueError("--levels is empty")
-    return out
 
 
 def job_probe_scarce(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -359,9 +313,8 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> Plan:
             for path in a.paths:
                 pre, after = os.path.join(a.out, f"pretrain-{path}"), [f"pretrain-{path}"]
                 plan.add(f"ft-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, beta=a.beta), after)
-                if a.head_only:
-                    plan.add(f"head-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, freeze_flow=True, beta=0.0,
-                                                                  lr=a.head_lr), after)
+                plan.add(f"head-{path}-{tag}", "finetune", ft(n, seed, checkpoint=pre, freeze_flow=True, beta=0.0),
+                         after)
             plan.add(f"scratch-{tag}", "finetune", ft(n, seed, from_scratch=True, model=a.preset, beta=a.beta,
                                                       path=a.paths[0]))
     return plan
@@ -382,31 +335,25 @@ def paired_difference(a_vals: List[float], b_vals: List[float]):
     return m, se, resolved
 
 
-def display_levels(a: argparse.Namespace) -> List[Optional[int]]:
-    """The levels in increasing order, 'all' last (the run order is --levels')."""
-    return sorted(a.levels, key=lambda n: float("inf") if n is None else n)
-
-
 def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One entry per table row: label, per level the top-1 of every seed (in --seeds order)."""
     names, rows = NAMES, []
 
     def runs(prefix):
-        return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in display_levels(a)}
+        return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in a.levels}
 
     for p in a.paths:
         rows.append({"key": f"ft-{p}", "label": f"PRG finetuned ({names.get(p, p)} pretraining)", "values": runs(f"ft-{p}")})
     rows.append({"key": "scratch", "label": "from scratch (same network)", "values": runs("scratch")})
-    if a.head_only:
-        for p in a.paths:
-            rows.append({"key": f"head-{p}", "label": f"head only ({names.get(p, p)}, flow frozen)",
-                         "values": runs(f"head-{p}")})
+    for p in a.paths:
+        rows.append({"key": f"head-{p}", "label": f"head only ({names.get(p, p)}, flow frozen)",
+                     "values": runs(f"head-{p}")})
     if a.probes:
         for key, label in [("probe-pixels", "linear probe, raw pixels")] + [
                 (f"probe-{p}", f"linear probe, frozen x_1 ({names.get(p, p)})") for p in a.paths]:
             got = r[key]["top1"]
             rows.append({"key": key, "label": label,
-                         "values": {level_name(n): [got[f"{level_name(n)}/{s}"] for s in a.seeds] for n in display_levels(a)}})
+                         "values": {level_name(n): [got[f"{level_name(n)}/{s}"] for s in a.seeds] for n in a.levels}})
     return rows
 
 
@@ -432,7 +379,7 @@ def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
     L += ["", "**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
           "`*` = resolved at two standard errors of the paired difference)", "",
           harness.table(rows, [("labels per class", "label")] + [
-              (level_name(n), lambda row, k=level_name(n): cell(row, k)) for n in display_levels(a)])]
+              (level_name(n), lambda row, k=level_name(n): cell(row, k)) for n in a.levels])]
     L.append("")
     times = [v.get("train_time_total_s", v["wall_time_s"]) for v in r.values()]
     L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s) "
@@ -445,14 +392,14 @@ def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: 
     plt = harness.pyplot()
     if plt is None:
         return
-    xs = [n if n is not None else n_train / num_classes for n in display_levels(a)]
+    xs = [n if n is not None else n_train / num_classes for n in a.levels]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for row in scarce_rows(a, r):
-        stats = [mean_sd(row["values"][level_name(n)]) for n in display_levels(a)]
+        stats = [mean_sd(row["values"][level_name(n)]) for n in a.levels]
         ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * (sd if sd == sd else 0) for _, sd in stats],
                     marker="o", capsize=3, label=row["label"], linestyle="--" if "probe" in row["key"] or
                     "head" in row["key"] else "-")
-    ax.set(xscale="log", xticks=xs, xticklabels=[level_name(n) for n in display_levels(a)],
+    ax.set(xscale="log", xticks=xs, xticklabels=[level_name(n) for n in a.levels],
            xlabel="labelled training images per class", ylabel="test top-1 (%)",
            title=f"{a.data}: label-scarce finetuning ({len(a.seeds)} seeds, mean +- sd)")
     ax.grid(alpha=0.3)
@@ -464,37 +411,30 @@ def run_plan(plan: Plan, jobs: int, threads: int, log: harness.Results) -> Dict[
     import multiprocessing as mp
 
     results: Dict[str, Dict[str, Any]] = {}
-    pending, running = {j["name"]: j for j in plan}, {}
     priority = {"pretrain": 0, "features": 1, "finetune": 2, "evaluate": 3, "probe": 4, "probe_pixels": 4,
                 "probe_scarce": 4}
+
+    def submit(j) -> Future:
+        reused = finished_result(j["kind"], j["spec"])
+        if reused is None:
+            print(f"[prg_tables] start {j['name']}", flush=True)
+            return pool.submit(_run_job, j["kind"], j["spec"], threads)
+        done = Future()  # finished earlier with the same arguments: read back, not re-run
+        done.set_result(reused)
+        return done
 
     def finish(j, result):
         results[j["name"]] = result
         log.add({"job": j["name"]}, **result)
+        if not result.get("reused"):
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+            print(f"[prg_tables] done  {j['name']}: {shown}", flush=True)
 
     # a fresh process per job: whatever a run leaves allocated (the adjoint currently keeps about one
-    # network evaluation's activations per finetuning step alive, see RESULTS.md) goes with it
+    # network evaluation's activations per finetuning step alive, see RESULTS.md) goes with it; a
+    # failed job stops the table with its error
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        while pending or running:
-            ready = sorted((j for j in pending.values() if all(d in results for d in j["after"])),
-                           key=lambda j: (priority[j["kind"]], plan.index(j)))
-            reused = [(j, r) for j in ready if (r := finished_result(j["kind"], j["spec"])) is not None]
-            for j, r in reused:  # finished earlier with the same arguments: read back, not re-run
-                del pending[j["name"]]
-                finish(j, r)
-            if reused:
-                continue
-            for j in ready[:max(0, jobs - len(running))]:
-                del pending[j["name"]]
-                print(f"[prg_tables] start {j['name']}", flush=True)
-                running[pool.submit(_run_job, j["kind"], j["spec"], threads)] = j
-            if not running:
-                raise RuntimeError(f"jobs with unmet dependencies: {sorted(pending)}")
-            for fut in wait(list(running), return_when=FIRST_COMPLETED)[0]:
-                j = running.pop(fut)
-                finish(j, fut.result())  # a failed job stops the table with its error
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[j["name"]].items()}
-                print(f"[prg_tables] done  {j['name']}: {shown}", flush=True)
+        harness.run_tasks(sorted(plan, key=lambda j: (priority[j["kind"]], plan.index(j))), jobs, submit, finish)
     return results
 
 
@@ -506,7 +446,7 @@ NAMES = {"gvp": "GVP", "icfm": "ICFM", "otcfm": "OTCFM"}
 
 
 def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
-    pct, sp, n_test = ".2f", a.segment_path, 360 if a.data == "digits" else None
+    pct, sp, n_test = ".2f", SEGMENT_PATH, 360 if a.data == "digits" else None
     L = [f"Data `{a.data}`, UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
          f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch {a.batch_size}), {a.ode_steps} "
          f"`{a.method}` steps from t0 to t = 1, beta = {a.beta:g}. Top-1 on the test split"
@@ -530,7 +470,7 @@ def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> 
                                                         for i, s in enumerate(a.seeds)] + [
                   ("mean", lambda x: statistics.fmean(x["v"]), pct),
                   ("range", lambda x: f"{min(x['v']):.2f}-{max(x['v']):.2f}")]), ""]
-    segment = {f"{t0:g}": 100 * r[f"ft-{sp}" if t0 == 0.0 else f"ft-{sp}-t0={t0:g}"]["top1"] for t0 in a.t0s}
+    segment = {f"{t0:g}": 100 * r[f"ft-{sp}" if t0 == 0.0 else f"ft-{sp}-t0={t0:g}"]["top1"] for t0 in T0S}
     L += [f"**Table 2: trajectory segment** ({NAMES[sp]}; the image is the state at t0, reversed to t = 1; "
           f"{a.ode_steps} steps over the segment)", "",
           harness.table([dict(segment, label="top-1 %")], [("t0", "label")] + [(t, t, pct) for t in segment]), "",
@@ -546,33 +486,26 @@ def tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> 
 
 
 # paths, step counts, batch and solver steps per table (each flag overrides its entry)
-ALL_PATHS = "gvp,icfm,otcfm"
+ALL_PATHS = ["gvp", "icfm", "otcfm"]
+SEGMENT_PATH, T0S = "otcfm", (0.0, 0.25, 0.5)  # the trajectory-segment table's path and start times
 TABLE_DEFAULTS = {
     "main": dict(paths=ALL_PATHS, pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
-    "scarce": dict(paths="otcfm,gvp", pretrain_steps=750, finetune_steps=80, batch_size=32, ode_steps=2),
+    "scarce": dict(paths=["otcfm", "gvp"], pretrain_steps=750, finetune_steps=80, batch_size=32, ode_steps=2),
     "learn-t": dict(paths=ALL_PATHS, pretrain_steps=750, finetune_steps=150, batch_size=64, ode_steps=4),
     "prediction": dict(paths=ALL_PATHS, pretrain_steps=1500, finetune_steps=250, batch_size=64, ode_steps=4),
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def parse(argv=None) -> argparse.Namespace:
+    """The arguments, with each table's defaults and the --quick sizes filled in."""
     p = harness.parser("prg_tables", __doc__)
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
     p.add_argument("--preset", default="tiny", help="UNet preset (tiny | cifar | prg32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--quick", action="store_true", help="reduced smoke version (few steps; numbers not meaningful)")
     p.add_argument("--table", choices=tuple(TABLE_DEFAULTS), default="main",
-                   help="main: the paper's tables; scarce: the label-scarce table (N labelled images per class, "
-                        "--levels); learn-t, prediction: the two ablations (see the module doc)")
-    p.add_argument("--levels", default="1,2,5,10,all", help="--table scarce: labelled images per class")
-    p.add_argument("--no-head-only", dest="head_only", action="store_false", help="--table scarce: skip head only")
-    p.add_argument("--figure", default=None,
-                   help="--table scarce: where the PNG of top-1 against labels per class goes (default: OUT/label_scarce.png; "
-                        "none with --quick)")
-    p.add_argument("--paths", default=None, help="pretraining paths (default gvp,icfm,otcfm; --table scarce: otcfm,gvp)")
-    p.add_argument("--segment-path", default="otcfm", help="the path of the trajectory-segment table")
-    p.add_argument("--t0s", default="0,0.25,0.5")
-    p.add_argument("--eval-steps", default="4,20,100")
+                   help="main: the paper's tables; scarce: the label-scarce table (1, 2, 5, 10, all labelled images "
+                        "per class); learn-t, prediction: the two ablations (see the module doc)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; --table scarce, learn-t: 750)")
     p.add_argument("--pretrain-batch-size", type=int, default=64)
     p.add_argument("--pretrain-lr", type=float, default=5e-4)
@@ -583,44 +516,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ode-steps", type=int, default=None, help="finetuning solver steps (default 4; --table scarce: 2)")
     p.add_argument("--method", default="euler")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--head-lr", type=float, default=None, help="head-only runs (default: --lr)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2", help="finetuning seeds of the PRG vs. from-scratch comparison "
-                   "(the --segment-path run and the scratch run; the first is --seed's run)")
+                   "(the OTCFM run and the scratch run; the first is --seed's run)")
     p.add_argument("--no-probes", dest="probes", action="store_false",
                    help="skip the sklearn linear-probe / k-NN columns (slow on 50,000 CIFAR-size feature vectors)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: 1 on the CPU, "
                    "unchanged on a GPU)")
-    p.add_argument("--progress", action="store_true", help="progress bars of every run (interleaved)")
-    return p
-
-
-def parse(argv=None) -> argparse.Namespace:
-    """The arguments, with each table's defaults and the --quick sizes filled in."""
-    p = parser()
     a = p.parse_args(argv)
-    scarce = a.table == "scarce"
     for name, value in TABLE_DEFAULTS[a.table].items():
-        if getattr(a, name) is None:
+        if getattr(a, name, None) is None:
             setattr(a, name, value)
-    a.paths = [s for s in a.paths.split(",") if s]
-    try:
-        a.levels = parse_levels(a.levels)
-    except ValueError as e:
-        p.error(str(e))
-    a.t0s = [float(s) for s in a.t0s.split(",") if s]
-    a.eval_steps = [int(s) for s in a.eval_steps.split(",") if s]
     a.seeds = [int(s) for s in a.seeds.split(",") if s]
     if a.seed not in a.seeds:
         a.seeds = [a.seed] + a.seeds
+    a.eval_steps, a.levels = [4, 20, 100], [1, 2, 5, 10, None]  # labelled images per class (None: all)
     if a.quick:  # a smoke test of the whole pipeline: the numbers mean little
         a.pretrain_steps, a.finetune_steps, a.pretrain_warmup, a.ode_steps = 40, 8, 5, 2
-        a.eval_steps = sorted({max(1, k // 10) for k in a.eval_steps})
-        a.seeds = a.seeds[:2]
-        if scarce:
-            a.levels = [n for n in a.levels if n in (1, None)] or a.levels[:1]
+        a.eval_steps, a.levels, a.seeds = [1, 2, 10], [1, None], a.seeds[:2]
+        if a.table == "scarce":
             a.finetune_steps, a.paths = 6, a.paths[:1]
         if a.table == "learn-t":
             a.seeds, a.pretrain_steps, a.finetune_steps = a.seeds[:1], 20, 4
@@ -630,16 +546,12 @@ def parse(argv=None) -> argparse.Namespace:
         folder = {"scarce": "prg_scarce", "learn-t": "learn_t",
                   "prediction": "prediction_prg"}.get(a.table, "prg_tables")
         a.out = os.path.join(OUT_ROOT, folder + ("_quick" if a.quick else ""))
-    if a.figure is None and not a.quick:
-        a.figure = os.path.join(a.out, "label_scarce.png")  # the recorded figure is copied into benchmarks/figures by hand
+    # --table scarce's PNG (the recorded figure is copied into benchmarks/figures by hand)
+    a.figure = None if a.quick else os.path.join(a.out, "label_scarce.png")
     if a.threads is None:
         a.threads = 1 if a.device == "cpu" else 0
-    if a.head_lr is None:
-        a.head_lr = a.lr
     if a.table == "prediction":
         a.seeds = [a.seed]
-    if a.table == "main" and a.segment_path not in a.paths:
-        p.error(f"--segment-path {a.segment_path} must be one of --paths {a.paths}")
     return a
 
 

@@ -5,21 +5,11 @@ matched training budget (the same number of optimizer steps of the same batch si
     python benchmarks/related.py --data folder:../shared/data/cifar10 --checkpoint RUNS/cifar_pretrain \
         --student resnet18 --encoder resnet18 --budget 20000 --batch-size 128 --device cuda   # GPU
 
-Rows (each a `prg-fast` command run as a subprocess; its wall time is measured around it):
-    PRG finetune             flow + ClassifierHead trained jointly through the reversed ODE, BUDGET steps
-    RepFusion, fixed t       BUDGET/2 distillation steps + BUDGET/2 cross-entropy steps
-    RepFusion, policy        the same with the REINFORCE timestep policy
-    student, CE only         control: the same student, no distillation, BUDGET/2 cross-entropy steps
-    GenRep                   BUDGET NT-Xent steps on generated views, then a linear probe on real data
-    random encoder + probe   control: GenRep's encoder untrained (0 steps), same probe
-    raw pixels + probe       control: the same probe on the pixels
-Protocols differ as in the papers: PRG and RepFusion are finetuned with labels; GenRep learns without
-labels and is read out by a linear probe (logistic regression, C by CV on the training split).
-
-Results: OUT/related.jsonl (harness.Results; OUT defaults to runs/benchmarks/related, git-ignored)
-and a markdown table; with --results benchmarks/RESULTS.md it is also written there as the section
-"Related systems on <data>" (only that section is replaced). Finished rows are cached in
-OUT/<row>/row.json; --fresh reruns everything.
+The rows (systems() below, each a `prg-fast` command run as a subprocess and timed around it, plus
+a linear probe on raw pixels) and their protocols: RESULTS.md, "Related systems on digits".
+Results: OUT/related.jsonl (harness.Results) and a markdown table; with --results
+benchmarks/RESULTS.md it is also written there as the section "Related systems on <data>" (only
+that section is replaced). Finished runs are cached in OUT/<row>/row.json; --fresh reruns everything.
 """
 from __future__ import annotations
 
@@ -84,21 +74,19 @@ def systems(args, ckpt: str) -> Dict[str, tuple]:
     rep = ["repfusion", "--checkpoint", ckpt, "--finetune-steps", str(rest), "--batch-size", b, "--student",
            args.student]
     gen = ["genrep", "--checkpoint", ckpt, "--batch-size", b, "--encoder", args.encoder, "--sigma", str(args.sigma),
-           "--pool", str(args.gen_pool), "--neighbors", str(args.gen_neighbors), "--ode-steps", str(args.gen_ode_steps),
-           "--method", args.gen_method]
+           "--pool", str(args.gen_pool), "--neighbors", "4", "--ode-steps", "10", "--method", "rk4"]
     return {
         "prg": ("PRG finetune (flow + head, reversed ODE)", f"{args.budget} CE steps through {args.ode_steps} euler "
                 "steps, t 0 -> 1", "prg", ["finetune", "--checkpoint", ckpt, "--steps", str(args.budget), "--batch-size",
                                             b, "--ode-steps", str(args.ode_steps), "--method", "euler"]),
-        "repfusion": (f"RepFusion, fixed t = {args.teacher_t:g}", f"{half} distillation + {rest} CE steps", "repfusion",
-                      rep + ["--steps", str(half), "--t", str(args.teacher_t)]),
+        "repfusion": ("RepFusion, fixed t = 0.1", f"{half} distillation + {rest} CE steps", "repfusion",
+                      rep + ["--steps", str(half), "--t", "0.1"]),
         "repfusion-policy": ("RepFusion, REINFORCE policy over t", f"{half} distillation + {rest} CE steps",
                              "repfusion_policy", rep + ["--steps", str(half), "--policy"]),
         "student": ("control: same student, CE only", f"0 distillation + {rest} CE steps", "student",
                     rep + ["--steps", "0"]),
-        "genrep": (f"GenRep, sigma = {args.sigma:g}", f"{args.budget} NT-Xent steps on {args.gen_pool} x (1 + "
-                   f"{args.gen_neighbors}) generated images ({args.gen_ode_steps} {args.gen_method} steps), then "
-                   "linear probe", "genrep", gen + ["--steps", str(args.budget)]),
+        "genrep": (f"GenRep, sigma = {args.sigma:g}", f"{args.budget} NT-Xent steps on {args.gen_pool} x (1 + 4) "
+                   "generated images (10 rk4 steps), then linear probe", "genrep", gen + ["--steps", str(args.budget)]),
         "random": ("control: GenRep encoder untrained", "0 steps, linear probe", "random_encoder", gen + ["--steps", "0"]),
     }
 
@@ -108,8 +96,8 @@ def pretrained(args, env) -> tuple:
     if args.checkpoint is not None:
         return os.path.abspath(args.checkpoint), None
     ckpt = os.path.join(args.out, "pretrain")
-    argv = [sys.executable, "-m", "prg_fast", "pretrain", "--data", args.data, "--path", args.pretrain_path, "--model",
-            args.pretrain_model, "--steps", str(args.pretrain_steps), "--batch-size", "128", "--out", ckpt, "--seed",
+    argv = [sys.executable, "-m", "prg_fast", "pretrain", "--data", args.data, "--path", "otcfm", "--model", "tiny",
+            "--steps", str(args.pretrain_steps), "--batch-size", "128", "--out", ckpt, "--seed",
             "0", "--device", args.device, "--ckpt-every", "250", "--num-samples", "64"] + \
         (["--no-progress"] if args.no_progress else [])
     if not os.path.isfile(os.path.join(ckpt, "metrics.json")):
@@ -143,19 +131,13 @@ def parse(argv=None):
     p.add_argument("--data", default="digits")
     p.add_argument("--checkpoint", default=None, help="pretraining run directory (default: pretrain one into OUT)")
     p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--pretrain-model", default="tiny")
-    p.add_argument("--pretrain-path", default="otcfm")
     p.add_argument("--budget", type=int, default=200, help="optimizer steps per system (RepFusion: half + half)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--ode-steps", type=int, default=20, help="PRG finetune: reversed-ODE steps (euler)")
-    p.add_argument("--teacher-t", type=float, default=0.1, help="RepFusion fixed-t row")
     p.add_argument("--student", default="resnet-small")
     p.add_argument("--encoder", default="resnet-small")
     p.add_argument("--sigma", type=float, default=0.2)
     p.add_argument("--gen-pool", type=int, default=512)
-    p.add_argument("--gen-neighbors", type=int, default=4)
-    p.add_argument("--gen-ode-steps", type=int, default=10)
-    p.add_argument("--gen-method", default="rk4")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every row is run once per seed")
     p.add_argument("--prg-seeds", default=None, help="seeds of the PRG row (default: --seeds; it is the slow one)")
     p.add_argument("--device", default="auto")

@@ -1,24 +1,12 @@
 """Speed of reverse() against torchdiffeq (and torchode) on the same grid, and the integrator's own
-cost over the network's.
+cost over the network's (harness.interleaved, every function of a case in turn per round).
 
-UNet case (--cases unet, the default; per preset and batch), no-grad solves:
-    net          K*s network evaluations alone (no solver): the floor
-    prg          prg_fast.reverse                  prg_graph   the same with cuda_graph=True (CUDA)
-    tdq          torchdiffeq.odeint
-Method rk4_38 (= torchdiffeq's "rk4": the same tableau, so the same arithmetic). On CUDA the table
-ends with where a captured graph stops paying (graph_crossover).
-
-Small-network case (--cases mlp): an MLP velocity on a 2^16-element state (1024 x 64), K = 100,
-where the integrator's own work (stage arithmetic, per-call overhead) is a visible share:
-    no grad      prg_fast.reverse vs torchdiffeq.odeint (rk4_38), and with Heun's method (the highest
-                 order torchode has on a fixed grid) all three
-    solver alone prg_fast and torchdiffeq with a velocity that returns a fixed tensor: the solver's
-                 own cost, and from it the largest ratio a solver costing nothing could reach against
-                 torchdiffeq, tdq / (prg - prg solver)
-    training     one forward+backward: prg_fast (discrete adjoint), torchdiffeq odeint_adjoint,
-                 torchode AutoDiffAdjoint (backprop through its solver; its BacksolveAdjoint vmaps a
-                 VJP per sample and is about 70x slower)
-Time: harness.interleaved (every function of a case in turn, per round).
+UNet case (--cases unet, per preset and batch), no-grad solves, rk4_38 (= torchdiffeq's "rk4"): the
+network evaluations alone (the floor), prg_fast.reverse (with cuda_graph=True too on CUDA, and where
+a captured graph stops paying: graph_crossover), torchdiffeq.odeint. Small-network case (--cases
+mlp): an MLP velocity on a 1024 x 64 state, K = 100, where the integrator's own work shows: no-grad
+solves (Heun with torchode too), the solvers alone on a velocity that costs nothing, and one training
+step (prg_fast's discrete adjoint, torchdiffeq's odeint_adjoint, backprop through torchode).
 
     python benchmarks/reverse_speed.py            # GPU: tiny/cifar/prg32 x batch 1/8/128
     python benchmarks/reverse_speed.py --quick    # CPU smoke run
@@ -198,10 +186,6 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--reps", type=int, default=None, help="interleaved rounds")
     p.add_argument("--cases", nargs="+", default=["unet"], choices=["unet", "mlp"])
-    p.add_argument("--mlp-batch", type=int, default=1024)
-    p.add_argument("--mlp-dim", type=int, default=64)
-    p.add_argument("--mlp-width", type=int, default=64)
-    p.add_argument("--mlp-steps", type=int, default=None, help="default 100 (5 with --quick)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -210,7 +194,7 @@ def main(argv=None):
     args.steps = args.steps or (20 if cuda else (2 if args.quick else 5))
     args.size = args.size or (32 if cuda or not args.quick else 16)
     args.reps = args.reps or (5 if cuda else (1 if args.quick else 3))
-    args.mlp_steps = args.mlp_steps or (5 if args.quick else 100)
+    args.mlp_batch, args.mlp_dim, args.mlp_width, args.mlp_steps = 1024, 64, 64, (5 if args.quick else 100)
     print(f"{harness.machine(device)}\nbackend {prg_fast.ode.backends.resolve('auto', device)[0]}; time: "
           f"{harness.clock_name(device, torch.get_num_threads())}, median of {args.reps} interleaved rounds")
     config = {k: getattr(args, k) for k in ("steps", "size", "reps", "mlp_batch", "mlp_dim", "mlp_width", "mlp_steps")}

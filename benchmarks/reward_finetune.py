@@ -1,43 +1,21 @@
 """Reward finetuning through the sampler, side by side: how much of the chain each method
 differentiates, at what memory and time, how close its gradient is to the exact one, and what the
-finetuned flow does after N steps.
+finetuned flow does after N steps. The flow, the reward, the sampler and every column: RESULTS.md,
+"Reward finetuning through the sampler"; the methods (prg_fast.reward) in METHODS below:
 
-The flow: the tiny UNet pretrained on scikit-learn's digits with `prg-fast pretrain` (made under
---out on the first run, or --checkpoint DIR). The reward: log p(target class | sample) under a
-small classifier trained on the real training images (prg_fast.models.ImageClassifier). The
-sampler: prg_fast.generate, euler, K steps from t = 1 (noise) to 0 (data). Methods (prg_fast.reward):
-
-    full_0       FullChain(memory_budget=0): exact adjoint, every evaluation recomputed (flat memory)
-    full_auto    FullChain(): exact adjoint, graphs kept within half the free memory (all, here)
-    backprop     FullChain(adjoint=False): plain autograd through the chain (the exact reference)
+    full_0 / full_auto / backprop   FullChain(memory_budget=0 / "auto" / adjoint=False): exact
     tdq_adjoint  torchdiffeq.odeint_adjoint, euler on the same grid: the continuous adjoint
     draft1/5     LastSteps(1 / 5): DRaFT-1 / DRaFT-5, backprop through the last 1 / 5 steps
     alignprop    RandomTruncation(): the last k ~ U{1..K} steps, checkpointed
     refl         OneStep(0.25): one Euler step to t = 0 from a random grid time in the last quarter
 
-Measured per K (default 20 and 50), per method:
-    peak MiB     one training step (sample, reward, KL term, backward, AdamW step on the LoRA
-                 adapters), peak RSS above the RSS before it, in a fresh worker process per method
-                 (/proc/self/clear_refs; glibc told to return freed memory at once): the median of
-                 3 steps after a warm-up step
-    s/step       median seconds of a training step over the N training steps, all methods
-                 interleaved step by step (order rotated) so load changes on a shared machine hit all
-    floor        for full_0 / full_auto / backprop: the sum of their measured parts in the same
-                 loop -- K evaluations without a graph + K evaluations with a graph and their VJP
-                 (full_0: memory short, each recomputed), or K evaluations with graph + K VJPs on the
-                 kept graphs (full_auto, backprop), + the rest of the step (reward, KL term, AdamW)
-    cos          cosine of the reward's gradient (all network weights, pretrained flow) to
-                 full_0's, averaged over --grad-batches noise batches (a truncation drawn per batch);
-                 err: relative L2 distance to plain backprop's gradient (the exact methods)
-    reward etc.  after N optimizer steps from the same LoRA start with the same noise per step, on
-                 --eval-samples samples from fixed noise: mean reward, share classified as the
-                 target, velocity KL to the pretrained flow, diversity (mean pairwise RMS distance)
+Peaks are measured in a fresh worker process per method (harness.peaks_in_fresh_process); the
+training steps of all methods interleaved step by step (order rotated).
 
     OMP_NUM_THREADS=1 python benchmarks/reward_finetune.py           # 11 min of CPU (95 min wall at load 12-21)
     OMP_NUM_THREADS=1 python benchmarks/reward_finetune.py --quick   # K = 4, 8; 4 steps (a few minutes)
 
 plus, on the first run, the flow's pretraining (2,000 steps: 6 min of CPU, 22 min wall at load ~10).
-
 Writes --out/reward_finetune_TAG.json (every number) and .png (eval reward against step; samples
 before / after) and prints the markdown tables.
 """

@@ -21,13 +21,6 @@ def tables():
         sys.path.remove(folder)
 
 
-def test_levels_parse(tables):
-    assert tables.parse_levels("1,2,5,10,all") == [1, 2, 5, 10, None]
-    for bad in ("0", "x", ""):
-        with pytest.raises(ValueError, match="levels"):
-            tables.parse_levels(bad)
-
-
 def test_scarce_quick_plan(tables, tmp_path):
     a = tables.parse(["--table", "scarce", "--quick", "--out", str(tmp_path)])
     assert a.levels == [1, None] and a.seeds == [0, 1] and a.paths == ["otcfm"] and a.figure is None
