@@ -13,6 +13,11 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import harness  # noqa: E402
 
 SOLVERS = {"prg_fast", "prg_fast_budget0", "prg_fast_backprop", "torchdiffeq", "torchdiffeq_adjoint"}
+try:  # torchode's row is there when it imports (an optional comparison)
+    import torchode  # noqa: F401
+    SOLVERS.add("torchode")
+except ImportError:
+    pass
 
 
 @pytest.mark.slow
@@ -36,6 +41,8 @@ def test_one_row(tmp_path):
         # exact strategies: the same gradient (float64), so the same distance to the reference
         assert abs(r["grad_err"] - rows["prg_fast_backprop"]["grad_err"]) <= 1e-6 * r["grad_err"], r
         assert r["nograd"] > 0 and r["train"] > 0 and r["held_mb"] > 0
+    if "torchode" in rows:  # the same problem solved: an error of the same size, about as many evaluations
+        assert rows["torchode"]["err"] < 10 * tdq["err"] and abs(rows["torchode"]["nfe"] - tdq["nfe"]) < 0.2 * tdq["nfe"]
     measured = len(harness.read_lines(str(tmp_path / "adaptive.jsonl")))
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
