@@ -207,7 +207,8 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
     outs, cots = [o for o, _ in live], [c for _, c in live]
     leaves = refuse_unknown_reads([o.grad_fn for o in outs], inputs, reads.unlisted)
     every = inputs + leaves
-    muted = tensor_hook_dicts([q for q in every if all(q is not h for h in hooked)])
+    hooked_ids = {id(h) for h in hooked}
+    muted = tensor_hook_dicts([q for q in every if id(q) not in hooked_ids])
     with hooks_muted(muted) if muted else nullcontext(), torch.enable_grad():
         if reads.reentrant:
             grads = _backward_into_fresh(outs, every, cots)
