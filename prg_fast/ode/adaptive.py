@@ -495,8 +495,7 @@ class Controller:
 
     def run(self, p, x: torch.Tensor, evaluator=None, stage_inputs: Optional[list] = None,
             states: Optional[list] = None) -> List[torch.Tensor]:
-        recording = stage_inputs is not None or states is not None
-        buffered = evaluator is None and not recording and not torch.is_grad_enabled()
+        buffered = evaluator is None and stage_inputs is None and states is None and not torch.is_grad_enabled()
         self.stats = SolveStats()
         st = Stepper(p, self.tolerance, self.norm, buffered, self.stats)
         st.moduli, st.shift = self.moduli, None if self.shifts is None else self.shifts[0]

@@ -35,8 +35,8 @@ class ReplayRecord:
         self.autocast = autocast_state(device.type)
         self.modes = TrainingModes(problem.reads.modules)
         self.shared = problem.reads.shared
-        params = problem.reads.params
-        self.params, self.at_start = params, [version(q) for q in params]  # a model may write its own
+        self.params = problem.reads.params
+        self.at_start = [version(q) for q in self.params]  # a model may write its own
         self.versions: Optional[ParamVersions] = None
 
     @property
@@ -94,10 +94,7 @@ class ReplayRecord:
     def chain(self, e: int) -> Iterator[None]:
         """Around the reruns, in order, of evaluation e and the chained ones recorded after it: the random
         state set once, to e's; the caller's put back."""
-        if self.rng is None:
-            yield
-            return
-        with restore_rng(self.rng[e], self.device):
+        with restore_rng(self.rng[e], self.device) if self.rng is not None else nullcontext():
             yield
 
     @contextmanager

@@ -99,8 +99,7 @@ class AdjointSolveKept(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, evals: EvaluationGraphs, x: torch.Tensor, *outs: torch.Tensor):
-        # what the graph may read: x (where the walk stops) and the solve's inputs; anything else
-        # requiring grad is refused at the backward, as a rerun's VJP refuses it (refuse_unknown_reads)
+        # what the graph may read: x (where the walk stops) and the solve's inputs (refuse_unknown_reads)
         ctx.evals, ctx.roots, ctx.inputs = evals, [o.grad_fn for o in outs], (x, *evals.problem.reads.params)
         return torch.stack(outs)
 
@@ -139,13 +138,10 @@ def _backward(ctx, grad_out: torch.Tensor):
     walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.grid.times is not None and ctx.needs_input_grad[2],
                         x_grad=ctx.needs_input_grad[3])
     stored = list(ctx.saved_tensors)  # the steps before the tail's
-    start = p.steps
     tail = ctx.evals.take_tail()
-    if tail is not None:
-        # the whole steps kept as one graph: one VJP
+    if tail is not None:  # the whole steps kept as one graph: one VJP
         walk.tail(tail)
-        start = tail.start
-    for n in reversed(range(start)):
+    for n in reversed(range(p.steps if tail is None else tail.start)):
         walk.arrive(n + 1)
         if ctx.evals.store == "steps":
             # the saved tensors are step start states: the step's stage inputs are recomputed now
