@@ -280,8 +280,7 @@ def initial_step(loop: "AdaptiveLoop", t: float, y: torch.Tensor, f0: torch.Tens
 
 
 class AdaptiveLoop:
-    """The controller: from the first time through the requested ones (or to an event), one attempted step
-    at a time in internal time, the outputs by dense output."""
+    """The controller: one attempted step at a time in internal time, the outputs by dense output."""
 
     def __init__(self, stepper: Stepper, control: Control, sign: float, callbacks: dict, user_state: Callable):
         self.stepper, self.control, self.sign = stepper, control, sign

@@ -66,8 +66,7 @@ class EvaluationGraphs:
         self.replay = ReplayRecord(problem, device, strategy.preserve_rng_state)
 
     def _keep(self, count: int) -> None:
-        """Keep the graphs of the last `count` evaluations: whole steps at the end as one graph (the tail),
-        the others one graph each."""
+        """Keep the graphs of the last `count` evaluations: whole steps at the end as one graph (the tail)."""
         p, s = self.problem, self.problem.tableau.stages
         self.kept_count = count
         self.keep_from = p.steps * s - count  # evaluations e = n * s + i >= keep_from keep their graphs
@@ -84,8 +83,7 @@ class EvaluationGraphs:
         return self.keep_from == 0 and self.unkeepable is None and not self.time_grad
 
     def fall_back(self, message: str) -> None:
-        """Back to the start of the forward after an allocation failure, keeping no graph (the first
-        evaluation undone, the records cleared)."""
+        """Back to the start of the forward keeping no graph (the first evaluation undone, the records cleared)."""
         log.warning("adjoint: out of memory while keeping %d evaluation graphs (%s); recomputing them in the "
                     "backward instead", self.kept_count, message)
         self._keep(0)

@@ -92,8 +92,7 @@ class ReplayRecord:
 
     @contextmanager
     def chain(self, e: int) -> Iterator[None]:
-        """Around the reruns, in order, of evaluation e and the chained ones recorded after it: the random
-        state set once, to e's; the caller's put back."""
+        """Around the reruns of evaluation e and the chained ones after it: e's random state, set once."""
         with restore_rng(self.rng[e], self.device) if self.rng is not None else nullcontext():
             yield
 

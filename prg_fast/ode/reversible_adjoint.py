@@ -32,8 +32,7 @@ class ReversibleAdjoint:
         check_choice(self.check, "reversible_check", RECONSTRUCTION_CHECKS)
 
     def run(self, problem: Problem, x: torch.Tensor) -> torch.Tensor:
-        """The y states at the grid's outputs, stacked, differentiated by this adjoint (the run of
-        every strategy: prg_fast.ode.api.run)."""
+        """The y states at the grid's outputs, stacked, differentiated by this adjoint (every strategy's run)."""
         if torch.is_grad_enabled():
             times, (problem, first, _, differentiated) = problem.grid.times, discover(problem, x)
             if first is not None:

@@ -51,8 +51,7 @@ class StoredAdjoint:
         return None if free is None else AUTO_FRACTION * free
 
     def graphs_to_keep(self, evaluations: int, graph_bytes: Optional[int], budget: Optional[float]) -> int:
-        """How many of the forward's `evaluations` keep their graphs, each `graph_bytes` (None: unmeasured),
-        within `budget` bytes."""
+        """How many of `evaluations` keep their graphs, each `graph_bytes` (None: unmeasured), within `budget`."""
         if budget is None or graph_bytes is None:
             return 0
         if math.isinf(budget):
@@ -143,8 +142,7 @@ def _backward(ctx, grad_out: torch.Tensor):
         walk.tail(tail)
     for n in reversed(range(p.steps if tail is None else tail.start)):
         walk.arrive(n + 1)
-        if ctx.evals.store == "steps":
-            # the saved tensors are step start states: the step's stage inputs are recomputed now
+        if ctx.evals.store == "steps":  # the saved tensors are step start states: stage inputs recomputed now
             inputs = walk.step_stage_inputs(n, stored.pop())
         else:
             inputs, stored = stored[-s:], stored[:-s]
