@@ -1,7 +1,5 @@
-"""Adaptive steps for odeint: an embedded pair (prg_fast.ode.solvers) under torchdiffeq's controller,
-as Problem.controller, so every strategy runs it and the stored adjoint's backward walks the grid
-it accepted (`Controller.accepted`). Semantics: docs/engine.md, "Adaptive odeint"; inside: docs/engine.md,
-"Inside the engine"."""
+"""Adaptive steps for odeint: an embedded pair under torchdiffeq's controller, as Problem.controller.
+Semantics: docs/engine.md, "Adaptive odeint"; why so: docs/engine.md, "Inside the engine": adaptive."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +29,8 @@ CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 
 @dataclass
 class SolveStats:
-    """What an adaptive solve did (diffrax's sol.stats): accepted and rejected steps, function
-    evaluations (stages, the first step's probe, re-evaluations after jumps), and the accepted times
-    (t[0], then each accepted step's end)."""
+    """What an adaptive solve did (diffrax's sol.stats): accepted and rejected steps, function evaluations
+    (the first step's probe and re-evaluations after jumps included), the accepted times from t[0]."""
 
     accepted: int = 0
     rejected: int = 0
@@ -85,20 +82,23 @@ def _option(options: dict, name: str):
     if name in ("step_t", "jump_t"):
         value = value.detach().reshape(-1).tolist() if isinstance(value, torch.Tensor) else list(value or ())
         if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in value):
-            raise ValueError(f"options[{name!r}] must be a 1-D sequence or tensor of finite times, got {options[name]!r}")
+            raise ValueError(f"options[{name!r}] must be a 1-D sequence or tensor of finite times, "
+                             f"got {options[name]!r}")
         return value
     if name not in _LOW or value is None and name == "first_step":
         return value
     low, strict = _LOW[name]
     kind = numbers.Integral if name == "max_num_steps" else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or math.isnan(value) or value < low or strict and value == low:
+    if (isinstance(value, bool) or not isinstance(value, kind) or math.isnan(value) or value < low
+            or strict and value == low):
         raise ValueError(f"options[{name!r}] must be a number {'>' if strict else '>='} {low}, got {options[name]!r}")
     return int(value) if kind is numbers.Integral else float(value)
 
 
 def check_options(options, tableau: EmbeddedTableau, sign: float, start: float) -> Control:
     if not isinstance(options, (dict, type(None))):
-        raise TypeError(f"options must be a dict (torchdiffeq's, e.g. dict(max_num_steps=1000)), got {type(options).__name__}")
+        raise TypeError("options must be a dict (torchdiffeq's, e.g. dict(max_num_steps=1000)), "
+                        f"got {type(options).__name__}")
     unknown = sorted(set(options or {}) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"options: unsupported key(s) {unknown} for the adaptive method {tableau.name!r}; supported: "
@@ -109,7 +109,8 @@ def check_options(options, tableau: EmbeddedTableau, sign: float, start: float) 
     if o["norm"] is not None and not callable(o["norm"]):
         raise TypeError(f"options['norm'] must be callable (a state -> a scalar), got {o['norm']!r}")
     if o["dtype"] not in (torch.float32, torch.float64):
-        raise ValueError(f"options['dtype'] (the dtype of times) must be torch.float32 or torch.float64, got {o['dtype']!r}")
+        raise ValueError(f"options['dtype'] (the dtype of times) must be torch.float32 or torch.float64, "
+                         f"got {o['dtype']!r}")
     if o["dfactor"] > 1 or o["max_step"] < o["min_step"]:
         raise ValueError("options: dfactor must be in (0, 1] and max_step >= min_step")
     step_t, jump_t = ({sign * v for v in o[k] if sign * v > start} for k in ("step_t", "jump_t"))
@@ -120,11 +121,8 @@ def check_options(options, tableau: EmbeddedTableau, sign: float, start: float) 
 
 
 class Stepper:
-    """One attempted step's arithmetic through the problem's Backend: stages, solution, error ratio,
-    dense output; without grad mode (`buffered`) into buffers it owns. Every evaluation goes through
-    `evaluator` (the problem's velocity, or the stored adjoint's forward_evaluate) as evaluation
-    (n, i) of the accepted grid -- a step's last (FSAL) stage as (n, s-1) -- and, with `inputs` a
-    list, its input is appended there (the adjoint's forward)."""
+    """One attempted step's arithmetic through the problem's Backend (`buffered`: into buffers it owns), each
+    evaluation through `evaluator` as (n, i) of the accepted grid (docs/engine.md, "Inside the engine": adaptive)."""
 
     def __init__(self, problem, tolerance, norm: Callable, buffered: bool, stats: SolveStats):
         self.problem, self.tableau, self.stats = problem, problem.tableau, stats
@@ -133,7 +131,8 @@ class Stepper:
         self.into = problem.backend.into if buffered else None
         (self.rtol, self.atol), self.norm = tolerance, norm
         used = lambda ws: ([j for j, w in enumerate(ws) if w != 0.0], [w for w in ws if w != 0.0])  # noqa: E731
-        self.rows, self.b, self.e = [used(row) for row in self.tableau.a], used(self.tableau.b), used(self.tableau.error)
+        self.rows = [used(row) for row in self.tableau.a]
+        self.b, self.e = used(self.tableau.b), used(self.tableau.error)
         self.late_fsal = self.tableau.error[-1] == 0.0  # the error estimate does not read the last stage
         self.buffers: dict = {}
         self.moduli = False  # the state is a complex one's real view
@@ -171,16 +170,17 @@ class Stepper:
         self.stats.evaluations += 1
         if self.stats.evaluations > self.limit:  # the stored adjoint's fallback takes it from here (kept_graphs)
             raise torch.OutOfMemoryError(f"the graphs of {self.limit} evaluations fill memory_budget='auto'")
-        stage = self.buffers.get("stage")  # overwritten by the next stage: a velocity returning its input (or a
-        # view of it: of its shape, so at its address) is copied
+        # the stage buffer is overwritten by the next stage: a velocity returning its input (or a view of it:
+        # of its shape, so at its address) is copied
+        stage = self.buffers.get("stage")
         return k.clone() if stage is not None and k.data_ptr() == stage.data_ptr() else k
 
     def stages(self, y, k0, times: list, hs: float, n: int):
         """(k_0 .. k_{s-2}, y1): every stage but the last (FSAL) one, and the solution."""
         ks = [k0]
         for i in range(1, len(times) - 1):
-            ks.append(self.evaluate(n, i, times[i], self.lin(y, ks, self.rows[i], hs, self.buffer("stage", y, self.net_dtype),
-                                                             self.net_dtype)))
+            xi = self.lin(y, ks, self.rows[i], hs, self.buffer("stage", y, self.net_dtype), self.net_dtype)
+            ks.append(self.evaluate(n, i, times[i], xi))
         return ks, self.lin(y, ks, self.b, hs, self.buffer("state", y, avoid=y), self.state_dtype)
 
     def magnitude(self, v: torch.Tensor) -> torch.Tensor:
@@ -203,14 +203,14 @@ class Stepper:
         """y(t + theta h) = y + h sum_i b_i(theta) k_i (theta a tensor for time gradients)."""
         if not isinstance(theta, torch.Tensor):
             return self.lin(y, ks, (range(len(ks)), self.tableau.weights(theta)), hs, out, self.state_dtype)
-        rows = torch.stack([torch.ones_like(theta)] + [hs * w for w in self.tableau.weights(theta)]).to(self.state_dtype)
+        rows = torch.stack([torch.ones_like(theta)] + [hs * w for w in self.tableau.weights(theta)])
+        rows = rows.to(self.state_dtype)
         return self.combine_rows(y, ks, rows[None], self.state_dtype)
 
 
 class Event:
-    """torchdiffeq's event handling: every output of event_fn(t, y) signed to start positive, the
-    event where their minimum reaches 0 (checked at each accepted step's end, then bisected on the
-    dense output down to `tol` in time)."""
+    """torchdiffeq's event handling: every output of event_fn(t, y) signed to start positive, the event where
+    their minimum reaches 0 (checked at each accepted step's end, bisected on the dense output to `tol`)."""
 
     def __init__(self, fn: Callable, user_state: Callable, tol: float):
         self.fn, self.user_state, self.tol, self.signs = fn, user_state, tol, None
@@ -239,8 +239,7 @@ class Event:
 
 class EventTime(torch.autograd.Function):
     """(event time t*, state y* there) with the implicit function theorem's gradient, as torchdiffeq's
-    odeint_event: c(t*, y(t*)) = 0 makes dt* = -dc/dy . dy / (dc/dt + dc/dy . f), so the cotangents
-    (g_t, g_y) reach the solve as g_y - dc/dy (g_t + g_y . f) / (dc/dt + dc/dy . f)."""
+    odeint_event (docs/engine.md, "Inside the engine": adaptive)."""
 
     @staticmethod
     def forward(ctx, func, event: Event, t: torch.Tensor, y: torch.Tensor):
@@ -259,8 +258,8 @@ class EventTime(torch.autograd.Function):
         dc_dy = torch.zeros_like(y) if dc_dy is None else dc_dy
         rate = dc_dt + (dc_dy * f).sum()
         if rate == 0:
-            raise ValueError("the event function reaches 0 without crossing it (its rate of change along the solution "
-                             "is 0 there): the event time has no derivative")
+            raise ValueError("the event function reaches 0 without crossing it (its rate of change along the "
+                             "solution is 0 there): the event time has no derivative")
         return None, None, None, g_y - dc_dy * (g_t.to(y.dtype) + (g_y * f).sum()) / rate
 
 
@@ -281,8 +280,7 @@ def initial_step(loop: "AdaptiveLoop", t: float, y: torch.Tensor, f0: torch.Tens
 
 
 class AdaptiveLoop:
-    """The controller: from the first time through the requested ones (or to an event), one
-    attempted step at a time in internal time, the outputs by dense output."""
+    """The controller: one attempted step at a time in internal time, the outputs by dense output."""
 
     def __init__(self, stepper: Stepper, control: Control, sign: float, callbacks: dict, user_state: Callable):
         self.stepper, self.control, self.sign = stepper, control, sign
@@ -300,7 +298,8 @@ class AdaptiveLoop:
         if towards is None:
             return self.sign * tau
         dt = self.stepper.state_dtype
-        return torch.nextafter(torch.tensor(self.sign * tau, dtype=dt), torch.tensor(self.sign * towards, dtype=dt)).item()
+        return torch.nextafter(torch.tensor(self.sign * tau, dtype=dt),
+                               torch.tensor(self.sign * towards, dtype=dt)).item()
 
     def callback(self, name: str, t: float, y: torch.Tensor, h: float) -> None:
         if name in self.callbacks:
@@ -333,9 +332,9 @@ class AdaptiveLoop:
             return (t, y, k0, h), None
         if not math.isfinite(ratio):
             raise FloatingPointError(
-                f"odeint ({st.tableau.name}): the state or its error estimate is not finite at t={self.user(t1):g} (step "
-                f"size h={dt:.3g}), and min_step={c.min_step:g} forces steps of that size whatever their error: lower "
-                "options['min_step'] (the solution may blow up there)")
+                f"odeint ({st.tableau.name}): the state or its error estimate is not finite at t={self.user(t1):g} "
+                f"(step size h={dt:.3g}), and min_step={c.min_step:g} forces steps of that size whatever their error: "
+                "lower options['min_step'] (the solution may blow up there)")
         ks += fsal or [st.evaluate(self.n, last, times[-1], y1)]
         self.callback("callback_accept_step", t, y, dt)
         st.stats.accepted += 1
@@ -358,13 +357,13 @@ class AdaptiveLoop:
 
     def run(self, y: torch.Tensor, taus: List[float], outs: Optional[torch.Tensor], event: Optional[Event] = None,
             shifts: Optional[torch.Tensor] = None):
-        """The states at the internal times taus (taus[0] the start; with an event, the one output is
-        at the event), into `outs` when given; and the last output's internal time. `shifts`: t - t.detach()
-        (zeros whose gradient is t's), the outputs' dependence on t (through the dense output)."""
+        """The states at the internal times taus (taus[0] the start; with an event, the one output is at the
+        event), into `outs` when given, and the last output's internal time. `shifts`: t - t.detach()."""
         st, c = self.stepper, self.control
         t, k0 = taus[0], st.evaluate(0, 0, self.user(taus[0]), y)
         if not bool(torch.isfinite(k0).all()):
-            raise FloatingPointError(f"odeint ({st.tableau.name}): func returned NaN/Inf at the initial time t={self.user(t):g}")
+            raise FloatingPointError(f"odeint ({st.tableau.name}): func returned NaN/Inf at the initial time "
+                                     f"t={self.user(t):g}")
         h = c.first_step if c.first_step is not None else initial_step(self, t, y, k0)
         st.stats.times.append(self.user(t))
         result, last, target = [y if outs is None else outs[0].copy_(y)], None, t
@@ -376,8 +375,8 @@ class AdaptiveLoop:
                     break
                 if n == c.max_num_steps:
                     raise RuntimeError(
-                        f"odeint ({st.tableau.name}): max_num_steps={c.max_num_steps} steps did not reach the output time "
-                        f"t={self.user(target):g} (reached t={self.user(t):g}, step size h={h:.3g}): raise "
+                        f"odeint ({st.tableau.name}): max_num_steps={c.max_num_steps} steps did not reach the output "
+                        f"time t={self.user(target):g} (reached t={self.user(t):g}, step size h={h:.3g}): raise "
                         "options['max_num_steps'], or loosen rtol/atol")
                 (t, y, k0, h), accepted = self.step(t, y, k0, h)
                 last = accepted or last
@@ -401,12 +400,13 @@ def _first(tree):
 
 
 def _tolerance(value, name: str, structure, y: torch.Tensor):
-    """rtol / atol (a number, a tensor per component, for a tuple y0 a tuple of these) in the
-    layout of the solved state y (a complex y0 solved as its real view, a tuple one flat tensor)."""
+    """rtol / atol (a number, a tensor per component, for a tuple y0 a tuple of these) in the layout of the
+    solved state y (a complex y0 solved as its real view, a tuple one flat tensor)."""
     if isinstance(structure, tuple) and isinstance(value, (tuple, list)):
         leaves = states.tuple_leaves(structure)
         if len(value) != len(leaves):
-            raise ValueError(f"{name}: a tuple of tolerances needs one per component of y0 ({len(leaves)}), got {len(value)}")
+            raise ValueError(f"{name}: a tuple of tolerances needs one per component of y0 ({len(leaves)}), "
+                             f"got {len(value)}")
         return torch.cat([torch.as_tensor(_tolerance(v, name, leaf, leaf), dtype=y.dtype, device=y.device)
                           .expand(leaf.shape).reshape(-1) for v, leaf in zip(value, leaves)])
     if isinstance(value, torch.Tensor) and (value.numel() != 1 or not isinstance(structure, tuple)):
@@ -426,8 +426,8 @@ def _tolerance(value, name: str, structure, y: torch.Tensor):
 
 
 def _norm(user_norm, structure, one: Callable) -> Callable:
-    """The error norm on the solved state: torchdiffeq's RMS (of the moduli for a complex y0; over
-    each component of a tuple, then the largest), or the user's on y0's structure."""
+    """The error norm on the solved state: torchdiffeq's RMS (of the moduli for a complex y0; over each
+    component of a tuple, then the largest), or the user's on y0's structure."""
     if user_norm is not None:
         return lambda flat: user_norm(one(flat))
     if isinstance(structure, tuple):
@@ -439,12 +439,8 @@ def _norm(user_norm, structure, one: Callable) -> Callable:
 
 
 class AcceptedGraphs(EvaluationGraphs):
-    """The stored adjoint's forward for an adaptive solve (StoredAdjoint.run takes it from the
-    controller). How many evaluations the solve takes is known only when it ends, so "auto" runs it
-    as plain backprop while the graphs fit the budget (past it the Stepper raises an allocation
-    failure: EvaluationGraphs' fall back, recomputing all), a budget in bytes keeps the graphs of the
-    last evaluations that fit (a window; every stage input is stored), 0 none. No tail: the
-    backward walks the problem on the grid the controller accepted (Controller.accepted)."""
+    """The stored adjoint's forward for an adaptive solve: "auto" as plain backprop while the graphs fit, a
+    budget in bytes a window of the last graphs, no tail. Why: docs/engine.md, "Inside the engine": adaptive."""
 
     def __init__(self, problem, strategy, first, device: torch.device, time_grad: bool):
         self.auto = strategy.memory_budget == "auto"
@@ -477,10 +473,8 @@ class AcceptedGraphs(EvaluationGraphs):
 
 @dataclass
 class Controller:
-    """The adaptive controller of one odeint call, as integrate.Problem.controller: `run` is the
-    solve (plain, with a graph, or an adjoint's forward recording its stage inputs through the
-    adjoint's evaluator) and picks the grid; `accepted` is the problem on the grid it accepted, which
-    the stored adjoint's backward walks like any fixed grid."""
+    """The adaptive controller of one odeint call, as integrate.Problem.controller: `run` is the solve (plain,
+    with a graph, or an adjoint's forward) and picks the grid; `accepted` is the problem on that grid."""
 
     control: Control
     sign: float
@@ -500,8 +494,7 @@ class Controller:
 
     def run(self, p, x: torch.Tensor, evaluator=None, stage_inputs: Optional[list] = None,
             states: Optional[list] = None) -> List[torch.Tensor]:
-        recording = stage_inputs is not None or states is not None
-        buffered = evaluator is None and not recording and not torch.is_grad_enabled()
+        buffered = evaluator is None and stage_inputs is None and states is None and not torch.is_grad_enabled()
         self.stats = SolveStats()
         st = Stepper(p, self.tolerance, self.norm, buffered, self.stats)
         st.moduli, st.shift = self.moduli, None if self.shifts is None else self.shifts[0]
@@ -514,8 +507,8 @@ class Controller:
         return list(outs) if buffered else result
 
     def accepted(self, p, evals):
-        """The problem on the accepted grid (its stage times, its outputs' places); a step's first stage
-        is its previous step's last (FSAL): the same evaluation for the backward's reruns and kept graphs."""
+        """The problem on the accepted grid (its stage times, its outputs' places); a step's first stage is its
+        previous step's last (FSAL): the same evaluation for the backward's reruns and kept graphs."""
         loop, s = self.loop, p.tableau.stages
         places = [(-1, None)] + loop.places
         for n in range(loop.n - 1):
@@ -533,11 +526,12 @@ def odeint(func, y0, t, spec, rtol, atol, options, return_stats: bool, event_fn=
     (with event_fn: (event time, the states at t[0] and at the event)), and SolveStats if asked."""
     name = spec.tableau.name
     if isinstance(t, torch.Tensor) and t.dim() == 2:
-        raise ValueError(f"the adaptive method {name!r} takes a 1-D grid t; a per-sample grid (T, B) needs a fixed-step "
-                         "method (each sample would pick its own steps)")
+        raise ValueError(f"the adaptive method {name!r} takes a 1-D grid t; a per-sample grid (T, B) needs a "
+                         "fixed-step method (each sample would pick its own steps)")
     t, values = odeint_values(t)
     if event_fn is not None and len(values) != 2:
-        raise ValueError(f"with event_fn, t must hold 2 times (the start and one giving the direction), got {len(values)}")
+        raise ValueError(f"with event_fn, t must hold 2 times (the start and one giving the direction), "
+                         f"got {len(values)}")
     strategy = spec.strategy
     if not isinstance(strategy, (Backprop, StoredAdjoint)) or getattr(strategy, "reversible_coupling", None):
         raise ValueError(f"the reversible scheme needs a fixed grid (its steps are undone exactly; an adaptive "
@@ -547,7 +541,8 @@ def odeint(func, y0, t, spec, rtol, atol, options, return_stats: bool, event_fn=
     flat_func, y, unwrap = (adapted.func, adapted.y0, adapted.unwrap) if adapted is not None else (func, y0, None)
     check_state(y, "y0", batched=False)
     if not callable(func) or not bool(torch.isfinite(y).all()):
-        raise (TypeError("func must be callable as func(t, y)") if not callable(func) else ValueError("y0 must be finite"))
+        raise (TypeError("func must be callable as func(t, y)") if not callable(func)
+               else ValueError("y0 must be finite"))
     one = (lambda flat: flat) if unwrap is None else (lambda flat: _first(unwrap(flat.unsqueeze(0))))
     sign = -1.0 if len(values) > 1 and values[1] < values[0] else 1.0
     taus = [sign * v for v in values] if event_fn is None else [sign * values[0], math.inf]
@@ -558,10 +553,9 @@ def odeint(func, y0, t, spec, rtol, atol, options, return_stats: bool, event_fn=
     tolerance = tuple(_tolerance(v, n, y0, y) for v, n in ((1e-7 if rtol is None else rtol, "rtol"),
                                                            (1e-9 if atol is None else atol, "atol")))
     time_grad = t.requires_grad and torch.is_grad_enabled()
-    controller = Controller(control, sign, taus, tolerance, _norm(control.norm, y0, one),
-                            {n: getattr(func, n) for n in CALLBACKS if callable(getattr(func, n, None))}, one,
-                            None if event_fn is None else Event(event_fn, one, float(torch.as_tensor(tolerance[1]).max())
-                                                                or 1e-12),
+    callbacks = {n: getattr(func, n) for n in CALLBACKS if callable(getattr(func, n, None))}
+    event = None if event_fn is None else Event(event_fn, one, float(torch.as_tensor(tolerance[1]).max()) or 1e-12)
+    controller = Controller(control, sign, taus, tolerance, _norm(control.norm, y0, one), callbacks, one, event,
                             (t - t.detach()).to(device=y.device, dtype=torch.float64) if time_grad else None,
                             isinstance(y0, torch.Tensor) and y0.is_complex())
     problem = dataclasses.replace(problem, controller=controller)
@@ -572,8 +566,8 @@ def odeint(func, y0, t, spec, rtol, atol, options, return_stats: bool, event_fn=
 
 def _finish(ys, controller: Controller, problem, t, unwrap, event_fn, return_stats, name):
     if not bool(torch.isfinite(ys.detach()).all()):
-        raise FloatingPointError(f"odeint ({name}): a state at the requested times is not finite (func returned NaN/Inf "
-                                 "at the end of the last step)")
+        raise FloatingPointError(f"odeint ({name}): a state at the requested times is not finite (func returned "
+                                 "NaN/Inf at the end of the last step)")
     t_end = torch.tensor(controller.sign * controller.end, dtype=t.dtype, device=t.device)
     if controller.event is not None and ys.requires_grad:  # the event time's gradient (implicit function theorem)
         t_end, last = EventTime.apply(problem.evaluate, controller.event, t_end, ys[-1])

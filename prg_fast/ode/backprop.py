@@ -24,8 +24,7 @@ class Backprop:
             object.__setattr__(self, "reversible_coupling", check_coupling(self.reversible_coupling))
 
     def run(self, problem: Problem, x: torch.Tensor) -> torch.Tensor:
-        """The states at the grid's outputs, stacked, with their autograd graph (the run of every
-        strategy: prg_fast.ode.api.run)."""
+        """The states at the grid's outputs, stacked, with their autograd graph (every strategy's run)."""
         if self.reversible_coupling is not None:
             return solve_reversible(problem, x, self.reversible_coupling)
         return solve(problem, x)

@@ -1,7 +1,5 @@
-"""An evaluation rerun in the backward: what it must see to be the forward's (`ReplayRecord`: random
-state, written buffers, autocast, train flags, cached parametrizations, parameter versions) and its
-one VJP, with the parameters' hooks muted (they run once, on the sum) and reentrant checkpoints
-handled. Why so: docs/engine.md, "Inside the engine"."""
+"""An evaluation rerun in the backward: what it must see to be the forward's (`ReplayRecord`) and
+its one VJP (`graph_vjp`). Why so: docs/engine.md, "Inside the engine": rerun."""
 from __future__ import annotations
 
 import functools
@@ -34,14 +32,11 @@ class ReplayRecord:
         self.snapshots: dict = {}
         self.recorded = 0
         self.cannot_rerun: Optional[str] = None  # why a rerun would not be exact (see finish)
-        # reruns run under the forward's autocast state (as torch.utils.checkpoint does), so a
-        # network run in bf16 autocast is differentiated as run, under its train/eval flags, and
-        # read the parametrized tensors cached around the solve (prg_fast.ode.parametrize_cache)
         self.autocast = autocast_state(device.type)
         self.modes = TrainingModes(problem.reads.modules)
         self.shared = problem.reads.shared
-        params = problem.reads.params
-        self.params, self.at_start = params, [version(q) for q in params]  # a model may write its own
+        self.params = problem.reads.params
+        self.at_start = [version(q) for q in self.params]  # a model may write its own
         self.versions: Optional[ParamVersions] = None
 
     @property
@@ -51,10 +46,7 @@ class ReplayRecord:
 
     def record(self, e: Optional[int] = None, rng=None, buffers=None, chained: bool = False) -> None:
         """Before a rerunnable evaluation: its random state and written buffers (given when already
-        captured, as for the solve's first evaluation). `chained`: the evaluation is only ever rerun
-        right after the one recorded before it, inside `chain` (the kept tail, rerun as a whole):
-        its random state is where the previous evaluation's draws left the generators, as nothing
-        between two evaluations draws, so none is captured (a capture costs ~2-10 us, per evaluation)."""
+        captured); `chained`: none captured (docs/engine.md, "Inside the engine": rerun)."""
         e = self.recorded if e is None else e  # by default, the evaluations in their order
         self.recorded = e + 1
         if self.rng is not None:
@@ -76,9 +68,8 @@ class ReplayRecord:
         self.snapshots, self.recorded = {}, 0
 
     def finish(self, reruns: bool) -> None:
-        """After the forward. Generators that did not move: nothing random ran, nothing to replay.
-        A buffer written after the first evaluation only cannot be replayed: refused now if the
-        backward will rerun something (`reruns`), else when a later backward tries."""
+        """After the forward: no replay when the generators did not move; a buffer written after the first
+        evaluation only is refused now if the backward reruns something (`reruns`), else when one tries."""
         self.versions = ParamVersions(self.params, self.at_start)
         if self.rng and _same_rng(self.rng[0], capture_rng(self.device)):
             self.rng = None
@@ -89,11 +80,8 @@ class ReplayRecord:
             self.cannot_rerun = why
 
     def backward(self, compute: Callable[[], tuple]) -> tuple:
-        """A whole backward, `compute()`: an adjoint Function's gradients (None, None, the grid's,
-        x's, then the parameters'). Parameters changed in place since the forward are found before
-        anything is rerun, the written buffers end as they were found, and the forward's train/eval
-        flags and cached parametrizations hold while it runs; after it, the parameters' in-place
-        checks (ParamVersions)."""
+        """A whole backward, `compute()` (None, None, the grid's, x's, then the parameters' gradients),
+        under the forward's buffers, train flags and cached parametrizations, checked by ParamVersions."""
         self.versions.before_backward()
         self.hidden = HiddenLeaves()  # what this backward's VJPs owe plain leaves no input holds
         with left_as_found(self.state), self.modes, self.shared.kept() if self.shared is not None else nullcontext():
@@ -104,19 +92,13 @@ class ReplayRecord:
 
     @contextmanager
     def chain(self, e: int) -> Iterator[None]:
-        """Around the reruns, in order, of evaluation e and the chained evaluations recorded after
-        it (`record(chained=True)`; each rerun with `rerun(..., chained=True)`): the random state is
-        set once, to e's, and the draws follow on as in the forward; the caller's is put back."""
-        if self.rng is None:
-            yield
-            return
-        with restore_rng(self.rng[e], self.device):
+        """Around the reruns of evaluation e and the chained ones after it: e's random state, set once."""
+        with restore_rng(self.rng[e], self.device) if self.rng is not None else nullcontext():
             yield
 
     @contextmanager
     def rerun(self, e: int, chained: bool = False) -> Iterator[None]:
-        """Around the rerun of evaluation e: its buffers, random state (inside `chain`: the
-        chain's) and autocast state."""
+        """Around the rerun of evaluation e: its buffers, random state (inside `chain`: the chain's), autocast."""
         if self.cannot_rerun is not None:
             raise RuntimeError(self.cannot_rerun)
         if self.state is not None:
@@ -131,8 +113,7 @@ class ReplayRecord:
 
 @contextmanager
 def hooks_muted(dicts: Sequence[dict]) -> Iterator[None]:
-    """The tensor hooks these dicts hold (compat.tensor_hook_dicts) do not run inside the block;
-    they are back, in their order, after it (however it ends)."""
+    """The tensor hooks these dicts hold (compat.tensor_hook_dicts) off inside the block, back in order after."""
     saved = [(d, list(d.items())) for d in dicts]
     for d, _ in saved:
         d.clear()
@@ -144,15 +125,8 @@ def hooks_muted(dicts: Sequence[dict]) -> Iterator[None]:
 
 
 class StateHooks:
-    """Hooks the velocity registers on its input x (`x.register_hook`), run as plain backprop runs
-    them: once per evaluation, on the gradient plain backprop gives that tensor. A rerun's stage
-    input is a leaf of ours; where plain backprop's evaluation reads a fresh tensor (a later stage,
-    or a dtype cast) its gradient is the VJP's own, so the leaf's hooks run in the VJP (`hooked`).
-    Where it reads the solver's state itself (stage 0 with no cast), its gradient is the state's
-    whole cotangent: the hooks are taken off the leaf (`take`) and run on it when the backward has
-    it all (`run`, at the grid point). At x itself a rerun's are dropped (`skip_x`) when the first
-    evaluation read x (the hooks it registered there run on the solve's gradient for x) or x needs
-    no gradient (plain backprop's evaluation read it without one: no hook)."""
+    """Hooks the velocity registers on its input x, run as plain backprop runs them: in the VJP, or taken
+    (`take`) and run on the state's whole cotangent (`run`). Why: docs/engine.md, "Inside the engine": rerun."""
 
     def __init__(self, skip_x: bool):
         self.skip_x, self.at = skip_x, {}
@@ -163,8 +137,7 @@ class StateHooks:
         return not any(a != 0.0 for a in p.tableau.a[i]) and p.net_dtype == p.state_dtype
 
     def take(self, m: int, leaf: torch.Tensor, is_state: bool = True) -> None:
-        """Take the hooks registered on `leaf`, when it is the state at grid point m, to run at
-        `run(m)` (those on a fresh stage input stay: they run in its VJP)."""
+        """Take the hooks on `leaf` when it is the state at grid point m, to run at `run(m)`."""
         hooks = gradient_hooks(leaf) if is_state else None
         if hooks:
             self.at.setdefault(m, []).extend(hooks.values())
@@ -179,28 +152,22 @@ class StateHooks:
 
 
 def refuse_input_hooks(hooks: Sequence[Callable], where: str) -> None:
-    """An error naming a hook the velocity registered on its input, where the adjoint cannot run it
-    as plain backprop does (the reversible scheme's base steps)."""
+    """An error naming a hook the velocity registered on its input (the reversible scheme's base steps)."""
     if hooks:
         hook = hooks[0]
         raise RuntimeError(
             f"the velocity registers a hook on its input x ({getattr(hook, '__qualname__', repr(hook))}) {where}; "
             "the reversible adjoint cannot run it on the gradient plain backprop gives x. Use reversible=False "
-            "(the stored adjoint runs it exactly) or adjoint=False"
-        )
+            "(the stored adjoint runs it exactly) or adjoint=False")
 
 
 def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
               reads, hidden: "HiddenLeaves", hooked: Sequence[torch.Tensor] = ()) -> List[Optional[torch.Tensor]]:
-    """sum_j cotangents[j]^T d outputs[j] / d inputs (None for an input they do not read), one
-    backward through the graph they share (an evaluation's, or the kept tail's), with the inputs'
-    hooks muted (docs/engine.md, "Inside the engine": rerun) but `hooked`'s (StateHooks). A read of
-    one of the computed tensors the velocity holds (`reads.unlisted`) or of a parameter that is no
-    input is an error (refuse_unknown_reads); a plain leaf that is no input gets its share in
-    `hidden`, accumulated into its .grad at the end of the backward, as plain backprop does."""
+    """sum_j cotangents[j]^T d outputs[j] / d inputs (None for an input they do not read), one backward
+    through the graph they share, the inputs' hooks muted but `hooked`'s; unknown reads refused, plain
+    leaves' shares into `hidden`. Why: docs/engine.md, "Inside the engine": rerun."""
     inputs = list(inputs)
-    # an output that reads neither the state nor a parameter (a zero velocity, a function of t
-    # only) has no graph: it contributes nothing
+    # an output that reads neither the state nor a parameter (a function of t only) contributes nothing
     live = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     if not live:
         return [None] * len(inputs)
@@ -219,12 +186,8 @@ def graph_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], c
 
 
 def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Every tensor requiring grad that the graph under `roots` reads is an input of the solve, a
-    plain leaf tensor (returned: HiddenLeaves), or an error: a parameter or a computed tensor read
-    only after the first evaluation, through something the search of the velocity could not see,
-    would otherwise get no gradient (the adjoint returns gradients for its inputs only). Every
-    adjoint path asks, whatever the budget kept (a rerun's VJP, a kept graph's, a solve run as plain
-    backprop: AdjointSolveKept), so the budget never changes the answer."""
+    """The plain leaves (HiddenLeaves) the graph under `roots` reads beside `inputs`; an error for a
+    parameter or a computed tensor read there (docs/engine.md, "Inside the engine": rerun)."""
     read, leaves = unknown_reads(roots, inputs, unlisted)
     if read is None:
         return leaves
@@ -233,21 +196,17 @@ def refuse_unknown_reads(roots, inputs: Sequence[torch.Tensor], unlisted: Sequen
             f"model reads a tensor that requires grad and was computed outside it (shape {tuple(read.shape)}, "
             f"from {read.grad_fn.name()}) in an evaluation after its first, where the solve did not see it: the "
             "adjoint differentiates only its inputs, so that tensor's gradient would be missing. Pass it as "
-            "adjoint_params, compute it inside the model, or use adjoint=False"
-        )
+            "adjoint_params, compute it inside the model, or use adjoint=False")
     raise RuntimeError(
         f"model reads a parameter that requires grad (shape {tuple(read.shape)}, {read.dtype}) in an evaluation "
         "after its first, and the solve did not find it among its inputs (it looked through the model, its "
         "modules and their hooks, closures and globals): its gradient would be missing. Pass it in "
-        "adjoint_params=[...] (with the model's parameters), or use adjoint=False"
-    )
+        "adjoint_params=[...] (with the model's parameters), or use adjoint=False")
 
 
 def unknown_reads(roots, inputs, unlisted=()) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
-    """What the graph under the autograd nodes `roots` reads that the solve does not take as an
-    input: (the first to refuse, or None; the plain leaves, which HiddenLeaves serves). Refused
-    (refuse_unknown_reads says why): an nn.Parameter none of `inputs`, or a computed tensor the
-    velocity holds (`unlisted`). The walk stops at the inputs and touches no tensor."""
+    """(The first read to refuse -- an nn.Parameter none of `inputs`, a computed tensor of `unlisted` -- or
+    None; the plain leaves) of the graph under the autograd nodes `roots`, walked down to the inputs."""
     known = {id(q) for q in inputs}
     stops = {q.grad_fn for q in inputs if q.grad_fn is not None}
     computed = {q.grad_fn: q for q in unlisted if q.grad_fn not in stops}
@@ -263,9 +222,8 @@ def unknown_reads(roots, inputs, unlisted=()) -> Tuple[Optional[torch.Tensor], L
 
 
 class HiddenLeaves:
-    """What a backward's VJPs owe plain leaf tensors (not parameters) that no input of the solve
-    holds: hidden from the search and read only later, or made by the velocity. As plain backprop,
-    accumulated into .grad once, on their sum (docs/engine.md: also under torch.autograd.grad)."""
+    """What a backward's VJPs owe plain leaf tensors no input of the solve holds, accumulated into .grad
+    once, on their sum (docs/engine.md, "What you get over torchdiffeq.odeint_adjoint")."""
 
     def __init__(self):
         self.sums: dict = {}  # id -> [leaf, summed gradient]
@@ -289,18 +247,15 @@ class HiddenLeaves:
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
-    """The VJP through torch.autograd.backward, for graphs with a reentrant checkpoint (which
-    refuses torch.autograd.grad and backward(inputs=...)): every input's .grad is set aside, the
-    backward accumulates into empty ones, they are this evaluation's share, and the user's .grad
-    is put back."""
+    """The VJP through torch.autograd.backward into fresh .grad, for graphs with a reentrant checkpoint
+    (docs/engine.md, "Inside the engine": rerun)."""
     computed = [i for i, q in enumerate(inputs) if not q.is_leaf]
     if computed:
         # backward without inputs= would run on through such an input's own graph
         raise RuntimeError(
             "the velocity runs torch.utils.checkpoint(..., use_reentrant=True) and the solve's input "
             f"{computed[0]} (adjoint_params) is computed outside the model: use use_reentrant=False in the "
-            "checkpoint, or adjoint=False"
-        )
+            "checkpoint, or adjoint=False")
     stash = [q.grad for q in inputs]
     for q in inputs:
         q.grad = None
@@ -328,15 +283,8 @@ class _SecondDerivativeError(torch.autograd.Function):
 
 
 def once_differentiable(backward):
-    """torch's once_differentiable for an adjoint's backward, whose second derivative error cannot
-    be missed: ctx.differentiated holds the Function's tensor inputs (x, the parameters).
-
-    torch's error node (its DelayedError) sits only on the path through the incoming cotangent, and
-    torch.autograd.grad(..., inputs) prunes it when that path does not lead to the inputs asked
-    for: gx = grad(out.square().sum(), x, create_graph=True) then grad(gx.square().sum() +
-    x.square().sum(), x) silently lacked the solve's second-order term. Under create_graph every
-    gradient returned here also reaches the inputs through one error node (an added exact zero:
-    the sum of an empty slice of each input), so any second derivative through them is the error."""
+    """torch's once_differentiable for an adjoint's backward, whose second derivative error cannot be
+    missed (ctx.differentiated: x, the parameters). Why: docs/engine.md, "Inside the engine": rerun."""
     once = torch.autograd.function.once_differentiable(backward)
 
     @functools.wraps(backward)
@@ -357,9 +305,8 @@ def once_differentiable(backward):
 
 
 class GradientSum:
-    """The parameters' gradients summed over the evaluations' VJPs (None until an evaluation reads
-    the parameter, as in plain backprop), in float32 whatever the network's dtype (float64,
-    complex64 and complex128 parameters in their own)."""
+    """The parameters' gradients summed over the evaluations' VJPs (None until one reads the parameter), in
+    float32 whatever the network's dtype (float64, complex64 and complex128 parameters in their own)."""
 
     def __init__(self, params):
         self.params = list(params)
@@ -368,15 +315,8 @@ class GradientSum:
         self.dtypes = [q.dtype if q.dtype in wide else torch.float32 for q in self.params]
 
     def add(self, grads, returned=(), given=()) -> None:
-        """acc[q] += grads[q] for every parameter gradient present, in one fused foreach call where
-        the accumulators exist (a per-parameter Python loop costs ~1 ms per evaluation for a UNet).
-
-        The accumulator is a buffer of our own, never a tensor someone else holds: autograd may hand
-        back one tensor for several inputs (x and a parameter), a view, or a tensor it was given (the
-        cotangent, passed through). A first gradient that is none of these -- not a view, returned
-        once among everything the VJP returned (`returned`), not one of the tensors given to it
-        (`given`) -- is fresh, and becomes the accumulator as it is (a copy per parameter per solve
-        otherwise: ~10% of a small network's step)."""
+        """acc[q] += grads[q] for every gradient present, in one foreach call; a fresh first gradient becomes
+        the accumulator as it is. Why, and what is fresh: docs/engine.md, "Inside the engine": rerun."""
         if not self.params:
             return
         counts: dict = {}

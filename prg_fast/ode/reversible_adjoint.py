@@ -32,8 +32,7 @@ class ReversibleAdjoint:
         check_choice(self.check, "reversible_check", RECONSTRUCTION_CHECKS)
 
     def run(self, problem: Problem, x: torch.Tensor) -> torch.Tensor:
-        """The y states at the grid's outputs, stacked, differentiated by this adjoint (the run of
-        every strategy: prg_fast.ode.api.run)."""
+        """The y states at the grid's outputs, stacked, differentiated by this adjoint (every strategy's run)."""
         if torch.is_grad_enabled():
             times, (problem, first, _, differentiated) = problem.grid.times, discover(problem, x)
             if first is not None:
@@ -50,13 +49,12 @@ class ReversibleSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, strategy: ReversibleAdjoint, times: Optional[torch.Tensor],
                 x: torch.Tensor, *params: torch.Tensor):
-        # what each base step's rerun needs (random state, written buffers; autocast, train/eval
-        # flags, parameter versions): prg_fast.ode.rerun
+        # what each base step's rerun needs: prg_fast.ode.rerun
         replay = ReplayRecord(problem, x.device, strategy.preserve_rng_state)
         outs, y, z = run(problem, x.to(problem.state_dtype), strategy.coupling, replay.record)
         replay.finish(reruns=True)
-        # The final pair is all the backward needs: every earlier state is reconstructed by the
-        # exact inverse step. Saved through autograd so saved-tensor hooks apply and it is freed.
+        # the final pair is all the backward needs (the inverse step rebuilds every earlier state); saved
+        # through autograd as the stored adjoint's stage inputs (docs/engine.md, "Inside the engine": stored_adjoint)
         ctx.save_for_backward(y, z)
         # x, which the rebuilt initial state is checked against: an alias of the input (no copy,
         # and not through saved-tensor hooks, which would copy it); if it is modified in place
@@ -126,8 +124,7 @@ class BackwardWalk:
             out = base_step(self.p, t, h, xg, end)
             refuse_input_hooks(list((gradient_hooks(xg) or {}).values()), f"in base step {e}'s rerun")
             # the parameters' hooks do not run here: autograd runs them once on the returned total
-            reads = self.p.reads
-            grads = (graph_vjp([out], inputs, [cot], reads, self.replay.hidden) if cot is not None
+            grads = (graph_vjp([out], inputs, [cot], self.p.reads, self.replay.hidden) if cot is not None
                      else [None] * len(inputs))
         tgrads = [None, None]
         if self.want_tgrad:

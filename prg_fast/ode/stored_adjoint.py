@@ -1,6 +1,5 @@
-"""The stored adjoint (StoredAdjoint, the default): the exact gradient of the fixed-step solve
-itself, from stored stage inputs and the evaluation graphs a memory budget keeps -- AdjointSolve and
-its backward walk. The backward's arithmetic (time gradients included): docs/engine.md, "Inside the engine"."""
+"""The stored adjoint (StoredAdjoint, the default): AdjointSolve and its backward walk. The backward's
+arithmetic (time gradients included): docs/engine.md, "Inside the engine": stored_adjoint."""
 from __future__ import annotations
 
 import math
@@ -24,19 +23,16 @@ def check_memory_budget(value) -> Union[None, float, str]:
     if value is None or (isinstance(value, str) and value == AUTO):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
-        raise ValueError(
-            f'memory_budget must be "auto" (what fits in {AUTO_FRACTION:g} of the free memory), None '
-            "(recompute every evaluation) or a number of bytes >= 0 (float('inf') keeps every evaluation's "
-            f"graph), got {value!r}"
-        )
+        raise ValueError(f'memory_budget must be "auto" (what fits in {AUTO_FRACTION:g} of the free memory), None '
+                         "(recompute every evaluation) or a number of bytes >= 0 (float('inf') keeps every "
+                         f"evaluation's graph), got {value!r}")
     return float(value)
 
 
 @dataclass(frozen=True)
 class StoredAdjoint:
-    """The exact discrete adjoint from stored stage inputs (or step states), keeping the graphs of
-    the last evaluations that fit in `memory_budget` bytes ("auto": a share of the free memory,
-    prg_fast.ode.free_memory; None: recompute all)."""
+    """The exact discrete adjoint from stored stage inputs (or step states), keeping the graphs of the last
+    evaluations that fit in `memory_budget` bytes ("auto": a share of the free memory; None: none)."""
 
     memory_budget: Union[None, float, str] = AUTO
     store: str = "stages"
@@ -48,17 +44,14 @@ class StoredAdjoint:
         check_flag(self.preserve_rng_state, "preserve_rng_state")
 
     def budget_bytes(self, device: torch.device) -> Optional[float]:
-        """The budget in bytes for a solve on `device` starting now: "auto" resolved against the
-        free memory (None when unknown: keep nothing)."""
+        """The budget in bytes for a solve on `device` starting now (None when unknown: keep nothing)."""
         if self.memory_budget != AUTO:
             return self.memory_budget
         free = free_bytes(device)
         return None if free is None else AUTO_FRACTION * free
 
     def graphs_to_keep(self, evaluations: int, graph_bytes: Optional[int], budget: Optional[float]) -> int:
-        """How many of the forward's `evaluations` keep their graphs, each `graph_bytes` (measured
-        on the first evaluation; None when it did not run with a graph), within `budget` bytes
-        (budget_bytes)."""
+        """How many of `evaluations` keep their graphs, each `graph_bytes` (None: unmeasured), within `budget`."""
         if budget is None or graph_bytes is None:
             return 0
         if math.isinf(budget):
@@ -66,8 +59,7 @@ class StoredAdjoint:
         return min(evaluations, int(budget // max(graph_bytes, 1)))
 
     def run(self, problem: Problem, x: torch.Tensor) -> torch.Tensor:
-        """The states at the grid's outputs, stacked, differentiated by this adjoint (the run of
-        every strategy: prg_fast.ode.api.run)."""
+        """The states at the grid's outputs, stacked, differentiated by this adjoint."""
         if not torch.is_grad_enabled():
             return solve(problem, x)
         times, (problem, first, time_grad, differentiated) = problem.grid.times, discover(problem, x)
@@ -87,9 +79,8 @@ class StoredAdjoint:
 
 
 def _as_backprop(graphs: EvaluationGraphs, x: torch.Tensor) -> Optional[List[torch.Tensor]]:
-    """The solve's outputs with their graph, by plain backprop's one path (integrate.run), its first
-    evaluation the one discovery ran (whose input has x's graph); None after an allocation failure
-    (nothing is kept any more: kept_count 0, fell_back), to run the adjoint's forward instead."""
+    """The solve's outputs with their graph by plain backprop (its first evaluation discovery's); None after
+    an allocation failure, to run the adjoint's forward instead."""
     p, first = graphs.problem, graphs.first
 
     def attempt() -> List[torch.Tensor]:
@@ -102,18 +93,12 @@ def _as_backprop(graphs: EvaluationGraphs, x: torch.Tensor) -> Optional[List[tor
 
 
 class AdjointSolveKept(torch.autograd.Function):
-    """The outputs of a solve that kept every evaluation's graph: they were computed by plain
-    autograd from x (_as_backprop), so their backward is plain backprop's, with no nested VJP. This
-    node only stacks them and carries `.evals` (what the strategy chose, as AdjointSolve's does).
-    Its backward (unbind) is differentiable, so a second derivative (create_graph=True) is plain
-    backprop's too: once_differentiable here cut the path through the cotangent silently under
-    torch.autograd.grad(..., inputs), which prunes its error node while the graph around it still
-    reaches the inputs."""
+    """The outputs of a solve run as plain backprop (_as_backprop), stacked, carrying `.evals`; its backward
+    (unbind) is differentiable. Why: docs/engine.md, "Inside the engine": stored_adjoint."""
 
     @staticmethod
     def forward(ctx, evals: EvaluationGraphs, x: torch.Tensor, *outs: torch.Tensor):
-        # what the graph may read: x (where the walk stops) and the solve's inputs; anything else
-        # requiring grad is refused at the backward, as a rerun's VJP refuses it (refuse_unknown_reads)
+        # what the graph may read: x (where the walk stops) and the solve's inputs (refuse_unknown_reads)
         ctx.evals, ctx.roots, ctx.inputs = evals, [o.grad_fn for o in outs], (x, *evals.problem.reads.params)
         return torch.stack(outs)
 
@@ -133,9 +118,7 @@ class AdjointSolve(torch.autograd.Function):
         if outs is None:  # the kept graphs met an allocation failure: again, keeping none
             stored.clear()
             outs = evals.run_forward(x0, stored)
-        # Saved through autograd (not as ctx attributes) so they are freed right after the backward,
-        # retain_graph works, and saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) apply.
-        ctx.save_for_backward(*stored)
+        ctx.save_for_backward(*stored)  # not as ctx attributes: docs/engine.md, "Inside the engine": stored_adjoint
         # the problem the forward walked (an adaptive controller's accepted grid: kept_graphs)
         ctx.problem, ctx.evals, ctx.rng = evals.problem, evals, evals.replay.rng
         ctx.x_dtype = x.dtype
@@ -154,16 +137,12 @@ def _backward(ctx, grad_out: torch.Tensor):
     walk = BackwardWalk(p, ctx.evals, grad_out, want_tgrad=p.grid.times is not None and ctx.needs_input_grad[2],
                         x_grad=ctx.needs_input_grad[3])
     stored = list(ctx.saved_tensors)  # the steps before the tail's
-    start = p.steps
     tail = ctx.evals.take_tail()
-    if tail is not None:
-        # the whole steps kept as one graph: one VJP
+    if tail is not None:  # the whole steps kept as one graph: one VJP
         walk.tail(tail)
-        start = tail.start
-    for n in reversed(range(start)):
+    for n in reversed(range(p.steps if tail is None else tail.start)):
         walk.arrive(n + 1)
-        if ctx.evals.store == "steps":
-            # the saved tensors are step start states: the step's stage inputs are recomputed now
+        if ctx.evals.store == "steps":  # the saved tensors are step start states: stage inputs recomputed now
             inputs = walk.step_stage_inputs(n, stored.pop())
         else:
             inputs, stored = stored[-s:], stored[:-s]
@@ -173,8 +152,8 @@ def _backward(ctx, grad_out: torch.Tensor):
 
 
 def dense_cotangents(p: Problem, grad_out: torch.Tensor) -> dict:
-    """An adaptive solve's dense outputs y_n + h sum_i b_i(theta) k_i (prg_fast.ode.adaptive): step n ->
-    [(b(theta), the output's cotangent)]."""
+    """An adaptive solve's dense outputs y_n + h sum_i b_i(theta) k_i: step n -> [(b(theta), the
+    output's cotangent)]."""
     dense: dict = {}
     for pos, place in enumerate(p.grid.dense or ()):
         if place is not None:
@@ -204,17 +183,15 @@ class BackwardWalk:
         self.lam = self.hooks.run(m, self.lam)  # the state's whole cotangent: its hooks run now
 
     def tail(self, tail: Tail) -> None:
-        """The VJP of the forward's tail (steps tail.start .. K-1, one graph): from the cotangents
-        arriving at its output points to lam at tail.start and the parameters' gradients."""
+        """The VJP of the forward's tail: from the cotangents at its output points to lam at tail.start."""
         outputs, cotangents = [], []
         for m, state in tail.states.items():
             g = self.arriving.pop(m, None)
             if g is not None:
                 outputs.append(state)
                 cotangents.append(g.to(state.dtype))
-        reads = self.p.reads
         self.hooks.take(tail.start, tail.leaf)
-        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, reads, self.evals.replay.hidden)
+        grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, self.p.reads, self.evals.replay.hidden)
         if grads[0] is not None:
             self.lam = self.lam + grads[0].to(self.lam.dtype)
         self.grads.add(grads[1:], returned=grads, given=cotangents)
@@ -235,8 +212,8 @@ class BackwardWalk:
             self.lam = p.backend.combine(self.lam, live, [1.0] * len(live), 1.0, p.state_dtype)
 
     def cotangent(self, i: int, h, mus: list):
-        """(g_i, e_i): the cotangent of k_i, g_i = h e_i with e_i = b_i lam + sum_m a_mi mu_m (e_i kept on a
-        tensor grid, where g_i is formed per row and h may be 0); (None, None) if k_i influences nothing."""
+        """(g_i, e_i): the cotangent of k_i, g_i = h e_i with e_i = b_i lam + sum_m a_mi mu_m (e_i on a tensor
+        grid, where h may be 0); (None, None) if k_i influences nothing."""
         p, tab = self.p, self.p.tableau
         terms = [(mus[m], tab.a[m][i]) for m in range(i + 1, tab.stages) if tab.a[m][i] != 0.0 and mus[m] is not None]
         terms += [(g, w[i]) for w, g in self.now if w[i] != 0.0]  # the step's dense outputs read k_i too
@@ -246,8 +223,7 @@ class BackwardWalk:
                                 p.state_dtype)
 
     def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
-        """(k, leaf, tau): evaluation (n, i) with its graph -- the forward's kept graph (handed over once:
-        its VJP frees it), else recomputed from the stored stage input `xi` at `tau`."""
+        """(k, leaf, tau): evaluation (n, i) with its graph, kept (handed over once) or recomputed from `xi`."""
         e = n * self.p.tableau.stages + i
         got = self.evals.kept.pop(e, None)
         if got is not None:
@@ -283,8 +259,7 @@ class BackwardWalk:
         self.grads.add(grads[2:], returned=grads, given=(g,))
 
     def step_stage_inputs(self, n: int, x: torch.Tensor) -> List[torch.Tensor]:
-        """store="steps": the stage inputs of step n from its start state x, recomputed exactly as
-        the forward made them (s-1 evaluations without a graph; kept outputs are reused)."""
+        """store="steps": the stage inputs of step n recomputed from its start state x (kept outputs reused)."""
         p, s = self.p, self.p.tableau.stages
         _, h, taus = p.step_at(n)
         inputs: List[torch.Tensor] = []
