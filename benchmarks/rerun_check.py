@@ -1,6 +1,6 @@
 """What the rerun check of issue 34 costs: every evaluation the stored adjoint reruns (or keeps)
-walks its graph once for a parameter that is none of the solve's inputs (prg_fast.ode.rerun,
-_check_all_read). Side by side in one process, interleaved: the backward of a memory_budget=0 solve
+walks its graph once for what it reads that is none of the solve's inputs (prg_fast.ode.rerun,
+unknown_reads). Side by side in one process, interleaved: the backward of a memory_budget=0 solve
 with the check and with it replaced by a no-op, on a small MLP (where Python overhead is largest)
 and the tiny UNet; the median over the repeats.
 
@@ -29,15 +29,15 @@ def _unet():
 
 
 def backward_seconds(fn, x, steps, check: bool) -> float:
-    real = rerun._check_all_read
-    rerun._check_all_read = real if check else (lambda *args: None)
+    real = rerun.unknown_reads
+    rerun.unknown_reads = real if check else (lambda *args: (None, []))
     try:
         out = prg_fast.reverse(fn, x.clone().requires_grad_(True), steps=steps, method="rk4", memory_budget=0)
         start = time.perf_counter()
         out.sum().backward()
         return time.perf_counter() - start
     finally:
-        rerun._check_all_read = real
+        rerun.unknown_reads = real
 
 
 def main():
