@@ -1,8 +1,8 @@
 """What the rerun check of issue 34 costs: every evaluation the stored adjoint reruns (or keeps)
 walks its graph once for what it reads that is none of the solve's inputs (prg_fast.ode.rerun,
-unknown_reads). Side by side in one process, interleaved: the backward of a memory_budget=0 solve
-with the check and with it replaced by a no-op, on a small MLP (where Python overhead is largest)
-and the tiny UNet; the median over the repeats.
+unknown_reads). Side by side in one process, interleaved (thread CPU time: load moves it less): the
+backward of a memory_budget=0 solve with the check and with it replaced by a no-op, on a small MLP
+(where Python overhead is largest) and the tiny UNet; the median over the repeats.
 
     OMP_NUM_THREADS=1 python benchmarks/rerun_check.py [--repeats 15]
 """
@@ -33,9 +33,9 @@ def backward_seconds(fn, x, steps, check: bool) -> float:
     rerun.unknown_reads = real if check else (lambda *args: (None, []))
     try:
         out = prg_fast.reverse(fn, x.clone().requires_grad_(True), steps=steps, method="rk4", memory_budget=0)
-        start = time.perf_counter()
+        start = time.thread_time()
         out.sum().backward()
-        return time.perf_counter() - start
+        return time.thread_time() - start
     finally:
         rerun.unknown_reads = real
 
