@@ -195,9 +195,7 @@ def main(argv=None):
                  "time_vs_released": t[i]["ratio"]} for i in args.impls]
 
     def memory():
-        worker = ["--device", "cpu", "--preset", a.preset, "--size", a.size, "--batch", a.batch, "--steps", a.steps,
-                  "--beta", a.beta, "--impls", *a.impls]
-        got = harness.peaks_here_or_fresh(lambda: Setup(args, device).fns(), device, worker)
+        got = harness.peaks_here_or_fresh(lambda: Setup(args, device).fns(), device)
         return [{"peak_bytes": got[i]} for i in args.impls]
 
     log.measure(keys, "seconds", times)

@@ -160,13 +160,6 @@ def memory_worker(args):
     harness.peak_worker({args.worker: step}, repeats=3)
 
 
-def peak_memory(args, method, k) -> int:
-    worker = ["--worker", method, "--ks", k, "--checkpoint", args.flow]
-    for name in ("out", "batch", "kl_weight", "lr", "lora_rank", "target", "seed"):
-        worker += [f"--{name.replace('_', '-')}", getattr(args, name)]
-    return harness.peaks_in_fresh_process(worker)[method]
-
-
 # -------------------------------------------------------------------------------------------------
 # gradients: cosine to the exact full chain's
 
@@ -362,7 +355,8 @@ def main():
     t_bench = time.perf_counter()
     results = {}
     for k in args.ks:
-        peaks = {m: peak_memory(args, m, k) / 2**20 for m in METHODS}
+        peaks = {m: harness.peaks_in_fresh_process(["--worker", m, "--ks", k, "--checkpoint", args.flow])[m] / 2**20
+                 for m in METHODS}
         print(f"  K={k}: peak MiB {({m: round(v, 1) for m, v in peaks.items()})}", flush=True)
         cos = gradient_agreement(args, k, reward)
         print(f"  K={k}: cos to exact {({m: round(v[0], 4) for m, v in cos.items()})}", flush=True)
