@@ -182,6 +182,11 @@ def rel_err(got: Sequence, ref: Sequence) -> float:
     return float(num / sum((b.double() ** 2).sum() for b in ref) ** 0.5)
 
 
+def mean_sd(values: Sequence[float]) -> tuple:
+    """Mean and sample standard deviation (NaN for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
 def importable(module: str, left_out: str) -> bool:
     """Whether an optional library imports; when it does not, says what is left out."""
     try:
