@@ -158,9 +158,8 @@ class Plan:
     def steps(self, argvs: List[List[str]], nice: int = 0) -> Dict[str, Any]:
         """Run the commands one after the other; their measurements summed (peak: the largest)."""
         out = {"commands": [], "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mib": 0.0, "metrics": []}
-        log = self.path("commands.log")
         for argv in argvs:
-            r = run_command(argv, log, nice)
+            r = run_command(argv, self.path("commands.log"), nice)
             out["commands"].append(shlex.join([os.path.relpath(a, ROOT) if a.startswith(ROOT) else a
                                                for a in (["python"] + argv[1:])]))
             out["wall_s"] += r["wall_s"]
