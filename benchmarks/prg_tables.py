@@ -217,7 +217,8 @@ def learn_t_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
     runs = {row: [r[learn_t_job(row, s)] for s in a.seeds] for row in LEARN_T_ROWS}
     rows = [dict(row=row, runs=x, top1=[100 * run["top1"] for run in x]) for row, x in runs.items()]
     return harness.table(rows, [
-        ("finetuning", "row"), ("top-1 % (mean +- sd)", lambda x: "{:.1f} +- {:.1f}".format(*harness.mean_sd(x["top1"]))),
+        ("finetuning", "row"),
+        ("top-1 % (mean +- sd)", lambda x: "{:.1f} +- {:.1f}".format(*harness.mean_sd(x["top1"]))),
         ("per seed", lambda x: ", ".join(f"{v:.1f}" for v in x["top1"])),
         ("t where features are read", lambda x: ", ".join(f"{run['t_final']:.3f}" for run in x["runs"]))]) + \
         f"\n\n{len(a.seeds) * len(LEARN_T_ROWS)} finetuning runs + 1 pretraining, wall time {wall / 60:.1f} min\n"
