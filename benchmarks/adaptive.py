@@ -129,9 +129,7 @@ def _params(f):
 def train_step(solve, f, y0):
     y = y0.clone().requires_grad_()
     wrapped = f if isinstance(f, torch.nn.Module) else Counting(f)
-    ys = solve(wrapped, y)
-    inputs = [y] + _params(f)
-    return torch.autograd.grad((ys ** 2).sum(), inputs)
+    return torch.autograd.grad((solve(wrapped, y) ** 2).sum(), [y] + _params(f))
 
 
 def grad_reference(name):

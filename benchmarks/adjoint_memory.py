@@ -139,7 +139,7 @@ def measure_cell(args, log, impls, method, steps, device):
     if args.velocity == "unet":  # the MLP rows: time only
         def peak():
             got = harness.peaks_here_or_fresh(lambda: cell_fns(args, impls, steps, method, device), device,
-                                              args.worker_argv + ["--methods", method, "--steps", steps, "--impls", *impls])
+                                              ["--methods", method, "--steps", steps, "--impls", *impls])
             return [{"peak_bytes": got[i]} for i in impls]
         log.measure(keys, "peak_bytes", peak)
         log.measure(keys, "grad_rel_err", lambda: grad_errors(args, impls, steps, method, device))
@@ -205,8 +205,6 @@ def parse_args(argv=None):
     args.figures = args.figures or args.out
     if any(m in ("rk4", "heun") for m in args.methods) and any(i.startswith("tdq") for i in args.impls):
         p.error("the torchdiffeq rows take euler, midpoint or rk4_38 (torchdiffeq's rk4)")
-    args.worker_argv = ["--device", "cpu", "--velocity", args.velocity, "--batch", args.batch, "--size", args.size,
-                        "--dim", args.dim, "--hidden", args.hidden] + (["--model", args.model] if args.model else [])
     return args
 
 

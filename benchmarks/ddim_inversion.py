@@ -102,8 +102,7 @@ def gradient_table(args, log, unet, scheduler, inverse, x, device):
         if device.type == "cuda":
             peak = harness.peaks(fns(steps), device)
         else:  # a fresh process per cell
-            argv = [a for a in sys.argv[1:] if a not in ("--fresh", harness.PEAK_FLAG)]
-            peak = {impl: harness.peaks_in_fresh_process(argv + ["--worker", f"{impl}:{steps}"])[impl]
+            peak = {impl: harness.peaks_in_fresh_process(["--worker", f"{impl}:{steps}"])[impl]
                     for impl in ("diffusers", "prg_fast")}
         a, b = (torch.cat([g.flatten() for g in gradient(i, unet, scheduler, inverse, x, steps)])
                 for i in ("prg_fast", "diffusers"))

@@ -21,10 +21,10 @@ import hashlib
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
+import timeit
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
@@ -158,9 +158,8 @@ class Plan:
     def steps(self, argvs: List[List[str]], nice: int = 0) -> Dict[str, Any]:
         """Run the commands one after the other; their measurements summed (peak: the largest)."""
         out = {"commands": [], "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mib": 0.0, "metrics": []}
-        log = self.path("commands.log")
         for argv in argvs:
-            r = run_command(argv, log, nice)
+            r = run_command(argv, self.path("commands.log"), nice)
             out["commands"].append(shlex.join([os.path.relpath(a, ROOT) if a.startswith(ROOT) else a
                                                for a in (["python"] + argv[1:])]))
             out["wall_s"] += r["wall_s"]
@@ -222,11 +221,8 @@ class Plan:
 
 def learning_curve(out: str) -> List[List[float]]:
     """[step, test top-1] of the evaluations during finetuning (log.csv), the final one included."""
-    rows = []
     with open(os.path.join(out, "log.csv")) as f:
-        for row in csv.DictReader(f):
-            if row.get("test_top1") not in (None, ""):
-                rows.append([int(float(row["step"])), float(row["test_top1"])])
+        rows = [[int(float(r["step"])), float(r["test_top1"])] for r in csv.DictReader(f) if r.get("test_top1")]
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
     return rows + [[int(m["step"]), float(m["top1"])]]
@@ -396,18 +392,11 @@ def task_preset(name: str) -> Dict[str, Any]:
     kw = dict(PRESET_CANDIDATES[name])
     model = UNet.preset(kw.pop("preset"), in_channels=1, image_size=28, **kw)
     out = {"name": name, "params": sum(p.numel() for p in model.parameters())}
-    for what, batch in (("forward", 256), ("forward_backward", 128)):
+    steps = {"forward": (256, torch.no_grad()(lambda t, x: model(t, x))),
+             "forward_backward": (128, lambda t, x: model(t, x).square().mean().backward())}
+    for what, (batch, step) in steps.items():
         x, t = torch.randn(batch, 1, 28, 28), torch.rand(batch)
-        times = []
-        for rep in range(6):
-            start = time.process_time()
-            if what == "forward":
-                with torch.no_grad():
-                    model(t, x)
-            else:
-                model(t, x).square().mean().backward()
-            if rep:  # the first is a warm-up
-                times.append(time.process_time() - start)
+        times = timeit.repeat(lambda: step(t, x), timer=time.process_time, repeat=6, number=1)[1:]  # 1st: warm-up
         out[f"{what}_images_per_cpu_s"] = round(batch / min(times), 1)
     return out
 
@@ -438,18 +427,12 @@ METHODS = (("prg", "PRG finetuned"), ("scratch", "from scratch"), ("head", "head
            ("linear", "linear probe (frozen, t = 1)"), ("knn", "20-NN (frozen, t = 1)"))
 
 
-def _stats(values: List[float]) -> Optional[tuple]:
+def _fmt(values: List[float], scale: float = 100.0) -> str:
+    """Mean ± sd over the seeds (n when not 3); -- for none."""
     if not values:
-        return None
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
-
-
-def _fmt(st, scale: float = 100.0) -> str:
-    if st is None:
         return "--"
-    mean, sd, n = st
-    sd_text = "" if sd != sd else f" ± {sd * scale:.1f}"
-    return f"{mean * scale:.1f}{sd_text}" + (f" (n={n})" if n != 3 else "")
+    (mean, sd), n = harness.mean_sd(values), len(values)
+    return f"{mean * scale:.1f}" + ("" if sd != sd else f" ± {sd * scale:.1f}") + (f" (n={n})" if n != 3 else "")
 
 
 def top1(row: Dict[str, Any]) -> float:
@@ -474,11 +457,11 @@ def collect(rows: List[Dict[str, Any]]) -> Dict[tuple, List[float]]:
 def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
     p, acc, cols = SCALES[scale], collect(rows), [labels_name(n) for n in LABELS]
     k, ft = p["ode_steps"], [r for r in rows if r.get("kind") == "finetune"]
-    top = [dict(row=name, **{c: _fmt(_stats(acc.get((key, c), []))) for c in cols}) for key, name in METHODS]
+    top = [dict(row=name, **{c: _fmt(acc.get((key, c), [])) for c in cols}) for key, name in METHODS]
     by_seed = {(r["method"], r.get("labels_per_class"), r["seed"]): top1(r) for r in ft}
-    top.append(dict(row="PRG - scratch (paired by seed)", **{labels_name(n): _fmt(_stats(
+    top.append(dict(row="PRG - scratch (paired by seed)", **{labels_name(n): _fmt(
         [by_seed["prg", n, s] - by_seed["scratch", n, s] for s in p["seeds"]
-         if ("prg", n, s) in by_seed and ("scratch", n, s) in by_seed])) for n in LABELS}))
+         if ("prg", n, s) in by_seed and ("scratch", n, s) in by_seed]) for n in LABELS}))
     steps = [max(k // 2, 1), k, 4 * k]
     sweep = [dict(row=name, n=labels_name(n), cells=cells) for key, name in METHODS[:2] for n in LABELS  # head: K only
              if (cells := [r for r in ft if r["method"] == key and r.get("labels_per_class") == n])]
@@ -504,7 +487,7 @@ def markdown(rows: List[Dict[str, Any]], scale: str) -> str:
         harness.table(top, [("labels per class", "row")] + [(c, c) for c in cols]), "",
         f"Step count at evaluation (trained with K = {k} {p['method']} steps; test top-1 %):", "",
         harness.table(sweep, [("row", "row"), ("labels per class", "n")] + [
-            (f"{s} steps", lambda x, s=s: _fmt(_stats([r["top1_by_steps"][str(s)] for r in x["cells"]])))
+            (f"{s} steps", lambda x, s=s: _fmt([r["top1_by_steps"][str(s)] for r in x["cells"]]))
             for s in steps]),
         "", "Cost per row (per seed: CPU seconds of its commands, user + system, and wall minutes on the shared "
         "machine; peak resident memory of its largest command):", "",
@@ -528,16 +511,13 @@ def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
     fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(10.5 if curves else 5.6, 3.9), squeeze=False)
     ax = axes[0, 0]
     for key, name in METHODS[:3]:
-        pts = [(xs[n], _stats(acc.get((key, n), []))) for n in xs]
-        pts = [(x, st) for x, st in pts if st is not None]
+        pts = [(xs[n], *harness.mean_sd(acc[key, n])) for n in xs if acc.get((key, n))]
         if pts:
-            ax.errorbar([x for x, _ in pts], [st[0] * 100 for _, st in pts],
-                        yerr=[0 if st[1] != st[1] else st[1] * 100 for _, st in pts], marker="o", capsize=3,
-                        label=name)
-    ax.set_xscale("log")
-    ax.set_xticks(list(xs.values()), ["10", "100", "all (6,000)"])
-    ax.set_xlabel("labelled training images per class")
-    ax.set_ylabel("test top-1 (%), 10,000 images")
+            x, mean, sd = zip(*pts)
+            ax.errorbar(x, [100 * m for m in mean], yerr=[0 if s != s else 100 * s for s in sd], marker="o",
+                        capsize=3, label=name)
+    ax.set(xscale="log", xticks=list(xs.values()), xticklabels=["10", "100", "all (6,000)"],
+           xlabel="labelled training images per class", ylabel="test top-1 (%), 10,000 images")
     ax.set_title("Fashion-MNIST, mnist28 flow, mean ± sd over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -547,11 +527,10 @@ def figure_accuracy(rows: List[Dict[str, Any]], png: str) -> None:
         for r in sorted(curves, key=lambda r: (r["method"], r["seed"])):
             steps, top = zip(*r["curve"])
             ax.plot(steps, [t * 100 for t in top], marker=".", color=colors[r["method"]], alpha=0.8,
-                    label=f"{dict(METHODS)[r['method']]}" if r["seed"] == 0 else None)
+                    label=dict(METHODS)[r["method"]] if r["seed"] == 0 else None)
         ax.axhline(91.6, color="gray", ls="--", lw=1)
         ax.text(min(r["curve"][0][0] for r in curves), 91.0, "goal 91.6%", fontsize=8, color="gray")
-        ax.set_xlabel("finetuning step (batch 128; 470 steps = 1 epoch)")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set(xlabel="finetuning step (batch 128; 470 steps = 1 epoch)", ylabel="test top-1 (%)")
         ax.set_title("all labels: learning curves, every seed", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -121,14 +121,6 @@ def parts(args, device) -> dict:
     return {"F0": f0, "F": lambda: flow(t, x), "F+B": fb, "C": common}
 
 
-def default_memory_budget():
-    """What the default row runs: the solve options' default memory_budget ("auto"; before issue 25
-    None, recompute all), from prg_fast.ode.description.OPTIONS, which names reverse's **options."""
-    from prg_fast.ode.description import OPTIONS
-
-    return OPTIONS["memory_budget"]
-
-
 def parse(argv=None):
     p = harness.parser("finetune_step", __doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,8 +150,7 @@ def main_parts(args, device):
     config = dict(preset=args.preset, size=args.size, batch=args.batch, beta=args.beta, reps=args.reps,
                   device=device.type)
     log = harness.Results(args, "finetune_parts", config, key=("part",), device=device)
-    names = ["F0", "F", "F+B", "C"]
-    keys = [{"part": n} for n in names]
+    keys = [{"part": n} for n in ("F0", "F", "F+B", "C")]
     log.measure(keys, "seconds", lambda: [{"seconds": v["seconds"]} for v in
                                           harness.interleaved(parts(args, device), args.reps, device=device).values()])
     m = {r["part"]: r["seconds"] for r in log.rows(keys)}
@@ -183,8 +174,10 @@ def main(argv=None):
           f"of {a.reps} interleaved rounds", flush=True)
     if args.parts:
         return main_parts(args, device)
+    from prg_fast.ode.description import OPTIONS  # reverse's options: what the default row runs
+
     config = dict(preset=a.preset, size=a.size, batch=a.batch, steps=a.steps, beta=a.beta, reps=a.reps,
-                  grad_batch=2, device=device.type, default_memory_budget=repr(default_memory_budget()))
+                  grad_batch=2, device=device.type, default_memory_budget=repr(OPTIONS["memory_budget"]))
     log = harness.Results(args, "finetune_step", config, key=("impl",), device=device)
     keys = [{"impl": i} for i in args.impls]
     anchor = "released" if "released" in args.impls else args.impls[0]
@@ -195,9 +188,7 @@ def main(argv=None):
                  "time_vs_released": t[i]["ratio"]} for i in args.impls]
 
     def memory():
-        worker = ["--device", "cpu", "--preset", a.preset, "--size", a.size, "--batch", a.batch, "--steps", a.steps,
-                  "--beta", a.beta, "--impls", *a.impls]
-        got = harness.peaks_here_or_fresh(lambda: Setup(args, device).fns(), device, worker)
+        got = harness.peaks_here_or_fresh(lambda: Setup(args, device).fns(), device)
         return [{"peak_bytes": got[i]} for i in args.impls]
 
     log.measure(keys, "seconds", times)

@@ -148,17 +148,19 @@ def peaks(fns: Dict[str, Callable[[], Any]], device, repeats: int = 1) -> Dict[s
     return {name: statistics.median(peak_bytes(fn, device) for _ in range(repeats)) for name, fn in fns.items()}
 
 
-def peaks_in_fresh_process(argv: Sequence[str]) -> Dict[str, int]:
-    """The calling script run again as `script ARGV --peak-worker` in a fresh process (glibc returning
-    freed memory at once); that process calls peak_worker and prints {row: bytes}."""
-    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *map(str, argv), PEAK_FLAG]
+def peaks_in_fresh_process(argv: Sequence = ()) -> Dict[str, int]:
+    """This script's command line (less --fresh) run again in a fresh process, `argv` (the cell to
+    measure) and --peak-worker added (glibc returning freed memory at once); that process calls
+    peak_worker and prints {row: bytes}."""
+    same = [a for a in sys.argv[1:] if a != "--fresh"]
+    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *same, *map(str, argv), PEAK_FLAG]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV))
     if res.returncode != 0:
         raise RuntimeError(f"memory worker failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def peaks_here_or_fresh(fns: Callable[[], Dict[str, Callable[[], Any]]], device, argv: Sequence[str]) -> Dict[str, int]:
+def peaks_here_or_fresh(fns: Callable[[], Dict[str, Callable[[], Any]]], device, argv: Sequence = ()) -> Dict[str, int]:
     """peaks(fns(), device) on a GPU; on the CPU peaks_in_fresh_process(argv), whose worker builds fns()."""
     return peaks(fns(), device) if device.type == "cuda" else peaks_in_fresh_process(argv)
 
@@ -178,6 +180,11 @@ def rel_err(got: Sequence, ref: Sequence) -> float:
     """Relative L2 error of the tensors `got` against `ref`, all of them together, in float64."""
     num = sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(got, ref)) ** 0.5
     return float(num / sum((b.double() ** 2).sum() for b in ref) ** 0.5)
+
+
+def mean_sd(values: Sequence[float]) -> tuple:
+    """Mean and sample standard deviation (NaN for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def importable(module: str, left_out: str) -> bool:

@@ -285,12 +285,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args.sizes = [int(s) for s in (args.sizes or ("12,16,20,24" if args.quick else "12,14,16,18,20,22,24")).split(",")]
     args.terms = [int(k) for k in (args.terms or ("1,4" if args.quick else "1,2,4,8")).split(",")]
     args.dtypes = args.dtypes.split(",")
-    for d in args.dtypes:
-        if d not in DTYPES:
-            p.error(f"--dtypes: unknown {d!r}, choose from {sorted(DTYPES)}")
-    for k in args.terms:
-        if not 1 <= k <= backends.MAX_TERMS:
-            p.error(f"--terms: each must be 1..{backends.MAX_TERMS}, got {k}")
+    if unknown := [d for d in args.dtypes if d not in DTYPES]:
+        p.error(f"--dtypes: unknown {unknown}, choose from {sorted(DTYPES)}")
+    if bad := [k for k in args.terms if not 1 <= k <= backends.MAX_TERMS]:
+        p.error(f"--terms: each must be 1..{backends.MAX_TERMS}, got {bad}")
     args.reps = args.reps or (7 if args.quick else 15)
     args.batch_ms = args.batch_ms or (2.0 if args.quick else 4.0)
     return args

@@ -214,15 +214,12 @@ def build_learn_t_plan(a: argparse.Namespace) -> Plan:
 
 
 def learn_t_table(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: float) -> str:
-    rows = [dict(row=row, runs=[r[learn_t_job(row, s)] for s in a.seeds]) for row in LEARN_T_ROWS]
-
-    def top1(x):
-        return [100 * run["top1"] for run in x["runs"]]
-
+    runs = {row: [r[learn_t_job(row, s)] for s in a.seeds] for row in LEARN_T_ROWS}
+    rows = [dict(row=row, runs=x, top1=[100 * run["top1"] for run in x]) for row, x in runs.items()]
     return harness.table(rows, [
-        ("finetuning", "row"), ("top-1 % (mean +- sd)", lambda x: f"{statistics.mean(top1(x)):.1f} +- "
-                                                             f"{statistics.stdev(top1(x)) if len(top1(x)) > 1 else float('nan'):.1f}"),
-        ("per seed", lambda x: ", ".join(f"{v:.1f}" for v in top1(x))),
+        ("finetuning", "row"),
+        ("top-1 % (mean +- sd)", lambda x: "{:.1f} +- {:.1f}".format(*harness.mean_sd(x["top1"]))),
+        ("per seed", lambda x: ", ".join(f"{v:.1f}" for v in x["top1"])),
         ("t where features are read", lambda x: ", ".join(f"{run['t_final']:.3f}" for run in x["runs"]))]) + \
         f"\n\n{len(a.seeds) * len(LEARN_T_ROWS)} finetuning runs + 1 pretraining, wall time {wall / 60:.1f} min\n"
 
@@ -320,37 +317,31 @@ def build_scarce_plan(a: argparse.Namespace, num_classes: int) -> Plan:
     return plan
 
 
-def mean_sd(values: List[float]):
-    m = statistics.fmean(values)
-    return m, (statistics.stdev(values) if len(values) > 1 else float("nan"))
-
-
 def paired_difference(a_vals: List[float], b_vals: List[float]):
     """Mean of the paired differences a - b (same seed = same labelled subset), its standard error
     (sd of the differences / sqrt(n)), and whether |mean| > 2 standard errors."""
     d = [x - y for x, y in zip(a_vals, b_vals)]
-    m, sd = mean_sd(d)
-    se = sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    resolved = bool(len(d) > 1 and abs(m) > 2 * se) if se == se else False
-    return m, se, resolved
+    m, sd = harness.mean_sd(d)
+    se = sd / math.sqrt(len(d))  # NaN for one seed: then never resolved
+    return m, se, bool(abs(m) > 2 * se)
 
 
 def scarce_rows(a: argparse.Namespace, r: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One entry per table row: label, per level the top-1 of every seed (in --seeds order)."""
-    names, rows = NAMES, []
+    rows = []
 
     def runs(prefix):
         return {level_name(n): [r[f"{prefix}-n{level_name(n)}-s{s}"]["top1"] for s in a.seeds] for n in a.levels}
 
     for p in a.paths:
-        rows.append({"key": f"ft-{p}", "label": f"PRG finetuned ({names.get(p, p)} pretraining)", "values": runs(f"ft-{p}")})
+        rows.append({"key": f"ft-{p}", "label": f"PRG finetuned ({NAMES[p]} pretraining)", "values": runs(f"ft-{p}")})
     rows.append({"key": "scratch", "label": "from scratch (same network)", "values": runs("scratch")})
     for p in a.paths:
-        rows.append({"key": f"head-{p}", "label": f"head only ({names.get(p, p)}, flow frozen)",
+        rows.append({"key": f"head-{p}", "label": f"head only ({NAMES[p]}, flow frozen)",
                      "values": runs(f"head-{p}")})
     if a.probes:
         for key, label in [("probe-pixels", "linear probe, raw pixels")] + [
-                (f"probe-{p}", f"linear probe, frozen x_1 ({names.get(p, p)})") for p in a.paths]:
+                (f"probe-{p}", f"linear probe, frozen x_1 ({NAMES[p]})") for p in a.paths]:
             got = r[key]["top1"]
             rows.append({"key": key, "label": label,
                          "values": {level_name(n): [got[f"{level_name(n)}/{s}"] for s in a.seeds] for n in a.levels}})
@@ -361,15 +352,14 @@ def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
                   n_test: int) -> str:
     rows = scarce_rows(a, r)
     scratch = next(row for row in rows if row["key"] == "scratch")
-    L: List[str] = []
-    L.append(f"Data `{a.data}` ({n_train} training images, all used unlabelled for pretraining; test split "
-             f"{n_test} images, always whole), UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
-             f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch min({a.batch_size}, labelled "
-             f"images)), {a.ode_steps} `{a.method}` steps, beta = {a.beta:g}; seeds {a.seeds} (seed s picks the "
-             "labelled subset and the finetuning randomness; every row at (N, s) sees the same labelled images).")
+    L = [f"Data `{a.data}` ({n_train} training images, all used unlabelled for pretraining; test split "
+         f"{n_test} images, always whole), UNet preset `{a.preset}`; pretraining {a.pretrain_steps} steps (batch "
+         f"{a.pretrain_batch_size}); finetuning {a.finetune_steps} steps (batch min({a.batch_size}, labelled "
+         f"images)), {a.ode_steps} `{a.method}` steps, beta = {a.beta:g}; seeds {a.seeds} (seed s picks the "
+         "labelled subset and the finetuning randomness; every row at (N, s) sees the same labelled images)."]
 
     def cell(row, k):
-        m, sd = mean_sd(row["values"][k])
+        m, sd = harness.mean_sd(row["values"][k])
         text = f"{100 * m:.1f}" + (f" +- {100 * sd:.1f}" if sd == sd else "")
         if row is scratch:
             return text
@@ -379,8 +369,7 @@ def scarce_tables(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], wall: flo
     L += ["", "**Label-scarce top-1 %** (mean +- sd over seeds; in brackets: paired difference to from scratch, "
           "`*` = resolved at two standard errors of the paired difference)", "",
           harness.table(rows, [("labels per class", "label")] + [
-              (level_name(n), lambda row, k=level_name(n): cell(row, k)) for n in a.levels])]
-    L.append("")
+              (level_name(n), lambda row, k=level_name(n): cell(row, k)) for n in a.levels]), ""]
     times = [v.get("train_time_total_s", v["wall_time_s"]) for v in r.values()]
     L.append(f"Wall time: {wall / 60:.1f} min in total with {a.jobs} worker process(es) x {a.threads} thread(s) "
              f"({len(r)} jobs, {sum(times) / 60:.1f} worker-min).")
@@ -395,7 +384,7 @@ def scarce_figure(a: argparse.Namespace, r: Dict[str, Dict[str, Any]], n_train: 
     xs = [n if n is not None else n_train / num_classes for n in a.levels]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for row in scarce_rows(a, r):
-        stats = [mean_sd(row["values"][level_name(n)]) for n in a.levels]
+        stats = [harness.mean_sd(row["values"][level_name(n)]) for n in a.levels]
         ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * (sd if sd == sd else 0) for _, sd in stats],
                     marker="o", capsize=3, label=row["label"], linestyle="--" if "probe" in row["key"] or
                     "head" in row["key"] else "-")

@@ -7,9 +7,9 @@ matched training budget (the same number of optimizer steps of the same batch si
 
 The rows (systems() below, each a `prg-fast` command run as a subprocess and timed around it, plus
 a linear probe on raw pixels) and their protocols: RESULTS.md, "Related systems on digits".
-Results: OUT/related.jsonl (harness.Results) and a markdown table; with --results
-benchmarks/RESULTS.md it is also written there as the section "Related systems on <data>" (only
-that section is replaced). Finished runs are cached in OUT/<row>/row.json; --fresh reruns everything.
+Results: a markdown table; with --results benchmarks/RESULTS.md it is also written there as the
+section "Related systems on <data>" (only that section is replaced). Each finished run is cached in
+its folder's row.json (the one record kept); --fresh reruns everything.
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def parse(argv=None):
                    help="intra-op threads per run (OMP_NUM_THREADS; 1 is fastest on a shared 2-core machine)")
     p.add_argument("--results", default="",
                    help="markdown file whose 'Related systems on DATA' section is (re)written, for example "
-                        "benchmarks/RESULTS.md (default: none; the table is printed and in OUT/related.jsonl)")
+                        "benchmarks/RESULTS.md (default: none; the table is printed)")
     p.add_argument("--rows", default="prg,repfusion,repfusion-policy,student,genrep,random,pixels",
                    help="comma-separated subset of prg,repfusion,repfusion-policy,student,genrep,random,pixels")
     p.add_argument("--no-progress", action="store_true")
@@ -161,8 +161,6 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     load_start = harness.load_average()
     ckpt, pretrain_row = pretrained(args, env)
-    log = harness.Results(args, "related", dict(data=args.data, checkpoint=ckpt, budget=args.budget,
-                                                batch_size=args.batch_size), key=("name",))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     prg_seeds = [int(x) for x in args.prg_seeds.split(",") if x.strip()] if args.prg_seeds else seeds
     rows: List[Dict[str, Any]] = []
@@ -172,10 +170,8 @@ def main(argv=None) -> int:
         if key in wanted:
             protocol[name] = proto
             rows.append(run_seeds(args, env, name, folder, command, prg_seeds if key == "prg" else seeds))
-            log.add({"name": name}, **rows[-1])  # kept as it finishes
     if "pixels" in wanted:
         rows.append(dict(pixel_probe(args.data), seeds=[0]))
-        log.add({"name": rows[-1]["name"]}, **rows[-1])
 
     from prg_fast.data import load_data
 
@@ -240,16 +236,16 @@ def markdown(r: Dict[str, Any]) -> str:
         ("wall time per run (s)", "wall_s", ".0f")]))
     extra = []
     for row in r["rows"]:
-        m = row.get("metrics") or {}
+        m, seed = row.get("metrics") or {}, row.get("seeds", [0])[0]
         if "policy_t_mean" in m:
-            extra.append(f"RepFusion policy (seed {row.get('seeds', [0])[0]}): expected t under the learned policy {m['policy_t_mean']:.2f} on the test "
-                         f"images (candidates {', '.join(m['policy_probs'])}).")
+            extra.append(f"RepFusion policy (seed {seed}): expected t under the learned policy "
+                         f"{m['policy_t_mean']:.2f} on the test images (candidates {', '.join(m['policy_probs'])}).")
         if "generation_time_s" in m and m.get("step"):
-            extra.append(f"GenRep (seed {row.get('seeds', [0])[0]}): {m['generated_images']} images generated in {m['generation_time_s']:.0f} s, NT-Xent "
-                         f"{m['nt_xent_first']:.3f} -> {m['nt_xent']:.3f}; k-NN (k=20) top-1 "
-                         f"{100 * m['knn_top1']:.1f}%.")
+            extra.append(f"GenRep (seed {seed}): {m['generated_images']} images generated in "
+                         f"{m['generation_time_s']:.0f} s, NT-Xent {m['nt_xent_first']:.3f} -> {m['nt_xent']:.3f}; "
+                         f"k-NN (k=20) top-1 {100 * m['knn_top1']:.1f}%.")
         if "distill_loss_first" in m and m.get("distill_loss") is not None:
-            extra.append(f"{row['name']} (seed {row.get('seeds', [0])[0]}): distillation MSE (standardised teacher features) "
+            extra.append(f"{row['name']} (seed {seed}): distillation MSE (standardised teacher features) "
                          f"{m['distill_loss_first']:.3f} -> {m['distill_loss']:.3f}.")
     extra += comparisons(r)
     if extra:

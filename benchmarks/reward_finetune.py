@@ -122,10 +122,6 @@ def flow_net(args, lora: bool):
     return net, reference
 
 
-def reward_fn(args):
-    return ClassLogProb(ensure_classifier(args)[0], args.target)
-
-
 def train_step(net, reference, reward, opt, mode, z, steps, gen, kl_weight):
     out = reward_loss(net, reward, z, steps=steps, gradient=mode, reference=reference, kl_weight=kl_weight,
                       generator=gen)
@@ -149,7 +145,7 @@ def memory_worker(args):
     """In the fresh process of harness.peaks_in_fresh_process: one method's training step, the
     median of 3 steps after a warm-up step (allocator, lazy initialisation, AdamW state)."""
     net, reference = flow_net(args, lora=True)
-    reward = reward_fn(args)
+    reward = ClassLogProb(ensure_classifier(args)[0], args.target)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr)
     mode, steps = METHODS[args.worker](args), itertools.count()
 
@@ -158,13 +154,6 @@ def memory_worker(args):
         train_step(net, reference, reward, opt, mode, z, args.ks[0], gen, args.kl_weight)
 
     harness.peak_worker({args.worker: step}, repeats=3)
-
-
-def peak_memory(args, method, k) -> int:
-    worker = ["--worker", method, "--ks", k, "--checkpoint", args.flow]
-    for name in ("out", "batch", "kl_weight", "lr", "lora_rank", "target", "seed"):
-        worker += [f"--{name.replace('_', '-')}", getattr(args, name)]
-    return harness.peaks_in_fresh_process(worker)[method]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -355,14 +344,15 @@ def main():
     if not harness.importable("torchdiffeq", "its row is"):
         METHODS.pop("tdq_adjoint")
     t_start = time.perf_counter()
-    reward = reward_fn(args)
-    top1 = ensure_classifier(args)[1]
+    classifier, top1 = ensure_classifier(args)
+    reward = ClassLogProb(classifier, args.target)
     print(f"flow: {args.flow}; reward: log p(class {args.target}) under a classifier of test top-1 {top1:.4f}\n"
           f"machine: {harness.machine()}", flush=True)
     t_bench = time.perf_counter()
     results = {}
     for k in args.ks:
-        peaks = {m: peak_memory(args, m, k) / 2**20 for m in METHODS}
+        peaks = {m: harness.peaks_in_fresh_process(["--worker", m, "--ks", k, "--checkpoint", args.flow])[m] / 2**20
+                 for m in METHODS}
         print(f"  K={k}: peak MiB {({m: round(v, 1) for m, v in peaks.items()})}", flush=True)
         cos = gradient_agreement(args, k, reward)
         print(f"  K={k}: cos to exact {({m: round(v[0], 4) for m, v in cos.items()})}", flush=True)
@@ -374,12 +364,9 @@ def main():
     tag = "quick" if args.quick else "default"
     os.makedirs(args.out, exist_ok=True)
     plot(results, os.path.join(args.out, f"reward_finetune_{tag}.png"), args.ks)
-    for res in results.values():
-        res["before"]["samples"] = res["before"]["samples"].tolist()
-        for a in res["after"].values():
-            a["samples"] = a["samples"].tolist()
-    with open(os.path.join(args.out, f"reward_finetune_{tag}.json"), "w") as f:
-        json.dump(dict(args={k: v for k, v in vars(args).items()}, machine=harness.machine(), classifier_top1=top1, results=results), f)
+    with open(os.path.join(args.out, f"reward_finetune_{tag}.json"), "w") as f:  # the sample tensors as lists
+        json.dump(dict(args=vars(args), machine=harness.machine(), classifier_top1=top1, results=results), f,
+                  default=lambda t: t.tolist())
     print(f"\nbenchmark wall time {time.perf_counter() - t_bench:.0f} s (total with set-up "
           f"{time.perf_counter() - t_start:.0f} s); wrote {args.out}/reward_finetune_{tag}.json and .png")
 
