@@ -398,3 +398,22 @@ def test_a_plain_leaf_only_a_later_step_reads_gets_its_gradient_from_an_adaptive
         prg_fast.odeint(fn, y0, t, method="dopri5", rtol=1e-9, atol=1e-9, **kw).square().sum().backward()
         got[name] = box.p.grad.clone()
     assert ((got["budget0"] - got["backprop"]).norm() / got["backprop"].norm()).item() < RTOL
+
+
+def test_a_leaf_the_velocity_makes_is_not_kept_across_the_backward(monkeypatch):
+    """An energy velocity makes its own leaf per evaluation (x.detach().requires_grad_()): its share dies
+    with its evaluation's graph, so a rerunning backward holds at most the evaluation in hand's, however
+    many steps (memory flat), and the gradients stay plain backprop's."""
+    from prg_fast.ode import rerun
+    held, add = [], rerun.HiddenLeaves.add
+
+    def counting_add(self, leaves, grads):
+        add(self, leaves, grads)
+        held.append(len(self.sums))
+    monkeypatch.setattr(rerun.HiddenLeaves, "add", counting_add)
+    fn, x, tensors, _, _ = _energy()
+    got = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=True, method="rk4", steps=12, memory_budget=0)[1]
+    want = adjoint_and_backprop_gradients(fn, x, tensors, adjoint=False, method="rk4", steps=12)[1]
+    assert len(held) >= 12 * 4 - 1 and max(held) <= 1, held
+    worst, err = worst_relative_error(got, want)
+    assert err < RTOL, (worst, err)

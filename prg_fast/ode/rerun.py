@@ -3,6 +3,7 @@ its one VJP (`graph_vjp`). Why so: docs/engine.md, "Inside the engine": rerun.""
 from __future__ import annotations
 
 import functools
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -226,24 +227,29 @@ class HiddenLeaves:
     once, on their sum (docs/engine.md, "What you get over torchdiffeq.odeint_adjoint")."""
 
     def __init__(self):
-        self.sums: dict = {}  # id -> [leaf, summed gradient]
+        self.sums: dict = {}  # id -> [weak reference to the leaf, its summed gradient]
 
     def add(self, leaves: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> None:
         for leaf, g in zip(leaves, grads):
             if g is None:
                 continue
             got = self.sums.get(id(leaf))
-            if got is None:
-                self.sums[id(leaf)] = [leaf, g.detach().clone()]
-            else:
+            if got is not None:
                 got[1] = got[1] + g.detach()
+                continue
+            # held weakly: a leaf only its evaluation's graph held (one the velocity made, as for an
+            # energy's gradient) dies with that graph and its share with it -- no one can read its .grad,
+            # and the backward's memory stays flat in the number of steps
+            forget = functools.partial(self.sums.pop, id(leaf), None)
+            self.sums[id(leaf)] = [weakref.ref(leaf, lambda _, forget=forget: forget()), g.detach().clone()]
 
     def accumulate(self) -> None:
-        """Into each leaf's .grad through its own AccumulateGrad, hooks and all, once."""
-        if self.sums:
-            leaves, totals = zip(*self.sums.values())
-            self.sums = {}
-            torch.autograd.backward(list(leaves), [g.to(q.dtype) for q, g in zip(leaves, totals)])
+        """Into each living leaf's .grad through its own AccumulateGrad, hooks and all, once."""
+        live = [(ref(), g) for ref, g in self.sums.values()]
+        self.sums = {}
+        live = [(q, g) for q, g in live if q is not None]
+        if live:
+            torch.autograd.backward([q for q, _ in live], [g.to(q.dtype) for q, g in live])
 
 
 def _backward_into_fresh(outputs: List[torch.Tensor], inputs: List[torch.Tensor], cotangents: List[torch.Tensor]):
