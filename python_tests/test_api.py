@@ -421,3 +421,22 @@ def test_inference_mode_x_three_ways():
     got, want = [torch.autograd.grad(prg_fast.reverse(net, x, steps=2, method="rk4", **way).sum(), list(net.parameters()))
                  for x, way in ((x0, THREE_WAYS[0]), (x0.clone(), THREE_WAYS[2]))]
     assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["torch.no_grad()", "torch.inference_mode()"])
+def test_imports_under_any_grad_mode(mode):
+    """A user's lazy import inside a no-grad function: the package reads what it needs from autograd
+    at import (graph_walk's node type) whatever grad mode it runs under, and works after it."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+with {mode}:
+    import prg_fast
+x = torch.ones(2, 3, requires_grad=True)
+prg_fast.reverse(lambda t, x: -x, x, steps=2, memory_budget=0).sum().backward()
+assert x.grad is not None
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

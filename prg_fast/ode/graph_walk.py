@@ -2,10 +2,17 @@
 reads: discovery.discover_params, discovery.check_computed_inputs, rerun.unknown_reads)."""
 import torch
 
-# the type of the node autograd gives a leaf requiring grad (its `variable` is the leaf), read off a
-# real one: a type check is ~10x cheaper than getattr(node, "variable", None) on every other node,
-# and the adjoint's checks walk every recomputed evaluation's graph
-ACCUMULATE_GRAD = type(torch.empty(0, requires_grad=True).expand(0).grad_fn.next_functions[0][0])
+
+def _accumulate_grad_type() -> type:
+    """The type of the node autograd gives a leaf requiring grad (its `variable` is the leaf), read off
+    a real one, whatever grad mode the import runs under: a type check is ~10x cheaper than
+    getattr(node, "variable", None) on every other node, and the adjoint's checks walk every
+    recomputed evaluation's graph."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return type(torch.empty(0, requires_grad=True).expand(0).grad_fn.next_functions[0][0])
+
+
+ACCUMULATE_GRAD = _accumulate_grad_type()
 
 
 def graph_nodes(roots, stops=(), ends=()):
