@@ -15,7 +15,7 @@ import torch
 
 from ..compat import (gradient_hooks, global_module_hooks, module_hooks, next_sequence_nr, sequence_nr, version,
                       view_base)
-from .graph_walk import graph_nodes
+from .graph_walk import graph_nodes, leaf_of
 from .integrate import Problem, Reads, capture_rng, set_rng
 from .module_state import ModuleState
 from .parametrize_cache import SharedParametrizations
@@ -210,7 +210,7 @@ def discover_params(first: "FirstEvaluation", params: List[torch.Tensor]) -> Tup
         known_nodes.add(first.leaf.grad_fn)
     for node in graph_nodes([first.k.grad_fn], stops=known_nodes):
         node_types.add(type(node))
-        leaf = getattr(node, "variable", None)
+        leaf = leaf_of(node)
         if leaf is not None:  # AccumulateGrad: a leaf that requires grad
             direct.add(id(leaf))  # read by the first evaluation itself, not through a computed input
             if leaf is not first.leaf and id(leaf) not in found_ids:
@@ -239,7 +239,7 @@ def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set
     drop: set = set()
     for i, p in computed:
         for node in graph_nodes([fn for fn, _ in p.grad_fn.next_functions], ends=nodes):
-            var = getattr(node, "variable", None)
+            var = leaf_of(node)
             j = leaves.get(id(var)) if var is not None else nodes.get(node)
             if j is None:
                 continue

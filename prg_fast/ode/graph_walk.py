@@ -15,6 +15,11 @@ def _accumulate_grad_type() -> type:
 ACCUMULATE_GRAD = _accumulate_grad_type()
 
 
+def leaf_of(node):
+    """The leaf tensor an autograd node accumulates into (an AccumulateGrad's), or None."""
+    return node.variable if type(node) is ACCUMULATE_GRAD else None
+
+
 def graph_nodes(roots, stops=(), ends=()):
     """Each autograd node under `roots` once, depth first (the order the walks' first error is found
     in): not the `stops` nor what lies only under them; the `ends` but not what lies under them."""

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..compat import foreach_add_, gradient_hooks, tensor_hook_dicts, version, view_base
-from .graph_walk import ACCUMULATE_GRAD, graph_nodes
+from .graph_walk import graph_nodes, leaf_of
 from .integrate import autocast_state, capture_rng, restore_rng
 from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
 
@@ -215,10 +215,11 @@ def unknown_reads(roots, inputs, unlisted=()) -> Tuple[Optional[torch.Tensor], L
     for node in graph_nodes(roots, stops=stops):
         if node in computed:
             return computed[node], leaves
-        if type(node) is ACCUMULATE_GRAD and id(node.variable) not in known:
-            if isinstance(node.variable, torch.nn.Parameter):
-                return node.variable, leaves
-            leaves.append(node.variable)
+        leaf = leaf_of(node)
+        if leaf is not None and id(leaf) not in known:
+            if isinstance(leaf, torch.nn.Parameter):
+                return leaf, leaves
+            leaves.append(leaf)
     return None, leaves
 
 
