@@ -13,7 +13,7 @@ import torch
 
 from . import adaptive, fixed_grid, states
 from .cuda_graphs import graphed_solve
-from .description import OPTIONS, SolveDescription, describe
+from .description import SolveDescription, describe
 from .integrate import Grid, check_state
 from .solvers import SOLVERS, EmbeddedTableau, get_embedded
 
@@ -45,15 +45,6 @@ def _check_steps(steps) -> int:
 def _check_model(model, name: str = "model") -> None:
     if not callable(model):
         raise TypeError(f"{name} must be callable as {name}(t, x), got {type(model).__name__}")
-
-
-def _solve_options(entry: str, options: dict) -> dict:
-    """An entry point's **options (description.OPTIONS; generate's also method, backend, adjoint),
-    an unknown name refused as Python would refuse it."""
-    unknown = sorted(set(options) - set(OPTIONS) - {"method", "backend", "adjoint"})
-    if unknown:
-        raise TypeError(f"{entry}() got unexpected keyword arguments {unknown}")
-    return options
 
 
 def run(func, x: torch.Tensor, grid: Grid, spec: SolveDescription) -> torch.Tensor:
@@ -316,7 +307,7 @@ def reverse(
     check_state(x)
     grid = _unit_grid(x, steps, t, t0, "t0", save_at, "reverse integrates from t0 up to t, so t must be > t0")
     _check_model(model)
-    spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("reverse", options))
+    spec = describe(method=method, adjoint=adjoint, backend=backend, caller="reverse", **options)
     out = _dispatch(model, x, grid, spec, cuda_graph, "t, t0")
     return out[0] if save_at is None else out
 
@@ -342,7 +333,7 @@ def generate(
     up = _unit_grid(z, steps, t, t_end, "t_end", None, "generate integrates from t down to t_end, so t must be > t_end")
     grid = Grid(up.points[::-1], up.out_index, None if up.times is None else up.times.flip(0))
     _check_model(model)
-    return _dispatch(model, z, grid, describe(**_solve_options("generate", options)), cuda_graph, "t, t_end")[0]
+    return _dispatch(model, z, grid, describe(caller="generate", **options), cuda_graph, "t, t_end")[0]
 
 
 def odeint(
@@ -366,8 +357,9 @@ def odeint(
     grid of options=dict(step_size=h) or dict(grid_constructor=fn). torchdiffeq's "rk4" is "rk4_38"
     here. The solve options are `reverse`'s **options. Details: docs/engine.md, "The calls" and
     "Adaptive `odeint`"."""
-    spec = describe(method=method, adjoint=adjoint, backend=backend, **_solve_options("odeint", solve_options))
+    spec = describe(method=method, adjoint=adjoint, backend=backend, caller="odeint", **solve_options)
     spec = dataclasses.replace(spec, batch_time=False)  # odeint passes t 0-dim
+    _check_model(func, "func")
     if get_embedded(method) is not None:
         return adaptive.odeint(func, y0, t, spec, rtol, atol, options, return_stats, event_fn)
     if return_stats or event_fn is not None:
@@ -386,7 +378,6 @@ def _odeint(func, y0, t, spec: SolveDescription, options: dict):
     if adapted is not None:
         return adapted.unwrap(_odeint(adapted.func, adapted.y0, t, adapted.spec, adapted.options))
     check_state(y0, "y0", batched=False)
-    _check_model(func, "func")
     grid, outputs = fixed_grid.odeint_grid(func, y0, t, options)
     return outputs(run(func, y0, grid, spec))
 

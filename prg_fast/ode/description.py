@@ -107,12 +107,12 @@ class SolveDescription:
                        adjoint_params=self.adjoint_params)
 
 
-def describe(*, method="rk4", backend="auto", adjoint=True, **options) -> SolveDescription:
+def describe(*, method="rk4", backend="auto", adjoint=True, caller="describe", **options) -> SolveDescription:
     """The description of a solve from the public keywords (method, backend, adjoint and OPTIONS),
-    every one checked here."""
+    every one checked here; an unknown one refused as Python would refuse it in `caller`'s call."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise TypeError(f"describe() got unexpected keyword arguments {unknown}")
+        raise TypeError(f"{caller}() got unexpected keyword arguments {unknown}")
     o = {**OPTIONS, **options}
     if not isinstance(backend, str) or backend not in backends.BACKENDS:
         raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")

@@ -3,7 +3,6 @@ tensor, as torchdiffeq allows (`adapt`: the equivalent real-tensor solve, and th
 turns its result back)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, List, NamedTuple, Optional
 
 import torch
@@ -70,10 +69,6 @@ def _complex(func, y0: torch.Tensor, spec, options: dict) -> Adapted:
     """A complex64/complex128 state, solved as its real view."""
     if y0.dtype not in (torch.complex64, torch.complex128):
         raise TypeError(f"y0 must be float32, float64, float16, bfloat16, complex64 or complex128, got {y0.dtype}")
-    if not callable(func):
-        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
-    if spec.model_dtype is not None and spec.model_dtype.is_complex:
-        spec = dataclasses.replace(spec, model_dtype=spec.model_dtype.to_real())
     if options.get("grid_constructor") is not None:
         ctor = options["grid_constructor"]  # called with the user's function and complex y0
         options = {**options, "grid_constructor": lambda f, y, tt: ctor(func, y0, tt)}
