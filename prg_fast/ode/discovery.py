@@ -34,29 +34,27 @@ def discover(problem: Problem, x: torch.Tensor) -> Discovered:
     input and return its gradient, so the problem reads it without its graph."""
     times = problem.grid.times
     time_grad = times is not None and times.requires_grad
-    grid = problem.grid if times is None else dataclasses.replace(problem.grid, times=times.detach())
-    reads, first = _reads(problem.on(grid), x, time_grad)
-    differentiated = time_grad or x.requires_grad or any(p.requires_grad for p in reads.params)
-    return Discovered(dataclasses.replace(problem, grid=grid, reads=reads), first, time_grad, differentiated)
-
-
-def _reads(problem: Problem, x: torch.Tensor, time_grad: bool) -> Tuple[Reads, Optional["FirstEvaluation"]]:
-    func = problem.velocity.func
-    reach = reachable(func)
-    params = collect_params(func, problem.adjoint_params, reach)
+    problem = problem if times is None else problem.on(dataclasses.replace(problem.grid, times=times.detach()))
+    reach = reachable(problem.velocity.func)
+    params = collect_params(problem.velocity.func, problem.adjoint_params, reach)
     unlisted = tuple(t for t in reach.computed if all(t is not p for p in params))
     state = ModuleState(reach.buffers) if reach.buffers else None  # nothing to keep without buffers
     first = first_evaluation(problem, x, time_grad, params, state)
-    if first is None:
-        return Reads(tuple(params), unlisted, tuple(reach.modules), state), None
-    # cached parametrizations are inputs of the solve: docs/engine.md, "Inside the engine": parametrize_cache
-    shared = SharedParametrizations.of_now(reach.modules)
-    if shared is not None:
-        params += [w for w in shared.tensors() if all(w is not q for q in params)]
-    params, direct, node_types = discover_params(first, params)
-    params = check_computed_inputs(params, {id(p) for p in problem.adjoint_params or ()}, direct)
-    return Reads(tuple(params), unlisted, tuple(reach.modules), state, has_reentrant_checkpoint(node_types),
-                 shared), first
+    shared, reentrant = None, False
+    if first is not None:
+        # cached parametrizations are inputs of the solve: docs/engine.md, "Inside the engine": parametrize_cache
+        shared = SharedParametrizations.of_now(reach.modules)
+        params, direct, reentrant = discover_params(first, params + (shared.tensors() if shared is not None else []))
+        params = check_computed_inputs(params, {id(p) for p in problem.adjoint_params or ()}, direct)
+    reads = Reads(tuple(params), unlisted, tuple(reach.modules), state, reentrant, shared)
+    differentiated = time_grad or x.requires_grad or any(p.requires_grad for p in reads.params)
+    return Discovered(dataclasses.replace(problem, reads=reads), first, time_grad, differentiated)
+
+
+def _unique(tensors) -> List[torch.Tensor]:
+    """Each tensor once (by identity), in order of first appearance."""
+    seen: set = set()
+    return [t for t in tensors if id(t) not in seen and not seen.add(id(t))]
 
 
 # -- what the callable reaches ------------------------------------------------------------
@@ -180,13 +178,7 @@ def collect_params(model, adjoint_params, reach: Reach) -> List[torch.Tensor]:
     discovery cannot see), then adjoint_params (checked by prg_fast.ode.description.describe)."""
     own = model.parameters() if isinstance(model, torch.nn.Module) else ()
     reached = [p for m in reach.modules for p in m.parameters(recurse=False)] + reach.tensors
-    params: List[torch.Tensor] = []
-    seen: set = set()
-    for p in itertools.chain(own, reached, adjoint_params or ()):
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    return params
+    return _unique(p for p in itertools.chain(own, reached, adjoint_params or ()) if p.requires_grad)
 
 
 def has_reentrant_checkpoint(node_types) -> bool:
@@ -195,16 +187,15 @@ def has_reentrant_checkpoint(node_types) -> bool:
     return any(t.__name__ == "CheckpointFunctionBackward" for t in node_types)
 
 
-def discover_params(first: "FirstEvaluation", params: List[torch.Tensor]) -> Tuple[List[torch.Tensor], set, set]:
-    """(`params` and every leaf requiring grad that the first evaluation's graph reads, the ids of
-    the leaves it reads, the types of the nodes walked); a non-leaf made outside the velocity is an
-    error. Why: docs/engine.md, "Inside the engine": discovery."""
-    found = list(params)
-    found_ids = {id(p) for p in found}
+def discover_params(first: "FirstEvaluation", params: List[torch.Tensor]) -> Tuple[List[torch.Tensor], set, bool]:
+    """(`params` and every leaf requiring grad that the first evaluation's graph reads, each once, the
+    ids of the leaves it reads, whether it runs a reentrant checkpoint); a non-leaf made outside the
+    velocity is an error. Why: docs/engine.md, "Inside the engine": discovery."""
+    read: List[torch.Tensor] = []
     direct: set = set()
     node_types: set = set()
     if not first.k.requires_grad:
-        return found, direct, node_types
+        return _unique(params), direct, False
     known_nodes = {p.grad_fn for p in params if p.grad_fn is not None}
     if first.leaf.grad_fn is not None:  # the stage input with x's graph: x's history is not the velocity's
         known_nodes.add(first.leaf.grad_fn)
@@ -213,9 +204,8 @@ def discover_params(first: "FirstEvaluation", params: List[torch.Tensor]) -> Tup
         leaf = leaf_of(node)
         if leaf is not None:  # AccumulateGrad: a leaf that requires grad
             direct.add(id(leaf))  # read by the first evaluation itself, not through a computed input
-            if leaf is not first.leaf and id(leaf) not in found_ids:
-                found.append(leaf)
-                found_ids.add(id(leaf))
+            if leaf is not first.leaf:
+                read.append(leaf)
         # A dtype cast made earlier is what autocast's weight cache hands back inside one autocast
         # region; it saves no tensors, so walking through it once per evaluation is exact.
         elif sequence_nr(node) < first.sequence_nr and node.name() != "ToCopyBackward0":
@@ -224,7 +214,7 @@ def discover_params(first: "FirstEvaluation", params: List[torch.Tensor]) -> Tup
                 "its exact gradient needs it as an input of the solve: pass it as adjoint_params=[...] "
                 "(or compute it inside the model, or use adjoint=False)"
             )
-    return found, direct, node_types
+    return _unique(params + read), direct, has_reentrant_checkpoint(node_types)
 
 
 def check_computed_inputs(params: List[torch.Tensor], explicit: set, direct: set) -> List[torch.Tensor]:
