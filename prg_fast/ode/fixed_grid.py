@@ -55,20 +55,18 @@ def odeint_grid(func: Callable, y0: torch.Tensor, t, options: dict) -> Tuple[Gri
             raise ValueError("options (step_size, grid_constructor, perturb) need a 1-D grid t, not a per-sample (T, B) grid")
         return odeint_per_sample_grid(t, y0), lambda states: states
     t, values = odeint_values(t)
-    perturb = options.get("perturb", False)
-    if perturb and t.requires_grad and torch.is_grad_enabled():
-        raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
-                         "for float grids: t must not require grad")
     fine = solver_grid(options, func, y0, t, values) if options else None
+    # the grid the solve steps along requires grad (a finer grid does whenever t does)
+    differentiable = (t if fine is None else fine).requires_grad and torch.is_grad_enabled()
+    if options.get("perturb", False) and differentiable:
+        what = "t" if t.requires_grad else "the grid_constructor's grid"
+        raise ValueError("options['perturb']=True moves stage times off the grid by one floating-point step; it is "
+                         f"for float grids: {what} must not require grad")
     if fine is None:
-        times = t.to(device=y0.device, dtype=torch.float64) if t.requires_grad and torch.is_grad_enabled() else None
+        times = t.to(device=y0.device, dtype=torch.float64) if differentiable else None
         return Grid(values, list(range(len(values))), times), lambda states: states
     fine_values = fine.detach().cpu().tolist()
     needed, plan = interpolation_plan(fine_values, values)
-    differentiable = fine.requires_grad and torch.is_grad_enabled()
-    if perturb and differentiable:
-        raise ValueError("options['perturb']=True is for float grids: the grid_constructor's grid must not "
-                         "require grad")
     grid = Grid(fine_values, needed, fine.to(y0.device) if differentiable else None)
     return grid, lambda states: interpolate(states, needed, plan, fine if differentiable else fine.detach(), t)
 
