@@ -1,5 +1,5 @@
 """State a velocity writes while it runs, kept as plain backprop would leave it: module buffers
-(ModuleState), train/eval flags (TrainingModes) and its inputs written in place (ParamVersions).
+(ModuleState), train/eval flags (training_modes) and its inputs written in place (ParamVersions).
 Which buffers, how writes are detected, what is kept and why: docs/engine.md, "Inside the engine"."""
 from __future__ import annotations
 
@@ -182,26 +182,18 @@ def left_as_found(state: Optional[ModuleState]) -> Iterator[None]:
             state.load(saved)
 
 
-class TrainingModes:
-    """The train/eval flags of the modules a velocity reaches, as the forward ran them, set for a
-    rerun and put back after it. Why: docs/engine.md, "Inside the engine": module_state."""
-
-    def __init__(self, modules: Sequence[torch.nn.Module]):
-        self.modules = list(modules)
-        self.flags = [m.training for m in self.modules]
-
-    def __enter__(self):
-        self.now = [m.training for m in self.modules]
-        if self.now != self.flags:
-            for m, flag in zip(self.modules, self.flags):
-                m.training = flag
-        return self
-
-    def __exit__(self, *exc):
-        if self.now != self.flags:
-            for m, flag in zip(self.modules, self.now):
-                m.training = flag
-        return False
+@contextmanager
+def training_modes(modules: Sequence[torch.nn.Module], flags: Sequence[bool]) -> Iterator[None]:
+    """For a whole backward: the train/eval flags of the modules a velocity reaches set to `flags`, as
+    the forward ran them, and put back after it. Why: docs/engine.md, "Inside the engine": module_state."""
+    changed = [(m, flag, m.training) for m, flag in zip(modules, flags) if m.training != flag]
+    for m, flag, _ in changed:
+        m.training = flag
+    try:
+        yield
+    finally:
+        for m, _, now in changed:
+            m.training = now
 
 
 class ParamVersions:

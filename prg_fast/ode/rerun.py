@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -12,7 +13,7 @@ import torch
 from ..compat import foreach_add_, gradient_hooks, tensor_hook_dicts, version, view_base
 from .graph_walk import graph_nodes, leaf_of
 from .integrate import autocast_state, capture_rng, restore_rng
-from .module_state import ModuleState, ParamVersions, TrainingModes, left_as_found
+from .module_state import ModuleState, ParamVersions, left_as_found, training_modes
 
 
 def _same_rng(a, b) -> bool:
@@ -34,7 +35,8 @@ class ReplayRecord:
         self.recorded = 0
         self.cannot_rerun: Optional[str] = None  # why a rerun would not be exact (see finish)
         self.autocast = autocast_state(device.type)
-        self.modes = TrainingModes(problem.reads.modules)
+        self.modules = problem.reads.modules
+        self.modes = [m.training for m in self.modules]  # as the forward runs them
         self.shared = problem.reads.shared
         self.params = problem.reads.params
         self.at_start = [version(q) for q in self.params]  # a model may write its own
@@ -85,7 +87,8 @@ class ReplayRecord:
         under the forward's buffers, train flags and cached parametrizations, checked by ParamVersions."""
         self.versions.before_backward()
         self.hidden = HiddenLeaves()  # what this backward's VJPs owe plain leaves no input holds
-        with left_as_found(self.state), self.modes, self.shared.kept() if self.shared is not None else nullcontext():
+        with left_as_found(self.state), training_modes(self.modules, self.modes), \
+                self.shared.kept() if self.shared is not None else nullcontext():
             grads = compute()
         self.hidden.accumulate()
         self.versions.after_backward(grads[4:])
@@ -326,10 +329,7 @@ class GradientSum:
         the accumulator as it is. Why, and what is fresh: docs/engine.md, "Inside the engine": rerun."""
         if not self.params:
             return
-        counts: dict = {}
-        for r in returned:
-            if r is not None:
-                counts[id(r)] = counts.get(id(r), 0) + 1
+        counts = Counter(id(r) for r in returned if r is not None)
         given_ids = {id(t) for t in given}
         into, add = [], []
         for q, gq in enumerate(grads):
