@@ -8,7 +8,7 @@ import functools
 import inspect
 import itertools
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -63,15 +63,14 @@ MAX_DEPTH = 6
 MAX_ITEMS = 256  # larger containers (datasets, caches) are not searched
 
 
-@dataclass
-class Reach:
-    modules: List[torch.nn.Module] = field(default_factory=list)  # each once, submodules included
-    tensors: List[torch.Tensor] = field(default_factory=list)  # leaves requiring grad held outside modules
+class Reach(NamedTuple):
+    modules: List[torch.nn.Module]  # each once, submodules included
+    tensors: List[torch.Tensor]  # leaves requiring grad held outside modules
     # non-leaf tensors requiring grad it holds (W = 2 * A): not inputs of the solve (see visit), but
     # an adjoint's VJPs watch them (prg_fast.ode.rerun: read after the first evaluation, an error)
-    computed: List[torch.Tensor] = field(default_factory=list)
+    computed: List[torch.Tensor]
     # (module, name) of every buffer of those modules: the state it may write (prg_fast.ode.module_state)
-    buffers: List[Tuple[torch.nn.Module, str]] = field(default_factory=list)
+    buffers: List[Tuple[torch.nn.Module, str]]
 
 
 def _global_names(code: types.CodeType) -> List[str]:
@@ -116,7 +115,8 @@ def _held(o) -> list:
 
 class _Search:
     def __init__(self):
-        self.out = Reach()
+        self.tensors: List[torch.Tensor] = []
+        self.computed: List[torch.Tensor] = []
         self.seen: set = set()
         self.seen_classes: set = set()
         self.modules: dict = {}
@@ -133,7 +133,7 @@ class _Search:
             # belong to a graph long freed: one the first evaluation reads is discovery's error, one
             # read later the adjoints' VJPs' (Reach.computed, prg_fast.ode.rerun.graph_vjp)
             if o.requires_grad:
-                (self.out.tensors if o.is_leaf else self.out.computed).append(o)
+                (self.tensors if o.is_leaf else self.computed).append(o)
         elif not isinstance(o, (types.ModuleType, type, str, bytes, int, float, bool, complex)):
             for a in _held(o):
                 self.visit(a, depth + 1)
@@ -166,10 +166,9 @@ def reachable(obj) -> Reach:
     search.visit(obj, 0)
     if search.modules:  # hooks on every module run with the velocity's modules
         search.visit(global_module_hooks(), 1)
-    out = search.out
-    out.modules = list(search.modules.values())
-    out.buffers = [(m, name) for m in out.modules for name, b in m.named_buffers(recurse=False) if b is not None]
-    return out
+    modules = list(search.modules.values())
+    buffers = [(m, name) for m in modules for name, b in m.named_buffers(recurse=False) if b is not None]
+    return Reach(modules, search.tensors, search.computed, buffers)
 
 
 def collect_params(model, adjoint_params, reach: Reach) -> List[torch.Tensor]:
