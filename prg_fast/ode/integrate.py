@@ -265,7 +265,11 @@ class Problem:
         once per step (the forward, the adjoint's backward and first evaluation all read these)."""
         t, end = self.point(n), self.point(n + 1)
         h = end - t
-        return t, h, self.stage_times(t, h, end) if self.grid.stage_times is None else self.grid.stage_times[n]
+        if self.grid.stage_times is None:
+            return t, h, self.stage_times(t, h, end)
+        # an adaptive solve's: the times its forward read (as tensors, for time gradients, on a tensor grid)
+        taus = self.grid.stage_times[n]
+        return t, h, taus if self.grid.times is None else [torch.full_like(t, tau) for tau in taus]
 
     def stage_times(self, t, h, end) -> list:
         """The time each stage of the step from t of size h (ending at the grid point `end`) reads:
