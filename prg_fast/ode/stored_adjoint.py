@@ -259,8 +259,10 @@ class BackwardWalk:
         if not timed_leaf:
             grads.insert(1, None)
         if self.want_tgrad:
-            # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
-            self.gh += self.p.row_dot(e, k.detach())
+            # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row (a float h, an
+            # adaptive solve's, does not move)
+            if e is not None:
+                self.gh += self.p.row_dot(e, k.detach())
             if grads[1] is not None:
                 self.gt += grads[1]
                 self.gh += self.p.tableau.c[i] * grads[1]
