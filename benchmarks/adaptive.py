@@ -60,16 +60,19 @@ def _lotka(t, y):
 
 
 def rows():
-    """name -> (velocity, y0, t, rtol, atol); a velocity module's parameters are trained."""
+    """name -> (velocity, y0, t, rtol, atol); a velocity module's parameters are trained. The rows named
+    ..._t: t requires grad too (t[0] moves the grid, each later time its output)."""
     torch.manual_seed(0)
     lin = lambda n, a, b: torch.linspace(a, b, n, dtype=D)  # noqa: E731
-    return {
+    base = {
         "vdp1": (_vdp(1.0), torch.tensor([2.0, 0.0], dtype=D), lin(11, 0, 10), 1e-7, 1e-9),
         "vdp5": (_vdp(5.0), torch.tensor([2.0, 0.0], dtype=D), lin(11, 0, 10), 1e-7, 1e-9),
         "lotka": (_lotka, torch.tensor([1.0, 1.0], dtype=D), lin(21, 0, 10), 1e-7, 1e-9),
         "mlp": (MLP(2, 64), torch.randn(64, 2), torch.linspace(0, 10, 11), 1e-6, 1e-8),
         "cnf": (MLP(16, 256), torch.randn(512, 16), torch.linspace(0, 10, 5), 1e-6, 1e-8),
     }
+    return {**base, **{n + "_t": (f, y0, t.clone().requires_grad_(), r, a) for n, (f, y0, t, r, a) in base.items()
+                       if n in ("vdp1", "mlp")}}
 
 
 def reference(f, y0, t):
@@ -83,15 +86,15 @@ def reference(f, y0, t):
             return f64(torch.tensor(s, dtype=D), torch.tensor(y, dtype=D).reshape(shape)).reshape(-1).numpy()
 
     sol = solve_ivp(fun, (float(t[0]), float(t[-1])), y0.double().reshape(-1).numpy(), method="DOP853", rtol=1e-13,
-                    atol=1e-13, t_eval=t.double().numpy())
+                    atol=1e-13, t_eval=t.detach().double().numpy())
     return torch.tensor(sol.y.T, dtype=D).reshape((len(t),) + tuple(shape))
 
 
-def solvers(name, f):
-    """solver name -> solve(velocity, y0) for one row (f: the row's velocity, whose parameters train)."""
+def solvers(name, f, t):
+    """solver name -> solve(velocity, y0) for one row (f, t: the row's velocity, whose parameters train, and times)."""
     import torchdiffeq
 
-    _, _, t, rtol, atol = rows()[name]
+    _, _, _, rtol, atol = rows()[name]
     tol = dict(rtol=rtol, atol=atol)
     ours = lambda **kw: (lambda g, y: prg_fast.odeint(g, y, t, method="dopri5", **tol, **kw))  # noqa: E731
     return {
@@ -101,7 +104,7 @@ def solvers(name, f):
         "torchdiffeq": lambda g, y: torchdiffeq.odeint(g, y, t, method="dopri5", **tol),
         "torchdiffeq_adjoint": lambda g, y: torchdiffeq.odeint_adjoint(g, y, t, method="dopri5", **tol,
                                                                        adjoint_params=tuple(_params(f))),
-        **_torchode(t, tol),
+        **(_torchode(t, tol) if not t.requires_grad else {}),  # (torchode's t_eval takes no gradient)
     }
 
 
@@ -122,24 +125,26 @@ def _torchode(t, tol) -> dict:
     return {"torchode": solve}
 
 
-def _params(f):
-    return list(f.parameters()) if isinstance(f, torch.nn.Module) else []
+def _params(f, t=None):
+    """What a training step differentiates besides y0: t when it requires grad, a velocity module's parameters."""
+    return ([t] if t is not None and t.requires_grad else []) + (list(f.parameters()) if isinstance(f, torch.nn.Module)
+                                                                 else [])
 
 
-def train_step(solve, f, y0):
+def train_step(solve, f, y0, t):
     y = y0.clone().requires_grad_()
     wrapped = f if isinstance(f, torch.nn.Module) else Counting(f)
-    return torch.autograd.grad((solve(wrapped, y) ** 2).sum(), [y] + _params(f))
+    return torch.autograd.grad((solve(wrapped, y) ** 2).sum(), [y] + _params(f, t))
 
 
 def grad_reference(name):
     f, y0, t, _, _ = rows()[name]
     f = copy.deepcopy(f).double() if isinstance(f, torch.nn.Module) else f
-    y = y0.double().requires_grad_()
+    y, t = y0.double().requires_grad_(), t.detach().double().requires_grad_(t.requires_grad)
     # the recomputing adjoint (equal to plain backprop: test_adaptive), so memory stays flat in the steps
-    ys = prg_fast.odeint(f, y, t.double(), method="dopri8", rtol=1e-12, atol=1e-12, memory_budget=0,
+    ys = prg_fast.odeint(f, y, t, method="dopri8", rtol=1e-12, atol=1e-12, memory_budget=0,
                          options=dict(max_num_steps=10 ** 6))
-    return torch.autograd.grad((ys ** 2).sum(), [y] + _params(f))
+    return torch.autograd.grad((ys ** 2).sum(), [y] + _params(f, t))
 
 
 def held_mb(solve, f, y0):
@@ -162,7 +167,8 @@ def held_mb(solve, f, y0):
 def bench_row(name, args, log):
     """One row's cells, each solver a line of the results file (already measured ones are kept)."""
     f, y0, t, _, _ = rows()[name]
-    fns, keys = solvers(name, f), [dict(row=name, solver=solver) for solver in solvers(name, f)]
+    fns = solvers(name, f, t)
+    keys = [dict(row=name, solver=solver) for solver in fns]
 
     def accuracy():
         exact, cells = reference(f, y0, t), []
@@ -176,7 +182,8 @@ def bench_row(name, args, log):
     def gradients():
         g_ref, cells = grad_reference(name), []
         for solve in fns.values():
-            cells.append(dict(grad_err=harness.rel_err(train_step(solve, f, y0), g_ref), held_mb=held_mb(solve, f, y0)))
+            cells.append(dict(grad_err=harness.rel_err(train_step(solve, f, y0, t), g_ref),
+                              held_mb=held_mb(solve, f, y0)))
         return cells
 
     def times(field, make):
@@ -187,7 +194,7 @@ def bench_row(name, args, log):
     log.measure(keys, "err", accuracy)
     log.measure(keys, "nograd", lambda: times("nograd", lambda solve: torch.no_grad()(lambda: solve(f, y0))))
     log.measure(keys, "grad_err", gradients)
-    log.measure(keys, "train", lambda: times("train", lambda solve: lambda: train_step(solve, f, y0)))
+    log.measure(keys, "train", lambda: times("train", lambda solve: lambda: train_step(solve, f, y0, t)))
     for key in keys:
         print(json.dumps(log.get(key)), flush=True)
     return log.rows(keys)
@@ -201,7 +208,7 @@ COLUMNS = [("row", "row"), ("solver", "solver"), ("error vs DOP853", "err", ".3g
 
 def main(argv=None):
     p = harness.parser("adaptive", __doc__)
-    p.add_argument("--rows", nargs="+", default=list(rows()), choices=list(rows()))
+    p.add_argument("--rows", nargs="+", default=list(rows()), choices=list(rows()))  # (every row: ~an hour)
     p.add_argument("--reps", type=int, default=5, help="interleaved rounds")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed block (harness.interleaved)")
     args = p.parse_args(argv)

@@ -478,6 +478,28 @@ def test_adjoint_equals_backprop_through_the_same_solve(method, strategy):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_time_gradients_through_every_strategy(strategy):
+    """t requiring grad: t[0] moves the whole accepted grid (every evaluation's time), each output
+    time its dense output; every strategy gives plain backprop's gradients (float64, 1e-10), and
+    the recomputing adjoint holds no more for it (test_recomputing_adjoint_holds_only_the_stage_inputs)."""
+    f, params, y0 = _net_problem()
+    kw = dict(method="dopri5", rtol=1e-6, atol=1e-8, options=dict(jump_t=[0.6]))
+
+    def grads(**strategy_kw):
+        torch.manual_seed(5)
+        y, t = y0.clone().requires_grad_(), torch.tensor([1.5, 1.0, 0.37, 0.0], dtype=D, requires_grad=True)
+        ys = prg_fast.odeint(f, y, t, **kw, **strategy_kw)
+        return ys, torch.autograd.grad((ys ** 2).sum(), [y, t, *params])
+
+    ys_ref, ref = grads(adjoint=False)
+    ys, got = grads(**STRATEGIES[strategy])
+    torch.testing.assert_close(ys.detach(), ys_ref.detach(), rtol=0, atol=0)
+    assert bool(ref[1].ne(0).all())  # every time moves an output
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("strategy", ["recompute", "steps", "window"])
 def test_adjoint_replays_dropout(strategy):
     """Dropout in the velocity: each recomputed evaluation draws what the forward drew (steps held:
@@ -510,11 +532,13 @@ def test_auto_past_its_budget_restarts_as_the_recomputing_adjoint(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_recomputing_adjoint_holds_only_the_stage_inputs():
+@pytest.mark.parametrize("time_grad", [False, True])
+def test_recomputing_adjoint_holds_only_the_stage_inputs(time_grad):
     """memory_budget=0 keeps, between forward and backward, the accepted steps' stage inputs (a
     step's last shared with the next's first) and nothing of the network's activations: what it
     holds grows with the accepted steps by one state per stage, while backprop's grows by the
-    activations of every evaluation."""
+    activations of every evaluation. With time gradients the same, and one state per output (the
+    dense outputs' slopes in their times)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 256), torch.nn.Tanh(), torch.nn.Linear(256, 2)).double()
     y0 = torch.randn(64, 2, dtype=D, requires_grad=True)
@@ -527,14 +551,15 @@ def test_recomputing_adjoint_holds_only_the_stage_inputs():
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            _, stats = prg_fast.odeint(lambda t, y: net(y), y0, torch.linspace(0, 3, 4, dtype=D), method="dopri5",
-                                       rtol=1e-8, atol=1e-10, return_stats=True, **kw)
+            _, stats = prg_fast.odeint(lambda t, y: net(y) * (1 + 0.1 * t), y0, t, method="dopri5", rtol=1e-8,
+                                       atol=1e-10, return_stats=True, **kw)
         return sum(seen.values()), stats
 
+    t = torch.linspace(0, 3, 4, dtype=D, requires_grad=time_grad)  # time gradients: the same, and a slope per output
     recompute, stats = held(memory_budget=0)
     backprop, _ = held(adjoint=False)
     state = y0.numel() * 8
-    assert recompute <= (stats.accepted * 6 + 2) * state  # 6 new stage inputs a step (dopri5, FSAL)
+    assert recompute <= (stats.accepted * 6 + 2 + 4 * time_grad) * state  # 6 new stage inputs a step (dopri5, FSAL)
     assert backprop > 10 * recompute
 
 
@@ -542,13 +567,28 @@ def test_recomputing_adjoint_holds_only_the_stage_inputs():
 def test_gradcheck_through_the_adjoint(strategy):
     w = torch.tensor([0.8, -0.3], dtype=D, requires_grad=True)
     f = lambda t, y: -w * y * torch.cos(t) + w.flip(0) * y.flip(0)  # noqa: E731
-    t = torch.tensor([0.3, 0.7, 1.2], dtype=D)
+    t = torch.tensor([0.3, 0.7, 1.2], dtype=D, requires_grad=True)
 
-    def solve(y0, w_):
-        return prg_fast.odeint(f, y0, t, method="tsit5", rtol=1e3, atol=1e3, options=_fixed_steps(0.15),
+    def solve(y0, t_, w_):
+        return prg_fast.odeint(f, y0, t_, method="tsit5", rtol=1e3, atol=1e3, options=_fixed_steps(0.15),
                                **STRATEGIES[strategy])
 
-    assert torch.autograd.gradcheck(solve, (torch.tensor([1.0, 2.0], dtype=D, requires_grad=True), w))
+    assert torch.autograd.gradcheck(solve, (torch.tensor([1.0, 2.0], dtype=D, requires_grad=True), t, w))
+
+
+def test_a_second_derivative_through_the_adjoints_time_gradient_is_refused():
+    """The adjoint is differentiable once, its outputs' moves with their times too: a second
+    derivative raises (plain backprop, adjoint=False, gives it)."""
+    w = torch.tensor(0.8, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.7], dtype=D, requires_grad=True)
+    kw = dict(method="dopri5", rtol=1e3, atol=1e3, options=_fixed_steps(0.15))
+    (g,) = torch.autograd.grad(prg_fast.odeint(lambda t, y: -w * y, torch.ones(2, dtype=D), t, adjoint=False, **kw)
+                               .sum(), t, create_graph=True)
+    assert torch.autograd.grad(g[1], w)[0] != 0
+    (g,) = torch.autograd.grad(prg_fast.odeint(lambda t, y: -w * y, torch.ones(2, dtype=D), t, memory_budget=0, **kw)
+                               .sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(g[1], w)
 
 
 def test_reversible_is_refused_with_a_reason():

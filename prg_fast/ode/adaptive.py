@@ -16,6 +16,7 @@ from .fixed_grid import odeint_values
 from .integrate import Grid, check_state
 from .kept_graphs import EvaluationGraphs
 from .ops import MAX_TERMS
+from .rerun import once_differentiable
 from .solvers import EmbeddedTableau
 from .stored_adjoint import StoredAdjoint
 
@@ -199,13 +200,16 @@ class Stepper:
         err = self.lin(y, [k.detach() for k in ks], self.e, hs, self.buffer("err", y), y.dtype, alpha=0.0)
         return float(scale.amax() * 0 + self.norm(err.div_(scale)))  # NaN * 0: a non-finite scale reads NaN
 
-    def dense(self, y, ks, hs: float, theta, out=None) -> torch.Tensor:
-        """y(t + theta h) = y + h sum_i b_i(theta) k_i (theta a tensor for time gradients)."""
-        if not isinstance(theta, torch.Tensor):
-            return self.lin(y, ks, (range(len(ks)), self.tableau.weights(theta)), hs, out, self.state_dtype)
-        rows = torch.stack([torch.ones_like(theta)] + [hs * w for w in self.tableau.weights(theta)])
-        rows = rows.to(self.state_dtype)
-        return self.combine_rows(y, ks, rows[None], self.state_dtype)
+    def dense(self, y, ks, hs: float, theta: float, out=None, slope: bool = False) -> torch.Tensor:
+        """y(t + theta h) = y + h sum_i b_i(theta) k_i; with `slope` its derivative h sum_i b_i'(theta) k_i."""
+        weights = self.tableau.slopes(theta) if slope else self.tableau.weights(theta)
+        return self.lin(y, ks, (range(len(ks)), weights), hs, out, self.state_dtype, alpha=0.0 if slope else 1.0)
+
+    def move(self, at: torch.Tensor, ks, hs: float, theta: torch.Tensor) -> torch.Tensor:
+        """`at` (the dense output at theta's value) + h sum_i (b_i(theta) - b_i(theta's value)) k_i: a zero whose
+        derivatives in theta are the dense output's in every order (plain backprop's time gradients)."""
+        rows = torch.stack([torch.ones_like(theta)] + [hs * (w - w.detach()) for w in self.tableau.weights(theta)])
+        return self.combine_rows(at, ks, rows.to(self.state_dtype)[None], self.state_dtype)
 
 
 class Event:
@@ -263,6 +267,21 @@ class EventTime(torch.autograd.Function):
         return None, None, None, g_y - dc_dy * (g_t.to(y.dtype) + (g_y * f).sum()) / rate
 
 
+class DenseSlope(torch.autograd.Function):
+    """(theta - theta.detach()) slope, zero: how an adjoint's dense output moves with its time theta, to
+    first order, as its adjoint is differentiable once (a second derivative through it raises)."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, slope: torch.Tensor):
+        ctx.slope, ctx.differentiated = slope, (theta,)
+        return torch.zeros_like(slope)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        return torch.sum(g * ctx.slope, dtype=torch.float64), None
+
+
 @torch.no_grad()
 def initial_step(loop: "AdaptiveLoop", t: float, y: torch.Tensor, f0: torch.Tensor) -> float:
     """Hairer, Norsett & Wanner's estimate (Solving ODEs I, II.4) as torchdiffeq's: one probe."""
@@ -291,6 +310,7 @@ class AdaptiveLoop:
         # (step, theta) of the dense output holding it, (step, None) for the state at a step's end
         self.n, self.stage_times, self.jumps, self.places = 0, [], set(), []
         self.stored: Optional[list] = None
+        self.slopes: list = []  # an adjoint's dense outputs under time gradients: (output, step, d output/d theta)
         self.store_states = False  # store="steps": each accepted step's start state, not its stage inputs
 
     def user(self, tau: float, towards: Optional[float] = None) -> float:
@@ -387,8 +407,12 @@ class AdaptiveLoop:
                 t0, dt, y0, ks = last
                 theta = (target - t0) / dt
                 self.places.append((self.n - 1, theta))
-                theta = theta if shifts is None else theta + self.sign * (shifts[j] - shifts[0]) / dt
-                result.append(st.dense(y0, ks, self.sign * dt, theta, out))
+                at = st.dense(y0, ks, self.sign * dt, theta, out)
+                if shifts is not None and torch.is_grad_enabled():  # the output moves with its time, and t[0]'s
+                    at = st.move(at, ks, self.sign * dt, theta + self.sign * (shifts[j] - shifts[0]) / dt)
+                elif shifts is not None:  # an adjoint's forward (no graph): Controller.moved adds the move
+                    self.slopes.append((j, dt, st.dense(y0, ks, self.sign * dt, theta, slope=True)))
+                result.append(at)
             else:
                 self.places.append((self.n - 1, None))
                 result.append(y if out is None else out.copy_(y))
@@ -484,7 +508,7 @@ class Controller:
     callbacks: dict
     user_state: Callable
     event: Optional[Event] = None
-    shifts: Optional[torch.Tensor] = None  # t - t.detach(): time gradients (plain backprop)
+    shifts: Optional[torch.Tensor] = None  # t - t.detach(): time gradients
     moduli: bool = False
     limit: float = math.inf
     loop: Optional[AdaptiveLoop] = None
@@ -506,6 +530,15 @@ class Controller:
         result, self.end = loop.run(x, self.taus, outs, self.event, self.shifts)
         return list(outs) if buffered else result
 
+    def moved(self, ys: torch.Tensor) -> torch.Tensor:
+        """An adjoint's outputs moving with their times: zero added, whose gradient is the dense outputs'."""
+        slopes = [] if self.loop is None else self.loop.slopes
+        if not slopes:
+            return ys
+        moves = {j: DenseSlope.apply(self.sign * (self.shifts[j] - self.shifts[0]) / dt, slope)
+                 for j, dt, slope in slopes}
+        return ys + torch.stack([moves.get(j, torch.zeros_like(ys[0])) for j in range(len(ys))])
+
     def accepted(self, p, evals):
         """The problem on the accepted grid (its stage times, its outputs' places); a step's first stage is its
         previous step's last (FSAL): the same evaluation for the backward's reruns and kept graphs."""
@@ -516,7 +549,9 @@ class Controller:
                 evals.replay.alias((n + 1) * s, n * s + s - 1)
                 if n * s + s - 1 in evals.kept:
                     evals.kept[(n + 1) * s] = evals.kept.pop(n * s + s - 1)
-        grid = Grid(list(self.stats.times), [n + 1 if theta is None else 0 for n, theta in places],
+        times = None if p.grid.times is None else torch.tensor(self.stats.times, dtype=torch.float64,
+                                                                device=p.grid.times.device)
+        grid = Grid(list(self.stats.times), [n + 1 if theta is None else 0 for n, theta in places], times,
                     stage_times=loop.stage_times, dense=[None if theta is None else (n, theta) for n, theta in places])
         return p.on(grid)
 
@@ -547,20 +582,22 @@ def odeint(func, y0, t, spec, rtol, atol, options, return_stats: bool, event_fn=
     sign = -1.0 if len(values) > 1 and values[1] < values[0] else 1.0
     taus = [sign * v for v in values] if event_fn is None else [sign * values[0], math.inf]
     control = check_options(options, spec.tableau, sign, taus[0])
-    # a placeholder grid: the controller picks the steps (the first evaluation reads its start)
-    problem = spec.problem(flat_func, y, Grid([values[0], values[0] + sign], [0]))
+    time_grad = t.requires_grad and torch.is_grad_enabled()
+    shifts = (t - t.detach()).to(device=y.device, dtype=torch.float64) if time_grad else None
+    # a placeholder grid: the controller picks the steps (the first evaluation reads its start); under time
+    # gradients a tensor moving with t[0], as the accepted grid does (stored_adjoint._backward)
+    start = [values[0], values[0] + sign]
+    start_times = torch.tensor(start, dtype=torch.float64, device=y.device) + shifts[0] if time_grad else None
+    problem = spec.problem(flat_func, y, Grid(start, [0], start_times))
     dtype, y = y.dtype, y.to(problem.state_dtype)
     tolerance = tuple(_tolerance(v, n, y0, y) for v, n in ((1e-7 if rtol is None else rtol, "rtol"),
                                                            (1e-9 if atol is None else atol, "atol")))
-    time_grad = t.requires_grad and torch.is_grad_enabled()
     callbacks = {n: getattr(func, n) for n in CALLBACKS if callable(getattr(func, n, None))}
     event = None if event_fn is None else Event(event_fn, one, float(torch.as_tensor(tolerance[1]).max()) or 1e-12)
     controller = Controller(control, sign, taus, tolerance, _norm(control.norm, y0, one), callbacks, one, event,
-                            (t - t.detach()).to(device=y.device, dtype=torch.float64) if time_grad else None,
-                            isinstance(y0, torch.Tensor) and y0.is_complex())
+                            shifts, isinstance(y0, torch.Tensor) and y0.is_complex())
     problem = dataclasses.replace(problem, controller=controller)
-    # time gradients run as plain backprop through the accepted steps (the adjoint's grid does not move)
-    ys = (Backprop() if time_grad else strategy).run(problem, y)
+    ys = controller.moved(strategy.run(problem, y))
     return _finish(ys.to(dtype), controller, problem, t, unwrap, event_fn, return_stats, name)
 
 

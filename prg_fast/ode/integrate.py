@@ -264,8 +264,11 @@ class Problem:
         """(t, h, stage times) of step n: its start, its size and the time each stage reads, computed
         once per step (the forward, the adjoint's backward and first evaluation all read these)."""
         t, end = self.point(n), self.point(n + 1)
-        h = end - t
-        return t, h, self.stage_times(t, h, end) if self.grid.stage_times is None else self.grid.stage_times[n]
+        if self.grid.stage_times is None:
+            return t, end - t, self.stage_times(t, end - t, end)
+        # an adaptive solve's: its step sizes held, the times its forward read (tensors under time gradients)
+        h, taus = self.grid.points[n + 1] - self.grid.points[n], self.grid.stage_times[n]
+        return t, h, taus if self.grid.times is None else [torch.full_like(t, tau) for tau in taus]
 
     def stage_times(self, t, h, end) -> list:
         """The time each stage of the step from t of size h (ending at the grid point `end`) reads:

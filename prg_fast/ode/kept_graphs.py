@@ -79,8 +79,8 @@ class EvaluationGraphs:
 
     @property
     def as_backprop(self) -> bool:
-        """Every evaluation's graph fits and no time gradient is asked for: the solve is plain backprop."""
-        return self.keep_from == 0 and self.unkeepable is None and not self.time_grad
+        """Every evaluation's graph fits: the solve is plain backprop."""
+        return self.keep_from == 0 and self.unkeepable is None
 
     def fall_back(self, message: str) -> None:
         """Back to the start of the forward keeping no graph (the first evaluation undone, the records cleared)."""

@@ -96,6 +96,10 @@ class EmbeddedTableau(ButcherTableau):
         """The dense output's stage weights b_i(theta) (theta a number or a tensor)."""
         return [sum(c * theta ** (p + 1) for p, c in enumerate(row)) for row in self.dense]
 
+    def slopes(self, theta: float) -> list:
+        """Their derivatives b_i'(theta): how a dense output moves with its time."""
+        return [sum((p + 1) * c * theta ** p for p, c in enumerate(row)) for row in self.dense]
+
     @classmethod
     def of(cls, name: str, order: int, c, a: Sequence, b, b_hat, mid=None, dense=None) -> "EmbeddedTableau":
         """A pair from its coefficients (strings such as "35/384", numbers): the FSAL stage appended

@@ -2,6 +2,7 @@
 arithmetic (time gradients included): docs/engine.md, "Inside the engine": stored_adjoint."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -72,22 +73,28 @@ class StoredAdjoint:
                   graphs.kept_count, graphs.total, graphs.graph_bytes, graphs.budget, self.memory_budget,
                   "" if graphs.unkeepable is None else f"; none can be kept: {graphs.unkeepable}")
         if graphs.as_backprop:
-            outs = _as_backprop(graphs, x)
+            outs = _as_backprop(graphs, x, times)
             if outs is not None:
                 return AdjointSolveKept.apply(graphs, x, *outs)
         return AdjointSolve.apply(problem, graphs, times, x, *problem.reads.params)
 
 
-def _as_backprop(graphs: EvaluationGraphs, x: torch.Tensor) -> Optional[List[torch.Tensor]]:
-    """The solve's outputs with their graph by plain backprop (its first evaluation discovery's); None after
-    an allocation failure, to run the adjoint's forward instead."""
+def _as_backprop(graphs: EvaluationGraphs, x: torch.Tensor, times) -> Optional[List[torch.Tensor]]:
+    """The solve's outputs with their graph by plain backprop (its first evaluation discovery's, except under
+    time gradients: discovery read the `times` without their graph, and a time leaf of its own, so the first
+    evaluation runs again); None after an allocation failure, to run the adjoint's forward instead."""
     p, first = graphs.problem, graphs.first
+    if graphs.time_grad:
+        p = p.on(dataclasses.replace(p.grid, times=times))
 
     def attempt() -> List[torch.Tensor]:
         with torch.enable_grad():
             if first is None:
                 return run(p, x.to(p.state_dtype))
-            return run(p, first.start, evaluator=first.evaluator(with_graph=True))
+            if graphs.time_grad:
+                first.discard(p)
+            return run(p, first.start if first.start is not None else x.to(p.state_dtype),
+                       evaluator=first.evaluator(with_graph=True))
 
     return unless_out_of_memory(graphs, attempt)
 
@@ -148,7 +155,10 @@ def _backward(ctx, grad_out: torch.Tensor):
             inputs, stored = stored[-s:], stored[:-s]
         walk.step(n, inputs)
     walk.arrive(0)
-    return (None, None, walk.gtimes, walk.lam.to(ctx.x_dtype), *walk.grads.totals())
+    gtimes = walk.gtimes
+    if gtimes is not None and p.controller is not None:  # an adaptive grid moves with its placeholder's start
+        gtimes = torch.stack([gtimes.sum(), gtimes.new_zeros(())])
+    return (None, None, gtimes, walk.lam.to(ctx.x_dtype), *walk.grads.totals())
 
 
 def dense_cotangents(p: Problem, grad_out: torch.Tensor) -> dict:
@@ -249,8 +259,10 @@ class BackwardWalk:
         if not timed_leaf:
             grads.insert(1, None)
         if self.want_tgrad:
-            # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row
-            self.gh += self.p.row_dot(e, k.detach())
+            # k_i enters x_{n+1} and the later stage inputs through h e_i: <e_i, k_i> per row (a float h, an
+            # adaptive solve's, does not move)
+            if e is not None:
+                self.gh += self.p.row_dot(e, k.detach())
             if grads[1] is not None:
                 self.gt += grads[1]
                 self.gh += self.p.tableau.c[i] * grads[1]
