@@ -500,6 +500,21 @@ def test_time_gradients_through_every_strategy(strategy):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "recompute"])
+def test_times_made_from_a_parameter(strategy):
+    """t computed from an nn.Parameter (a learned end time, as PRGClassifier's learn_t): the solve
+    stops its graph walk at t, and the parameter gets plain backprop's gradient."""
+    f, params, y0 = _net_problem()
+    end = torch.nn.Parameter(torch.tensor(1.3, dtype=D))
+
+    def grads(**kw):
+        ys = prg_fast.odeint(f, y0, torch.stack([torch.zeros((), dtype=D), end]), method="dopri5", **kw)
+        return torch.autograd.grad((ys ** 2).sum(), [end, *params])
+
+    for a, b in zip(grads(**STRATEGIES[strategy]), grads(adjoint=False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("strategy", ["recompute", "steps", "window"])
 def test_adjoint_replays_dropout(strategy):
     """Dropout in the velocity: each recomputed evaluation draws what the forward drew (steps held:

@@ -75,7 +75,9 @@ class StoredAdjoint:
         if graphs.as_backprop:
             outs = _as_backprop(graphs, x, times)
             if outs is not None:
-                return AdjointSolveKept.apply(graphs, x, *outs)
+                # the times the solve reads (an adaptive one its output times, as the controller's shifts)
+                moving = problem.controller.shifts if problem.controller is not None else times
+                return AdjointSolveKept.apply(graphs, x, moving, *outs)
         return AdjointSolve.apply(problem, graphs, times, x, *problem.reads.params)
 
 
@@ -104,15 +106,17 @@ class AdjointSolveKept(torch.autograd.Function):
     (unbind) is differentiable. Why: docs/engine.md, "Inside the engine": stored_adjoint."""
 
     @staticmethod
-    def forward(ctx, evals: EvaluationGraphs, x: torch.Tensor, *outs: torch.Tensor):
-        # what the graph may read: x (where the walk stops) and the solve's inputs (refuse_unknown_reads)
-        ctx.evals, ctx.roots, ctx.inputs = evals, [o.grad_fn for o in outs], (x, *evals.problem.reads.params)
+    def forward(ctx, evals: EvaluationGraphs, x: torch.Tensor, times: Optional[torch.Tensor], *outs: torch.Tensor):
+        # what the graph may read: x and the times (where the walk stops) and the solve's inputs
+        # (refuse_unknown_reads)
+        ctx.evals, ctx.roots = evals, [o.grad_fn for o in outs]
+        ctx.inputs = (x, *evals.problem.reads.params) + (() if times is None else (times,))
         return torch.stack(outs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         refuse_unknown_reads(ctx.roots, ctx.inputs, ctx.evals.problem.reads.unlisted)
-        return (None, None, *grad_out.unbind(0))
+        return (None, None, None, *grad_out.unbind(0))
 
 
 class AdjointSolve(torch.autograd.Function):
