@@ -575,9 +575,8 @@ def odeint(func, y0, t, spec, rtol, atol, options, return_stats: bool, event_fn=
     adapted = states.adapt(func, y0, t, spec, {})
     flat_func, y, unwrap = (adapted.func, adapted.y0, adapted.unwrap) if adapted is not None else (func, y0, None)
     check_state(y, "y0", batched=False)
-    if not callable(func) or not bool(torch.isfinite(y).all()):
-        raise (TypeError("func must be callable as func(t, y)") if not callable(func)
-               else ValueError("y0 must be finite"))
+    if not bool(torch.isfinite(y).all()):  # (func: api.odeint checked it is callable)
+        raise ValueError("y0 must be finite")
     one = (lambda flat: flat) if unwrap is None else (lambda flat: _first(unwrap(flat.unsqueeze(0))))
     sign = -1.0 if len(values) > 1 and values[1] < values[0] else 1.0
     taus = [sign * v for v in values] if event_fn is None else [sign * values[0], math.inf]
