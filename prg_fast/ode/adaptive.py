@@ -184,18 +184,16 @@ class Stepper:
             ks.append(self.evaluate(n, i, times[i], xi))
         return ks, self.lin(y, ks, self.b, hs, self.buffer("state", y, avoid=y), self.state_dtype)
 
-    def magnitude(self, v: torch.Tensor) -> torch.Tensor:
-        """|v|; of a complex state's real view (..., 2), the moduli (..., 1), as torchdiffeq's."""
-        return torch.linalg.vector_norm(v, dim=-1, keepdim=True) if self.moduli else v.abs()
+    def magnitude(self, v: torch.Tensor, out=None) -> torch.Tensor:
+        """|v|, into `out` if given; of a complex state's real view (..., 2), the moduli (..., 1), as torchdiffeq's."""
+        return torch.linalg.vector_norm(v, dim=-1, keepdim=True) if self.moduli else torch.abs(v, out=out)
 
     @torch.no_grad()
     def error_ratio(self, y, y1, ks, hs: float) -> float:
         """norm(err / (atol + rtol max(|y|, |y1|))), NaN when y1 is not finite: one synchronisation."""
         y, y1 = y.detach(), y1.detach()
-        if self.moduli:
-            scale = torch.maximum(self.magnitude(y), self.magnitude(y1))
-        else:
-            scale = torch.maximum(torch.abs(y, out=self.buffer("scale", y)), y1.abs(), out=self.buffer("scale", y))
+        out = None if self.moduli else self.buffer("scale", y)  # (the moduli have a shape of their own)
+        scale = torch.maximum(self.magnitude(y, out), self.magnitude(y1), out=out)
         scale.mul_(self.rtol).add_(self.atol)
         err = self.lin(y, [k.detach() for k in ks], self.e, hs, self.buffer("err", y), y.dtype, alpha=0.0)
         return float(scale.amax() * 0 + self.norm(err.div_(scale)))  # NaN * 0: a non-finite scale reads NaN
