@@ -15,7 +15,6 @@ from .backprop import Backprop
 from .fixed_grid import odeint_values
 from .integrate import Grid, check_state
 from .kept_graphs import EvaluationGraphs
-from .ops import MAX_TERMS
 from .rerun import once_differentiable
 from .solvers import EmbeddedTableau
 from .stored_adjoint import StoredAdjoint
@@ -153,13 +152,7 @@ class Stepper:
 
     def lin(self, base, ks, used, hs: float, out=None, dtype=None, alpha: float = 1.0):
         """alpha base + hs sum_j w_j k_j over the used (j, w_j), into `out` when given."""
-        terms, coeffs = [ks[j] for j in used[0]], [hs * w for w in used[1]]
-        if out is None:
-            return self.combine(base, terms, coeffs, alpha, dtype)
-        for lo in range(0, max(len(terms), 1), MAX_TERMS):  # the kernel takes MAX_TERMS terms a call
-            self.into(base if lo == 0 else out, terms[lo:lo + MAX_TERMS], coeffs[lo:lo + MAX_TERMS],
-                      alpha if lo == 0 else 1.0, out)
-        return out
+        return self.combine(base, [ks[j] for j in used[0]], [hs * w for w in used[1]], alpha, dtype, out)
 
     def evaluate(self, n: int, i: int, u: float, x: torch.Tensor) -> torch.Tensor:
         """Evaluation (n, i) at time u (of t), as torchdiffeq calls it: t a 0-dim tensor."""
