@@ -246,12 +246,10 @@ class EventTime(torch.autograd.Function):
     def backward(ctx, g_t, g_y):
         t, y = (v.detach().requires_grad_() for v in ctx.saved_tensors)
         with torch.enable_grad():
-            dc_dt, dc_dy = torch.autograd.grad(ctx.event.combined(t.to(y.dtype), y), (t, y), allow_unused=True)
+            dc_dt, dc_dy = torch.autograd.grad(ctx.event.combined(t.to(y.dtype), y), (t, y), materialize_grads=True)
         with torch.no_grad():
             f = ctx.func(t.to(y.dtype), y).to(y.dtype)
-        dc_dt = torch.zeros((), dtype=y.dtype) if dc_dt is None else dc_dt.to(y.dtype)
-        dc_dy = torch.zeros_like(y) if dc_dy is None else dc_dy
-        rate = dc_dt + (dc_dy * f).sum()
+        rate = dc_dt.to(y.dtype) + (dc_dy * f).sum()
         if rate == 0:
             raise ValueError("the event function reaches 0 without crossing it (its rate of change along the "
                              "solution is 0 there): the event time has no derivative")
