@@ -124,22 +124,24 @@ class Stepper:
     """One attempted step's arithmetic through the problem's Backend (`buffered`: into buffers it owns), each
     evaluation through `evaluator` as (n, i) of the accepted grid (docs/engine.md, "Inside the engine": adaptive)."""
 
-    def __init__(self, problem, tolerance, norm: Callable, buffered: bool, stats: SolveStats):
-        self.problem, self.tableau, self.stats = problem, problem.tableau, stats
+    def __init__(self, problem, controller: "Controller", buffered: bool, evaluator: Optional[Callable]):
+        self.problem, self.tableau, self.stats = problem, problem.tableau, controller.stats
         self.net_dtype, self.state_dtype = problem.net_dtype, problem.state_dtype
         self.combine, self.combine_rows = problem.backend.combine, problem.backend.combine_rows
         self.into = problem.backend.into if buffered else None
-        (self.rtol, self.atol), self.norm = tolerance, norm
+        (self.rtol, self.atol), self.norm = controller.tolerance, controller.norm
         used = lambda ws: ([j for j, w in enumerate(ws) if w != 0.0], [w for w in ws if w != 0.0])  # noqa: E731
         self.rows = [used(row) for row in self.tableau.a]
         self.b, self.e = used(self.tableau.b), used(self.tableau.error)
         self.late_fsal = self.tableau.error[-1] == 0.0  # the error estimate does not read the last stage
         self.buffers: dict = {}
-        self.moduli = False  # the state is a complex one's real view
-        self.shift: Optional[torch.Tensor] = None  # t[0] - t[0].detach(): the grid moves with t[0] (time gradients)
-        self.evaluator: Callable = lambda problem, n, i, t, x: problem.evaluate(t, x)
+        self.moduli = controller.moduli  # the state is a complex one's real view
+        # t[0] - t[0].detach(): the grid moves with t[0] (time gradients)
+        self.shift = None if controller.shifts is None else controller.shifts[0]
+        self.evaluator: Callable = evaluator or (lambda problem, n, i, t, x: problem.evaluate(t, x))
         self.inputs: Optional[list] = None
-        self.limit = math.inf  # evaluations whose graphs fit the stored adjoint's "auto" budget
+        # evaluations whose graphs fit the stored adjoint's "auto" budget
+        self.limit = controller.limit if evaluator is not None and torch.is_grad_enabled() else math.inf
 
     def buffer(self, name: str, like: torch.Tensor, dtype=None, avoid=None) -> Optional[torch.Tensor]:
         """A buffer of the solve (None with grad mode); of name+"'" when `name`'s is `avoid`."""
@@ -290,17 +292,17 @@ def initial_step(loop: "AdaptiveLoop", t: float, y: torch.Tensor, f0: torch.Tens
 class AdaptiveLoop:
     """The controller: one attempted step at a time in internal time, the outputs by dense output."""
 
-    def __init__(self, stepper: Stepper, control: Control, sign: float, callbacks: dict, user_state: Callable):
-        self.stepper, self.control, self.sign = stepper, control, sign
-        self.callbacks, self.user_state = callbacks, user_state
+    def __init__(self, stepper: Stepper, controller: "Controller", stored: Optional[list], store_states: bool):
+        self.stepper, self.control, self.sign = stepper, controller.control, controller.sign
+        self.callbacks, self.user_state = controller.callbacks, controller.user_state
         self.last_ratio = 0.0
         # the accepted grid, for a backward: each step's stage times (of t), the steps ending on a jump
         # point, with `stored` a list the stage inputs of every accepted step, and each output's place:
         # (step, theta) of the dense output holding it, (step, None) for the state at a step's end
         self.n, self.stage_times, self.jumps, self.places = 0, [], set(), []
-        self.stored: Optional[list] = None
+        self.stored = stored
         self.slopes: list = []  # an adjoint's dense outputs under time gradients: (output, step, d output/d theta)
-        self.store_states = False  # store="steps": each accepted step's start state, not its stage inputs
+        self.store_states = store_states  # store="steps": each accepted step's start state, not its stage inputs
 
     def user(self, tau: float, towards: Optional[float] = None) -> float:
         """tau as a time of t; with `towards`, the float next to it in that direction (jump_t)."""
@@ -509,12 +511,8 @@ class Controller:
             states: Optional[list] = None) -> List[torch.Tensor]:
         buffered = evaluator is None and stage_inputs is None and states is None and not torch.is_grad_enabled()
         self.stats = SolveStats()
-        st = Stepper(p, self.tolerance, self.norm, buffered, self.stats)
-        st.moduli, st.shift = self.moduli, None if self.shifts is None else self.shifts[0]
-        st.evaluator = evaluator or st.evaluator
-        st.limit = self.limit if evaluator is not None and torch.is_grad_enabled() else math.inf
-        loop = self.loop = AdaptiveLoop(st, self.control, self.sign, self.callbacks, self.user_state)
-        loop.stored, loop.store_states = (states if states is not None else stage_inputs), states is not None
+        st = Stepper(p, self, buffered, evaluator)
+        loop = self.loop = AdaptiveLoop(st, self, states if states is not None else stage_inputs, states is not None)
         outs = torch.empty((len(self.taus),) + tuple(x.shape), dtype=x.dtype, device=x.device) if buffered else None
         result, self.end = loop.run(x, self.taus, outs, self.event, self.shifts)
         return list(outs) if buffered else result
