@@ -227,10 +227,8 @@ class Event:
         lo, hi = t0, t0 + dt
         while hi - lo > self.tol and lo < (lo + hi) / 2 < hi:
             mid = (lo + hi) / 2
-            if self.value(loop.user(mid), loop.stepper.dense(y0, ks, loop.sign * dt, (mid - t0) / dt)) > 0:
-                lo = mid
-            else:
-                hi = mid
+            above = self.value(loop.user(mid), loop.stepper.dense(y0, ks, loop.sign * dt, (mid - t0) / dt)) > 0
+            lo, hi = (mid, hi) if above else (lo, mid)
         return (lo + hi) / 2
 
 
@@ -394,19 +392,19 @@ class AdaptiveLoop:
                 if accepted and event is not None and event.value(self.user(t), y) <= 0:
                     target = event.locate(self, last)
             out = None if outs is None else outs[j]
+            theta = None  # the state at a step's end, else the dense output's place in its step
             if last is not None and (target != t or shifts is not None):
                 t0, dt, y0, ks = last
                 theta = (target - t0) / dt
-                self.places.append((self.n - 1, theta))
                 at = st.dense(y0, ks, self.sign * dt, theta, out)
                 if shifts is not None and torch.is_grad_enabled():  # the output moves with its time, and t[0]'s
                     at = st.move(at, ks, self.sign * dt, theta + self.sign * (shifts[j] - shifts[0]) / dt)
                 elif shifts is not None:  # an adjoint's forward (no graph): Controller.moved adds the move
                     self.slopes.append((j, dt, st.dense(y0, ks, self.sign * dt, theta, slope=True)))
-                result.append(at)
             else:
-                self.places.append((self.n - 1, None))
-                result.append(y if out is None else out.copy_(y))
+                at = y if out is None else out.copy_(y)
+            self.places.append((self.n - 1, theta))
+            result.append(at)
         return result, target
 
 
@@ -596,6 +594,5 @@ def _finish(ys, controller: Controller, problem, t, unwrap, event_fn, return_sta
         t_end, last = EventTime.apply(problem.evaluate, controller.event, t_end, ys[-1])
         ys = torch.cat([ys[:-1], last[None]])
     out = ys if unwrap is None else unwrap(ys)
-    out = out if event_fn is None else (t_end, out)
-    stats = controller.stats
-    return (*out, stats) if return_stats and event_fn is not None else (out, stats) if return_stats else out
+    out = (out,) if event_fn is None else (t_end, out)
+    return out + (controller.stats,) if return_stats else out[0] if event_fn is None else out
