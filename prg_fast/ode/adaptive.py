@@ -15,7 +15,6 @@ from .backprop import Backprop
 from .fixed_grid import odeint_values
 from .integrate import Grid, check_state
 from .kept_graphs import EvaluationGraphs
-from .ops import MAX_TERMS
 from .rerun import once_differentiable
 from .solvers import EmbeddedTableau
 from .stored_adjoint import StoredAdjoint
@@ -125,22 +124,24 @@ class Stepper:
     """One attempted step's arithmetic through the problem's Backend (`buffered`: into buffers it owns), each
     evaluation through `evaluator` as (n, i) of the accepted grid (docs/engine.md, "Inside the engine": adaptive)."""
 
-    def __init__(self, problem, tolerance, norm: Callable, buffered: bool, stats: SolveStats):
-        self.problem, self.tableau, self.stats = problem, problem.tableau, stats
+    def __init__(self, problem, controller: "Controller", buffered: bool, evaluator: Optional[Callable]):
+        self.problem, self.tableau, self.stats = problem, problem.tableau, controller.stats
         self.net_dtype, self.state_dtype = problem.net_dtype, problem.state_dtype
         self.combine, self.combine_rows = problem.backend.combine, problem.backend.combine_rows
         self.into = problem.backend.into if buffered else None
-        (self.rtol, self.atol), self.norm = tolerance, norm
+        (self.rtol, self.atol), self.norm = controller.tolerance, controller.norm
         used = lambda ws: ([j for j, w in enumerate(ws) if w != 0.0], [w for w in ws if w != 0.0])  # noqa: E731
         self.rows = [used(row) for row in self.tableau.a]
         self.b, self.e = used(self.tableau.b), used(self.tableau.error)
         self.late_fsal = self.tableau.error[-1] == 0.0  # the error estimate does not read the last stage
         self.buffers: dict = {}
-        self.moduli = False  # the state is a complex one's real view
-        self.shift: Optional[torch.Tensor] = None  # t[0] - t[0].detach(): the grid moves with t[0] (time gradients)
-        self.evaluator: Callable = lambda problem, n, i, t, x: problem.evaluate(t, x)
+        self.moduli = controller.moduli  # the state is a complex one's real view
+        # t[0] - t[0].detach(): the grid moves with t[0] (time gradients)
+        self.shift = None if controller.shifts is None else controller.shifts[0]
+        self.evaluator: Callable = evaluator or (lambda problem, n, i, t, x: problem.evaluate(t, x))
         self.inputs: Optional[list] = None
-        self.limit = math.inf  # evaluations whose graphs fit the stored adjoint's "auto" budget
+        # evaluations whose graphs fit the stored adjoint's "auto" budget
+        self.limit = controller.limit if evaluator is not None and torch.is_grad_enabled() else math.inf
 
     def buffer(self, name: str, like: torch.Tensor, dtype=None, avoid=None) -> Optional[torch.Tensor]:
         """A buffer of the solve (None with grad mode); of name+"'" when `name`'s is `avoid`."""
@@ -153,13 +154,7 @@ class Stepper:
 
     def lin(self, base, ks, used, hs: float, out=None, dtype=None, alpha: float = 1.0):
         """alpha base + hs sum_j w_j k_j over the used (j, w_j), into `out` when given."""
-        terms, coeffs = [ks[j] for j in used[0]], [hs * w for w in used[1]]
-        if out is None:
-            return self.combine(base, terms, coeffs, alpha, dtype)
-        for lo in range(0, max(len(terms), 1), MAX_TERMS):  # the kernel takes MAX_TERMS terms a call
-            self.into(base if lo == 0 else out, terms[lo:lo + MAX_TERMS], coeffs[lo:lo + MAX_TERMS],
-                      alpha if lo == 0 else 1.0, out)
-        return out
+        return self.combine(base, [ks[j] for j in used[0]], [hs * w for w in used[1]], alpha, dtype, out)
 
     def evaluate(self, n: int, i: int, u: float, x: torch.Tensor) -> torch.Tensor:
         """Evaluation (n, i) at time u (of t), as torchdiffeq calls it: t a 0-dim tensor."""
@@ -184,18 +179,16 @@ class Stepper:
             ks.append(self.evaluate(n, i, times[i], xi))
         return ks, self.lin(y, ks, self.b, hs, self.buffer("state", y, avoid=y), self.state_dtype)
 
-    def magnitude(self, v: torch.Tensor) -> torch.Tensor:
-        """|v|; of a complex state's real view (..., 2), the moduli (..., 1), as torchdiffeq's."""
-        return torch.linalg.vector_norm(v, dim=-1, keepdim=True) if self.moduli else v.abs()
+    def magnitude(self, v: torch.Tensor, out=None) -> torch.Tensor:
+        """|v|, into `out` if given; of a complex state's real view (..., 2), the moduli (..., 1), as torchdiffeq's."""
+        return torch.linalg.vector_norm(v, dim=-1, keepdim=True) if self.moduli else torch.abs(v, out=out)
 
     @torch.no_grad()
     def error_ratio(self, y, y1, ks, hs: float) -> float:
         """norm(err / (atol + rtol max(|y|, |y1|))), NaN when y1 is not finite: one synchronisation."""
         y, y1 = y.detach(), y1.detach()
-        if self.moduli:
-            scale = torch.maximum(self.magnitude(y), self.magnitude(y1))
-        else:
-            scale = torch.maximum(torch.abs(y, out=self.buffer("scale", y)), y1.abs(), out=self.buffer("scale", y))
+        out = None if self.moduli else self.buffer("scale", y)  # (the moduli have a shape of their own)
+        scale = torch.maximum(self.magnitude(y, out), self.magnitude(y1), out=out)
         scale.mul_(self.rtol).add_(self.atol)
         err = self.lin(y, [k.detach() for k in ks], self.e, hs, self.buffer("err", y), y.dtype, alpha=0.0)
         return float(scale.amax() * 0 + self.norm(err.div_(scale)))  # NaN * 0: a non-finite scale reads NaN
@@ -234,10 +227,8 @@ class Event:
         lo, hi = t0, t0 + dt
         while hi - lo > self.tol and lo < (lo + hi) / 2 < hi:
             mid = (lo + hi) / 2
-            if self.value(loop.user(mid), loop.stepper.dense(y0, ks, loop.sign * dt, (mid - t0) / dt)) > 0:
-                lo = mid
-            else:
-                hi = mid
+            above = self.value(loop.user(mid), loop.stepper.dense(y0, ks, loop.sign * dt, (mid - t0) / dt)) > 0
+            lo, hi = (mid, hi) if above else (lo, mid)
         return (lo + hi) / 2
 
 
@@ -255,12 +246,10 @@ class EventTime(torch.autograd.Function):
     def backward(ctx, g_t, g_y):
         t, y = (v.detach().requires_grad_() for v in ctx.saved_tensors)
         with torch.enable_grad():
-            dc_dt, dc_dy = torch.autograd.grad(ctx.event.combined(t.to(y.dtype), y), (t, y), allow_unused=True)
+            dc_dt, dc_dy = torch.autograd.grad(ctx.event.combined(t.to(y.dtype), y), (t, y), materialize_grads=True)
         with torch.no_grad():
             f = ctx.func(t.to(y.dtype), y).to(y.dtype)
-        dc_dt = torch.zeros((), dtype=y.dtype) if dc_dt is None else dc_dt.to(y.dtype)
-        dc_dy = torch.zeros_like(y) if dc_dy is None else dc_dy
-        rate = dc_dt + (dc_dy * f).sum()
+        rate = dc_dt.to(y.dtype) + (dc_dy * f).sum()
         if rate == 0:
             raise ValueError("the event function reaches 0 without crossing it (its rate of change along the "
                              "solution is 0 there): the event time has no derivative")
@@ -301,17 +290,17 @@ def initial_step(loop: "AdaptiveLoop", t: float, y: torch.Tensor, f0: torch.Tens
 class AdaptiveLoop:
     """The controller: one attempted step at a time in internal time, the outputs by dense output."""
 
-    def __init__(self, stepper: Stepper, control: Control, sign: float, callbacks: dict, user_state: Callable):
-        self.stepper, self.control, self.sign = stepper, control, sign
-        self.callbacks, self.user_state = callbacks, user_state
+    def __init__(self, stepper: Stepper, controller: "Controller", stored: Optional[list], store_states: bool):
+        self.stepper, self.control, self.sign = stepper, controller.control, controller.sign
+        self.callbacks, self.user_state = controller.callbacks, controller.user_state
         self.last_ratio = 0.0
         # the accepted grid, for a backward: each step's stage times (of t), the steps ending on a jump
         # point, with `stored` a list the stage inputs of every accepted step, and each output's place:
         # (step, theta) of the dense output holding it, (step, None) for the state at a step's end
         self.n, self.stage_times, self.jumps, self.places = 0, [], set(), []
-        self.stored: Optional[list] = None
+        self.stored = stored
         self.slopes: list = []  # an adjoint's dense outputs under time gradients: (output, step, d output/d theta)
-        self.store_states = False  # store="steps": each accepted step's start state, not its stage inputs
+        self.store_states = store_states  # store="steps": each accepted step's start state, not its stage inputs
 
     def user(self, tau: float, towards: Optional[float] = None) -> float:
         """tau as a time of t; with `towards`, the float next to it in that direction (jump_t)."""
@@ -403,19 +392,19 @@ class AdaptiveLoop:
                 if accepted and event is not None and event.value(self.user(t), y) <= 0:
                     target = event.locate(self, last)
             out = None if outs is None else outs[j]
+            theta = None  # the state at a step's end, else the dense output's place in its step
             if last is not None and (target != t or shifts is not None):
                 t0, dt, y0, ks = last
                 theta = (target - t0) / dt
-                self.places.append((self.n - 1, theta))
                 at = st.dense(y0, ks, self.sign * dt, theta, out)
                 if shifts is not None and torch.is_grad_enabled():  # the output moves with its time, and t[0]'s
                     at = st.move(at, ks, self.sign * dt, theta + self.sign * (shifts[j] - shifts[0]) / dt)
                 elif shifts is not None:  # an adjoint's forward (no graph): Controller.moved adds the move
                     self.slopes.append((j, dt, st.dense(y0, ks, self.sign * dt, theta, slope=True)))
-                result.append(at)
             else:
-                self.places.append((self.n - 1, None))
-                result.append(y if out is None else out.copy_(y))
+                at = y if out is None else out.copy_(y)
+            self.places.append((self.n - 1, theta))
+            result.append(at)
         return result, target
 
 
@@ -520,12 +509,8 @@ class Controller:
             states: Optional[list] = None) -> List[torch.Tensor]:
         buffered = evaluator is None and stage_inputs is None and states is None and not torch.is_grad_enabled()
         self.stats = SolveStats()
-        st = Stepper(p, self.tolerance, self.norm, buffered, self.stats)
-        st.moduli, st.shift = self.moduli, None if self.shifts is None else self.shifts[0]
-        st.evaluator = evaluator or st.evaluator
-        st.limit = self.limit if evaluator is not None and torch.is_grad_enabled() else math.inf
-        loop = self.loop = AdaptiveLoop(st, self.control, self.sign, self.callbacks, self.user_state)
-        loop.stored, loop.store_states = (states if states is not None else stage_inputs), states is not None
+        st = Stepper(p, self, buffered, evaluator)
+        loop = self.loop = AdaptiveLoop(st, self, states if states is not None else stage_inputs, states is not None)
         outs = torch.empty((len(self.taus),) + tuple(x.shape), dtype=x.dtype, device=x.device) if buffered else None
         result, self.end = loop.run(x, self.taus, outs, self.event, self.shifts)
         return list(outs) if buffered else result
@@ -575,9 +560,8 @@ def odeint(func, y0, t, spec, rtol, atol, options, return_stats: bool, event_fn=
     adapted = states.adapt(func, y0, t, spec, {})
     flat_func, y, unwrap = (adapted.func, adapted.y0, adapted.unwrap) if adapted is not None else (func, y0, None)
     check_state(y, "y0", batched=False)
-    if not callable(func) or not bool(torch.isfinite(y).all()):
-        raise (TypeError("func must be callable as func(t, y)") if not callable(func)
-               else ValueError("y0 must be finite"))
+    if not bool(torch.isfinite(y).all()):  # (func: api.odeint checked it is callable)
+        raise ValueError("y0 must be finite")
     one = (lambda flat: flat) if unwrap is None else (lambda flat: _first(unwrap(flat.unsqueeze(0))))
     sign = -1.0 if len(values) > 1 and values[1] < values[0] else 1.0
     taus = [sign * v for v in values] if event_fn is None else [sign * values[0], math.inf]
@@ -610,6 +594,5 @@ def _finish(ys, controller: Controller, problem, t, unwrap, event_fn, return_sta
         t_end, last = EventTime.apply(problem.evaluate, controller.event, t_end, ys[-1])
         ys = torch.cat([ys[:-1], last[None]])
     out = ys if unwrap is None else unwrap(ys)
-    out = out if event_fn is None else (t_end, out)
-    stats = controller.stats
-    return (*out, stats) if return_stats and event_fn is not None else (out, stats) if return_stats else out
+    out = (out,) if event_fn is None else (t_end, out)
+    return out + (controller.stats,) if return_stats else out[0] if event_fn is None else out

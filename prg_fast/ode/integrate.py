@@ -326,8 +326,7 @@ def check_finite(p: Problem, x: torch.Tensor, n: int) -> None:
     where = f"from t={p.grid.points[n]:g} to t={p.grid.points[n + 1]:g}"
     if p.per_sample:
         bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero()[0, 0].item()
-        times = p.grid.times
-        where = f"sample {bad} from t={times[n, bad].item():g} to t={times[n + 1, bad].item():g}"
+        where = f"sample {bad} from t={p.grid.times[n, bad].item():g} to t={p.grid.times[n + 1, bad].item():g}"
     raise FloatingPointError(
         f"non-finite state (NaN or Inf) produced by step {n + 1} of {p.steps}, {where} (check_finite=True)")
 

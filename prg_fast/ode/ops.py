@@ -100,9 +100,15 @@ class Backend:
     rows_fn: Callable
     into: Optional[Callable] = None
 
-    def combine(self, base, terms, coeffs, alpha=1.0, out_dtype=None):
+    def combine(self, base, terms, coeffs, alpha=1.0, out_dtype=None, out=None):
         """alpha base + sum_j coeffs[j] terms[j]; past MAX_TERMS terms the first ones go into a
-        partial sum in the accumulation dtype, which is the next call's base."""
+        partial sum in the accumulation dtype, which is the next call's base. With `out` (for `into`,
+        whose dtype is out's) written there, MAX_TERMS terms a call, each call's `out` the next one's base."""
+        if out is not None:
+            for lo in range(0, max(len(terms), 1), MAX_TERMS):
+                self.into(base if lo == 0 else out, terms[lo:lo + MAX_TERMS], coeffs[lo:lo + MAX_TERMS],
+                          alpha if lo == 0 else 1.0, out)
+            return out
         if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
             return self.fn(base, terms, coeffs, alpha, out_dtype)
         terms, coeffs = list(terms), list(coeffs)

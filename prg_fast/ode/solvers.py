@@ -219,10 +219,7 @@ def get_tableau(method) -> ButcherTableau:
     if isinstance(method, ButcherTableau):
         return method
     if not isinstance(method, str) or method not in SOLVERS:
-        hint = ""
-        if method in _TORCHDIFFEQ_NAMES:
-            hint = f"; {_TORCHDIFFEQ_NAMES[method]}"
-        elif method in EMBEDDED:
-            hint = "; it is an adaptive method: odeint runs it"
-        raise ValueError(f"method must be one of {sorted(SOLVERS)} (or a ButcherTableau), got {method!r}{hint}")
+        hint = _TORCHDIFFEQ_NAMES.get(method, "it is an adaptive method: odeint runs it" if method in EMBEDDED else "")
+        raise ValueError(f"method must be one of {sorted(SOLVERS)} (or a ButcherTableau), got {method!r}"
+                         + (f"; {hint}" if hint else ""))
     return SOLVERS[method]

@@ -198,12 +198,8 @@ class BackwardWalk:
 
     def tail(self, tail: Tail) -> None:
         """The VJP of the forward's tail: from the cotangents at its output points to lam at tail.start."""
-        outputs, cotangents = [], []
-        for m, state in tail.states.items():
-            g = self.arriving.pop(m, None)
-            if g is not None:
-                outputs.append(state)
-                cotangents.append(g.to(state.dtype))
+        arrived = [(state, self.arriving.pop(m)) for m, state in tail.states.items() if m in self.arriving]
+        outputs, cotangents = [state for state, _ in arrived], [g.to(state.dtype) for state, g in arrived]
         self.hooks.take(tail.start, tail.leaf)
         grads = graph_vjp(outputs, [tail.leaf] + self.params, cotangents, self.p.reads, self.evals.replay.hidden)
         if grads[0] is not None:
@@ -237,15 +233,14 @@ class BackwardWalk:
                                 p.state_dtype)
 
     def evaluation(self, n: int, i: int, tau, xi: torch.Tensor):
-        """(k, leaf, tau): evaluation (n, i) with its graph, kept (handed over once) or recomputed from `xi`."""
+        """(leaf, tau, k): evaluation (n, i) with its graph, kept (handed over once) or recomputed from `xi`."""
         e = n * self.p.tableau.stages + i
         got = self.evals.kept.pop(e, None)
         if got is not None:
-            leaf, tau, k = got
-            return k, leaf, tau
+            return got
         leaf = xi.detach().requires_grad_(True)
         with torch.enable_grad(), self.evals.replay.rerun(e):
-            return self.p.evaluate(tau, leaf), leaf, tau
+            return leaf, tau, self.p.evaluate(tau, leaf)
 
     def stage(self, n: int, i: int, h, tau, xi: torch.Tensor, mus: list) -> None:
         """mu_i = g_i^T df/dX (and the parameters' and the time's shares) for evaluation (n, i)."""
@@ -254,7 +249,7 @@ class BackwardWalk:
             return
         if isinstance(tau, torch.Tensor):
             tau = tau.requires_grad_(self.want_tgrad)
-        k, xi, tau = self.evaluation(n, i, tau, xi)
+        xi, tau, k = self.evaluation(n, i, tau, xi)
         timed_leaf = self.want_tgrad and isinstance(tau, torch.Tensor) and tau.requires_grad
         inputs = [xi] + ([tau] if timed_leaf else []) + self.params
         # the parameters' hooks run once on the returned total (autograd), the velocity's on x: StateHooks
