@@ -213,6 +213,9 @@ def test_jump_t_is_exact():
     assert (smeared - exact).abs().max() > 1e-6
     down = prg_fast.odeint(f, y0, t.flip(0), method="dopri5", options=dict(jump_t=[1.0]))  # from t = 2 down
     torch.testing.assert_close(down, torch.tensor([0.0, 1.0, 2.0, 1.5, 1.0], dtype=D)[:, None], rtol=0, atol=1e-14)
+    for one in (torch.tensor([1.0]), torch.tensor(1.0)):  # a tensor of one time is a list of one time
+        torch.testing.assert_close(prg_fast.odeint(f, y0, t, method="dopri5", options=dict(jump_t=one)), exact,
+                                   rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("case", ["blowup", "nan", "max_num_steps", "forced"])

@@ -78,13 +78,13 @@ class Control:
 
 def _option(options: dict, name: str):
     value = options[name]
-    value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-    if name in ("step_t", "jump_t"):
+    if name in ("step_t", "jump_t"):  # (a tensor of one time too: it is a list of times)
         value = value.detach().reshape(-1).tolist() if isinstance(value, torch.Tensor) else list(value or ())
         if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in value):
             raise ValueError(f"options[{name!r}] must be a 1-D sequence or tensor of finite times, "
                              f"got {options[name]!r}")
         return value
+    value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
     if name not in _LOW or value is None and name == "first_step":
         return value
     low, strict = _LOW[name]
