@@ -48,3 +48,18 @@ def test_one_row(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout
     assert len(harness.read_lines(str(tmp_path / "adaptive.jsonl"))) == measured  # nothing measured again
+
+
+@pytest.mark.slow
+def test_float32_gradients_one_seed(tmp_path):
+    """benchmarks/float32_gradients.py on one seed: both solvers take the same steps, and the table
+    and the median land."""
+    pytest.importorskip("torchdiffeq", reason="the benchmark compares against torchdiffeq")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "float32_gradients.py"), "--seeds", "1", "--out",
+           str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| seed | prg_fast gradient error |" in res.stdout and "median ratio" in res.stdout
+    (row,) = harness.read_rows(str(tmp_path / "float32_gradients.jsonl"), ("seed",))
+    assert 0 < row["ours"] < 1e-3 and 0 < row["tdq"] < 1e-3 and row["nfe"] > 100
