@@ -84,15 +84,12 @@ PRG_FAST_VECTOR_CLONES void fused_range(const base_t* base, const term_t* const*
   for (int64_t i = 0; i < n; ++i) {
     // the terms summed first and the base added last: the increment h sum_j a_j k_j rounds at its
     // own scale, not at the state's once per term (torchdiffeq's y0 + sum(k * (b dt)) does the same)
-    // The sum starts from 0, not from the first product: a compiler contracting a * b + c into one
-    // fused multiply-add could otherwise fuse either product of c0 t0 + c1 t1, and stage_combine would
-    // round differently from the chunked loops (stage_combine_rows), which fuse the second.
     if constexpr (N == 0) {
       out[i] = static_cast<out_t>(alpha * static_cast<acc_t>(base[i]));
     } else {
-      acc_t acc = acc_t(0);
+      acc_t acc = c[0] * static_cast<acc_t>(t[0][i]);
 #pragma GCC unroll 8
-      for (int j = 0; j < N; ++j) acc += c[j] * static_cast<acc_t>(t[j][i]);
+      for (int j = 1; j < N; ++j) acc += c[j] * static_cast<acc_t>(t[j][i]);
       out[i] = static_cast<out_t>(alpha * static_cast<acc_t>(base[i]) + acc);
     }
   }
