@@ -20,7 +20,13 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # No -std flag: torch.utils.cpp_extension adds the standard its own headers need (C++17 for older
 # torch, C++20 from about 2.10 on; torch 2.14's headers do not compile as C++17).
-CXX_FLAGS = ["-O3"]
+# -ffp-contract=off: no fused multiply-add of the compiler's choosing in the CPU kernels. Where it
+# contracts depends on the ISA clone (AVX-512 has FMA, AVX2's target does not) and on the loop (it may
+# fuse either product of c0 t0 + c1 t1, or not in a remainder loop): the same sum then rounded
+# differently in stage_combine and stage_combine_rows, and on different CPUs. Without it every
+# product and every sum rounds once, in order, as the reference's PyTorch ops do (~6% of a 4-term
+# float32 call at 2^20 elements on one thread).
+CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 

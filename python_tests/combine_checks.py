@@ -23,11 +23,13 @@ def truth(base, terms, coeffs, alpha):
 
 
 def pytorch_at_dtype(base, terms, coeffs, alpha, dtype):
-    """The same arithmetic done with PyTorch ops in `dtype` (the rounding a user would get)."""
-    out = alpha * base.to(dtype)
+    """The same arithmetic done with PyTorch ops in `dtype` (the rounding a user would get): the terms
+    summed, then the base added, as the kernels do."""
+    increment = None
     for c, t in zip(coeffs, terms):
-        out = out + c * t.to(dtype)
-    return out
+        increment = c * t.to(dtype) if increment is None else increment + c * t.to(dtype)
+    out = alpha * base.to(dtype)
+    return out if increment is None else out + increment
 
 
 def make_rows_inputs(shape, n_terms, base_dtype, term_dtype, rows, coeff_dtype=torch.float64, device="cpu"):
@@ -50,10 +52,12 @@ def rows_truth(base, terms, coeffs):
 def rows_pytorch_at_dtype(base, terms, coeffs, dtype):
     c = coeffs.to(dtype)
     view = (c.shape[0],) + (1,) * (base.dim() - 1)
-    out = c[:, 0].reshape(view) * base.to(dtype)
+    increment = None
     for j, t in enumerate(terms):
-        out = out + c[:, j + 1].reshape(view) * t.to(dtype)
-    return out
+        term = c[:, j + 1].reshape(view) * t.to(dtype)
+        increment = term if increment is None else increment + term
+    out = c[:, 0].reshape(view) * base.to(dtype)
+    return out if increment is None else out + increment
 
 
 def assert_rows_flash_rule(out, base, terms, coeffs, ref, dtype):

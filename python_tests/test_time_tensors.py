@@ -267,7 +267,9 @@ def test_save_time_on_a_grid_point_is_a_zero_length_step():
     an exact no-op, so outputs and the gradients w.r.t. x and the parameters equal separate solves
     (which snap it onto the grid point instead)."""
     net, x = Net(), _x()
-    save = torch.tensor([[0.3, 0.35, 0.475, 0.35], [0.5, 0.6, 1.0, 0.5]], dtype=D)  # on-grid: 0.3, 0.35, 0.475, 0.5, 1.0
+    # on-grid: sample 0's second point (0.1 + 0.8 / 4 = 0.30000000000000004, not 0.3: 0.3 would be a step of
+    # 5.6e-17, which moves the state by an ulp), 0.35, 0.475, 0.5, 1.0; 0.6 is off sample 1's grid
+    save = torch.tensor([[0.1 + (0.9 - 0.1) * 1 / 4, 0.35, 0.475, 0.35], [0.5, 0.6, 1.0, 0.5]], dtype=D)
     for adjoint in (True, False):
         got = _grads(net, x, T, T0, save_at=save, steps=4, method="rk4", adjoint=adjoint)
         want = _separate(net, x, T, T0, save, steps=4, method="rk4", adjoint=False)

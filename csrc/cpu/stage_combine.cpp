@@ -48,6 +48,14 @@ PRG_FAST_VECTOR_CLONES void axpy_into(acc_t* __restrict acc, const src_t* __rest
   for (int64_t i = 0; i < n; ++i) acc[i] += c * static_cast<acc_t>(src[i]);
 }
 
+// acc = c * src + acc: the base added last, after the terms' sum (the product rounded first, as
+// fused_range's alpha * base + acc)
+template <typename acc_t, typename src_t>
+PRG_FAST_VECTOR_CLONES void add_scaled(acc_t* __restrict acc, const src_t* __restrict src,
+                                       acc_t c, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = c * static_cast<acc_t>(src[i]) + acc[i];
+}
+
 template <typename acc_t, typename dst_t>
 PRG_FAST_VECTOR_CLONES void store_from(dst_t* __restrict dst, const acc_t* __restrict acc,
                                        int64_t n) {
@@ -74,10 +82,16 @@ PRG_FAST_VECTOR_CLONES void fused_range(const base_t* base, const term_t* const*
 #pragma GCC ivdep
 #pragma GCC unroll 4
   for (int64_t i = 0; i < n; ++i) {
-    acc_t acc = alpha * static_cast<acc_t>(base[i]);
+    // the terms summed first and the base added last: the increment h sum_j a_j k_j rounds at its
+    // own scale, not at the state's once per term (torchdiffeq's y0 + sum(k * (b dt)) does the same)
+    if constexpr (N == 0) {
+      out[i] = static_cast<out_t>(alpha * static_cast<acc_t>(base[i]));
+    } else {
+      acc_t acc = c[0] * static_cast<acc_t>(t[0][i]);
 #pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) acc += c[j] * static_cast<acc_t>(t[j][i]);
-    out[i] = static_cast<out_t>(acc);
+      for (int j = 1; j < N; ++j) acc += c[j] * static_cast<acc_t>(t[j][i]);
+      out[i] = static_cast<out_t>(alpha * static_cast<acc_t>(base[i]) + acc);
+    }
   }
 }
 
@@ -122,7 +136,7 @@ bool can_stream() {
 }
 
 // fused_range for float32 throughout, with the same arithmetic (a multiply and an add per term,
-// in order) and 32-byte streaming stores; the unaligned head and the tail are written plainly.
+// in order, the base last) and 32-byte streaming stores; the unaligned head and the tail are written plainly.
 template <int N>
 __attribute__((target("avx"))) void fused_range_streaming(const float* base, const float* const* terms,
                                                           const float* coeffs, float alpha, float* out,
@@ -136,16 +150,25 @@ __attribute__((target("avx"))) void fused_range_streaming(const float* base, con
     cv[j] = _mm256_set1_ps(c[j]);
   }
   auto one = [&](int64_t i) {
-    float acc = alpha * base[i];
-    for (int j = 0; j < N; ++j) acc += c[j] * t[j][i];
-    out[i] = acc;
+    const float scaled = alpha * base[i];
+    if (N == 0) {
+      out[i] = scaled;
+      return;
+    }
+    float acc = c[0] * t[0][i];
+    for (int j = 1; j < N; ++j) acc += c[j] * t[j][i];
+    out[i] = scaled + acc;
   };
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<std::uintptr_t>(out + i) & 31) != 0; ++i) one(i);
   const __m256 a = _mm256_set1_ps(alpha);
   for (; i + 8 <= n; i += 8) {
     __m256 acc = _mm256_mul_ps(a, _mm256_loadu_ps(base + i));
-    for (int j = 0; j < N; ++j) acc = _mm256_add_ps(acc, _mm256_mul_ps(cv[j], _mm256_loadu_ps(t[j] + i)));
+    if (N > 0) {
+      __m256 sum = _mm256_mul_ps(cv[0], _mm256_loadu_ps(t[0] + i));
+      for (int j = 1; j < N; ++j) sum = _mm256_add_ps(sum, _mm256_mul_ps(cv[j], _mm256_loadu_ps(t[j] + i)));
+      acc = _mm256_add_ps(acc, sum);
+    }
     _mm256_stream_ps(out + i, acc);
   }
   for (; i < n; ++i) one(i);
@@ -204,15 +227,25 @@ void run_chunked(const Operands<acc_t>& p, at::ScalarType base_dtype, at::Scalar
     acc_t acc[kChunk];
     for (int64_t start = begin; start < end; start += kChunk) {
       const int64_t len = std::min(kChunk, end - start);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base_dtype, "stage_combine_base", [&] {
-        scale_into<acc_t, scalar_t>(acc, static_cast<const scalar_t*>(p.base) + start, p.alpha, len);
-      });
+      // the terms first, the base last (as fused_range)
       for (int j = 0; j < p.n_terms; ++j) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, term_dtype, "stage_combine_term", [&] {
-          axpy_into<acc_t, scalar_t>(acc, static_cast<const scalar_t*>(p.terms[j]) + start,
-                                     p.coeffs[j], len);
+          const auto* term = static_cast<const scalar_t*>(p.terms[j]) + start;
+          if (j == 0) {
+            scale_into<acc_t, scalar_t>(acc, term, p.coeffs[j], len);
+          } else {
+            axpy_into<acc_t, scalar_t>(acc, term, p.coeffs[j], len);
+          }
         });
       }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base_dtype, "stage_combine_base", [&] {
+        const auto* base = static_cast<const scalar_t*>(p.base) + start;
+        if (p.n_terms == 0) {
+          scale_into<acc_t, scalar_t>(acc, base, p.alpha, len);
+        } else {
+          add_scaled<acc_t, scalar_t>(acc, base, p.alpha, len);
+        }
+      });
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "stage_combine_out", [&] {
         store_from<acc_t, scalar_t>(static_cast<scalar_t*>(p.out) + start, acc, len);
       });
@@ -288,17 +321,26 @@ void combine_rows(const at::Tensor& base, const std::vector<at::Tensor>& terms,
       const int64_t row = start / inner;
       const int64_t len = std::min({kChunk, end - start, (row + 1) * inner - start});
       const acc_t* c = coeffs + (n_rows_coeffs == 1 ? 0 : row) * width;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(),
-                                      "stage_combine_rows_base", [&] {
-        scale_into<acc_t, scalar_t>(acc, base.const_data_ptr<scalar_t>() + start, c[0], len);
-      });
-      for (size_t j = 0; j < terms.size(); ++j) {
+      for (size_t j = 0; j < terms.size(); ++j) {  // the terms first, the base last (as fused_range)
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, term_dtype,
                                         "stage_combine_rows_term", [&] {
-          axpy_into<acc_t, scalar_t>(acc, terms[j].const_data_ptr<scalar_t>() + start, c[j + 1],
-                                     len);
+          const scalar_t* term = terms[j].const_data_ptr<scalar_t>() + start;
+          if (j == 0) {
+            scale_into<acc_t, scalar_t>(acc, term, c[1], len);
+          } else {
+            axpy_into<acc_t, scalar_t>(acc, term, c[j + 1], len);
+          }
         });
       }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(),
+                                      "stage_combine_rows_base", [&] {
+        const scalar_t* b = base.const_data_ptr<scalar_t>() + start;
+        if (terms.empty()) {
+          scale_into<acc_t, scalar_t>(acc, b, c[0], len);
+        } else {
+          add_scaled<acc_t, scalar_t>(acc, b, c[0], len);
+        }
+      });
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
                                       "stage_combine_rows_out", [&] {
         store_from<acc_t, scalar_t>(out.mutable_data_ptr<scalar_t>() + start, acc, len);

@@ -2,7 +2,8 @@
 //     out = alpha * base + sum_j coeffs[j] * terms[j]
 // accumulated in float32 (float64 when anything involved is float64) and written in out_dtype.
 // Semantics, validation and rounding order are the CPU kernel's (csrc/cpu/stage_combine.cpp):
-// acc = alpha * base; acc += c_j * term_j for j = 0, 1, ...; out = static_cast<out_t>(acc).
+// acc = sum_j c_j * term_j for j = 0, 1, ... in order; out = static_cast<out_t>(alpha * base + acc)
+// (the base last: the increment rounds at its own scale, not the state's once per term).
 //
 // One grid-stride pass over memory. When every pointer is 16-byte aligned each thread moves VEC
 // elements with 128-bit loads/stores (VEC = 16 bytes / the smallest element size involved), and
@@ -87,11 +88,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t k = tid; k < n_packs; k += stride) {
     const int64_t i = k * VEC;
     acc_t acc[VEC];
-    {
-      const Pack<base_t, VEC> b = load_pack<base_t, VEC>(base + i);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] = p.alpha * static_cast<acc_t>(b.v[e]);
-    }
+    for (int e = 0; e < VEC; ++e) acc[e] = acc_t(0);
 #pragma unroll
     for (int j = 0; j < kMaxTerms; ++j) {
       if (j < p.n_terms) {
@@ -102,6 +100,11 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < VEC; ++e) acc[e] += c * static_cast<acc_t>(t.v[e]);
       }
     }
+    {
+      const Pack<base_t, VEC> b = load_pack<base_t, VEC>(base + i);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] = p.alpha * static_cast<acc_t>(b.v[e]) + acc[e];
+    }
     Pack<out_t, VEC> o;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<out_t>(acc[e]);
@@ -110,14 +113,14 @@ __global__ void __launch_bounds__(kThreads)
 
   // Scalar tail (or everything, when not vectorised).
   for (int64_t i = n_packs * VEC + tid; i < n; i += stride) {
-    acc_t acc = p.alpha * static_cast<acc_t>(base[i]);
+    acc_t acc = acc_t(0);
 #pragma unroll
     for (int j = 0; j < kMaxTerms; ++j) {
       if (j < p.n_terms) {
         acc += p.coeffs[j] * static_cast<acc_t>(static_cast<const term_t*>(p.terms[j])[i]);
       }
     }
-    out[i] = static_cast<out_t>(acc);
+    out[i] = static_cast<out_t>(p.alpha * static_cast<acc_t>(base[i]) + acc);
   }
 }
 
@@ -172,12 +175,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    double acc = p.alpha * load_as_double(base, i, p.base_code);
+    double acc = 0.0;
 #pragma unroll
     for (int j = 0; j < kMaxTerms; ++j) {
       if (j < p.n_terms) acc += p.coeffs[j] * load_as_double(p.terms[j], i, p.term_code);
     }
-    store_from_double(out, i, p.out_code, acc);
+    store_from_double(out, i, p.out_code, p.alpha * load_as_double(base, i, p.base_code) + acc);
   }
 }
 

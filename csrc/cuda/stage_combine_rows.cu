@@ -1,7 +1,7 @@
 // CUDA kernel for prg_fast::stage_combine_rows (per-row coefficients):
 //     out[b] = coeffs[r, 0] * base[b] + sum_j coeffs[r, j + 1] * terms[j][b],  r = b or 0
 // Semantics, validation and rounding order are the CPU kernel's (csrc/cpu/stage_combine.cpp):
-// acc = c0 * base; acc += c_j * term_j for j = 1, 2, ...; out = static_cast<out_t>(acc).
+// acc = sum_j c_j * term_j for j = 1, 2, ... in order; out = static_cast<out_t>(c0 * base + acc).
 //
 // One grid-stride scalar pass. Element dtypes are read at run time (one switch per load, uniform
 // across the warp), so only two kernels are compiled (float32 and float64 accumulation): per-sample
@@ -71,9 +71,9 @@ __global__ void rows_kernel(const void* base, void* out, const acc_t* coeffs, in
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const acc_t* c = coeffs + (i / inner) * row_step * width;
-    acc_t acc = c[0] * load_as<acc_t>(base, p.base_kind, i);
+    acc_t acc = acc_t(0);
     for (int j = 0; j < p.n_terms; ++j) acc += c[j + 1] * load_as<acc_t>(p.terms[j], p.term_kind, i);
-    store_as<acc_t>(out, p.out_kind, i, acc);
+    store_as<acc_t>(out, p.out_kind, i, c[0] * load_as<acc_t>(base, p.base_kind, i) + acc);
   }
 }
 

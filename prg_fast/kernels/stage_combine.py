@@ -154,9 +154,12 @@ if IMPORT_ERROR is None:
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        acc = _scaled_load(base_ptr, offs, mask, a_hi, a_mid, a_lo, ACC_F64)
+        # the terms summed first, the base added last (the C++ kernels' rounding order)
+        scaled = _scaled_load(base_ptr, offs, mask, a_hi, a_mid, a_lo, ACC_F64)
         if NUM_TERMS > 0:
-            acc = acc + _scaled_load(t0_ptr, offs, mask, c0_hi, c0_mid, c0_lo, ACC_F64)
+            acc = _scaled_load(t0_ptr, offs, mask, c0_hi, c0_mid, c0_lo, ACC_F64)
+        else:
+            acc = scaled
         if NUM_TERMS > 1:
             acc = acc + _scaled_load(t1_ptr, offs, mask, c1_hi, c1_mid, c1_lo, ACC_F64)
         if NUM_TERMS > 2:
@@ -171,6 +174,8 @@ if IMPORT_ERROR is None:
             acc = acc + _scaled_load(t6_ptr, offs, mask, c6_hi, c6_mid, c6_lo, ACC_F64)
         if NUM_TERMS > 7:
             acc = acc + _scaled_load(t7_ptr, offs, mask, c7_hi, c7_mid, c7_lo, ACC_F64)
+        if NUM_TERMS > 0:
+            acc = scaled + acc
         if OUT_KIND == 0:  # float32 / float64 out
             y = acc.to(out_ptr.dtype.element_ty)
         elif OUT_KIND == 1:  # float16 / bfloat16 out, through float32 like PyTorch's casts
@@ -304,7 +309,7 @@ if IMPORT_ERROR is None:
     ):  # fmt: skip
         # coeffs (acc dtype, contiguous (R, 1 + NUM_TERMS)) are read per element from its row;
         # row_step is 0 when one row serves every sample. The rounding order is the C++ kernels':
-        # acc = c0 * base, then acc += c_j * term_j in order.
+        # acc = sum_j c_j * term_j in order, then c0 * base + acc.
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -314,9 +319,11 @@ if IMPORT_ERROR is None:
             x = x.to(tl.float64)
         else:
             x = x.to(tl.float32)
-        acc = tl.load(c_ptr + crow, mask=mask, other=0.0) * x
+        scaled = tl.load(c_ptr + crow, mask=mask, other=0.0) * x
         if NUM_TERMS > 0:
-            acc = _rows_term(acc, t0_ptr, c_ptr, crow, offs, mask, 1, ACC_F64)
+            acc = _rows_term(tl.zeros_like(scaled), t0_ptr, c_ptr, crow, offs, mask, 1, ACC_F64)
+        else:
+            acc = scaled
         if NUM_TERMS > 1:
             acc = _rows_term(acc, t1_ptr, c_ptr, crow, offs, mask, 2, ACC_F64)
         if NUM_TERMS > 2:
@@ -331,6 +338,8 @@ if IMPORT_ERROR is None:
             acc = _rows_term(acc, t6_ptr, c_ptr, crow, offs, mask, 7, ACC_F64)
         if NUM_TERMS > 7:
             acc = _rows_term(acc, t7_ptr, c_ptr, crow, offs, mask, 8, ACC_F64)
+        if NUM_TERMS > 0:
+            acc = scaled + acc
         if OUT_KIND == 0:
             y = acc.to(out_ptr.dtype.element_ty)
         elif OUT_KIND == 1:

@@ -101,39 +101,36 @@ class Backend:
     into: Optional[Callable] = None
 
     def combine(self, base, terms, coeffs, alpha=1.0, out_dtype=None, out=None):
-        """alpha base + sum_j coeffs[j] terms[j]; past MAX_TERMS terms the first ones go into a
-        partial sum in the accumulation dtype, which is the next call's base. With `out` (for `into`,
-        whose dtype is out's) written there, MAX_TERMS terms a call, each call's `out` the next one's base."""
+        """alpha base + sum_j coeffs[j] terms[j] (with `out`, written there by `into`, in out's dtype). Past
+        MAX_TERMS terms, the terms are summed in calls of at most MAX_TERMS into a partial sum in the
+        accumulation dtype, and the base is added to it last, as the kernels add it (docs/engine.md,
+        "Inside the engine": ops)."""
+        if len(terms) > MAX_TERMS and len(terms) == len(coeffs):  # (a mismatch: the kernel reports it)
+            final = out.dtype if out is not None else base.dtype if out_dtype is None else out_dtype
+            acc = accumulate_dtype(base, terms, final)
+            total = self.fn(terms[0], terms[1:MAX_TERMS], coeffs[1:MAX_TERMS], coeffs[0], acc)
+            for lo in range(MAX_TERMS, len(terms), MAX_TERMS):
+                total = self.fn(total, terms[lo:lo + MAX_TERMS], coeffs[lo:lo + MAX_TERMS], 1.0, acc)
+            base, terms, coeffs, alpha, out_dtype = total, [base], [alpha], 1.0, final
         if out is not None:
-            for lo in range(0, max(len(terms), 1), MAX_TERMS):
-                self.into(base if lo == 0 else out, terms[lo:lo + MAX_TERMS], coeffs[lo:lo + MAX_TERMS],
-                          alpha if lo == 0 else 1.0, out)
+            self.into(base, terms, coeffs, alpha, out)
             return out
-        if len(terms) <= MAX_TERMS or len(terms) != len(coeffs):  # the kernel reports a mismatch
-            return self.fn(base, terms, coeffs, alpha, out_dtype)
-        terms, coeffs = list(terms), list(coeffs)
-        final = base.dtype if out_dtype is None else out_dtype
-        acc = accumulate_dtype(base, terms, final)
-        while len(terms) > MAX_TERMS:
-            base = self.fn(base, terms[:MAX_TERMS], coeffs[:MAX_TERMS], alpha, acc)
-            terms, coeffs, alpha = terms[MAX_TERMS:], coeffs[MAX_TERMS:], 1.0
-        return self.fn(base, terms, coeffs, alpha, final)
+        return self.fn(base, terms, coeffs, alpha, out_dtype)
 
     def combine_rows(self, base, terms, coeffs, out_dtype=None):
-        """Per-row coefficients (coeffs (R, 1 + len(terms))), chained as `combine`: the partial sum
-        enters the next call with coefficient 1 in every row."""
+        """Per-row coefficients (coeffs (R, 1 + len(terms))), chained as `combine`: each partial sum
+        enters the next call with coefficient 1 in every row, the base the last one."""
         terms = list(terms)
         if len(terms) <= MAX_TERMS or not isinstance(coeffs, torch.Tensor) or coeffs.dim() != 2 \
                 or coeffs.shape[1] != 1 + len(terms):
             return self.rows_fn(base, terms, coeffs, out_dtype)  # the kernel reports bad input
         final = base.dtype if out_dtype is None else out_dtype
-        acc = accumulate_dtype(base, terms, final, coeffs)
-        head, coeffs = coeffs[:, :1], coeffs[:, 1:]  # base's column: the caller's, then the partial sum's (ones)
-        while len(terms) > MAX_TERMS:
-            base = self.rows_fn(base, terms[:MAX_TERMS], torch.cat([head, coeffs[:, :MAX_TERMS]], 1), acc)
-            head = torch.ones_like(head)
-            terms, coeffs = terms[MAX_TERMS:], coeffs[:, MAX_TERMS:]
-        return self.rows_fn(base, terms, torch.cat([head, coeffs], 1), final)
+        acc, ones = accumulate_dtype(base, terms, final, coeffs), torch.ones_like(coeffs[:, :1])
+        total = self.rows_fn(terms[0], terms[1:MAX_TERMS], coeffs[:, 1:MAX_TERMS + 1], acc)
+        for lo in range(MAX_TERMS, len(terms), MAX_TERMS):
+            rows = torch.cat([ones, coeffs[:, lo + 1:lo + 1 + MAX_TERMS]], 1)
+            total = self.rows_fn(total, terms[lo:lo + MAX_TERMS], rows, acc)
+        return self.rows_fn(total, [base], torch.cat([ones, coeffs[:, :1]], 1), final)
 
     def weighted(self, base, terms, weights, h, out_dtype, state_dtype):
         """base + h sum_j w_j terms_j. A float h folds into the coefficients (one fused call); a

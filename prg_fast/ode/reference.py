@@ -13,13 +13,15 @@ from .solvers import SOLVERS, ButcherTableau
 
 def stage_combine(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: Sequence[float], alpha: float = 1.0,
                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """alpha * base + sum_j coeffs[j] * terms[j], accumulated in float32/float64, cast to out_dtype."""
+    """alpha * base + sum_j coeffs[j] * terms[j], accumulated in float32/float64, cast to out_dtype: the
+    terms summed first, the base added last (the increment rounds at its own scale)."""
     out_dtype = base.dtype if out_dtype is None else out_dtype
     acc = accumulate_dtype(base, terms, out_dtype)
-    out = base.to(acc) * alpha
+    increment = None
     for c, t in zip(coeffs, terms):
-        out = out + c * t.to(acc)
-    return out.to(out_dtype)
+        increment = c * t.to(acc) if increment is None else increment + c * t.to(acc)
+    out = base.to(acc) * alpha
+    return (out if increment is None else out + increment).to(out_dtype)
 
 
 def stage_combine_rows(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: torch.Tensor,
@@ -31,10 +33,12 @@ def stage_combine_rows(base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs
     acc = accumulate_dtype(base, terms, out_dtype, coeffs)
     c = coeffs.to(acc)
     view = (c.shape[0],) + (1,) * (base.dim() - 1)
-    out = c[:, 0].reshape(view) * base.to(acc)
+    increment = None  # the terms first, the base last
     for j, t in enumerate(terms):
-        out = out + c[:, j + 1].reshape(view) * t.to(acc)
-    return out.to(out_dtype)
+        term = c[:, j + 1].reshape(view) * t.to(acc)
+        increment = term if increment is None else increment + term
+    out = c[:, 0].reshape(view) * base.to(acc)
+    return (out if increment is None else out + increment).to(out_dtype)
 
 
 def rk_solve(
