@@ -2,7 +2,7 @@
 16-256-256-16 MLP velocity, batch 512, t in [0, 10], dopri5 at rtol 1e-6 / atol 1e-8) over seeds of
 its network and y0. Per seed: the gradient error of a training step against the float64 reference
 (adaptive.grad_reference: dopri8 at 1e-12) for ours (the default strategy) and torchdiffeq's
-backprop, their evaluations, and the ratio. One seed's ratio is mostly rounding luck; the median
+backprop, the ratio, and their evaluations (equal unless rounding flips a step's acceptance). One seed's ratio is mostly rounding luck; the median
 over seeds says which solver's float32 arithmetic loses less (RESULTS.md, "Adaptive odeint").
 
     OMP_NUM_THREADS=1 python benchmarks/float32_gradients.py --seeds 8    # ~30-60 s a seed
@@ -18,7 +18,7 @@ import harness
 import prg_fast
 
 COLUMNS = [("seed", "seed"), ("prg_fast gradient error", "ours", ".3g"), ("torchdiffeq", "tdq", ".3g"),
-           ("ratio", "ratio", ".2f"), ("evaluations (both)", "nfe")]
+           ("ratio", "ratio", ".2f"), ("evaluations", "nfe"), ("torchdiffeq's", "nfe_tdq")]
 
 
 def measure(seed: int) -> dict:
@@ -33,8 +33,9 @@ def measure(seed: int) -> dict:
         counted = adaptive.Counting(f)
         out[name] = harness.rel_err(adaptive.train_step(solve, counted, y0, t), ref)
         out["nfe_" + name] = counted.n
-    assert out["nfe_ours"] == out["nfe_tdq"], out  # the same steps: only the arithmetic differs
-    return dict(ours=out["ours"], tdq=out["tdq"], ratio=out["ours"] / out["tdq"], nfe=out["nfe_ours"])
+    # (the same controller and tolerances: the same steps, unless rounding flips an accept/reject decision)
+    return dict(ours=out["ours"], tdq=out["tdq"], ratio=out["ours"] / out["tdq"], nfe=out["nfe_ours"],
+                nfe_tdq=out["nfe_tdq"])
 
 
 def main(argv=None):
